@@ -1,0 +1,303 @@
+#include "admin.h"
+
+#include <event2/buffer.h>
+#include <event2/event.h>
+#include <event2/http.h>
+#include <jansson.h>
+#include <sys/queue.h>
+#include <event2/keyvalq_struct.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "conf.h"
+#include "httpd.h"
+#include "ingress.h"
+#include "metrics.h"
+#include "relay.h"
+#include "sagad.h"
+#include "store.h"
+#include "util.h"
+
+#define ADMIN_LIST_MAX 1000
+
+struct admin {
+	struct sagad *d;
+	struct evhttp *http;
+};
+
+typedef void admin_handler(struct admin *, struct evhttp_request *);
+
+static const char *const admin_link_names[] = {
+	[RELAY_LINK_DOWN] = "down",
+	[RELAY_LINK_UP] = "up",
+	[RELAY_LINK_BLOCKED] = "blocked",
+};
+
+static const char *const admin_state_names[] = {
+	[SAGAD_RUNNING] = "running",
+	[SAGAD_DRAINING] = "draining",
+	[SAGAD_STOPPED] = "stopped",
+};
+
+static double
+admin_oldest_age(struct sagad *d)
+{
+	double oldest = store_outbox_oldest(d->store);
+
+	return oldest > 0 ? util_now() - oldest : 0;
+}
+
+static void
+admin_healthz(struct admin *a, struct evhttp_request *req)
+{
+	(void)a;
+	httpd_reply_json(req, 200, json_pack("{s:s}", "status", "ok"));
+}
+
+static void
+admin_readyz(struct admin *a, struct evhttp_request *req)
+{
+	struct sagad *d = a->d;
+
+	if (d->state != SAGAD_RUNNING)
+		httpd_reply_json(req, 503, json_pack("{s:s,s:s}", "status", "not-ready",
+		    "reason", "shutting down"));
+	else if (!store_writable(d->store))
+		httpd_reply_json(req, 503, json_pack("{s:s,s:s}", "status", "not-ready",
+		    "reason", "store is full or not writable"));
+	else if (relay_link(d->relay) == RELAY_LINK_DOWN)
+		httpd_reply_json(req, 503, json_pack("{s:s,s:s}", "status", "not-ready",
+		    "reason", *relay_link_reason(d->relay) ?
+		    relay_link_reason(d->relay) : "broker not connected"));
+	else
+		httpd_reply_json(req, 200, json_pack("{s:s}", "status", "ready"));
+}
+
+static void
+admin_metrics(struct admin *a, struct evhttp_request *req)
+{
+	struct sagad *d = a->d;
+	const struct relay_stats *rs = relay_stats(d->relay);
+	const struct ingress_stats *is = ingress_stats(d->ingress);
+	struct evbuffer *out = evbuffer_new();
+
+	metrics_family(out, "sagad_outbox_pending", "gauge", "Messages in the outbox, not yet confirmed by the broker.");
+	metrics_sample(out, "sagad_outbox_pending", "", (double)store_outbox_count(d->store));
+	metrics_family(out, "sagad_outbox_inflight", "gauge", "Messages published and waiting for the broker's confirm.");
+	metrics_sample(out, "sagad_outbox_inflight", "", relay_inflight(d->relay));
+	metrics_family(out, "sagad_outbox_oldest_age_seconds", "gauge", "Age of the oldest message in the outbox.");
+	metrics_sample(out, "sagad_outbox_oldest_age_seconds", "", admin_oldest_age(d));
+	metrics_family(out, "sagad_accepted_total", "counter", "Messages accepted by the publish API (202).");
+	metrics_sample(out, "sagad_accepted_total", "", (double)is->accepted);
+	metrics_family(out, "sagad_publish_duplicates_total", "counter", "Publish requests answered as duplicates (200).");
+	metrics_sample(out, "sagad_publish_duplicates_total", "", (double)is->duplicates);
+	metrics_family(out, "sagad_publish_rejected_total", "counter", "Publish requests refused as malformed or too large.");
+	metrics_sample(out, "sagad_publish_rejected_total", "", (double)is->rejected);
+	metrics_family(out, "sagad_store_full_total", "counter", "Publish requests refused with 507.");
+	metrics_sample(out, "sagad_store_full_total", "", (double)is->full);
+	metrics_family(out, "sagad_published_total", "counter", "Messages confirmed by the broker.");
+	metrics_sample(out, "sagad_published_total", "", (double)rs->published);
+	metrics_family(out, "sagad_unroutable_total", "counter", "Publishes returned by the broker as unroutable (retried).");
+	metrics_sample(out, "sagad_unroutable_total", "", (double)rs->unroutable);
+	metrics_family(out, "sagad_nacked_total", "counter", "Publishes refused by the broker with basic.nack (retried).");
+	metrics_sample(out, "sagad_nacked_total", "", (double)rs->nacked);
+	metrics_family(out, "sagad_publish_confirm_seconds", "histogram", "Time from publish to the broker's confirm.");
+	metrics_histogram(out, "sagad_publish_confirm_seconds", "", &rs->confirm);
+	metrics_family(out, "sagad_broker_connected", "gauge", "1 while the broker connection is up.");
+	metrics_sample(out, "sagad_broker_connected", "", relay_link(d->relay) != RELAY_LINK_DOWN);
+	metrics_family(out, "sagad_broker_blocked", "gauge", "1 while the broker blocks publishing (resource alarm).");
+	metrics_sample(out, "sagad_broker_blocked", "", relay_link(d->relay) == RELAY_LINK_BLOCKED);
+	metrics_family(out, "sagad_broker_reconnects_total", "counter", "Broker connections made after the first.");
+	metrics_sample(out, "sagad_broker_reconnects_total", "", (double)rs->reconnects);
+	metrics_family(out, "sagad_store_bytes", "gauge", "Bytes in use in the store file.");
+	metrics_sample(out, "sagad_store_bytes", "", (double)store_bytes(d->store));
+	metrics_family(out, "sagad_config_reloads_total", "counter", "Successful SIGHUP reloads.");
+	metrics_sample(out, "sagad_config_reloads_total", "", (double)d->reloads);
+	metrics_family(out, "sagad_config_reload_failures_total", "counter", "SIGHUP reloads refused (invalid file).");
+	metrics_sample(out, "sagad_config_reload_failures_total", "", (double)d->reload_failures);
+	evhttp_add_header(evhttp_request_get_output_headers(req), "Content-Type",
+	    "text/plain; version=0.0.4");
+	evhttp_send_reply(req, 200, "OK", out);
+	evbuffer_free(out);
+}
+
+static void
+admin_status(struct admin *a, struct evhttp_request *req)
+{
+	struct sagad *d = a->d;
+	const struct relay_stats *rs = relay_stats(d->relay);
+	char url[1024];
+
+	/* Never the password: operators paste this into tickets. */
+	util_mask_url(d->conf->broker.url, url, sizeof url);
+	httpd_reply_json(req, 200, json_pack(
+	    "{s:s,s:s,s:i,s:f,s:s,"
+	    "s:{s:s,s:b,s:s,s:s,s:I},"
+	    "s:{s:s,s:I,s:I,s:b},"
+	    "s:{s:I,s:i,s:f,s:I,s:I,s:I}}",
+	    "service", d->conf->service, "version", PACKAGE_VERSION,
+	    "pid", (int)getpid(), "uptime_seconds", util_now() - d->started,
+	    "state", admin_state_names[d->state],
+	    "broker", "url", url,
+	    "connected", relay_link(d->relay) != RELAY_LINK_DOWN,
+	    "link", admin_link_names[relay_link(d->relay)],
+	    "reason", relay_link_reason(d->relay),
+	    "reconnects", (json_int_t)rs->reconnects,
+	    "store", "path", store_path(d->store),
+	    "bytes", (json_int_t)store_bytes(d->store),
+	    "max_bytes", (json_int_t)d->conf->store.max_bytes,
+	    "writable", store_writable(d->store),
+	    "outbox", "pending", (json_int_t)store_outbox_count(d->store),
+	    "inflight", (int)relay_inflight(d->relay),
+	    "oldest_age_seconds", admin_oldest_age(d),
+	    "published_total", (json_int_t)rs->published,
+	    "unroutable_total", (json_int_t)rs->unroutable,
+	    "nacked_total", (json_int_t)rs->nacked));
+}
+
+static long
+admin_query_long(struct evhttp_request *req, const char *key, long def, long max)
+{
+	const struct evhttp_uri *u = evhttp_request_get_evhttp_uri(req);
+	const char *q = evhttp_uri_get_query(u);
+	struct evkeyvalq params;
+	const char *v;
+	long n = def;
+
+	if (!q)
+		return def;
+	TAILQ_INIT(&params);
+	if (evhttp_parse_query_str(q, &params) == 0 &&
+	    (v = evhttp_find_header(&params, key)) != NULL) {
+		char *end;
+		n = strtol(v, &end, 10);
+		if (*end || n < 0)
+			n = def;
+	}
+	evhttp_clear_headers(&params);
+	return n > max ? max : n;
+}
+
+static void
+admin_outbox(struct admin *a, struct evhttp_request *req)
+{
+	struct sagad *d = a->d;
+	long limit = admin_query_long(req, "limit", 100, ADMIN_LIST_MAX);
+	long after = admin_query_long(req, "after", 0, 0x7fffffffL);
+	struct store_row *rows = calloc(limit ? limit : 1, sizeof *rows);
+	json_t *list = json_array();
+	double now = util_now();
+	size_t i, n = 0;
+
+	if (store_outbox_list(d->store, after, limit, rows, &n) < 0) {
+		free(rows);
+		json_decref(list);
+		httpd_error(req, 500, "store-error", "cannot read the outbox");
+		return;
+	}
+	for (i = 0; i < n; i++)
+		json_array_append_new(list, json_pack(
+		    "{s:I,s:s,s:s,s:s,s:i,s:f,s:f,s:f,s:s,s:I}",
+		    "seq", (json_int_t)rows[i].seq, "message_id", rows[i].message_id,
+		    "exchange", rows[i].exchange, "routing_key", rows[i].routing_key,
+		    "attempts", (int)rows[i].attempts, "created_at", rows[i].created_at,
+		    "age_seconds", now - rows[i].created_at,
+		    "retry_at", rows[i].due_at, "last_error", rows[i].last_error,
+		    "bytes", (json_int_t)rows[i].body_len));
+	free(rows);
+	httpd_reply_json(req, 200, json_pack("{s:I,s:i,s:f,s:o}",
+	    "pending", (json_int_t)store_outbox_count(d->store),
+	    "inflight", (int)relay_inflight(d->relay),
+	    "oldest_age_seconds", admin_oldest_age(d), "messages", list));
+}
+
+static const struct {
+	const char *path;
+	admin_handler *fn;
+	int open;		/* answered without the token (probes) */
+} admin_routes[] = {
+	{ "/healthz", admin_healthz, 1 },
+	{ "/readyz", admin_readyz, 1 },
+	{ "/metrics", admin_metrics, 0 },
+	{ "/v1/admin/status", admin_status, 0 },
+	{ "/v1/admin/outbox", admin_outbox, 0 },
+};
+
+static void
+admin_request(struct evhttp_request *req, void *arg)
+{
+	struct admin *a = arg;
+	const struct evhttp_uri *u = evhttp_request_get_evhttp_uri(req);
+	const char *path = evhttp_uri_get_path(u);
+	size_t i;
+
+	for (i = 0; i < sizeof admin_routes / sizeof admin_routes[0]; i++) {
+		if (!path || strcmp(path, admin_routes[i].path) != 0)
+			continue;
+		if (!admin_routes[i].open && !httpd_authorized(req, a->d->conf->api.token))
+			return;
+		if (evhttp_request_get_command(req) != EVHTTP_REQ_GET &&
+		    evhttp_request_get_command(req) != EVHTTP_REQ_HEAD) {
+			evhttp_add_header(evhttp_request_get_output_headers(req), "Allow", "GET");
+			httpd_error(req, 405, "method-not-allowed", "use GET");
+			return;
+		}
+		admin_routes[i].fn(a, req);
+		return;
+	}
+	httpd_error(req, 404, "not-found", "unknown admin path");
+}
+
+static void
+admin_limits(const struct sagad_conf *c, struct httpd_limits *lim)
+{
+	lim->max_body = 65536;
+	lim->max_headers = c->api.max_header_bytes;
+	lim->timeout = c->api.request_timeout;
+	lim->socket_mode = c->api.socket_mode;
+}
+
+struct admin *
+admin_new(struct sagad *d, char **err)
+{
+	struct admin *a = calloc(1, sizeof *a);
+	struct httpd_limits lim;
+
+	*err = NULL;
+	if (!d->conf->api.admin_allow_remote && !httpd_spec_is_local(d->conf->api.admin_listen)) {
+		if (asprintf(err, "admin_listen %s is not a loopback address or unix socket "
+		    "(set api.admin_allow_remote = true to allow it)", d->conf->api.admin_listen) < 0)
+			*err = NULL;
+		free(a);
+		return NULL;
+	}
+	a->d = d;
+	admin_limits(d->conf, &lim);
+	a->http = httpd_listen(d->base, d->conf->api.admin_listen, &lim, err);
+	if (!a->http) {
+		free(a);
+		return NULL;
+	}
+	evhttp_set_gencb(a->http, admin_request, a);
+	return a;
+}
+
+void
+admin_apply_conf(struct admin *a)
+{
+	struct httpd_limits lim;
+
+	admin_limits(a->d->conf, &lim);
+	httpd_set_limits(a->http, &lim);
+}
+
+void
+admin_free(struct admin *a)
+{
+	if (!a)
+		return;
+	evhttp_free(a->http);
+	free(a);
+}

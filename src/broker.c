@@ -1,0 +1,905 @@
+#include "broker.h"
+
+#include <amqp.h>
+#include <amqp_ssl_socket.h>
+#include <amqp_tcp_socket.h>
+#include <event2/event.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/time.h>
+
+#include "conf.h"
+#include "log.h"
+#include "util.h"
+
+#define BROKER_CHANNEL 1
+
+enum broker_state {
+	BROKER_ST_DOWN,		/* waiting for the reconnect timer */
+	BROKER_ST_UP,		/* connected, topology declared, confirms on */
+	BROKER_ST_STOPPING
+};
+
+/* What the broker is telling us across frames: a basic.return is a method
+ * frame, then a header frame, then body frames. */
+enum broker_rx {
+	BROKER_RX_IDLE,
+	BROKER_RX_RETURN_HEADER,
+	BROKER_RX_RETURN_BODY
+};
+
+struct broker_inflight {
+	int64_t seq;
+	char *message_id;
+	double sent;
+	int returned;
+	int settled;
+};
+
+struct broker_exchange {
+	char *name, *type;
+};
+
+struct broker {
+	/* Settings, copied so that a reload never races the thread. */
+	char *host, *user, *password, *vhost, *app_id, *conn_name;
+	int port, tls, tls_verify;
+	char *tls_ca, *tls_cert, *tls_key;
+	int heartbeat;
+	double connect_timeout, reconnect_initial, reconnect_max;
+	struct broker_exchange *exchanges;
+	size_t n_exchanges;
+
+	/* Owned by the broker thread. */
+	pthread_t thread;
+	struct event_base *base;
+	struct event *read_ev, *hb_ev, *retry_ev, *wake_ev;
+	enum broker_state state;
+	amqp_connection_state_t conn;
+	uint64_t epoch;
+	unsigned failures;
+	int blocked;
+	enum broker_rx rx;
+	uint64_t rx_remaining;
+	uint64_t next_tag;		/* next publish sequence number */
+	uint64_t head_tag;		/* tag of ring[head] */
+	struct broker_inflight *ring;
+	size_t ring_cap, ring_head, ring_len;
+	struct msg **pending;		/* taken from the main thread, not yet published */
+	size_t npending, cappending;
+	struct broker_event *outbuf;	/* events to hand over at the end of a turn */
+	size_t nout, capout;
+
+	/* Shared, under lock. */
+	pthread_mutex_t lock;
+	struct msg **inq;
+	uint64_t *inq_epoch;
+	size_t ninq, capinq;
+	struct broker_event *outq;
+	size_t noutq, capoutq;
+	int stop;
+
+	/* Owned by the main thread. */
+	struct event *notify_ev;
+	broker_event_fn *fn;
+	void *arg;
+};
+
+static void broker_connect_cb(evutil_socket_t, short, void *);
+static void broker_fail(struct broker *b, const char *why, int graceful);
+
+static struct timeval
+broker_tv(double s)
+{
+	struct timeval tv;
+	tv.tv_sec = (time_t)s;
+	tv.tv_usec = (suseconds_t)((s - (double)tv.tv_sec) * 1e6);
+	return tv;
+}
+
+static char *
+broker_strdup(const char *s)
+{
+	return s ? strdup(s) : NULL;
+}
+
+/* ---- events to the main thread ---- */
+
+static void
+broker_post(struct broker *b, enum broker_event_kind kind, int64_t seq,
+    double latency, const char *reason)
+{
+	struct broker_event *ev;
+
+	if (b->nout == b->capout) {
+		b->capout = b->capout ? b->capout * 2 : 256;
+		b->outbuf = realloc(b->outbuf, b->capout * sizeof *b->outbuf);
+	}
+	ev = &b->outbuf[b->nout++];
+	ev->kind = kind;
+	ev->epoch = b->epoch;
+	ev->seq = seq;
+	ev->latency = latency;
+	snprintf(ev->reason, sizeof ev->reason, "%s", reason ? reason : "");
+}
+
+/* One lock and one wake-up per turn, however many confirms arrived. */
+static void
+broker_post_flush(struct broker *b)
+{
+	if (!b->nout)
+		return;
+	pthread_mutex_lock(&b->lock);
+	if (b->noutq + b->nout > b->capoutq) {
+		b->capoutq = (b->noutq + b->nout) * 2;
+		b->outq = realloc(b->outq, b->capoutq * sizeof *b->outq);
+	}
+	memcpy(b->outq + b->noutq, b->outbuf, b->nout * sizeof *b->outbuf);
+	b->noutq += b->nout;
+	pthread_mutex_unlock(&b->lock);
+	b->nout = 0;
+	event_active(b->notify_ev, 0, 0);
+}
+
+static void
+broker_notify_cb(evutil_socket_t fd, short what, void *arg)
+{
+	struct broker *b = arg;
+	struct broker_event *evs;
+	size_t i, n;
+
+	(void)fd;
+	(void)what;
+	pthread_mutex_lock(&b->lock);
+	evs = b->outq;
+	n = b->noutq;
+	b->outq = NULL;
+	b->noutq = b->capoutq = 0;
+	pthread_mutex_unlock(&b->lock);
+	for (i = 0; i < n; i++)
+		b->fn(b->arg, &evs[i]);
+	free(evs);
+}
+
+/* ---- the confirm window ---- */
+
+static struct broker_inflight *
+broker_ring_at(struct broker *b, uint64_t tag)
+{
+	if (tag < b->head_tag || tag >= b->head_tag + b->ring_len)
+		return NULL;
+	return &b->ring[(b->ring_head + (tag - b->head_tag)) % b->ring_cap];
+}
+
+static void
+broker_ring_push(struct broker *b, int64_t seq, const char *message_id)
+{
+	struct broker_inflight *e;
+
+	if (b->ring_len == b->ring_cap) {
+		size_t cap = b->ring_cap ? b->ring_cap * 2 : 1024, i;
+		struct broker_inflight *r = calloc(cap, sizeof *r);
+		for (i = 0; i < b->ring_len; i++)
+			r[i] = b->ring[(b->ring_head + i) % b->ring_cap];
+		free(b->ring);
+		b->ring = r;
+		b->ring_cap = cap;
+		b->ring_head = 0;
+	}
+	if (b->ring_len == 0)
+		b->head_tag = b->next_tag;
+	e = &b->ring[(b->ring_head + b->ring_len) % b->ring_cap];
+	e->seq = seq;
+	e->message_id = strdup(message_id);
+	e->sent = util_mono();
+	e->returned = 0;
+	e->settled = 0;
+	b->ring_len++;
+	b->next_tag++;
+}
+
+static void
+broker_ring_settle(struct broker *b, struct broker_inflight *e, int ack)
+{
+	enum broker_event_kind k = !ack ? BROKER_EV_NACK :
+	    e->returned ? BROKER_EV_RETURNED : BROKER_EV_ACK;
+
+	broker_post(b, k, e->seq, util_mono() - e->sent, NULL);
+	free(e->message_id);
+	e->message_id = NULL;
+	e->settled = 1;
+}
+
+/* basic.ack / basic.nack: `multiple` settles every tag up to this one. */
+static void
+broker_confirm(struct broker *b, uint64_t tag, int multiple, int ack)
+{
+	uint64_t t;
+
+	if (multiple) {
+		for (t = b->head_tag; t <= tag; t++) {
+			struct broker_inflight *e = broker_ring_at(b, t);
+			if (!e)
+				break;
+			if (!e->settled)
+				broker_ring_settle(b, e, ack);
+		}
+	} else {
+		struct broker_inflight *e = broker_ring_at(b, tag);
+		if (e && !e->settled)
+			broker_ring_settle(b, e, ack);
+	}
+	while (b->ring_len && b->ring[b->ring_head].settled) {
+		b->ring_head = (b->ring_head + 1) % b->ring_cap;
+		b->ring_len--;
+		b->head_tag++;
+	}
+}
+
+static void
+broker_ring_clear(struct broker *b)
+{
+	size_t i;
+
+	for (i = 0; i < b->ring_len; i++)
+		free(b->ring[(b->ring_head + i) % b->ring_cap].message_id);
+	b->ring_len = 0;
+	b->ring_head = 0;
+}
+
+/* A return carries no delivery tag: find the message by its id. It is
+ * followed by the ack of the same message, which then reports RETURNED. */
+static void
+broker_mark_returned(struct broker *b, const amqp_bytes_t *id)
+{
+	size_t i;
+
+	for (i = 0; i < b->ring_len; i++) {
+		struct broker_inflight *e = &b->ring[(b->ring_head + i) % b->ring_cap];
+		if (!e->settled && e->message_id && strlen(e->message_id) == id->len &&
+		    memcmp(e->message_id, id->bytes, id->len) == 0) {
+			e->returned = 1;
+			return;
+		}
+	}
+}
+
+/* ---- frames ---- */
+
+static int
+broker_reply_ok(struct broker *b, const char *what)
+{
+	amqp_rpc_reply_t r = amqp_get_rpc_reply(b->conn);
+	char why[160];
+
+	if (r.reply_type == AMQP_RESPONSE_NORMAL)
+		return 0;
+	if (r.reply_type == AMQP_RESPONSE_LIBRARY_EXCEPTION)
+		snprintf(why, sizeof why, "%s: %s", what, amqp_error_string2(r.library_error));
+	else if (r.reply.id == AMQP_CONNECTION_CLOSE_METHOD ||
+	    r.reply.id == AMQP_CHANNEL_CLOSE_METHOD) {
+		/* Both close methods start with reply_code, reply_text. */
+		amqp_connection_close_t *c = r.reply.decoded;
+		snprintf(why, sizeof why, "%s: %u %.*s", what, c->reply_code,
+		    (int)c->reply_text.len, (char *)c->reply_text.bytes);
+	} else
+		snprintf(why, sizeof why, "%s: server exception", what);
+	broker_fail(b, why, r.reply_type != AMQP_RESPONSE_LIBRARY_EXCEPTION);
+	return -1;
+}
+
+static void
+broker_method(struct broker *b, amqp_frame_t *f)
+{
+	amqp_method_t *m = &f->payload.method;
+	char why[200];
+
+	switch (m->id) {
+	case AMQP_BASIC_ACK_METHOD: {
+		amqp_basic_ack_t *a = m->decoded;
+		broker_confirm(b, a->delivery_tag, a->multiple, 1);
+		break;
+	}
+	case AMQP_BASIC_NACK_METHOD: {
+		amqp_basic_nack_t *n = m->decoded;
+		broker_confirm(b, n->delivery_tag, n->multiple, 0);
+		break;
+	}
+	case AMQP_BASIC_RETURN_METHOD:
+		b->rx = BROKER_RX_RETURN_HEADER;
+		break;
+	case AMQP_CONNECTION_BLOCKED_METHOD: {
+		amqp_connection_blocked_t *bl = m->decoded;
+		b->blocked = 1;
+		snprintf(why, sizeof why, "%.*s", (int)bl->reason.len, (char *)bl->reason.bytes);
+		log_warn("msg=\"broker blocked the connection\" reason=\"%s\"", why);
+		broker_post(b, BROKER_EV_BLOCKED, 0, 0, why);
+		break;
+	}
+	case AMQP_CONNECTION_UNBLOCKED_METHOD:
+		b->blocked = 0;
+		log_info("msg=\"broker unblocked the connection\"");
+		broker_post(b, BROKER_EV_UNBLOCKED, 0, 0, NULL);
+		break;
+	case AMQP_CONNECTION_CLOSE_METHOD: {
+		amqp_connection_close_t *c = m->decoded;
+		amqp_connection_close_ok_t ok;
+		snprintf(why, sizeof why, "broker closed the connection: %u %.*s",
+		    c->reply_code, (int)c->reply_text.len, (char *)c->reply_text.bytes);
+		amqp_send_method(b->conn, 0, AMQP_CONNECTION_CLOSE_OK_METHOD, &ok);
+		broker_fail(b, why, 0);
+		break;
+	}
+	case AMQP_CHANNEL_CLOSE_METHOD: {
+		amqp_channel_close_t *c = m->decoded;
+		snprintf(why, sizeof why, "broker closed the channel: %u %.*s",
+		    c->reply_code, (int)c->reply_text.len, (char *)c->reply_text.bytes);
+		broker_fail(b, why, 1);
+		break;
+	}
+	default:
+		log_debug("msg=\"ignored AMQP method\" id=0x%08x", m->id);
+		break;
+	}
+}
+
+static void
+broker_frame(struct broker *b, amqp_frame_t *f)
+{
+	switch (f->frame_type) {
+	case AMQP_FRAME_METHOD:
+		broker_method(b, f);
+		break;
+	case AMQP_FRAME_HEADER:
+		if (b->rx == BROKER_RX_RETURN_HEADER) {
+			amqp_basic_properties_t *p = f->payload.properties.decoded;
+			if (p->_flags & AMQP_BASIC_MESSAGE_ID_FLAG)
+				broker_mark_returned(b, &p->message_id);
+			b->rx_remaining = f->payload.properties.body_size;
+			b->rx = b->rx_remaining ? BROKER_RX_RETURN_BODY : BROKER_RX_IDLE;
+		}
+		break;
+	case AMQP_FRAME_BODY:
+		if (b->rx == BROKER_RX_RETURN_BODY) {
+			size_t n = f->payload.body_fragment.len;
+			b->rx_remaining = n >= b->rx_remaining ? 0 : b->rx_remaining - n;
+			if (!b->rx_remaining)
+				b->rx = BROKER_RX_IDLE;
+		}
+		break;
+	default:
+		/* Heartbeat frames (type 8) land here too: nothing to do, the
+		 * library already counted them as traffic. */
+		break;
+	}
+}
+
+/*
+ * Read every frame that is available without blocking. Frames can wait
+ * inside the library (its read buffer, its decoded-frame queue) while the
+ * socket is not readable, so the loop runs until the library itself says
+ * there is nothing more (PITFALLS: drained buffers). A zero timeout makes it
+ * a true poll; it also sends due heartbeats and notices a silent peer
+ * (AMQP_STATUS_HEARTBEAT_TIMEOUT).
+ */
+static int
+broker_drain(struct broker *b)
+{
+	struct timeval zero = { 0, 0 };
+	amqp_frame_t f;
+	int rc;
+
+	while (b->state == BROKER_ST_UP) {
+		rc = amqp_simple_wait_frame_noblock(b->conn, &f, &zero);
+		if (rc == AMQP_STATUS_TIMEOUT)
+			break;
+		if (rc != AMQP_STATUS_OK) {
+			char why[160];
+			snprintf(why, sizeof why, "read: %s", amqp_error_string2(rc));
+			broker_fail(b, why, 0);
+			return -1;
+		}
+		broker_frame(b, &f);
+	}
+	if (b->state != BROKER_ST_UP)
+		return -1;
+	/* No pointer into decoded frames survives this point: the return
+	 * assembly keeps only counters, the ring keeps copies. */
+	if (b->rx == BROKER_RX_IDLE)
+		amqp_maybe_release_buffers(b->conn);
+	return 0;
+}
+
+/* ---- publishing ---- */
+
+static amqp_bytes_t
+broker_bytes(const char *s)
+{
+	return amqp_cstring_bytes(s ? s : "");
+}
+
+static int
+broker_publish_one(struct broker *b, struct msg *m)
+{
+	amqp_basic_properties_t p;
+	amqp_table_entry_t entries[64];
+	amqp_table_entry_t *ents = entries;
+	amqp_bytes_t body;
+	size_t i;
+	int rc;
+
+	memset(&p, 0, sizeof p);
+	p._flags = AMQP_BASIC_DELIVERY_MODE_FLAG | AMQP_BASIC_MESSAGE_ID_FLAG |
+	    AMQP_BASIC_APP_ID_FLAG | AMQP_BASIC_TIMESTAMP_FLAG;
+	p.delivery_mode = 2;
+	p.message_id = broker_bytes(m->message_id);
+	p.app_id = broker_bytes(b->app_id);
+	p.timestamp = (uint64_t)util_now();
+	if (m->props.content_type) {
+		p._flags |= AMQP_BASIC_CONTENT_TYPE_FLAG;
+		p.content_type = broker_bytes(m->props.content_type);
+	}
+	if (m->props.correlation_id) {
+		p._flags |= AMQP_BASIC_CORRELATION_ID_FLAG;
+		p.correlation_id = broker_bytes(m->props.correlation_id);
+	}
+	if (m->props.type) {
+		p._flags |= AMQP_BASIC_TYPE_FLAG;
+		p.type = broker_bytes(m->props.type);
+	}
+	if (m->props.expiration) {
+		p._flags |= AMQP_BASIC_EXPIRATION_FLAG;
+		p.expiration = broker_bytes(m->props.expiration);
+	}
+	if (m->props.reply_to) {
+		p._flags |= AMQP_BASIC_REPLY_TO_FLAG;
+		p.reply_to = broker_bytes(m->props.reply_to);
+	}
+	if (m->props.n_headers) {
+		if (m->props.n_headers > sizeof entries / sizeof entries[0])
+			ents = calloc(m->props.n_headers, sizeof *ents);
+		for (i = 0; i < m->props.n_headers; i++) {
+			ents[i].key = broker_bytes(m->props.headers[i].name);
+			ents[i].value.kind = AMQP_FIELD_KIND_UTF8;
+			ents[i].value.value.bytes = broker_bytes(m->props.headers[i].value);
+		}
+		p._flags |= AMQP_BASIC_HEADERS_FLAG;
+		p.headers.num_entries = (int)m->props.n_headers;
+		p.headers.entries = ents;
+	}
+	body.bytes = m->body;
+	body.len = m->body_len;
+	rc = amqp_basic_publish(b->conn, BROKER_CHANNEL, broker_bytes(m->exchange),
+	    broker_bytes(m->routing_key), 1, 0, &p, body);
+	if (ents != entries)
+		free(ents);
+	if (rc != AMQP_STATUS_OK) {
+		char why[160];
+		snprintf(why, sizeof why, "publish: %s", amqp_error_string2(rc));
+		broker_fail(b, why, 0);
+		return -1;
+	}
+	broker_ring_push(b, m->seq, m->message_id);
+	return 0;
+}
+
+static void
+broker_take_queue(struct broker *b)
+{
+	size_t i;
+
+	pthread_mutex_lock(&b->lock);
+	for (i = 0; i < b->ninq; i++) {
+		/* A message meant for an earlier connection was already
+		 * rewound by the relay: publishing it now would reorder. */
+		if (b->inq_epoch[i] != b->epoch || b->state != BROKER_ST_UP) {
+			msg_free(b->inq[i]);
+			continue;
+		}
+		if (b->npending == b->cappending) {
+			b->cappending = b->cappending ? b->cappending * 2 : 1024;
+			b->pending = realloc(b->pending, b->cappending * sizeof *b->pending);
+		}
+		b->pending[b->npending++] = b->inq[i];
+	}
+	b->ninq = 0;
+	pthread_mutex_unlock(&b->lock);
+}
+
+static void
+broker_pending_clear(struct broker *b)
+{
+	size_t i;
+
+	for (i = 0; i < b->npending; i++)
+		msg_free(b->pending[i]);
+	b->npending = 0;
+}
+
+static void
+broker_publish_pending(struct broker *b)
+{
+	size_t i;
+
+	broker_take_queue(b);
+	if (b->state != BROKER_ST_UP || b->blocked || !b->npending)
+		return;
+	/* rabbitmq-c 0.11 can hang forever in amqp_basic_publish on a dead
+	 * connection (fixed in 0.14): a zero-timeout read first turns a dead
+	 * peer into AMQP_STATUS_HEARTBEAT_TIMEOUT (PITFALLS: publish hang). */
+	if (broker_drain(b) < 0)
+		return;
+	for (i = 0; i < b->npending && b->state == BROKER_ST_UP; i++) {
+		if (broker_publish_one(b, b->pending[i]) < 0)
+			break;
+		msg_free(b->pending[i]);
+		b->pending[i] = NULL;
+	}
+	if (b->state == BROKER_ST_UP) {
+		b->npending = 0;
+		broker_drain(b);
+	}
+}
+
+static void
+broker_wake_cb(evutil_socket_t fd, short what, void *arg)
+{
+	struct broker *b = arg;
+	int stop;
+
+	(void)fd;
+	(void)what;
+	pthread_mutex_lock(&b->lock);
+	stop = b->stop;
+	pthread_mutex_unlock(&b->lock);
+	if (stop) {
+		if (b->state == BROKER_ST_UP) {
+			broker_drain(b);
+			broker_fail(b, "stopping", 1);
+		}
+		b->state = BROKER_ST_STOPPING;
+		event_base_loopbreak(b->base);
+		broker_post_flush(b);
+		return;
+	}
+	broker_publish_pending(b);
+	broker_post_flush(b);
+}
+
+static void
+broker_read_cb(evutil_socket_t fd, short what, void *arg)
+{
+	struct broker *b = arg;
+
+	(void)fd;
+	(void)what;
+	if (broker_drain(b) == 0 && b->npending && !b->blocked)
+		broker_publish_pending(b);
+	broker_post_flush(b);
+}
+
+/* Heartbeats are serviced only inside library calls: poll at half the
+ * interval (PITFALLS: heartbeats). */
+static void
+broker_hb_cb(evutil_socket_t fd, short what, void *arg)
+{
+	broker_read_cb(fd, what, arg);
+}
+
+/* ---- connection life ---- */
+
+static void
+broker_schedule_retry(struct broker *b)
+{
+	double d = util_backoff(b->reconnect_initial, b->reconnect_max, ++b->failures);
+	struct timeval tv = broker_tv(d);
+
+	log_info("msg=\"broker reconnect scheduled\" in_seconds=%.2f attempt=%u", d, b->failures);
+	evtimer_add(b->retry_ev, &tv);
+}
+
+/*
+ * Tear the connection down. After a socket error, a heartbeat timeout or a
+ * close from the peer, a graceful close can hang on a dead peer: skip it,
+ * remove the fd event first, then destroy (PITFALLS: close hangs).
+ */
+static void
+broker_fail(struct broker *b, const char *why, int graceful)
+{
+	if (b->state != BROKER_ST_UP)
+		return;
+	if (b->read_ev) {
+		event_free(b->read_ev);
+		b->read_ev = NULL;
+	}
+	evtimer_del(b->hb_ev);
+	if (graceful) {
+		struct timeval tv = { 2, 0 };
+		amqp_set_rpc_timeout(b->conn, &tv);
+		amqp_connection_close(b->conn, AMQP_REPLY_SUCCESS);
+	}
+	amqp_destroy_connection(b->conn);
+	b->conn = NULL;
+	b->state = BROKER_ST_DOWN;
+	b->blocked = 0;
+	b->rx = BROKER_RX_IDLE;
+	broker_ring_clear(b);
+	broker_pending_clear(b);
+	if (strcmp(why, "stopping") != 0) {
+		log_warn("msg=\"broker connection lost\" reason=\"%s\"", why);
+		broker_post(b, BROKER_EV_DOWN, 0, 0, why);
+		broker_schedule_retry(b);
+	}
+}
+
+static amqp_table_t
+broker_client_props(struct broker *b, amqp_table_entry_t *e, amqp_table_entry_t *caps)
+{
+	amqp_table_t t;
+
+	/* Ask to be told about resource alarms instead of meeting them as TCP
+	 * back-pressure inside amqp_basic_publish (PITFALLS). */
+	caps[0].key = amqp_cstring_bytes("connection.blocked");
+	caps[0].value.kind = AMQP_FIELD_KIND_BOOLEAN;
+	caps[0].value.value.boolean = 1;
+	caps[1].key = amqp_cstring_bytes("publisher_confirms");
+	caps[1].value.kind = AMQP_FIELD_KIND_BOOLEAN;
+	caps[1].value.value.boolean = 1;
+	caps[2].key = amqp_cstring_bytes("consumer_cancel_notify");
+	caps[2].value.kind = AMQP_FIELD_KIND_BOOLEAN;
+	caps[2].value.value.boolean = 1;
+	e[0].key = amqp_cstring_bytes("capabilities");
+	e[0].value.kind = AMQP_FIELD_KIND_TABLE;
+	e[0].value.value.table.num_entries = 3;
+	e[0].value.value.table.entries = caps;
+	e[1].key = amqp_cstring_bytes("connection_name");
+	e[1].value.kind = AMQP_FIELD_KIND_UTF8;
+	e[1].value.value.bytes = amqp_cstring_bytes(b->conn_name);
+	e[2].key = amqp_cstring_bytes("product");
+	e[2].value.kind = AMQP_FIELD_KIND_UTF8;
+	e[2].value.value.bytes = amqp_cstring_bytes("sagad");
+	e[3].key = amqp_cstring_bytes("version");
+	e[3].value.kind = AMQP_FIELD_KIND_UTF8;
+	e[3].value.value.bytes = amqp_cstring_bytes(PACKAGE_VERSION);
+	t.num_entries = 4;
+	t.entries = e;
+	return t;
+}
+
+static amqp_socket_t *
+broker_socket(struct broker *b, char *why, size_t whylen)
+{
+	amqp_socket_t *s;
+
+	if (!b->tls)
+		return amqp_tcp_socket_new(b->conn);
+	s = amqp_ssl_socket_new(b->conn);
+	if (!s)
+		return NULL;
+	amqp_ssl_socket_set_verify_peer(s, b->tls_verify);
+	amqp_ssl_socket_set_verify_hostname(s, b->tls_verify);
+	if (b->tls_ca && amqp_ssl_socket_set_cacert(s, b->tls_ca) != AMQP_STATUS_OK) {
+		snprintf(why, whylen, "tls: cannot load ca %s", b->tls_ca);
+		return NULL;
+	}
+	if (b->tls_cert && amqp_ssl_socket_set_key(s, b->tls_cert, b->tls_key) != AMQP_STATUS_OK) {
+		snprintf(why, whylen, "tls: cannot load cert %s / key %s", b->tls_cert, b->tls_key);
+		return NULL;
+	}
+	return s;
+}
+
+/* Connect, log in, open the channel, declare, confirm.select. Blocking with
+ * bounded timeouts: this thread has nothing else to do meanwhile. */
+static int
+broker_connect(struct broker *b, char *why, size_t whylen)
+{
+	struct timeval ct = broker_tv(b->connect_timeout);
+	amqp_table_entry_t props[4], caps[3];
+	amqp_table_t client;
+	amqp_socket_t *s;
+	amqp_rpc_reply_t r;
+	size_t i;
+	int rc;
+
+	b->conn = amqp_new_connection();
+	s = broker_socket(b, why, whylen);
+	if (!s) {
+		if (!*why)
+			snprintf(why, whylen, "cannot create socket");
+		return -1;
+	}
+	amqp_set_handshake_timeout(b->conn, &ct);
+	amqp_set_rpc_timeout(b->conn, &ct);
+	rc = amqp_socket_open_noblock(s, b->host, b->port, &ct);
+	if (rc != AMQP_STATUS_OK) {
+		snprintf(why, whylen, "connect %s:%d: %s", b->host, b->port, amqp_error_string2(rc));
+		return -1;
+	}
+	client = broker_client_props(b, props, caps);
+	r = amqp_login_with_properties(b->conn, b->vhost, 0, 131072, b->heartbeat,
+	    &client, AMQP_SASL_METHOD_PLAIN, b->user, b->password);
+	if (r.reply_type != AMQP_RESPONSE_NORMAL) {
+		if (r.reply_type == AMQP_RESPONSE_LIBRARY_EXCEPTION)
+			snprintf(why, whylen, "login: %s", amqp_error_string2(r.library_error));
+		else
+			snprintf(why, whylen, "login refused by the broker (user, password or vhost)");
+		return -1;
+	}
+	b->state = BROKER_ST_UP;	/* from here broker_reply_ok() tears down */
+	amqp_channel_open(b->conn, BROKER_CHANNEL);
+	if (broker_reply_ok(b, "channel.open") < 0)
+		return -2;
+	for (i = 0; i < b->n_exchanges; i++) {
+		amqp_exchange_declare(b->conn, BROKER_CHANNEL,
+		    amqp_cstring_bytes(b->exchanges[i].name),
+		    amqp_cstring_bytes(b->exchanges[i].type), 0, 1, 0, 0, amqp_empty_table);
+		if (broker_reply_ok(b, "exchange.declare") < 0)
+			return -2;
+	}
+	amqp_confirm_select(b->conn, BROKER_CHANNEL);
+	if (broker_reply_ok(b, "confirm.select") < 0)
+		return -2;
+	return 0;
+}
+
+static void
+broker_connect_cb(evutil_socket_t fd, short what, void *arg)
+{
+	struct broker *b = arg;
+	char why[200] = "";
+	struct timeval hb;
+	int rc;
+
+	(void)fd;
+	(void)what;
+	rc = broker_connect(b, why, sizeof why);
+	if (rc == -2) {		/* broker_fail() already logged and rescheduled */
+		broker_post_flush(b);
+		return;
+	}
+	if (rc < 0) {
+		amqp_destroy_connection(b->conn);
+		b->conn = NULL;
+		b->state = BROKER_ST_DOWN;
+		log_warn("msg=\"broker connect failed\" host=%s port=%d reason=\"%s\"",
+		    b->host, b->port, why);
+		broker_schedule_retry(b);
+		return;
+	}
+	b->failures = 0;
+	b->epoch++;
+	b->next_tag = 1;	/* confirm sequence numbers restart per channel */
+	b->head_tag = 1;
+	b->read_ev = event_new(b->base, amqp_get_sockfd(b->conn), EV_READ | EV_PERSIST,
+	    broker_read_cb, b);
+	event_add(b->read_ev, NULL);
+	hb = broker_tv(b->heartbeat > 0 ? b->heartbeat / 2.0 : 1.0);
+	evtimer_add(b->hb_ev, &hb);
+	log_info("msg=\"broker connected\" host=%s port=%d vhost=%s exchanges=%zu epoch=%llu",
+	    b->host, b->port, b->vhost, b->n_exchanges, (unsigned long long)b->epoch);
+	broker_post(b, BROKER_EV_UP, 0, 0, NULL);
+	broker_post_flush(b);
+}
+
+static void *
+broker_main(void *arg)
+{
+	struct broker *b = arg;
+
+	event_base_dispatch(b->base);
+	return NULL;
+}
+
+struct broker *
+broker_new(struct event_base *main_base, const struct sagad_conf *c,
+    broker_event_fn *fn, void *arg)
+{
+	struct broker *b = calloc(1, sizeof *b);
+	struct timeval hb;
+	size_t i;
+
+	b->host = strdup(c->broker.host);
+	b->user = strdup(c->broker.user);
+	b->password = strdup(c->broker.password);
+	b->vhost = strdup(c->broker.vhost);
+	b->port = c->broker.port;
+	b->tls = c->broker.tls;
+	b->tls_verify = c->broker.tls_verify;
+	b->tls_ca = broker_strdup(c->broker.tls_ca);
+	b->tls_cert = broker_strdup(c->broker.tls_cert);
+	b->tls_key = broker_strdup(c->broker.tls_key);
+	b->heartbeat = (int)(c->broker.heartbeat + 0.5);
+	b->connect_timeout = c->broker.connect_timeout;
+	b->reconnect_initial = c->broker.reconnect_initial;
+	b->reconnect_max = c->broker.reconnect_max;
+	b->app_id = strdup(c->service);
+	if (asprintf(&b->conn_name, "sagad %s", c->service) < 0)
+		b->conn_name = strdup("sagad");
+	b->n_exchanges = c->n_exchanges;
+	b->exchanges = calloc(c->n_exchanges + 1, sizeof *b->exchanges);
+	for (i = 0; i < c->n_exchanges; i++) {
+		b->exchanges[i].name = strdup(c->exchanges[i].name);
+		b->exchanges[i].type = strdup(c->exchanges[i].type);
+	}
+	b->fn = fn;
+	b->arg = arg;
+	pthread_mutex_init(&b->lock, NULL);
+	b->notify_ev = event_new(main_base, -1, 0, broker_notify_cb, b);
+	event_priority_set(b->notify_ev, 0);
+	b->base = event_base_new();
+	b->retry_ev = evtimer_new(b->base, broker_connect_cb, b);
+	b->wake_ev = event_new(b->base, -1, 0, broker_wake_cb, b);
+	hb.tv_sec = 0;
+	hb.tv_usec = 0;
+	b->hb_ev = event_new(b->base, -1, EV_PERSIST, broker_hb_cb, b);
+	evtimer_add(b->retry_ev, &hb);	/* connect at once */
+	return b;
+}
+
+int
+broker_start(struct broker *b)
+{
+	return pthread_create(&b->thread, NULL, broker_main, b) == 0 ? 0 : -1;
+}
+
+void
+broker_publish(struct broker *b, uint64_t epoch, struct msg *m)
+{
+	pthread_mutex_lock(&b->lock);
+	if (b->ninq == b->capinq) {
+		b->capinq = b->capinq ? b->capinq * 2 : 1024;
+		b->inq = realloc(b->inq, b->capinq * sizeof *b->inq);
+		b->inq_epoch = realloc(b->inq_epoch, b->capinq * sizeof *b->inq_epoch);
+	}
+	b->inq[b->ninq] = m;
+	b->inq_epoch[b->ninq] = epoch;
+	b->ninq++;
+	pthread_mutex_unlock(&b->lock);
+}
+
+void
+broker_kick(struct broker *b)
+{
+	event_active(b->wake_ev, 0, 0);
+}
+
+void
+broker_free(struct broker *b)
+{
+	size_t i;
+
+	if (!b)
+		return;
+	pthread_mutex_lock(&b->lock);
+	b->stop = 1;
+	pthread_mutex_unlock(&b->lock);
+	event_active(b->wake_ev, 0, 0);
+	pthread_join(b->thread, NULL);
+	broker_pending_clear(b);
+	for (i = 0; i < b->ninq; i++)
+		msg_free(b->inq[i]);
+	free(b->inq);
+	free(b->inq_epoch);
+	free(b->outq);
+	free(b->outbuf);
+	free(b->pending);
+	free(b->ring);
+	event_free(b->retry_ev);
+	event_free(b->wake_ev);
+	event_free(b->hb_ev);
+	event_free(b->notify_ev);
+	event_base_free(b->base);
+	for (i = 0; i < b->n_exchanges; i++) {
+		free(b->exchanges[i].name);
+		free(b->exchanges[i].type);
+	}
+	free(b->exchanges);
+	free(b->host); free(b->user); free(b->password); free(b->vhost);
+	free(b->app_id); free(b->conn_name);
+	free(b->tls_ca); free(b->tls_cert); free(b->tls_key);
+	pthread_mutex_destroy(&b->lock);
+	free(b);
+}

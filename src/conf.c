@@ -1,0 +1,665 @@
+#include "conf.h"
+
+#include <amqp.h>
+#include <glob.h>
+#include <libconfig.h>
+#include <libgen.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "util.h"
+
+/*
+ * Every key is described by a table row: its name, its kind and where the
+ * value goes. One walker checks types, ranges and unknown keys for all
+ * groups, so adding a key is adding a row.
+ */
+enum conf_kind {
+	CONF_STR,		/* char * */
+	CONF_DUR,		/* double, seconds, >= min */
+	CONF_SIZE,		/* int64_t, bytes */
+	CONF_INT,		/* int */
+	CONF_BOOL,		/* int */
+	CONF_MODE,		/* int, octal string such as "0660" */
+	CONF_GROUP,		/* nested table, same base */
+	CONF_CUSTOM		/* parsed by a function */
+};
+
+struct conf_ctx;
+typedef void conf_custom_fn(struct conf_ctx *, config_setting_t *, void *);
+
+struct conf_key {
+	const char *name;
+	enum conf_kind kind;
+	size_t off;
+	double min, max;
+	const struct conf_key *sub;
+	conf_custom_fn *fn;
+};
+
+struct conf_ctx {
+	const char *main_file;
+	struct conf_errors *errs;
+};
+
+static void
+conf_err(struct conf_ctx *ctx, const config_setting_t *s, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+
+static void
+conf_err_push(struct conf_errors *errs, const char *fmt, ...)
+    __attribute__((format(printf, 2, 3)));
+
+static void
+conf_err_push(struct conf_errors *errs, const char *fmt, ...)
+{
+	char *full;
+	va_list ap;
+	int n;
+
+	va_start(ap, fmt);
+	n = vasprintf(&full, fmt, ap);
+	va_end(ap);
+	if (n < 0)
+		return;
+	errs->msg = realloc(errs->msg, (errs->n + 1) * sizeof *errs->msg);
+	errs->msg[errs->n++] = full;
+}
+
+static void
+conf_err_at(struct conf_errors *errs, const char *file, int line,
+    const char *fmt, va_list ap)
+{
+	char msg[512];
+
+	vsnprintf(msg, sizeof msg, fmt, ap);
+	conf_err_push(errs, "%s:%d: %s", file, line, msg);
+}
+
+static void
+conf_err(struct conf_ctx *ctx, const config_setting_t *s, const char *fmt, ...)
+{
+	const char *file = s ? config_setting_source_file(s) : NULL;
+	va_list ap;
+
+	va_start(ap, fmt);
+	conf_err_at(ctx->errs, file ? file : ctx->main_file,
+	    s ? (int)config_setting_source_line(s) : 0, fmt, ap);
+	va_end(ap);
+}
+
+static void conf_exchanges(struct conf_ctx *, config_setting_t *, void *);
+
+#define B(f) offsetof(struct sagad_conf, broker.f)
+static const struct conf_key conf_tls_keys[] = {
+	{ "ca", CONF_STR, B(tls_ca), 0, 0, NULL, NULL },
+	{ "cert", CONF_STR, B(tls_cert), 0, 0, NULL, NULL },
+	{ "key", CONF_STR, B(tls_key), 0, 0, NULL, NULL },
+	{ "verify", CONF_BOOL, B(tls_verify), 0, 0, NULL, NULL },
+	{ NULL, 0, 0, 0, 0, NULL, NULL }
+};
+static const struct conf_key conf_broker_keys[] = {
+	{ "url", CONF_STR, B(url), 0, 0, NULL, NULL },
+	{ "password_file", CONF_STR, B(password_file), 0, 0, NULL, NULL },
+	{ "heartbeat", CONF_DUR, B(heartbeat), 0, 3600, NULL, NULL },
+	{ "connect_timeout", CONF_DUR, B(connect_timeout), 0.01, 3600, NULL, NULL },
+	{ "reconnect_initial", CONF_DUR, B(reconnect_initial), 0.01, 3600, NULL, NULL },
+	{ "reconnect_max", CONF_DUR, B(reconnect_max), 0.01, 86400, NULL, NULL },
+	{ "tls", CONF_GROUP, 0, 0, 0, conf_tls_keys, NULL },
+	{ NULL, 0, 0, 0, 0, NULL, NULL }
+};
+#undef B
+#define S(f) offsetof(struct sagad_conf, store.f)
+static const struct conf_key conf_store_keys[] = {
+	{ "path", CONF_STR, S(path), 0, 0, NULL, NULL },
+	{ "max_bytes", CONF_SIZE, S(max_bytes), 65536, 0, NULL, NULL },
+	{ "dedup_window", CONF_DUR, S(dedup_window), 0, 1e9, NULL, NULL },
+	{ NULL, 0, 0, 0, 0, NULL, NULL }
+};
+#undef S
+#define A(f) offsetof(struct sagad_conf, api.f)
+static const struct conf_key conf_api_keys[] = {
+	{ "listen", CONF_STR, A(listen), 0, 0, NULL, NULL },
+	{ "admin_listen", CONF_STR, A(admin_listen), 0, 0, NULL, NULL },
+	{ "token_file", CONF_STR, A(token_file), 0, 0, NULL, NULL },
+	{ "max_message_bytes", CONF_SIZE, A(max_message_bytes), 1, 134217728, NULL, NULL },
+	{ "max_header_bytes", CONF_SIZE, A(max_header_bytes), 1024, 1048576, NULL, NULL },
+	{ "request_timeout", CONF_DUR, A(request_timeout), 0.1, 3600, NULL, NULL },
+	{ "socket_mode", CONF_MODE, A(socket_mode), 0, 0777, NULL, NULL },
+	{ "admin_allow_remote", CONF_BOOL, A(admin_allow_remote), 0, 0, NULL, NULL },
+	{ NULL, 0, 0, 0, 0, NULL, NULL }
+};
+#undef A
+#define O(f) offsetof(struct sagad_conf, outbox.f)
+static const struct conf_key conf_outbox_keys[] = {
+	{ "max_inflight", CONF_INT, O(max_inflight), 1, 65535, NULL, NULL },
+	{ "retry_initial", CONF_DUR, O(retry_initial), 0.001, 3600, NULL, NULL },
+	{ "retry_max", CONF_DUR, O(retry_max), 0.001, 86400, NULL, NULL },
+	{ NULL, 0, 0, 0, 0, NULL, NULL }
+};
+#undef O
+#define T(f) offsetof(struct sagad_conf, f)
+static const struct conf_key conf_top_keys[] = {
+	{ "service", CONF_STR, T(service), 0, 0, NULL, NULL },
+	{ "user", CONF_STR, T(user), 0, 0, NULL, NULL },
+	{ "drain_timeout", CONF_DUR, T(drain_timeout), 0, 3600, NULL, NULL },
+	{ "broker", CONF_GROUP, 0, 0, 0, conf_broker_keys, NULL },
+	{ "store", CONF_GROUP, 0, 0, 0, conf_store_keys, NULL },
+	{ "api", CONF_GROUP, 0, 0, 0, conf_api_keys, NULL },
+	{ "outbox", CONF_GROUP, 0, 0, 0, conf_outbox_keys, NULL },
+	{ "exchanges", CONF_CUSTOM, 0, 0, 0, NULL, conf_exchanges },
+	{ NULL, 0, 0, 0, 0, NULL, NULL }
+};
+#undef T
+
+static int
+conf_number(config_setting_t *s, double *out)
+{
+	switch (config_setting_type(s)) {
+	case CONFIG_TYPE_INT:
+	case CONFIG_TYPE_INT64:
+		*out = (double)config_setting_get_int64(s);
+		return 1;
+	case CONFIG_TYPE_FLOAT:
+		*out = config_setting_get_float(s);
+		return 1;
+	default:
+		return 0;
+	}
+}
+
+static void
+conf_value(struct conf_ctx *ctx, config_setting_t *s, const struct conf_key *k,
+    void *base)
+{
+	const char *name = config_setting_name(s);
+	char *p = (char *)base + k->off;
+	double d;
+
+	switch (k->kind) {
+	case CONF_STR:
+		if (config_setting_type(s) != CONFIG_TYPE_STRING) {
+			conf_err(ctx, s, "'%s' must be a string", name);
+			return;
+		}
+		free(*(char **)p);
+		*(char **)p = strdup(config_setting_get_string(s));
+		return;
+	case CONF_BOOL:
+		if (config_setting_type(s) != CONFIG_TYPE_BOOL) {
+			conf_err(ctx, s, "'%s' must be true or false", name);
+			return;
+		}
+		*(int *)p = config_setting_get_bool(s);
+		return;
+	case CONF_MODE: {
+		const char *v;
+		char *end;
+		long m;
+		if (config_setting_type(s) != CONFIG_TYPE_STRING) {
+			conf_err(ctx, s, "'%s' must be an octal string such as \"0660\"", name);
+			return;
+		}
+		v = config_setting_get_string(s);
+		m = strtol(v, &end, 8);
+		if (*v == '\0' || *end != '\0' || m < 0 || m > 0777) {
+			conf_err(ctx, s, "'%s' must be an octal mode between \"0000\" and \"0777\"", name);
+			return;
+		}
+		*(int *)p = (int)m;
+		return;
+	}
+	case CONF_DUR:
+	case CONF_SIZE:
+	case CONF_INT:
+		if (!conf_number(s, &d)) {
+			conf_err(ctx, s, "'%s' must be a number", name);
+			return;
+		}
+		if (d < k->min || (k->max > 0 && d > k->max)) {
+			conf_err(ctx, s, "'%s' must be between %g and %g", name,
+			    k->min, k->max > 0 ? k->max : 9.2e18);
+			return;
+		}
+		if (k->kind == CONF_DUR)
+			*(double *)p = d;
+		else if (k->kind == CONF_SIZE) {
+			if (config_setting_type(s) == CONFIG_TYPE_FLOAT) {
+				conf_err(ctx, s, "'%s' must be a whole number of bytes", name);
+				return;
+			}
+			*(int64_t *)p = (int64_t)d;
+		} else {
+			if (config_setting_type(s) == CONFIG_TYPE_FLOAT) {
+				conf_err(ctx, s, "'%s' must be a whole number", name);
+				return;
+			}
+			*(int *)p = (int)d;
+		}
+		return;
+	case CONF_GROUP:
+	case CONF_CUSTOM:
+		break;
+	}
+}
+
+static void
+conf_walk(struct conf_ctx *ctx, config_setting_t *group,
+    const struct conf_key *keys, void *base, const char *where)
+{
+	int i, n = config_setting_length(group);
+
+	for (i = 0; i < n; i++) {
+		config_setting_t *s = config_setting_get_elem(group, i);
+		const char *name = config_setting_name(s);
+		const struct conf_key *k;
+
+		for (k = keys; k->name; k++)
+			if (strcmp(k->name, name) == 0)
+				break;
+		if (!k->name) {
+			if (where)
+				conf_err(ctx, s, "unknown key '%s' in '%s'", name, where);
+			else
+				conf_err(ctx, s, "unknown key '%s'", name);
+			continue;
+		}
+		if (k->kind == CONF_GROUP) {
+			if (config_setting_type(s) != CONFIG_TYPE_GROUP) {
+				conf_err(ctx, s, "'%s' must be a group { ... }", name);
+				continue;
+			}
+			conf_walk(ctx, s, k->sub, base, name);
+		} else if (k->kind == CONF_CUSTOM)
+			k->fn(ctx, s, base);
+		else
+			conf_value(ctx, s, k, base);
+	}
+}
+
+static void
+conf_exchanges(struct conf_ctx *ctx, config_setting_t *list, void *base)
+{
+	static const char *const types[] = { "direct", "topic", "fanout", "headers", NULL };
+	struct sagad_conf *conf = base;
+	int i, n;
+
+	if (!config_setting_is_list(list) && !config_setting_is_array(list)) {
+		conf_err(ctx, list, "'exchanges' must be a list ( { name = ...; }, ... )");
+		return;
+	}
+	n = config_setting_length(list);
+	conf->exchanges = calloc(n ? n : 1, sizeof *conf->exchanges);
+	for (i = 0; i < n; i++) {
+		config_setting_t *e = config_setting_get_elem(list, i);
+		struct conf_exchange *x = &conf->exchanges[conf->n_exchanges];
+		const char *name = NULL, *type = "topic";
+		int j, m, ok = 1;
+
+		if (!config_setting_is_group(e)) {
+			conf_err(ctx, e, "each exchange must be a group { name = \"...\"; type = \"topic\"; }");
+			continue;
+		}
+		m = config_setting_length(e);
+		for (j = 0; j < m; j++) {
+			config_setting_t *s = config_setting_get_elem(e, j);
+			const char *k = config_setting_name(s);
+			const char **dst;
+			if (strcmp(k, "name") == 0)
+				dst = &name;
+			else if (strcmp(k, "type") == 0)
+				dst = &type;
+			else {
+				conf_err(ctx, s, "unknown key '%s' in exchange", k);
+				ok = 0;
+				continue;
+			}
+			if (config_setting_type(s) != CONFIG_TYPE_STRING) {
+				conf_err(ctx, s, "'%s' must be a string", k);
+				ok = 0;
+				continue;
+			}
+			*dst = config_setting_get_string(s);
+		}
+		if (!name) {
+			conf_err(ctx, e, "exchange without a 'name'");
+			continue;
+		}
+		if (!util_valid_exchange(name) || strncmp(name, "amq.", 4) == 0) {
+			conf_err(ctx, e, "bad exchange name '%s' (1-255 of A-Z a-z 0-9 - _ . :, not amq.*)", name);
+			continue;
+		}
+		for (j = 0; types[j]; j++)
+			if (strcmp(types[j], type) == 0)
+				break;
+		if (!types[j]) {
+			conf_err(ctx, e, "exchange '%s': type must be direct, topic, fanout or headers", name);
+			continue;
+		}
+		for (j = 0; j < (int)conf->n_exchanges; j++)
+			if (strcmp(conf->exchanges[j].name, name) == 0)
+				break;
+		if (j < (int)conf->n_exchanges) {
+			conf_err(ctx, e, "exchange '%s' is declared twice", name);
+			continue;
+		}
+		if (!ok)
+			continue;
+		x->name = strdup(name);
+		x->type = strdup(type);
+		conf->n_exchanges++;
+	}
+}
+
+static void
+conf_defaults(struct sagad_conf *c)
+{
+	c->drain_timeout = 10;
+	c->broker.url = strdup("amqp://guest:guest@127.0.0.1:5672/%2f");
+	c->broker.heartbeat = 10;
+	c->broker.connect_timeout = 5;
+	c->broker.reconnect_initial = 0.2;
+	c->broker.reconnect_max = 30;
+	c->broker.tls_verify = 1;
+	c->store.max_bytes = 1073741824;
+	c->store.dedup_window = 604800;
+	c->api.listen = strdup("127.0.0.1:7600");
+	c->api.admin_listen = strdup("127.0.0.1:7601");
+	c->api.max_message_bytes = 1048576;
+	c->api.max_header_bytes = 16384;
+	c->api.request_timeout = 30;
+	c->api.socket_mode = 0660;
+	c->outbox.max_inflight = 1024;
+	c->outbox.retry_initial = 0.1;
+	c->outbox.retry_max = 30;
+}
+
+static int
+conf_url_has_password(const char *url)
+{
+	const char *u = strstr(url, "://") + 3, *at = strchr(u, '@');
+
+	return at && memchr(u, ':', at - u) != NULL;
+}
+
+/* The broker URL is split once here so that errors name the config line. */
+static void
+conf_broker_url(struct conf_ctx *ctx, config_t *cfg, struct sagad_conf *c)
+{
+	config_setting_t *s = config_lookup(cfg, "broker.url");
+	struct amqp_connection_info info;
+	char *copy;
+
+	if (strncmp(c->broker.url, "amqp://", 7) != 0 &&
+	    strncmp(c->broker.url, "amqps://", 8) != 0) {
+		conf_err(ctx, s, "broker url must start with amqp:// or amqps://");
+		return;
+	}
+	copy = strdup(c->broker.url);
+	if (amqp_parse_url(copy, &info) != AMQP_STATUS_OK) {
+		conf_err(ctx, s, "broker url is malformed (amqp://user:password@host:port/vhost)");
+		free(copy);
+		return;
+	}
+	c->broker.host = strdup(info.host);
+	c->broker.user = strdup(info.user);
+	c->broker.password = strdup(info.password);
+	c->broker.vhost = strdup(info.vhost);
+	c->broker.port = info.port;
+	c->broker.tls = info.ssl;
+	free(copy);
+	if (c->broker.password_file) {
+		char *pw;
+		if (conf_url_has_password(c->broker.url)) {
+			conf_err(ctx, config_lookup(cfg, "broker.password_file"),
+			    "give the password either in the url or in password_file, not both");
+			return;
+		}
+		pw = util_read_secret(c->broker.password_file);
+		if (!pw) {
+			conf_err(ctx, config_lookup(cfg, "broker.password_file"),
+			    "cannot read password_file '%s'", c->broker.password_file);
+			return;
+		}
+		free(c->broker.password);
+		c->broker.password = pw;
+	}
+	if (!c->broker.tls && (c->broker.tls_ca || c->broker.tls_cert || c->broker.tls_key))
+		conf_err(ctx, config_lookup(cfg, "broker.tls"), "tls settings need an amqps:// url");
+	if ((c->broker.tls_cert == NULL) != (c->broker.tls_key == NULL))
+		conf_err(ctx, config_lookup(cfg, "broker.tls"), "tls cert and key go together");
+}
+
+static int
+conf_valid_listen(const char *v)
+{
+	const char *colon;
+	char *end;
+	long port;
+
+	if (strncmp(v, "unix:", 5) == 0)
+		return v[5] == '/' && strlen(v + 5) < 100;
+	colon = strrchr(v, ':');
+	if (!colon || colon == v)
+		return 0;
+	port = strtol(colon + 1, &end, 10);
+	return *end == '\0' && colon[1] != '\0' && port >= 0 && port <= 65535;
+}
+
+static void
+conf_check(struct conf_ctx *ctx, config_t *cfg, struct sagad_conf *c)
+{
+	config_setting_t *s;
+
+	if (!c->service) {
+		conf_err(ctx, NULL, "missing required key 'service'");
+	} else if (!util_valid_exchange(c->service)) {
+		conf_err(ctx, config_lookup(cfg, "service"),
+		    "'service' must be 1-255 of A-Z a-z 0-9 - _ . :");
+	}
+	conf_broker_url(ctx, cfg, c);
+	if (!c->store.path && c->service) {
+		if (asprintf(&c->store.path, "/var/lib/sagad/%s.db", c->service) < 0)
+			c->store.path = NULL;
+	}
+	if (!conf_valid_listen(c->api.listen))
+		conf_err(ctx, config_lookup(cfg, "api.listen"),
+		    "'listen' must be HOST:PORT or unix:/path");
+	if (!conf_valid_listen(c->api.admin_listen))
+		conf_err(ctx, config_lookup(cfg, "api.admin_listen"),
+		    "'admin_listen' must be HOST:PORT or unix:/path");
+	if (c->api.token_file) {
+		c->api.token = util_read_secret(c->api.token_file);
+		if (!c->api.token || !*c->api.token)
+			conf_err(ctx, config_lookup(cfg, "api.token_file"),
+			    "cannot read a token from '%s'", c->api.token_file);
+	}
+	if (c->outbox.retry_max < c->outbox.retry_initial &&
+	    (s = config_lookup(cfg, "outbox")))
+		conf_err(ctx, s, "outbox retry_max is below retry_initial");
+	if (c->broker.reconnect_max < c->broker.reconnect_initial)
+		conf_err(ctx, config_lookup(cfg, "broker"),
+		    "broker reconnect_max is below reconnect_initial");
+}
+
+/*
+ * libconfig 1.5 includes one literal file per @include. A pattern such as
+ * @include with a glob pattern (conf.d/NAME.conf with a star) is rewritten to include a generated file that
+ * lists the matches, one @include each: the line count of the main file
+ * stays the same, so every error keeps its true FILE:LINE.
+ */
+static char *
+conf_expand_includes(const char *text, const char *dir, char ***tmpfiles,
+    size_t *ntmp)
+{
+	size_t cap = strlen(text) + 1, len = 0;
+	char *out = malloc(cap);
+	const char *line = text;
+
+	while (*line) {
+		const char *eol = strchr(line, '\n');
+		size_t n = eol ? (size_t)(eol - line + 1) : strlen(line);
+		const char *p = line, *q, *e;
+
+		while (p < line + n && (*p == ' ' || *p == '\t'))
+			p++;
+		if (strncmp(p, "@include", 8) == 0 && (q = strchr(p, '"')) &&
+		    q < line + n && (e = strchr(q + 1, '"')) && e < line + n &&
+		    strpbrk(q + 1, "*?[") && strpbrk(q + 1, "*?[") < e) {
+			char pat[4096], tmpl[] = "/tmp/sagad-include-XXXXXX";
+			glob_t g;
+			FILE *f;
+			int fd;
+			size_t i;
+
+			snprintf(pat, sizeof pat, "%s%s%.*s",
+			    q[1] == '/' ? "" : dir, q[1] == '/' ? "" : "/",
+			    (int)(e - q - 1), q + 1);
+			fd = mkstemp(tmpl);
+			if (fd >= 0 && (f = fdopen(fd, "w"))) {
+				if (glob(pat, 0, NULL, &g) == 0) {
+					for (i = 0; i < g.gl_pathc; i++)
+						fprintf(f, "@include \"%s\"\n", g.gl_pathv[i]);
+					globfree(&g);
+				}
+				fclose(f);
+				*tmpfiles = realloc(*tmpfiles, (*ntmp + 1) * sizeof **tmpfiles);
+				(*tmpfiles)[(*ntmp)++] = strdup(tmpl);
+				cap += strlen(tmpl) + 16;
+				out = realloc(out, cap);
+				len += sprintf(out + len, "@include \"%s\"%s", tmpl, eol ? "\n" : "");
+				line += n;
+				continue;
+			}
+			if (fd >= 0)
+				close(fd);
+		}
+		memcpy(out + len, line, n);
+		len += n;
+		line += n;
+	}
+	out[len] = '\0';
+	return out;
+}
+
+struct sagad_conf *
+conf_load_string(const char *text, const char *name, const char *include_dir,
+    struct conf_errors *errs)
+{
+	struct conf_ctx ctx = { name, errs };
+	struct sagad_conf *c = calloc(1, sizeof *c);
+	char **tmpfiles = NULL, *expanded;
+	size_t ntmp = 0, i;
+	config_t cfg;
+	int ok;
+
+	config_init(&cfg);
+	config_set_include_dir(&cfg, include_dir);
+	expanded = conf_expand_includes(text, include_dir, &tmpfiles, &ntmp);
+	ok = config_read_string(&cfg, expanded);
+	free(expanded);
+	for (i = 0; i < ntmp; i++) {
+		unlink(tmpfiles[i]);
+		free(tmpfiles[i]);
+	}
+	free(tmpfiles);
+	c->file = strdup(name);
+	conf_defaults(c);
+	if (ok != CONFIG_TRUE) {
+		const char *f = config_error_file(&cfg);
+		/* A syntax error inside a generated include list is the list's
+		 * own doing; report it against the main file. */
+		if (!f || strncmp(f, "/tmp/sagad-include-", 19) == 0)
+			f = name;
+		conf_err_push(errs, "%s:%d: %s", f, config_error_line(&cfg),
+		    config_error_text(&cfg));
+		config_destroy(&cfg);
+		conf_free(c);
+		return NULL;
+	}
+	conf_walk(&ctx, config_root_setting(&cfg), conf_top_keys, c, NULL);
+	conf_check(&ctx, &cfg, c);
+	config_destroy(&cfg);
+	if (errs->n) {
+		conf_free(c);
+		return NULL;
+	}
+	return c;
+}
+
+struct sagad_conf *
+conf_load(const char *path, struct conf_errors *errs)
+{
+	FILE *f = fopen(path, "r");
+	struct sagad_conf *c;
+	char *text = NULL, *dir, *pathcopy;
+	size_t cap = 0;
+	ssize_t n;
+
+	if (!f) {
+		conf_err_push(errs, "%s:0: cannot open: %m", path);
+		return NULL;
+	}
+	n = getdelim(&text, &cap, '\0', f);
+	fclose(f);
+	if (n < 0) {
+		free(text);
+		text = strdup("");
+	}
+	pathcopy = strdup(path);
+	dir = dirname(pathcopy);
+	c = conf_load_string(text, path, dir, errs);
+	free(pathcopy);
+	free(text);
+	return c;
+}
+
+void
+conf_free(struct sagad_conf *c)
+{
+	size_t i;
+
+	if (!c)
+		return;
+	free(c->file); free(c->service); free(c->user);
+	free(c->broker.url); free(c->broker.host); free(c->broker.user);
+	free(c->broker.password); free(c->broker.vhost);
+	free(c->broker.password_file); free(c->broker.tls_ca);
+	free(c->broker.tls_cert); free(c->broker.tls_key);
+	free(c->store.path);
+	free(c->api.listen); free(c->api.admin_listen);
+	free(c->api.token_file); free(c->api.token);
+	for (i = 0; i < c->n_exchanges; i++) {
+		free(c->exchanges[i].name);
+		free(c->exchanges[i].type);
+	}
+	free(c->exchanges);
+	free(c);
+}
+
+void
+conf_errors_clear(struct conf_errors *errs)
+{
+	size_t i;
+
+	for (i = 0; i < errs->n; i++)
+		free(errs->msg[i]);
+	free(errs->msg);
+	errs->msg = NULL;
+	errs->n = 0;
+}
+
+const struct conf_exchange *
+conf_exchange(const struct sagad_conf *conf, const char *name)
+{
+	size_t i;
+
+	for (i = 0; i < conf->n_exchanges; i++)
+		if (strcmp(conf->exchanges[i].name, name) == 0)
+			return &conf->exchanges[i];
+	return NULL;
+}

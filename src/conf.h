@@ -1,0 +1,80 @@
+/* Configuration: libconfig file -> struct sagad_conf, with FILE:LINE errors. */
+#ifndef SAGAD_CONF_H
+#define SAGAD_CONF_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+struct conf_exchange {
+	char *name;
+	char *type;		/* direct, topic, fanout, headers */
+};
+
+struct conf_broker {
+	char *url;		/* as written, may carry a password */
+	char *host, *user, *password, *vhost;
+	int port;
+	int tls;		/* amqps:// */
+	char *password_file;
+	double heartbeat;
+	double connect_timeout;
+	double reconnect_initial, reconnect_max;
+	char *tls_ca, *tls_cert, *tls_key;
+	int tls_verify;
+};
+
+struct conf_store {
+	char *path;
+	int64_t max_bytes;
+	double dedup_window;
+};
+
+struct conf_api {
+	char *listen;
+	char *admin_listen;
+	char *token_file;
+	char *token;		/* read from token_file at load */
+	int64_t max_message_bytes;
+	int64_t max_header_bytes;
+	double request_timeout;
+	int socket_mode;
+	int admin_allow_remote;
+};
+
+struct conf_outbox {
+	int max_inflight;
+	double retry_initial, retry_max;
+};
+
+struct sagad_conf {
+	char *file;		/* the file it was read from */
+	char *service;
+	char *user;
+	double drain_timeout;
+	struct conf_broker broker;
+	struct conf_store store;
+	struct conf_api api;
+	struct conf_outbox outbox;
+	struct conf_exchange *exchanges;
+	size_t n_exchanges;
+};
+
+/* Errors collected while loading, each "FILE:LINE: message". */
+struct conf_errors {
+	char **msg;
+	size_t n;
+};
+
+/* Load and validate; returns NULL with errs filled on any error. */
+struct sagad_conf *conf_load(const char *path, struct conf_errors *errs);
+/* The same from a string (tests and fuzzing); name is used in errors. */
+struct sagad_conf *conf_load_string(const char *text, const char *name,
+    const char *include_dir, struct conf_errors *errs);
+void conf_free(struct sagad_conf *conf);
+void conf_errors_clear(struct conf_errors *errs);
+
+/* Find an exchange by name; NULL if not configured. */
+const struct conf_exchange *conf_exchange(const struct sagad_conf *conf,
+    const char *name);
+
+#endif

@@ -1,0 +1,224 @@
+#include "httpd.h"
+
+#include <arpa/inet.h>
+#include <errno.h>
+#include <event2/buffer.h>
+#include <event2/event.h>
+#include <event2/http.h>
+#include <jansson.h>
+#include <netdb.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+#include "util.h"
+
+const char *
+httpd_reason(int code)
+{
+	switch (code) {
+	case 200: return "OK";
+	case 202: return "Accepted";
+	case 400: return "Bad Request";
+	case 401: return "Unauthorized";
+	case 403: return "Forbidden";
+	case 404: return "Not Found";
+	case 405: return "Method Not Allowed";
+	case 409: return "Conflict";
+	case 413: return "Payload Too Large";
+	case 500: return "Internal Server Error";
+	case 503: return "Service Unavailable";
+	case 507: return "Insufficient Storage";
+	default: return "Status";
+	}
+}
+
+void
+httpd_set_limits(struct evhttp *http, const struct httpd_limits *lim)
+{
+	struct timeval tv;
+
+	/* evhttp defaults to unlimited sizes and no timeout (PITFALLS). The
+	 * body cap leaves room above max_body so that a body a little too
+	 * large still reaches us and gets a JSON 413; a far larger one is cut
+	 * by libevent with its own plain 413. */
+	evhttp_set_max_body_size(http, lim->max_body + 65536);
+	evhttp_set_max_headers_size(http, lim->max_headers);
+	tv.tv_sec = (time_t)lim->timeout;
+	tv.tv_usec = (suseconds_t)((lim->timeout - tv.tv_sec) * 1e6);
+	evhttp_set_timeout_tv(http, &tv);
+	evhttp_set_allowed_methods(http, EVHTTP_REQ_GET | EVHTTP_REQ_POST |
+	    EVHTTP_REQ_HEAD | EVHTTP_REQ_PUT | EVHTTP_REQ_DELETE |
+	    EVHTTP_REQ_OPTIONS | EVHTTP_REQ_PATCH);
+	evhttp_set_default_content_type(http, "application/json");
+}
+
+static int
+httpd_bind_unix(const char *path, int mode, char **err)
+{
+	struct sockaddr_un sun;
+	int fd;
+
+	memset(&sun, 0, sizeof sun);
+	sun.sun_family = AF_UNIX;
+	snprintf(sun.sun_path, sizeof sun.sun_path, "%s", path);
+	fd = socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+	if (fd < 0)
+		goto fail;
+	/* A socket file left by a previous run would make bind fail. */
+	if (unlink(path) < 0 && errno != ENOENT)
+		goto fail;
+	if (bind(fd, (struct sockaddr *)&sun, sizeof sun) < 0 ||
+	    chmod(path, mode) < 0 || listen(fd, 1024) < 0)
+		goto fail;
+	return fd;
+fail:
+	if (asprintf(err, "cannot listen on unix:%s: %s", path, strerror(errno)) < 0)
+		*err = NULL;
+	if (fd >= 0)
+		close(fd);
+	return -1;
+}
+
+static int
+httpd_bind_tcp(const char *spec, char **err)
+{
+	char host[256];
+	const char *colon = strrchr(spec, ':');
+	struct addrinfo hints, *ai = NULL;
+	int fd = -1, one = 1, rc;
+
+	snprintf(host, sizeof host, "%.*s", (int)(colon - spec), spec);
+	/* [::1]:7600 */
+	if (host[0] == '[' && host[strlen(host) - 1] == ']') {
+		memmove(host, host + 1, strlen(host));
+		host[strlen(host) - 1] = '\0';
+	}
+	memset(&hints, 0, sizeof hints);
+	hints.ai_family = AF_UNSPEC;
+	hints.ai_socktype = SOCK_STREAM;
+	hints.ai_flags = AI_PASSIVE | AI_NUMERICSERV;
+	rc = getaddrinfo(*host ? host : NULL, colon + 1, &hints, &ai);
+	if (rc != 0) {
+		if (asprintf(err, "cannot listen on %s: %s", spec, gai_strerror(rc)) < 0)
+			*err = NULL;
+		return -1;
+	}
+	fd = socket(ai->ai_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+	if (fd < 0 ||
+	    setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one) < 0 ||
+	    bind(fd, ai->ai_addr, ai->ai_addrlen) < 0 || listen(fd, 1024) < 0) {
+		if (asprintf(err, "cannot listen on %s: %s", spec, strerror(errno)) < 0)
+			*err = NULL;
+		if (fd >= 0)
+			close(fd);
+		fd = -1;
+	}
+	freeaddrinfo(ai);
+	return fd;
+}
+
+struct evhttp *
+httpd_listen(struct event_base *base, const char *spec,
+    const struct httpd_limits *lim, char **err)
+{
+	struct evhttp *http;
+	int fd;
+
+	*err = NULL;
+	if (strncmp(spec, "unix:", 5) == 0)
+		fd = httpd_bind_unix(spec + 5, lim->socket_mode, err);
+	else
+		fd = httpd_bind_tcp(spec, err);
+	if (fd < 0)
+		return NULL;
+	http = evhttp_new(base);
+	httpd_set_limits(http, lim);
+	if (!evhttp_accept_socket_with_handle(http, fd)) {
+		if (asprintf(err, "cannot accept on %s", spec) < 0)
+			*err = NULL;
+		close(fd);
+		evhttp_free(http);
+		return NULL;
+	}
+	return http;
+}
+
+int
+httpd_spec_is_local(const char *spec)
+{
+	char host[256];
+	const char *colon;
+	struct in6_addr a6;
+	struct in_addr a4;
+
+	if (strncmp(spec, "unix:", 5) == 0)
+		return 1;
+	colon = strrchr(spec, ':');
+	if (!colon)
+		return 0;
+	snprintf(host, sizeof host, "%.*s", (int)(colon - spec), spec);
+	if (host[0] == '[') {
+		memmove(host, host + 1, strlen(host));
+		host[strlen(host) - 1] = '\0';
+	}
+	if (strcmp(host, "localhost") == 0)
+		return 1;
+	if (inet_pton(AF_INET, host, &a4) == 1)
+		return (ntohl(a4.s_addr) >> 24) == 127;
+	if (inet_pton(AF_INET6, host, &a6) == 1)
+		return IN6_IS_ADDR_LOOPBACK(&a6);
+	return 0;
+}
+
+void
+httpd_reply_json(struct evhttp_request *req, int code, void *json)
+{
+	struct evbuffer *buf = evbuffer_new();
+	char *text = json_dumps(json, JSON_COMPACT);
+
+	json_decref(json);
+	evhttp_add_header(evhttp_request_get_output_headers(req), "Content-Type",
+	    "application/json");
+	if (text) {
+		evbuffer_add(buf, text, strlen(text));
+		evbuffer_add(buf, "\n", 1);
+		free(text);
+	}
+	evhttp_send_reply(req, code, httpd_reason(code), buf);
+	evbuffer_free(buf);
+}
+
+void
+httpd_error(struct evhttp_request *req, int code, const char *error,
+    const char *fmt, ...)
+{
+	char msg[512];
+	va_list ap;
+
+	va_start(ap, fmt);
+	vsnprintf(msg, sizeof msg, fmt, ap);
+	va_end(ap);
+	httpd_reply_json(req, code, json_pack("{s:s,s:s}", "error", error, "message", msg));
+}
+
+int
+httpd_authorized(struct evhttp_request *req, const char *token)
+{
+	const char *h;
+
+	if (!token)
+		return 1;
+	h = evhttp_find_header(evhttp_request_get_input_headers(req), "Authorization");
+	if (h && strncasecmp(h, "Bearer ", 7) == 0 && util_ct_equal(h + 7, token))
+		return 1;
+	evhttp_add_header(evhttp_request_get_output_headers(req), "WWW-Authenticate",
+	    "Bearer realm=\"sagad\"");
+	httpd_error(req, 401, "unauthorized", "missing or wrong bearer token");
+	return 0;
+}

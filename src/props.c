@@ -1,0 +1,207 @@
+#include "props.h"
+
+#include <msgpack.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* Stored records are tiny; anything bigger is damage, not data. */
+#define PROPS_MAX_PACKED (1 << 20)
+
+void
+props_set_header(struct props *p, const char *name, const char *value)
+{
+	size_t i;
+
+	for (i = 0; i < p->n_headers; i++)
+		if (strcmp(p->headers[i].name, name) == 0) {
+			free(p->headers[i].value);
+			p->headers[i].value = strdup(value);
+			return;
+		}
+	p->headers = realloc(p->headers, (p->n_headers + 1) * sizeof *p->headers);
+	p->headers[p->n_headers].name = strdup(name);
+	p->headers[p->n_headers].value = strdup(value);
+	p->n_headers++;
+}
+
+const char *
+props_get_header(const struct props *p, const char *name)
+{
+	size_t i;
+
+	for (i = 0; i < p->n_headers; i++)
+		if (strcmp(p->headers[i].name, name) == 0)
+			return p->headers[i].value;
+	return NULL;
+}
+
+void
+props_free(struct props *p)
+{
+	size_t i;
+
+	free(p->content_type);
+	free(p->correlation_id);
+	free(p->type);
+	free(p->expiration);
+	free(p->reply_to);
+	for (i = 0; i < p->n_headers; i++) {
+		free(p->headers[i].name);
+		free(p->headers[i].value);
+	}
+	free(p->headers);
+	memset(p, 0, sizeof *p);
+}
+
+void
+msg_free(struct msg *m)
+{
+	if (!m)
+		return;
+	free(m->message_id);
+	free(m->exchange);
+	free(m->routing_key);
+	props_free(&m->props);
+	free(m->body);
+	free(m);
+}
+
+static void
+props_pack_str(msgpack_packer *pk, const char *s)
+{
+	size_t n = strlen(s);
+	msgpack_pack_str(pk, n);
+	msgpack_pack_str_body(pk, s, n);
+}
+
+/* Field keys are one byte: the record is stored once per message. */
+static const struct {
+	const char *key;
+	size_t off;
+} props_fields[] = {
+	{ "c", offsetof(struct props, content_type) },
+	{ "i", offsetof(struct props, correlation_id) },
+	{ "t", offsetof(struct props, type) },
+	{ "e", offsetof(struct props, expiration) },
+	{ "r", offsetof(struct props, reply_to) },
+};
+#define PROPS_NFIELDS (sizeof props_fields / sizeof props_fields[0])
+
+int
+props_pack(const struct props *p, char **buf, size_t *len)
+{
+	msgpack_sbuffer sb;
+	msgpack_packer pk;
+	size_t i, n = 0;
+
+	msgpack_sbuffer_init(&sb);
+	msgpack_packer_init(&pk, &sb, msgpack_sbuffer_write);
+	for (i = 0; i < PROPS_NFIELDS; i++)
+		if (*(char **)((char *)p + props_fields[i].off))
+			n++;
+	msgpack_pack_map(&pk, n + (p->n_headers > 0));
+	for (i = 0; i < PROPS_NFIELDS; i++) {
+		const char *v = *(char **)((char *)p + props_fields[i].off);
+		if (!v)
+			continue;
+		props_pack_str(&pk, props_fields[i].key);
+		props_pack_str(&pk, v);
+	}
+	if (p->n_headers) {
+		props_pack_str(&pk, "h");
+		msgpack_pack_map(&pk, p->n_headers);
+		for (i = 0; i < p->n_headers; i++) {
+			props_pack_str(&pk, p->headers[i].name);
+			props_pack_str(&pk, p->headers[i].value);
+		}
+	}
+	*buf = sb.data;		/* ownership moves to the caller */
+	*len = sb.size;
+	return 0;
+}
+
+static char *
+props_strdup(const msgpack_object *o)
+{
+	char *s;
+
+	if (o->type != MSGPACK_OBJECT_STR)
+		return NULL;
+	if (memchr(o->via.str.ptr, '\0', o->via.str.size))
+		return NULL;
+	s = malloc(o->via.str.size + 1);
+	memcpy(s, o->via.str.ptr, o->via.str.size);
+	s[o->via.str.size] = '\0';
+	return s;
+}
+
+static int
+props_unpack_headers(const msgpack_object *o, struct props *p)
+{
+	uint32_t i;
+
+	if (o->type != MSGPACK_OBJECT_MAP)
+		return -1;
+	for (i = 0; i < o->via.map.size; i++) {
+		char *k = props_strdup(&o->via.map.ptr[i].key);
+		char *v = props_strdup(&o->via.map.ptr[i].val);
+		if (!k || !v || !*k) {
+			free(k);
+			free(v);
+			return -1;
+		}
+		props_set_header(p, k, v);
+		free(k);
+		free(v);
+	}
+	return 0;
+}
+
+int
+props_unpack(const char *buf, size_t len, struct props *p)
+{
+	msgpack_unpacked u;
+	size_t off = 0;
+	uint32_t i;
+	int rc = -1;
+
+	memset(p, 0, sizeof *p);
+	if (len == 0)
+		return 0;
+	if (len > PROPS_MAX_PACKED)
+		return -1;
+	msgpack_unpacked_init(&u);
+	if (msgpack_unpack_next(&u, buf, len, &off) != MSGPACK_UNPACK_SUCCESS ||
+	    off != len || u.data.type != MSGPACK_OBJECT_MAP)
+		goto out;
+	for (i = 0; i < u.data.via.map.size; i++) {
+		const msgpack_object *k = &u.data.via.map.ptr[i].key;
+		const msgpack_object *v = &u.data.via.map.ptr[i].val;
+		size_t f;
+
+		if (k->type != MSGPACK_OBJECT_STR || k->via.str.size != 1)
+			goto out;
+		if (k->via.str.ptr[0] == 'h') {
+			if (props_unpack_headers(v, p) < 0)
+				goto out;
+			continue;
+		}
+		for (f = 0; f < PROPS_NFIELDS; f++)
+			if (props_fields[f].key[0] == k->via.str.ptr[0])
+				break;
+		if (f == PROPS_NFIELDS)
+			goto out;
+		{
+			char **dst = (char **)((char *)p + props_fields[f].off);
+			free(*dst);
+			if (!(*dst = props_strdup(v)))
+				goto out;
+		}
+	}
+	rc = 0;
+out:
+	msgpack_unpacked_destroy(&u);
+	if (rc < 0)
+		props_free(p);
+	return rc;
+}

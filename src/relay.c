@@ -1,0 +1,267 @@
+#include "relay.h"
+
+#include <event2/event.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "conf.h"
+#include "log.h"
+#include "store.h"
+#include "util.h"
+
+struct relay {
+	struct event_base *base;
+	struct store *st;
+	struct broker *br;
+	const struct sagad_conf *conf;
+	enum relay_link link;
+	char reason[200];
+	uint64_t epoch;		/* of the connection we publish on; 0: none */
+	int64_t cursor;		/* highest seq handed over in order */
+	unsigned inflight;
+	int need_rewind;	/* a lost transaction: rescan once idle */
+	int paused;
+	struct event *fill_ev;	/* one fill per loop turn, however many acks */
+	struct event *retry_ev;
+	double retry_at;
+	struct msg **batch;
+	size_t batch_cap;
+	struct relay_stats stats;
+};
+
+static void relay_fill_cb(evutil_socket_t, short, void *);
+
+struct relay *
+relay_new(struct event_base *base, struct store *st, const struct sagad_conf *conf)
+{
+	struct relay *r = calloc(1, sizeof *r);
+
+	r->base = base;
+	r->st = st;
+	r->conf = conf;
+	r->link = RELAY_LINK_DOWN;
+	snprintf(r->reason, sizeof r->reason, "connecting");
+	r->fill_ev = event_new(base, -1, 0, relay_fill_cb, r);
+	event_priority_set(r->fill_ev, 2);
+	r->retry_ev = evtimer_new(base, relay_fill_cb, r);
+	histogram_init(&r->stats.confirm, metrics_latency_bounds, metrics_latency_nbounds);
+	return r;
+}
+
+void
+relay_free(struct relay *r)
+{
+	if (!r)
+		return;
+	event_free(r->fill_ev);
+	event_free(r->retry_ev);
+	free(r->batch);
+	free(r);
+}
+
+void
+relay_set_broker(struct relay *r, struct broker *b)
+{
+	r->br = b;
+}
+
+void
+relay_set_conf(struct relay *r, const struct sagad_conf *conf)
+{
+	r->conf = conf;
+	event_active(r->fill_ev, 0, 0);
+}
+
+static void
+relay_schedule(struct relay *r)
+{
+	event_active(r->fill_ev, 0, 0);
+}
+
+/* Arm the retry timer for the earliest message waiting for its backoff. */
+static void
+relay_arm_retry(struct relay *r)
+{
+	double due = store_outbox_next_due(r->st), now = util_now();
+	struct timeval tv;
+
+	if (due <= 0)
+		return;
+	if (evtimer_pending(r->retry_ev, NULL) && r->retry_at <= due)
+		return;
+	if (due < now)
+		due = now;
+	r->retry_at = due;
+	tv.tv_sec = (time_t)(due - now);
+	tv.tv_usec = (suseconds_t)((due - now - tv.tv_sec) * 1e6) + 1000;
+	evtimer_add(r->retry_ev, &tv);
+}
+
+static void
+relay_send(struct relay *r, struct msg **ms, size_t n, int clear_due)
+{
+	size_t i;
+
+	for (i = 0; i < n; i++) {
+		if (clear_due || ms[i]->attempts > 0)
+			store_outbox_clear_due(r->st, ms[i]->seq);
+		r->inflight++;
+		broker_publish(r->br, r->epoch, ms[i]);
+	}
+}
+
+static void
+relay_fill(struct relay *r)
+{
+	double now = util_now();
+	unsigned window = (unsigned)r->conf->outbox.max_inflight;
+	size_t n;
+
+	if (!r->epoch || r->link == RELAY_LINK_BLOCKED || r->paused || !r->br)
+		return;
+	if (r->need_rewind && r->inflight == 0) {
+		r->cursor = 0;
+		r->need_rewind = 0;
+	}
+	if (r->inflight >= window)
+		return;
+	if (r->batch_cap < window) {
+		r->batch_cap = window;
+		r->batch = realloc(r->batch, r->batch_cap * sizeof *r->batch);
+	}
+	/* Retries first: they are older than anything past the cursor. */
+	if (store_outbox_fetch_due(r->st, r->cursor, now, window - r->inflight,
+	    r->batch, &n) == 0)
+		relay_send(r, r->batch, n, 1);
+	if (r->inflight < window &&
+	    store_outbox_fetch(r->st, r->cursor, store_committed_seq(r->st), now,
+	    window - r->inflight, r->batch, &n) == 0 && n > 0) {
+		r->cursor = r->batch[n - 1]->seq;
+		relay_send(r, r->batch, n, 0);
+	}
+	broker_kick(r->br);
+	relay_arm_retry(r);
+}
+
+static void
+relay_fill_cb(evutil_socket_t fd, short what, void *arg)
+{
+	(void)fd;
+	(void)what;
+	relay_fill(arg);
+}
+
+void
+relay_committed(void *arg)
+{
+	relay_schedule(arg);
+}
+
+void
+relay_rolled_back(void *arg)
+{
+	struct relay *r = arg;
+
+	/* Deletes of confirmed messages may be lost with the transaction:
+	 * scan again from the start once nothing is in flight. Messages the
+	 * broker already has may go out twice (at-least-once). */
+	r->need_rewind = 1;
+	relay_schedule(r);
+}
+
+void
+relay_pause(struct relay *r)
+{
+	r->paused = 1;
+}
+
+static void
+relay_retry_later(struct relay *r, int64_t seq, const char *why)
+{
+	unsigned attempts = store_outbox_attempts(r->st, seq) + 1;
+	double delay = util_backoff(r->conf->outbox.retry_initial,
+	    r->conf->outbox.retry_max, attempts);
+
+	store_outbox_retry(r->st, seq, util_now() + delay, attempts, why);
+	log_debug("msg=\"publish retry scheduled\" seq=%lld reason=%s attempt=%u in_seconds=%.2f",
+	    (long long)seq, why, attempts, delay);
+}
+
+void
+relay_broker_event(void *arg, const struct broker_event *ev)
+{
+	struct relay *r = arg;
+
+	if (ev->kind != BROKER_EV_UP && ev->epoch != r->epoch)
+		return;		/* news of a connection that is gone */
+	switch (ev->kind) {
+	case BROKER_EV_UP:
+		/* Everything unconfirmed is still in the store: start again
+		 * from the oldest so that order is kept. */
+		if (r->stats.published || r->stats.reconnects || r->epoch)
+			r->stats.reconnects++;
+		r->epoch = ev->epoch;
+		r->link = RELAY_LINK_UP;
+		r->reason[0] = '\0';
+		r->inflight = 0;
+		r->cursor = 0;
+		r->need_rewind = 0;
+		break;
+	case BROKER_EV_DOWN:
+		r->epoch = 0;
+		r->link = RELAY_LINK_DOWN;
+		snprintf(r->reason, sizeof r->reason, "%s", ev->reason);
+		r->inflight = 0;
+		return;
+	case BROKER_EV_BLOCKED:
+		r->link = RELAY_LINK_BLOCKED;
+		snprintf(r->reason, sizeof r->reason, "blocked: %s", ev->reason);
+		return;
+	case BROKER_EV_UNBLOCKED:
+		r->link = RELAY_LINK_UP;
+		r->reason[0] = '\0';
+		break;
+	case BROKER_EV_ACK:
+		r->inflight--;
+		r->stats.published++;
+		histogram_observe(&r->stats.confirm, ev->latency);
+		store_outbox_done(r->st, ev->seq);
+		break;
+	case BROKER_EV_NACK:
+		r->inflight--;
+		r->stats.nacked++;
+		relay_retry_later(r, ev->seq, "nack");
+		break;
+	case BROKER_EV_RETURNED:
+		r->inflight--;
+		r->stats.unroutable++;
+		relay_retry_later(r, ev->seq, "unroutable");
+		break;
+	}
+	relay_schedule(r);
+}
+
+enum relay_link
+relay_link(const struct relay *r)
+{
+	return r->link;
+}
+
+const char *
+relay_link_reason(const struct relay *r)
+{
+	return r->reason;
+}
+
+unsigned
+relay_inflight(const struct relay *r)
+{
+	return r->inflight;
+}
+
+const struct relay_stats *
+relay_stats(const struct relay *r)
+{
+	return &r->stats;
+}

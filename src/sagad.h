@@ -1,0 +1,34 @@
+/* The daemon as a whole: what main.c wires together and the admin API reads. */
+#ifndef SAGAD_SAGAD_H
+#define SAGAD_SAGAD_H
+
+#include <stdint.h>
+
+struct event_base;
+struct sagad_conf;
+struct store;
+struct broker;
+struct relay;
+struct ingress;
+struct admin;
+
+enum sagad_state {
+	SAGAD_RUNNING,
+	SAGAD_DRAINING,		/* SIGTERM: no new work, in-flight settles */
+	SAGAD_STOPPED
+};
+
+struct sagad {
+	struct event_base *base;
+	struct sagad_conf *conf;	/* replaced on a successful SIGHUP */
+	struct store *store;
+	struct broker *broker;
+	struct relay *relay;
+	struct ingress *ingress;
+	struct admin *admin;
+	enum sagad_state state;
+	double started;		/* wall clock */
+	uint64_t reloads, reload_failures;
+};
+
+#endif

@@ -1,0 +1,649 @@
+#include "store.h"
+
+#include <errno.h>
+#include <event2/event.h>
+#include <fcntl.h>
+#include <sqlite3.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/file.h>
+#include <unistd.h>
+
+#include "log.h"
+
+enum store_stmt {
+	ST_BEGIN, ST_COMMIT, ST_ROLLBACK,
+	ST_ID_INSERT, ST_OUT_INSERT, ST_OUT_FETCH, ST_OUT_FETCH_DUE,
+	ST_OUT_NEXT_DUE, ST_OUT_DELETE, ST_OUT_RETRY, ST_OUT_CLEAR_DUE,
+	ST_OUT_OLDEST, ST_ID_EXPIRE, ST_PAGES, ST_OUT_ATTEMPTS, ST_OUT_LIST,
+	ST_COUNT
+};
+
+static const char *const store_sql[ST_COUNT] = {
+	[ST_BEGIN] = "BEGIN IMMEDIATE",
+	[ST_COMMIT] = "COMMIT",
+	[ST_ROLLBACK] = "ROLLBACK",
+	[ST_ID_INSERT] = "INSERT OR IGNORE INTO outbox_ids(message_id, at) VALUES (?, ?)",
+	[ST_OUT_INSERT] = "INSERT INTO outbox(message_id, exchange, routing_key, props, body, created_at)"
+	    " VALUES (?, ?, ?, ?, ?, ?)",
+	[ST_OUT_FETCH] = "SELECT seq, message_id, exchange, routing_key, props, body, attempts, created_at"
+	    " FROM outbox WHERE seq > ? AND seq <= ? AND due_at <= ? ORDER BY seq LIMIT ?",
+	[ST_OUT_FETCH_DUE] = "SELECT seq, message_id, exchange, routing_key, props, body, attempts, created_at"
+	    " FROM outbox WHERE due_at > 0 AND due_at <= ? AND seq <= ? ORDER BY seq LIMIT ?",
+	[ST_OUT_NEXT_DUE] = "SELECT min(due_at) FROM outbox WHERE due_at > 0",
+	[ST_OUT_DELETE] = "DELETE FROM outbox WHERE seq = ?",
+	[ST_OUT_RETRY] = "UPDATE outbox SET due_at = ?, attempts = ?, last_error = ? WHERE seq = ?",
+	[ST_OUT_CLEAR_DUE] = "UPDATE outbox SET due_at = 0 WHERE seq = ?",
+	[ST_OUT_OLDEST] = "SELECT created_at FROM outbox ORDER BY seq LIMIT 1",
+	[ST_ID_EXPIRE] = "DELETE FROM outbox_ids WHERE message_id IN"
+	    " (SELECT message_id FROM outbox_ids WHERE at < ? ORDER BY at LIMIT ?)",
+	[ST_OUT_ATTEMPTS] = "SELECT attempts FROM outbox WHERE seq = ?",
+	[ST_OUT_LIST] = "SELECT seq, message_id, exchange, routing_key, attempts, created_at, due_at,"
+	    " coalesce(last_error, ''), length(body) FROM outbox WHERE seq > ? ORDER BY seq LIMIT ?",
+	[ST_PAGES] = "SELECT (SELECT page_count FROM pragma_page_count) -"
+	    " (SELECT freelist_count FROM pragma_freelist_count)",
+};
+
+/* Schema migrations: entry i takes the store from version i to i + 1. */
+static const char *const store_migrations[] = {
+	"CREATE TABLE outbox("
+	"  seq INTEGER PRIMARY KEY AUTOINCREMENT,"	/* never reused: order survives deletes */
+	"  message_id TEXT NOT NULL,"
+	"  exchange TEXT NOT NULL,"
+	"  routing_key TEXT NOT NULL,"
+	"  props BLOB,"
+	"  body BLOB NOT NULL,"
+	"  created_at REAL NOT NULL,"
+	"  attempts INTEGER NOT NULL DEFAULT 0,"
+	"  due_at REAL NOT NULL DEFAULT 0,"		/* > 0: waits for a retry */
+	"  last_error TEXT);"
+	"CREATE INDEX outbox_due ON outbox(due_at) WHERE due_at > 0;"
+	"CREATE TABLE outbox_ids(message_id TEXT PRIMARY KEY, at REAL NOT NULL) WITHOUT ROWID;"
+	"CREATE INDEX outbox_ids_at ON outbox_ids(at);",
+};
+
+struct store_cb {
+	store_done_fn *fn;
+	void *arg;
+};
+
+struct store {
+	sqlite3 *db;
+	char *path;
+	int lock_fd;
+	sqlite3_stmt *stmt[ST_COUNT];
+	struct event *commit_ev;
+	int in_tx;
+	int broken;		/* a fatal error: the store can no longer write */
+	struct store_cb *cbs;
+	size_t ncbs, capcbs;
+	struct store_hooks hooks;
+	int64_t max_bytes;
+	int64_t page_size;
+	int64_t bytes;		/* pages in use at the last commit */
+	int64_t tx_bytes;	/* rough size of what the open transaction adds */
+	int64_t committed_seq, tx_seq;
+	int64_t count, tx_count;
+};
+
+static void store_commit_cb(evutil_socket_t fd, short what, void *arg);
+
+static int
+store_exec(struct store *st, const char *sql, char **err)
+{
+	char *msg = NULL;
+
+	if (sqlite3_exec(st->db, sql, NULL, NULL, &msg) != SQLITE_OK) {
+		if (err && asprintf(err, "store %s: %s", st->path,
+		    msg ? msg : sqlite3_errmsg(st->db)) < 0)
+			*err = NULL;
+		sqlite3_free(msg);
+		return -1;
+	}
+	return 0;
+}
+
+static int64_t
+store_query_int(struct store *st, const char *sql)
+{
+	sqlite3_stmt *s;
+	int64_t v = -1;
+
+	if (sqlite3_prepare_v2(st->db, sql, -1, &s, NULL) != SQLITE_OK)
+		return -1;
+	if (sqlite3_step(s) == SQLITE_ROW)
+		v = sqlite3_column_int64(s, 0);
+	sqlite3_finalize(s);
+	return v;
+}
+
+static int
+store_migrate(struct store *st, char **err)
+{
+	int64_t v = store_query_int(st, "PRAGMA user_version");
+	size_t n = sizeof store_migrations / sizeof store_migrations[0];
+	char sql[64];
+
+	if (v < 0) {
+		if (asprintf(err, "store %s: not a sagad store or damaged: %s",
+		    st->path, sqlite3_errmsg(st->db)) < 0)
+			*err = NULL;
+		return -1;
+	}
+	if (v > (int64_t)n) {
+		if (asprintf(err, "store %s: schema version %lld is newer than this sagad (%zu)",
+		    st->path, (long long)v, n) < 0)
+			*err = NULL;
+		return -1;
+	}
+	for (; v < (int64_t)n; v++) {
+		if (store_exec(st, "BEGIN", err) < 0)
+			return -1;
+		snprintf(sql, sizeof sql, "PRAGMA user_version = %lld", (long long)v + 1);
+		if (store_exec(st, store_migrations[v], err) < 0 ||
+		    store_exec(st, sql, err) < 0 || store_exec(st, "COMMIT", err) < 0) {
+			sqlite3_exec(st->db, "ROLLBACK", NULL, NULL, NULL);
+			return -1;
+		}
+		log_info("msg=\"store migrated\" path=%s version=%lld", st->path, (long long)v + 1);
+	}
+	return 0;
+}
+
+static int
+store_fail(struct store *st, char **err, const char *what)
+{
+	if (asprintf(err, "store %s: %s: %s", st->path, what,
+	    st->db ? sqlite3_errmsg(st->db) : strerror(errno)) < 0)
+		*err = NULL;
+	store_close(st);
+	return -1;
+}
+
+struct store *
+store_open(const char *path, struct event_base *base, int64_t max_bytes, char **err)
+{
+	struct store *st = calloc(1, sizeof *st);
+	int i;
+
+	*err = NULL;
+	st->path = strdup(path);
+	st->max_bytes = max_bytes;
+	st->lock_fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0600);
+	if (st->lock_fd < 0) {
+		store_fail(st, err, "cannot open");
+		return NULL;
+	}
+	/* Two daemons on one store would publish everything twice. flock is
+	 * independent of SQLite's own fcntl locks on Linux. */
+	if (flock(st->lock_fd, LOCK_EX | LOCK_NB) < 0) {
+		store_fail(st, err, "in use by another process");
+		return NULL;
+	}
+	if (sqlite3_open_v2(path, &st->db, SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE |
+	    SQLITE_OPEN_NOMUTEX, NULL) != SQLITE_OK) {
+		store_fail(st, err, "cannot open");
+		return NULL;
+	}
+	sqlite3_extended_result_codes(st->db, 1);
+	/* synchronous=FULL makes every WAL commit an fsync: durable before 202.
+	 * A bounded page cache keeps memory flat with a large backlog. */
+	if (store_exec(st, "PRAGMA journal_mode=WAL", err) < 0 ||
+	    store_exec(st, "PRAGMA synchronous=FULL", err) < 0 ||
+	    store_exec(st, "PRAGMA cache_size=-4096", err) < 0 ||
+	    store_exec(st, "PRAGMA foreign_keys=ON", err) < 0) {
+		store_close(st);
+		return NULL;
+	}
+	if (store_migrate(st, err) < 0) {
+		store_close(st);
+		return NULL;
+	}
+	for (i = 0; i < ST_COUNT; i++)
+		if (sqlite3_prepare_v3(st->db, store_sql[i], -1, SQLITE_PREPARE_PERSISTENT,
+		    &st->stmt[i], NULL) != SQLITE_OK) {
+			store_fail(st, err, "cannot prepare statements (damaged?)");
+			return NULL;
+		}
+	st->page_size = store_query_int(st, "PRAGMA page_size");
+	st->committed_seq = store_query_int(st, "SELECT coalesce(max(seq), 0) FROM outbox");
+	st->count = store_query_int(st, "SELECT count(*) FROM outbox");
+	if (st->page_size <= 0 || st->committed_seq < 0 || st->count < 0) {
+		store_fail(st, err, "cannot read (damaged?)");
+		return NULL;
+	}
+	st->tx_seq = st->committed_seq;
+	st->bytes = store_query_int(st, store_sql[ST_PAGES]) * st->page_size;
+	st->commit_ev = event_new(base, -1, 0, store_commit_cb, st);
+	/* Lowest priority: the commit runs after every ready request of the
+	 * turn has joined the transaction. */
+	event_priority_set(st->commit_ev, 2);
+	return st;
+}
+
+void
+store_close(struct store *st)
+{
+	int i;
+
+	if (!st)
+		return;
+	if (st->in_tx)
+		store_flush(st);
+	for (i = 0; i < ST_COUNT; i++)
+		sqlite3_finalize(st->stmt[i]);
+	if (st->db)
+		sqlite3_close(st->db);
+	if (st->commit_ev)
+		event_free(st->commit_ev);
+	if (st->lock_fd >= 0)
+		close(st->lock_fd);
+	free(st->cbs);
+	free(st->path);
+	free(st);
+}
+
+void
+store_set_hooks(struct store *st, const struct store_hooks *hooks)
+{
+	st->hooks = *hooks;
+}
+
+void
+store_set_max_bytes(struct store *st, int64_t max_bytes)
+{
+	st->max_bytes = max_bytes;
+}
+
+static int
+store_step_done(struct store *st, sqlite3_stmt *s)
+{
+	int rc = sqlite3_step(s);
+
+	sqlite3_reset(s);
+	sqlite3_clear_bindings(s);
+	if (rc != SQLITE_DONE && rc != SQLITE_ROW) {
+		log_error("msg=\"store write failed\" path=%s error=\"%s\"", st->path,
+		    sqlite3_errmsg(st->db));
+		return -1;
+	}
+	return 0;
+}
+
+static void
+store_run_callbacks(struct store *st, int ok)
+{
+	struct store_cb *cbs = st->cbs;
+	size_t i, n = st->ncbs;
+
+	/* Callbacks may start new work; give them a fresh list. */
+	st->cbs = NULL;
+	st->ncbs = st->capcbs = 0;
+	for (i = 0; i < n; i++)
+		cbs[i].fn(cbs[i].arg, ok);
+	free(cbs);
+}
+
+/* The transaction was lost (disk full, I/O error): forget its work. */
+static void
+store_lost(struct store *st)
+{
+	if (!sqlite3_get_autocommit(st->db))
+		store_step_done(st, st->stmt[ST_ROLLBACK]);
+	st->in_tx = 0;
+	st->tx_seq = st->committed_seq;
+	st->tx_count = 0;
+	st->tx_bytes = 0;
+	store_run_callbacks(st, 0);
+	if (st->hooks.rolled_back)
+		st->hooks.rolled_back(st->hooks.arg);
+}
+
+static int
+store_begin(struct store *st)
+{
+	if (st->in_tx)
+		return 0;
+	if (store_step_done(st, st->stmt[ST_BEGIN]) < 0)
+		return -1;
+	st->in_tx = 1;
+	event_active(st->commit_ev, 0, 0);
+	return 0;
+}
+
+/* A failed statement may have rolled the whole transaction back. */
+static void
+store_check_tx(struct store *st)
+{
+	if (st->in_tx && sqlite3_get_autocommit(st->db))
+		store_lost(st);
+}
+
+int
+store_flush(struct store *st)
+{
+	if (!st->in_tx) {
+		store_run_callbacks(st, 1);
+		return 0;
+	}
+	if (store_step_done(st, st->stmt[ST_COMMIT]) < 0) {
+		store_lost(st);
+		return -1;
+	}
+	st->in_tx = 0;
+	st->committed_seq = st->tx_seq;
+	st->count += st->tx_count;
+	st->tx_count = 0;
+	st->tx_bytes = 0;
+	if (sqlite3_step(st->stmt[ST_PAGES]) == SQLITE_ROW)
+		st->bytes = sqlite3_column_int64(st->stmt[ST_PAGES], 0) * st->page_size;
+	sqlite3_reset(st->stmt[ST_PAGES]);
+	store_run_callbacks(st, 1);
+	if (st->hooks.committed)
+		st->hooks.committed(st->hooks.arg);
+	return 0;
+}
+
+static void
+store_commit_cb(evutil_socket_t fd, short what, void *arg)
+{
+	(void)fd;
+	(void)what;
+	store_flush(arg);
+}
+
+void
+store_on_commit(struct store *st, store_done_fn *cb, void *arg)
+{
+	if (st->ncbs == st->capcbs) {
+		st->capcbs = st->capcbs ? st->capcbs * 2 : 64;
+		st->cbs = realloc(st->cbs, st->capcbs * sizeof *st->cbs);
+	}
+	st->cbs[st->ncbs].fn = cb;
+	st->cbs[st->ncbs].arg = arg;
+	st->ncbs++;
+	/* Without an open transaction the work is already durable; still answer
+	 * from the loop, never from inside the caller. */
+	event_active(st->commit_ev, 0, 0);
+}
+
+enum store_put
+store_outbox_put(struct store *st, struct msg *m, double now)
+{
+	sqlite3_stmt *s;
+	char *props = NULL;
+	size_t plen = 0;
+	int64_t size = (int64_t)m->body_len + 256;
+
+	if (st->broken)
+		return STORE_PUT_ERROR;
+	if (st->bytes + st->tx_bytes + size > st->max_bytes)
+		return STORE_PUT_FULL;
+	if (store_begin(st) < 0)
+		return STORE_PUT_ERROR;
+	s = st->stmt[ST_ID_INSERT];
+	sqlite3_bind_text(s, 1, m->message_id, -1, SQLITE_STATIC);
+	sqlite3_bind_double(s, 2, now);
+	if (store_step_done(st, s) < 0)
+		goto fail;
+	if (sqlite3_changes(st->db) == 0)
+		return STORE_PUT_DUPLICATE;
+	props_pack(&m->props, &props, &plen);
+	s = st->stmt[ST_OUT_INSERT];
+	sqlite3_bind_text(s, 1, m->message_id, -1, SQLITE_STATIC);
+	sqlite3_bind_text(s, 2, m->exchange, -1, SQLITE_STATIC);
+	sqlite3_bind_text(s, 3, m->routing_key, -1, SQLITE_STATIC);
+	sqlite3_bind_blob(s, 4, props, (int)plen, SQLITE_STATIC);
+	sqlite3_bind_blob(s, 5, m->body ? m->body : "", (int)m->body_len, SQLITE_STATIC);
+	sqlite3_bind_double(s, 6, now);
+	if (store_step_done(st, s) < 0) {
+		free(props);
+		goto fail;
+	}
+	free(props);
+	m->seq = sqlite3_last_insert_rowid(st->db);
+	m->created_at = now;
+	st->tx_seq = m->seq;
+	st->tx_count++;
+	st->tx_bytes += size;
+	return STORE_PUT_STORED;
+fail:
+	{
+		int code = sqlite3_extended_errcode(st->db);
+		store_check_tx(st);
+		return (code & 0xff) == SQLITE_FULL ? STORE_PUT_FULL : STORE_PUT_ERROR;
+	}
+}
+
+static struct msg *
+store_row_msg(sqlite3_stmt *s)
+{
+	struct msg *m = calloc(1, sizeof *m);
+	const void *blob;
+	int n;
+
+	m->seq = sqlite3_column_int64(s, 0);
+	m->message_id = strdup((const char *)sqlite3_column_text(s, 1));
+	m->exchange = strdup((const char *)sqlite3_column_text(s, 2));
+	m->routing_key = strdup((const char *)sqlite3_column_text(s, 3));
+	blob = sqlite3_column_blob(s, 4);
+	n = sqlite3_column_bytes(s, 4);
+	if (props_unpack(blob, n, &m->props) < 0)
+		log_error("msg=\"damaged message properties in store, publishing without them\" seq=%lld",
+		    (long long)m->seq);
+	blob = sqlite3_column_blob(s, 5);
+	n = sqlite3_column_bytes(s, 5);
+	m->body = malloc(n ? n : 1);
+	if (n)
+		memcpy(m->body, blob, n);
+	m->body_len = n;
+	m->attempts = sqlite3_column_int(s, 6);
+	m->created_at = sqlite3_column_double(s, 7);
+	return m;
+}
+
+static int
+store_collect(struct store *st, sqlite3_stmt *s, size_t limit, struct msg **out,
+    size_t *n)
+{
+	int rc;
+
+	*n = 0;
+	while (*n < limit && (rc = sqlite3_step(s)) == SQLITE_ROW)
+		out[(*n)++] = store_row_msg(s);
+	rc = sqlite3_errcode(st->db);
+	sqlite3_reset(s);
+	sqlite3_clear_bindings(s);
+	if (rc != SQLITE_OK && rc != SQLITE_DONE && rc != SQLITE_ROW) {
+		log_error("msg=\"store read failed\" path=%s error=\"%s\"", st->path,
+		    sqlite3_errmsg(st->db));
+		return -1;
+	}
+	return 0;
+}
+
+int
+store_outbox_fetch(struct store *st, int64_t after, int64_t upto, double now,
+    size_t limit, struct msg **out, size_t *n)
+{
+	sqlite3_stmt *s = st->stmt[ST_OUT_FETCH];
+
+	sqlite3_bind_int64(s, 1, after);
+	sqlite3_bind_int64(s, 2, upto);
+	sqlite3_bind_double(s, 3, now);
+	sqlite3_bind_int64(s, 4, (sqlite3_int64)limit);
+	return store_collect(st, s, limit, out, n);
+}
+
+int
+store_outbox_fetch_due(struct store *st, int64_t upto, double now, size_t limit,
+    struct msg **out, size_t *n)
+{
+	sqlite3_stmt *s = st->stmt[ST_OUT_FETCH_DUE];
+
+	sqlite3_bind_double(s, 1, now);
+	sqlite3_bind_int64(s, 2, upto);
+	sqlite3_bind_int64(s, 3, (sqlite3_int64)limit);
+	return store_collect(st, s, limit, out, n);
+}
+
+double
+store_outbox_next_due(struct store *st)
+{
+	sqlite3_stmt *s = st->stmt[ST_OUT_NEXT_DUE];
+	double v = 0;
+
+	if (sqlite3_step(s) == SQLITE_ROW)
+		v = sqlite3_column_double(s, 0);
+	sqlite3_reset(s);
+	return v;
+}
+
+static int
+store_write_seq(struct store *st, sqlite3_stmt *s)
+{
+	if (store_step_done(st, s) < 0) {
+		store_check_tx(st);
+		return -1;
+	}
+	return 0;
+}
+
+int
+store_outbox_done(struct store *st, int64_t seq)
+{
+	sqlite3_stmt *s = st->stmt[ST_OUT_DELETE];
+
+	if (store_begin(st) < 0)
+		return -1;
+	sqlite3_bind_int64(s, 1, seq);
+	if (store_write_seq(st, s) < 0)
+		return -1;
+	if (sqlite3_changes(st->db) > 0)
+		st->tx_count--;
+	return 0;
+}
+
+unsigned
+store_outbox_attempts(struct store *st, int64_t seq)
+{
+	sqlite3_stmt *s = st->stmt[ST_OUT_ATTEMPTS];
+	unsigned v = 0;
+
+	sqlite3_bind_int64(s, 1, seq);
+	if (sqlite3_step(s) == SQLITE_ROW)
+		v = (unsigned)sqlite3_column_int(s, 0);
+	sqlite3_reset(s);
+	return v;
+}
+
+int
+store_outbox_retry(struct store *st, int64_t seq, double due_at, unsigned attempts,
+    const char *error)
+{
+	sqlite3_stmt *s = st->stmt[ST_OUT_RETRY];
+
+	if (store_begin(st) < 0)
+		return -1;
+	sqlite3_bind_double(s, 1, due_at);
+	sqlite3_bind_int(s, 2, (int)attempts);
+	sqlite3_bind_text(s, 3, error, -1, SQLITE_STATIC);
+	sqlite3_bind_int64(s, 4, seq);
+	return store_write_seq(st, s);
+}
+
+int
+store_outbox_clear_due(struct store *st, int64_t seq)
+{
+	sqlite3_stmt *s = st->stmt[ST_OUT_CLEAR_DUE];
+
+	if (store_begin(st) < 0)
+		return -1;
+	sqlite3_bind_int64(s, 1, seq);
+	return store_write_seq(st, s);
+}
+
+int64_t
+store_committed_seq(const struct store *st)
+{
+	return st->committed_seq;
+}
+
+int64_t
+store_outbox_count(const struct store *st)
+{
+	return st->count + st->tx_count;
+}
+
+double
+store_outbox_oldest(struct store *st)
+{
+	sqlite3_stmt *s = st->stmt[ST_OUT_OLDEST];
+	double v = 0;
+
+	if (sqlite3_step(s) == SQLITE_ROW)
+		v = sqlite3_column_double(s, 0);
+	sqlite3_reset(s);
+	return v;
+}
+
+int64_t
+store_bytes(const struct store *st)
+{
+	return st->bytes;
+}
+
+int
+store_writable(const struct store *st)
+{
+	return !st->broken && st->bytes < st->max_bytes;
+}
+
+const char *
+store_path(const struct store *st)
+{
+	return st->path;
+}
+
+int
+store_expire_ids(struct store *st, double before, int batch)
+{
+	sqlite3_stmt *s = st->stmt[ST_ID_EXPIRE];
+
+	if (store_begin(st) < 0)
+		return -1;
+	sqlite3_bind_double(s, 1, before);
+	sqlite3_bind_int(s, 2, batch);
+	if (store_write_seq(st, s) < 0)
+		return -1;
+	return sqlite3_changes(st->db);
+}
+
+int
+store_outbox_list(struct store *st, int64_t after, size_t limit,
+    struct store_row *rows, size_t *n)
+{
+	sqlite3_stmt *s = st->stmt[ST_OUT_LIST];
+	int rc;
+
+	*n = 0;
+	sqlite3_bind_int64(s, 1, after);
+	sqlite3_bind_int64(s, 2, (sqlite3_int64)limit);
+	while (*n < limit && (rc = sqlite3_step(s)) == SQLITE_ROW) {
+		struct store_row *r = &rows[(*n)++];
+		r->seq = sqlite3_column_int64(s, 0);
+		snprintf(r->message_id, sizeof r->message_id, "%s", sqlite3_column_text(s, 1));
+		snprintf(r->exchange, sizeof r->exchange, "%s", sqlite3_column_text(s, 2));
+		snprintf(r->routing_key, sizeof r->routing_key, "%s", sqlite3_column_text(s, 3));
+		r->attempts = (unsigned)sqlite3_column_int(s, 4);
+		r->created_at = sqlite3_column_double(s, 5);
+		r->due_at = sqlite3_column_double(s, 6);
+		snprintf(r->last_error, sizeof r->last_error, "%s", sqlite3_column_text(s, 7));
+		r->body_len = sqlite3_column_int64(s, 8);
+	}
+	rc = sqlite3_errcode(st->db);
+	sqlite3_reset(s);
+	sqlite3_clear_bindings(s);
+	return rc == SQLITE_OK || rc == SQLITE_DONE || rc == SQLITE_ROW ? 0 : -1;
+}

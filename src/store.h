@@ -1,0 +1,88 @@
+/*
+ * The embedded store: one SQLite file in WAL mode holding the outbox and the
+ * ids seen for dedup. Every write joins the current transaction; one commit
+ * (one fsync) at the end of the event-loop turn serves every request of the
+ * turn: group commit. Callbacks registered with store_on_commit() run after
+ * that commit, so an answer that promises durability waits for them.
+ */
+#ifndef SAGAD_STORE_H
+#define SAGAD_STORE_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "props.h"
+
+struct event_base;
+struct store;
+
+#define STORE_SCHEMA_VERSION 1
+
+enum store_put {
+	STORE_PUT_STORED,
+	STORE_PUT_DUPLICATE,
+	STORE_PUT_FULL,		/* max_bytes reached or disk full */
+	STORE_PUT_ERROR
+};
+
+/* ok is 1 when the transaction holding the work committed, 0 if it was lost. */
+typedef void store_done_fn(void *arg, int ok);
+
+struct store_hooks {
+	void (*committed)(void *arg);	/* after every successful commit */
+	void (*rolled_back)(void *arg);	/* a transaction was lost */
+	void *arg;
+};
+
+/* Opens (creating or migrating) the store. On error returns NULL and a
+ * malloc'd message in *err that names the file. */
+struct store *store_open(const char *path, struct event_base *base,
+    int64_t max_bytes, char **err);
+void store_close(struct store *st);
+void store_set_hooks(struct store *st, const struct store_hooks *hooks);
+void store_set_max_bytes(struct store *st, int64_t max_bytes);
+
+/* Run cb after the commit of the current transaction (at once if none). */
+void store_on_commit(struct store *st, store_done_fn *cb, void *arg);
+/* Commit now instead of at the end of the loop turn; returns 0 or -1. */
+int store_flush(struct store *st);
+
+/* Outbox. put assigns m->seq; a message id seen within the dedup window is
+ * a duplicate and stores nothing. */
+enum store_put store_outbox_put(struct store *st, struct msg *m, double now);
+/* Up to limit messages with after < seq <= upto that are due, in order. */
+int store_outbox_fetch(struct store *st, int64_t after, int64_t upto,
+    double now, size_t limit, struct msg **out, size_t *n);
+/* Retries waiting for their time (seq <= upto, due_at in (0, now]). */
+int store_outbox_fetch_due(struct store *st, int64_t upto, double now,
+    size_t limit, struct msg **out, size_t *n);
+double store_outbox_next_due(struct store *st);	/* 0 when none */
+int store_outbox_done(struct store *st, int64_t seq);
+unsigned store_outbox_attempts(struct store *st, int64_t seq);
+int store_outbox_retry(struct store *st, int64_t seq, double due_at,
+    unsigned attempts, const char *error);
+int store_outbox_clear_due(struct store *st, int64_t seq);
+
+/* A listing for operators (no bodies). */
+struct store_row {
+	int64_t seq;
+	char message_id[256], exchange[256], routing_key[256], last_error[64];
+	unsigned attempts;
+	double created_at, due_at;
+	int64_t body_len;
+};
+int store_outbox_list(struct store *st, int64_t after, size_t limit,
+    struct store_row *rows, size_t *n);
+
+/* Figures. committed_seq: the highest outbox seq durable on disk. */
+int64_t store_committed_seq(const struct store *st);
+int64_t store_outbox_count(const struct store *st);
+double store_outbox_oldest(struct store *st);	/* created_at, 0 if empty */
+int64_t store_bytes(const struct store *st);
+int store_writable(const struct store *st);
+const char *store_path(const struct store *st);
+
+/* Forget dedup ids older than now - window, a small batch per call. */
+int store_expire_ids(struct store *st, double before, int batch);
+
+#endif
