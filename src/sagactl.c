@@ -1,1 +1,343 @@
-int main(void){return 0;}
+/* sagactl: the admin CLI, a thin client of sagad's admin API. */
+#include <errno.h>
+#include <getopt.h>
+#include <jansson.h>
+#include <netdb.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/time.h>
+#include <sys/un.h>
+#include <time.h>
+#include <unistd.h>
+
+enum sagactl_exit { SAGACTL_OK = 0, SAGACTL_FAILED = 1, SAGACTL_USAGE = 2 };
+
+struct sagactl {
+	const char *url;	/* http://host:port or unix:/path */
+	char *token;
+	int json;
+	double timeout;
+};
+
+struct reply {
+	int status;
+	char *body;
+	size_t len;
+};
+
+static void
+usage(void)
+{
+	fprintf(stderr,
+	    "usage: sagactl [-s URL] [-t TOKEN_FILE] [--json] COMMAND ...\n"
+	    "commands:\n"
+	    "  status               daemon, broker, store and outbox state\n"
+	    "  outbox [LIMIT]       messages waiting in the outbox\n");
+	exit(SAGACTL_USAGE);
+}
+
+static void
+die(const char *fmt, ...)
+{
+	va_list ap;
+
+	fprintf(stderr, "sagactl: ");
+	va_start(ap, fmt);
+	vfprintf(stderr, fmt, ap);
+	va_end(ap);
+	fprintf(stderr, "\n");
+	exit(SAGACTL_FAILED);
+}
+
+static int
+sagactl_connect(const struct sagactl *c, char *host, size_t hostlen)
+{
+	struct timeval tv = { (time_t)c->timeout, 0 };
+	int fd = -1;
+
+	if (strncmp(c->url, "unix:", 5) == 0) {
+		struct sockaddr_un sun;
+		memset(&sun, 0, sizeof sun);
+		sun.sun_family = AF_UNIX;
+		snprintf(sun.sun_path, sizeof sun.sun_path, "%s", c->url + 5);
+		fd = socket(AF_UNIX, SOCK_STREAM, 0);
+		if (fd < 0 || connect(fd, (struct sockaddr *)&sun, sizeof sun) < 0)
+			die("cannot connect to %s: %s", c->url, strerror(errno));
+		snprintf(host, hostlen, "localhost");
+	} else {
+		const char *h = c->url + (strncmp(c->url, "http://", 7) == 0 ? 7 : 0);
+		char name[300], port[16] = "80";
+		const char *colon, *end = strchr(h, '/');
+		struct addrinfo hints, *ai, *p;
+		size_t n = end ? (size_t)(end - h) : strlen(h);
+
+		snprintf(host, hostlen, "%.*s", (int)n, h);
+		snprintf(name, sizeof name, "%s", host);
+		colon = strrchr(name, ':');
+		if (colon && !strchr(colon, ']')) {
+			snprintf(port, sizeof port, "%s", colon + 1);
+			name[colon - name] = '\0';
+		}
+		if (name[0] == '[') {
+			memmove(name, name + 1, strlen(name));
+			name[strlen(name) - 1] = '\0';
+		}
+		memset(&hints, 0, sizeof hints);
+		hints.ai_socktype = SOCK_STREAM;
+		if (getaddrinfo(name, port, &hints, &ai) != 0)
+			die("cannot resolve %s", c->url);
+		for (p = ai; p; p = p->ai_next) {
+			fd = socket(p->ai_family, SOCK_STREAM, 0);
+			if (fd >= 0 && connect(fd, p->ai_addr, p->ai_addrlen) == 0)
+				break;
+			if (fd >= 0)
+				close(fd);
+			fd = -1;
+		}
+		freeaddrinfo(ai);
+		if (fd < 0)
+			die("cannot connect to %s: %s (is sagad running?)", c->url, strerror(errno));
+	}
+	setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+	setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
+	return fd;
+}
+
+/* HTTP/1.0 with Connection: close: the answer ends where the stream ends. */
+static struct reply
+sagactl_request(const struct sagactl *c, const char *method, const char *path)
+{
+	struct reply r = { 0, NULL, 0 };
+	char host[300], *req, *hdr_end, buf[65536];
+	size_t cap = 0, len = 0;
+	ssize_t n;
+	int fd = sagactl_connect(c, host, sizeof host), reqlen;
+
+	reqlen = asprintf(&req, "%s %s HTTP/1.0\r\nHost: %s\r\n%s%s%sContent-Length: 0\r\n"
+	    "Connection: close\r\n\r\n", method, path, host,
+	    c->token ? "Authorization: Bearer " : "", c->token ? c->token : "",
+	    c->token ? "\r\n" : "");
+	if (reqlen < 0 || write(fd, req, reqlen) != reqlen)
+		die("cannot send the request: %s", strerror(errno));
+	free(req);
+	while ((n = read(fd, buf, sizeof buf)) > 0) {
+		if (len + n + 1 > cap) {
+			cap = (len + n + 1) * 2;
+			r.body = realloc(r.body, cap);
+		}
+		memcpy(r.body + len, buf, n);
+		len += n;
+	}
+	close(fd);
+	if (n < 0)
+		die("no answer from %s: %s", c->url, strerror(errno));
+	if (!r.body || sscanf(r.body, "HTTP/%*d.%*d %d", &r.status) != 1)
+		die("malformed answer from %s", c->url);
+	r.body[len] = '\0';
+	hdr_end = strstr(r.body, "\r\n\r\n");
+	if (!hdr_end)
+		die("malformed answer from %s", c->url);
+	memmove(r.body, hdr_end + 4, len - (hdr_end + 4 - r.body) + 1);
+	r.len = strlen(r.body);
+	return r;
+}
+
+/* GET/POST path and parse JSON; a non-2xx answer is reported and fails. */
+static json_t *
+sagactl_call(const struct sagactl *c, const char *method, const char *path)
+{
+	struct reply r = sagactl_request(c, method, path);
+	json_error_t e;
+	json_t *j = json_loads(r.body, 0, &e);
+
+	if (r.status < 200 || r.status > 299) {
+		const char *msg = j ? json_string_value(json_object_get(j, "message")) : NULL;
+		const char *code = j ? json_string_value(json_object_get(j, "error")) : NULL;
+		fprintf(stderr, "sagactl: %s %s: %d %s%s%s\n", method, path, r.status,
+		    code ? code : "", code ? ": " : "", msg ? msg : r.body);
+		exit(SAGACTL_FAILED);
+	}
+	if (!j)
+		die("%s %s: answer is not JSON: %s", method, path, e.text);
+	free(r.body);
+	return j;
+}
+
+static void
+print_json(json_t *j)
+{
+	char *s = json_dumps(j, JSON_INDENT(2) | JSON_PRESERVE_ORDER);
+	printf("%s\n", s);
+	free(s);
+}
+
+static const char *
+jstr(json_t *o, const char *path)
+{
+	const char *v = json_string_value(json_object_get(o, path));
+	return v ? v : "";
+}
+
+static double
+jnum(json_t *o, const char *key)
+{
+	return json_number_value(json_object_get(o, key));
+}
+
+static void
+fmt_time(double t, char *buf, size_t len)
+{
+	time_t s = (time_t)t;
+	struct tm tm;
+
+	if (t <= 0) {
+		snprintf(buf, len, "-");
+		return;
+	}
+	gmtime_r(&s, &tm);
+	strftime(buf, len, "%Y-%m-%dT%H:%M:%SZ", &tm);
+}
+
+static int
+cmd_status(struct sagactl *c, int argc, char **argv)
+{
+	json_t *j, *b, *s, *o;
+
+	(void)argv;
+	if (argc != 1)
+		usage();
+	j = sagactl_call(c, "GET", "/v1/admin/status");
+	if (c->json) {
+		print_json(j);
+		json_decref(j);
+		return SAGACTL_OK;
+	}
+	b = json_object_get(j, "broker");
+	s = json_object_get(j, "store");
+	o = json_object_get(j, "outbox");
+	printf("service      %s (sagad %s, pid %lld, up %.0fs, %s)\n", jstr(j, "service"),
+	    jstr(j, "version"), (long long)json_integer_value(json_object_get(j, "pid")),
+	    jnum(j, "uptime_seconds"), jstr(j, "state"));
+	printf("broker       %s %s%s%s (reconnects %lld)\n", jstr(b, "link"), jstr(b, "url"),
+	    *jstr(b, "reason") ? ": " : "", jstr(b, "reason"),
+	    (long long)json_integer_value(json_object_get(b, "reconnects")));
+	printf("store        %s %lld/%lld bytes%s\n", jstr(s, "path"),
+	    (long long)json_integer_value(json_object_get(s, "bytes")),
+	    (long long)json_integer_value(json_object_get(s, "max_bytes")),
+	    json_is_true(json_object_get(s, "writable")) ? "" : " NOT WRITABLE");
+	printf("outbox       %lld pending, %lld in flight, oldest %.1fs\n",
+	    (long long)json_integer_value(json_object_get(o, "pending")),
+	    (long long)json_integer_value(json_object_get(o, "inflight")),
+	    jnum(o, "oldest_age_seconds"));
+	printf("published    %lld confirmed, %lld unroutable, %lld nacked\n",
+	    (long long)json_integer_value(json_object_get(o, "published_total")),
+	    (long long)json_integer_value(json_object_get(o, "unroutable_total")),
+	    (long long)json_integer_value(json_object_get(o, "nacked_total")));
+	json_decref(j);
+	return SAGACTL_OK;
+}
+
+static int
+cmd_outbox(struct sagactl *c, int argc, char **argv)
+{
+	char path[128], when[32];
+	json_t *j, *list, *m;
+	long limit = 100;
+	size_t i;
+
+	if (argc > 2)
+		usage();
+	if (argc == 2) {
+		char *end;
+		limit = strtol(argv[1], &end, 10);
+		if (*end || limit < 1)
+			usage();
+	}
+	snprintf(path, sizeof path, "/v1/admin/outbox?limit=%ld", limit);
+	j = sagactl_call(c, "GET", path);
+	if (c->json) {
+		print_json(j);
+		json_decref(j);
+		return SAGACTL_OK;
+	}
+	printf("%lld pending, %lld in flight, oldest %.1fs\n",
+	    (long long)json_integer_value(json_object_get(j, "pending")),
+	    (long long)json_integer_value(json_object_get(j, "inflight")),
+	    jnum(j, "oldest_age_seconds"));
+	list = json_object_get(j, "messages");
+	if (json_array_size(list))
+		printf("%-10s %-38s %-12s %-24s %-8s %-20s %s\n", "SEQ", "MESSAGE-ID",
+		    "EXCHANGE", "ROUTING-KEY", "ATTEMPTS", "CREATED", "LAST-ERROR");
+	json_array_foreach(list, i, m) {
+		fmt_time(jnum(m, "created_at"), when, sizeof when);
+		printf("%-10lld %-38s %-12s %-24s %-8lld %-20s %s\n",
+		    (long long)json_integer_value(json_object_get(m, "seq")),
+		    jstr(m, "message_id"), *jstr(m, "exchange") ? jstr(m, "exchange") : "-",
+		    jstr(m, "routing_key"),
+		    (long long)json_integer_value(json_object_get(m, "attempts")), when,
+		    jstr(m, "last_error"));
+	}
+	json_decref(j);
+	return SAGACTL_OK;
+}
+
+static const struct {
+	const char *name;
+	int (*fn)(struct sagactl *, int, char **);
+} commands[] = {
+	{ "status", cmd_status },
+	{ "outbox", cmd_outbox },
+};
+
+int
+main(int argc, char **argv)
+{
+	static const struct option longopts[] = {
+		{ "json", no_argument, NULL, 'j' },
+		{ "server", required_argument, NULL, 's' },
+		{ "token-file", required_argument, NULL, 't' },
+		{ "help", no_argument, NULL, 'h' },
+		{ NULL, 0, NULL, 0 }
+	};
+	struct sagactl c = { "http://127.0.0.1:7601", NULL, 0, 10 };
+	const char *token_file = getenv("SAGACTL_TOKEN_FILE");
+	size_t i;
+	int ch;
+
+	if (getenv("SAGACTL_URL"))
+		c.url = getenv("SAGACTL_URL");
+	while ((ch = getopt_long(argc, argv, "+s:t:jh", longopts, NULL)) != -1) {
+		switch (ch) {
+		case 's': c.url = optarg; break;
+		case 't': token_file = optarg; break;
+		case 'j': c.json = 1; break;
+		default: usage();
+		}
+	}
+	if (token_file) {
+		FILE *f = fopen(token_file, "r");
+		char buf[4096];
+		size_t n;
+		if (!f)
+			die("cannot read token file %s: %s", token_file, strerror(errno));
+		n = fread(buf, 1, sizeof buf - 1, f);
+		fclose(f);
+		while (n && (buf[n - 1] == '\n' || buf[n - 1] == '\r' || buf[n - 1] == ' '))
+			n--;
+		buf[n] = '\0';
+		c.token = strdup(buf);
+	}
+	argc -= optind;
+	argv += optind;
+	if (argc < 1)
+		usage();
+	for (i = 0; i < sizeof commands / sizeof commands[0]; i++)
+		if (strcmp(commands[i].name, argv[0]) == 0)
+			return commands[i].fn(&c, argc, argv);
+	fprintf(stderr, "sagactl: unknown command '%s'\n", argv[0]);
+	usage();
+	return SAGACTL_USAGE;
+}
