@@ -27,7 +27,35 @@ enum broker_state {
 enum broker_rx {
 	BROKER_RX_IDLE,
 	BROKER_RX_RETURN_HEADER,
-	BROKER_RX_RETURN_BODY
+	BROKER_RX_RETURN_BODY,
+	BROKER_RX_DELIVER_HEADER,
+	BROKER_RX_DELIVER_BODY
+};
+
+enum broker_cmd_kind {
+	BROKER_CMD_PUBLISH,
+	BROKER_CMD_ACK,
+	BROKER_CMD_REJECT,
+	BROKER_CMD_REQUEUE
+};
+
+struct broker_cmd {
+	enum broker_cmd_kind kind;
+	uint64_t epoch;
+	struct msg *msg;	/* PUBLISH */
+	int sub;		/* ACK, REJECT */
+	uint64_t tag;
+};
+
+struct broker_sub {
+	char *queue, *dlq, *queue_type;
+	struct conf_binding *binds;
+	size_t n_binds;
+	int prefetch;
+	int64_t max_bytes;
+	char ctag[300];
+	int want;		/* under lock: the main thread's wish */
+	int consuming;		/* broker thread: basic.consume is active */
 };
 
 struct broker_inflight {
@@ -51,6 +79,10 @@ struct broker {
 	double connect_timeout, reconnect_initial, reconnect_max;
 	struct broker_exchange *exchanges;
 	size_t n_exchanges;
+	struct broker_sub *subs;
+	size_t n_subs;
+
+	enum broker_role role;
 
 	/* Owned by the broker thread. */
 	pthread_t thread;
@@ -63,20 +95,23 @@ struct broker {
 	int blocked;
 	enum broker_rx rx;
 	uint64_t rx_remaining;
+	struct msg *rx_msg;		/* delivery being assembled */
+	int rx_sub, rx_redelivered, rx_drop;
+	size_t rx_have;
 	uint64_t next_tag;		/* next publish sequence number */
 	uint64_t head_tag;		/* tag of ring[head] */
 	struct broker_inflight *ring;
 	size_t ring_cap, ring_head, ring_len;
-	struct msg **pending;		/* taken from the main thread, not yet published */
+	struct broker_cmd *pending;	/* taken from the main thread, not yet done */
 	size_t npending, cappending;
 	struct broker_event *outbuf;	/* events to hand over at the end of a turn */
 	size_t nout, capout;
 
 	/* Shared, under lock. */
 	pthread_mutex_t lock;
-	struct msg **inq;
-	uint64_t *inq_epoch;
+	struct broker_cmd *inq;
 	size_t ninq, capinq;
+	int subs_changed;
 	struct broker_event *outq;
 	size_t noutq, capoutq;
 	int stop;
@@ -103,6 +138,18 @@ static char *
 broker_strdup(const char *s)
 {
 	return s ? strdup(s) : NULL;
+}
+
+static void
+broker_free_binds(struct conf_binding *binds, size_t n)
+{
+	size_t i;
+
+	for (i = 0; i < n; i++) {
+		free(binds[i].exchange);
+		free(binds[i].key);
+	}
+	free(binds);
 }
 
 /* ---- events to the main thread ---- */
@@ -310,6 +357,27 @@ broker_method(struct broker *b, amqp_frame_t *f)
 	case AMQP_BASIC_RETURN_METHOD:
 		b->rx = BROKER_RX_RETURN_HEADER;
 		break;
+	case AMQP_BASIC_DELIVER_METHOD: {
+		amqp_basic_deliver_t *dv = m->decoded;
+		int sub = (int)f->channel - 2;
+		if (sub < 0 || sub >= (int)b->n_subs)
+			break;
+		msg_free(b->rx_msg);
+		b->rx_msg = calloc(1, sizeof *b->rx_msg);
+		b->rx_msg->seq = (int64_t)dv->delivery_tag;
+		b->rx_msg->exchange = strndup(dv->exchange.bytes, dv->exchange.len);
+		b->rx_msg->routing_key = strndup(dv->routing_key.bytes, dv->routing_key.len);
+		b->rx_sub = sub;
+		b->rx_redelivered = dv->redelivered;
+		b->rx = BROKER_RX_DELIVER_HEADER;
+		break;
+	}
+	case AMQP_BASIC_CANCEL_METHOD: {
+		/* The broker cancelled a consumer (queue deleted, node down):
+		 * start again on a fresh connection, which re-declares. */
+		broker_fail(b, "broker cancelled a consumer", 1);
+		break;
+	}
 	case AMQP_CONNECTION_BLOCKED_METHOD: {
 		amqp_connection_blocked_t *bl = m->decoded;
 		b->blocked = 1;
@@ -345,6 +413,135 @@ broker_method(struct broker *b, amqp_frame_t *f)
 	}
 }
 
+static char *
+broker_bytes_dup(amqp_bytes_t v)
+{
+	return strndup(v.bytes ? v.bytes : "", v.len);
+}
+
+/* AMQP header values are typed; the service sees them as text. Nested
+ * tables and arrays (x-death) are summarised. */
+static char *
+broker_field_text(const amqp_field_value_t *v)
+{
+	char buf[64];
+
+	switch (v->kind) {
+	case AMQP_FIELD_KIND_UTF8:
+	case AMQP_FIELD_KIND_BYTES:
+		return broker_bytes_dup(v->value.bytes);
+	case AMQP_FIELD_KIND_BOOLEAN:
+		return strdup(v->value.boolean ? "true" : "false");
+	case AMQP_FIELD_KIND_I8: snprintf(buf, sizeof buf, "%d", v->value.i8); break;
+	case AMQP_FIELD_KIND_U8: snprintf(buf, sizeof buf, "%u", v->value.u8); break;
+	case AMQP_FIELD_KIND_I16: snprintf(buf, sizeof buf, "%d", v->value.i16); break;
+	case AMQP_FIELD_KIND_U16: snprintf(buf, sizeof buf, "%u", v->value.u16); break;
+	case AMQP_FIELD_KIND_I32: snprintf(buf, sizeof buf, "%d", v->value.i32); break;
+	case AMQP_FIELD_KIND_U32: snprintf(buf, sizeof buf, "%u", v->value.u32); break;
+	case AMQP_FIELD_KIND_I64: snprintf(buf, sizeof buf, "%lld", (long long)v->value.i64); break;
+	case AMQP_FIELD_KIND_U64:
+	case AMQP_FIELD_KIND_TIMESTAMP:
+		snprintf(buf, sizeof buf, "%llu", (unsigned long long)v->value.u64); break;
+	case AMQP_FIELD_KIND_F32: snprintf(buf, sizeof buf, "%g", v->value.f32); break;
+	case AMQP_FIELD_KIND_F64: snprintf(buf, sizeof buf, "%g", v->value.f64); break;
+	case AMQP_FIELD_KIND_DECIMAL:
+		snprintf(buf, sizeof buf, "%uE-%u", v->value.decimal.value, v->value.decimal.decimals);
+		break;
+	case AMQP_FIELD_KIND_ARRAY:
+		snprintf(buf, sizeof buf, "(array of %d)", v->value.array.num_entries);
+		break;
+	case AMQP_FIELD_KIND_TABLE:
+		snprintf(buf, sizeof buf, "(table of %d)", v->value.table.num_entries);
+		break;
+	default:
+		buf[0] = '\0';
+		break;
+	}
+	return strdup(buf);
+}
+
+static void
+broker_delivery_done(struct broker *b)
+{
+	struct broker_event *ev;
+
+	if (b->rx_drop) {
+		/* Over the subscription's size limit: never buffered, straight
+		 * to the dead-letter queue through the queue's own setup. */
+		log_warn("msg=\"message too large, dead-lettered\" queue=%s bytes=%zu",
+		    b->subs[b->rx_sub].queue, b->rx_have);
+		amqp_basic_reject(b->conn, 2 + b->rx_sub, (uint64_t)b->rx_msg->seq, 0);
+		broker_post(b, BROKER_EV_TOO_LARGE, 0, 0, NULL);
+		b->outbuf[b->nout - 1].sub = b->rx_sub;
+		msg_free(b->rx_msg);
+	} else {
+		broker_post(b, BROKER_EV_DELIVERY, b->rx_msg->seq, 0, NULL);
+		ev = &b->outbuf[b->nout - 1];
+		ev->msg = b->rx_msg;
+		ev->sub = b->rx_sub;
+		ev->redelivered = b->rx_redelivered;
+	}
+	b->rx_msg = NULL;
+	b->rx = BROKER_RX_IDLE;
+}
+
+static void
+broker_delivery_header(struct broker *b, const amqp_basic_properties_t *p,
+    uint64_t size)
+{
+	struct msg *m = b->rx_msg;
+	int i;
+
+	if (p->_flags & AMQP_BASIC_MESSAGE_ID_FLAG)
+		m->message_id = broker_bytes_dup(p->message_id);
+	if (p->_flags & AMQP_BASIC_CONTENT_TYPE_FLAG)
+		m->props.content_type = broker_bytes_dup(p->content_type);
+	if (p->_flags & AMQP_BASIC_CORRELATION_ID_FLAG)
+		m->props.correlation_id = broker_bytes_dup(p->correlation_id);
+	if (p->_flags & AMQP_BASIC_TYPE_FLAG)
+		m->props.type = broker_bytes_dup(p->type);
+	if (p->_flags & AMQP_BASIC_REPLY_TO_FLAG)
+		m->props.reply_to = broker_bytes_dup(p->reply_to);
+	if (p->_flags & AMQP_BASIC_EXPIRATION_FLAG)
+		m->props.expiration = broker_bytes_dup(p->expiration);
+	if (p->_flags & AMQP_BASIC_TIMESTAMP_FLAG)
+		m->created_at = (double)p->timestamp;
+	if (p->_flags & AMQP_BASIC_HEADERS_FLAG)
+		for (i = 0; i < p->headers.num_entries; i++) {
+			char *k = broker_bytes_dup(p->headers.entries[i].key);
+			char *v = broker_field_text(&p->headers.entries[i].value);
+			if (*k)
+				props_set_header(&m->props, k, v);
+			free(k);
+			free(v);
+		}
+	b->rx_have = 0;
+	b->rx_remaining = size;
+	b->rx_drop = size > (uint64_t)b->subs[b->rx_sub].max_bytes;
+	if (!b->rx_drop)
+		m->body = malloc(size ? size : 1);
+	m->body_len = 0;
+	if (size == 0)
+		broker_delivery_done(b);
+	else
+		b->rx = BROKER_RX_DELIVER_BODY;
+}
+
+static void
+broker_delivery_body(struct broker *b, const amqp_bytes_t *frag)
+{
+	size_t n = frag->len < b->rx_remaining ? frag->len : b->rx_remaining;
+
+	if (!b->rx_drop)
+		memcpy(b->rx_msg->body + b->rx_have, frag->bytes, n);
+	b->rx_have += n;
+	b->rx_remaining -= n;
+	if (!b->rx_drop)
+		b->rx_msg->body_len = b->rx_have;
+	if (!b->rx_remaining)
+		broker_delivery_done(b);
+}
+
 static void
 broker_frame(struct broker *b, amqp_frame_t *f)
 {
@@ -353,6 +550,11 @@ broker_frame(struct broker *b, amqp_frame_t *f)
 		broker_method(b, f);
 		break;
 	case AMQP_FRAME_HEADER:
+		if (b->rx == BROKER_RX_DELIVER_HEADER) {
+			broker_delivery_header(b, f->payload.properties.decoded,
+			    f->payload.properties.body_size);
+			break;
+		}
 		if (b->rx == BROKER_RX_RETURN_HEADER) {
 			amqp_basic_properties_t *p = f->payload.properties.decoded;
 			if (p->_flags & AMQP_BASIC_MESSAGE_ID_FLAG)
@@ -362,6 +564,10 @@ broker_frame(struct broker *b, amqp_frame_t *f)
 		}
 		break;
 	case AMQP_FRAME_BODY:
+		if (b->rx == BROKER_RX_DELIVER_BODY) {
+			broker_delivery_body(b, &f->payload.body_fragment);
+			break;
+		}
 		if (b->rx == BROKER_RX_RETURN_BODY) {
 			size_t n = f->payload.body_fragment.len;
 			b->rx_remaining = n >= b->rx_remaining ? 0 : b->rx_remaining - n;
@@ -486,16 +692,26 @@ broker_publish_one(struct broker *b, struct msg *m)
 }
 
 static void
+broker_pending_clear(struct broker *b)
+{
+	size_t i;
+
+	for (i = 0; i < b->npending; i++)
+		msg_free(b->pending[i].msg);
+	b->npending = 0;
+}
+
+/* Take the main thread's commands. One meant for an earlier connection is
+ * void: the relay rewinds and republishes, the broker redelivers. */
+static void
 broker_take_queue(struct broker *b)
 {
 	size_t i;
 
 	pthread_mutex_lock(&b->lock);
 	for (i = 0; i < b->ninq; i++) {
-		/* A message meant for an earlier connection was already
-		 * rewound by the relay: publishing it now would reorder. */
-		if (b->inq_epoch[i] != b->epoch || b->state != BROKER_ST_UP) {
-			msg_free(b->inq[i]);
+		if (b->inq[i].epoch != b->epoch || b->state != BROKER_ST_UP) {
+			msg_free(b->inq[i].msg);
 			continue;
 		}
 		if (b->npending == b->cappending) {
@@ -508,18 +724,27 @@ broker_take_queue(struct broker *b)
 	pthread_mutex_unlock(&b->lock);
 }
 
-static void
-broker_pending_clear(struct broker *b)
+static int
+broker_settle(struct broker *b, const struct broker_cmd *c)
 {
-	size_t i;
+	int rc;
 
-	for (i = 0; i < b->npending; i++)
-		msg_free(b->pending[i]);
-	b->npending = 0;
+	if (c->kind == BROKER_CMD_ACK)
+		rc = amqp_basic_ack(b->conn, 2 + c->sub, c->tag, 0);
+	else
+		rc = amqp_basic_reject(b->conn, 2 + c->sub, c->tag,
+		    c->kind == BROKER_CMD_REQUEUE);
+	if (rc != AMQP_STATUS_OK) {
+		char why[160];
+		snprintf(why, sizeof why, "ack: %s", amqp_error_string2(rc));
+		broker_fail(b, why, 0);
+		return -1;
+	}
+	return 0;
 }
 
 static void
-broker_publish_pending(struct broker *b)
+broker_do_pending(struct broker *b)
 {
 	size_t i;
 
@@ -532,14 +757,47 @@ broker_publish_pending(struct broker *b)
 	if (broker_drain(b) < 0)
 		return;
 	for (i = 0; i < b->npending && b->state == BROKER_ST_UP; i++) {
-		if (broker_publish_one(b, b->pending[i]) < 0)
+		struct broker_cmd *c = &b->pending[i];
+		int rc = c->kind == BROKER_CMD_PUBLISH ?
+		    broker_publish_one(b, c->msg) : broker_settle(b, c);
+		if (rc < 0)
 			break;
-		msg_free(b->pending[i]);
-		b->pending[i] = NULL;
+		msg_free(c->msg);
+		c->msg = NULL;
 	}
 	if (b->state == BROKER_ST_UP) {
 		b->npending = 0;
 		broker_drain(b);
+	}
+}
+
+/* basic.consume / basic.cancel as the main thread wishes. */
+static void
+broker_apply_consume(struct broker *b)
+{
+	size_t i;
+
+	for (i = 0; i < b->n_subs && b->state == BROKER_ST_UP; i++) {
+		struct broker_sub *s = &b->subs[i];
+		int want;
+
+		pthread_mutex_lock(&b->lock);
+		want = s->want;
+		pthread_mutex_unlock(&b->lock);
+		if (want == s->consuming)
+			continue;
+		if (want) {
+			amqp_basic_consume(b->conn, 2 + i, amqp_cstring_bytes(s->queue),
+			    amqp_cstring_bytes(s->ctag), 0, 0, 0, amqp_empty_table);
+			if (broker_reply_ok(b, "basic.consume") < 0)
+				return;
+		} else {
+			amqp_basic_cancel(b->conn, 2 + i, amqp_cstring_bytes(s->ctag));
+			if (broker_reply_ok(b, "basic.cancel") < 0)
+				return;
+		}
+		s->consuming = want;
+		log_debug("msg=\"consumer %s\" queue=%s", want ? "started" : "paused", s->queue);
 	}
 }
 
@@ -564,7 +822,13 @@ broker_wake_cb(evutil_socket_t fd, short what, void *arg)
 		broker_post_flush(b);
 		return;
 	}
-	broker_publish_pending(b);
+	if (b->subs_changed) {
+		pthread_mutex_lock(&b->lock);
+		b->subs_changed = 0;
+		pthread_mutex_unlock(&b->lock);
+		broker_apply_consume(b);
+	}
+	broker_do_pending(b);
 	broker_post_flush(b);
 }
 
@@ -576,7 +840,13 @@ broker_read_cb(evutil_socket_t fd, short what, void *arg)
 	(void)fd;
 	(void)what;
 	if (broker_drain(b) == 0 && b->npending && !b->blocked)
-		broker_publish_pending(b);
+		if (b->subs_changed) {
+		pthread_mutex_lock(&b->lock);
+		b->subs_changed = 0;
+		pthread_mutex_unlock(&b->lock);
+		broker_apply_consume(b);
+	}
+	broker_do_pending(b);
 	broker_post_flush(b);
 }
 
@@ -625,8 +895,12 @@ broker_fail(struct broker *b, const char *why, int graceful)
 	b->state = BROKER_ST_DOWN;
 	b->blocked = 0;
 	b->rx = BROKER_RX_IDLE;
+	msg_free(b->rx_msg);
+	b->rx_msg = NULL;
 	broker_ring_clear(b);
 	broker_pending_clear(b);
+	for (size_t i = 0; i < b->n_subs; i++)
+		b->subs[i].consuming = 0;
 	if (strcmp(why, "stopping") != 0) {
 		log_warn("msg=\"broker connection lost\" reason=\"%s\"", why);
 		broker_post(b, BROKER_EV_DOWN, 0, 0, why);
@@ -691,6 +965,64 @@ broker_socket(struct broker *b, char *why, size_t whylen)
 	return s;
 }
 
+static void
+broker_queue_args(struct broker_sub *s, const char *dlq, amqp_table_entry_t *e,
+    amqp_table_t *t)
+{
+	t->num_entries = 0;
+	t->entries = e;
+	e[t->num_entries].key = amqp_cstring_bytes("x-queue-type");
+	e[t->num_entries].value.kind = AMQP_FIELD_KIND_UTF8;
+	e[t->num_entries++].value.value.bytes = amqp_cstring_bytes(s->queue_type);
+	if (!dlq)
+		return;
+	/* Dead-lettering through the default exchange straight to <queue>.dlq
+	 * works on quorum and classic queues alike; sagad uses it for what it
+	 * cannot even store (too large) — everything else it dead-letters
+	 * itself, with reason headers. */
+	e[t->num_entries].key = amqp_cstring_bytes("x-dead-letter-exchange");
+	e[t->num_entries].value.kind = AMQP_FIELD_KIND_UTF8;
+	e[t->num_entries++].value.value.bytes = amqp_cstring_bytes("");
+	e[t->num_entries].key = amqp_cstring_bytes("x-dead-letter-routing-key");
+	e[t->num_entries].value.kind = AMQP_FIELD_KIND_UTF8;
+	e[t->num_entries++].value.value.bytes = amqp_cstring_bytes(dlq);
+}
+
+/* Channel 2 + i belongs to subscription i: its dead-letter queue, queue,
+ * bindings and prefetch. */
+static int
+broker_declare_sub(struct broker *b, int i)
+{
+	struct broker_sub *s = &b->subs[i];
+	amqp_channel_t ch = 2 + i;
+	amqp_table_entry_t e[4];
+	amqp_table_t args;
+	size_t j;
+
+	amqp_channel_open(b->conn, ch);
+	if (broker_reply_ok(b, "channel.open") < 0)
+		return -1;
+	broker_queue_args(s, NULL, e, &args);
+	amqp_queue_declare(b->conn, ch, amqp_cstring_bytes(s->dlq), 0, 1, 0, 0, args);
+	if (broker_reply_ok(b, "queue.declare (dead letters)") < 0)
+		return -1;
+	broker_queue_args(s, s->dlq, e, &args);
+	amqp_queue_declare(b->conn, ch, amqp_cstring_bytes(s->queue), 0, 1, 0, 0, args);
+	if (broker_reply_ok(b, "queue.declare") < 0)
+		return -1;
+	for (j = 0; j < s->n_binds; j++) {
+		amqp_queue_bind(b->conn, ch, amqp_cstring_bytes(s->queue),
+		    amqp_cstring_bytes(s->binds[j].exchange),
+		    amqp_cstring_bytes(s->binds[j].key), amqp_empty_table);
+		if (broker_reply_ok(b, "queue.bind") < 0)
+			return -1;
+	}
+	amqp_basic_qos(b->conn, ch, 0, (uint16_t)s->prefetch, 0);
+	if (broker_reply_ok(b, "basic.qos") < 0)
+		return -1;
+	return 0;
+}
+
 /* Connect, log in, open the channel, declare, confirm.select. Blocking with
  * bounded timeouts: this thread has nothing else to do meanwhile. */
 static int
@@ -739,6 +1071,12 @@ broker_connect(struct broker *b, char *why, size_t whylen)
 		if (broker_reply_ok(b, "exchange.declare") < 0)
 			return -2;
 	}
+	if (b->role == BROKER_ROLE_CONSUME) {
+		for (i = 0; i < b->n_subs; i++)
+			if (broker_declare_sub(b, (int)i) < 0)
+				return -2;
+		return 0;
+	}
 	amqp_confirm_select(b->conn, BROKER_CHANNEL);
 	if (broker_reply_ok(b, "confirm.select") < 0)
 		return -2;
@@ -781,6 +1119,7 @@ broker_connect_cb(evutil_socket_t fd, short what, void *arg)
 	log_info("msg=\"broker connected\" host=%s port=%d vhost=%s exchanges=%zu epoch=%llu",
 	    b->host, b->port, b->vhost, b->n_exchanges, (unsigned long long)b->epoch);
 	broker_post(b, BROKER_EV_UP, 0, 0, NULL);
+	broker_apply_consume(b);
 	broker_post_flush(b);
 }
 
@@ -793,9 +1132,38 @@ broker_main(void *arg)
 	return NULL;
 }
 
+static void
+broker_copy_subs(struct broker *b, const struct sagad_conf *c)
+{
+	size_t i, j;
+
+	b->n_subs = c->n_subs;
+	b->subs = calloc(c->n_subs + 1, sizeof *b->subs);
+	for (i = 0; i < c->n_subs; i++) {
+		const struct conf_subscription *cs = &c->subs[i];
+		struct broker_sub *s = &b->subs[i];
+		s->queue = strdup(cs->queue);
+		if (asprintf(&s->dlq, "%s.dlq", cs->queue) < 0)
+			s->dlq = NULL;
+		s->queue_type = strdup(cs->queue_type);
+		s->n_binds = cs->n_binds;
+		s->binds = calloc(cs->n_binds + 1, sizeof *s->binds);
+		for (j = 0; j < cs->n_binds; j++) {
+			s->binds[j].exchange = strdup(cs->binds[j].exchange);
+			s->binds[j].key = strdup(cs->binds[j].key);
+		}
+		/* The prefetch follows concurrency: the broker sends no more
+		 * than the service can take at once, plus the same again to
+		 * keep the pipe full. */
+		s->prefetch = cs->concurrency * 2 > 65535 ? 65535 : cs->concurrency * 2;
+		s->max_bytes = cs->max_message_bytes;
+		snprintf(s->ctag, sizeof s->ctag, "sagad.%s.%s", c->service, cs->name);
+	}
+}
+
 struct broker *
 broker_new(struct event_base *main_base, const struct sagad_conf *c,
-    broker_event_fn *fn, void *arg)
+    enum broker_role role, broker_event_fn *fn, void *arg)
 {
 	struct broker *b = calloc(1, sizeof *b);
 	struct timeval hb;
@@ -816,8 +1184,12 @@ broker_new(struct event_base *main_base, const struct sagad_conf *c,
 	b->reconnect_initial = c->broker.reconnect_initial;
 	b->reconnect_max = c->broker.reconnect_max;
 	b->app_id = strdup(c->service);
-	if (asprintf(&b->conn_name, "sagad %s", c->service) < 0)
+	b->role = role;
+	if (asprintf(&b->conn_name, "sagad %s %s", c->service,
+	    role == BROKER_ROLE_PUBLISH ? "publish" : "consume") < 0)
 		b->conn_name = strdup("sagad");
+	if (role == BROKER_ROLE_CONSUME)
+		broker_copy_subs(b, c);
 	b->n_exchanges = c->n_exchanges;
 	b->exchanges = calloc(c->n_exchanges + 1, sizeof *b->exchanges);
 	for (i = 0; i < c->n_exchanges; i++) {
@@ -845,18 +1217,54 @@ broker_start(struct broker *b)
 	return pthread_create(&b->thread, NULL, broker_main, b) == 0 ? 0 : -1;
 }
 
-void
-broker_publish(struct broker *b, uint64_t epoch, struct msg *m)
+static void
+broker_push(struct broker *b, const struct broker_cmd *c)
 {
 	pthread_mutex_lock(&b->lock);
 	if (b->ninq == b->capinq) {
 		b->capinq = b->capinq ? b->capinq * 2 : 1024;
 		b->inq = realloc(b->inq, b->capinq * sizeof *b->inq);
-		b->inq_epoch = realloc(b->inq_epoch, b->capinq * sizeof *b->inq_epoch);
 	}
-	b->inq[b->ninq] = m;
-	b->inq_epoch[b->ninq] = epoch;
-	b->ninq++;
+	b->inq[b->ninq++] = *c;
+	pthread_mutex_unlock(&b->lock);
+}
+
+void
+broker_publish(struct broker *b, uint64_t epoch, struct msg *m)
+{
+	struct broker_cmd c = { BROKER_CMD_PUBLISH, epoch, m, 0, 0 };
+	broker_push(b, &c);
+}
+
+void
+broker_ack(struct broker *b, uint64_t epoch, int sub, uint64_t tag)
+{
+	struct broker_cmd c = { BROKER_CMD_ACK, epoch, NULL, sub, tag };
+	broker_push(b, &c);
+}
+
+void
+broker_reject(struct broker *b, uint64_t epoch, int sub, uint64_t tag)
+{
+	struct broker_cmd c = { BROKER_CMD_REJECT, epoch, NULL, sub, tag };
+	broker_push(b, &c);
+}
+
+void
+broker_requeue(struct broker *b, uint64_t epoch, int sub, uint64_t tag)
+{
+	struct broker_cmd c = { BROKER_CMD_REQUEUE, epoch, NULL, sub, tag };
+	broker_push(b, &c);
+}
+
+void
+broker_consume(struct broker *b, int sub, int on)
+{
+	pthread_mutex_lock(&b->lock);
+	if (b->subs[sub].want != on) {
+		b->subs[sub].want = on;
+		b->subs_changed = 1;
+	}
 	pthread_mutex_unlock(&b->lock);
 }
 
@@ -880,9 +1288,16 @@ broker_free(struct broker *b)
 	pthread_join(b->thread, NULL);
 	broker_pending_clear(b);
 	for (i = 0; i < b->ninq; i++)
-		msg_free(b->inq[i]);
+		msg_free(b->inq[i].msg);
 	free(b->inq);
-	free(b->inq_epoch);
+	msg_free(b->rx_msg);
+	for (i = 0; i < b->n_subs; i++) {
+		free(b->subs[i].queue);
+		free(b->subs[i].dlq);
+		free(b->subs[i].queue_type);
+		broker_free_binds(b->subs[i].binds, b->subs[i].n_binds);
+	}
+	free(b->subs);
 	free(b->outq);
 	free(b->outbuf);
 	free(b->pending);

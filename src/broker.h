@@ -22,7 +22,9 @@ enum broker_event_kind {
 	BROKER_EV_NACK,		/* the broker refused it */
 	BROKER_EV_RETURNED,	/* unroutable: returned, then acked */
 	BROKER_EV_BLOCKED,	/* connection.blocked: resource alarm */
-	BROKER_EV_UNBLOCKED
+	BROKER_EV_UNBLOCKED,
+	BROKER_EV_DELIVERY,	/* a consumed message: msg, sub */
+	BROKER_EV_TOO_LARGE	/* a consumed message over the limit, dead-lettered */
 };
 
 struct broker_event {
@@ -31,12 +33,24 @@ struct broker_event {
 	int64_t seq;		/* the message's outbox seq, for confirms */
 	double latency;		/* publish -> confirm, seconds */
 	char reason[160];	/* for DOWN, BLOCKED */
+	struct msg *msg;	/* DELIVERY: owned by the receiver; seq = delivery tag */
+	int sub;		/* DELIVERY: subscription index */
+	int redelivered;
 };
 
 typedef void broker_event_fn(void *arg, const struct broker_event *ev);
 
+/* Publishing and consuming use separate connections: a connection.blocked
+ * (resource alarm) stops the publisher's socket, and acks of consumed
+ * messages must not wait behind it. */
+enum broker_role {
+	BROKER_ROLE_PUBLISH,	/* exchanges, confirms, mandatory publishes */
+	BROKER_ROLE_CONSUME	/* the subscriptions' queues, bindings, consumers */
+};
+
 struct broker *broker_new(struct event_base *main_base,
-    const struct sagad_conf *conf, broker_event_fn *fn, void *arg);
+    const struct sagad_conf *conf, enum broker_role role,
+    broker_event_fn *fn, void *arg);
 int broker_start(struct broker *b);
 /* Close the connection and join the thread. */
 void broker_free(struct broker *b);
@@ -45,7 +59,16 @@ void broker_free(struct broker *b);
  * the broker takes ownership. A message for an older epoch is dropped:
  * the relay republishes it after the next UP. */
 void broker_publish(struct broker *b, uint64_t epoch, struct msg *m);
-/* Wake the broker thread after a batch of broker_publish calls. */
+/* Settle a consumed message of connection epoch: ack, or reject without
+ * requeue (the queue's dead-letter setup takes it). */
+void broker_ack(struct broker *b, uint64_t epoch, int sub, uint64_t tag);
+void broker_reject(struct broker *b, uint64_t epoch, int sub, uint64_t tag);
+/* Give a consumed message back to the queue (it could not be stored). */
+void broker_requeue(struct broker *b, uint64_t epoch, int sub, uint64_t tag);
+/* Take deliveries for subscription sub, or stop (basic.cancel): the local
+ * backlog is full or the service is failing. Kept across reconnects. */
+void broker_consume(struct broker *b, int sub, int on);
+/* Wake the broker thread after a batch of the calls above. */
 void broker_kick(struct broker *b);
 
 #endif

@@ -93,6 +93,8 @@ conf_err(struct conf_ctx *ctx, const config_setting_t *s, const char *fmt, ...)
 }
 
 static void conf_exchanges(struct conf_ctx *, config_setting_t *, void *);
+static void conf_subscriptions(struct conf_ctx *, config_setting_t *, void *);
+static void conf_binds(struct conf_ctx *, config_setting_t *, void *);
 
 #define B(f) offsetof(struct sagad_conf, broker.f)
 static const struct conf_key conf_tls_keys[] = {
@@ -142,6 +144,26 @@ static const struct conf_key conf_outbox_keys[] = {
 	{ NULL, 0, 0, 0, 0, NULL, NULL }
 };
 #undef O
+#define U(f) offsetof(struct conf_subscription, f)
+static const struct conf_key conf_sub_keys[] = {
+	{ "name", CONF_STR, U(name), 0, 0, NULL, NULL },
+	{ "queue", CONF_STR, U(queue), 0, 0, NULL, NULL },
+	{ "queue_type", CONF_STR, U(queue_type), 0, 0, NULL, NULL },
+	{ "bind", CONF_CUSTOM, 0, 0, 0, NULL, conf_binds },
+	{ "deliver", CONF_STR, U(deliver), 0, 0, NULL, NULL },
+	{ "concurrency", CONF_INT, U(concurrency), 1, 1024, NULL, NULL },
+	{ "max_pending", CONF_INT, U(max_pending), 1, 65535, NULL, NULL },
+	{ "ordered", CONF_BOOL, U(ordered), 0, 0, NULL, NULL },
+	{ "timeout", CONF_DUR, U(timeout), 0.01, 3600, NULL, NULL },
+	{ "max_attempts", CONF_INT, U(max_attempts), 1, 1000000, NULL, NULL },
+	{ "retry_initial", CONF_DUR, U(retry_initial), 0.001, 86400, NULL, NULL },
+	{ "retry_max", CONF_DUR, U(retry_max), 0.001, 86400, NULL, NULL },
+	{ "circuit_failures", CONF_INT, U(circuit_failures), 1, 1000000, NULL, NULL },
+	{ "circuit_open", CONF_DUR, U(circuit_open), 0.01, 3600, NULL, NULL },
+	{ "max_message_bytes", CONF_SIZE, U(max_message_bytes), 1, 134217728, NULL, NULL },
+	{ NULL, 0, 0, 0, 0, NULL, NULL }
+};
+#undef U
 #define T(f) offsetof(struct sagad_conf, f)
 static const struct conf_key conf_top_keys[] = {
 	{ "service", CONF_STR, T(service), 0, 0, NULL, NULL },
@@ -152,6 +174,7 @@ static const struct conf_key conf_top_keys[] = {
 	{ "api", CONF_GROUP, 0, 0, 0, conf_api_keys, NULL },
 	{ "outbox", CONF_GROUP, 0, 0, 0, conf_outbox_keys, NULL },
 	{ "exchanges", CONF_CUSTOM, 0, 0, 0, NULL, conf_exchanges },
+	{ "subscriptions", CONF_CUSTOM, 0, 0, 0, NULL, conf_subscriptions },
 	{ NULL, 0, 0, 0, 0, NULL, NULL }
 };
 #undef T
@@ -355,6 +378,141 @@ conf_exchanges(struct conf_ctx *ctx, config_setting_t *list, void *base)
 	}
 }
 
+/* "exchange:key" -> binding; the key may be empty (fanout). */
+static int
+conf_split_binding(const char *v, struct conf_binding *b)
+{
+	const char *colon = strchr(v, ':');
+
+	if (!colon || colon == v)
+		return -1;
+	b->exchange = strndup(v, colon - v);
+	b->key = strdup(colon + 1);
+	if (!util_valid_exchange(b->exchange) || !util_valid_shortstr(b->key, 255)) {
+		free(b->exchange);
+		free(b->key);
+		return -1;
+	}
+	return 0;
+}
+
+static void
+conf_binds(struct conf_ctx *ctx, config_setting_t *list, void *base)
+{
+	struct conf_subscription *sub = base;
+	int i, n;
+
+	if (!config_setting_is_array(list) && !config_setting_is_list(list)) {
+		conf_err(ctx, list, "'bind' must be a list of \"exchange:binding-key\" strings");
+		return;
+	}
+	n = config_setting_length(list);
+	sub->binds = calloc(n ? n : 1, sizeof *sub->binds);
+	for (i = 0; i < n; i++) {
+		config_setting_t *e = config_setting_get_elem(list, i);
+		const char *v = config_setting_get_string(e);
+		if (!v || conf_split_binding(v, &sub->binds[sub->n_binds]) < 0) {
+			conf_err(ctx, e, "bad binding '%s': want \"exchange:binding-key\"", v ? v : "(not a string)");
+			continue;
+		}
+		sub->n_binds++;
+	}
+}
+
+static void
+conf_sub_defaults(struct conf_subscription *s)
+{
+	s->queue_type = strdup("quorum");
+	s->concurrency = 16;
+	s->timeout = 10;
+	s->max_attempts = 5;
+	s->retry_initial = 1;
+	s->retry_max = 60;
+	s->circuit_failures = 5;
+	s->circuit_open = 5;
+	s->max_message_bytes = 16777216;
+}
+
+static void
+conf_subscriptions(struct conf_ctx *ctx, config_setting_t *list, void *base)
+{
+	struct sagad_conf *conf = base;
+	int i, n;
+
+	if (!config_setting_is_list(list)) {
+		conf_err(ctx, list, "'subscriptions' must be a list ( { name = ...; }, ... )");
+		return;
+	}
+	n = config_setting_length(list);
+	conf->subs = calloc(n ? n : 1, sizeof *conf->subs);
+	for (i = 0; i < n; i++) {
+		config_setting_t *e = config_setting_get_elem(list, i);
+		struct conf_subscription *s = &conf->subs[conf->n_subs++];
+
+		conf_sub_defaults(s);
+		s->line = config_setting_source_line(e);
+		if (!config_setting_is_group(e)) {
+			conf_err(ctx, e, "each subscription must be a group { name = ...; }");
+			continue;
+		}
+		conf_walk(ctx, e, conf_sub_keys, s, "subscription");
+		if (!s->name) {
+			conf_err(ctx, e, "subscription without a 'name'");
+			continue;
+		}
+	}
+}
+
+static int
+conf_bound_exchange_ok(const struct sagad_conf *c, const char *ex)
+{
+	return conf_exchange(c, ex) || strncmp(ex, "amq.", 4) == 0;
+}
+
+/* Checks that need the whole file: names, exchanges, defaults that depend
+ * on other keys. */
+static void
+conf_check_subs(struct conf_ctx *ctx, config_t *cfg, struct sagad_conf *c)
+{
+	config_setting_t *list = config_lookup(cfg, "subscriptions");
+	size_t i, j;
+
+	for (i = 0; i < c->n_subs; i++) {
+		struct conf_subscription *s = &c->subs[i];
+		config_setting_t *e = list ? config_setting_get_elem(list, i) : NULL;
+
+		if (!s->name)
+			continue;
+		if (!util_valid_exchange(s->name))
+			conf_err(ctx, e, "subscription name '%s' must be 1-255 of A-Z a-z 0-9 - _ . :", s->name);
+		for (j = 0; j < i; j++)
+			if (c->subs[j].name && strcmp(c->subs[j].name, s->name) == 0)
+				conf_err(ctx, e, "subscription '%s' is defined twice", s->name);
+		if (!s->queue && c->service &&
+		    asprintf(&s->queue, "%s.%s", c->service, s->name) < 0)
+			s->queue = NULL;
+		if (s->queue && (!*s->queue || strlen(s->queue) > 250 ||
+		    !util_valid_shortstr(s->queue, 250)))
+			conf_err(ctx, e, "subscription '%s': bad queue name", s->name);
+		if (strcmp(s->queue_type, "quorum") != 0 && strcmp(s->queue_type, "classic") != 0)
+			conf_err(ctx, e, "subscription '%s': queue_type must be quorum or classic", s->name);
+		if (!s->deliver)
+			conf_err(ctx, e, "subscription '%s' needs 'deliver' (http://host:port/path)", s->name);
+		else if (strncmp(s->deliver, "http://", 7) != 0 || strlen(s->deliver) < 8)
+			conf_err(ctx, e, "subscription '%s': deliver must be an http:// URL", s->name);
+		if (s->n_binds == 0)
+			conf_err(ctx, e, "subscription '%s' needs at least one 'bind'", s->name);
+		for (j = 0; j < s->n_binds; j++)
+			if (!conf_bound_exchange_ok(c, s->binds[j].exchange))
+				conf_err(ctx, e, "subscription '%s' binds to exchange '%s', which is not in 'exchanges'",
+				    s->name, s->binds[j].exchange);
+		if (!s->max_pending)
+			s->max_pending = 4 * s->concurrency;
+		if (s->retry_max < s->retry_initial)
+			conf_err(ctx, e, "subscription '%s': retry_max is below retry_initial", s->name);
+	}
+}
+
 static void
 conf_defaults(struct sagad_conf *c)
 {
@@ -484,6 +642,7 @@ conf_check(struct conf_ctx *ctx, config_t *cfg, struct sagad_conf *c)
 	if (c->broker.reconnect_max < c->broker.reconnect_initial)
 		conf_err(ctx, config_lookup(cfg, "broker"),
 		    "broker reconnect_max is below reconnect_initial");
+	conf_check_subs(ctx, cfg, c);
 }
 
 /*
@@ -638,7 +797,29 @@ conf_free(struct sagad_conf *c)
 		free(c->exchanges[i].type);
 	}
 	free(c->exchanges);
+	for (i = 0; i < c->n_subs; i++) {
+		struct conf_subscription *s = &c->subs[i];
+		size_t j;
+		free(s->name); free(s->queue); free(s->queue_type); free(s->deliver);
+		for (j = 0; j < s->n_binds; j++) {
+			free(s->binds[j].exchange);
+			free(s->binds[j].key);
+		}
+		free(s->binds);
+	}
+	free(c->subs);
 	free(c);
+}
+
+const struct conf_subscription *
+conf_subscription(const struct sagad_conf *conf, const char *name)
+{
+	size_t i;
+
+	for (i = 0; i < conf->n_subs; i++)
+		if (conf->subs[i].name && strcmp(conf->subs[i].name, name) == 0)
+			return &conf->subs[i];
+	return NULL;
 }
 
 void

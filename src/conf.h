@@ -10,6 +10,30 @@ struct conf_exchange {
 	char *type;		/* direct, topic, fanout, headers */
 };
 
+struct conf_binding {
+	char *exchange;
+	char *key;
+};
+
+struct conf_subscription {
+	char *name;
+	char *queue;		/* default <service>.<name> */
+	char *queue_type;	/* quorum or classic */
+	struct conf_binding *binds;
+	size_t n_binds;
+	char *deliver;		/* http://host:port/path */
+	int concurrency;
+	int max_pending;
+	int ordered;
+	double timeout;
+	int max_attempts;
+	double retry_initial, retry_max;
+	int circuit_failures;	/* consecutive failures that open the circuit */
+	double circuit_open;	/* seconds before a probe */
+	int64_t max_message_bytes;
+	int line;		/* where it was defined, for later checks */
+};
+
 struct conf_broker {
 	char *url;		/* as written, may carry a password */
 	char *host, *user, *password, *vhost;
@@ -57,6 +81,8 @@ struct sagad_conf {
 	struct conf_outbox outbox;
 	struct conf_exchange *exchanges;
 	size_t n_exchanges;
+	struct conf_subscription *subs;
+	size_t n_subs;
 };
 
 /* Errors collected while loading, each "FILE:LINE: message". */
@@ -75,6 +101,9 @@ void conf_errors_clear(struct conf_errors *errs);
 
 /* Find an exchange by name; NULL if not configured. */
 const struct conf_exchange *conf_exchange(const struct sagad_conf *conf,
+    const char *name);
+
+const struct conf_subscription *conf_subscription(const struct sagad_conf *conf,
     const char *name);
 
 #endif

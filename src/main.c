@@ -249,7 +249,7 @@ sagad_run(struct sagad_main *sm)
 	hooks.rolled_back = relay_rolled_back;
 	hooks.arg = d->relay;
 	store_set_hooks(d->store, &hooks);
-	d->broker = broker_new(d->base, d->conf, relay_broker_event, d->relay);
+	d->broker = broker_new(d->base, d->conf, BROKER_ROLE_PUBLISH, relay_broker_event, d->relay);
 	relay_set_broker(d->relay, d->broker);
 	if (broker_start(d->broker) < 0) {
 		err = strdup("cannot start the broker thread");

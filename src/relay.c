@@ -238,6 +238,9 @@ relay_broker_event(void *arg, const struct broker_event *ev)
 		r->stats.unroutable++;
 		relay_retry_later(r, ev->seq, "unroutable");
 		break;
+	case BROKER_EV_DELIVERY:
+	case BROKER_EV_TOO_LARGE:
+		return;		/* the publishing connection consumes nothing */
 	}
 	relay_schedule(r);
 }

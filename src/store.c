@@ -17,6 +17,8 @@ enum store_stmt {
 	ST_ID_INSERT, ST_OUT_INSERT, ST_OUT_FETCH, ST_OUT_FETCH_DUE,
 	ST_OUT_NEXT_DUE, ST_OUT_DELETE, ST_OUT_RETRY, ST_OUT_CLEAR_DUE,
 	ST_OUT_OLDEST, ST_ID_EXPIRE, ST_PAGES, ST_OUT_ATTEMPTS, ST_OUT_LIST,
+	ST_IN_INSERT, ST_IN_LOAD, ST_IN_DONE, ST_IN_RETRY, ST_IN_DEAD,
+	ST_IN_REPLAY_ONE, ST_IN_REPLAY_ALL, ST_IN_COUNT, ST_IN_OLDEST, ST_IN_EXPIRE,
 	ST_COUNT
 };
 
@@ -41,6 +43,26 @@ static const char *const store_sql[ST_COUNT] = {
 	[ST_OUT_ATTEMPTS] = "SELECT attempts FROM outbox WHERE seq = ?",
 	[ST_OUT_LIST] = "SELECT seq, message_id, exchange, routing_key, attempts, created_at, due_at,"
 	    " coalesce(last_error, ''), length(body) FROM outbox WHERE seq > ? ORDER BY seq LIMIT ?",
+	[ST_IN_INSERT] = "INSERT OR IGNORE INTO inbox(subscription, message_id, exchange, routing_key,"
+	    " props, body, received_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+	[ST_IN_LOAD] = "SELECT id, message_id, exchange, routing_key, props, body, state, attempts,"
+	    " due_at, received_at, coalesce(finished_at, 0), last_status, coalesce(last_error, ''),"
+	    " coalesce(dead_reason, '') FROM inbox WHERE subscription = ? AND state = ? AND id > ?"
+	    " ORDER BY id LIMIT ?",
+	[ST_IN_DONE] = "UPDATE inbox SET state = 1, body = NULL, finished_at = ?, last_status = ?,"
+	    " attempts = attempts + 1, due_at = 0 WHERE id = ?",
+	[ST_IN_RETRY] = "UPDATE inbox SET attempts = ?, due_at = ?, last_status = ?, last_error = ?"
+	    " WHERE id = ?",
+	[ST_IN_DEAD] = "UPDATE inbox SET state = 2, finished_at = ?, attempts = ?, dead_reason = ?,"
+	    " last_status = ?, last_error = ?, due_at = 0 WHERE id = ?",
+	[ST_IN_REPLAY_ONE] = "UPDATE inbox SET state = 0, attempts = 0, due_at = 0, dead_reason = NULL"
+	    " WHERE subscription = ? AND state = 2 AND message_id = ?",
+	[ST_IN_REPLAY_ALL] = "UPDATE inbox SET state = 0, attempts = 0, due_at = 0, dead_reason = NULL"
+	    " WHERE subscription = ? AND state = 2",
+	[ST_IN_COUNT] = "SELECT count(*) FROM inbox WHERE subscription = ? AND state = ?",
+	[ST_IN_OLDEST] = "SELECT min(received_at) FROM inbox WHERE subscription = ? AND state = 0",
+	[ST_IN_EXPIRE] = "DELETE FROM inbox WHERE id IN (SELECT id FROM inbox WHERE state = 1"
+	    " AND finished_at < ? LIMIT ?)",
 	[ST_PAGES] = "SELECT (SELECT page_count FROM pragma_page_count) -"
 	    " (SELECT freelist_count FROM pragma_freelist_count)",
 };
@@ -61,6 +83,26 @@ static const char *const store_migrations[] = {
 	"CREATE INDEX outbox_due ON outbox(due_at) WHERE due_at > 0;"
 	"CREATE TABLE outbox_ids(message_id TEXT PRIMARY KEY, at REAL NOT NULL) WITHOUT ROWID;"
 	"CREATE INDEX outbox_ids_at ON outbox_ids(at);",
+
+	"CREATE TABLE inbox("
+	"  id INTEGER PRIMARY KEY AUTOINCREMENT,"
+	"  subscription TEXT NOT NULL,"
+	"  message_id TEXT NOT NULL,"
+	"  exchange TEXT NOT NULL,"
+	"  routing_key TEXT NOT NULL,"
+	"  props BLOB,"
+	"  body BLOB,"				/* NULL once delivered */
+	"  state INTEGER NOT NULL DEFAULT 0,"	/* enum inbox_state */
+	"  attempts INTEGER NOT NULL DEFAULT 0,"
+	"  due_at REAL NOT NULL DEFAULT 0,"
+	"  received_at REAL NOT NULL,"
+	"  finished_at REAL,"
+	"  last_status INTEGER NOT NULL DEFAULT 0,"
+	"  last_error TEXT,"
+	"  dead_reason TEXT);"
+	"CREATE UNIQUE INDEX inbox_dedup ON inbox(subscription, message_id);"
+	"CREATE INDEX inbox_open ON inbox(subscription, state, id) WHERE state <> 1;"
+	"CREATE INDEX inbox_finished ON inbox(finished_at) WHERE state = 1;",
 };
 
 struct store_cb {
@@ -369,7 +411,7 @@ store_on_commit(struct store *st, store_done_fn *cb, void *arg)
 }
 
 enum store_put
-store_outbox_put(struct store *st, struct msg *m, double now)
+store_outbox_put(struct store *st, struct msg *m, double now, int dedup)
 {
 	sqlite3_stmt *s;
 	char *props = NULL;
@@ -382,13 +424,15 @@ store_outbox_put(struct store *st, struct msg *m, double now)
 		return STORE_PUT_FULL;
 	if (store_begin(st) < 0)
 		return STORE_PUT_ERROR;
-	s = st->stmt[ST_ID_INSERT];
-	sqlite3_bind_text(s, 1, m->message_id, -1, SQLITE_STATIC);
-	sqlite3_bind_double(s, 2, now);
-	if (store_step_done(st, s) < 0)
-		goto fail;
-	if (sqlite3_changes(st->db) == 0)
-		return STORE_PUT_DUPLICATE;
+	if (dedup) {
+		s = st->stmt[ST_ID_INSERT];
+		sqlite3_bind_text(s, 1, m->message_id, -1, SQLITE_STATIC);
+		sqlite3_bind_double(s, 2, now);
+		if (store_step_done(st, s) < 0)
+			goto fail;
+		if (sqlite3_changes(st->db) == 0)
+			return STORE_PUT_DUPLICATE;
+	}
 	props_pack(&m->props, &props, &plen);
 	s = st->stmt[ST_OUT_INSERT];
 	sqlite3_bind_text(s, 1, m->message_id, -1, SQLITE_STATIC);
@@ -646,4 +690,215 @@ store_outbox_list(struct store *st, int64_t after, size_t limit,
 	sqlite3_reset(s);
 	sqlite3_clear_bindings(s);
 	return rc == SQLITE_OK || rc == SQLITE_DONE || rc == SQLITE_ROW ? 0 : -1;
+}
+
+/* ---- inbox ---- */
+
+void
+inbox_rec_free(struct inbox_rec *r)
+{
+	if (!r)
+		return;
+	msg_free(r->m);
+	free(r->last_error);
+	free(r->dead_reason);
+	free(r);
+}
+
+enum store_put
+store_inbox_put(struct store *st, const char *sub, struct msg *m, double now,
+    int64_t *id)
+{
+	sqlite3_stmt *s = st->stmt[ST_IN_INSERT];
+	int64_t size = (int64_t)m->body_len + 512;
+	char *props = NULL;
+	size_t plen = 0;
+	int rc;
+
+	if (st->broken)
+		return STORE_PUT_ERROR;
+	if (st->bytes + st->tx_bytes + size > st->max_bytes)
+		return STORE_PUT_FULL;
+	if (store_begin(st) < 0)
+		return STORE_PUT_ERROR;
+	props_pack(&m->props, &props, &plen);
+	sqlite3_bind_text(s, 1, sub, -1, SQLITE_STATIC);
+	sqlite3_bind_text(s, 2, m->message_id, -1, SQLITE_STATIC);
+	sqlite3_bind_text(s, 3, m->exchange ? m->exchange : "", -1, SQLITE_STATIC);
+	sqlite3_bind_text(s, 4, m->routing_key ? m->routing_key : "", -1, SQLITE_STATIC);
+	sqlite3_bind_blob(s, 5, props, (int)plen, SQLITE_STATIC);
+	sqlite3_bind_blob(s, 6, m->body ? m->body : "", (int)m->body_len, SQLITE_STATIC);
+	sqlite3_bind_double(s, 7, now);
+	rc = store_step_done(st, s);
+	free(props);
+	if (rc < 0) {
+		int code = sqlite3_extended_errcode(st->db);
+		store_check_tx(st);
+		return (code & 0xff) == SQLITE_FULL ? STORE_PUT_FULL : STORE_PUT_ERROR;
+	}
+	if (sqlite3_changes(st->db) == 0)
+		return STORE_PUT_DUPLICATE;
+	*id = sqlite3_last_insert_rowid(st->db);
+	st->tx_bytes += size;
+	return STORE_PUT_STORED;
+}
+
+static struct inbox_rec *
+store_row_inbox(sqlite3_stmt *s)
+{
+	struct inbox_rec *r = calloc(1, sizeof *r);
+	struct msg *m = calloc(1, sizeof *m);
+	const void *blob;
+	int n;
+
+	r->m = m;
+	r->id = sqlite3_column_int64(s, 0);
+	m->seq = r->id;
+	m->message_id = strdup((const char *)sqlite3_column_text(s, 1));
+	m->exchange = strdup((const char *)sqlite3_column_text(s, 2));
+	m->routing_key = strdup((const char *)sqlite3_column_text(s, 3));
+	blob = sqlite3_column_blob(s, 4);
+	n = sqlite3_column_bytes(s, 4);
+	if (props_unpack(blob, n, &m->props) < 0)
+		log_error("msg=\"damaged inbox properties in store\" id=%lld", (long long)r->id);
+	blob = sqlite3_column_blob(s, 5);
+	n = sqlite3_column_bytes(s, 5);
+	m->body = malloc(n ? n : 1);
+	if (n)
+		memcpy(m->body, blob, n);
+	m->body_len = n;
+	r->state = sqlite3_column_int(s, 6);
+	r->attempts = (unsigned)sqlite3_column_int(s, 7);
+	r->due_at = sqlite3_column_double(s, 8);
+	r->received_at = sqlite3_column_double(s, 9);
+	r->finished_at = sqlite3_column_double(s, 10);
+	r->last_status = sqlite3_column_int(s, 11);
+	r->last_error = strdup((const char *)sqlite3_column_text(s, 12));
+	r->dead_reason = strdup((const char *)sqlite3_column_text(s, 13));
+	m->created_at = r->received_at;
+	return r;
+}
+
+int
+store_inbox_load(struct store *st, const char *sub, enum inbox_state state,
+    int64_t after, size_t limit, struct inbox_rec **out, size_t *n)
+{
+	sqlite3_stmt *s = st->stmt[ST_IN_LOAD];
+	int rc;
+
+	*n = 0;
+	sqlite3_bind_text(s, 1, sub, -1, SQLITE_STATIC);
+	sqlite3_bind_int(s, 2, state);
+	sqlite3_bind_int64(s, 3, after);
+	sqlite3_bind_int64(s, 4, (sqlite3_int64)limit);
+	while (*n < limit && (rc = sqlite3_step(s)) == SQLITE_ROW)
+		out[(*n)++] = store_row_inbox(s);
+	rc = sqlite3_errcode(st->db);
+	sqlite3_reset(s);
+	sqlite3_clear_bindings(s);
+	return rc == SQLITE_OK || rc == SQLITE_DONE || rc == SQLITE_ROW ? 0 : -1;
+}
+
+int
+store_inbox_done(struct store *st, int64_t id, double now, int status)
+{
+	sqlite3_stmt *s = st->stmt[ST_IN_DONE];
+
+	if (store_begin(st) < 0)
+		return -1;
+	sqlite3_bind_double(s, 1, now);
+	sqlite3_bind_int(s, 2, status);
+	sqlite3_bind_int64(s, 3, id);
+	return store_write_seq(st, s);
+}
+
+int
+store_inbox_retry(struct store *st, int64_t id, unsigned attempts, double due_at,
+    int status, const char *error)
+{
+	sqlite3_stmt *s = st->stmt[ST_IN_RETRY];
+
+	if (store_begin(st) < 0)
+		return -1;
+	sqlite3_bind_int(s, 1, (int)attempts);
+	sqlite3_bind_double(s, 2, due_at);
+	sqlite3_bind_int(s, 3, status);
+	sqlite3_bind_text(s, 4, error, -1, SQLITE_STATIC);
+	sqlite3_bind_int64(s, 5, id);
+	return store_write_seq(st, s);
+}
+
+int
+store_inbox_dead(struct store *st, int64_t id, double now, unsigned attempts,
+    const char *reason, int status, const char *error)
+{
+	sqlite3_stmt *s = st->stmt[ST_IN_DEAD];
+
+	if (store_begin(st) < 0)
+		return -1;
+	sqlite3_bind_double(s, 1, now);
+	sqlite3_bind_int(s, 2, (int)attempts);
+	sqlite3_bind_text(s, 3, reason, -1, SQLITE_STATIC);
+	sqlite3_bind_int(s, 4, status);
+	sqlite3_bind_text(s, 5, error, -1, SQLITE_STATIC);
+	sqlite3_bind_int64(s, 6, id);
+	return store_write_seq(st, s);
+}
+
+int
+store_inbox_replay(struct store *st, const char *sub, const char *message_id)
+{
+	sqlite3_stmt *s = st->stmt[message_id ? ST_IN_REPLAY_ONE : ST_IN_REPLAY_ALL];
+
+	if (store_begin(st) < 0)
+		return -1;
+	sqlite3_bind_text(s, 1, sub, -1, SQLITE_STATIC);
+	if (message_id)
+		sqlite3_bind_text(s, 2, message_id, -1, SQLITE_STATIC);
+	if (store_write_seq(st, s) < 0)
+		return -1;
+	return sqlite3_changes(st->db);
+}
+
+int64_t
+store_inbox_count(struct store *st, const char *sub, enum inbox_state state)
+{
+	sqlite3_stmt *s = st->stmt[ST_IN_COUNT];
+	int64_t v = 0;
+
+	sqlite3_bind_text(s, 1, sub, -1, SQLITE_STATIC);
+	sqlite3_bind_int(s, 2, state);
+	if (sqlite3_step(s) == SQLITE_ROW)
+		v = sqlite3_column_int64(s, 0);
+	sqlite3_reset(s);
+	sqlite3_clear_bindings(s);
+	return v;
+}
+
+double
+store_inbox_oldest(struct store *st, const char *sub)
+{
+	sqlite3_stmt *s = st->stmt[ST_IN_OLDEST];
+	double v = 0;
+
+	sqlite3_bind_text(s, 1, sub, -1, SQLITE_STATIC);
+	if (sqlite3_step(s) == SQLITE_ROW)
+		v = sqlite3_column_double(s, 0);
+	sqlite3_reset(s);
+	sqlite3_clear_bindings(s);
+	return v;
+}
+
+int
+store_inbox_expire(struct store *st, double before, int batch)
+{
+	sqlite3_stmt *s = st->stmt[ST_IN_EXPIRE];
+
+	if (store_begin(st) < 0)
+		return -1;
+	sqlite3_bind_double(s, 1, before);
+	sqlite3_bind_int(s, 2, batch);
+	if (store_write_seq(st, s) < 0)
+		return -1;
+	return sqlite3_changes(st->db);
 }

@@ -16,7 +16,6 @@
 struct event_base;
 struct store;
 
-#define STORE_SCHEMA_VERSION 1
 
 enum store_put {
 	STORE_PUT_STORED,
@@ -47,9 +46,11 @@ void store_on_commit(struct store *st, store_done_fn *cb, void *arg);
 /* Commit now instead of at the end of the loop turn; returns 0 or -1. */
 int store_flush(struct store *st);
 
-/* Outbox. put assigns m->seq; a message id seen within the dedup window is
- * a duplicate and stores nothing. */
-enum store_put store_outbox_put(struct store *st, struct msg *m, double now);
+/* Outbox. put assigns m->seq. With dedup, a message id seen within the
+ * dedup window is a duplicate and stores nothing; sagad's own messages
+ * (replies, dead letters, saga commands) carry ids it chose and skip it. */
+enum store_put store_outbox_put(struct store *st, struct msg *m, double now,
+    int dedup);
 /* Up to limit messages with after < seq <= upto that are due, in order. */
 int store_outbox_fetch(struct store *st, int64_t after, int64_t upto,
     double now, size_t limit, struct msg **out, size_t *n);
@@ -62,6 +63,44 @@ unsigned store_outbox_attempts(struct store *st, int64_t seq);
 int store_outbox_retry(struct store *st, int64_t seq, double due_at,
     unsigned attempts, const char *error);
 int store_outbox_clear_due(struct store *st, int64_t seq);
+
+/* The inbox: consumed messages, per subscription, until delivered. */
+enum inbox_state {
+	INBOX_PENDING = 0,	/* waiting for (another) delivery attempt */
+	INBOX_DONE = 1,		/* delivered; kept (without body) for dedup */
+	INBOX_DEAD = 2		/* dead-lettered; kept for dlq list / replay */
+};
+
+struct inbox_rec {
+	int64_t id;		/* broker order within the store */
+	struct msg *m;		/* message_id, exchange, routing_key, props, body */
+	enum inbox_state state;
+	unsigned attempts;
+	double due_at, received_at, finished_at;
+	int last_status;
+	char *last_error, *dead_reason;
+};
+
+void inbox_rec_free(struct inbox_rec *r);
+
+/* Record a consumed message; a message id seen before on this subscription
+ * (within the dedup window) is a DUPLICATE and stores nothing. */
+enum store_put store_inbox_put(struct store *st, const char *sub, struct msg *m,
+    double now, int64_t *id);
+/* Records of one state in broker order, after id `after`. */
+int store_inbox_load(struct store *st, const char *sub, enum inbox_state state,
+    int64_t after, size_t limit, struct inbox_rec **out, size_t *n);
+int store_inbox_done(struct store *st, int64_t id, double now, int status);
+int store_inbox_retry(struct store *st, int64_t id, unsigned attempts,
+    double due_at, int status, const char *error);
+int store_inbox_dead(struct store *st, int64_t id, double now, unsigned attempts,
+    const char *reason, int status, const char *error);
+/* Dead -> pending again (message_id NULL: all of the subscription). */
+int store_inbox_replay(struct store *st, const char *sub, const char *message_id);
+int64_t store_inbox_count(struct store *st, const char *sub, enum inbox_state state);
+double store_inbox_oldest(struct store *st, const char *sub);	/* pending */
+/* Forget delivered records older than before, a small batch per call. */
+int store_inbox_expire(struct store *st, double before, int batch);
 
 /* A listing for operators (no bodies). */
 struct store_row {
