@@ -12,6 +12,7 @@
 #include <unistd.h>
 
 #include "conf.h"
+#include "delivery.h"
 #include "httpd.h"
 #include "ingress.h"
 #include "metrics.h"
@@ -71,6 +72,9 @@ admin_readyz(struct admin *a, struct evhttp_request *req)
 		httpd_reply_json(req, 503, json_pack("{s:s,s:s}", "status", "not-ready",
 		    "reason", *relay_link_reason(d->relay) ?
 		    relay_link_reason(d->relay) : "broker not connected"));
+	else if (!delivery_connected(d->delivery))
+		httpd_reply_json(req, 503, json_pack("{s:s,s:s}", "status", "not-ready",
+		    "reason", "consumer connection to the broker is down"));
 	else
 		httpd_reply_json(req, 200, json_pack("{s:s}", "status", "ready"));
 }
@@ -117,6 +121,7 @@ admin_metrics(struct admin *a, struct evhttp_request *req)
 	metrics_sample(out, "sagad_config_reloads_total", "", (double)d->reloads);
 	metrics_family(out, "sagad_config_reload_failures_total", "counter", "SIGHUP reloads refused (invalid file).");
 	metrics_sample(out, "sagad_config_reload_failures_total", "", (double)d->reload_failures);
+	delivery_metrics(d->delivery, out);
 	evhttp_add_header(evhttp_request_get_output_headers(req), "Content-Type",
 	    "text/plain; version=0.0.4");
 	evhttp_send_reply(req, 200, "OK", out);
@@ -129,10 +134,14 @@ admin_status(struct admin *a, struct evhttp_request *req)
 	struct sagad *d = a->d;
 	const struct relay_stats *rs = relay_stats(d->relay);
 	char url[1024];
+	json_t *subs = json_array(), *j;
+	size_t i;
 
+	for (i = 0; i < d->conf->n_subs; i++)
+		json_array_append_new(subs, delivery_sub_json(d->delivery, (int)i));
 	/* Never the password: operators paste this into tickets. */
 	util_mask_url(d->conf->broker.url, url, sizeof url);
-	httpd_reply_json(req, 200, json_pack(
+	j = json_pack(
 	    "{s:s,s:s,s:i,s:f,s:s,"
 	    "s:{s:s,s:b,s:s,s:s,s:I},"
 	    "s:{s:s,s:I,s:I,s:b},"
@@ -154,7 +163,9 @@ admin_status(struct admin *a, struct evhttp_request *req)
 	    "oldest_age_seconds", admin_oldest_age(d),
 	    "published_total", (json_int_t)rs->published,
 	    "unroutable_total", (json_int_t)rs->unroutable,
-	    "nacked_total", (json_int_t)rs->nacked));
+	    "nacked_total", (json_int_t)rs->nacked);
+	json_object_set_new(j, "subscriptions", subs);
+	httpd_reply_json(req, 200, j);
 }
 
 static long
@@ -213,6 +224,95 @@ admin_outbox(struct admin *a, struct evhttp_request *req)
 	    "oldest_age_seconds", admin_oldest_age(d), "messages", list));
 }
 
+static void
+admin_subscriptions(struct admin *a, struct evhttp_request *req)
+{
+	json_t *subs = json_array();
+	size_t i;
+
+	for (i = 0; i < a->d->conf->n_subs; i++)
+		json_array_append_new(subs, delivery_sub_json(a->d->delivery, (int)i));
+	httpd_reply_json(req, 200, json_pack("{s:o}", "subscriptions", subs));
+}
+
+/* The request body as JSON; an empty body is an empty object. */
+static json_t *
+admin_body_json(struct evhttp_request *req)
+{
+	struct evbuffer *b = evhttp_request_get_input_buffer(req);
+	size_t len = evbuffer_get_length(b);
+	json_error_t e;
+
+	if (len == 0)
+		return json_object();
+	return json_loadb((const char *)evbuffer_pullup(b, -1), len, 0, &e);
+}
+
+/* GET /v1/admin/dlq/{sub}, POST /v1/admin/dlq/{sub}/replay */
+static void
+admin_dlq(struct admin *a, struct evhttp_request *req, const char *rest)
+{
+	struct sagad *d = a->d;
+	char name[256];
+	const char *slash = strchr(rest, '/');
+	int sub, post = evhttp_request_get_command(req) == EVHTTP_REQ_POST;
+
+	snprintf(name, sizeof name, "%.*s", slash ? (int)(slash - rest) : (int)strlen(rest), rest);
+	sub = delivery_sub_index(d->delivery, name);
+	if (sub < 0) {
+		httpd_error(req, 404, "unknown-subscription", "no subscription named '%s'", name);
+		return;
+	}
+	if (!slash && !post) {
+		json_t *j = delivery_dlq_json(d->delivery, sub,
+		    (size_t)admin_query_long(req, "limit", 100, ADMIN_LIST_MAX));
+		if (!j)
+			httpd_error(req, 500, "store-error", "cannot read the dead letters");
+		else
+			httpd_reply_json(req, 200, j);
+		return;
+	}
+	if (slash && strcmp(slash, "/replay") == 0 && post) {
+		json_t *body = admin_body_json(req), *ids, *v;
+		const char **list = NULL;
+		size_t i, n = 0;
+		int count;
+
+		ids = body ? json_object_get(body, "message_ids") : NULL;
+		if (!body || (ids && !json_is_array(ids))) {
+			json_decref(body);
+			httpd_error(req, 400, "bad-request",
+			    "body must be {\"message_ids\": [\"...\"]} or empty for all");
+			return;
+		}
+		if (ids) {
+			list = calloc(json_array_size(ids) + 1, sizeof *list);
+			json_array_foreach(ids, i, v) {
+				if (!json_is_string(v)) {
+					free(list);
+					json_decref(body);
+					httpd_error(req, 400, "bad-request", "message ids must be strings");
+					return;
+				}
+				list[n++] = json_string_value(v);
+			}
+		}
+		count = delivery_replay(d->delivery, sub, ids ? list : NULL, n);
+		free(list);
+		json_decref(body);
+		if (count < 0)
+			httpd_error(req, 500, "store-error", "cannot replay; see the log");
+		else
+			httpd_reply_json(req, 200, json_pack("{s:s,s:i}", "subscription", name,
+			    "replayed", count));
+		return;
+	}
+	evhttp_add_header(evhttp_request_get_output_headers(req), "Allow", slash ? "POST" : "GET");
+	httpd_error(req, slash && strcmp(slash, "/replay") == 0 ? 405 : 404,
+	    slash && strcmp(slash, "/replay") == 0 ? "method-not-allowed" : "not-found",
+	    "use GET /v1/admin/dlq/{subscription} or POST /v1/admin/dlq/{subscription}/replay");
+}
+
 static const struct {
 	const char *path;
 	admin_handler *fn;
@@ -223,6 +323,7 @@ static const struct {
 	{ "/metrics", admin_metrics, 0 },
 	{ "/v1/admin/status", admin_status, 0 },
 	{ "/v1/admin/outbox", admin_outbox, 0 },
+	{ "/v1/admin/subscriptions", admin_subscriptions, 0 },
 };
 
 static void
@@ -245,6 +346,11 @@ admin_request(struct evhttp_request *req, void *arg)
 			return;
 		}
 		admin_routes[i].fn(a, req);
+		return;
+	}
+	if (path && strncmp(path, "/v1/admin/dlq/", 14) == 0) {
+		if (httpd_authorized(req, a->d->conf->api.token))
+			admin_dlq(a, req, path + 14);
 		return;
 	}
 	httpd_error(req, 404, "not-found", "unknown admin path");

@@ -902,7 +902,8 @@ broker_fail(struct broker *b, const char *why, int graceful)
 	for (size_t i = 0; i < b->n_subs; i++)
 		b->subs[i].consuming = 0;
 	if (strcmp(why, "stopping") != 0) {
-		log_warn("msg=\"broker connection lost\" reason=\"%s\"", why);
+		log_warn("msg=\"broker connection lost\" role=%s reason=\"%s\"",
+		    b->role == BROKER_ROLE_PUBLISH ? "publish" : "consume", why);
 		broker_post(b, BROKER_EV_DOWN, 0, 0, why);
 		broker_schedule_retry(b);
 	}
@@ -1116,8 +1117,9 @@ broker_connect_cb(evutil_socket_t fd, short what, void *arg)
 	event_add(b->read_ev, NULL);
 	hb = broker_tv(b->heartbeat > 0 ? b->heartbeat / 2.0 : 1.0);
 	evtimer_add(b->hb_ev, &hb);
-	log_info("msg=\"broker connected\" host=%s port=%d vhost=%s exchanges=%zu epoch=%llu",
-	    b->host, b->port, b->vhost, b->n_exchanges, (unsigned long long)b->epoch);
+	log_info("msg=\"broker connected\" role=%s host=%s port=%d vhost=%s exchanges=%zu queues=%zu epoch=%llu",
+	    b->role == BROKER_ROLE_PUBLISH ? "publish" : "consume", b->host, b->port,
+	    b->vhost, b->n_exchanges, b->n_subs, (unsigned long long)b->epoch);
 	broker_post(b, BROKER_EV_UP, 0, 0, NULL);
 	broker_apply_consume(b);
 	broker_post_flush(b);
@@ -1290,6 +1292,8 @@ broker_free(struct broker *b)
 	for (i = 0; i < b->ninq; i++)
 		msg_free(b->inq[i].msg);
 	free(b->inq);
+	for (i = 0; i < b->noutq; i++)
+		msg_free(b->outq[i].msg);
 	msg_free(b->rx_msg);
 	for (i = 0; i < b->n_subs; i++) {
 		free(b->subs[i].queue);

@@ -13,6 +13,7 @@
 #include "admin.h"
 #include "broker.h"
 #include "conf.h"
+#include "delivery.h"
 #include "ingress.h"
 #include "log.h"
 #include "relay.h"
@@ -64,6 +65,7 @@ reload_keep(struct sagad_conf *nc, struct sagad_conf *oc)
 	} while (0)
 	struct conf_broker tb;
 	struct conf_exchange *te;
+	struct conf_subscription *ts;
 	size_t tn, i;
 	int same;
 
@@ -85,6 +87,10 @@ reload_keep(struct sagad_conf *nc, struct sagad_conf *oc)
 		log_warn("msg=\"reload: change needs a restart, ignored\" key=exchanges");
 	te = nc->exchanges; nc->exchanges = oc->exchanges; oc->exchanges = te;
 	tn = nc->n_exchanges; nc->n_exchanges = oc->n_exchanges; oc->n_exchanges = tn;
+	if (nc->n_subs != oc->n_subs)
+		log_warn("msg=\"reload: change needs a restart, ignored\" key=subscriptions");
+	ts = nc->subs; nc->subs = oc->subs; oc->subs = ts;
+	tn = nc->n_subs; nc->n_subs = oc->n_subs; oc->n_subs = tn;
 	nc->api.socket_mode = oc->api.socket_mode;
 #undef KEEP_STR
 }
@@ -123,14 +129,15 @@ drain_check(evutil_socket_t fd, short what, void *arg)
 	struct sagad_main *sm = arg;
 	struct sagad *d = &sm->d;
 	unsigned inflight = relay_inflight(d->relay);
+	unsigned delivering = delivery_inflight(d->delivery);
 
 	(void)fd;
 	(void)what;
-	if (inflight > 0 && util_mono() < sm->drain_deadline)
+	if ((inflight > 0 || delivering > 0) && util_mono() < sm->drain_deadline)
 		return;
-	if (inflight > 0)
-		log_warn("msg=\"drain timeout, stopping with messages unconfirmed; they stay in the store\" inflight=%u",
-		    inflight);
+	if (inflight > 0 || delivering > 0)
+		log_warn("msg=\"drain timeout, stopping with work unfinished; it stays in the store\" publishes_unconfirmed=%u deliveries_in_flight=%u",
+		    inflight, delivering);
 	store_flush(d->store);
 	d->state = SAGAD_STOPPED;
 	event_base_loopexit(d->base, NULL);
@@ -159,6 +166,7 @@ on_signal(evutil_socket_t sig, short what, void *arg)
 	    sig == SIGTERM ? "TERM" : "INT", d->conf->drain_timeout);
 	d->state = SAGAD_DRAINING;
 	relay_pause(d->relay);
+	delivery_stop(d->delivery);
 	sm->drain_deadline = util_mono() + d->conf->drain_timeout;
 	sm->drain_ev = event_new(d->base, -1, EV_PERSIST, drain_check, sm);
 	event_add(sm->drain_ev, &tick);
@@ -178,6 +186,9 @@ expire_ids(evutil_socket_t fd, short what, void *arg)
 	(void)fd;
 	(void)what;
 	n = store_expire_ids(d->store, util_now() - d->conf->store.dedup_window, DEDUP_BATCH);
+	if (store_inbox_expire(d->store, util_now() - d->conf->store.dedup_window,
+	    DEDUP_BATCH) >= DEDUP_BATCH)
+		n = DEDUP_BATCH;
 	if (n >= DEDUP_BATCH) {
 		tv.tv_sec = 0;
 		tv.tv_usec = 10000;
@@ -255,6 +266,20 @@ sagad_run(struct sagad_main *sm)
 		err = strdup("cannot start the broker thread");
 		goto fatal;
 	}
+	d->delivery = delivery_new(d);
+	if (!d->delivery) {
+		err = strdup("cannot set up the subscriptions");
+		goto fatal;
+	}
+	if (d->conf->n_subs) {
+		d->consumer = broker_new(d->base, d->conf, BROKER_ROLE_CONSUME,
+		    delivery_broker_event, d->delivery);
+		delivery_set_broker(d->delivery, d->consumer);
+		if (broker_start(d->consumer) < 0) {
+			err = strdup("cannot start the consumer thread");
+			goto fatal;
+		}
+	}
 	sm->sig_term = evsignal_new(d->base, SIGTERM, on_signal, sm);
 	sm->sig_int = evsignal_new(d->base, SIGINT, on_signal, sm);
 	sm->sig_hup = evsignal_new(d->base, SIGHUP, on_signal, sm);
@@ -266,7 +291,11 @@ sagad_run(struct sagad_main *sm)
 	log_info("msg=\"sagad ready\" pending=%lld", (long long)store_outbox_count(d->store));
 	event_base_dispatch(d->base);
 
+	d->state = SAGAD_STOPPED;
+	if (d->consumer)
+		broker_free(d->consumer);
 	broker_free(d->broker);
+	delivery_free(d->delivery);
 	store_flush(d->store);
 	ingress_free(d->ingress);
 	admin_free(d->admin);

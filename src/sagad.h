@@ -11,6 +11,7 @@ struct broker;
 struct relay;
 struct ingress;
 struct admin;
+struct delivery;
 
 enum sagad_state {
 	SAGAD_RUNNING,
@@ -22,8 +23,10 @@ struct sagad {
 	struct event_base *base;
 	struct sagad_conf *conf;	/* replaced on a successful SIGHUP */
 	struct store *store;
-	struct broker *broker;
+	struct broker *broker;		/* the publishing connection */
+	struct broker *consumer;	/* the consuming connection (subscriptions) */
 	struct relay *relay;
+	struct delivery *delivery;
 	struct ingress *ingress;
 	struct admin *admin;
 	enum sagad_state state;

@@ -1,0 +1,1036 @@
+#include "delivery.h"
+
+#include <event2/buffer.h>
+#include <event2/event.h>
+#include <event2/http.h>
+#include <jansson.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "conf.h"
+#include "log.h"
+#include "sagad.h"
+#include "store.h"
+#include "util.h"
+
+/* One inbox record held in memory while it waits for delivery. */
+struct dmsg {
+	struct inbox_rec *rec;
+	int committed;		/* its inbox record is durable: may be delivered */
+	int inflight;
+};
+
+struct dconn {
+	struct evhttp_connection *evcon;
+	int busy;
+};
+
+struct dsub {
+	struct delivery *dl;
+	int index;
+	char *name, *queue, *dlq;
+	char *host, *path;
+	int port;
+	struct dconn *conns;
+	int nconns;
+	struct dmsg **pending;	/* broker order (inbox id) */
+	size_t npending, cappending;
+	unsigned inflight;
+	enum delivery_circuit circuit;
+	unsigned failures;	/* consecutive */
+	double open_until;
+	int consuming;		/* what we asked the broker for */
+	struct event *dispatch_ev, *timer_ev;
+	double timer_at;
+	struct delivery_sub_stats stats;
+};
+
+struct delivery {
+	struct sagad *d;
+	struct broker *br;
+	uint64_t epoch;		/* consuming connection; 0 while down */
+	int stopping;
+	struct dsub *subs;
+	size_t nsubs;
+};
+
+/* One HTTP attempt. */
+struct dattempt {
+	struct dsub *ds;
+	struct dmsg *dm;
+	struct dconn *conn;
+	enum evhttp_request_error error;
+	int failed;
+};
+
+/* Ack after the commit that holds the inbox record. */
+struct dack {
+	struct delivery *dl;
+	struct dmsg *dm;	/* NULL for a duplicate */
+	int sub;
+	uint64_t epoch, tag;
+};
+
+static const char *const outcome_names[OUTCOME_COUNT] = {
+	"success", "refused", "retry", "dead-lettered"
+};
+
+static const struct conf_subscription *
+dsub_conf(const struct dsub *ds)
+{
+	return &ds->dl->d->conf->subs[ds->index];
+}
+
+static void
+dsub_schedule(struct dsub *ds)
+{
+	event_active(ds->dispatch_ev, 0, 0);
+}
+
+/* Take from the broker only while the backlog has room and the service is
+ * healthy, so that replicas with a working service get the messages. */
+static void
+dsub_flow(struct dsub *ds)
+{
+	struct delivery *dl = ds->dl;
+	int want = !dl->stopping && ds->circuit == CIRCUIT_CLOSED &&
+	    ds->npending < (size_t)dsub_conf(ds)->max_pending;
+
+	if (want == ds->consuming || !dl->br)
+		return;
+	ds->consuming = want;
+	broker_consume(dl->br, ds->index, want);
+	broker_kick(dl->br);
+	log_debug("msg=\"consumer %s\" subscription=%s backlog=%zu circuit=%d",
+	    want ? "resumed" : "paused", ds->name, ds->npending, ds->circuit);
+}
+
+static void
+dsub_append(struct dsub *ds, struct dmsg *dm)
+{
+	size_t i;
+
+	if (ds->npending == ds->cappending) {
+		ds->cappending = ds->cappending ? ds->cappending * 2 : 64;
+		ds->pending = realloc(ds->pending, ds->cappending * sizeof *ds->pending);
+	}
+	/* Keep broker order: records reloaded from the store may be older
+	 * than what is already held. */
+	i = ds->npending;
+	while (i > 0 && ds->pending[i - 1]->rec->id > dm->rec->id) {
+		ds->pending[i] = ds->pending[i - 1];
+		i--;
+	}
+	ds->pending[i] = dm;
+	ds->npending++;
+}
+
+static void
+dsub_remove(struct dsub *ds, struct dmsg *dm)
+{
+	size_t i;
+
+	for (i = 0; i < ds->npending; i++)
+		if (ds->pending[i] == dm) {
+			memmove(&ds->pending[i], &ds->pending[i + 1],
+			    (ds->npending - i - 1) * sizeof *ds->pending);
+			ds->npending--;
+			break;
+		}
+	inbox_rec_free(dm->rec);
+	free(dm);
+}
+
+static int
+dsub_holds(const struct dsub *ds, int64_t id)
+{
+	size_t i;
+
+	for (i = 0; i < ds->npending; i++)
+		if (ds->pending[i]->rec->id == id)
+			return 1;
+	return 0;
+}
+
+/* Load pending records from the store (start-up, replay). */
+static void
+dsub_load(struct dsub *ds)
+{
+	struct store *st = ds->dl->d->store;
+	struct inbox_rec *batch[256];
+	int64_t after = 0;
+	size_t n, i;
+
+	do {
+		if (store_inbox_load(st, ds->name, INBOX_PENDING, after, 256, batch, &n) < 0)
+			return;
+		for (i = 0; i < n; i++) {
+			after = batch[i]->id;
+			if (dsub_holds(ds, batch[i]->id)) {
+				inbox_rec_free(batch[i]);
+				continue;
+			}
+			struct dmsg *dm = calloc(1, sizeof *dm);
+			dm->rec = batch[i];
+			dm->committed = 1;
+			dsub_append(ds, dm);
+		}
+	} while (n == 256);
+}
+
+/* ---- outcomes ---- */
+
+static void
+delivery_publish_internal(struct delivery *dl, struct msg *m)
+{
+	if (store_outbox_put(dl->d->store, m, util_now(), 0) != STORE_PUT_STORED)
+		log_error("msg=\"cannot store an outgoing message\" message_id=%s exchange=%s routing_key=%s",
+		    m->message_id, m->exchange, m->routing_key);
+}
+
+static void
+delivery_copy_props(struct props *dst, const struct props *src)
+{
+	size_t i;
+
+	if (src->content_type)
+		dst->content_type = strdup(src->content_type);
+	if (src->correlation_id)
+		dst->correlation_id = strdup(src->correlation_id);
+	if (src->type)
+		dst->type = strdup(src->type);
+	for (i = 0; i < src->n_headers; i++)
+		props_set_header(dst, src->headers[i].name, src->headers[i].value);
+}
+
+/* The service's answer to a command goes back to its reply_to queue, in
+ * the same transaction as the inbox record. */
+static void
+dsub_reply(struct dsub *ds, struct dmsg *dm, struct evhttp_request *req, int success)
+{
+	const struct msg *in = dm->rec->m;
+	struct evbuffer *body = evhttp_request_get_input_buffer(req);
+	const char *ct = evhttp_find_header(evhttp_request_get_input_headers(req), "Content-Type");
+	const char *h;
+	struct msg m;
+
+	memset(&m, 0, sizeof m);
+	if (asprintf(&m.message_id, "%s.reply", in->message_id) < 0)
+		return;
+	m.exchange = strdup("");
+	m.routing_key = strdup(in->props.reply_to);
+	if (ct && util_valid_shortstr(ct, 255))
+		m.props.content_type = strdup(ct);
+	if (in->props.correlation_id)
+		m.props.correlation_id = strdup(in->props.correlation_id);
+	props_set_header(&m.props, "x-sagad-outcome", success ? "success" : "failure");
+	if ((h = props_get_header(&in->props, "x-sagad-saga")))
+		props_set_header(&m.props, "x-sagad-saga", h);
+	if ((h = props_get_header(&in->props, "x-sagad-step")))
+		props_set_header(&m.props, "x-sagad-step", h);
+	if ((h = props_get_header(&in->props, "x-sagad-kind")))
+		props_set_header(&m.props, "x-sagad-kind", h);
+	props_set_header(&m.props, "x-sagad-reply-to-message-id", in->message_id);
+	m.body_len = evbuffer_get_length(body);
+	m.body = malloc(m.body_len + 1);
+	evbuffer_copyout(body, m.body, m.body_len);
+	delivery_publish_internal(ds->dl, &m);
+	free(m.message_id); free(m.exchange); free(m.routing_key); free(m.body);
+	props_free(&m.props);
+	(void)ds;
+}
+
+static void
+dsub_dead_letter(struct dsub *ds, struct dmsg *dm, const char *reason, int status,
+    const char *error)
+{
+	const struct msg *in = dm->rec->m;
+	char num[32];
+	struct msg m;
+
+	memset(&m, 0, sizeof m);
+	m.message_id = strdup(in->message_id);
+	m.exchange = strdup("");
+	m.routing_key = strdup(ds->dlq);
+	delivery_copy_props(&m.props, &in->props);
+	props_set_header(&m.props, "x-sagad-dead-reason", reason);
+	snprintf(num, sizeof num, "%u", dm->rec->attempts);
+	props_set_header(&m.props, "x-sagad-attempts", num);
+	snprintf(num, sizeof num, "%d", status);
+	props_set_header(&m.props, "x-sagad-last-status", num);
+	props_set_header(&m.props, "x-sagad-last-error", error ? error : "");
+	props_set_header(&m.props, "x-sagad-subscription", ds->name);
+	props_set_header(&m.props, "x-sagad-original-exchange", in->exchange);
+	props_set_header(&m.props, "x-sagad-original-routing-key", in->routing_key);
+	m.body = in->body;
+	m.body_len = in->body_len;
+	delivery_publish_internal(ds->dl, &m);
+	m.body = NULL;
+	free(m.message_id); free(m.exchange); free(m.routing_key);
+	props_free(&m.props);
+	store_inbox_dead(ds->dl->d->store, dm->rec->id, util_now(), dm->rec->attempts,
+	    reason, status, error ? error : "");
+	ds->stats.dead_lettered++;
+	ds->stats.outcomes[OUTCOME_DEAD]++;
+	log_warn("msg=\"dead-lettered\" subscription=%s message_id=%s reason=%s attempts=%u status=%d",
+	    ds->name, in->message_id, reason, dm->rec->attempts, status);
+}
+
+static void
+dsub_circuit_ok(struct dsub *ds)
+{
+	if (ds->circuit != CIRCUIT_CLOSED)
+		log_info("msg=\"circuit closed: service answers again\" subscription=%s", ds->name);
+	ds->failures = 0;
+	ds->circuit = CIRCUIT_CLOSED;
+}
+
+static void
+dsub_circuit_fail(struct dsub *ds)
+{
+	const struct conf_subscription *c = dsub_conf(ds);
+
+	ds->failures++;
+	if (ds->circuit == CIRCUIT_HALF_OPEN ||
+	    (ds->circuit == CIRCUIT_CLOSED && ds->failures >= (unsigned)c->circuit_failures)) {
+		if (ds->circuit == CIRCUIT_CLOSED)
+			log_warn("msg=\"circuit open: service keeps failing, taking nothing from the broker\" subscription=%s failures=%u",
+			    ds->name, ds->failures);
+		ds->circuit = CIRCUIT_OPEN;
+		ds->open_until = util_mono() + c->circuit_open;
+	}
+}
+
+static const char *
+delivery_error_name(enum evhttp_request_error e)
+{
+	switch (e) {
+	case EVREQ_HTTP_TIMEOUT: return "timeout";
+	case EVREQ_HTTP_EOF: return "connection closed";
+	case EVREQ_HTTP_INVALID_HEADER: return "malformed answer";
+	case EVREQ_HTTP_BUFFER_ERROR: return "connection error";
+	case EVREQ_HTTP_REQUEST_CANCEL: return "cancelled";
+	case EVREQ_HTTP_DATA_TOO_LONG: return "answer too large";
+	default: return "connection failed";
+	}
+}
+
+static void
+dsub_retry(struct dsub *ds, struct dmsg *dm, int status, const char *error)
+{
+	const struct conf_subscription *c = dsub_conf(ds);
+	double delay;
+
+	dsub_circuit_fail(ds);
+	if (dm->rec->attempts >= (unsigned)c->max_attempts) {
+		dsub_dead_letter(ds, dm, "attempts-exhausted", status, error);
+		dsub_remove(ds, dm);
+		return;
+	}
+	ds->stats.outcomes[OUTCOME_RETRY]++;
+	delay = util_backoff(c->retry_initial, c->retry_max, dm->rec->attempts);
+	dm->rec->due_at = util_now() + delay;
+	dm->rec->last_status = status;
+	store_inbox_retry(ds->dl->d->store, dm->rec->id, dm->rec->attempts,
+	    dm->rec->due_at, status, error);
+	log_debug("msg=\"delivery failed, retry scheduled\" subscription=%s message_id=%s attempt=%u status=%d error=\"%s\" in_seconds=%.2f",
+	    ds->name, dm->rec->m->message_id, dm->rec->attempts, status, error, delay);
+}
+
+static void
+dsub_done(struct dsub *ds, struct dmsg *dm, int status)
+{
+	store_inbox_done(ds->dl->d->store, dm->rec->id, util_now(), status);
+	histogram_observe(&ds->stats.latency, util_now() - dm->rec->received_at);
+	dsub_remove(ds, dm);
+}
+
+static void
+delivery_answered(struct dattempt *a, struct evhttp_request *req)
+{
+	struct dsub *ds = a->ds;
+	struct dmsg *dm = a->dm;
+	int status = req ? evhttp_request_get_response_code(req) : 0;
+	char error[96];
+
+	if (!req || status == 0 || a->failed) {
+		snprintf(error, sizeof error, "%s", delivery_error_name(a->error));
+		dsub_retry(ds, dm, 0, error);
+	} else if (status >= 200 && status <= 299) {
+		dsub_circuit_ok(ds);
+		ds->stats.outcomes[OUTCOME_SUCCESS]++;
+		if (dm->rec->m->props.reply_to)
+			dsub_reply(ds, dm, req, 1);
+		dsub_done(ds, dm, status);
+	} else if (status == 409 || status == 422) {
+		dsub_circuit_ok(ds);
+		if (dm->rec->m->props.reply_to) {
+			/* A business refusal of a command is its failure reply. */
+			ds->stats.outcomes[OUTCOME_REFUSED]++;
+			dsub_reply(ds, dm, req, 0);
+			dsub_done(ds, dm, status);
+		} else {
+			dsub_dead_letter(ds, dm, "rejected", status, "refused by the service");
+			dsub_remove(ds, dm);
+		}
+	} else if (status >= 400 && status <= 499) {
+		char reason[32];
+		dsub_circuit_ok(ds);
+		snprintf(reason, sizeof reason, "refused-%d", status);
+		dsub_dead_letter(ds, dm, reason, status, "refused by the service");
+		dsub_remove(ds, dm);
+	} else {
+		snprintf(error, sizeof error, "HTTP %d", status);
+		dsub_retry(ds, dm, status, error);
+	}
+}
+
+static void
+delivery_error_cb(enum evhttp_request_error e, void *arg)
+{
+	struct dattempt *a = arg;
+
+	a->error = e;
+	a->failed = 1;
+}
+
+static void
+delivery_done_cb(struct evhttp_request *req, void *arg)
+{
+	struct dattempt *a = arg;
+	struct dsub *ds = a->ds;
+
+	a->dm->inflight = 0;
+	a->conn->busy = 0;
+	ds->inflight--;
+	if (ds->dl->d->state == SAGAD_STOPPED) {
+		free(a);
+		return;
+	}
+	delivery_answered(a, req);
+	free(a);
+	dsub_flow(ds);
+	dsub_schedule(ds);
+}
+
+/* ---- attempts ---- */
+
+static void
+delivery_add(struct evkeyvalq *h, const char *k, const char *v)
+{
+	/* A value with CR/LF or other garbage from the broker is left out
+	 * rather than breaking the request. */
+	if (v && util_valid_shortstr(v, 65535))
+		evhttp_add_header(h, k, v);
+}
+
+static void
+delivery_headers(struct dsub *ds, struct dmsg *dm, struct evkeyvalq *h)
+{
+	const struct msg *m = dm->rec->m;
+	const char *kind = props_get_header(&m->props, "x-sagad-kind");
+	char num[16], name[300];
+	size_t i;
+
+	evhttp_add_header(h, "Host", ds->host);
+	delivery_add(h, "Content-Type", m->props.content_type ?
+	    m->props.content_type : "application/octet-stream");
+	delivery_add(h, "Message-Id", m->message_id);
+	delivery_add(h, "Correlation-Id", m->props.correlation_id);
+	delivery_add(h, "Sagad-Subscription", ds->name);
+	delivery_add(h, "Sagad-Exchange", m->exchange);
+	delivery_add(h, "Sagad-Routing-Key", m->routing_key);
+	snprintf(num, sizeof num, "%u", dm->rec->attempts + 1);
+	delivery_add(h, "Sagad-Attempt", num);
+	delivery_add(h, "Sagad-Kind", kind && (strcmp(kind, "command") == 0 ||
+	    strcmp(kind, "compensation") == 0) ? kind : "event");
+	delivery_add(h, "Sagad-Saga", props_get_header(&m->props, "x-sagad-saga"));
+	delivery_add(h, "Sagad-Step", props_get_header(&m->props, "x-sagad-step"));
+	if (m->props.type)
+		delivery_add(h, "Amqp-Type", m->props.type);
+	for (i = 0; i < m->props.n_headers; i++) {
+		const char *k = m->props.headers[i].name;
+		const char *c;
+		if (strcmp(k, "x-sagad-kind") == 0 || strcmp(k, "x-sagad-saga") == 0 ||
+		    strcmp(k, "x-sagad-step") == 0)
+			continue;
+		for (c = k; *c; c++)	/* HTTP field names are tokens */
+			if (*c <= 0x20 || *c >= 0x7f || strchr("()<>@,;:\\\"/[]?={}", *c))
+				break;
+		if (*c)
+			continue;
+		snprintf(name, sizeof name, "Amqp-Header-%s", k);
+		delivery_add(h, name, m->props.headers[i].value);
+	}
+}
+
+static struct dconn *
+dsub_idle_conn(struct dsub *ds)
+{
+	const struct conf_subscription *c = dsub_conf(ds);
+	struct timeval tv;
+	int i;
+
+	for (i = 0; i < ds->nconns; i++)
+		if (!ds->conns[i].busy)
+			break;
+	if (i == ds->nconns)
+		return NULL;
+	if (!ds->conns[i].evcon) {
+		ds->conns[i].evcon = evhttp_connection_base_new(ds->dl->d->base, NULL,
+		    ds->host, (unsigned short)ds->port);
+		evhttp_connection_set_retries(ds->conns[i].evcon, 0);
+		evhttp_connection_set_max_body_size(ds->conns[i].evcon, c->max_message_bytes);
+		evhttp_connection_set_max_headers_size(ds->conns[i].evcon, 65536);
+	}
+	tv.tv_sec = (time_t)c->timeout;
+	tv.tv_usec = (suseconds_t)((c->timeout - tv.tv_sec) * 1e6);
+	evhttp_connection_set_timeout_tv(ds->conns[i].evcon, &tv);
+	return &ds->conns[i];
+}
+
+static void
+dsub_attempt(struct dsub *ds, struct dmsg *dm)
+{
+	struct dconn *conn = dsub_idle_conn(ds);
+	struct dattempt *a;
+	struct evhttp_request *req;
+
+	if (!conn)
+		return;
+	a = calloc(1, sizeof *a);
+	a->ds = ds;
+	a->dm = dm;
+	a->conn = conn;
+	req = evhttp_request_new(delivery_done_cb, a);
+	evhttp_request_set_error_cb(req, delivery_error_cb);
+	delivery_headers(ds, dm, evhttp_request_get_output_headers(req));
+	evbuffer_add(evhttp_request_get_output_buffer(req), dm->rec->m->body,
+	    dm->rec->m->body_len);
+	dm->inflight = 1;
+	dm->rec->attempts++;
+	conn->busy = 1;
+	ds->inflight++;
+	if (evhttp_make_request(conn->evcon, req, EVHTTP_REQ_POST, ds->path) < 0) {
+		/* libevent freed the request; count it as a failed attempt. */
+		dm->inflight = 0;
+		conn->busy = 0;
+		ds->inflight--;
+		dsub_retry(ds, dm, 0, "cannot send the request");
+		free(a);
+	}
+}
+
+static int
+dsub_cid_busy(const char **busy, size_t n, const char *cid)
+{
+	size_t i;
+
+	for (i = 0; i < n; i++)
+		if (strcmp(busy[i], cid) == 0)
+			return 1;
+	return 0;
+}
+
+static void
+dsub_arm(struct dsub *ds, double at)
+{
+	struct timeval tv;
+	double now = util_now();
+
+	if (evtimer_pending(ds->timer_ev, NULL) && ds->timer_at <= at)
+		return;
+	ds->timer_at = at;
+	if (at < now)
+		at = now;
+	tv.tv_sec = (time_t)(at - now);
+	tv.tv_usec = (suseconds_t)((at - now - tv.tv_sec) * 1e6) + 1000;
+	evtimer_add(ds->timer_ev, &tv);
+}
+
+/*
+ * Start every attempt that may start: within concurrency (one while the
+ * circuit is half open), due, committed, and in ordered mode the first of
+ * its correlation id (one at a time per id, in broker order, retries
+ * included).
+ */
+static void
+dsub_dispatch(struct dsub *ds)
+{
+	const struct conf_subscription *c = dsub_conf(ds);
+	double now = util_now(), next = 0;
+	const char **busy = NULL;
+	size_t nbusy = 0, i;
+	unsigned limit = (unsigned)c->concurrency;
+
+	if (ds->dl->d->state == SAGAD_STOPPED)
+		return;
+	if (ds->circuit == CIRCUIT_OPEN) {
+		if (util_mono() < ds->open_until) {
+			dsub_arm(ds, now + (ds->open_until - util_mono()));
+			return;
+		}
+		ds->circuit = CIRCUIT_HALF_OPEN;
+		log_info("msg=\"circuit half open: probing the service\" subscription=%s", ds->name);
+	}
+	if (ds->circuit == CIRCUIT_HALF_OPEN)
+		limit = 1;
+	if (c->ordered)
+		busy = calloc(ds->npending + 1, sizeof *busy);
+	for (i = 0; i < ds->npending && ds->inflight < limit; i++) {
+		struct dmsg *dm = ds->pending[i];
+		const char *cid = dm->rec->m->props.correlation_id;
+		int blocked = dm->inflight || !dm->committed || dm->rec->due_at > now;
+
+		if (dm->rec->due_at > now && !dm->inflight && (next == 0 || dm->rec->due_at < next))
+			next = dm->rec->due_at;
+		if (c->ordered && cid) {
+			if (dsub_cid_busy(busy, nbusy, cid))
+				continue;
+			busy[nbusy++] = cid;
+		}
+		if (!blocked)
+			dsub_attempt(ds, dm);
+	}
+	free(busy);
+	if (next > 0)
+		dsub_arm(ds, next);
+}
+
+static void
+dsub_dispatch_cb(evutil_socket_t fd, short what, void *arg)
+{
+	(void)fd;
+	(void)what;
+	dsub_dispatch(arg);
+}
+
+/* ---- from the broker ---- */
+
+static void
+delivery_acked(void *arg, int ok)
+{
+	struct dack *k = arg;
+	struct delivery *dl = k->dl;
+
+	if (!ok) {
+		/* The inbox record was lost with its transaction: give the
+		 * message back so that it comes again. */
+		if (k->dm)
+			dsub_remove(&dl->subs[k->sub], k->dm);
+		if (dl->br && k->epoch == dl->epoch)
+			broker_requeue(dl->br, k->epoch, k->sub, k->tag);
+	} else {
+		if (k->dm) {
+			k->dm->committed = 1;
+			dsub_schedule(&dl->subs[k->sub]);
+		}
+		if (dl->br && k->epoch == dl->epoch)
+			broker_ack(dl->br, k->epoch, k->sub, k->tag);
+	}
+	if (dl->br)
+		broker_kick(dl->br);
+	free(k);
+}
+
+void
+delivery_derive_id(const struct msg *m, char out[40])
+{
+	/* Two FNV-1a 64-bit hashes with different bases over what identifies
+	 * the message: the same message redelivered gets the same id. */
+	uint64_t h1 = 0xcbf29ce484222325ULL, h2 = 0x84222325cbf29ce4ULL;
+	const char *parts[5] = { m->exchange, m->routing_key, m->props.correlation_id,
+	    m->props.type, NULL };
+	size_t i, j;
+	char ts[32];
+
+	snprintf(ts, sizeof ts, "%.0f", m->created_at);
+	parts[4] = ts;
+	for (i = 0; i < 5; i++) {
+		const char *p = parts[i] ? parts[i] : "";
+		for (j = 0; j <= strlen(p); j++) {
+			h1 = (h1 ^ (unsigned char)p[j]) * 0x100000001b3ULL;
+			h2 = (h2 ^ (unsigned char)p[j]) * 0x100000001b3ULL;
+		}
+	}
+	for (j = 0; j < m->body_len; j++) {
+		h1 = (h1 ^ (unsigned char)m->body[j]) * 0x100000001b3ULL;
+		h2 = (h2 ^ (unsigned char)m->body[j]) * 0x100000001b3ULL;
+	}
+	snprintf(out, 40, "sagad-%016llx%016llx", (unsigned long long)h1,
+	    (unsigned long long)h2);
+}
+
+static void
+delivery_take(struct delivery *dl, const struct broker_event *ev)
+{
+	struct dsub *ds = &dl->subs[ev->sub];
+	struct msg *m = ev->msg;
+	struct dack *k = calloc(1, sizeof *k);
+	enum store_put put;
+	int64_t id = 0;
+
+	k->dl = dl;
+	k->sub = ev->sub;
+	k->epoch = ev->epoch;
+	k->tag = (uint64_t)m->seq;
+	if (!m->message_id || !*m->message_id || !util_valid_shortstr(m->message_id, 255)) {
+		char derived[40];
+		delivery_derive_id(m, derived);
+		free(m->message_id);
+		m->message_id = strdup(derived);
+	}
+	put = store_inbox_put(dl->d->store, ds->name, m, util_now(), &id);
+	switch (put) {
+	case STORE_PUT_STORED: {
+		struct dmsg *dm = calloc(1, sizeof *dm);
+		dm->rec = calloc(1, sizeof *dm->rec);
+		dm->rec->id = id;
+		dm->rec->m = m;
+		dm->rec->received_at = util_now();
+		dm->rec->last_error = strdup("");
+		dm->rec->dead_reason = strdup("");
+		dsub_append(ds, dm);
+		k->dm = dm;
+		m = NULL;
+		break;
+	}
+	case STORE_PUT_DUPLICATE:
+		ds->stats.duplicates++;
+		log_debug("msg=\"duplicate dropped\" subscription=%s message_id=%s", ds->name,
+		    m->message_id);
+		break;
+	case STORE_PUT_FULL:
+	case STORE_PUT_ERROR:
+		log_error("msg=\"cannot store a consumed message, giving it back\" subscription=%s",
+		    ds->name);
+		broker_requeue(dl->br, ev->epoch, ev->sub, k->tag);
+		broker_kick(dl->br);
+		free(k);
+		msg_free(m);
+		return;
+	}
+	msg_free(m);
+	/* Acked only once the inbox record is durable. */
+	store_on_commit(dl->d->store, delivery_acked, k);
+	dsub_flow(ds);
+}
+
+void
+delivery_broker_event(void *arg, const struct broker_event *ev)
+{
+	struct delivery *dl = arg;
+	size_t i;
+
+	switch (ev->kind) {
+	case BROKER_EV_UP:
+		dl->epoch = ev->epoch;
+		break;
+	case BROKER_EV_DOWN:
+		dl->epoch = 0;
+		/* The broker forgets our consumers: ask again after the next UP
+		 * as the flow decides. */
+		for (i = 0; i < dl->nsubs; i++)
+			dl->subs[i].consuming = -1;
+		for (i = 0; i < dl->nsubs; i++)
+			dsub_flow(&dl->subs[i]);
+		break;
+	case BROKER_EV_DELIVERY:
+		if (ev->epoch != dl->epoch || dl->d->state == SAGAD_STOPPED) {
+			msg_free(ev->msg);
+			break;
+		}
+		delivery_take(dl, ev);
+		break;
+	case BROKER_EV_TOO_LARGE:
+		dl->subs[ev->sub].stats.too_large++;
+		dl->subs[ev->sub].stats.dead_lettered++;
+		break;
+	default:
+		break;
+	}
+}
+
+/* ---- life ---- */
+
+static int
+dsub_init(struct delivery *dl, struct dsub *ds, int index)
+{
+	const struct conf_subscription *c = &dl->d->conf->subs[index];
+	struct evhttp_uri *u = evhttp_uri_parse(c->deliver);
+	const char *path;
+
+	ds->dl = dl;
+	ds->index = index;
+	ds->name = strdup(c->name);
+	ds->queue = strdup(c->queue);
+	if (asprintf(&ds->dlq, "%s.dlq", c->queue) < 0)
+		return -1;
+	if (!u || !evhttp_uri_get_host(u)) {
+		log_error("msg=\"bad deliver URL\" subscription=%s url=%s", c->name, c->deliver);
+		if (u)
+			evhttp_uri_free(u);
+		return -1;
+	}
+	ds->host = strdup(evhttp_uri_get_host(u));
+	ds->port = evhttp_uri_get_port(u) > 0 ? evhttp_uri_get_port(u) : 80;
+	path = evhttp_uri_get_path(u);
+	if (evhttp_uri_get_query(u)) {
+		if (asprintf(&ds->path, "%s?%s", path && *path ? path : "/",
+		    evhttp_uri_get_query(u)) < 0)
+			ds->path = NULL;
+	} else
+		ds->path = strdup(path && *path ? path : "/");
+	evhttp_uri_free(u);
+	ds->nconns = c->concurrency;
+	ds->conns = calloc(ds->nconns, sizeof *ds->conns);
+	ds->consuming = -1;	/* unknown: the first flow decision tells the broker */
+	ds->dispatch_ev = event_new(dl->d->base, -1, 0, dsub_dispatch_cb, ds);
+	event_priority_set(ds->dispatch_ev, 2);
+	ds->timer_ev = evtimer_new(dl->d->base, dsub_dispatch_cb, ds);
+	histogram_init(&ds->stats.latency, metrics_latency_bounds, metrics_latency_nbounds);
+	dsub_load(ds);
+	if (ds->npending)
+		log_info("msg=\"pending deliveries resumed\" subscription=%s count=%zu",
+		    ds->name, ds->npending);
+	return 0;
+}
+
+struct delivery *
+delivery_new(struct sagad *d)
+{
+	struct delivery *dl = calloc(1, sizeof *dl);
+	size_t i;
+
+	dl->d = d;
+	dl->nsubs = d->conf->n_subs;
+	dl->subs = calloc(dl->nsubs + 1, sizeof *dl->subs);
+	for (i = 0; i < dl->nsubs; i++)
+		if (dsub_init(dl, &dl->subs[i], (int)i) < 0) {
+			delivery_free(dl);
+			return NULL;
+		}
+	return dl;
+}
+
+void
+delivery_set_broker(struct delivery *dl, struct broker *b)
+{
+	size_t i;
+
+	dl->br = b;
+	for (i = 0; i < dl->nsubs; i++) {
+		dsub_flow(&dl->subs[i]);
+		dsub_schedule(&dl->subs[i]);
+	}
+}
+
+void
+delivery_stop(struct delivery *dl)
+{
+	size_t i;
+
+	dl->stopping = 1;
+	for (i = 0; i < dl->nsubs; i++)
+		dsub_flow(&dl->subs[i]);
+}
+
+unsigned
+delivery_inflight(const struct delivery *dl)
+{
+	unsigned n = 0;
+	size_t i;
+
+	for (i = 0; dl && i < dl->nsubs; i++)
+		n += dl->subs[i].inflight;
+	return n;
+}
+
+int
+delivery_connected(const struct delivery *dl)
+{
+	return !dl || dl->nsubs == 0 || dl->epoch != 0;
+}
+
+void
+delivery_free(struct delivery *dl)
+{
+	size_t i, j;
+	int k;
+
+	if (!dl)
+		return;
+	for (i = 0; i < dl->nsubs; i++) {
+		struct dsub *ds = &dl->subs[i];
+		/* Freeing a connection cancels its request; the callback then
+		 * sees SAGAD_STOPPED and only frees its attempt. */
+		for (k = 0; k < ds->nconns; k++)
+			if (ds->conns[k].evcon)
+				evhttp_connection_free(ds->conns[k].evcon);
+		for (j = 0; j < ds->npending; j++) {
+			inbox_rec_free(ds->pending[j]->rec);
+			free(ds->pending[j]);
+		}
+		free(ds->pending);
+		free(ds->conns);
+		if (ds->dispatch_ev)
+			event_free(ds->dispatch_ev);
+		if (ds->timer_ev)
+			event_free(ds->timer_ev);
+		free(ds->name); free(ds->queue); free(ds->dlq);
+		free(ds->host); free(ds->path);
+	}
+	free(dl->subs);
+	free(dl);
+}
+
+/* ---- admin ---- */
+
+int
+delivery_sub_index(const struct delivery *dl, const char *name)
+{
+	size_t i;
+
+	for (i = 0; i < dl->nsubs; i++)
+		if (strcmp(dl->subs[i].name, name) == 0)
+			return (int)i;
+	return -1;
+}
+
+static double
+dsub_oldest_age(const struct dsub *ds)
+{
+	return ds->npending ? util_now() - ds->pending[0]->rec->received_at : 0;
+}
+
+void
+delivery_metrics(struct delivery *dl, struct evbuffer *out)
+{
+	char labels[512];
+	size_t i;
+	int o;
+
+	metrics_family(out, "sagad_delivered_total", "counter",
+	    "Delivery attempts to the service by outcome.");
+	for (i = 0; i < dl->nsubs; i++)
+		for (o = 0; o < OUTCOME_COUNT; o++) {
+			snprintf(labels, sizeof labels, "subscription=\"%s\",outcome=\"%s\"",
+			    dl->subs[i].name, outcome_names[o]);
+			metrics_sample(out, "sagad_delivered_total", labels,
+			    (double)dl->subs[i].stats.outcomes[o]);
+		}
+#define PER_SUB(mname, type, help, expr)					\
+	do {									\
+		metrics_family(out, mname, type, help);				\
+		for (i = 0; i < dl->nsubs; i++) {				\
+			const struct dsub *ds = &dl->subs[i];			\
+			snprintf(labels, sizeof labels, "subscription=\"%s\"", ds->name); \
+			metrics_sample(out, mname, labels, (double)(expr));	\
+		}								\
+	} while (0)
+	PER_SUB("sagad_dead_lettered_total", "counter", "Messages dead-lettered.",
+	    ds->stats.dead_lettered);
+	PER_SUB("sagad_duplicates_total", "counter", "Consumed messages dropped as already seen.",
+	    ds->stats.duplicates);
+	PER_SUB("sagad_too_large_total", "counter", "Consumed messages over max_message_bytes.",
+	    ds->stats.too_large);
+	PER_SUB("sagad_inbox_backlog", "gauge", "Consumed messages waiting for delivery.",
+	    ds->npending);
+	PER_SUB("sagad_inbox_inflight", "gauge", "Deliveries in flight to the service.",
+	    ds->inflight);
+	PER_SUB("sagad_inbox_oldest_age_seconds", "gauge", "Age of the oldest waiting message.",
+	    dsub_oldest_age(ds));
+	PER_SUB("sagad_circuit_open", "gauge", "1 while the service's circuit is open or half open.",
+	    ds->circuit != CIRCUIT_CLOSED);
+	PER_SUB("sagad_consuming", "gauge", "1 while sagad takes messages from the queue.",
+	    ds->consuming == 1);
+#undef PER_SUB
+	metrics_family(out, "sagad_delivery_seconds", "histogram",
+	    "Time from consumption to the recorded outcome.");
+	for (i = 0; i < dl->nsubs; i++) {
+		snprintf(labels, sizeof labels, "subscription=\"%s\"", dl->subs[i].name);
+		metrics_histogram(out, "sagad_delivery_seconds", labels, &dl->subs[i].stats.latency);
+	}
+}
+
+static const char *const circuit_names[] = { "closed", "open", "half-open" };
+
+void *
+delivery_sub_json(struct delivery *dl, int sub)
+{
+	struct dsub *ds = &dl->subs[sub];
+	const struct conf_subscription *c = dsub_conf(ds);
+
+	return json_pack("{s:s,s:s,s:s,s:I,s:i,s:f,s:s,s:b,s:I,s:I,s:I,s:I}",
+	    "name", ds->name, "queue", ds->queue, "deliver", c->deliver,
+	    "backlog", (json_int_t)ds->npending, "inflight", (int)ds->inflight,
+	    "oldest_age_seconds", dsub_oldest_age(ds),
+	    "circuit", circuit_names[ds->circuit], "consuming", ds->consuming == 1,
+	    "delivered_total", (json_int_t)ds->stats.outcomes[OUTCOME_SUCCESS],
+	    "dead_lettered_total", (json_int_t)ds->stats.dead_lettered,
+	    "duplicates_total", (json_int_t)ds->stats.duplicates,
+	    "dead_letters", (json_int_t)store_inbox_count(dl->d->store, ds->name, INBOX_DEAD));
+}
+
+void *
+delivery_dlq_json(struct delivery *dl, int sub, size_t limit)
+{
+	struct dsub *ds = &dl->subs[sub];
+	struct inbox_rec **recs = calloc(limit ? limit : 1, sizeof *recs);
+	json_t *list = json_array();
+	size_t n = 0, i;
+
+	if (store_inbox_load(dl->d->store, ds->name, INBOX_DEAD, 0, limit, recs, &n) < 0) {
+		free(recs);
+		json_decref(list);
+		return NULL;
+	}
+	for (i = 0; i < n; i++) {
+		struct inbox_rec *r = recs[i];
+		json_array_append_new(list, json_pack("{s:I,s:s,s:s,s:s,s:s?,s:s,s:i,s:i,s:s,s:f,s:f,s:I}",
+		    "id", (json_int_t)r->id, "message_id", r->m->message_id,
+		    "exchange", r->m->exchange, "routing_key", r->m->routing_key,
+		    "correlation_id", r->m->props.correlation_id,
+		    "reason", r->dead_reason, "attempts", (int)r->attempts,
+		    "last_status", r->last_status, "last_error", r->last_error,
+		    "received_at", r->received_at, "dead_at", r->finished_at,
+		    "bytes", (json_int_t)r->m->body_len));
+		inbox_rec_free(r);
+	}
+	free(recs);
+	return json_pack("{s:s,s:s,s:I,s:o}", "subscription", ds->name,
+	    "queue", ds->dlq, "count",
+	    (json_int_t)store_inbox_count(dl->d->store, ds->name, INBOX_DEAD),
+	    "messages", list);
+}
+
+int
+delivery_replay(struct delivery *dl, int sub, const char *const *ids, size_t n)
+{
+	struct dsub *ds = &dl->subs[sub];
+	int total = 0, rc;
+	size_t i;
+
+	if (!ids) {
+		total = store_inbox_replay(dl->d->store, ds->name, NULL);
+	} else {
+		for (i = 0; i < n; i++) {
+			rc = store_inbox_replay(dl->d->store, ds->name, ids[i]);
+			if (rc < 0)
+				return -1;
+			total += rc;
+		}
+	}
+	if (total < 0)
+		return -1;
+	if (total > 0) {
+		log_info("msg=\"dead letters replayed\" subscription=%s count=%d", ds->name, total);
+		dsub_load(ds);
+		/* Replayed records were reset in the open transaction: they may
+		 * go out once it commits, which happens at the end of this turn
+		 * before the dispatch event runs (same priority, queued later). */
+		dsub_schedule(ds);
+	}
+	return total;
+}

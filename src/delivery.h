@@ -1,0 +1,61 @@
+/*
+ * Delivery: broker -> inbox -> service. A consumed message is committed to
+ * the store before it is acked to the broker, then POSTed to the
+ * subscription's deliver URL with retries and backoff, dead-lettered when
+ * hopeless, never delivered twice once its success is recorded.
+ */
+#ifndef SAGAD_DELIVERY_H
+#define SAGAD_DELIVERY_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "broker.h"
+#include "metrics.h"
+
+struct sagad;
+struct delivery;
+struct evbuffer;
+
+enum delivery_circuit {
+	CIRCUIT_CLOSED,		/* deliveries flow */
+	CIRCUIT_OPEN,		/* the service keeps failing: wait, take nothing */
+	CIRCUIT_HALF_OPEN	/* one probe delivery decides */
+};
+
+enum delivery_outcome {
+	OUTCOME_SUCCESS,	/* 2xx */
+	OUTCOME_REFUSED,	/* 409/422 answered as a failure reply */
+	OUTCOME_RETRY,		/* 5xx, timeout, connection error: tried again later */
+	OUTCOME_DEAD,		/* dead-lettered */
+	OUTCOME_COUNT
+};
+
+struct delivery_sub_stats {
+	uint64_t outcomes[OUTCOME_COUNT];
+	uint64_t duplicates, dead_lettered, too_large;
+	struct histogram latency;	/* received -> done */
+};
+
+struct delivery *delivery_new(struct sagad *d);
+void delivery_free(struct delivery *dl);
+void delivery_set_broker(struct delivery *dl, struct broker *b);
+/* The consuming connection's events (broker_event_fn). */
+void delivery_broker_event(void *arg, const struct broker_event *ev);
+/* Drain: take nothing more; deliveries in flight finish. */
+void delivery_stop(struct delivery *dl);
+unsigned delivery_inflight(const struct delivery *dl);
+int delivery_connected(const struct delivery *dl);
+
+/* Admin: metrics, dead letters, replay. */
+void delivery_metrics(struct delivery *dl, struct evbuffer *out);
+int delivery_sub_index(const struct delivery *dl, const char *name);
+void *delivery_sub_json(struct delivery *dl, int sub);	/* json_t * */
+void *delivery_dlq_json(struct delivery *dl, int sub, size_t limit);
+/* Put dead letters back through delivery; ids NULL: all. Returns count. */
+int delivery_replay(struct delivery *dl, int sub, const char *const *ids, size_t n);
+
+/* A stable id for a message that came without one (see sagad.8). */
+void delivery_derive_id(const struct msg *m, char out[40]);
+
+#endif
