@@ -92,6 +92,7 @@ struct broker {
 	amqp_connection_state_t conn;
 	uint64_t epoch;
 	unsigned failures;
+	double connected_at;
 	int blocked;
 	enum broker_rx rx;
 	uint64_t rx_remaining;
@@ -863,8 +864,17 @@ broker_hb_cb(evutil_socket_t fd, short what, void *arg)
 static void
 broker_schedule_retry(struct broker *b)
 {
-	double d = util_backoff(b->reconnect_initial, b->reconnect_max, ++b->failures);
-	struct timeval tv = broker_tv(d);
+	double d;
+	struct timeval tv;
+
+	/* A connection that fails soon after it came up (a channel error on
+	 * declare or publish) keeps backing off; one that lived counts as
+	 * healthy and starts the backoff again. */
+	if (b->connected_at > 0 && util_mono() - b->connected_at > 10)
+		b->failures = 0;
+	b->connected_at = 0;
+	d = util_backoff(b->reconnect_initial, b->reconnect_max, ++b->failures);
+	tv = broker_tv(d);
 
 	log_info("msg=\"broker reconnect scheduled\" in_seconds=%.2f attempt=%u", d, b->failures);
 	evtimer_add(b->retry_ev, &tv);
@@ -1105,10 +1115,12 @@ broker_connect_cb(evutil_socket_t fd, short what, void *arg)
 		b->state = BROKER_ST_DOWN;
 		log_warn("msg=\"broker connect failed\" host=%s port=%d reason=\"%s\"",
 		    b->host, b->port, why);
+		broker_post(b, BROKER_EV_DOWN, 0, 0, why);
+		broker_post_flush(b);
 		broker_schedule_retry(b);
 		return;
 	}
-	b->failures = 0;
+	b->connected_at = util_mono();
 	b->epoch++;
 	b->next_tag = 1;	/* confirm sequence numbers restart per channel */
 	b->head_tag = 1;

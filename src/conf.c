@@ -1,6 +1,9 @@
 #include "conf.h"
 
 #include <amqp.h>
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <pwd.h>
 #include <glob.h>
 #include <libconfig.h>
 #include <libgen.h>
@@ -95,6 +98,9 @@ conf_err(struct conf_ctx *ctx, const config_setting_t *s, const char *fmt, ...)
 static void conf_exchanges(struct conf_ctx *, config_setting_t *, void *);
 static void conf_subscriptions(struct conf_ctx *, config_setting_t *, void *);
 static void conf_binds(struct conf_ctx *, config_setting_t *, void *);
+static void conf_sagas(struct conf_ctx *, config_setting_t *, void *);
+static void conf_steps(struct conf_ctx *, config_setting_t *, void *);
+static void conf_bind_one(struct conf_ctx *, config_setting_t *, void *);
 
 #define B(f) offsetof(struct sagad_conf, broker.f)
 static const struct conf_key conf_tls_keys[] = {
@@ -164,6 +170,35 @@ static const struct conf_key conf_sub_keys[] = {
 	{ NULL, 0, 0, 0, 0, NULL, NULL }
 };
 #undef U
+/* "exchange:key" strings land in a struct conf_binding at off. */
+#define SB(f) offsetof(struct conf_saga_step, f)
+static const struct conf_key conf_step_keys[] = {
+	{ "name", CONF_STR, SB(name), 0, 0, NULL, NULL },
+	{ "command", CONF_CUSTOM, SB(command), 0, 0, NULL, conf_bind_one },
+	{ "compensate", CONF_CUSTOM, SB(compensate), 0, 0, NULL, conf_bind_one },
+	{ "success", CONF_CUSTOM, SB(success), 0, 0, NULL, conf_bind_one },
+	{ "failure", CONF_CUSTOM, SB(failure), 0, 0, NULL, conf_bind_one },
+	{ "timeout", CONF_DUR, SB(timeout), 0, 86400 * 30, NULL, NULL },
+	{ "attempts", CONF_INT, SB(attempts), 1, 1000, NULL, NULL },
+	{ NULL, 0, 0, 0, 0, NULL, NULL }
+};
+#undef SB
+#define SG(f) offsetof(struct conf_saga, f)
+static const struct conf_key conf_saga_keys[] = {
+	{ "name", CONF_STR, SG(name), 0, 0, NULL, NULL },
+	{ "mode", CONF_STR, SG(mode_name), 0, 0, NULL, NULL },
+	{ "start", CONF_CUSTOM, SG(start), 0, 0, NULL, conf_bind_one },
+	{ "timeout", CONF_DUR, SG(timeout), 0, 86400 * 365, NULL, NULL },
+	{ "steps", CONF_CUSTOM, 0, 0, 0, NULL, conf_steps },
+	{ "completed", CONF_CUSTOM, SG(completed), 0, 0, NULL, conf_bind_one },
+	{ "compensated", CONF_CUSTOM, SG(compensated), 0, 0, NULL, conf_bind_one },
+	{ "compensate_attempts", CONF_INT, SG(compensate_attempts), 1, 1000000, NULL, NULL },
+	{ "compensate_timeout", CONF_DUR, SG(compensate_timeout), 0.01, 86400, NULL, NULL },
+	{ "retry_initial", CONF_DUR, SG(retry_initial), 0.001, 86400, NULL, NULL },
+	{ "retry_max", CONF_DUR, SG(retry_max), 0.001, 86400, NULL, NULL },
+	{ NULL, 0, 0, 0, 0, NULL, NULL }
+};
+#undef SG
 #define T(f) offsetof(struct sagad_conf, f)
 static const struct conf_key conf_top_keys[] = {
 	{ "service", CONF_STR, T(service), 0, 0, NULL, NULL },
@@ -175,6 +210,7 @@ static const struct conf_key conf_top_keys[] = {
 	{ "outbox", CONF_GROUP, 0, 0, 0, conf_outbox_keys, NULL },
 	{ "exchanges", CONF_CUSTOM, 0, 0, 0, NULL, conf_exchanges },
 	{ "subscriptions", CONF_CUSTOM, 0, 0, 0, NULL, conf_subscriptions },
+	{ "sagas", CONF_CUSTOM, 0, 0, 0, NULL, conf_sagas },
 	{ NULL, 0, 0, 0, 0, NULL, NULL }
 };
 #undef T
@@ -298,7 +334,7 @@ conf_walk(struct conf_ctx *ctx, config_setting_t *group,
 			}
 			conf_walk(ctx, s, k->sub, base, name);
 		} else if (k->kind == CONF_CUSTOM)
-			k->fn(ctx, s, base);
+			k->fn(ctx, s, (char *)base + k->off);
 		else
 			conf_value(ctx, s, k, base);
 	}
@@ -420,6 +456,75 @@ conf_binds(struct conf_ctx *ctx, config_setting_t *list, void *base)
 }
 
 static void
+conf_bind_one(struct conf_ctx *ctx, config_setting_t *s, void *dst)
+{
+	struct conf_binding *b = dst;
+	const char *v = config_setting_get_string(s);
+
+	if (!v || conf_split_binding(v, b) < 0 || !*b->key) {
+		if (v && b->exchange) {
+			free(b->exchange);
+			free(b->key);
+		}
+		memset(b, 0, sizeof *b);
+		conf_err(ctx, s, "'%s' must be \"exchange:routing-key\"", config_setting_name(s));
+	}
+}
+
+static void
+conf_steps(struct conf_ctx *ctx, config_setting_t *list, void *base)
+{
+	struct conf_saga *sg = base;
+	int i, n;
+
+	if (!config_setting_is_list(list)) {
+		conf_err(ctx, list, "'steps' must be a list ( { name = ...; }, ... )");
+		return;
+	}
+	n = config_setting_length(list);
+	sg->steps = calloc(n ? n : 1, sizeof *sg->steps);
+	for (i = 0; i < n; i++) {
+		config_setting_t *e = config_setting_get_elem(list, i);
+		struct conf_saga_step *st = &sg->steps[sg->n_steps++];
+
+		st->attempts = 3;
+		if (!config_setting_is_group(e)) {
+			conf_err(ctx, e, "each step must be a group { name = ...; }");
+			continue;
+		}
+		conf_walk(ctx, e, conf_step_keys, st, "step");
+	}
+}
+
+static void
+conf_sagas(struct conf_ctx *ctx, config_setting_t *list, void *base)
+{
+	struct sagad_conf *conf = base;
+	int i, n;
+
+	if (!config_setting_is_list(list)) {
+		conf_err(ctx, list, "'sagas' must be a list ( { name = ...; }, ... )");
+		return;
+	}
+	n = config_setting_length(list);
+	conf->sagas = calloc(n ? n : 1, sizeof *conf->sagas);
+	for (i = 0; i < n; i++) {
+		config_setting_t *e = config_setting_get_elem(list, i);
+		struct conf_saga *sg = &conf->sagas[conf->n_sagas++];
+
+		sg->compensate_attempts = 10;
+		sg->compensate_timeout = 10;
+		sg->retry_initial = 0.5;
+		sg->retry_max = 30;
+		if (!config_setting_is_group(e)) {
+			conf_err(ctx, e, "each saga must be a group { name = ...; }");
+			continue;
+		}
+		conf_walk(ctx, e, conf_saga_keys, sg, "saga");
+	}
+}
+
+static void
 conf_sub_defaults(struct conf_subscription *s)
 {
 	s->queue_type = strdup("quorum");
@@ -450,7 +555,6 @@ conf_subscriptions(struct conf_ctx *ctx, config_setting_t *list, void *base)
 		struct conf_subscription *s = &conf->subs[conf->n_subs++];
 
 		conf_sub_defaults(s);
-		s->line = config_setting_source_line(e);
 		if (!config_setting_is_group(e)) {
 			conf_err(ctx, e, "each subscription must be a group { name = ...; }");
 			continue;
@@ -483,8 +587,8 @@ conf_check_subs(struct conf_ctx *ctx, config_t *cfg, struct sagad_conf *c)
 
 		if (!s->name)
 			continue;
-		if (!util_valid_exchange(s->name))
-			conf_err(ctx, e, "subscription name '%s' must be 1-255 of A-Z a-z 0-9 - _ . :", s->name);
+		if (!util_valid_exchange(s->name) || s->name[0] == '_')
+			conf_err(ctx, e, "subscription name '%s' must be 1-255 of A-Z a-z 0-9 - _ . : and not start with _", s->name);
 		for (j = 0; j < i; j++)
 			if (c->subs[j].name && strcmp(c->subs[j].name, s->name) == 0)
 				conf_err(ctx, e, "subscription '%s' is defined twice", s->name);
@@ -510,6 +614,141 @@ conf_check_subs(struct conf_ctx *ctx, config_t *cfg, struct sagad_conf *c)
 			s->max_pending = 4 * s->concurrency;
 		if (s->retry_max < s->retry_initial)
 			conf_err(ctx, e, "subscription '%s': retry_max is below retry_initial", s->name);
+	}
+}
+
+static int
+conf_has_binding(const struct conf_binding *b)
+{
+	return b->exchange != NULL;
+}
+
+static void
+conf_check_binding(struct conf_ctx *ctx, config_setting_t *e, const struct sagad_conf *c,
+    const char *saga, const char *what, const struct conf_binding *b)
+{
+	if (conf_has_binding(b) && !conf_bound_exchange_ok(c, b->exchange))
+		conf_err(ctx, e, "saga '%s': %s uses exchange '%s', which is not in 'exchanges'",
+		    saga, what, b->exchange);
+}
+
+static void
+conf_add_saga_bind(struct conf_subscription *s, const struct conf_binding *b)
+{
+	size_t i;
+
+	if (!conf_has_binding(b))
+		return;
+	for (i = 0; i < s->n_binds; i++)
+		if (strcmp(s->binds[i].exchange, b->exchange) == 0 &&
+		    strcmp(s->binds[i].key, b->key) == 0)
+			return;
+	s->binds = realloc(s->binds, (s->n_binds + 1) * sizeof *s->binds);
+	s->binds[s->n_binds].exchange = strdup(b->exchange);
+	s->binds[s->n_binds].key = strdup(b->key);
+	s->n_binds++;
+}
+
+/* The saga engine consumes one queue of its own: the start events, the
+ * choreographed steps' events and the replies to its commands (sent to
+ * the same queue through the default exchange). */
+static void
+conf_saga_subscription(struct sagad_conf *c)
+{
+	struct conf_subscription *s;
+	size_t i, j;
+
+	if (!c->n_sagas || !c->service)
+		return;
+	if (asprintf(&c->saga_queue, "%s.sagas", c->service) < 0)
+		return;
+	c->subs = realloc(c->subs, (c->n_subs + 1) * sizeof *c->subs);
+	s = &c->subs[c->n_subs++];
+	memset(s, 0, sizeof *s);
+	conf_sub_defaults(s);
+	s->name = strdup("_sagas");
+	s->queue = strdup(c->saga_queue);
+	s->deliver = strdup("internal:sagas");
+	s->internal = 1;
+	s->concurrency = 64;
+	s->max_pending = 4096;
+	for (i = 0; i < c->n_sagas; i++) {
+		conf_add_saga_bind(s, &c->sagas[i].start);
+		for (j = 0; j < c->sagas[i].n_steps; j++) {
+			if (c->sagas[i].mode != SAGA_CHOREOGRAPHED)
+				continue;
+			conf_add_saga_bind(s, &c->sagas[i].steps[j].success);
+			conf_add_saga_bind(s, &c->sagas[i].steps[j].failure);
+		}
+	}
+}
+
+static void
+conf_check_sagas(struct conf_ctx *ctx, config_t *cfg, struct sagad_conf *c)
+{
+	config_setting_t *list = config_lookup(cfg, "sagas");
+	size_t i, j, k;
+
+	for (i = 0; i < c->n_sagas; i++) {
+		struct conf_saga *sg = &c->sagas[i];
+		config_setting_t *e = list ? config_setting_get_elem(list, i) : NULL;
+		config_setting_t *steps = e ? config_setting_lookup(e, "steps") : NULL;
+		const char *n = sg->name ? sg->name : "?";
+
+		if (!sg->name)
+			conf_err(ctx, e, "saga without a 'name'");
+		else if (!util_valid_exchange(sg->name))
+			conf_err(ctx, e, "saga name '%s' must be 1-255 of A-Z a-z 0-9 - _ . :", sg->name);
+		for (j = 0; sg->name && j < i; j++)
+			if (c->sagas[j].name && strcmp(c->sagas[j].name, sg->name) == 0)
+				conf_err(ctx, e, "saga '%s' is defined twice", sg->name);
+		if (!sg->mode_name || strcmp(sg->mode_name, "orchestrated") == 0)
+			sg->mode = SAGA_ORCHESTRATED;
+		else if (strcmp(sg->mode_name, "choreographed") == 0)
+			sg->mode = SAGA_CHOREOGRAPHED;
+		else
+			conf_err(ctx, e, "saga '%s': mode must be orchestrated or choreographed", n);
+		if (!conf_has_binding(&sg->start))
+			conf_err(ctx, e, "saga '%s' needs 'start' (\"exchange:routing-key\")", n);
+		if (!sg->n_steps)
+			conf_err(ctx, e, "saga '%s' needs at least one step", n);
+		conf_check_binding(ctx, e, c, n, "start", &sg->start);
+		conf_check_binding(ctx, e, c, n, "completed", &sg->completed);
+		conf_check_binding(ctx, e, c, n, "compensated", &sg->compensated);
+		if (sg->retry_max < sg->retry_initial)
+			conf_err(ctx, e, "saga '%s': retry_max is below retry_initial", n);
+		for (j = 0; j < sg->n_steps; j++) {
+			struct conf_saga_step *st = &sg->steps[j];
+			config_setting_t *se = steps ? config_setting_get_elem(steps, j) : e;
+			const char *sn = st->name ? st->name : "?";
+
+			if (!st->name) {
+				conf_err(ctx, se, "saga '%s': step without a 'name'", n);
+				continue;
+			}
+			if (!util_valid_exchange(st->name))
+				conf_err(ctx, se, "saga '%s': step name '%s' must be 1-255 of A-Z a-z 0-9 - _ . :", n, st->name);
+			for (k = 0; k < j; k++)
+				if (sg->steps[k].name && strcmp(sg->steps[k].name, st->name) == 0)
+					conf_err(ctx, se, "saga '%s': step '%s' is defined twice", n, st->name);
+			if (sg->mode == SAGA_ORCHESTRATED) {
+				if (!conf_has_binding(&st->command))
+					conf_err(ctx, se, "saga '%s': step '%s' needs a 'command' (orchestrated)", n, sn);
+				if (conf_has_binding(&st->success) || conf_has_binding(&st->failure))
+					conf_err(ctx, se, "saga '%s': step '%s': success/failure events are for choreographed sagas", n, sn);
+			} else {
+				if (!conf_has_binding(&st->success))
+					conf_err(ctx, se, "saga '%s': step '%s' needs a 'success' event (choreographed)", n, sn);
+				if (conf_has_binding(&st->command))
+					conf_err(ctx, se, "saga '%s': step '%s': commands are for orchestrated sagas", n, sn);
+			}
+			conf_check_binding(ctx, se, c, n, "command", &st->command);
+			conf_check_binding(ctx, se, c, n, "compensate", &st->compensate);
+			conf_check_binding(ctx, se, c, n, "success", &st->success);
+			conf_check_binding(ctx, se, c, n, "failure", &st->failure);
+			if (st->timeout <= 0)
+				st->timeout = sg->timeout > 0 ? sg->timeout : 30;
+		}
 	}
 }
 
@@ -608,13 +847,38 @@ conf_valid_listen(const char *v)
 	return *end == '\0' && colon[1] != '\0' && port >= 0 && port <= 65535;
 }
 
+static int
+conf_listen_is_local(const char *spec)
+{
+	char host[256];
+	const char *colon = strrchr(spec, ':');
+	struct in_addr a4;
+	struct in6_addr a6;
+
+	if (strncmp(spec, "unix:", 5) == 0)
+		return 1;
+	snprintf(host, sizeof host, "%.*s", colon ? (int)(colon - spec) : 0, spec);
+	if (host[0] == '[' && strlen(host) > 1) {
+		memmove(host, host + 1, strlen(host));
+		host[strlen(host) - 1] = '\0';
+	}
+	if (strcmp(host, "localhost") == 0)
+		return 1;
+	if (inet_pton(AF_INET, host, &a4) == 1)
+		return (ntohl(a4.s_addr) >> 24) == 127;
+	if (inet_pton(AF_INET6, host, &a6) == 1)
+		return IN6_IS_ADDR_LOOPBACK(&a6);
+	return 0;
+}
+
 static void
 conf_check(struct conf_ctx *ctx, config_t *cfg, struct sagad_conf *c)
 {
 	config_setting_t *s;
 
 	if (!c->service) {
-		conf_err(ctx, NULL, "missing required key 'service'");
+		if (!config_lookup(cfg, "service"))
+			conf_err_push(ctx->errs, "%s:1: missing required key 'service'", ctx->main_file);
 	} else if (!util_valid_exchange(c->service)) {
 		conf_err(ctx, config_lookup(cfg, "service"),
 		    "'service' must be 1-255 of A-Z a-z 0-9 - _ . :");
@@ -630,6 +894,11 @@ conf_check(struct conf_ctx *ctx, config_t *cfg, struct sagad_conf *c)
 	if (!conf_valid_listen(c->api.admin_listen))
 		conf_err(ctx, config_lookup(cfg, "api.admin_listen"),
 		    "'admin_listen' must be HOST:PORT or unix:/path");
+	else if (!c->api.admin_allow_remote && !conf_listen_is_local(c->api.admin_listen))
+		conf_err(ctx, config_lookup(cfg, "api.admin_listen"),
+		    "'admin_listen' is not loopback or a unix socket (set admin_allow_remote = true to allow it)");
+	if (c->user && !getpwnam(c->user))
+		conf_err(ctx, config_lookup(cfg, "user"), "unknown user '%s'", c->user);
 	if (c->api.token_file) {
 		c->api.token = util_read_secret(c->api.token_file);
 		if (!c->api.token || !*c->api.token)
@@ -643,6 +912,9 @@ conf_check(struct conf_ctx *ctx, config_t *cfg, struct sagad_conf *c)
 		conf_err(ctx, config_lookup(cfg, "broker"),
 		    "broker reconnect_max is below reconnect_initial");
 	conf_check_subs(ctx, cfg, c);
+	conf_check_sagas(ctx, cfg, c);
+	if (!ctx->errs->n)
+		conf_saga_subscription(c);
 }
 
 /*
@@ -650,6 +922,31 @@ conf_check(struct conf_ctx *ctx, config_t *cfg, struct sagad_conf *c)
  * @include with a glob pattern (conf.d/NAME.conf with a star) is rewritten to include a generated file that
  * lists the matches, one @include each: the line count of the main file
  * stays the same, so every error keeps its true FILE:LINE.
+ */
+static int
+conf_include_line(const char *line, size_t n, const char **q, const char **e)
+{
+	const char *p = line;
+
+	while (p < line + n && (*p == ' ' || *p == '\t'))
+		p++;
+	if (strncmp(p, "@include", 8) != 0)
+		return 0;
+	*q = memchr(p, '"', line + n - p);
+	if (!*q)
+		return 0;
+	*e = memchr(*q + 1, '"', line + n - (*q + 1));
+	return *e != NULL;
+}
+
+/*
+ * libconfig 1.5 includes one literal file per @include and puts its
+ * include directory in front of every path, even an absolute one. So the
+ * directory is left unset and every @include of the main file is rewritten
+ * to an absolute path (relative paths are relative to the main file); a
+ * pattern such as conf.d/NAME.conf with a star becomes one generated file
+ * that includes each match. The main file keeps its line count, so every
+ * error keeps its true FILE:LINE.
  */
 static char *
 conf_expand_includes(const char *text, const char *dir, char ***tmpfiles,
@@ -662,23 +959,24 @@ conf_expand_includes(const char *text, const char *dir, char ***tmpfiles,
 	while (*line) {
 		const char *eol = strchr(line, '\n');
 		size_t n = eol ? (size_t)(eol - line + 1) : strlen(line);
-		const char *p = line, *q, *e;
+		const char *q, *e;
+		char pat[4096], tmpl[] = "/tmp/sagad-include-XXXXXX", *target = NULL;
 
-		while (p < line + n && (*p == ' ' || *p == '\t'))
-			p++;
-		if (strncmp(p, "@include", 8) == 0 && (q = strchr(p, '"')) &&
-		    q < line + n && (e = strchr(q + 1, '"')) && e < line + n &&
-		    strpbrk(q + 1, "*?[") && strpbrk(q + 1, "*?[") < e) {
-			char pat[4096], tmpl[] = "/tmp/sagad-include-XXXXXX";
+		if (!conf_include_line(line, n, &q, &e)) {
+			memcpy(out + len, line, n);
+			len += n;
+			line += n;
+			continue;
+		}
+		snprintf(pat, sizeof pat, "%s%s%.*s", q[1] == '/' ? "" : dir,
+		    q[1] == '/' ? "" : "/", (int)(e - q - 1), q + 1);
+		if (memchr(q + 1, '*', e - q - 1) || memchr(q + 1, '?', e - q - 1) ||
+		    memchr(q + 1, '[', e - q - 1)) {
 			glob_t g;
 			FILE *f;
-			int fd;
+			int fd = mkstemp(tmpl);
 			size_t i;
 
-			snprintf(pat, sizeof pat, "%s%s%.*s",
-			    q[1] == '/' ? "" : dir, q[1] == '/' ? "" : "/",
-			    (int)(e - q - 1), q + 1);
-			fd = mkstemp(tmpl);
 			if (fd >= 0 && (f = fdopen(fd, "w"))) {
 				if (glob(pat, 0, NULL, &g) == 0) {
 					for (i = 0; i < g.gl_pathc; i++)
@@ -688,17 +986,15 @@ conf_expand_includes(const char *text, const char *dir, char ***tmpfiles,
 				fclose(f);
 				*tmpfiles = realloc(*tmpfiles, (*ntmp + 1) * sizeof **tmpfiles);
 				(*tmpfiles)[(*ntmp)++] = strdup(tmpl);
-				cap += strlen(tmpl) + 16;
-				out = realloc(out, cap);
-				len += sprintf(out + len, "@include \"%s\"%s", tmpl, eol ? "\n" : "");
-				line += n;
-				continue;
-			}
-			if (fd >= 0)
+				target = tmpl;
+			} else if (fd >= 0)
 				close(fd);
 		}
-		memcpy(out + len, line, n);
-		len += n;
+		if (!target)
+			target = pat;
+		cap += strlen(target) + 16;
+		out = realloc(out, cap);
+		len += sprintf(out + len, "@include \"%s\"%s", target, eol ? "\n" : "");
 		line += n;
 	}
 	out[len] = '\0';
@@ -717,7 +1013,6 @@ conf_load_string(const char *text, const char *name, const char *include_dir,
 	int ok;
 
 	config_init(&cfg);
-	config_set_include_dir(&cfg, include_dir);
 	expanded = conf_expand_includes(text, include_dir, &tmpfiles, &ntmp);
 	ok = config_read_string(&cfg, expanded);
 	free(expanded);
@@ -777,6 +1072,13 @@ conf_load(const char *path, struct conf_errors *errs)
 	return c;
 }
 
+static void
+conf_free_binding(struct conf_binding *b)
+{
+	free(b->exchange);
+	free(b->key);
+}
+
 void
 conf_free(struct sagad_conf *c)
 {
@@ -808,7 +1110,36 @@ conf_free(struct sagad_conf *c)
 		free(s->binds);
 	}
 	free(c->subs);
+	for (i = 0; i < c->n_sagas; i++) {
+		struct conf_saga *sg = &c->sagas[i];
+		size_t j;
+		free(sg->name); free(sg->mode_name);
+		conf_free_binding(&sg->start);
+		conf_free_binding(&sg->completed);
+		conf_free_binding(&sg->compensated);
+		for (j = 0; j < sg->n_steps; j++) {
+			free(sg->steps[j].name);
+			conf_free_binding(&sg->steps[j].command);
+			conf_free_binding(&sg->steps[j].compensate);
+			conf_free_binding(&sg->steps[j].success);
+			conf_free_binding(&sg->steps[j].failure);
+		}
+		free(sg->steps);
+	}
+	free(c->sagas);
+	free(c->saga_queue);
 	free(c);
+}
+
+const struct conf_saga *
+conf_saga(const struct sagad_conf *conf, const char *name)
+{
+	size_t i;
+
+	for (i = 0; i < conf->n_sagas; i++)
+		if (conf->sagas[i].name && strcmp(conf->sagas[i].name, name) == 0)
+			return &conf->sagas[i];
+	return NULL;
 }
 
 const struct conf_subscription *

@@ -31,7 +31,36 @@ struct conf_subscription {
 	int circuit_failures;	/* consecutive failures that open the circuit */
 	double circuit_open;	/* seconds before a probe */
 	int64_t max_message_bytes;
-	int line;		/* where it was defined, for later checks */
+	int internal;		/* consumed by the saga engine, not over HTTP */
+};
+
+enum saga_mode {
+	SAGA_ORCHESTRATED,	/* sagad sends the commands */
+	SAGA_CHOREOGRAPHED	/* services react to events; sagad watches */
+};
+
+struct conf_saga_step {
+	char *name;
+	struct conf_binding command;	/* orchestrated */
+	struct conf_binding compensate;	/* optional */
+	struct conf_binding success;	/* choreographed */
+	struct conf_binding failure;	/* choreographed, optional */
+	double timeout;			/* per command attempt; 0: saga's */
+	int attempts;			/* command sends before the step times out */
+};
+
+struct conf_saga {
+	char *name;
+	char *mode_name;
+	enum saga_mode mode;
+	struct conf_binding start;
+	double timeout;			/* whole saga; 0: none */
+	struct conf_saga_step *steps;
+	size_t n_steps;
+	struct conf_binding completed, compensated;	/* optional */
+	int compensate_attempts;
+	double compensate_timeout;	/* wait for a compensation reply */
+	double retry_initial, retry_max;	/* between compensation attempts */
 };
 
 struct conf_broker {
@@ -83,6 +112,9 @@ struct sagad_conf {
 	size_t n_exchanges;
 	struct conf_subscription *subs;
 	size_t n_subs;
+	struct conf_saga *sagas;
+	size_t n_sagas;
+	char *saga_queue;	/* <service>.sagas: starts, events and replies */
 };
 
 /* Errors collected while loading, each "FILE:LINE: message". */
@@ -103,6 +135,7 @@ void conf_errors_clear(struct conf_errors *errs);
 const struct conf_exchange *conf_exchange(const struct sagad_conf *conf,
     const char *name);
 
+const struct conf_saga *conf_saga(const struct sagad_conf *conf, const char *name);
 const struct conf_subscription *conf_subscription(const struct sagad_conf *conf,
     const char *name);
 

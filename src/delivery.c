@@ -44,6 +44,8 @@ struct dsub {
 	struct event *dispatch_ev, *timer_ev;
 	double timer_at;
 	struct delivery_sub_stats stats;
+	delivery_handler_fn *handler;	/* internal subscription */
+	void *handler_arg;
 };
 
 struct delivery {
@@ -215,9 +217,13 @@ dsub_reply(struct dsub *ds, struct dmsg *dm, struct evhttp_request *req, int suc
 	const char *h;
 	struct msg m;
 
+	char id[37];
+
 	memset(&m, 0, sizeof m);
-	if (asprintf(&m.message_id, "%s.reply", in->message_id) < 0)
-		return;
+	/* A fresh id: a command refused, then sent again with the same id,
+	 * gets a second reply that must not look like a repeat of the first. */
+	util_uuid7(id);
+	m.message_id = strdup(id);
 	m.exchange = strdup("");
 	m.routing_key = strdup(in->props.reply_to);
 	if (ct && util_valid_shortstr(ct, 255))
@@ -366,10 +372,14 @@ delivery_answered(struct dattempt *a, struct evhttp_request *req)
 	} else if (status == 409 || status == 422) {
 		dsub_circuit_ok(ds);
 		if (dm->rec->m->props.reply_to) {
-			/* A business refusal of a command is its failure reply. */
+			/* A business refusal of a command is its failure reply.
+			 * The record is forgotten: the sender may try the same
+			 * command (same id) again later, and then it must reach
+			 * the service. */
 			ds->stats.outcomes[OUTCOME_REFUSED]++;
 			dsub_reply(ds, dm, req, 0);
-			dsub_done(ds, dm, status);
+			store_inbox_forget(ds->dl->d->store, dm->rec->id);
+			dsub_remove(ds, dm);
 		} else {
 			dsub_dead_letter(ds, dm, "rejected", status, "refused by the service");
 			dsub_remove(ds, dm);
@@ -683,7 +693,17 @@ delivery_take(struct delivery *dl, const struct broker_event *ev)
 	}
 	put = store_inbox_put(dl->d->store, ds->name, m, util_now(), &id);
 	switch (put) {
-	case STORE_PUT_STORED: {
+	case STORE_PUT_STORED:
+		if (ds->handler) {
+			/* Same transaction: the inbox record, what the handler
+			 * changes and the messages it causes commit together,
+			 * and only then is the message acked. */
+			ds->handler(ds->handler_arg, m);
+			store_inbox_done(dl->d->store, id, util_now(), 200);
+			ds->stats.outcomes[OUTCOME_SUCCESS]++;
+			break;
+		}
+		{
 		struct dmsg *dm = calloc(1, sizeof *dm);
 		dm->rec = calloc(1, sizeof *dm->rec);
 		dm->rec->id = id;
@@ -694,8 +714,8 @@ delivery_take(struct delivery *dl, const struct broker_event *ev)
 		dsub_append(ds, dm);
 		k->dm = dm;
 		m = NULL;
+		}
 		break;
-	}
 	case STORE_PUT_DUPLICATE:
 		ds->stats.duplicates++;
 		log_debug("msg=\"duplicate dropped\" subscription=%s message_id=%s", ds->name,
@@ -767,6 +787,16 @@ dsub_init(struct delivery *dl, struct dsub *ds, int index)
 	ds->queue = strdup(c->queue);
 	if (asprintf(&ds->dlq, "%s.dlq", c->queue) < 0)
 		return -1;
+	ds->dispatch_ev = event_new(dl->d->base, -1, 0, dsub_dispatch_cb, ds);
+	event_priority_set(ds->dispatch_ev, 2);
+	ds->timer_ev = evtimer_new(dl->d->base, dsub_dispatch_cb, ds);
+	histogram_init(&ds->stats.latency, metrics_latency_bounds, metrics_latency_nbounds);
+	ds->consuming = -1;	/* unknown: the first flow decision tells the broker */
+	if (c->internal) {
+		if (u)
+			evhttp_uri_free(u);
+		return 0;
+	}
 	if (!u || !evhttp_uri_get_host(u)) {
 		log_error("msg=\"bad deliver URL\" subscription=%s url=%s", c->name, c->deliver);
 		if (u)
@@ -785,11 +815,6 @@ dsub_init(struct delivery *dl, struct dsub *ds, int index)
 	evhttp_uri_free(u);
 	ds->nconns = c->concurrency;
 	ds->conns = calloc(ds->nconns, sizeof *ds->conns);
-	ds->consuming = -1;	/* unknown: the first flow decision tells the broker */
-	ds->dispatch_ev = event_new(dl->d->base, -1, 0, dsub_dispatch_cb, ds);
-	event_priority_set(ds->dispatch_ev, 2);
-	ds->timer_ev = evtimer_new(dl->d->base, dsub_dispatch_cb, ds);
-	histogram_init(&ds->stats.latency, metrics_latency_bounds, metrics_latency_nbounds);
 	dsub_load(ds);
 	if (ds->npending)
 		log_info("msg=\"pending deliveries resumed\" subscription=%s count=%zu",
@@ -824,6 +849,13 @@ delivery_set_broker(struct delivery *dl, struct broker *b)
 		dsub_flow(&dl->subs[i]);
 		dsub_schedule(&dl->subs[i]);
 	}
+}
+
+void
+delivery_set_handler(struct delivery *dl, int sub, delivery_handler_fn *fn, void *arg)
+{
+	dl->subs[sub].handler = fn;
+	dl->subs[sub].handler_arg = arg;
 }
 
 void

@@ -55,6 +55,12 @@ void *delivery_dlq_json(struct delivery *dl, int sub, size_t limit);
 /* Put dead letters back through delivery; ids NULL: all. Returns count. */
 int delivery_replay(struct delivery *dl, int sub, const char *const *ids, size_t n);
 
+/* Internal subscriptions (the saga engine) are handled in the loop, inside
+ * the transaction that records the inbox entry, instead of over HTTP. */
+typedef void delivery_handler_fn(void *arg, const struct msg *m);
+void delivery_set_handler(struct delivery *dl, int sub, delivery_handler_fn *fn,
+    void *arg);
+
 /* A stable id for a message that came without one (see sagad.8). */
 void delivery_derive_id(const struct msg *m, char out[40]);
 

@@ -43,6 +43,20 @@ ingress_fail(const char **error, char *why, size_t whylen, const char *code,
 	return -1;
 }
 
+/* The exchanges every RabbitMQ vhost has. */
+static int
+ingress_builtin_exchange(const char *ex)
+{
+	static const char *const names[] = { "amq.direct", "amq.fanout", "amq.topic",
+	    "amq.headers", "amq.match", NULL };
+	int i;
+
+	for (i = 0; names[i]; i++)
+		if (strcmp(names[i], ex) == 0)
+			return 1;
+	return 0;
+}
+
 /* "exchange/routing.key" -> decoded names; the key may contain '/'. */
 static int
 ingress_parse_path(const struct sagad_conf *conf, const char *path, struct msg *m,
@@ -74,7 +88,7 @@ ingress_parse_path(const struct sagad_conf *conf, const char *path, struct msg *
 	else if (!util_valid_exchange(ex))
 		return ingress_fail(error, why, whylen, "bad-exchange",
 		    "exchange names are 1-255 of A-Z a-z 0-9 - _ . : (or - for the default exchange)");
-	else if (conf->n_exchanges && !conf_exchange(conf, ex) && strncmp(ex, "amq.", 4) != 0)
+	else if (conf->n_exchanges && !conf_exchange(conf, ex) && !ingress_builtin_exchange(ex))
 		return ingress_fail(error, why, whylen, "unknown-exchange",
 		    "exchange is not in the configured exchanges");
 	if (!util_valid_shortstr(key, 255))

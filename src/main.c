@@ -196,6 +196,21 @@ expire_ids(evutil_socket_t fd, short what, void *arg)
 	evtimer_add(sm->expire_ev, &tv);
 }
 
+static int sagad_exit_status = EXIT_OK;
+
+static void
+store_fatal(void *arg, const char *why)
+{
+	struct sagad *d = arg;
+	char q[600];
+
+	log_error("msg=\"store unusable, stopping\" path=%s error=%s", d->conf->store.path,
+	    log_quote(q, sizeof q, why));
+	sagad_exit_status = EXIT_FATAL;
+	d->state = SAGAD_STOPPED;
+	event_base_loopexit(d->base, NULL);
+}
+
 static int
 drop_privileges(const struct sagad_conf *c)
 {
@@ -247,6 +262,7 @@ sagad_run(struct sagad_main *sm)
 	d->store = store_open(d->conf->store.path, d->base, d->conf->store.max_bytes, &err);
 	if (!d->store)
 		goto fatal;
+	store_set_fatal(d->store, store_fatal, d);
 	d->ingress = ingress_new(d, &err);
 	if (!d->ingress)
 		goto fatal;
@@ -308,8 +324,8 @@ sagad_run(struct sagad_main *sm)
 	if (sm->drain_ev)
 		event_free(sm->drain_ev);
 	event_base_free(d->base);
-	log_info("msg=\"sagad stopped\"");
-	return EXIT_OK;
+	log_info("msg=\"sagad stopped\" status=%d", sagad_exit_status);
+	return sagad_exit_status;
 fatal:
 	{
 		char q[1024];

@@ -21,6 +21,7 @@ struct relay {
 	int64_t cursor;		/* highest seq handed over in order */
 	unsigned inflight;
 	int need_rewind;	/* a lost transaction: rescan once idle */
+	unsigned missing_exchange;	/* consecutive 404s, for their backoff */
 	int paused;
 	struct event *fill_ev;	/* one fill per loop turn, however many acks */
 	struct event *retry_ev;
@@ -188,11 +189,43 @@ relay_retry_later(struct relay *r, int64_t seq, const char *why)
 	    (long long)seq, why, attempts, delay);
 }
 
+/*
+ * Publishing to an exchange that does not exist makes the broker close the
+ * channel (404), and it would again after every reconnect: hold back that
+ * exchange's messages with a backoff so that the others go on.
+ */
+static void
+relay_missing_exchange(struct relay *r, const char *reason)
+{
+	const char *p = strstr(reason, "no exchange '"), *q;
+	char name[256];
+	double delay;
+	int n;
+
+	if (!p)
+		return;
+	p += strlen("no exchange '");
+	q = strchr(p, '\'');
+	if (!q || q - p >= (int)sizeof name)
+		return;
+	snprintf(name, sizeof name, "%.*s", (int)(q - p), p);
+	delay = util_backoff(r->conf->outbox.retry_initial, r->conf->outbox.retry_max,
+	    ++r->missing_exchange);
+	n = store_outbox_defer_exchange(r->st, name, util_now() + delay, "no such exchange");
+	log_warn("msg=\"exchange does not exist on the broker, its messages wait\" exchange=%s messages=%d retry_in_seconds=%.1f",
+	    name, n, delay);
+}
+
 void
 relay_broker_event(void *arg, const struct broker_event *ev)
 {
 	struct relay *r = arg;
 
+	if (ev->kind == BROKER_EV_DOWN && r->epoch == 0) {
+		/* Still connecting: keep the latest reason for /readyz. */
+		snprintf(r->reason, sizeof r->reason, "%s", ev->reason);
+		return;
+	}
 	if (ev->kind != BROKER_EV_UP && ev->epoch != r->epoch)
 		return;		/* news of a connection that is gone */
 	switch (ev->kind) {
@@ -209,6 +242,7 @@ relay_broker_event(void *arg, const struct broker_event *ev)
 		r->need_rewind = 0;
 		break;
 	case BROKER_EV_DOWN:
+		relay_missing_exchange(r, ev->reason);
 		r->epoch = 0;
 		r->link = RELAY_LINK_DOWN;
 		snprintf(r->reason, sizeof r->reason, "%s", ev->reason);
@@ -223,6 +257,7 @@ relay_broker_event(void *arg, const struct broker_event *ev)
 		r->reason[0] = '\0';
 		break;
 	case BROKER_EV_ACK:
+		r->missing_exchange = 0;
 		r->inflight--;
 		r->stats.published++;
 		histogram_observe(&r->stats.confirm, ev->latency);

@@ -19,6 +19,7 @@ enum store_stmt {
 	ST_OUT_OLDEST, ST_ID_EXPIRE, ST_PAGES, ST_OUT_ATTEMPTS, ST_OUT_LIST,
 	ST_IN_INSERT, ST_IN_LOAD, ST_IN_DONE, ST_IN_RETRY, ST_IN_DEAD,
 	ST_IN_REPLAY_ONE, ST_IN_REPLAY_ALL, ST_IN_COUNT, ST_IN_OLDEST, ST_IN_EXPIRE,
+	ST_IN_FORGET, ST_OUT_DEFER_EX,
 	ST_COUNT
 };
 
@@ -63,6 +64,9 @@ static const char *const store_sql[ST_COUNT] = {
 	[ST_IN_OLDEST] = "SELECT min(received_at) FROM inbox WHERE subscription = ? AND state = 0",
 	[ST_IN_EXPIRE] = "DELETE FROM inbox WHERE id IN (SELECT id FROM inbox WHERE state = 1"
 	    " AND finished_at < ? LIMIT ?)",
+	[ST_OUT_DEFER_EX] = "UPDATE outbox SET due_at = ?, attempts = attempts + 1, last_error = ?"
+	    " WHERE exchange = ?",
+	[ST_IN_FORGET] = "DELETE FROM inbox WHERE id = ?",
 	[ST_PAGES] = "SELECT (SELECT page_count FROM pragma_page_count) -"
 	    " (SELECT freelist_count FROM pragma_freelist_count)",
 };
@@ -103,6 +107,40 @@ static const char *const store_migrations[] = {
 	"CREATE UNIQUE INDEX inbox_dedup ON inbox(subscription, message_id);"
 	"CREATE INDEX inbox_open ON inbox(subscription, state, id) WHERE state <> 1;"
 	"CREATE INDEX inbox_finished ON inbox(finished_at) WHERE state = 1;",
+
+	/* Sagas: one row per instance (its state packed in data), durable
+	 * timers, and the history shown by sagactl saga ID. */
+	"CREATE TABLE saga("
+	"  row INTEGER PRIMARY KEY,"
+	"  saga TEXT NOT NULL,"
+	"  id TEXT NOT NULL,"
+	"  state INTEGER NOT NULL,"
+	"  started_at REAL NOT NULL,"
+	"  updated_at REAL NOT NULL,"
+	"  finished_at REAL,"
+	"  data BLOB NOT NULL,"
+	"  UNIQUE(saga, id));"
+	"CREATE INDEX saga_by_state ON saga(saga, state);"
+	"CREATE INDEX saga_by_id ON saga(id);"
+	"CREATE INDEX saga_finished ON saga(finished_at) WHERE finished_at IS NOT NULL;"
+	"CREATE TABLE saga_timer("
+	"  id INTEGER PRIMARY KEY,"
+	"  due REAL NOT NULL,"
+	"  row INTEGER NOT NULL,"
+	"  kind INTEGER NOT NULL,"
+	"  step INTEGER NOT NULL);"
+	"CREATE INDEX saga_timer_due ON saga_timer(due);"
+	"CREATE INDEX saga_timer_row ON saga_timer(row);"
+	"CREATE TABLE saga_log("
+	"  id INTEGER PRIMARY KEY,"
+	"  row INTEGER NOT NULL,"
+	"  at REAL NOT NULL,"
+	"  dir TEXT NOT NULL,"
+	"  what TEXT NOT NULL,"
+	"  step TEXT,"
+	"  message_id TEXT,"
+	"  detail TEXT);"
+	"CREATE INDEX saga_log_row ON saga_log(row);",
 };
 
 struct store_cb {
@@ -121,6 +159,8 @@ struct store {
 	struct store_cb *cbs;
 	size_t ncbs, capcbs;
 	struct store_hooks hooks;
+	void (*fatal)(void *, const char *);
+	void *fatal_arg;
 	int64_t max_bytes;
 	int64_t page_size;
 	int64_t bytes;		/* pages in use at the last commit */
@@ -293,6 +333,13 @@ store_set_hooks(struct store *st, const struct store_hooks *hooks)
 }
 
 void
+store_set_fatal(struct store *st, void (*fn)(void *, const char *), void *arg)
+{
+	st->fatal = fn;
+	st->fatal_arg = arg;
+}
+
+void
 store_set_max_bytes(struct store *st, int64_t max_bytes)
 {
 	st->max_bytes = max_bytes;
@@ -306,8 +353,15 @@ store_step_done(struct store *st, sqlite3_stmt *s)
 	sqlite3_reset(s);
 	sqlite3_clear_bindings(s);
 	if (rc != SQLITE_DONE && rc != SQLITE_ROW) {
+		int code = sqlite3_extended_errcode(st->db) & 0xff;
 		log_error("msg=\"store write failed\" path=%s error=\"%s\"", st->path,
 		    sqlite3_errmsg(st->db));
+		if ((code == SQLITE_IOERR || code == SQLITE_CORRUPT || code == SQLITE_NOTADB ||
+		    code == SQLITE_CANTOPEN) && !st->broken) {
+			st->broken = 1;
+			if (st->fatal)
+				st->fatal(st->fatal_arg, sqlite3_errmsg(st->db));
+		}
 		return -1;
 	}
 	return 0;
@@ -898,6 +952,45 @@ store_inbox_expire(struct store *st, double before, int batch)
 		return -1;
 	sqlite3_bind_double(s, 1, before);
 	sqlite3_bind_int(s, 2, batch);
+	if (store_write_seq(st, s) < 0)
+		return -1;
+	return sqlite3_changes(st->db);
+}
+
+int
+store_inbox_forget(struct store *st, int64_t id)
+{
+	sqlite3_stmt *s = st->stmt[ST_IN_FORGET];
+
+	if (store_begin(st) < 0)
+		return -1;
+	sqlite3_bind_int64(s, 1, id);
+	return store_write_seq(st, s);
+}
+
+struct sqlite3 *
+store_db(struct store *st)
+{
+	return st->db;
+}
+
+int
+store_write(struct store *st)
+{
+	return st->broken ? -1 : store_begin(st);
+}
+
+int
+store_outbox_defer_exchange(struct store *st, const char *exchange, double due_at,
+    const char *error)
+{
+	sqlite3_stmt *s = st->stmt[ST_OUT_DEFER_EX];
+
+	if (store_begin(st) < 0)
+		return -1;
+	sqlite3_bind_double(s, 1, due_at);
+	sqlite3_bind_text(s, 2, error, -1, SQLITE_STATIC);
+	sqlite3_bind_text(s, 3, exchange, -1, SQLITE_STATIC);
 	if (store_write_seq(st, s) < 0)
 		return -1;
 	return sqlite3_changes(st->db);

@@ -40,6 +40,9 @@ struct store *store_open(const char *path, struct event_base *base,
 void store_close(struct store *st);
 void store_set_hooks(struct store *st, const struct store_hooks *hooks);
 void store_set_max_bytes(struct store *st, int64_t max_bytes);
+/* Called once when the file turns unusable (I/O error, corruption): the
+ * daemon stops with exit status 3 rather than go on without its store. */
+void store_set_fatal(struct store *st, void (*fn)(void *arg, const char *why), void *arg);
 
 /* Run cb after the commit of the current transaction (at once if none). */
 void store_on_commit(struct store *st, store_done_fn *cb, void *arg);
@@ -63,6 +66,10 @@ unsigned store_outbox_attempts(struct store *st, int64_t seq);
 int store_outbox_retry(struct store *st, int64_t seq, double due_at,
     unsigned attempts, const char *error);
 int store_outbox_clear_due(struct store *st, int64_t seq);
+/* Hold back every message for one exchange until due_at (it does not exist
+ * on the broker): the others go on. Returns how many. */
+int store_outbox_defer_exchange(struct store *st, const char *exchange,
+    double due_at, const char *error);
 
 /* The inbox: consumed messages, per subscription, until delivered. */
 enum inbox_state {
@@ -91,6 +98,10 @@ enum store_put store_inbox_put(struct store *st, const char *sub, struct msg *m,
 int store_inbox_load(struct store *st, const char *sub, enum inbox_state state,
     int64_t after, size_t limit, struct inbox_rec **out, size_t *n);
 int store_inbox_done(struct store *st, int64_t id, double now, int status);
+/* Forget a record so that the same message id is accepted again: a
+ * command refused by the service (409/422) may be retried by its sender
+ * with the same id. */
+int store_inbox_forget(struct store *st, int64_t id);
 int store_inbox_retry(struct store *st, int64_t id, unsigned attempts,
     double due_at, int status, const char *error);
 int store_inbox_dead(struct store *st, int64_t id, double now, unsigned attempts,
@@ -120,6 +131,11 @@ double store_outbox_oldest(struct store *st);	/* created_at, 0 if empty */
 int64_t store_bytes(const struct store *st);
 int store_writable(const struct store *st);
 const char *store_path(const struct store *st);
+
+/* For modules with tables of their own (the saga engine): the connection,
+ * and joining the current write transaction (committed with the turn). */
+struct sqlite3 *store_db(struct store *st);
+int store_write(struct store *st);
 
 /* Forget dedup ids older than now - window, a small batch per call. */
 int store_expire_ids(struct store *st, double before, int batch);
