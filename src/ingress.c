@@ -116,7 +116,8 @@ ingress_digits(const char *s)
 	for (; *s; s++)
 		if (!isdigit((unsigned char)*s))
 			return 0;
-	return 1;
+	/* RabbitMQ refuses more than 2^32-1 ms and closes the channel. */
+	return strtoull(s - n, NULL, 10) <= 4294967295ULL;
 }
 
 int
@@ -147,7 +148,7 @@ ingress_parse(const struct sagad_conf *conf, const char *path,
 		else if (strcasecmp(k, "Amqp-Expiration") == 0) {
 			if (!ingress_digits(v))
 				return ingress_fail(error, why, whylen, "bad-header",
-				    "Amqp-Expiration must be a number of milliseconds");
+				    "Amqp-Expiration must be a number of milliseconds up to 4294967295");
 			dst = &m->props.expiration;
 		} else if (strcasecmp(k, "Causation-Id") == 0 ||
 		    strncasecmp(k, "Amqp-Header-", 12) == 0) {

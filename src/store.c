@@ -19,7 +19,7 @@ enum store_stmt {
 	ST_OUT_OLDEST, ST_ID_EXPIRE, ST_PAGES, ST_OUT_ATTEMPTS, ST_OUT_LIST,
 	ST_IN_INSERT, ST_IN_LOAD, ST_IN_DONE, ST_IN_RETRY, ST_IN_DEAD,
 	ST_IN_REPLAY_ONE, ST_IN_REPLAY_ALL, ST_IN_COUNT, ST_IN_OLDEST, ST_IN_EXPIRE,
-	ST_IN_FORGET, ST_OUT_DEFER_EX,
+	ST_IN_FORGET, ST_OUT_DEFER_EX, ST_ID_FORGET,
 	ST_COUNT
 };
 
@@ -66,6 +66,7 @@ static const char *const store_sql[ST_COUNT] = {
 	    " AND finished_at < ? LIMIT ?)",
 	[ST_OUT_DEFER_EX] = "UPDATE outbox SET due_at = ?, attempts = attempts + 1, last_error = ?"
 	    " WHERE exchange = ?",
+	[ST_ID_FORGET] = "DELETE FROM outbox_ids WHERE message_id = ?",
 	[ST_IN_FORGET] = "DELETE FROM inbox WHERE id = ?",
 	[ST_PAGES] = "SELECT (SELECT page_count FROM pragma_page_count) -"
 	    " (SELECT freelist_count FROM pragma_freelist_count)",
@@ -497,6 +498,13 @@ store_outbox_put(struct store *st, struct msg *m, double now, int dedup)
 	sqlite3_bind_double(s, 6, now);
 	if (store_step_done(st, s) < 0) {
 		free(props);
+		/* The id must not outlive the failed row: a retry of the same
+		 * request would look like a duplicate and be lost. */
+		if (dedup && !sqlite3_get_autocommit(st->db)) {
+			sqlite3_stmt *d = st->stmt[ST_ID_FORGET];
+			sqlite3_bind_text(d, 1, m->message_id, -1, SQLITE_STATIC);
+			store_step_done(st, d);
+		}
 		goto fail;
 	}
 	free(props);

@@ -174,7 +174,8 @@ util_mask_url(const char *url, char *out, size_t outlen)
 		return;
 	userinfo = scheme + 3;
 	at = strchr(userinfo, '@');
-	if (!at)
+	/* Only an '@' before the path separates user info from the host. */
+	if (!at || (strchr(userinfo, '/') && strchr(userinfo, '/') < at))
 		return;
 	colon = memchr(userinfo, ':', at - userinfo);
 	if (!colon)

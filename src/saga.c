@@ -1,0 +1,1266 @@
+#include "saga.h"
+
+#include <event2/buffer.h>
+#include <event2/event.h>
+#include <jansson.h>
+#include <msgpack.h>
+#include <sqlite3.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "conf.h"
+#include "delivery.h"
+#include "log.h"
+#include "metrics.h"
+#include "sagad.h"
+#include "store.h"
+#include "util.h"
+
+const char *const saga_state_names[SAGA_NSTATES] = {
+	"running", "completed", "compensating", "compensated", "failed"
+};
+const char *const saga_step_state_names[STEP_NSTATES] = {
+	"pending", "active", "succeeded", "failed", "compensating", "compensated"
+};
+
+enum saga_timer_kind {
+	TIMER_SAGA,		/* the whole saga's deadline */
+	TIMER_STEP,		/* a command's reply is late: resend or fail */
+	TIMER_COMPENSATE	/* a compensation's reply is late, or its retry is due */
+};
+
+enum saga_sql {
+	SQ_GET, SQ_GET_ROW, SQ_INSERT, SQ_UPDATE, SQ_LOG, SQ_TIMER_ADD, SQ_TIMER_DEL,
+	SQ_TIMER_DEL_ALL, SQ_TIMER_NEXT, SQ_TIMER_DUE, SQ_BY_ID, SQ_LIST, SQ_LIST_NAME,
+	SQ_LIST_STATE, SQ_LIST_BOTH, SQ_HISTORY, SQ_COUNTS, SQ_EXPIRE, SQ_EXPIRE_LOG,
+	SQ_COUNT
+};
+
+static const char *const saga_sql[SQ_COUNT] = {
+	[SQ_GET] = "SELECT row, data, started_at FROM saga WHERE saga = ? AND id = ?",
+	[SQ_GET_ROW] = "SELECT saga, id, data, started_at FROM saga WHERE row = ?",
+	[SQ_INSERT] = "INSERT INTO saga(saga, id, state, started_at, updated_at, data) VALUES (?, ?, ?, ?, ?, ?)",
+	[SQ_UPDATE] = "UPDATE saga SET state = ?, updated_at = ?, finished_at = ?, data = ? WHERE row = ?",
+	[SQ_LOG] = "INSERT INTO saga_log(row, at, dir, what, step, message_id, detail) VALUES (?, ?, ?, ?, ?, ?, ?)",
+	[SQ_TIMER_ADD] = "INSERT INTO saga_timer(due, row, kind, step) VALUES (?, ?, ?, ?)",
+	[SQ_TIMER_DEL] = "DELETE FROM saga_timer WHERE row = ? AND kind = ? AND step = ?",
+	[SQ_TIMER_DEL_ALL] = "DELETE FROM saga_timer WHERE row = ?",
+	[SQ_TIMER_NEXT] = "SELECT min(due) FROM saga_timer",
+	[SQ_TIMER_DUE] = "SELECT id, row, kind, step FROM saga_timer WHERE due <= ? ORDER BY due LIMIT 256",
+	[SQ_BY_ID] = "SELECT row, saga FROM saga WHERE id = ? ORDER BY row",
+	[SQ_LIST] = "SELECT saga, id, state, started_at, updated_at, coalesce(finished_at, 0), data FROM saga"
+	    " ORDER BY row DESC LIMIT ?",
+	[SQ_LIST_NAME] = "SELECT saga, id, state, started_at, updated_at, coalesce(finished_at, 0), data FROM saga"
+	    " WHERE saga = ? ORDER BY row DESC LIMIT ?",
+	[SQ_LIST_STATE] = "SELECT saga, id, state, started_at, updated_at, coalesce(finished_at, 0), data FROM saga"
+	    " WHERE state = ? ORDER BY row DESC LIMIT ?",
+	[SQ_LIST_BOTH] = "SELECT saga, id, state, started_at, updated_at, coalesce(finished_at, 0), data FROM saga"
+	    " WHERE saga = ? AND state = ? ORDER BY row DESC LIMIT ?",
+	[SQ_HISTORY] = "SELECT at, dir, what, coalesce(step, ''), coalesce(message_id, ''), coalesce(detail, '')"
+	    " FROM saga_log WHERE row = ? ORDER BY id",
+	[SQ_COUNTS] = "SELECT saga, state, count(*) FROM saga GROUP BY saga, state",
+	[SQ_EXPIRE] = "DELETE FROM saga WHERE row IN (SELECT row FROM saga WHERE finished_at < ?"
+	    " AND state IN (1, 3) LIMIT ?)",
+	[SQ_EXPIRE_LOG] = "DELETE FROM saga_log WHERE row NOT IN (SELECT row FROM saga) AND id IN"
+	    " (SELECT id FROM saga_log ORDER BY id LIMIT ?)",
+};
+
+struct saga_step_rt {
+	enum saga_step_state state;
+	unsigned attempts;	/* command sends */
+	unsigned comp_attempts;
+	unsigned order;		/* 1-based order of success; 0: never */
+	char *body;		/* the message that completed the step */
+	size_t body_len;
+	char *ct;
+};
+
+struct saga_inst {
+	int64_t row;		/* 0: not stored yet */
+	const struct conf_saga *def;
+	size_t def_index;
+	char *id;
+	enum saga_state state;
+	unsigned cur;		/* orchestrated: the step in progress */
+	unsigned order;		/* successes so far */
+	char *body;		/* the start event */
+	size_t body_len;
+	char *ct;
+	char *reason;		/* why it compensates or failed */
+	double started_at;
+	struct saga_step_rt *steps;
+};
+
+struct saga_stats {
+	uint64_t started, compensations, failed, orphans, duplicates;
+	struct histogram duration;
+};
+
+struct saga_engine {
+	struct sagad *d;
+	sqlite3_stmt *stmt[SQ_COUNT];
+	struct event *timer_ev;
+	double timer_at;
+	struct saga_stats *stats;	/* per saga definition */
+	uint64_t orphans;
+};
+
+/* ---- instance encoding ---- */
+
+static void
+saga_pack_str(msgpack_packer *pk, const char *s)
+{
+	if (!s) {
+		msgpack_pack_nil(pk);
+		return;
+	}
+	msgpack_pack_str(pk, strlen(s));
+	msgpack_pack_str_body(pk, s, strlen(s));
+}
+
+static void
+saga_pack_bin(msgpack_packer *pk, const char *b, size_t n)
+{
+	msgpack_pack_bin(pk, n);
+	msgpack_pack_bin_body(pk, b ? b : "", n);
+}
+
+static void
+saga_pack(const struct saga_inst *in, msgpack_sbuffer *sb)
+{
+	msgpack_packer pk;
+	size_t i;
+
+	msgpack_sbuffer_init(sb);
+	msgpack_packer_init(&pk, sb, msgpack_sbuffer_write);
+	msgpack_pack_array(&pk, 7);
+	msgpack_pack_int(&pk, in->state);
+	msgpack_pack_unsigned_int(&pk, in->cur);
+	msgpack_pack_unsigned_int(&pk, in->order);
+	saga_pack_bin(&pk, in->body, in->body_len);
+	saga_pack_str(&pk, in->ct);
+	saga_pack_str(&pk, in->reason);
+	msgpack_pack_array(&pk, in->def->n_steps);
+	for (i = 0; i < in->def->n_steps; i++) {
+		const struct saga_step_rt *s = &in->steps[i];
+		msgpack_pack_array(&pk, 6);
+		msgpack_pack_int(&pk, s->state);
+		msgpack_pack_unsigned_int(&pk, s->attempts);
+		msgpack_pack_unsigned_int(&pk, s->comp_attempts);
+		msgpack_pack_unsigned_int(&pk, s->order);
+		saga_pack_bin(&pk, s->body, s->body_len);
+		saga_pack_str(&pk, s->ct);
+	}
+}
+
+static char *
+saga_obj_str(const msgpack_object *o)
+{
+	if (o->type == MSGPACK_OBJECT_STR)
+		return strndup(o->via.str.ptr, o->via.str.size);
+	return NULL;
+}
+
+static char *
+saga_obj_bin(const msgpack_object *o, size_t *len)
+{
+	char *b;
+
+	*len = 0;
+	if (o->type != MSGPACK_OBJECT_BIN)
+		return NULL;
+	b = malloc(o->via.bin.size + 1);
+	memcpy(b, o->via.bin.ptr, o->via.bin.size);
+	*len = o->via.bin.size;
+	return b;
+}
+
+static int
+saga_obj_uint(const msgpack_object *o, unsigned max, unsigned *out)
+{
+	if (o->type != MSGPACK_OBJECT_POSITIVE_INTEGER || o->via.u64 > max)
+		return -1;
+	*out = (unsigned)o->via.u64;
+	return 0;
+}
+
+/* Decode a stored instance; -1 on anything malformed (damage). */
+static int
+saga_unpack(struct saga_inst *in, const char *buf, size_t len)
+{
+	msgpack_unpacked u;
+	const msgpack_object *a, *steps;
+	size_t off = 0, i;
+	unsigned v;
+	int rc = -1;
+
+	msgpack_unpacked_init(&u);
+	if (msgpack_unpack_next(&u, buf, len, &off) != MSGPACK_UNPACK_SUCCESS ||
+	    u.data.type != MSGPACK_OBJECT_ARRAY || u.data.via.array.size != 7)
+		goto out;
+	a = u.data.via.array.ptr;
+	if (saga_obj_uint(&a[0], SAGA_NSTATES - 1, &v) < 0)
+		goto out;
+	in->state = v;
+	if (saga_obj_uint(&a[1], 1u << 30, &in->cur) < 0 ||
+	    saga_obj_uint(&a[2], 1u << 30, &in->order) < 0)
+		goto out;
+	in->body = saga_obj_bin(&a[3], &in->body_len);
+	in->ct = saga_obj_str(&a[4]);
+	in->reason = saga_obj_str(&a[5]);
+	steps = &a[6];
+	if (steps->type != MSGPACK_OBJECT_ARRAY || steps->via.array.size != in->def->n_steps)
+		goto out;
+	for (i = 0; i < in->def->n_steps; i++) {
+		const msgpack_object *s = &steps->via.array.ptr[i];
+		struct saga_step_rt *st = &in->steps[i];
+		if (s->type != MSGPACK_OBJECT_ARRAY || s->via.array.size != 6 ||
+		    saga_obj_uint(&s->via.array.ptr[0], STEP_NSTATES - 1, &v) < 0)
+			goto out;
+		st->state = v;
+		if (saga_obj_uint(&s->via.array.ptr[1], 1u << 30, &st->attempts) < 0 ||
+		    saga_obj_uint(&s->via.array.ptr[2], 1u << 30, &st->comp_attempts) < 0 ||
+		    saga_obj_uint(&s->via.array.ptr[3], 1u << 30, &st->order) < 0)
+			goto out;
+		if (s->via.array.ptr[4].type == MSGPACK_OBJECT_BIN)
+			st->body = saga_obj_bin(&s->via.array.ptr[4], &st->body_len);
+		st->ct = saga_obj_str(&s->via.array.ptr[5]);
+	}
+	if (in->cur > in->def->n_steps)
+		goto out;
+	rc = 0;
+out:
+	msgpack_unpacked_destroy(&u);
+	return rc;
+}
+
+static struct saga_inst *
+saga_inst_new(const struct sagad_conf *conf, size_t def, const char *id)
+{
+	struct saga_inst *in = calloc(1, sizeof *in);
+
+	in->def = &conf->sagas[def];
+	in->def_index = def;
+	in->id = strdup(id);
+	in->steps = calloc(in->def->n_steps + 1, sizeof *in->steps);
+	return in;
+}
+
+static void
+saga_inst_free(struct saga_inst *in)
+{
+	size_t i;
+
+	if (!in)
+		return;
+	for (i = 0; i < in->def->n_steps; i++) {
+		free(in->steps[i].body);
+		free(in->steps[i].ct);
+	}
+	free(in->steps);
+	free(in->id);
+	free(in->body);
+	free(in->ct);
+	free(in->reason);
+	free(in);
+}
+
+/* ---- persistence ---- */
+
+static sqlite3_stmt *
+saga_stmt(struct saga_engine *e, enum saga_sql q)
+{
+	sqlite3_stmt *s = e->stmt[q];
+
+	sqlite3_reset(s);
+	sqlite3_clear_bindings(s);
+	return s;
+}
+
+static int
+saga_exec(struct saga_engine *e, sqlite3_stmt *s)
+{
+	int rc = sqlite3_step(s);
+
+	sqlite3_reset(s);
+	if (rc != SQLITE_DONE && rc != SQLITE_ROW) {
+		log_error("msg=\"saga store write failed\" error=\"%s\"",
+		    sqlite3_errmsg(store_db(e->d->store)));
+		return -1;
+	}
+	return 0;
+}
+
+static ssize_t
+saga_def_index(const struct sagad_conf *c, const char *name)
+{
+	size_t i;
+
+	for (i = 0; i < c->n_sagas; i++)
+		if (strcmp(c->sagas[i].name, name) == 0)
+			return (ssize_t)i;
+	return -1;
+}
+
+static struct saga_inst *
+saga_load(struct saga_engine *e, size_t def, const char *id)
+{
+	sqlite3_stmt *s = saga_stmt(e, SQ_GET);
+	struct saga_inst *in = NULL;
+
+	sqlite3_bind_text(s, 1, e->d->conf->sagas[def].name, -1, SQLITE_STATIC);
+	sqlite3_bind_text(s, 2, id, -1, SQLITE_STATIC);
+	if (sqlite3_step(s) == SQLITE_ROW) {
+		in = saga_inst_new(e->d->conf, def, id);
+		in->row = sqlite3_column_int64(s, 0);
+		in->started_at = sqlite3_column_double(s, 2);
+		if (saga_unpack(in, sqlite3_column_blob(s, 1), sqlite3_column_bytes(s, 1)) < 0) {
+			log_error("msg=\"damaged saga instance in store, ignored\" saga=%s id=%s",
+			    e->d->conf->sagas[def].name, id);
+			saga_inst_free(in);
+			in = NULL;
+		}
+	}
+	sqlite3_reset(s);
+	return in;
+}
+
+static struct saga_inst *
+saga_load_row(struct saga_engine *e, int64_t row)
+{
+	sqlite3_stmt *s = saga_stmt(e, SQ_GET_ROW);
+	struct saga_inst *in = NULL;
+	ssize_t def;
+
+	sqlite3_bind_int64(s, 1, row);
+	if (sqlite3_step(s) == SQLITE_ROW &&
+	    (def = saga_def_index(e->d->conf, (const char *)sqlite3_column_text(s, 0))) >= 0) {
+		in = saga_inst_new(e->d->conf, (size_t)def, (const char *)sqlite3_column_text(s, 1));
+		in->row = row;
+		in->started_at = sqlite3_column_double(s, 3);
+		if (saga_unpack(in, sqlite3_column_blob(s, 2), sqlite3_column_bytes(s, 2)) < 0) {
+			saga_inst_free(in);
+			in = NULL;
+		}
+	}
+	sqlite3_reset(s);
+	return in;
+}
+
+static int
+saga_finished(enum saga_state s)
+{
+	return s == SAGA_COMPLETED || s == SAGA_COMPENSATED;
+}
+
+static void
+saga_save(struct saga_engine *e, struct saga_inst *in)
+{
+	msgpack_sbuffer sb;
+	sqlite3_stmt *s;
+	double now = util_now();
+
+	if (store_write(e->d->store) < 0)
+		return;
+	saga_pack(in, &sb);
+	if (!in->row) {
+		s = saga_stmt(e, SQ_INSERT);
+		sqlite3_bind_text(s, 1, in->def->name, -1, SQLITE_STATIC);
+		sqlite3_bind_text(s, 2, in->id, -1, SQLITE_STATIC);
+		sqlite3_bind_int(s, 3, in->state);
+		sqlite3_bind_double(s, 4, in->started_at);
+		sqlite3_bind_double(s, 5, now);
+		sqlite3_bind_blob(s, 6, sb.data, (int)sb.size, SQLITE_STATIC);
+		if (saga_exec(e, s) == 0)
+			in->row = sqlite3_last_insert_rowid(store_db(e->d->store));
+	} else {
+		s = saga_stmt(e, SQ_UPDATE);
+		sqlite3_bind_int(s, 1, in->state);
+		sqlite3_bind_double(s, 2, now);
+		if (saga_finished(in->state) || in->state == SAGA_FAILED)
+			sqlite3_bind_double(s, 3, now);
+		else
+			sqlite3_bind_null(s, 3);
+		sqlite3_bind_blob(s, 4, sb.data, (int)sb.size, SQLITE_STATIC);
+		sqlite3_bind_int64(s, 5, in->row);
+		saga_exec(e, s);
+	}
+	msgpack_sbuffer_destroy(&sb);
+}
+
+/* One line of the instance's history (sagactl saga ID). */
+static void
+saga_log(struct saga_engine *e, struct saga_inst *in, const char *dir, const char *what,
+    const char *step, const char *message_id, const char *detail)
+{
+	sqlite3_stmt *s;
+
+	if (!in->row)
+		saga_save(e, in);
+	if (!in->row || store_write(e->d->store) < 0)
+		return;
+	s = saga_stmt(e, SQ_LOG);
+	sqlite3_bind_int64(s, 1, in->row);
+	sqlite3_bind_double(s, 2, util_now());
+	sqlite3_bind_text(s, 3, dir, -1, SQLITE_STATIC);
+	sqlite3_bind_text(s, 4, what, -1, SQLITE_STATIC);
+	sqlite3_bind_text(s, 5, step, -1, SQLITE_STATIC);
+	sqlite3_bind_text(s, 6, message_id, -1, SQLITE_STATIC);
+	sqlite3_bind_text(s, 7, detail, -1, SQLITE_STATIC);
+	saga_exec(e, s);
+}
+
+static void
+saga_arm(struct saga_engine *e, double due)
+{
+	struct timeval tv;
+	double now = util_now();
+
+	if (evtimer_pending(e->timer_ev, NULL) && e->timer_at <= due)
+		return;
+	e->timer_at = due;
+	if (due < now)
+		due = now;
+	tv.tv_sec = (time_t)(due - now);
+	tv.tv_usec = (suseconds_t)((due - now - tv.tv_sec) * 1e6);
+	evtimer_add(e->timer_ev, &tv);
+}
+
+static void
+saga_timer_add(struct saga_engine *e, struct saga_inst *in, enum saga_timer_kind kind,
+    int step, double due)
+{
+	sqlite3_stmt *s;
+
+	if (!in->row)
+		saga_save(e, in);
+	if (store_write(e->d->store) < 0)
+		return;
+	s = saga_stmt(e, SQ_TIMER_DEL);
+	sqlite3_bind_int64(s, 1, in->row);
+	sqlite3_bind_int(s, 2, kind);
+	sqlite3_bind_int(s, 3, step);
+	saga_exec(e, s);
+	s = saga_stmt(e, SQ_TIMER_ADD);
+	sqlite3_bind_double(s, 1, due);
+	sqlite3_bind_int64(s, 2, in->row);
+	sqlite3_bind_int(s, 3, kind);
+	sqlite3_bind_int(s, 4, step);
+	saga_exec(e, s);
+	saga_arm(e, due);
+}
+
+static void
+saga_timer_del(struct saga_engine *e, struct saga_inst *in, enum saga_timer_kind kind, int step)
+{
+	sqlite3_stmt *s;
+
+	if (!in->row || store_write(e->d->store) < 0)
+		return;
+	s = saga_stmt(e, SQ_TIMER_DEL);
+	sqlite3_bind_int64(s, 1, in->row);
+	sqlite3_bind_int(s, 2, kind);
+	sqlite3_bind_int(s, 3, step);
+	saga_exec(e, s);
+}
+
+static void
+saga_timer_del_all(struct saga_engine *e, struct saga_inst *in)
+{
+	sqlite3_stmt *s;
+
+	if (!in->row || store_write(e->d->store) < 0)
+		return;
+	s = saga_stmt(e, SQ_TIMER_DEL_ALL);
+	sqlite3_bind_int64(s, 1, in->row);
+	saga_exec(e, s);
+}
+
+/* ---- messages out ---- */
+
+/* Ids are stable for one saga, step and purpose: a resend carries the
+ * same id, so that the participant's inbox drops what it already did. */
+static void
+saga_message_id(const struct saga_inst *in, const char *step, const char *what,
+    char *out, size_t len)
+{
+	int n = snprintf(out, len, "%s:%s%s%s:%s", in->id, in->def->name,
+	    step ? ":" : "", step ? step : "", what);
+
+	if (n < 0 || (size_t)n >= len || n > 255) {
+		struct msg tmp;
+		char h[40];
+		memset(&tmp, 0, sizeof tmp);
+		tmp.exchange = (char *)in->def->name;
+		tmp.routing_key = (char *)(step ? step : "");
+		tmp.props.correlation_id = in->id;
+		tmp.props.type = (char *)what;
+		delivery_derive_id(&tmp, h);
+		snprintf(out, len, "%s", h);
+	}
+}
+
+static void
+saga_send(struct saga_engine *e, struct saga_inst *in, const struct conf_binding *to,
+    const char *kind, const char *step, const char *what, const char *body,
+    size_t len, const char *ct, int reply)
+{
+	struct msg m;
+	char id[512];
+
+	memset(&m, 0, sizeof m);
+	saga_message_id(in, step, what, id, sizeof id);
+	m.message_id = id;
+	m.exchange = to->exchange;
+	m.routing_key = to->key;
+	m.body = (char *)body;
+	m.body_len = len;
+	m.props.content_type = ct ? strdup(ct) : NULL;
+	m.props.correlation_id = strdup(in->id);
+	if (reply)
+		m.props.reply_to = strdup(e->d->conf->saga_queue);
+	props_set_header(&m.props, "x-sagad-saga", in->def->name);
+	if (step)
+		props_set_header(&m.props, "x-sagad-step", step);
+	props_set_header(&m.props, "x-sagad-kind", kind);
+	if (store_outbox_put(e->d->store, &m, util_now(), 0) != STORE_PUT_STORED)
+		log_error("msg=\"cannot store a saga message\" saga=%s id=%s message_id=%s",
+		    in->def->name, in->id, id);
+	props_free(&m.props);
+	{
+		char detail[600];
+		snprintf(detail, sizeof detail, "%s:%s", to->exchange, to->key);
+		saga_log(e, in, "out", what, step, id, detail);
+	}
+}
+
+/* ---- transitions ---- */
+
+static void saga_compensate_next(struct saga_engine *e, struct saga_inst *in);
+
+static void
+saga_finish(struct saga_engine *e, struct saga_inst *in, enum saga_state state)
+{
+	in->state = state;
+	saga_timer_del_all(e, in);
+	histogram_observe(&e->stats[in->def_index].duration, util_now() - in->started_at);
+	if (state == SAGA_COMPLETED && in->def->completed.exchange)
+		saga_send(e, in, &in->def->completed, "event", NULL, "completed",
+		    in->body, in->body_len, in->ct, 0);
+	if (state == SAGA_COMPENSATED && in->def->compensated.exchange)
+		saga_send(e, in, &in->def->compensated, "event", NULL, "compensated",
+		    in->body, in->body_len, in->ct, 0);
+	saga_log(e, in, "state", saga_state_names[state], NULL, NULL, in->reason);
+	log_info("msg=\"saga %s\" saga=%s id=%s", saga_state_names[state], in->def->name, in->id);
+}
+
+static void
+saga_send_command(struct saga_engine *e, struct saga_inst *in, unsigned i)
+{
+	const struct conf_saga_step *cs = &in->def->steps[i];
+	struct saga_step_rt *st = &in->steps[i];
+
+	st->state = STEP_ACTIVE;
+	st->attempts++;
+	in->cur = i;
+	saga_send(e, in, &cs->command, "command", cs->name, "command", in->body,
+	    in->body_len, in->ct, 1);
+	saga_timer_add(e, in, TIMER_STEP, (int)i, util_now() + cs->timeout);
+}
+
+static void
+saga_start_compensation(struct saga_engine *e, struct saga_inst *in, const char *reason)
+{
+	size_t i;
+
+	free(in->reason);
+	in->reason = strdup(reason);
+	in->state = SAGA_COMPENSATING;
+	e->stats[in->def_index].compensations++;
+	saga_timer_del_all(e, in);
+	for (i = 0; i < in->def->n_steps; i++)
+		if (in->steps[i].state == STEP_ACTIVE || in->steps[i].state == STEP_PENDING)
+			in->steps[i].state = in->steps[i].state == STEP_ACTIVE ? STEP_FAILED : STEP_PENDING;
+	saga_log(e, in, "state", "compensating", NULL, NULL, reason);
+	log_info("msg=\"saga compensating\" saga=%s id=%s reason=\"%s\"", in->def->name, in->id, reason);
+	saga_compensate_next(e, in);
+}
+
+static void
+saga_send_compensation(struct saga_engine *e, struct saga_inst *in, size_t i)
+{
+	const struct conf_saga_step *cs = &in->def->steps[i];
+	struct saga_step_rt *st = &in->steps[i];
+
+	st->state = STEP_COMPENSATING;
+	st->comp_attempts++;
+	saga_send(e, in, &cs->compensate, "compensation", cs->name, "compensate",
+	    st->body, st->body_len, st->ct, 1);
+	saga_timer_add(e, in, TIMER_COMPENSATE, (int)i, util_now() + in->def->compensate_timeout);
+}
+
+/* Compensate one step at a time, the latest success first; a step with
+ * nothing to undo is done at once. */
+static void
+saga_compensate_next(struct saga_engine *e, struct saga_inst *in)
+{
+	size_t i, pick = (size_t)-1;
+
+	for (i = 0; i < in->def->n_steps; i++) {
+		if (in->steps[i].state == STEP_COMPENSATING)
+			return;		/* one in progress */
+		if (in->steps[i].state == STEP_SUCCEEDED &&
+		    (pick == (size_t)-1 || in->steps[i].order > in->steps[pick].order))
+			pick = i;
+	}
+	if (pick == (size_t)-1) {
+		saga_finish(e, in, SAGA_COMPENSATED);
+		return;
+	}
+	if (!in->def->steps[pick].compensate.exchange) {
+		in->steps[pick].state = STEP_COMPENSATED;
+		saga_log(e, in, "step", "compensated", in->def->steps[pick].name, NULL,
+		    "nothing to compensate");
+		saga_compensate_next(e, in);
+		return;
+	}
+	saga_send_compensation(e, in, pick);
+}
+
+static void
+saga_step_succeeded(struct saga_engine *e, struct saga_inst *in, size_t i, const struct msg *m)
+{
+	struct saga_step_rt *st = &in->steps[i];
+
+	(void)e;
+	st->state = STEP_SUCCEEDED;
+	st->order = ++in->order;
+	free(st->body);
+	free(st->ct);
+	st->body = malloc(m->body_len + 1);
+	memcpy(st->body, m->body, m->body_len);
+	st->body_len = m->body_len;
+	st->ct = m->props.content_type ? strdup(m->props.content_type) : NULL;
+}
+
+static int
+saga_all_succeeded(const struct saga_inst *in)
+{
+	size_t i;
+
+	for (i = 0; i < in->def->n_steps; i++)
+		if (in->steps[i].state != STEP_SUCCEEDED)
+			return 0;
+	return 1;
+}
+
+/* A step succeeded after compensation started: it is compensated too. */
+static void
+saga_late_success(struct saga_engine *e, struct saga_inst *in, size_t i, const struct msg *m)
+{
+	saga_step_succeeded(e, in, i, m);
+	saga_log(e, in, "step", "late success: will be compensated", in->def->steps[i].name,
+	    NULL, NULL);
+	if (in->state == SAGA_COMPENSATED) {
+		in->state = SAGA_COMPENSATING;
+		saga_log(e, in, "state", "compensating", NULL, NULL, "late success");
+	}
+	if (in->state == SAGA_COMPENSATING)
+		saga_compensate_next(e, in);
+}
+
+static void
+saga_on_step_result(struct saga_engine *e, struct saga_inst *in, size_t i, int success,
+    const struct msg *m)
+{
+	struct saga_step_rt *st = &in->steps[i];
+	const char *name = in->def->steps[i].name;
+	int orchestrated = in->def->mode == SAGA_ORCHESTRATED;
+
+	if (st->state == STEP_SUCCEEDED || st->state == STEP_COMPENSATING ||
+	    st->state == STEP_COMPENSATED || (!success && st->state == STEP_FAILED)) {
+		e->stats[in->def_index].duplicates++;
+		saga_log(e, in, "in", "duplicate: ignored", name, m->message_id,
+		    success ? "success" : "failure");
+		return;
+	}
+	saga_log(e, in, "in", success ? "success" : "failure", name, m->message_id, NULL);
+	if (in->state != SAGA_RUNNING) {
+		if (success && in->state != SAGA_COMPLETED)
+			saga_late_success(e, in, i, m);
+		return;
+	}
+	if (orchestrated && (st->state != STEP_ACTIVE || in->cur != i)) {
+		/* A reply for a step that was never sent: nothing to do. */
+		e->stats[in->def_index].duplicates++;
+		return;
+	}
+	saga_timer_del(e, in, TIMER_STEP, (int)i);
+	if (!success) {
+		char why[300];
+		st->state = STEP_FAILED;
+		snprintf(why, sizeof why, "step %s failed", name);
+		saga_start_compensation(e, in, why);
+		return;
+	}
+	saga_step_succeeded(e, in, i, m);
+	if (orchestrated && i + 1 < in->def->n_steps)
+		saga_send_command(e, in, (unsigned)i + 1);
+	else if (saga_all_succeeded(in))
+		saga_finish(e, in, SAGA_COMPLETED);
+}
+
+static void
+saga_on_compensation_reply(struct saga_engine *e, struct saga_inst *in, size_t i,
+    int success, const struct msg *m)
+{
+	struct saga_step_rt *st = &in->steps[i];
+	const char *name = in->def->steps[i].name;
+
+	if (st->state != STEP_COMPENSATING) {
+		e->stats[in->def_index].duplicates++;
+		saga_log(e, in, "in", "duplicate compensation reply: ignored", name,
+		    m->message_id, NULL);
+		return;
+	}
+	saga_log(e, in, "in", success ? "compensation success" : "compensation failure",
+	    name, m->message_id, NULL);
+	saga_timer_del(e, in, TIMER_COMPENSATE, (int)i);
+	if (success) {
+		st->state = STEP_COMPENSATED;
+		if (in->state == SAGA_FAILED)
+			in->state = SAGA_COMPENSATING;
+		saga_compensate_next(e, in);
+		return;
+	}
+	if (in->state == SAGA_FAILED)
+		return;		/* waits for sagactl saga retry */
+	if (st->comp_attempts >= (unsigned)in->def->compensate_attempts) {
+		char why[300];
+		snprintf(why, sizeof why, "compensation of %s refused %u times", name,
+		    st->comp_attempts);
+		free(in->reason);
+		in->reason = strdup(why);
+		in->state = SAGA_FAILED;
+		e->stats[in->def_index].failed++;
+		saga_log(e, in, "state", "failed", name, NULL, why);
+		log_warn("msg=\"saga failed: compensation exhausted\" saga=%s id=%s step=%s",
+		    in->def->name, in->id, name);
+		return;
+	}
+	saga_timer_add(e, in, TIMER_COMPENSATE, (int)i, util_now() +
+	    util_backoff(in->def->retry_initial, in->def->retry_max, st->comp_attempts));
+}
+
+/* ---- input ---- */
+
+static int
+saga_binding_is(const struct conf_binding *b, const struct msg *m)
+{
+	return b->exchange && strcmp(b->exchange, m->exchange) == 0 &&
+	    strcmp(b->key, m->routing_key) == 0;
+}
+
+size_t
+saga_classify(const struct sagad_conf *conf, const struct msg *m,
+    struct saga_match *out, size_t max)
+{
+	const char *outcome = props_get_header(&m->props, "x-sagad-outcome");
+	size_t n = 0, i, j;
+
+	if (outcome) {
+		const char *saga = props_get_header(&m->props, "x-sagad-saga");
+		const char *step = props_get_header(&m->props, "x-sagad-step");
+		const char *kind = props_get_header(&m->props, "x-sagad-kind");
+		if (!saga || !step || !max)
+			return 0;
+		for (i = 0; i < conf->n_sagas; i++) {
+			if (strcmp(conf->sagas[i].name, saga) != 0)
+				continue;
+			for (j = 0; j < conf->sagas[i].n_steps; j++)
+				if (strcmp(conf->sagas[i].steps[j].name, step) == 0) {
+					out[0].input = SAGA_IN_REPLY;
+					out[0].saga = i;
+					out[0].step = j;
+					out[0].compensation = kind && strcmp(kind, "compensation") == 0;
+					out[0].success = strcmp(outcome, "success") == 0;
+					return 1;
+				}
+		}
+		return 0;
+	}
+	if (!m->exchange || !m->routing_key)
+		return 0;
+	for (i = 0; i < conf->n_sagas && n < max; i++) {
+		const struct conf_saga *sg = &conf->sagas[i];
+		if (saga_binding_is(&sg->start, m)) {
+			out[n].input = SAGA_IN_START;
+			out[n].saga = i;
+			out[n].step = 0;
+			n++;
+		}
+		if (sg->mode != SAGA_CHOREOGRAPHED)
+			continue;
+		for (j = 0; j < sg->n_steps && n < max; j++) {
+			if (saga_binding_is(&sg->steps[j].success, m)) {
+				out[n].input = SAGA_IN_SUCCESS;
+				out[n].saga = i;
+				out[n].step = j;
+				n++;
+			} else if (saga_binding_is(&sg->steps[j].failure, m)) {
+				out[n].input = SAGA_IN_FAILURE;
+				out[n].saga = i;
+				out[n].step = j;
+				n++;
+			}
+		}
+	}
+	return n;
+}
+
+static void
+saga_on_start(struct saga_engine *e, size_t def, const struct msg *m)
+{
+	const char *id = m->props.correlation_id && *m->props.correlation_id ?
+	    m->props.correlation_id : m->message_id;
+	struct saga_inst *in = saga_load(e, def, id);
+	size_t i;
+
+	if (in) {
+		e->stats[def].duplicates++;
+		saga_log(e, in, "in", "start again: ignored", NULL, m->message_id, NULL);
+		saga_inst_free(in);
+		return;
+	}
+	in = saga_inst_new(e->d->conf, def, id);
+	in->state = SAGA_RUNNING;
+	in->started_at = util_now();
+	in->body = malloc(m->body_len + 1);
+	memcpy(in->body, m->body, m->body_len);
+	in->body_len = m->body_len;
+	in->ct = m->props.content_type ? strdup(m->props.content_type) : NULL;
+	e->stats[def].started++;
+	saga_save(e, in);
+	saga_log(e, in, "in", "start", NULL, m->message_id, m->routing_key);
+	if (in->def->timeout > 0)
+		saga_timer_add(e, in, TIMER_SAGA, -1, in->started_at + in->def->timeout);
+	if (in->def->mode == SAGA_ORCHESTRATED)
+		saga_send_command(e, in, 0);
+	else
+		for (i = 0; i < in->def->n_steps; i++)
+			in->steps[i].state = STEP_ACTIVE;
+	saga_save(e, in);
+	saga_inst_free(in);
+}
+
+static void
+saga_orphan(struct saga_engine *e, const struct msg *m, const char *why)
+{
+	e->orphans++;
+	log_debug("msg=\"saga message ignored\" reason=\"%s\" message_id=%s correlation_id=%s",
+	    why, m->message_id, m->props.correlation_id ? m->props.correlation_id : "");
+}
+
+void
+saga_handle(void *arg, const struct msg *m)
+{
+	struct saga_engine *e = arg;
+	struct saga_match matches[16];
+	size_t n = saga_classify(e->d->conf, m, matches, 16), i;
+
+	if (n == 0) {
+		saga_orphan(e, m, "not a saga message");
+		return;
+	}
+	for (i = 0; i < n; i++) {
+		struct saga_match *k = &matches[i];
+		struct saga_inst *in;
+
+		if (k->input == SAGA_IN_START) {
+			saga_on_start(e, k->saga, m);
+			continue;
+		}
+		if (!m->props.correlation_id) {
+			saga_orphan(e, m, "no correlation id");
+			continue;
+		}
+		in = saga_load(e, k->saga, m->props.correlation_id);
+		if (!in) {
+			saga_orphan(e, m, "unknown saga instance");
+			continue;
+		}
+		if (k->input == SAGA_IN_REPLY && k->compensation)
+			saga_on_compensation_reply(e, in, k->step, k->success, m);
+		else if (k->input == SAGA_IN_REPLY)
+			saga_on_step_result(e, in, k->step, k->success, m);
+		else
+			saga_on_step_result(e, in, k->step, k->input == SAGA_IN_SUCCESS, m);
+		saga_save(e, in);
+		saga_inst_free(in);
+	}
+}
+
+/* ---- timers ---- */
+
+static void
+saga_on_timer(struct saga_engine *e, struct saga_inst *in, int kind, int step)
+{
+	if (kind == TIMER_SAGA) {
+		if (in->state == SAGA_RUNNING) {
+			saga_log(e, in, "timer", "saga timeout", NULL, NULL, NULL);
+			saga_start_compensation(e, in, "saga timeout");
+		}
+		return;
+	}
+	if (step < 0 || (size_t)step >= in->def->n_steps)
+		return;
+	if (kind == TIMER_STEP) {
+		const struct conf_saga_step *cs = &in->def->steps[step];
+		if (in->state != SAGA_RUNNING || in->steps[step].state != STEP_ACTIVE)
+			return;
+		if (in->steps[step].attempts < (unsigned)cs->attempts) {
+			saga_log(e, in, "timer", "step timeout: command sent again", cs->name, NULL, NULL);
+			saga_send_command(e, in, (unsigned)step);
+			return;
+		}
+		in->steps[step].state = STEP_FAILED;
+		saga_log(e, in, "timer", "step timeout", cs->name, NULL, NULL);
+		{
+			char why[300];
+			snprintf(why, sizeof why, "step %s timed out", cs->name);
+			saga_start_compensation(e, in, why);
+		}
+		return;
+	}
+	/* TIMER_COMPENSATE: no reply yet, or a refused one waited its backoff. */
+	if (in->state != SAGA_COMPENSATING || in->steps[step].state != STEP_COMPENSATING)
+		return;
+	if (in->steps[step].comp_attempts >= (unsigned)in->def->compensate_attempts) {
+		char why[300];
+		snprintf(why, sizeof why, "compensation of %s unconfirmed after %u attempts",
+		    in->def->steps[step].name, in->steps[step].comp_attempts);
+		free(in->reason);
+		in->reason = strdup(why);
+		in->state = SAGA_FAILED;
+		e->stats[in->def_index].failed++;
+		saga_log(e, in, "state", "failed", in->def->steps[step].name, NULL, why);
+		log_warn("msg=\"saga failed: compensation exhausted\" saga=%s id=%s step=%s",
+		    in->def->name, in->id, in->def->steps[step].name);
+		return;
+	}
+	saga_send_compensation(e, in, (size_t)step);
+}
+
+static void
+saga_rearm(struct saga_engine *e)
+{
+	sqlite3_stmt *s = saga_stmt(e, SQ_TIMER_NEXT);
+
+	if (sqlite3_step(s) == SQLITE_ROW && sqlite3_column_type(s, 0) != SQLITE_NULL) {
+		double due = sqlite3_column_double(s, 0);
+		sqlite3_reset(s);
+		evtimer_del(e->timer_ev);
+		saga_arm(e, due);
+		return;
+	}
+	sqlite3_reset(s);
+}
+
+static void
+saga_timer_cb(evutil_socket_t fd, short what, void *arg)
+{
+	struct saga_engine *e = arg;
+	struct { int64_t id, row; int kind, step; } due[256];
+	sqlite3_stmt *s;
+	size_t n = 0, i;
+
+	(void)fd;
+	(void)what;
+	if (e->d->state == SAGAD_STOPPED)
+		return;
+	s = saga_stmt(e, SQ_TIMER_DUE);
+	sqlite3_bind_double(s, 1, util_now());
+	while (n < 256 && sqlite3_step(s) == SQLITE_ROW) {
+		due[n].id = sqlite3_column_int64(s, 0);
+		due[n].row = sqlite3_column_int64(s, 1);
+		due[n].kind = sqlite3_column_int(s, 2);
+		due[n].step = sqlite3_column_int(s, 3);
+		n++;
+	}
+	sqlite3_reset(s);
+	for (i = 0; i < n; i++) {
+		struct saga_inst *in = saga_load_row(e, due[i].row);
+		char sql[64];
+
+		/* The timer is spent whatever happens next. */
+		if (store_write(e->d->store) == 0) {
+			snprintf(sql, sizeof sql, "DELETE FROM saga_timer WHERE id = %lld",
+			    (long long)due[i].id);
+			sqlite3_exec(store_db(e->d->store), sql, NULL, NULL, NULL);
+		}
+		if (!in)
+			continue;
+		saga_on_timer(e, in, due[i].kind, due[i].step);
+		saga_save(e, in);
+		saga_inst_free(in);
+	}
+	e->timer_at = 0;
+	saga_rearm(e);
+}
+
+/* ---- admin ---- */
+
+static json_t *
+saga_inst_json(struct saga_engine *e, struct saga_inst *in, double updated, double finished,
+    int history)
+{
+	json_t *steps = json_array(), *j;
+	size_t i;
+
+	for (i = 0; i < in->def->n_steps; i++)
+		json_array_append_new(steps, json_pack("{s:s,s:s,s:i,s:i}",
+		    "name", in->def->steps[i].name,
+		    "state", saga_step_state_names[in->steps[i].state],
+		    "attempts", (int)in->steps[i].attempts,
+		    "compensate_attempts", (int)in->steps[i].comp_attempts));
+	j = json_pack("{s:s,s:s,s:s,s:s,s:s?,s:f,s:f,s:f,s:o}",
+	    "saga", in->def->name, "id", in->id, "state", saga_state_names[in->state],
+	    "mode", in->def->mode == SAGA_ORCHESTRATED ? "orchestrated" : "choreographed",
+	    "reason", in->reason, "started_at", in->started_at, "updated_at", updated,
+	    "finished_at", finished, "steps", steps);
+	if (history) {
+		json_t *h = json_array();
+		sqlite3_stmt *s = saga_stmt(e, SQ_HISTORY);
+		sqlite3_bind_int64(s, 1, in->row);
+		while (sqlite3_step(s) == SQLITE_ROW)
+			json_array_append_new(h, json_pack("{s:f,s:s,s:s,s:s,s:s,s:s}",
+			    "at", sqlite3_column_double(s, 0),
+			    "dir", (const char *)sqlite3_column_text(s, 1),
+			    "what", (const char *)sqlite3_column_text(s, 2),
+			    "step", (const char *)sqlite3_column_text(s, 3),
+			    "message_id", (const char *)sqlite3_column_text(s, 4),
+			    "detail", (const char *)sqlite3_column_text(s, 5)));
+		sqlite3_reset(s);
+		json_object_set_new(j, "history", h);
+	}
+	return j;
+}
+
+int
+saga_state_from_name(const char *name)
+{
+	int i;
+
+	for (i = 0; i < SAGA_NSTATES; i++)
+		if (strcmp(saga_state_names[i], name) == 0)
+			return i;
+	return -1;
+}
+
+void *
+saga_list_json(struct saga_engine *e, const char *name, int state, size_t limit)
+{
+	enum saga_sql q = name && state >= 0 ? SQ_LIST_BOTH : name ? SQ_LIST_NAME :
+	    state >= 0 ? SQ_LIST_STATE : SQ_LIST;
+	sqlite3_stmt *s = saga_stmt(e, q);
+	json_t *list = json_array();
+	int b = 1;
+
+	if (name)
+		sqlite3_bind_text(s, b++, name, -1, SQLITE_TRANSIENT);
+	if (state >= 0)
+		sqlite3_bind_int(s, b++, state);
+	sqlite3_bind_int64(s, b, (sqlite3_int64)limit);
+	while (sqlite3_step(s) == SQLITE_ROW) {
+		ssize_t def = saga_def_index(e->d->conf, (const char *)sqlite3_column_text(s, 0));
+		struct saga_inst *in;
+		if (def < 0)
+			continue;
+		in = saga_inst_new(e->d->conf, (size_t)def, (const char *)sqlite3_column_text(s, 1));
+		in->started_at = sqlite3_column_double(s, 3);
+		if (saga_unpack(in, sqlite3_column_blob(s, 6), sqlite3_column_bytes(s, 6)) == 0)
+			json_array_append_new(list, saga_inst_json(e, in, sqlite3_column_double(s, 4),
+			    sqlite3_column_double(s, 5), 0));
+		saga_inst_free(in);
+	}
+	sqlite3_reset(s);
+	return json_pack("{s:o}", "sagas", list);
+}
+
+/* Every instance with this saga id (one per saga definition). */
+static size_t
+saga_by_id(struct saga_engine *e, const char *id, int64_t *rows, size_t max)
+{
+	sqlite3_stmt *s = saga_stmt(e, SQ_BY_ID);
+	size_t n = 0;
+
+	sqlite3_bind_text(s, 1, id, -1, SQLITE_TRANSIENT);
+	while (n < max && sqlite3_step(s) == SQLITE_ROW)
+		rows[n++] = sqlite3_column_int64(s, 0);
+	sqlite3_reset(s);
+	return n;
+}
+
+void *
+saga_get_json(struct saga_engine *e, const char *id)
+{
+	int64_t rows[64];
+	size_t n = saga_by_id(e, id, rows, 64), i;
+	json_t *list = json_array();
+
+	for (i = 0; i < n; i++) {
+		struct saga_inst *in = saga_load_row(e, rows[i]);
+		if (!in)
+			continue;
+		json_array_append_new(list, saga_inst_json(e, in, 0, 0, 1));
+		saga_inst_free(in);
+	}
+	if (!json_array_size(list)) {
+		json_decref(list);
+		return NULL;
+	}
+	return json_pack("{s:s,s:o}", "id", id, "instances", list);
+}
+
+int
+saga_retry(struct saga_engine *e, const char *id)
+{
+	int64_t rows[64];
+	size_t n = saga_by_id(e, id, rows, 64), i, j;
+	int done = 0;
+
+	for (i = 0; i < n; i++) {
+		struct saga_inst *in = saga_load_row(e, rows[i]);
+		if (!in)
+			continue;
+		if (in->state == SAGA_FAILED) {
+			in->state = SAGA_COMPENSATING;
+			saga_log(e, in, "admin", "retry", NULL, NULL, "sagactl saga retry");
+			for (j = 0; j < in->def->n_steps; j++)
+				if (in->steps[j].state == STEP_COMPENSATING) {
+					in->steps[j].comp_attempts = 0;
+					in->steps[j].state = STEP_SUCCEEDED;
+				}
+			saga_compensate_next(e, in);
+			saga_save(e, in);
+			done++;
+		}
+		saga_inst_free(in);
+	}
+	return done;
+}
+
+int
+saga_abort(struct saga_engine *e, const char *id)
+{
+	int64_t rows[64];
+	size_t n = saga_by_id(e, id, rows, 64), i;
+	int done = 0;
+
+	for (i = 0; i < n; i++) {
+		struct saga_inst *in = saga_load_row(e, rows[i]);
+		if (!in)
+			continue;
+		if (in->state == SAGA_RUNNING) {
+			saga_log(e, in, "admin", "abort", NULL, NULL, "sagactl saga abort");
+			saga_start_compensation(e, in, "aborted by an operator");
+			saga_save(e, in);
+			done++;
+		}
+		saga_inst_free(in);
+	}
+	return done;
+}
+
+void
+saga_metrics(struct saga_engine *e, struct evbuffer *out)
+{
+	const struct sagad_conf *c = e->d->conf;
+	uint64_t counts[64][SAGA_NSTATES];
+	sqlite3_stmt *s = saga_stmt(e, SQ_COUNTS);
+	char labels[600];
+	size_t i;
+	int k;
+
+	memset(counts, 0, sizeof counts);
+	while (sqlite3_step(s) == SQLITE_ROW) {
+		ssize_t def = saga_def_index(c, (const char *)sqlite3_column_text(s, 0));
+		int st = sqlite3_column_int(s, 1);
+		if (def >= 0 && def < 64 && st >= 0 && st < SAGA_NSTATES)
+			counts[def][st] = (uint64_t)sqlite3_column_int64(s, 2);
+	}
+	sqlite3_reset(s);
+	metrics_family(out, "sagad_sagas", "gauge", "Saga instances in the store by state.");
+	for (i = 0; i < c->n_sagas && i < 64; i++)
+		for (k = 0; k < SAGA_NSTATES; k++) {
+			snprintf(labels, sizeof labels, "saga=\"%s\",state=\"%s\"", c->sagas[i].name,
+			    saga_state_names[k]);
+			metrics_sample(out, "sagad_sagas", labels, (double)counts[i][k]);
+		}
+#define PER_SAGA(mname, help, field)						\
+	do {									\
+		metrics_family(out, mname, "counter", help);			\
+		for (i = 0; i < c->n_sagas; i++) {				\
+			snprintf(labels, sizeof labels, "saga=\"%s\"", c->sagas[i].name); \
+			metrics_sample(out, mname, labels, (double)e->stats[i].field); \
+		}								\
+	} while (0)
+	PER_SAGA("sagad_sagas_started_total", "Saga instances started.", started);
+	PER_SAGA("sagad_saga_compensations_total", "Compensations started.", compensations);
+	PER_SAGA("sagad_saga_failed_total", "Sagas whose compensation was exhausted.", failed);
+	PER_SAGA("sagad_saga_duplicates_total", "Saga messages that changed nothing (repeats).",
+	    duplicates);
+#undef PER_SAGA
+	metrics_family(out, "sagad_saga_orphans_total", "counter",
+	    "Messages for unknown or finished sagas, acked and ignored.");
+	metrics_sample(out, "sagad_saga_orphans_total", "", (double)e->orphans);
+	metrics_family(out, "sagad_saga_duration_seconds", "histogram",
+	    "Time from start to completed or compensated.");
+	for (i = 0; i < c->n_sagas; i++) {
+		snprintf(labels, sizeof labels, "saga=\"%s\"", c->sagas[i].name);
+		metrics_histogram(out, "sagad_saga_duration_seconds", labels, &e->stats[i].duration);
+	}
+}
+
+/* ---- life ---- */
+
+struct saga_engine *
+saga_new(struct sagad *d, char **err)
+{
+	struct saga_engine *e = calloc(1, sizeof *e);
+	size_t i;
+
+	*err = NULL;
+	e->d = d;
+	for (i = 0; i < SQ_COUNT; i++)
+		if (sqlite3_prepare_v3(store_db(d->store), saga_sql[i], -1,
+		    SQLITE_PREPARE_PERSISTENT, &e->stmt[i], NULL) != SQLITE_OK) {
+			if (asprintf(err, "saga store: %s", sqlite3_errmsg(store_db(d->store))) < 0)
+				*err = NULL;
+			saga_free(e);
+			return NULL;
+		}
+	e->stats = calloc(d->conf->n_sagas + 1, sizeof *e->stats);
+	for (i = 0; i < d->conf->n_sagas; i++)
+		histogram_init(&e->stats[i].duration, metrics_latency_bounds, metrics_latency_nbounds);
+	e->timer_ev = evtimer_new(d->base, saga_timer_cb, e);
+	/* Deadlines live in the store: after a restart they fire as due. */
+	saga_rearm(e);
+	return e;
+}
+
+void
+saga_free(struct saga_engine *e)
+{
+	size_t i;
+
+	if (!e)
+		return;
+	for (i = 0; i < SQ_COUNT; i++)
+		sqlite3_finalize(e->stmt[i]);
+	if (e->timer_ev)
+		event_free(e->timer_ev);
+	free(e->stats);
+	free(e);
+}

@@ -1,0 +1,85 @@
+/*
+ * The saga engine: correlates saga events by saga id (the AMQP
+ * correlation_id), keeps each instance's state in the store, sends commands
+ * (orchestrated) or watches events (choreographed), and compensates the
+ * succeeded steps in reverse order on failure or timeout.
+ *
+ * Instance states:
+ *
+ *   running --all steps succeeded--> completed
+ *      |
+ *      +--failure, timeout, abort--> compensating --all confirmed--> compensated
+ *                                        |    ^                          |
+ *                   attempts exhausted   v    | sagactl saga retry       | late success
+ *                                      failed                           v
+ *                                                                  compensating
+ */
+#ifndef SAGAD_SAGA_H
+#define SAGAD_SAGA_H
+
+#include <stddef.h>
+
+#include "props.h"
+
+struct sagad;
+struct saga_engine;
+struct evbuffer;
+struct sagad_conf;
+
+enum saga_state {
+	SAGA_RUNNING,
+	SAGA_COMPLETED,
+	SAGA_COMPENSATING,
+	SAGA_COMPENSATED,
+	SAGA_FAILED,
+	SAGA_NSTATES
+};
+
+enum saga_step_state {
+	STEP_PENDING,		/* not started */
+	STEP_ACTIVE,		/* command sent / waiting for its event */
+	STEP_SUCCEEDED,
+	STEP_FAILED,
+	STEP_COMPENSATING,	/* compensation sent, waiting for success */
+	STEP_COMPENSATED,
+	STEP_NSTATES
+};
+
+extern const char *const saga_state_names[SAGA_NSTATES];
+extern const char *const saga_step_state_names[STEP_NSTATES];
+
+/* What an incoming message means to the sagas (pure: tested and fuzzed). */
+enum saga_input {
+	SAGA_IN_START,		/* a saga's start event */
+	SAGA_IN_REPLY,		/* a reply to a command or a compensation */
+	SAGA_IN_SUCCESS,	/* a choreographed step's success event */
+	SAGA_IN_FAILURE		/* a choreographed step's failure event */
+};
+
+struct saga_match {
+	enum saga_input input;
+	size_t saga;		/* index in conf->sagas */
+	size_t step;		/* for REPLY, SUCCESS, FAILURE */
+	int compensation;	/* REPLY: to a compensation */
+	int success;		/* REPLY: x-sagad-outcome = success */
+};
+
+/* Fills up to max matches; returns how many (0: not a saga message). */
+size_t saga_classify(const struct sagad_conf *conf, const struct msg *m,
+    struct saga_match *out, size_t max);
+
+struct saga_engine *saga_new(struct sagad *d, char **err);
+void saga_free(struct saga_engine *e);
+/* The delivery handler of the internal subscription. */
+void saga_handle(void *arg, const struct msg *m);
+
+/* Admin. JSON values are jansson json_t *. */
+void *saga_list_json(struct saga_engine *e, const char *name, int state, size_t limit);
+void *saga_get_json(struct saga_engine *e, const char *id);
+/* Returns instances affected, or -1. */
+int saga_retry(struct saga_engine *e, const char *id);
+int saga_abort(struct saga_engine *e, const char *id);
+void saga_metrics(struct saga_engine *e, struct evbuffer *out);
+int saga_state_from_name(const char *name);
+
+#endif

@@ -1,0 +1,1004 @@
+/* Unit tests for src/store.c: schema, outbox, dedup, group commit. */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <cmocka.h>
+
+#include <event2/event.h>
+#include <fcntl.h>
+#include <ftw.h>
+#include <sqlite3.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "props.h"
+#include "store.h"
+
+#define BIG (INT64_C(1) << 30)
+
+
+struct fx {
+	char dir[64];
+	char path[128];
+	struct event_base *base;
+	struct store *st;
+};
+
+static int
+rm_entry(const char *path, const struct stat *sb, int flag, struct FTW *ftw)
+{
+	(void)sb;
+	(void)flag;
+	(void)ftw;
+	return remove(path);
+}
+
+static struct store *
+open_ok(struct fx *f, int64_t max_bytes)
+{
+	char *err = NULL;
+	struct store *st = store_open(f->path, f->base, max_bytes, &err);
+
+	if (!st)
+		fail_msg("store_open(%s): %s", f->path, err ? err : "(no message)");
+	assert_null(err);
+	return st;
+}
+
+static int
+setup(void **state)
+{
+	struct fx *f = calloc(1, sizeof *f);
+
+	snprintf(f->dir, sizeof f->dir, "/tmp/sagad-test-store-XXXXXX");
+	if (!mkdtemp(f->dir)) {
+		free(f);
+		return -1;
+	}
+	snprintf(f->path, sizeof f->path, "%s/outbox.db", f->dir);
+	f->base = event_base_new();
+	if (!f->base || event_base_priority_init(f->base, 3) < 0)
+		return -1;
+	f->st = open_ok(f, BIG);
+	*state = f;
+	return 0;
+}
+
+static int
+teardown(void **state)
+{
+	struct fx *f = *state;
+
+	store_close(f->st);
+	event_base_free(f->base);
+	nftw(f->dir, rm_entry, 8, FTW_DEPTH | FTW_PHYS);
+	free(f);
+	return 0;
+}
+
+static void
+reopen(struct fx *f)
+{
+	store_close(f->st);
+	f->st = open_ok(f, BIG);
+}
+
+static struct msg *
+new_msg(const char *id, const char *ex, const char *key, const char *body, size_t len)
+{
+	struct msg *m = calloc(1, sizeof *m);
+
+	m->message_id = strdup(id);
+	m->exchange = strdup(ex);
+	m->routing_key = strdup(key);
+	if (body) {
+		m->body = malloc(len ? len : 1);
+		memcpy(m->body, body, len);
+		m->body_len = len;
+	}
+	return m;
+}
+
+/* Put a small message; returns the result and its seq in *seq. */
+static enum store_put
+put(struct fx *f, const char *id, double now, int64_t *seq)
+{
+	struct msg *m = new_msg(id, "events", "order.created", "{}", 2);
+	enum store_put r = store_outbox_put(f->st, m, now, 1);
+
+	if (seq)
+		*seq = m->seq;
+	msg_free(m);
+	return r;
+}
+
+static void
+free_msgs(struct msg **v, size_t n)
+{
+	size_t i;
+
+	for (i = 0; i < n; i++)
+		msg_free(v[i]);
+}
+
+/* Rows in the outbox as another connection sees them: what is on disk. */
+static int64_t
+disk_count(const char *path)
+{
+	sqlite3 *db;
+	sqlite3_stmt *s;
+	int64_t v = -1;
+
+	assert_int_equal(sqlite3_open_v2(path, &db, SQLITE_OPEN_READONLY, NULL), SQLITE_OK);
+	if (sqlite3_prepare_v2(db, "SELECT count(*) FROM outbox", -1, &s, NULL) == SQLITE_OK) {
+		if (sqlite3_step(s) == SQLITE_ROW)
+			v = sqlite3_column_int64(s, 0);
+		sqlite3_finalize(s);
+	}
+	sqlite3_close(db);
+	return v;
+}
+
+/* ---- open ---- */
+
+static void
+test_open_creates_schema(void **state)
+{
+	struct fx *f = *state;
+	sqlite3 *db;
+	sqlite3_stmt *s;
+	int version;
+
+	assert_string_equal(store_path(f->st), f->path);
+	assert_int_equal(store_outbox_count(f->st), 0);
+	assert_int_equal(store_committed_seq(f->st), 0);
+	assert_true(store_outbox_oldest(f->st) == 0);
+	assert_true(store_outbox_next_due(f->st) == 0);
+	assert_true(store_bytes(f->st) > 0);
+	assert_true(store_writable(f->st));
+	store_close(f->st);
+	f->st = NULL;
+
+	assert_int_equal(access(f->path, F_OK), 0);
+	assert_int_equal(sqlite3_open_v2(f->path, &db, SQLITE_OPEN_READONLY, NULL), SQLITE_OK);
+	assert_int_equal(sqlite3_prepare_v2(db, "PRAGMA user_version", -1, &s, NULL), SQLITE_OK);
+	assert_int_equal(sqlite3_step(s), SQLITE_ROW);
+	version = sqlite3_column_int(s, 0);
+	assert_true(version >= 1);
+	sqlite3_finalize(s);
+	assert_int_equal(sqlite3_prepare_v2(db, "PRAGMA journal_mode", -1, &s, NULL), SQLITE_OK);
+	assert_int_equal(sqlite3_step(s), SQLITE_ROW);
+	assert_string_equal((const char *)sqlite3_column_text(s, 0), "wal");
+	sqlite3_finalize(s);
+	assert_int_equal(sqlite3_prepare_v2(db, "SELECT count(*) FROM sqlite_master WHERE"
+	    " type = 'table' AND name IN ('outbox', 'outbox_ids')", -1, &s, NULL), SQLITE_OK);
+	assert_int_equal(sqlite3_step(s), SQLITE_ROW);
+	assert_int_equal(sqlite3_column_int(s, 0), 2);
+	sqlite3_finalize(s);
+	sqlite3_close(db);
+
+	/* opening an existing store migrates nothing */
+	f->st = open_ok(f, BIG);
+	assert_int_equal(store_outbox_count(f->st), 0);
+	store_close(f->st);
+	f->st = NULL;
+	assert_int_equal(sqlite3_open_v2(f->path, &db, SQLITE_OPEN_READONLY, NULL), SQLITE_OK);
+	assert_int_equal(sqlite3_prepare_v2(db, "PRAGMA user_version", -1, &s, NULL), SQLITE_OK);
+	assert_int_equal(sqlite3_step(s), SQLITE_ROW);
+	assert_int_equal(sqlite3_column_int(s, 0), version);
+	sqlite3_finalize(s);
+	sqlite3_close(db);
+	f->st = open_ok(f, BIG);
+}
+
+static void
+test_reopen_keeps_data(void **state)
+{
+	struct fx *f = *state;
+	struct msg *m, *out[8];
+	size_t n;
+	int64_t s1, s2, s3, s4;
+
+	m = new_msg("id-1", "events", "order.created", "payload-1", 9);
+	m->props.content_type = strdup("application/json");
+	props_set_header(&m->props, "tenant", "acme");
+	assert_int_equal(store_outbox_put(f->st, m, 1000.0, 1), STORE_PUT_STORED);
+	s1 = m->seq;
+	msg_free(m);
+	assert_int_equal(put(f, "id-2", 1001.0, &s2), STORE_PUT_STORED);
+	assert_int_equal(put(f, "id-3", 1002.0, &s3), STORE_PUT_STORED);
+	assert_true(s1 > 0 && s1 < s2 && s2 < s3);
+	assert_int_equal(store_flush(f->st), 0);
+
+	reopen(f);
+	assert_int_equal(store_outbox_count(f->st), 3);
+	assert_int_equal(store_committed_seq(f->st), s3);
+	assert_true(store_outbox_oldest(f->st) == 1000.0);
+	assert_int_equal(store_outbox_fetch(f->st, 0, store_committed_seq(f->st), 5000.0, 8, out, &n), 0);
+	assert_int_equal(n, 3);
+	assert_int_equal(out[0]->seq, s1);
+	assert_string_equal(out[0]->message_id, "id-1");
+	assert_string_equal(out[0]->exchange, "events");
+	assert_string_equal(out[0]->routing_key, "order.created");
+	assert_int_equal(out[0]->body_len, 9);
+	assert_memory_equal(out[0]->body, "payload-1", 9);
+	assert_string_equal(out[0]->props.content_type, "application/json");
+	assert_string_equal(props_get_header(&out[0]->props, "tenant"), "acme");
+	assert_true(out[0]->created_at == 1000.0);
+	assert_string_equal(out[2]->message_id, "id-3");
+	free_msgs(out, n);
+
+	/* seqs go on after a restart, and the ids are still remembered */
+	assert_int_equal(put(f, "id-1", 1003.0, NULL), STORE_PUT_DUPLICATE);
+	assert_int_equal(put(f, "id-4", 1003.0, &s4), STORE_PUT_STORED);
+	assert_true(s4 > s3);
+}
+
+static void
+test_seq_not_reused(void **state)
+{
+	struct fx *f = *state;
+	int64_t s1, s2, s3;
+
+	assert_int_equal(put(f, "a", 1, &s1), STORE_PUT_STORED);
+	assert_int_equal(put(f, "b", 1, &s2), STORE_PUT_STORED);
+	assert_int_equal(store_flush(f->st), 0);
+	assert_int_equal(store_outbox_done(f->st, s1), 0);
+	assert_int_equal(store_outbox_done(f->st, s2), 0);
+	assert_int_equal(store_flush(f->st), 0);
+	assert_int_equal(store_outbox_count(f->st), 0);
+	reopen(f);
+	assert_int_equal(store_outbox_count(f->st), 0);
+	/* order must survive deletes: a new message never gets an old seq */
+	assert_int_equal(put(f, "c", 1, &s3), STORE_PUT_STORED);
+	assert_true(s3 > s2);
+}
+
+static void
+test_second_open_in_use(void **state)
+{
+	struct fx *f = *state;
+	char *err = NULL;
+	struct store *st2;
+
+	st2 = store_open(f->path, f->base, BIG, &err);
+	assert_null(st2);
+	assert_non_null(err);
+	assert_non_null(strstr(err, f->path));
+	assert_non_null(strstr(err, "in use"));
+	free(err);
+	/* the first one goes on working */
+	assert_int_equal(put(f, "still-mine", 1, NULL), STORE_PUT_STORED);
+	assert_int_equal(store_flush(f->st), 0);
+	assert_int_equal(disk_count(f->path), 1);
+}
+
+static void
+test_open_not_sqlite(void **state)
+{
+	struct fx *f = *state;
+	char path[160], buf[8192], back[8192];
+	char *err = NULL;
+	struct stat sb;
+	FILE *fp;
+
+	snprintf(path, sizeof path, "%s/notes.txt", f->dir);
+	memset(buf, 'x', sizeof buf);
+	memcpy(buf, "these are my notes, not a database\n", 35);
+	fp = fopen(path, "w");
+	assert_non_null(fp);
+	assert_int_equal(fwrite(buf, 1, sizeof buf, fp), sizeof buf);
+	fclose(fp);
+
+	assert_null(store_open(path, f->base, BIG, &err));
+	assert_non_null(err);
+	assert_non_null(strstr(err, path));
+	free(err);
+	/* and the file is left as it was */
+	assert_int_equal(stat(path, &sb), 0);
+	assert_int_equal(sb.st_size, sizeof buf);
+	fp = fopen(path, "r");
+	assert_int_equal(fread(back, 1, sizeof back, fp), sizeof back);
+	fclose(fp);
+	assert_memory_equal(buf, back, sizeof buf);
+}
+
+static void
+test_open_newer_schema(void **state)
+{
+	struct fx *f = *state;
+	char path[160], *err = NULL;
+	sqlite3 *db;
+
+	snprintf(path, sizeof path, "%s/future.db", f->dir);
+	assert_int_equal(sqlite3_open(path, &db), SQLITE_OK);
+	assert_int_equal(sqlite3_exec(db, "CREATE TABLE t(x); PRAGMA user_version = 99;",
+	    NULL, NULL, NULL), SQLITE_OK);
+	sqlite3_close(db);
+	assert_null(store_open(path, f->base, BIG, &err));
+	assert_non_null(err);
+	assert_non_null(strstr(err, path));
+	assert_non_null(strstr(err, "newer"));
+	free(err);
+}
+
+static void
+test_open_missing_dir(void **state)
+{
+	struct fx *f = *state;
+	char path[160], *err = NULL;
+
+	snprintf(path, sizeof path, "%s/no/such/dir/s.db", f->dir);
+	assert_null(store_open(path, f->base, BIG, &err));
+	assert_non_null(err);
+	assert_non_null(strstr(err, path));
+	free(err);
+}
+
+/* ---- put ---- */
+
+static void
+test_put_and_duplicate(void **state)
+{
+	struct fx *f = *state;
+	struct msg *m;
+	int64_t s1;
+
+	m = new_msg("dup-1", "events", "k", "x", 1);
+	assert_int_equal(store_outbox_put(f->st, m, 500.0, 1), STORE_PUT_STORED);
+	s1 = m->seq;
+	assert_true(s1 > 0);
+	assert_true(m->created_at == 500.0);
+	msg_free(m);
+	assert_int_equal(store_outbox_count(f->st), 1);
+
+	/* same id in the same transaction: nothing stored, seq untouched */
+	m = new_msg("dup-1", "other", "k2", "y", 1);
+	m->seq = -7;
+	assert_int_equal(store_outbox_put(f->st, m, 501.0, 1), STORE_PUT_DUPLICATE);
+	assert_int_equal(m->seq, -7);
+	msg_free(m);
+	assert_int_equal(store_outbox_count(f->st), 1);
+
+	/* after the commit, and after the message was published (done) */
+	assert_int_equal(store_flush(f->st), 0);
+	assert_int_equal(put(f, "dup-1", 502.0, NULL), STORE_PUT_DUPLICATE);
+	assert_int_equal(store_outbox_done(f->st, s1), 0);
+	assert_int_equal(store_flush(f->st), 0);
+	assert_int_equal(put(f, "dup-1", 503.0, NULL), STORE_PUT_DUPLICATE);
+	assert_int_equal(store_outbox_count(f->st), 0);
+	assert_int_equal(put(f, "dup-2", 503.0, NULL), STORE_PUT_STORED);
+	assert_int_equal(store_flush(f->st), 0);
+	assert_int_equal(disk_count(f->path), 1);
+}
+
+static void
+test_put_without_dedup(void **state)
+{
+	struct fx *f = *state;
+	struct msg *m;
+	int64_t s1, s2;
+
+	/* sagad's own messages skip the dedup ids: both are stored */
+	m = new_msg("own-1", "events", "k", "x", 1);
+	assert_int_equal(store_outbox_put(f->st, m, 1, 0), STORE_PUT_STORED);
+	s1 = m->seq;
+	assert_int_equal(store_outbox_put(f->st, m, 2, 0), STORE_PUT_STORED);
+	s2 = m->seq;
+	msg_free(m);
+	assert_true(s2 > s1);
+	assert_int_equal(store_outbox_count(f->st), 2);
+	/* and they leave no id behind that would refuse a service message */
+	assert_int_equal(put(f, "own-1", 3, NULL), STORE_PUT_STORED);
+	assert_int_equal(store_outbox_count(f->st), 3);
+}
+
+static void
+test_failed_put_leaves_no_id(void **state)
+{
+	struct fx *f = *state;
+	struct msg *m;
+
+	/*
+	 * Regression (fixed): store_outbox_put() is not atomic. It inserts the dedup id,
+	 * then the outbox row; when the second INSERT fails with an error
+	 * that SQLite rolls back per statement only (a constraint such as
+	 * the NOT NULL exchange here, or SQLITE_FULL), the id stays in the
+	 * open transaction and is committed. put answered "not stored"
+	 * (ingress: 500/507), yet the client's retry with the same
+	 * Message-Id is a DUPLICATE (200) and the message is never stored.
+	 */
+	m = new_msg("half", "events", "k", "x", 1);
+	free(m->exchange);
+	m->exchange = NULL;
+	assert_int_not_equal(store_outbox_put(f->st, m, 1, 1), STORE_PUT_STORED);
+	msg_free(m);
+	assert_int_equal(store_outbox_count(f->st), 0);
+	assert_int_equal(store_flush(f->st), 0);
+	/* the retry must be stored */
+	assert_int_equal(put(f, "half", 2, NULL), STORE_PUT_STORED);
+	assert_int_equal(store_outbox_count(f->st), 1);
+}
+
+static void
+test_put_full(void **state)
+{
+	struct fx *f = *state;
+	int64_t base_bytes = store_bytes(f->st);
+	struct msg *m;
+	char big[1000];
+
+	store_close(f->st);
+	f->st = open_ok(f, 1);
+	assert_false(store_writable(f->st));
+	assert_int_equal(put(f, "full-1", 1, NULL), STORE_PUT_FULL);
+	assert_int_equal(store_outbox_count(f->st), 0);
+	assert_int_equal(store_flush(f->st), 0);
+	assert_int_equal(disk_count(f->path), 0);
+
+	/* room for one small message, not for a larger one */
+	store_set_max_bytes(f->st, base_bytes + 1000);
+	assert_true(store_writable(f->st));
+	assert_int_equal(put(f, "small", 1, NULL), STORE_PUT_STORED);
+	memset(big, 'b', sizeof big);
+	m = new_msg("large", "events", "k", big, sizeof big);
+	assert_int_equal(store_outbox_put(f->st, m, 1, 1), STORE_PUT_FULL);
+	msg_free(m);
+	assert_int_equal(store_outbox_count(f->st), 1);
+	/* a refused id is not remembered: it may come back when there is room */
+	store_set_max_bytes(f->st, BIG);
+	m = new_msg("large", "events", "k", big, sizeof big);
+	assert_int_equal(store_outbox_put(f->st, m, 1, 1), STORE_PUT_STORED);
+	msg_free(m);
+	assert_int_equal(store_outbox_count(f->st), 2);
+}
+
+/* ---- fetch ---- */
+
+static void
+test_fetch_order_and_upto(void **state)
+{
+	struct fx *f = *state;
+	struct msg *out[16];
+	int64_t seq[7];
+	char id[16];
+	size_t n;
+	int i;
+
+	for (i = 1; i <= 5; i++) {
+		snprintf(id, sizeof id, "m%d", i);
+		assert_int_equal(put(f, id, 100 + i, &seq[i]), STORE_PUT_STORED);
+	}
+	/* not committed yet: nothing is visible below committed_seq */
+	assert_int_equal(store_committed_seq(f->st), 0);
+	assert_int_equal(store_outbox_fetch(f->st, 0, store_committed_seq(f->st), 1e9, 16, out, &n), 0);
+	assert_int_equal(n, 0);
+	assert_int_equal(store_flush(f->st), 0);
+	assert_int_equal(store_committed_seq(f->st), seq[5]);
+
+	assert_int_equal(store_outbox_fetch(f->st, 0, seq[5], 1e9, 16, out, &n), 0);
+	assert_int_equal(n, 5);
+	for (i = 0; i < 5; i++) {
+		snprintf(id, sizeof id, "m%d", i + 1);
+		assert_int_equal(out[i]->seq, seq[i + 1]);
+		assert_string_equal(out[i]->message_id, id);
+	}
+	free_msgs(out, n);
+
+	/* after < seq <= upto */
+	assert_int_equal(store_outbox_fetch(f->st, seq[2], seq[4], 1e9, 16, out, &n), 0);
+	assert_int_equal(n, 2);
+	assert_int_equal(out[0]->seq, seq[3]);
+	assert_int_equal(out[1]->seq, seq[4]);
+	free_msgs(out, n);
+
+	/* limit */
+	assert_int_equal(store_outbox_fetch(f->st, 0, seq[5], 1e9, 2, out, &n), 0);
+	assert_int_equal(n, 2);
+	assert_int_equal(out[0]->seq, seq[1]);
+	assert_int_equal(out[1]->seq, seq[2]);
+	free_msgs(out, n);
+
+	/* a sixth, not committed: bounded by committed_seq */
+	assert_int_equal(put(f, "m6", 106, &seq[6]), STORE_PUT_STORED);
+	assert_int_equal(store_committed_seq(f->st), seq[5]);
+	assert_int_equal(store_outbox_fetch(f->st, seq[4], store_committed_seq(f->st), 1e9, 16, out, &n), 0);
+	assert_int_equal(n, 1);
+	assert_int_equal(out[0]->seq, seq[5]);
+	free_msgs(out, n);
+	assert_int_equal(store_flush(f->st), 0);
+	assert_int_equal(store_committed_seq(f->st), seq[6]);
+	assert_int_equal(store_outbox_count(f->st), 6);
+}
+
+static void
+test_fetch_body_and_props(void **state)
+{
+	struct fx *f = *state;
+	static const char bin[] = { 'a', 0, 'b', (char)0xff, 0, '\n' };
+	struct msg *m, *out[4];
+	size_t n;
+	int64_t s1, s2;
+
+	m = new_msg("bin", "", "queue-direct", bin, sizeof bin);
+	m->props.content_type = strdup("application/octet-stream");
+	m->props.correlation_id = strdup("corr");
+	m->props.type = strdup("t");
+	m->props.expiration = strdup("1000");
+	props_set_header(&m->props, "x-causation-id", "cause");
+	assert_int_equal(store_outbox_put(f->st, m, 1, 1), STORE_PUT_STORED);
+	s1 = m->seq;
+	msg_free(m);
+	m = new_msg("empty", "events", "", NULL, 0);
+	assert_int_equal(store_outbox_put(f->st, m, 1, 1), STORE_PUT_STORED);
+	s2 = m->seq;
+	msg_free(m);
+	assert_int_equal(store_flush(f->st), 0);
+
+	assert_int_equal(store_outbox_fetch(f->st, 0, s2, 10, 4, out, &n), 0);
+	assert_int_equal(n, 2);
+	assert_int_equal(out[0]->seq, s1);
+	assert_string_equal(out[0]->exchange, "");
+	assert_string_equal(out[0]->routing_key, "queue-direct");
+	assert_int_equal(out[0]->body_len, sizeof bin);
+	assert_memory_equal(out[0]->body, bin, sizeof bin);
+	assert_string_equal(out[0]->props.content_type, "application/octet-stream");
+	assert_string_equal(out[0]->props.correlation_id, "corr");
+	assert_string_equal(out[0]->props.type, "t");
+	assert_string_equal(out[0]->props.expiration, "1000");
+	assert_null(out[0]->props.reply_to);
+	assert_int_equal(out[0]->props.n_headers, 1);
+	assert_string_equal(props_get_header(&out[0]->props, "x-causation-id"), "cause");
+	assert_int_equal(out[0]->attempts, 0);
+	assert_int_equal(out[1]->seq, s2);
+	assert_string_equal(out[1]->routing_key, "");
+	assert_int_equal(out[1]->body_len, 0);
+	assert_non_null(out[1]->body);
+	assert_null(out[1]->props.content_type);
+	assert_int_equal(out[1]->props.n_headers, 0);
+	free_msgs(out, n);
+}
+
+static void
+test_retry_due_clear(void **state)
+{
+	struct fx *f = *state;
+	struct msg *out[8];
+	struct store_row rows[8];
+	int64_t s[4];
+	size_t n;
+	int i;
+
+	for (i = 1; i <= 3; i++) {
+		char id[8];
+		snprintf(id, sizeof id, "r%d", i);
+		assert_int_equal(put(f, id, 10, &s[i]), STORE_PUT_STORED);
+	}
+	assert_int_equal(store_flush(f->st), 0);
+	assert_int_equal(store_outbox_attempts(f->st, s[2]), 0);
+
+	/* s2 was returned by the broker: retry at t=200 */
+	assert_int_equal(store_outbox_retry(f->st, s[2], 200.0, 1, "unroutable"), 0);
+	assert_int_equal(store_flush(f->st), 0);
+	assert_int_equal(store_outbox_attempts(f->st, s[2]), 1);
+	assert_true(store_outbox_next_due(f->st) == 200.0);
+
+	/* at t=100 the main fetch skips it and nothing is due */
+	assert_int_equal(store_outbox_fetch(f->st, 0, s[3], 100.0, 8, out, &n), 0);
+	assert_int_equal(n, 2);
+	assert_int_equal(out[0]->seq, s[1]);
+	assert_int_equal(out[1]->seq, s[3]);
+	free_msgs(out, n);
+	assert_int_equal(store_outbox_fetch_due(f->st, s[3], 100.0, 8, out, &n), 0);
+	assert_int_equal(n, 0);
+
+	/* at t=250 it is due, with its attempts */
+	assert_int_equal(store_outbox_fetch_due(f->st, s[3], 250.0, 8, out, &n), 0);
+	assert_int_equal(n, 1);
+	assert_int_equal(out[0]->seq, s[2]);
+	assert_int_equal(out[0]->attempts, 1);
+	free_msgs(out, n);
+	/* ... but not beyond upto */
+	assert_int_equal(store_outbox_fetch_due(f->st, s[1], 250.0, 8, out, &n), 0);
+	assert_int_equal(n, 0);
+
+	assert_int_equal(store_outbox_list(f->st, 0, 8, rows, &n), 0);
+	assert_int_equal(n, 3);
+	assert_int_equal(rows[1].seq, s[2]);
+	assert_string_equal(rows[1].last_error, "unroutable");
+	assert_true(rows[1].due_at == 200.0);
+	assert_int_equal(rows[1].attempts, 1);
+	assert_string_equal(rows[0].last_error, "");
+	assert_true(rows[0].due_at == 0);
+
+	/* taken for publishing again: no longer waits, attempts kept */
+	assert_int_equal(store_outbox_clear_due(f->st, s[2]), 0);
+	assert_int_equal(store_flush(f->st), 0);
+	assert_true(store_outbox_next_due(f->st) == 0);
+	assert_int_equal(store_outbox_fetch_due(f->st, s[3], 1e9, 8, out, &n), 0);
+	assert_int_equal(n, 0);
+	assert_int_equal(store_outbox_fetch(f->st, 0, s[3], 100.0, 8, out, &n), 0);
+	assert_int_equal(n, 3);
+	assert_int_equal(out[1]->seq, s[2]);
+	assert_int_equal(out[1]->attempts, 1);
+	free_msgs(out, n);
+	assert_int_equal(store_outbox_attempts(f->st, s[2]), 1);
+	assert_int_equal(store_outbox_attempts(f->st, 999999), 0);
+}
+
+static void
+test_next_due_is_earliest(void **state)
+{
+	struct fx *f = *state;
+	int64_t a, b;
+
+	assert_int_equal(put(f, "a", 1, &a), STORE_PUT_STORED);
+	assert_int_equal(put(f, "b", 1, &b), STORE_PUT_STORED);
+	assert_int_equal(store_outbox_retry(f->st, a, 300.0, 2, "x"), 0);
+	assert_int_equal(store_outbox_retry(f->st, b, 150.0, 1, "y"), 0);
+	assert_true(store_outbox_next_due(f->st) == 150.0);
+	assert_int_equal(store_outbox_done(f->st, b), 0);
+	assert_true(store_outbox_next_due(f->st) == 300.0);
+}
+
+/* ---- done, count, oldest, list ---- */
+
+static void
+test_done_count_oldest(void **state)
+{
+	struct fx *f = *state;
+	struct msg *out[4];
+	int64_t a, b, c;
+	size_t n;
+
+	assert_true(store_outbox_oldest(f->st) == 0);
+	assert_int_equal(put(f, "a", 1000.0, &a), STORE_PUT_STORED);
+	assert_int_equal(put(f, "b", 2000.0, &b), STORE_PUT_STORED);
+	assert_int_equal(put(f, "c", 3000.0, &c), STORE_PUT_STORED);
+	assert_int_equal(store_outbox_count(f->st), 3);
+	assert_true(store_outbox_oldest(f->st) == 1000.0);
+	assert_int_equal(store_flush(f->st), 0);
+
+	assert_int_equal(store_outbox_done(f->st, a), 0);
+	assert_int_equal(store_outbox_count(f->st), 2);
+	assert_true(store_outbox_oldest(f->st) == 2000.0);
+	/* an unknown seq (already done) changes nothing */
+	assert_int_equal(store_outbox_done(f->st, a), 0);
+	assert_int_equal(store_outbox_done(f->st, 424242), 0);
+	assert_int_equal(store_outbox_count(f->st), 2);
+	assert_int_equal(store_flush(f->st), 0);
+	assert_int_equal(store_outbox_count(f->st), 2);
+	assert_int_equal(disk_count(f->path), 2);
+
+	assert_int_equal(store_outbox_fetch(f->st, 0, c, 1e9, 4, out, &n), 0);
+	assert_int_equal(n, 2);
+	assert_int_equal(out[0]->seq, b);
+	assert_int_equal(out[1]->seq, c);
+	free_msgs(out, n);
+
+	/* put and done within one transaction */
+	assert_int_equal(put(f, "d", 4000.0, &a), STORE_PUT_STORED);
+	assert_int_equal(store_outbox_done(f->st, a), 0);
+	assert_int_equal(store_outbox_done(f->st, b), 0);
+	assert_int_equal(store_outbox_done(f->st, c), 0);
+	assert_int_equal(store_outbox_count(f->st), 0);
+	assert_int_equal(store_flush(f->st), 0);
+	assert_int_equal(store_outbox_count(f->st), 0);
+	assert_true(store_outbox_oldest(f->st) == 0);
+	reopen(f);
+	assert_int_equal(store_outbox_count(f->st), 0);
+}
+
+static void
+test_list(void **state)
+{
+	struct fx *f = *state;
+	struct store_row rows[4];
+	struct msg *m;
+	int64_t s1, s2, s3;
+	size_t n;
+
+	m = new_msg("list-1", "events", "a.b", "12345", 5);
+	assert_int_equal(store_outbox_put(f->st, m, 11.5, 1), STORE_PUT_STORED);
+	s1 = m->seq;
+	msg_free(m);
+	assert_int_equal(put(f, "list-2", 12, &s2), STORE_PUT_STORED);
+	assert_int_equal(put(f, "list-3", 13, &s3), STORE_PUT_STORED);
+
+	assert_int_equal(store_outbox_list(f->st, 0, 4, rows, &n), 0);
+	assert_int_equal(n, 3);
+	assert_int_equal(rows[0].seq, s1);
+	assert_string_equal(rows[0].message_id, "list-1");
+	assert_string_equal(rows[0].exchange, "events");
+	assert_string_equal(rows[0].routing_key, "a.b");
+	assert_int_equal(rows[0].body_len, 5);
+	assert_true(rows[0].created_at == 11.5);
+	assert_int_equal(rows[0].attempts, 0);
+	assert_int_equal(rows[2].seq, s3);
+
+	assert_int_equal(store_outbox_list(f->st, s1, 1, rows, &n), 0);
+	assert_int_equal(n, 1);
+	assert_int_equal(rows[0].seq, s2);
+	assert_string_equal(rows[0].message_id, "list-2");
+	assert_int_equal(store_outbox_list(f->st, s3, 4, rows, &n), 0);
+	assert_int_equal(n, 0);
+}
+
+/* ---- dedup window ---- */
+
+static void
+test_expire_ids(void **state)
+{
+	struct fx *f = *state;
+
+	assert_int_equal(put(f, "t100", 100, NULL), STORE_PUT_STORED);
+	assert_int_equal(put(f, "t200", 200, NULL), STORE_PUT_STORED);
+	assert_int_equal(put(f, "t300", 300, NULL), STORE_PUT_STORED);
+	assert_int_equal(store_flush(f->st), 0);
+
+	assert_int_equal(store_expire_ids(f->st, 50, 10), 0);
+	assert_int_equal(store_expire_ids(f->st, 250, 1), 1);	/* batch bound */
+	assert_int_equal(store_expire_ids(f->st, 250, 10), 1);
+	assert_int_equal(store_expire_ids(f->st, 250, 10), 0);
+	assert_int_equal(store_flush(f->st), 0);
+
+	/* forgotten ids may be stored again; remembered ones may not */
+	assert_int_equal(put(f, "t100", 400, NULL), STORE_PUT_STORED);
+	assert_int_equal(put(f, "t200", 400, NULL), STORE_PUT_STORED);
+	assert_int_equal(put(f, "t300", 400, NULL), STORE_PUT_DUPLICATE);
+	assert_int_equal(store_outbox_count(f->st), 5);
+}
+
+/* ---- group commit ---- */
+
+struct counters {
+	int calls, ok, failed;
+	int committed, rolled_back;
+	int64_t on_disk;	/* rows another connection saw inside the callback */
+	const char *path;
+	struct fx *f;
+};
+
+static void
+count_cb(void *arg, int ok)
+{
+	struct counters *c = arg;
+
+	c->calls++;
+	if (ok)
+		c->ok++;
+	else
+		c->failed++;
+	if (c->path)
+		c->on_disk = disk_count(c->path);
+}
+
+static void
+hook_committed(void *arg)
+{
+	((struct counters *)arg)->committed++;
+}
+
+static void
+hook_rolled_back(void *arg)
+{
+	((struct counters *)arg)->rolled_back++;
+}
+
+static void
+set_hooks(struct fx *f, struct counters *c)
+{
+	struct store_hooks h = { hook_committed, hook_rolled_back, c };
+
+	store_set_hooks(f->st, &h);
+}
+
+static void
+test_commit_on_flush(void **state)
+{
+	struct fx *f = *state;
+	struct counters c = { 0 }, hooks = { 0 };
+
+	set_hooks(f, &hooks);
+	c.path = f->path;
+	assert_int_equal(put(f, "gc-1", 1, NULL), STORE_PUT_STORED);
+	store_on_commit(f->st, count_cb, &c);
+	/* nothing answered, nothing on disk yet */
+	assert_int_equal(c.calls, 0);
+	assert_int_equal(hooks.committed, 0);
+	assert_int_equal(disk_count(f->path), 0);
+
+	assert_int_equal(store_flush(f->st), 0);
+	assert_int_equal(c.calls, 1);
+	assert_int_equal(c.ok, 1);
+	assert_int_equal(c.on_disk, 1);		/* durable before the answer */
+	assert_int_equal(hooks.committed, 1);
+	assert_int_equal(hooks.rolled_back, 0);
+
+	/* the loop turn finds nothing more to commit */
+	assert_true(event_base_loop(f->base, EVLOOP_NONBLOCK) >= 0);
+	assert_int_equal(c.calls, 1);
+	assert_int_equal(hooks.committed, 1);
+}
+
+static void
+test_commit_at_end_of_loop_turn(void **state)
+{
+	struct fx *f = *state;
+	struct counters c = { 0 }, hooks = { 0 };
+	int i;
+
+	set_hooks(f, &hooks);
+	c.path = f->path;
+	assert_int_equal(put(f, "turn-1", 1, NULL), STORE_PUT_STORED);
+	store_on_commit(f->st, count_cb, &c);
+	assert_int_equal(c.calls, 0);
+	for (i = 0; i < 5 && !c.calls; i++)
+		assert_true(event_base_loop(f->base, EVLOOP_NONBLOCK) >= 0);
+	assert_int_equal(c.calls, 1);
+	assert_int_equal(c.ok, 1);
+	assert_int_equal(c.on_disk, 1);
+	assert_int_equal(hooks.committed, 1);
+	assert_int_equal(store_committed_seq(f->st), store_outbox_count(f->st));
+}
+
+/* A request event of the loop turn: puts one message and waits for it. */
+struct request {
+	struct fx *f;
+	const char *id;
+	struct counters *c;
+	int64_t seq;
+};
+
+static void
+request_cb(evutil_socket_t fd, short what, void *arg)
+{
+	struct request *r = arg;
+	struct msg *m = new_msg(r->id, "events", "k", "b", 1);
+
+	(void)fd;
+	(void)what;
+	assert_int_equal(store_outbox_put(r->f->st, m, 1, 1), STORE_PUT_STORED);
+	r->seq = m->seq;
+	msg_free(m);
+	store_on_commit(r->f->st, count_cb, r->c);
+}
+
+static void
+test_group_commit_one_fsync_per_turn(void **state)
+{
+	struct fx *f = *state;
+	struct counters c = { 0 }, hooks = { 0 };
+	struct request r[3] = {
+		{ f, "req-a", &c, 0 }, { f, "req-b", &c, 0 }, { f, "req-c", &c, 0 }
+	};
+	struct event *ev[3];
+	int i;
+
+	set_hooks(f, &hooks);
+	c.path = f->path;
+	/* three requests ready in the same turn, above the commit's priority */
+	for (i = 0; i < 3; i++) {
+		ev[i] = event_new(f->base, -1, 0, request_cb, &r[i]);
+		assert_int_equal(event_priority_set(ev[i], 1), 0);
+		event_active(ev[i], 0, 0);
+	}
+	for (i = 0; i < 10 && c.calls < 3; i++)
+		assert_true(event_base_loop(f->base, EVLOOP_NONBLOCK) >= 0);
+	assert_int_equal(c.calls, 3);
+	assert_int_equal(c.ok, 3);
+	assert_int_equal(hooks.committed, 1);	/* one commit served all three */
+	assert_int_equal(c.on_disk, 3);		/* the first answer already saw all */
+	assert_true(r[0].seq < r[1].seq && r[1].seq < r[2].seq);
+	assert_int_equal(store_committed_seq(f->st), r[2].seq);
+	for (i = 0; i < 3; i++)
+		event_free(ev[i]);
+}
+
+static void
+test_on_commit_without_transaction(void **state)
+{
+	struct fx *f = *state;
+	struct counters c = { 0 }, hooks = { 0 };
+	int i;
+
+	set_hooks(f, &hooks);
+	/* already durable, but answered from the loop, not from the caller */
+	store_on_commit(f->st, count_cb, &c);
+	assert_int_equal(c.calls, 0);
+	for (i = 0; i < 5 && !c.calls; i++)
+		assert_true(event_base_loop(f->base, EVLOOP_NONBLOCK) >= 0);
+	assert_int_equal(c.calls, 1);
+	assert_int_equal(c.ok, 1);
+	assert_int_equal(hooks.committed, 0);	/* no transaction, no commit */
+}
+
+/* A callback that starts new work, as an answer that triggers a publish. */
+static void
+chain_cb(void *arg, int ok)
+{
+	struct counters *c = arg;
+
+	c->calls++;
+	if (ok)
+		c->ok++;
+	if (c->calls == 1) {
+		assert_int_equal(put(c->f, "chained", 2, NULL), STORE_PUT_STORED);
+		store_on_commit(c->f->st, chain_cb, c);
+	}
+}
+
+static void
+test_callback_starts_new_work(void **state)
+{
+	struct fx *f = *state;
+	struct counters c = { 0 }, hooks = { 0 };
+	int i;
+
+	set_hooks(f, &hooks);
+	c.f = f;
+	assert_int_equal(put(f, "first", 1, NULL), STORE_PUT_STORED);
+	store_on_commit(f->st, chain_cb, &c);
+	for (i = 0; i < 10 && c.calls < 2; i++)
+		assert_true(event_base_loop(f->base, EVLOOP_NONBLOCK) >= 0);
+	assert_int_equal(c.calls, 2);
+	assert_int_equal(c.ok, 2);
+	assert_int_equal(hooks.committed, 2);
+	assert_int_equal(disk_count(f->path), 2);
+}
+
+static void
+test_close_commits_pending(void **state)
+{
+	struct fx *f = *state;
+	struct counters c = { 0 };
+
+	assert_int_equal(put(f, "pending", 1, NULL), STORE_PUT_STORED);
+	store_on_commit(f->st, count_cb, &c);
+	store_close(f->st);
+	f->st = NULL;
+	assert_int_equal(c.calls, 1);
+	assert_int_equal(c.ok, 1);
+	assert_int_equal(disk_count(f->path), 1);
+	f->st = open_ok(f, BIG);
+	assert_int_equal(store_outbox_count(f->st), 1);
+}
+
+int
+main(void)
+{
+#define T(fn) cmocka_unit_test_setup_teardown(fn, setup, teardown)
+	const struct CMUnitTest tests[] = {
+		T(test_open_creates_schema),
+		T(test_reopen_keeps_data),
+		T(test_seq_not_reused),
+		T(test_second_open_in_use),
+		T(test_open_not_sqlite),
+		T(test_open_newer_schema),
+		T(test_open_missing_dir),
+		T(test_put_and_duplicate),
+		T(test_put_without_dedup),
+		T(test_failed_put_leaves_no_id),
+		T(test_put_full),
+		T(test_fetch_order_and_upto),
+		T(test_fetch_body_and_props),
+		T(test_retry_due_clear),
+		T(test_next_due_is_earliest),
+		T(test_done_count_oldest),
+		T(test_list),
+		T(test_expire_ids),
+		T(test_commit_on_flush),
+		T(test_commit_at_end_of_loop_turn),
+		T(test_group_commit_one_fsync_per_turn),
+		T(test_on_commit_without_transaction),
+		T(test_callback_starts_new_work),
+		T(test_close_commits_pending),
+	};
+#undef T
+
+	return cmocka_run_group_tests(tests, NULL, NULL);
+}
