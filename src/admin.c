@@ -17,6 +17,7 @@
 #include "ingress.h"
 #include "metrics.h"
 #include "relay.h"
+#include "saga.h"
 #include "sagad.h"
 #include "store.h"
 #include "util.h"
@@ -122,6 +123,8 @@ admin_metrics(struct admin *a, struct evhttp_request *req)
 	metrics_family(out, "sagad_config_reload_failures_total", "counter", "SIGHUP reloads refused (invalid file).");
 	metrics_sample(out, "sagad_config_reload_failures_total", "", (double)d->reload_failures);
 	delivery_metrics(d->delivery, out);
+	if (d->saga)
+		saga_metrics(d->saga, out);
 	evhttp_add_header(evhttp_request_get_output_headers(req), "Content-Type",
 	    "text/plain; version=0.0.4");
 	evhttp_send_reply(req, 200, "OK", out);
@@ -313,6 +316,87 @@ admin_dlq(struct admin *a, struct evhttp_request *req, const char *rest)
 	    "use GET /v1/admin/dlq/{subscription} or POST /v1/admin/dlq/{subscription}/replay");
 }
 
+static void
+admin_sagas(struct admin *a, struct evhttp_request *req)
+{
+	const struct evhttp_uri *u = evhttp_request_get_evhttp_uri(req);
+	const char *q = evhttp_uri_get_query(u), *name = NULL, *state = NULL;
+	struct evkeyvalq params;
+	int st = -1;
+	json_t *j;
+
+	if (!a->d->saga) {
+		httpd_reply_json(req, 200, json_pack("{s:[]}", "sagas"));
+		return;
+	}
+	TAILQ_INIT(&params);
+	if (q)
+		evhttp_parse_query_str(q, &params);
+	name = evhttp_find_header(&params, "name");
+	state = evhttp_find_header(&params, "state");
+	if (state && (st = saga_state_from_name(state)) < 0) {
+		evhttp_clear_headers(&params);
+		httpd_error(req, 400, "bad-request",
+		    "state must be running, completed, compensating, compensated or failed");
+		return;
+	}
+	if (name && !conf_saga(a->d->conf, name)) {
+		evhttp_clear_headers(&params);
+		httpd_error(req, 404, "unknown-saga", "no saga named '%s'", name);
+		return;
+	}
+	j = saga_list_json(a->d->saga, name, st,
+	    (size_t)admin_query_long(req, "limit", 100, ADMIN_LIST_MAX));
+	evhttp_clear_headers(&params);
+	httpd_reply_json(req, 200, j);
+}
+
+/* /v1/admin/sagas/{id}[/retry|/abort]; the id is percent-encoded. */
+static void
+admin_saga(struct admin *a, struct evhttp_request *req, const char *rest)
+{
+	const char *slash = strchr(rest, '/');
+	size_t len = slash ? (size_t)(slash - rest) : strlen(rest);
+	int post = evhttp_request_get_command(req) == EVHTTP_REQ_POST;
+	char *id = malloc(len + 1);
+	int n;
+
+	if (util_pct_decode(rest, len, id) <= 0) {
+		free(id);
+		httpd_error(req, 400, "bad-request", "malformed saga id");
+		return;
+	}
+	if (!a->d->saga) {
+		free(id);
+		httpd_error(req, 404, "unknown-saga", "no sagas are configured");
+		return;
+	}
+	if (!slash && !post) {
+		json_t *j = saga_get_json(a->d->saga, id);
+		if (!j)
+			httpd_error(req, 404, "unknown-saga", "no saga instance with this id");
+		else
+			httpd_reply_json(req, 200, j);
+	} else if (slash && post && (strcmp(slash, "/retry") == 0 || strcmp(slash, "/abort") == 0)) {
+		int retry = strcmp(slash, "/retry") == 0;
+		n = retry ? saga_retry(a->d->saga, id) : saga_abort(a->d->saga, id);
+		if (n < 0)
+			httpd_error(req, 500, "store-error", "see the log");
+		else if (n == 0)
+			httpd_error(req, 409, "wrong-state", retry ?
+			    "no failed instance with this id to retry" :
+			    "no running instance with this id to abort");
+		else
+			httpd_reply_json(req, 200, json_pack("{s:s,s:s,s:i}", "id", id,
+			    "action", retry ? "retry" : "abort", "instances", n));
+	} else {
+		evhttp_add_header(evhttp_request_get_output_headers(req), "Allow", slash ? "POST" : "GET");
+		httpd_error(req, 405, "method-not-allowed",
+		    "use GET /v1/admin/sagas/{id} or POST /v1/admin/sagas/{id}/retry|abort");
+	}
+	free(id);
+}
+
 static const struct {
 	const char *path;
 	admin_handler *fn;
@@ -324,6 +408,7 @@ static const struct {
 	{ "/v1/admin/status", admin_status, 0 },
 	{ "/v1/admin/outbox", admin_outbox, 0 },
 	{ "/v1/admin/subscriptions", admin_subscriptions, 0 },
+	{ "/v1/admin/sagas", admin_sagas, 0 },
 };
 
 static void
@@ -346,6 +431,11 @@ admin_request(struct evhttp_request *req, void *arg)
 			return;
 		}
 		admin_routes[i].fn(a, req);
+		return;
+	}
+	if (path && strncmp(path, "/v1/admin/sagas/", 16) == 0) {
+		if (httpd_authorized(req, a->d->conf->api.token))
+			admin_saga(a, req, path + 16);
 		return;
 	}
 	if (path && strncmp(path, "/v1/admin/dlq/", 14) == 0) {

@@ -17,6 +17,7 @@
 #include "ingress.h"
 #include "log.h"
 #include "relay.h"
+#include "saga.h"
 #include "sagad.h"
 #include "store.h"
 #include "util.h"
@@ -66,6 +67,7 @@ reload_keep(struct sagad_conf *nc, struct sagad_conf *oc)
 	struct conf_broker tb;
 	struct conf_exchange *te;
 	struct conf_subscription *ts;
+	struct conf_saga *tg;
 	size_t tn, i;
 	int same;
 
@@ -91,6 +93,11 @@ reload_keep(struct sagad_conf *nc, struct sagad_conf *oc)
 		log_warn("msg=\"reload: change needs a restart, ignored\" key=subscriptions");
 	ts = nc->subs; nc->subs = oc->subs; oc->subs = ts;
 	tn = nc->n_subs; nc->n_subs = oc->n_subs; oc->n_subs = tn;
+	if (nc->n_sagas != oc->n_sagas)
+		log_warn("msg=\"reload: change needs a restart, ignored\" key=sagas");
+	tg = nc->sagas; nc->sagas = oc->sagas; oc->sagas = tg;
+	tn = nc->n_sagas; nc->n_sagas = oc->n_sagas; oc->n_sagas = tn;
+	KEEP_STR(saga_queue, "sagas");
 	nc->api.socket_mode = oc->api.socket_mode;
 #undef KEEP_STR
 }
@@ -287,6 +294,13 @@ sagad_run(struct sagad_main *sm)
 		err = strdup("cannot set up the subscriptions");
 		goto fatal;
 	}
+	if (d->conf->n_sagas) {
+		d->saga = saga_new(d, &err);
+		if (!d->saga)
+			goto fatal;
+		delivery_set_handler(d->delivery, delivery_sub_index(d->delivery, "_sagas"),
+		    saga_handle, d->saga);
+	}
 	if (d->conf->n_subs) {
 		d->consumer = broker_new(d->base, d->conf, BROKER_ROLE_CONSUME,
 		    delivery_broker_event, d->delivery);
@@ -313,6 +327,7 @@ sagad_run(struct sagad_main *sm)
 	broker_free(d->broker);
 	delivery_free(d->delivery);
 	store_flush(d->store);
+	saga_free(d->saga);
 	ingress_free(d->ingress);
 	admin_free(d->admin);
 	relay_free(d->relay);

@@ -34,8 +34,15 @@ usage(void)
 	fprintf(stderr,
 	    "usage: sagactl [-s URL] [-t TOKEN_FILE] [--json] COMMAND ...\n"
 	    "commands:\n"
-	    "  status               daemon, broker, store and outbox state\n"
-	    "  outbox [LIMIT]       messages waiting in the outbox\n");
+	    "  status                          daemon, broker, store and outbox state\n"
+	    "  outbox [LIMIT]                  messages waiting in the outbox\n"
+	    "  subscriptions                   backlog, circuit and counters per subscription\n"
+	    "  dlq list SUBSCRIPTION           dead letters of a subscription\n"
+	    "  dlq replay SUBSCRIPTION [ID...] deliver dead letters again (all without ids)\n"
+	    "  sagas [--state S] [--name N]    saga instances, newest first\n"
+	    "  saga ID                         one saga: state, steps and history\n"
+	    "  saga retry ID                   resume the compensation of a failed saga\n"
+	    "  saga abort ID                   compensate a running saga now\n");
 	exit(SAGACTL_USAGE);
 }
 
@@ -108,7 +115,8 @@ sagactl_connect(const struct sagactl *c, char *host, size_t hostlen)
 
 /* HTTP/1.0 with Connection: close: the answer ends where the stream ends. */
 static struct reply
-sagactl_request(const struct sagactl *c, const char *method, const char *path)
+sagactl_request(const struct sagactl *c, const char *method, const char *path,
+    const char *body)
 {
 	struct reply r = { 0, NULL, 0 };
 	char host[300], *req, *hdr_end, buf[65536];
@@ -116,10 +124,11 @@ sagactl_request(const struct sagactl *c, const char *method, const char *path)
 	ssize_t n;
 	int fd = sagactl_connect(c, host, sizeof host), reqlen;
 
-	reqlen = asprintf(&req, "%s %s HTTP/1.0\r\nHost: %s\r\n%s%s%sContent-Length: 0\r\n"
-	    "Connection: close\r\n\r\n", method, path, host,
+	reqlen = asprintf(&req, "%s %s HTTP/1.0\r\nHost: %s\r\n%s%s%s"
+	    "Content-Type: application/json\r\nContent-Length: %zu\r\n"
+	    "Connection: close\r\n\r\n%s", method, path, host,
 	    c->token ? "Authorization: Bearer " : "", c->token ? c->token : "",
-	    c->token ? "\r\n" : "");
+	    c->token ? "\r\n" : "", body ? strlen(body) : 0, body ? body : "");
 	if (reqlen < 0 || write(fd, req, reqlen) != reqlen)
 		die("cannot send the request: %s", strerror(errno));
 	free(req);
@@ -147,9 +156,10 @@ sagactl_request(const struct sagactl *c, const char *method, const char *path)
 
 /* GET/POST path and parse JSON; a non-2xx answer is reported and fails. */
 static json_t *
-sagactl_call(const struct sagactl *c, const char *method, const char *path)
+sagactl_call_body(const struct sagactl *c, const char *method, const char *path,
+    const char *body)
 {
-	struct reply r = sagactl_request(c, method, path);
+	struct reply r = sagactl_request(c, method, path, body);
 	json_error_t e;
 	json_t *j = json_loads(r.body, 0, &e);
 
@@ -164,6 +174,30 @@ sagactl_call(const struct sagactl *c, const char *method, const char *path)
 		die("%s %s: answer is not JSON: %s", method, path, e.text);
 	free(r.body);
 	return j;
+}
+
+static json_t *
+sagactl_call(const struct sagactl *c, const char *method, const char *path)
+{
+	return sagactl_call_body(c, method, path, NULL);
+}
+
+/* Percent-encode one path segment (saga ids may hold any character). */
+static char *
+pct_encode(const char *s)
+{
+	char *out = malloc(strlen(s) * 3 + 1), *o = out;
+
+	for (; *s; s++) {
+		unsigned char ch = (unsigned char)*s;
+		if ((ch >= 'a' && ch <= 'z') || (ch >= 'A' && ch <= 'Z') ||
+		    (ch >= '0' && ch <= '9') || strchr("-_.~", ch))
+			*o++ = ch;
+		else
+			o += sprintf(o, "%%%02X", ch);
+	}
+	*o = '\0';
+	return out;
 }
 
 static void
@@ -284,12 +318,207 @@ cmd_outbox(struct sagactl *c, int argc, char **argv)
 	return SAGACTL_OK;
 }
 
+static int
+cmd_subscriptions(struct sagactl *c, int argc, char **argv)
+{
+	json_t *j, *s;
+	size_t i;
+
+	(void)argv;
+	if (argc != 1)
+		usage();
+	j = sagactl_call(c, "GET", "/v1/admin/subscriptions");
+	if (c->json) {
+		print_json(j);
+		json_decref(j);
+		return SAGACTL_OK;
+	}
+	printf("%-16s %-28s %-8s %-8s %-10s %-10s %-10s %s\n", "NAME", "QUEUE", "BACKLOG",
+	    "INFLIGHT", "CIRCUIT", "DELIVERED", "DEAD", "DUPLICATES");
+	json_array_foreach(json_object_get(j, "subscriptions"), i, s)
+		printf("%-16s %-28s %-8lld %-8lld %-10s %-10lld %-10lld %lld\n", jstr(s, "name"),
+		    jstr(s, "queue"), (long long)json_integer_value(json_object_get(s, "backlog")),
+		    (long long)json_integer_value(json_object_get(s, "inflight")),
+		    jstr(s, "circuit"),
+		    (long long)json_integer_value(json_object_get(s, "delivered_total")),
+		    (long long)json_integer_value(json_object_get(s, "dead_letters")),
+		    (long long)json_integer_value(json_object_get(s, "duplicates_total")));
+	json_decref(j);
+	return SAGACTL_OK;
+}
+
+static int
+cmd_dlq(struct sagactl *c, int argc, char **argv)
+{
+	char *sub, path[1024], when[32];
+	json_t *j, *m;
+	size_t i;
+
+	if (argc < 3 || (strcmp(argv[1], "list") != 0 && strcmp(argv[1], "replay") != 0) ||
+	    (strcmp(argv[1], "list") == 0 && argc != 3))
+		usage();
+	sub = pct_encode(argv[2]);
+	if (strcmp(argv[1], "list") == 0) {
+		snprintf(path, sizeof path, "/v1/admin/dlq/%s?limit=1000", sub);
+		j = sagactl_call(c, "GET", path);
+	} else {
+		json_t *body = json_object(), *ids = json_array();
+		char *text;
+		int k;
+		for (k = 3; k < argc; k++)
+			json_array_append_new(ids, json_string(argv[k]));
+		if (argc > 3)
+			json_object_set_new(body, "message_ids", ids);
+		else
+			json_decref(ids);
+		text = json_dumps(body, JSON_COMPACT);
+		json_decref(body);
+		snprintf(path, sizeof path, "/v1/admin/dlq/%s/replay", sub);
+		j = sagactl_call_body(c, "POST", path, text);
+		free(text);
+		if (!c->json) {
+			printf("%lld dead letters of %s put back for delivery\n",
+			    (long long)json_integer_value(json_object_get(j, "replayed")), argv[2]);
+			json_decref(j);
+			free(sub);
+			return SAGACTL_OK;
+		}
+	}
+	free(sub);
+	if (c->json) {
+		print_json(j);
+		json_decref(j);
+		return SAGACTL_OK;
+	}
+	printf("%lld dead letters in %s (queue %s)\n",
+	    (long long)json_integer_value(json_object_get(j, "count")), argv[2],
+	    jstr(j, "queue"));
+	if (json_array_size(json_object_get(j, "messages")))
+		printf("%-40s %-20s %-20s %-8s %-6s %s\n", "MESSAGE-ID", "ROUTING-KEY", "DEAD-AT",
+		    "ATTEMPTS", "STATUS", "REASON");
+	json_array_foreach(json_object_get(j, "messages"), i, m) {
+		fmt_time(jnum(m, "dead_at"), when, sizeof when);
+		printf("%-40s %-20s %-20s %-8lld %-6lld %s\n", jstr(m, "message_id"),
+		    jstr(m, "routing_key"), when,
+		    (long long)json_integer_value(json_object_get(m, "attempts")),
+		    (long long)json_integer_value(json_object_get(m, "last_status")),
+		    jstr(m, "reason"));
+	}
+	json_decref(j);
+	return SAGACTL_OK;
+}
+
+static int
+cmd_sagas(struct sagactl *c, int argc, char **argv)
+{
+	const char *state = NULL, *name = NULL;
+	char path[1024], when[32], *e1 = NULL, *e2 = NULL;
+	long limit = 100;
+	json_t *j, *s, *st;
+	size_t i, k;
+	int a;
+
+	for (a = 1; a < argc; a++) {
+		if (strcmp(argv[a], "--state") == 0 && a + 1 < argc)
+			state = argv[++a];
+		else if (strcmp(argv[a], "--name") == 0 && a + 1 < argc)
+			name = argv[++a];
+		else if (strcmp(argv[a], "--limit") == 0 && a + 1 < argc)
+			limit = strtol(argv[++a], NULL, 10);
+		else
+			usage();
+	}
+	if (state)
+		e1 = pct_encode(state);
+	if (name)
+		e2 = pct_encode(name);
+	snprintf(path, sizeof path, "/v1/admin/sagas?limit=%ld%s%s%s%s", limit,
+	    e1 ? "&state=" : "", e1 ? e1 : "", e2 ? "&name=" : "", e2 ? e2 : "");
+	free(e1);
+	free(e2);
+	j = sagactl_call(c, "GET", path);
+	if (c->json) {
+		print_json(j);
+		json_decref(j);
+		return SAGACTL_OK;
+	}
+	printf("%-40s %-16s %-13s %-20s %s\n", "ID", "SAGA", "STATE", "STARTED", "STEPS");
+	json_array_foreach(json_object_get(j, "sagas"), i, s) {
+		fmt_time(jnum(s, "started_at"), when, sizeof when);
+		printf("%-40s %-16s %-13s %-20s ", jstr(s, "id"), jstr(s, "saga"), jstr(s, "state"), when);
+		json_array_foreach(json_object_get(s, "steps"), k, st)
+			printf("%s%s=%s", k ? " " : "", jstr(st, "name"), jstr(st, "state"));
+		printf("\n");
+	}
+	json_decref(j);
+	return SAGACTL_OK;
+}
+
+static int
+cmd_saga(struct sagactl *c, int argc, char **argv)
+{
+	char path[2048], when[32], *id;
+	json_t *j, *in, *st, *h;
+	size_t i, k;
+
+	if (argc == 3 && (strcmp(argv[1], "retry") == 0 || strcmp(argv[1], "abort") == 0)) {
+		id = pct_encode(argv[2]);
+		snprintf(path, sizeof path, "/v1/admin/sagas/%s/%s", id, argv[1]);
+		free(id);
+		j = sagactl_call(c, "POST", path);
+		if (c->json)
+			print_json(j);
+		else
+			printf("%s %s: %lld instance(s)\n", argv[1], argv[2],
+			    (long long)json_integer_value(json_object_get(j, "instances")));
+		json_decref(j);
+		return SAGACTL_OK;
+	}
+	if (argc != 2)
+		usage();
+	id = pct_encode(argv[1]);
+	snprintf(path, sizeof path, "/v1/admin/sagas/%s", id);
+	free(id);
+	j = sagactl_call(c, "GET", path);
+	if (c->json) {
+		print_json(j);
+		json_decref(j);
+		return SAGACTL_OK;
+	}
+	json_array_foreach(json_object_get(j, "instances"), i, in) {
+		printf("%ssaga %s  id %s  (%s)\n", i ? "\n" : "", jstr(in, "saga"), jstr(in, "id"),
+		    jstr(in, "mode"));
+		printf("state   %s%s%s\n", jstr(in, "state"), *jstr(in, "reason") ? ": " : "",
+		    jstr(in, "reason"));
+		printf("steps  ");
+		json_array_foreach(json_object_get(in, "steps"), k, st)
+			printf(" %s=%s", jstr(st, "name"), jstr(st, "state"));
+		printf("\nhistory\n");
+		json_array_foreach(json_object_get(in, "history"), k, h) {
+			double at = jnum(h, "at");
+			time_t t = (time_t)at;
+			struct tm tm;
+			gmtime_r(&t, &tm);
+			strftime(when, sizeof when, "%H:%M:%S", &tm);
+			printf("  %s.%03d  %-6s %-36s %-18s %s %s\n", when,
+			    (int)((at - (double)t) * 1000), jstr(h, "dir"), jstr(h, "what"),
+			    jstr(h, "step"), jstr(h, "message_id"), jstr(h, "detail"));
+		}
+	}
+	json_decref(j);
+	return SAGACTL_OK;
+}
+
 static const struct {
 	const char *name;
 	int (*fn)(struct sagactl *, int, char **);
 } commands[] = {
 	{ "status", cmd_status },
 	{ "outbox", cmd_outbox },
+	{ "subscriptions", cmd_subscriptions },
+	{ "dlq", cmd_dlq },
+	{ "sagas", cmd_sagas },
+	{ "saga", cmd_saga },
 };
 
 int

@@ -12,6 +12,7 @@ struct relay;
 struct ingress;
 struct admin;
 struct delivery;
+struct saga_engine;
 
 enum sagad_state {
 	SAGAD_RUNNING,
@@ -27,6 +28,7 @@ struct sagad {
 	struct broker *consumer;	/* the consuming connection (subscriptions) */
 	struct relay *relay;
 	struct delivery *delivery;
+	struct saga_engine *saga;	/* NULL without sagas */
 	struct ingress *ingress;
 	struct admin *admin;
 	enum sagad_state state;

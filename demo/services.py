@@ -1,0 +1,143 @@
+"""The demo's three participant services (Python standard library only).
+
+Each is a tiny HTTP service that its own sagad calls with the messages of
+its subscription. They follow the rules of a saga participant (sagad.conf(5),
+SAGAS): handlers are idempotent by business key, a refusal is answered with
+409, and the answer body is what the orchestrator passes to a compensation.
+"""
+
+import json
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+
+class Service:
+    """A participant: name -> handler(kind, routing_key, body) -> (status, dict)."""
+
+    def __init__(self, name, handler):
+        self.name = name
+        self.handler = handler
+        self.lock = threading.Lock()
+        self.calls = []          # (routing_key, message_id, attempt, status)
+        service = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = 'HTTP/1.1'
+
+            def do_POST(self):
+                n = int(self.headers.get('Content-Length') or 0)
+                body = self.rfile.read(n)
+                key = self.headers.get('Sagad-Routing-Key', '')
+                try:
+                    data = json.loads(body or b'{}')
+                except ValueError:
+                    data = {}
+                status, answer = service.handler(self.headers.get('Sagad-Kind', 'event'),
+                                                 key, data)
+                with service.lock:
+                    service.calls.append((key, self.headers.get('Message-Id'),
+                                          self.headers.get('Sagad-Attempt'), status))
+                out = json.dumps(answer).encode()
+                self.send_response(status)
+                self.send_header('Content-Type', 'application/json')
+                self.send_header('Content-Length', str(len(out)))
+                self.end_headers()
+                self.wfile.write(out)
+
+            def log_message(self, *args):
+                pass
+
+        class Server(ThreadingHTTPServer):
+            def handle_error(self, request, client_address):
+                pass        # sagad closing idle keep-alive connections
+
+        self.server = Server(('127.0.0.1', 0), Handler)
+        self.server.daemon_threads = True
+        self.port = self.server.server_address[1]
+        self.url = 'http://127.0.0.1:%d/messages' % self.port
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def stop(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+    def count(self, key, status=None):
+        with self.lock:
+            return sum(1 for k, _, _, s in self.calls
+                       if k == key and (status is None or s == status))
+
+
+class Stock:
+    """Reserves and releases stock; some reservations are slow."""
+
+    def __init__(self, slow_every=7, slow_seconds=1.5):
+        self.reserved = {}           # order -> reservation id (idempotent)
+        self.released = set()
+        self.slow_every = slow_every
+        self.slow_seconds = slow_seconds
+        self.lock = threading.Lock()
+        self.service = Service('stock', self.handle)
+
+    def handle(self, kind, key, order):
+        oid = order.get('order', 0)
+        if key == 'stock.reserve':
+            if self.slow_every and oid % self.slow_every == 0:
+                time.sleep(self.slow_seconds)     # a slow warehouse
+            with self.lock:
+                rid = self.reserved.setdefault(oid, 'r-%d' % oid)
+            return 200, {'order': oid, 'reservation': rid}
+        if key == 'stock.release':
+            with self.lock:
+                self.released.add(oid)
+            return 200, {'order': oid, 'released': True}
+        return 422, {'error': 'unknown command'}
+
+
+class Payment:
+    """Authorizes payments up to a limit; refuses the others with 409."""
+
+    def __init__(self, limit=900):
+        self.limit = limit
+        self.authorized = {}
+        self.cancelled = set()
+        self.refused = set()
+        self.lock = threading.Lock()
+        self.service = Service('payment', self.handle)
+
+    def handle(self, kind, key, order):
+        oid = order.get('order', 0)
+        if key == 'payment.authorize':
+            if order.get('amount', 0) > self.limit:
+                with self.lock:
+                    self.refused.add(oid)
+                return 409, {'order': oid, 'reason': 'amount over the card limit'}
+            with self.lock:
+                pid = self.authorized.setdefault(oid, 'p-%d' % oid)
+            return 200, {'order': oid, 'payment': pid}
+        if key == 'payment.cancel':
+            with self.lock:
+                self.cancelled.add(oid)
+            return 200, {'order': oid, 'cancelled': True}
+        return 422, {'error': 'unknown command'}
+
+
+class Orders:
+    """Approves orders and records how each one ended."""
+
+    def __init__(self):
+        self.approved = set()
+        self.final = {}
+        self.lock = threading.Lock()
+        self.service = Service('order', self.handle)
+
+    def handle(self, kind, key, order):
+        oid = order.get('order', 0)
+        with self.lock:
+            if key == 'order.approve':
+                self.approved.add(oid)
+                return 200, {'order': oid, 'approved': True}
+            if key in ('order.approved', 'order.rejected'):
+                self.final[oid] = key.split('.')[1]
+                return 200, {}
+        return 422, {'error': 'unknown message'}
