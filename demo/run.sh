@@ -1,0 +1,11 @@
+#!/bin/bash
+# Quick start: installs what it needs, builds sagad, starts a private local
+# RabbitMQ and runs the create-order saga across three services, each with
+# its own sagad (see demo/demo.py).
+set -eu
+cd "$(dirname "$0")/.."
+bash t/lib/deps.sh
+[ -x configure ] || autoreconf -fi
+[ -f Makefile ] || ./configure
+make -j"$(nproc)"
+exec python3 demo/demo.py
