@@ -16,6 +16,7 @@
 #include "httpd.h"
 #include "ingress.h"
 #include "metrics.h"
+#include "plugin.h"
 #include "relay.h"
 #include "saga.h"
 #include "sagad.h"
@@ -62,6 +63,7 @@ static void
 admin_readyz(struct admin *a, struct evhttp_request *req)
 {
 	struct sagad *d = a->d;
+	const char *reason = NULL;
 
 	if (d->state != SAGAD_RUNNING)
 		httpd_reply_json(req, 503, json_pack("{s:s,s:s}", "status", "not-ready",
@@ -76,6 +78,9 @@ admin_readyz(struct admin *a, struct evhttp_request *req)
 	else if (!delivery_connected(d->delivery))
 		httpd_reply_json(req, 503, json_pack("{s:s,s:s}", "status", "not-ready",
 		    "reason", "consumer connection to the broker is down"));
+	else if (!plugins_ready(d->plugins, &reason))
+		httpd_reply_json(req, 503, json_pack("{s:s,s:s}", "status", "not-ready",
+		    "reason", reason));
 	else
 		httpd_reply_json(req, 200, json_pack("{s:s}", "status", "ready"));
 }
@@ -125,6 +130,7 @@ admin_metrics(struct admin *a, struct evhttp_request *req)
 	delivery_metrics(d->delivery, out);
 	if (d->saga)
 		saga_metrics(d->saga, out);
+	plugins_metrics(d->plugins, out);
 	evhttp_add_header(evhttp_request_get_output_headers(req), "Content-Type",
 	    "text/plain; version=0.0.4");
 	evhttp_send_reply(req, 200, "OK", out);

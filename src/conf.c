@@ -101,6 +101,7 @@ static void conf_binds(struct conf_ctx *, config_setting_t *, void *);
 static void conf_sagas(struct conf_ctx *, config_setting_t *, void *);
 static void conf_steps(struct conf_ctx *, config_setting_t *, void *);
 static void conf_bind_one(struct conf_ctx *, config_setting_t *, void *);
+static void conf_sources(struct conf_ctx *, config_setting_t *, void *);
 
 #define B(f) offsetof(struct sagad_conf, broker.f)
 static const struct conf_key conf_tls_keys[] = {
@@ -211,6 +212,7 @@ static const struct conf_key conf_top_keys[] = {
 	{ "exchanges", CONF_CUSTOM, 0, 0, 0, NULL, conf_exchanges },
 	{ "subscriptions", CONF_CUSTOM, 0, 0, 0, NULL, conf_subscriptions },
 	{ "sagas", CONF_CUSTOM, 0, 0, 0, NULL, conf_sagas },
+	{ "sources", CONF_CUSTOM, 0, 0, 0, NULL, conf_sources },
 	{ NULL, 0, 0, 0, 0, NULL, NULL }
 };
 #undef T
@@ -522,6 +524,81 @@ conf_sagas(struct conf_ctx *ctx, config_setting_t *list, void *base)
 		}
 		conf_walk(ctx, e, conf_saga_keys, sg, "saga");
 	}
+}
+
+/* Sources: `plugin` and `name` are sagad's; every other key is the
+ * plugin's, checked against its list when it is loaded (plugin.c). */
+static void
+conf_sources(struct conf_ctx *ctx, config_setting_t *list, void *base)
+{
+	struct sagad_conf *conf = base;
+	int i, j, n, m;
+
+	if (!config_setting_is_list(list)) {
+		conf_err(ctx, list, "'sources' must be a list ( { plugin = \"...\"; ... }, ... )");
+		return;
+	}
+	n = config_setting_length(list);
+	conf->sources = calloc(n ? n : 1, sizeof *conf->sources);
+	for (i = 0; i < n; i++) {
+		config_setting_t *e = config_setting_get_elem(list, i);
+		struct conf_source *src = &conf->sources[conf->n_sources++];
+		const char *f = config_setting_source_file(e);
+
+		src->file = strdup(f ? f : ctx->main_file);
+		src->line = config_setting_source_line(e);
+		if (!config_setting_is_group(e)) {
+			conf_err(ctx, e, "each source must be a group { plugin = \"...\"; }");
+			continue;
+		}
+		m = config_setting_length(e);
+		src->kv = calloc(m ? m : 1, sizeof *src->kv);
+		for (j = 0; j < m; j++) {
+			config_setting_t *s = config_setting_get_elem(e, j);
+			const char *k = config_setting_name(s), *sf = config_setting_source_file(s);
+			struct conf_kv *kv;
+			double d;
+
+			if (strcmp(k, "plugin") == 0 || strcmp(k, "name") == 0) {
+				if (config_setting_type(s) != CONFIG_TYPE_STRING) {
+					conf_err(ctx, s, "'%s' must be a string", k);
+					continue;
+				}
+				*(strcmp(k, "plugin") == 0 ? &src->plugin : &src->name) =
+				    strdup(config_setting_get_string(s));
+				continue;
+			}
+			kv = &src->kv[src->n_kv];
+			if (config_setting_type(s) == CONFIG_TYPE_STRING) {
+				kv->type = CONF_KV_STRING;
+				kv->s = strdup(config_setting_get_string(s));
+			} else if (config_setting_type(s) == CONFIG_TYPE_BOOL) {
+				kv->type = CONF_KV_BOOL;
+				kv->b = config_setting_get_bool(s);
+			} else if (conf_number(s, &d)) {
+				kv->type = CONF_KV_NUMBER;
+				kv->d = d;
+			} else {
+				conf_err(ctx, s, "'%s' must be a string, a number or a boolean", k);
+				continue;
+			}
+			kv->key = strdup(k);
+			kv->file = strdup(sf ? sf : ctx->main_file);
+			kv->line = config_setting_source_line(s);
+			src->n_kv++;
+		}
+		if (!src->plugin)
+			conf_err(ctx, e, "source without a 'plugin'");
+		else if (!src->name)
+			src->name = strdup(src->plugin[0] && !strchr(src->plugin, '/') ?
+			    src->plugin : "source");
+	}
+	for (i = 0; i < (int)conf->n_sources; i++)
+		for (j = 0; j < i; j++)
+			if (conf->sources[i].name && conf->sources[j].name &&
+			    strcmp(conf->sources[i].name, conf->sources[j].name) == 0)
+				conf_err(ctx, config_setting_get_elem(list, i),
+				    "source name '%s' is used twice (set 'name')", conf->sources[i].name);
 }
 
 static void
@@ -1128,6 +1205,18 @@ conf_free(struct sagad_conf *c)
 	}
 	free(c->sagas);
 	free(c->saga_queue);
+	for (i = 0; i < c->n_sources; i++) {
+		struct conf_source *src = &c->sources[i];
+		size_t j;
+		free(src->plugin); free(src->name); free(src->file);
+		for (j = 0; j < src->n_kv; j++) {
+			free(src->kv[j].key);
+			free(src->kv[j].s);
+			free(src->kv[j].file);
+		}
+		free(src->kv);
+	}
+	free(c->sources);
 	free(c);
 }
 

@@ -34,6 +34,28 @@ struct conf_subscription {
 	int internal;		/* consumed by the saga engine, not over HTTP */
 };
 
+/* One key of a source's block, kept as written for its plugin to read. */
+enum conf_kv_type { CONF_KV_STRING, CONF_KV_NUMBER, CONF_KV_BOOL };
+
+struct conf_kv {
+	char *key;
+	enum conf_kv_type type;
+	char *s;
+	double d;
+	int b;
+	char *file;
+	int line;
+};
+
+struct conf_source {
+	char *plugin;		/* a name in the plugin directory, or a path */
+	char *name;		/* unique; default the plugin's name */
+	struct conf_kv *kv;
+	size_t n_kv;
+	char *file;
+	int line;
+};
+
 enum saga_mode {
 	SAGA_ORCHESTRATED,	/* sagad sends the commands */
 	SAGA_CHOREOGRAPHED	/* services react to events; sagad watches */
@@ -115,6 +137,8 @@ struct sagad_conf {
 	struct conf_saga *sagas;
 	size_t n_sagas;
 	char *saga_queue;	/* <service>.sagas: starts, events and replies */
+	struct conf_source *sources;
+	size_t n_sources;
 };
 
 /* Errors collected while loading, each "FILE:LINE: message". */

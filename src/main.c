@@ -16,6 +16,7 @@
 #include "delivery.h"
 #include "ingress.h"
 #include "log.h"
+#include "plugin.h"
 #include "relay.h"
 #include "saga.h"
 #include "sagad.h"
@@ -310,6 +311,11 @@ sagad_run(struct sagad_main *sm)
 			goto fatal;
 		}
 	}
+	if (d->conf->n_sources) {
+		d->plugins = plugins_start(d, &err);
+		if (!d->plugins)
+			goto fatal;
+	}
 	sm->sig_term = evsignal_new(d->base, SIGTERM, on_signal, sm);
 	sm->sig_int = evsignal_new(d->base, SIGINT, on_signal, sm);
 	sm->sig_hup = evsignal_new(d->base, SIGHUP, on_signal, sm);
@@ -327,6 +333,7 @@ sagad_run(struct sagad_main *sm)
 	broker_free(d->broker);
 	delivery_free(d->delivery);
 	store_flush(d->store);
+	plugins_stop(d->plugins);
 	saga_free(d->saga);
 	ingress_free(d->ingress);
 	admin_free(d->admin);
@@ -374,6 +381,10 @@ main(int argc, char **argv)
 		usage();
 	log_set_level(verbose);
 	sm.d.conf = conf_load(file, &errs);
+	if (sm.d.conf && plugins_check(sm.d.conf, &errs) > 0) {
+		conf_free(sm.d.conf);
+		sm.d.conf = NULL;
+	}
 	if (!sm.d.conf) {
 		print_errors(&errs);
 		conf_errors_clear(&errs);

@@ -13,6 +13,7 @@ struct ingress;
 struct admin;
 struct delivery;
 struct saga_engine;
+struct plugins;
 
 enum sagad_state {
 	SAGAD_RUNNING,
@@ -29,6 +30,7 @@ struct sagad {
 	struct relay *relay;
 	struct delivery *delivery;
 	struct saga_engine *saga;	/* NULL without sagas */
+	struct plugins *plugins;	/* the sources */
 	struct ingress *ingress;
 	struct admin *admin;
 	enum sagad_state state;

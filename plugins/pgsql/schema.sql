@@ -1,0 +1,1 @@
+-- the pgsql outbox table: written with the plugin (issue 5)

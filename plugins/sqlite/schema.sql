@@ -1,0 +1,1 @@
+-- the sqlite outbox table: written with the plugin (issue 5)
