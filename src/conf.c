@@ -1,6 +1,7 @@
 #include "conf.h"
 
 #include <amqp.h>
+#include <errno.h>
 #include <arpa/inet.h>
 #include <netinet/in.h>
 #include <pwd.h>
@@ -127,6 +128,7 @@ static const struct conf_key conf_store_keys[] = {
 	{ "path", CONF_STR, S(path), 0, 0, NULL, NULL },
 	{ "max_bytes", CONF_SIZE, S(max_bytes), 65536, 0, NULL, NULL },
 	{ "dedup_window", CONF_DUR, S(dedup_window), 0, 1e9, NULL, NULL },
+	{ "saga_retention", CONF_DUR, S(saga_retention), 0, 1e9, NULL, NULL },
 	{ NULL, 0, 0, 0, 0, NULL, NULL }
 };
 #undef S
@@ -233,6 +235,42 @@ conf_number(config_setting_t *s, double *out)
 	}
 }
 
+/*
+ * libconfig 1.5 keeps a plain integer literal in 32 bits and wraps larger
+ * ones silently (5368709120 reads as 1073741824) unless written with an L
+ * suffix. Sizes are read again from the literal in the file so that what
+ * the operator wrote is what sagad uses.
+ */
+static int
+conf_literal(struct conf_ctx *ctx, const config_setting_t *s, long long *out)
+{
+	const char *file = config_setting_source_file(s);
+	unsigned line = config_setting_source_line(s), n = 0;
+	const char *name = config_setting_name(s);
+	char buf[4096], *p, *end;
+	FILE *f;
+
+	f = fopen(file ? file : ctx->main_file, "r");
+	if (!f)
+		return -1;
+	while (fgets(buf, sizeof buf, f) && ++n < line)
+		;
+	fclose(f);
+	if (n != line || !(p = strstr(buf, name)))
+		return -1;
+	p += strlen(name);
+	p += strspn(p, " \t");
+	if (*p != '=' && *p != ':')
+		return -1;
+	p++;
+	p += strspn(p, " \t");
+	errno = 0;
+	*out = strtoll(p, &end, 0);
+	if (errno || end == p)
+		return -1;
+	return 0;
+}
+
 static void
 conf_value(struct conf_ctx *ctx, config_setting_t *s, const struct conf_key *k,
     void *base)
@@ -280,6 +318,11 @@ conf_value(struct conf_ctx *ctx, config_setting_t *s, const struct conf_key *k,
 		if (!conf_number(s, &d)) {
 			conf_err(ctx, s, "'%s' must be a number", name);
 			return;
+		}
+		if (config_setting_type(s) == CONFIG_TYPE_INT) {
+			long long lit;
+			if (conf_literal(ctx, s, &lit) == 0 && lit != (long long)d)
+				d = (double)lit;
 		}
 		if (d < k->min || (k->max > 0 && d > k->max)) {
 			conf_err(ctx, s, "'%s' must be between %g and %g", name,
@@ -841,6 +884,7 @@ conf_defaults(struct sagad_conf *c)
 	c->broker.tls_verify = 1;
 	c->store.max_bytes = 1073741824;
 	c->store.dedup_window = 604800;
+	c->store.saga_retention = 604800;
 	c->api.listen = strdup("127.0.0.1:7600");
 	c->api.admin_listen = strdup("127.0.0.1:7601");
 	c->api.max_message_bytes = 1048576;

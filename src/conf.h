@@ -102,6 +102,7 @@ struct conf_store {
 	char *path;
 	int64_t max_bytes;
 	double dedup_window;
+	double saga_retention;	/* finished sagas are kept this long */
 };
 
 struct conf_api {

@@ -197,6 +197,9 @@ expire_ids(evutil_socket_t fd, short what, void *arg)
 	if (store_inbox_expire(d->store, util_now() - d->conf->store.dedup_window,
 	    DEDUP_BATCH) >= DEDUP_BATCH)
 		n = DEDUP_BATCH;
+	if (d->saga && saga_expire(d->saga, util_now() - d->conf->store.saga_retention,
+	    DEDUP_BATCH / 5) >= DEDUP_BATCH / 5)
+		n = DEDUP_BATCH;
 	if (n >= DEDUP_BATCH) {
 		tv.tv_sec = 0;
 		tv.tv_usec = 10000;

@@ -33,7 +33,8 @@ enum saga_timer_kind {
 enum saga_sql {
 	SQ_GET, SQ_GET_ROW, SQ_INSERT, SQ_UPDATE, SQ_LOG, SQ_TIMER_ADD, SQ_TIMER_DEL,
 	SQ_TIMER_DEL_ALL, SQ_TIMER_NEXT, SQ_TIMER_DUE, SQ_BY_ID, SQ_LIST, SQ_LIST_NAME,
-	SQ_LIST_STATE, SQ_LIST_BOTH, SQ_HISTORY, SQ_COUNTS, SQ_EXPIRE, SQ_EXPIRE_LOG,
+	SQ_LIST_STATE, SQ_LIST_BOTH, SQ_HISTORY, SQ_COUNTS, SQ_EXPIRE, SQ_EXPIRE_ROW,
+	SQ_EXPIRE_LOG,
 	SQ_COUNT
 };
 
@@ -60,10 +61,9 @@ static const char *const saga_sql[SQ_COUNT] = {
 	[SQ_HISTORY] = "SELECT at, dir, what, coalesce(step, ''), coalesce(message_id, ''), coalesce(detail, '')"
 	    " FROM saga_log WHERE row = ? ORDER BY id",
 	[SQ_COUNTS] = "SELECT saga, state, count(*) FROM saga GROUP BY saga, state",
-	[SQ_EXPIRE] = "DELETE FROM saga WHERE row IN (SELECT row FROM saga WHERE finished_at < ?"
-	    " AND state IN (1, 3) LIMIT ?)",
-	[SQ_EXPIRE_LOG] = "DELETE FROM saga_log WHERE row NOT IN (SELECT row FROM saga) AND id IN"
-	    " (SELECT id FROM saga_log ORDER BY id LIMIT ?)",
+	[SQ_EXPIRE] = "SELECT row FROM saga WHERE finished_at < ? AND state IN (1, 3) LIMIT ?",
+	[SQ_EXPIRE_ROW] = "DELETE FROM saga WHERE row = ?",
+	[SQ_EXPIRE_LOG] = "DELETE FROM saga_log WHERE row = ?",
 };
 
 struct saga_step_rt {
@@ -1221,6 +1221,37 @@ saga_metrics(struct saga_engine *e, struct evbuffer *out)
 		snprintf(labels, sizeof labels, "saga=\"%s\"", c->sagas[i].name);
 		metrics_histogram(out, "sagad_saga_duration_seconds", labels, &e->stats[i].duration);
 	}
+}
+
+/* Forget finished (completed or compensated) sagas and their history
+ * after the retention, a small batch per call; failed ones stay until an
+ * operator acts. Returns how many went. */
+int
+saga_expire(struct saga_engine *e, double before, int batch)
+{
+	sqlite3_stmt *s = saga_stmt(e, SQ_EXPIRE);
+	int64_t rows[512];
+	int n = 0, i;
+
+	if (batch > 512)
+		batch = 512;
+	sqlite3_bind_double(s, 1, before);
+	sqlite3_bind_int(s, 2, batch);
+	while (n < batch && sqlite3_step(s) == SQLITE_ROW)
+		rows[n++] = sqlite3_column_int64(s, 0);
+	sqlite3_reset(s);
+	if (!n || store_write(e->d->store) < 0)
+		return 0;
+	for (i = 0; i < n; i++) {
+		enum saga_sql q[] = { SQ_EXPIRE_LOG, SQ_TIMER_DEL_ALL, SQ_EXPIRE_ROW };
+		size_t k;
+		for (k = 0; k < sizeof q / sizeof q[0]; k++) {
+			sqlite3_stmt *d = saga_stmt(e, q[k]);
+			sqlite3_bind_int64(d, 1, rows[i]);
+			saga_exec(e, d);
+		}
+	}
+	return n;
 }
 
 /* ---- life ---- */

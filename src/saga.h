@@ -81,5 +81,6 @@ int saga_retry(struct saga_engine *e, const char *id);
 int saga_abort(struct saga_engine *e, const char *id);
 void saga_metrics(struct saga_engine *e, struct evbuffer *out);
 int saga_state_from_name(const char *name);
+int saga_expire(struct saga_engine *e, double before, int batch);
 
 #endif

@@ -582,6 +582,31 @@ test_load_file(void **state)
 	conf_free(c);
 }
 
+/* libconfig 1.5 wraps plain integer literals to 32 bits; sagad re-reads
+ * the literal so that 5 GiB stays 5 GiB and an overflow is not a small
+ * number in range. */
+static void
+test_large_sizes_are_not_wrapped(void **state)
+{
+	const struct tmp *t = *state;
+	struct conf_errors e = { NULL, 0 };
+	struct sagad_conf *c;
+	char path[256];
+
+	snprintf(path, sizeof path, "%s", write_file(t, "sagad.conf",
+	    SVC "store = {\n  max_bytes = 5368709120;\n};\n"));
+	c = conf_load(path, &e);
+	assert_non_null(c);
+	assert_true(c->store.max_bytes == INT64_C(5368709120));
+	conf_free(c);
+	snprintf(path, sizeof path, "%s", write_file(t, "sagad2.conf",
+	    SVC "outbox = { max_inflight = 4294967297; };\n"));
+	assert_null(conf_load(path, &e));
+	assert_int_equal(e.n, 1);
+	assert_non_null(strstr(e.msg[0], "'max_inflight' must be between"));
+	conf_errors_clear(&e);
+}
+
 static void
 test_load_file_error_names_it(void **state)
 {
@@ -828,6 +853,7 @@ main(void)
 		cmocka_unit_test_setup_teardown(test_include_glob_error_in_included_file, setup_tmp, teardown_tmp),
 		cmocka_unit_test_setup_teardown(test_include_glob_relative_path, setup_tmp, teardown_tmp),
 		cmocka_unit_test(test_load_string_without_include_dir),
+		cmocka_unit_test_setup_teardown(test_large_sizes_are_not_wrapped, setup_tmp, teardown_tmp),
 	};
 
 	return cmocka_run_group_tests(tests, NULL, NULL);
