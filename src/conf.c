@@ -950,6 +950,15 @@ conf_broker_url(struct conf_ctx *ctx, config_t *cfg, struct sagad_conf *c)
 		conf_err(ctx, config_lookup(cfg, "broker.tls"), "tls settings need an amqps:// url");
 	if ((c->broker.tls_cert == NULL) != (c->broker.tls_key == NULL))
 		conf_err(ctx, config_lookup(cfg, "broker.tls"), "tls cert and key go together");
+	{
+		const char *files[] = { c->broker.tls_ca, c->broker.tls_cert, c->broker.tls_key };
+		const char *keys[] = { "broker.tls.ca", "broker.tls.cert", "broker.tls.key" };
+		int i;
+		for (i = 0; i < 3; i++)
+			if (files[i] && access(files[i], R_OK) != 0)
+				conf_err(ctx, config_lookup(cfg, keys[i]), "cannot read '%s': %s",
+				    files[i], strerror(errno));
+	}
 }
 
 static int
