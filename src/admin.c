@@ -347,8 +347,8 @@ admin_sagas(struct admin *a, struct evhttp_request *req)
 		return;
 	}
 	if (name && !conf_saga(a->d->conf, name)) {
-		evhttp_clear_headers(&params);
 		httpd_error(req, 404, "unknown-saga", "no saga named '%s'", name);
+		evhttp_clear_headers(&params);
 		return;
 	}
 	j = saga_list_json(a->d->saga, name, st,

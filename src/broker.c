@@ -49,11 +49,13 @@ struct broker_cmd {
 
 struct broker_sub {
 	char *queue, *dlq, *queue_type;
+	int single_active;	/* the saga queue: one sagad consumes at a time */
 	struct conf_binding *binds;
 	size_t n_binds;
 	int prefetch;
 	int64_t max_bytes;
-	char ctag[300];
+	char ctag[300];		/* fresh for every basic.consume */
+	unsigned consumes;
 	int want;		/* under lock: the main thread's wish */
 	int consuming;		/* broker thread: basic.consume is active */
 };
@@ -788,6 +790,11 @@ broker_apply_consume(struct broker *b)
 		if (want == s->consuming)
 			continue;
 		if (want) {
+			/* A new tag each time: RabbitMQ 3.10 can crash the
+			 * channel when a quorum queue consumer is cancelled and
+			 * re-registered under the same tag (rabbitmq-server#5927). */
+			snprintf(s->ctag, sizeof s->ctag, "sagad.%s.%s.%u", b->app_id,
+			    s->queue, ++s->consumes);
 			amqp_basic_consume(b->conn, 2 + i, amqp_cstring_bytes(s->queue),
 			    amqp_cstring_bytes(s->ctag), 0, 0, 0, amqp_empty_table);
 			if (broker_reply_ok(b, "basic.consume") < 0)
@@ -987,6 +994,13 @@ broker_queue_args(struct broker_sub *s, const char *dlq, amqp_table_entry_t *e,
 	e[t->num_entries++].value.value.bytes = amqp_cstring_bytes(s->queue_type);
 	if (!dlq)
 		return;
+	if (s->single_active) {
+		/* Saga state lives in one sagad's store: replicas of the
+		 * orchestrator stand by instead of splitting the replies. */
+		e[t->num_entries].key = amqp_cstring_bytes("x-single-active-consumer");
+		e[t->num_entries].value.kind = AMQP_FIELD_KIND_BOOLEAN;
+		e[t->num_entries++].value.value.boolean = 1;
+	}
 	/* Dead-lettering through the default exchange straight to <queue>.dlq
 	 * works on quorum and classic queues alike; sagad uses it for what it
 	 * cannot even store (too large) — everything else it dead-letters
@@ -1006,7 +1020,7 @@ broker_declare_sub(struct broker *b, int i)
 {
 	struct broker_sub *s = &b->subs[i];
 	amqp_channel_t ch = 2 + i;
-	amqp_table_entry_t e[4];
+	amqp_table_entry_t e[5];
 	amqp_table_t args;
 	size_t j;
 
@@ -1170,8 +1184,8 @@ broker_copy_subs(struct broker *b, const struct sagad_conf *c)
 		 * than the service can take at once, plus the same again to
 		 * keep the pipe full. */
 		s->prefetch = cs->concurrency * 2 > 65535 ? 65535 : cs->concurrency * 2;
+		s->single_active = cs->internal;
 		s->max_bytes = cs->max_message_bytes;
-		snprintf(s->ctag, sizeof s->ctag, "sagad.%s.%s", c->service, cs->name);
 	}
 }
 

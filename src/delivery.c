@@ -96,8 +96,12 @@ static void
 dsub_flow(struct dsub *ds)
 {
 	struct delivery *dl = ds->dl;
+	size_t max = (size_t)dsub_conf(ds)->max_pending;
+	/* Pause at max_pending, resume below three quarters of it, so that a
+	 * backlog at the edge does not cancel and consume for every message. */
+	size_t limit = ds->consuming == 1 ? max : max - max / 4;
 	int want = !dl->stopping && ds->circuit == CIRCUIT_CLOSED &&
-	    ds->npending < (size_t)dsub_conf(ds)->max_pending;
+	    ds->npending < (limit ? limit : 1);
 
 	if (want == ds->consuming || !dl->br)
 		return;
@@ -574,7 +578,8 @@ dsub_dispatch(struct dsub *ds)
 	size_t nbusy = 0, i;
 	unsigned limit = (unsigned)c->concurrency;
 
-	if (ds->dl->d->state == SAGAD_STOPPED)
+	/* Draining starts nothing new: what waits stays in the store. */
+	if (ds->dl->d->state != SAGAD_RUNNING)
 		return;
 	if (ds->circuit == CIRCUIT_OPEN) {
 		if (util_mono() < ds->open_until) {

@@ -40,7 +40,8 @@ enum saga_sql {
 
 static const char *const saga_sql[SQ_COUNT] = {
 	[SQ_GET] = "SELECT row, data, started_at FROM saga WHERE saga = ? AND id = ?",
-	[SQ_GET_ROW] = "SELECT saga, id, data, started_at FROM saga WHERE row = ?",
+	[SQ_GET_ROW] = "SELECT saga, id, data, started_at, updated_at, coalesce(finished_at, 0)"
+	    " FROM saga WHERE row = ?",
 	[SQ_INSERT] = "INSERT INTO saga(saga, id, state, started_at, updated_at, data) VALUES (?, ?, ?, ?, ?, ?)",
 	[SQ_UPDATE] = "UPDATE saga SET state = ?, updated_at = ?, finished_at = ?, data = ? WHERE row = ?",
 	[SQ_LOG] = "INSERT INTO saga_log(row, at, dir, what, step, message_id, detail) VALUES (?, ?, ?, ?, ?, ?, ?)",
@@ -89,6 +90,7 @@ struct saga_inst {
 	char *ct;
 	char *reason;		/* why it compensates or failed */
 	double started_at;
+	double updated_at, finished_at;	/* as read, for the admin API */
 	struct saga_step_rt *steps;
 };
 
@@ -339,6 +341,8 @@ saga_load_row(struct saga_engine *e, int64_t row)
 		in = saga_inst_new(e->d->conf, (size_t)def, (const char *)sqlite3_column_text(s, 1));
 		in->row = row;
 		in->started_at = sqlite3_column_double(s, 3);
+		in->updated_at = sqlite3_column_double(s, 4);
+		in->finished_at = sqlite3_column_double(s, 5);
 		if (saga_unpack(in, sqlite3_column_blob(s, 2), sqlite3_column_bytes(s, 2)) < 0) {
 			saga_inst_free(in);
 			in = NULL;
@@ -1113,7 +1117,7 @@ saga_get_json(struct saga_engine *e, const char *id)
 		struct saga_inst *in = saga_load_row(e, rows[i]);
 		if (!in)
 			continue;
-		json_array_append_new(list, saga_inst_json(e, in, 0, 0, 1));
+		json_array_append_new(list, saga_inst_json(e, in, in->updated_at, in->finished_at, 1));
 		saga_inst_free(in);
 	}
 	if (!json_array_size(list)) {
