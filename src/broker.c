@@ -835,6 +835,10 @@ broker_wake_cb(evutil_socket_t fd, short what, void *arg)
 		b->subs_changed = 0;
 		pthread_mutex_unlock(&b->lock);
 		broker_apply_consume(b);
+		/* The synchronous basic.consume may have read deliveries into
+		 * the library's frame queue; the socket will not say so. */
+		if (b->state == BROKER_ST_UP)
+			broker_drain(b);
 	}
 	broker_do_pending(b);
 	broker_post_flush(b);
@@ -853,6 +857,10 @@ broker_read_cb(evutil_socket_t fd, short what, void *arg)
 		b->subs_changed = 0;
 		pthread_mutex_unlock(&b->lock);
 		broker_apply_consume(b);
+		/* The synchronous basic.consume may have read deliveries into
+		 * the library's frame queue; the socket will not say so. */
+		if (b->state == BROKER_ST_UP)
+			broker_drain(b);
 	}
 	broker_do_pending(b);
 	broker_post_flush(b);
@@ -1148,6 +1156,8 @@ broker_connect_cb(evutil_socket_t fd, short what, void *arg)
 	    b->vhost, b->n_exchanges, b->n_subs, (unsigned long long)b->epoch);
 	broker_post(b, BROKER_EV_UP, 0, 0, NULL);
 	broker_apply_consume(b);
+	if (b->state == BROKER_ST_UP)
+		broker_drain(b);
 	broker_post_flush(b);
 }
 

@@ -365,7 +365,10 @@ delivery_answered(struct dattempt *a, struct evhttp_request *req)
 	char error[96];
 
 	if (!req || status == 0 || a->failed) {
-		snprintf(error, sizeof error, "%s", delivery_error_name(a->error));
+		/* libevent 2.1 reports a refused connect without the error
+		 * callback: no error recorded means the connection failed. */
+		snprintf(error, sizeof error, "%s", a->failed ?
+		    delivery_error_name(a->error) : "connection failed");
 		dsub_retry(ds, dm, 0, error);
 	} else if (status >= 200 && status <= 299) {
 		dsub_circuit_ok(ds);
@@ -447,7 +450,8 @@ delivery_headers(struct dsub *ds, struct dmsg *dm, struct evkeyvalq *h)
 	char num[16], name[300];
 	size_t i;
 
-	evhttp_add_header(h, "Host", ds->host);
+	snprintf(name, sizeof name, "%s:%d", ds->host, ds->port);
+	evhttp_add_header(h, "Host", name);
 	delivery_add(h, "Content-Type", m->props.content_type ?
 	    m->props.content_type : "application/octet-stream");
 	delivery_add(h, "Message-Id", m->message_id);

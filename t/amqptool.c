@@ -9,6 +9,26 @@
  *   amqptool URL purge QUEUE
  *   amqptool URL delete QUEUE
  *   amqptool URL publish EXCHANGE KEY BODY [MESSAGE_ID]
+ *   amqptool URL send JSON
+ *
+ * `send` publishes with every property under the caller's control (JSON
+ * object; every key optional except exchange and key):
+ *   exchange, key            "-" or "" is the default exchange
+ *   body | body_hex | body_size (bytes 'a'..'z' repeated)
+ *   message_id | message_id_hex, correlation_id, reply_to, type,
+ *   content_type | content_type_hex, expiration
+ *   timestamp                Unix seconds (default now; false: none)
+ *   persistent               default true (delivery_mode 2)
+ *   headers                  {"name": value}: a string is a longstr, an
+ *                            integer int64, true/false a boolean, null void,
+ *                            an array an array, an object a nested table,
+ *                            except {"$hex": "..."} (byte array, kind 'x')
+ *                            and {"$str_hex": "..."} (longstr of raw bytes)
+ *   count                    publish that many (default 1); "{n}" in key,
+ *                            body, message_id and correlation_id becomes the
+ *                            index (0-based)
+ * It waits for the broker to confirm every message and prints how many
+ * were published.
  *
  * An exchange named "-" (or "") is the default exchange. `consume` prints
  * one JSON object per message and line. Errors go to stderr, exit status 1;
@@ -59,8 +79,9 @@ static void usage(void) {
           "       %s URL count QUEUE\n"
           "       %s URL purge QUEUE\n"
           "       %s URL delete QUEUE\n"
-          "       %s URL publish EXCHANGE KEY BODY [MESSAGE_ID]\n",
-          prog, prog, prog, prog, prog, prog, prog);
+          "       %s URL publish EXCHANGE KEY BODY [MESSAGE_ID]\n"
+          "       %s URL send JSON\n",
+          prog, prog, prog, prog, prog, prog, prog, prog);
   exit(2);
 }
 
@@ -507,6 +528,298 @@ static void cmd_publish(const char *exchange, const char *key, const char *body,
   }
 }
 
+
+/* ---- send ------------------------------------------------------------- */
+
+static int hexval(int c) {
+  if (c >= '0' && c <= '9') return c - '0';
+  if (c >= 'a' && c <= 'f') return c - 'a' + 10;
+  if (c >= 'A' && c <= 'F') return c - 'A' + 10;
+  return -1;
+}
+
+static amqp_bytes_t hex_bytes(const char *hex) {
+  size_t n = strlen(hex), i;
+  amqp_bytes_t b;
+  if (n % 2)
+    die("odd-length hex string '%s'", hex);
+  b.len = n / 2;
+  b.bytes = malloc(b.len ? b.len : 1);
+  if (!b.bytes)
+    die("out of memory");
+  for (i = 0; i < b.len; i++) {
+    int hi = hexval(hex[2 * i]), lo = hexval(hex[2 * i + 1]);
+    if (hi < 0 || lo < 0)
+      die("bad hex string '%s'", hex);
+    ((unsigned char *)b.bytes)[i] = (unsigned char)(hi * 16 + lo);
+  }
+  return b;
+}
+
+/* s with every "{n}" replaced by the number n (a new string). */
+static char *subst(const char *s, long n) {
+  char num[32];
+  size_t cap = strlen(s) + 1, len = 0;
+  char *out;
+  int nl = snprintf(num, sizeof num, "%ld", n);
+  const char *p;
+  for (p = s; (p = strstr(p, "{n}")); p += 3)
+    cap += (size_t)nl;
+  out = malloc(cap);
+  if (!out)
+    die("out of memory");
+  for (p = s; *p;) {
+    if (strncmp(p, "{n}", 3) == 0) {
+      memcpy(out + len, num, (size_t)nl);
+      len += (size_t)nl;
+      p += 3;
+    } else {
+      out[len++] = *p++;
+    }
+  }
+  out[len] = '\0';
+  return out;
+}
+
+static void field_from_json(json_t *v, amqp_field_value_t *f);
+
+static amqp_table_t table_from_json(json_t *o) {
+  amqp_table_t t;
+  const char *k;
+  json_t *v;
+  int i = 0;
+  t.num_entries = (int)json_object_size(o);
+  t.entries = calloc((size_t)t.num_entries + 1, sizeof *t.entries);
+  if (!t.entries)
+    die("out of memory");
+  json_object_foreach(o, k, v) {
+    t.entries[i].key = amqp_cstring_bytes(k);
+    field_from_json(v, &t.entries[i].value);
+    i++;
+  }
+  return t;
+}
+
+static void field_from_json(json_t *v, amqp_field_value_t *f) {
+  memset(f, 0, sizeof *f);
+  if (json_is_string(v)) {
+    f->kind = AMQP_FIELD_KIND_UTF8;
+    f->value.bytes.bytes = (void *)json_string_value(v);
+    f->value.bytes.len = json_string_length(v);
+  } else if (json_is_integer(v)) {
+    f->kind = AMQP_FIELD_KIND_I64;
+    f->value.i64 = (int64_t)json_integer_value(v);
+  } else if (json_is_real(v)) {
+    f->kind = AMQP_FIELD_KIND_F64;
+    f->value.f64 = json_real_value(v);
+  } else if (json_is_boolean(v)) {
+    f->kind = AMQP_FIELD_KIND_BOOLEAN;
+    f->value.boolean = json_is_true(v);
+  } else if (json_is_null(v)) {
+    f->kind = AMQP_FIELD_KIND_VOID;
+  } else if (json_is_array(v)) {
+    size_t i;
+    f->kind = AMQP_FIELD_KIND_ARRAY;
+    f->value.array.num_entries = (int)json_array_size(v);
+    f->value.array.entries = calloc(json_array_size(v) + 1, sizeof(amqp_field_value_t));
+    if (!f->value.array.entries)
+      die("out of memory");
+    for (i = 0; i < json_array_size(v); i++)
+      field_from_json(json_array_get(v, i), &f->value.array.entries[i]);
+  } else if (json_is_object(v) && json_object_get(v, "$hex")) {
+    f->kind = AMQP_FIELD_KIND_BYTES;
+    f->value.bytes = hex_bytes(json_string_value(json_object_get(v, "$hex")));
+  } else if (json_is_object(v) && json_object_get(v, "$str_hex")) {
+    f->kind = AMQP_FIELD_KIND_UTF8;
+    f->value.bytes = hex_bytes(json_string_value(json_object_get(v, "$str_hex")));
+  } else if (json_is_object(v)) {
+    f->kind = AMQP_FIELD_KIND_TABLE;
+    f->value.table = table_from_json(v);
+  } else {
+    die("unsupported header value");
+  }
+}
+
+static const char *jstr_opt(json_t *spec, const char *k) {
+  json_t *v = json_object_get(spec, k);
+  if (v && !json_is_string(v))
+    die("send: '%s' must be a string", k);
+  return v ? json_string_value(v) : NULL;
+}
+
+/* Read frames for up to `wait` (NULL: only what is there) and mark the
+ * confirmed publish tags. */
+static void read_confirms(unsigned char *acked, uint64_t max, struct timeval *wait) {
+  for (;;) {
+    amqp_frame_t frame;
+    struct timeval zero = {0, 0};
+    int rc = amqp_simple_wait_frame_noblock(conn, &frame, wait ? wait : &zero);
+    if (rc == AMQP_STATUS_TIMEOUT)
+      return;
+    if (rc != AMQP_STATUS_OK)
+      die("send: %s", amqp_error_string2(rc));
+    if (frame.frame_type != AMQP_FRAME_METHOD)
+      continue;
+    switch (frame.payload.method.id) {
+    case AMQP_BASIC_ACK_METHOD: {
+      amqp_basic_ack_t *a = frame.payload.method.decoded;
+      uint64_t t;
+      if (a->multiple) {
+        for (t = 1; t <= a->delivery_tag && t <= max; t++)
+          acked[t] = 1;
+      } else if (a->delivery_tag <= max) {
+        acked[a->delivery_tag] = 1;
+      }
+      if (wait)
+        return;
+      break;
+    }
+    case AMQP_BASIC_NACK_METHOD:
+      die("send: the broker nacked a message");
+    case AMQP_CHANNEL_CLOSE_METHOD: {
+      amqp_channel_close_t *m = frame.payload.method.decoded;
+      die("send: channel closed by broker: %u %.*s", m->reply_code,
+          (int)m->reply_text.len, (char *)m->reply_text.bytes);
+    }
+    case AMQP_CONNECTION_CLOSE_METHOD: {
+      amqp_connection_close_t *m = frame.payload.method.decoded;
+      die("send: connection closed by broker: %u %.*s", m->reply_code,
+          (int)m->reply_text.len, (char *)m->reply_text.bytes);
+    }
+    default:
+      break;
+    }
+  }
+}
+
+static void cmd_send(const char *json_text) {
+  json_error_t err;
+  json_t *spec = json_loads(json_text, JSON_ALLOW_NUL, &err);
+  const char *exchange, *key, *s;
+  amqp_bytes_t body_fixed = {0, NULL};
+  long count = 1, n;
+  json_t *v;
+  unsigned char *acked;
+  uint64_t i;
+
+  if (!spec || !json_is_object(spec))
+    die("send: bad JSON: %s", spec ? "not an object" : err.text);
+  exchange = jstr_opt(spec, "exchange");
+  key = jstr_opt(spec, "key");
+  if (!exchange || !key)
+    die("send: 'exchange' and 'key' are required");
+  if ((v = json_object_get(spec, "count")))
+    count = (long)json_integer_value(v);
+  if (count < 1)
+    die("send: bad count");
+  if ((s = jstr_opt(spec, "body_hex")))
+    body_fixed = hex_bytes(s);
+  else if ((v = json_object_get(spec, "body_size"))) {
+    size_t sz = (size_t)json_integer_value(v), k;
+    body_fixed.len = sz;
+    body_fixed.bytes = malloc(sz ? sz : 1);
+    if (!body_fixed.bytes)
+      die("out of memory");
+    for (k = 0; k < sz; k++)
+      ((char *)body_fixed.bytes)[k] = (char)('a' + k % 26);
+  }
+
+  acked = calloc((size_t)count + 1, 1);
+  if (!acked)
+    die("out of memory");
+  amqp_confirm_select(conn, channel);
+  check_reply(amqp_get_rpc_reply(conn), "confirm.select");
+
+  for (n = 0; n < count; n++) {
+    amqp_basic_properties_t props;
+    char *k = subst(key, n), *body_s = NULL, *mid = NULL, *cid = NULL;
+    amqp_bytes_t body;
+    int rc;
+
+    memset(&props, 0, sizeof props);
+    v = json_object_get(spec, "persistent");
+    if (!v || json_is_true(v)) {
+      props._flags |= AMQP_BASIC_DELIVERY_MODE_FLAG;
+      props.delivery_mode = 2;
+    }
+    v = json_object_get(spec, "timestamp");
+    if (!v || json_is_integer(v)) {
+      props._flags |= AMQP_BASIC_TIMESTAMP_FLAG;
+      props.timestamp = v ? (uint64_t)json_integer_value(v) : (uint64_t)time(NULL);
+    }
+    props._flags |= AMQP_BASIC_APP_ID_FLAG;
+    props.app_id = amqp_cstring_bytes("amqptool");
+    if ((s = jstr_opt(spec, "message_id"))) {
+      mid = subst(s, n);
+      props._flags |= AMQP_BASIC_MESSAGE_ID_FLAG;
+      props.message_id = amqp_cstring_bytes(mid);
+    } else if ((s = jstr_opt(spec, "message_id_hex"))) {
+      props._flags |= AMQP_BASIC_MESSAGE_ID_FLAG;
+      props.message_id = hex_bytes(s);
+    }
+    if ((s = jstr_opt(spec, "correlation_id"))) {
+      cid = subst(s, n);
+      props._flags |= AMQP_BASIC_CORRELATION_ID_FLAG;
+      props.correlation_id = amqp_cstring_bytes(cid);
+    }
+    if ((s = jstr_opt(spec, "reply_to"))) {
+      props._flags |= AMQP_BASIC_REPLY_TO_FLAG;
+      props.reply_to = amqp_cstring_bytes(s);
+    }
+    if ((s = jstr_opt(spec, "type"))) {
+      props._flags |= AMQP_BASIC_TYPE_FLAG;
+      props.type = amqp_cstring_bytes(s);
+    }
+    if ((s = jstr_opt(spec, "expiration"))) {
+      props._flags |= AMQP_BASIC_EXPIRATION_FLAG;
+      props.expiration = amqp_cstring_bytes(s);
+    }
+    if ((s = jstr_opt(spec, "content_type"))) {
+      props._flags |= AMQP_BASIC_CONTENT_TYPE_FLAG;
+      props.content_type = amqp_cstring_bytes(s);
+    } else if ((s = jstr_opt(spec, "content_type_hex"))) {
+      props._flags |= AMQP_BASIC_CONTENT_TYPE_FLAG;
+      props.content_type = hex_bytes(s);
+    }
+    if ((v = json_object_get(spec, "headers"))) {
+      if (!json_is_object(v))
+        die("send: 'headers' must be an object");
+      props._flags |= AMQP_BASIC_HEADERS_FLAG;
+      props.headers = table_from_json(v);
+    }
+    if (body_fixed.bytes) {
+      body = body_fixed;
+    } else {
+      body_s = subst((s = jstr_opt(spec, "body")) ? s : "", n);
+      body = amqp_cstring_bytes(body_s);
+    }
+    rc = amqp_basic_publish(conn, channel, amqp_cstring_bytes(exchange_name(exchange)),
+                            amqp_cstring_bytes(k), 0, 0, &props, body);
+    if (rc != AMQP_STATUS_OK)
+      die("basic.publish: %s", amqp_error_string2(rc));
+    free(k);
+    free(body_s);
+    free(mid);
+    free(cid);
+    if (n % 64 == 63)
+      read_confirms(acked, (uint64_t)count, NULL);
+  }
+  for (i = 1; i <= (uint64_t)count; i++) {
+    while (!acked[i]) {
+      struct timeval tv = {30, 0};
+      struct timeval t0, t1;
+      gettimeofday(&t0, NULL);
+      read_confirms(acked, (uint64_t)count, &tv);
+      gettimeofday(&t1, NULL);
+      if (!acked[i] && t1.tv_sec - t0.tv_sec >= 30)
+        die("send: no confirm for message %" PRIu64 " within 30 s", i);
+    }
+  }
+  printf("%ld\n", count);
+  free(acked);
+  json_decref(spec);
+}
+
 static long parse_long(const char *s, const char *what) {
   char *end;
   errno = 0;
@@ -546,6 +859,8 @@ int main(int argc, char **argv) {
     if (n != 1) usage();
   } else if (!strcmp(cmd, "publish")) {
     if (n != 3 && n != 4) usage();
+  } else if (!strcmp(cmd, "send")) {
+    if (n != 1) usage();
   } else {
     fprintf(stderr, "%s: unknown command '%s'\n", prog, cmd);
     usage();
@@ -571,6 +886,8 @@ int main(int argc, char **argv) {
     cmd_delete(a[0]);
   else if (!strcmp(cmd, "publish"))
     cmd_publish(a[0], a[1], a[2], n == 4 ? a[3] : NULL);
+  else if (!strcmp(cmd, "send"))
+    cmd_send(a[0]);
   disconnect_broker();
   return 0;
 }

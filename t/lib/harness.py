@@ -282,6 +282,16 @@ class AmqpTool:
         args = ['publish', exchange, key, body] + ([message_id] if message_id else [])
         self.run(url, *args)
 
+    def send(self, url, exchange, key, timeout=120, **spec):
+        """`amqptool send`: publish with any properties (see t/amqptool.c:
+        body, body_hex, body_size, message_id, message_id_hex,
+        correlation_id, reply_to, type, content_type, content_type_hex,
+        expiration, timestamp, persistent, headers, count). Waits for the
+        confirms; returns how many were published."""
+        spec = dict(spec, exchange=exchange, key=key)
+        r = self.run(url, 'send', json.dumps(spec), timeout=timeout)
+        return int(r.stdout.decode().strip() or 0)
+
 
 # ---------------------------------------------------------------- RabbitMQ
 
@@ -336,13 +346,28 @@ class Broker:
 
     _seq = itertools.count(1)
 
-    def __init__(self, workdir, boot_timeout=90):
+    def __init__(self, workdir, boot_timeout=90, tls=None, host='127.0.0.1', wrap=None,
+                 conf_extra=''):
+        """tls: None (default: no TLS listener), or a dict with cacert,
+        certfile, keyfile (paths) and optionally verify ('verify_peer' or
+        'verify_none', default verify_peer), fail_if_no_peer_cert (bool,
+        default False), hosts (addresses to listen on, default [host])
+        -- adds an AMQPS listener on self.tls_port (URL in self.tls_url),
+        through ssl_options in a rabbitmq.conf. host: the address of the
+        AMQP listener(s). wrap: argv prefix for rabbitmq-server and
+        rabbitmqctl (e.g. ['ip', 'netns', 'exec', NS]). conf_extra: more
+        rabbitmq.conf lines."""
         n = next(Broker._seq)
         self.node = 'sagadt%d%d@localhost' % (os.getpid(), n)
         self.dir = os.path.join(os.path.abspath(workdir), 'rabbitmq%d' % n)
+        self.host = host
+        self.wrap = list(wrap or [])
         self.port = free_port()
         self.dist_port = free_port()
-        self.url = 'amqp://guest:guest@127.0.0.1:%d/%%2f' % self.port
+        self.url = 'amqp://guest:guest@%s:%d/%%2f' % (host, self.port)
+        self.tls = dict(tls) if tls else None
+        self.tls_port = free_port() if tls else None
+        self.tls_url = ('amqps://guest:guest@localhost:%d/%%2f' % self.tls_port) if tls else None
         self.boot_timeout = boot_timeout
         self.proc = None
         self._wd = None
@@ -357,6 +382,24 @@ class Broker:
         with open(os.path.join(self.dir, 'enabled_plugins'), 'w') as f:
             f.write('[].\n')
         open(os.path.join(self.dir, 'rabbitmq-env.conf'), 'w').close()
+        conf = []
+        if self.tls:
+            t = self.tls
+            for i, a in enumerate(t.get('hosts') or [host]):
+                conf.append('listeners.ssl.%d = %s:%d' % (i + 1, a, self.tls_port))
+            conf += ['ssl_options.cacertfile = %s' % t['cacert'],
+                     'ssl_options.certfile = %s' % t['certfile'],
+                     'ssl_options.keyfile = %s' % t['keyfile'],
+                     'ssl_options.verify = %s' % t.get('verify', 'verify_peer'),
+                     'ssl_options.fail_if_no_peer_cert = %s'
+                     % ('true' if t.get('fail_if_no_peer_cert') else 'false')]
+        if conf_extra:
+            conf.append(conf_extra)
+        if conf:
+            # RABBITMQ_CONFIG_FILE (below) names <dir>/rabbitmq: this is
+            # its new-style form; without tls or conf_extra there is none.
+            with open(os.path.join(self.dir, 'rabbitmq.conf'), 'w') as f:
+                f.write('\n'.join(conf) + '\n')
         if self.user:
             for root, dirs, files in os.walk(self.dir):
                 for x in [root] + [os.path.join(root, y) for y in dirs + files]:
@@ -368,7 +411,7 @@ class Broker:
         d = self.dir
         env.update(
             RABBITMQ_NODENAME=self.node,
-            RABBITMQ_NODE_IP_ADDRESS='127.0.0.1',
+            RABBITMQ_NODE_IP_ADDRESS=self.host,
             RABBITMQ_NODE_PORT=str(self.port),
             RABBITMQ_DIST_PORT=str(self.dist_port),
             RABBITMQ_MNESIA_BASE=os.path.join(d, 'mnesia'),
@@ -388,9 +431,20 @@ class Broker:
         return env
 
     def _popen_user_args(self):
-        if not self.user:
+        if not self.user or self.wrap:
             return {}
         return dict(user=self.user[0], group=self.user[1], extra_groups=[])
+
+    def _argv(self, exe):
+        """exe with the wrap prefix; a wrapped command (run as root, e.g.
+        ip netns exec) drops to the node's user through setpriv."""
+        if not self.wrap:
+            return [exe]
+        su = []
+        if self.user:
+            su = ['setpriv', '--reuid=%d' % self.user[0], '--regid=%d' % self.user[1],
+                  '--clear-groups', '--']
+        return self.wrap + su + [exe]
 
     def start(self):
         if self.proc is not None and self.proc.poll() is None:
@@ -398,7 +452,7 @@ class Broker:
         t0 = time.time()
         self._logf = open(self.logfile, 'ab')
         self.proc = subprocess.Popen(
-            [_rabbitmq_server()], cwd=self.dir, env=self._env(),
+            self._argv(_rabbitmq_server()), cwd=self.dir, env=self._env(),
             stdin=subprocess.DEVNULL, stdout=self._logf, stderr=subprocess.STDOUT,
             start_new_session=True, **self._popen_user_args())
         _register(self)
@@ -420,7 +474,7 @@ class Broker:
 
     def _port_open(self):
         try:
-            socket.create_connection(('127.0.0.1', self.port), 0.5).close()
+            socket.create_connection((self.host, self.port), 0.5).close()
             return True
         except OSError:
             return False
@@ -484,7 +538,8 @@ class Broker:
 
     def ctl(self, *args, timeout=60):
         """Run rabbitmqctl against this node; returns its stdout."""
-        r = subprocess.run([_rabbitmqctl(), '-n', self.node] + list(args), env=self._env(),
+        r = subprocess.run(self._argv(_rabbitmqctl()) + ['-n', self.node] + list(args),
+                           env=self._env(),
                            cwd=self.dir, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                            stderr=subprocess.PIPE, timeout=timeout,
                            **self._popen_user_args())
@@ -791,6 +846,249 @@ def raw_request(port, data, read_timeout=5, close_write=False, host='127.0.0.1')
         return b''.join(chunks)
     finally:
         s.close()
+
+
+# ---------------------------------------------------------------- service
+
+class Service:
+    """A stdlib HTTP service that sagad delivers to (a subscription's
+    deliver URL, Service.url). Every request is recorded in Service.calls
+    (dicts: 'headers' {lowercased name: value}, 'raw_headers' [(name,
+    value)], 'body' bytes, 'path', 'start' (request read), 'answered'
+    (about to answer), 'end' (answer written), 'answer' (what was done),
+    'conn' (a connection number); times from time.time()). behaviour(call)
+    decides the answer, and may be replaced at any time:
+
+      200, or (status, body[, {header: value}])   that answer
+      'garbage'   bytes that are not HTTP, then close the connection
+      'close'     close the connection without an answer
+      'half'      "200 OK" announcing 1000 body bytes, 7 of them, then close
+      'hang'      never answer (until release() or stop())
+      ('raw', bytes)                               those bytes, then close
+      ('sleep', seconds, answer)                   answer after a delay
+
+    after(call), when set, runs once the answer is written.
+    stop() closes the listener and every open connection (sagad then
+    meets "connection refused"); start() listens again on the same port."""
+
+    def __init__(self, behaviour=None, port=0, path='/messages'):
+        self.behaviour = behaviour or (lambda call: 200)
+        self.after = None
+        self.lock = threading.Lock()
+        self.calls = []
+        self.path = path
+        self._conns = {}
+        self._conn_seq = itertools.count(1)
+        self._release = threading.Event()
+        self.server = None
+        self.port = port
+        self.start()
+        self.url = 'http://127.0.0.1:%d%s' % (self.port, path)
+
+    def _handler_class(self):
+        import http.server
+        svc = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = 'HTTP/1.1'
+
+            def setup(self):
+                super().setup()
+                self.conn_no = next(svc._conn_seq)
+                with svc.lock:
+                    svc._conns[self.conn_no] = self.connection
+
+            def finish(self):
+                try:
+                    super().finish()
+                finally:
+                    with svc.lock:
+                        svc._conns.pop(self.conn_no, None)
+
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                self._serve()
+
+            def do_GET(self):
+                self._serve()
+
+            def _serve(self):
+                n = int(self.headers.get('Content-Length') or 0)
+                body = self.rfile.read(n) if n else b''
+                call = {'headers': {k.lower(): v for k, v in self.headers.items()},
+                        'raw_headers': list(self.headers.items()),
+                        'body': body, 'path': self.path, 'start': time.time(),
+                        'answered': None, 'end': None, 'answer': None,
+                        'conn': self.conn_no}
+                with svc.lock:
+                    svc.calls.append(call)
+                try:
+                    answer = svc.behaviour(call)
+                except Exception as e:  # noqa: BLE001
+                    traceback.print_exc()
+                    answer = (500, ('behaviour raised %r' % e).encode())
+                release = svc._release
+                while isinstance(answer, tuple) and answer and answer[0] == 'sleep':
+                    release.wait(answer[1])
+                    answer = answer[2]
+                call['answer'] = answer
+                call['answered'] = time.time()
+                try:
+                    self._answer(answer, release)
+                except OSError:
+                    self.close_connection = True
+                call['end'] = time.time()
+                if svc.after is not None:
+                    svc.after(call)
+
+            def _answer(self, answer, release):
+                if answer == 'garbage':
+                    self.wfile.write(b'this is not HTTP at all\r\n\x00\xff\r\n\r\n')
+                    self.wfile.flush()
+                    self.close_connection = True
+                    return
+                if answer == 'close':
+                    self.close_connection = True
+                    return
+                if isinstance(answer, tuple) and answer and answer[0] == 'raw':
+                    self.wfile.write(answer[1])
+                    self.wfile.flush()
+                    self.close_connection = True
+                    return
+                if answer == 'half':
+                    self.wfile.write(b'HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n'
+                                     b'Content-Length: 1000\r\n\r\npartial')
+                    self.wfile.flush()
+                    self.close_connection = True
+                    return
+                if answer == 'hang':
+                    release.wait(600)
+                    self.close_connection = True
+                    return
+                if isinstance(answer, int):
+                    status, out, hdrs = answer, b'', {}
+                else:
+                    status, out = answer[0], answer[1]
+                    hdrs = answer[2] if len(answer) > 2 else {}
+                if isinstance(out, str):
+                    out = out.encode()
+                self.send_response(status)
+                for k, v in hdrs.items():
+                    self.send_header(k, v)
+                self.send_header('Content-Length', str(len(out)))
+                self.end_headers()
+                self.wfile.write(out)
+                self.wfile.flush()
+
+        return Handler
+
+    def start(self):
+        import socketserver
+
+        class Server(socketserver.ThreadingMixIn, socketserver.TCPServer):
+            allow_reuse_address = True
+            daemon_threads = True
+            block_on_close = False
+
+            def handle_error(self, request, client_address):
+                pass
+
+        self.server = Server(('127.0.0.1', self.port), self._handler_class())
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, kwargs={'poll_interval': 0.1},
+                         daemon=True).start()
+        return self
+
+    def stop(self):
+        """Stop listening and close every connection."""
+        if self.server is None:
+            return
+        self.server.shutdown()
+        self.server.server_close()
+        self.server = None
+        with self.lock:
+            conns = list(self._conns.values())
+        for c in conns:
+            try:
+                c.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        self.release()
+
+    def release(self):
+        """Let every hanging request go (closed without an answer)."""
+        ev, self._release = self._release, threading.Event()
+        ev.set()
+
+    def snapshot(self):
+        with self.lock:
+            return list(self.calls)
+
+    def find(self, pred):
+        return [c for c in self.snapshot() if pred(c)]
+
+    def with_id(self, message_id):
+        return self.find(lambda c: c['headers'].get('message-id') == message_id)
+
+    def with_key(self, key):
+        return self.find(lambda c: c['headers'].get('sagad-routing-key') == key)
+
+    def ok_ids(self):
+        """Message-Ids that got a 2xx answer (a Counter)."""
+        import collections
+        return collections.Counter(
+            c['headers'].get('message-id') for c in self.snapshot()
+            if c['end'] is not None and _status_of(c['answer']) in range(200, 300))
+
+
+def _status_of(answer):
+    if isinstance(answer, int):
+        return answer
+    if isinstance(answer, tuple) and answer and isinstance(answer[0], int):
+        return answer[0]
+    return None
+
+
+def inbox_rows(store_path, subscription=None):
+    """The inbox table of a sagad store (read-only): a list of dicts with
+    id, subscription, message_id, state (0 pending, 1 done, 2 dead),
+    attempts, last_status, last_error, dead_reason."""
+    import sqlite3
+    db = sqlite3.connect('file:%s?mode=ro' % store_path, uri=True, timeout=10)
+    try:
+        q = ('SELECT id, subscription, message_id, state, attempts, last_status, '
+             'coalesce(last_error, \'\'), coalesce(dead_reason, \'\') FROM inbox')
+        args = ()
+        if subscription is not None:
+            q += ' WHERE subscription = ?'
+            args = (subscription,)
+        cols = ('id', 'subscription', 'message_id', 'state', 'attempts', 'last_status',
+                'last_error', 'dead_reason')
+        return [dict(zip(cols, r)) for r in db.execute(q + ' ORDER BY id', args)]
+    finally:
+        db.close()
+
+
+def sagactl(d, *args, json_out=False, check=True, timeout=30):
+    """Run src/sagactl against sagad d's admin API: (exit code, stdout,
+    stderr); with json_out, --json and the parsed stdout instead."""
+    exe = os.environ.get('SAGACTL') or os.path.join(top_builddir, 'src', 'sagactl')
+    cmd = [exe, '-s', 'http://127.0.0.1:%d' % d.admin_port]
+    if d.token is not None:
+        cmd += ['-t', d.token_file]
+    if json_out:
+        cmd.append('--json')
+    cmd += [str(a) for a in args]
+    r = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                       stderr=subprocess.PIPE, timeout=timeout)
+    out, err = r.stdout.decode(errors='replace'), r.stderr.decode(errors='replace')
+    if check and r.returncode != 0:
+        raise AssertionError('%s: exit %d: %s' % (' '.join(cmd), r.returncode, err.strip()))
+    if json_out and r.returncode == 0:
+        out = json.loads(out)
+    return r.returncode, out, err
 
 
 _UUID7 = None
