@@ -516,57 +516,73 @@ conf_bind_one(struct conf_ctx *ctx, config_setting_t *s, void *dst)
 	}
 }
 
+/*
+ * A list of groups, each walked with the same key table: subscriptions,
+ * sagas and saga steps. The array has one element per entry, defaults set
+ * by init before the entry's keys are read.
+ */
+static void
+conf_group_list(struct conf_ctx *ctx, config_setting_t *list, const char *what,
+    size_t size, void **array, size_t *count, void (*init)(void *),
+    const struct conf_key *keys)
+{
+	int i, n;
+
+	if (!config_setting_is_list(list)) {
+		conf_err(ctx, list, "'%s' must be a list ( { name = ...; }, ... )",
+		    config_setting_name(list));
+		return;
+	}
+	n = config_setting_length(list);
+	*array = calloc(n ? n : 1, size);
+	for (i = 0; i < n; i++) {
+		config_setting_t *e = config_setting_get_elem(list, i);
+		void *elem = (char *)*array + (*count)++ * size;
+
+		init(elem);
+		if (!config_setting_is_group(e)) {
+			conf_err(ctx, e, "each %s must be a group { name = ...; }", what);
+			continue;
+		}
+		conf_walk(ctx, e, keys, elem, what);
+	}
+}
+
+static void
+conf_step_defaults(void *p)
+{
+	struct conf_saga_step *st = p;
+
+	st->attempts = 3;
+}
+
 static void
 conf_steps(struct conf_ctx *ctx, config_setting_t *list, void *base)
 {
 	struct conf_saga *sg = base;
-	int i, n;
 
-	if (!config_setting_is_list(list)) {
-		conf_err(ctx, list, "'steps' must be a list ( { name = ...; }, ... )");
-		return;
-	}
-	n = config_setting_length(list);
-	sg->steps = calloc(n ? n : 1, sizeof *sg->steps);
-	for (i = 0; i < n; i++) {
-		config_setting_t *e = config_setting_get_elem(list, i);
-		struct conf_saga_step *st = &sg->steps[sg->n_steps++];
+	conf_group_list(ctx, list, "step", sizeof *sg->steps, (void **)&sg->steps,
+	    &sg->n_steps, conf_step_defaults, conf_step_keys);
+}
 
-		st->attempts = 3;
-		if (!config_setting_is_group(e)) {
-			conf_err(ctx, e, "each step must be a group { name = ...; }");
-			continue;
-		}
-		conf_walk(ctx, e, conf_step_keys, st, "step");
-	}
+static void
+conf_saga_defaults(void *p)
+{
+	struct conf_saga *sg = p;
+
+	sg->compensate_attempts = 10;
+	sg->compensate_timeout = 10;
+	sg->retry_initial = 0.5;
+	sg->retry_max = 30;
 }
 
 static void
 conf_sagas(struct conf_ctx *ctx, config_setting_t *list, void *base)
 {
 	struct sagad_conf *conf = base;
-	int i, n;
 
-	if (!config_setting_is_list(list)) {
-		conf_err(ctx, list, "'sagas' must be a list ( { name = ...; }, ... )");
-		return;
-	}
-	n = config_setting_length(list);
-	conf->sagas = calloc(n ? n : 1, sizeof *conf->sagas);
-	for (i = 0; i < n; i++) {
-		config_setting_t *e = config_setting_get_elem(list, i);
-		struct conf_saga *sg = &conf->sagas[conf->n_sagas++];
-
-		sg->compensate_attempts = 10;
-		sg->compensate_timeout = 10;
-		sg->retry_initial = 0.5;
-		sg->retry_max = 30;
-		if (!config_setting_is_group(e)) {
-			conf_err(ctx, e, "each saga must be a group { name = ...; }");
-			continue;
-		}
-		conf_walk(ctx, e, conf_saga_keys, sg, "saga");
-	}
+	conf_group_list(ctx, list, "saga", sizeof *conf->sagas, (void **)&conf->sagas,
+	    &conf->n_sagas, conf_saga_defaults, conf_saga_keys);
 }
 
 /* Sources: `plugin` and `name` are sagad's; every other key is the
@@ -645,8 +661,10 @@ conf_sources(struct conf_ctx *ctx, config_setting_t *list, void *base)
 }
 
 static void
-conf_sub_defaults(struct conf_subscription *s)
+conf_sub_defaults(void *p)
 {
+	struct conf_subscription *s = p;
+
 	s->queue_type = strdup("quorum");
 	s->concurrency = 16;
 	s->timeout = 10;
@@ -662,29 +680,9 @@ static void
 conf_subscriptions(struct conf_ctx *ctx, config_setting_t *list, void *base)
 {
 	struct sagad_conf *conf = base;
-	int i, n;
 
-	if (!config_setting_is_list(list)) {
-		conf_err(ctx, list, "'subscriptions' must be a list ( { name = ...; }, ... )");
-		return;
-	}
-	n = config_setting_length(list);
-	conf->subs = calloc(n ? n : 1, sizeof *conf->subs);
-	for (i = 0; i < n; i++) {
-		config_setting_t *e = config_setting_get_elem(list, i);
-		struct conf_subscription *s = &conf->subs[conf->n_subs++];
-
-		conf_sub_defaults(s);
-		if (!config_setting_is_group(e)) {
-			conf_err(ctx, e, "each subscription must be a group { name = ...; }");
-			continue;
-		}
-		conf_walk(ctx, e, conf_sub_keys, s, "subscription");
-		if (!s->name) {
-			conf_err(ctx, e, "subscription without a 'name'");
-			continue;
-		}
-	}
+	conf_group_list(ctx, list, "subscription", sizeof *conf->subs, (void **)&conf->subs,
+	    &conf->n_subs, conf_sub_defaults, conf_sub_keys);
 }
 
 static int
@@ -705,8 +703,10 @@ conf_check_subs(struct conf_ctx *ctx, config_t *cfg, struct sagad_conf *c)
 		struct conf_subscription *s = &c->subs[i];
 		config_setting_t *e = list ? config_setting_get_elem(list, i) : NULL;
 
-		if (!s->name)
+		if (!s->name) {
+			conf_err(ctx, e, "subscription without a 'name'");
 			continue;
+		}
 		if (!util_valid_exchange(s->name) || s->name[0] == '_')
 			conf_err(ctx, e, "subscription name '%s' must be 1-255 of A-Z a-z 0-9 - _ . : and not start with _", s->name);
 		for (j = 0; j < i; j++)
