@@ -5,6 +5,7 @@
 #include <event2/buffer.h>
 #include <event2/event.h>
 #include <event2/http.h>
+#include <event2/listener.h>
 #include <jansson.h>
 #include <netdb.h>
 #include <stdarg.h>
@@ -16,6 +17,7 @@
 #include <sys/un.h>
 #include <unistd.h>
 
+#include "log.h"
 #include "util.h"
 
 const char *
@@ -70,9 +72,19 @@ httpd_bind_unix(const char *path, int mode, char **err)
 	fd = socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
 	if (fd < 0)
 		goto fail;
-	/* A socket file left by a previous run would make bind fail. */
-	if (unlink(path) < 0 && errno != ENOENT)
-		goto fail;
+	/* A socket file left by a previous run would make bind fail; any
+	 * other kind of file is not ours to remove. */
+	{
+		struct stat sb;
+		if (lstat(path, &sb) == 0) {
+			if (!S_ISSOCK(sb.st_mode)) {
+				errno = EEXIST;
+				goto fail;
+			}
+			if (unlink(path) < 0)
+				goto fail;
+		}
+	}
 	if (bind(fd, (struct sockaddr *)&sun, sizeof sun) < 0 ||
 	    chmod(path, mode) < 0 || listen(fd, 1024) < 0)
 		goto fail;
@@ -123,10 +135,56 @@ httpd_bind_tcp(const char *spec, char **err)
 	return fd;
 }
 
+/*
+ * accept() failing (out of file descriptors) would otherwise be retried at
+ * once, forever, with a libevent warning each time: pause the listener for
+ * a second instead and say so once.
+ */
+struct httpd_pause {
+	struct evconnlistener *l;
+	struct event *ev;
+};
+
+static void
+httpd_resume_cb(evutil_socket_t fd, short what, void *arg)
+{
+	struct httpd_pause *p = arg;
+
+	(void)fd;
+	(void)what;
+	evconnlistener_enable(p->l);
+}
+
+/* The error callback gets evhttp's argument, not ours: find the pause
+ * state by listener (there are two listeners). */
+static struct httpd_pause *httpd_pauses[8];
+
+static void
+httpd_accept_error(struct evconnlistener *l, void *arg)
+{
+	struct httpd_pause *p = NULL;
+	struct timeval tv = { 1, 0 };
+	int e = EVUTIL_SOCKET_ERROR();
+	size_t i;
+
+	(void)arg;
+	for (i = 0; i < sizeof httpd_pauses / sizeof httpd_pauses[0]; i++)
+		if (httpd_pauses[i] && httpd_pauses[i]->l == l)
+			p = httpd_pauses[i];
+	if (!p)
+		return;
+	log_warn("msg=\"cannot accept connections, pausing for a second\" error=\"%s\"",
+	    evutil_socket_error_to_string(e));
+	evconnlistener_disable(p->l);
+	event_add(p->ev, &tv);
+}
+
 struct evhttp *
 httpd_listen(struct event_base *base, const char *spec,
     const struct httpd_limits *lim, char **err)
 {
+	struct evhttp_bound_socket *bound;
+	struct httpd_pause *pause;
 	struct evhttp *http;
 	int fd;
 
@@ -139,13 +197,23 @@ httpd_listen(struct event_base *base, const char *spec,
 		return NULL;
 	http = evhttp_new(base);
 	httpd_set_limits(http, lim);
-	if (!evhttp_accept_socket_with_handle(http, fd)) {
+	if (!(bound = evhttp_accept_socket_with_handle(http, fd))) {
 		if (asprintf(err, "cannot accept on %s", spec) < 0)
 			*err = NULL;
 		close(fd);
 		evhttp_free(http);
 		return NULL;
 	}
+	/* Freed with the process: one per listener, two in all. */
+	pause = calloc(1, sizeof *pause);
+	pause->l = evhttp_bound_socket_get_listener(bound);
+	pause->ev = evtimer_new(base, httpd_resume_cb, pause);
+	for (size_t i = 0; i < sizeof httpd_pauses / sizeof httpd_pauses[0]; i++)
+		if (!httpd_pauses[i]) {
+			httpd_pauses[i] = pause;
+			evconnlistener_set_error_cb(pause->l, httpd_accept_error);
+			break;
+		}
 	return http;
 }
 

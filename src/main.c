@@ -243,6 +243,16 @@ drop_privileges(const struct sagad_conf *c)
 			log_warn("msg=\"cannot chown store file\" path=%s error=\"%s\"", path,
 			    strerror(errno));
 	}
+	{
+		/* The unix sockets too: the service connects as a member of
+		 * sagad's group (socket_mode 0660 by default). */
+		const char *socks[] = { c->api.listen, c->api.admin_listen };
+		for (i = 0; i < 2; i++)
+			if (strncmp(socks[i], "unix:", 5) == 0 &&
+			    chown(socks[i] + 5, pw->pw_uid, pw->pw_gid) < 0)
+				log_warn("msg=\"cannot chown socket\" path=%s error=\"%s\"",
+				    socks[i] + 5, strerror(errno));
+	}
 	if (initgroups(pw->pw_name, pw->pw_gid) < 0 || setgid(pw->pw_gid) < 0 ||
 	    setuid(pw->pw_uid) < 0) {
 		log_error("msg=\"cannot drop privileges\" user=%s error=\"%s\"", c->user,

@@ -20,7 +20,11 @@ struct relay {
 	uint64_t epoch;		/* of the connection we publish on; 0: none */
 	int64_t cursor;		/* highest seq handed over in order */
 	unsigned inflight;
-	int need_rewind;	/* a lost transaction: rescan once idle */
+	/* Confirmed messages whose delete is in the open transaction; if it
+	 * is lost (disk full), only the deletes are tried again, later. */
+	int64_t *done, *redo;
+	size_t ndone, capdone, nredo, capredo;
+	struct event *redo_ev;
 	unsigned missing_exchange;	/* consecutive 404s, for their backoff */
 	int paused;
 	struct event *fill_ev;	/* one fill per loop turn, however many acks */
@@ -32,6 +36,8 @@ struct relay {
 };
 
 static void relay_fill_cb(evutil_socket_t, short, void *);
+static void relay_redo_cb(evutil_socket_t, short, void *);
+static int relay_is_done(const struct relay *r, int64_t seq);
 
 struct relay *
 relay_new(struct event_base *base, struct store *st, const struct sagad_conf *conf)
@@ -46,6 +52,7 @@ relay_new(struct event_base *base, struct store *st, const struct sagad_conf *co
 	r->fill_ev = event_new(base, -1, 0, relay_fill_cb, r);
 	event_priority_set(r->fill_ev, 2);
 	r->retry_ev = evtimer_new(base, relay_fill_cb, r);
+	r->redo_ev = evtimer_new(base, relay_redo_cb, r);
 	histogram_init(&r->stats.confirm, metrics_latency_bounds, metrics_latency_nbounds);
 	return r;
 }
@@ -57,6 +64,9 @@ relay_free(struct relay *r)
 		return;
 	event_free(r->fill_ev);
 	event_free(r->retry_ev);
+	event_free(r->redo_ev);
+	free(r->done);
+	free(r->redo);
 	free(r->batch);
 	free(r);
 }
@@ -105,6 +115,10 @@ relay_send(struct relay *r, struct msg **ms, size_t n, int clear_due)
 	size_t i;
 
 	for (i = 0; i < n; i++) {
+		if (r->nredo && relay_is_done(r, ms[i]->seq)) {
+			msg_free(ms[i]);
+			continue;
+		}
 		if (clear_due || ms[i]->attempts > 0)
 			store_outbox_clear_due(r->st, ms[i]->seq);
 		r->inflight++;
@@ -121,10 +135,6 @@ relay_fill(struct relay *r)
 
 	if (!r->epoch || r->link == RELAY_LINK_BLOCKED || r->paused || !r->br)
 		return;
-	if (r->need_rewind && r->inflight == 0) {
-		r->cursor = 0;
-		r->need_rewind = 0;
-	}
 	if (r->inflight >= window)
 		return;
 	if (r->batch_cap < window) {
@@ -153,21 +163,71 @@ relay_fill_cb(evutil_socket_t fd, short what, void *arg)
 	relay_fill(arg);
 }
 
+static void
+relay_push(int64_t **v, size_t *n, size_t *cap, int64_t seq)
+{
+	if (*n == *cap) {
+		*cap = *cap ? *cap * 2 : 1024;
+		*v = realloc(*v, *cap * sizeof **v);
+	}
+	(*v)[(*n)++] = seq;
+}
+
+static int
+relay_is_done(const struct relay *r, int64_t seq)
+{
+	size_t i;
+
+	for (i = 0; i < r->nredo; i++)
+		if (r->redo[i] == seq)
+			return 1;
+	return 0;
+}
+
+static void
+relay_done(struct relay *r, int64_t seq)
+{
+	relay_push(&r->done, &r->ndone, &r->capdone, seq);
+	store_outbox_done(r->st, seq);
+}
+
 void
 relay_committed(void *arg)
 {
-	relay_schedule(arg);
+	struct relay *r = arg;
+
+	r->ndone = 0;
+	relay_schedule(r);
+}
+
+static void
+relay_redo_cb(evutil_socket_t fd, short what, void *arg)
+{
+	struct relay *r = arg;
+	size_t i, n = r->nredo;
+
+	(void)fd;
+	(void)what;
+	r->nredo = 0;
+	for (i = 0; i < n; i++)
+		relay_done(r, r->redo[i]);
 }
 
 void
 relay_rolled_back(void *arg)
 {
 	struct relay *r = arg;
+	struct timeval tv = { 1, 0 };
+	size_t i;
 
-	/* Deletes of confirmed messages may be lost with the transaction:
-	 * scan again from the start once nothing is in flight. Messages the
-	 * broker already has may go out twice (at-least-once). */
-	r->need_rewind = 1;
+	/* The broker has these messages: only their deletes were lost. Try
+	 * them again in a second (not at once: the disk may still be full),
+	 * and never publish them again meanwhile. */
+	for (i = 0; i < r->ndone; i++)
+		relay_push(&r->redo, &r->nredo, &r->capredo, r->done[i]);
+	r->ndone = 0;
+	if (r->nredo)
+		evtimer_add(r->redo_ev, &tv);
 	relay_schedule(r);
 }
 
@@ -239,7 +299,6 @@ relay_broker_event(void *arg, const struct broker_event *ev)
 		r->reason[0] = '\0';
 		r->inflight = 0;
 		r->cursor = 0;
-		r->need_rewind = 0;
 		break;
 	case BROKER_EV_DOWN:
 		relay_missing_exchange(r, ev->reason);
@@ -261,7 +320,7 @@ relay_broker_event(void *arg, const struct broker_event *ev)
 		r->inflight--;
 		r->stats.published++;
 		histogram_observe(&r->stats.confirm, ev->latency);
-		store_outbox_done(r->st, ev->seq);
+		relay_done(r, ev->seq);
 		break;
 	case BROKER_EV_NACK:
 		r->inflight--;

@@ -168,6 +168,7 @@ struct store {
 	int64_t tx_bytes;	/* rough size of what the open transaction adds */
 	int64_t committed_seq, tx_seq;
 	int64_t count, tx_count;
+	int full_seen;		/* SQLITE_FULL in this transaction: checkpoint after */
 };
 
 static void store_commit_cb(evutil_socket_t fd, short what, void *arg);
@@ -275,6 +276,10 @@ store_open(const char *path, struct event_base *base, int64_t max_bytes, char **
 	if (store_exec(st, "PRAGMA journal_mode=WAL", err) < 0 ||
 	    store_exec(st, "PRAGMA synchronous=FULL", err) < 0 ||
 	    store_exec(st, "PRAGMA cache_size=-4096", err) < 0 ||
+	    /* The write-ahead log is checkpointed every 1 MiB and shrinks
+	     * back to 1 MiB after a burst: it counts on a nearly full disk. */
+	    store_exec(st, "PRAGMA journal_size_limit=1048576", err) < 0 ||
+	    store_exec(st, "PRAGMA wal_autocheckpoint=256", err) < 0 ||
 	    store_exec(st, "PRAGMA foreign_keys=ON", err) < 0) {
 		store_close(st);
 		return NULL;
@@ -386,8 +391,14 @@ store_run_callbacks(struct store *st, int ok)
 static void
 store_lost(struct store *st)
 {
+	int full = (sqlite3_extended_errcode(st->db) & 0xff) == SQLITE_FULL;
+
 	if (!sqlite3_get_autocommit(st->db))
 		store_step_done(st, st->stmt[ST_ROLLBACK]);
+	/* Disk full: give the log's space back so that the next transaction
+	 * (deletes of confirmed messages, above all) can go through. */
+	if (full)
+		sqlite3_exec(st->db, "PRAGMA wal_checkpoint(TRUNCATE)", NULL, NULL, NULL);
 	st->in_tx = 0;
 	st->tx_seq = st->committed_seq;
 	st->tx_count = 0;
@@ -436,6 +447,11 @@ store_flush(struct store *st)
 	if (sqlite3_step(st->stmt[ST_PAGES]) == SQLITE_ROW)
 		st->bytes = sqlite3_column_int64(st->stmt[ST_PAGES], 0) * st->page_size;
 	sqlite3_reset(st->stmt[ST_PAGES]);
+	if (st->full_seen) {
+		/* The disk filled up: give the log's space back now. */
+		sqlite3_exec(st->db, "PRAGMA wal_checkpoint(TRUNCATE)", NULL, NULL, NULL);
+		st->full_seen = 0;
+	}
 	store_run_callbacks(st, 1);
 	if (st->hooks.committed)
 		st->hooks.committed(st->hooks.arg);
@@ -517,6 +533,8 @@ store_outbox_put(struct store *st, struct msg *m, double now, int dedup)
 fail:
 	{
 		int code = sqlite3_extended_errcode(st->db);
+		if ((code & 0xff) == SQLITE_FULL)
+			st->full_seen = 1;
 		store_check_tx(st);
 		return (code & 0xff) == SQLITE_FULL ? STORE_PUT_FULL : STORE_PUT_ERROR;
 	}
