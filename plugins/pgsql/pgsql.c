@@ -1,26 +1,1245 @@
-/* Placeholder: the pgsql source is being written (issue 5). */
+/*
+ * The pgsql source: the transactional outbox in the service's own
+ * PostgreSQL database (sagad-plugins(7), schema in schema.sql).
+ *
+ * The service inserts rows into an outbox table in the transaction that
+ * changes its business data; a statement trigger NOTIFYs. This plugin
+ * LISTENs (and polls every poll_interval as a fallback), takes a batch in
+ * order with FOR UPDATE SKIP LOCKED, hands it to sagad's outbox, and
+ * deletes the rows in the same PostgreSQL transaction once sagad's store
+ * says they are durable. A crash in between rolls the PostgreSQL
+ * transaction back: the rows are read again and sagad's Message-Id dedup
+ * drops them. Replicas on one table lock disjoint rows.
+ *
+ * Everything is asynchronous libpq on sagad's event loop, one connection,
+ * one explicit state (enum pg_state) and one dispatch function for the end
+ * of each query (pg_query_done):
+ *
+ *   DOWN -> CONNECTING -> CHECKING -> LISTENING -> [LOCKING <-> STANDBY,
+ *           LOCKING ->] IDLE
+ *   IDLE -> FETCHING -> (rows) DURABLE_WAIT -> FETCHING (delete, commit,
+ *           next batch in one round trip) or CLOSING -> IDLE
+ *   any error -> DOWN, reconnect after a backoff
+ */
+#include <errno.h>
+#include <event2/event.h>
+#include <libpq-fe.h>
+#include <math.h>
+#include <poll.h>
+#include <stdarg.h>
+#include <stdint.h>
 #include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
 
 #include "sagad/plugin.h"
 
-static const char *const keys[] = { NULL };
+#define PG_MAX_RESULTS 8
+#define PG_MAX_SKIP 1000
 
-static int
-stub_init(const struct sagad_host_api *api, struct sagad_host *h, void **state,
-    char *err, size_t errlen)
+enum pg_state {
+	PG_DOWN,		/* no connection; the timer reconnects */
+	PG_CONNECTING,		/* PQconnectPoll under way */
+	PG_CHECKING,		/* session settings and the table check */
+	PG_LISTENING,		/* LISTEN in flight */
+	PG_LOCKING,		/* exclusive: pg_try_advisory_lock in flight */
+	PG_STANDBY,		/* exclusive: another replica holds the lock */
+	PG_IDLE,		/* waiting for a NOTIFY or the poll timer */
+	PG_FETCHING,		/* [DELETE; COMMIT;] BEGIN; SELECT ... in flight */
+	PG_DURABLE_WAIT,	/* batch handed over, transaction open */
+	PG_CLOSING		/* COMMIT or ROLLBACK ending a batch in flight */
+};
+
+static const char *const pg_state_names[] = {
+	"down", "connecting", "checking", "listening", "locking", "standby", "idle", "fetching",
+	"durable-wait", "closing"
+};
+
+/* The columns of the outbox table, in the order the fetch selects them. */
+enum {
+	COL_SEQ, COL_ID, COL_EXCHANGE, COL_KEY, COL_CT, COL_CORR, COL_HEADERS,
+	COL_BODY, COL_AGE, COL_BAD_HEADERS, N_COLS
+};
+
+struct pg_column {
+	const char *name;
+	const char *types;	/* accepted pg_type.typname, space-separated */
+	const char *want;	/* the same, for the error message */
+};
+
+static const struct pg_column pg_columns[] = {
+	{ "seq", "int8 int4", "bigint or integer" },
+	{ "message_id", "text varchar bpchar uuid", "text or uuid" },
+	{ "exchange", "text varchar", "text" },
+	{ "routing_key", "text varchar", "text" },
+	{ "content_type", "text varchar", "text" },
+	{ "correlation_id", "text varchar uuid", "text or uuid" },
+	{ "headers", "jsonb json", "jsonb or json" },
+	{ "body", "bytea text varchar json jsonb", "bytea, text, json or jsonb" },
+	{ "created_at", "timestamptz timestamp", "timestamptz" },
+};
+#define N_TABLE_COLS (sizeof pg_columns / sizeof pg_columns[0])
+
+struct pg_ticket {
+	struct pgsrc *p;
+	unsigned long batch;
+};
+
+struct pgsrc {
+	const struct sagad_host_api *api;
+	struct sagad_host *h;
+	struct event_base *base;
+
+	/* configuration */
+	const char *conninfo, *table, *channel;
+	double poll_interval, retry_initial, retry_max, connect_timeout, query_timeout;
+	long batch_size;
+	int exclusive;
+
+	/* connection */
+	enum pg_state state;
+	PGconn *conn;
+	struct event *io;	/* persistent read on the socket */
+	struct event *wev;	/* one-shot: connect wait or output to flush */
+	struct event *timer;	/* reconnect, connect and query deadlines */
+	struct event *poll;	/* persistent fallback poll */
+	struct event *retry;	/* store full / failed: fetch again later */
+	unsigned long gen;	/* bumped at every disconnect */
+	double backoff;
+	int busy;		/* a query is in flight */
+	int flushing;
+
+	/* the current query's results */
+	PGresult *res[PG_MAX_RESULTS];
+	int nres;
+	char *err;
+
+	/* built after the check */
+	char *qtable;		/* the table as a quoted, qualified name */
+	char body_expr[96], headers_expr[256];
+	char *sql_lock;		/* exclusive: take the session lock */
+
+	/* the current batch */
+	unsigned long batch;	/* batch number, for when_durable tickets */
+	int64_t *seqs;
+	size_t nseqs, capseqs;
+	size_t nfetched;
+	int more;		/* the batch was full, or a NOTIFY came meanwhile */
+	int dirty;
+	int stalled;		/* the store refused (full, error): wait */
+	double stall;
+
+	/* rows that cannot be published, left in the table */
+	int64_t skip[PG_MAX_SKIP];
+	size_t nskip;
+	time_t skip_since;
+
+	char reason[400];
+	int logged_down;
+	int ready;
+};
+
+static const char *const pgsql_keys[] = {
+	"conninfo", "table", "channel", "poll_interval", "batch", "exclusive",
+	"retry_initial", "retry_max", "connect_timeout", "query_timeout", NULL
+};
+
+static void pg_connect(struct pgsrc *p);
+static void pg_fetch(struct pgsrc *p, const char *prefix);
+static void pg_next(struct pgsrc *p);
+
+/* ---- helpers ---- */
+
+static double
+pg_now(void)
 {
-	(void)api; (void)h; (void)state;
-	snprintf(err, errlen, "the pgsql source is not available in this build");
-	return -1;
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
+}
+
+static struct timeval
+pg_tv(double s)
+{
+	struct timeval tv;
+
+	if (s < 0)
+		s = 0;
+	tv.tv_sec = (time_t)s;
+	tv.tv_usec = (suseconds_t)((s - (double)tv.tv_sec) * 1e6);
+	return tv;
 }
 
 static void
-stub_stop(void *state)
+pg_timer(struct event *ev, double s)
 {
-	(void)state;
+	struct timeval tv = pg_tv(s);
+
+	event_add(ev, &tv);
+}
+
+/* A log-safe one-line version of a libpq message. */
+static void
+pg_clean(char *s)
+{
+	char *e;
+
+	for (e = s; *e; e++)
+		if (*e == '\n' || *e == '\r' || *e == '\t')
+			*e = ' ';
+		else if (*e == '"')
+			*e = '\'';
+	while (e > s && e[-1] == ' ')
+		*--e = '\0';
+}
+
+static void
+pg_set_err(struct pgsrc *p, const char *fmt, ...)
+{
+	va_list ap;
+
+	if (p->err)
+		return;		/* the first error is the one that matters */
+	va_start(ap, fmt);
+	if (vasprintf(&p->err, fmt, ap) < 0)
+		p->err = NULL;
+	va_end(ap);
+	if (p->err)
+		pg_clean(p->err);
+}
+
+static void
+pg_clear_results(struct pgsrc *p)
+{
+	int i;
+
+	for (i = 0; i < p->nres; i++)
+		PQclear(p->res[i]);
+	p->nres = 0;
+	free(p->err);
+	p->err = NULL;
+}
+
+static int
+pg_hexval(int c)
+{
+	if (c >= '0' && c <= '9')
+		return c - '0';
+	if (c >= 'a' && c <= 'f')
+		return c - 'a' + 10;
+	if (c >= 'A' && c <= 'F')
+		return c - 'A' + 10;
+	return -1;
+}
+
+/* Decodes n hex digits at s into out (n/2 bytes); -1 if not hex. */
+static int
+pg_unhex(const char *s, size_t n, char *out)
+{
+	size_t i;
+
+	if (n % 2)
+		return -1;
+	for (i = 0; i < n; i += 2) {
+		int a = pg_hexval(s[i]), b = pg_hexval(s[i + 1]);
+		if (a < 0 || b < 0)
+			return -1;
+		out[i / 2] = (char)(a << 4 | b);
+	}
+	return 0;
+}
+
+/* "hexname:hexvalue,..." (what headers_expr produces) -> arrays of
+ * NUL-terminated strings in one allocation. -1 on a malformed string or a
+ * name or value with a NUL byte. */
+static int
+pg_headers(const char *s, char ***names, char ***values, size_t *n, char **mem)
+{
+	size_t len = strlen(s), cnt = 1, i;
+	const char *q;
+	char *buf, *w;
+
+	*n = 0;
+	*names = *values = NULL;
+	*mem = NULL;
+	if (!len)
+		return 0;
+	for (q = s; *q; q++)
+		cnt += *q == ',';
+	*mem = buf = malloc(len + cnt * 2 + 1);
+	*names = calloc(cnt, sizeof **names);
+	*values = calloc(cnt, sizeof **values);
+	w = buf;
+	for (i = 0; i < cnt; i++) {
+		const char *end = strchr(s, ','), *colon = strchr(s, ':');
+		size_t total = end ? (size_t)(end - s) : strlen(s);
+		size_t nl, vl;
+		if (!colon || colon > s + total)
+			return -1;
+		nl = (size_t)(colon - s);
+		vl = total - nl - 1;
+		(*names)[i] = w;
+		if (pg_unhex(s, nl, w) < 0 || memchr(w, 0, nl / 2))
+			return -1;
+		w += nl / 2;
+		*w++ = '\0';
+		(*values)[i] = w;
+		if (pg_unhex(colon + 1, vl, w) < 0 || memchr(w, 0, vl / 2))
+			return -1;
+		w += vl / 2;
+		*w++ = '\0';
+		s += total + 1;
+	}
+	*n = cnt;
+	return 0;
+}
+
+/* ---- the connection ---- */
+
+static void
+pg_reason(struct pgsrc *p, const char *fmt, ...)
+{
+	va_list ap;
+
+	va_start(ap, fmt);
+	vsnprintf(p->reason, sizeof p->reason, fmt, ap);
+	va_end(ap);
+	pg_clean(p->reason);
+}
+
+/* Drop the connection (PostgreSQL rolls back an open batch: its rows are
+ * read again) and reconnect after the backoff. */
+static void
+pg_down(struct pgsrc *p, const char *what)
+{
+	char why[600];
+	double delay;
+
+	snprintf(why, sizeof why, "%s", what ? what : "connection lost");
+	pg_clean(why);
+	p->gen++;
+	p->api->counter_add(p->h, "errors", 1);
+	if (!p->logged_down || strcmp(p->reason, why) != 0)
+		p->api->log(p->h, SAGAD_LOG_ERROR, "msg=\"%s\" state=%s retry_in=%.1f", why,
+		    pg_state_names[p->state], p->backoff);
+	else
+		p->api->log(p->h, SAGAD_LOG_DEBUG, "msg=\"%s\" state=%s retry_in=%.1f", why,
+		    pg_state_names[p->state], p->backoff);
+	p->logged_down = 1;
+	pg_reason(p, "%s", why);
+	p->ready = 0;
+	p->api->set_ready(p->h, 0, p->reason);
+	if (p->io) {
+		event_free(p->io);
+		p->io = NULL;
+	}
+	if (p->wev) {
+		event_free(p->wev);
+		p->wev = NULL;
+	}
+	event_del(p->timer);
+	event_del(p->retry);
+	if (p->conn) {
+		PQfinish(p->conn);
+		p->conn = NULL;
+	}
+	pg_clear_results(p);
+	p->busy = 0;
+	p->flushing = 0;
+	p->nseqs = 0;
+	p->state = PG_DOWN;
+	/* Jitter, so that replicas do not reconnect in step. */
+	delay = p->backoff * (0.75 + 0.5 * ((double)rand() / RAND_MAX));
+	pg_timer(p->timer, delay);
+	p->backoff = fmin(p->backoff * 2, p->retry_max);
+}
+
+static void
+pg_flush(struct pgsrc *p);
+
+static void
+pg_write_cb(evutil_socket_t fd, short what, void *arg)
+{
+	struct pgsrc *p = arg;
+
+	(void)fd;
+	(void)what;
+	pg_flush(p);
+}
+
+static void
+pg_flush(struct pgsrc *p)
+{
+	int r = PQflush(p->conn);
+
+	if (r < 0) {
+		pg_down(p, PQerrorMessage(p->conn));
+		return;
+	}
+	p->flushing = r == 1;
+	if (r == 1)
+		event_add(p->wev, NULL);
+}
+
+/* Send one simple query (several statements allowed); its results arrive
+ * through pg_io_cb and end in pg_query_done. */
+static void
+pg_send(struct pgsrc *p, const char *sql)
+{
+	pg_clear_results(p);
+	if (!PQsendQuery(p->conn, sql)) {
+		pg_down(p, PQerrorMessage(p->conn));
+		return;
+	}
+	p->busy = 1;
+	pg_timer(p->timer, p->query_timeout);
+	pg_flush(p);
+}
+
+static void pg_query_done(struct pgsrc *p);
+
+static void
+pg_notified(struct pgsrc *p)
+{
+	PGnotify *n;
+	int got = 0;
+
+	while (p->conn && (n = PQnotifies(p->conn))) {
+		PQfreemem(n);
+		got++;
+	}
+	if (!got)
+		return;
+	if (p->state == PG_IDLE)
+		pg_fetch(p, NULL);
+	else
+		p->dirty = 1;
+}
+
+static void
+pg_io_cb(evutil_socket_t fd, short what, void *arg)
+{
+	struct pgsrc *p = arg;
+	unsigned long gen = p->gen;
+
+	(void)fd;
+	(void)what;
+	if (!PQconsumeInput(p->conn)) {
+		pg_down(p, PQerrorMessage(p->conn));
+		return;
+	}
+	if (p->flushing) {
+		pg_flush(p);
+		if (gen != p->gen)
+			return;
+	}
+	while (p->busy && !PQisBusy(p->conn)) {
+		PGresult *r = PQgetResult(p->conn);
+		if (!r) {
+			p->busy = 0;
+			event_del(p->timer);
+			pg_query_done(p);
+			if (gen != p->gen)
+				return;
+			continue;
+		}
+		switch (PQresultStatus(r)) {
+		case PGRES_FATAL_ERROR:
+		case PGRES_BAD_RESPONSE:
+		case PGRES_NONFATAL_ERROR:
+			pg_set_err(p, "%s", PQresultErrorMessage(r));
+			PQclear(r);
+			break;
+		default:
+			if (p->nres < PG_MAX_RESULTS)
+				p->res[p->nres++] = r;
+			else
+				PQclear(r);
+		}
+	}
+	if (PQstatus(p->conn) == CONNECTION_BAD) {
+		pg_down(p, PQerrorMessage(p->conn));
+		return;
+	}
+	pg_notified(p);
+}
+
+static void pg_connect_poll(struct pgsrc *p, PostgresPollingStatusType st);
+
+static void
+pg_connect_cb(evutil_socket_t fd, short what, void *arg)
+{
+	(void)fd;
+	(void)what;
+	pg_connect_poll(arg, PQconnectPoll(((struct pgsrc *)arg)->conn));
+}
+
+static void
+pg_connect_wait(struct pgsrc *p, short what)
+{
+	if (p->wev)
+		event_free(p->wev);
+	/* The socket may change while libpq tries the hosts in turn. */
+	p->wev = event_new(p->base, PQsocket(p->conn), what, pg_connect_cb, p);
+	event_add(p->wev, NULL);
+}
+
+static void pg_check(struct pgsrc *p);
+
+static void
+pg_connect_poll(struct pgsrc *p, PostgresPollingStatusType st)
+{
+	switch (st) {
+	case PGRES_POLLING_READING:
+		pg_connect_wait(p, EV_READ);
+		return;
+	case PGRES_POLLING_WRITING:
+		pg_connect_wait(p, EV_WRITE);
+		return;
+	case PGRES_POLLING_FAILED:
+		pg_down(p, PQerrorMessage(p->conn));
+		return;
+	case PGRES_POLLING_OK:
+		break;
+	default:		/* PGRES_POLLING_ACTIVE, unused since 7.4 */
+		pg_connect_wait(p, EV_WRITE);
+		return;
+	}
+	event_del(p->timer);
+	event_free(p->wev);
+	p->wev = NULL;
+	if (PQsetnonblocking(p->conn, 1) != 0) {
+		pg_down(p, PQerrorMessage(p->conn));
+		return;
+	}
+	p->wev = event_new(p->base, PQsocket(p->conn), EV_WRITE, pg_write_cb, p);
+	p->io = event_new(p->base, PQsocket(p->conn), EV_READ | EV_PERSIST, pg_io_cb, p);
+	event_add(p->io, NULL);
+	p->api->log(p->h, SAGAD_LOG_DEBUG, "msg=\"connected to PostgreSQL\" host=%s port=%s dbname=%s user=%s",
+	    PQhost(p->conn), PQport(p->conn), PQdb(p->conn), PQuser(p->conn));
+	pg_check(p);
+}
+
+static void
+pg_connect(struct pgsrc *p)
+{
+	/* The conninfo is expanded from dbname; the later keywords override
+	 * it: sagad always talks UTF-8. */
+	const char *kw[] = { "dbname", "client_encoding", "fallback_application_name", NULL };
+	const char *val[] = { p->conninfo, "UTF8", "sagad", NULL };
+
+	p->state = PG_CONNECTING;
+	p->conn = PQconnectStartParams(kw, val, 1);
+	if (!p->conn) {
+		pg_down(p, "out of memory");
+		return;
+	}
+	if (PQstatus(p->conn) == CONNECTION_BAD) {
+		pg_down(p, PQerrorMessage(p->conn));
+		return;
+	}
+	/* libpq's connect_timeout does not apply to a non-blocking connect. */
+	pg_timer(p->timer, p->connect_timeout);
+	pg_connect_poll(p, PGRES_POLLING_WRITING);
+}
+
+static void
+pg_timer_cb(evutil_socket_t fd, short what, void *arg)
+{
+	struct pgsrc *p = arg;
+
+	(void)fd;
+	(void)what;
+	switch (p->state) {
+	case PG_DOWN:
+		pg_connect(p);
+		break;
+	case PG_CONNECTING:
+		pg_down(p, "cannot connect to PostgreSQL: timed out");
+		break;
+	default:
+		if (p->busy) {
+			char why[100];
+			snprintf(why, sizeof why, "query timed out after %gs", p->query_timeout);
+			pg_down(p, why);
+		}
+		break;
+	}
+}
+
+/* ---- the table check ---- */
+
+static void
+pg_check(struct pgsrc *p)
+{
+	char *lit = PQescapeLiteral(p->conn, p->table, strlen(p->table));
+	char *sql;
+
+	if (!lit) {
+		pg_down(p, PQerrorMessage(p->conn));
+		return;
+	}
+	p->state = PG_CHECKING;
+	/* The deletes need no fsync of their own: a lost delete only means
+	 * rows read again and dropped as duplicates. */
+	if (asprintf(&sql,
+	    "SET synchronous_commit = off;"
+	    "SELECT c.oid::regclass::text, c.relname, c.relkind,"
+	    " has_table_privilege(c.oid, 'SELECT'), has_table_privilege(c.oid, 'UPDATE'),"
+	    " has_table_privilege(c.oid, 'DELETE'), current_user"
+	    " FROM pg_class c WHERE c.oid = to_regclass(%s);"
+	    "SELECT a.attname, t.typname, format_type(a.atttypid, a.atttypmod)"
+	    " FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid"
+	    " WHERE a.attrelid = to_regclass(%s) AND a.attnum > 0 AND NOT a.attisdropped;"
+	    "SELECT EXISTS (SELECT 1 FROM pg_index i JOIN pg_attribute a"
+	    "  ON a.attrelid = i.indrelid AND a.attnum = i.indkey[0]"
+	    "  WHERE i.indrelid = to_regclass(%s) AND i.indisunique AND i.indnkeyatts = 1"
+	    "  AND a.attname = 'message_id'),"
+	    " EXISTS (SELECT 1 FROM pg_trigger g WHERE g.tgrelid = to_regclass(%s)"
+	    "  AND NOT g.tgisinternal AND g.tgenabled <> 'D')",
+	    lit, lit, lit, lit) < 0)
+		sql = NULL;
+	PQfreemem(lit);
+	if (!sql) {
+		pg_down(p, "out of memory");
+		return;
+	}
+	pg_send(p, sql);
+	free(sql);
+}
+
+static int
+pg_type_ok(const char *types, const char *t)
+{
+	size_t n = strlen(t);
+	const char *s = types;
+
+	while ((s = strstr(s, t))) {
+		if ((s == types || s[-1] == ' ') && (s[n] == ' ' || s[n] == '\0'))
+			return 1;
+		s += n;
+	}
+	return 0;
+}
+
+/* The check's answers: 1 if the table is usable (then the fetch is built
+ * and LISTEN sent), 0 after pg_down() with a reason naming the problem. */
+static int
+pg_check_done(struct pgsrc *p)
+{
+	PGresult *rel, *cols, *extra;
+	char why[400], *chan, *sql;
+	const char *body_type = "bytea", *headers_type = "jsonb", *relname;
+	size_t i;
+	int r;
+
+	if (p->err) {
+		snprintf(why, sizeof why, "checking table %s: %s", p->table, p->err);
+		pg_down(p, why);
+		return 0;
+	}
+	if (p->nres < 4) {
+		pg_down(p, "checking the table: unexpected answer from PostgreSQL");
+		return 0;
+	}
+	rel = p->res[1];
+	cols = p->res[2];
+	extra = p->res[3];
+	if (PQntuples(rel) != 1) {
+		snprintf(why, sizeof why, "table %s does not exist in database %s (create it with %s)",
+		    p->table, PQdb(p->conn), "schema.sql, see sagad-plugins(7)");
+		pg_down(p, why);
+		return 0;
+	}
+	relname = PQgetvalue(rel, 0, 1);
+	if (strchr("rp", PQgetvalue(rel, 0, 2)[0]) == NULL) {
+		snprintf(why, sizeof why, "%s is not a table", PQgetvalue(rel, 0, 0));
+		pg_down(p, why);
+		return 0;
+	}
+	for (i = 3; i < 6; i++)
+		if (PQgetvalue(rel, 0, (int)i)[0] != 't') {
+			snprintf(why, sizeof why, "role %s lacks the %s privilege on table %s",
+			    PQgetvalue(rel, 0, 6), i == 3 ? "SELECT" : i == 4 ? "UPDATE" : "DELETE",
+			    PQgetvalue(rel, 0, 0));
+			pg_down(p, why);
+			return 0;
+		}
+	for (i = 0; i < N_TABLE_COLS; i++) {
+		int row, found = -1;
+		for (row = 0; row < PQntuples(cols); row++)
+			if (strcmp(PQgetvalue(cols, row, 0), pg_columns[i].name) == 0)
+				found = row;
+		if (found < 0) {
+			snprintf(why, sizeof why, "table %s: column %s is missing (expected type %s)",
+			    PQgetvalue(rel, 0, 0), pg_columns[i].name, pg_columns[i].want);
+			pg_down(p, why);
+			return 0;
+		}
+		if (!pg_type_ok(pg_columns[i].types, PQgetvalue(cols, found, 1))) {
+			snprintf(why, sizeof why, "table %s: column %s has type %s, expected %s",
+			    PQgetvalue(rel, 0, 0), pg_columns[i].name, PQgetvalue(cols, found, 2),
+			    pg_columns[i].want);
+			pg_down(p, why);
+			return 0;
+		}
+		if (strcmp(pg_columns[i].name, "body") == 0)
+			body_type = strcmp(PQgetvalue(cols, found, 1), "bytea") == 0 ? "bytea" : "text";
+		if (strcmp(pg_columns[i].name, "headers") == 0)
+			headers_type = PQgetvalue(cols, found, 1);
+	}
+	free(p->qtable);
+	p->qtable = strdup(PQgetvalue(rel, 0, 0));
+	if (strcmp(body_type, "bytea") == 0)
+		snprintf(p->body_expr, sizeof p->body_expr, "encode(body, 'hex')");
+	else
+		snprintf(p->body_expr, sizeof p->body_expr, "body::text");
+	/* Headers as "hex(name):hex(value),..." so that no quoting can go
+	 * wrong; a JSON null value is left out. */
+	snprintf(p->headers_expr, sizeof p->headers_expr,
+	    "CASE WHEN %s_typeof(headers) = 'object' THEN (SELECT string_agg("
+	    "encode(convert_to(h.key, 'UTF8'), 'hex') || ':' || encode(convert_to(h.value, 'UTF8'), 'hex'), ',')"
+	    " FROM %s_each_text(headers) h WHERE h.value IS NOT NULL) END",
+	    headers_type, headers_type);
+	if (PQgetvalue(extra, 0, 0)[0] != 't')
+		p->api->log(p->h, SAGAD_LOG_WARN,
+		    "msg=\"no unique index on message_id: a reused id is dropped as a duplicate\" table=%s",
+		    p->qtable);
+	if (PQgetvalue(extra, 0, 1)[0] != 't')
+		p->api->log(p->h, SAGAD_LOG_WARN,
+		    "msg=\"no trigger on the table: new rows are noticed by polling only\" table=%s poll_interval=%g",
+		    p->qtable, p->poll_interval);
+	chan = PQescapeIdentifier(p->conn, p->channel ? p->channel : relname,
+	    strlen(p->channel ? p->channel : relname));
+	if (!chan) {
+		pg_down(p, PQerrorMessage(p->conn));
+		return 0;
+	}
+	free(p->sql_lock);
+	p->sql_lock = NULL;
+	if (p->exclusive) {
+		char *lit = PQescapeLiteral(p->conn, p->qtable, strlen(p->qtable));
+		if (!lit || asprintf(&p->sql_lock,
+		    "SELECT pg_try_advisory_lock(hashtext('sagad:' || %s))", lit) < 0)
+			p->sql_lock = NULL;
+		PQfreemem(lit);
+		if (!p->sql_lock) {
+			PQfreemem(chan);
+			pg_down(p, "out of memory");
+			return 0;
+		}
+	}
+	r = asprintf(&sql, "LISTEN %s", chan);
+	PQfreemem(chan);
+	if (r < 0) {
+		pg_down(p, "out of memory");
+		return 0;
+	}
+	p->state = PG_LISTENING;
+	pg_send(p, sql);
+	free(sql);
+	return 1;
+}
+
+/* Connected, table checked, listening: ready (also as a standby). */
+static void
+pg_up(struct pgsrc *p, const char *role)
+{
+	p->backoff = p->retry_initial;
+	if (!p->ready || strcmp(role, "standby") != 0)
+		p->api->log(p->h, SAGAD_LOG_INFO, "msg=\"%s\" table=%s role=%s batch=%ld",
+		    strcmp(role, "standby") == 0 ? "standing by: another sagad holds the table" :
+		    "relaying from PostgreSQL", p->qtable, role, p->batch_size);
+	p->logged_down = 0;
+	p->reason[0] = '\0';
+	p->ready = 1;
+	p->api->set_ready(p->h, 1, NULL);
+}
+
+/* ---- batches ---- */
+
+static void
+pg_skip_add(struct pgsrc *p, int64_t seq)
+{
+	if (p->nskip < PG_MAX_SKIP)
+		p->skip[p->nskip++] = seq;
+}
+
+/* Send "[prefix] BEGIN; SELECT ... FOR UPDATE SKIP LOCKED". */
+static void
+pg_fetch(struct pgsrc *p, const char *prefix)
+{
+	char *sql, *skip = NULL;
+	size_t i, len = 0;
+	int r;
+
+	/* Rows that could not be published are tried again now and then:
+	 * an operator may have fixed them. */
+	if (p->nskip && time(NULL) - p->skip_since > 60)
+		p->nskip = 0;
+	if (!p->nskip)
+		p->skip_since = time(NULL);
+	if (p->nskip) {
+		skip = malloc(p->nskip * 24 + 64);
+		len = (size_t)sprintf(skip, " WHERE seq <> ALL ('{");
+		for (i = 0; i < p->nskip; i++)
+			len += (size_t)sprintf(skip + len, "%s%lld", i ? "," : "", (long long)p->skip[i]);
+		sprintf(skip + len, "}'::bigint[])");
+	}
+	r = asprintf(&sql,
+	    "%sBEGIN; SELECT seq, message_id::text, exchange, routing_key, content_type,"
+	    " correlation_id::text, %s, %s,"
+	    " extract(epoch FROM clock_timestamp() - created_at)::float8,"
+	    " headers IS NOT NULL AND json_typeof(headers::json) <> 'object'"
+	    " FROM %s%s ORDER BY seq LIMIT %ld FOR UPDATE SKIP LOCKED",
+	    prefix ? prefix : "", p->headers_expr, p->body_expr, p->qtable,
+	    skip ? skip : "", p->batch_size);
+	free(skip);
+	if (r < 0) {
+		pg_down(p, "out of memory");
+		return;
+	}
+	p->state = PG_FETCHING;
+	p->dirty = 0;
+	pg_send(p, sql);
+	free(sql);
+}
+
+static void
+pg_durable(void *cookie, int ok)
+{
+	struct pg_ticket *t = cookie;
+	struct pgsrc *p = t->p;
+	unsigned long batch = t->batch;
+	char *sql, *w;
+	size_t i;
+
+	free(t);
+	/* A batch of a connection since lost: PostgreSQL rolled it back and
+	 * its rows come again (and are duplicates then). */
+	if (p->state != PG_DURABLE_WAIT || batch != p->batch)
+		return;
+	if (!ok) {
+		p->api->log(p->h, SAGAD_LOG_WARN, "msg=\"sagad's store lost a batch, reading it again\" rows=%zu",
+		    p->nseqs);
+		p->api->counter_add(p->h, "errors", 1);
+		p->nseqs = 0;
+		p->state = PG_CLOSING;
+		p->stalled = 1;
+		pg_send(p, "ROLLBACK");
+		return;
+	}
+	sql = malloc(p->nseqs * 21 + strlen(p->qtable) + 96);
+	w = sql + sprintf(sql, "DELETE FROM %s WHERE seq = ANY ('{", p->qtable);
+	for (i = 0; i < p->nseqs; i++)
+		w += sprintf(w, "%s%lld", i ? "," : "", (long long)p->seqs[i]);
+	strcpy(w, "}'::bigint[]); COMMIT; ");
+	p->api->counter_add(p->h, "rows_deleted", (double)p->nseqs);
+	p->nseqs = 0;
+	if ((p->more || p->dirty) && !p->stalled)
+		pg_fetch(p, sql);	/* one round trip: delete, commit, next batch */
+	else {
+		p->state = PG_CLOSING;
+		pg_send(p, sql);
+	}
+	free(sql);
+}
+
+/* Hand one row to sagad. 1: taken (delete it once durable), 0: left in
+ * the table (invalid), -1: the store refused, stop the batch. */
+static int
+pg_row(struct pgsrc *p, PGresult *r, int row)
+{
+	struct sagad_message m;
+	char **names = NULL, **values = NULL, *mem = NULL, *body = NULL;
+	size_t nh = 0, blen;
+	const char *why = NULL;
+	enum sagad_publish_result pr;
+	int64_t seq = strtoll(PQgetvalue(r, row, COL_SEQ), NULL, 10);
+	int ret = 1;
+
+	memset(&m, 0, sizeof m);
+	m.message_id = PQgetisnull(r, row, COL_ID) ? NULL : PQgetvalue(r, row, COL_ID);
+	m.exchange = PQgetvalue(r, row, COL_EXCHANGE);	/* NULL reads as "": the default exchange */
+	m.routing_key = PQgetisnull(r, row, COL_KEY) ? NULL : PQgetvalue(r, row, COL_KEY);
+	m.content_type = PQgetisnull(r, row, COL_CT) ? NULL : PQgetvalue(r, row, COL_CT);
+	m.correlation_id = PQgetisnull(r, row, COL_CORR) ? NULL : PQgetvalue(r, row, COL_CORR);
+	if (PQgetvalue(r, row, COL_BAD_HEADERS)[0] == 't')
+		why = "headers is not a JSON object";
+	else if (!PQgetisnull(r, row, COL_HEADERS) &&
+	    pg_headers(PQgetvalue(r, row, COL_HEADERS), &names, &values, &nh, &mem) < 0)
+		why = "a header name or value holds a NUL character";
+	if (strcmp(p->body_expr, "body::text") == 0) {
+		m.body = PQgetvalue(r, row, COL_BODY);
+		m.body_len = (size_t)PQgetlength(r, row, COL_BODY);
+	} else {
+		blen = (size_t)PQgetlength(r, row, COL_BODY);
+		body = malloc(blen / 2 + 1);
+		if (pg_unhex(PQgetvalue(r, row, COL_BODY), blen, body) < 0)
+			why = "body is not valid hex (unexpected)";
+		m.body = body;
+		m.body_len = blen / 2;
+	}
+	m.header_names = (const char *const *)names;
+	m.header_values = (const char *const *)values;
+	m.n_headers = nh;
+	if (!why) {
+		pr = p->api->publish(p->h, &m);
+		switch (pr) {
+		case SAGAD_PUBLISH_STORED:
+			p->api->counter_add(p->h, "rows_read", 1);
+			break;
+		case SAGAD_PUBLISH_DUPLICATE:
+			p->api->counter_add(p->h, "rows_read", 1);
+			p->api->counter_add(p->h, "duplicates", 1);
+			p->api->log(p->h, SAGAD_LOG_DEBUG, "msg=\"duplicate row dropped\" seq=%lld message_id=\"%s\"",
+			    (long long)seq, m.message_id);
+			break;
+		case SAGAD_PUBLISH_INVALID:
+			why = "a value sagad cannot publish (missing message_id or routing_key, "
+			    "bad exchange name, control characters, or too long)";
+			break;
+		default:
+			p->api->log(p->h, pr == SAGAD_PUBLISH_FULL ? SAGAD_LOG_WARN : SAGAD_LOG_ERROR,
+			    "msg=\"sagad's store refused a row, retrying later\" seq=%lld reason=%s",
+			    (long long)seq, pr == SAGAD_PUBLISH_FULL ? "full" : "error");
+			p->api->counter_add(p->h, "errors", 1);
+			ret = -1;
+		}
+	}
+	if (why) {
+		p->api->log(p->h, SAGAD_LOG_ERROR,
+		    "msg=\"row left in the table: %s\" table=%s seq=%lld message_id=\"%.64s\"",
+		    why, p->qtable, (long long)seq, m.message_id ? m.message_id : "");
+		p->api->counter_add(p->h, "errors", 1);
+		pg_skip_add(p, seq);
+		ret = 0;
+	}
+	free(names);
+	free(values);
+	free(mem);
+	free(body);
+	if (ret == 1) {
+		if (p->nseqs == p->capseqs) {
+			p->capseqs = p->capseqs ? p->capseqs * 2 : 128;
+			p->seqs = realloc(p->seqs, p->capseqs * sizeof *p->seqs);
+		}
+		p->seqs[p->nseqs++] = seq;
+	}
+	return ret;
+}
+
+static void
+pg_fetch_done(struct pgsrc *p)
+{
+	PGresult *r = NULL;
+	int i, n;
+
+	if (p->err) {
+		char why[600];
+		snprintf(why, sizeof why, "reading table %s: %s", p->qtable, p->err);
+		pg_down(p, why);
+		return;
+	}
+	for (i = 0; i < p->nres; i++)
+		if (PQresultStatus(p->res[i]) == PGRES_TUPLES_OK)
+			r = p->res[i];
+	if (!r || PQnfields(r) != N_COLS) {
+		pg_down(p, "reading the table: unexpected answer from PostgreSQL");
+		return;
+	}
+	n = PQntuples(r);
+	p->nfetched = (size_t)n;
+	p->more = n == p->batch_size;
+	p->nseqs = 0;
+	p->stalled = 0;
+	p->api->gauge_set(p->h, "lag_seconds", n ? fmax(0, strtod(PQgetvalue(r, 0, COL_AGE), NULL)) : 0);
+	for (i = 0; i < n; i++)
+		if (pg_row(p, r, i) < 0) {
+			p->stalled = 1;
+			break;
+		}
+	if (!p->nseqs) {
+		/* Nothing taken: end the transaction (unlocks what is left). */
+		p->state = PG_CLOSING;
+		pg_send(p, "ROLLBACK");
+		return;
+	}
+	{
+		struct pg_ticket *t = malloc(sizeof *t);
+		t->p = p;
+		t->batch = ++p->batch;
+		p->state = PG_DURABLE_WAIT;
+		p->api->when_durable(p->h, pg_durable, t);
+	}
+}
+
+static void
+pg_retry_cb(evutil_socket_t fd, short what, void *arg)
+{
+	struct pgsrc *p = arg;
+
+	(void)fd;
+	(void)what;
+	if (p->state == PG_IDLE)
+		pg_fetch(p, NULL);
+}
+
+/* A batch ended: go on at once, later, or wait. */
+static void
+pg_next(struct pgsrc *p)
+{
+	p->state = PG_IDLE;
+	if (p->stalled) {
+		p->stall = p->stall ? fmin(p->stall * 2, p->retry_max) : p->retry_initial;
+		pg_timer(p->retry, p->stall);
+		return;
+	}
+	p->stall = 0;
+	if (p->more || p->dirty)
+		pg_fetch(p, NULL);
+}
+
+static void
+pg_poll_cb(evutil_socket_t fd, short what, void *arg)
+{
+	struct pgsrc *p = arg;
+
+	(void)fd;
+	(void)what;
+	if (p->state == PG_IDLE && !event_pending(p->retry, EV_TIMEOUT, NULL))
+		pg_fetch(p, NULL);
+	else if (p->state == PG_STANDBY) {
+		p->state = PG_LOCKING;
+		pg_send(p, p->sql_lock);
+	}
+}
+
+/* The one dispatch point: a query has ended, in state p->state. */
+static void
+pg_query_done(struct pgsrc *p)
+{
+	switch (p->state) {
+	case PG_CHECKING:
+		pg_check_done(p);
+		return;
+	case PG_LISTENING:
+		if (p->err) {
+			pg_down(p, p->err);
+			return;
+		}
+		if (p->exclusive) {
+			p->state = PG_LOCKING;
+			pg_send(p, p->sql_lock);
+			return;
+		}
+		pg_up(p, "shared");
+		pg_fetch(p, NULL);
+		return;
+	case PG_LOCKING:
+		if (p->err) {
+			pg_down(p, p->err);
+			return;
+		}
+		if (p->nres && PQntuples(p->res[p->nres - 1]) == 1 &&
+		    PQgetvalue(p->res[p->nres - 1], 0, 0)[0] == 't') {
+			pg_up(p, "exclusive");
+			pg_fetch(p, NULL);
+		} else {
+			pg_up(p, "standby");
+			p->state = PG_STANDBY;
+		}
+		return;
+	case PG_FETCHING:
+		pg_fetch_done(p);
+		return;
+	case PG_CLOSING:
+		if (p->err) {
+			pg_down(p, p->err);
+			return;
+		}
+		pg_next(p);
+		return;
+	default:
+		/* A query answered in a state that sends none: a bug. */
+		pg_down(p, "internal error: unexpected query result");
+		return;
+	}
+}
+
+/* ---- life ---- */
+
+static int
+pg_conf_number(struct pgsrc *p, const char *key, double *out, double min, char *err, size_t errlen)
+{
+	double v;
+
+	if (p->api->conf_number(p->h, key, &v) < 0) {
+		const char *s;
+		int b;
+		if (p->api->conf_string(p->h, key, &s) == 0 || p->api->conf_bool(p->h, key, &b) == 0) {
+			snprintf(err, errlen, "'%s' must be a number", key);
+			return -1;
+		}
+		return 0;
+	}
+	if (!(v >= min) || !isfinite(v)) {
+		snprintf(err, errlen, "'%s' must be a number of at least %g", key, min);
+		return -1;
+	}
+	*out = v;
+	return 0;
+}
+
+static void pgsql_stop(void *state);
+
+static int
+pgsql_init(const struct sagad_host_api *api, struct sagad_host *h, void **state,
+    char *err, size_t errlen)
+{
+	struct pgsrc *p;
+	double batch = 100;
+	const char *s;
+	int b;
+
+	if (api->abi != SAGAD_PLUGIN_ABI) {
+		snprintf(err, errlen, "host ABI %u, plugin ABI %u", api->abi, SAGAD_PLUGIN_ABI);
+		return -1;
+	}
+	p = calloc(1, sizeof *p);
+	p->api = api;
+	p->h = h;
+	p->base = api->event_base(h);
+	p->table = "sagad_outbox";
+	p->poll_interval = 1;
+	p->retry_initial = 0.5;
+	p->retry_max = 30;
+	p->connect_timeout = 10;
+	p->query_timeout = 30;
+	if (api->conf_string(h, "conninfo", &p->conninfo) < 0) {
+		snprintf(err, errlen, "'conninfo' (a string, e.g. \"host=/run/postgresql dbname=orders\") is required");
+		goto fail;
+	}
+	if (api->conf_string(h, "table", &s) == 0) {
+		if (!*s) {
+			snprintf(err, errlen, "'table' must not be empty");
+			goto fail;
+		}
+		p->table = s;
+	} else if (api->conf_number(h, "table", &batch) == 0 || api->conf_bool(h, "table", &b) == 0) {
+		snprintf(err, errlen, "'table' must be a string");
+		goto fail;
+	}
+	if (api->conf_string(h, "channel", &s) == 0) {
+		if (!*s) {
+			snprintf(err, errlen, "'channel' must not be empty");
+			goto fail;
+		}
+		p->channel = s;
+	}
+	batch = 100;
+	if (pg_conf_number(p, "poll_interval", &p->poll_interval, 0.01, err, errlen) < 0 ||
+	    pg_conf_number(p, "batch", &batch, 1, err, errlen) < 0 ||
+	    pg_conf_number(p, "retry_initial", &p->retry_initial, 0.01, err, errlen) < 0 ||
+	    pg_conf_number(p, "retry_max", &p->retry_max, 0.01, err, errlen) < 0 ||
+	    pg_conf_number(p, "connect_timeout", &p->connect_timeout, 0.1, err, errlen) < 0 ||
+	    pg_conf_number(p, "query_timeout", &p->query_timeout, 0.1, err, errlen) < 0)
+		goto fail;
+	if (batch > 10000 || batch != floor(batch)) {
+		snprintf(err, errlen, "'batch' must be a whole number from 1 to 10000");
+		goto fail;
+	}
+	p->batch_size = (long)batch;
+	if (p->retry_max < p->retry_initial)
+		p->retry_max = p->retry_initial;
+	if (api->conf_bool(h, "exclusive", &b) == 0)
+		p->exclusive = b;
+	else if (api->conf_string(h, "exclusive", &s) == 0 || api->conf_number(h, "exclusive", &batch) == 0) {
+		snprintf(err, errlen, "'exclusive' must be true or false");
+		goto fail;
+	}
+	p->backoff = p->retry_initial;
+	p->timer = evtimer_new(p->base, pg_timer_cb, p);
+	p->retry = evtimer_new(p->base, pg_retry_cb, p);
+	p->poll = event_new(p->base, -1, EV_PERSIST, pg_poll_cb, p);
+	pg_timer(p->poll, p->poll_interval);
+	srand((unsigned)(time(NULL) ^ (uintptr_t)p));
+	api->set_ready(h, 0, "connecting to PostgreSQL");
+	api->log(h, SAGAD_LOG_INFO, "msg=\"pgsql source starting\" table=%s poll_interval=%g batch=%ld exclusive=%s",
+	    p->table, p->poll_interval, p->batch_size, p->exclusive ? "true" : "false");
+	pg_connect(p);
+	*state = p;
+	return 0;
+fail:
+	free(p);
+	return -1;
+}
+
+/* At shutdown the loop has stopped; sagad's last commit may just have
+ * asked for a delete. Give it a moment to reach PostgreSQL (if it does
+ * not, the rows are read again at the next start and dropped as
+ * duplicates). */
+static void
+pg_finish_sync(struct pgsrc *p)
+{
+	double deadline = pg_now() + 2;
+
+	if (!p->conn || PQstatus(p->conn) != CONNECTION_OK)
+		return;
+	while (p->busy && pg_now() < deadline) {
+		struct pollfd pfd = { PQsocket(p->conn), POLLIN | (p->flushing ? POLLOUT : 0), 0 };
+		int ms = (int)((deadline - pg_now()) * 1000) + 1;
+		if (poll(&pfd, 1, ms) < 0 && errno != EINTR)
+			break;
+		if (p->flushing) {
+			int r = PQflush(p->conn);
+			if (r < 0)
+				break;
+			p->flushing = r == 1;
+		}
+		if (!PQconsumeInput(p->conn))
+			break;
+		while (!PQisBusy(p->conn)) {
+			PGresult *r = PQgetResult(p->conn);
+			if (!r) {
+				p->busy = 0;
+				break;
+			}
+			PQclear(r);
+		}
+	}
+}
+
+static void
+pgsql_stop(void *state)
+{
+	struct pgsrc *p = state;
+
+	if (p->state == PG_FETCHING || p->state == PG_CLOSING)
+		pg_finish_sync(p);
+	if (p->io)
+		event_free(p->io);
+	if (p->wev)
+		event_free(p->wev);
+	event_free(p->timer);
+	event_free(p->retry);
+	event_free(p->poll);
+	if (p->conn)
+		PQfinish(p->conn);
+	pg_clear_results(p);
+	free(p->qtable);
+	free(p->sql_lock);
+	free(p->seqs);
+	free(p);
 }
 
 const struct sagad_plugin sagad_plugin = {
-	.abi = SAGAD_PLUGIN_ABI, .name = "pgsql", .version = "0", .keys = keys,
-	.init = stub_init, .stop = stub_stop,
+	.abi = SAGAD_PLUGIN_ABI,
+	.name = "pgsql",
+	.version = "1",
+	.keys = pgsql_keys,
+	.init = pgsql_init,
+	.stop = pgsql_stop,
 };

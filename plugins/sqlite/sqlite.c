@@ -1,26 +1,938 @@
-/* Placeholder: the sqlite source is being written (issue 5). */
+/*
+ * The sqlite source: the transactional outbox in the service's own SQLite
+ * database file (sagad-plugins(7), schema in schema.sql).
+ *
+ * The service inserts rows into an outbox table in the transaction that
+ * changes its business data. This plugin opens the same file, notices
+ * commits through inotify on the file's directory (the -wal file in WAL
+ * mode, the file itself otherwise) confirmed by PRAGMA data_version, with
+ * a slow poll as the fallback; it reads a batch in seq order, hands it to
+ * sagad's outbox, and once sagad's store says the batch is durable deletes
+ * it in a short write transaction. A crash in between leaves the rows in
+ * the table: they are read again and sagad's Message-Id dedup drops them.
+ *
+ * SQLite calls are synchronous, so none may wait: busy_timeout is 0 and a
+ * busy database is retried from a timer. Reads in WAL mode never wait for
+ * the service; the write lock is held for one BEGIN IMMEDIATE ... COMMIT
+ * of a few deletes, without an fsync (synchronous=NORMAL: a delete lost to
+ * a power failure only means rows read again and dropped as duplicates).
+ *
+ * States (enum sq_state): CLOSED -> IDLE -> DURABLE_WAIT -> DELETING
+ * (waiting for the write lock) -> IDLE; any database error -> CLOSED, and
+ * the file is opened again after a backoff.
+ */
+#include <errno.h>
+#include <event2/event.h>
+#include <limits.h>
+#include <math.h>
+#include <sqlite3.h>
+#include <stdarg.h>
+#include <stdint.h>
 #include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/inotify.h>
+#include <time.h>
+#include <unistd.h>
 
 #include "sagad/plugin.h"
 
-static const char *const keys[] = { NULL };
+#define SQ_MAX_SKIP 1000
+
+enum sq_state {
+	SQ_CLOSED,		/* no database handle; the timer opens it */
+	SQ_IDLE,		/* waiting for a change (inotify, poll) */
+	SQ_DURABLE_WAIT,	/* batch handed over, rows still in the table */
+	SQ_DELETING		/* durable; waiting for the write lock */
+};
+
+enum { COL_SEQ, COL_ID, COL_EXCHANGE, COL_KEY, COL_CT, COL_CORR, COL_HEADERS, COL_BODY,
+	COL_AGE, COL_BAD_HEADERS };
+
+static const char *const sq_columns[] = {
+	"seq", "message_id", "exchange", "routing_key", "content_type", "correlation_id",
+	"headers", "body", "created_at"
+};
+#define N_TABLE_COLS (sizeof sq_columns / sizeof sq_columns[0])
+
+struct sq_ticket {
+	struct sqsrc *s;
+	unsigned long batch;
+};
+
+struct sqsrc {
+	const struct sagad_host_api *api;
+	struct sagad_host *h;
+	struct event_base *base;
+
+	/* configuration */
+	const char *path, *table;
+	double poll_interval, retry_initial, retry_max;
+	long batch_size;
+
+	enum sq_state state;
+	sqlite3 *db;
+	sqlite3_stmt *fetch, *del, *begin, *commit, *rollback, *version;
+	int64_t data_version;	/* at the last read */
+	int wal;
+
+	int ino;		/* inotify fd, -1 without */
+	struct event *ino_ev;
+	char *base_name;	/* the file's name in its directory */
+	size_t base_len;
+
+	struct event *timer;	/* reopen after a failure */
+	struct event *poll;	/* persistent slow poll */
+	struct event *lock_retry;	/* the write lock was busy */
+	struct event *soon;	/* read again (busy reader, next batch) */
+	struct event *recheck;	/* a file changed, the commit not visible yet */
+	double recheck_delay;
+	double backoff, lock_wait;
+	double lock_since;
+
+	unsigned long batch;
+	int64_t *seqs;
+	size_t nseqs, capseqs;
+	int more, dirty, stalled;
+	double stall;
+
+	int64_t skip[SQ_MAX_SKIP];
+	size_t nskip;
+	time_t skip_since;
+	char skip_json[SQ_MAX_SKIP * 21 + 3];
+
+	char reason[400];
+	int ready, logged_down;
+	double max_lock;	/* longest write lock held, seconds */
+};
+
+static const char *const sqlite_keys[] = {
+	"path", "table", "poll_interval", "batch", "retry_initial", "retry_max", NULL
+};
+
+static void sq_read(struct sqsrc *s);
+
+static double
+sq_now(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
+}
+
+static void
+sq_timer(struct event *ev, double sec)
+{
+	struct timeval tv;
+
+	if (sec < 0)
+		sec = 0;
+	tv.tv_sec = (time_t)sec;
+	tv.tv_usec = (suseconds_t)((sec - (double)tv.tv_sec) * 1e6);
+	event_add(ev, &tv);
+}
+
+static void
+sq_clean(char *p)
+{
+	for (; *p; p++)
+		if (*p == '\n' || *p == '\r' || *p == '\t')
+			*p = ' ';
+		else if (*p == '"')
+			*p = '\'';
+}
 
 static int
-stub_init(const struct sagad_host_api *api, struct sagad_host *h, void **state,
+sq_hexval(int c)
+{
+	if (c >= '0' && c <= '9')
+		return c - '0';
+	if (c >= 'a' && c <= 'f')
+		return c - 'a' + 10;
+	if (c >= 'A' && c <= 'F')
+		return c - 'A' + 10;
+	return -1;
+}
+
+static int
+sq_unhex(const char *x, size_t n, char *out)
+{
+	size_t i;
+
+	if (n % 2)
+		return -1;
+	for (i = 0; i < n; i += 2) {
+		int a = sq_hexval(x[i]), b = sq_hexval(x[i + 1]);
+		if (a < 0 || b < 0)
+			return -1;
+		out[i / 2] = (char)(a << 4 | b);
+	}
+	return 0;
+}
+
+/* "HEXNAME:HEXVALUE,..." -> NUL-terminated names and values in one block. */
+static int
+sq_headers(const char *x, char ***names, char ***values, size_t *n, char **mem)
+{
+	size_t len = strlen(x), cnt = 1, i;
+	const char *q;
+	char *w;
+
+	*n = 0;
+	*names = *values = NULL;
+	*mem = NULL;
+	if (!len)
+		return 0;
+	for (q = x; *q; q++)
+		cnt += *q == ',';
+	*mem = w = malloc(len + cnt * 2 + 1);
+	*names = calloc(cnt, sizeof **names);
+	*values = calloc(cnt, sizeof **values);
+	for (i = 0; i < cnt; i++) {
+		const char *end = strchr(x, ','), *colon = strchr(x, ':');
+		size_t total = end ? (size_t)(end - x) : strlen(x), nl, vl;
+		if (!colon || colon > x + total)
+			return -1;
+		nl = (size_t)(colon - x);
+		vl = total - nl - 1;
+		(*names)[i] = w;
+		if (sq_unhex(x, nl, w) < 0 || memchr(w, 0, nl / 2))
+			return -1;
+		w += nl / 2;
+		*w++ = '\0';
+		(*values)[i] = w;
+		if (sq_unhex(colon + 1, vl, w) < 0 || memchr(w, 0, vl / 2))
+			return -1;
+		w += vl / 2;
+		*w++ = '\0';
+		x += total + 1;
+	}
+	*n = cnt;
+	return 0;
+}
+
+/* ---- opening, checking, closing ---- */
+
+static void
+sq_close_db(struct sqsrc *s)
+{
+	sqlite3_stmt **st[] = { &s->fetch, &s->del, &s->begin, &s->commit, &s->rollback, &s->version };
+	size_t i;
+
+	for (i = 0; i < sizeof st / sizeof st[0]; i++) {
+		sqlite3_finalize(*st[i]);
+		*st[i] = NULL;
+	}
+	if (s->db) {
+		if (!sqlite3_get_autocommit(s->db))
+			sqlite3_exec(s->db, "ROLLBACK", NULL, NULL, NULL);
+		sqlite3_close_v2(s->db);
+		s->db = NULL;
+	}
+}
+
+/* Close the file and open it again after the backoff. */
+static void
+sq_down(struct sqsrc *s, const char *fmt, ...)
+{
+	char why[400];
+	va_list ap;
+
+	va_start(ap, fmt);
+	vsnprintf(why, sizeof why, fmt, ap);
+	va_end(ap);
+	sq_clean(why);
+	s->api->counter_add(s->h, "errors", 1);
+	s->api->log(s->h, !s->logged_down || strcmp(why, s->reason) ? SAGAD_LOG_ERROR : SAGAD_LOG_DEBUG,
+	    "msg=\"%s\" path=%s retry_in=%.1f", why, s->path, s->backoff);
+	s->logged_down = 1;
+	snprintf(s->reason, sizeof s->reason, "%s", why);
+	s->ready = 0;
+	s->api->set_ready(s->h, 0, s->reason);
+	sq_close_db(s);
+	event_del(s->lock_retry);
+	event_del(s->soon);
+	s->nseqs = 0;
+	s->state = SQ_CLOSED;
+	sq_timer(s->timer, s->backoff * (0.75 + 0.5 * ((double)rand() / RAND_MAX)));
+	s->backoff = fmin(s->backoff * 2, s->retry_max);
+}
+
+static int
+sq_prepare(struct sqsrc *s, const char *sql, sqlite3_stmt **out)
+{
+	if (sqlite3_prepare_v3(s->db, sql, -1, SQLITE_PREPARE_PERSISTENT, out, NULL) != SQLITE_OK) {
+		sq_down(s, "preparing a statement: %s", sqlite3_errmsg(s->db));
+		return -1;
+	}
+	return 0;
+}
+
+static char *
+sq_quote(const char *table)
+{
+	return sqlite3_mprintf("\"%w\"", table);
+}
+
+/* Open the file, check the table, prepare. 0 when ready. */
+static int
+sq_open(struct sqsrc *s)
+{
+	sqlite3_stmt *st = NULL;
+	char *sql, *qt;
+	int found[N_TABLE_COLS] = { 0 }, rc, seq_pk = 0, ncols = 0;
+	size_t i;
+	const char *mode;
+
+	rc = sqlite3_open_v2(s->path, &s->db, SQLITE_OPEN_READWRITE | SQLITE_OPEN_NOMUTEX, NULL);
+	if (rc != SQLITE_OK) {
+		if (access(s->path, F_OK) != 0)
+			sq_down(s, "database file %s does not exist (the service creates it)", s->path);
+		else
+			sq_down(s, "cannot open %s: %s", s->path, s->db ? sqlite3_errmsg(s->db) : sqlite3_errstr(rc));
+		return -1;
+	}
+	sqlite3_extended_result_codes(s->db, 1);
+	/* Never wait inside SQLite on the event loop. Let the service's
+	 * connections checkpoint (a checkpoint fsyncs). */
+	sqlite3_busy_timeout(s->db, 0);
+	if (sqlite3_exec(s->db, "PRAGMA synchronous = NORMAL; PRAGMA wal_autocheckpoint = 0", NULL, NULL,
+	    NULL) != SQLITE_OK) {
+		sq_down(s, "%s: %s", s->path, sqlite3_errmsg(s->db));
+		return -1;
+	}
+	if (sqlite3_prepare_v2(s->db, "PRAGMA journal_mode", -1, &st, NULL) != SQLITE_OK ||
+	    sqlite3_step(st) != SQLITE_ROW) {
+		sq_down(s, "%s: %s", s->path, sqlite3_errmsg(s->db));
+		sqlite3_finalize(st);
+		return -1;
+	}
+	mode = (const char *)sqlite3_column_text(st, 0);
+	s->wal = mode && strcmp(mode, "wal") == 0;
+	if (!s->wal)
+		s->api->log(s->h, SAGAD_LOG_WARN,
+		    "msg=\"database not in WAL mode: sagad's reads briefly block the service's commits\" path=%s journal_mode=%s",
+		    s->path, mode ? mode : "?");
+	sqlite3_finalize(st);
+	st = NULL;
+
+	if (sqlite3_prepare_v2(s->db, "SELECT name, upper(type), pk FROM pragma_table_info(?1)", -1, &st,
+	    NULL) != SQLITE_OK) {
+		sq_down(s, "%s: %s", s->path, sqlite3_errmsg(s->db));
+		return -1;
+	}
+	sqlite3_bind_text(st, 1, s->table, -1, SQLITE_STATIC);
+	while ((rc = sqlite3_step(st)) == SQLITE_ROW) {
+		const char *name = (const char *)sqlite3_column_text(st, 0);
+		const char *type = (const char *)sqlite3_column_text(st, 1);
+		ncols++;
+		for (i = 0; i < N_TABLE_COLS; i++)
+			if (name && strcmp(name, sq_columns[i]) == 0)
+				found[i] = 1;
+		if (name && strcmp(name, "seq") == 0 && type && strcmp(type, "INTEGER") == 0 &&
+		    sqlite3_column_int(st, 2) == 1)
+			seq_pk = 1;
+	}
+	sqlite3_finalize(st);
+	if (rc != SQLITE_DONE) {
+		sq_down(s, "%s: reading the schema: %s", s->path, sqlite3_errmsg(s->db));
+		return -1;
+	}
+	if (!ncols) {
+		sq_down(s, "table %s does not exist in %s (create it with schema.sql, see sagad-plugins(7))",
+		    s->table, s->path);
+		return -1;
+	}
+	for (i = 0; i < N_TABLE_COLS; i++)
+		if (!found[i]) {
+			sq_down(s, "table %s in %s: column %s is missing", s->table, s->path, sq_columns[i]);
+			return -1;
+		}
+	if (!seq_pk) {
+		sq_down(s, "table %s in %s: column seq must be INTEGER PRIMARY KEY", s->table, s->path);
+		return -1;
+	}
+
+	qt = sq_quote(s->table);
+	/* Headers become "HEX(name):HEX(value),..." so that nothing needs
+	 * quoting; a JSON null is left out. */
+	sql = sqlite3_mprintf(
+	    "SELECT seq, CAST(message_id AS TEXT), coalesce(CAST(exchange AS TEXT), ''),"
+	    " CAST(routing_key AS TEXT), CAST(content_type AS TEXT), CAST(correlation_id AS TEXT),"
+	    " CASE WHEN json_valid(headers) THEN CASE WHEN json_type(headers) = 'object' THEN"
+	    "  (SELECT group_concat(hex(key) || ':' || hex(CAST(value AS TEXT)), ',')"
+	    "   FROM json_each(headers) WHERE type <> 'null') END END,"
+	    " body,"
+	    " (julianday('now') - 2440587.5) * 86400.0 - CASE typeof(created_at)"
+	    "  WHEN 'text' THEN (julianday(created_at) - 2440587.5) * 86400.0 ELSE created_at END,"
+	    " headers IS NOT NULL AND NOT coalesce(CASE WHEN json_valid(headers) THEN"
+	    "  json_type(headers) = 'object' END, 0)"
+	    " FROM %s WHERE seq NOT IN (SELECT value FROM json_each(?1)) ORDER BY seq LIMIT %ld",
+	    qt, s->batch_size);
+	rc = sq_prepare(s, sql, &s->fetch);
+	sqlite3_free(sql);
+	if (rc < 0) {
+		sqlite3_free(qt);
+		return -1;
+	}
+	sql = sqlite3_mprintf("DELETE FROM %s WHERE seq = ?1", qt);
+	sqlite3_free(qt);
+	rc = sq_prepare(s, sql, &s->del);
+	sqlite3_free(sql);
+	if (rc < 0 || sq_prepare(s, "BEGIN IMMEDIATE", &s->begin) < 0 ||
+	    sq_prepare(s, "COMMIT", &s->commit) < 0 || sq_prepare(s, "ROLLBACK", &s->rollback) < 0 ||
+	    sq_prepare(s, "PRAGMA data_version", &s->version) < 0)
+		return -1;
+	s->data_version = -1;
+	s->state = SQ_IDLE;
+	s->backoff = s->retry_initial;
+	s->api->log(s->h, SAGAD_LOG_INFO, "msg=\"relaying from SQLite\" path=%s table=%s journal_mode=%s notify=%s",
+	    s->path, s->table, s->wal ? "wal" : "other", s->ino >= 0 ? "inotify" : "poll");
+	s->logged_down = 0;
+	s->reason[0] = '\0';
+	s->ready = 1;
+	s->api->set_ready(s->h, 1, NULL);
+	return 0;
+}
+
+/* A statement failed: busy (retry soon) or broken (reopen). */
+static int
+sq_busy(int rc)
+{
+	return (rc & 0xff) == SQLITE_BUSY || (rc & 0xff) == SQLITE_LOCKED;
+}
+
+/* ---- reading ---- */
+
+static int64_t
+sq_data_version(struct sqsrc *s)
+{
+	int64_t v = -1;
+
+	if (sqlite3_step(s->version) == SQLITE_ROW)
+		v = sqlite3_column_int64(s->version, 0);
+	sqlite3_reset(s->version);
+	return v;
+}
+
+static void
+sq_skip_json(struct sqsrc *s)
+{
+	size_t i, len;
+
+	if (s->nskip && time(NULL) - s->skip_since > 60)
+		s->nskip = 0;	/* look at them again: they may have been fixed */
+	if (!s->nskip)
+		s->skip_since = time(NULL);
+	len = (size_t)sprintf(s->skip_json, "[");
+	for (i = 0; i < s->nskip; i++)
+		len += (size_t)sprintf(s->skip_json + len, "%s%lld", i ? "," : "", (long long)s->skip[i]);
+	sprintf(s->skip_json + len, "]");
+}
+
+static void
+sq_durable(void *cookie, int ok);
+
+/* One row to sagad: 1 taken, 0 left in the table, -1 the store refused. */
+static int
+sq_row(struct sqsrc *s, sqlite3_stmt *r)
+{
+	struct sagad_message m;
+	char **names = NULL, **values = NULL, *mem = NULL;
+	const char *why = NULL, *hx;
+	size_t nh = 0;
+	int64_t seq = sqlite3_column_int64(r, COL_SEQ);
+	enum sagad_publish_result pr;
+	int ret = 1;
+
+	memset(&m, 0, sizeof m);
+	m.message_id = (const char *)sqlite3_column_text(r, COL_ID);
+	m.exchange = (const char *)sqlite3_column_text(r, COL_EXCHANGE);
+	m.routing_key = (const char *)sqlite3_column_text(r, COL_KEY);
+	m.content_type = (const char *)sqlite3_column_text(r, COL_CT);
+	m.correlation_id = (const char *)sqlite3_column_text(r, COL_CORR);
+	hx = (const char *)sqlite3_column_text(r, COL_HEADERS);
+	if (sqlite3_column_int(r, COL_BAD_HEADERS))
+		why = "headers is not a JSON object";
+	else if (hx && sq_headers(hx, &names, &values, &nh, &mem) < 0)
+		why = "a header name or value holds a NUL character";
+	m.body = sqlite3_column_blob(r, COL_BODY);
+	m.body_len = (size_t)sqlite3_column_bytes(r, COL_BODY);
+	m.header_names = (const char *const *)names;
+	m.header_values = (const char *const *)values;
+	m.n_headers = nh;
+	if (!m.exchange)
+		m.exchange = "";
+	if (!why) {
+		pr = s->api->publish(s->h, &m);
+		switch (pr) {
+		case SAGAD_PUBLISH_STORED:
+			s->api->counter_add(s->h, "rows_read", 1);
+			break;
+		case SAGAD_PUBLISH_DUPLICATE:
+			s->api->counter_add(s->h, "rows_read", 1);
+			s->api->counter_add(s->h, "duplicates", 1);
+			s->api->log(s->h, SAGAD_LOG_DEBUG, "msg=\"duplicate row dropped\" seq=%lld message_id=\"%s\"",
+			    (long long)seq, m.message_id);
+			break;
+		case SAGAD_PUBLISH_INVALID:
+			why = "a value sagad cannot publish (missing message_id or routing_key, "
+			    "bad exchange name, control characters, or too long)";
+			break;
+		default:
+			s->api->log(s->h, pr == SAGAD_PUBLISH_FULL ? SAGAD_LOG_WARN : SAGAD_LOG_ERROR,
+			    "msg=\"sagad's store refused a row, retrying later\" seq=%lld reason=%s",
+			    (long long)seq, pr == SAGAD_PUBLISH_FULL ? "full" : "error");
+			s->api->counter_add(s->h, "errors", 1);
+			ret = -1;
+		}
+	}
+	if (why) {
+		s->api->log(s->h, SAGAD_LOG_ERROR,
+		    "msg=\"row left in the table: %s\" table=%s seq=%lld message_id=\"%.64s\"",
+		    why, s->table, (long long)seq, m.message_id ? m.message_id : "");
+		s->api->counter_add(s->h, "errors", 1);
+		if (s->nskip < SQ_MAX_SKIP)
+			s->skip[s->nskip++] = seq;
+		ret = 0;
+	}
+	free(names);
+	free(values);
+	free(mem);
+	if (ret == 1) {
+		if (s->nseqs == s->capseqs) {
+			s->capseqs = s->capseqs ? s->capseqs * 2 : 128;
+			s->seqs = realloc(s->seqs, s->capseqs * sizeof *s->seqs);
+		}
+		s->seqs[s->nseqs++] = seq;
+	}
+	return ret;
+}
+
+/* Read a batch (state IDLE) and hand it over. */
+static void
+sq_read(struct sqsrc *s)
+{
+	int rc, n = 0;
+	double lag = 0;
+
+	if (s->state != SQ_IDLE)
+		return;
+	s->dirty = 0;
+	s->data_version = sq_data_version(s);
+	sq_skip_json(s);
+	sqlite3_bind_text(s->fetch, 1, s->skip_json, -1, SQLITE_STATIC);
+	s->nseqs = 0;
+	s->stalled = 0;
+	while ((rc = sqlite3_step(s->fetch)) == SQLITE_ROW) {
+		if (n++ == 0)
+			lag = fmax(0, sqlite3_column_double(s->fetch, COL_AGE));
+		if (sq_row(s, s->fetch) < 0) {
+			s->stalled = 1;
+			rc = SQLITE_DONE;
+			break;
+		}
+	}
+	sqlite3_reset(s->fetch);
+	if (rc != SQLITE_DONE) {
+		if (sq_busy(rc)) {
+			/* The rows handed over so far stay taken (their
+			 * batch is still deleted once durable). */
+			s->dirty = 1;
+		} else {
+			sq_down(s, "reading table %s in %s: %s", s->table, s->path, sqlite3_errmsg(s->db));
+			return;
+		}
+	}
+	s->more = n == s->batch_size;
+	s->api->gauge_set(s->h, "lag_seconds", lag);
+	if (!s->nseqs) {
+		if (s->stalled) {
+			s->stall = s->stall ? fmin(s->stall * 2, s->retry_max) : s->retry_initial;
+			sq_timer(s->soon, s->stall);
+		} else if (s->dirty)
+			sq_timer(s->soon, 0.01);
+		return;
+	}
+	s->stall = 0;
+	{
+		struct sq_ticket *t = malloc(sizeof *t);
+		t->s = s;
+		t->batch = ++s->batch;
+		s->state = SQ_DURABLE_WAIT;
+		s->api->when_durable(s->h, sq_durable, t);
+	}
+}
+
+/* ---- deleting ---- */
+
+static void
+sq_done_batch(struct sqsrc *s)
+{
+	s->state = SQ_IDLE;
+	s->nseqs = 0;
+	if (s->stalled) {
+		s->stall = s->stall ? fmin(s->stall * 2, s->retry_max) : s->retry_initial;
+		sq_timer(s->soon, s->stall);
+	} else if (s->more || s->dirty)
+		sq_read(s);
+}
+
+/* Take the write lock, delete the batch, commit: all in this call, so
+ * the lock is held for microseconds. Busy: try again a little later. */
+static void
+sq_delete(struct sqsrc *s)
+{
+	double t0;
+	size_t i;
+	int rc;
+
+	rc = sqlite3_step(s->begin);
+	sqlite3_reset(s->begin);
+	if (rc != SQLITE_DONE) {
+		if (sq_busy(rc)) {
+			double waited = sq_now() - s->lock_since;
+			if (waited > 10 && s->lock_wait >= 0.05)
+				s->api->log(s->h, SAGAD_LOG_WARN,
+				    "msg=\"the write lock has been busy for %.0fs: rows are not deleted yet\" path=%s",
+				    waited, s->path);
+			s->lock_wait = s->lock_wait ? fmin(s->lock_wait * 2, 0.05) : 0.001;
+			sq_timer(s->lock_retry, s->lock_wait);
+			return;
+		}
+		sq_down(s, "deleting from %s in %s: %s", s->table, s->path, sqlite3_errmsg(s->db));
+		return;
+	}
+	t0 = sq_now();
+	for (i = 0; i < s->nseqs; i++) {
+		sqlite3_bind_int64(s->del, 1, s->seqs[i]);
+		rc = sqlite3_step(s->del);
+		sqlite3_reset(s->del);
+		if (rc != SQLITE_DONE)
+			break;
+	}
+	if (rc == SQLITE_DONE) {
+		rc = sqlite3_step(s->commit);
+		sqlite3_reset(s->commit);
+	}
+	if (rc != SQLITE_DONE) {
+		int busy = sq_busy(rc);
+		char msg[300];
+		snprintf(msg, sizeof msg, "%s", sqlite3_errmsg(s->db));
+		if (!sqlite3_get_autocommit(s->db)) {
+			sqlite3_step(s->rollback);
+			sqlite3_reset(s->rollback);
+		}
+		if (busy) {
+			/* Rollback journal: COMMIT waits for the service's
+			 * readers. Do not hold the lock; start over. */
+			s->lock_wait = s->lock_wait ? fmin(s->lock_wait * 2, 0.05) : 0.001;
+			sq_timer(s->lock_retry, s->lock_wait);
+			return;
+		}
+		sq_down(s, "deleting from %s in %s: %s", s->table, s->path, msg);
+		return;
+	}
+	t0 = sq_now() - t0;
+	if (t0 > s->max_lock) {
+		s->max_lock = t0;
+		s->api->gauge_set(s->h, "lock_max_seconds", t0);
+	}
+	s->api->counter_add(s->h, "rows_deleted", (double)s->nseqs);
+	s->lock_wait = 0;
+	sq_done_batch(s);
+}
+
+static void
+sq_lock_retry_cb(evutil_socket_t fd, short what, void *arg)
+{
+	struct sqsrc *s = arg;
+
+	(void)fd;
+	(void)what;
+	if (s->state == SQ_DELETING)
+		sq_delete(s);
+}
+
+static void
+sq_durable(void *cookie, int ok)
+{
+	struct sq_ticket *t = cookie;
+	struct sqsrc *s = t->s;
+	unsigned long batch = t->batch;
+
+	free(t);
+	if (s->state != SQ_DURABLE_WAIT || batch != s->batch)
+		return;		/* the file was reopened meanwhile: rows come again */
+	if (!ok) {
+		s->api->log(s->h, SAGAD_LOG_WARN, "msg=\"sagad's store lost a batch, reading it again\" rows=%zu",
+		    s->nseqs);
+		s->api->counter_add(s->h, "errors", 1);
+		s->stalled = 1;
+		sq_done_batch(s);
+		return;
+	}
+	s->state = SQ_DELETING;
+	s->lock_since = sq_now();
+	s->lock_wait = 0;
+	sq_delete(s);
+}
+
+/* ---- noticing changes ---- */
+
+/* 1 when a read was started or is due anyway, 0 when nothing changed. */
+static int
+sq_kick(struct sqsrc *s, int check_version)
+{
+	if (s->state != SQ_IDLE) {
+		s->dirty = 1;
+		return 1;
+	}
+	if (event_pending(s->soon, EV_TIMEOUT, NULL))
+		return 1;
+	/* Our own deletes touch the files too; only another connection's
+	 * commit changes data_version. */
+	if (check_version && s->data_version >= 0 && sq_data_version(s) == s->data_version)
+		return 0;
+	event_del(s->recheck);
+	sq_read(s);
+	return 1;
+}
+
+/* inotify reports the writes of a commit, which becomes visible only
+ * after them (and after the writer's fsync, with synchronous=FULL): look
+ * again after 1, 2, 4 ... 512 ms. */
+static void
+sq_recheck_cb(evutil_socket_t fd, short what, void *arg)
+{
+	struct sqsrc *s = arg;
+
+	(void)fd;
+	(void)what;
+	if (sq_kick(s, 1) || s->recheck_delay >= 0.5)
+		return;
+	s->recheck_delay *= 2;
+	sq_timer(s->recheck, s->recheck_delay);
+}
+
+static void
+sq_changed(struct sqsrc *s)
+{
+	if (sq_kick(s, 1))
+		return;
+	s->recheck_delay = 0.001;
+	sq_timer(s->recheck, s->recheck_delay);
+}
+
+static void
+sq_inotify_cb(evutil_socket_t fd, short what, void *arg)
+{
+	struct sqsrc *s = arg;
+	char buf[8192] __attribute__((aligned(__alignof__(struct inotify_event))));
+	ssize_t n;
+	int hit = 0;
+
+	(void)what;
+	while ((n = read(fd, buf, sizeof buf)) > 0) {
+		char *p = buf;
+		while (p < buf + n) {
+			struct inotify_event *ev = (struct inotify_event *)p;
+			/* name, name-wal, name-journal: a commit; not -shm */
+			if (ev->len && strncmp(ev->name, s->base_name, s->base_len) == 0 &&
+			    (ev->name[s->base_len] == '\0' || strcmp(ev->name + s->base_len, "-wal") == 0 ||
+			    strcmp(ev->name + s->base_len, "-journal") == 0))
+				hit = 1;
+			if (ev->mask & IN_Q_OVERFLOW)
+				hit = 1;
+			p += sizeof *ev + ev->len;
+		}
+	}
+	if (hit)
+		sq_changed(s);
+}
+
+static void
+sq_poll_cb(evutil_socket_t fd, short what, void *arg)
+{
+	(void)fd;
+	(void)what;
+	sq_kick(arg, 1);
+}
+
+
+static void
+sq_soon_cb(evutil_socket_t fd, short what, void *arg)
+{
+	(void)fd;
+	(void)what;
+	sq_kick(arg, 0);
+}
+
+static void
+sq_timer_cb(evutil_socket_t fd, short what, void *arg)
+{
+	struct sqsrc *s = arg;
+
+	(void)fd;
+	(void)what;
+	if (s->state == SQ_CLOSED && sq_open(s) == 0)
+		sq_read(s);
+}
+
+static void
+sq_watch(struct sqsrc *s)
+{
+	char dir[PATH_MAX];
+	const char *slash = strrchr(s->path, '/');
+
+	if (slash) {
+		snprintf(dir, sizeof dir, "%.*s", (int)(slash - s->path) ? (int)(slash - s->path) : 1,
+		    s->path);
+		s->base_name = strdup(slash + 1);
+	} else {
+		snprintf(dir, sizeof dir, ".");
+		s->base_name = strdup(s->path);
+	}
+	s->base_len = strlen(s->base_name);
+	s->ino = inotify_init1(IN_NONBLOCK | IN_CLOEXEC);
+	if (s->ino < 0 ||
+	    inotify_add_watch(s->ino, dir, IN_MODIFY | IN_CLOSE_WRITE | IN_CREATE | IN_MOVED_TO) < 0) {
+		s->api->log(s->h, SAGAD_LOG_WARN, "msg=\"cannot watch the database's directory, polling\" dir=%s error=\"%s\" poll_interval=%g",
+		    dir, strerror(errno), s->poll_interval);
+		if (s->ino >= 0)
+			close(s->ino);
+		s->ino = -1;
+		return;
+	}
+	s->ino_ev = event_new(s->base, s->ino, EV_READ | EV_PERSIST, sq_inotify_cb, s);
+	event_add(s->ino_ev, NULL);
+}
+
+/* ---- life ---- */
+
+static int
+sq_conf_number(struct sqsrc *s, const char *key, double *out, double min, char *err, size_t errlen)
+{
+	double v;
+	const char *str;
+	int b;
+
+	if (s->api->conf_number(s->h, key, &v) < 0) {
+		if (s->api->conf_string(s->h, key, &str) == 0 || s->api->conf_bool(s->h, key, &b) == 0) {
+			snprintf(err, errlen, "'%s' must be a number", key);
+			return -1;
+		}
+		return 0;
+	}
+	if (!(v >= min) || !isfinite(v)) {
+		snprintf(err, errlen, "'%s' must be a number of at least %g", key, min);
+		return -1;
+	}
+	*out = v;
+	return 0;
+}
+
+static int
+sqlite_init(const struct sagad_host_api *api, struct sagad_host *h, void **state,
     char *err, size_t errlen)
 {
-	(void)api; (void)h; (void)state;
-	snprintf(err, errlen, "the sqlite source is not available in this build");
+	struct sqsrc *s;
+	double batch = 100;
+	const char *str;
+
+	if (api->abi != SAGAD_PLUGIN_ABI) {
+		snprintf(err, errlen, "host ABI %u, plugin ABI %u", api->abi, SAGAD_PLUGIN_ABI);
+		return -1;
+	}
+	s = calloc(1, sizeof *s);
+	s->api = api;
+	s->h = h;
+	s->base = api->event_base(h);
+	s->ino = -1;
+	s->table = "sagad_outbox";
+	s->poll_interval = 1;
+	s->retry_initial = 0.5;
+	s->retry_max = 30;
+	if (api->conf_string(h, "path", &s->path) < 0 || !*s->path) {
+		snprintf(err, errlen, "'path' (a string: the service's database file) is required");
+		goto fail;
+	}
+	if (api->conf_string(h, "table", &str) == 0) {
+		if (!*str) {
+			snprintf(err, errlen, "'table' must not be empty");
+			goto fail;
+		}
+		s->table = str;
+	}
+	if (sq_conf_number(s, "poll_interval", &s->poll_interval, 0.01, err, errlen) < 0 ||
+	    sq_conf_number(s, "batch", &batch, 1, err, errlen) < 0 ||
+	    sq_conf_number(s, "retry_initial", &s->retry_initial, 0.01, err, errlen) < 0 ||
+	    sq_conf_number(s, "retry_max", &s->retry_max, 0.01, err, errlen) < 0)
+		goto fail;
+	if (batch > 10000 || batch != floor(batch)) {
+		snprintf(err, errlen, "'batch' must be a whole number from 1 to 10000");
+		goto fail;
+	}
+	s->batch_size = (long)batch;
+	if (s->retry_max < s->retry_initial)
+		s->retry_max = s->retry_initial;
+	if (sqlite3_libversion_number() < 3038000 && sqlite3_compileoption_used("OMIT_JSON")) {
+		snprintf(err, errlen, "this SQLite has no JSON functions");
+		goto fail;
+	}
+	s->backoff = s->retry_initial;
+	s->timer = evtimer_new(s->base, sq_timer_cb, s);
+	s->lock_retry = evtimer_new(s->base, sq_lock_retry_cb, s);
+	s->soon = evtimer_new(s->base, sq_soon_cb, s);
+	s->recheck = evtimer_new(s->base, sq_recheck_cb, s);
+	s->poll = event_new(s->base, -1, EV_PERSIST, sq_poll_cb, s);
+	sq_timer(s->poll, s->poll_interval);
+	srand((unsigned)(time(NULL) ^ (uintptr_t)s));
+	sq_watch(s);
+	api->set_ready(h, 0, "opening the database");
+	api->log(h, SAGAD_LOG_INFO, "msg=\"sqlite source starting\" path=%s table=%s poll_interval=%g batch=%ld",
+	    s->path, s->table, s->poll_interval, s->batch_size);
+	/* Open from the loop, like every later attempt. */
+	s->state = SQ_CLOSED;
+	sq_timer(s->timer, 0);
+	*state = s;
+	return 0;
+fail:
+	free(s);
 	return -1;
 }
 
 static void
-stub_stop(void *state)
+sqlite_stop(void *state)
 {
-	(void)state;
+	struct sqsrc *s = state;
+
+	/* sagad's last commit may have made a batch durable just now. */
+	if (s->state == SQ_DELETING && s->db) {
+		sqlite3_busy_timeout(s->db, 1000);	/* the loop has stopped */
+		sq_delete(s);
+	}
+	sq_close_db(s);
+	if (s->ino_ev)
+		event_free(s->ino_ev);
+	if (s->ino >= 0)
+		close(s->ino);
+	event_free(s->timer);
+	event_free(s->lock_retry);
+	event_free(s->soon);
+	event_free(s->recheck);
+	event_free(s->poll);
+	free(s->base_name);
+	free(s->seqs);
+	free(s);
 }
 
 const struct sagad_plugin sagad_plugin = {
-	.abi = SAGAD_PLUGIN_ABI, .name = "sqlite", .version = "0", .keys = keys,
-	.init = stub_init, .stop = stub_stop,
+	.abi = SAGAD_PLUGIN_ABI,
+	.name = "sqlite",
+	.version = "1",
+	.keys = sqlite_keys,
+	.init = sqlite_init,
+	.stop = sqlite_stop,
 };
