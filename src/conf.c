@@ -13,6 +13,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include "util.h"
@@ -472,6 +473,7 @@ conf_split_binding(const char *v, struct conf_binding *b)
 	if (!util_valid_exchange(b->exchange) || !util_valid_shortstr(b->key, 255)) {
 		free(b->exchange);
 		free(b->key);
+		b->exchange = b->key = NULL;
 		return -1;
 	}
 	return 0;
@@ -507,10 +509,8 @@ conf_bind_one(struct conf_ctx *ctx, config_setting_t *s, void *dst)
 	const char *v = config_setting_get_string(s);
 
 	if (!v || conf_split_binding(v, b) < 0 || !*b->key) {
-		if (v && b->exchange) {
-			free(b->exchange);
-			free(b->key);
-		}
+		free(b->exchange);
+		free(b->key);
 		memset(b, 0, sizeof *b);
 		conf_err(ctx, s, "'%s' must be \"exchange:routing-key\"", config_setting_name(s));
 	}
@@ -1079,12 +1079,13 @@ conf_include_line(const char *line, size_t n, const char **q, const char **e)
  * error keeps its true FILE:LINE.
  */
 static char *
-conf_expand_includes(const char *text, const char *dir, char ***tmpfiles,
-    size_t *ntmp)
+conf_expand_includes(const char *text, const char *dir, const char *name,
+    struct conf_errors *errs, char ***tmpfiles, size_t *ntmp)
 {
 	size_t cap = strlen(text) + 1, len = 0;
 	char *out = malloc(cap);
 	const char *line = text;
+	unsigned lineno = 1;
 
 	while (*line) {
 		const char *eol = strchr(line, '\n');
@@ -1096,6 +1097,7 @@ conf_expand_includes(const char *text, const char *dir, char ***tmpfiles,
 			memcpy(out + len, line, n);
 			len += n;
 			line += n;
+			lineno++;
 			continue;
 		}
 		snprintf(pat, sizeof pat, "%s%s%.*s", q[1] == '/' ? "" : dir,
@@ -1109,8 +1111,10 @@ conf_expand_includes(const char *text, const char *dir, char ***tmpfiles,
 
 			if (fd >= 0 && (f = fdopen(fd, "w"))) {
 				if (glob(pat, 0, NULL, &g) == 0) {
+					struct stat sb;
 					for (i = 0; i < g.gl_pathc; i++)
-						fprintf(f, "@include \"%s\"\n", g.gl_pathv[i]);
+						if (stat(g.gl_pathv[i], &sb) == 0 && S_ISREG(sb.st_mode))
+							fprintf(f, "@include \"%s\"\n", g.gl_pathv[i]);
 					globfree(&g);
 				}
 				fclose(f);
@@ -1120,12 +1124,23 @@ conf_expand_includes(const char *text, const char *dir, char ***tmpfiles,
 			} else if (fd >= 0)
 				close(fd);
 		}
-		if (!target)
+		if (!target) {
+			struct stat sb;
+			/* libconfig's scanner exits the process on a directory. */
+			if (stat(pat, &sb) == 0 && !S_ISREG(sb.st_mode)) {
+				conf_err_push(errs, "%s:%u: @include \"%s\" is not a regular file",
+				    name, lineno, pat);
+				line += n;
+				lineno++;
+				continue;
+			}
 			target = pat;
+		}
 		cap += strlen(target) + 16;
 		out = realloc(out, cap);
 		len += sprintf(out + len, "@include \"%s\"%s", target, eol ? "\n" : "");
 		line += n;
+		lineno++;
 	}
 	out[len] = '\0';
 	return out;
@@ -1143,8 +1158,9 @@ conf_load_string(const char *text, const char *name, const char *include_dir,
 	int ok;
 
 	config_init(&cfg);
-	expanded = conf_expand_includes(text, include_dir, &tmpfiles, &ntmp);
-	ok = config_read_string(&cfg, expanded);
+	expanded = conf_expand_includes(text, include_dir ? include_dir : ".", name, errs,
+	    &tmpfiles, &ntmp);
+	ok = errs->n ? CONFIG_FALSE : config_read_string(&cfg, expanded);
 	free(expanded);
 	for (i = 0; i < ntmp; i++) {
 		unlink(tmpfiles[i]);
@@ -1153,6 +1169,12 @@ conf_load_string(const char *text, const char *name, const char *include_dir,
 	free(tmpfiles);
 	c->file = strdup(name);
 	conf_defaults(c);
+	if (ok != CONFIG_TRUE && errs->n) {
+		/* The include expansion already said what is wrong. */
+		config_destroy(&cfg);
+		conf_free(c);
+		return NULL;
+	}
 	if (ok != CONFIG_TRUE) {
 		const char *f = config_error_file(&cfg);
 		/* A syntax error inside a generated include list is the list's

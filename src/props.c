@@ -127,6 +127,8 @@ props_strdup(const msgpack_object *o)
 
 	if (o->type != MSGPACK_OBJECT_STR)
 		return NULL;
+	if (o->via.str.size == 0)	/* msgpack-c gives it a NULL pointer */
+		return strdup("");
 	if (memchr(o->via.str.ptr, '\0', o->via.str.size))
 		return NULL;
 	s = malloc(o->via.str.size + 1);
@@ -157,6 +159,90 @@ props_unpack_headers(const msgpack_object *o, struct props *p)
 	return 0;
 }
 
+static uint64_t
+props_be(const unsigned char *p, int k)
+{
+	uint64_t v = 0;
+	int i;
+
+	for (i = 0; i < k; i++)
+		v = v << 8 | p[i];
+	return v;
+}
+
+/*
+ * msgpack-c allocates a container's elements from the count in its header
+ * before reading them, so a few damaged bytes can ask for gigabytes. Walk
+ * the encoding first without allocating: every object still to read takes
+ * at least one byte, so more announced objects than bytes left is damage.
+ */
+int
+props_msgpack_sane(const char *buf, size_t len)
+{
+	const unsigned char *p = (const unsigned char *)buf;
+	size_t pos = 0;
+	uint64_t todo = 1;	/* objects still to read */
+
+	while (todo > 0) {
+		uint64_t skip = 0, n = 0;	/* n: elements of a container */
+		unsigned b;
+		int k = 0;
+
+		if (pos >= len)
+			return 0;
+		b = p[pos++];
+		todo--;
+		if (b <= 0x7f || b >= 0xe0 || b == 0xc0 || b == 0xc2 || b == 0xc3)
+			continue;	/* fixint, nil, booleans */
+		if (b >= 0x80 && b <= 0x8f)
+			n = 2 * (uint64_t)(b & 0x0f);
+		else if (b >= 0x90 && b <= 0x9f)
+			n = b & 0x0f;
+		else if (b >= 0xa0 && b <= 0xbf)
+			skip = b & 0x1f;
+		else switch (b) {
+		case 0xc4: case 0xd9: k = 1; break;		/* bin8, str8 */
+		case 0xc5: case 0xda: k = 2; break;
+		case 0xc6: case 0xdb: k = 4; break;
+		case 0xc7: k = 1; skip = 1; break;		/* ext: + type byte */
+		case 0xc8: k = 2; skip = 1; break;
+		case 0xc9: k = 4; skip = 1; break;
+		case 0xca: skip = 4; break;
+		case 0xcb: skip = 8; break;
+		case 0xcc: case 0xd0: skip = 1; break;
+		case 0xcd: case 0xd1: skip = 2; break;
+		case 0xce: case 0xd2: skip = 4; break;
+		case 0xcf: case 0xd3: skip = 8; break;
+		case 0xd4: skip = 2; break;			/* fixext */
+		case 0xd5: skip = 3; break;
+		case 0xd6: skip = 5; break;
+		case 0xd7: skip = 9; break;
+		case 0xd8: skip = 17; break;
+		case 0xdc: case 0xdd: case 0xde: case 0xdf: {	/* array16/32, map16/32 */
+			int w = (b == 0xdc || b == 0xde) ? 2 : 4;
+			if (len - pos < (size_t)w)
+				return 0;
+			n = props_be(p + pos, w) * (b >= 0xde ? 2 : 1);
+			pos += w;
+			break;
+		}
+		default:
+			return 0;	/* 0xc1 is never used */
+		}
+		if (k) {
+			if (len - pos < (size_t)k)
+				return 0;
+			skip += props_be(p + pos, k);
+			pos += k;
+		}
+		if (skip > len - pos || todo + n > len - pos - skip)
+			return 0;
+		pos += skip;
+		todo += n;
+	}
+	return 1;
+}
+
 int
 props_unpack(const char *buf, size_t len, struct props *p)
 {
@@ -168,7 +254,7 @@ props_unpack(const char *buf, size_t len, struct props *p)
 	memset(p, 0, sizeof *p);
 	if (len == 0)
 		return 0;
-	if (len > PROPS_MAX_PACKED)
+	if (len > PROPS_MAX_PACKED || !props_msgpack_sane(buf, len))
 		return -1;
 	msgpack_unpacked_init(&u);
 	if (msgpack_unpack_next(&u, buf, len, &off) != MSGPACK_UNPACK_SUCCESS ||

@@ -43,6 +43,10 @@ void props_free(struct props *p);
 int props_pack(const struct props *p, char **buf, size_t *len);
 int props_unpack(const char *buf, size_t len, struct props *p);
 
+/* Whether a msgpack encoding is whole and announces no more objects than
+ * it has bytes (check before msgpack_unpack_next: it allocates first). */
+int props_msgpack_sane(const char *buf, size_t len);
+
 void msg_free(struct msg *m);
 
 #endif

@@ -159,9 +159,10 @@ saga_pack(const struct saga_inst *in, msgpack_sbuffer *sb)
 static char *
 saga_obj_str(const msgpack_object *o)
 {
-	if (o->type == MSGPACK_OBJECT_STR)
-		return strndup(o->via.str.ptr, o->via.str.size);
-	return NULL;
+	if (o->type != MSGPACK_OBJECT_STR)
+		return NULL;
+	/* msgpack-c gives an empty string a NULL pointer. */
+	return o->via.str.size ? strndup(o->via.str.ptr, o->via.str.size) : strdup("");
 }
 
 static char *
@@ -173,7 +174,8 @@ saga_obj_bin(const msgpack_object *o, size_t *len)
 	if (o->type != MSGPACK_OBJECT_BIN)
 		return NULL;
 	b = malloc(o->via.bin.size + 1);
-	memcpy(b, o->via.bin.ptr, o->via.bin.size);
+	if (o->via.bin.size)
+		memcpy(b, o->via.bin.ptr, o->via.bin.size);
 	*len = o->via.bin.size;
 	return b;
 }
@@ -197,6 +199,8 @@ saga_unpack(struct saga_inst *in, const char *buf, size_t len)
 	unsigned v;
 	int rc = -1;
 
+	if (!props_msgpack_sane(buf, len))
+		return -1;
 	msgpack_unpacked_init(&u);
 	if (msgpack_unpack_next(&u, buf, len, &off) != MSGPACK_UNPACK_SUCCESS ||
 	    u.data.type != MSGPACK_OBJECT_ARRAY || u.data.via.array.size != 7)

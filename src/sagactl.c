@@ -168,10 +168,14 @@ sagactl_call_body(const struct sagactl *c, const char *method, const char *path,
 		const char *code = j ? json_string_value(json_object_get(j, "error")) : NULL;
 		fprintf(stderr, "sagactl: %s %s: %d %s%s%s\n", method, path, r.status,
 		    code ? code : "", code ? ": " : "", msg ? msg : r.body);
+		json_decref(j);
+		free(r.body);
 		exit(SAGACTL_FAILED);
 	}
-	if (!j)
+	if (!j) {
+		free(r.body);
 		die("%s %s: answer is not JSON: %s", method, path, e.text);
+	}
 	free(r.body);
 	return j;
 }
@@ -564,8 +568,11 @@ main(int argc, char **argv)
 	if (argc < 1)
 		usage();
 	for (i = 0; i < sizeof commands / sizeof commands[0]; i++)
-		if (strcmp(commands[i].name, argv[0]) == 0)
-			return commands[i].fn(&c, argc, argv);
+		if (strcmp(commands[i].name, argv[0]) == 0) {
+			int rc = commands[i].fn(&c, argc, argv);
+			free(c.token);
+			return rc;
+		}
 	fprintf(stderr, "sagactl: unknown command '%s'\n", argv[0]);
 	usage();
 	return SAGACTL_USAGE;
