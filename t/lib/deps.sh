@@ -6,7 +6,8 @@ set -eu
 pkgs="build-essential autoconf automake pkg-config
 	librabbitmq-dev libevent-dev libmsgpack-dev libconfig-dev libsqlite3-dev
 	libjansson-dev libcmocka-dev libpq-dev
-	rabbitmq-server postgresql python3 sqlite3 mandoc procps iproute2 openssl"
+	rabbitmq-server postgresql python3 sqlite3 mandoc procps iproute2 openssl
+	clang libclang-rt-14-dev"
 missing=
 for p in $pkgs; do
 	dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" ||
