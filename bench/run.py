@@ -17,7 +17,13 @@ One run, against a private RabbitMQ node started through t/lib/harness.py:
   (d) memory and restart: with the broker down, BENCH_BACKLOG messages go
       into a fresh sagad; its RSS; restart with the broker still down (time
       to /healthz, RSS); broker back: time until relaying resumes and until
-      the backlog is drained.
+      the backlog is drained;
+  (e) [added] baseline of the POST->202 floor: 1,000 write(4 KiB) +
+      fdatasync on a file in the directory of sagad's store (fsync_p50_ms,
+      fsync_p99_ms), measured at the start of the run;
+  (f) [added] resume_up_s: a copy of the store taken in (d) with the full
+      backlog is started by a second sagad while the broker is UP: time
+      from its exec to the first rise of sagad_published_total.
 
 Every figure is printed as a name=value line as soon as it is known, and a
 summary table at the end. Environment: BENCH_N (100000), BENCH_REPEAT (3),
@@ -502,6 +508,7 @@ def phase_backlog(broker, tool, workdir):
     t0 = time.time()
     code = d.stop(timeout=60)
     fig('stop_s', time.time() - t0, 'SIGTERM to exit, broker down (exit %s)' % code)
+    copy_store(d, workdir)     # (f) [added]
     t0 = time.time()
     d.start(wait_ready=False, args=())
     fig('start_s', time.time() - t0, 'start to /healthz 200, broker down, 0.1 s polling')
@@ -550,6 +557,77 @@ def phase_backlog(broker, tool, workdir):
     d.stop()
 
 
+# ---------------------------------------------------------------- (e), (f) [added]
+
+FSYNC_N = 1000
+
+
+def fsync_probe(workdir, n=FSYNC_N):
+    """write(4 KiB) + fdatasync, n times, appending to a file in workdir:
+    sorted latencies in ms."""
+    path = os.path.join(workdir, 'fsync-probe.dat')
+    block = b'x' * 4096
+    lat = []
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        for _ in range(n):
+            t0 = time.perf_counter_ns()
+            os.write(fd, block)
+            os.fdatasync(fd)
+            lat.append((time.perf_counter_ns() - t0) / 1e6)
+    finally:
+        os.close(fd)
+        os.unlink(path)
+    return sorted(lat)
+
+
+def phase_fsync(workdir):
+    """(e) the floor under POST->202, in the directory of sagad's stores."""
+    lat = fsync_probe(workdir)
+    fig('fsync_p50_ms', pct(lat, 0.5), '%d x write(4 KiB)+fdatasync next to the store, load %.2f'
+        % (FSYNC_N, os.getloadavg()[0]))
+    fig('fsync_p99_ms', pct(lat, 0.99))
+
+
+RESUME_COPY = 'resume'      # the (f) daemon's name: its store is <workdir>/resume.db
+
+
+def copy_store(d, workdir):
+    """(f) keep a copy of the stopped daemon's store (database + WAL) with
+    the full backlog, for phase_resume_up."""
+    dst = os.path.join(workdir, RESUME_COPY + '.db')
+    for sfx in ('', '-wal'):
+        if os.path.exists(d.store + sfx):
+            shutil.copyfile(d.store + sfx, dst + sfx)
+
+
+def phase_resume_up(broker, tool, workdir):
+    """(f) sagad started on the backlog store while the broker is up: exec
+    -> first rise of sagad_published_total."""
+    d = h.Sagad(workdir, broker.url, name=RESUME_COPY, heartbeat=2,
+                store_extra='max_bytes = %dL;' % (16 << 30), drain_timeout=5)
+    if not os.path.exists(d.store):
+        raise RuntimeError('no copy of the backlog store (phase (d) did not get that far)')
+    purge(broker, tool)
+    t0 = time.time_ns()
+    d.start(wait_ready=False, args=())
+    t_health = time.time_ns()
+    poller = Poller(d, 0, 1, interval=0.005, timeout=120)
+    poller.run()    # in this thread: until the first confirm
+    if poller.error:
+        raise poller.error
+    if poller.t_first is None:
+        raise RuntimeError('sagad did not start relaying its backlog within 120 s')
+    m = Metrics(d)
+    pending = msum(m.get(), 'sagad_outbox_pending')
+    m.close()
+    fig('resume_up_s', (poller.t_first - t0) / 1e9, 'exec -> sagad_published_total rising, '
+        'broker up, %d pending (target <= 2 s); /healthz after %.3f s'
+        % (pending, (t_health - t0) / 1e9))
+    d.stop(timeout=60)
+    purge(broker, tool)
+
+
 # ---------------------------------------------------------------- main
 
 def summary(t_start):
@@ -593,6 +671,7 @@ def main():
         broker = h.Broker(workdir)
         broker.start()
         tool.declare_queue(broker.url, QUEUE, [(EXCHANGE, '#')])
+        phase_fsync(workdir)    # (e) [added]
 
         sagad = h.Sagad(workdir, broker.url, name='bench', heartbeat=10,
                         store_extra='max_bytes = %dL;' % (16 << 30))
@@ -611,13 +690,19 @@ def main():
         fig('sagad_ingress_rate', statistics.median(irates), 'msg/s POST->202, ' + each(irates))
         fig('sagad_ingress_p99_ms', statistics.median(ip99s), 'POST->202 at full load, median')
         fig('ratio', statistics.median(srates) / statistics.median(drates), 'sagad/direct')
+        fig('load_avg_ab', os.getloadavg()[0], '1-min load average after (a)/(b)')  # [added]
 
         say('(c) latency at %d msg/s for %d s' % (RATE, LAT_SECONDS))
         phase_latency(broker, tool, sagad, workdir)
+        fig('load_avg_c', os.getloadavg()[0], '1-min load average after (c)')  # [added]
         sagad.stop()
 
         say('(d) backlog of %d messages, broker down' % BACKLOG)
         phase_backlog(broker, tool, workdir)
+        fig('load_avg_d', os.getloadavg()[0], '1-min load average after (d)')  # [added]
+        say('(f) restart on the backlog with the broker up')
+        phase_resume_up(broker, tool, workdir)     # (f) [added]
+        fig('load_avg_f', os.getloadavg()[0], '1-min load average after (f)')  # [added]
         fig('rss_target_met', 'yes' if float(dict((n, v) for n, v, _ in figures)['rss_mb'])
             <= RSS_TARGET_MB else 'no', '<= %d MB' % RSS_TARGET_MB)
         ok = True

@@ -62,7 +62,7 @@ static const char *const saga_sql[SQ_COUNT] = {
 	[SQ_HISTORY] = "SELECT at, dir, what, coalesce(step, ''), coalesce(message_id, ''), coalesce(detail, '')"
 	    " FROM saga_log WHERE row = ? ORDER BY id",
 	[SQ_COUNTS] = "SELECT saga, state, count(*) FROM saga GROUP BY saga, state",
-	[SQ_EXPIRE] = "SELECT row FROM saga WHERE finished_at < ? AND state IN (1, 3) LIMIT ?",
+	[SQ_EXPIRE] = "SELECT row, saga, state FROM saga WHERE finished_at < ? AND state IN (1, 3) LIMIT ?",
 	[SQ_EXPIRE_ROW] = "DELETE FROM saga WHERE row = ?",
 	[SQ_EXPIRE_LOG] = "DELETE FROM saga_log WHERE row = ?",
 };
@@ -91,11 +91,13 @@ struct saga_inst {
 	char *reason;		/* why it compensates or failed */
 	double started_at;
 	double updated_at, finished_at;	/* as read, for the admin API */
+	enum saga_state loaded;		/* state in the store before this change */
 	struct saga_step_rt *steps;
 };
 
 struct saga_stats {
 	uint64_t started, compensations, failed, orphans, duplicates;
+	int64_t states[SAGA_NSTATES];	/* instances in the store, kept as they change */
 	struct histogram duration;
 };
 
@@ -321,7 +323,9 @@ saga_load(struct saga_engine *e, size_t def, const char *id)
 		in = saga_inst_new(e->d->conf, def, id);
 		in->row = sqlite3_column_int64(s, 0);
 		in->started_at = sqlite3_column_double(s, 2);
-		if (saga_unpack(in, sqlite3_column_blob(s, 1), sqlite3_column_bytes(s, 1)) < 0) {
+		if (saga_unpack(in, sqlite3_column_blob(s, 1), sqlite3_column_bytes(s, 1)) == 0)
+			in->loaded = in->state;
+		else {
 			log_error("msg=\"damaged saga instance in store, ignored\" saga=%s id=%s",
 			    e->d->conf->sagas[def].name, id);
 			saga_inst_free(in);
@@ -350,7 +354,8 @@ saga_load_row(struct saga_engine *e, int64_t row)
 		if (saga_unpack(in, sqlite3_column_blob(s, 2), sqlite3_column_bytes(s, 2)) < 0) {
 			saga_inst_free(in);
 			in = NULL;
-		}
+		} else
+			in->loaded = in->state;
 	}
 	sqlite3_reset(s);
 	return in;
@@ -380,8 +385,11 @@ saga_save(struct saga_engine *e, struct saga_inst *in)
 		sqlite3_bind_double(s, 4, in->started_at);
 		sqlite3_bind_double(s, 5, now);
 		sqlite3_bind_blob(s, 6, sb.data, (int)sb.size, SQLITE_STATIC);
-		if (saga_exec(e, s) == 0)
+		if (saga_exec(e, s) == 0) {
 			in->row = sqlite3_last_insert_rowid(store_db(e->d->store));
+			e->stats[in->def_index].states[in->state]++;
+			in->loaded = in->state;
+		}
 	} else {
 		s = saga_stmt(e, SQ_UPDATE);
 		sqlite3_bind_int(s, 1, in->state);
@@ -392,7 +400,11 @@ saga_save(struct saga_engine *e, struct saga_inst *in)
 			sqlite3_bind_null(s, 3);
 		sqlite3_bind_blob(s, 4, sb.data, (int)sb.size, SQLITE_STATIC);
 		sqlite3_bind_int64(s, 5, in->row);
-		saga_exec(e, s);
+		if (saga_exec(e, s) == 0 && in->loaded != in->state) {
+			e->stats[in->def_index].states[in->loaded]--;
+			e->stats[in->def_index].states[in->state]++;
+			in->loaded = in->state;
+		}
 	}
 	msgpack_sbuffer_destroy(&sb);
 }
@@ -1185,26 +1197,16 @@ void
 saga_metrics(struct saga_engine *e, struct evbuffer *out)
 {
 	const struct sagad_conf *c = e->d->conf;
-	uint64_t counts[64][SAGA_NSTATES];
-	sqlite3_stmt *s = saga_stmt(e, SQ_COUNTS);
 	char labels[600];
 	size_t i;
 	int k;
 
-	memset(counts, 0, sizeof counts);
-	while (sqlite3_step(s) == SQLITE_ROW) {
-		ssize_t def = saga_def_index(c, (const char *)sqlite3_column_text(s, 0));
-		int st = sqlite3_column_int(s, 1);
-		if (def >= 0 && def < 64 && st >= 0 && st < SAGA_NSTATES)
-			counts[def][st] = (uint64_t)sqlite3_column_int64(s, 2);
-	}
-	sqlite3_reset(s);
 	metrics_family(out, "sagad_sagas", "gauge", "Saga instances in the store by state.");
-	for (i = 0; i < c->n_sagas && i < 64; i++)
+	for (i = 0; i < c->n_sagas; i++)
 		for (k = 0; k < SAGA_NSTATES; k++) {
 			snprintf(labels, sizeof labels, "saga=\"%s\",state=\"%s\"", c->sagas[i].name,
 			    saga_state_names[k]);
-			metrics_sample(out, "sagad_sagas", labels, (double)counts[i][k]);
+			metrics_sample(out, "sagad_sagas", labels, (double)e->stats[i].states[k]);
 		}
 #define PER_SAGA(mname, help, field)						\
 	do {									\
@@ -1245,10 +1247,17 @@ saga_expire(struct saga_engine *e, double before, int batch)
 		batch = 512;
 	sqlite3_bind_double(s, 1, before);
 	sqlite3_bind_int(s, 2, batch);
-	while (n < batch && sqlite3_step(s) == SQLITE_ROW)
+	if (store_write(e->d->store) < 0)
+		return 0;
+	while (n < batch && sqlite3_step(s) == SQLITE_ROW) {
+		ssize_t def = saga_def_index(e->d->conf, (const char *)sqlite3_column_text(s, 1));
+		int st = sqlite3_column_int(s, 2);
 		rows[n++] = sqlite3_column_int64(s, 0);
+		if (def >= 0 && st >= 0 && st < SAGA_NSTATES)
+			e->stats[def].states[st]--;
+	}
 	sqlite3_reset(s);
-	if (!n || store_write(e->d->store) < 0)
+	if (!n)
 		return 0;
 	for (i = 0; i < n; i++) {
 		enum saga_sql q[] = { SQ_EXPIRE_LOG, SQ_TIMER_DEL_ALL, SQ_EXPIRE_ROW };
@@ -1283,6 +1292,18 @@ saga_new(struct sagad *d, char **err)
 	e->stats = calloc(d->conf->n_sagas + 1, sizeof *e->stats);
 	for (i = 0; i < d->conf->n_sagas; i++)
 		histogram_init(&e->stats[i].duration, metrics_latency_bounds, metrics_latency_nbounds);
+	{
+		/* Counted once here, then kept up to date as instances change:
+		 * a scrape must not count a large table on the event loop. */
+		sqlite3_stmt *s = saga_stmt(e, SQ_COUNTS);
+		while (sqlite3_step(s) == SQLITE_ROW) {
+			ssize_t def = saga_def_index(d->conf, (const char *)sqlite3_column_text(s, 0));
+			int st = sqlite3_column_int(s, 1);
+			if (def >= 0 && st >= 0 && st < SAGA_NSTATES)
+				e->stats[def].states[st] = sqlite3_column_int64(s, 2);
+		}
+		sqlite3_reset(s);
+	}
 	e->timer_ev = evtimer_new(d->base, saga_timer_cb, e);
 	/* Deadlines live in the store: after a restart they fire as due. */
 	saga_rearm(e);
