@@ -37,6 +37,8 @@
 
 #include "sagad/plugin.h"
 
+#include "../codec.h"
+
 #define SQ_MAX_SKIP 1000
 
 enum sq_state {
@@ -141,75 +143,6 @@ sq_clean(char *p)
 			*p = ' ';
 		else if (*p == '"')
 			*p = '\'';
-}
-
-static int
-sq_hexval(int c)
-{
-	if (c >= '0' && c <= '9')
-		return c - '0';
-	if (c >= 'a' && c <= 'f')
-		return c - 'a' + 10;
-	if (c >= 'A' && c <= 'F')
-		return c - 'A' + 10;
-	return -1;
-}
-
-static int
-sq_unhex(const char *x, size_t n, char *out)
-{
-	size_t i;
-
-	if (n % 2)
-		return -1;
-	for (i = 0; i < n; i += 2) {
-		int a = sq_hexval(x[i]), b = sq_hexval(x[i + 1]);
-		if (a < 0 || b < 0)
-			return -1;
-		out[i / 2] = (char)(a << 4 | b);
-	}
-	return 0;
-}
-
-/* "HEXNAME:HEXVALUE,..." -> NUL-terminated names and values in one block. */
-static int
-sq_headers(const char *x, char ***names, char ***values, size_t *n, char **mem)
-{
-	size_t len = strlen(x), cnt = 1, i;
-	const char *q;
-	char *w;
-
-	*n = 0;
-	*names = *values = NULL;
-	*mem = NULL;
-	if (!len)
-		return 0;
-	for (q = x; *q; q++)
-		cnt += *q == ',';
-	*mem = w = malloc(len + cnt * 2 + 1);
-	*names = calloc(cnt, sizeof **names);
-	*values = calloc(cnt, sizeof **values);
-	for (i = 0; i < cnt; i++) {
-		const char *end = strchr(x, ','), *colon = strchr(x, ':');
-		size_t total = end ? (size_t)(end - x) : strlen(x), nl, vl;
-		if (!colon || colon > x + total)
-			return -1;
-		nl = (size_t)(colon - x);
-		vl = total - nl - 1;
-		(*names)[i] = w;
-		if (sq_unhex(x, nl, w) < 0 || memchr(w, 0, nl / 2))
-			return -1;
-		w += nl / 2;
-		*w++ = '\0';
-		(*values)[i] = w;
-		if (sq_unhex(colon + 1, vl, w) < 0 || memchr(w, 0, vl / 2))
-			return -1;
-		w += vl / 2;
-		*w++ = '\0';
-		x += total + 1;
-	}
-	*n = cnt;
-	return 0;
 }
 
 /* ---- opening, checking, closing ---- */
@@ -455,7 +388,7 @@ sq_row(struct sqsrc *s, sqlite3_stmt *r)
 	hx = (const char *)sqlite3_column_text(r, COL_HEADERS);
 	if (sqlite3_column_int(r, COL_BAD_HEADERS))
 		why = "headers is not a JSON object";
-	else if (hx && sq_headers(hx, &names, &values, &nh, &mem) < 0)
+	else if (hx && codec_headers(hx, &names, &values, &nh, &mem) < 0)
 		why = "a header name or value holds a NUL character";
 	m.body = sqlite3_column_blob(r, COL_BODY);
 	m.body_len = (size_t)sqlite3_column_bytes(r, COL_BODY);
