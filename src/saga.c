@@ -32,7 +32,7 @@ enum saga_timer_kind {
 
 enum saga_sql {
 	SQ_GET, SQ_GET_ROW, SQ_INSERT, SQ_UPDATE, SQ_LOG, SQ_TIMER_ADD, SQ_TIMER_DEL,
-	SQ_TIMER_DEL_ALL, SQ_TIMER_NEXT, SQ_TIMER_DUE, SQ_BY_ID, SQ_LIST, SQ_LIST_NAME,
+	SQ_TIMER_DEL_ALL, SQ_TIMER_DEL_ID, SQ_TIMER_NEXT, SQ_TIMER_DUE, SQ_BY_ID, SQ_LIST, SQ_LIST_NAME,
 	SQ_LIST_STATE, SQ_LIST_BOTH, SQ_HISTORY, SQ_COUNTS, SQ_EXPIRE, SQ_EXPIRE_ROW,
 	SQ_EXPIRE_LOG,
 	SQ_COUNT
@@ -48,6 +48,7 @@ static const char *const saga_sql[SQ_COUNT] = {
 	[SQ_TIMER_ADD] = "INSERT INTO saga_timer(due, row, kind, step) VALUES (?, ?, ?, ?)",
 	[SQ_TIMER_DEL] = "DELETE FROM saga_timer WHERE row = ? AND kind = ? AND step = ?",
 	[SQ_TIMER_DEL_ALL] = "DELETE FROM saga_timer WHERE row = ?",
+	[SQ_TIMER_DEL_ID] = "DELETE FROM saga_timer WHERE id = ?",
 	[SQ_TIMER_NEXT] = "SELECT min(due) FROM saga_timer",
 	[SQ_TIMER_DUE] = "SELECT id, row, kind, step FROM saga_timer WHERE due <= ? ORDER BY due LIMIT 256",
 	[SQ_BY_ID] = "SELECT row, saga FROM saga WHERE id = ? ORDER BY row",
@@ -1011,13 +1012,12 @@ saga_timer_cb(evutil_socket_t fd, short what, void *arg)
 	sqlite3_reset(s);
 	for (i = 0; i < n; i++) {
 		struct saga_inst *in = saga_load_row(e, due[i].row);
-		char sql[64];
 
 		/* The timer is spent whatever happens next. */
 		if (store_write(e->d->store) == 0) {
-			snprintf(sql, sizeof sql, "DELETE FROM saga_timer WHERE id = %lld",
-			    (long long)due[i].id);
-			sqlite3_exec(store_db(e->d->store), sql, NULL, NULL, NULL);
+			sqlite3_stmt *d = saga_stmt(e, SQ_TIMER_DEL_ID);
+			sqlite3_bind_int64(d, 1, due[i].id);
+			saga_exec(e, d);
 		}
 		if (!in)
 			continue;
