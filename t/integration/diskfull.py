@@ -216,10 +216,15 @@ def phase_steady(wd, broker, tool, disk):
             full.append(i)
         elif st != 202:
             raise AssertionError('steady publish %d: %d %s' % (i, st, doc))
-        if i % 50 == 0:
+        if i % 25 == 24:
             max_pending = max(max_pending, d.metric('sagad_outbox_pending'))
             if full:
                 break
+            # Keep the live data small whatever the load on this machine:
+            # what is under test is that space freed by relayed messages is
+            # reused, not how fast a loaded broker confirms.
+            h.wait_until(lambda: d.metric('sagad_outbox_pending') <= 25, 60,
+                         'the outbox relayed (pending <= 25)')
     sizes = {os.path.basename(p): os.path.getsize(os.path.join(disk, p))
              for p in os.listdir(disk) if p.startswith('steady.db')}
     h.log('after %d publishes: max outbox pending seen %d, store files %s, %d KiB free'

@@ -203,12 +203,14 @@ def _kill_tree(proc):
         pass
 
 
-def tail(path, n=40):
+def tail(path, n=40, skip_debug=False):
     try:
         with open(path, 'rb') as f:
             lines = f.read().decode('utf-8', 'replace').splitlines()
     except OSError as e:
         return '(cannot read %s: %s)' % (path, e)
+    if skip_debug:
+        lines = [l for l in lines if 'level=debug' not in l]
     return '\n'.join(lines[-n:])
 
 
@@ -1125,7 +1127,7 @@ def run_test(fn, name=None):
     workdir = tempfile.mkdtemp(prefix='sagad-%s-' % name)
     os.chmod(workdir, 0o755)
     log('%s: work directory %s' % (name, workdir))
-    ok = False
+    ok, failure = False, ''
     sagads, brokers = [], []
     orig_sagad_init, orig_broker_init = Sagad.__init__, Broker.__init__
 
@@ -1141,15 +1143,18 @@ def run_test(fn, name=None):
     try:
         fn(workdir)
         ok = True
-    except BaseException:
+    except BaseException as e:
         traceback.print_exc()
         sys.stdout.flush()
+        failure = '%s: %s' % (type(e).__name__, e)
     finally:
         Sagad.__init__, Broker.__init__ = orig_sagad_init, orig_broker_init
     if not ok:
         for d in sagads:
-            print('---- tail of %s' % d.logfile)
-            print(tail(d.logfile, 60))
+            # Debug lines (retry schedules) would push the story out of
+            # the part of the output CI keeps.
+            print('---- tail of %s (debug lines left out)' % d.logfile)
+            print(tail(d.logfile, 25, skip_debug=True))
         for b in brokers:
             print('---- tail of %s' % os.path.join(b.dir, 'log', b.node + '.log'))
             print(b.log_tail(15))
@@ -1161,5 +1166,8 @@ def run_test(fn, name=None):
         shutil.rmtree(workdir, ignore_errors=True)
     else:
         print('work directory kept: %s' % workdir)
+    if not ok:
+        # Again at the very end: CI shows only the tail of the output.
+        print('failure: %s' % failure[:2000])
     print('ok' if ok else 'FAIL', flush=True)
     sys.exit(0 if ok else 1)
