@@ -10,6 +10,7 @@
 #include <string.h>
 #include <sys/time.h>
 
+#include "acks.h"
 #include "conf.h"
 #include "log.h"
 #include "util.h"
@@ -58,6 +59,7 @@ struct broker_sub {
 	unsigned consumes;
 	int want;		/* under lock: the main thread's wish */
 	int consuming;		/* broker thread: basic.consume is active */
+	struct acks acks;	/* broker thread: this channel's settled tags */
 };
 
 struct broker_inflight {
@@ -474,6 +476,7 @@ broker_delivery_done(struct broker *b)
 		log_warn("msg=\"message too large, dead-lettered\" queue=%s bytes=%zu",
 		    b->subs[b->rx_sub].queue, b->rx_have);
 		amqp_basic_reject(b->conn, 2 + b->rx_sub, (uint64_t)b->rx_msg->seq, 0);
+		acks_settled(&b->subs[b->rx_sub].acks, (uint64_t)b->rx_msg->seq);
 		broker_post(b, BROKER_EV_TOO_LARGE, 0, 0, NULL);
 		b->outbuf[b->nout - 1].sub = b->rx_sub;
 		msg_free(b->rx_msg);
@@ -727,16 +730,18 @@ broker_take_queue(struct broker *b)
 	pthread_mutex_unlock(&b->lock);
 }
 
-static int
-broker_settle(struct broker *b, const struct broker_cmd *c)
-{
-	int rc;
+struct broker_ack_ctx {
+	struct broker *b;
+	int sub;
+};
 
-	if (c->kind == BROKER_CMD_ACK)
-		rc = amqp_basic_ack(b->conn, 2 + c->sub, c->tag, 0);
-	else
-		rc = amqp_basic_reject(b->conn, 2 + c->sub, c->tag,
-		    c->kind == BROKER_CMD_REQUEUE);
+static int
+broker_send_ack(void *arg, uint64_t tag, int multiple)
+{
+	struct broker_ack_ctx *x = arg;
+	struct broker *b = x->b;
+	int rc = amqp_basic_ack(b->conn, (amqp_channel_t)(2 + x->sub), tag, multiple);
+
 	if (rc != AMQP_STATUS_OK) {
 		char why[160];
 		snprintf(why, sizeof why, "ack: %s", amqp_error_string2(rc));
@@ -744,6 +749,39 @@ broker_settle(struct broker *b, const struct broker_cmd *c)
 		return -1;
 	}
 	return 0;
+}
+
+/* Acks wait for the end of the batch of commands (acks.h: one frame for a
+ * run); a reject goes at once. */
+static int
+broker_settle(struct broker *b, const struct broker_cmd *c)
+{
+	int rc;
+
+	if (c->kind == BROKER_CMD_ACK) {
+		acks_add(&b->subs[c->sub].acks, c->tag);
+		return 0;
+	}
+	rc = amqp_basic_reject(b->conn, 2 + c->sub, c->tag, c->kind == BROKER_CMD_REQUEUE);
+	if (rc != AMQP_STATUS_OK) {
+		char why[160];
+		snprintf(why, sizeof why, "reject: %s", amqp_error_string2(rc));
+		broker_fail(b, why, 0);
+		return -1;
+	}
+	acks_settled(&b->subs[c->sub].acks, c->tag);
+	return 0;
+}
+
+static void
+broker_flush_acks(struct broker *b)
+{
+	int i;
+
+	for (i = 0; i < (int)b->n_subs && b->state == BROKER_ST_UP; i++) {
+		struct broker_ack_ctx x = { b, i };
+		acks_flush(&b->subs[i].acks, broker_send_ack, &x);
+	}
 }
 
 static void
@@ -768,6 +806,7 @@ broker_do_pending(struct broker *b)
 		msg_free(c->msg);
 		c->msg = NULL;
 	}
+	broker_flush_acks(b);
 	if (b->state == BROKER_ST_UP) {
 		b->npending = 0;
 		broker_drain(b);
@@ -924,8 +963,10 @@ broker_fail(struct broker *b, const char *why, int graceful)
 	b->rx_msg = NULL;
 	broker_ring_clear(b);
 	broker_pending_clear(b);
-	for (size_t i = 0; i < b->n_subs; i++)
+	for (size_t i = 0; i < b->n_subs; i++) {
 		b->subs[i].consuming = 0;
+		acks_reset(&b->subs[i].acks);
+	}
 	if (strcmp(why, "stopping") != 0) {
 		log_warn("msg=\"broker connection lost\" role=%s reason=\"%s\"",
 		    b->role == BROKER_ROLE_PUBLISH ? "publish" : "consume", why);
@@ -1335,6 +1376,7 @@ broker_free(struct broker *b)
 		free(b->subs[i].queue);
 		free(b->subs[i].dlq);
 		free(b->subs[i].queue_type);
+		acks_free(&b->subs[i].acks);
 		broker_free_binds(b->subs[i].binds, b->subs[i].n_binds);
 	}
 	free(b->subs);
