@@ -71,6 +71,7 @@ LAT_SECONDS = env_int('BENCH_LAT_SECONDS', 3 if QUICK else 10)
 STORE_TARGET = env_int('BENCH_SAGA_STORE', 5000 if QUICK else 100000)
 CONCURRENCY = env_int('BENCH_CONCURRENCY', 64)
 MAX_PENDING = env_int('BENCH_MAX_PENDING', 65535)
+QUEUE_TYPE = os.environ.get('BENCH_QUEUE_TYPE') or 'quorum'   # every queue of the run: quorum (default) or classic
 CONNS = env_int('BENCH_CONNS', 32)
 RATE_TARGET, P99_TARGET_MS, RSS_TARGET_MB = 500, 50.0, 64
 SAGA = 'create-order'
@@ -88,6 +89,7 @@ def fig(name, value, comment=''):
     print('%s=%s' % (name, value), flush=True)
 
 
+SAGA_QUEUE = 'saga_queue_type = "%s";\n' % QUEUE_TYPE
 SAGA_CONF = '''
 sagas = (
   {
@@ -112,8 +114,9 @@ sagas = (
 def subscriptions(*subs):
     """subs: (name, [bindings], deliver URL)"""
     return 'subscriptions = (\n%s\n);\n' % ',\n'.join(
-        '  { name = "%s"; bind = [ %s ]; deliver = "%s"; concurrency = %d; max_pending = %d; }'
-        % (name, ', '.join('"%s"' % b for b in binds), url, CONCURRENCY, MAX_PENDING)
+        '  { name = "%s"; bind = [ %s ]; deliver = "%s"; concurrency = %d; max_pending = %d;'
+        ' queue_type = "%s"; }'
+        % (name, ', '.join('"%s"' % b for b in binds), url, CONCURRENCY, MAX_PENDING, QUEUE_TYPE)
         for name, binds, url in subs)
 
 
@@ -125,7 +128,7 @@ class Setup:
         big = 'max_bytes = %dL;' % (16 << 30)
         so = self.sinks['orders'].base
         self.orders = h.Sagad(workdir, self.broker.url, name='orders', heartbeat=10,
-                              store_extra=big, conf_extra=SAGA_CONF + subscriptions(
+                              store_extra=big, conf_extra=SAGA_CONF + SAGA_QUEUE + subscriptions(
                                   ('commands', ['commands:order.#'], so + '/commands'),
                                   ('events', ['events:order.approved', 'events:order.rejected'],
                                    so + '/events')))

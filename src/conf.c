@@ -208,6 +208,7 @@ static const struct conf_key conf_top_keys[] = {
 	{ "service", CONF_STR, T(service), 0, 0, NULL, NULL },
 	{ "user", CONF_STR, T(user), 0, 0, NULL, NULL },
 	{ "drain_timeout", CONF_DUR, T(drain_timeout), 0, 3600, NULL, NULL },
+	{ "saga_queue_type", CONF_STR, T(saga_queue_type), 0, 0, NULL, NULL },
 	{ "broker", CONF_GROUP, 0, 0, 0, conf_broker_keys, NULL },
 	{ "store", CONF_GROUP, 0, 0, 0, conf_store_keys, NULL },
 	{ "api", CONF_GROUP, 0, 0, 0, conf_api_keys, NULL },
@@ -788,6 +789,10 @@ conf_saga_subscription(struct sagad_conf *c)
 	conf_sub_defaults(s);
 	s->name = strdup("_sagas");
 	s->queue = strdup(c->saga_queue);
+	if (c->saga_queue_type) {
+		free(s->queue_type);
+		s->queue_type = strdup(c->saga_queue_type);
+	}
 	s->deliver = strdup("internal:sagas");
 	s->internal = 1;
 	s->concurrency = 64;
@@ -876,6 +881,7 @@ static void
 conf_defaults(struct sagad_conf *c)
 {
 	c->drain_timeout = 10;
+	c->saga_queue_type = strdup("quorum");
 	c->broker.url = strdup("amqp://guest:guest@127.0.0.1:5672/%2f");
 	c->broker.heartbeat = 10;
 	c->broker.connect_timeout = 5;
@@ -1043,6 +1049,9 @@ conf_check(struct conf_ctx *ctx, config_t *cfg, struct sagad_conf *c)
 		    "broker reconnect_max is below reconnect_initial");
 	conf_check_subs(ctx, cfg, c);
 	conf_check_sagas(ctx, cfg, c);
+	if (strcmp(c->saga_queue_type, "quorum") != 0 && strcmp(c->saga_queue_type, "classic") != 0)
+		conf_err(ctx, config_lookup(cfg, "saga_queue_type"),
+		    "saga_queue_type must be quorum or classic");
 	if (!ctx->errs->n)
 		conf_saga_subscription(c);
 }
@@ -1280,6 +1289,7 @@ conf_free(struct sagad_conf *c)
 	}
 	free(c->sagas);
 	free(c->saga_queue);
+	free(c->saga_queue_type);
 	for (i = 0; i < c->n_sources; i++) {
 		struct conf_source *src = &c->sources[i];
 		size_t j;

@@ -138,6 +138,7 @@ struct sagad_conf {
 	struct conf_saga *sagas;
 	size_t n_sagas;
 	char *saga_queue;	/* <service>.sagas: starts, events and replies */
+	char *saga_queue_type;	/* its queue type: quorum (default) or classic */
 	struct conf_source *sources;
 	size_t n_sources;
 };

@@ -99,6 +99,7 @@ reload_keep(struct sagad_conf *nc, struct sagad_conf *oc)
 	tg = nc->sagas; nc->sagas = oc->sagas; oc->sagas = tg;
 	tn = nc->n_sagas; nc->n_sagas = oc->n_sagas; oc->n_sagas = tn;
 	KEEP_STR(saga_queue, "sagas");
+	KEEP_STR(saga_queue_type, "saga_queue_type");
 	nc->api.socket_mode = oc->api.socket_mode;
 #undef KEEP_STR
 }

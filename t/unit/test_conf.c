@@ -307,6 +307,39 @@ test_token_file(void **state)
 
 /* ---- errors, each with its FILE:LINE ---- */
 
+/* The saga engine's own queue: quorum unless saga_queue_type says classic. */
+static void
+test_saga_queue_type(void **state)
+{
+	static const char saga[] =
+	    "sagas = ( { name = \"s\"; mode = \"orchestrated\"; start = \"events:a.created\";\n"
+	    "  steps = ( { name = \"one\"; command = \"commands:a.do\"; } ); } );\n";
+	char text[1024];
+	struct sagad_conf *c;
+	size_t i;
+	int seen = 0;
+
+	(void)state;
+	snprintf(text, sizeof text, SVC "exchanges = ( { name = \"events\"; type = \"topic\"; },"
+	    " { name = \"commands\"; type = \"topic\"; } );\n%s", saga);
+	c = load_ok(text);
+	for (i = 0; i < c->n_subs; i++)
+		if (c->subs[i].internal) {
+			assert_string_equal(c->subs[i].queue_type, "quorum");
+			seen = 1;
+		}
+	assert_true(seen);
+	conf_free(c);
+	snprintf(text, sizeof text, SVC "exchanges = ( { name = \"events\"; type = \"topic\"; },"
+	    " { name = \"commands\"; type = \"topic\"; } );\n%ssaga_queue_type = \"classic\";\n", saga);
+	c = load_ok(text);
+	for (i = 0; i < c->n_subs; i++)
+		if (c->subs[i].internal)
+			assert_string_equal(c->subs[i].queue_type, "classic");
+	conf_free(c);
+	expect_error(SVC "saga_queue_type = \"fast\";\n", 2, "saga_queue_type must be quorum or classic");
+}
+
 static void
 test_err_unknown_top_key(void **state)
 {
@@ -823,6 +856,7 @@ main(void)
 		cmocka_unit_test(test_listen_variants),
 		cmocka_unit_test_setup_teardown(test_password_file, setup_tmp, teardown_tmp),
 		cmocka_unit_test_setup_teardown(test_token_file, setup_tmp, teardown_tmp),
+		cmocka_unit_test(test_saga_queue_type),
 		cmocka_unit_test(test_err_unknown_top_key),
 		cmocka_unit_test(test_err_unknown_group_keys),
 		cmocka_unit_test(test_err_wrong_types),
