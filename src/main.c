@@ -307,6 +307,7 @@ sagad_run(struct sagad_main *sm)
 	hooks.rolled_back = relay_rolled_back;
 	hooks.arg = d->relay;
 	store_set_hooks(d->store, &hooks);
+	store_set_async(d->store);
 	d->broker = broker_new(d->base, d->conf, BROKER_ROLE_PUBLISH, relay_broker_event, d->relay);
 	relay_set_broker(d->relay, d->broker);
 	if (broker_start(d->broker) < 0) {

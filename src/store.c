@@ -11,6 +11,7 @@
 #include <unistd.h>
 
 #include "log.h"
+#include "syncer.h"
 
 enum store_stmt {
 	ST_BEGIN, ST_COMMIT, ST_ROLLBACK,
@@ -167,9 +168,14 @@ struct store {
 	int64_t bytes;		/* pages in use at the last commit */
 	int64_t tx_bytes;	/* rough size of what the open transaction adds */
 	int64_t committed_seq, tx_seq;
+	int64_t written_seq;	/* tx_seq at the last commit, durable or not yet */
 	int64_t count, tx_count;
 	int full_seen;		/* SQLITE_FULL in this transaction: checkpoint after */
 	int tx_durable;		/* the open transaction holds a write that needs an fsync */
+	struct syncer *syncer;	/* store_set_async: fsyncs off the event loop */
+	int wal_fd;
+	struct store_batch *batches;	/* committed, waiting for their sync */
+	size_t nbatches, capbatches;
 };
 
 static void store_commit_cb(evutil_socket_t fd, short what, void *arg);
@@ -255,6 +261,7 @@ store_open(const char *path, struct event_base *base, int64_t max_bytes, char **
 	*err = NULL;
 	st->path = strdup(path);
 	st->max_bytes = max_bytes;
+	st->wal_fd = -1;
 	st->lock_fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0600);
 	if (st->lock_fd < 0) {
 		store_fail(st, err, "cannot open");
@@ -303,7 +310,7 @@ store_open(const char *path, struct event_base *base, int64_t max_bytes, char **
 		store_fail(st, err, "cannot read (damaged?)");
 		return NULL;
 	}
-	st->tx_seq = st->committed_seq;
+	st->tx_seq = st->written_seq = st->committed_seq;
 	st->bytes = store_query_int(st, store_sql[ST_PAGES]) * st->page_size;
 	st->commit_ev = event_new(base, -1, 0, store_commit_cb, st);
 	/* Lowest priority: the commit runs after every ready request of the
@@ -319,8 +326,12 @@ store_close(struct store *st)
 
 	if (!st)
 		return;
-	if (st->in_tx)
+	if (st->in_tx || st->nbatches)
 		store_flush(st);
+	syncer_free(st->syncer);
+	if (st->wal_fd >= 0)
+		close(st->wal_fd);
+	free(st->batches);
 	for (i = 0; i < ST_COUNT; i++)
 		sqlite3_finalize(st->stmt[i]);
 	if (st->db)
@@ -403,7 +414,7 @@ store_lost(struct store *st)
 		sqlite3_exec(st->db, "PRAGMA wal_checkpoint(TRUNCATE)", NULL, NULL, NULL);
 	st->in_tx = 0;
 	st->tx_durable = 0;
-	st->tx_seq = st->committed_seq;
+	st->tx_seq = st->written_seq;
 	st->tx_count = 0;
 	st->tx_bytes = 0;
 	store_run_callbacks(st, 0);
@@ -455,13 +466,170 @@ store_check_tx(struct store *st)
 		store_lost(st);
 }
 
+/* A committed transaction whose answers wait for its sync. */
+struct store_batch {
+	uint64_t gen;		/* the syncer generation that makes it durable */
+	int64_t seq;		/* the outbox seq it commits up to */
+	struct store_cb *cbs;
+	size_t ncbs;
+};
+
+static void
+store_fsync_failed(struct store *st)
+{
+	/* fsync failed: what the kernel dropped cannot be known (fsyncgate);
+	 * nobody is told "durable", the daemon stops. */
+	log_error("msg=\"store write failed\" path=%s error=\"fsync of the write-ahead log failed\"",
+	    st->path);
+	if (!st->broken) {
+		st->broken = 1;
+		if (st->fatal)
+			st->fatal(st->fatal_arg, "fsync of the write-ahead log failed");
+	}
+}
+
+/* Answer the batches made durable up to gen (all of them, as failed, when
+ * the sync failed). */
+static void
+store_settle(struct store *st, uint64_t gen, int err)
+{
+	size_t i, n = 0, j;
+	int done = 0;
+
+	while (n < st->nbatches && (err || st->batches[n].gen <= gen))
+		n++;
+	if (!n)
+		return;
+	/* Detach first: callbacks may commit more and add batches. */
+	struct store_batch *b = malloc(n * sizeof *b);
+	memcpy(b, st->batches, n * sizeof *b);
+	memmove(st->batches, st->batches + n, (st->nbatches - n) * sizeof *b);
+	st->nbatches -= n;
+	for (i = 0; i < n; i++) {
+		if (!err) {
+			st->committed_seq = b[i].seq;
+			done = 1;
+		}
+		for (j = 0; j < b[i].ncbs; j++)
+			b[i].cbs[j].fn(b[i].cbs[j].arg, !err);
+		free(b[i].cbs);
+	}
+	free(b);
+	if (err)
+		store_fsync_failed(st);
+	else if (done && st->hooks.committed)
+		st->hooks.committed(st->hooks.arg);
+}
+
+static void
+store_synced_cb(void *arg, uint64_t gen, int err)
+{
+	store_settle(arg, gen, err);
+}
+
+/* Wait for the syncer and answer what it made durable. */
+static int
+store_drain_syncs(struct store *st)
+{
+	uint64_t gen;
+	int err;
+
+	if (!st->syncer || !st->nbatches)
+		return 0;
+	err = syncer_wait(st->syncer, &gen);
+	store_settle(st, gen, err);
+	return err ? -1 : 0;
+}
+
+void
+store_set_async(struct store *st)
+{
+	char *wal;
+
+	if (st->syncer || asprintf(&wal, "%s-wal", st->path) < 0)
+		return;
+	/* Our own descriptor of the write-ahead log: fsync acts on the file,
+	 * whichever descriptor wrote. The log lives as long as our connection
+	 * (SQLite removes it only when the last connection closes). */
+	st->wal_fd = open(wal, O_RDONLY | O_CLOEXEC);
+	if (st->wal_fd >= 0)
+		st->syncer = syncer_new(event_get_base(st->commit_ev), st->wal_fd,
+		    store_synced_cb, st);
+	if (!st->syncer)
+		log_warn("msg=\"store: syncing on the event loop\" path=%s error=\"%s\"", wal,
+		    st->wal_fd < 0 ? strerror(errno) : "cannot start a thread");
+	free(wal);
+}
+
+/* Commit the open transaction; 0, or -1 when it was lost. */
+static int
+store_commit(struct store *st)
+{
+	if (store_step_done(st, st->stmt[ST_COMMIT]) < 0) {
+		st->tx_durable = 0;
+		store_lost(st);
+		return -1;
+	}
+	st->in_tx = 0;
+	st->written_seq = st->tx_seq;
+	st->count += st->tx_count;
+	st->tx_count = 0;
+	st->tx_bytes = 0;
+	if (sqlite3_step(st->stmt[ST_PAGES]) == SQLITE_ROW)
+		st->bytes = sqlite3_column_int64(st->stmt[ST_PAGES], 0) * st->page_size;
+	sqlite3_reset(st->stmt[ST_PAGES]);
+	if (st->full_seen) {
+		/* The disk filled up: give the log's space back now. */
+		sqlite3_exec(st->db, "PRAGMA wal_checkpoint(TRUNCATE)", NULL, NULL, NULL);
+		st->full_seen = 0;
+	}
+	return 0;
+}
+
+/* The commit event, with a syncer: the transaction is committed now and
+ * answered when the syncer has made it durable; the loop does not wait. */
+static void
+store_commit_async(struct store *st)
+{
+	struct store_batch *b;
+	int durable = st->tx_durable;
+
+	if (st->in_tx && store_commit(st) < 0)
+		return;
+	st->tx_durable = 0;
+	if (!durable && !st->nbatches) {
+		/* Nothing waits for a sync: answer at once, in order. */
+		st->committed_seq = st->tx_seq;
+		store_run_callbacks(st, 1);
+		if (st->hooks.committed)
+			st->hooks.committed(st->hooks.arg);
+		return;
+	}
+	if (!durable && !st->ncbs && st->tx_seq == st->batches[st->nbatches - 1].seq)
+		return;
+	if (st->nbatches == st->capbatches) {
+		st->capbatches = st->capbatches ? st->capbatches * 2 : 16;
+		st->batches = realloc(st->batches, st->capbatches * sizeof *st->batches);
+	}
+	b = &st->batches[st->nbatches++];
+	/* A batch that needs no sync of its own still waits for those before
+	 * it: answers go out in commit order. */
+	b->gen = durable ? syncer_request(st->syncer) : st->batches[st->nbatches - 2].gen;
+	b->seq = st->tx_seq;
+	b->cbs = st->cbs;
+	b->ncbs = st->ncbs;
+	st->cbs = NULL;
+	st->ncbs = st->capcbs = 0;
+}
+
 /*
  * The connection runs with synchronous=NORMAL: a commit writes the WAL but
  * does not fsync it. A transaction that records something new is then made
- * durable here, by syncing the WAL through SQLite's own handle; one that
- * only records finished work (store_begin_relaxed) is not. This is
- * synchronous=FULL for the first kind (SQLite refuses to change the level
- * inside a transaction, and only the end of one knows what it held).
+ * durable by syncing the WAL: here, through SQLite's own handle, or by the
+ * syncer thread (store_set_async); one that only records finished work
+ * (store_begin_relaxed) is not. This is synchronous=FULL for the first kind
+ * (SQLite refuses to change the level inside a transaction, and only the
+ * end of one knows what it held).
  */
 static int
 store_sync_wal(struct store *st)
@@ -475,55 +643,35 @@ store_sync_wal(struct store *st)
 	else
 		rc = wal->pMethods->xSync(wal, SQLITE_SYNC_NORMAL);
 	if (rc != SQLITE_OK) {
-		log_error("msg=\"store write failed\" path=%s error=\"fsync of the write-ahead log failed\"",
-		    st->path);
-		if (!st->broken) {
-			st->broken = 1;
-			if (st->fatal)
-				st->fatal(st->fatal_arg, "fsync of the write-ahead log failed");
-		}
+		store_fsync_failed(st);
 		return -1;
 	}
 	return 0;
 }
 
+/* Commit and sync now, and answer everything: for stopping and tests. */
 int
 store_flush(struct store *st)
 {
-	int rc;
+	int durable;
 
+	if (store_drain_syncs(st) < 0) {
+		store_run_callbacks(st, 0);
+		return -1;
+	}
+	durable = st->tx_durable;
 	if (!st->in_tx) {
 		store_run_callbacks(st, 1);
 		return 0;
 	}
-	rc = store_step_done(st, st->stmt[ST_COMMIT]);
-	if (rc < 0) {
-		st->tx_durable = 0;
-		store_lost(st);
+	if (store_commit(st) < 0)
 		return -1;
-	}
-	if (st->tx_durable && store_sync_wal(st) < 0) {
-		/* fsync failed: what the kernel dropped cannot be known
-		 * (fsyncgate); nobody is told "durable", the daemon stops. */
-		st->tx_durable = 0;
-		st->in_tx = 0;
+	st->tx_durable = 0;
+	if (durable && store_sync_wal(st) < 0) {
 		store_run_callbacks(st, 0);
 		return -1;
 	}
-	st->tx_durable = 0;
-	st->in_tx = 0;
 	st->committed_seq = st->tx_seq;
-	st->count += st->tx_count;
-	st->tx_count = 0;
-	st->tx_bytes = 0;
-	if (sqlite3_step(st->stmt[ST_PAGES]) == SQLITE_ROW)
-		st->bytes = sqlite3_column_int64(st->stmt[ST_PAGES], 0) * st->page_size;
-	sqlite3_reset(st->stmt[ST_PAGES]);
-	if (st->full_seen) {
-		/* The disk filled up: give the log's space back now. */
-		sqlite3_exec(st->db, "PRAGMA wal_checkpoint(TRUNCATE)", NULL, NULL, NULL);
-		st->full_seen = 0;
-	}
 	store_run_callbacks(st, 1);
 	if (st->hooks.committed)
 		st->hooks.committed(st->hooks.arg);
@@ -533,9 +681,14 @@ store_flush(struct store *st)
 static void
 store_commit_cb(evutil_socket_t fd, short what, void *arg)
 {
+	struct store *st = arg;
+
 	(void)fd;
 	(void)what;
-	store_flush(arg);
+	if (st->syncer)
+		store_commit_async(st);
+	else
+		store_flush(st);
 }
 
 void

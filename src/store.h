@@ -39,6 +39,10 @@ struct store *store_open(const char *path, struct event_base *base,
     int64_t max_bytes, char **err);
 void store_close(struct store *st);
 void store_set_hooks(struct store *st, const struct store_hooks *hooks);
+/* Commits made by the event loop are synced by a thread of their own and
+ * answered when durable (pipelined group commit); store_flush stays
+ * synchronous. */
+void store_set_async(struct store *st);
 void store_set_max_bytes(struct store *st, int64_t max_bytes);
 /* Called once when the file turns unusable (I/O error, corruption): the
  * daemon stops with exit status 3 rather than go on without its store. */

@@ -1,0 +1,159 @@
+/* Unit tests for src/syncer.c: fsyncs off the event loop, answered on it
+ * in generation order; a failed fsync is reported, never hidden. */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <cmocka.h>
+
+#include <errno.h>
+#include <event2/event.h>
+#include <event2/thread.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "syncer.h"
+
+struct seen {
+	struct event_base *base;
+	uint64_t gen;
+	int err, calls;
+	uint64_t want;
+};
+
+static void
+on_done(void *arg, uint64_t gen, int err)
+{
+	struct seen *s = arg;
+
+	assert_true(gen >= s->gen);	/* never backwards */
+	s->gen = gen;
+	s->err = err;
+	s->calls++;
+	if (err || gen >= s->want)
+		event_base_loopbreak(s->base);
+}
+
+static int
+temp_file(char *path, size_t n)
+{
+	int fd;
+
+	snprintf(path, n, "/tmp/sagad-test-syncer-XXXXXX");
+	fd = mkstemp(path);
+	assert_true(fd >= 0);
+	return fd;
+}
+
+static void
+run_until(struct seen *s)
+{
+	struct timeval limit = { 10, 0 };
+
+	event_base_loopexit(s->base, &limit);
+	event_base_dispatch(s->base);
+}
+
+static void
+test_requests_are_served_in_order(void **state)
+{
+	struct seen s;
+	char path[64];
+	int fd = temp_file(path, sizeof path), i;
+	struct syncer *sy;
+	uint64_t g = 0;
+
+	(void)state;
+	memset(&s, 0, sizeof s);
+	s.base = event_base_new();
+	event_base_priority_init(s.base, 3);
+	sy = syncer_new(s.base, fd, on_done, &s);
+	assert_non_null(sy);
+	for (i = 0; i < 50; i++) {
+		assert_int_equal(write(fd, "0123456789", 10), 10);
+		g = syncer_request(sy);
+		assert_int_equal(g, (uint64_t)i + 1);
+	}
+	s.want = g;
+	run_until(&s);
+	assert_int_equal(s.gen, g);
+	assert_int_equal(s.err, 0);
+	/* Requests made while a sync ran were served together. */
+	assert_true(s.calls >= 1 && s.calls <= 50);
+	syncer_free(sy);
+	event_base_free(s.base);
+	close(fd);
+	unlink(path);
+}
+
+static void
+test_wait_serves_everything(void **state)
+{
+	struct seen s;
+	char path[64];
+	int fd = temp_file(path, sizeof path);
+	struct syncer *sy;
+	uint64_t gen = 0;
+
+	(void)state;
+	memset(&s, 0, sizeof s);
+	s.base = event_base_new();
+	event_base_priority_init(s.base, 3);
+	sy = syncer_new(s.base, fd, on_done, &s);
+	syncer_request(sy);
+	syncer_request(sy);
+	assert_int_equal(syncer_wait(sy, &gen), 0);
+	assert_int_equal(gen, 2);
+	/* Nothing new for the loop: the waiter settled them. */
+	s.want = 3;
+	{
+		struct timeval t = { 0, 200000 };
+		event_base_loopexit(s.base, &t);
+		event_base_dispatch(s.base);
+	}
+	assert_int_equal(s.calls, 0);
+	syncer_free(sy);
+	event_base_free(s.base);
+	close(fd);
+	unlink(path);
+}
+
+static void
+test_failed_sync_is_reported(void **state)
+{
+	struct seen s;
+	struct syncer *sy;
+	uint64_t gen = 0;
+
+	(void)state;
+	memset(&s, 0, sizeof s);
+	s.base = event_base_new();
+	event_base_priority_init(s.base, 3);
+	/* A descriptor that cannot be synced. */
+	sy = syncer_new(s.base, -1, on_done, &s);
+	s.want = 1;
+	syncer_request(sy);
+	run_until(&s);
+	assert_int_equal(s.err, EBADF);
+	/* Sticky: a waiter sees it too. */
+	syncer_request(sy);
+	assert_int_equal(syncer_wait(sy, &gen), EBADF);
+	syncer_free(sy);
+	event_base_free(s.base);
+}
+
+int
+main(void)
+{
+	const struct CMUnitTest tests[] = {
+		cmocka_unit_test(test_requests_are_served_in_order),
+		cmocka_unit_test(test_wait_serves_everything),
+		cmocka_unit_test(test_failed_sync_is_reported),
+	};
+
+	evthread_use_pthreads();
+	return cmocka_run_group_tests(tests, NULL, NULL);
+}
