@@ -48,6 +48,16 @@ temp_file(char *path, size_t n)
 	return fd;
 }
 
+/* A loop with the daemon's three priorities and a syncer on fd. */
+static struct syncer *
+setup(struct seen *s, int fd)
+{
+	memset(s, 0, sizeof *s);
+	s->base = event_base_new();
+	event_base_priority_init(s->base, 3);
+	return syncer_new(s->base, fd, on_done, s);
+}
+
 static void
 run_until(struct seen *s)
 {
@@ -67,10 +77,7 @@ test_requests_are_served_in_order(void **state)
 	uint64_t g = 0;
 
 	(void)state;
-	memset(&s, 0, sizeof s);
-	s.base = event_base_new();
-	event_base_priority_init(s.base, 3);
-	sy = syncer_new(s.base, fd, on_done, &s);
+	sy = setup(&s, fd);
 	assert_non_null(sy);
 	for (i = 0; i < 50; i++) {
 		assert_int_equal(write(fd, "0123456789", 10), 10);
@@ -99,10 +106,7 @@ test_wait_serves_everything(void **state)
 	uint64_t gen = 0;
 
 	(void)state;
-	memset(&s, 0, sizeof s);
-	s.base = event_base_new();
-	event_base_priority_init(s.base, 3);
-	sy = syncer_new(s.base, fd, on_done, &s);
+	sy = setup(&s, fd);
 	syncer_request(sy);
 	syncer_request(sy);
 	assert_int_equal(syncer_wait(sy, &gen), 0);
@@ -129,11 +133,7 @@ test_failed_sync_is_reported(void **state)
 	uint64_t gen = 0;
 
 	(void)state;
-	memset(&s, 0, sizeof s);
-	s.base = event_base_new();
-	event_base_priority_init(s.base, 3);
-	/* A descriptor that cannot be synced. */
-	sy = syncer_new(s.base, -1, on_done, &s);
+	sy = setup(&s, -1);	/* a descriptor that cannot be synced */
 	s.want = 1;
 	syncer_request(sy);
 	run_until(&s);
