@@ -3,12 +3,15 @@
 #include <event2/buffer.h>
 #include <event2/event.h>
 #include <event2/http.h>
+#include <event2/keyvalq_struct.h>
 #include <jansson.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/queue.h>
 
 #include "conf.h"
+#include "hclient.h"
 #include "log.h"
 #include "sagad.h"
 #include "store.h"
@@ -22,8 +25,7 @@ struct dmsg {
 };
 
 struct dconn {
-	struct evhttp_connection *evcon;
-	int busy;
+	struct hclient *hc;	/* NULL until first used */
 };
 
 struct dsub {
@@ -62,8 +64,6 @@ struct dattempt {
 	struct dsub *ds;
 	struct dmsg *dm;
 	struct dconn *conn;
-	enum evhttp_request_error error;
-	int failed;
 };
 
 /* Ack after the commit that holds the inbox record. */
@@ -213,11 +213,11 @@ delivery_copy_props(struct props *dst, const struct props *src)
 /* The service's answer to a command goes back to its reply_to queue, in
  * the same transaction as the inbox record. */
 static void
-dsub_reply(struct dsub *ds, struct dmsg *dm, struct evhttp_request *req, int success)
+dsub_reply(struct dsub *ds, struct dmsg *dm, const struct hclient_answer *ans, int success)
 {
 	const struct msg *in = dm->rec->m;
-	struct evbuffer *body = evhttp_request_get_input_buffer(req);
-	const char *ct = evhttp_find_header(evhttp_request_get_input_headers(req), "Content-Type");
+	struct evbuffer *body = ans->body;
+	const char *ct = ans->content_type;
 	const char *h;
 	struct msg m;
 
@@ -312,20 +312,6 @@ dsub_circuit_fail(struct dsub *ds)
 	}
 }
 
-static const char *
-delivery_error_name(enum evhttp_request_error e)
-{
-	switch (e) {
-	case EVREQ_HTTP_TIMEOUT: return "timeout";
-	case EVREQ_HTTP_EOF: return "connection closed";
-	case EVREQ_HTTP_INVALID_HEADER: return "malformed answer";
-	case EVREQ_HTTP_BUFFER_ERROR: return "connection error";
-	case EVREQ_HTTP_REQUEST_CANCEL: return "cancelled";
-	case EVREQ_HTTP_DATA_TOO_LONG: return "answer too large";
-	default: return "connection failed";
-	}
-}
-
 static void
 dsub_retry(struct dsub *ds, struct dmsg *dm, int status, const char *error)
 {
@@ -357,24 +343,21 @@ dsub_done(struct dsub *ds, struct dmsg *dm, int status)
 }
 
 static void
-delivery_answered(struct dattempt *a, struct evhttp_request *req)
+delivery_answered(struct dattempt *a, const struct hclient_answer *ans)
 {
 	struct dsub *ds = a->ds;
 	struct dmsg *dm = a->dm;
-	int status = req ? evhttp_request_get_response_code(req) : 0;
+	int status = ans->status;
 	char error[96];
 
-	if (!req || status == 0 || a->failed) {
-		/* libevent 2.1 reports a refused connect without the error
-		 * callback: no error recorded means the connection failed. */
-		snprintf(error, sizeof error, "%s", a->failed ?
-		    delivery_error_name(a->error) : "connection failed");
+	if (ans->result != HCLIENT_ANSWERED) {
+		snprintf(error, sizeof error, "%s", hclient_result_name(ans->result));
 		dsub_retry(ds, dm, 0, error);
 	} else if (status >= 200 && status <= 299) {
 		dsub_circuit_ok(ds);
 		ds->stats.outcomes[OUTCOME_SUCCESS]++;
 		if (dm->rec->m->props.reply_to)
-			dsub_reply(ds, dm, req, 1);
+			dsub_reply(ds, dm, ans, 1);
 		dsub_done(ds, dm, status);
 	} else if (status == 409 || status == 422) {
 		dsub_circuit_ok(ds);
@@ -384,7 +367,7 @@ delivery_answered(struct dattempt *a, struct evhttp_request *req)
 			 * command (same id) again later, and then it must reach
 			 * the service. */
 			ds->stats.outcomes[OUTCOME_REFUSED]++;
-			dsub_reply(ds, dm, req, 0);
+			dsub_reply(ds, dm, ans, 0);
 			store_inbox_forget(ds->dl->d->store, dm->rec->id);
 			dsub_remove(ds, dm);
 		} else {
@@ -404,28 +387,18 @@ delivery_answered(struct dattempt *a, struct evhttp_request *req)
 }
 
 static void
-delivery_error_cb(enum evhttp_request_error e, void *arg)
-{
-	struct dattempt *a = arg;
-
-	a->error = e;
-	a->failed = 1;
-}
-
-static void
-delivery_done_cb(struct evhttp_request *req, void *arg)
+delivery_done_cb(void *arg, const struct hclient_answer *ans)
 {
 	struct dattempt *a = arg;
 	struct dsub *ds = a->ds;
 
 	a->dm->inflight = 0;
-	a->conn->busy = 0;
 	ds->inflight--;
-	if (ds->dl->d->state == SAGAD_STOPPED) {
+	if (ds->dl->d->state == SAGAD_STOPPED || ans->result == HCLIENT_CANCELLED) {
 		free(a);
 		return;
 	}
-	delivery_answered(a, req);
+	delivery_answered(a, ans);
 	free(a);
 	dsub_flow(ds);
 	dsub_schedule(ds);
@@ -487,25 +460,43 @@ static struct dconn *
 dsub_idle_conn(struct dsub *ds)
 {
 	const struct conf_subscription *c = dsub_conf(ds);
-	struct timeval tv;
 	int i;
 
 	for (i = 0; i < ds->nconns; i++)
-		if (!ds->conns[i].busy)
+		if (!ds->conns[i].hc || !hclient_busy(ds->conns[i].hc))
 			break;
 	if (i == ds->nconns)
 		return NULL;
-	if (!ds->conns[i].evcon) {
-		ds->conns[i].evcon = evhttp_connection_base_new(ds->dl->d->base, NULL,
-		    ds->host, (unsigned short)ds->port);
-		evhttp_connection_set_retries(ds->conns[i].evcon, 0);
-		evhttp_connection_set_max_body_size(ds->conns[i].evcon, c->max_message_bytes);
-		evhttp_connection_set_max_headers_size(ds->conns[i].evcon, 65536);
-	}
-	tv.tv_sec = (time_t)c->timeout;
-	tv.tv_usec = (suseconds_t)((c->timeout - tv.tv_sec) * 1e6);
-	evhttp_connection_set_timeout_tv(ds->conns[i].evcon, &tv);
+	if (!ds->conns[i].hc)
+		ds->conns[i].hc = hclient_new(ds->dl->d->base, ds->host, ds->port,
+		    (size_t)c->max_message_bytes, 65536);
 	return &ds->conns[i];
+}
+
+/* The request as it goes on the wire: request line, the headers of
+ * delivery_headers, Content-Length, the body. */
+static void
+delivery_request(struct dsub *ds, struct dmsg *dm, struct evbuffer *out)
+{
+	struct evkeyvalq h;
+	struct evkeyval *kv;
+	char len[32];
+
+	TAILQ_INIT(&h);
+	delivery_headers(ds, dm, &h);
+	evbuffer_add(out, "POST ", 5);
+	evbuffer_add(out, ds->path, strlen(ds->path));
+	evbuffer_add(out, " HTTP/1.1\r\n", 11);
+	TAILQ_FOREACH(kv, &h, next) {
+		evbuffer_add(out, kv->key, strlen(kv->key));
+		evbuffer_add(out, ": ", 2);
+		evbuffer_add(out, kv->value, strlen(kv->value));
+		evbuffer_add(out, "\r\n", 2);
+	}
+	evhttp_clear_headers(&h);
+	snprintf(len, sizeof len, "Content-Length: %zu\r\n\r\n", dm->rec->m->body_len);
+	evbuffer_add(out, len, strlen(len));
+	evbuffer_add(out, dm->rec->m->body, dm->rec->m->body_len);
 }
 
 static void
@@ -513,7 +504,7 @@ dsub_attempt(struct dsub *ds, struct dmsg *dm)
 {
 	struct dconn *conn = dsub_idle_conn(ds);
 	struct dattempt *a;
-	struct evhttp_request *req;
+	struct evbuffer *req;
 
 	if (!conn)
 		return;
@@ -521,23 +512,15 @@ dsub_attempt(struct dsub *ds, struct dmsg *dm)
 	a->ds = ds;
 	a->dm = dm;
 	a->conn = conn;
-	req = evhttp_request_new(delivery_done_cb, a);
-	evhttp_request_set_error_cb(req, delivery_error_cb);
-	delivery_headers(ds, dm, evhttp_request_get_output_headers(req));
-	evbuffer_add(evhttp_request_get_output_buffer(req), dm->rec->m->body,
-	    dm->rec->m->body_len);
+	req = evbuffer_new();
+	delivery_request(ds, dm, req);
 	dm->inflight = 1;
 	dm->rec->attempts++;
-	conn->busy = 1;
 	ds->inflight++;
-	if (evhttp_make_request(conn->evcon, req, EVHTTP_REQ_POST, ds->path) < 0) {
-		/* libevent freed the request; count it as a failed attempt. */
-		dm->inflight = 0;
-		conn->busy = 0;
-		ds->inflight--;
-		dsub_retry(ds, dm, 0, "cannot send the request");
-		free(a);
-	}
+	/* Cannot fail: the connection was idle. Its answer, or failure,
+	 * comes from the loop. */
+	hclient_send(conn->hc, req, dsub_conf(ds)->timeout, delivery_done_cb, a);
+	evbuffer_free(req);
 }
 
 static int
@@ -907,8 +890,7 @@ delivery_free(struct delivery *dl)
 		/* Freeing a connection cancels its request; the callback then
 		 * sees SAGAD_STOPPED and only frees its attempt. */
 		for (k = 0; k < ds->nconns; k++)
-			if (ds->conns[k].evcon)
-				evhttp_connection_free(ds->conns[k].evcon);
+			hclient_free(ds->conns[k].hc);
 		for (j = 0; j < ds->npending; j++) {
 			inbox_rec_free(ds->pending[j]->rec);
 			free(ds->pending[j]);
