@@ -341,8 +341,13 @@ hclient_finish(struct hclient *c, enum hclient_result r)
 
 	evtimer_del(c->timer_ev);
 	event_del(c->fail_ev);
-	if (r != HCLIENT_ANSWERED || p.close || evbuffer_get_length(c->in))
-		hclient_close(c);	/* bytes after the answer: not ours to guess */
+	/* Kept only when the exchange ended cleanly: not after an error, not
+	 * when the server said close, not with bytes after the answer (not
+	 * ours to guess), not when it answered before taking the whole
+	 * request (the rest would be read as the next request). */
+	if (r != HCLIENT_ANSWERED || p.close || evbuffer_get_length(c->in) ||
+	    evbuffer_get_length(c->out))
+		hclient_close(c);
 	else
 		c->state = HC_IDLE;
 	hparse_init(&c->parse, c->max_body, c->max_headers);
