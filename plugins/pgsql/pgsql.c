@@ -784,9 +784,8 @@ pg_row(struct pgsrc *p, PGresult *r, int row)
 	char **names = NULL, **values = NULL, *mem = NULL, *body = NULL;
 	size_t nh = 0, blen;
 	const char *why = NULL;
-	enum sagad_publish_result pr;
 	int64_t seq = strtoll(PQgetvalue(r, row, COL_SEQ), NULL, 10);
-	int ret = 1;
+	int ret;
 
 	memset(&m, 0, sizeof m);
 	m.message_id = PQgetisnull(r, row, COL_ID) ? NULL : PQgetvalue(r, row, COL_ID);
@@ -813,38 +812,9 @@ pg_row(struct pgsrc *p, PGresult *r, int row)
 	m.header_names = (const char *const *)names;
 	m.header_values = (const char *const *)values;
 	m.n_headers = nh;
-	if (!why) {
-		pr = p->api->publish(p->h, &m);
-		switch (pr) {
-		case SAGAD_PUBLISH_STORED:
-			p->api->counter_add(p->h, "rows_read", 1);
-			break;
-		case SAGAD_PUBLISH_DUPLICATE:
-			p->api->counter_add(p->h, "rows_read", 1);
-			p->api->counter_add(p->h, "duplicates", 1);
-			p->api->log(p->h, SAGAD_LOG_DEBUG, "msg=\"duplicate row dropped\" seq=%lld message_id=\"%s\"",
-			    (long long)seq, m.message_id);
-			break;
-		case SAGAD_PUBLISH_INVALID:
-			why = "a value sagad cannot publish (missing message_id or routing_key, "
-			    "bad exchange name, control characters, or too long)";
-			break;
-		default:
-			p->api->log(p->h, pr == SAGAD_PUBLISH_FULL ? SAGAD_LOG_WARN : SAGAD_LOG_ERROR,
-			    "msg=\"sagad's store refused a row, retrying later\" seq=%lld reason=%s",
-			    (long long)seq, pr == SAGAD_PUBLISH_FULL ? "full" : "error");
-			p->api->counter_add(p->h, "errors", 1);
-			ret = -1;
-		}
-	}
-	if (why) {
-		p->api->log(p->h, SAGAD_LOG_ERROR,
-		    "msg=\"row left in the table: %s\" table=%s seq=%lld message_id=\"%.64s\"",
-		    why, p->qtable, (long long)seq, m.message_id ? m.message_id : "");
-		p->api->counter_add(p->h, "errors", 1);
+	ret = codec_publish_row(p->api, p->h, &m, (long long)seq, p->qtable, why);
+	if (ret == 0)
 		pg_skip_add(p, seq);
-		ret = 0;
-	}
 	free(names);
 	free(values);
 	free(mem);

@@ -376,8 +376,7 @@ sq_row(struct sqsrc *s, sqlite3_stmt *r)
 	const char *why = NULL, *hx;
 	size_t nh = 0;
 	int64_t seq = sqlite3_column_int64(r, COL_SEQ);
-	enum sagad_publish_result pr;
-	int ret = 1;
+	int ret;
 
 	memset(&m, 0, sizeof m);
 	m.message_id = (const char *)sqlite3_column_text(r, COL_ID);
@@ -397,39 +396,9 @@ sq_row(struct sqsrc *s, sqlite3_stmt *r)
 	m.n_headers = nh;
 	if (!m.exchange)
 		m.exchange = "";
-	if (!why) {
-		pr = s->api->publish(s->h, &m);
-		switch (pr) {
-		case SAGAD_PUBLISH_STORED:
-			s->api->counter_add(s->h, "rows_read", 1);
-			break;
-		case SAGAD_PUBLISH_DUPLICATE:
-			s->api->counter_add(s->h, "rows_read", 1);
-			s->api->counter_add(s->h, "duplicates", 1);
-			s->api->log(s->h, SAGAD_LOG_DEBUG, "msg=\"duplicate row dropped\" seq=%lld message_id=\"%s\"",
-			    (long long)seq, m.message_id);
-			break;
-		case SAGAD_PUBLISH_INVALID:
-			why = "a value sagad cannot publish (missing message_id or routing_key, "
-			    "bad exchange name, control characters, or too long)";
-			break;
-		default:
-			s->api->log(s->h, pr == SAGAD_PUBLISH_FULL ? SAGAD_LOG_WARN : SAGAD_LOG_ERROR,
-			    "msg=\"sagad's store refused a row, retrying later\" seq=%lld reason=%s",
-			    (long long)seq, pr == SAGAD_PUBLISH_FULL ? "full" : "error");
-			s->api->counter_add(s->h, "errors", 1);
-			ret = -1;
-		}
-	}
-	if (why) {
-		s->api->log(s->h, SAGAD_LOG_ERROR,
-		    "msg=\"row left in the table: %s\" table=%s seq=%lld message_id=\"%.64s\"",
-		    why, s->table, (long long)seq, m.message_id ? m.message_id : "");
-		s->api->counter_add(s->h, "errors", 1);
-		if (s->nskip < SQ_MAX_SKIP)
-			s->skip[s->nskip++] = seq;
-		ret = 0;
-	}
+	ret = codec_publish_row(s->api, s->h, &m, (long long)seq, s->table, why);
+	if (ret == 0 && s->nskip < SQ_MAX_SKIP)
+		s->skip[s->nskip++] = seq;
 	free(names);
 	free(values);
 	free(mem);
