@@ -406,17 +406,21 @@ delivery_done_cb(void *arg, const struct hclient_answer *ans)
 
 /* ---- attempts ---- */
 
+/* Where delivery_headers puts each header: the request being written, or
+ * (the fuzz target) a list. */
+typedef void delivery_emit_fn(void *arg, const char *name, const char *value);
+
 static void
-delivery_add(struct evkeyvalq *h, const char *k, const char *v)
+delivery_add(delivery_emit_fn *emit, void *arg, const char *k, const char *v)
 {
 	/* A value with CR/LF or other garbage from the broker is left out
 	 * rather than breaking the request. */
 	if (v && util_valid_shortstr(v, 65535))
-		evhttp_add_header(h, k, v);
+		emit(arg, k, v);
 }
 
 static void
-delivery_headers(struct dsub *ds, struct dmsg *dm, struct evkeyvalq *h)
+delivery_headers(struct dsub *ds, struct dmsg *dm, delivery_emit_fn *emit, void *arg)
 {
 	const struct msg *m = dm->rec->m;
 	const char *kind = props_get_header(&m->props, "x-sagad-kind");
@@ -424,22 +428,22 @@ delivery_headers(struct dsub *ds, struct dmsg *dm, struct evkeyvalq *h)
 	size_t i;
 
 	snprintf(name, sizeof name, "%s:%d", ds->host, ds->port);
-	evhttp_add_header(h, "Host", name);
-	delivery_add(h, "Content-Type", m->props.content_type ?
+	emit(arg, "Host", name);
+	delivery_add(emit, arg, "Content-Type", m->props.content_type ?
 	    m->props.content_type : "application/octet-stream");
-	delivery_add(h, "Message-Id", m->message_id);
-	delivery_add(h, "Correlation-Id", m->props.correlation_id);
-	delivery_add(h, "Sagad-Subscription", ds->name);
-	delivery_add(h, "Sagad-Exchange", m->exchange);
-	delivery_add(h, "Sagad-Routing-Key", m->routing_key);
+	delivery_add(emit, arg, "Message-Id", m->message_id);
+	delivery_add(emit, arg, "Correlation-Id", m->props.correlation_id);
+	delivery_add(emit, arg, "Sagad-Subscription", ds->name);
+	delivery_add(emit, arg, "Sagad-Exchange", m->exchange);
+	delivery_add(emit, arg, "Sagad-Routing-Key", m->routing_key);
 	snprintf(num, sizeof num, "%u", dm->rec->attempts + 1);
-	delivery_add(h, "Sagad-Attempt", num);
-	delivery_add(h, "Sagad-Kind", kind && (strcmp(kind, "command") == 0 ||
+	delivery_add(emit, arg, "Sagad-Attempt", num);
+	delivery_add(emit, arg, "Sagad-Kind", kind && (strcmp(kind, "command") == 0 ||
 	    strcmp(kind, "compensation") == 0) ? kind : "event");
-	delivery_add(h, "Sagad-Saga", props_get_header(&m->props, "x-sagad-saga"));
-	delivery_add(h, "Sagad-Step", props_get_header(&m->props, "x-sagad-step"));
+	delivery_add(emit, arg, "Sagad-Saga", props_get_header(&m->props, "x-sagad-saga"));
+	delivery_add(emit, arg, "Sagad-Step", props_get_header(&m->props, "x-sagad-step"));
 	if (m->props.type)
-		delivery_add(h, "Amqp-Type", m->props.type);
+		delivery_add(emit, arg, "Amqp-Type", m->props.type);
 	for (i = 0; i < m->props.n_headers; i++) {
 		const char *k = m->props.headers[i].name;
 		const char *c;
@@ -452,7 +456,7 @@ delivery_headers(struct dsub *ds, struct dmsg *dm, struct evkeyvalq *h)
 		if (*c)
 			continue;
 		snprintf(name, sizeof name, "Amqp-Header-%s", k);
-		delivery_add(h, name, m->props.headers[i].value);
+		delivery_add(emit, arg, name, m->props.headers[i].value);
 	}
 }
 
@@ -473,27 +477,38 @@ dsub_idle_conn(struct dsub *ds)
 	return &ds->conns[i];
 }
 
+static void
+delivery_emit_wire(void *arg, const char *name, const char *value)
+{
+	struct evbuffer *out = arg;
+	size_t nl = strlen(name), vl = strlen(value);
+	struct evbuffer_iovec v;
+
+	/* One reservation per header instead of four small adds. */
+	if (evbuffer_reserve_space(out, (ev_ssize_t)(nl + vl + 4), &v, 1) < 1) {
+		evbuffer_add_printf(out, "%s: %s\r\n", name, value);
+		return;
+	}
+	memcpy(v.iov_base, name, nl);
+	memcpy((char *)v.iov_base + nl, ": ", 2);
+	memcpy((char *)v.iov_base + nl + 2, value, vl);
+	memcpy((char *)v.iov_base + nl + 2 + vl, "\r\n", 2);
+	v.iov_len = nl + vl + 4;
+	evbuffer_commit_space(out, &v, 1);
+}
+
 /* The request as it goes on the wire: request line, the headers of
  * delivery_headers, Content-Length, the body. */
 static void
 delivery_request(struct dsub *ds, struct dmsg *dm, struct evbuffer *out)
 {
-	struct evkeyvalq h;
-	struct evkeyval *kv;
-	char len[32];
+	char len[48];
 
-	TAILQ_INIT(&h);
-	delivery_headers(ds, dm, &h);
+	evbuffer_expand(out, 1024 + dm->rec->m->body_len);
 	evbuffer_add(out, "POST ", 5);
 	evbuffer_add(out, ds->path, strlen(ds->path));
 	evbuffer_add(out, " HTTP/1.1\r\n", 11);
-	TAILQ_FOREACH(kv, &h, next) {
-		evbuffer_add(out, kv->key, strlen(kv->key));
-		evbuffer_add(out, ": ", 2);
-		evbuffer_add(out, kv->value, strlen(kv->value));
-		evbuffer_add(out, "\r\n", 2);
-	}
-	evhttp_clear_headers(&h);
+	delivery_headers(ds, dm, delivery_emit_wire, out);
 	snprintf(len, sizeof len, "Content-Length: %zu\r\n\r\n", dm->rec->m->body_len);
 	evbuffer_add(out, len, strlen(len));
 	evbuffer_add(out, dm->rec->m->body, dm->rec->m->body_len);

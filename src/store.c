@@ -13,6 +13,9 @@
 #include "log.h"
 #include "syncer.h"
 
+/* Commits between two counts of the pages in use (store_commit). */
+#define STORE_COUNT_EVERY 64
+
 enum store_stmt {
 	ST_BEGIN, ST_COMMIT, ST_ROLLBACK,
 	ST_ID_INSERT, ST_OUT_INSERT, ST_OUT_FETCH, ST_OUT_FETCH_DUE,
@@ -165,7 +168,8 @@ struct store {
 	void *fatal_arg;
 	int64_t max_bytes;
 	int64_t page_size;
-	int64_t bytes;		/* pages in use at the last commit */
+	int64_t bytes;		/* pages in use at the last count, plus what was added since */
+	int uncounted;		/* commits since the last count of pages */
 	int64_t tx_bytes;	/* rough size of what the open transaction adds */
 	int64_t committed_seq, tx_seq;
 	int64_t written_seq;	/* tx_seq at the last commit, durable or not yet */
@@ -574,10 +578,18 @@ store_commit(struct store *st)
 	st->written_seq = st->tx_seq;
 	st->count += st->tx_count;
 	st->tx_count = 0;
+	/* Counting the pages is a query of its own, a tenth of a small
+	 * commit: between counts the size grows by what was added (deletes
+	 * show at the next count), and near the limit, where the answer
+	 * decides between 202 and 507, every commit counts. */
+	st->bytes += st->tx_bytes;
 	st->tx_bytes = 0;
-	if (sqlite3_step(st->stmt[ST_PAGES]) == SQLITE_ROW)
-		st->bytes = sqlite3_column_int64(st->stmt[ST_PAGES], 0) * st->page_size;
-	sqlite3_reset(st->stmt[ST_PAGES]);
+	if (++st->uncounted >= STORE_COUNT_EVERY || st->bytes >= st->max_bytes - st->max_bytes / 4) {
+		if (sqlite3_step(st->stmt[ST_PAGES]) == SQLITE_ROW)
+			st->bytes = sqlite3_column_int64(st->stmt[ST_PAGES], 0) * st->page_size;
+		sqlite3_reset(st->stmt[ST_PAGES]);
+		st->uncounted = 0;
+	}
 	if (st->full_seen) {
 		/* The disk filled up: give the log's space back now. */
 		sqlite3_exec(st->db, "PRAGMA wal_checkpoint(TRUNCATE)", NULL, NULL, NULL);

@@ -27,6 +27,13 @@
 
 #include "fuzz_common.h"
 
+/* delivery_headers into a list, to check each header. */
+static void
+fuzz_emit(void *arg, const char *name, const char *value)
+{
+	evhttp_add_header(arg, name, value);
+}
+
 static int
 fuzz_token(const char *s)
 {
@@ -157,7 +164,7 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 	memset(&dm, 0, sizeof dm);
 	dm.rec = &rec;
 	TAILQ_INIT(&h);
-	delivery_headers(&ds, &dm, &h);
+	delivery_headers(&ds, &dm, fuzz_emit, &h);
 	fuzz_check_request(&h, m, attempts);
 	evhttp_clear_headers(&h);
 	msg_free(m);
