@@ -30,6 +30,12 @@ struct relay {
 	struct event *fill_ev;	/* one fill per loop turn, however many acks */
 	struct event *retry_ev;
 	double retry_at;
+	/* Messages waiting for a retry's backoff: the earliest due time as
+	 * the store said when last asked (0: none), and whether something
+	 * may have changed it since. The store is asked only then, not at
+	 * every commit. */
+	double next_due;
+	int due_stale;
 	struct msg **batch;
 	size_t batch_cap;
 	struct relay_stats stats;
@@ -48,6 +54,7 @@ relay_new(struct event_base *base, struct store *st, const struct sagad_conf *co
 	r->st = st;
 	r->conf = conf;
 	r->link = RELAY_LINK_DOWN;
+	r->due_stale = 1;	/* a restart finds retries in the store */
 	snprintf(r->reason, sizeof r->reason, "connecting");
 	r->fill_ev = event_new(base, -1, 0, relay_fill_cb, r);
 	event_priority_set(r->fill_ev, 2);
@@ -97,6 +104,8 @@ relay_arm_retry(struct relay *r)
 	double due = store_outbox_next_due(r->st), now = util_now();
 	struct timeval tv;
 
+	r->next_due = due;
+	r->due_stale = 0;
 	if (due <= 0)
 		return;
 	if (evtimer_pending(r->retry_ev, NULL) && r->retry_at <= due)
@@ -132,6 +141,7 @@ relay_fill(struct relay *r)
 	double now = util_now();
 	unsigned window = (unsigned)r->conf->outbox.max_inflight;
 	size_t n;
+	int sent = 0, check_due;
 
 	if (!r->epoch || r->link == RELAY_LINK_BLOCKED || r->paused || !r->br)
 		return;
@@ -142,17 +152,25 @@ relay_fill(struct relay *r)
 		r->batch = realloc(r->batch, r->batch_cap * sizeof *r->batch);
 	}
 	/* Retries first: they are older than anything past the cursor. */
-	if (store_outbox_fetch_due(r->st, r->cursor, now, window - r->inflight,
-	    r->batch, &n) == 0)
+	check_due = r->due_stale || (r->next_due > 0 && r->next_due <= now);
+	if (check_due && store_outbox_fetch_due(r->st, r->cursor, now,
+	    window - r->inflight, r->batch, &n) == 0 && n > 0) {
 		relay_send(r, r->batch, n, 1);
-	if (r->inflight < window &&
+		sent = 1;
+	}
+	/* Nothing new committed past the cursor: no query. */
+	if (r->inflight < window && store_committed_seq(r->st) > r->cursor &&
 	    store_outbox_fetch(r->st, r->cursor, store_committed_seq(r->st), now,
 	    window - r->inflight, r->batch, &n) == 0 && n > 0) {
 		r->cursor = r->batch[n - 1]->seq;
 		relay_send(r, r->batch, n, 0);
+		sent = 1;
 	}
-	broker_kick(r->br);
-	relay_arm_retry(r);
+	/* Waking the broker's thread is a context switch: only with work. */
+	if (sent)
+		broker_kick(r->br);
+	if (check_due)
+		relay_arm_retry(r);
 }
 
 static void
@@ -226,6 +244,7 @@ relay_rolled_back(void *arg)
 	for (i = 0; i < r->ndone; i++)
 		relay_push(&r->redo, &r->nredo, &r->capredo, r->done[i]);
 	r->ndone = 0;
+	r->due_stale = 1;	/* the lost transaction may have cleared some */
 	if (r->nredo)
 		evtimer_add(r->redo_ev, &tv);
 	relay_schedule(r);
@@ -245,6 +264,7 @@ relay_retry_later(struct relay *r, int64_t seq, const char *why)
 	    r->conf->outbox.retry_max, attempts);
 
 	store_outbox_retry(r->st, seq, util_now() + delay, attempts, why);
+	r->due_stale = 1;
 	log_debug("msg=\"publish retry scheduled\" seq=%lld reason=%s attempt=%u in_seconds=%.2f",
 	    (long long)seq, why, attempts, delay);
 }
@@ -272,6 +292,7 @@ relay_missing_exchange(struct relay *r, const char *reason)
 	delay = util_backoff(r->conf->outbox.retry_initial, r->conf->outbox.retry_max,
 	    ++r->missing_exchange);
 	n = store_outbox_defer_exchange(r->st, name, util_now() + delay, "no such exchange");
+	r->due_stale = 1;
 	log_warn("msg=\"exchange does not exist on the broker, its messages wait\" exchange=%s messages=%d retry_in_seconds=%.1f",
 	    name, n, delay);
 }
@@ -299,6 +320,7 @@ relay_broker_event(void *arg, const struct broker_event *ev)
 		r->reason[0] = '\0';
 		r->inflight = 0;
 		r->cursor = 0;
+		r->due_stale = 1;
 		break;
 	case BROKER_EV_DOWN:
 		relay_missing_exchange(r, ev->reason);
