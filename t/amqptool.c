@@ -8,6 +8,7 @@
  *   amqptool URL count QUEUE
  *   amqptool URL purge QUEUE
  *   amqptool URL delete QUEUE
+ *   amqptool URL xdelete EXCHANGE
  *   amqptool URL publish EXCHANGE KEY BODY [MESSAGE_ID]
  *   amqptool URL send JSON
  *
@@ -79,9 +80,10 @@ static void usage(void) {
           "       %s URL count QUEUE\n"
           "       %s URL purge QUEUE\n"
           "       %s URL delete QUEUE\n"
+          "       %s URL xdelete EXCHANGE\n"
           "       %s URL publish EXCHANGE KEY BODY [MESSAGE_ID]\n"
           "       %s URL send JSON\n",
-          prog, prog, prog, prog, prog, prog, prog, prog);
+          prog, prog, prog, prog, prog, prog, prog, prog, prog);
   exit(2);
 }
 
@@ -471,6 +473,11 @@ static void cmd_delete(const char *queue) {
       amqp_queue_delete(conn, channel, amqp_cstring_bytes(queue), 0, 0);
   check_reply(amqp_get_rpc_reply(conn), "queue.delete");
   printf("%" PRIu32 "\n", ok->message_count);
+}
+
+static void cmd_xdelete(const char *exchange) {
+  amqp_exchange_delete(conn, channel, amqp_cstring_bytes(exchange), 0);
+  check_reply(amqp_get_rpc_reply(conn), "exchange.delete");
 }
 
 /* ---- publish ---------------------------------------------------------- */
@@ -884,7 +891,8 @@ int main(int argc, char **argv) {
     if (n < 1) usage();
   } else if (!strcmp(cmd, "consume")) {
     if (n != 3) usage();
-  } else if (!strcmp(cmd, "count") || !strcmp(cmd, "purge") || !strcmp(cmd, "delete")) {
+  } else if (!strcmp(cmd, "count") || !strcmp(cmd, "purge") || !strcmp(cmd, "delete") ||
+             !strcmp(cmd, "xdelete")) {
     if (n != 1) usage();
   } else if (!strcmp(cmd, "publish")) {
     if (n != 3 && n != 4) usage();
@@ -913,6 +921,8 @@ int main(int argc, char **argv) {
     cmd_purge(a[0]);
   else if (!strcmp(cmd, "delete"))
     cmd_delete(a[0]);
+  else if (!strcmp(cmd, "xdelete"))
+    cmd_xdelete(a[0]);
   else if (!strcmp(cmd, "publish"))
     cmd_publish(a[0], a[1], a[2], n == 4 ? a[3] : NULL);
   else if (!strcmp(cmd, "send"))

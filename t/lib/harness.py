@@ -280,6 +280,9 @@ class AmqpTool:
     def delete(self, url, queue):
         return int(self.run(url, 'delete', queue).stdout)
 
+    def delete_exchange(self, url, exchange):
+        self.run(url, 'xdelete', exchange)
+
     def publish(self, url, exchange, key, body, message_id=None):
         args = ['publish', exchange, key, body] + ([message_id] if message_id else [])
         self.run(url, *args)
