@@ -20,7 +20,7 @@
 /* One inbox record held in memory while it waits for delivery. */
 struct dmsg {
 	struct inbox_rec *rec;
-	int committed;		/* its inbox record is durable: may be delivered */
+	int committed;		/* its inbox record is committed: may be delivered */
 	int inflight;
 };
 
@@ -625,6 +625,29 @@ dsub_dispatch_cb(evutil_socket_t fd, short what, void *arg)
 
 /* ---- from the broker ---- */
 
+/*
+ * The inbox record is committed (in the write-ahead log, not yet synced):
+ * the message may go to the service now, while the fsync runs, instead of
+ * one fsync later. A crash of sagad loses nothing written; only a crash of
+ * the machine before the fsync could, and then the broker, never acked,
+ * delivers the message again: one more case of what a machine crash
+ * already does to the record of a delivery's outcome (sagad(8), THE STORE).
+ */
+static void
+delivery_written(void *arg, int ok)
+{
+	struct dack *k = arg;
+
+	if (ok && k->dm) {
+		k->dm->committed = 1;
+		dsub_schedule(&k->dl->subs[k->sub]);
+		/* From now on the message is the delivery's: it may be
+		 * answered and freed before the fsync is done. */
+		k->dm = NULL;
+	}
+}
+
+/* Durable: now the broker may forget the message. */
 static void
 delivery_acked(void *arg, int ok)
 {
@@ -633,18 +656,15 @@ delivery_acked(void *arg, int ok)
 
 	if (!ok) {
 		/* The inbox record was lost with its transaction: give the
-		 * message back so that it comes again. */
+		 * message back so that it comes again. (When the commit went
+		 * through and its fsync failed, the message was handed to the
+		 * delivery already, and sagad is stopping.) */
 		if (k->dm)
 			dsub_remove(&dl->subs[k->sub], k->dm);
 		if (dl->br && k->epoch == dl->epoch)
 			broker_requeue(dl->br, k->epoch, k->sub, k->tag);
-	} else {
-		if (k->dm) {
-			k->dm->committed = 1;
-			dsub_schedule(&dl->subs[k->sub]);
-		}
-		if (dl->br && k->epoch == dl->epoch)
-			broker_ack(dl->br, k->epoch, k->sub, k->tag);
+	} else if (dl->br && k->epoch == dl->epoch) {
+		broker_ack(dl->br, k->epoch, k->sub, k->tag);
 	}
 	if (dl->br)
 		broker_kick(dl->br);
@@ -739,7 +759,10 @@ delivery_take(struct delivery *dl, const struct broker_event *ev)
 		return;
 	}
 	msg_free(m);
-	/* Acked only once the inbox record is durable. */
+	/* Delivered once the inbox record is written, acked only once it is
+	 * durable. */
+	if (k->dm)
+		store_on_written(dl->d->store, delivery_written, k);
 	store_on_commit(dl->d->store, delivery_acked, k);
 	dsub_flow(ds);
 }

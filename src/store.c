@@ -167,6 +167,8 @@ struct store {
 	int broken;		/* a fatal error: the store can no longer write */
 	struct store_cb *cbs;
 	size_t ncbs, capcbs;
+	struct store_cb *wcbs;	/* store_on_written: at the commit itself */
+	size_t nwcbs, capwcbs;
 	struct store_hooks hooks;
 	void (*fatal)(void *, const char *);
 	void *fatal_arg;
@@ -353,6 +355,7 @@ store_close(struct store *st)
 	if (st->lock_fd >= 0)
 		close(st->lock_fd);
 	free(st->cbs);
+	free(st->wcbs);
 	free(st->path);
 	free(st);
 }
@@ -412,6 +415,19 @@ store_run_callbacks(struct store *st, int ok)
 	free(cbs);
 }
 
+static void
+store_run_written(struct store *st, int ok)
+{
+	struct store_cb *cbs = st->wcbs;
+	size_t i, n = st->nwcbs;
+
+	st->wcbs = NULL;
+	st->nwcbs = st->capwcbs = 0;
+	for (i = 0; i < n; i++)
+		cbs[i].fn(cbs[i].arg, ok);
+	free(cbs);
+}
+
 /* The transaction was lost (disk full, I/O error): forget its work. */
 static void
 store_lost(struct store *st)
@@ -429,6 +445,8 @@ store_lost(struct store *st)
 	st->tx_seq = st->written_seq;
 	st->tx_count = 0;
 	st->tx_bytes = 0;
+	/* Written ones first: they may look at what the others free. */
+	store_run_written(st, 0);
 	store_run_callbacks(st, 0);
 	if (st->hooks.rolled_back)
 		st->hooks.rolled_back(st->hooks.arg);
@@ -608,6 +626,7 @@ store_commit(struct store *st)
 	}
 	st->in_tx = 0;
 	st->written_seq = st->tx_seq;
+	store_run_written(st, 1);
 	st->count += st->tx_count;
 	st->tx_count = 0;
 	/* Counting the pages is a query of its own, a tenth of a small
@@ -638,7 +657,9 @@ store_commit_async(struct store *st)
 	struct store_batch *b;
 	int durable = st->tx_durable;
 
-	if (st->in_tx && store_commit(st) < 0)
+	if (!st->in_tx)
+		store_run_written(st, 1);	/* nothing open: already written */
+	else if (store_commit(st) < 0)
 		return;
 	st->tx_durable = 0;
 	if (!durable && !st->nbatches) {
@@ -700,11 +721,13 @@ store_flush(struct store *st)
 	int durable;
 
 	if (store_drain_syncs(st) < 0) {
+		store_run_written(st, 0);
 		store_run_callbacks(st, 0);
 		return -1;
 	}
 	durable = st->tx_durable;
 	if (!st->in_tx) {
+		store_run_written(st, 1);
 		store_run_callbacks(st, 1);
 		return 0;
 	}
@@ -747,6 +770,19 @@ store_on_commit(struct store *st, store_done_fn *cb, void *arg)
 	st->ncbs++;
 	/* Without an open transaction the work is already durable; still answer
 	 * from the loop, never from inside the caller. */
+	event_active(st->commit_ev, 0, 0);
+}
+
+void
+store_on_written(struct store *st, store_done_fn *cb, void *arg)
+{
+	if (st->nwcbs == st->capwcbs) {
+		st->capwcbs = st->capwcbs ? st->capwcbs * 2 : 64;
+		st->wcbs = realloc(st->wcbs, st->capwcbs * sizeof *st->wcbs);
+	}
+	st->wcbs[st->nwcbs].fn = cb;
+	st->wcbs[st->nwcbs].arg = arg;
+	st->nwcbs++;
 	event_active(st->commit_ev, 0, 0);
 }
 

@@ -50,6 +50,12 @@ void store_set_fatal(struct store *st, void (*fn)(void *arg, const char *why), v
 
 /* Run cb after the commit of the current transaction (at once if none). */
 void store_on_commit(struct store *st, store_done_fn *cb, void *arg);
+/* Run cb as soon as the current transaction is committed to the
+ * write-ahead log, before the fsync that makes it durable (store_on_commit
+ * waits for that): what it holds then survives a crash of the process, not
+ * yet one of the machine. ok 0: the transaction was lost. cb runs inside
+ * the commit and must not write to the store. */
+void store_on_written(struct store *st, store_done_fn *cb, void *arg);
 /* Commit now instead of at the end of the loop turn; returns 0 or -1. */
 int store_flush(struct store *st);
 

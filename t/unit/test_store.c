@@ -951,6 +951,81 @@ test_callback_starts_new_work(void **state)
 	assert_int_equal(disk_count(f->path), 2);
 }
 
+/* store_on_written: at the commit itself, before the fsync and before the
+ * store_on_commit callbacks; the row is then visible to other readers. */
+struct order {
+	int seq, written_at, durable_at, written_ok, durable_ok;
+	int64_t on_disk;
+	const char *path;
+};
+
+static void
+order_written(void *arg, int ok)
+{
+	struct order *o = arg;
+
+	o->written_at = ++o->seq;
+	o->written_ok = ok;
+	o->on_disk = disk_count(o->path);
+}
+
+static void
+order_durable(void *arg, int ok)
+{
+	struct order *o = arg;
+
+	o->durable_at = ++o->seq;
+	o->durable_ok = ok;
+}
+
+static void
+test_written_before_durable(void **state)
+{
+	struct fx *f = *state;
+	struct order o = { 0 };
+	int i;
+
+	o.path = f->path;
+	store_set_async(f->st);		/* the daemon's pipelined commits */
+	assert_int_equal(put(f, "w-1", 1, NULL), STORE_PUT_STORED);
+	store_on_written(f->st, order_written, &o);
+	store_on_commit(f->st, order_durable, &o);
+	assert_int_equal(o.seq, 0);	/* nothing from inside the caller */
+	for (i = 0; i < 500 && !o.durable_at; i++) {
+		assert_true(event_base_loop(f->base, EVLOOP_NONBLOCK) >= 0);
+		usleep(1000);
+	}
+	assert_int_equal(o.written_at, 1);
+	assert_int_equal(o.written_ok, 1);
+	assert_int_equal(o.on_disk, 1);		/* committed when told "written" */
+	assert_int_equal(o.durable_at, 2);
+	assert_int_equal(o.durable_ok, 1);
+
+	/* without an open transaction: both at the next commit event, in order */
+	memset(&o, 0, sizeof o);
+	o.path = f->path;
+	store_on_written(f->st, order_written, &o);
+	store_on_commit(f->st, order_durable, &o);
+	for (i = 0; i < 500 && !o.durable_at; i++) {
+		assert_true(event_base_loop(f->base, EVLOOP_NONBLOCK) >= 0);
+		usleep(1000);
+	}
+	assert_int_equal(o.written_at, 1);
+	assert_int_equal(o.durable_at, 2);
+	assert_int_equal(o.written_ok + o.durable_ok, 2);
+
+	/* the synchronous path (store_flush) keeps the same order */
+	memset(&o, 0, sizeof o);
+	o.path = f->path;
+	assert_int_equal(put(f, "w-2", 1, NULL), STORE_PUT_STORED);
+	store_on_written(f->st, order_written, &o);
+	store_on_commit(f->st, order_durable, &o);
+	assert_int_equal(store_flush(f->st), 0);
+	assert_int_equal(o.written_at, 1);
+	assert_int_equal(o.durable_at, 2);
+	assert_int_equal(o.on_disk, 2);
+}
+
 static void
 test_close_commits_pending(void **state)
 {
@@ -997,6 +1072,7 @@ main(void)
 		T(test_on_commit_without_transaction),
 		T(test_callback_starts_new_work),
 		T(test_close_commits_pending),
+		T(test_written_before_durable),
 	};
 #undef T
 
