@@ -10,15 +10,11 @@
 #include <sys/file.h>
 #include <unistd.h>
 
-#include "checkpointer.h"
 #include "log.h"
 #include "syncer.h"
 
 /* Commits between two counts of the pages in use (store_commit). */
 #define STORE_COUNT_EVERY 64
-/* Log frames (pages) that make the checkpointer copy the log into the
- * database: 1 MiB, as wal_autocheckpoint (store_open) without one. */
-#define STORE_CHECKPOINT_FRAMES 256
 
 enum store_stmt {
 	ST_BEGIN, ST_COMMIT, ST_ROLLBACK,
@@ -183,7 +179,6 @@ struct store {
 	int full_seen;		/* SQLITE_FULL in this transaction: checkpoint after */
 	int tx_durable;		/* the open transaction holds a write that needs an fsync */
 	struct syncer *syncer;	/* store_set_async: fsyncs off the event loop */
-	struct checkpointer *ckpt;	/* store_set_async: checkpoints off it */
 	int wal_fd;
 	struct store_batch *batches;	/* committed, waiting for their sync */
 	size_t nbatches, capbatches;
@@ -340,9 +335,6 @@ store_close(struct store *st)
 	if (st->in_tx || st->nbatches)
 		store_flush(st);
 	syncer_free(st->syncer);
-	/* Before the writer's connection: the last connection to close
-	 * checkpoints the log and removes it. */
-	checkpointer_free(st->ckpt);
 	if (st->wal_fd >= 0)
 		close(st->wal_fd);
 	free(st->batches);
@@ -571,34 +563,10 @@ store_drain_syncs(struct store *st)
 	return err ? -1 : 0;
 }
 
-/* After each commit (SQLite's WAL hook, which replaces the automatic
- * checkpoint): a long log is the checkpointer's to copy. */
-static int
-store_wal_hook(void *arg, sqlite3 *db, const char *name, int frames)
-{
-	struct store *st = arg;
-
-	(void)db;
-	(void)name;
-	if (frames >= STORE_CHECKPOINT_FRAMES)
-		checkpointer_poke(st->ckpt);
-	return SQLITE_OK;
-}
-
 void
 store_set_async(struct store *st)
 {
-	char *wal, *err;
-
-	if (!st->ckpt) {
-		st->ckpt = checkpointer_new(st->path, &err);
-		if (st->ckpt)
-			sqlite3_wal_hook(st->db, store_wal_hook, st);
-		else
-			log_warn("msg=\"store: checkpoints on the event loop\" path=%s error=\"%s\"",
-			    st->path, err ? err : "out of memory");
-		free(err);
-	}
+	char *wal;
 
 	if (st->syncer || asprintf(&wal, "%s-wal", st->path) < 0)
 		return;
