@@ -393,31 +393,31 @@ store_step_done(struct store *st, sqlite3_stmt *s)
 	return 0;
 }
 
+/* Run a callback list and empty it; callbacks may start new work, so
+ * they get a fresh list. */
 static void
-store_run_callbacks(struct store *st, int ok)
+store_run_list(struct store_cb **list, size_t *n, size_t *cap, int ok)
 {
-	struct store_cb *cbs = st->cbs;
-	size_t i, n = st->ncbs;
+	struct store_cb *cbs = *list;
+	size_t i, count = *n;
 
-	/* Callbacks may start new work; give them a fresh list. */
-	st->cbs = NULL;
-	st->ncbs = st->capcbs = 0;
-	for (i = 0; i < n; i++)
+	*list = NULL;
+	*n = *cap = 0;
+	for (i = 0; i < count; i++)
 		cbs[i].fn(cbs[i].arg, ok);
 	free(cbs);
 }
 
 static void
+store_run_callbacks(struct store *st, int ok)
+{
+	store_run_list(&st->cbs, &st->ncbs, &st->capcbs, ok);
+}
+
+static void
 store_run_written(struct store *st, int ok)
 {
-	struct store_cb *cbs = st->wcbs;
-	size_t i, n = st->nwcbs;
-
-	st->wcbs = NULL;
-	st->nwcbs = st->capwcbs = 0;
-	for (i = 0; i < n; i++)
-		cbs[i].fn(cbs[i].arg, ok);
-	free(cbs);
+	store_run_list(&st->wcbs, &st->nwcbs, &st->capwcbs, ok);
 }
 
 /* The transaction was lost (disk full, I/O error): forget its work. */
