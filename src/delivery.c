@@ -188,9 +188,9 @@ dsub_load(struct dsub *ds)
 /* ---- outcomes ---- */
 
 static void
-delivery_publish_internal(struct delivery *dl, struct msg *m)
+delivery_publish_internal(struct delivery *dl, struct msg *m, unsigned flags)
 {
-	if (store_outbox_put(dl->d->store, m, util_now(), 0) != STORE_PUT_STORED)
+	if (store_outbox_put(dl->d->store, m, util_now(), flags) != STORE_PUT_STORED)
 		log_error("msg=\"cannot store an outgoing message\" message_id=%s exchange=%s routing_key=%s",
 		    m->message_id, m->exchange, m->routing_key);
 }
@@ -245,7 +245,9 @@ dsub_reply(struct dsub *ds, struct dmsg *dm, const struct hclient_answer *ans, i
 	m.body_len = evbuffer_get_length(body);
 	m.body = malloc(m.body_len + 1);
 	evbuffer_copyout(body, m.body, m.body_len);
-	delivery_publish_internal(ds->dl, &m);
+	/* Out once written: if a crash of the machine loses this transaction,
+	 * the record is pending again and the service's answer comes again. */
+	delivery_publish_internal(ds->dl, &m, STORE_OUT_EARLY);
 	free(m.message_id); free(m.exchange); free(m.routing_key); free(m.body);
 	props_free(&m.props);
 	(void)ds;
@@ -275,7 +277,7 @@ dsub_dead_letter(struct dsub *ds, struct dmsg *dm, const char *reason, int statu
 	props_set_header(&m.props, "x-sagad-original-routing-key", in->routing_key);
 	m.body = in->body;
 	m.body_len = in->body_len;
-	delivery_publish_internal(ds->dl, &m);
+	delivery_publish_internal(ds->dl, &m, 0);
 	m.body = NULL;
 	free(m.message_id); free(m.exchange); free(m.routing_key);
 	props_free(&m.props);

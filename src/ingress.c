@@ -224,7 +224,7 @@ ingress_publish(struct ingress *in, struct evhttp_request *req, const char *path
 	}
 	m.body = (char *)evbuffer_pullup(body, -1);
 	m.body_len = len;
-	put = store_outbox_put(in->d->store, &m, util_now(), 1);
+	put = store_outbox_put(in->d->store, &m, util_now(), STORE_OUT_DEDUP);
 	m.body = NULL;		/* owned by the evbuffer */
 	switch (put) {
 	case STORE_PUT_STORED:

@@ -266,7 +266,7 @@ host_publish(struct sagad_host *h, const struct sagad_message *pm)
 		}
 		props_set_header(&m.props, pm->header_names[i], pm->header_values[i]);
 	}
-	put = store_outbox_put(h->d->store, &m, util_now(), 1);
+	put = store_outbox_put(h->d->store, &m, util_now(), STORE_OUT_DEDUP);
 	props_free(&m.props);
 	switch (put) {
 	case STORE_PUT_STORED: return SAGAD_PUBLISH_STORED;

@@ -158,9 +158,9 @@ relay_fill(struct relay *r)
 		relay_send(r, r->batch, n, 1);
 		sent = 1;
 	}
-	/* Nothing new committed past the cursor: no query. */
-	if (r->inflight < window && store_committed_seq(r->st) > r->cursor &&
-	    store_outbox_fetch(r->st, r->cursor, store_committed_seq(r->st), now,
+	/* Nothing new publishable past the cursor: no query. */
+	if (r->inflight < window && store_publishable_seq(r->st) > r->cursor &&
+	    store_outbox_fetch(r->st, r->cursor, store_publishable_seq(r->st), now,
 	    window - r->inflight, r->batch, &n) == 0 && n > 0) {
 		r->cursor = r->batch[n - 1]->seq;
 		relay_send(r, r->batch, n, 0);

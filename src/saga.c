@@ -109,6 +109,12 @@ struct saga_engine {
 	double timer_at;
 	struct saga_stats *stats;	/* per saga definition */
 	uint64_t orphans;
+	/* Handling a consumed message (saga_handle): what it sends may go out
+	 * before the fsync (STORE_OUT_EARLY), for the broker, not acked yet,
+	 * delivers the message again if a crash of the machine loses the
+	 * transaction, and the same state and message make the same messages,
+	 * with the same ids. Timers and operators' commands wait for it. */
+	int consumed;
 };
 
 /* ---- instance encoding ---- */
@@ -545,7 +551,8 @@ saga_send(struct saga_engine *e, struct saga_inst *in, const struct conf_binding
 	if (step)
 		props_set_header(&m.props, "x-sagad-step", step);
 	props_set_header(&m.props, "x-sagad-kind", kind);
-	if (store_outbox_put(e->d->store, &m, util_now(), 0) != STORE_PUT_STORED)
+	if (store_outbox_put(e->d->store, &m, util_now(),
+	    e->consumed ? STORE_OUT_EARLY : 0) != STORE_PUT_STORED)
 		log_error("msg=\"cannot store a saga message\" saga=%s id=%s message_id=%s",
 		    in->def->name, in->id, id);
 	props_free(&m.props);
@@ -894,6 +901,7 @@ saga_handle(void *arg, const struct msg *m)
 		saga_orphan(e, m, "not a saga message");
 		return;
 	}
+	e->consumed = 1;
 	for (i = 0; i < n; i++) {
 		struct saga_match *k = &matches[i];
 		struct saga_inst *in;
@@ -920,6 +928,7 @@ saga_handle(void *arg, const struct msg *m)
 		saga_save(e, in);
 		saga_inst_free(in);
 	}
+	e->consumed = 0;
 }
 
 /* ---- timers ---- */

@@ -175,6 +175,8 @@ struct store {
 	int64_t tx_bytes;	/* rough size of what the open transaction adds */
 	int64_t committed_seq, tx_seq;
 	int64_t written_seq;	/* tx_seq at the last commit, durable or not yet */
+	int64_t visible_seq;	/* the relay may publish up to it (store_publishable_seq) */
+	int tx_hold;		/* the open transaction holds a message that waits for the fsync */
 	int64_t count, tx_count;
 	int full_seen;		/* SQLITE_FULL in this transaction: checkpoint after */
 	int tx_durable;		/* the open transaction holds a write that needs an fsync */
@@ -316,7 +318,7 @@ store_open(const char *path, struct event_base *base, int64_t max_bytes, char **
 		store_fail(st, err, "cannot read (damaged?)");
 		return NULL;
 	}
-	st->tx_seq = st->written_seq = st->committed_seq;
+	st->tx_seq = st->written_seq = st->visible_seq = st->committed_seq;
 	st->bytes = store_query_int(st, store_sql[ST_PAGES]) * st->page_size;
 	st->commit_ev = event_new(base, -1, 0, store_commit_cb, st);
 	/* Lowest priority: the commit runs after every ready request of the
@@ -434,6 +436,7 @@ store_lost(struct store *st)
 		sqlite3_exec(st->db, "PRAGMA wal_checkpoint(TRUNCATE)", NULL, NULL, NULL);
 	st->in_tx = 0;
 	st->tx_durable = 0;
+	st->tx_hold = 0;
 	st->tx_seq = st->written_seq;
 	st->tx_count = 0;
 	st->tx_bytes = 0;
@@ -512,6 +515,15 @@ store_fsync_failed(struct store *st)
 
 /* Answer the batches made durable up to gen (all of them, as failed, when
  * the sync failed). */
+/* Everything up to seq is durable: it may all be published. */
+static void
+store_set_committed(struct store *st, int64_t seq)
+{
+	st->committed_seq = seq;
+	if (st->visible_seq < seq)
+		st->visible_seq = seq;
+}
+
 static void
 store_settle(struct store *st, uint64_t gen, int err)
 {
@@ -529,7 +541,7 @@ store_settle(struct store *st, uint64_t gen, int err)
 	st->nbatches -= n;
 	for (i = 0; i < n; i++) {
 		if (!err) {
-			st->committed_seq = b[i].seq;
+			store_set_committed(st, b[i].seq);
 			done = 1;
 		}
 		for (j = 0; j < b[i].ncbs; j++)
@@ -587,14 +599,25 @@ store_set_async(struct store *st)
 static int
 store_commit(struct store *st)
 {
+	int early = 0;
+
 	if (store_step_done(st, st->stmt[ST_COMMIT]) < 0) {
 		st->tx_durable = 0;
 		store_lost(st);
 		return -1;
 	}
 	st->in_tx = 0;
+	/* Messages put with STORE_OUT_EARLY may go out now, unless one that
+	 * waits for the fsync comes before them (the relay keeps seq order). */
+	if (!st->tx_hold && st->visible_seq == st->written_seq && st->tx_seq > st->written_seq) {
+		st->visible_seq = st->tx_seq;
+		early = 1;
+	}
+	st->tx_hold = 0;
 	st->written_seq = st->tx_seq;
 	store_run_written(st, 1);
+	if (early && st->hooks.committed)
+		st->hooks.committed(st->hooks.arg);
 	st->count += st->tx_count;
 	st->tx_count = 0;
 	/* Counting the pages is a query of its own, a tenth of a small
@@ -632,7 +655,7 @@ store_commit_async(struct store *st)
 	st->tx_durable = 0;
 	if (!durable && !st->nbatches) {
 		/* Nothing waits for a sync: answer at once, in order. */
-		st->committed_seq = st->tx_seq;
+		store_set_committed(st, st->tx_seq);
 		store_run_callbacks(st, 1);
 		if (st->hooks.committed)
 			st->hooks.committed(st->hooks.arg);
@@ -706,7 +729,7 @@ store_flush(struct store *st)
 		store_run_callbacks(st, 0);
 		return -1;
 	}
-	st->committed_seq = st->tx_seq;
+	store_set_committed(st, st->tx_seq);
 	store_run_callbacks(st, 1);
 	if (st->hooks.committed)
 		st->hooks.committed(st->hooks.arg);
@@ -755,8 +778,10 @@ store_on_written(struct store *st, store_done_fn *cb, void *arg)
 }
 
 enum store_put
-store_outbox_put(struct store *st, struct msg *m, double now, int dedup)
+store_outbox_put(struct store *st, struct msg *m, double now, unsigned flags)
 {
+	int dedup = flags & STORE_OUT_DEDUP;
+
 	sqlite3_stmt *s;
 	char *props = NULL;
 	size_t plen = 0;
@@ -800,6 +825,8 @@ store_outbox_put(struct store *st, struct msg *m, double now, int dedup)
 	m->seq = sqlite3_last_insert_rowid(st->db);
 	m->created_at = now;
 	st->tx_seq = m->seq;
+	if (!(flags & STORE_OUT_EARLY))
+		st->tx_hold = 1;
 	st->tx_count++;
 	st->tx_bytes += size;
 	return STORE_PUT_STORED;
@@ -965,6 +992,12 @@ int64_t
 store_committed_seq(const struct store *st)
 {
 	return st->committed_seq;
+}
+
+int64_t
+store_publishable_seq(const struct store *st)
+{
+	return st->visible_seq;
 }
 
 int64_t

@@ -28,7 +28,9 @@ enum store_put {
 typedef void store_done_fn(void *arg, int ok);
 
 struct store_hooks {
-	void (*committed)(void *arg);	/* after every successful commit */
+	/* After every durable commit, and after a commit that lets more of
+	 * the outbox be published (store_publishable_seq). */
+	void (*committed)(void *arg);
 	void (*rolled_back)(void *arg);	/* a transaction was lost */
 	void *arg;
 };
@@ -59,11 +61,22 @@ void store_on_written(struct store *st, store_done_fn *cb, void *arg);
 /* Commit now instead of at the end of the loop turn; returns 0 or -1. */
 int store_flush(struct store *st);
 
-/* Outbox. put assigns m->seq. With dedup, a message id seen within the
- * dedup window is a duplicate and stores nothing; sagad's own messages
- * (replies, dead letters, saga commands) carry ids it chose and skip it. */
+/* Outbox. put assigns m->seq. flags:
+ * STORE_OUT_DEDUP: a message id seen within the dedup window is a duplicate
+ *   and stores nothing; sagad's own messages (replies, dead letters, saga
+ *   commands) carry ids it chose and skip it.
+ * STORE_OUT_EARLY: the message may be published as soon as its transaction
+ *   is written to the log, before the fsync that makes it durable (others
+ *   wait for it). Only for a message that its cause makes again, with the
+ *   same id, if a crash of the machine loses the transaction: one caused by
+ *   a consumed message, which the broker delivers again because its ack
+ *   waits for the fsync. A crash of the process loses nothing written. */
+enum {
+	STORE_OUT_DEDUP = 1,
+	STORE_OUT_EARLY = 2
+};
 enum store_put store_outbox_put(struct store *st, struct msg *m, double now,
-    int dedup);
+    unsigned flags);
 /* Up to limit messages with after < seq <= upto that are due, in order. */
 int store_outbox_fetch(struct store *st, int64_t after, int64_t upto,
     double now, size_t limit, struct msg **out, size_t *n);
@@ -134,8 +147,11 @@ struct store_row {
 int store_outbox_list(struct store *st, int64_t after, size_t limit,
     struct store_row *rows, size_t *n);
 
-/* Figures. committed_seq: the highest outbox seq durable on disk. */
+/* Figures. committed_seq: the highest outbox seq durable on disk;
+ * publishable_seq: the relay may publish every message up to it (durable,
+ * or written and put with STORE_OUT_EARLY). */
 int64_t store_committed_seq(const struct store *st);
+int64_t store_publishable_seq(const struct store *st);
 int64_t store_outbox_count(const struct store *st);
 double store_outbox_oldest(struct store *st);	/* created_at, 0 if empty */
 int64_t store_bytes(const struct store *st);

@@ -108,7 +108,7 @@ static enum store_put
 put(struct fx *f, const char *id, double now, int64_t *seq)
 {
 	struct msg *m = new_msg(id, "events", "order.created", "{}", 2);
-	enum store_put r = store_outbox_put(f->st, m, now, 1);
+	enum store_put r = store_outbox_put(f->st, m, now, STORE_OUT_DEDUP);
 
 	if (seq)
 		*seq = m->seq;
@@ -206,7 +206,7 @@ test_reopen_keeps_data(void **state)
 	m = new_msg("id-1", "events", "order.created", "payload-1", 9);
 	m->props.content_type = strdup("application/json");
 	props_set_header(&m->props, "tenant", "acme");
-	assert_int_equal(store_outbox_put(f->st, m, 1000.0, 1), STORE_PUT_STORED);
+	assert_int_equal(store_outbox_put(f->st, m, 1000.0, STORE_OUT_DEDUP), STORE_PUT_STORED);
 	s1 = m->seq;
 	msg_free(m);
 	assert_int_equal(put(f, "id-2", 1001.0, &s2), STORE_PUT_STORED);
@@ -349,7 +349,7 @@ test_put_and_duplicate(void **state)
 	int64_t s1;
 
 	m = new_msg("dup-1", "events", "k", "x", 1);
-	assert_int_equal(store_outbox_put(f->st, m, 500.0, 1), STORE_PUT_STORED);
+	assert_int_equal(store_outbox_put(f->st, m, 500.0, STORE_OUT_DEDUP), STORE_PUT_STORED);
 	s1 = m->seq;
 	assert_true(s1 > 0);
 	assert_true(m->created_at == 500.0);
@@ -359,7 +359,7 @@ test_put_and_duplicate(void **state)
 	/* same id in the same transaction: nothing stored, seq untouched */
 	m = new_msg("dup-1", "other", "k2", "y", 1);
 	m->seq = -7;
-	assert_int_equal(store_outbox_put(f->st, m, 501.0, 1), STORE_PUT_DUPLICATE);
+	assert_int_equal(store_outbox_put(f->st, m, 501.0, STORE_OUT_DEDUP), STORE_PUT_DUPLICATE);
 	assert_int_equal(m->seq, -7);
 	msg_free(m);
 	assert_int_equal(store_outbox_count(f->st), 1);
@@ -415,7 +415,7 @@ test_failed_put_leaves_no_id(void **state)
 	m = new_msg("half", "events", "k", "x", 1);
 	free(m->exchange);
 	m->exchange = NULL;
-	assert_int_not_equal(store_outbox_put(f->st, m, 1, 1), STORE_PUT_STORED);
+	assert_int_not_equal(store_outbox_put(f->st, m, 1, STORE_OUT_DEDUP), STORE_PUT_STORED);
 	msg_free(m);
 	assert_int_equal(store_outbox_count(f->st), 0);
 	assert_int_equal(store_flush(f->st), 0);
@@ -446,13 +446,13 @@ test_put_full(void **state)
 	assert_int_equal(put(f, "small", 1, NULL), STORE_PUT_STORED);
 	memset(big, 'b', sizeof big);
 	m = new_msg("large", "events", "k", big, sizeof big);
-	assert_int_equal(store_outbox_put(f->st, m, 1, 1), STORE_PUT_FULL);
+	assert_int_equal(store_outbox_put(f->st, m, 1, STORE_OUT_DEDUP), STORE_PUT_FULL);
 	msg_free(m);
 	assert_int_equal(store_outbox_count(f->st), 1);
 	/* a refused id is not remembered: it may come back when there is room */
 	store_set_max_bytes(f->st, BIG);
 	m = new_msg("large", "events", "k", big, sizeof big);
-	assert_int_equal(store_outbox_put(f->st, m, 1, 1), STORE_PUT_STORED);
+	assert_int_equal(store_outbox_put(f->st, m, 1, STORE_OUT_DEDUP), STORE_PUT_STORED);
 	msg_free(m);
 	assert_int_equal(store_outbox_count(f->st), 2);
 }
@@ -530,11 +530,11 @@ test_fetch_body_and_props(void **state)
 	m->props.type = strdup("t");
 	m->props.expiration = strdup("1000");
 	props_set_header(&m->props, "x-causation-id", "cause");
-	assert_int_equal(store_outbox_put(f->st, m, 1, 1), STORE_PUT_STORED);
+	assert_int_equal(store_outbox_put(f->st, m, 1, STORE_OUT_DEDUP), STORE_PUT_STORED);
 	s1 = m->seq;
 	msg_free(m);
 	m = new_msg("empty", "events", "", NULL, 0);
-	assert_int_equal(store_outbox_put(f->st, m, 1, 1), STORE_PUT_STORED);
+	assert_int_equal(store_outbox_put(f->st, m, 1, STORE_OUT_DEDUP), STORE_PUT_STORED);
 	s2 = m->seq;
 	msg_free(m);
 	assert_int_equal(store_flush(f->st), 0);
@@ -703,7 +703,7 @@ test_list(void **state)
 	size_t n;
 
 	m = new_msg("list-1", "events", "a.b", "12345", 5);
-	assert_int_equal(store_outbox_put(f->st, m, 11.5, 1), STORE_PUT_STORED);
+	assert_int_equal(store_outbox_put(f->st, m, 11.5, STORE_OUT_DEDUP), STORE_PUT_STORED);
 	s1 = m->seq;
 	msg_free(m);
 	assert_int_equal(put(f, "list-2", 12, &s2), STORE_PUT_STORED);
@@ -862,7 +862,7 @@ request_cb(evutil_socket_t fd, short what, void *arg)
 
 	(void)fd;
 	(void)what;
-	assert_int_equal(store_outbox_put(r->f->st, m, 1, 1), STORE_PUT_STORED);
+	assert_int_equal(store_outbox_put(r->f->st, m, 1, STORE_OUT_DEDUP), STORE_PUT_STORED);
 	r->seq = m->seq;
 	msg_free(m);
 	store_on_commit(r->f->st, count_cb, r->c);
@@ -1026,6 +1026,106 @@ test_written_before_durable(void **state)
 	assert_int_equal(o.on_disk, 2);
 }
 
+/* What the relay may publish, seen from inside the commit. */
+struct vis {
+	struct store *st;
+	int64_t publishable, committed;
+	int durable;
+};
+
+static void
+vis_written(void *arg, int ok)
+{
+	struct vis *v = arg;
+
+	assert_int_equal(ok, 1);
+	v->publishable = store_publishable_seq(v->st);
+	v->committed = store_committed_seq(v->st);
+}
+
+static void
+vis_durable(void *arg, int ok)
+{
+	((struct vis *)arg)->durable = ok;
+}
+
+static int64_t
+put_flags(struct fx *f, const char *id, unsigned flags)
+{
+	struct msg *m = new_msg(id, "commands", "stock.reserve", "{}", 2);
+	int64_t seq;
+
+	assert_int_equal(store_outbox_put(f->st, m, 1, flags), STORE_PUT_STORED);
+	seq = m->seq;
+	msg_free(m);
+	return seq;
+}
+
+static void
+vis_watch(struct fx *f, struct vis *v)
+{
+	memset(v, 0, sizeof *v);
+	v->st = f->st;
+	store_on_written(f->st, vis_written, v);
+	store_on_commit(f->st, vis_durable, v);
+}
+
+static void
+vis_wait(struct fx *f, struct vis *v)
+{
+	int i;
+
+	for (i = 0; i < 2000 && !v->durable; i++) {
+		assert_true(event_base_loop(f->base, EVLOOP_NONBLOCK) >= 0);
+		usleep(500);
+	}
+	assert_int_equal(v->durable, 1);
+}
+
+static void
+test_publish_early(void **state)
+{
+	struct fx *f = *state;
+	struct vis v;
+	int64_t s1, s2, s3, s4, s5;
+
+	store_set_async(f->st);
+	/* an early message may go out once written, before its fsync */
+	s1 = put_flags(f, "e-1", STORE_OUT_EARLY);
+	vis_watch(f, &v);
+	vis_wait(f, &v);
+	assert_int_equal(v.publishable, s1);
+	assert_true(v.committed < s1);
+	assert_int_equal(store_publishable_seq(f->st), s1);
+	assert_int_equal(store_committed_seq(f->st), s1);
+
+	/* in one transaction with a message that waits, both wait */
+	s2 = put_flags(f, "h-2", STORE_OUT_DEDUP);
+	s3 = put_flags(f, "e-3", STORE_OUT_EARLY);
+	assert_true(s3 > s2);
+	vis_watch(f, &v);
+	vis_wait(f, &v);
+	assert_int_equal(v.publishable, s1);
+	assert_int_equal(store_publishable_seq(f->st), s3);
+
+	/* an early message never passes one before it that waits: published
+	 * in seq order, it would hold the waiting one back or go out first */
+	s4 = put_flags(f, "h-4", 0);
+	assert_true(event_base_loop(f->base, EVLOOP_NONBLOCK) >= 0);	/* commit, sync runs */
+	s5 = put_flags(f, "e-5", STORE_OUT_EARLY);
+	vis_watch(f, &v);
+	vis_wait(f, &v);
+	assert_true(v.publishable < s4 || v.committed >= s4);
+	assert_true(v.publishable == s5 || v.publishable < s4);
+	assert_int_equal(store_publishable_seq(f->st), s5);
+
+	/* the synchronous path: publishable is committed */
+	s1 = put_flags(f, "e-6", STORE_OUT_EARLY);
+	assert_int_equal(store_flush(f->st), 0);
+	assert_int_equal(store_publishable_seq(f->st), s1);
+	assert_int_equal(store_committed_seq(f->st), s1);
+}
+
 static void
 test_close_commits_pending(void **state)
 {
@@ -1073,6 +1173,7 @@ main(void)
 		T(test_callback_starts_new_work),
 		T(test_close_commits_pending),
 		T(test_written_before_durable),
+		T(test_publish_early),
 	};
 #undef T
 
