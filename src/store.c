@@ -294,8 +294,12 @@ store_open(const char *path, struct event_base *base, int64_t max_bytes, char **
 	    store_exec(st, "PRAGMA synchronous=NORMAL", err) < 0 ||
 	    store_exec(st, "PRAGMA cache_size=-4096", err) < 0 ||
 	    /* The write-ahead log is checkpointed every 1 MiB and shrinks
-	     * back to 1 MiB after a burst: it counts on a nearly full disk. */
-	    store_exec(st, "PRAGMA journal_size_limit=1048576", err) < 0 ||
+	     * back to 4 MiB after a burst: it counts on a nearly full disk.
+	     * Kept above the checkpoint size, its file is reused as it is:
+	     * truncated at every restart, it would grow again and each fsync
+	     * would also commit the file system's journal (1.0-1.7 -> 0.7-1.0
+	     * ms per fdatasync under full inbox load). */
+	    store_exec(st, "PRAGMA journal_size_limit=4194304", err) < 0 ||
 	    store_exec(st, "PRAGMA wal_autocheckpoint=256", err) < 0 ||
 	    store_exec(st, "PRAGMA foreign_keys=ON", err) < 0) {
 		store_close(st);
