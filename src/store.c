@@ -517,8 +517,6 @@ store_fsync_failed(struct store *st)
 	}
 }
 
-/* Answer the batches made durable up to gen (all of them, as failed, when
- * the sync failed). */
 /* Everything up to seq is durable: it may all be published. */
 static void
 store_set_committed(struct store *st, int64_t seq)
@@ -528,6 +526,8 @@ store_set_committed(struct store *st, int64_t seq)
 		st->visible_seq = seq;
 }
 
+/* Answer the batches made durable up to gen (all of them, as failed, when
+ * the sync failed). */
 static void
 store_settle(struct store *st, uint64_t gen, int err)
 {
@@ -785,7 +785,6 @@ enum store_put
 store_outbox_put(struct store *st, struct msg *m, double now, unsigned flags)
 {
 	int dedup = flags & STORE_OUT_DEDUP;
-
 	sqlite3_stmt *s;
 	char *props = NULL;
 	size_t plen = 0;

@@ -67,10 +67,10 @@ int store_flush(struct store *st);
  *   commands) carry ids it chose and skip it.
  * STORE_OUT_EARLY: the message may be published as soon as its transaction
  *   is written to the log, before the fsync that makes it durable (others
- *   wait for it). Only for a message that its cause makes again, with the
- *   same id, if a crash of the machine loses the transaction: one caused by
- *   a consumed message, which the broker delivers again because its ack
- *   waits for the fsync. A crash of the process loses nothing written. */
+ *   wait for it). Only for a message that its cause makes again if a crash
+ *   of the machine loses the transaction: one caused by a consumed
+ *   message, which the broker delivers again because its ack waits for the
+ *   fsync. A crash of the process loses nothing written. */
 enum {
 	STORE_OUT_DEDUP = 1,
 	STORE_OUT_EARLY = 2
