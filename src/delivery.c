@@ -250,7 +250,6 @@ dsub_reply(struct dsub *ds, struct dmsg *dm, const struct hclient_answer *ans, i
 	delivery_publish_internal(ds->dl, &m, STORE_OUT_EARLY);
 	free(m.message_id); free(m.exchange); free(m.routing_key); free(m.body);
 	props_free(&m.props);
-	(void)ds;
 }
 
 static void

@@ -517,6 +517,14 @@ store_fsync_failed(struct store *st)
 	}
 }
 
+/* More of the outbox may be published (the relay's hook). */
+static void
+store_notify_committed(struct store *st)
+{
+	if (st->hooks.committed)
+		st->hooks.committed(st->hooks.arg);
+}
+
 /* Everything up to seq is durable: it may all be published. */
 static void
 store_set_committed(struct store *st, int64_t seq)
@@ -555,8 +563,8 @@ store_settle(struct store *st, uint64_t gen, int err)
 	free(b);
 	if (err)
 		store_fsync_failed(st);
-	else if (done && st->hooks.committed)
-		st->hooks.committed(st->hooks.arg);
+	else if (done)
+		store_notify_committed(st);
 }
 
 static void
@@ -620,8 +628,8 @@ store_commit(struct store *st)
 	st->tx_hold = 0;
 	st->written_seq = st->tx_seq;
 	store_run_written(st, 1);
-	if (early && st->hooks.committed)
-		st->hooks.committed(st->hooks.arg);
+	if (early)
+		store_notify_committed(st);
 	st->count += st->tx_count;
 	st->tx_count = 0;
 	/* Counting the pages is a query of its own, a tenth of a small
@@ -661,8 +669,7 @@ store_commit_async(struct store *st)
 		/* Nothing waits for a sync: answer at once, in order. */
 		store_set_committed(st, st->tx_seq);
 		store_run_callbacks(st, 1);
-		if (st->hooks.committed)
-			st->hooks.committed(st->hooks.arg);
+		store_notify_committed(st);
 		return;
 	}
 	if (!durable && !st->ncbs && st->tx_seq == st->batches[st->nbatches - 1].seq)
@@ -735,8 +742,7 @@ store_flush(struct store *st)
 	}
 	store_set_committed(st, st->tx_seq);
 	store_run_callbacks(st, 1);
-	if (st->hooks.committed)
-		st->hooks.committed(st->hooks.arg);
+	store_notify_committed(st);
 	return 0;
 }
 

@@ -953,6 +953,19 @@ test_callback_starts_new_work(void **state)
 
 /* store_on_written: at the commit itself, before the fsync and before the
  * store_on_commit callbacks; the row is then visible to other readers. */
+/* Turn the loop until *flag is set (the syncer's thread answers), 1 s at
+ * most. */
+static void
+turn_until(struct fx *f, const int *flag)
+{
+	int i;
+
+	for (i = 0; i < 1000 && !*flag; i++) {
+		assert_true(event_base_loop(f->base, EVLOOP_NONBLOCK) >= 0);
+		usleep(1000);
+	}
+}
+
 struct order {
 	int seq, written_at, durable_at, written_ok, durable_ok;
 	int64_t on_disk;
@@ -983,7 +996,6 @@ test_written_before_durable(void **state)
 {
 	struct fx *f = *state;
 	struct order o = { 0 };
-	int i;
 
 	o.path = f->path;
 	store_set_async(f->st);		/* the daemon's pipelined commits */
@@ -991,10 +1003,7 @@ test_written_before_durable(void **state)
 	store_on_written(f->st, order_written, &o);
 	store_on_commit(f->st, order_durable, &o);
 	assert_int_equal(o.seq, 0);	/* nothing from inside the caller */
-	for (i = 0; i < 500 && !o.durable_at; i++) {
-		assert_true(event_base_loop(f->base, EVLOOP_NONBLOCK) >= 0);
-		usleep(1000);
-	}
+	turn_until(f, &o.durable_at);
 	assert_int_equal(o.written_at, 1);
 	assert_int_equal(o.written_ok, 1);
 	assert_int_equal(o.on_disk, 1);		/* committed when told "written" */
@@ -1006,10 +1015,7 @@ test_written_before_durable(void **state)
 	o.path = f->path;
 	store_on_written(f->st, order_written, &o);
 	store_on_commit(f->st, order_durable, &o);
-	for (i = 0; i < 500 && !o.durable_at; i++) {
-		assert_true(event_base_loop(f->base, EVLOOP_NONBLOCK) >= 0);
-		usleep(1000);
-	}
+	turn_until(f, &o.durable_at);
 	assert_int_equal(o.written_at, 1);
 	assert_int_equal(o.durable_at, 2);
 	assert_int_equal(o.written_ok + o.durable_ok, 2);
@@ -1073,12 +1079,7 @@ vis_watch(struct fx *f, struct vis *v)
 static void
 vis_wait(struct fx *f, struct vis *v)
 {
-	int i;
-
-	for (i = 0; i < 2000 && !v->durable; i++) {
-		assert_true(event_base_loop(f->base, EVLOOP_NONBLOCK) >= 0);
-		usleep(500);
-	}
+	turn_until(f, &v->durable);
 	assert_int_equal(v->durable, 1);
 }
 
