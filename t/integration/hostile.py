@@ -83,6 +83,12 @@ class Healthy:
         self.phase = name
 
     def report(self, name, strict=True):
+        # A short phase (the oversized headers take ~50 ms) may end before
+        # the client's first request of it does: wait for a few, bounded.
+        deadline = time.time() + 5
+        while (len(self.lat.get(self.phase, [])) + len(self.fail.get(self.phase, [])) < 5
+               and time.time() < deadline):
+            time.sleep(0.05)
         lat = sorted(self.lat.get(self.phase, []))
         fail = self.fail.get(self.phase, [])
         if not lat:
