@@ -1207,6 +1207,9 @@ broker_main(void *arg)
 {
 	struct broker *b = arg;
 
+	/* Named for top -H and perf: which connection spends the CPU. */
+	pthread_setname_np(pthread_self(),
+	    b->role == BROKER_ROLE_PUBLISH ? "sagad-publish" : "sagad-consume");
 	event_base_dispatch(b->base);
 	return NULL;
 }

@@ -34,6 +34,7 @@ syncer_main(void *arg)
 	uint64_t target;
 	int err;
 
+	pthread_setname_np(pthread_self(), "sagad-syncer");
 	pthread_mutex_lock(&s->lock);
 	for (;;) {
 		while (s->state != SYNCER_STOPPING && s->requested == s->done)
