@@ -26,11 +26,12 @@ events:bench.in) delivering to bench/sink, a C HTTP service that answers
 
 Every figure is printed as name=value (with the 1-minute load average at
 the time), then a summary. Environment: BENCH_N (100000), BENCH_REPEAT (3),
-BENCH_CONCURRENCY (64), BENCH_MAX_PENDING (1024), BENCH_PREFETCH (baseline
-basic.qos; default 2 x concurrency, what sagad asks for), BENCH_RATE
+BENCH_CONCURRENCY (64), BENCH_MAX_PENDING (1024), BENCH_PREFETCH (basic.qos of
+both the baseline and sagad's subscription; default 2 x concurrency,
+sagad's own default), BENCH_RATE
 (1000), BENCH_LAT_SECONDS (10), BENCH_SIZE (256), BENCH_QUEUE_TYPE
-(quorum), BENCH_SWEEP ("C:P,C:P,...": instead of (a)-(c), one (b) run per
-concurrency:max_pending pair, for tuning), BENCH_QUICK=1, BENCH_KEEP=1,
+(quorum), BENCH_SWEEP ("C:P[:F],...": instead of (a)-(c), one (b) run per
+concurrency:max_pending[:prefetch], for tuning), BENCH_QUICK=1, BENCH_KEEP=1,
 BENCH_WORKDIR.
 """
 
@@ -150,11 +151,11 @@ class Sink:
 
 # ---------------------------------------------------------------- sagad
 
-def make_sagad(workdir, broker, sink, conc, pending, name='inbox'):
+def make_sagad(workdir, broker, sink, conc, pending, prefetch, name='inbox'):
     sub = '''subscriptions = (
   { name = "in"; queue = "%s"; queue_type = "%s"; bind = [ "%s:%s" ];
-    deliver = "%s"; concurrency = %d; max_pending = %d; timeout = 10; }
-);''' % (QUEUE, QUEUE_TYPE, EXCHANGE, KEY, sink.url, conc, pending)
+    deliver = "%s"; concurrency = %d; max_pending = %d; prefetch = %d; timeout = 10; }
+);''' % (QUEUE, QUEUE_TYPE, EXCHANGE, KEY, sink.url, conc, pending, prefetch)
     return h.Sagad(workdir, broker.url, name=name, heartbeat=10, conf_extra=sub,
                    store_extra='max_bytes = %dL;' % (16 << 30))
 
@@ -360,23 +361,25 @@ def main():
         fig('fsync_p99_ms', common.pct(lat, 0.99))
         if SWEEP:
             for k, pair in enumerate(SWEEP.split(','), 1):
-                conc, pend = (int(x) for x in pair.split(':'))
-                d = make_sagad(workdir, broker, sink, conc, pend, name='sweep%d' % k)
+                nums = [int(x) for x in pair.split(':')]
+                conc, pend = nums[:2]
+                pref = nums[2] if len(nums) > 2 else min(65535, 2 * conc)
+                d = make_sagad(workdir, broker, sink, conc, pend, pref, name='sweep%d' % k)
                 d.start(args=())    # declares the queue and its binding
                 d.stop()
                 try:
                     rate, run_rate, rss, _, _ = phase_sagad(broker, tool, sink, d, 1,
-                                                      tag='_c%d_p%d' % (conc, pend),
+                                                      tag='_c%d_p%d_f%d' % (conc, pend, pref),
                                                       limit=max(60, N / 200))
                 except Stalled as e:
-                    fig('sweep_c%d_p%d' % (conc, pend), 'stalled', str(e))
+                    fig('sweep_c%d_p%d_f%d' % (conc, pend, pref), 'stalled', str(e))
                     continue
                 reconnects = d.log().count('broker connection lost')
-                fig('sweep_c%d_p%d' % (conc, pend), rate, 'msg/s (first->last %.0f msg/s), '
+                fig('sweep_c%d_p%d_f%d' % (conc, pend, pref), rate, 'msg/s (first->last %.0f msg/s), '
                     'RSS %.1f MB, %d broker connections lost' % (run_rate, rss, reconnects))
             ok = True
             return 0
-        d = make_sagad(workdir, broker, sink, CONCURRENCY, MAX_PENDING)
+        d = make_sagad(workdir, broker, sink, CONCURRENCY, MAX_PENDING, PREFETCH)
         d.start(args=())        # declares the queue and its binding
         d.stop()
         say('(a)/(b) throughput, %d x %d messages of %d B' % (REPEAT, N, SIZE))

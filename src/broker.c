@@ -174,7 +174,13 @@ broker_post(struct broker *b, enum broker_event_kind kind, int64_t seq,
 	ev->epoch = b->epoch;
 	ev->seq = seq;
 	ev->latency = latency;
-	snprintf(ev->reason, sizeof ev->reason, "%s", reason ? reason : "");
+	ev->msg = NULL;		/* broker_free frees what was never taken */
+	ev->sub = 0;
+	ev->redelivered = 0;
+	ev->received = 0;
+	ev->reason[0] = '\0';
+	if (reason)
+		snprintf(ev->reason, sizeof ev->reason, "%s", reason);
 }
 
 /* One lock and one wake-up per turn, however many confirms arrived. */
@@ -486,6 +492,7 @@ broker_delivery_done(struct broker *b)
 		ev->msg = b->rx_msg;
 		ev->sub = b->rx_sub;
 		ev->redelivered = b->rx_redelivered;
+		ev->received = util_mono();
 	}
 	b->rx_msg = NULL;
 	b->rx = BROKER_RX_IDLE;
@@ -1234,10 +1241,7 @@ broker_copy_subs(struct broker *b, const struct sagad_conf *c)
 			s->binds[j].exchange = strdup(cs->binds[j].exchange);
 			s->binds[j].key = strdup(cs->binds[j].key);
 		}
-		/* The prefetch follows concurrency: the broker sends no more
-		 * than the service can take at once, plus the same again to
-		 * keep the pipe full. */
-		s->prefetch = cs->concurrency * 2 > 65535 ? 65535 : cs->concurrency * 2;
+		s->prefetch = cs->prefetch;
 		s->single_active = cs->internal;
 		s->max_bytes = cs->max_message_bytes;
 	}
@@ -1374,6 +1378,7 @@ broker_free(struct broker *b)
 	free(b->inq);
 	for (i = 0; i < b->noutq; i++)
 		msg_free(b->outq[i].msg);
+
 	msg_free(b->rx_msg);
 	for (i = 0; i < b->n_subs; i++) {
 		free(b->subs[i].queue);

@@ -36,6 +36,7 @@ struct broker_event {
 	struct msg *msg;	/* DELIVERY: owned by the receiver; seq = delivery tag */
 	int sub;		/* DELIVERY: subscription index */
 	int redelivered;
+	double received;	/* DELIVERY: util_mono() when its last frame came */
 };
 
 typedef void broker_event_fn(void *arg, const struct broker_event *ev);

@@ -163,6 +163,7 @@ static const struct conf_key conf_sub_keys[] = {
 	{ "deliver", CONF_STR, U(deliver), 0, 0, NULL, NULL },
 	{ "concurrency", CONF_INT, U(concurrency), 1, 1024, NULL, NULL },
 	{ "max_pending", CONF_INT, U(max_pending), 1, 65535, NULL, NULL },
+	{ "prefetch", CONF_INT, U(prefetch), 1, 65535, NULL, NULL },
 	{ "ordered", CONF_BOOL, U(ordered), 0, 0, NULL, NULL },
 	{ "timeout", CONF_DUR, U(timeout), 0.01, 3600, NULL, NULL },
 	{ "max_attempts", CONF_INT, U(max_attempts), 1, 1000000, NULL, NULL },
@@ -733,6 +734,11 @@ conf_check_subs(struct conf_ctx *ctx, config_t *cfg, struct sagad_conf *c)
 				    s->name, s->binds[j].exchange);
 		if (!s->max_pending)
 			s->max_pending = 4 * s->concurrency;
+		/* The prefetch follows concurrency: the broker sends no more
+		 * than the service can take at once, plus the same again to
+		 * keep the pipe full while the inbox commits are synced. */
+		if (!s->prefetch)
+			s->prefetch = 2 * s->concurrency > 65535 ? 65535 : 2 * s->concurrency;
 		if (s->retry_max < s->retry_initial)
 			conf_err(ctx, e, "subscription '%s': retry_max is below retry_initial", s->name);
 	}
@@ -797,6 +803,7 @@ conf_saga_subscription(struct sagad_conf *c)
 	s->internal = 1;
 	s->concurrency = 64;
 	s->max_pending = 4096;
+	s->prefetch = 128;
 	for (i = 0; i < c->n_sagas; i++) {
 		conf_add_saga_bind(s, &c->sagas[i].start);
 		for (j = 0; j < c->sagas[i].n_steps; j++) {

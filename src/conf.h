@@ -24,6 +24,7 @@ struct conf_subscription {
 	char *deliver;		/* http://host:port/path */
 	int concurrency;
 	int max_pending;
+	int prefetch;		/* basic.qos; default 2 x concurrency */
 	int ordered;
 	double timeout;
 	int max_attempts;

@@ -72,6 +72,7 @@ struct dack {
 	struct dmsg *dm;	/* NULL for a duplicate */
 	int sub;
 	uint64_t epoch, tag;
+	double received;	/* util_mono() in the broker thread */
 };
 
 static const char *const outcome_names[OUTCOME_COUNT] = {
@@ -666,6 +667,7 @@ delivery_acked(void *arg, int ok)
 			broker_requeue(dl->br, k->epoch, k->sub, k->tag);
 	} else if (dl->br && k->epoch == dl->epoch) {
 		broker_ack(dl->br, k->epoch, k->sub, k->tag);
+		histogram_observe(&dl->subs[k->sub].stats.ack, util_mono() - k->received);
 	}
 	if (dl->br)
 		broker_kick(dl->br);
@@ -713,6 +715,7 @@ delivery_take(struct delivery *dl, const struct broker_event *ev)
 	k->sub = ev->sub;
 	k->epoch = ev->epoch;
 	k->tag = (uint64_t)m->seq;
+	k->received = ev->received;
 	if (!m->message_id || !*m->message_id || !util_valid_shortstr(m->message_id, 255)) {
 		char derived[40];
 		delivery_derive_id(m, derived);
@@ -822,6 +825,7 @@ dsub_init(struct delivery *dl, struct dsub *ds, int index)
 	event_priority_set(ds->dispatch_ev, 2);
 	ds->timer_ev = evtimer_new(dl->d->base, dsub_dispatch_cb, ds);
 	histogram_init(&ds->stats.latency, metrics_latency_bounds, metrics_latency_nbounds);
+	histogram_init(&ds->stats.ack, metrics_latency_bounds, metrics_latency_nbounds);
 	ds->consuming = -1;	/* unknown: the first flow decision tells the broker */
 	if (c->internal) {
 		if (u)
@@ -1013,6 +1017,14 @@ delivery_metrics(struct delivery *dl, struct evbuffer *out)
 	for (i = 0; i < dl->nsubs; i++) {
 		snprintf(labels, sizeof labels, "subscription=\"%s\"", dl->subs[i].name);
 		metrics_histogram(out, "sagad_delivery_seconds", labels, &dl->subs[i].stats.latency);
+	}
+	/* What the broker's prefetch window must cover: a subscription takes
+	 * at most prefetch / this many messages a second. */
+	metrics_family(out, "sagad_inbox_ack_seconds", "histogram",
+	    "Time from a message's arrival to its broker ack (inbox commit and fsync).");
+	for (i = 0; i < dl->nsubs; i++) {
+		snprintf(labels, sizeof labels, "subscription=\"%s\"", dl->subs[i].name);
+		metrics_histogram(out, "sagad_inbox_ack_seconds", labels, &dl->subs[i].stats.ack);
 	}
 }
 

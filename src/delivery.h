@@ -35,6 +35,7 @@ struct delivery_sub_stats {
 	uint64_t outcomes[OUTCOME_COUNT];
 	uint64_t duplicates, dead_lettered, too_large;
 	struct histogram latency;	/* received -> done */
+	struct histogram ack;		/* received -> ack handed to the broker thread */
 };
 
 struct delivery *delivery_new(struct sagad *d);

@@ -383,9 +383,13 @@ def main(wd):
     tool = h.AmqpTool()
     url = broker.url
     svcs = {name: h.Service() for name in ('answers', 'down', 'dup', 'crash', 'brk', 'keep')}
-    common = {'timeout': 1, 'retry_initial': 0.05, 'retry_max': 0.5, 'circuit_open': 1}
+    # A 5 s attempt timeout where the service never hangs: a 1 s one made a
+    # slow answer under load a second attempt, and 'each answered once'
+    # false. Only 'answers' tests timeouts.
+    common = {'timeout': 5, 'retry_initial': 0.05, 'retry_max': 0.5, 'circuit_open': 1}
     subs = {
-        'answers': ('ans', {'concurrency': 2, 'max_attempts': 5, 'circuit_failures': 1000}),
+        'answers': ('ans', {'concurrency': 2, 'max_attempts': 5, 'circuit_failures': 1000,
+                            'timeout': 1}),
         'down': ('down', {'concurrency': 4, 'max_pending': 8, 'max_attempts': 100000,
                           'retry_max': 2, 'circuit_failures': 3}),
         'dup': ('dup', {'max_attempts': 5, 'timeout': 10}),

@@ -132,11 +132,16 @@ class Answer:
     before answering, events to publish (through its own sagad) afterwards,
     and an optional body (default: a description of what was done)."""
 
-    def __init__(self, status=200, delay=0.0, events=(), body=None):
+    def __init__(self, status=200, delay=0.0, events=(), body=None, gate=None):
         self.status = status
         self.delay = delay
         self.events = list(events)
         self.body = body
+        # A threading.Event the answer waits for (at most 25 s, under the
+        # subscriptions' 30 s timeout): the test opens it once what must
+        # happen during the delivery has happened, where a fixed delay
+        # would be a race on a loaded machine.
+        self.gate = gate
 
 
 class Event:
@@ -144,8 +149,9 @@ class Event:
     the saga's Correlation-Id."""
 
     def __init__(self, key, delay=0.0, message_id=None, via=None, body=None,
-                 exchange='events', correlation_id=None):
+                 exchange='events', correlation_id=None, after=None):
         self.key = key
+        self.after = after      # published once this predicate holds (causal order)
         self.delay = delay
         self.message_id = message_id
         self.via = via
@@ -237,6 +243,8 @@ class Participant:
         ans = self._rule(key, cid, n)
         if ans.delay:
             time.sleep(ans.delay)
+        if ans.gate is not None:
+            ans.gate.wait(25)
         try:
             body = json.loads(raw) if raw else None
         except ValueError:
@@ -275,6 +283,8 @@ class Participant:
         mid = ev.message_id or '%s:%s:%s' % (self.name, ev.key, cid)
         body = ev.body if ev.body is not None else event_body(self.name, ev.key, cid)
         try:
+            if ev.after is not None:
+                h.wait_until(ev.after, 60, '%s %s: its precondition' % (ev.key, cid))
             api_publish(via.port, ev.exchange, ev.key, body,
                         {'Correlation-Id': cid or None, 'Message-Id': mid}, deadline=120)
             with self.lock:
@@ -602,20 +612,32 @@ def main(wd):
     stock.sagad, payment.sagad = d_stock, d_payment
 
     # ---- choreography: how the participants react to the start events
+    # The order of the events that matters is made causal (after=...): each
+    # waits until the orchestrator has recorded what must come before it.
+    def step_is(cid, step, state):
+        return lambda: step_states(saga_get(orders, cid) or {'steps': []}).get(step) == state
+
+    def pay_dups(cid, n):
+        return lambda: len(hist_entries(saga_get(orders, cid) or {}, 'duplicate: ignored',
+                                        'pay')) >= n
     plan = {
         # both succeed after one another; notify fails: pay, then ship undone
-        'cf1': {'stock': [Event('shipment.scheduled'), Event('notify.failed', delay=1.5)],
-                'payment': [Event('payment.captured', delay=0.7)]},
+        'cf1': {'stock': [Event('shipment.scheduled'),
+                          Event('notify.failed', after=step_is('cf1', 'pay', 'succeeded'))],
+                'payment': [Event('payment.captured',
+                                  after=step_is('cf1', 'ship', 'succeeded'))]},
         # pay fails at once; ship succeeds later (late success: compensated)
         'cf2': {'payment': [Event('payment.failed')],
-                'stock': [Event('shipment.scheduled', delay=1.5)]},
+                'stock': [Event('shipment.scheduled', after=lambda: saga_state(orders, 'cf2')
+                                in ('compensating', 'compensated'))]},
         # duplicates: same id through two sagads, another id, start again
         'cd1': {'payment': [Event('payment.captured', message_id='cd1-pc'),
-                            Event('payment.captured', delay=0.6, message_id='cd1-pc2')],
+                            Event('payment.captured', message_id='cd1-pc2',
+                                  after=step_is('cd1', 'pay', 'succeeded'))],
                 'stock': [Event('payment.captured', delay=0.3, message_id='cd1-pc',
                                 body=event_body('payment', 'payment.captured', 'cd1')),
-                          Event('shipment.scheduled', delay=1.0),
-                          Event('notify.sent', delay=1.2)]},
+                          Event('shipment.scheduled', after=pay_dups('cd1', 1)),
+                          Event('notify.sent', after=pay_dups('cd1', 1))]},
     }
     default = {'payment': [Event('payment.captured')],
                'stock': [Event('shipment.scheduled'), Event('notify.sent', delay=0.3)]}
@@ -635,12 +657,13 @@ def main(wd):
     stock.rules[('stock.reserve', 'of1')] = Answer(409)
     payment.rules[('payment.authorize', 'of2')] = Answer(409)
     stock.rules[('shipment.book', 'of3')] = Answer(409)
-    stock.rules[('shipment.book', 'od1')] = Answer(200, delay=3)
+    od1_go, ab1_go = threading.Event(), threading.Event()
+    stock.rules[('shipment.book', 'od1')] = Answer(200, gate=od1_go)
     stock.rules[('shipment.book', 'cr1')] = Answer(409)
     payment.rules[('payment.cancel', 'cr1')] = [Answer(409), Answer(409), Answer(409), Answer(200)]
     stock.rules[('shipment.book', 'cn1')] = Answer(409)
     payment.rules[('payment.cancel', 'cn1')] = Answer(409, body={'reason': 'ledger closed'})
-    payment.rules[('payment.authorize', 'ab1')] = Answer(200, delay=4)
+    payment.rules[('payment.authorize', 'ab1')] = Answer(200, gate=ab1_go)
     payment.rules[('payment.authorize', 'tt1')] = Answer(200, delay=6)
     stock.rules[('stock.reserve', 'st1')] = Answer(200, delay=5)
 
@@ -696,6 +719,7 @@ def main(wd):
     inst = saga_get(orders, 'ab1')
     h.check(inst['state'] in ('compensating', 'compensated') and 'abort' in (inst['reason'] or ''),
             'ab1 compensates after the abort, reason names the abort', inst)
+    ab1_go.set()        # now its authorize succeeds: a late success
 
     # ---- duplicated replies to od1 while its last step is in progress
     h.wait_until(lambda: stock.has_started('shipment.book', 'od1'), 30,
@@ -704,6 +728,10 @@ def main(wd):
     reply('od1', 'order', 'reserve', 'failure', 'od1-dup-2')
     reply('od1', 'order', 'authorize', 'success', 'od1-dup-3')
     reply('od1', 'order', 'nostep', 'success', 'od1-dup-4')   # no such step: orphan
+    h.wait_until(lambda: len(hist_entries(saga_get(orders, 'od1') or {},
+                                          'duplicate: ignored')) >= 3, 30,
+                 'od1: the three duplicated replies recorded while shipment.book runs')
+    od1_go.set()
 
     # ---- cn1: its compensation is refused every time: failed
     h.wait_until(lambda: saga_state(orders, 'cn1') == 'failed', 30, 'saga cn1 failed')
@@ -1071,8 +1099,9 @@ def main(wd):
             'no compensation for messages after the end')
 
     # ---- durable timers across a SIGKILL of the orchestrator
-    stock.rules[('stock.reserve', 'dt1')] = Answer(200, delay=10)
-    stock.rules[('stock.reserve', 'dt2')] = Answer(200, delay=12)
+    dt1_go, dt2_go = threading.Event(), threading.Event()
+    stock.rules[('stock.reserve', 'dt1')] = Answer(200, gate=dt1_go)
+    stock.rules[('stock.reserve', 'dt2')] = Answer(200, gate=dt2_go)
     orders.publish('events', 'durable.created', b'{"cid": "dt1"}',
                    {'Correlation-Id': 'dt1', 'Message-Id': 'start-dt1'})
     h.wait_until(lambda: stock.has_started('stock.reserve', 'dt1'), 30, 'dt1 command delivered')
@@ -1082,6 +1111,7 @@ def main(wd):
     orders.start(timeout=60)
     h.wait_until(lambda: hist_entries(saga_get(orders, 'dt1') or {}, 'step timeout', 'reserve'),
                  30, 'dt1 step timeout')
+    dt1_go.set()        # its reply now: a late success
     i = saga_get(orders, 'dt1')
     sent = [e for e in i['history'] if e['what'] == 'command'][0]['at']
     fired = hist_entries(i, 'step timeout', 'reserve')[0]['at']
@@ -1100,6 +1130,7 @@ def main(wd):
     t_ready = time.time()
     h.wait_until(lambda: hist_entries(saga_get(orders, 'dt2') or {}, 'step timeout', 'reserve'),
                  30, 'dt2 step timeout')
+    dt2_go.set()
     i = saga_get(orders, 'dt2')
     sent = [e for e in i['history'] if e['what'] == 'command'][0]['at']
     fired = hist_entries(i, 'step timeout', 'reserve')[0]['at']

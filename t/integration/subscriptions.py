@@ -81,7 +81,7 @@ def main(wd):
     conf = '''
 subscriptions = (
   { name = "inbox"; bind = [ "events:sub.#" ]; deliver = "%(url)s";
-    concurrency = 4; timeout = 1; max_attempts = 3; retry_initial = 0.05; retry_max = 0.3;
+    concurrency = 4; timeout = 5; max_attempts = 3; retry_initial = 0.05; retry_max = 0.3;
     circuit_failures = 100; circuit_open = 1; max_message_bytes = %(limit)d; },
   { name = "ordered"; bind = [ "events:ord.#" ]; deliver = "%(url)s"; ordered = true;
     concurrency = 4; timeout = 2; max_attempts = 6; retry_initial = 1; retry_max = 2;
@@ -90,7 +90,7 @@ subscriptions = (
     timeout = 1; max_attempts = 3; retry_initial = 0.05; retry_max = 0.2;
     circuit_failures = 100; circuit_open = 1; },
   { name = "rp"; bind = [ "events:rp.#" ]; deliver = "%(url)s";
-    timeout = 1; max_attempts = 2; retry_initial = 0.05; retry_max = 0.2;
+    timeout = 5; max_attempts = 2; retry_initial = 0.05; retry_max = 0.2;
     circuit_failures = 100; circuit_open = 1; }
 );
 ''' % {'url': svc.url, 'limit': LIMIT, 'dead': dead_port}
@@ -179,6 +179,10 @@ subscriptions = (
     h.check(m.get(lab % 'dead-lettered') == n_dead,
             'sagad_delivered_total{inbox,dead-lettered} = %d' % n_dead,
             m.get(lab % 'dead-lettered'))
+    # Every consumed message was acked once, after its inbox commit.
+    h.check(m.get('sagad_inbox_ack_seconds_count{subscription="inbox"}') == len(cases),
+            'sagad_inbox_ack_seconds{inbox}: one ack per consumed message (%d)' % len(cases),
+            m.get('sagad_inbox_ack_seconds_count{subscription="inbox"}'))
     h.check(m.get('sagad_dead_lettered_total{subscription="inbox"}') == n_dead,
             'sagad_dead_lettered_total{inbox} = %d' % n_dead,
             m.get('sagad_dead_lettered_total{subscription="inbox"}'))
@@ -284,12 +288,19 @@ subscriptions = (
 
     # ------------------------------------------------------------ ordered
     h.log('== ordered = true')
+    # Through sagad's own publish API (a millisecond each): all 15 must be
+    # in the queue well before A-2's last retry (about 3 s after its
+    # first), which an amqptool process per message (~200 ms each under
+    # load) did not always manage.
     for i in range(1, 6):
-        tool.send(url, 'events', 'ord.a', body='A-%d' % i, message_id='A-%d' % i,
-                  correlation_id='cid-A')
-        tool.send(url, 'events', 'ord.b', body='B-%d' % i, message_id='B-%d' % i,
-                  correlation_id='cid-B')
-        tool.send(url, 'events', 'ord.n', body='N-%d' % i, message_id='N-%d' % i)
+        for key, prefix, cid in (('ord.a', 'A', 'cid-A'), ('ord.b', 'B', 'cid-B'),
+                                 ('ord.n', 'N', None)):
+            mid = '%s-%d' % (prefix, i)
+            hdrs = {'Message-Id': mid}
+            if cid:
+                hdrs['Correlation-Id'] = cid
+            st, doc, _ = d.publish('events', key, mid, hdrs)
+            assert st == 202, ('ordered: %s not accepted' % mid, st, doc)
     h.wait_until(lambda: len(svc.find(lambda c: key_of(c).startswith('ord.')
                                       and c['end'] is not None)) >= 18,
                  90, '18 ordered deliveries (15 messages, A-2 three more times)')

@@ -340,6 +340,34 @@ test_saga_queue_type(void **state)
 	expect_error(SVC "saga_queue_type = \"fast\";\n", 2, "saga_queue_type must be quorum or classic");
 }
 
+#define SUB(extra) SVC "exchanges = ({ name = \"events\"; });\n" \
+	"subscriptions = ({ name = \"in\"; bind = [\"events:a.#\"];\n" \
+	"  deliver = \"http://127.0.0.1:8080/m\";" extra " });\n"
+
+/* The backlog and the broker prefetch follow concurrency unless set. */
+static void
+test_subscription_flow_keys(void **state)
+{
+	struct sagad_conf *c;
+
+	(void)state;
+	c = load_ok(SUB(""));
+	assert_int_equal(c->subs[0].concurrency, 16);
+	assert_int_equal(c->subs[0].max_pending, 64);
+	assert_int_equal(c->subs[0].prefetch, 32);
+	conf_free(c);
+	c = load_ok(SUB(" concurrency = 100;"));
+	assert_int_equal(c->subs[0].max_pending, 400);
+	assert_int_equal(c->subs[0].prefetch, 200);
+	conf_free(c);
+	c = load_ok(SUB(" concurrency = 128; prefetch = 100; max_pending = 1000;"));
+	assert_int_equal(c->subs[0].max_pending, 1000);
+	assert_int_equal(c->subs[0].prefetch, 100);
+	conf_free(c);
+	expect_error(SUB(" prefetch = 0;"), 4, "'prefetch' must be between 1 and 65535");
+	expect_error(SUB(" prefetch = 65536;"), 4, "'prefetch' must be between 1 and 65535");
+}
+
 static void
 test_err_unknown_top_key(void **state)
 {
@@ -857,6 +885,7 @@ main(void)
 		cmocka_unit_test_setup_teardown(test_password_file, setup_tmp, teardown_tmp),
 		cmocka_unit_test_setup_teardown(test_token_file, setup_tmp, teardown_tmp),
 		cmocka_unit_test(test_saga_queue_type),
+		cmocka_unit_test(test_subscription_flow_keys),
 		cmocka_unit_test(test_err_unknown_top_key),
 		cmocka_unit_test(test_err_unknown_group_keys),
 		cmocka_unit_test(test_err_wrong_types),
