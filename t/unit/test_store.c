@@ -1127,6 +1127,72 @@ test_publish_early(void **state)
 	assert_int_equal(store_committed_seq(f->st), s1);
 }
 
+/* What a lower-priority event of the same turn sees: the rows committed. */
+struct probe {
+	struct fx *f;
+	int64_t committed_rows;
+	int ran;
+};
+
+static void
+probe_cb(evutil_socket_t fd, short what, void *arg)
+{
+	struct probe *p = arg;
+
+	(void)fd;
+	(void)what;
+	p->committed_rows = disk_count(p->f->path);
+	p->ran = 1;
+}
+
+/*
+ * With the syncer idle, a durable write is committed at once (priority 0,
+ * which libevent runs before the rest of a lower-priority turn), so that
+ * the fsync starts: an event of the end-of-turn commit's priority (2),
+ * ready since the same turn as the writes, finds the first one committed.
+ * The writes that come while that sync runs wait in the open transaction
+ * for its end, and are then committed and synced together.
+ */
+static void
+test_sync_starts_at_once(void **state)
+{
+	struct fx *f = *state;
+	struct counters c = { 0 }, hooks = { 0 };
+	struct request r[3] = {
+		{ f, "soon-a", &c, 0 }, { f, "soon-b", &c, 0 }, { f, "soon-c", &c, 0 }
+	};
+	struct probe p = { f, -1, 0 };
+	struct event *ev[3], *pev;
+	int i;
+
+	store_set_async(f->st);
+	set_hooks(f, &hooks);
+	c.path = f->path;
+	for (i = 0; i < 3; i++) {
+		ev[i] = event_new(f->base, -1, 0, request_cb, &r[i]);
+		assert_int_equal(event_priority_set(ev[i], 1), 0);
+		event_active(ev[i], 0, 0);
+	}
+	pev = event_new(f->base, -1, 0, probe_cb, &p);
+	assert_int_equal(event_priority_set(pev, 2), 0);
+	event_active(pev, 0, 0);
+	for (i = 0; i < 10 && !p.ran; i++)
+		assert_true(event_base_loop(f->base, EVLOOP_NONBLOCK) >= 0);
+	assert_true(p.ran);
+	assert_true(p.committed_rows >= 1);
+	for (i = 0; i < 1000 && c.calls < 3; i++) {
+		assert_true(event_base_loop(f->base, EVLOOP_NONBLOCK) >= 0);
+		usleep(1000);
+	}
+	assert_int_equal(c.calls, 3);
+	assert_int_equal(c.ok, 3);
+	assert_int_equal(disk_count(f->path), 3);
+	assert_int_equal(store_committed_seq(f->st), r[2].seq);
+	for (i = 0; i < 3; i++)
+		event_free(ev[i]);
+	event_free(pev);
+}
+
 static void
 test_close_commits_pending(void **state)
 {
@@ -1175,6 +1241,7 @@ main(void)
 		T(test_close_commits_pending),
 		T(test_written_before_durable),
 		T(test_publish_early),
+		T(test_sync_starts_at_once),
 	};
 #undef T
 
