@@ -868,6 +868,19 @@ request_cb(evutil_socket_t fd, short what, void *arg)
 	store_on_commit(r->f->st, count_cb, r->c);
 }
 
+/* Three request events ready in the same turn, at priority 1. */
+static void
+requests_ready(struct fx *f, struct request *r, struct event **ev)
+{
+	int i;
+
+	for (i = 0; i < 3; i++) {
+		ev[i] = event_new(f->base, -1, 0, request_cb, &r[i]);
+		assert_int_equal(event_priority_set(ev[i], 1), 0);
+		event_active(ev[i], 0, 0);
+	}
+}
+
 static void
 test_group_commit_one_fsync_per_turn(void **state)
 {
@@ -882,11 +895,7 @@ test_group_commit_one_fsync_per_turn(void **state)
 	set_hooks(f, &hooks);
 	c.path = f->path;
 	/* three requests ready in the same turn, above the commit's priority */
-	for (i = 0; i < 3; i++) {
-		ev[i] = event_new(f->base, -1, 0, request_cb, &r[i]);
-		assert_int_equal(event_priority_set(ev[i], 1), 0);
-		event_active(ev[i], 0, 0);
-	}
+	requests_ready(f, r, ev);
 	for (i = 0; i < 10 && c.calls < 3; i++)
 		assert_true(event_base_loop(f->base, EVLOOP_NONBLOCK) >= 0);
 	assert_int_equal(c.calls, 3);
@@ -1157,7 +1166,7 @@ static void
 test_sync_starts_at_once(void **state)
 {
 	struct fx *f = *state;
-	struct counters c = { 0 }, hooks = { 0 };
+	struct counters c = { 0 };
 	struct request r[3] = {
 		{ f, "soon-a", &c, 0 }, { f, "soon-b", &c, 0 }, { f, "soon-c", &c, 0 }
 	};
@@ -1166,13 +1175,8 @@ test_sync_starts_at_once(void **state)
 	int i;
 
 	store_set_async(f->st);
-	set_hooks(f, &hooks);
 	c.path = f->path;
-	for (i = 0; i < 3; i++) {
-		ev[i] = event_new(f->base, -1, 0, request_cb, &r[i]);
-		assert_int_equal(event_priority_set(ev[i], 1), 0);
-		event_active(ev[i], 0, 0);
-	}
+	requests_ready(f, r, ev);
 	pev = event_new(f->base, -1, 0, probe_cb, &p);
 	assert_int_equal(event_priority_set(pev, 2), 0);
 	event_active(pev, 0, 0);
