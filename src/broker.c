@@ -1378,7 +1378,6 @@ broker_free(struct broker *b)
 	free(b->inq);
 	for (i = 0; i < b->noutq; i++)
 		msg_free(b->outq[i].msg);
-
 	msg_free(b->rx_msg);
 	for (i = 0; i < b->n_subs; i++) {
 		free(b->subs[i].queue);

@@ -628,10 +628,10 @@ store_set_async(struct store *st)
 	if (st->syncer) {
 		st->sync_ev = event_new(event_get_base(st->commit_ev), -1, 0, store_commit_cb, st);
 		event_priority_set(st->sync_ev, 0);
-	}
-	if (!st->syncer)
+	} else {
 		log_warn("msg=\"store: syncing on the event loop\" path=%s error=\"%s\"", wal,
 		    st->wal_fd < 0 ? strerror(errno) : "cannot start a thread");
+	}
 	free(wal);
 }
 
