@@ -960,8 +960,6 @@ test_callback_starts_new_work(void **state)
 	assert_int_equal(disk_count(f->path), 2);
 }
 
-/* store_on_written: at the commit itself, before the fsync and before the
- * store_on_commit callbacks; the row is then visible to other readers. */
 /* Turn the loop until *flag is set (the syncer's thread answers), 1 s at
  * most. */
 static void
@@ -975,6 +973,8 @@ turn_until(struct fx *f, const int *flag)
 	}
 }
 
+/* store_on_written: at the commit itself, before the fsync and before the
+ * store_on_commit callbacks; the row is then visible to other readers. */
 struct order {
 	int seq, written_at, durable_at, written_ok, durable_ok;
 	int64_t on_disk;
