@@ -73,6 +73,7 @@ PACE = os.path.join(B, 'bench', 'pace')
 SINK = os.path.join(B, 'bench', 'sink')
 
 figures = []
+LAST_ACK = [float('nan'), float('nan')]     # of the last (b) run, ms
 
 
 def loadavg():
@@ -240,6 +241,12 @@ def phase_sagad(broker, tool, sink, d, i, tag='', limit=None):
                  interval=0.2)
     mm = m.get()
     m.close()
+    ack = common.buckets(mm, 'sagad_inbox_ack_seconds')
+    q = [common.hist_quantile(x, {}, ack) for x in (0.5, 0.99)]
+    if q[0] and q[1]:
+        LAST_ACK[:] = [q[0][0] * 1e3, q[1][0] * 1e3]
+        say('arrival -> broker ack p50 %.2f ms, p99 %.2f ms (sagad_inbox_ack_seconds)'
+            % tuple(LAST_ACK))
     scpu = cpu_s([d.proc.pid])      # its whole life: start, N messages
     bcpu = cpu_s(broker_pids(broker)) - b0
     time.sleep(0.2)
@@ -368,7 +375,7 @@ def main():
                 d.start(args=())    # declares the queue and its binding
                 d.stop()
                 try:
-                    rate, run_rate, rss, _, _ = phase_sagad(broker, tool, sink, d, 1,
+                    rate, run_rate, rss, scpu, bcpu = phase_sagad(broker, tool, sink, d, 1,
                                                       tag='_c%d_p%d_f%d' % (conc, pend, pref),
                                                       limit=max(60, N / 200))
                 except Stalled as e:
@@ -376,7 +383,9 @@ def main():
                     continue
                 reconnects = d.log().count('broker connection lost')
                 fig('sweep_c%d_p%d_f%d' % (conc, pend, pref), rate, 'msg/s (first->last %.0f msg/s), '
-                    'RSS %.1f MB, %d broker connections lost' % (run_rate, rss, reconnects))
+                    'RSS %.1f MB, CPU per message sagad %.1f us, RabbitMQ %.1f us, ack p50 %.2f '
+                    'p99 %.2f ms, %d broker connections lost'
+                    % (run_rate, rss, scpu, bcpu, LAST_ACK[0], LAST_ACK[1], reconnects))
             ok = True
             return 0
         d = make_sagad(workdir, broker, sink, CONCURRENCY, MAX_PENDING, PREFETCH)

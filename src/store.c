@@ -166,6 +166,8 @@ struct store {
 	size_t ncbs, capcbs;
 	struct store_cb *wcbs;	/* store_on_written: at the commit itself */
 	size_t nwcbs, capwcbs;
+	struct syncer_job *jobs;	/* store_on_durable_early, of the open transaction */
+	size_t njobs, capjobs;
 	struct store_hooks hooks;
 	void (*fatal)(void *, const char *);
 	void *fatal_arg;
@@ -357,6 +359,7 @@ store_close(struct store *st)
 		close(st->lock_fd);
 	free(st->cbs);
 	free(st->wcbs);
+	free(st->jobs);
 	free(st->path);
 	free(st);
 }
@@ -429,6 +432,13 @@ store_run_written(struct store *st, int ok)
 	store_run_list(&st->wcbs, &st->nwcbs, &st->capwcbs, ok);
 }
 
+/* The early jobs will not run: their store_on_commit callbacks do the work. */
+static void
+store_drop_jobs(struct store *st)
+{
+	st->njobs = 0;
+}
+
 /* The transaction was lost (disk full, I/O error): forget its work. */
 static void
 store_lost(struct store *st)
@@ -447,6 +457,7 @@ store_lost(struct store *st)
 	st->tx_seq = st->written_seq;
 	st->tx_count = 0;
 	st->tx_bytes = 0;
+	store_drop_jobs(st);
 	/* Written ones first: they may look at what the others free. */
 	store_run_written(st, 0);
 	store_run_callbacks(st, 0);
@@ -693,6 +704,8 @@ store_commit_async(struct store *st)
 	else if (store_commit(st) < 0)
 		return;
 	st->tx_durable = 0;
+	if (!durable)
+		store_drop_jobs(st);
 	if (!durable && !st->nbatches) {
 		/* Nothing waits for a sync: answer at once, in order. */
 		store_set_committed(st, st->tx_seq);
@@ -709,7 +722,13 @@ store_commit_async(struct store *st)
 	b = &st->batches[st->nbatches++];
 	/* A batch that needs no sync of its own still waits for those before
 	 * it: answers go out in commit order. */
-	b->gen = durable ? syncer_request(st->syncer) : st->batches[st->nbatches - 2].gen;
+	if (durable) {
+		b->gen = syncer_request_jobs(st->syncer, st->jobs, st->njobs);
+		st->jobs = NULL;
+		st->njobs = st->capjobs = 0;
+	} else {
+		b->gen = st->batches[st->nbatches - 2].gen;
+	}
 	b->seq = st->tx_seq;
 	b->cbs = st->cbs;
 	b->ncbs = st->ncbs;
@@ -764,6 +783,7 @@ store_flush(struct store *st)
 	if (store_commit(st) < 0)
 		return -1;
 	st->tx_durable = 0;
+	store_drop_jobs(st);	/* synced here, on the loop */
 	if (durable && store_sync_wal(st) < 0) {
 		store_run_callbacks(st, 0);
 		return -1;
@@ -800,6 +820,21 @@ store_on_commit(struct store *st, store_done_fn *cb, void *arg)
 	/* Without an open transaction the work is already durable; still answer
 	 * from the loop, never from inside the caller. */
 	event_active(st->commit_ev, 0, 0);
+}
+
+int
+store_on_durable_early(struct store *st, void (*fn)(void *), void *arg)
+{
+	if (!st->syncer || !st->in_tx || !st->tx_durable)
+		return 0;
+	if (st->njobs == st->capjobs) {
+		st->capjobs = st->capjobs ? st->capjobs * 2 : 64;
+		st->jobs = realloc(st->jobs, st->capjobs * sizeof *st->jobs);
+	}
+	st->jobs[st->njobs].fn = fn;
+	st->jobs[st->njobs].arg = arg;
+	st->njobs++;
+	return 1;
 }
 
 void

@@ -58,6 +58,16 @@ void store_on_commit(struct store *st, store_done_fn *cb, void *arg);
  * yet one of the machine. ok 0: the transaction was lost. cb runs inside
  * the commit and must not write to the store. */
 void store_on_written(struct store *st, store_done_fn *cb, void *arg);
+/*
+ * Early work for the open transaction's durability: fn(arg) runs on the
+ * syncer's thread the moment the fsync that makes the transaction durable
+ * ends, before the store_on_commit callbacks (which run on the loop, and
+ * must check whether it ran: it may not, when the transaction needs no
+ * fsync of its own, fails, or is synced on the loop). For what must not
+ * wait for a busy loop: the broker ack of a consumed message. Returns 1
+ * if queued, 0 if not (no durable transaction open).
+ */
+int store_on_durable_early(struct store *st, void (*fn)(void *), void *arg);
 /* Commit now instead of at the end of the loop turn; returns 0 or -1. */
 int store_flush(struct store *st);
 

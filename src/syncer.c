@@ -4,12 +4,20 @@
 #include <event2/event.h>
 #include <pthread.h>
 #include <stdlib.h>
+#include <string.h>
 #include <unistd.h>
 
 enum syncer_state {
 	SYNCER_IDLE,		/* nothing asked */
 	SYNCER_SYNCING,		/* an fdatasync runs */
 	SYNCER_STOPPING
+};
+
+/* Jobs of one generation, in request order. */
+struct syncer_batch {
+	uint64_t gen;
+	struct syncer_job *jobs;
+	size_t n;
 };
 
 struct syncer {
@@ -21,11 +29,60 @@ struct syncer {
 	uint64_t requested;	/* under lock: the last generation asked for */
 	uint64_t done;		/* under lock: every generation up to it is synced */
 	int err;		/* under lock: errno of a failed sync, sticky */
+	struct syncer_batch *batches;	/* under lock: waiting for their sync */
+	size_t nbatches, capbatches;
 	uint64_t reported;	/* loop thread: the last generation given to done_fn */
 	struct event *done_ev;
 	syncer_done_fn *done_fn;
 	void *arg;
 };
+
+static void
+syncer_free_batches(struct syncer_batch *b, size_t n)
+{
+	size_t i;
+
+	for (i = 0; i < n; i++)
+		free(b[i].jobs);
+	free(b);
+}
+
+/* Under lock: detach the batches up to gen (ascending). */
+static struct syncer_batch *
+syncer_take(struct syncer *s, uint64_t gen, size_t *n)
+{
+	struct syncer_batch *b;
+	size_t k = 0;
+
+	while (k < s->nbatches && s->batches[k].gen <= gen)
+		k++;
+	*n = k;
+	if (!k)
+		return NULL;
+	b = malloc(k * sizeof *b);
+	memcpy(b, s->batches, k * sizeof *b);
+	memmove(s->batches, s->batches + k, (s->nbatches - k) * sizeof *b);
+	s->nbatches -= k;
+	return b;
+}
+
+/* Syncer thread, after a sync up to target: run its jobs (unless it
+ * failed) before the loop is told, so that the loop's done callback
+ * always sees them run. */
+static void
+syncer_run_jobs(struct syncer *s, uint64_t target, int err)
+{
+	struct syncer_batch *b;
+	size_t n, i, j;
+
+	pthread_mutex_lock(&s->lock);
+	b = syncer_take(s, target, &n);
+	pthread_mutex_unlock(&s->lock);
+	for (i = 0; i < n && !err; i++)
+		for (j = 0; j < b[i].n; j++)
+			b[i].jobs[j].fn(b[i].jobs[j].arg);
+	syncer_free_batches(b, n);
+}
 
 static void *
 syncer_main(void *arg)
@@ -47,6 +104,7 @@ syncer_main(void *arg)
 		/* fsync covers what any descriptor of the file wrote before
 		 * the call: every commit up to target. */
 		err = fdatasync(s->fd) < 0 ? errno : 0;
+		syncer_run_jobs(s, target, err);
 		pthread_mutex_lock(&s->lock);
 		if (err && !s->err)
 			s->err = err;
@@ -105,15 +163,35 @@ syncer_new(struct event_base *base, int fd, syncer_done_fn *done, void *arg)
 }
 
 uint64_t
-syncer_request(struct syncer *s)
+syncer_request_jobs(struct syncer *s, struct syncer_job *jobs, size_t n)
 {
 	uint64_t gen;
 
 	pthread_mutex_lock(&s->lock);
 	gen = ++s->requested;
+	/* Queued with the request, under the same lock: the thread cannot
+	 * have synced this generation yet. */
+	if (n) {
+		if (s->nbatches == s->capbatches) {
+			s->capbatches = s->capbatches ? s->capbatches * 2 : 16;
+			s->batches = realloc(s->batches, s->capbatches * sizeof *s->batches);
+		}
+		s->batches[s->nbatches].gen = gen;
+		s->batches[s->nbatches].jobs = jobs;
+		s->batches[s->nbatches].n = n;
+		s->nbatches++;
+	} else {
+		free(jobs);
+	}
 	pthread_cond_signal(&s->wake);
 	pthread_mutex_unlock(&s->lock);
 	return gen;
+}
+
+uint64_t
+syncer_request(struct syncer *s)
+{
+	return syncer_request_jobs(s, NULL, 0);
 }
 
 int
@@ -142,6 +220,7 @@ syncer_free(struct syncer *s)
 	pthread_cond_signal(&s->wake);
 	pthread_mutex_unlock(&s->lock);
 	pthread_join(s->thread, NULL);
+	syncer_free_batches(s->batches, s->nbatches);
 	event_free(s->done_ev);
 	pthread_cond_destroy(&s->wake);
 	pthread_cond_destroy(&s->served);

@@ -1,6 +1,7 @@
 #ifndef SAGAD_SYNCER_H
 #define SAGAD_SYNCER_H
 
+#include <stddef.h>
 #include <stdint.h>
 
 struct event_base;
@@ -19,10 +20,22 @@ struct syncer;
  * sync failed (err: errno). */
 typedef void syncer_done_fn(void *arg, uint64_t gen, int err);
 
+/* Work that may run on the syncer's own thread as soon as a generation is
+ * durable, before the loop hears of it (a consumed message's ack: the loop
+ * may be busy). Never run when the sync fails or the syncer is freed
+ * first; the loop's done callback must then do the work itself. */
+struct syncer_job {
+	void (*fn)(void *arg);
+	void *arg;
+};
+
 /* fd stays owned by the caller and must outlive the syncer. */
 struct syncer *syncer_new(struct event_base *base, int fd, syncer_done_fn *done, void *arg);
 /* Ask for a sync of everything written so far; returns its generation. */
 uint64_t syncer_request(struct syncer *s);
+/* The same, and run jobs[0..n) on the syncer's thread once it is durable;
+ * takes the array (malloc'd). */
+uint64_t syncer_request_jobs(struct syncer *s, struct syncer_job *jobs, size_t n);
 /* Block until every request made so far is served; the done callback is
  * not called for them (the caller settles them itself). Returns 0 or the
  * errno of a failed sync. */

@@ -9,6 +9,7 @@
 #include <fcntl.h>
 #include <ftw.h>
 #include <sqlite3.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -1041,6 +1042,75 @@ test_written_before_durable(void **state)
 	assert_int_equal(o.on_disk, 2);
 }
 
+/* store_on_durable_early: on the syncer's thread, once, before the loop's
+ * callbacks; only for a durable transaction synced by the thread. */
+struct early {
+	int ran;		/* times the job ran */
+	int seen_by_cb;		/* ran, as the store_on_commit callback saw it */
+	int cb_done, cb_ok;
+	pthread_t thread;
+};
+
+static void
+early_job(void *arg)
+{
+	struct early *e = arg;
+
+	e->thread = pthread_self();
+	e->ran++;
+}
+
+static void
+early_cb(void *arg, int ok)
+{
+	struct early *e = arg;
+
+	e->seen_by_cb = e->ran;
+	e->cb_ok = ok;
+	e->cb_done = 1;
+}
+
+static void
+test_early_jobs(void **state)
+{
+	struct fx *f = *state;
+	struct early e;
+	int64_t seq = 0;
+
+	/* the synchronous store has no thread: nothing is queued */
+	assert_int_equal(put(f, "e-0", 1, &seq), STORE_PUT_STORED);
+	assert_int_equal(store_on_durable_early(f->st, early_job, &e), 0);
+	assert_int_equal(store_flush(f->st), 0);
+
+	store_set_async(f->st);
+	memset(&e, 0, sizeof e);
+	assert_int_equal(put(f, "e-1", 1, NULL), STORE_PUT_STORED);
+	assert_int_equal(store_on_durable_early(f->st, early_job, &e), 1);
+	store_on_commit(f->st, early_cb, &e);
+	assert_int_equal(e.ran, 0);	/* nothing from inside the caller */
+	turn_until(f, &e.cb_done);
+	assert_int_equal(e.cb_ok, 1);
+	assert_int_equal(e.ran, 1);
+	assert_int_equal(e.seen_by_cb, 1);
+	assert_false(pthread_equal(e.thread, pthread_self()));
+
+	/* no transaction open, or one that needs no fsync: not queued */
+	assert_int_equal(store_on_durable_early(f->st, early_job, &e), 0);
+	store_outbox_done(f->st, seq);
+	assert_int_equal(store_on_durable_early(f->st, early_job, &e), 0);
+	assert_int_equal(store_flush(f->st), 0);
+
+	/* synced on the loop (store_flush): dropped, the callback does the work */
+	memset(&e, 0, sizeof e);
+	assert_int_equal(put(f, "e-2", 1, NULL), STORE_PUT_STORED);
+	assert_int_equal(store_on_durable_early(f->st, early_job, &e), 1);
+	store_on_commit(f->st, early_cb, &e);
+	assert_int_equal(store_flush(f->st), 0);
+	assert_int_equal(e.cb_ok, 1);
+	assert_int_equal(e.ran, 0);
+	assert_int_equal(disk_count(f->path), 2);
+}
+
 /* What the relay may publish, seen from inside the commit. */
 struct vis {
 	struct store *st;
@@ -1244,6 +1314,7 @@ main(void)
 		T(test_callback_starts_new_work),
 		T(test_close_commits_pending),
 		T(test_written_before_durable),
+		T(test_early_jobs),
 		T(test_publish_early),
 		T(test_sync_starts_at_once),
 	};

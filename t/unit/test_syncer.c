@@ -10,6 +10,7 @@
 #include <event2/event.h>
 #include <event2/thread.h>
 #include <fcntl.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -145,6 +146,88 @@ test_failed_sync_is_reported(void **state)
 	event_base_free(s.base);
 }
 
+/* A job records the thread it ran on and how much the loop knew then. */
+struct job_seen {
+	struct seen *s;
+	pthread_t thread;
+	int ran;
+	int loop_calls;		/* on_done calls before the job ran */
+};
+
+static void
+job(void *arg)
+{
+	struct job_seen *j = arg;
+
+	j->thread = pthread_self();
+	j->loop_calls = j->s->calls;
+	j->ran++;
+}
+
+static struct syncer_job *
+jobs_of(struct job_seen *j, size_t n)
+{
+	struct syncer_job *v = calloc(n, sizeof *v);
+	size_t i;
+
+	for (i = 0; i < n; i++) {
+		v[i].fn = job;
+		v[i].arg = &j[i];
+	}
+	return v;
+}
+
+static void
+test_jobs_run_on_the_thread_before_the_loop_hears(void **state)
+{
+	struct seen s;
+	struct job_seen j[3];
+	char path[64];
+	int fd = temp_file(path, sizeof path), i;
+	struct syncer *sy;
+	uint64_t g;
+
+	(void)state;
+	memset(j, 0, sizeof j);
+	sy = setup(&s, fd);
+	for (i = 0; i < 3; i++)
+		j[i].s = &s;
+	syncer_request_jobs(sy, jobs_of(j, 2), 2);
+	g = syncer_request_jobs(sy, jobs_of(j + 2, 1), 1);
+	s.want = g;
+	run_until(&s);
+	assert_int_equal(s.gen, g);
+	for (i = 0; i < 3; i++) {
+		assert_int_equal(j[i].ran, 1);	/* once */
+		assert_false(pthread_equal(j[i].thread, pthread_self()));
+		assert_int_equal(j[i].loop_calls, 0);
+	}
+	syncer_free(sy);
+	event_base_free(s.base);
+	close(fd);
+	unlink(path);
+}
+
+static void
+test_jobs_of_a_failed_sync_never_run(void **state)
+{
+	struct seen s;
+	struct job_seen j[2];
+	struct syncer *sy;
+
+	(void)state;
+	memset(j, 0, sizeof j);
+	sy = setup(&s, -1);
+	j[0].s = j[1].s = &s;
+	s.want = 1;
+	syncer_request_jobs(sy, jobs_of(j, 2), 2);
+	run_until(&s);
+	assert_int_equal(s.err, EBADF);
+	assert_int_equal(j[0].ran + j[1].ran, 0);
+	syncer_free(sy);	/* frees what never ran */
+	event_base_free(s.base);
+}
+
 int
 main(void)
 {
@@ -152,6 +235,8 @@ main(void)
 		cmocka_unit_test(test_requests_are_served_in_order),
 		cmocka_unit_test(test_wait_serves_everything),
 		cmocka_unit_test(test_failed_sync_is_reported),
+		cmocka_unit_test(test_jobs_run_on_the_thread_before_the_loop_hears),
+		cmocka_unit_test(test_jobs_of_a_failed_sync_never_run),
 	};
 
 	evthread_use_pthreads();
