@@ -352,6 +352,9 @@ sagad_run(struct sagad_main *sm)
 	event_base_dispatch(d->base);
 
 	d->state = SAGAD_STOPPED;
+	/* Every fsync served first: its jobs (early broker acks) run on the
+	 * syncer's thread and use the consumer and the delivery. */
+	store_flush(d->store);
 	if (d->consumer)
 		broker_free(d->consumer);
 	broker_free(d->broker);
