@@ -68,6 +68,9 @@ void store_on_written(struct store *st, store_done_fn *cb, void *arg);
  * if queued, 0 if not (no durable transaction open).
  */
 int store_on_durable_early(struct store *st, void (*fn)(void *), void *arg);
+/* Pages of write-ahead log between checkpoints with free_bytes left on the
+ * store's file system (1024; 256 below 64 MiB). */
+int store_checkpoint_pages(int64_t free_bytes);
 /* Commit now instead of at the end of the loop turn; returns 0 or -1. */
 int store_flush(struct store *st);
 

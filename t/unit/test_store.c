@@ -1111,6 +1111,17 @@ test_early_jobs(void **state)
 	assert_int_equal(disk_count(f->path), 2);
 }
 
+/* A big log between checkpoints, a small one near a full disk. */
+static void
+test_checkpoint_pages(void **state)
+{
+	(void)state;
+	assert_int_equal(store_checkpoint_pages((int64_t)10 << 30), 1024);
+	assert_int_equal(store_checkpoint_pages((int64_t)64 << 20), 1024);
+	assert_int_equal(store_checkpoint_pages(((int64_t)64 << 20) - 1), 256);
+	assert_int_equal(store_checkpoint_pages(0), 256);
+}
+
 /* What the relay may publish, seen from inside the commit. */
 struct vis {
 	struct store *st;
@@ -1315,6 +1326,7 @@ main(void)
 		T(test_close_commits_pending),
 		T(test_written_before_durable),
 		T(test_early_jobs),
+		T(test_checkpoint_pages),
 		T(test_publish_early),
 		T(test_sync_starts_at_once),
 	};
