@@ -123,6 +123,13 @@ admin_metrics(struct admin *a, struct evhttp_request *req)
 	metrics_sample(out, "sagad_broker_reconnects_total", "", (double)rs->reconnects);
 	metrics_family(out, "sagad_store_bytes", "gauge", "Bytes in use in the store file.");
 	metrics_sample(out, "sagad_store_bytes", "", (double)store_bytes(d->store));
+	{
+		struct histogram fs;
+		store_fsync_histogram(d->store, &fs);
+		metrics_family(out, "sagad_store_fsync_seconds", "histogram",
+		    "How long each fsync of the store's write-ahead log took (the floor of every ack and 202).");
+		metrics_histogram(out, "sagad_store_fsync_seconds", "", &fs);
+	}
 	metrics_family(out, "sagad_config_reloads_total", "counter", "Successful SIGHUP reloads.");
 	metrics_sample(out, "sagad_config_reloads_total", "", (double)d->reloads);
 	metrics_family(out, "sagad_config_reload_failures_total", "counter", "SIGHUP reloads refused (invalid file).");

@@ -12,6 +12,7 @@
 #include <unistd.h>
 
 #include "log.h"
+#include "metrics.h"
 #include "syncer.h"
 
 /* Commits between two counts of the pages in use (store_commit). */
@@ -279,6 +280,15 @@ store_fail(struct store *st, char **err, const char *what)
  * stays small, and shrinks back after each checkpoint, so that it cannot
  * be what fills the disk.
  */
+void
+store_fsync_histogram(struct store *st, struct histogram *out)
+{
+	if (st->syncer)
+		syncer_took(st->syncer, out);
+	else
+		histogram_init(out, metrics_latency_bounds, metrics_latency_nbounds);
+}
+
 int
 store_checkpoint_pages(int64_t free_bytes)
 {

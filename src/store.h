@@ -71,6 +71,9 @@ int store_on_durable_early(struct store *st, void (*fn)(void *), void *arg);
 /* Pages of write-ahead log between checkpoints with free_bytes left on the
  * store's file system (1024; 256 below 64 MiB). */
 int store_checkpoint_pages(int64_t free_bytes);
+/* How long the fsyncs of the syncer thread took (empty without one). */
+struct histogram;
+void store_fsync_histogram(struct store *st, struct histogram *out);
 /* Commit now instead of at the end of the loop turn; returns 0 or -1. */
 int store_flush(struct store *st);
 

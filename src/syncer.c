@@ -1,10 +1,13 @@
 #include "syncer.h"
 
+#include "metrics.h"
+
 #include <errno.h>
 #include <event2/event.h>
 #include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #include <unistd.h>
 
 enum syncer_state {
@@ -29,6 +32,7 @@ struct syncer {
 	uint64_t requested;	/* under lock: the last generation asked for */
 	uint64_t done;		/* under lock: every generation up to it is synced */
 	int err;		/* under lock: errno of a failed sync, sticky */
+	struct histogram took;	/* under lock: how long each fdatasync took */
 	struct syncer_batch *batches;	/* under lock: waiting for their sync */
 	size_t nbatches, capbatches;
 	uint64_t reported;	/* loop thread: the last generation given to done_fn */
@@ -84,11 +88,21 @@ syncer_run_jobs(struct syncer *s, uint64_t target, int err)
 	syncer_free_batches(b, n);
 }
 
+static double
+syncer_now(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
+}
+
 static void *
 syncer_main(void *arg)
 {
 	struct syncer *s = arg;
 	uint64_t target;
+	double t0, took;
 	int err;
 
 	pthread_setname_np(pthread_self(), "sagad-syncer");
@@ -103,9 +117,12 @@ syncer_main(void *arg)
 		pthread_mutex_unlock(&s->lock);
 		/* fsync covers what any descriptor of the file wrote before
 		 * the call: every commit up to target. */
+		t0 = syncer_now();
 		err = fdatasync(s->fd) < 0 ? errno : 0;
+		took = syncer_now() - t0;
 		syncer_run_jobs(s, target, err);
 		pthread_mutex_lock(&s->lock);
+		histogram_observe(&s->took, took);
 		if (err && !s->err)
 			s->err = err;
 		s->done = target;
@@ -151,6 +168,7 @@ syncer_new(struct event_base *base, int fd, syncer_done_fn *done, void *arg)
 	pthread_mutex_init(&s->lock, NULL);
 	pthread_cond_init(&s->wake, NULL);
 	pthread_cond_init(&s->served, NULL);
+	histogram_init(&s->took, metrics_latency_bounds, metrics_latency_nbounds);
 	s->done_ev = event_new(base, -1, 0, syncer_done_cb, s);
 	/* First in the turn: answers wait for nothing else. */
 	event_priority_set(s->done_ev, 0);
@@ -208,6 +226,14 @@ syncer_wait(struct syncer *s, uint64_t *gen)
 	if (*gen > s->reported)
 		s->reported = *gen;
 	return err;
+}
+
+void
+syncer_took(struct syncer *s, struct histogram *out)
+{
+	pthread_mutex_lock(&s->lock);
+	*out = s->took;
+	pthread_mutex_unlock(&s->lock);
 }
 
 void

@@ -40,6 +40,9 @@ uint64_t syncer_request_jobs(struct syncer *s, struct syncer_job *jobs, size_t n
  * not called for them (the caller settles them itself). Returns 0 or the
  * errno of a failed sync. */
 int syncer_wait(struct syncer *s, uint64_t *gen);
+/* A copy of the histogram of fdatasync durations (seconds). */
+struct histogram;
+void syncer_took(struct syncer *s, struct histogram *out);
 void syncer_free(struct syncer *s);
 
 #endif

@@ -183,6 +183,10 @@ subscriptions = (
     h.check(m.get('sagad_inbox_ack_seconds_count{subscription="inbox"}') == len(cases),
             'sagad_inbox_ack_seconds{inbox}: one ack per consumed message (%d)' % len(cases),
             m.get('sagad_inbox_ack_seconds_count{subscription="inbox"}'))
+    # Each ack waited for an fsync of the store's log, timed on its thread.
+    h.check((m.get('sagad_store_fsync_seconds_count') or 0) >= 1,
+            'sagad_store_fsync_seconds counts the syncer\'s fsyncs',
+            m.get('sagad_store_fsync_seconds_count'))
     h.check(m.get('sagad_dead_lettered_total{subscription="inbox"}') == n_dead,
             'sagad_dead_lettered_total{inbox} = %d' % n_dead,
             m.get('sagad_dead_lettered_total{subscription="inbox"}'))
