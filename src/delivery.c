@@ -678,7 +678,11 @@ delivery_acked(void *arg, int ok)
 	struct dack *k = arg;
 	struct delivery *dl = k->dl;
 
-	if (!ok) {
+	if (k->early) {
+		/* Acked from the syncer's thread: its sync went through, even
+		 * when a later one failed and the store answers ok=0. */
+		histogram_observe(&dl->subs[k->sub].stats.ack, k->acked - k->received);
+	} else if (!ok) {
 		/* The inbox record was lost with its transaction: give the
 		 * message back so that it comes again. (When the commit went
 		 * through and its fsync failed, the message was handed to the
@@ -687,8 +691,6 @@ delivery_acked(void *arg, int ok)
 			dsub_remove(&dl->subs[k->sub], k->dm);
 		if (dl->br && k->epoch == dl->epoch)
 			broker_requeue(dl->br, k->epoch, k->sub, k->tag);
-	} else if (k->early) {
-		histogram_observe(&dl->subs[k->sub].stats.ack, k->acked - k->received);
 	} else if (dl->br && k->epoch == dl->epoch) {
 		broker_ack(dl->br, k->epoch, k->sub, k->tag);
 		histogram_observe(&dl->subs[k->sub].stats.ack, util_mono() - k->received);

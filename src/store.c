@@ -299,11 +299,15 @@ static void
 store_tune_checkpoint(struct store *st)
 {
 	struct statvfs sv;
-	int pages = STORE_CKPT_PAGES;
+	int pages;
 	char sql[64];
 
 	if (fstatvfs(st->lock_fd, &sv) == 0)
 		pages = store_checkpoint_pages((int64_t)sv.f_bavail * (int64_t)sv.f_frsize);
+	else if (st->ckpt_pages)
+		return;		/* unknown: as it is */
+	else
+		pages = STORE_CKPT_PAGES_TIGHT;
 	if (pages == st->ckpt_pages)
 		return;
 	st->ckpt_pages = pages;
@@ -818,6 +822,7 @@ store_flush(struct store *st)
 	int durable;
 
 	if (store_drain_syncs(st) < 0) {
+		store_drop_jobs(st);
 		store_run_written(st, 0);
 		store_run_callbacks(st, 0);
 		return -1;

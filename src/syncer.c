@@ -81,6 +81,10 @@ syncer_run_jobs(struct syncer *s, uint64_t target, int err)
 
 	pthread_mutex_lock(&s->lock);
 	b = syncer_take(s, target, &n);
+	/* After a failed sync nothing is durable any more (fsyncgate: a
+	 * later fsync may succeed without the lost pages): no job runs. */
+	if (s->err)
+		err = s->err;
 	pthread_mutex_unlock(&s->lock);
 	for (i = 0; i < n && !err; i++)
 		for (j = 0; j < b[i].n; j++)
@@ -189,7 +193,7 @@ syncer_request_jobs(struct syncer *s, struct syncer_job *jobs, size_t n)
 	gen = ++s->requested;
 	/* Queued with the request, under the same lock: the thread cannot
 	 * have synced this generation yet. */
-	if (n) {
+	if (n && !s->err) {
 		if (s->nbatches == s->capbatches) {
 			s->capbatches = s->capbatches ? s->capbatches * 2 : 16;
 			s->batches = realloc(s->batches, s->capbatches * sizeof *s->batches);
