@@ -1,13 +1,13 @@
 #include "syncer.h"
 
 #include "metrics.h"
+#include "util.h"
 
 #include <errno.h>
 #include <event2/event.h>
 #include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
 #include <unistd.h>
 
 enum syncer_state {
@@ -92,15 +92,6 @@ syncer_run_jobs(struct syncer *s, uint64_t target, int err)
 	syncer_free_batches(b, n);
 }
 
-static double
-syncer_now(void)
-{
-	struct timespec ts;
-
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
-}
-
 static void *
 syncer_main(void *arg)
 {
@@ -121,9 +112,9 @@ syncer_main(void *arg)
 		pthread_mutex_unlock(&s->lock);
 		/* fsync covers what any descriptor of the file wrote before
 		 * the call: every commit up to target. */
-		t0 = syncer_now();
+		t0 = util_mono();
 		err = fdatasync(s->fd) < 0 ? errno : 0;
-		took = syncer_now() - t0;
+		took = util_mono() - t0;
 		syncer_run_jobs(s, target, err);
 		pthread_mutex_lock(&s->lock);
 		histogram_observe(&s->took, took);
