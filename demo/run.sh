@@ -4,8 +4,6 @@
 # its own sagad (see demo/demo.py).
 set -eu
 cd "$(dirname "$0")/.."
-bash t/lib/deps.sh
-[ -x configure ] || autoreconf -fi
-[ -f Makefile ] || ./configure
-make -j"$(nproc)"
+bash t/lib/deps.sh demo
+bash t/lib/build.sh
 exec python3 demo/demo.py

@@ -8,9 +8,7 @@ set -eu
 cd "$(dirname "$0")/.."
 start=$(date +%s)
 bash t/lib/deps.sh
-[ -x configure ] || autoreconf -fi
-[ -f Makefile ] || ./configure
-make -j"$(nproc)"
+bash t/lib/build.sh
 
 # Scenarios run one at a time: each boots its own broker.
 make check || { tail -200 test-suite.log; exit 1; }
