@@ -5,6 +5,7 @@
 #   deps.sh         everything: build, tests, benchmarks, packaging
 #   deps.sh demo    what demo/run.sh needs: the compiler, the build
 #                   dependencies, python3 and rabbitmq-server
+#   deps.sh package what dpkg-buildpackage and lintian need
 #
 # Only what is missing is installed, so that a machine that has it all
 # needs no network.
@@ -12,8 +13,9 @@ set -eu
 here=$(dirname "$0")
 case "${1:-all}" in
 demo) roles="tool build demo" ;;
+package) roles="tool build check pack" ;;
 all) roles="tool build check demo test pack" ;;
-*) echo "usage: deps.sh [demo|all]" >&2; exit 2 ;;
+*) echo "usage: deps.sh [demo|package|all]" >&2; exit 2 ;;
 esac
 pkgs=$(awk -v roles=" $roles " '!/^#/ && NF == 2 && index(roles, " " $2 " ") { print $1 }' \
 	"$here/packages.txt")
