@@ -195,7 +195,7 @@ check_package() {
 		>"$work/lintian.txt" 2>&1 || true
 	say "lintian: $(grep -c '^E:' "$work/lintian.txt" || true) errors, $(grep -c '^W:' "$work/lintian.txt" || true) warnings"
 	cat "$work/lintian.txt"
-	grep -q '^E:' "$work/lintian.txt" && fail "lintian reports errors"
+	if grep -q '^E:' "$work/lintian.txt"; then fail "lintian reports errors"; fi
 
 	new_root b
 	mkdir -p "$b/root/debs"
