@@ -134,13 +134,16 @@ new_root() {
 	mount --bind "$cache/archives" "$r/var/cache/apt/archives"
 }
 
-# Runs a shell command as root in the root $1, with a login's environment.
+# Runs a command as root in the root $1, with a login's environment. In
+# the background, so that a signal to this script is handled at once (bash
+# runs traps only between foreground commands); cleanup ends what it left.
 in_root() {
 	local r=$1
 	shift
 	chroot "$r" /usr/bin/env -i HOME=/root LANG=C.UTF-8 TERM=dumb \
 		PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
-		"$@"
+		"$@" &
+	wait $!
 }
 
 # The tree as committed, unpacked at $1.
@@ -191,7 +194,7 @@ check_package() {
 	in_root "$a" bash -c 'cd /root/pkg/sagad && bash t/lib/deps.sh package &&
 		dpkg-buildpackage -us -uc -b' >"$work/build.log" 2>&1 ||
 		{ tail -40 "$work/build.log"; fail "dpkg-buildpackage"; }
-	in_root "$a" bash -c 'cd /root/pkg && lintian --no-tag-display-limit *.changes' \
+	in_root "$a" bash -c 'cd /root/pkg && lintian --tag-display-limit 0 *.changes' \
 		>"$work/lintian.txt" 2>&1 || true
 	say "lintian: $(grep -c '^E:' "$work/lintian.txt" || true) errors, $(grep -c '^W:' "$work/lintian.txt" || true) warnings"
 	cat "$work/lintian.txt"

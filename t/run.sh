@@ -2,8 +2,9 @@
 # The whole test suite on a fresh Debian 12 machine: installs what it needs,
 # builds, runs the unit tests and the integration scenarios (private
 # RabbitMQ and PostgreSQL instances), checks the distribution tarball, runs
-# each fuzz target for 30 s, then the suite again built with AddressSanitizer
-# and UndefinedBehaviorSanitizer.
+# each fuzz target for 30 s, runs the quick start and the Debian package on
+# fresh Debian 12 roots (t/fresh.sh), then the suite again built with
+# AddressSanitizer and UndefinedBehaviorSanitizer.
 set -eu
 cd "$(dirname "$0")/.."
 start=$(date +%s)
@@ -15,6 +16,9 @@ make check || { tail -200 test-suite.log; exit 1; }
 SAGAD_SKIP_INTEGRATION=1 make distcheck
 mandoc -Tlint -W warning man/*.[0-9]
 FUZZ_SECONDS=${FUZZ_SECONDS:-30} FUZZ_NICE=0 bash t/fuzz/run.sh
+# The README's first command and the Debian package on fresh Debian 12
+# roots (debootstrap; the base root is cached under FRESH_CACHE).
+bash t/fresh.sh
 
 # The same suite under the sanitizers, in a build directory of its own. CI
 # has 90 minutes: if the first half used most of them, the sanitizer pass

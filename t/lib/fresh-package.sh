@@ -80,7 +80,7 @@ service = "fresh";
 broker = { url = "$url"; };
 api = { listen = "127.0.0.1:$api_port"; admin_listen = "127.0.0.1:$admin_port"; };
 EOF
-runuser -u sagad -- sagad -f /etc/sagad/fresh.conf >/root/sagad.log 2>&1 &
+setpriv --reuid=sagad --regid=sagad --init-groups -- sagad -f /etc/sagad/fresh.conf >/root/sagad.log 2>&1 &
 sagad_pid=$!
 for _ in $(seq 100); do
 	curl -fs "http://127.0.0.1:$admin_port/readyz" >/dev/null && break
