@@ -563,24 +563,79 @@ saga_send(struct saga_engine *e, struct saga_inst *in, const struct conf_binding
 	}
 }
 
+/* ---- the state machine ---- */
+
+/* The edges of the diagram in saga.h, and only they. An instance is born
+ * running (saga_on_start); every later change goes through saga_set_state. */
+static const unsigned char saga_edges[SAGA_NSTATES][SAGA_NSTATES] = {
+	[SAGA_RUNNING] = { [SAGA_COMPLETED] = 1, [SAGA_COMPENSATING] = 1 },
+	[SAGA_COMPENSATING] = { [SAGA_COMPENSATED] = 1, [SAGA_FAILED] = 1 },
+	[SAGA_FAILED] = { [SAGA_COMPENSATING] = 1 },		/* retry, late confirmation */
+	[SAGA_COMPENSATED] = { [SAGA_COMPENSATING] = 1 },	/* late success */
+};
+
+int
+saga_edge_allowed(enum saga_state from, enum saga_state to)
+{
+	return from < SAGA_NSTATES && to < SAGA_NSTATES && saga_edges[from][to];
+}
+
+/* The one place an instance changes state: checks the edge (an edge not in
+ * the diagram is a bug, refused and logged as an error), keeps the reason,
+ * counts, writes the history row and the log line. step names the step
+ * that caused it, or NULL; why goes to the history and the log. The
+ * instance's reason says why it left running, or why it failed: only those
+ * changes set it (a late success or a retry keeps it). */
+static int
+saga_set_state(struct saga_engine *e, struct saga_inst *in, enum saga_state to,
+    const char *step, const char *why)
+{
+	struct saga_stats *st = &e->stats[in->def_index];
+	enum saga_state from = in->state;
+
+	if (!saga_edge_allowed(from, to)) {
+		log_error("msg=\"saga state change refused: not in the diagram\" saga=%s id=%s"
+		    " from=%s to=%s", in->def->name, in->id, saga_state_names[from],
+		    saga_state_names[to]);
+		return -1;
+	}
+	if (why && (from == SAGA_RUNNING || to == SAGA_FAILED)) {
+		free(in->reason);
+		in->reason = strdup(why);
+	}
+	in->state = to;
+	if (to == SAGA_COMPENSATING && from == SAGA_RUNNING)
+		st->compensations++;
+	if (to == SAGA_FAILED)
+		st->failed++;
+	if (saga_finished(to))
+		histogram_observe(&st->duration, util_now() - in->started_at);
+	saga_log(e, in, "state", saga_state_names[to], step, NULL, why ? why : in->reason);
+	if (to == SAGA_FAILED)
+		log_warn("msg=\"saga failed\" saga=%s id=%s step=%s reason=\"%s\"", in->def->name,
+		    in->id, step ? step : "", in->reason ? in->reason : "");
+	else
+		log_info("msg=\"saga %s\" saga=%s id=%s reason=\"%s\"", saga_state_names[to],
+		    in->def->name, in->id, why ? why : "");
+	return 0;
+}
+
 /* ---- transitions ---- */
 
 static void saga_compensate_next(struct saga_engine *e, struct saga_inst *in);
 
+/* Completed or compensated: the outcome event goes out, then the state. */
 static void
 saga_finish(struct saga_engine *e, struct saga_inst *in, enum saga_state state)
 {
-	in->state = state;
+	const struct conf_binding *outcome = state == SAGA_COMPLETED ? &in->def->completed :
+	    &in->def->compensated;
+
 	saga_timer_del_all(e, in);
-	histogram_observe(&e->stats[in->def_index].duration, util_now() - in->started_at);
-	if (state == SAGA_COMPLETED && in->def->completed.exchange)
-		saga_send(e, in, &in->def->completed, "event", NULL, "completed",
+	if (outcome->exchange)
+		saga_send(e, in, outcome, "event", NULL, saga_state_names[state],
 		    in->body, in->body_len, in->ct, 0);
-	if (state == SAGA_COMPENSATED && in->def->compensated.exchange)
-		saga_send(e, in, &in->def->compensated, "event", NULL, "compensated",
-		    in->body, in->body_len, in->ct, 0);
-	saga_log(e, in, "state", saga_state_names[state], NULL, NULL, in->reason);
-	log_info("msg=\"saga %s\" saga=%s id=%s", saga_state_names[state], in->def->name, in->id);
+	saga_set_state(e, in, state, NULL, NULL);
 }
 
 static void
@@ -602,16 +657,12 @@ saga_start_compensation(struct saga_engine *e, struct saga_inst *in, const char 
 {
 	size_t i;
 
-	free(in->reason);
-	in->reason = strdup(reason);
-	in->state = SAGA_COMPENSATING;
-	e->stats[in->def_index].compensations++;
+	if (saga_set_state(e, in, SAGA_COMPENSATING, NULL, reason) < 0)
+		return;
 	saga_timer_del_all(e, in);
 	for (i = 0; i < in->def->n_steps; i++)
-		if (in->steps[i].state == STEP_ACTIVE || in->steps[i].state == STEP_PENDING)
-			in->steps[i].state = in->steps[i].state == STEP_ACTIVE ? STEP_FAILED : STEP_PENDING;
-	saga_log(e, in, "state", "compensating", NULL, NULL, reason);
-	log_info("msg=\"saga compensating\" saga=%s id=%s reason=\"%s\"", in->def->name, in->id, reason);
+		if (in->steps[i].state == STEP_ACTIVE)
+			in->steps[i].state = STEP_FAILED;
 	saga_compensate_next(e, in);
 }
 
@@ -690,10 +741,8 @@ saga_late_success(struct saga_engine *e, struct saga_inst *in, size_t i, const s
 	saga_step_succeeded(e, in, i, m);
 	saga_log(e, in, "step", "late success: will be compensated", in->def->steps[i].name,
 	    NULL, NULL);
-	if (in->state == SAGA_COMPENSATED) {
-		in->state = SAGA_COMPENSATING;
-		saga_log(e, in, "state", "compensating", NULL, NULL, "late success");
-	}
+	if (in->state == SAGA_COMPENSATED)
+		saga_set_state(e, in, SAGA_COMPENSATING, NULL, "late success");
 	if (in->state == SAGA_COMPENSATING)
 		saga_compensate_next(e, in);
 }
@@ -739,6 +788,19 @@ saga_on_step_result(struct saga_engine *e, struct saga_inst *in, size_t i, int s
 		saga_finish(e, in, SAGA_COMPLETED);
 }
 
+/* A step's compensation was refused or went unanswered too often: failed,
+ * for an operator (sagactl saga retry). */
+static void
+saga_compensation_exhausted(struct saga_engine *e, struct saga_inst *in, size_t i,
+    const char *how)
+{
+	char why[300];
+
+	snprintf(why, sizeof why, "compensation of %s %s after %u attempts",
+	    in->def->steps[i].name, how, in->steps[i].comp_attempts);
+	saga_set_state(e, in, SAGA_FAILED, in->def->steps[i].name, why);
+}
+
 static void
 saga_on_compensation_reply(struct saga_engine *e, struct saga_inst *in, size_t i,
     int success, const struct msg *m)
@@ -758,23 +820,14 @@ saga_on_compensation_reply(struct saga_engine *e, struct saga_inst *in, size_t i
 	if (success) {
 		st->state = STEP_COMPENSATED;
 		if (in->state == SAGA_FAILED)
-			in->state = SAGA_COMPENSATING;
+			saga_set_state(e, in, SAGA_COMPENSATING, name, "late compensation success");
 		saga_compensate_next(e, in);
 		return;
 	}
 	if (in->state == SAGA_FAILED)
 		return;		/* waits for sagactl saga retry */
 	if (st->comp_attempts >= (unsigned)in->def->compensate_attempts) {
-		char why[300];
-		snprintf(why, sizeof why, "compensation of %s refused %u times", name,
-		    st->comp_attempts);
-		free(in->reason);
-		in->reason = strdup(why);
-		in->state = SAGA_FAILED;
-		e->stats[in->def_index].failed++;
-		saga_log(e, in, "state", "failed", name, NULL, why);
-		log_warn("msg=\"saga failed: compensation exhausted\" saga=%s id=%s step=%s",
-		    in->def->name, in->id, name);
+		saga_compensation_exhausted(e, in, i, "refused");
 		return;
 	}
 	saga_timer_add(e, in, TIMER_COMPENSATE, (int)i, util_now() +
@@ -967,16 +1020,7 @@ saga_on_timer(struct saga_engine *e, struct saga_inst *in, int kind, int step)
 	if (in->state != SAGA_COMPENSATING || in->steps[step].state != STEP_COMPENSATING)
 		return;
 	if (in->steps[step].comp_attempts >= (unsigned)in->def->compensate_attempts) {
-		char why[300];
-		snprintf(why, sizeof why, "compensation of %s unconfirmed after %u attempts",
-		    in->def->steps[step].name, in->steps[step].comp_attempts);
-		free(in->reason);
-		in->reason = strdup(why);
-		in->state = SAGA_FAILED;
-		e->stats[in->def_index].failed++;
-		saga_log(e, in, "state", "failed", in->def->steps[step].name, NULL, why);
-		log_warn("msg=\"saga failed: compensation exhausted\" saga=%s id=%s step=%s",
-		    in->def->name, in->id, in->def->steps[step].name);
+		saga_compensation_exhausted(e, in, (size_t)step, "unconfirmed");
 		return;
 	}
 	saga_send_compensation(e, in, (size_t)step);
@@ -1164,8 +1208,8 @@ saga_retry(struct saga_engine *e, const char *id)
 		if (!in)
 			continue;
 		if (in->state == SAGA_FAILED) {
-			in->state = SAGA_COMPENSATING;
 			saga_log(e, in, "admin", "retry", NULL, NULL, "sagactl saga retry");
+			saga_set_state(e, in, SAGA_COMPENSATING, NULL, "retried by an operator");
 			for (j = 0; j < in->def->n_steps; j++)
 				if (in->steps[j].state == STEP_COMPENSATING) {
 					in->steps[j].comp_attempts = 0;

@@ -10,9 +10,12 @@
  *      |
  *      +--failure, timeout, abort--> compensating --all confirmed--> compensated
  *                                        |    ^                          |
- *                   attempts exhausted   v    | sagactl saga retry       | late success
- *                                      failed                           v
+ *                   attempts exhausted   v    | sagactl saga retry,      | late success
+ *                                      failed   late confirmation       v
  *                                                                  compensating
+ *
+ * These edges, and only they, are taken: saga_set_state (saga.c) refuses any
+ * other, loudly. An instance is born running.
  */
 #ifndef SAGAD_SAGA_H
 #define SAGAD_SAGA_H
@@ -81,6 +84,8 @@ int saga_retry(struct saga_engine *e, const char *id);
 int saga_abort(struct saga_engine *e, const char *id);
 void saga_metrics(struct saga_engine *e, struct evbuffer *out);
 int saga_state_from_name(const char *name);
+/* Whether the diagram above has the edge from -> to. */
+int saga_edge_allowed(enum saga_state from, enum saga_state to);
 int saga_expire(struct saga_engine *e, double before, int batch);
 
 #endif

@@ -1,0 +1,369 @@
+/* Unit tests for src/saga.c: the state diagram, the classification of
+ * incoming messages, and the engine driven message by message on a real
+ * store (its commands, compensations and outcome events read back from the
+ * outbox, its state from the admin view). */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <cmocka.h>
+
+#include <event2/event.h>
+#include <jansson.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "conf.h"
+#include "props.h"
+#include "saga.h"
+#include "sagad.h"
+#include "store.h"
+
+#define CONF \
+	"service = \"orders\";\n" \
+	"broker = { url = \"amqp://guest:guest@127.0.0.1:5672/%2f\"; };\n" \
+	"exchanges = ( { name = \"events\"; type = \"topic\"; },\n" \
+	"              { name = \"commands\"; type = \"topic\"; } );\n" \
+	"sagas = ( {\n" \
+	"  name = \"order\"; mode = \"orchestrated\"; start = \"events:order.created\";\n" \
+	"  compensate_attempts = 2; retry_initial = 0.01; retry_max = 0.02;\n" \
+	"  steps = (\n" \
+	"    { name = \"reserve\"; command = \"commands:stock.reserve\";\n" \
+	"      compensate = \"commands:stock.release\"; },\n" \
+	"    { name = \"pay\"; command = \"commands:payment.authorize\";\n" \
+	"      compensate = \"commands:payment.cancel\"; },\n" \
+	"    { name = \"approve\"; command = \"commands:order.approve\"; }\n" \
+	"  );\n" \
+	"  completed = \"events:order.approved\"; compensated = \"events:order.rejected\";\n" \
+	"}, {\n" \
+	"  name = \"ship\"; mode = \"choreographed\"; start = \"events:ship.start\";\n" \
+	"  steps = ( { name = \"pack\"; success = \"events:packed\"; failure = \"events:pack.failed\";\n" \
+	"              compensate = \"commands:unpack\"; } );\n" \
+	"} );\n"
+
+struct fx {
+	char dir[64], path[128];
+	struct event_base *base;
+	struct sagad d;
+	int64_t seen;		/* outbox seq read so far */
+};
+
+static int
+setup(void **state)
+{
+	struct fx *f = calloc(1, sizeof *f);
+	struct conf_errors errs = { 0 };
+	char *err = NULL;
+
+	snprintf(f->dir, sizeof f->dir, "/tmp/sagad-test-saga-XXXXXX");
+	assert_non_null(mkdtemp(f->dir));
+	snprintf(f->path, sizeof f->path, "%s/store.db", f->dir);
+	f->base = event_base_new();
+	f->d.base = f->base;
+	f->d.conf = conf_load_string(CONF, "test.conf", ".", &errs);
+	if (!f->d.conf)
+		fail_msg("configuration: %s", errs.n ? errs.msg[0] : "?");
+	f->d.store = store_open(f->path, f->base, INT64_C(1) << 30, &err);
+	assert_non_null(f->d.store);
+	f->d.saga = saga_new(&f->d, &err);
+	assert_non_null(f->d.saga);
+	*state = f;
+	return 0;
+}
+
+static int
+teardown(void **state)
+{
+	struct fx *f = *state;
+
+	saga_free(f->d.saga);
+	store_close(f->d.store);
+	conf_free(f->d.conf);
+	event_base_free(f->base);
+	unlink(f->path);
+	{
+		char p[160];
+		snprintf(p, sizeof p, "%s-wal", f->path);
+		unlink(p);
+		snprintf(p, sizeof p, "%s-shm", f->path);
+		unlink(p);
+	}
+	rmdir(f->dir);
+	free(f);
+	return 0;
+}
+
+/* ---- driving the engine ---- */
+
+static void
+deliver(struct fx *f, const char *exchange, const char *key, const char *id,
+    const char *cid, const char *body)
+{
+	struct msg m = { 0 };
+
+	m.message_id = (char *)id;
+	m.exchange = (char *)exchange;
+	m.routing_key = (char *)key;
+	m.props.correlation_id = (char *)cid;
+	m.body = (char *)body;
+	m.body_len = strlen(body);
+	saga_handle(f->d.saga, &m);
+	assert_int_equal(store_flush(f->d.store), 0);
+}
+
+/* A reply as a participant's sagad sends it (x-sagad-* headers). */
+static void
+reply(struct fx *f, const char *saga, const char *step, int compensation, int success,
+    const char *cid, const char *id)
+{
+	struct msg m = { 0 };
+
+	props_set_header(&m.props, "x-sagad-outcome", success ? "success" : "failure");
+	props_set_header(&m.props, "x-sagad-saga", saga);
+	props_set_header(&m.props, "x-sagad-step", step);
+	if (compensation)
+		props_set_header(&m.props, "x-sagad-kind", "compensation");
+	m.props.correlation_id = (char *)cid;
+	m.message_id = (char *)id;
+	m.exchange = "";
+	m.routing_key = "orders.sagas";
+	m.body = "{}";
+	m.body_len = 2;
+	saga_handle(f->d.saga, &m);
+	m.props.correlation_id = NULL;
+	props_free(&m.props);
+	assert_int_equal(store_flush(f->d.store), 0);
+}
+
+/* The routing keys the engine sent since the last call, space-separated. */
+static const char *
+sent(struct fx *f)
+{
+	static char keys[512];
+	struct msg *ms[64];
+	size_t n = 0, i;
+
+	keys[0] = 0;
+	assert_int_equal(store_outbox_fetch(f->d.store, f->seen, INT64_MAX, 1e12, 64, ms, &n), 0);
+	for (i = 0; i < n; i++) {
+		if (keys[0])
+			strcat(keys, " ");
+		strcat(keys, ms[i]->routing_key);
+		f->seen = ms[i]->seq;
+		msg_free(ms[i]);
+	}
+	return keys;
+}
+
+static const char *
+state_of(struct fx *f, const char *id)
+{
+	static char st[32];
+	json_t *j = saga_get_json(f->d.saga, id), *inst;
+
+	if (!j)
+		return "none";
+	inst = json_array_get(json_object_get(j, "instances"), 0);
+	snprintf(st, sizeof st, "%s", json_string_value(json_object_get(inst, "state")));
+	json_decref(j);
+	return st;
+}
+
+/* ---- tests ---- */
+
+static void
+test_edges_are_the_diagram(void **state)
+{
+	static const struct { enum saga_state from, to; } edges[] = {
+		{ SAGA_RUNNING, SAGA_COMPLETED }, { SAGA_RUNNING, SAGA_COMPENSATING },
+		{ SAGA_COMPENSATING, SAGA_COMPENSATED }, { SAGA_COMPENSATING, SAGA_FAILED },
+		{ SAGA_FAILED, SAGA_COMPENSATING }, { SAGA_COMPENSATED, SAGA_COMPENSATING },
+	};
+	int from, to, n = 0;
+	size_t k;
+
+	(void)state;
+	for (from = 0; from < SAGA_NSTATES; from++)
+		for (to = 0; to < SAGA_NSTATES; to++) {
+			int want = 0;
+			for (k = 0; k < sizeof edges / sizeof edges[0]; k++)
+				want |= edges[k].from == (enum saga_state)from &&
+				    edges[k].to == (enum saga_state)to;
+			assert_int_equal(saga_edge_allowed(from, to), want);
+			n += want;
+		}
+	assert_int_equal(n, 6);
+	assert_false(saga_edge_allowed(SAGA_NSTATES, SAGA_RUNNING));
+	assert_false(saga_edge_allowed(SAGA_COMPLETED, SAGA_COMPENSATING));
+}
+
+static void
+test_classify(void **state)
+{
+	struct fx *f = *state;
+	struct saga_match k[4];
+	struct msg m = { 0 };
+
+	m.exchange = "events";
+	m.routing_key = "order.created";
+	assert_int_equal(saga_classify(f->d.conf, &m, k, 4), 1);
+	assert_int_equal(k[0].input, SAGA_IN_START);
+	assert_int_equal(k[0].saga, 0);
+
+	m.routing_key = "packed";
+	assert_int_equal(saga_classify(f->d.conf, &m, k, 4), 1);
+	assert_int_equal(k[0].input, SAGA_IN_SUCCESS);
+	assert_int_equal(k[0].saga, 1);
+
+	m.routing_key = "something.else";
+	assert_int_equal(saga_classify(f->d.conf, &m, k, 4), 0);
+
+	props_set_header(&m.props, "x-sagad-outcome", "failure");
+	props_set_header(&m.props, "x-sagad-saga", "order");
+	props_set_header(&m.props, "x-sagad-step", "pay");
+	props_set_header(&m.props, "x-sagad-kind", "compensation");
+	assert_int_equal(saga_classify(f->d.conf, &m, k, 4), 1);
+	assert_int_equal(k[0].input, SAGA_IN_REPLY);
+	assert_int_equal(k[0].step, 1);
+	assert_true(k[0].compensation);
+	assert_false(k[0].success);
+	/* a step that the saga does not have is not a saga message */
+	props_set_header(&m.props, "x-sagad-step", "nosuch");
+	assert_int_equal(saga_classify(f->d.conf, &m, k, 4), 0);
+	props_free(&m.props);
+}
+
+static void
+test_completes_in_order(void **state)
+{
+	struct fx *f = *state;
+
+	deliver(f, "events", "order.created", "e1", "o1", "{\"total\":5}");
+	assert_string_equal(state_of(f, "o1"), "running");
+	assert_string_equal(sent(f), "stock.reserve");
+	reply(f, "order", "reserve", 0, 1, "o1", "r1");
+	assert_string_equal(sent(f), "payment.authorize");
+	reply(f, "order", "pay", 0, 1, "o1", "r2");
+	assert_string_equal(sent(f), "order.approve");
+	reply(f, "order", "approve", 0, 1, "o1", "r3");
+	assert_string_equal(sent(f), "order.approved");
+	assert_string_equal(state_of(f, "o1"), "completed");
+	/* a duplicate start and a late reply change nothing */
+	deliver(f, "events", "order.created", "e1", "o1", "{}");
+	reply(f, "order", "pay", 0, 0, "o1", "r4");
+	assert_string_equal(sent(f), "");
+	assert_string_equal(state_of(f, "o1"), "completed");
+}
+
+static void
+test_compensates_in_reverse(void **state)
+{
+	struct fx *f = *state;
+
+	deliver(f, "events", "order.created", "e2", "o2", "{}");
+	reply(f, "order", "reserve", 0, 1, "o2", "r1");
+	reply(f, "order", "pay", 0, 1, "o2", "r2");
+	assert_string_equal(sent(f), "stock.reserve payment.authorize order.approve");
+	reply(f, "order", "approve", 0, 0, "o2", "r3");
+	assert_string_equal(state_of(f, "o2"), "compensating");
+	assert_string_equal(sent(f), "payment.cancel");
+	reply(f, "order", "pay", 1, 1, "o2", "c1");
+	assert_string_equal(sent(f), "stock.release");
+	reply(f, "order", "reserve", 1, 1, "o2", "c2");
+	assert_string_equal(sent(f), "order.rejected");
+	assert_string_equal(state_of(f, "o2"), "compensated");
+}
+
+/* Lets the engine's timers run for a while (retries wait retry_initial). */
+static void
+run_timers(struct fx *f, double seconds)
+{
+	struct timeval tv = { 0, (suseconds_t)(seconds * 1e6) };
+
+	event_base_loopexit(f->base, &tv);
+	event_base_dispatch(f->base);
+	assert_int_equal(store_flush(f->d.store), 0);
+}
+
+/* Refused compensations: failed after compensate_attempts (2); sagactl
+ * saga retry resumes the compensation, which then completes. */
+static void
+test_failed_then_retried(void **state)
+{
+	struct fx *f = *state;
+
+	deliver(f, "events", "order.created", "e3", "o3", "{}");
+	reply(f, "order", "reserve", 0, 1, "o3", "r1");
+	reply(f, "order", "pay", 0, 0, "o3", "r2");
+	assert_string_equal(sent(f), "stock.reserve payment.authorize stock.release");
+	reply(f, "order", "reserve", 1, 0, "o3", "c1");
+	assert_string_equal(state_of(f, "o3"), "compensating");
+	assert_int_equal(saga_retry(f->d.saga, "o3"), 0);	/* not failed: nothing */
+	run_timers(f, 0.2);					/* the backoff, then again */
+	assert_string_equal(sent(f), "stock.release");
+	reply(f, "order", "reserve", 1, 0, "o3", "c2");
+	assert_string_equal(state_of(f, "o3"), "failed");
+	run_timers(f, 0.1);
+	assert_string_equal(sent(f), "");			/* failed waits */
+	assert_int_equal(saga_retry(f->d.saga, "o3"), 1);
+	assert_int_equal(store_flush(f->d.store), 0);
+	assert_string_equal(state_of(f, "o3"), "compensating");
+	assert_string_equal(sent(f), "stock.release");
+	reply(f, "order", "reserve", 1, 1, "o3", "c3");
+	assert_string_equal(sent(f), "order.rejected");
+	assert_string_equal(state_of(f, "o3"), "compensated");
+}
+
+static void
+test_abort_compensates(void **state)
+{
+	struct fx *f = *state;
+
+	deliver(f, "events", "order.created", "e4", "o4", "{}");
+	reply(f, "order", "reserve", 0, 1, "o4", "r1");
+	assert_int_equal(saga_abort(f->d.saga, "o4"), 1);
+	assert_int_equal(store_flush(f->d.store), 0);
+	assert_string_equal(state_of(f, "o4"), "compensating");
+	assert_string_equal(sent(f), "stock.reserve payment.authorize stock.release");
+	/* abort only a running saga */
+	assert_int_equal(saga_abort(f->d.saga, "o4"), 0);
+	/* the reply of the aborted step arrives late: compensated too */
+	reply(f, "order", "pay", 0, 1, "o4", "r2");
+	reply(f, "order", "reserve", 1, 1, "o4", "c1");
+	assert_string_equal(sent(f), "payment.cancel");
+	reply(f, "order", "pay", 1, 1, "o4", "c2");
+	assert_string_equal(sent(f), "order.rejected");
+	assert_string_equal(state_of(f, "o4"), "compensated");
+}
+
+static void
+test_choreographed(void **state)
+{
+	struct fx *f = *state;
+
+	deliver(f, "events", "ship.start", "s1", "sh1", "{}");
+	assert_string_equal(sent(f), "");
+	assert_string_equal(state_of(f, "sh1"), "running");
+	deliver(f, "events", "packed", "p1", "sh1", "{}");
+	assert_string_equal(state_of(f, "sh1"), "completed");
+	/* an event for an unknown instance is an orphan */
+	deliver(f, "events", "packed", "p2", "nosuch", "{}");
+	assert_string_equal(state_of(f, "nosuch"), "none");
+}
+
+int
+main(void)
+{
+	const struct CMUnitTest tests[] = {
+		cmocka_unit_test(test_edges_are_the_diagram),
+		cmocka_unit_test_setup_teardown(test_classify, setup, teardown),
+		cmocka_unit_test_setup_teardown(test_completes_in_order, setup, teardown),
+		cmocka_unit_test_setup_teardown(test_compensates_in_reverse, setup, teardown),
+		cmocka_unit_test_setup_teardown(test_failed_then_retried, setup, teardown),
+		cmocka_unit_test_setup_teardown(test_abort_compensates, setup, teardown),
+		cmocka_unit_test_setup_teardown(test_choreographed, setup, teardown),
+	};
+	return cmocka_run_group_tests(tests, NULL, NULL);
+}
