@@ -35,8 +35,7 @@
 #include <rabbitmq-c/amqp.h>
 #include <rabbitmq-c/tcp_socket.h>
 #else
-#include <amqp.h>
-#include <amqp_tcp_socket.h>
+#include "amqp_headers.h"
 #endif
 
 #define CHANNEL 1

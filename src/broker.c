@@ -1,8 +1,6 @@
 #include "broker.h"
 
-#include <amqp.h>
-#include <amqp_ssl_socket.h>
-#include <amqp_tcp_socket.h>
+#include "amqp_headers.h"
 #include <event2/event.h>
 #include <pthread.h>
 #include <stdio.h>

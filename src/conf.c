@@ -1,6 +1,6 @@
 #include "conf.h"
 
-#include <amqp.h>
+#include "amqp_headers.h"
 #include <errno.h>
 #include <arpa/inet.h>
 #include <netinet/in.h>

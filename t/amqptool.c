@@ -47,13 +47,7 @@
 #include <sys/time.h>
 #include <time.h>
 
-#if defined(HAVE_RABBITMQ_C_AMQP_H)
-#include <rabbitmq-c/amqp.h>
-#include <rabbitmq-c/tcp_socket.h>
-#else
-#include <amqp.h>
-#include <amqp_tcp_socket.h>
-#endif
+#include "amqp_headers.h"
 #include <jansson.h>
 
 #define CH 1
