@@ -19,16 +19,18 @@
 #
 # Environment:
 #   FRESH_CACHE  where the base root is kept as a tarball, with the .deb
-#                files apt downloads (default /var/cache/sagad-fresh): only
-#                the first run downloads a system
+#                files apt downloaded (default /var/cache/sagad-fresh): only
+#                the first run downloads a system. Each root gets a copy of
+#                those files and gives back what it added, so that two runs
+#                at once do not share apt's lock.
 #   FRESH_WORK   where the roots are unpacked (default /var/tmp)
 #   FRESH_DROP   the package the failing first run goes without ("" skips it)
 #   FRESH_KEEP=1 keeps the roots (and their logs) after the run
 #
 # The source is `git archive HEAD`: what is committed, not the work tree.
-# The mirror is read from this machine's apt configuration. /proc, /sys,
-# /dev and the apt cache are mounted in each root and unmounted on every
-# exit path; a root is deleted only once nothing is mounted under it.
+# The mirror is read from this machine's apt configuration. /proc, /sys and
+# /dev are mounted in each root and unmounted on every exit path, signals
+# included; a root is deleted only once nothing is mounted under it.
 set -eu
 cd "$(dirname "$0")/.."
 top=$(pwd)
@@ -75,8 +77,13 @@ release_root() {
 
 cleanup() {
 	local rc=$? r ok=1
-	trap - EXIT INT TERM HUP
-	for r in "${roots[@]}"; do release_root "$r" || ok=0; done
+	# A second signal must not cut the cleanup short and leave mounts.
+	trap '' INT TERM HUP
+	trap - EXIT
+	for r in "${roots[@]}"; do
+		release_root "$r" || ok=0
+		keep_downloads "$r"
+	done
 	if [ "${FRESH_KEEP:-0}" = 1 ] || [ $ok = 0 ]; then
 		echo "fresh: roots kept in $work"
 	else
@@ -117,7 +124,7 @@ base_tarball() {
 # A fresh root at $work/$1, mounted and ready for chroot.
 new_root() {
 	local r=$work/$1
-	mkdir -p "$r" "$cache/archives/partial"
+	mkdir -p "$r" "$cache/archives"
 	tar -C "$r" -xf "$cache/bookworm-minbase.tar"
 	roots+=("$r")
 	apt_sources | awk '{ print "deb " $1 " " $2 " " $3 }' >"$r/etc/apt/sources.list"
@@ -131,7 +138,15 @@ new_root() {
 	mount -t sysfs sysfs "$r/sys"
 	mount --rbind /dev "$r/dev"
 	mount --make-rslave "$r/dev"
-	mount --bind "$cache/archives" "$r/var/cache/apt/archives"
+	find "$cache/archives" -maxdepth 1 -name '*.deb' -exec cp -t "$r/var/cache/apt/archives" {} +
+}
+
+# What apt downloaded in root $1 goes to the cache for the next runs.
+keep_downloads() {
+	local d
+	for d in "$1"/var/cache/apt/archives/*.deb; do
+		[ -e "$d" ] && [ ! -e "$cache/archives/${d##*/}" ] && cp "$d" "$cache/archives/" || true
+	done
 }
 
 # Runs a command as root in the root $1, with a login's environment. In
