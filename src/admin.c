@@ -85,6 +85,63 @@ admin_readyz(struct admin *a, struct evhttp_request *req)
 		httpd_reply_json(req, 200, json_pack("{s:s}", "status", "ready"));
 }
 
+/*
+ * The daemon-wide metrics, each described once (sagad(8) METRICS lists
+ * them): name, type, help, and the expression that reads it, over d, rs
+ * (relay figures), is (ingress figures) and fs (fsync times). The
+ * subscriptions' and the sagas' metrics are in delivery.c and saga.c.
+ */
+#define ADMIN_METRICS(X)							\
+	X(sagad_outbox_pending, gauge,						\
+	    "Messages in the outbox, not yet confirmed by the broker.",		\
+	    store_outbox_count(d->store))					\
+	X(sagad_outbox_inflight, gauge,						\
+	    "Messages published and waiting for the broker's confirm.",		\
+	    relay_inflight(d->relay))						\
+	X(sagad_outbox_oldest_age_seconds, gauge,				\
+	    "Age of the oldest message in the outbox.", admin_oldest_age(d))	\
+	X(sagad_accepted_total, counter,					\
+	    "Messages accepted by the publish API (202).", is->accepted)	\
+	X(sagad_publish_duplicates_total, counter,				\
+	    "Publish requests answered as duplicates (200).", is->duplicates)	\
+	X(sagad_publish_rejected_total, counter,				\
+	    "Publish requests refused as malformed or too large.", is->rejected) \
+	X(sagad_store_full_total, counter,					\
+	    "Publish requests refused with 507.", is->full)			\
+	X(sagad_published_total, counter,					\
+	    "Messages confirmed by the broker.", rs->published)			\
+	X(sagad_unroutable_total, counter,					\
+	    "Publishes returned by the broker as unroutable (retried).", rs->unroutable) \
+	X(sagad_nacked_total, counter,						\
+	    "Publishes refused by the broker with basic.nack (retried).", rs->nacked) \
+	X(sagad_publish_confirm_seconds, histogram,				\
+	    "Time from publish to the broker's confirm.", &rs->confirm)		\
+	X(sagad_broker_connected, gauge,					\
+	    "1 while the broker connection is up.",				\
+	    relay_link(d->relay) != RELAY_LINK_DOWN)				\
+	X(sagad_broker_blocked, gauge,						\
+	    "1 while the broker blocks publishing (resource alarm).",		\
+	    relay_link(d->relay) == RELAY_LINK_BLOCKED)				\
+	X(sagad_broker_reconnects_total, counter,				\
+	    "Broker connections made after the first.", rs->reconnects)		\
+	X(sagad_store_bytes, gauge,						\
+	    "Bytes in use in the store file.", store_bytes(d->store))		\
+	X(sagad_store_fsync_seconds, histogram,					\
+	    "How long each fsync of the store's write-ahead log took (the floor of every ack and 202).", \
+	    &fs)								\
+	X(sagad_config_reloads_total, counter,					\
+	    "Successful SIGHUP reloads.", d->reloads)				\
+	X(sagad_config_reload_failures_total, counter,				\
+	    "SIGHUP reloads refused (invalid file).", d->reload_failures)
+
+/* One row: a histogram's expression is its address, any other a number. */
+#define ADMIN_EMIT_gauge(name, expr)	metrics_sample(out, name, "", (double)(expr))
+#define ADMIN_EMIT_counter(name, expr)	metrics_sample(out, name, "", (double)(expr))
+#define ADMIN_EMIT_histogram(name, expr) metrics_histogram(out, name, "", (expr))
+#define ADMIN_EMIT(name, type, help, expr)					\
+	metrics_family(out, #name, #type, help);				\
+	ADMIN_EMIT_##type(#name, expr);
+
 static void
 admin_metrics(struct admin *a, struct evhttp_request *req)
 {
@@ -92,48 +149,10 @@ admin_metrics(struct admin *a, struct evhttp_request *req)
 	const struct relay_stats *rs = relay_stats(d->relay);
 	const struct ingress_stats *is = ingress_stats(d->ingress);
 	struct evbuffer *out = evbuffer_new();
+	struct histogram fs;
 
-	metrics_family(out, "sagad_outbox_pending", "gauge", "Messages in the outbox, not yet confirmed by the broker.");
-	metrics_sample(out, "sagad_outbox_pending", "", (double)store_outbox_count(d->store));
-	metrics_family(out, "sagad_outbox_inflight", "gauge", "Messages published and waiting for the broker's confirm.");
-	metrics_sample(out, "sagad_outbox_inflight", "", relay_inflight(d->relay));
-	metrics_family(out, "sagad_outbox_oldest_age_seconds", "gauge", "Age of the oldest message in the outbox.");
-	metrics_sample(out, "sagad_outbox_oldest_age_seconds", "", admin_oldest_age(d));
-	metrics_family(out, "sagad_accepted_total", "counter", "Messages accepted by the publish API (202).");
-	metrics_sample(out, "sagad_accepted_total", "", (double)is->accepted);
-	metrics_family(out, "sagad_publish_duplicates_total", "counter", "Publish requests answered as duplicates (200).");
-	metrics_sample(out, "sagad_publish_duplicates_total", "", (double)is->duplicates);
-	metrics_family(out, "sagad_publish_rejected_total", "counter", "Publish requests refused as malformed or too large.");
-	metrics_sample(out, "sagad_publish_rejected_total", "", (double)is->rejected);
-	metrics_family(out, "sagad_store_full_total", "counter", "Publish requests refused with 507.");
-	metrics_sample(out, "sagad_store_full_total", "", (double)is->full);
-	metrics_family(out, "sagad_published_total", "counter", "Messages confirmed by the broker.");
-	metrics_sample(out, "sagad_published_total", "", (double)rs->published);
-	metrics_family(out, "sagad_unroutable_total", "counter", "Publishes returned by the broker as unroutable (retried).");
-	metrics_sample(out, "sagad_unroutable_total", "", (double)rs->unroutable);
-	metrics_family(out, "sagad_nacked_total", "counter", "Publishes refused by the broker with basic.nack (retried).");
-	metrics_sample(out, "sagad_nacked_total", "", (double)rs->nacked);
-	metrics_family(out, "sagad_publish_confirm_seconds", "histogram", "Time from publish to the broker's confirm.");
-	metrics_histogram(out, "sagad_publish_confirm_seconds", "", &rs->confirm);
-	metrics_family(out, "sagad_broker_connected", "gauge", "1 while the broker connection is up.");
-	metrics_sample(out, "sagad_broker_connected", "", relay_link(d->relay) != RELAY_LINK_DOWN);
-	metrics_family(out, "sagad_broker_blocked", "gauge", "1 while the broker blocks publishing (resource alarm).");
-	metrics_sample(out, "sagad_broker_blocked", "", relay_link(d->relay) == RELAY_LINK_BLOCKED);
-	metrics_family(out, "sagad_broker_reconnects_total", "counter", "Broker connections made after the first.");
-	metrics_sample(out, "sagad_broker_reconnects_total", "", (double)rs->reconnects);
-	metrics_family(out, "sagad_store_bytes", "gauge", "Bytes in use in the store file.");
-	metrics_sample(out, "sagad_store_bytes", "", (double)store_bytes(d->store));
-	{
-		struct histogram fs;
-		store_fsync_histogram(d->store, &fs);
-		metrics_family(out, "sagad_store_fsync_seconds", "histogram",
-		    "How long each fsync of the store's write-ahead log took (the floor of every ack and 202).");
-		metrics_histogram(out, "sagad_store_fsync_seconds", "", &fs);
-	}
-	metrics_family(out, "sagad_config_reloads_total", "counter", "Successful SIGHUP reloads.");
-	metrics_sample(out, "sagad_config_reloads_total", "", (double)d->reloads);
-	metrics_family(out, "sagad_config_reload_failures_total", "counter", "SIGHUP reloads refused (invalid file).");
-	metrics_sample(out, "sagad_config_reload_failures_total", "", (double)d->reload_failures);
+	store_fsync_histogram(d->store, &fs);
+	ADMIN_METRICS(ADMIN_EMIT)
 	delivery_metrics(d->delivery, out);
 	if (d->saga)
 		saga_metrics(d->saga, out);
