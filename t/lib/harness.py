@@ -227,8 +227,12 @@ def amqptool_path():
     src = os.path.join(top_srcdir, 't', 'amqptool.c')
     out = os.path.join(tempfile.gettempdir(), 'sagad-amqptool-%d' % os.getuid())
     if not os.path.exists(out) or os.path.getmtime(out) < os.path.getmtime(src):
-        cmd = ['gcc', '-O1', '-Wall', '-Wextra', '-std=gnu11', src, '-o', out + '.tmp',
-               '-lrabbitmq', '-ljansson']
+        # src/amqp_headers.h picks rabbitmq-c's headers by config.h's probe
+        # (without one, the old place, <amqp.h>).
+        config_h = os.path.join(top_builddir, 'config.h')
+        cmd = ['gcc', '-O1', '-Wall', '-Wextra', '-std=gnu11', '-I', os.path.join(top_srcdir, 'src')]
+        cmd += ['-include', config_h] if os.path.exists(config_h) else []
+        cmd += [src, '-o', out + '.tmp', '-lrabbitmq', '-ljansson']
         r = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         if r.returncode != 0:
             raise RuntimeError('cannot build amqptool: %s\n%s'
