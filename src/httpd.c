@@ -172,8 +172,8 @@ httpd_accept_error(struct evconnlistener *l, void *arg)
 			p = httpd_pauses[i];
 	if (!p)
 		return;
-	log_warn("msg=\"cannot accept connections, pausing for a second\" error=\"%s\"",
-	    evutil_socket_error_to_string(e));
+	log_warn("cannot accept connections, pausing for a second",
+	    LOG_STR("error", evutil_socket_error_to_string(e)));
 	evconnlistener_disable(p->l);
 	event_add(p->ev, &tv);
 }

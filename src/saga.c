@@ -300,8 +300,8 @@ saga_exec(struct saga_engine *e, sqlite3_stmt *s)
 
 	sqlite3_reset(s);
 	if (rc != SQLITE_DONE && rc != SQLITE_ROW) {
-		log_error("msg=\"saga store write failed\" error=\"%s\"",
-		    sqlite3_errmsg(store_db(e->d->store)));
+		log_error("saga store write failed",
+		    LOG_STR("error", sqlite3_errmsg(store_db(e->d->store))));
 		return -1;
 	}
 	return 0;
@@ -333,8 +333,8 @@ saga_load(struct saga_engine *e, size_t def, const char *id)
 		if (saga_unpack(in, sqlite3_column_blob(s, 1), sqlite3_column_bytes(s, 1)) == 0)
 			in->loaded = in->state;
 		else {
-			log_error("msg=\"damaged saga instance in store, ignored\" saga=%s id=%s",
-			    e->d->conf->sagas[def].name, id);
+			log_error("damaged saga instance in store, ignored",
+			    LOG_STR("saga", e->d->conf->sagas[def].name), LOG_STR("id", id));
 			saga_inst_free(in);
 			in = NULL;
 		}
@@ -553,8 +553,8 @@ saga_send(struct saga_engine *e, struct saga_inst *in, const struct conf_binding
 	props_set_header(&m.props, "x-sagad-kind", kind);
 	if (store_outbox_put(e->d->store, &m, util_now(),
 	    e->consumed ? STORE_OUT_EARLY : 0) != STORE_PUT_STORED)
-		log_error("msg=\"cannot store a saga message\" saga=%s id=%s message_id=%s",
-		    in->def->name, in->id, id);
+		log_error("cannot store a saga message", LOG_STR("saga", in->def->name),
+		    LOG_STR("id", in->id), LOG_STR("message_id", id));
 	props_free(&m.props);
 	{
 		char detail[600];
@@ -570,6 +570,8 @@ static void saga_compensate_next(struct saga_engine *e, struct saga_inst *in);
 static void
 saga_finish(struct saga_engine *e, struct saga_inst *in, enum saga_state state)
 {
+	char msg[64];
+
 	in->state = state;
 	saga_timer_del_all(e, in);
 	histogram_observe(&e->stats[in->def_index].duration, util_now() - in->started_at);
@@ -580,7 +582,8 @@ saga_finish(struct saga_engine *e, struct saga_inst *in, enum saga_state state)
 		saga_send(e, in, &in->def->compensated, "event", NULL, "compensated",
 		    in->body, in->body_len, in->ct, 0);
 	saga_log(e, in, "state", saga_state_names[state], NULL, NULL, in->reason);
-	log_info("msg=\"saga %s\" saga=%s id=%s", saga_state_names[state], in->def->name, in->id);
+	snprintf(msg, sizeof msg, "saga %s", saga_state_names[state]);
+	log_info(msg, LOG_STR("saga", in->def->name), LOG_STR("id", in->id));
 }
 
 static void
@@ -611,7 +614,8 @@ saga_start_compensation(struct saga_engine *e, struct saga_inst *in, const char 
 		if (in->steps[i].state == STEP_ACTIVE || in->steps[i].state == STEP_PENDING)
 			in->steps[i].state = in->steps[i].state == STEP_ACTIVE ? STEP_FAILED : STEP_PENDING;
 	saga_log(e, in, "state", "compensating", NULL, NULL, reason);
-	log_info("msg=\"saga compensating\" saga=%s id=%s reason=\"%s\"", in->def->name, in->id, reason);
+	log_info("saga compensating", LOG_STR("saga", in->def->name), LOG_STR("id", in->id),
+	    LOG_STR("reason", reason));
 	saga_compensate_next(e, in);
 }
 
@@ -773,8 +777,8 @@ saga_on_compensation_reply(struct saga_engine *e, struct saga_inst *in, size_t i
 		in->state = SAGA_FAILED;
 		e->stats[in->def_index].failed++;
 		saga_log(e, in, "state", "failed", name, NULL, why);
-		log_warn("msg=\"saga failed: compensation exhausted\" saga=%s id=%s step=%s",
-		    in->def->name, in->id, name);
+		log_warn("saga failed: compensation exhausted", LOG_STR("saga", in->def->name),
+		    LOG_STR("id", in->id), LOG_STR("step", name));
 		return;
 	}
 	saga_timer_add(e, in, TIMER_COMPENSATE, (int)i, util_now() +
@@ -886,8 +890,8 @@ static void
 saga_orphan(struct saga_engine *e, const struct msg *m, const char *why)
 {
 	e->orphans++;
-	log_debug("msg=\"saga message ignored\" reason=\"%s\" message_id=%s correlation_id=%s",
-	    why, m->message_id, m->props.correlation_id ? m->props.correlation_id : "");
+	log_debug("saga message ignored", LOG_STR("reason", why),
+	    LOG_STR("message_id", m->message_id), LOG_STR("correlation_id", m->props.correlation_id));
 }
 
 void
@@ -975,8 +979,8 @@ saga_on_timer(struct saga_engine *e, struct saga_inst *in, int kind, int step)
 		in->state = SAGA_FAILED;
 		e->stats[in->def_index].failed++;
 		saga_log(e, in, "state", "failed", in->def->steps[step].name, NULL, why);
-		log_warn("msg=\"saga failed: compensation exhausted\" saga=%s id=%s step=%s",
-		    in->def->name, in->id, in->def->steps[step].name);
+		log_warn("saga failed: compensation exhausted", LOG_STR("saga", in->def->name),
+		    LOG_STR("id", in->id), LOG_STR("step", in->def->steps[step].name));
 		return;
 	}
 	saga_send_compensation(e, in, (size_t)step);

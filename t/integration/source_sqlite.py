@@ -315,7 +315,7 @@ def bad_rows(wd, broker, tool, path):
     left = sorted(r[0] for r in c.execute('SELECT message_id FROM sagad_outbox'))
     h.check(left == ['bad-headers', 'bad-json', 'bad-key'], 'the bad rows stay in the table', left)
     h.check(src_metric(d, 'errors_total') >= 3, 'errors counted', src_metric(d, 'errors_total'))
-    h.check('row left in the table: headers is not a JSON object' in d.log(),
+    h.check('msg="row left in the table" reason="headers is not a JSON object"' in d.log(),
             'the log names the bad rows')
     c.execute('DELETE FROM sagad_outbox')
     d.stop()
