@@ -290,8 +290,9 @@ dsub_dead_letter(struct dsub *ds, struct dmsg *dm, const char *reason, int statu
 	ds->stats.dead_lettered++;
 	ds->stats.outcomes[OUTCOME_DEAD]++;
 	log_warn("dead-lettered", LOG_STR("subscription", ds->name),
-	    LOG_STR("message_id", in->message_id), LOG_STR("reason", reason),
-	    LOG_UINT("attempts", dm->rec->attempts), LOG_INT("status", status));
+	    LOG_STR("message_id", in->message_id), LOG_STR("routing_key", in->routing_key),
+	    LOG_STR("reason", reason), LOG_UINT("attempts", dm->rec->attempts),
+	    LOG_INT("status", status), LOG_STR("error", error));
 }
 
 static void
@@ -338,7 +339,8 @@ dsub_retry(struct dsub *ds, struct dmsg *dm, int status, const char *error)
 	store_inbox_retry(ds->dl->d->store, dm->rec->id, dm->rec->attempts,
 	    dm->rec->due_at, status, error);
 	log_debug("delivery failed, retry scheduled", LOG_STR("subscription", ds->name),
-	    LOG_STR("message_id", dm->rec->m->message_id), LOG_UINT("attempt", dm->rec->attempts),
+	    LOG_STR("message_id", dm->rec->m->message_id),
+	    LOG_STR("routing_key", dm->rec->m->routing_key), LOG_UINT("attempt", dm->rec->attempts),
 	    LOG_INT("status", status), LOG_STR("error", error), LOG_DBL("in_seconds", delay));
 }
 
@@ -356,7 +358,7 @@ delivery_answered(struct dattempt *a, const struct hclient_answer *ans)
 	struct dsub *ds = a->ds;
 	struct dmsg *dm = a->dm;
 	int status = ans->status;
-	char error[96];
+	char error[256];
 
 	if (ans->result != HCLIENT_ANSWERED) {
 		snprintf(error, sizeof error, "%s", hclient_result_name(ans->result));
@@ -379,17 +381,21 @@ delivery_answered(struct dattempt *a, const struct hclient_answer *ans)
 			store_inbox_forget(ds->dl->d->store, dm->rec->id);
 			dsub_remove(ds, dm);
 		} else {
-			dsub_dead_letter(ds, dm, "rejected", status, "refused by the service");
+			hclient_answer_text(ans, "refused by the service", error, sizeof error);
+			dsub_dead_letter(ds, dm, "rejected", status, error);
 			dsub_remove(ds, dm);
 		}
 	} else if (status >= 400 && status <= 499) {
 		char reason[32];
 		dsub_circuit_ok(ds);
 		snprintf(reason, sizeof reason, "refused-%d", status);
-		dsub_dead_letter(ds, dm, reason, status, "refused by the service");
+		hclient_answer_text(ans, "refused by the service", error, sizeof error);
+		dsub_dead_letter(ds, dm, reason, status, error);
 		dsub_remove(ds, dm);
 	} else {
-		snprintf(error, sizeof error, "HTTP %d", status);
+		char prefix[32];
+		snprintf(prefix, sizeof prefix, "HTTP %d", status);
+		hclient_answer_text(ans, prefix, error, sizeof error);
 		dsub_retry(ds, dm, status, error);
 	}
 }
