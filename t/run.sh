@@ -13,7 +13,7 @@ bash t/lib/build.sh
 # Scenarios run one at a time: each boots its own broker.
 make check || { tail -200 test-suite.log; exit 1; }
 SAGAD_SKIP_INTEGRATION=1 make distcheck
-mandoc -Tlint -W warning man/*.[0-9]
+sh t/manlint.sh
 FUZZ_SECONDS=${FUZZ_SECONDS:-30} FUZZ_NICE=0 bash t/fuzz/run.sh
 
 # The same suite under the sanitizers, in a build directory of its own. CI
