@@ -1,13 +1,16 @@
 #!/usr/bin/env python3
 """Logs: values that come from outside (a Message-Id and a routing key given
 to the publish API, a routing key with a newline consumed from the broker,
-the text a service answers with when it fails or refuses) cannot forge a
-field or a line of sagad's logfmt output. Every line of the log is read
+the text a service answers with when it fails or refuses, a row and a
+database path read by the sqlite source plugin) cannot forge a field or a
+line of sagad's logfmt output. Every line of the log is read
 with a strict logfmt reader, and the hostile values must come back from it
 byte for byte as the values of their own fields."""
 
+import json
 import os
 import re
+import sqlite3
 import sys
 import urllib.parse
 
@@ -25,6 +28,10 @@ MID_AMQP = 'amqp" a=b \\\\ c'
 KEY_AMQP = 'log.retry\nts=2026-01-01T00:00:00.000Z level=error msg="forged" x="'
 # What the service answers with.
 SAID = 'db down" level=error\nts=2026-01-01T00:00:00.000Z level=error msg="forged" \\'
+# A row of a sqlite source (a plugin logs it through the host), in a file
+# whose path has a quote, a space and a backslash.
+MID_ROW = 'row" x=1\nts=2026-01-01T00:00:00.000Z level=error msg="forged" \\'
+DB_NAME = 'out"box \\ x.db'
 
 KEY_RE = re.compile(r'[A-Za-z0-9_.-]+')
 BARE_RE = re.compile(r'[!#-<>-\[\]-~]+')      # printable ASCII but ' ', '"', '=', '\'
@@ -123,6 +130,25 @@ def behaviour(call):
     return 200
 
 
+def sqlite_plugin():
+    return any(d and os.path.exists(os.path.join(d, 'sqlite.so'))
+               for d in os.environ.get('SAGAD_PLUGIN_DIR', '').split(':'))
+
+
+def source_db(wd):
+    """A sqlite source's database with one row sagad cannot publish (its
+    headers are not a JSON object): the plugin logs its message id."""
+    path = os.path.join(wd, DB_NAME)
+    with open(os.path.join(h.top_srcdir, 'plugins', 'sqlite', 'schema.sql')) as f:
+        schema = f.read()
+    c = sqlite3.connect(path, isolation_level=None)
+    c.executescript(schema)
+    c.execute('INSERT INTO sagad_outbox (message_id, exchange, routing_key, headers, body) '
+              'VALUES (?, ?, ?, ?, ?)', (MID_ROW, 'events', 'log.row', json.dumps([1]), 'x'))
+    c.close()
+    return path
+
+
 def main(wd):
     broker = h.Broker(wd)
     broker.start()
@@ -135,6 +161,11 @@ subscriptions = (
     circuit_failures = 100; circuit_open = 1; }
 );
 ''' % svc.url
+    with_source = sqlite_plugin()
+    if with_source:
+        conf += 'sources = ( { plugin = "sqlite"; path = %s; } );\n' % h.conf_str(source_db(wd))
+    else:
+        h.log('the sqlite plugin is not built: no source in this run')
     d = h.Sagad(wd, broker.url, name='orders', conf_extra=conf)
     d.start()
 
@@ -153,8 +184,9 @@ subscriptions = (
         dead = [f for f in lines if f['msg'] == 'dead-lettered']
         retry = [f for f in lines if f['msg'] == 'delivery failed, retry scheduled']
         done = [c for c in svc.calls if c['body'] == b'retry' and c['answer'] == 200]
-        return dead and retry and done and (dead, retry)
-    dead, retry = h.wait_until(seen, 30, 'the refusal and the retry in the log')
+        rows = [f for f in lines if f['msg'] == 'row left in the table']
+        return dead and retry and done and (rows or not with_source) and (dead, retry, rows)
+    dead, retry, rows = h.wait_until(seen, 30, 'the refusal, the retry and the bad row in the log')
 
     h.check(d.stop() == 0, 'sagad stops cleanly')
     lines = read_log(d)
@@ -169,9 +201,16 @@ subscriptions = (
                 f.get('error') == 'HTTP 503: ' + SAID for f in retry),
             'the retry line gives back the routing key with its newline and the '
             "service's text byte for byte", retry)
+    if with_source:
+        h.check(any(f.get('source') == 'sqlite' and f.get('message_id') == MID_ROW and
+                    f.get('reason') == 'headers is not a JSON object' for f in rows),
+                "a plugin's line gives back a row's message id byte for byte", rows)
+        path = os.path.join(wd, DB_NAME)
+        h.check(any(f['msg'] == 'relaying from SQLite' and f.get('path') == path
+                    for f in lines), 'and the path of its database', path)
     forged = [f for f in lines if f['msg'].startswith('forged') or f.get('forged')]
     h.check(not forged, 'no forged line or field', forged)
-    errors = [f for f in lines if f['level'] == 'error']
+    errors = [f for f in lines if f['level'] == 'error' and f['msg'] != 'row left in the table']
     h.check(not errors, 'no level=error line (none was forged either)', errors)
 
 
