@@ -67,7 +67,9 @@ struct sagad_log_field {
 #define SAGAD_LOG_NFIELDS_(...) \
 	(sizeof SAGAD_LOG_FIELDS_(__VA_ARGS__) / sizeof(struct sagad_log_field) - 1)
 
-/* SAGAD_LOG(api, h, SAGAD_LOG_INFO, "batch read", SAGAD_INT("rows", n)) */
+/* SAGAD_LOG(api, h, SAGAD_LOG_INFO, "batch read", SAGAD_INT("rows", n))
+ * The macros use C99 compound literals; C++ has none: there, fill an array
+ * of struct sagad_log_field and call log() with it. */
 #define SAGAD_LOG(api, h, level, msg, ...) \
 	(api)->log((h), (level), (msg), SAGAD_LOG_FIELDS_(__VA_ARGS__) + 1, \
 	    SAGAD_LOG_NFIELDS_(__VA_ARGS__))
