@@ -2,8 +2,6 @@
 
 #include <amqp.h>
 #include <errno.h>
-#include <arpa/inet.h>
-#include <netinet/in.h>
 #include <pwd.h>
 #include <glob.h>
 #include <libconfig.h>
@@ -978,17 +976,18 @@ static int
 conf_valid_listen(const char *v)
 {
 	char host[256];
-	const char *colon, *p;
+	const char *p;
 	char *end;
 	long port;
 
 	if (strncmp(v, "unix:", 5) == 0)
 		return v[5] == '/' && strlen(v + 5) < 100;
-	colon = strrchr(v, ':');
-	if (!colon || colon == v || util_listen_split(v, host, sizeof host, &p) < 0)
+	/* A host is required here (":7600" is refused), and brackets must
+	 * pair: the same parser as the bind and the loopback check. */
+	if (v[0] == ':' || util_listen_split(v, host, sizeof host, &p) < 0 || !*p)
 		return 0;
-	port = strtol(colon + 1, &end, 10);
-	return *end == '\0' && colon[1] != '\0' && port >= 0 && port <= 65535;
+	port = strtol(p, &end, 10);
+	return *end == '\0' && port >= 0 && port <= 65535;
 }
 
 static void
