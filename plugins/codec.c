@@ -93,24 +93,23 @@ codec_publish_row(const struct sagad_host_api *api, struct sagad_host *h,
 		case SAGAD_PUBLISH_DUPLICATE:
 			api->counter_add(h, "rows_read", 1);
 			api->counter_add(h, "duplicates", 1);
-			api->log(h, SAGAD_LOG_DEBUG, "msg=\"duplicate row dropped\" seq=%lld message_id=\"%s\"",
-			    seq, m->message_id);
+			SAGAD_LOG(api, h, SAGAD_LOG_DEBUG, "duplicate row dropped", SAGAD_INT("seq", seq),
+			    SAGAD_STR("message_id", m->message_id));
 			return 1;
 		case SAGAD_PUBLISH_INVALID:
 			why = "a value sagad cannot publish (missing message_id or routing_key, "
 			    "bad exchange name, control characters, or too long)";
 			break;
 		default:
-			api->log(h, pr == SAGAD_PUBLISH_FULL ? SAGAD_LOG_WARN : SAGAD_LOG_ERROR,
-			    "msg=\"sagad's store refused a row, retrying later\" seq=%lld reason=%s",
-			    seq, pr == SAGAD_PUBLISH_FULL ? "full" : "error");
+			SAGAD_LOG(api, h, pr == SAGAD_PUBLISH_FULL ? SAGAD_LOG_WARN : SAGAD_LOG_ERROR,
+			    "sagad's store refused a row, retrying later", SAGAD_INT("seq", seq),
+			    SAGAD_STR("reason", pr == SAGAD_PUBLISH_FULL ? "full" : "error"));
 			api->counter_add(h, "errors", 1);
 			return -1;
 		}
 	}
-	api->log(h, SAGAD_LOG_ERROR,
-	    "msg=\"row left in the table: %s\" table=%s seq=%lld message_id=\"%.64s\"",
-	    why, table, seq, m->message_id ? m->message_id : "");
+	SAGAD_LOG(api, h, SAGAD_LOG_ERROR, "row left in the table", SAGAD_STR("reason", why),
+	    SAGAD_STR("table", table), SAGAD_INT("seq", seq), SAGAD_STR("message_id", m->message_id));
 	api->counter_add(h, "errors", 1);
 	return 0;
 }

@@ -494,7 +494,7 @@ admin_new(struct sagad *d, char **err)
 	struct httpd_limits lim;
 
 	*err = NULL;
-	if (!d->conf->api.admin_allow_remote && !httpd_spec_is_local(d->conf->api.admin_listen)) {
+	if (!d->conf->api.admin_allow_remote && !util_listen_is_local(d->conf->api.admin_listen)) {
 		if (asprintf(err, "admin_listen %s is not a loopback address or unix socket "
 		    "(set api.admin_allow_remote = true to allow it)", d->conf->api.admin_listen) < 0)
 			*err = NULL;

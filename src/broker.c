@@ -391,13 +391,13 @@ broker_method(struct broker *b, amqp_frame_t *f)
 		amqp_connection_blocked_t *bl = m->decoded;
 		b->blocked = 1;
 		snprintf(why, sizeof why, "%.*s", (int)bl->reason.len, (char *)bl->reason.bytes);
-		log_warn("msg=\"broker blocked the connection\" reason=\"%s\"", why);
+		log_warn("broker blocked the connection", LOG_STR("reason", why));
 		broker_post(b, BROKER_EV_BLOCKED, 0, 0, why);
 		break;
 	}
 	case AMQP_CONNECTION_UNBLOCKED_METHOD:
 		b->blocked = 0;
-		log_info("msg=\"broker unblocked the connection\"");
+		log_info("broker unblocked the connection");
 		broker_post(b, BROKER_EV_UNBLOCKED, 0, 0, NULL);
 		break;
 	case AMQP_CONNECTION_CLOSE_METHOD: {
@@ -417,7 +417,7 @@ broker_method(struct broker *b, amqp_frame_t *f)
 		break;
 	}
 	default:
-		log_debug("msg=\"ignored AMQP method\" id=0x%08x", m->id);
+		log_debug("ignored AMQP method", LOG_HEX("id", m->id));
 		break;
 	}
 }
@@ -477,8 +477,8 @@ broker_delivery_done(struct broker *b)
 	if (b->rx_drop) {
 		/* Over the subscription's size limit: never buffered, straight
 		 * to the dead-letter queue through the queue's own setup. */
-		log_warn("msg=\"message too large, dead-lettered\" queue=%s bytes=%zu",
-		    b->subs[b->rx_sub].queue, b->rx_have);
+		log_warn("message too large, dead-lettered", LOG_STR("queue", b->subs[b->rx_sub].queue),
+		    LOG_UINT("bytes", b->rx_have));
 		amqp_basic_reject(b->conn, 2 + b->rx_sub, (uint64_t)b->rx_msg->seq, 0);
 		acks_settled(&b->subs[b->rx_sub].acks, (uint64_t)b->rx_msg->seq);
 		broker_post(b, BROKER_EV_TOO_LARGE, 0, 0, NULL);
@@ -849,7 +849,7 @@ broker_apply_consume(struct broker *b)
 				return;
 		}
 		s->consuming = want;
-		log_debug("msg=\"consumer %s\" queue=%s", want ? "started" : "paused", s->queue);
+		log_debug(want ? "consumer started" : "consumer paused", LOG_STR("queue", s->queue));
 	}
 }
 
@@ -935,7 +935,7 @@ broker_schedule_retry(struct broker *b)
 	d = util_backoff(b->reconnect_initial, b->reconnect_max, ++b->failures);
 	tv = broker_tv(d);
 
-	log_info("msg=\"broker reconnect scheduled\" in_seconds=%.2f attempt=%u", d, b->failures);
+	log_info("broker reconnect scheduled", LOG_DBL("in_seconds", d), LOG_UINT("attempt", b->failures));
 	evtimer_add(b->retry_ev, &tv);
 }
 
@@ -973,8 +973,9 @@ broker_fail(struct broker *b, const char *why, int graceful)
 		acks_reset(&b->subs[i].acks);
 	}
 	if (strcmp(why, "stopping") != 0) {
-		log_warn("msg=\"broker connection lost\" role=%s reason=\"%s\"",
-		    b->role == BROKER_ROLE_PUBLISH ? "publish" : "consume", why);
+		log_warn("broker connection lost",
+		    LOG_STR("role", b->role == BROKER_ROLE_PUBLISH ? "publish" : "consume"),
+		    LOG_STR("reason", why));
 		broker_post(b, BROKER_EV_DOWN, 0, 0, why);
 		broker_schedule_retry(b);
 	}
@@ -1181,8 +1182,8 @@ broker_connect_cb(evutil_socket_t fd, short what, void *arg)
 		amqp_destroy_connection(b->conn);
 		b->conn = NULL;
 		b->state = BROKER_ST_DOWN;
-		log_warn("msg=\"broker connect failed\" host=%s port=%d reason=\"%s\"",
-		    b->host, b->port, why);
+		log_warn("broker connect failed", LOG_STR("host", b->host), LOG_INT("port", b->port),
+		    LOG_STR("reason", why));
 		broker_post(b, BROKER_EV_DOWN, 0, 0, why);
 		broker_post_flush(b);
 		broker_schedule_retry(b);
@@ -1197,9 +1198,11 @@ broker_connect_cb(evutil_socket_t fd, short what, void *arg)
 	event_add(b->read_ev, NULL);
 	hb = broker_tv(b->heartbeat > 0 ? b->heartbeat / 2.0 : 1.0);
 	evtimer_add(b->hb_ev, &hb);
-	log_info("msg=\"broker connected\" role=%s host=%s port=%d vhost=%s exchanges=%zu queues=%zu epoch=%llu",
-	    b->role == BROKER_ROLE_PUBLISH ? "publish" : "consume", b->host, b->port,
-	    b->vhost, b->n_exchanges, b->n_subs, (unsigned long long)b->epoch);
+	log_info("broker connected",
+	    LOG_STR("role", b->role == BROKER_ROLE_PUBLISH ? "publish" : "consume"),
+	    LOG_STR("host", b->host), LOG_INT("port", b->port), LOG_STR("vhost", b->vhost),
+	    LOG_UINT("exchanges", b->n_exchanges), LOG_UINT("queues", b->n_subs),
+	    LOG_UINT("epoch", b->epoch));
 	broker_post(b, BROKER_EV_UP, 0, 0, NULL);
 	broker_apply_consume(b);
 	if (b->state == BROKER_ST_UP)

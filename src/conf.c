@@ -2,8 +2,6 @@
 
 #include "amqp_headers.h"
 #include <errno.h>
-#include <arpa/inet.h>
-#include <netinet/in.h>
 #include <pwd.h>
 #include <glob.h>
 #include <libconfig.h>
@@ -977,41 +975,19 @@ conf_broker_url(struct conf_ctx *ctx, config_t *cfg, struct sagad_conf *c)
 static int
 conf_valid_listen(const char *v)
 {
-	const char *colon;
+	char host[256];
+	const char *p;
 	char *end;
 	long port;
 
 	if (strncmp(v, "unix:", 5) == 0)
 		return v[5] == '/' && strlen(v + 5) < 100;
-	colon = strrchr(v, ':');
-	if (!colon || colon == v)
+	/* A host is required here (":7600" is refused), and brackets must
+	 * pair: the same parser as the bind and the loopback check. */
+	if (v[0] == ':' || util_listen_split(v, host, sizeof host, &p) < 0 || !*p)
 		return 0;
-	port = strtol(colon + 1, &end, 10);
-	return *end == '\0' && colon[1] != '\0' && port >= 0 && port <= 65535;
-}
-
-static int
-conf_listen_is_local(const char *spec)
-{
-	char host[256];
-	const char *colon = strrchr(spec, ':');
-	struct in_addr a4;
-	struct in6_addr a6;
-
-	if (strncmp(spec, "unix:", 5) == 0)
-		return 1;
-	snprintf(host, sizeof host, "%.*s", colon ? (int)(colon - spec) : 0, spec);
-	if (host[0] == '[' && strlen(host) > 1) {
-		memmove(host, host + 1, strlen(host));
-		host[strlen(host) - 1] = '\0';
-	}
-	if (strcmp(host, "localhost") == 0)
-		return 1;
-	if (inet_pton(AF_INET, host, &a4) == 1)
-		return (ntohl(a4.s_addr) >> 24) == 127;
-	if (inet_pton(AF_INET6, host, &a6) == 1)
-		return IN6_IS_ADDR_LOOPBACK(&a6);
-	return 0;
+	port = strtol(p, &end, 10);
+	return *end == '\0' && port >= 0 && port <= 65535;
 }
 
 static void
@@ -1037,7 +1013,7 @@ conf_check(struct conf_ctx *ctx, config_t *cfg, struct sagad_conf *c)
 	if (!conf_valid_listen(c->api.admin_listen))
 		conf_err(ctx, config_lookup(cfg, "api.admin_listen"),
 		    "'admin_listen' must be HOST:PORT or unix:/path");
-	else if (!c->api.admin_allow_remote && !conf_listen_is_local(c->api.admin_listen))
+	else if (!c->api.admin_allow_remote && !util_listen_is_local(c->api.admin_listen))
 		conf_err(ctx, config_lookup(cfg, "api.admin_listen"),
 		    "'admin_listen' is not loopback or a unix socket (set admin_allow_remote = true to allow it)");
 	if (c->user && !getpwnam(c->user))

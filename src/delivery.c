@@ -113,8 +113,8 @@ dsub_flow(struct dsub *ds)
 	ds->consuming = want;
 	broker_consume(dl->br, ds->index, want);
 	broker_kick(dl->br);
-	log_debug("msg=\"consumer %s\" subscription=%s backlog=%zu circuit=%d",
-	    want ? "resumed" : "paused", ds->name, ds->npending, ds->circuit);
+	log_debug(want ? "consumer resumed" : "consumer paused", LOG_STR("subscription", ds->name),
+	    LOG_UINT("backlog", ds->npending), LOG_INT("circuit", ds->circuit));
 }
 
 static void
@@ -196,8 +196,8 @@ static void
 delivery_publish_internal(struct delivery *dl, struct msg *m, unsigned flags)
 {
 	if (store_outbox_put(dl->d->store, m, util_now(), flags) != STORE_PUT_STORED)
-		log_error("msg=\"cannot store an outgoing message\" message_id=%s exchange=%s routing_key=%s",
-		    m->message_id, m->exchange, m->routing_key);
+		log_error("cannot store an outgoing message", LOG_STR("message_id", m->message_id),
+		    LOG_STR("exchange", m->exchange), LOG_STR("routing_key", m->routing_key));
 }
 
 static void
@@ -289,15 +289,17 @@ dsub_dead_letter(struct dsub *ds, struct dmsg *dm, const char *reason, int statu
 	    reason, status, error ? error : "");
 	ds->stats.dead_lettered++;
 	ds->stats.outcomes[OUTCOME_DEAD]++;
-	log_warn("msg=\"dead-lettered\" subscription=%s message_id=%s reason=%s attempts=%u status=%d",
-	    ds->name, in->message_id, reason, dm->rec->attempts, status);
+	log_warn("dead-lettered", LOG_STR("subscription", ds->name),
+	    LOG_STR("message_id", in->message_id), LOG_STR("routing_key", in->routing_key),
+	    LOG_STR("reason", reason), LOG_UINT("attempts", dm->rec->attempts),
+	    LOG_INT("status", status), LOG_STR("error", error));
 }
 
 static void
 dsub_circuit_ok(struct dsub *ds)
 {
 	if (ds->circuit != CIRCUIT_CLOSED)
-		log_info("msg=\"circuit closed: service answers again\" subscription=%s", ds->name);
+		log_info("circuit closed: service answers again", LOG_STR("subscription", ds->name));
 	ds->failures = 0;
 	ds->circuit = CIRCUIT_CLOSED;
 }
@@ -311,8 +313,8 @@ dsub_circuit_fail(struct dsub *ds)
 	if (ds->circuit == CIRCUIT_HALF_OPEN ||
 	    (ds->circuit == CIRCUIT_CLOSED && ds->failures >= (unsigned)c->circuit_failures)) {
 		if (ds->circuit == CIRCUIT_CLOSED)
-			log_warn("msg=\"circuit open: service keeps failing, taking nothing from the broker\" subscription=%s failures=%u",
-			    ds->name, ds->failures);
+			log_warn("circuit open: service keeps failing, taking nothing from the broker",
+			    LOG_STR("subscription", ds->name), LOG_UINT("failures", ds->failures));
 		ds->circuit = CIRCUIT_OPEN;
 		ds->open_until = util_mono() + c->circuit_open;
 	}
@@ -336,8 +338,10 @@ dsub_retry(struct dsub *ds, struct dmsg *dm, int status, const char *error)
 	dm->rec->last_status = status;
 	store_inbox_retry(ds->dl->d->store, dm->rec->id, dm->rec->attempts,
 	    dm->rec->due_at, status, error);
-	log_debug("msg=\"delivery failed, retry scheduled\" subscription=%s message_id=%s attempt=%u status=%d error=\"%s\" in_seconds=%.2f",
-	    ds->name, dm->rec->m->message_id, dm->rec->attempts, status, error, delay);
+	log_debug("delivery failed, retry scheduled", LOG_STR("subscription", ds->name),
+	    LOG_STR("message_id", dm->rec->m->message_id),
+	    LOG_STR("routing_key", dm->rec->m->routing_key), LOG_UINT("attempt", dm->rec->attempts),
+	    LOG_INT("status", status), LOG_STR("error", error), LOG_DBL("in_seconds", delay));
 }
 
 static void
@@ -354,7 +358,7 @@ delivery_answered(struct dattempt *a, const struct hclient_answer *ans)
 	struct dsub *ds = a->ds;
 	struct dmsg *dm = a->dm;
 	int status = ans->status;
-	char error[96];
+	char error[256];
 
 	if (ans->result != HCLIENT_ANSWERED) {
 		snprintf(error, sizeof error, "%s", hclient_result_name(ans->result));
@@ -377,17 +381,21 @@ delivery_answered(struct dattempt *a, const struct hclient_answer *ans)
 			store_inbox_forget(ds->dl->d->store, dm->rec->id);
 			dsub_remove(ds, dm);
 		} else {
-			dsub_dead_letter(ds, dm, "rejected", status, "refused by the service");
+			hclient_answer_text(ans, "refused by the service", error, sizeof error);
+			dsub_dead_letter(ds, dm, "rejected", status, error);
 			dsub_remove(ds, dm);
 		}
 	} else if (status >= 400 && status <= 499) {
 		char reason[32];
 		dsub_circuit_ok(ds);
 		snprintf(reason, sizeof reason, "refused-%d", status);
-		dsub_dead_letter(ds, dm, reason, status, "refused by the service");
+		hclient_answer_text(ans, "refused by the service", error, sizeof error);
+		dsub_dead_letter(ds, dm, reason, status, error);
 		dsub_remove(ds, dm);
 	} else {
-		snprintf(error, sizeof error, "HTTP %d", status);
+		char prefix[32];
+		snprintf(prefix, sizeof prefix, "HTTP %d", status);
+		hclient_answer_text(ans, prefix, error, sizeof error);
 		dsub_retry(ds, dm, status, error);
 	}
 }
@@ -595,7 +603,7 @@ dsub_dispatch(struct dsub *ds)
 			return;
 		}
 		ds->circuit = CIRCUIT_HALF_OPEN;
-		log_info("msg=\"circuit half open: probing the service\" subscription=%s", ds->name);
+		log_info("circuit half open: probing the service", LOG_STR("subscription", ds->name));
 	}
 	if (ds->circuit == CIRCUIT_HALF_OPEN)
 		limit = 1;
@@ -775,13 +783,13 @@ delivery_take(struct delivery *dl, const struct broker_event *ev)
 		break;
 	case STORE_PUT_DUPLICATE:
 		ds->stats.duplicates++;
-		log_debug("msg=\"duplicate dropped\" subscription=%s message_id=%s", ds->name,
-		    m->message_id);
+		log_debug("duplicate dropped", LOG_STR("subscription", ds->name),
+		    LOG_STR("message_id", m->message_id));
 		break;
 	case STORE_PUT_FULL:
 	case STORE_PUT_ERROR:
-		log_error("msg=\"cannot store a consumed message, giving it back\" subscription=%s",
-		    ds->name);
+		log_error("cannot store a consumed message, giving it back",
+		    LOG_STR("subscription", ds->name));
 		broker_requeue(dl->br, ev->epoch, ev->sub, k->tag);
 		broker_kick(dl->br);
 		free(k);
@@ -861,7 +869,7 @@ dsub_init(struct delivery *dl, struct dsub *ds, int index)
 		return 0;
 	}
 	if (!u || !evhttp_uri_get_host(u)) {
-		log_error("msg=\"bad deliver URL\" subscription=%s url=%s", c->name, c->deliver);
+		log_error("bad deliver URL", LOG_STR("subscription", c->name), LOG_STR("url", c->deliver));
 		if (u)
 			evhttp_uri_free(u);
 		return -1;
@@ -880,8 +888,8 @@ dsub_init(struct delivery *dl, struct dsub *ds, int index)
 	ds->conns = calloc(ds->nconns, sizeof *ds->conns);
 	dsub_load(ds);
 	if (ds->npending)
-		log_info("msg=\"pending deliveries resumed\" subscription=%s count=%zu",
-		    ds->name, ds->npending);
+		log_info("pending deliveries resumed", LOG_STR("subscription", ds->name),
+		    LOG_UINT("count", ds->npending));
 	return 0;
 }
 
@@ -1127,7 +1135,7 @@ delivery_replay(struct delivery *dl, int sub, const char *const *ids, size_t n)
 	if (total < 0)
 		return -1;
 	if (total > 0) {
-		log_info("msg=\"dead letters replayed\" subscription=%s count=%d", ds->name, total);
+		log_info("dead letters replayed", LOG_STR("subscription", ds->name), LOG_INT("count", total));
 		dsub_load(ds);
 		/* Replayed records were reset in the open transaction: they may
 		 * go out once it commits, which happens at the end of this turn

@@ -569,3 +569,26 @@ hclient_free(struct hclient *c)
 	free(c->host);
 	free(c);
 }
+
+void
+hclient_answer_text(const struct hclient_answer *a, const char *prefix,
+    char *buf, size_t len)
+{
+	char said[200];
+	ev_ssize_t n = 0;
+	ev_ssize_t i;
+
+	if (a->body)
+		n = evbuffer_copyout(a->body, said, sizeof said - 1);
+	if (n <= 0) {
+		snprintf(buf, len, "%s", prefix);
+		return;
+	}
+	for (i = 0; i < n; i++) {
+		unsigned char c = (unsigned char)said[i];
+		if ((c < 0x20 && c != '\t' && c != '\n' && c != '\r') || c >= 0x7f)
+			said[i] = '?';
+	}
+	said[n] = '\0';
+	snprintf(buf, len, "%s: %s", prefix, said);
+}

@@ -45,6 +45,13 @@ int hclient_send(struct hclient *c, struct evbuffer *req, double timeout,
 int hclient_busy(const struct hclient *c);
 void hclient_free(struct hclient *c);
 const char *hclient_result_name(enum hclient_result r);
+/* "prefix: <start of the answer's body>" into buf, or the prefix alone when
+ * the body is empty: what a service said when it refused or failed, for the
+ * last error of a delivery. Bytes other than printable ASCII, tab and
+ * newlines become '?', so the text is valid UTF-8 for the admin JSON; the
+ * log quotes it like any value. */
+void hclient_answer_text(const struct hclient_answer *a, const char *prefix,
+    char *buf, size_t len);
 
 /* ---- the answer parser, on its own for the tests ---- */
 

@@ -101,21 +101,20 @@ static int
 httpd_bind_tcp(const char *spec, char **err)
 {
 	char host[256];
-	const char *colon = strrchr(spec, ':');
+	const char *port;
 	struct addrinfo hints, *ai = NULL;
 	int fd = -1, one = 1, rc;
 
-	snprintf(host, sizeof host, "%.*s", (int)(colon - spec), spec);
-	/* [::1]:7600 */
-	if (host[0] == '[' && host[strlen(host) - 1] == ']') {
-		memmove(host, host + 1, strlen(host));
-		host[strlen(host) - 1] = '\0';
+	if (util_listen_split(spec, host, sizeof host, &port) < 0) {
+		if (asprintf(err, "cannot listen on %s: malformed address", spec) < 0)
+			*err = NULL;
+		return -1;
 	}
 	memset(&hints, 0, sizeof hints);
 	hints.ai_family = AF_UNSPEC;
 	hints.ai_socktype = SOCK_STREAM;
 	hints.ai_flags = AI_PASSIVE | AI_NUMERICSERV;
-	rc = getaddrinfo(*host ? host : NULL, colon + 1, &hints, &ai);
+	rc = getaddrinfo(*host ? host : NULL, port, &hints, &ai);
 	if (rc != 0) {
 		if (asprintf(err, "cannot listen on %s: %s", spec, gai_strerror(rc)) < 0)
 			*err = NULL;
@@ -173,8 +172,8 @@ httpd_accept_error(struct evconnlistener *l, void *arg)
 			p = httpd_pauses[i];
 	if (!p)
 		return;
-	log_warn("msg=\"cannot accept connections, pausing for a second\" error=\"%s\"",
-	    evutil_socket_error_to_string(e));
+	log_warn("cannot accept connections, pausing for a second",
+	    LOG_STR("error", evutil_socket_error_to_string(e)));
 	evconnlistener_disable(p->l);
 	event_add(p->ev, &tv);
 }
@@ -215,33 +214,6 @@ httpd_listen(struct event_base *base, const char *spec,
 			break;
 		}
 	return http;
-}
-
-int
-httpd_spec_is_local(const char *spec)
-{
-	char host[256];
-	const char *colon;
-	struct in6_addr a6;
-	struct in_addr a4;
-
-	if (strncmp(spec, "unix:", 5) == 0)
-		return 1;
-	colon = strrchr(spec, ':');
-	if (!colon)
-		return 0;
-	snprintf(host, sizeof host, "%.*s", (int)(colon - spec), spec);
-	if (host[0] == '[') {
-		memmove(host, host + 1, strlen(host));
-		host[strlen(host) - 1] = '\0';
-	}
-	if (strcmp(host, "localhost") == 0)
-		return 1;
-	if (inet_pton(AF_INET, host, &a4) == 1)
-		return (ntohl(a4.s_addr) >> 24) == 127;
-	if (inet_pton(AF_INET6, host, &a6) == 1)
-		return IN6_IS_ADDR_LOOPBACK(&a6);
-	return 0;
 }
 
 void

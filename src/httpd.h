@@ -19,8 +19,6 @@ struct httpd_limits {
 struct evhttp *httpd_listen(struct event_base *base, const char *spec,
     const struct httpd_limits *lim, char **err);
 void httpd_set_limits(struct evhttp *http, const struct httpd_limits *lim);
-/* Whether spec names only loopback or a unix socket. */
-int httpd_spec_is_local(const char *spec);
 
 /* Send a JSON document (serialised from a jansson json_t *, which is freed). */
 void httpd_reply_json(struct evhttp_request *req, int code, void *json);

@@ -62,7 +62,7 @@ reload_keep(struct sagad_conf *nc, struct sagad_conf *oc)
 #define KEEP_STR(field, name)						\
 	do {								\
 		if (strcmp(nc->field ? nc->field : "", oc->field ? oc->field : "") != 0) \
-			log_warn("msg=\"reload: change needs a restart, ignored\" key=%s", name); \
+			log_warn("reload: change needs a restart, ignored", LOG_STR("key", name)); \
 		char *t_ = nc->field; nc->field = oc->field; oc->field = t_; \
 	} while (0)
 	struct conf_broker tb;
@@ -80,22 +80,22 @@ reload_keep(struct sagad_conf *nc, struct sagad_conf *oc)
 	if (strcmp(nc->broker.url, oc->broker.url) != 0 ||
 	    strcmp(nc->broker.password, oc->broker.password) != 0 ||
 	    nc->broker.heartbeat != oc->broker.heartbeat)
-		log_warn("msg=\"reload: change needs a restart, ignored\" key=broker");
+		log_warn("reload: change needs a restart, ignored", LOG_STR("key", "broker"));
 	tb = nc->broker; nc->broker = oc->broker; oc->broker = tb;
 	same = nc->n_exchanges == oc->n_exchanges;
 	for (i = 0; same && i < nc->n_exchanges; i++)
 		same = strcmp(nc->exchanges[i].name, oc->exchanges[i].name) == 0 &&
 		    strcmp(nc->exchanges[i].type, oc->exchanges[i].type) == 0;
 	if (!same)
-		log_warn("msg=\"reload: change needs a restart, ignored\" key=exchanges");
+		log_warn("reload: change needs a restart, ignored", LOG_STR("key", "exchanges"));
 	te = nc->exchanges; nc->exchanges = oc->exchanges; oc->exchanges = te;
 	tn = nc->n_exchanges; nc->n_exchanges = oc->n_exchanges; oc->n_exchanges = tn;
 	if (nc->n_subs != oc->n_subs)
-		log_warn("msg=\"reload: change needs a restart, ignored\" key=subscriptions");
+		log_warn("reload: change needs a restart, ignored", LOG_STR("key", "subscriptions"));
 	ts = nc->subs; nc->subs = oc->subs; oc->subs = ts;
 	tn = nc->n_subs; nc->n_subs = oc->n_subs; oc->n_subs = tn;
 	if (nc->n_sagas != oc->n_sagas)
-		log_warn("msg=\"reload: change needs a restart, ignored\" key=sagas");
+		log_warn("reload: change needs a restart, ignored", LOG_STR("key", "sagas"));
 	tg = nc->sagas; nc->sagas = oc->sagas; oc->sagas = tg;
 	tn = nc->n_sagas; nc->n_sagas = oc->n_sagas; oc->n_sagas = tn;
 	KEEP_STR(saga_queue, "sagas");
@@ -112,11 +112,9 @@ sagad_reload(struct sagad *d)
 	size_t i;
 
 	if (!nc) {
-		for (i = 0; i < errs.n; i++) {
-			char q[600];
-			log_error("msg=\"reload refused, old configuration stays\" error=%s",
-			    log_quote(q, sizeof q, errs.msg[i]));
-		}
+		for (i = 0; i < errs.n; i++)
+			log_error("reload refused, old configuration stays",
+			    LOG_STR("error", errs.msg[i]));
 		conf_errors_clear(&errs);
 		d->reload_failures++;
 		return;
@@ -129,7 +127,7 @@ sagad_reload(struct sagad *d)
 	ingress_apply_conf(d->ingress);
 	admin_apply_conf(d->admin);
 	d->reloads++;
-	log_info("msg=\"configuration reloaded\" file=%s", nc->file);
+	log_info("configuration reloaded", LOG_STR("file", nc->file));
 }
 
 static void
@@ -145,8 +143,9 @@ drain_check(evutil_socket_t fd, short what, void *arg)
 	if ((inflight > 0 || delivering > 0) && util_mono() < sm->drain_deadline)
 		return;
 	if (inflight > 0 || delivering > 0)
-		log_warn("msg=\"drain timeout, stopping with work unfinished; it stays in the store\" publishes_unconfirmed=%u deliveries_in_flight=%u",
-		    inflight, delivering);
+		log_warn("drain timeout, stopping with work unfinished; it stays in the store",
+		    LOG_UINT("publishes_unconfirmed", inflight),
+		    LOG_UINT("deliveries_in_flight", delivering));
 	store_flush(d->store);
 	d->state = SAGAD_STOPPED;
 	event_base_loopexit(d->base, NULL);
@@ -161,18 +160,18 @@ on_signal(evutil_socket_t sig, short what, void *arg)
 
 	(void)what;
 	if (sig == SIGHUP) {
-		log_info("msg=\"SIGHUP: reloading configuration\"");
+		log_info("SIGHUP: reloading configuration");
 		sagad_reload(d);
 		return;
 	}
 	if (d->state != SAGAD_RUNNING) {
-		log_warn("msg=\"second stop signal: stopping now\"");
+		log_warn("second stop signal: stopping now");
 		store_flush(d->store);
 		event_base_loopexit(d->base, NULL);
 		return;
 	}
-	log_info("msg=\"stopping: draining\" signal=%s drain_timeout=%.1f",
-	    sig == SIGTERM ? "TERM" : "INT", d->conf->drain_timeout);
+	log_info("stopping: draining", LOG_STR("signal", sig == SIGTERM ? "TERM" : "INT"),
+	    LOG_DBL("drain_timeout", d->conf->drain_timeout));
 	d->state = SAGAD_DRAINING;
 	relay_pause(d->relay);
 	delivery_stop(d->delivery);
@@ -214,10 +213,9 @@ static void
 store_fatal(void *arg, const char *why)
 {
 	struct sagad *d = arg;
-	char q[600];
 
-	log_error("msg=\"store unusable, stopping\" path=%s error=%s", d->conf->store.path,
-	    log_quote(q, sizeof q, why));
+	log_error("store unusable, stopping", LOG_STR("path", d->conf->store.path),
+	    LOG_STR("error", why));
 	sagad_exit_status = EXIT_FATAL;
 	d->state = SAGAD_STOPPED;
 	event_base_loopexit(d->base, NULL);
@@ -235,14 +233,14 @@ drop_privileges(const struct sagad_conf *c)
 		return 0;
 	pw = getpwnam(c->user);
 	if (!pw) {
-		log_error("msg=\"unknown user\" user=%s", c->user);
+		log_error("unknown user", LOG_STR("user", c->user));
 		return -1;
 	}
 	for (i = 0; i < 3; i++) {
 		snprintf(path, sizeof path, "%s%s", c->store.path, suffix[i]);
 		if (chown(path, pw->pw_uid, pw->pw_gid) < 0 && errno != ENOENT)
-			log_warn("msg=\"cannot chown store file\" path=%s error=\"%s\"", path,
-			    strerror(errno));
+			log_warn("cannot chown store file", LOG_STR("path", path),
+			    LOG_STR("error", strerror(errno)));
 	}
 	{
 		/* The unix sockets too: the service connects as a member of
@@ -251,16 +249,16 @@ drop_privileges(const struct sagad_conf *c)
 		for (i = 0; i < 2; i++)
 			if (strncmp(socks[i], "unix:", 5) == 0 &&
 			    chown(socks[i] + 5, pw->pw_uid, pw->pw_gid) < 0)
-				log_warn("msg=\"cannot chown socket\" path=%s error=\"%s\"",
-				    socks[i] + 5, strerror(errno));
+				log_warn("cannot chown socket", LOG_STR("path", socks[i] + 5),
+				    LOG_STR("error", strerror(errno)));
 	}
 	if (initgroups(pw->pw_name, pw->pw_gid) < 0 || setgid(pw->pw_gid) < 0 ||
 	    setuid(pw->pw_uid) < 0) {
-		log_error("msg=\"cannot drop privileges\" user=%s error=\"%s\"", c->user,
-		    strerror(errno));
+		log_error("cannot drop privileges", LOG_STR("user", c->user),
+		    LOG_STR("error", strerror(errno)));
 		return -1;
 	}
-	log_info("msg=\"privileges dropped\" user=%s", c->user);
+	log_info("privileges dropped", LOG_STR("user", c->user));
 	return 0;
 }
 
@@ -273,9 +271,10 @@ sagad_run(struct sagad_main *sm)
 	char *err = NULL, url[1024];
 
 	util_mask_url(d->conf->broker.url, url, sizeof url);
-	log_info("msg=\"sagad starting\" version=%s service=%s store=%s listen=%s admin=%s broker=%s",
-	    PACKAGE_VERSION, d->conf->service, d->conf->store.path, d->conf->api.listen,
-	    d->conf->api.admin_listen, url);
+	log_info("sagad starting", LOG_STR("version", PACKAGE_VERSION),
+	    LOG_STR("service", d->conf->service), LOG_STR("store", d->conf->store.path),
+	    LOG_STR("listen", d->conf->api.listen), LOG_STR("admin", d->conf->api.admin_listen),
+	    LOG_STR("broker", url));
 	{
 		/* The changelist folds the add/del pairs of a turn into at most
 		 * one epoll_ctl per descriptor: evhttp toggles read and write
@@ -348,7 +347,7 @@ sagad_run(struct sagad_main *sm)
 	event_add(sm->sig_hup, NULL);
 	sm->expire_ev = evtimer_new(d->base, expire_ids, sm);
 	evtimer_add(sm->expire_ev, &now);
-	log_info("msg=\"sagad ready\" pending=%lld", (long long)store_outbox_count(d->store));
+	log_info("sagad ready", LOG_INT("pending", store_outbox_count(d->store)));
 	event_base_dispatch(d->base);
 
 	d->state = SAGAD_STOPPED;
@@ -373,15 +372,23 @@ sagad_run(struct sagad_main *sm)
 	if (sm->drain_ev)
 		event_free(sm->drain_ev);
 	event_base_free(d->base);
-	log_info("msg=\"sagad stopped\" status=%d", sagad_exit_status);
+	log_info("sagad stopped", LOG_INT("status", sagad_exit_status));
 	return sagad_exit_status;
 fatal:
-	{
-		char q[1024];
-		log_error("msg=\"fatal\" error=%s", log_quote(q, sizeof q, err ? err : "unknown"));
-	}
+	log_error("fatal", LOG_STR("error", err ? err : "unknown"));
 	free(err);
 	return EXIT_FATAL;
+}
+
+/* libevent's own warnings would otherwise go to stderr as bare text, the one
+ * kind of line in the log that is not logfmt. */
+static void
+main_event_log(int severity, const char *text)
+{
+	enum log_level lvl = severity >= EVENT_LOG_ERR ? LOG_LVL_ERROR :
+	    severity == EVENT_LOG_WARN ? LOG_LVL_WARN : LOG_LVL_DEBUG;
+
+	log_at_(lvl, "libevent", LOG_STR("detail", text));
 }
 
 int
@@ -407,6 +414,7 @@ main(int argc, char **argv)
 	if (optind != argc)
 		usage();
 	log_set_level(verbose);
+	event_set_log_callback(main_event_log);
 	sm.d.conf = conf_load(file, &errs);
 	if (sm.d.conf && plugins_check(sm.d.conf, &errs) > 0) {
 		conf_free(sm.d.conf);

@@ -161,20 +161,16 @@ host_event_base(struct sagad_host *h)
 	return h->d->base;
 }
 
+/* A plugin's line: its fields after source=NAME, through the one writer. */
 static void
-host_log(struct sagad_host *h, enum sagad_log_level level, const char *fmt, ...)
+host_log(struct sagad_host *h, enum sagad_log_level level, const char *msg,
+    const struct sagad_log_field *fields, size_t n)
 {
-	char line[1800];
-	va_list ap;
+	const struct sagad_log_field src[] = { LOG_STR("source", h->src->name) };
 
-	va_start(ap, fmt);
-	vsnprintf(line, sizeof line, fmt, ap);
-	va_end(ap);
 	if (level > SAGAD_LOG_DEBUG)
 		level = SAGAD_LOG_DEBUG;
-	if (level == SAGAD_LOG_DEBUG && !log_enabled(LOG_LVL_DEBUG))
-		return;
-	log_emit((enum log_level)level, "source=%s %s", h->src->name, line);
+	log_fields((enum log_level)level, msg, src, 1, fields, fields ? n : 0);
 }
 
 static const struct conf_kv *
@@ -342,8 +338,8 @@ static void
 host_set_ready(struct sagad_host *h, int ready, const char *reason)
 {
 	if (ready != h->ready)
-		log_emit(ready ? LOG_LVL_INFO : LOG_LVL_WARN, "source=%s msg=\"%s\" reason=\"%s\"",
-		    h->src->name, ready ? "source ready" : "source not ready", reason ? reason : "");
+		log_at_(ready ? LOG_LVL_INFO : LOG_LVL_WARN, ready ? "source ready" : "source not ready",
+		    LOG_STR("source", h->src->name), LOG_STR("reason", reason));
 	h->ready = ready;
 	snprintf(h->reason, sizeof h->reason, "%s", reason ? reason : "");
 }
@@ -393,8 +389,9 @@ plugins_start(struct sagad *d, char **err)
 			goto fail;
 		}
 		ps->n = i + 1;
-		log_info("msg=\"source started\" source=%s plugin=%s version=%s", h->src->name,
-		    h->plugin->name, h->plugin->version ? h->plugin->version : "?");
+		log_info("source started", LOG_STR("source", h->src->name),
+		    LOG_STR("plugin", h->plugin->name),
+		    LOG_STR("version", h->plugin->version ? h->plugin->version : "?"));
 	}
 	return ps;
 fail:

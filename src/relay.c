@@ -265,8 +265,8 @@ relay_retry_later(struct relay *r, int64_t seq, const char *why)
 
 	store_outbox_retry(r->st, seq, util_now() + delay, attempts, why);
 	r->due_stale = 1;
-	log_debug("msg=\"publish retry scheduled\" seq=%lld reason=%s attempt=%u in_seconds=%.2f",
-	    (long long)seq, why, attempts, delay);
+	log_debug("publish retry scheduled", LOG_INT("seq", seq), LOG_STR("reason", why),
+	    LOG_UINT("attempt", attempts), LOG_DBL("in_seconds", delay));
 }
 
 /*
@@ -293,8 +293,8 @@ relay_missing_exchange(struct relay *r, const char *reason)
 	    ++r->missing_exchange);
 	n = store_outbox_defer_exchange(r->st, name, util_now() + delay, "no such exchange");
 	r->due_stale = 1;
-	log_warn("msg=\"exchange does not exist on the broker, its messages wait\" exchange=%s messages=%d retry_in_seconds=%.1f",
-	    name, n, delay);
+	log_warn("exchange does not exist on the broker, its messages wait", LOG_STR("exchange", name),
+	    LOG_INT("messages", n), LOG_DBL("retry_in_seconds", delay));
 }
 
 void

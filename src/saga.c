@@ -300,8 +300,8 @@ saga_exec(struct saga_engine *e, sqlite3_stmt *s)
 
 	sqlite3_reset(s);
 	if (rc != SQLITE_DONE && rc != SQLITE_ROW) {
-		log_error("msg=\"saga store write failed\" error=\"%s\"",
-		    sqlite3_errmsg(store_db(e->d->store)));
+		log_error("saga store write failed",
+		    LOG_STR("error", sqlite3_errmsg(store_db(e->d->store))));
 		return -1;
 	}
 	return 0;
@@ -333,8 +333,8 @@ saga_load(struct saga_engine *e, size_t def, const char *id)
 		if (saga_unpack(in, sqlite3_column_blob(s, 1), sqlite3_column_bytes(s, 1)) == 0)
 			in->loaded = in->state;
 		else {
-			log_error("msg=\"damaged saga instance in store, ignored\" saga=%s id=%s",
-			    e->d->conf->sagas[def].name, id);
+			log_error("damaged saga instance in store, ignored",
+			    LOG_STR("saga", e->d->conf->sagas[def].name), LOG_STR("id", id));
 			saga_inst_free(in);
 			in = NULL;
 		}
@@ -553,8 +553,8 @@ saga_send(struct saga_engine *e, struct saga_inst *in, const struct conf_binding
 	props_set_header(&m.props, "x-sagad-kind", kind);
 	if (store_outbox_put(e->d->store, &m, util_now(),
 	    e->consumed ? STORE_OUT_EARLY : 0) != STORE_PUT_STORED)
-		log_error("msg=\"cannot store a saga message\" saga=%s id=%s message_id=%s",
-		    in->def->name, in->id, id);
+		log_error("cannot store a saga message", LOG_STR("saga", in->def->name),
+		    LOG_STR("id", in->id), LOG_STR("message_id", id));
 	props_free(&m.props);
 	{
 		char detail[600];
@@ -594,9 +594,9 @@ saga_set_state(struct saga_engine *e, struct saga_inst *in, enum saga_state to,
 	enum saga_state from = in->state;
 
 	if (!saga_edge_allowed(from, to)) {
-		log_error("msg=\"saga state change refused: not in the diagram\" saga=%s id=%s"
-		    " from=%s to=%s", in->def->name, in->id, saga_state_names[from],
-		    saga_state_names[to]);
+		log_error("saga state change refused: not in the diagram",
+		    LOG_STR("saga", in->def->name), LOG_STR("id", in->id),
+		    LOG_STR("from", saga_state_names[from]), LOG_STR("to", saga_state_names[to]));
 		return -1;
 	}
 	if (why && (from == SAGA_RUNNING || to == SAGA_FAILED)) {
@@ -612,11 +612,14 @@ saga_set_state(struct saga_engine *e, struct saga_inst *in, enum saga_state to,
 		histogram_observe(&st->duration, util_now() - in->started_at);
 	saga_log(e, in, "state", saga_state_names[to], step, NULL, why ? why : in->reason);
 	if (to == SAGA_FAILED)
-		log_warn("msg=\"saga failed\" saga=%s id=%s step=%s reason=\"%s\"", in->def->name,
-		    in->id, step ? step : "", in->reason ? in->reason : "");
-	else
-		log_info("msg=\"saga %s\" saga=%s id=%s reason=\"%s\"", saga_state_names[to],
-		    in->def->name, in->id, why ? why : "");
+		log_warn("saga failed", LOG_STR("saga", in->def->name), LOG_STR("id", in->id),
+		    LOG_STR("step", step ? step : ""), LOG_STR("reason", in->reason));
+	else {
+		char msg[48];
+		snprintf(msg, sizeof msg, "saga %s", saga_state_names[to]);
+		log_info(msg, LOG_STR("saga", in->def->name), LOG_STR("id", in->id),
+		    LOG_STR("reason", why));
+	}
 	return 0;
 }
 
@@ -939,8 +942,8 @@ static void
 saga_orphan(struct saga_engine *e, const struct msg *m, const char *why)
 {
 	e->orphans++;
-	log_debug("msg=\"saga message ignored\" reason=\"%s\" message_id=%s correlation_id=%s",
-	    why, m->message_id, m->props.correlation_id ? m->props.correlation_id : "");
+	log_debug("saga message ignored", LOG_STR("reason", why),
+	    LOG_STR("message_id", m->message_id), LOG_STR("correlation_id", m->props.correlation_id));
 }
 
 void

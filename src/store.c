@@ -258,7 +258,7 @@ store_migrate(struct store *st, char **err)
 			sqlite3_exec(st->db, "ROLLBACK", NULL, NULL, NULL);
 			return -1;
 		}
-		log_info("msg=\"store migrated\" path=%s version=%lld", st->path, (long long)v + 1);
+		log_info("store migrated", LOG_STR("path", st->path), LOG_INT("version", v + 1));
 	}
 	return 0;
 }
@@ -443,8 +443,8 @@ store_step_done(struct store *st, sqlite3_stmt *s)
 	sqlite3_clear_bindings(s);
 	if (rc != SQLITE_DONE && rc != SQLITE_ROW) {
 		int code = sqlite3_extended_errcode(st->db) & 0xff;
-		log_error("msg=\"store write failed\" path=%s error=\"%s\"", st->path,
-		    sqlite3_errmsg(st->db));
+		log_error("store write failed", LOG_STR("path", st->path),
+		    LOG_STR("error", sqlite3_errmsg(st->db)));
 		if ((code == SQLITE_IOERR || code == SQLITE_CORRUPT || code == SQLITE_NOTADB ||
 		    code == SQLITE_CANTOPEN) && !st->broken) {
 			st->broken = 1;
@@ -592,8 +592,8 @@ store_fsync_failed(struct store *st)
 {
 	/* fsync failed: what the kernel dropped cannot be known (fsyncgate);
 	 * nobody is told "durable", the daemon stops. */
-	log_error("msg=\"store write failed\" path=%s error=\"fsync of the write-ahead log failed\"",
-	    st->path);
+	log_error("store write failed", LOG_STR("path", st->path),
+	    LOG_STR("error", "fsync of the write-ahead log failed"));
 	if (!st->broken) {
 		st->broken = 1;
 		if (st->fatal)
@@ -691,8 +691,8 @@ store_set_async(struct store *st)
 		st->sync_ev = event_new(event_get_base(st->commit_ev), -1, 0, store_commit_cb, st);
 		event_priority_set(st->sync_ev, 0);
 	} else {
-		log_warn("msg=\"store: syncing on the event loop\" path=%s error=\"%s\"", wal,
-		    st->wal_fd < 0 ? strerror(errno) : "cannot start a thread");
+		log_warn("store: syncing on the event loop", LOG_STR("path", wal),
+		    LOG_STR("error", st->wal_fd < 0 ? strerror(errno) : "cannot start a thread"));
 	}
 	free(wal);
 }
@@ -979,8 +979,8 @@ store_row_msg(sqlite3_stmt *s)
 	blob = sqlite3_column_blob(s, 4);
 	n = sqlite3_column_bytes(s, 4);
 	if (props_unpack(blob, n, &m->props) < 0)
-		log_error("msg=\"damaged message properties in store, publishing without them\" seq=%lld",
-		    (long long)m->seq);
+		log_error("damaged message properties in store, publishing without them",
+		    LOG_INT("seq", m->seq));
 	blob = sqlite3_column_blob(s, 5);
 	n = sqlite3_column_bytes(s, 5);
 	m->body = malloc(n ? n : 1);
@@ -1005,8 +1005,8 @@ store_collect(struct store *st, sqlite3_stmt *s, size_t limit, struct msg **out,
 	sqlite3_reset(s);
 	sqlite3_clear_bindings(s);
 	if (rc != SQLITE_OK && rc != SQLITE_DONE && rc != SQLITE_ROW) {
-		log_error("msg=\"store read failed\" path=%s error=\"%s\"", st->path,
-		    sqlite3_errmsg(st->db));
+		log_error("store read failed", LOG_STR("path", st->path),
+		    LOG_STR("error", sqlite3_errmsg(st->db)));
 		return -1;
 	}
 	return 0;
@@ -1271,7 +1271,7 @@ store_row_inbox(sqlite3_stmt *s)
 	blob = sqlite3_column_blob(s, 4);
 	n = sqlite3_column_bytes(s, 4);
 	if (props_unpack(blob, n, &m->props) < 0)
-		log_error("msg=\"damaged inbox properties in store\" id=%lld", (long long)r->id);
+		log_error("damaged inbox properties in store", LOG_INT("id", r->id));
 	blob = sqlite3_column_blob(s, 5);
 	n = sqlite3_column_bytes(s, 5);
 	m->body = malloc(n ? n : 1);

@@ -1,10 +1,12 @@
 #include "util.h"
 
+#include <arpa/inet.h>
 #include <ctype.h>
 #include <errno.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <netinet/in.h>
 #include <string.h>
 #include <sys/random.h>
 #include <time.h>
@@ -198,4 +200,53 @@ util_read_secret(const char *path)
 	while (n > 0 && (buf[n - 1] == '\n' || buf[n - 1] == '\r' || buf[n - 1] == ' '))
 		buf[--n] = '\0';
 	return strdup(buf);
+}
+
+int
+util_listen_split(const char *spec, char *host, size_t hostlen, const char **port)
+{
+	const char *colon, *h = spec;
+	size_t n;
+
+	if (strncmp(spec, "unix:", 5) == 0)
+		return -1;
+	colon = strrchr(spec, ':');
+	if (!colon)
+		return -1;
+	n = (size_t)(colon - spec);
+	/* Brackets only as a pair around the whole host, with something in
+	 * them: "[", "[]", "]" and "[::1" are refused, never trimmed blindly. */
+	if (n > 0 && spec[0] == '[') {
+		if (n < 3 || spec[n - 1] != ']')
+			return -1;
+		h = spec + 1;
+		n -= 2;
+	}
+	if (memchr(h, '[', n) || memchr(h, ']', n) || n >= hostlen)
+		return -1;
+	memcpy(host, h, n);
+	host[n] = '\0';
+	*port = colon + 1;
+	return 0;
+}
+
+int
+util_listen_is_local(const char *spec)
+{
+	char host[256];
+	const char *port;
+	struct in_addr a4;
+	struct in6_addr a6;
+
+	if (strncmp(spec, "unix:", 5) == 0)
+		return 1;
+	if (util_listen_split(spec, host, sizeof host, &port) < 0)
+		return 0;
+	if (strcmp(host, "localhost") == 0)
+		return 1;
+	if (inet_pton(AF_INET, host, &a4) == 1)
+		return (ntohl(a4.s_addr) >> 24) == 127;
+	if (inet_pton(AF_INET6, host, &a6) == 1)
+		return IN6_IS_ADDR_LOOPBACK(&a6);
+	return 0;
 }

@@ -31,6 +31,15 @@ int util_ct_equal(const char *a, const char *b);
 /* Copy an amqp URL with its password replaced by "***". */
 void util_mask_url(const char *url, char *out, size_t outlen);
 
+/* Listen specs ("unix:/path", "host:port", "[v6]:port", ":port"). Splits a
+ * TCP spec at its last colon into host (brackets removed) and *port.
+ * Returns -1 for a unix spec and for a malformed one: no colon, unbalanced
+ * or empty brackets, a host that does not fit in hostlen. */
+int util_listen_split(const char *spec, char *host, size_t hostlen, const char **port);
+/* 1 when the spec can only be reached from this machine: a unix socket,
+ * localhost, 127/8 or ::1. A malformed spec is not local. */
+int util_listen_is_local(const char *spec);
+
 /* Read a small secret file, trailing newline removed. malloc'd or NULL. */
 char *util_read_secret(const char *path);
 

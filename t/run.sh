@@ -14,7 +14,7 @@ bash t/lib/build.sh
 # Scenarios run one at a time: each boots its own broker.
 make check || { tail -200 test-suite.log; exit 1; }
 SAGAD_SKIP_INTEGRATION=1 make distcheck
-mandoc -Tlint -W warning man/*.[0-9]
+sh t/manlint.sh
 FUZZ_SECONDS=${FUZZ_SECONDS:-30} FUZZ_NICE=0 bash t/fuzz/run.sh
 # The README's first command and the Debian package on fresh Debian 12
 # roots (debootstrap; the base root is cached under FRESH_CACHE).
@@ -38,7 +38,7 @@ tar -xzf "sagad-$(sed -n 's/^PACKAGE_VERSION = //p' Makefile).tar.gz" -C build-s
 		echo "sagad: time is short: sanitizer pass on the core scenarios only"
 		make check TESTS="$(echo t/unit/test_conf t/unit/test_util t/unit/test_props \
 		    t/unit/test_store t/unit/test_metrics t/unit/test_ingress t/unit/test_acks \
-		    t/unit/test_syncer t/integration/publish.py \
+		    t/unit/test_syncer t/unit/test_log t/integration/publish.py \
 		    t/integration/errors.py t/integration/subscriptions.py t/integration/sagas.py \
 		    demo/demo.py)" || { tail -200 test-suite.log; exit 1; }
 	else

@@ -20,7 +20,7 @@
 extern "C" {
 #endif
 
-#define SAGAD_PLUGIN_ABI 1
+#define SAGAD_PLUGIN_ABI 2
 
 struct event_base;
 struct sagad_host;		/* one per configured source; opaque */
@@ -31,6 +31,48 @@ enum sagad_log_level {
 	SAGAD_LOG_INFO,
 	SAGAD_LOG_DEBUG
 };
+
+/* One key=value of a log line. Values are typed and sagad quotes strings
+ * itself, so that no value (an id, an error text from a database) can end
+ * the line or forge a field: build fields with the macros below, which take
+ * a key that must be a string literal. */
+enum sagad_log_type {
+	SAGAD_LOG_T_STR,
+	SAGAD_LOG_T_INT,
+	SAGAD_LOG_T_UINT,
+	SAGAD_LOG_T_DBL,
+	SAGAD_LOG_T_HEX
+};
+
+struct sagad_log_field {
+	const char *key;
+	enum sagad_log_type type;
+	union {
+		const char *s;		/* NULL logs as "" */
+		long long i;
+		unsigned long long u;
+		double d;
+	} v;
+};
+
+#define SAGAD_STR(k, val)  { .key = "" k "", .type = SAGAD_LOG_T_STR, .v.s = (val) }
+#define SAGAD_INT(k, val)  { .key = "" k "", .type = SAGAD_LOG_T_INT, .v.i = (val) }
+#define SAGAD_UINT(k, val) { .key = "" k "", .type = SAGAD_LOG_T_UINT, .v.u = (val) }
+#define SAGAD_DBL(k, val)  { .key = "" k "", .type = SAGAD_LOG_T_DBL, .v.d = (val) }
+#define SAGAD_HEX(k, val)  { .key = "" k "", .type = SAGAD_LOG_T_HEX, .v.u = (val) }
+
+/* The fields of one line as an array and its length; the leading empty
+ * element lets a line have no fields at all. */
+#define SAGAD_LOG_FIELDS_(...) ((const struct sagad_log_field[]){ { 0 }, __VA_ARGS__ })
+#define SAGAD_LOG_NFIELDS_(...) \
+	(sizeof SAGAD_LOG_FIELDS_(__VA_ARGS__) / sizeof(struct sagad_log_field) - 1)
+
+/* SAGAD_LOG(api, h, SAGAD_LOG_INFO, "batch read", SAGAD_INT("rows", n))
+ * The macros use C99 compound literals; C++ has none: there, fill an array
+ * of struct sagad_log_field and call log() with it. */
+#define SAGAD_LOG(api, h, level, msg, ...) \
+	(api)->log((h), (level), (msg), SAGAD_LOG_FIELDS_(__VA_ARGS__) + 1, \
+	    SAGAD_LOG_NFIELDS_(__VA_ARGS__))
 
 /* A message handed to sagad's outbox. Strings are NUL-terminated UTF-8;
  * optional ones may be NULL. Everything is copied before publish returns. */
@@ -63,9 +105,10 @@ typedef void sagad_durable_fn(void *cookie, int ok);
 struct sagad_host_api {
 	unsigned abi;
 	struct event_base *(*event_base)(struct sagad_host *h);
-	/* One logfmt line; fmt is the tail, e.g. "msg=\"x\" rows=%d". */
-	void (*log)(struct sagad_host *h, enum sagad_log_level level, const char *fmt, ...)
-	    __attribute__((format(printf, 3, 4)));
+	/* One logfmt line: msg and n fields, quoted by sagad, with the
+	 * source's name added. Call it through SAGAD_LOG. */
+	void (*log)(struct sagad_host *h, enum sagad_log_level level, const char *msg,
+	    const struct sagad_log_field *fields, size_t n);
 	/* The source's config block. Return 0 and set *out if the key is there
 	 * with that type, -1 otherwise. Strings live as long as the source. */
 	int (*conf_string)(struct sagad_host *h, const char *key, const char **out);

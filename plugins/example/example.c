@@ -89,7 +89,7 @@ example_init(const struct sagad_host_api *api, struct sagad_host *h, void **stat
 	x->timer = event_new(api->event_base(h), -1, EV_PERSIST, example_tick, x);
 	event_add(x->timer, &tv);
 	api->set_ready(h, 1, NULL);
-	api->log(h, SAGAD_LOG_INFO, "msg=\"example source ticking\" interval=%g", interval);
+	SAGAD_LOG(api, h, SAGAD_LOG_INFO, "example source ticking", SAGAD_DBL("interval", interval));
 	*state = x;
 	return 0;
 }

@@ -249,12 +249,9 @@ pg_down(struct pgsrc *p, const char *what)
 	pg_clean(why);
 	p->gen++;
 	p->api->counter_add(p->h, "errors", 1);
-	if (!p->logged_down || strcmp(p->reason, why) != 0)
-		p->api->log(p->h, SAGAD_LOG_ERROR, "msg=\"%s\" state=%s retry_in=%.1f", why,
-		    pg_state_names[p->state], p->backoff);
-	else
-		p->api->log(p->h, SAGAD_LOG_DEBUG, "msg=\"%s\" state=%s retry_in=%.1f", why,
-		    pg_state_names[p->state], p->backoff);
+	SAGAD_LOG(p->api, p->h,
+	    !p->logged_down || strcmp(p->reason, why) != 0 ? SAGAD_LOG_ERROR : SAGAD_LOG_DEBUG,
+	    why, SAGAD_STR("state", pg_state_names[p->state]), SAGAD_DBL("retry_in", p->backoff));
 	p->logged_down = 1;
 	pg_reason(p, "%s", why);
 	p->ready = 0;
@@ -445,8 +442,9 @@ pg_connect_poll(struct pgsrc *p, PostgresPollingStatusType st)
 	p->wev = event_new(p->base, PQsocket(p->conn), EV_WRITE, pg_write_cb, p);
 	p->io = event_new(p->base, PQsocket(p->conn), EV_READ | EV_PERSIST, pg_io_cb, p);
 	event_add(p->io, NULL);
-	p->api->log(p->h, SAGAD_LOG_DEBUG, "msg=\"connected to PostgreSQL\" host=%s port=%s dbname=%s user=%s",
-	    PQhost(p->conn), PQport(p->conn), PQdb(p->conn), PQuser(p->conn));
+	SAGAD_LOG(p->api, p->h, SAGAD_LOG_DEBUG, "connected to PostgreSQL",
+	    SAGAD_STR("host", PQhost(p->conn)), SAGAD_STR("port", PQport(p->conn)),
+	    SAGAD_STR("dbname", PQdb(p->conn)), SAGAD_STR("user", PQuser(p->conn)));
 	pg_check(p);
 }
 
@@ -632,13 +630,13 @@ pg_check_done(struct pgsrc *p)
 	    " FROM %s_each_text(headers) h WHERE h.value IS NOT NULL) END",
 	    headers_type, headers_type);
 	if (PQgetvalue(extra, 0, 0)[0] != 't')
-		p->api->log(p->h, SAGAD_LOG_WARN,
-		    "msg=\"no unique index on message_id: a reused id is dropped as a duplicate\" table=%s",
-		    p->qtable);
+		SAGAD_LOG(p->api, p->h, SAGAD_LOG_WARN,
+		    "no unique index on message_id: a reused id is dropped as a duplicate",
+		    SAGAD_STR("table", p->qtable));
 	if (PQgetvalue(extra, 0, 1)[0] != 't')
-		p->api->log(p->h, SAGAD_LOG_WARN,
-		    "msg=\"no trigger on the table: new rows are noticed by polling only\" table=%s poll_interval=%g",
-		    p->qtable, p->poll_interval);
+		SAGAD_LOG(p->api, p->h, SAGAD_LOG_WARN,
+		    "no trigger on the table: new rows are noticed by polling only",
+		    SAGAD_STR("table", p->qtable), SAGAD_DBL("poll_interval", p->poll_interval));
 	chan = PQescapeIdentifier(p->conn, p->channel ? p->channel : relname,
 	    strlen(p->channel ? p->channel : relname));
 	if (!chan) {
@@ -677,9 +675,10 @@ pg_up(struct pgsrc *p, const char *role)
 {
 	p->backoff = p->retry_initial;
 	if (!p->ready || strcmp(role, "standby") != 0)
-		p->api->log(p->h, SAGAD_LOG_INFO, "msg=\"%s\" table=%s role=%s batch=%ld",
+		SAGAD_LOG(p->api, p->h, SAGAD_LOG_INFO,
 		    strcmp(role, "standby") == 0 ? "standing by: another sagad holds the table" :
-		    "relaying from PostgreSQL", p->qtable, role, p->batch_size);
+		    "relaying from PostgreSQL", SAGAD_STR("table", p->qtable), SAGAD_STR("role", role),
+		    SAGAD_INT("batch", p->batch_size));
 	p->logged_down = 0;
 	p->reason[0] = '\0';
 	p->ready = 1;
@@ -750,8 +749,8 @@ pg_durable(void *cookie, int ok)
 	if (p->state != PG_DURABLE_WAIT || batch != p->batch)
 		return;
 	if (!ok) {
-		p->api->log(p->h, SAGAD_LOG_WARN, "msg=\"sagad's store lost a batch, reading it again\" rows=%zu",
-		    p->nseqs);
+		SAGAD_LOG(p->api, p->h, SAGAD_LOG_WARN, "sagad's store lost a batch, reading it again",
+		    SAGAD_UINT("rows", p->nseqs));
 		p->api->counter_add(p->h, "errors", 1);
 		p->nseqs = 0;
 		p->state = PG_CLOSING;
@@ -1065,8 +1064,9 @@ pgsql_init(const struct sagad_host_api *api, struct sagad_host *h, void **state,
 	pg_timer(p->poll, p->poll_interval);
 	srand((unsigned)(time(NULL) ^ (uintptr_t)p));
 	api->set_ready(h, 0, "connecting to PostgreSQL");
-	api->log(h, SAGAD_LOG_INFO, "msg=\"pgsql source starting\" table=%s poll_interval=%g batch=%ld exclusive=%s",
-	    p->table, p->poll_interval, p->batch_size, p->exclusive ? "true" : "false");
+	SAGAD_LOG(api, h, SAGAD_LOG_INFO, "pgsql source starting", SAGAD_STR("table", p->table),
+	    SAGAD_DBL("poll_interval", p->poll_interval), SAGAD_INT("batch", p->batch_size),
+	    SAGAD_STR("exclusive", p->exclusive ? "true" : "false"));
 	pg_connect(p);
 	*state = p;
 	return 0;

@@ -177,8 +177,9 @@ sq_down(struct sqsrc *s, const char *fmt, ...)
 	va_end(ap);
 	sq_clean(why);
 	s->api->counter_add(s->h, "errors", 1);
-	s->api->log(s->h, !s->logged_down || strcmp(why, s->reason) ? SAGAD_LOG_ERROR : SAGAD_LOG_DEBUG,
-	    "msg=\"%s\" path=%s retry_in=%.1f", why, s->path, s->backoff);
+	SAGAD_LOG(s->api, s->h,
+	    !s->logged_down || strcmp(why, s->reason) ? SAGAD_LOG_ERROR : SAGAD_LOG_DEBUG,
+	    why, SAGAD_STR("path", s->path), SAGAD_DBL("retry_in", s->backoff));
 	s->logged_down = 1;
 	snprintf(s->reason, sizeof s->reason, "%s", why);
 	s->ready = 0;
@@ -244,9 +245,9 @@ sq_open(struct sqsrc *s)
 	mode = (const char *)sqlite3_column_text(st, 0);
 	s->wal = mode && strcmp(mode, "wal") == 0;
 	if (!s->wal)
-		s->api->log(s->h, SAGAD_LOG_WARN,
-		    "msg=\"database not in WAL mode: sagad's reads briefly block the service's commits\" path=%s journal_mode=%s",
-		    s->path, mode ? mode : "?");
+		SAGAD_LOG(s->api, s->h, SAGAD_LOG_WARN,
+		    "database not in WAL mode: sagad's reads briefly block the service's commits",
+		    SAGAD_STR("path", s->path), SAGAD_STR("journal_mode", mode ? mode : "?"));
 	sqlite3_finalize(st);
 	st = NULL;
 
@@ -320,8 +321,9 @@ sq_open(struct sqsrc *s)
 	s->data_version = -1;
 	s->state = SQ_IDLE;
 	s->backoff = s->retry_initial;
-	s->api->log(s->h, SAGAD_LOG_INFO, "msg=\"relaying from SQLite\" path=%s table=%s journal_mode=%s notify=%s",
-	    s->path, s->table, s->wal ? "wal" : "other", s->ino >= 0 ? "inotify" : "poll");
+	SAGAD_LOG(s->api, s->h, SAGAD_LOG_INFO, "relaying from SQLite", SAGAD_STR("path", s->path),
+	    SAGAD_STR("table", s->table), SAGAD_STR("journal_mode", s->wal ? "wal" : "other"),
+	    SAGAD_STR("notify", s->ino >= 0 ? "inotify" : "poll"));
 	s->logged_down = 0;
 	s->reason[0] = '\0';
 	s->ready = 1;
@@ -496,9 +498,9 @@ sq_delete(struct sqsrc *s)
 		if (sq_busy(rc)) {
 			double waited = sq_now() - s->lock_since;
 			if (waited > 10 && s->lock_wait >= 0.05)
-				s->api->log(s->h, SAGAD_LOG_WARN,
-				    "msg=\"the write lock has been busy for %.0fs: rows are not deleted yet\" path=%s",
-				    waited, s->path);
+				SAGAD_LOG(s->api, s->h, SAGAD_LOG_WARN,
+				    "the write lock has been busy: rows are not deleted yet",
+				    SAGAD_DBL("busy_seconds", waited), SAGAD_STR("path", s->path));
 			s->lock_wait = s->lock_wait ? fmin(s->lock_wait * 2, 0.05) : 0.001;
 			sq_timer(s->lock_retry, s->lock_wait);
 			return;
@@ -568,8 +570,8 @@ sq_durable(void *cookie, int ok)
 	if (s->state != SQ_DURABLE_WAIT || batch != s->batch)
 		return;		/* the file was reopened meanwhile: rows come again */
 	if (!ok) {
-		s->api->log(s->h, SAGAD_LOG_WARN, "msg=\"sagad's store lost a batch, reading it again\" rows=%zu",
-		    s->nseqs);
+		SAGAD_LOG(s->api, s->h, SAGAD_LOG_WARN, "sagad's store lost a batch, reading it again",
+		    SAGAD_UINT("rows", s->nseqs));
 		s->api->counter_add(s->h, "errors", 1);
 		s->stalled = 1;
 		sq_done_batch(s);
@@ -700,8 +702,9 @@ sq_watch(struct sqsrc *s)
 	s->ino = inotify_init1(IN_NONBLOCK | IN_CLOEXEC);
 	if (s->ino < 0 ||
 	    inotify_add_watch(s->ino, dir, IN_MODIFY | IN_CLOSE_WRITE | IN_CREATE | IN_MOVED_TO) < 0) {
-		s->api->log(s->h, SAGAD_LOG_WARN, "msg=\"cannot watch the database's directory, polling\" dir=%s error=\"%s\" poll_interval=%g",
-		    dir, strerror(errno), s->poll_interval);
+		SAGAD_LOG(s->api, s->h, SAGAD_LOG_WARN, "cannot watch the database's directory, polling",
+		    SAGAD_STR("dir", dir), SAGAD_STR("error", strerror(errno)),
+		    SAGAD_DBL("poll_interval", s->poll_interval));
 		if (s->ino >= 0)
 			close(s->ino);
 		s->ino = -1;
@@ -793,8 +796,9 @@ sqlite_init(const struct sagad_host_api *api, struct sagad_host *h, void **state
 	srand((unsigned)(time(NULL) ^ (uintptr_t)s));
 	sq_watch(s);
 	api->set_ready(h, 0, "opening the database");
-	api->log(h, SAGAD_LOG_INFO, "msg=\"sqlite source starting\" path=%s table=%s poll_interval=%g batch=%ld",
-	    s->path, s->table, s->poll_interval, s->batch_size);
+	SAGAD_LOG(api, h, SAGAD_LOG_INFO, "sqlite source starting", SAGAD_STR("path", s->path),
+	    SAGAD_STR("table", s->table), SAGAD_DBL("poll_interval", s->poll_interval),
+	    SAGAD_INT("batch", s->batch_size));
 	/* Open from the loop, like every later attempt. */
 	s->state = SQ_CLOSED;
 	sq_timer(s->timer, 0);

@@ -315,7 +315,8 @@ def bad_rows(wd, broker, tool, path):
     left = sorted(r[0] for r in c.execute('SELECT message_id FROM sagad_outbox'))
     h.check(left == ['bad-headers', 'bad-json', 'bad-key'], 'the bad rows stay in the table', left)
     h.check(src_metric(d, 'errors_total') >= 3, 'errors counted', src_metric(d, 'errors_total'))
-    h.check('row left in the table: headers is not a JSON object' in d.log(),
+    h.check(any('msg="row left in the table"' in line and
+                'reason="headers is not a JSON object"' in line for line in d.log().splitlines()),
             'the log names the bad rows')
     c.execute('DELETE FROM sagad_outbox')
     d.stop()
@@ -408,7 +409,7 @@ def plugin_errors(wd):
     base = h.Sagad(os.path.join(wd, 'plugins'), url, name='plug').conf_text()
     cases = [
         ('missing', 'plugin = "nope";', "plugin 'nope' not found"),
-        ('wrong ABI', 'plugin = "badabi";', 'built for ABI 99, this sagad has ABI 1'),
+        ('wrong ABI', 'plugin = "badabi";', 'built for ABI 99, this sagad has ABI 2'),
         ('no descriptor', 'plugin = "nosym";', 'not a sagad plugin (no sagad_plugin symbol)'),
         ('not a shared object', 'plugin = "garbage";', 'cannot load plugin'),
         ('missing path', 'plugin = "%s";' % os.path.join(pdir, 'none.so'), 'cannot load plugin'),

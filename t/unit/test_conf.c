@@ -570,6 +570,12 @@ test_err_listen(void **state)
 	expect_error(SVC "api = {\n  listen = \"unix:relative.sock\";\n};\n", 3, "'listen' must be");
 	expect_error(SVC "api = {\n\n  admin_listen = \"localhost\";\n};\n", 4,
 	    "'admin_listen' must be HOST:PORT or unix:/path");
+	/* Hostile brackets: refused, never trimmed into some address. */
+	expect_error(SVC "api = {\n  admin_listen = \"[:7601\";\n};\n", 3, "'admin_listen' must be");
+	expect_error(SVC "api = {\n  admin_listen = \"[]:7601\";\n};\n", 3, "'admin_listen' must be");
+	expect_error(SVC "api = {\n  admin_listen = \"]:7601\";\n};\n", 3, "'admin_listen' must be");
+	expect_error(SVC "api = {\n  listen = \"[::1:7600\";\n};\n", 3, "'listen' must be");
+	expect_error(SVC "api = {\n  listen = \":\";\n};\n", 3, "'listen' must be");
 }
 
 static void

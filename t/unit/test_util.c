@@ -440,6 +440,87 @@ test_clocks(void **state)
 	assert_true(b - a >= 0.015 && b - a < 5.0);
 }
 
+/* ---- util_listen_split / util_listen_is_local ---- */
+
+static void
+test_listen_split_valid(void **state)
+{
+	char host[64];
+	const char *port;
+
+	(void)state;
+	assert_int_equal(util_listen_split("127.0.0.1:7600", host, sizeof host, &port), 0);
+	assert_string_equal(host, "127.0.0.1");
+	assert_string_equal(port, "7600");
+	assert_int_equal(util_listen_split("[::1]:7600", host, sizeof host, &port), 0);
+	assert_string_equal(host, "::1");
+	assert_string_equal(port, "7600");
+	assert_int_equal(util_listen_split(":7600", host, sizeof host, &port), 0);
+	assert_string_equal(host, "");
+	assert_string_equal(port, "7600");
+}
+
+/* Each of these once reached a bracket strip that wrote before or past the
+ * host buffer, or was trimmed into some other address. */
+static void
+test_listen_split_hostile(void **state)
+{
+	static const char *const bad[] = {
+		"[", "[:80", "[]", "[]:80", "]", "]:80", "[::1", "[::1:80", "::1]:80",
+		"[[::1]]:80", "[a]b]:80", "", "unix:/tmp/s", "unix:", "nocolon",
+	};
+	char host[64];
+	const char *port = NULL;
+	size_t i;
+
+	(void)state;
+	for (i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+		assert_int_equal(util_listen_split(bad[i], host, sizeof host, &port), -1);
+		assert_int_equal(util_listen_is_local(bad[i]), strncmp(bad[i], "unix:", 5) == 0);
+	}
+	/* ":" is a spec with an empty host and an empty port. */
+	assert_int_equal(util_listen_split(":", host, sizeof host, &port), 0);
+	assert_string_equal(host, "");
+	assert_string_equal(port, "");
+	assert_int_equal(util_listen_is_local(":"), 0);
+}
+
+static void
+test_listen_split_long(void **state)
+{
+	char spec[2048], host[16];
+	const char *port;
+
+	(void)state;
+	memset(spec, 'a', sizeof spec - 8);
+	strcpy(spec + sizeof spec - 8, ":7600");
+	assert_int_equal(util_listen_split(spec, host, sizeof host, &port), -1);
+	assert_int_equal(util_listen_is_local(spec), 0);
+	/* 15 characters fit a 16-byte buffer, 16 do not. */
+	assert_int_equal(util_listen_split("aaaaaaaaaaaaaaa:1", host, sizeof host, &port), 0);
+	assert_int_equal(util_listen_split("aaaaaaaaaaaaaaaa:1", host, sizeof host, &port), -1);
+	spec[0] = '[';
+	spec[sizeof spec - 9] = ']';
+	assert_int_equal(util_listen_is_local(spec), 0);
+}
+
+static void
+test_listen_is_local(void **state)
+{
+	(void)state;
+	assert_int_equal(util_listen_is_local("unix:/run/sagad/api.sock"), 1);
+	assert_int_equal(util_listen_is_local("127.0.0.1:7600"), 1);
+	assert_int_equal(util_listen_is_local("127.9.9.9:7600"), 1);
+	assert_int_equal(util_listen_is_local("localhost:7600"), 1);
+	assert_int_equal(util_listen_is_local("[::1]:7600"), 1);
+	assert_int_equal(util_listen_is_local("0.0.0.0:7600"), 0);
+	assert_int_equal(util_listen_is_local("[::]:7600"), 0);
+	assert_int_equal(util_listen_is_local(":7600"), 0);
+	assert_int_equal(util_listen_is_local("10.0.0.1:7600"), 0);
+	assert_int_equal(util_listen_is_local("[127.0.0.1]:7600"), 1);
+	assert_int_equal(util_listen_is_local("example.com:7600"), 0);
+}
+
 int
 main(void)
 {
@@ -464,6 +545,10 @@ main(void)
 		cmocka_unit_test_setup_teardown(test_read_secret, setup_tmp, teardown_tmp),
 		cmocka_unit_test_setup_teardown(test_read_secret_missing, setup_tmp, teardown_tmp),
 		cmocka_unit_test(test_clocks),
+		cmocka_unit_test(test_listen_split_valid),
+		cmocka_unit_test(test_listen_split_hostile),
+		cmocka_unit_test(test_listen_split_long),
+		cmocka_unit_test(test_listen_is_local),
 	};
 
 	return cmocka_run_group_tests(tests, NULL, NULL);
