@@ -4,7 +4,6 @@
 #include <event2/event.h>
 #include <jansson.h>
 #include <msgpack.h>
-#include <sqlite3.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -13,9 +12,11 @@
 #include "delivery.h"
 #include "log.h"
 #include "metrics.h"
+#include "saga_store.h"
 #include "sagad.h"
 #include "store.h"
 #include "util.h"
+#include "xmalloc.h"
 
 const char *const saga_state_names[SAGA_NSTATES] = {
 	"running", "completed", "compensating", "compensated", "failed"
@@ -28,44 +29,6 @@ enum saga_timer_kind {
 	TIMER_SAGA,		/* the whole saga's deadline */
 	TIMER_STEP,		/* a command's reply is late: resend or fail */
 	TIMER_COMPENSATE	/* a compensation's reply is late, or its retry is due */
-};
-
-enum saga_sql {
-	SQ_GET, SQ_GET_ROW, SQ_INSERT, SQ_UPDATE, SQ_LOG, SQ_TIMER_ADD, SQ_TIMER_DEL,
-	SQ_TIMER_DEL_ALL, SQ_TIMER_DEL_ID, SQ_TIMER_NEXT, SQ_TIMER_DUE, SQ_BY_ID, SQ_LIST, SQ_LIST_NAME,
-	SQ_LIST_STATE, SQ_LIST_BOTH, SQ_HISTORY, SQ_COUNTS, SQ_EXPIRE, SQ_EXPIRE_ROW,
-	SQ_EXPIRE_LOG,
-	SQ_COUNT
-};
-
-static const char *const saga_sql[SQ_COUNT] = {
-	[SQ_GET] = "SELECT row, data, started_at FROM saga WHERE saga = ? AND id = ?",
-	[SQ_GET_ROW] = "SELECT saga, id, data, started_at, updated_at, coalesce(finished_at, 0)"
-	    " FROM saga WHERE row = ?",
-	[SQ_INSERT] = "INSERT INTO saga(saga, id, state, started_at, updated_at, data) VALUES (?, ?, ?, ?, ?, ?)",
-	[SQ_UPDATE] = "UPDATE saga SET state = ?, updated_at = ?, finished_at = ?, data = ? WHERE row = ?",
-	[SQ_LOG] = "INSERT INTO saga_log(row, at, dir, what, step, message_id, detail) VALUES (?, ?, ?, ?, ?, ?, ?)",
-	[SQ_TIMER_ADD] = "INSERT INTO saga_timer(due, row, kind, step) VALUES (?, ?, ?, ?)",
-	[SQ_TIMER_DEL] = "DELETE FROM saga_timer WHERE row = ? AND kind = ? AND step = ?",
-	[SQ_TIMER_DEL_ALL] = "DELETE FROM saga_timer WHERE row = ?",
-	[SQ_TIMER_DEL_ID] = "DELETE FROM saga_timer WHERE id = ?",
-	[SQ_TIMER_NEXT] = "SELECT min(due) FROM saga_timer",
-	[SQ_TIMER_DUE] = "SELECT id, row, kind, step FROM saga_timer WHERE due <= ? ORDER BY due LIMIT 256",
-	[SQ_BY_ID] = "SELECT row, saga FROM saga WHERE id = ? ORDER BY row",
-	[SQ_LIST] = "SELECT saga, id, state, started_at, updated_at, coalesce(finished_at, 0), data FROM saga"
-	    " ORDER BY row DESC LIMIT ?",
-	[SQ_LIST_NAME] = "SELECT saga, id, state, started_at, updated_at, coalesce(finished_at, 0), data FROM saga"
-	    " WHERE saga = ? ORDER BY row DESC LIMIT ?",
-	[SQ_LIST_STATE] = "SELECT saga, id, state, started_at, updated_at, coalesce(finished_at, 0), data FROM saga"
-	    " WHERE state = ? ORDER BY row DESC LIMIT ?",
-	[SQ_LIST_BOTH] = "SELECT saga, id, state, started_at, updated_at, coalesce(finished_at, 0), data FROM saga"
-	    " WHERE saga = ? AND state = ? ORDER BY row DESC LIMIT ?",
-	[SQ_HISTORY] = "SELECT at, dir, what, coalesce(step, ''), coalesce(message_id, ''), coalesce(detail, '')"
-	    " FROM saga_log WHERE row = ? ORDER BY id",
-	[SQ_COUNTS] = "SELECT saga, state, count(*) FROM saga GROUP BY saga, state",
-	[SQ_EXPIRE] = "SELECT row, saga, state FROM saga WHERE finished_at < ? AND state IN (1, 3) LIMIT ?",
-	[SQ_EXPIRE_ROW] = "DELETE FROM saga WHERE row = ?",
-	[SQ_EXPIRE_LOG] = "DELETE FROM saga_log WHERE row = ?",
 };
 
 struct saga_step_rt {
@@ -104,7 +67,7 @@ struct saga_stats {
 
 struct saga_engine {
 	struct sagad *d;
-	sqlite3_stmt *stmt[SQ_COUNT];
+	struct saga_store *ss;		/* its records (saga_store.h) */
 	struct event *timer_ev;
 	double timer_at;
 	struct saga_stats *stats;	/* per saga definition */
@@ -283,30 +246,6 @@ saga_inst_free(struct saga_inst *in)
 
 /* ---- persistence ---- */
 
-static sqlite3_stmt *
-saga_stmt(struct saga_engine *e, enum saga_sql q)
-{
-	sqlite3_stmt *s = e->stmt[q];
-
-	sqlite3_reset(s);
-	sqlite3_clear_bindings(s);
-	return s;
-}
-
-static int
-saga_exec(struct saga_engine *e, sqlite3_stmt *s)
-{
-	int rc = sqlite3_step(s);
-
-	sqlite3_reset(s);
-	if (rc != SQLITE_DONE && rc != SQLITE_ROW) {
-		log_error("saga store write failed",
-		    LOG_STR("error", sqlite3_errmsg(store_db(e->d->store))));
-		return -1;
-	}
-	return 0;
-}
-
 static ssize_t
 saga_def_index(const struct sagad_conf *c, const char *name)
 {
@@ -318,53 +257,52 @@ saga_def_index(const struct sagad_conf *c, const char *name)
 	return -1;
 }
 
+/* The instance a stored record holds, or NULL: its definition is gone
+ * from the configuration, or the record is damaged (logged). */
+static struct saga_inst *
+saga_from_rec(struct saga_engine *e, const struct saga_rec *r)
+{
+	ssize_t def = saga_def_index(e->d->conf, r->saga);
+	struct saga_inst *in;
+
+	if (def < 0)
+		return NULL;
+	in = saga_inst_new(e->d->conf, (size_t)def, r->id);
+	in->row = r->row;
+	in->started_at = r->started_at;
+	in->updated_at = r->updated_at;
+	in->finished_at = r->finished_at;
+	if (saga_unpack(in, r->data, r->data_len) < 0) {
+		log_error("damaged saga instance in store, ignored", LOG_STR("saga", r->saga),
+		    LOG_STR("id", r->id));
+		saga_inst_free(in);
+		return NULL;
+	}
+	in->loaded = in->state;
+	return in;
+}
+
 static struct saga_inst *
 saga_load(struct saga_engine *e, size_t def, const char *id)
 {
-	sqlite3_stmt *s = saga_stmt(e, SQ_GET);
+	struct saga_rec r;
 	struct saga_inst *in = NULL;
 
-	sqlite3_bind_text(s, 1, e->d->conf->sagas[def].name, -1, SQLITE_STATIC);
-	sqlite3_bind_text(s, 2, id, -1, SQLITE_STATIC);
-	if (sqlite3_step(s) == SQLITE_ROW) {
-		in = saga_inst_new(e->d->conf, def, id);
-		in->row = sqlite3_column_int64(s, 0);
-		in->started_at = sqlite3_column_double(s, 2);
-		if (saga_unpack(in, sqlite3_column_blob(s, 1), sqlite3_column_bytes(s, 1)) == 0)
-			in->loaded = in->state;
-		else {
-			log_error("damaged saga instance in store, ignored",
-			    LOG_STR("saga", e->d->conf->sagas[def].name), LOG_STR("id", id));
-			saga_inst_free(in);
-			in = NULL;
-		}
-	}
-	sqlite3_reset(s);
+	if (saga_store_get(e->ss, e->d->conf->sagas[def].name, id, &r) == 1)
+		in = saga_from_rec(e, &r);
+	saga_rec_clear(&r);
 	return in;
 }
 
 static struct saga_inst *
 saga_load_row(struct saga_engine *e, int64_t row)
 {
-	sqlite3_stmt *s = saga_stmt(e, SQ_GET_ROW);
+	struct saga_rec r;
 	struct saga_inst *in = NULL;
-	ssize_t def;
 
-	sqlite3_bind_int64(s, 1, row);
-	if (sqlite3_step(s) == SQLITE_ROW &&
-	    (def = saga_def_index(e->d->conf, (const char *)sqlite3_column_text(s, 0))) >= 0) {
-		in = saga_inst_new(e->d->conf, (size_t)def, (const char *)sqlite3_column_text(s, 1));
-		in->row = row;
-		in->started_at = sqlite3_column_double(s, 3);
-		in->updated_at = sqlite3_column_double(s, 4);
-		in->finished_at = sqlite3_column_double(s, 5);
-		if (saga_unpack(in, sqlite3_column_blob(s, 2), sqlite3_column_bytes(s, 2)) < 0) {
-			saga_inst_free(in);
-			in = NULL;
-		} else
-			in->loaded = in->state;
-	}
-	sqlite3_reset(s);
+	if (saga_store_get_row(e->ss, row, &r) == 1)
+		in = saga_from_rec(e, &r);
+	saga_rec_clear(&r);
 	return in;
 }
 
@@ -377,41 +315,32 @@ saga_finished(enum saga_state s)
 static void
 saga_save(struct saga_engine *e, struct saga_inst *in)
 {
+	struct saga_stats *st = &e->stats[in->def_index];
+	struct saga_rec r = { 0 };
 	msgpack_sbuffer sb;
-	sqlite3_stmt *s;
-	double now = util_now();
+	int rc;
 
-	if (store_write(e->d->store) < 0)
-		return;
 	saga_pack(in, &sb);
+	r.row = in->row;
+	r.saga = (char *)in->def->name;
+	r.id = in->id;
+	r.state = in->state;
+	r.started_at = in->started_at;
+	r.updated_at = util_now();
+	r.finished_at = saga_finished(in->state) || in->state == SAGA_FAILED ? r.updated_at : 0;
+	r.data = sb.data;
+	r.data_len = sb.size;
 	if (!in->row) {
-		s = saga_stmt(e, SQ_INSERT);
-		sqlite3_bind_text(s, 1, in->def->name, -1, SQLITE_STATIC);
-		sqlite3_bind_text(s, 2, in->id, -1, SQLITE_STATIC);
-		sqlite3_bind_int(s, 3, in->state);
-		sqlite3_bind_double(s, 4, in->started_at);
-		sqlite3_bind_double(s, 5, now);
-		sqlite3_bind_blob(s, 6, sb.data, (int)sb.size, SQLITE_STATIC);
-		if (saga_exec(e, s) == 0) {
-			in->row = sqlite3_last_insert_rowid(store_db(e->d->store));
-			e->stats[in->def_index].states[in->state]++;
+		rc = saga_store_insert(e->ss, &r);
+		if (rc == 0) {
+			in->row = r.row;
+			st->states[in->state]++;
 			in->loaded = in->state;
 		}
-	} else {
-		s = saga_stmt(e, SQ_UPDATE);
-		sqlite3_bind_int(s, 1, in->state);
-		sqlite3_bind_double(s, 2, now);
-		if (saga_finished(in->state) || in->state == SAGA_FAILED)
-			sqlite3_bind_double(s, 3, now);
-		else
-			sqlite3_bind_null(s, 3);
-		sqlite3_bind_blob(s, 4, sb.data, (int)sb.size, SQLITE_STATIC);
-		sqlite3_bind_int64(s, 5, in->row);
-		if (saga_exec(e, s) == 0 && in->loaded != in->state) {
-			e->stats[in->def_index].states[in->loaded]--;
-			e->stats[in->def_index].states[in->state]++;
-			in->loaded = in->state;
-		}
+	} else if (saga_store_update(e->ss, &r) == 0 && in->loaded != in->state) {
+		st->states[in->loaded]--;
+		st->states[in->state]++;
+		in->loaded = in->state;
 	}
 	msgpack_sbuffer_destroy(&sb);
 }
@@ -421,21 +350,10 @@ static void
 saga_log(struct saga_engine *e, struct saga_inst *in, const char *dir, const char *what,
     const char *step, const char *message_id, const char *detail)
 {
-	sqlite3_stmt *s;
-
 	if (!in->row)
 		saga_save(e, in);
-	if (!in->row || store_write(e->d->store) < 0)
-		return;
-	s = saga_stmt(e, SQ_LOG);
-	sqlite3_bind_int64(s, 1, in->row);
-	sqlite3_bind_double(s, 2, util_now());
-	sqlite3_bind_text(s, 3, dir, -1, SQLITE_STATIC);
-	sqlite3_bind_text(s, 4, what, -1, SQLITE_STATIC);
-	sqlite3_bind_text(s, 5, step, -1, SQLITE_STATIC);
-	sqlite3_bind_text(s, 6, message_id, -1, SQLITE_STATIC);
-	sqlite3_bind_text(s, 7, detail, -1, SQLITE_STATIC);
-	saga_exec(e, s);
+	if (in->row)
+		saga_store_log(e->ss, in->row, util_now(), dir, what, step, message_id, detail);
 }
 
 static void
@@ -458,50 +376,24 @@ static void
 saga_timer_add(struct saga_engine *e, struct saga_inst *in, enum saga_timer_kind kind,
     int step, double due)
 {
-	sqlite3_stmt *s;
-
 	if (!in->row)
 		saga_save(e, in);
-	if (store_write(e->d->store) < 0)
-		return;
-	s = saga_stmt(e, SQ_TIMER_DEL);
-	sqlite3_bind_int64(s, 1, in->row);
-	sqlite3_bind_int(s, 2, kind);
-	sqlite3_bind_int(s, 3, step);
-	saga_exec(e, s);
-	s = saga_stmt(e, SQ_TIMER_ADD);
-	sqlite3_bind_double(s, 1, due);
-	sqlite3_bind_int64(s, 2, in->row);
-	sqlite3_bind_int(s, 3, kind);
-	sqlite3_bind_int(s, 4, step);
-	saga_exec(e, s);
-	saga_arm(e, due);
+	if (in->row && saga_store_timer_set(e->ss, in->row, kind, step, due) == 0)
+		saga_arm(e, due);
 }
 
 static void
 saga_timer_del(struct saga_engine *e, struct saga_inst *in, enum saga_timer_kind kind, int step)
 {
-	sqlite3_stmt *s;
-
-	if (!in->row || store_write(e->d->store) < 0)
-		return;
-	s = saga_stmt(e, SQ_TIMER_DEL);
-	sqlite3_bind_int64(s, 1, in->row);
-	sqlite3_bind_int(s, 2, kind);
-	sqlite3_bind_int(s, 3, step);
-	saga_exec(e, s);
+	if (in->row)
+		saga_store_timer_del(e->ss, in->row, kind, step);
 }
 
 static void
 saga_timer_del_all(struct saga_engine *e, struct saga_inst *in)
 {
-	sqlite3_stmt *s;
-
-	if (!in->row || store_write(e->d->store) < 0)
-		return;
-	s = saga_stmt(e, SQ_TIMER_DEL_ALL);
-	sqlite3_bind_int64(s, 1, in->row);
-	saga_exec(e, s);
+	if (in->row)
+		saga_store_timer_del_all(e->ss, in->row);
 }
 
 /* ---- messages out ---- */
@@ -1032,49 +924,31 @@ saga_on_timer(struct saga_engine *e, struct saga_inst *in, int kind, int step)
 static void
 saga_rearm(struct saga_engine *e)
 {
-	sqlite3_stmt *s = saga_stmt(e, SQ_TIMER_NEXT);
+	double due = saga_store_timer_next(e->ss);
 
-	if (sqlite3_step(s) == SQLITE_ROW && sqlite3_column_type(s, 0) != SQLITE_NULL) {
-		double due = sqlite3_column_double(s, 0);
-		sqlite3_reset(s);
+	if (due > 0) {
 		evtimer_del(e->timer_ev);
 		saga_arm(e, due);
-		return;
 	}
-	sqlite3_reset(s);
 }
 
 static void
 saga_timer_cb(evutil_socket_t fd, short what, void *arg)
 {
 	struct saga_engine *e = arg;
-	struct { int64_t id, row; int kind, step; } due[256];
-	sqlite3_stmt *s;
-	size_t n = 0, i;
+	struct saga_due due[256];
+	size_t n, i;
 
 	(void)fd;
 	(void)what;
 	if (e->d->state == SAGAD_STOPPED)
 		return;
-	s = saga_stmt(e, SQ_TIMER_DUE);
-	sqlite3_bind_double(s, 1, util_now());
-	while (n < 256 && sqlite3_step(s) == SQLITE_ROW) {
-		due[n].id = sqlite3_column_int64(s, 0);
-		due[n].row = sqlite3_column_int64(s, 1);
-		due[n].kind = sqlite3_column_int(s, 2);
-		due[n].step = sqlite3_column_int(s, 3);
-		n++;
-	}
-	sqlite3_reset(s);
+	n = saga_store_timers_due(e->ss, util_now(), due, 256);
 	for (i = 0; i < n; i++) {
 		struct saga_inst *in = saga_load_row(e, due[i].row);
 
 		/* The timer is spent whatever happens next. */
-		if (store_write(e->d->store) == 0) {
-			sqlite3_stmt *d = saga_stmt(e, SQ_TIMER_DEL_ID);
-			sqlite3_bind_int64(d, 1, due[i].id);
-			saga_exec(e, d);
-		}
+		saga_store_timer_spent(e->ss, due[i].id);
 		if (!in)
 			continue;
 		saga_on_timer(e, in, due[i].kind, due[i].step);
@@ -1086,6 +960,14 @@ saga_timer_cb(evutil_socket_t fd, short what, void *arg)
 }
 
 /* ---- admin ---- */
+
+static void
+saga_hist_json(void *arg, const struct saga_hist *h)
+{
+	json_array_append_new(arg, json_pack("{s:f,s:s,s:s,s:s,s:s,s:s}", "at", h->at,
+	    "dir", h->dir, "what", h->what, "step", h->step, "message_id", h->message_id,
+	    "detail", h->detail));
+}
 
 static json_t *
 saga_inst_json(struct saga_engine *e, struct saga_inst *in, double updated, double finished,
@@ -1107,17 +989,7 @@ saga_inst_json(struct saga_engine *e, struct saga_inst *in, double updated, doub
 	    "finished_at", finished, "steps", steps);
 	if (history) {
 		json_t *h = json_array();
-		sqlite3_stmt *s = saga_stmt(e, SQ_HISTORY);
-		sqlite3_bind_int64(s, 1, in->row);
-		while (sqlite3_step(s) == SQLITE_ROW)
-			json_array_append_new(h, json_pack("{s:f,s:s,s:s,s:s,s:s,s:s}",
-			    "at", sqlite3_column_double(s, 0),
-			    "dir", (const char *)sqlite3_column_text(s, 1),
-			    "what", (const char *)sqlite3_column_text(s, 2),
-			    "step", (const char *)sqlite3_column_text(s, 3),
-			    "message_id", (const char *)sqlite3_column_text(s, 4),
-			    "detail", (const char *)sqlite3_column_text(s, 5)));
-		sqlite3_reset(s);
+		saga_store_history(e->ss, in->row, saga_hist_json, h);
 		json_object_set_new(j, "history", h);
 	}
 	return j;
@@ -1134,48 +1006,37 @@ saga_state_from_name(const char *name)
 	return -1;
 }
 
+struct saga_list_ctx {
+	struct saga_engine *e;
+	json_t *list;
+};
+
+static void
+saga_list_one(void *arg, const struct saga_rec *r)
+{
+	struct saga_list_ctx *c = arg;
+	struct saga_inst *in = saga_from_rec(c->e, r);
+
+	if (in)
+		json_array_append_new(c->list, saga_inst_json(c->e, in, in->updated_at,
+		    in->finished_at, 0));
+	saga_inst_free(in);
+}
+
 void *
 saga_list_json(struct saga_engine *e, const char *name, int state, size_t limit)
 {
-	enum saga_sql q = name && state >= 0 ? SQ_LIST_BOTH : name ? SQ_LIST_NAME :
-	    state >= 0 ? SQ_LIST_STATE : SQ_LIST;
-	sqlite3_stmt *s = saga_stmt(e, q);
-	json_t *list = json_array();
-	int b = 1;
+	struct saga_list_ctx c = { e, json_array() };
 
-	if (name)
-		sqlite3_bind_text(s, b++, name, -1, SQLITE_TRANSIENT);
-	if (state >= 0)
-		sqlite3_bind_int(s, b++, state);
-	sqlite3_bind_int64(s, b, (sqlite3_int64)limit);
-	while (sqlite3_step(s) == SQLITE_ROW) {
-		ssize_t def = saga_def_index(e->d->conf, (const char *)sqlite3_column_text(s, 0));
-		struct saga_inst *in;
-		if (def < 0)
-			continue;
-		in = saga_inst_new(e->d->conf, (size_t)def, (const char *)sqlite3_column_text(s, 1));
-		in->started_at = sqlite3_column_double(s, 3);
-		if (saga_unpack(in, sqlite3_column_blob(s, 6), sqlite3_column_bytes(s, 6)) == 0)
-			json_array_append_new(list, saga_inst_json(e, in, sqlite3_column_double(s, 4),
-			    sqlite3_column_double(s, 5), 0));
-		saga_inst_free(in);
-	}
-	sqlite3_reset(s);
-	return json_pack("{s:o}", "sagas", list);
+	saga_store_list(e->ss, name, state, limit, saga_list_one, &c);
+	return json_pack("{s:o}", "sagas", c.list);
 }
 
 /* Every instance with this saga id (one per saga definition). */
 static size_t
 saga_by_id(struct saga_engine *e, const char *id, int64_t *rows, size_t max)
 {
-	sqlite3_stmt *s = saga_stmt(e, SQ_BY_ID);
-	size_t n = 0;
-
-	sqlite3_bind_text(s, 1, id, -1, SQLITE_TRANSIENT);
-	while (n < max && sqlite3_step(s) == SQLITE_ROW)
-		rows[n++] = sqlite3_column_int64(s, 0);
-	sqlite3_reset(s);
-	return n;
+	return saga_store_by_id(e->ss, id, rows, max);
 }
 
 void *
@@ -1292,74 +1153,56 @@ saga_metrics(struct saga_engine *e, struct evbuffer *out)
 /* Forget finished (completed or compensated) sagas and their history
  * after the retention, a small batch per call; failed ones stay until an
  * operator acts. Returns how many went. */
+static void
+saga_expired_one(void *arg, const struct saga_rec *r)
+{
+	struct saga_engine *e = arg;
+	ssize_t def = saga_def_index(e->d->conf, r->saga);
+
+	if (def >= 0 && r->state >= 0 && r->state < SAGA_NSTATES)
+		e->stats[def].states[r->state]--;
+}
+
 int
 saga_expire(struct saga_engine *e, double before, int batch)
 {
-	sqlite3_stmt *s = saga_stmt(e, SQ_EXPIRE);
-	int64_t rows[512];
-	int n = 0, i;
+	int n = saga_store_expire(e->ss, before, 1u << SAGA_COMPLETED | 1u << SAGA_COMPENSATED,
+	    batch, saga_expired_one, e);
 
-	if (batch > 512)
-		batch = 512;
-	sqlite3_bind_double(s, 1, before);
-	sqlite3_bind_int(s, 2, batch);
-	if (store_write(e->d->store) < 0)
-		return 0;
-	while (n < batch && sqlite3_step(s) == SQLITE_ROW) {
-		ssize_t def = saga_def_index(e->d->conf, (const char *)sqlite3_column_text(s, 1));
-		int st = sqlite3_column_int(s, 2);
-		rows[n++] = sqlite3_column_int64(s, 0);
-		if (def >= 0 && st >= 0 && st < SAGA_NSTATES)
-			e->stats[def].states[st]--;
-	}
-	sqlite3_reset(s);
-	if (!n)
-		return 0;
-	for (i = 0; i < n; i++) {
-		enum saga_sql q[] = { SQ_EXPIRE_LOG, SQ_TIMER_DEL_ALL, SQ_EXPIRE_ROW };
-		size_t k;
-		for (k = 0; k < sizeof q / sizeof q[0]; k++) {
-			sqlite3_stmt *d = saga_stmt(e, q[k]);
-			sqlite3_bind_int64(d, 1, rows[i]);
-			saga_exec(e, d);
-		}
-	}
-	return n;
+	return n < 0 ? 0 : n;
 }
 
 /* ---- life ---- */
 
+/* Counted once at start, then kept up to date as instances change: a
+ * scrape must not count a large table on the event loop. */
+static void
+saga_count_one(void *arg, const struct saga_rec *r)
+{
+	struct saga_engine *e = arg;
+	ssize_t def = saga_def_index(e->d->conf, r->saga);
+
+	if (def >= 0 && r->state >= 0 && r->state < SAGA_NSTATES)
+		e->stats[def].states[r->state] = r->row;
+}
+
 struct saga_engine *
 saga_new(struct sagad *d, char **err)
 {
-	struct saga_engine *e = calloc(1, sizeof *e);
+	struct saga_engine *e = xcalloc(1, sizeof *e);
 	size_t i;
 
 	*err = NULL;
 	e->d = d;
-	for (i = 0; i < SQ_COUNT; i++)
-		if (sqlite3_prepare_v3(store_db(d->store), saga_sql[i], -1,
-		    SQLITE_PREPARE_PERSISTENT, &e->stmt[i], NULL) != SQLITE_OK) {
-			if (asprintf(err, "saga store: %s", sqlite3_errmsg(store_db(d->store))) < 0)
-				*err = NULL;
-			saga_free(e);
-			return NULL;
-		}
-	e->stats = calloc(d->conf->n_sagas + 1, sizeof *e->stats);
+	e->ss = saga_store_open(d->store, err);
+	if (!e->ss) {
+		saga_free(e);
+		return NULL;
+	}
+	e->stats = xcalloc(d->conf->n_sagas + 1, sizeof *e->stats);
 	for (i = 0; i < d->conf->n_sagas; i++)
 		histogram_init(&e->stats[i].duration, metrics_latency_bounds, metrics_latency_nbounds);
-	{
-		/* Counted once here, then kept up to date as instances change:
-		 * a scrape must not count a large table on the event loop. */
-		sqlite3_stmt *s = saga_stmt(e, SQ_COUNTS);
-		while (sqlite3_step(s) == SQLITE_ROW) {
-			ssize_t def = saga_def_index(d->conf, (const char *)sqlite3_column_text(s, 0));
-			int st = sqlite3_column_int(s, 1);
-			if (def >= 0 && st >= 0 && st < SAGA_NSTATES)
-				e->stats[def].states[st] = sqlite3_column_int64(s, 2);
-		}
-		sqlite3_reset(s);
-	}
+	saga_store_counts(e->ss, saga_count_one, e);
 	e->timer_ev = evtimer_new(d->base, saga_timer_cb, e);
 	/* Deadlines live in the store: after a restart they fire as due. */
 	saga_rearm(e);
@@ -1369,12 +1212,9 @@ saga_new(struct sagad *d, char **err)
 void
 saga_free(struct saga_engine *e)
 {
-	size_t i;
-
 	if (!e)
 		return;
-	for (i = 0; i < SQ_COUNT; i++)
-		sqlite3_finalize(e->stmt[i]);
+	saga_store_close(e->ss);
 	if (e->timer_ev)
 		event_free(e->timer_ev);
 	free(e->stats);

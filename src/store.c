@@ -12,6 +12,7 @@
 #include <unistd.h>
 
 #include "log.h"
+#include "saga_store.h"
 #include "metrics.h"
 #include "syncer.h"
 
@@ -122,39 +123,7 @@ static const char *const store_migrations[] = {
 	"CREATE INDEX inbox_open ON inbox(subscription, state, id) WHERE state <> 1;"
 	"CREATE INDEX inbox_finished ON inbox(finished_at) WHERE state = 1;",
 
-	/* Sagas: one row per instance (its state packed in data), durable
-	 * timers, and the history shown by sagactl saga ID. */
-	"CREATE TABLE saga("
-	"  row INTEGER PRIMARY KEY,"
-	"  saga TEXT NOT NULL,"
-	"  id TEXT NOT NULL,"
-	"  state INTEGER NOT NULL,"
-	"  started_at REAL NOT NULL,"
-	"  updated_at REAL NOT NULL,"
-	"  finished_at REAL,"
-	"  data BLOB NOT NULL,"
-	"  UNIQUE(saga, id));"
-	"CREATE INDEX saga_by_state ON saga(saga, state);"
-	"CREATE INDEX saga_by_id ON saga(id);"
-	"CREATE INDEX saga_finished ON saga(finished_at) WHERE finished_at IS NOT NULL;"
-	"CREATE TABLE saga_timer("
-	"  id INTEGER PRIMARY KEY,"
-	"  due REAL NOT NULL,"
-	"  row INTEGER NOT NULL,"
-	"  kind INTEGER NOT NULL,"
-	"  step INTEGER NOT NULL);"
-	"CREATE INDEX saga_timer_due ON saga_timer(due);"
-	"CREATE INDEX saga_timer_row ON saga_timer(row);"
-	"CREATE TABLE saga_log("
-	"  id INTEGER PRIMARY KEY,"
-	"  row INTEGER NOT NULL,"
-	"  at REAL NOT NULL,"
-	"  dir TEXT NOT NULL,"
-	"  what TEXT NOT NULL,"
-	"  step TEXT,"
-	"  message_id TEXT,"
-	"  detail TEXT);"
-	"CREATE INDEX saga_log_row ON saga_log(row);",
+	saga_store_schema,	/* the saga engine's records (saga_store.c) */
 };
 
 struct store_cb {

@@ -1,0 +1,88 @@
+/*
+ * The saga engine's records: instances, their history and their timers.
+ * The engine (saga.c) sees only this interface, never the database: an
+ * instance is a few columns and an opaque blob (the engine's encoding of
+ * its state), so that another backend (PostgreSQL, for replicas sharing
+ * their sagas) can stand behind the same calls.
+ *
+ * This backend keeps them in sagad's own SQLite store: every write joins
+ * the store's write transaction (store_write), so that a state change, the
+ * messages it sends (store_outbox_put) and the consumed message that
+ * caused it commit together.
+ */
+#ifndef SAGAD_SAGA_STORE_H
+#define SAGAD_SAGA_STORE_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+struct store;
+struct saga_store;
+
+/* The store's schema migration that creates these tables (store.c). */
+extern const char saga_store_schema[];
+
+struct saga_rec {
+	int64_t row;		/* 0: not stored yet */
+	char *saga, *id;	/* definition name and saga id */
+	int state;		/* enum saga_state */
+	double started_at, updated_at, finished_at;	/* finished_at 0: not */
+	char *data;		/* the engine's encoding */
+	size_t data_len;
+};
+
+void saga_rec_clear(struct saga_rec *r);
+
+struct saga_hist {
+	double at;
+	const char *dir, *what, *step, *message_id, *detail;	/* "" when none */
+};
+
+struct saga_due {
+	int64_t id, row;
+	int kind, step;
+};
+
+typedef void saga_rec_fn(void *arg, const struct saga_rec *r);
+
+struct saga_store *saga_store_open(struct store *st, char **err);
+void saga_store_close(struct saga_store *ss);
+
+/* Reads: 1 found (r filled, saga_rec_clear it), 0 none, -1 error. */
+int saga_store_get(struct saga_store *ss, const char *saga, const char *id,
+    struct saga_rec *r);
+int saga_store_get_row(struct saga_store *ss, int64_t row, struct saga_rec *r);
+/* Every instance with this saga id (one per definition), oldest first. */
+size_t saga_store_by_id(struct saga_store *ss, const char *id, int64_t *rows, size_t max);
+/* Newest first; saga NULL and state < 0 match all. */
+int saga_store_list(struct saga_store *ss, const char *saga, int state, size_t limit,
+    saga_rec_fn *fn, void *arg);
+/* Instances by definition and state: fn gets saga, state and count in r. */
+int saga_store_counts(struct saga_store *ss, saga_rec_fn *fn, void *arg);
+int saga_store_history(struct saga_store *ss, int64_t row,
+    void (*fn)(void *arg, const struct saga_hist *h), void *arg);
+
+/* Writes, in the open write transaction: 0 or -1. insert sets r->row. */
+int saga_store_insert(struct saga_store *ss, struct saga_rec *r);
+int saga_store_update(struct saga_store *ss, const struct saga_rec *r);
+int saga_store_log(struct saga_store *ss, int64_t row, double at, const char *dir,
+    const char *what, const char *step, const char *message_id, const char *detail);
+
+/* Timers: one per (row, kind, step); set replaces it. */
+int saga_store_timer_set(struct saga_store *ss, int64_t row, int kind, int step, double due);
+int saga_store_timer_del(struct saga_store *ss, int64_t row, int kind, int step);
+int saga_store_timer_del_all(struct saga_store *ss, int64_t row);
+int saga_store_timer_spent(struct saga_store *ss, int64_t id);
+/* The earliest due time, 0 when none. */
+double saga_store_timer_next(struct saga_store *ss);
+/* Timers due at now, earliest first. */
+size_t saga_store_timers_due(struct saga_store *ss, double now, struct saga_due *out,
+    size_t max);
+
+/* Forget up to batch instances finished before `before` whose state is in
+ * states (a mask: 1 << state), with their history and timers; fn sees
+ * each (saga and state only) first. Returns how many went, or -1. */
+int saga_store_expire(struct saga_store *ss, double before, unsigned states, int batch,
+    saga_rec_fn *fn, void *arg);
+
+#endif
