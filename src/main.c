@@ -98,6 +98,15 @@ reload_keep(struct sagad_conf *nc, struct sagad_conf *oc)
 		log_warn("msg=\"reload: change needs a restart, ignored\" key=sagas");
 	tg = nc->sagas; nc->sagas = oc->sagas; oc->sagas = tg;
 	tn = nc->n_sagas; nc->n_sagas = oc->n_sagas; oc->n_sagas = tn;
+	/* The plugins hold the source entries and their strings for as long
+	 * as they run (sagad-plugins(7)): the old ones stay. */
+	if (nc->n_sources != oc->n_sources)
+		log_warn("msg=\"reload: change needs a restart, ignored\" key=sources");
+	{
+		struct conf_source *tsrc = nc->sources;
+		nc->sources = oc->sources; oc->sources = tsrc;
+		tn = nc->n_sources; nc->n_sources = oc->n_sources; oc->n_sources = tn;
+	}
 	KEEP_STR(saga_queue, "sagas");
 	KEEP_STR(saga_queue_type, "saga_queue_type");
 	nc->api.socket_mode = oc->api.socket_mode;
