@@ -8,6 +8,8 @@ PostgreSQL (t/lib/pg.py) and a private RabbitMQ node:
     SIGHUP twice
   - sqlite "late" retries a database file that does not exist yet: every
     retry after the reload opens its path again
+  - the second reload changes the path of "late" (a restart-only key):
+    logged, alone, as needing a restart, and the running path stays
   - then sagad's PostgreSQL connection is terminated, so the pgsql source
     connects again with its conninfo; the "late" file is created
   - every row arrives, each once; sagad is still running and its log has
@@ -127,12 +129,21 @@ def main(wd):
     for t in ths:
         t.start()
     time.sleep(0.5)
-    for _ in range(2):
+    for n in (1, 2):
+        if n == 2:
+            # sources need a restart: the changed path is named and ignored
+            d.conf_extra = sources.replace(h.conf_str(late_path),
+                                           h.conf_str(late_path + '.other'))
+            d.drain_timeout = 4
+            d.write_conf()
         d.hup()
-        h.wait_until(lambda: d.log().count('configuration reloaded') >= _ + 1, 10,
+        h.wait_until(lambda: d.log().count('configuration reloaded') >= n, 10,
                      'the reload to be logged')
         time.sleep(0.7)     # several retries of "late" on the new configuration
     h.check(d.running(), 'sagad runs on after two SIGHUPs with three sources')
+    warned = [line for line in d.log().splitlines() if 'needs a restart' in line]
+    h.check(len(warned) == 1 and 'keys="sources"' in warned[0],
+            'the changed source is named, alone, as needing a restart', warned)
 
     # ---- the pgsql source connects again (its conninfo read after the reload)
     n = terminate_sagad(db)
