@@ -15,12 +15,13 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-#include "util.h"
+#include "conf_read.h"
 #include "conf_table.h"
+#include "util.h"
 
 /*
- * Loading: libconfig reads the file (includes expanded here), the rows of
- * conf_table.c take each key, and the checks below do what needs the
+ * Loading: libconfig reads the file (includes expanded here), conf_read.c
+ * puts each key where its row of conf_table.c says, and the checks below do what needs the
  * whole file: names, references between keys, defaults that depend on
  * other keys, files to read.
  */
@@ -589,7 +590,7 @@ conf_load_string(const char *text, const char *name, const char *include_dir,
 		conf_free(c);
 		return NULL;
 	}
-	conf_table_walk(&ctx, config_root_setting(&cfg), conf_table_root(), c, NULL);
+	conf_read_walk(&ctx, config_root_setting(&cfg), conf_table_root(), c, NULL);
 	conf_check(&ctx, &cfg, c);
 	config_destroy(&cfg);
 	if (errs->n) {

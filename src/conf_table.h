@@ -3,12 +3,12 @@
  * owns its memory and whether a reload may change it. Reading a file,
  * setting the defaults, freeing, comparing and reloading all walk these
  * rows, so adding a key is adding a row (in the manner of pgbouncer's
- * CfKey). The checks that need the whole file stay in conf.c.
+ * CfKey). conf_read.c reads a file's settings into the rows; the checks
+ * that need the whole file stay in conf.c.
  */
 #ifndef SAGAD_CONF_TABLE_H
 #define SAGAD_CONF_TABLE_H
 
-#include <libconfig.h>
 #include <stddef.h>
 
 #include "conf.h"
@@ -48,25 +48,18 @@ struct conf_key {
 	size_t cnt;		/* list, bindings, kvs: offset of the size_t count */
 };
 
-/* Where errors go while a file is read. */
-struct conf_ctx {
-	const char *main_file;
-	struct conf_errors *errs;
-};
-
-void conf_err(struct conf_ctx *ctx, const config_setting_t *s, const char *fmt, ...)
-    __attribute__((format(printf, 3, 4)));
-void conf_err_push(struct conf_errors *errs, const char *fmt, ...)
-    __attribute__((format(printf, 2, 3)));
-
 /* The rows of struct sagad_conf, ended by a row without a name. */
 const struct conf_key *conf_table_root(void);
 /* A row by dotted path ("api.listen", "subscriptions"); NULL if none. */
 const struct conf_key *conf_table_find(const struct conf_key *rows, const char *path);
 
-/* Read a group of the file into base: types, ranges, unknown keys. */
-void conf_table_walk(struct conf_ctx *ctx, config_setting_t *group,
-    const struct conf_key *rows, void *base, const char *where);
+/* Where a row's value lives in the struct at base. */
+static inline void *
+conf_table_at(const void *base, size_t off)
+{
+	return (char *)base + off;
+}
+
 /* Every row's default (nested groups too; list elements get theirs when
  * they are read). */
 void conf_table_defaults(const struct conf_key *rows, void *base);
