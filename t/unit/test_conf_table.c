@@ -122,6 +122,70 @@ test_sample_has_every_key(void **state)
 		fail_msg("%s lacks (or has another default for):%s", path, missing);
 }
 
+/* Appends to missing the element rows (nested lists too) that no
+ * "name = " line of text sets. */
+static void
+examples_check(const char *text, const struct conf_key *rows, const char *prefix,
+    char *missing, size_t len)
+{
+	const struct conf_key *k;
+	char want[128];
+
+	for (k = rows; k->name; k++) {
+		if (k->flags & CONF_DERIVED || k->kind == CONF_KVS)
+			continue;
+		snprintf(want, sizeof want, " %s = ", k->name);
+		if (!strstr(text, want))
+			snprintf(missing + strlen(missing), len - strlen(missing), " %s.%s",
+			    prefix, k->name);
+		if (k->kind == CONF_LIST)
+			examples_check(text, k->sub, k->name, missing, len);
+	}
+}
+
+/* The keys of list elements are shown in the example files that
+ * conf/sagad.conf points to. */
+static void
+test_examples_have_every_list_key(void **state)
+{
+	static const struct {
+		const char *list;
+		const char *files[3];
+	} ex[] = {
+		{ "exchanges", { "sagad.conf" } },
+		{ "subscriptions", { "subscriptions.conf" } },
+		{ "sagas", { "saga-orchestrated.conf", "saga-choreographed.conf" } },
+		{ "sources", { "source-sqlite.conf", "source-pgsql.conf" } },
+	};
+	const char *top = getenv("top_srcdir");
+	char path[4096], missing[2048] = "";
+	size_t i, j;
+
+	(void)state;
+	for (i = 0; i < sizeof ex / sizeof ex[0]; i++) {
+		char *all = strdup("");
+		for (j = 0; j < 3 && ex[i].files[j]; j++) {
+			char *text, *both;
+			snprintf(path, sizeof path, "%s/conf/%s", top ? top : ".", ex[i].files[j]);
+			text = read_text(path);
+			if (asprintf(&both, "%s%s", all, text) < 0)
+				fail_msg("out of memory");
+			free(all);
+			free(text);
+			all = both;
+		}
+		/* "{ name = ..." too: a space before every key */
+		for (j = 0; all[j]; j++)
+			if (all[j] == '\n' || all[j] == '\t' || all[j] == '{')
+				all[j] = ' ';
+		examples_check(all, conf_table_find(conf_table_root(), ex[i].list)->sub,
+		    ex[i].list, missing, sizeof missing);
+		free(all);
+	}
+	if (missing[0])
+		fail_msg("the example files lack:%s", missing);
+}
+
 /* The sample file is valid, and its values are the defaults. */
 static void
 test_sample_loads(void **state)
@@ -255,6 +319,7 @@ main(void)
 	const struct CMUnitTest tests[] = {
 		cmocka_unit_test(test_sample_has_every_key),
 		cmocka_unit_test(test_sample_loads),
+		cmocka_unit_test(test_examples_have_every_list_key),
 		cmocka_unit_test(test_reload_same_file),
 		cmocka_unit_test(test_reload_names_changed_rows),
 		cmocka_unit_test(test_reload_lists),
