@@ -6,7 +6,6 @@
 #include <glob.h>
 #include <libconfig.h>
 #include <libgen.h>
-#include <stdarg.h>
 #include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -14,675 +13,85 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "conf_read.h"
+#include "conf_table.h"
 #include "util.h"
 
 /*
- * Every key is described by a table row: its name, its kind and where the
- * value goes. One walker checks types, ranges and unknown keys for all
- * groups, so adding a key is adding a row.
+ * Loading: libconfig reads the file (includes expanded here), conf_read.c
+ * puts each key where its row of conf_table.c says, and the checks below do what needs the
+ * whole file: names, references between keys, defaults that depend on
+ * other keys, files to read.
  */
-enum conf_kind {
-	CONF_STR,		/* char * */
-	CONF_DUR,		/* double, seconds, >= min */
-	CONF_SIZE,		/* int64_t, bytes */
-	CONF_INT,		/* int */
-	CONF_BOOL,		/* int */
-	CONF_MODE,		/* int, octal string such as "0660" */
-	CONF_GROUP,		/* nested table, same base */
-	CONF_CUSTOM		/* parsed by a function */
-};
-
-struct conf_ctx;
-typedef void conf_custom_fn(struct conf_ctx *, config_setting_t *, void *);
-
-struct conf_key {
-	const char *name;
-	enum conf_kind kind;
-	size_t off;
-	double min, max;
-	const struct conf_key *sub;
-	conf_custom_fn *fn;
-};
-
-struct conf_ctx {
-	const char *main_file;
-	struct conf_errors *errs;
-};
-
-static void
-conf_err(struct conf_ctx *ctx, const config_setting_t *s, const char *fmt, ...)
-    __attribute__((format(printf, 3, 4)));
-
-static void
-conf_err_push(struct conf_errors *errs, const char *fmt, ...)
-    __attribute__((format(printf, 2, 3)));
-
-static void
-conf_err_push(struct conf_errors *errs, const char *fmt, ...)
-{
-	char *full;
-	va_list ap;
-	int n;
-
-	va_start(ap, fmt);
-	n = vasprintf(&full, fmt, ap);
-	va_end(ap);
-	if (n < 0)
-		return;
-	errs->msg = realloc(errs->msg, (errs->n + 1) * sizeof *errs->msg);
-	errs->msg[errs->n++] = full;
-}
-
-static void
-conf_err_at(struct conf_errors *errs, const char *file, int line,
-    const char *fmt, va_list ap)
-{
-	char msg[512];
-
-	vsnprintf(msg, sizeof msg, fmt, ap);
-	conf_err_push(errs, "%s:%d: %s", file, line, msg);
-}
-
-static void
-conf_err(struct conf_ctx *ctx, const config_setting_t *s, const char *fmt, ...)
-{
-	const char *file = s ? config_setting_source_file(s) : NULL;
-	va_list ap;
-
-	va_start(ap, fmt);
-	conf_err_at(ctx->errs, file ? file : ctx->main_file,
-	    s ? (int)config_setting_source_line(s) : 0, fmt, ap);
-	va_end(ap);
-}
-
-static void conf_exchanges(struct conf_ctx *, config_setting_t *, void *);
-static void conf_subscriptions(struct conf_ctx *, config_setting_t *, void *);
-static void conf_binds(struct conf_ctx *, config_setting_t *, void *);
-static void conf_sagas(struct conf_ctx *, config_setting_t *, void *);
-static void conf_steps(struct conf_ctx *, config_setting_t *, void *);
-static void conf_bind_one(struct conf_ctx *, config_setting_t *, void *);
-static void conf_sources(struct conf_ctx *, config_setting_t *, void *);
-
-#define B(f) offsetof(struct sagad_conf, broker.f)
-static const struct conf_key conf_tls_keys[] = {
-	{ "ca", CONF_STR, B(tls_ca), 0, 0, NULL, NULL },
-	{ "cert", CONF_STR, B(tls_cert), 0, 0, NULL, NULL },
-	{ "key", CONF_STR, B(tls_key), 0, 0, NULL, NULL },
-	{ "verify", CONF_BOOL, B(tls_verify), 0, 0, NULL, NULL },
-	{ NULL, 0, 0, 0, 0, NULL, NULL }
-};
-static const struct conf_key conf_broker_keys[] = {
-	{ "url", CONF_STR, B(url), 0, 0, NULL, NULL },
-	{ "password_file", CONF_STR, B(password_file), 0, 0, NULL, NULL },
-	{ "heartbeat", CONF_DUR, B(heartbeat), 0, 3600, NULL, NULL },
-	{ "connect_timeout", CONF_DUR, B(connect_timeout), 0.01, 3600, NULL, NULL },
-	{ "reconnect_initial", CONF_DUR, B(reconnect_initial), 0.01, 3600, NULL, NULL },
-	{ "reconnect_max", CONF_DUR, B(reconnect_max), 0.01, 86400, NULL, NULL },
-	{ "tls", CONF_GROUP, 0, 0, 0, conf_tls_keys, NULL },
-	{ NULL, 0, 0, 0, 0, NULL, NULL }
-};
-#undef B
-#define S(f) offsetof(struct sagad_conf, store.f)
-static const struct conf_key conf_store_keys[] = {
-	{ "path", CONF_STR, S(path), 0, 0, NULL, NULL },
-	{ "max_bytes", CONF_SIZE, S(max_bytes), 65536, 0, NULL, NULL },
-	{ "dedup_window", CONF_DUR, S(dedup_window), 0, 1e9, NULL, NULL },
-	{ "saga_retention", CONF_DUR, S(saga_retention), 0, 1e9, NULL, NULL },
-	{ NULL, 0, 0, 0, 0, NULL, NULL }
-};
-#undef S
-#define A(f) offsetof(struct sagad_conf, api.f)
-static const struct conf_key conf_api_keys[] = {
-	{ "listen", CONF_STR, A(listen), 0, 0, NULL, NULL },
-	{ "admin_listen", CONF_STR, A(admin_listen), 0, 0, NULL, NULL },
-	{ "token_file", CONF_STR, A(token_file), 0, 0, NULL, NULL },
-	{ "max_message_bytes", CONF_SIZE, A(max_message_bytes), 1, 134217728, NULL, NULL },
-	{ "max_header_bytes", CONF_SIZE, A(max_header_bytes), 1024, 1048576, NULL, NULL },
-	{ "request_timeout", CONF_DUR, A(request_timeout), 0.1, 3600, NULL, NULL },
-	{ "socket_mode", CONF_MODE, A(socket_mode), 0, 0777, NULL, NULL },
-	{ "admin_allow_remote", CONF_BOOL, A(admin_allow_remote), 0, 0, NULL, NULL },
-	{ NULL, 0, 0, 0, 0, NULL, NULL }
-};
-#undef A
-#define O(f) offsetof(struct sagad_conf, outbox.f)
-static const struct conf_key conf_outbox_keys[] = {
-	{ "max_inflight", CONF_INT, O(max_inflight), 1, 65535, NULL, NULL },
-	{ "retry_initial", CONF_DUR, O(retry_initial), 0.001, 3600, NULL, NULL },
-	{ "retry_max", CONF_DUR, O(retry_max), 0.001, 86400, NULL, NULL },
-	{ NULL, 0, 0, 0, 0, NULL, NULL }
-};
-#undef O
-#define U(f) offsetof(struct conf_subscription, f)
-static const struct conf_key conf_sub_keys[] = {
-	{ "name", CONF_STR, U(name), 0, 0, NULL, NULL },
-	{ "queue", CONF_STR, U(queue), 0, 0, NULL, NULL },
-	{ "queue_type", CONF_STR, U(queue_type), 0, 0, NULL, NULL },
-	{ "bind", CONF_CUSTOM, 0, 0, 0, NULL, conf_binds },
-	{ "deliver", CONF_STR, U(deliver), 0, 0, NULL, NULL },
-	{ "concurrency", CONF_INT, U(concurrency), 1, 1024, NULL, NULL },
-	{ "max_pending", CONF_INT, U(max_pending), 1, 65535, NULL, NULL },
-	{ "prefetch", CONF_INT, U(prefetch), 1, 65535, NULL, NULL },
-	{ "ordered", CONF_BOOL, U(ordered), 0, 0, NULL, NULL },
-	{ "timeout", CONF_DUR, U(timeout), 0.01, 3600, NULL, NULL },
-	{ "max_attempts", CONF_INT, U(max_attempts), 1, 1000000, NULL, NULL },
-	{ "retry_initial", CONF_DUR, U(retry_initial), 0.001, 86400, NULL, NULL },
-	{ "retry_max", CONF_DUR, U(retry_max), 0.001, 86400, NULL, NULL },
-	{ "circuit_failures", CONF_INT, U(circuit_failures), 1, 1000000, NULL, NULL },
-	{ "circuit_open", CONF_DUR, U(circuit_open), 0.01, 3600, NULL, NULL },
-	{ "max_message_bytes", CONF_SIZE, U(max_message_bytes), 1, 134217728, NULL, NULL },
-	{ NULL, 0, 0, 0, 0, NULL, NULL }
-};
-#undef U
-/* "exchange:key" strings land in a struct conf_binding at off. */
-#define SB(f) offsetof(struct conf_saga_step, f)
-static const struct conf_key conf_step_keys[] = {
-	{ "name", CONF_STR, SB(name), 0, 0, NULL, NULL },
-	{ "command", CONF_CUSTOM, SB(command), 0, 0, NULL, conf_bind_one },
-	{ "compensate", CONF_CUSTOM, SB(compensate), 0, 0, NULL, conf_bind_one },
-	{ "success", CONF_CUSTOM, SB(success), 0, 0, NULL, conf_bind_one },
-	{ "failure", CONF_CUSTOM, SB(failure), 0, 0, NULL, conf_bind_one },
-	{ "timeout", CONF_DUR, SB(timeout), 0, 86400 * 30, NULL, NULL },
-	{ "attempts", CONF_INT, SB(attempts), 1, 1000, NULL, NULL },
-	{ NULL, 0, 0, 0, 0, NULL, NULL }
-};
-#undef SB
-#define SG(f) offsetof(struct conf_saga, f)
-static const struct conf_key conf_saga_keys[] = {
-	{ "name", CONF_STR, SG(name), 0, 0, NULL, NULL },
-	{ "mode", CONF_STR, SG(mode_name), 0, 0, NULL, NULL },
-	{ "start", CONF_CUSTOM, SG(start), 0, 0, NULL, conf_bind_one },
-	{ "timeout", CONF_DUR, SG(timeout), 0, 86400 * 365, NULL, NULL },
-	{ "steps", CONF_CUSTOM, 0, 0, 0, NULL, conf_steps },
-	{ "completed", CONF_CUSTOM, SG(completed), 0, 0, NULL, conf_bind_one },
-	{ "compensated", CONF_CUSTOM, SG(compensated), 0, 0, NULL, conf_bind_one },
-	{ "compensate_attempts", CONF_INT, SG(compensate_attempts), 1, 1000000, NULL, NULL },
-	{ "compensate_timeout", CONF_DUR, SG(compensate_timeout), 0.01, 86400, NULL, NULL },
-	{ "retry_initial", CONF_DUR, SG(retry_initial), 0.001, 86400, NULL, NULL },
-	{ "retry_max", CONF_DUR, SG(retry_max), 0.001, 86400, NULL, NULL },
-	{ NULL, 0, 0, 0, 0, NULL, NULL }
-};
-#undef SG
-#define T(f) offsetof(struct sagad_conf, f)
-static const struct conf_key conf_top_keys[] = {
-	{ "service", CONF_STR, T(service), 0, 0, NULL, NULL },
-	{ "user", CONF_STR, T(user), 0, 0, NULL, NULL },
-	{ "drain_timeout", CONF_DUR, T(drain_timeout), 0, 3600, NULL, NULL },
-	{ "saga_queue_type", CONF_STR, T(saga_queue_type), 0, 0, NULL, NULL },
-	{ "broker", CONF_GROUP, 0, 0, 0, conf_broker_keys, NULL },
-	{ "store", CONF_GROUP, 0, 0, 0, conf_store_keys, NULL },
-	{ "api", CONF_GROUP, 0, 0, 0, conf_api_keys, NULL },
-	{ "outbox", CONF_GROUP, 0, 0, 0, conf_outbox_keys, NULL },
-	{ "exchanges", CONF_CUSTOM, 0, 0, 0, NULL, conf_exchanges },
-	{ "subscriptions", CONF_CUSTOM, 0, 0, 0, NULL, conf_subscriptions },
-	{ "sagas", CONF_CUSTOM, 0, 0, 0, NULL, conf_sagas },
-	{ "sources", CONF_CUSTOM, 0, 0, 0, NULL, conf_sources },
-	{ NULL, 0, 0, 0, 0, NULL, NULL }
-};
-#undef T
 
 static int
-conf_number(config_setting_t *s, double *out)
+conf_exchange_type_ok(const char *type)
 {
-	switch (config_setting_type(s)) {
-	case CONFIG_TYPE_INT:
-	case CONFIG_TYPE_INT64:
-		*out = (double)config_setting_get_int64(s);
-		return 1;
-	case CONFIG_TYPE_FLOAT:
-		*out = config_setting_get_float(s);
-		return 1;
-	default:
-		return 0;
-	}
-}
+	static const char *const types[] = { "direct", "topic", "fanout", "headers", NULL };
+	size_t i;
 
-/*
- * libconfig 1.5 keeps a plain integer literal in 32 bits and wraps larger
- * ones silently (5368709120 reads as 1073741824) unless written with an L
- * suffix. Sizes are read again from the literal in the file so that what
- * the operator wrote is what sagad uses.
- */
-static int
-conf_literal(struct conf_ctx *ctx, const config_setting_t *s, long long *out)
-{
-	const char *file = config_setting_source_file(s);
-	unsigned line = config_setting_source_line(s), n = 0;
-	const char *name = config_setting_name(s);
-	char buf[4096], *p, *end;
-	FILE *f;
-
-	f = fopen(file ? file : ctx->main_file, "r");
-	if (!f)
-		return -1;
-	while (fgets(buf, sizeof buf, f) && ++n < line)
-		;
-	fclose(f);
-	if (n != line || !(p = strstr(buf, name)))
-		return -1;
-	p += strlen(name);
-	p += strspn(p, " \t");
-	if (*p != '=' && *p != ':')
-		return -1;
-	p++;
-	p += strspn(p, " \t");
-	errno = 0;
-	*out = strtoll(p, &end, 0);
-	if (errno || end == p)
-		return -1;
+	for (i = 0; types[i]; i++)
+		if (strcmp(types[i], type) == 0)
+			return 1;
 	return 0;
 }
 
 static void
-conf_value(struct conf_ctx *ctx, config_setting_t *s, const struct conf_key *k,
-    void *base)
+conf_check_exchanges(struct conf_ctx *ctx, config_t *cfg, struct sagad_conf *c)
 {
-	const char *name = config_setting_name(s);
-	char *p = (char *)base + k->off;
-	double d;
+	config_setting_t *list = config_lookup(cfg, "exchanges");
+	size_t i, j;
 
-	switch (k->kind) {
-	case CONF_STR:
-		if (config_setting_type(s) != CONFIG_TYPE_STRING) {
-			conf_err(ctx, s, "'%s' must be a string", name);
-			return;
-		}
-		free(*(char **)p);
-		*(char **)p = strdup(config_setting_get_string(s));
-		return;
-	case CONF_BOOL:
-		if (config_setting_type(s) != CONFIG_TYPE_BOOL) {
-			conf_err(ctx, s, "'%s' must be true or false", name);
-			return;
-		}
-		*(int *)p = config_setting_get_bool(s);
-		return;
-	case CONF_MODE: {
-		const char *v;
-		char *end;
-		long m;
-		if (config_setting_type(s) != CONFIG_TYPE_STRING) {
-			conf_err(ctx, s, "'%s' must be an octal string such as \"0660\"", name);
-			return;
-		}
-		v = config_setting_get_string(s);
-		m = strtol(v, &end, 8);
-		if (*v == '\0' || *end != '\0' || m < 0 || m > 0777) {
-			conf_err(ctx, s, "'%s' must be an octal mode between \"0000\" and \"0777\"", name);
-			return;
-		}
-		*(int *)p = (int)m;
-		return;
-	}
-	case CONF_DUR:
-	case CONF_SIZE:
-	case CONF_INT:
-		if (!conf_number(s, &d)) {
-			conf_err(ctx, s, "'%s' must be a number", name);
-			return;
-		}
-		if (config_setting_type(s) == CONFIG_TYPE_INT) {
-			long long lit;
-			if (conf_literal(ctx, s, &lit) == 0 && lit != (long long)d)
-				d = (double)lit;
-		}
-		if (d < k->min || (k->max > 0 && d > k->max)) {
-			conf_err(ctx, s, "'%s' must be between %g and %g", name,
-			    k->min, k->max > 0 ? k->max : 9.2e18);
-			return;
-		}
-		if (k->kind == CONF_DUR)
-			*(double *)p = d;
-		else if (k->kind == CONF_SIZE) {
-			if (config_setting_type(s) == CONFIG_TYPE_FLOAT) {
-				conf_err(ctx, s, "'%s' must be a whole number of bytes", name);
-				return;
-			}
-			*(int64_t *)p = (int64_t)d;
-		} else {
-			if (config_setting_type(s) == CONFIG_TYPE_FLOAT) {
-				conf_err(ctx, s, "'%s' must be a whole number", name);
-				return;
-			}
-			*(int *)p = (int)d;
-		}
-		return;
-	case CONF_GROUP:
-	case CONF_CUSTOM:
-		break;
-	}
-}
+	for (i = 0; i < c->n_exchanges; i++) {
+		const struct conf_exchange *x = &c->exchanges[i];
+		config_setting_t *e = list ? config_setting_get_elem(list, i) : NULL;
 
-static void
-conf_walk(struct conf_ctx *ctx, config_setting_t *group,
-    const struct conf_key *keys, void *base, const char *where)
-{
-	int i, n = config_setting_length(group);
-
-	for (i = 0; i < n; i++) {
-		config_setting_t *s = config_setting_get_elem(group, i);
-		const char *name = config_setting_name(s);
-		const struct conf_key *k;
-
-		for (k = keys; k->name; k++)
-			if (strcmp(k->name, name) == 0)
-				break;
-		if (!k->name) {
-			if (where)
-				conf_err(ctx, s, "unknown key '%s' in '%s'", name, where);
-			else
-				conf_err(ctx, s, "unknown key '%s'", name);
-			continue;
-		}
-		if (k->kind == CONF_GROUP) {
-			if (config_setting_type(s) != CONFIG_TYPE_GROUP) {
-				conf_err(ctx, s, "'%s' must be a group { ... }", name);
-				continue;
-			}
-			conf_walk(ctx, s, k->sub, base, name);
-		} else if (k->kind == CONF_CUSTOM)
-			k->fn(ctx, s, (char *)base + k->off);
-		else
-			conf_value(ctx, s, k, base);
-	}
-}
-
-static void
-conf_exchanges(struct conf_ctx *ctx, config_setting_t *list, void *base)
-{
-	static const char *const types[] = { "direct", "topic", "fanout", "headers", NULL };
-	struct sagad_conf *conf = base;
-	int i, n;
-
-	if (!config_setting_is_list(list) && !config_setting_is_array(list)) {
-		conf_err(ctx, list, "'exchanges' must be a list ( { name = ...; }, ... )");
-		return;
-	}
-	n = config_setting_length(list);
-	conf->exchanges = calloc(n ? n : 1, sizeof *conf->exchanges);
-	for (i = 0; i < n; i++) {
-		config_setting_t *e = config_setting_get_elem(list, i);
-		struct conf_exchange *x = &conf->exchanges[conf->n_exchanges];
-		const char *name = NULL, *type = "topic";
-		int j, m, ok = 1;
-
-		if (!config_setting_is_group(e)) {
-			conf_err(ctx, e, "each exchange must be a group { name = \"...\"; type = \"topic\"; }");
-			continue;
-		}
-		m = config_setting_length(e);
-		for (j = 0; j < m; j++) {
-			config_setting_t *s = config_setting_get_elem(e, j);
-			const char *k = config_setting_name(s);
-			const char **dst;
-			if (strcmp(k, "name") == 0)
-				dst = &name;
-			else if (strcmp(k, "type") == 0)
-				dst = &type;
-			else {
-				conf_err(ctx, s, "unknown key '%s' in exchange", k);
-				ok = 0;
-				continue;
-			}
-			if (config_setting_type(s) != CONFIG_TYPE_STRING) {
-				conf_err(ctx, s, "'%s' must be a string", k);
-				ok = 0;
-				continue;
-			}
-			*dst = config_setting_get_string(s);
-		}
-		if (!name) {
+		if (!config_setting_is_group(e))
+			continue;	/* already said */
+		if (!x->name) {
 			conf_err(ctx, e, "exchange without a 'name'");
 			continue;
 		}
-		if (!util_valid_exchange(name) || strncmp(name, "amq.", 4) == 0) {
-			conf_err(ctx, e, "bad exchange name '%s' (1-255 of A-Z a-z 0-9 - _ . :, not amq.*)", name);
-			continue;
-		}
-		for (j = 0; types[j]; j++)
-			if (strcmp(types[j], type) == 0)
+		if (!util_valid_exchange(x->name) || strncmp(x->name, "amq.", 4) == 0)
+			conf_err(ctx, e, "bad exchange name '%s' (1-255 of A-Z a-z 0-9 - _ . :, not amq.*)", x->name);
+		else if (!conf_exchange_type_ok(x->type))
+			conf_err(ctx, e, "exchange '%s': type must be direct, topic, fanout or headers", x->name);
+		for (j = 0; j < i; j++)
+			if (c->exchanges[j].name && strcmp(c->exchanges[j].name, x->name) == 0) {
+				conf_err(ctx, e, "exchange '%s' is declared twice", x->name);
 				break;
-		if (!types[j]) {
-			conf_err(ctx, e, "exchange '%s': type must be direct, topic, fanout or headers", name);
-			continue;
-		}
-		for (j = 0; j < (int)conf->n_exchanges; j++)
-			if (strcmp(conf->exchanges[j].name, name) == 0)
-				break;
-		if (j < (int)conf->n_exchanges) {
-			conf_err(ctx, e, "exchange '%s' is declared twice", name);
-			continue;
-		}
-		if (!ok)
-			continue;
-		x->name = strdup(name);
-		x->type = strdup(type);
-		conf->n_exchanges++;
+			}
 	}
 }
 
-/* "exchange:key" -> binding; the key may be empty (fanout). */
-static int
-conf_split_binding(const char *v, struct conf_binding *b)
-{
-	const char *colon = strchr(v, ':');
-
-	if (!colon || colon == v)
-		return -1;
-	b->exchange = strndup(v, colon - v);
-	b->key = strdup(colon + 1);
-	if (!util_valid_exchange(b->exchange) || !util_valid_shortstr(b->key, 255)) {
-		free(b->exchange);
-		free(b->key);
-		b->exchange = b->key = NULL;
-		return -1;
-	}
-	return 0;
-}
-
+/* Each source remembers where it was written: the plugin's key checks
+ * (plugin.c) name that line. */
 static void
-conf_binds(struct conf_ctx *ctx, config_setting_t *list, void *base)
+conf_check_sources(struct conf_ctx *ctx, config_t *cfg, struct sagad_conf *c)
 {
-	struct conf_subscription *sub = base;
-	int i, n;
+	config_setting_t *list = config_lookup(cfg, "sources");
+	size_t i, j;
 
-	if (!config_setting_is_array(list) && !config_setting_is_list(list)) {
-		conf_err(ctx, list, "'bind' must be a list of \"exchange:binding-key\" strings");
-		return;
-	}
-	n = config_setting_length(list);
-	sub->binds = calloc(n ? n : 1, sizeof *sub->binds);
-	for (i = 0; i < n; i++) {
-		config_setting_t *e = config_setting_get_elem(list, i);
-		const char *v = config_setting_get_string(e);
-		if (!v || conf_split_binding(v, &sub->binds[sub->n_binds]) < 0) {
-			conf_err(ctx, e, "bad binding '%s': want \"exchange:binding-key\"", v ? v : "(not a string)");
-			continue;
-		}
-		sub->n_binds++;
-	}
-}
-
-static void
-conf_bind_one(struct conf_ctx *ctx, config_setting_t *s, void *dst)
-{
-	struct conf_binding *b = dst;
-	const char *v = config_setting_get_string(s);
-
-	if (!v || conf_split_binding(v, b) < 0 || !*b->key) {
-		free(b->exchange);
-		free(b->key);
-		memset(b, 0, sizeof *b);
-		conf_err(ctx, s, "'%s' must be \"exchange:routing-key\"", config_setting_name(s));
-	}
-}
-
-/*
- * A list of groups, each walked with the same key table: subscriptions,
- * sagas and saga steps. The array has one element per entry, defaults set
- * by init before the entry's keys are read.
- */
-static void
-conf_group_list(struct conf_ctx *ctx, config_setting_t *list, const char *what,
-    size_t size, void **array, size_t *count, void (*init)(void *),
-    const struct conf_key *keys)
-{
-	int i, n;
-
-	if (!config_setting_is_list(list)) {
-		conf_err(ctx, list, "'%s' must be a list ( { name = ...; }, ... )",
-		    config_setting_name(list));
-		return;
-	}
-	n = config_setting_length(list);
-	*array = calloc(n ? n : 1, size);
-	for (i = 0; i < n; i++) {
-		config_setting_t *e = config_setting_get_elem(list, i);
-		void *elem = (char *)*array + (*count)++ * size;
-
-		init(elem);
-		if (!config_setting_is_group(e)) {
-			conf_err(ctx, e, "each %s must be a group { name = ...; }", what);
-			continue;
-		}
-		conf_walk(ctx, e, keys, elem, what);
-	}
-}
-
-static void
-conf_step_defaults(void *p)
-{
-	struct conf_saga_step *st = p;
-
-	st->attempts = 3;
-}
-
-static void
-conf_steps(struct conf_ctx *ctx, config_setting_t *list, void *base)
-{
-	struct conf_saga *sg = base;
-
-	conf_group_list(ctx, list, "step", sizeof *sg->steps, (void **)&sg->steps,
-	    &sg->n_steps, conf_step_defaults, conf_step_keys);
-}
-
-static void
-conf_saga_defaults(void *p)
-{
-	struct conf_saga *sg = p;
-
-	sg->compensate_attempts = 10;
-	sg->compensate_timeout = 10;
-	sg->retry_initial = 0.5;
-	sg->retry_max = 30;
-}
-
-static void
-conf_sagas(struct conf_ctx *ctx, config_setting_t *list, void *base)
-{
-	struct sagad_conf *conf = base;
-
-	conf_group_list(ctx, list, "saga", sizeof *conf->sagas, (void **)&conf->sagas,
-	    &conf->n_sagas, conf_saga_defaults, conf_saga_keys);
-}
-
-/* Sources: `plugin` and `name` are sagad's; every other key is the
- * plugin's, checked against its list when it is loaded (plugin.c). */
-static void
-conf_sources(struct conf_ctx *ctx, config_setting_t *list, void *base)
-{
-	struct sagad_conf *conf = base;
-	int i, j, n, m;
-
-	if (!config_setting_is_list(list)) {
-		conf_err(ctx, list, "'sources' must be a list ( { plugin = \"...\"; ... }, ... )");
-		return;
-	}
-	n = config_setting_length(list);
-	conf->sources = calloc(n ? n : 1, sizeof *conf->sources);
-	for (i = 0; i < n; i++) {
-		config_setting_t *e = config_setting_get_elem(list, i);
-		struct conf_source *src = &conf->sources[conf->n_sources++];
-		const char *f = config_setting_source_file(e);
+	for (i = 0; i < c->n_sources; i++) {
+		struct conf_source *src = &c->sources[i];
+		config_setting_t *e = list ? config_setting_get_elem(list, i) : NULL;
+		const char *f = e ? config_setting_source_file(e) : NULL;
 
 		src->file = strdup(f ? f : ctx->main_file);
-		src->line = config_setting_source_line(e);
-		if (!config_setting_is_group(e)) {
-			conf_err(ctx, e, "each source must be a group { plugin = \"...\"; }");
+		src->line = e ? (int)config_setting_source_line(e) : 0;
+		if (!config_setting_is_group(e))
+			continue;	/* already said */
+		if (!src->plugin) {
+			conf_err(ctx, e, "source without a 'plugin'");
 			continue;
 		}
-		m = config_setting_length(e);
-		src->kv = calloc(m ? m : 1, sizeof *src->kv);
-		for (j = 0; j < m; j++) {
-			config_setting_t *s = config_setting_get_elem(e, j);
-			const char *k = config_setting_name(s), *sf = config_setting_source_file(s);
-			struct conf_kv *kv;
-			double d;
-
-			if (strcmp(k, "plugin") == 0 || strcmp(k, "name") == 0) {
-				if (config_setting_type(s) != CONFIG_TYPE_STRING) {
-					conf_err(ctx, s, "'%s' must be a string", k);
-					continue;
-				}
-				*(strcmp(k, "plugin") == 0 ? &src->plugin : &src->name) =
-				    strdup(config_setting_get_string(s));
-				continue;
-			}
-			kv = &src->kv[src->n_kv];
-			if (config_setting_type(s) == CONFIG_TYPE_STRING) {
-				kv->type = CONF_KV_STRING;
-				kv->s = strdup(config_setting_get_string(s));
-			} else if (config_setting_type(s) == CONFIG_TYPE_BOOL) {
-				kv->type = CONF_KV_BOOL;
-				kv->b = config_setting_get_bool(s);
-			} else if (conf_number(s, &d)) {
-				kv->type = CONF_KV_NUMBER;
-				kv->d = d;
-			} else {
-				conf_err(ctx, s, "'%s' must be a string, a number or a boolean", k);
-				continue;
-			}
-			kv->key = strdup(k);
-			kv->file = strdup(sf ? sf : ctx->main_file);
-			kv->line = config_setting_source_line(s);
-			src->n_kv++;
-		}
-		if (!src->plugin)
-			conf_err(ctx, e, "source without a 'plugin'");
-		else if (!src->name)
+		if (!src->name)
 			src->name = strdup(src->plugin[0] && !strchr(src->plugin, '/') ?
 			    src->plugin : "source");
-	}
-	for (i = 0; i < (int)conf->n_sources; i++)
 		for (j = 0; j < i; j++)
-			if (conf->sources[i].name && conf->sources[j].name &&
-			    strcmp(conf->sources[i].name, conf->sources[j].name) == 0)
-				conf_err(ctx, config_setting_get_elem(list, i),
-				    "source name '%s' is used twice (set 'name')", conf->sources[i].name);
-}
-
-static void
-conf_sub_defaults(void *p)
-{
-	struct conf_subscription *s = p;
-
-	s->queue_type = strdup("quorum");
-	s->concurrency = 16;
-	s->timeout = 10;
-	s->max_attempts = 5;
-	s->retry_initial = 1;
-	s->retry_max = 60;
-	s->circuit_failures = 5;
-	s->circuit_open = 5;
-	s->max_message_bytes = 16777216;
-}
-
-static void
-conf_subscriptions(struct conf_ctx *ctx, config_setting_t *list, void *base)
-{
-	struct sagad_conf *conf = base;
-
-	conf_group_list(ctx, list, "subscription", sizeof *conf->subs, (void **)&conf->subs,
-	    &conf->n_subs, conf_sub_defaults, conf_sub_keys);
+			if (c->sources[j].name && strcmp(c->sources[j].name, src->name) == 0)
+				conf_err(ctx, e, "source name '%s' is used twice (set 'name')", src->name);
+	}
 }
 
 static int
@@ -790,7 +199,7 @@ conf_saga_subscription(struct sagad_conf *c)
 	c->subs = realloc(c->subs, (c->n_subs + 1) * sizeof *c->subs);
 	s = &c->subs[c->n_subs++];
 	memset(s, 0, sizeof *s);
-	conf_sub_defaults(s);
+	conf_table_defaults(conf_table_find(conf_table_root(), "subscriptions")->sub, s);
 	s->name = strdup("_sagas");
 	s->queue = strdup(c->saga_queue);
 	if (c->saga_queue_type) {
@@ -882,30 +291,6 @@ conf_check_sagas(struct conf_ctx *ctx, config_t *cfg, struct sagad_conf *c)
 	}
 }
 
-static void
-conf_defaults(struct sagad_conf *c)
-{
-	c->drain_timeout = 10;
-	c->saga_queue_type = strdup("quorum");
-	c->broker.url = strdup("amqp://guest:guest@127.0.0.1:5672/%2f");
-	c->broker.heartbeat = 10;
-	c->broker.connect_timeout = 5;
-	c->broker.reconnect_initial = 0.2;
-	c->broker.reconnect_max = 30;
-	c->broker.tls_verify = 1;
-	c->store.max_bytes = 1073741824;
-	c->store.dedup_window = 604800;
-	c->store.saga_retention = 604800;
-	c->api.listen = strdup("127.0.0.1:7600");
-	c->api.admin_listen = strdup("127.0.0.1:7601");
-	c->api.max_message_bytes = 1048576;
-	c->api.max_header_bytes = 16384;
-	c->api.request_timeout = 30;
-	c->api.socket_mode = 0660;
-	c->outbox.max_inflight = 1024;
-	c->outbox.retry_initial = 0.1;
-	c->outbox.retry_max = 30;
-}
 
 static int
 conf_url_has_password(const char *url)
@@ -1030,8 +415,10 @@ conf_check(struct conf_ctx *ctx, config_t *cfg, struct sagad_conf *c)
 	if (c->broker.reconnect_max < c->broker.reconnect_initial)
 		conf_err(ctx, config_lookup(cfg, "broker"),
 		    "broker reconnect_max is below reconnect_initial");
+	conf_check_exchanges(ctx, cfg, c);
 	conf_check_subs(ctx, cfg, c);
 	conf_check_sagas(ctx, cfg, c);
+	conf_check_sources(ctx, cfg, c);
 	if (strcmp(c->saga_queue_type, "quorum") != 0 && strcmp(c->saga_queue_type, "classic") != 0)
 		conf_err(ctx, config_lookup(cfg, "saga_queue_type"),
 		    "saga_queue_type must be quorum or classic");
@@ -1160,7 +547,7 @@ conf_load_string(const char *text, const char *name, const char *include_dir,
 	}
 	free(tmpfiles);
 	c->file = strdup(name);
-	conf_defaults(c);
+	conf_table_defaults(conf_table_root(), c);
 	if (ok != CONFIG_TRUE && errs->n) {
 		/* The include expansion already said what is wrong. */
 		config_destroy(&cfg);
@@ -1179,7 +566,7 @@ conf_load_string(const char *text, const char *name, const char *include_dir,
 		conf_free(c);
 		return NULL;
 	}
-	conf_walk(&ctx, config_root_setting(&cfg), conf_top_keys, c, NULL);
+	conf_read_walk(&ctx, config_root_setting(&cfg), conf_table_root(), c, NULL);
 	conf_check(&ctx, &cfg, c);
 	config_destroy(&cfg);
 	if (errs->n) {
@@ -1216,76 +603,20 @@ conf_load(const char *path, struct conf_errors *errs)
 	return c;
 }
 
-static void
-conf_free_binding(struct conf_binding *b)
-{
-	free(b->exchange);
-	free(b->key);
-}
-
 void
 conf_free(struct sagad_conf *c)
 {
-	size_t i;
-
 	if (!c)
 		return;
-	free(c->file); free(c->service); free(c->user);
-	free(c->broker.url); free(c->broker.host); free(c->broker.user);
-	free(c->broker.password); free(c->broker.vhost);
-	free(c->broker.password_file); free(c->broker.tls_ca);
-	free(c->broker.tls_cert); free(c->broker.tls_key);
-	free(c->store.path);
-	free(c->api.listen); free(c->api.admin_listen);
-	free(c->api.token_file); free(c->api.token);
-	for (i = 0; i < c->n_exchanges; i++) {
-		free(c->exchanges[i].name);
-		free(c->exchanges[i].type);
-	}
-	free(c->exchanges);
-	for (i = 0; i < c->n_subs; i++) {
-		struct conf_subscription *s = &c->subs[i];
-		size_t j;
-		free(s->name); free(s->queue); free(s->queue_type); free(s->deliver);
-		for (j = 0; j < s->n_binds; j++) {
-			free(s->binds[j].exchange);
-			free(s->binds[j].key);
-		}
-		free(s->binds);
-	}
-	free(c->subs);
-	for (i = 0; i < c->n_sagas; i++) {
-		struct conf_saga *sg = &c->sagas[i];
-		size_t j;
-		free(sg->name); free(sg->mode_name);
-		conf_free_binding(&sg->start);
-		conf_free_binding(&sg->completed);
-		conf_free_binding(&sg->compensated);
-		for (j = 0; j < sg->n_steps; j++) {
-			free(sg->steps[j].name);
-			conf_free_binding(&sg->steps[j].command);
-			conf_free_binding(&sg->steps[j].compensate);
-			conf_free_binding(&sg->steps[j].success);
-			conf_free_binding(&sg->steps[j].failure);
-		}
-		free(sg->steps);
-	}
-	free(c->sagas);
-	free(c->saga_queue);
-	free(c->saga_queue_type);
-	for (i = 0; i < c->n_sources; i++) {
-		struct conf_source *src = &c->sources[i];
-		size_t j;
-		free(src->plugin); free(src->name); free(src->file);
-		for (j = 0; j < src->n_kv; j++) {
-			free(src->kv[j].key);
-			free(src->kv[j].s);
-			free(src->kv[j].file);
-		}
-		free(src->kv);
-	}
-	free(c->sources);
+	conf_table_free(conf_table_root(), c);
 	free(c);
+}
+
+int
+conf_reload_keep(struct sagad_conf *nc, struct sagad_conf *oc, char *changed, size_t len)
+{
+	changed[0] = '\0';
+	return conf_table_keep(conf_table_root(), nc, oc, "", changed, len);
 }
 
 const struct conf_saga *
@@ -1328,7 +659,7 @@ conf_exchange(const struct sagad_conf *conf, const char *name)
 	size_t i;
 
 	for (i = 0; i < conf->n_exchanges; i++)
-		if (strcmp(conf->exchanges[i].name, name) == 0)
+		if (conf->exchanges[i].name && strcmp(conf->exchanges[i].name, name) == 0)
 			return &conf->exchanges[i];
 	return NULL;
 }

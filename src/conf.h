@@ -156,6 +156,13 @@ struct sagad_conf *conf_load(const char *path, struct conf_errors *errs);
 struct sagad_conf *conf_load_string(const char *text, const char *name,
     const char *include_dir, struct conf_errors *errs);
 void conf_free(struct sagad_conf *conf);
+/*
+ * On reload: the restart-only keys of nc take the running values of oc
+ * (and oc the new ones, freed with it), so that what the running modules
+ * hold keeps its address. The restart-only keys the file changed are
+ * written to changed, space separated; returns their number.
+ */
+int conf_reload_keep(struct sagad_conf *nc, struct sagad_conf *oc, char *changed, size_t len);
 void conf_errors_clear(struct conf_errors *errs);
 
 /* Find an exchange by name; NULL if not configured. */

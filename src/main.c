@@ -55,53 +55,15 @@ print_errors(const struct conf_errors *errs)
 		fprintf(stderr, "%s\n", errs->msg[i]);
 }
 
-/* Keys whose change needs a restart keep their old value on reload. */
+/* The table (conf_table.c) says which keys a reload applies; the others
+ * keep their running values, and the ones the file changed are named. */
 static void
 reload_keep(struct sagad_conf *nc, struct sagad_conf *oc)
 {
-#define KEEP_STR(field, name)						\
-	do {								\
-		if (strcmp(nc->field ? nc->field : "", oc->field ? oc->field : "") != 0) \
-			log_warn("reload: change needs a restart, ignored", LOG_STR("key", name)); \
-		char *t_ = nc->field; nc->field = oc->field; oc->field = t_; \
-	} while (0)
-	struct conf_broker tb;
-	struct conf_exchange *te;
-	struct conf_subscription *ts;
-	struct conf_saga *tg;
-	size_t tn, i;
-	int same;
+	char changed[1024];
 
-	KEEP_STR(service, "service");
-	KEEP_STR(user, "user");
-	KEEP_STR(store.path, "store.path");
-	KEEP_STR(api.listen, "api.listen");
-	KEEP_STR(api.admin_listen, "api.admin_listen");
-	if (strcmp(nc->broker.url, oc->broker.url) != 0 ||
-	    strcmp(nc->broker.password, oc->broker.password) != 0 ||
-	    nc->broker.heartbeat != oc->broker.heartbeat)
-		log_warn("reload: change needs a restart, ignored", LOG_STR("key", "broker"));
-	tb = nc->broker; nc->broker = oc->broker; oc->broker = tb;
-	same = nc->n_exchanges == oc->n_exchanges;
-	for (i = 0; same && i < nc->n_exchanges; i++)
-		same = strcmp(nc->exchanges[i].name, oc->exchanges[i].name) == 0 &&
-		    strcmp(nc->exchanges[i].type, oc->exchanges[i].type) == 0;
-	if (!same)
-		log_warn("reload: change needs a restart, ignored", LOG_STR("key", "exchanges"));
-	te = nc->exchanges; nc->exchanges = oc->exchanges; oc->exchanges = te;
-	tn = nc->n_exchanges; nc->n_exchanges = oc->n_exchanges; oc->n_exchanges = tn;
-	if (nc->n_subs != oc->n_subs)
-		log_warn("reload: change needs a restart, ignored", LOG_STR("key", "subscriptions"));
-	ts = nc->subs; nc->subs = oc->subs; oc->subs = ts;
-	tn = nc->n_subs; nc->n_subs = oc->n_subs; oc->n_subs = tn;
-	if (nc->n_sagas != oc->n_sagas)
-		log_warn("reload: change needs a restart, ignored", LOG_STR("key", "sagas"));
-	tg = nc->sagas; nc->sagas = oc->sagas; oc->sagas = tg;
-	tn = nc->n_sagas; nc->n_sagas = oc->n_sagas; oc->n_sagas = tn;
-	KEEP_STR(saga_queue, "sagas");
-	KEEP_STR(saga_queue_type, "saga_queue_type");
-	nc->api.socket_mode = oc->api.socket_mode;
-#undef KEEP_STR
+	if (conf_reload_keep(nc, oc, changed, sizeof changed) > 0)
+		log_warn("reload: change needs a restart, ignored", LOG_STR("keys", changed));
 }
 
 static void

@@ -36,10 +36,11 @@ tar -xzf "sagad-$(sed -n 's/^PACKAGE_VERSION = //p' Makefile).tar.gz" -C build-s
 	export ASAN_OPTIONS=abort_on_error=0:detect_leaks=0 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
 	if [ $(( $(date +%s) - start )) -gt 2700 ]; then
 		echo "sagad: time is short: sanitizer pass on the core scenarios only"
-		make check TESTS="$(echo t/unit/test_conf t/unit/test_util t/unit/test_props \
+		make check TESTS="$(echo t/unit/test_conf t/unit/test_conf_table t/unit/test_util t/unit/test_props \
 		    t/unit/test_store t/unit/test_metrics t/unit/test_ingress t/unit/test_acks \
 		    t/unit/test_syncer t/unit/test_log t/integration/publish.py \
 		    t/integration/errors.py t/integration/subscriptions.py t/integration/sagas.py \
+		    t/integration/source_reload.py \
 		    demo/demo.py)" || { tail -200 test-suite.log; exit 1; }
 	else
 		make check || { tail -200 test-suite.log; exit 1; }

@@ -172,6 +172,29 @@ fuzz_conf_check(const struct sagad_conf *c)
 	}
 }
 
+/* A reload from a plain configuration to the fuzzed one and back: the
+ * restart-only rows move between the two, and both stay whole (checked,
+ * then freed under ASan). */
+static void
+fuzz_conf_reload(const char *text)
+{
+	struct conf_errors errs = { NULL, 0 };
+	struct sagad_conf *run = conf_load_string("service = \"orders\";\n", "plain.conf",
+	    include_dir, &errs);
+	struct sagad_conf *nc = conf_load_string(text, "fuzz.conf", include_dir, &errs);
+	char changed[1024];
+
+	if (run && nc) {
+		conf_reload_keep(nc, run, changed, sizeof changed);
+		fuzz_conf_check(nc);
+		conf_reload_keep(run, nc, changed, sizeof changed);
+		fuzz_conf_check(run);
+	}
+	conf_free(run);
+	conf_free(nc);
+	conf_errors_clear(&errs);
+}
+
 int
 LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
@@ -194,6 +217,7 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 		FUZZ_CHECK(errs.n == 0, "a configuration loaded with %zu errors", errs.n);
 		fuzz_conf_check(c);
 		conf_free(c);
+		fuzz_conf_reload(text);
 	} else {
 		FUZZ_CHECK(errs.n > 0, "a configuration failed without an error message");
 		for (i = 0; i < errs.n; i++) {

@@ -390,7 +390,7 @@ test_err_unknown_group_keys(void **state)
 	expect_error(SVC "broker = {\n url = \"amqps://h\";\n tls = {\n  ca = \"/dev/null\";\n  verfy = true;\n };\n};\n", 6,
 	    "unknown key 'verfy' in 'tls'");
 	expect_error(SVC "exchanges = (\n  { name = \"events\";\n    kind = \"topic\"; }\n);\n", 4,
-	    "unknown key 'kind' in exchange");
+	    "unknown key 'kind' in 'exchange'");
 }
 
 static void

@@ -1,0 +1,28 @@
+/* Reading libconfig settings into the struct a table of rows describes
+ * (conf_table.h), with FILE:LINE errors. */
+#ifndef SAGAD_CONF_READ_H
+#define SAGAD_CONF_READ_H
+
+#include <libconfig.h>
+
+#include "conf.h"
+#include "conf_table.h"
+
+/* Where errors go while a file is read. */
+struct conf_ctx {
+	const char *main_file;
+	struct conf_errors *errs;
+};
+
+/* "FILE:LINE: message" for the setting s (NULL: the main file, line 0). */
+void conf_err(struct conf_ctx *ctx, const config_setting_t *s, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+void conf_err_push(struct conf_errors *errs, const char *fmt, ...)
+    __attribute__((format(printf, 2, 3)));
+
+/* Read a group of the file into base: types, ranges, unknown keys (named
+ * with where, the group's name; NULL at the top). */
+void conf_read_walk(struct conf_ctx *ctx, config_setting_t *group,
+    const struct conf_key *rows, void *base, const char *where);
+
+#endif
