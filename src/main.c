@@ -22,6 +22,7 @@
 #include "sagad.h"
 #include "store.h"
 #include "util.h"
+#include "xmalloc.h"
 
 enum sagad_exit {
 	EXIT_OK = 0,
@@ -224,45 +225,32 @@ drop_privileges(const struct sagad_conf *c)
 	return 0;
 }
 
-static int
-sagad_run(struct sagad_main *sm)
+/* The event base, with its priorities: 0 broker news, 1 requests (the
+ * default), 2 commit and relay fill, which run after everything else that
+ * is ready in the turn. */
+static struct event_base *
+sagad_base(void)
 {
-	struct sagad *d = &sm->d;
-	struct store_hooks hooks;
-	struct timeval now = { 0, 0 };
-	char *err = NULL, url[1024];
+	/* The changelist folds the add/del pairs of a turn into at most one
+	 * epoll_ctl per descriptor: evhttp toggles read and write interest for
+	 * every request, which otherwise costs a handful of system calls per
+	 * delivered message. */
+	struct event_config *cfg = event_config_new();
+	struct event_base *base;
 
-	util_mask_url(d->conf->broker.url, url, sizeof url);
-	log_info("sagad starting", LOG_STR("version", PACKAGE_VERSION),
-	    LOG_STR("service", d->conf->service), LOG_STR("store", d->conf->store.path),
-	    LOG_STR("listen", d->conf->api.listen), LOG_STR("admin", d->conf->api.admin_listen),
-	    LOG_STR("broker", url));
-	{
-		/* The changelist folds the add/del pairs of a turn into at most
-		 * one epoll_ctl per descriptor: evhttp toggles read and write
-		 * interest for every request, which otherwise costs a handful of
-		 * system calls per delivered message. */
-		struct event_config *cfg = event_config_new();
-		event_config_set_flag(cfg, EVENT_BASE_FLAG_EPOLL_USE_CHANGELIST);
-		d->base = event_base_new_with_config(cfg);
-		event_config_free(cfg);
-	}
-	/* 0: broker news, 1: requests (default), 2: commit and relay fill,
-	 * which run after everything else that is ready in the turn. */
-	event_base_priority_init(d->base, 3);
-	d->started = util_now();
-	d->store = store_open(d->conf->store.path, d->base, d->conf->store.max_bytes, &err);
-	if (!d->store)
-		goto fatal;
-	store_set_fatal(d->store, store_fatal, d);
-	d->ingress = ingress_new(d, &err);
-	if (!d->ingress)
-		goto fatal;
-	d->admin = admin_new(d, &err);
-	if (!d->admin)
-		goto fatal;
-	if (drop_privileges(d->conf) < 0)
-		return EXIT_FATAL;
+	event_config_set_flag(cfg, EVENT_BASE_FLAG_EPOLL_USE_CHANGELIST);
+	base = event_base_new_with_config(cfg);
+	event_config_free(cfg);
+	event_base_priority_init(base, 3);
+	return base;
+}
+
+/* The publishing side: the relay, its store hooks and its broker thread. */
+static int
+sagad_start_publishing(struct sagad *d, char **err)
+{
+	struct store_hooks hooks;
+
 	d->relay = relay_new(d->base, d->store, d->conf);
 	hooks.committed = relay_committed;
 	hooks.rolled_back = relay_rolled_back;
@@ -272,18 +260,26 @@ sagad_run(struct sagad_main *sm)
 	d->broker = broker_new(d->base, d->conf, BROKER_ROLE_PUBLISH, relay_broker_event, d->relay);
 	relay_set_broker(d->relay, d->broker);
 	if (broker_start(d->broker) < 0) {
-		err = strdup("cannot start the broker thread");
-		goto fatal;
+		*err = xstrdup("cannot start the broker thread");
+		return -1;
 	}
+	return 0;
+}
+
+/* The consuming side: the subscriptions, the saga engine on its internal
+ * one, and the consumer's broker thread. */
+static int
+sagad_start_consuming(struct sagad *d, char **err)
+{
 	d->delivery = delivery_new(d);
 	if (!d->delivery) {
-		err = strdup("cannot set up the subscriptions");
-		goto fatal;
+		*err = xstrdup("cannot set up the subscriptions");
+		return -1;
 	}
 	if (d->conf->n_sagas) {
-		d->saga = saga_new(d, &err);
+		d->saga = saga_new(d, err);
 		if (!d->saga)
-			goto fatal;
+			return -1;
 		delivery_set_handler(d->delivery, delivery_sub_index(d->delivery, "_sagas"),
 		    saga_handle, d->saga);
 	}
@@ -292,15 +288,53 @@ sagad_run(struct sagad_main *sm)
 		    delivery_broker_event, d->delivery);
 		delivery_set_broker(d->delivery, d->consumer);
 		if (broker_start(d->consumer) < 0) {
-			err = strdup("cannot start the consumer thread");
-			goto fatal;
+			*err = xstrdup("cannot start the consumer thread");
+			return -1;
 		}
 	}
-	if (d->conf->n_sources) {
-		d->plugins = plugins_start(d, &err);
-		if (!d->plugins)
-			goto fatal;
-	}
+	return 0;
+}
+
+/* Everything up to the loop; -1 with *err (or, for privileges, logged). */
+static int
+sagad_start(struct sagad *d, char **err)
+{
+	char url[1024];
+
+	util_mask_url(d->conf->broker.url, url, sizeof url);
+	log_info("sagad starting", LOG_STR("version", PACKAGE_VERSION),
+	    LOG_STR("service", d->conf->service), LOG_STR("store", d->conf->store.path),
+	    LOG_STR("listen", d->conf->api.listen), LOG_STR("admin", d->conf->api.admin_listen),
+	    LOG_STR("broker", url));
+	d->base = sagad_base();
+	d->started = util_now();
+	d->store = store_open(d->conf->store.path, d->base, d->conf->store.max_bytes, err);
+	if (!d->store)
+		return -1;
+	store_set_fatal(d->store, store_fatal, d);
+	d->ingress = ingress_new(d, err);
+	if (!d->ingress)
+		return -1;
+	d->admin = admin_new(d, err);
+	if (!d->admin)
+		return -1;
+	/* The listeners are bound: the rest runs without privileges. */
+	if (drop_privileges(d->conf) < 0)
+		return -1;
+	if (sagad_start_publishing(d, err) < 0 || sagad_start_consuming(d, err) < 0)
+		return -1;
+	if (d->conf->n_sources && !(d->plugins = plugins_start(d, err)))
+		return -1;
+	return 0;
+}
+
+/* Signals and the periodic expiry, then the loop until a stop. */
+static void
+sagad_loop(struct sagad_main *sm)
+{
+	struct sagad *d = &sm->d;
+	struct timeval now = { 0, 0 };
+
 	sm->sig_term = evsignal_new(d->base, SIGTERM, on_signal, sm);
 	sm->sig_int = evsignal_new(d->base, SIGINT, on_signal, sm);
 	sm->sig_hup = evsignal_new(d->base, SIGHUP, on_signal, sm);
@@ -311,6 +345,13 @@ sagad_run(struct sagad_main *sm)
 	evtimer_add(sm->expire_ev, &now);
 	log_info("sagad ready", LOG_INT("pending", store_outbox_count(d->store)));
 	event_base_dispatch(d->base);
+}
+
+/* Teardown, in the order the threads need. */
+static void
+sagad_stop(struct sagad_main *sm)
+{
+	struct sagad *d = &sm->d;
 
 	d->state = SAGAD_STOPPED;
 	/* Every fsync served first: its jobs (early broker acks) run on the
@@ -334,12 +375,24 @@ sagad_run(struct sagad_main *sm)
 	if (sm->drain_ev)
 		event_free(sm->drain_ev);
 	event_base_free(d->base);
+}
+
+static int
+sagad_run(struct sagad_main *sm)
+{
+	char *err = NULL;
+
+	if (sagad_start(&sm->d, &err) < 0) {
+		/* drop_privileges logs its own reason */
+		if (err)
+			log_error("fatal", LOG_STR("error", err));
+		free(err);
+		return EXIT_FATAL;
+	}
+	sagad_loop(sm);
+	sagad_stop(sm);
 	log_info("sagad stopped", LOG_INT("status", sagad_exit_status));
 	return sagad_exit_status;
-fatal:
-	log_error("fatal", LOG_STR("error", err ? err : "unknown"));
-	free(err);
-	return EXIT_FATAL;
 }
 
 /* libevent's own warnings would otherwise go to stderr as bare text, the one
