@@ -43,6 +43,17 @@ on_event(void *arg, const struct broker_event *ev)
 	event_base_loopbreak(s->base);
 }
 
+/* Wait a little, by varying amounts: the next wish then lands at a varying
+ * point of the turn that the kick started. */
+static void
+spin(int n)
+{
+	volatile int k;
+
+	for (k = 0; k < n * 50; k++)
+		;
+}
+
 static struct sagad_conf *
 load(void)
 {
@@ -69,11 +80,13 @@ test_wishes_and_commands_cross_threads(void **state)
 	(void)state;
 	b = broker_new(s.base, c, BROKER_ROLE_CONSUME, on_event, &s);
 	assert_int_equal(broker_start(b), 0);
-	for (i = 0; i < 2000; i++) {
+	/* Many tries: a race shows only when the two sides meet in time. */
+	for (i = 0; i < 20000; i++) {
 		broker_consume(b, i % 2, (i / 2) % 2);
 		if (i % 3 == 0)
 			broker_requeue(b, 1, i % 2, (uint64_t)i);
 		broker_kick(b);
+		spin(i % 61);
 	}
 	while (s.downs < 2)
 		event_base_dispatch(s.base);
