@@ -3,7 +3,8 @@
 # builds, runs the unit tests and the integration scenarios (private
 # RabbitMQ and PostgreSQL instances), checks the distribution tarball, runs
 # each fuzz target for 30 s, then the suite again built with AddressSanitizer
-# and UndefinedBehaviorSanitizer.
+# and UndefinedBehaviorSanitizer, then the threaded part of it built with
+# ThreadSanitizer (t/tsan.sh).
 set -eu
 cd "$(dirname "$0")/.."
 start=$(date +%s)
@@ -41,4 +42,6 @@ tar -xzf "sagad-$(sed -n 's/^PACKAGE_VERSION = //p' Makefile).tar.gz" -C build-s
 		make check || { tail -200 test-suite.log; exit 1; }
 	fi
 )
+# Races fail the run; about 6 minutes (t/tsan.sh).
+bash t/tsan.sh
 echo "sagad: all tests passed in $(( $(date +%s) - start )) s"
