@@ -601,9 +601,9 @@ broker_frame(struct broker *b, amqp_frame_t *f)
  * Read every frame that is available without blocking. Frames can wait
  * inside the library (its read buffer, its decoded-frame queue) while the
  * socket is not readable, so the loop runs until the library itself says
- * there is nothing more (PITFALLS: drained buffers). A zero timeout makes it
- * a true poll; it also sends due heartbeats and notices a silent peer
- * (AMQP_STATUS_HEARTBEAT_TIMEOUT).
+ * there is nothing more (ARCHITECTURE.md: rabbitmq-c: drained buffers). A
+ * zero timeout makes it a true poll; it also sends due heartbeats and
+ * notices a silent peer (AMQP_STATUS_HEARTBEAT_TIMEOUT).
  */
 static int
 broker_drain(struct broker *b)
@@ -830,7 +830,8 @@ broker_do_pending(struct broker *b)
 		return;
 	/* rabbitmq-c 0.11 can hang forever in amqp_basic_publish on a dead
 	 * connection (fixed in 0.14): a zero-timeout read first turns a dead
-	 * peer into AMQP_STATUS_HEARTBEAT_TIMEOUT (PITFALLS: publish hang). */
+	 * peer into AMQP_STATUS_HEARTBEAT_TIMEOUT (ARCHITECTURE.md: rabbitmq-c:
+	 * publish hang). */
 	if (broker_drain(b) < 0)
 		return;
 	for (i = 0; i < b->npending && b->state == BROKER_ST_UP; i++) {
@@ -947,7 +948,7 @@ broker_read_cb(evutil_socket_t fd, short what, void *arg)
 }
 
 /* Heartbeats are serviced only inside library calls: poll at half the
- * interval (PITFALLS: heartbeats). */
+ * interval (ARCHITECTURE.md: rabbitmq-c: heartbeats). */
 static void
 broker_hb_cb(evutil_socket_t fd, short what, void *arg)
 {
@@ -978,7 +979,8 @@ broker_schedule_retry(struct broker *b)
 /*
  * Tear the connection down. After a socket error, a heartbeat timeout or a
  * close from the peer, a graceful close can hang on a dead peer: skip it,
- * remove the fd event first, then destroy (PITFALLS: close hangs).
+ * remove the fd event first, then destroy (ARCHITECTURE.md: rabbitmq-c: close
+ * hangs).
  */
 static void
 broker_fail(struct broker *b, const char *why, int graceful)
@@ -1022,7 +1024,8 @@ broker_client_props(struct broker *b, amqp_table_entry_t *e, amqp_table_entry_t 
 	amqp_table_t t;
 
 	/* Ask to be told about resource alarms instead of meeting them as TCP
-	 * back-pressure inside amqp_basic_publish (PITFALLS). */
+	 * back-pressure inside amqp_basic_publish (ARCHITECTURE.md: rabbitmq-c:
+	 * connection.blocked). */
 	caps[0].key = amqp_cstring_bytes("connection.blocked");
 	caps[0].value.kind = AMQP_FIELD_KIND_BOOLEAN;
 	caps[0].value.value.boolean = 1;
