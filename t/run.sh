@@ -42,6 +42,6 @@ tar -xzf "sagad-$(sed -n 's/^PACKAGE_VERSION = //p' Makefile).tar.gz" -C build-s
 		make check || { tail -200 test-suite.log; exit 1; }
 	fi
 )
-# Races fail the run; about 6 minutes (t/tsan.sh).
+# Races fail the run; about 6.5 minutes (t/tsan.sh).
 bash t/tsan.sh
 echo "sagad: all tests passed in $(( $(date +%s) - start )) s"
