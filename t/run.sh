@@ -35,7 +35,7 @@ tar -xzf "sagad-$(sed -n 's/^PACKAGE_VERSION = //p' Makefile).tar.gz" -C build-s
 		echo "sagad: time is short: sanitizer pass on the core scenarios only"
 		make check TESTS="$(echo t/unit/test_conf t/unit/test_util t/unit/test_props \
 		    t/unit/test_store t/unit/test_metrics t/unit/test_ingress t/unit/test_acks \
-		    t/unit/test_syncer t/integration/publish.py \
+		    t/unit/test_syncer t/unit/test_broker t/integration/publish.py \
 		    t/integration/errors.py t/integration/subscriptions.py t/integration/sagas.py \
 		    demo/demo.py)" || { tail -200 test-suite.log; exit 1; }
 	else
