@@ -56,6 +56,7 @@ struct broker_sub {
 	char ctag[300];		/* fresh for every basic.consume */
 	unsigned consumes;
 	int want;		/* under lock: the main thread's wish */
+	int wanted;		/* broker thread: want, as of the last turn */
 	int consuming;		/* broker thread: basic.consume is active */
 	struct acks acks;	/* broker thread: this channel's settled tags */
 };
@@ -110,7 +111,8 @@ struct broker {
 	struct broker_event *outbuf;	/* events to hand over at the end of a turn */
 	size_t nout, capout;
 
-	/* Shared, under lock. */
+	/* Shared, under lock. The broker thread reads these in one place
+	 * only, broker_take_shared(), at the start of every turn. */
 	pthread_mutex_t lock;
 	struct broker_cmd *inq;
 	size_t ninq, capinq;
@@ -597,9 +599,9 @@ broker_frame(struct broker *b, amqp_frame_t *f)
  * Read every frame that is available without blocking. Frames can wait
  * inside the library (its read buffer, its decoded-frame queue) while the
  * socket is not readable, so the loop runs until the library itself says
- * there is nothing more (PITFALLS: drained buffers). A zero timeout makes it
- * a true poll; it also sends due heartbeats and notices a silent peer
- * (AMQP_STATUS_HEARTBEAT_TIMEOUT).
+ * there is nothing more (ARCHITECTURE.md: rabbitmq-c: drained buffers). A
+ * zero timeout makes it a true poll; it also sends due heartbeats and
+ * notices a silent peer (AMQP_STATUS_HEARTBEAT_TIMEOUT).
  */
 static int
 broker_drain(struct broker *b)
@@ -712,14 +714,14 @@ broker_pending_clear(struct broker *b)
 	b->npending = 0;
 }
 
-/* Take the main thread's commands. One meant for an earlier connection is
- * void: the relay rewinds and republishes, the broker redelivers. */
+/* Under lock: take the main thread's commands. One meant for an earlier
+ * connection is void: the relay rewinds and republishes, the broker
+ * redelivers. */
 static void
-broker_take_queue(struct broker *b)
+broker_take_cmds_locked(struct broker *b)
 {
 	size_t i;
 
-	pthread_mutex_lock(&b->lock);
 	for (i = 0; i < b->ninq; i++) {
 		if (b->inq[i].epoch != b->epoch || b->state != BROKER_ST_UP) {
 			msg_free(b->inq[i].msg);
@@ -732,6 +734,34 @@ broker_take_queue(struct broker *b)
 		b->pending[b->npending++] = b->inq[i];
 	}
 	b->ninq = 0;
+}
+
+/* What the other threads asked for since the last turn. */
+struct broker_wake {
+	int stop;
+	int subs_changed;
+};
+
+/*
+ * The only reader of the shared half of struct broker on the broker
+ * thread: under one lock it takes every flag (and clears it), copies the
+ * consume wishes and moves the queued commands to the thread's own list.
+ * Whatever a caller set before its broker_kick() is seen by the turn that
+ * kick causes, or by an earlier one; none is read half-updated.
+ */
+static void
+broker_take_shared(struct broker *b, struct broker_wake *w)
+{
+	size_t i;
+
+	pthread_mutex_lock(&b->lock);
+	w->stop = b->stop;
+	w->subs_changed = b->subs_changed;
+	b->subs_changed = 0;
+	if (w->subs_changed)
+		for (i = 0; i < b->n_subs; i++)
+			b->subs[i].wanted = b->subs[i].want;
+	broker_take_cmds_locked(b);
 	pthread_mutex_unlock(&b->lock);
 }
 
@@ -794,12 +824,12 @@ broker_do_pending(struct broker *b)
 {
 	size_t i;
 
-	broker_take_queue(b);
 	if (b->state != BROKER_ST_UP || b->blocked || !b->npending)
 		return;
 	/* rabbitmq-c 0.11 can hang forever in amqp_basic_publish on a dead
 	 * connection (fixed in 0.14): a zero-timeout read first turns a dead
-	 * peer into AMQP_STATUS_HEARTBEAT_TIMEOUT (PITFALLS: publish hang). */
+	 * peer into AMQP_STATUS_HEARTBEAT_TIMEOUT (ARCHITECTURE.md: rabbitmq-c:
+	 * publish hang). */
 	if (broker_drain(b) < 0)
 		return;
 	for (i = 0; i < b->npending && b->state == BROKER_ST_UP; i++) {
@@ -818,22 +848,21 @@ broker_do_pending(struct broker *b)
 	}
 }
 
-/* basic.consume / basic.cancel as the main thread wishes. */
-static void
+/* basic.consume / basic.cancel as the main thread last wished (wanted,
+ * from broker_take_shared): after a reconnect every wished consumer starts
+ * again. Returns how many consumers changed. */
+static int
 broker_apply_consume(struct broker *b)
 {
 	size_t i;
+	int changed = 0;
 
 	for (i = 0; i < b->n_subs && b->state == BROKER_ST_UP; i++) {
 		struct broker_sub *s = &b->subs[i];
-		int want;
 
-		pthread_mutex_lock(&b->lock);
-		want = s->want;
-		pthread_mutex_unlock(&b->lock);
-		if (want == s->consuming)
+		if (s->wanted == s->consuming)
 			continue;
-		if (want) {
+		if (s->wanted) {
 			/* A new tag each time: RabbitMQ 3.10 can crash the
 			 * channel when a quorum queue consumer is cancelled and
 			 * re-registered under the same tag (rabbitmq-server#5927). */
@@ -842,52 +871,68 @@ broker_apply_consume(struct broker *b)
 			amqp_basic_consume(b->conn, 2 + i, amqp_cstring_bytes(s->queue),
 			    amqp_cstring_bytes(s->ctag), 0, 0, 0, amqp_empty_table);
 			if (broker_reply_ok(b, "basic.consume") < 0)
-				return;
+				return changed;
 		} else {
 			amqp_basic_cancel(b->conn, 2 + i, amqp_cstring_bytes(s->ctag));
 			if (broker_reply_ok(b, "basic.cancel") < 0)
-				return;
+				return changed;
 		}
-		s->consuming = want;
-		log_debug(want ? "consumer started" : "consumer paused", LOG_STR("queue", s->queue));
+		s->consuming = s->wanted;
+		changed++;
+		log_debug(s->wanted ? "consumer started" : "consumer paused", LOG_STR("queue", s->queue));
 	}
+	return changed;
+}
+
+/* Close for good: what the broker already sent is read first so that its
+ * confirms reach the main thread. */
+static void
+broker_stop_now(struct broker *b)
+{
+	if (b->state == BROKER_ST_UP) {
+		broker_drain(b);
+		broker_fail(b, "stopping", 1);
+	}
+	b->state = BROKER_ST_STOPPING;
+	event_base_loopbreak(b->base);
+	broker_post_flush(b);
+}
+
+/*
+ * One turn of the broker thread, whatever woke it (a kick, the socket, the
+ * heartbeat timer, a new connection): take what the other threads asked
+ * for, then stop, or apply the consume wishes, send the commands and hand
+ * the events over. Every wake-up goes through here, so a wish is applied
+ * on the next turn whether or not publishes are pending.
+ */
+static void
+broker_turn(struct broker *b)
+{
+	struct broker_wake w;
+
+	broker_take_shared(b, &w);
+	if (w.stop) {
+		broker_stop_now(b);
+		return;
+	}
+	/* The synchronous basic.consume may have read deliveries into the
+	 * library's frame queue; the socket will not say so. */
+	if (broker_apply_consume(b) > 0 && b->state == BROKER_ST_UP)
+		broker_drain(b);
+	broker_do_pending(b);
+	broker_post_flush(b);
 }
 
 static void
 broker_wake_cb(evutil_socket_t fd, short what, void *arg)
 {
-	struct broker *b = arg;
-	int stop;
-
 	(void)fd;
 	(void)what;
-	pthread_mutex_lock(&b->lock);
-	stop = b->stop;
-	pthread_mutex_unlock(&b->lock);
-	if (stop) {
-		if (b->state == BROKER_ST_UP) {
-			broker_drain(b);
-			broker_fail(b, "stopping", 1);
-		}
-		b->state = BROKER_ST_STOPPING;
-		event_base_loopbreak(b->base);
-		broker_post_flush(b);
-		return;
-	}
-	if (b->subs_changed) {
-		pthread_mutex_lock(&b->lock);
-		b->subs_changed = 0;
-		pthread_mutex_unlock(&b->lock);
-		broker_apply_consume(b);
-		/* The synchronous basic.consume may have read deliveries into
-		 * the library's frame queue; the socket will not say so. */
-		if (b->state == BROKER_ST_UP)
-			broker_drain(b);
-	}
-	broker_do_pending(b);
-	broker_post_flush(b);
+	broker_turn(arg);
 }
 
+/* The socket is readable: read what came, then a turn (publishes that
+ * waited for an unblock go now). */
 static void
 broker_read_cb(evutil_socket_t fd, short what, void *arg)
 {
@@ -895,23 +940,12 @@ broker_read_cb(evutil_socket_t fd, short what, void *arg)
 
 	(void)fd;
 	(void)what;
-	if (broker_drain(b) == 0 && b->npending && !b->blocked)
-		if (b->subs_changed) {
-		pthread_mutex_lock(&b->lock);
-		b->subs_changed = 0;
-		pthread_mutex_unlock(&b->lock);
-		broker_apply_consume(b);
-		/* The synchronous basic.consume may have read deliveries into
-		 * the library's frame queue; the socket will not say so. */
-		if (b->state == BROKER_ST_UP)
-			broker_drain(b);
-	}
-	broker_do_pending(b);
-	broker_post_flush(b);
+	broker_drain(b);
+	broker_turn(b);
 }
 
 /* Heartbeats are serviced only inside library calls: poll at half the
- * interval (PITFALLS: heartbeats). */
+ * interval (ARCHITECTURE.md: rabbitmq-c: heartbeats). */
 static void
 broker_hb_cb(evutil_socket_t fd, short what, void *arg)
 {
@@ -942,7 +976,8 @@ broker_schedule_retry(struct broker *b)
 /*
  * Tear the connection down. After a socket error, a heartbeat timeout or a
  * close from the peer, a graceful close can hang on a dead peer: skip it,
- * remove the fd event first, then destroy (PITFALLS: close hangs).
+ * remove the fd event first, then destroy (ARCHITECTURE.md: rabbitmq-c: close
+ * hangs).
  */
 static void
 broker_fail(struct broker *b, const char *why, int graceful)
@@ -987,7 +1022,8 @@ broker_client_props(struct broker *b, amqp_table_entry_t *e, amqp_table_entry_t 
 	amqp_table_t t;
 
 	/* Ask to be told about resource alarms instead of meeting them as TCP
-	 * back-pressure inside amqp_basic_publish (PITFALLS). */
+	 * back-pressure inside amqp_basic_publish (ARCHITECTURE.md: rabbitmq-c:
+	 * connection.blocked). */
 	caps[0].key = amqp_cstring_bytes("connection.blocked");
 	caps[0].value.kind = AMQP_FIELD_KIND_BOOLEAN;
 	caps[0].value.value.boolean = 1;
@@ -1204,10 +1240,8 @@ broker_connect_cb(evutil_socket_t fd, short what, void *arg)
 	    LOG_UINT("exchanges", b->n_exchanges), LOG_UINT("queues", b->n_subs),
 	    LOG_UINT("epoch", b->epoch));
 	broker_post(b, BROKER_EV_UP, 0, 0, NULL);
-	broker_apply_consume(b);
-	if (b->state == BROKER_ST_UP)
-		broker_drain(b);
-	broker_post_flush(b);
+	broker_drain(b);
+	broker_turn(b);
 }
 
 static void *

@@ -45,10 +45,10 @@ httpd_set_limits(struct evhttp *http, const struct httpd_limits *lim)
 {
 	struct timeval tv;
 
-	/* evhttp defaults to unlimited sizes and no timeout (PITFALLS). The
-	 * body cap leaves room above max_body so that a body a little too
-	 * large still reaches us and gets a JSON 413; a far larger one is cut
-	 * by libevent with its own plain 413. */
+	/* evhttp defaults to unlimited sizes and no timeout (ARCHITECTURE.md:
+	 * libevent: evhttp limits). The body cap leaves room above max_body
+	 * so that a body a little too large still reaches us and gets a JSON
+	 * 413; a far larger one is cut by libevent with its own plain 413. */
 	evhttp_set_max_body_size(http, lim->max_body + 65536);
 	evhttp_set_max_headers_size(http, lim->max_headers);
 	tv.tv_sec = (time_t)lim->timeout;

@@ -445,10 +445,11 @@ main(int argc, char **argv)
 		conf_free(sm.d.conf);
 		return EXIT_OK;
 	}
-	/* libevent writes without MSG_NOSIGNAL (PITFALLS). */
+	/* libevent writes without MSG_NOSIGNAL (ARCHITECTURE.md: libevent:
+	 * SIGPIPE). */
 	signal(SIGPIPE, SIG_IGN);
 	/* Needed before any base exists: the broker thread wakes the main
-	 * base with event_active() (PITFALLS). */
+	 * base with event_active() (ARCHITECTURE.md: libevent: threads). */
 	evthread_use_pthreads();
 	rc = sagad_run(&sm);
 	conf_free(sm.d.conf);

@@ -4,7 +4,8 @@
 # RabbitMQ and PostgreSQL instances), checks the distribution tarball, runs
 # each fuzz target for 30 s, runs the quick start and the Debian package on
 # fresh Debian 12 roots (t/fresh.sh), then the suite again built with
-# AddressSanitizer and UndefinedBehaviorSanitizer.
+# AddressSanitizer and UndefinedBehaviorSanitizer, then the threaded part of
+# it built with ThreadSanitizer (t/tsan.sh).
 set -eu
 cd "$(dirname "$0")/.."
 start=$(date +%s)
@@ -38,7 +39,7 @@ tar -xzf "sagad-$(sed -n 's/^PACKAGE_VERSION = //p' Makefile).tar.gz" -C build-s
 		echo "sagad: time is short: sanitizer pass on the core scenarios only"
 		make check TESTS="$(echo t/unit/test_conf t/unit/test_conf_table t/unit/test_util t/unit/test_props \
 		    t/unit/test_store t/unit/test_metrics t/unit/test_ingress t/unit/test_acks \
-		    t/unit/test_syncer t/unit/test_log t/integration/publish.py \
+		    t/unit/test_syncer t/unit/test_log t/unit/test_broker t/integration/publish.py \
 		    t/integration/errors.py t/integration/subscriptions.py t/integration/sagas.py \
 		    t/integration/source_reload.py \
 		    demo/demo.py)" || { tail -200 test-suite.log; exit 1; }
@@ -46,4 +47,6 @@ tar -xzf "sagad-$(sed -n 's/^PACKAGE_VERSION = //p' Makefile).tar.gz" -C build-s
 		make check || { tail -200 test-suite.log; exit 1; }
 	fi
 )
+# Races fail the run; about 6.5 minutes (t/tsan.sh).
+bash t/tsan.sh
 echo "sagad: all tests passed in $(( $(date +%s) - start )) s"

@@ -1121,6 +1121,36 @@ def is_uuid7(s, near=None, slack=300):
 
 # ---------------------------------------------------------------- running
 
+_SANITIZER = None
+
+
+def sanitizer_reports(logfiles, context=40):
+    """The sanitizer reports (ThreadSanitizer, AddressSanitizer,
+    UndefinedBehaviorSanitizer) found in the given sagad logs, each with
+    the lines that follow it; '' when there are none. sagad's stderr goes
+    to its log, and a report does not always end the process: TSan goes
+    on after a race unless halt_on_error is set, and a scenario may kill
+    the daemon before its exit code would tell."""
+    global _SANITIZER
+    import re
+    if _SANITIZER is None:
+        _SANITIZER = re.compile(r'(WARNING|ERROR|FATAL): (Thread|Address|Leak)Sanitizer'
+                                r'|SUMMARY: \w*Sanitizer|: runtime error: ')
+    out = []
+    for path in logfiles:
+        try:
+            with open(path, 'rb') as f:
+                lines = f.read().decode('utf-8', 'replace').splitlines()
+        except OSError:
+            continue
+        hits = [i for i, l in enumerate(lines) if _SANITIZER.search(l)]
+        if hits:
+            first = hits[0]
+            out.append('---- sanitizer report in %s (%d matching lines; the first):\n%s'
+                       % (path, len(hits), '\n'.join(lines[first:first + context])))
+    return '\n'.join(out)
+
+
 def run_test(fn, name=None):
     """Run fn(workdir) in a fresh temporary directory; print ok or the
     traceback (with the tail of every sagad log), clean up everything, exit
@@ -1169,6 +1199,13 @@ def run_test(fn, name=None):
         cleanup_all()
     except BaseException:
         traceback.print_exc()
+    reports = sanitizer_reports(d.logfile for d in sagads)
+    if reports:
+        # A race or a memory error fails the scenario even when every
+        # check held (t/run.sh: the sanitizer and ThreadSanitizer passes).
+        print(reports)
+        if ok:
+            ok, failure = False, 'sanitizer report in a sagad log (above)'
     if ok and not os.environ.get('SAGAD_KEEP'):
         shutil.rmtree(workdir, ignore_errors=True)
     else:
