@@ -1119,7 +1119,26 @@ test_checkpoint_pages(void **state)
 	assert_int_equal(store_checkpoint_pages((int64_t)10 << 30), 1024);
 	assert_int_equal(store_checkpoint_pages((int64_t)64 << 20), 1024);
 	assert_int_equal(store_checkpoint_pages(((int64_t)64 << 20) - 1), 256);
-	assert_int_equal(store_checkpoint_pages(0), 256);
+	assert_int_equal(store_checkpoint_pages((int64_t)16 << 20), 256);
+	assert_int_equal(store_checkpoint_pages((int64_t)8 << 20), 128);
+	assert_int_equal(store_checkpoint_pages((int64_t)2 << 20), 32);
+	assert_int_equal(store_checkpoint_pages(0), 16);
+}
+
+/* The room kept free for deletes and checkpoints: two windows and a
+ * margin, a fraction of a small disk (issue 14, A7). */
+static void
+test_headroom(void **state)
+{
+	int64_t free_bytes;
+
+	(void)state;
+	assert_int_equal(store_headroom(16, 4096), (2 * 16 + 32) * 4096);
+	for (free_bytes = (int64_t)1 << 20; free_bytes <= (int64_t)1 << 30; free_bytes *= 2) {
+		int64_t room = store_headroom(store_checkpoint_pages(free_bytes), 4096);
+		assert_true(room <= free_bytes / 4 || free_bytes >= (int64_t)64 << 20);
+		assert_true(room <= (int64_t)9 << 20);
+	}
 }
 
 /* What the relay may publish, seen from inside the commit. */
@@ -1327,6 +1346,7 @@ main(void)
 		T(test_written_before_durable),
 		T(test_early_jobs),
 		T(test_checkpoint_pages),
+		T(test_headroom),
 		T(test_publish_early),
 		T(test_sync_starts_at_once),
 	};
