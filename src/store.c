@@ -35,7 +35,7 @@ enum store_stmt {
 	ST_OUT_OLDEST, ST_ID_EXPIRE, ST_PAGES, ST_OUT_ATTEMPTS, ST_OUT_LIST,
 	ST_IN_INSERT, ST_IN_LOAD, ST_IN_DONE, ST_IN_RETRY, ST_IN_DEAD,
 	ST_IN_REPLAY_ONE, ST_IN_REPLAY_ALL, ST_IN_COUNT, ST_IN_OLDEST, ST_IN_EXPIRE,
-	ST_IN_FORGET, ST_OUT_DEFER_EX, ST_ID_FORGET,
+	ST_IN_FORGET, ST_OUT_DEFER_EX, ST_ID_FORGET, ST_IN_SENT,
 	ST_COUNT
 };
 
@@ -64,18 +64,19 @@ static const char *const store_sql[ST_COUNT] = {
 	    " props, body, received_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
 	[ST_IN_LOAD] = "SELECT id, message_id, exchange, routing_key, props, body, state, attempts,"
 	    " due_at, received_at, coalesce(finished_at, 0), last_status, coalesce(last_error, ''),"
-	    " coalesce(dead_reason, '') FROM inbox WHERE subscription = ? AND state = ? AND id > ?"
-	    " ORDER BY id LIMIT ?",
+	    " coalesce(dead_reason, ''), sent FROM inbox WHERE subscription = ? AND state = ?"
+	    " AND id > ? ORDER BY id LIMIT ?",
+	[ST_IN_SENT] = "UPDATE inbox SET sent = ? WHERE id = ?",
 	[ST_IN_DONE] = "UPDATE inbox SET state = 1, body = NULL, finished_at = ?, last_status = ?,"
 	    " attempts = attempts + 1, due_at = 0 WHERE id = ?",
 	[ST_IN_RETRY] = "UPDATE inbox SET attempts = ?, due_at = ?, last_status = ?, last_error = ?"
 	    " WHERE id = ?",
 	[ST_IN_DEAD] = "UPDATE inbox SET state = 2, finished_at = ?, attempts = ?, dead_reason = ?,"
 	    " last_status = ?, last_error = ?, due_at = 0 WHERE id = ?",
-	[ST_IN_REPLAY_ONE] = "UPDATE inbox SET state = 0, attempts = 0, due_at = 0, dead_reason = NULL"
-	    " WHERE subscription = ? AND state = 2 AND message_id = ?",
-	[ST_IN_REPLAY_ALL] = "UPDATE inbox SET state = 0, attempts = 0, due_at = 0, dead_reason = NULL"
-	    " WHERE subscription = ? AND state = 2",
+	[ST_IN_REPLAY_ONE] = "UPDATE inbox SET state = 0, attempts = 0, sent = 0, due_at = 0,"
+	    " dead_reason = NULL WHERE subscription = ? AND state = 2 AND message_id = ?",
+	[ST_IN_REPLAY_ALL] = "UPDATE inbox SET state = 0, attempts = 0, sent = 0, due_at = 0,"
+	    " dead_reason = NULL WHERE subscription = ? AND state = 2",
 	[ST_IN_COUNT] = "SELECT count(*) FROM inbox WHERE subscription = ? AND state = ?",
 	[ST_IN_OLDEST] = "SELECT min(received_at) FROM inbox WHERE subscription = ? AND state = 0",
 	[ST_IN_EXPIRE] = "DELETE FROM inbox WHERE id IN (SELECT id FROM inbox WHERE state = 1"
@@ -158,6 +159,11 @@ static const char *const store_migrations[] = {
 	"  message_id TEXT,"
 	"  detail TEXT);"
 	"CREATE INDEX saga_log_row ON saga_log(row);",
+
+	/* Attempts started (store_inbox_sent); attempts counts those whose
+	 * outcome is recorded. More started than recorded: one was in flight
+	 * when sagad stopped, and the service may have seen the message. */
+	"ALTER TABLE inbox ADD COLUMN sent INTEGER NOT NULL DEFAULT 0;",
 };
 
 struct store_cb {
@@ -1393,6 +1399,7 @@ store_row_inbox(sqlite3_stmt *s)
 	r->last_status = sqlite3_column_int(s, 11);
 	r->last_error = strdup((const char *)sqlite3_column_text(s, 12));
 	r->dead_reason = strdup((const char *)sqlite3_column_text(s, 13));
+	r->redelivered = (unsigned)sqlite3_column_int(s, 14) > r->attempts;
 	m->created_at = r->received_at;
 	return r;
 }
@@ -1427,6 +1434,18 @@ store_inbox_done(struct store *st, int64_t id, double now, int status)
 	sqlite3_bind_double(s, 1, now);
 	sqlite3_bind_int(s, 2, status);
 	sqlite3_bind_int64(s, 3, id);
+	return store_write_seq(st, s);
+}
+
+int
+store_inbox_sent(struct store *st, int64_t id, unsigned sent)
+{
+	sqlite3_stmt *s = st->stmt[ST_IN_SENT];
+
+	if (store_begin_relaxed(st) < 0)
+		return -1;
+	sqlite3_bind_int(s, 1, (int)sent);
+	sqlite3_bind_int64(s, 2, id);
 	return store_write_seq(st, s);
 }
 

@@ -6,7 +6,9 @@ message published twice by a producer; sagad killed with SIGKILL between
 the inbox commit and the broker ack and between the delivery and the record
 of its success (each message reaches the service at least once and is
 recorded exactly once, with and without message ids); the broker restarted
-while deliveries are in flight; retries survive a sagad restart."""
+while deliveries are in flight; retries survive a sagad restart; a
+delivery in flight when sagad is killed comes again marked
+Sagad-Redelivered, first deliveries never are (issue 14, A8)."""
 
 import os
 import random
@@ -377,12 +379,62 @@ def phase_keep(d, svc, tool, url):
     h.check('pending deliveries resumed' in d.log(), 'the log says pending deliveries resumed')
 
 
+def redelivered_of(call):
+    return call['headers'].get('sagad-redelivered')
+
+
+def phase_redelivered(d, svc, tool, url):
+    """Issue 14, A8: the service holds 4 deliveries (concurrency 4) and 16
+    more wait behind them; sagad is killed. After the restart the 4 come
+    again with Sagad-Redelivered: true; the 16 others, never sent before,
+    and every delivery before the kill, carry no such header."""
+    h.log('== SIGKILL while the service holds deliveries: the repeats are marked')
+    hold = {'on': True}
+
+    def answer(call):
+        return ('sleep', 120, 200) if hold['on'] else 200
+    svc.behaviour = answer
+    ids = ['rd-%d' % i for i in range(20)]
+    tool.send(url, 'events', 'redel.x', body='rd {n}', message_id='rd-{n}', count=len(ids))
+    h.wait_until(lambda: len(svc.snapshot()) >= 4, 30, 'the service holds 4 deliveries')
+    time.sleep(0.5)
+    before = svc.snapshot()
+    held = {mid_of(c) for c in before}
+    h.check(len(before) == 4, '4 deliveries in flight, the others wait (concurrency 4)',
+            [mid_of(c) for c in before])
+    d.proc.send_signal(signal.SIGKILL)
+    restart_after_kill(d, 'the service held %s' % sorted(held))
+    hold['on'] = False
+    svc.release()
+    h.wait_until(lambda: all(svc.ok_ids().get(i) for i in ids), 60, 'rd-* all answered 200')
+    after = svc.snapshot()[len(before):]
+    h.check(all(redelivered_of(c) is None and attempt_of(c) == 1 for c in before),
+            'no Sagad-Redelivered on the deliveries before the kill',
+            [(mid_of(c), redelivered_of(c)) for c in before])
+    again = [c for c in after if mid_of(c) in held]
+    first = [c for c in after if mid_of(c) not in held]
+    h.log('after the restart: %s' % [(mid_of(c), attempt_of(c), redelivered_of(c))
+                                     for c in after])
+    h.check(sorted({mid_of(c) for c in again}) == sorted(held) and
+            all(redelivered_of(c) == 'true' and attempt_of(c) == 1 for c in again),
+            'the %d deliveries in flight at the kill came again with Sagad-Redelivered: true '
+            '(Sagad-Attempt: 1, as no outcome was recorded)' % len(held), [(mid_of(c), attempt_of(c), redelivered_of(c)) for c in again])
+    h.check(len(first) == len(ids) - len(held) and
+            all(redelivered_of(c) is None and attempt_of(c) == 1 for c in first),
+            'the %d first deliveries after the restart carry no Sagad-Redelivered, and '
+            'Sagad-Attempt: 1' % (len(ids) - len(held)),
+            [(mid_of(c), attempt_of(c), redelivered_of(c)) for c in first])
+    h.wait_until(lambda: settled(d, ['redel']), 60, 'redel settled')
+    svc.behaviour = lambda call: 200
+
+
 def main(wd):
     broker = h.Broker(wd)
     broker.start()
     tool = h.AmqpTool()
     url = broker.url
-    svcs = {name: h.Service() for name in ('answers', 'down', 'dup', 'crash', 'brk', 'keep')}
+    svcs = {name: h.Service() for name in ('answers', 'down', 'dup', 'crash', 'brk', 'keep',
+                                           'redel')}
     # A 5 s attempt timeout where the service never hangs: a 1 s one made a
     # slow answer under load a second attempt, and 'each answered once'
     # false. Only 'answers' tests timeouts.
@@ -397,6 +449,7 @@ def main(wd):
         'brk': ('brk', {'concurrency': 4, 'max_pending': 16, 'max_attempts': 1000}),
         'keep': ('keep', {'max_attempts': 4, 'retry_initial': 3, 'retry_max': 3,
                           'circuit_failures': 1000}),
+        'redel': ('redel', {'concurrency': 4, 'max_attempts': 1000, 'timeout': 300}),
     }
     conf = 'subscriptions = (\n%s\n);\n' % ',\n'.join(
         '  { name = "%s"; bind = [ "events:%s.#" ]; deliver = "%s"; %s }'
@@ -412,6 +465,7 @@ def main(wd):
         ('dup', lambda: phase_dup(d, svcs['dup'], tool, url)),
         ('keep', lambda: phase_keep(d, svcs['keep'], tool, url)),
         ('kill', lambda: phase_kill(d, svcs['crash'], tool, url)),
+        ('redelivered', lambda: phase_redelivered(d, svcs['redel'], tool, url)),
         ('broker', lambda: phase_broker(d, svcs['brk'], tool, url, broker)),
         ('down', lambda: phase_down(d, svcs['down'], tool, url)),
     ]

@@ -1111,6 +1111,47 @@ test_early_jobs(void **state)
 	assert_int_equal(disk_count(f->path), 2);
 }
 
+/* One pending inbox record of sub "s" loaded: is it marked redelivered? */
+static int
+inbox_redelivered(struct fx *f)
+{
+	struct inbox_rec *r[2];
+	size_t n = 0;
+	int v;
+
+	assert_int_equal(store_inbox_load(f->st, "s", INBOX_PENDING, 0, 2, r, &n), 0);
+	assert_int_equal(n, 1);
+	v = r[0]->redelivered;
+	inbox_rec_free(r[0]);
+	return v;
+}
+
+/* An attempt started and not recorded (sagad killed while the service held
+ * the request) marks the record redelivered after a restart (issue 14, A8);
+ * a recorded outcome, or no attempt at all, does not. */
+static void
+test_inbox_sent_marks_redelivered(void **state)
+{
+	struct fx *f = *state;
+	struct msg *m = new_msg("in-1", "events", "order.created", "{}", 2);
+	int64_t id = 0;
+
+	assert_int_equal(store_inbox_put(f->st, "s", m, 1, &id), STORE_PUT_STORED);
+	msg_free(m);
+	assert_int_equal(store_flush(f->st), 0);
+	reopen(f);
+	assert_false(inbox_redelivered(f));
+	assert_int_equal(store_inbox_sent(f->st, id, 1), 0);
+	assert_int_equal(store_flush(f->st), 0);
+	reopen(f);
+	assert_true(inbox_redelivered(f));
+	/* That attempt's outcome recorded (a retry): no longer in doubt. */
+	assert_int_equal(store_inbox_retry(f->st, id, 1, 0, 503, "HTTP 503"), 0);
+	assert_int_equal(store_flush(f->st), 0);
+	reopen(f);
+	assert_false(inbox_redelivered(f));
+}
+
 /* A big log between checkpoints, a small one near a full disk. */
 static void
 test_checkpoint_pages(void **state)
@@ -1347,6 +1388,7 @@ main(void)
 		T(test_early_jobs),
 		T(test_checkpoint_pages),
 		T(test_headroom),
+		T(test_inbox_sent_marks_redelivered),
 		T(test_publish_early),
 		T(test_sync_starts_at_once),
 	};
