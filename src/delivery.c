@@ -526,6 +526,19 @@ delivery_request(struct dsub *ds, struct dmsg *dm, struct evbuffer *out)
 
 static void dsub_arm(struct dsub *ds, double at);
 
+/* An attempt that will not go out after all: as if never started. */
+static void
+dattempt_cancel(struct dattempt *a)
+{
+	a->conn->reserved = 0;
+	a->dm->inflight = 0;
+	a->dm->rec->attempts--;
+	a->ds->inflight--;
+	if (a->req)
+		evbuffer_free(a->req);
+	free(a);
+}
+
 /* The attempt's mark is written (or lost): send the request, or give the
  * attempt up without sending. Runs inside a commit: no store writes. */
 static void
@@ -535,23 +548,19 @@ delivery_marked_cb(void *arg, int ok)
 	struct dsub *ds = a->ds;
 	struct evbuffer *req = a->req;
 
-	a->conn->reserved = 0;
-	a->req = NULL;
 	if (!ok || ds->dl->d->state == SAGAD_STOPPED) {
 		/* Unmarked, it must not go out: after a crash the repeat
 		 * would look like a first delivery. (Draining, it goes out:
 		 * marked, it was decided while running, and the drain waits
 		 * for it. Stopped: never sent, yet marked; the next start
 		 * calls it a possible redelivery, which it then is not.) */
-		a->dm->inflight = 0;
-		a->dm->rec->attempts--;
-		ds->inflight--;
-		evbuffer_free(req);
-		free(a);
+		dattempt_cancel(a);
 		if (!ok)
 			dsub_arm(ds, util_now() + 1);
 		return;
 	}
+	a->conn->reserved = 0;
+	a->req = NULL;
 	/* Cannot fail: the connection was idle. Its answer, or failure,
 	 * comes from the loop. */
 	hclient_send(a->conn->hc, req, dsub_conf(ds)->timeout, delivery_done_cb, a);
@@ -584,7 +593,11 @@ dsub_attempt(struct dsub *ds, struct dmsg *dm)
 	dm->inflight = 1;
 	dm->rec->attempts++;
 	ds->inflight++;
-	store_inbox_sent(st, dm->rec->id, dm->rec->attempts);
+	if (store_inbox_sent(st, dm->rec->id, dm->rec->attempts) < 0) {
+		dattempt_cancel(a);	/* unmarked: not sent (delivery_marked_cb) */
+		dsub_arm(ds, util_now() + 1);
+		return;
+	}
 	store_on_written(st, delivery_marked_cb, a);
 }
 
