@@ -5,11 +5,13 @@ a long time, then back (SAGAD_SERVICE_DOWN_SECONDS, default 45); the same
 message published twice by a producer; sagad killed with SIGKILL between
 the inbox commit and the broker ack and between the delivery and the record
 of its success (each message reaches the service at least once and is
-recorded exactly once, with and without message ids); the broker restarted
+recorded exactly once, with and without message ids; every repeat marked
+by Sagad-Redelivered or a higher Sagad-Attempt); the broker restarted
 while deliveries are in flight; retries survive a sagad restart; a
 delivery in flight when sagad is killed comes again marked
 Sagad-Redelivered, first deliveries never are (issue 14, A8)."""
 
+import collections
 import os
 import random
 import signal
@@ -29,6 +31,10 @@ def key_of(call):
 
 def mid_of(call):
     return call['headers'].get('message-id')
+
+
+def redelivered_of(call):
+    return call['headers'].get('sagad-redelivered')
 
 
 def attempt_of(call):
@@ -324,6 +330,19 @@ def phase_kill(d, svc, tool, url):
     h.log('kills: %s; deliveries to the service beyond the first: %d; broker redeliveries '
           'dropped by the inbox: %d' % (trig['fired'], again, dropped))
     h.check(len(trig['fired']) == 2, 'both service-triggered kills happened', trig['fired'])
+    # Issue 14, A8: sagad alone was killed, so every repeat is marked: the
+    # delivery in flight at a kill comes again with Sagad-Redelivered, a
+    # retry with a higher Sagad-Attempt.
+    calls = collections.defaultdict(list)
+    for c in svc.snapshot():
+        if mid_of(c) in set(expect_ids):
+            calls[mid_of(c)].append(c)
+    unmarked = [(k, [(attempt_of(c), redelivered_of(c)) for c in v])
+                for k, v in sorted(calls.items())
+                if any(attempt_of(c) <= 1 and redelivered_of(c) != 'true' for c in v[1:])]
+    marked = sum(1 for v in calls.values() for c in v[1:] if redelivered_of(c) == 'true')
+    h.check(not unmarked, 'every repeat after the kills is marked (%d with Sagad-Redelivered)'
+            % marked, unmarked[:10])
     d.stop()
     store_check(d, 'crash', expect_ids, n_noid, 'crash')
     d.start()
@@ -377,10 +396,6 @@ def phase_keep(d, svc, tool, url):
             'dead-lettered after max_attempts (4) counted across the restart',
             [m.get('headers') for m in dl])
     h.check('pending deliveries resumed' in d.log(), 'the log says pending deliveries resumed')
-
-
-def redelivered_of(call):
-    return call['headers'].get('sagad-redelivered')
 
 
 def phase_redelivered(d, svc, tool, url):
