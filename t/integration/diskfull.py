@@ -15,7 +15,9 @@
     again by itself, nothing else freed: sagad keeps the room it needs to
     delete confirmed messages and checkpoint. Nothing accepted is lost, no
     message reaches the broker more than twice, and a restart publishes
-    nothing again.
+    nothing again. Then again with another program (a filler) taking
+    every byte left free once the store answers 507: the same recovery.
+    (DISKFULL_ONLY=alone or =foreign runs one of these alone.)
 (b) A damaged store file makes sagad stop at startup with exit status 3
     and an error line naming the file, never a crash: a truncated file, a
     garbage header, garbage pages after the header, a text file, a store
@@ -247,12 +249,13 @@ def phase_steady(wd, broker, tool, disk):
 ALONE_SIZE = 2 * 1024 * 1024
 
 
-def phase_alone(wd, broker, tool, disk):
+def phase_alone(wd, broker, tool, disk, foreign=False):
     """Issue 14, A7: nothing but the store on its file system. Once the
     disk is full, deleting a confirmed message needs room in the write-ahead
-    log: sagad must have kept it, or it refuses every publish for good."""
-    h.log('== (d) the store alone fills a %d MiB tmpfs while the broker is down'
-          % (ALONE_SIZE >> 20))
+    log: sagad must have kept it, or it refuses every publish for good.
+    foreign: then another program takes every byte left free."""
+    h.log('== (d) the store alone fills a %d MiB tmpfs while the broker is down%s'
+          % (ALONE_SIZE >> 20, '; then a filler takes the rest' if foreign else ''))
     tool.declare_queue(broker.url, 'alone', [('events', 'alone.#')])
     d = h.Sagad(wd, broker.url, name='alone')
     d.store = os.path.join(disk, 'alone.db')
@@ -275,6 +278,13 @@ def phase_alone(wd, broker, tool, disk):
             'free)' % (len(accepted), df(disk) >> 10), dict(statuses))
     h.log('store files when full: %s' % {p: os.path.getsize(os.path.join(disk, p))
                                          for p in os.listdir(disk)})
+    filler = os.path.join(disk, 'filler')
+    if foreign:
+        try:
+            fill(filler, 0)
+        except OSError as e:
+            h.log('filler: %s' % e)
+        h.log('a filler took the rest: %d KiB free' % (df(disk) >> 10))
 
     h.log('-- broker back: confirmed messages free their room, publishing resumes')
     broker.start()
@@ -333,6 +343,10 @@ def phase_alone(wd, broker, tool, disk):
            'published again', 'pending %s, %d more copies at the broker'
            % (pending, sum(got.values()) - before))
     d.stop()
+    if os.path.exists(filler):
+        os.unlink(filler)
+    for p in os.listdir(disk):
+        os.unlink(os.path.join(disk, p))
     twice = sorted(k for k, v in got.items() if v > 2)
     expect(not twice, '%d accepted, none lost, none at the broker more than twice '
            '(%d copies in all)' % (len(accepted), sum(got.values())), twice[:10])
@@ -431,8 +445,8 @@ def main(wd):
         broker.start()
         tool = h.AmqpTool()
         only = os.environ.get('DISKFULL_ONLY')    # one phase, when working on it
-        if only == 'alone':
-            phase_alone(wd, broker, tool, alone)
+        if only in ('alone', 'foreign'):
+            phase_alone(wd, broker, tool, alone, foreign=only == 'foreign')
             if PROBLEMS:
                 raise AssertionError('%d strict check(s) failed:\n  %s'
                                      % (len(PROBLEMS), '\n  '.join(PROBLEMS)))
@@ -445,6 +459,7 @@ def main(wd):
                  figs['copies']))
         phase_steady(wd, broker, tool, disk)
         phase_alone(wd, broker, tool, alone)
+        phase_alone(wd, broker, tool, alone, foreign=True)
         if PROBLEMS:
             raise AssertionError('%d strict check(s) failed:\n  %s'
                                  % (len(PROBLEMS), '\n  '.join(PROBLEMS)))
