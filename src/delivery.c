@@ -26,6 +26,7 @@ struct dmsg {
 
 struct dconn {
 	struct hclient *hc;	/* NULL until first used */
+	int reserved;		/* taken by an attempt that waits for its mark */
 };
 
 struct dsub {
@@ -64,6 +65,7 @@ struct dattempt {
 	struct dsub *ds;
 	struct dmsg *dm;
 	struct dconn *conn;
+	struct evbuffer *req;	/* until it goes out (delivery_marked_cb) */
 };
 
 /* Ack after the commit that holds the inbox record. */
@@ -452,6 +454,8 @@ delivery_headers(struct dsub *ds, struct dmsg *dm, delivery_emit_fn *emit, void 
 	delivery_add(emit, arg, "Sagad-Routing-Key", m->routing_key);
 	snprintf(num, sizeof num, "%u", dm->rec->attempts + 1);
 	delivery_add(emit, arg, "Sagad-Attempt", num);
+	if (dm->rec->redelivered)
+		delivery_add(emit, arg, "Sagad-Redelivered", "true");
 	delivery_add(emit, arg, "Sagad-Kind", kind && (strcmp(kind, "command") == 0 ||
 	    strcmp(kind, "compensation") == 0) ? kind : "event");
 	delivery_add(emit, arg, "Sagad-Saga", props_get_header(&m->props, "x-sagad-saga"));
@@ -481,7 +485,7 @@ dsub_idle_conn(struct dsub *ds)
 	int i;
 
 	for (i = 0; i < ds->nconns; i++)
-		if (!ds->conns[i].hc || !hclient_busy(ds->conns[i].hc))
+		if (!ds->conns[i].reserved && (!ds->conns[i].hc || !hclient_busy(ds->conns[i].hc)))
 			break;
 	if (i == ds->nconns)
 		return NULL;
@@ -528,12 +532,62 @@ delivery_request(struct dsub *ds, struct dmsg *dm, struct evbuffer *out)
 	evbuffer_add(out, dm->rec->m->body, dm->rec->m->body_len);
 }
 
+static void dsub_arm(struct dsub *ds, double at);
+
+/* An attempt that will not go out after all: as if never started. */
+static void
+dattempt_cancel(struct dattempt *a)
+{
+	a->conn->reserved = 0;
+	a->dm->inflight = 0;
+	a->dm->rec->attempts--;
+	a->ds->inflight--;
+	if (a->req)
+		evbuffer_free(a->req);
+	free(a);
+}
+
+/* The attempt's mark is written (or lost): send the request, or give the
+ * attempt up without sending. Runs inside a commit: no store writes. */
+static void
+delivery_marked_cb(void *arg, int ok)
+{
+	struct dattempt *a = arg;
+	struct dsub *ds = a->ds;
+	struct evbuffer *req = a->req;
+
+	if (!ok || ds->dl->d->state == SAGAD_STOPPED) {
+		/* Unmarked, it must not go out: after a crash the repeat
+		 * would look like a first delivery. (Draining, it goes out:
+		 * marked, it was decided while running, and the drain waits
+		 * for it. Stopped: never sent, yet marked; the next start
+		 * calls it a possible redelivery, which it then is not.) */
+		dattempt_cancel(a);
+		if (!ok)
+			dsub_arm(ds, util_now() + 1);
+		return;
+	}
+	a->conn->reserved = 0;
+	a->req = NULL;
+	/* Cannot fail: the connection was idle. Its answer, or failure,
+	 * comes from the loop. */
+	hclient_send(a->conn->hc, req, dsub_conf(ds)->timeout, delivery_done_cb, a);
+	evbuffer_free(req);
+}
+
+/*
+ * An attempt starts once the store holds that it started (store_inbox_sent,
+ * written with the turn's transaction, no fsync of its own): if sagad dies
+ * while the service holds the request, the record shows it after the
+ * restart and the repeat carries Sagad-Redelivered (sagad(8), DELIVERY
+ * GUARANTEES). The request waits for the end of the turn, not for a sync.
+ */
 static void
 dsub_attempt(struct dsub *ds, struct dmsg *dm)
 {
 	struct dconn *conn = dsub_idle_conn(ds);
+	struct store *st = ds->dl->d->store;
 	struct dattempt *a;
-	struct evbuffer *req;
 
 	if (!conn)
 		return;
@@ -541,15 +595,18 @@ dsub_attempt(struct dsub *ds, struct dmsg *dm)
 	a->ds = ds;
 	a->dm = dm;
 	a->conn = conn;
-	req = evbuffer_new();
-	delivery_request(ds, dm, req);
+	a->req = evbuffer_new();
+	delivery_request(ds, dm, a->req);	/* Sagad-Attempt: before the count */
+	conn->reserved = 1;
 	dm->inflight = 1;
 	dm->rec->attempts++;
 	ds->inflight++;
-	/* Cannot fail: the connection was idle. Its answer, or failure,
-	 * comes from the loop. */
-	hclient_send(conn->hc, req, dsub_conf(ds)->timeout, delivery_done_cb, a);
-	evbuffer_free(req);
+	if (store_inbox_sent(st, dm->rec->id, dm->rec->attempts) < 0) {
+		dattempt_cancel(a);	/* unmarked: not sent (delivery_marked_cb) */
+		dsub_arm(ds, util_now() + 1);
+		return;
+	}
+	store_on_written(st, delivery_marked_cb, a);
 }
 
 static int

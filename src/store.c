@@ -24,7 +24,10 @@
  * it. */
 #define STORE_CKPT_PAGES 1024
 #define STORE_CKPT_PAGES_TIGHT 256
+#define STORE_CKPT_PAGES_MIN 16
 #define STORE_CKPT_ROOM ((int64_t)64 << 20)
+/* Pages kept free beyond two checkpoint windows (store_headroom). */
+#define STORE_ROOM_PAGES 32
 
 enum store_stmt {
 	ST_BEGIN, ST_COMMIT, ST_ROLLBACK,
@@ -33,7 +36,7 @@ enum store_stmt {
 	ST_OUT_OLDEST, ST_ID_EXPIRE, ST_PAGES, ST_OUT_ATTEMPTS, ST_OUT_LIST,
 	ST_IN_INSERT, ST_IN_LOAD, ST_IN_DONE, ST_IN_RETRY, ST_IN_DEAD,
 	ST_IN_REPLAY_ONE, ST_IN_REPLAY_ALL, ST_IN_COUNT, ST_IN_OLDEST, ST_IN_EXPIRE,
-	ST_IN_FORGET, ST_OUT_DEFER_EX, ST_ID_FORGET,
+	ST_IN_FORGET, ST_OUT_DEFER_EX, ST_ID_FORGET, ST_IN_SENT,
 	ST_COUNT
 };
 
@@ -62,18 +65,19 @@ static const char *const store_sql[ST_COUNT] = {
 	    " props, body, received_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
 	[ST_IN_LOAD] = "SELECT id, message_id, exchange, routing_key, props, body, state, attempts,"
 	    " due_at, received_at, coalesce(finished_at, 0), last_status, coalesce(last_error, ''),"
-	    " coalesce(dead_reason, '') FROM inbox WHERE subscription = ? AND state = ? AND id > ?"
-	    " ORDER BY id LIMIT ?",
+	    " coalesce(dead_reason, ''), sent FROM inbox WHERE subscription = ? AND state = ?"
+	    " AND id > ? ORDER BY id LIMIT ?",
+	[ST_IN_SENT] = "UPDATE inbox SET sent = ? WHERE id = ?",
 	[ST_IN_DONE] = "UPDATE inbox SET state = 1, body = NULL, finished_at = ?, last_status = ?,"
 	    " attempts = attempts + 1, due_at = 0 WHERE id = ?",
 	[ST_IN_RETRY] = "UPDATE inbox SET attempts = ?, due_at = ?, last_status = ?, last_error = ?"
 	    " WHERE id = ?",
 	[ST_IN_DEAD] = "UPDATE inbox SET state = 2, finished_at = ?, attempts = ?, dead_reason = ?,"
 	    " last_status = ?, last_error = ?, due_at = 0 WHERE id = ?",
-	[ST_IN_REPLAY_ONE] = "UPDATE inbox SET state = 0, attempts = 0, due_at = 0, dead_reason = NULL"
-	    " WHERE subscription = ? AND state = 2 AND message_id = ?",
-	[ST_IN_REPLAY_ALL] = "UPDATE inbox SET state = 0, attempts = 0, due_at = 0, dead_reason = NULL"
-	    " WHERE subscription = ? AND state = 2",
+	[ST_IN_REPLAY_ONE] = "UPDATE inbox SET state = 0, attempts = 0, sent = 0, due_at = 0,"
+	    " dead_reason = NULL WHERE subscription = ? AND state = 2 AND message_id = ?",
+	[ST_IN_REPLAY_ALL] = "UPDATE inbox SET state = 0, attempts = 0, sent = 0, due_at = 0,"
+	    " dead_reason = NULL WHERE subscription = ? AND state = 2",
 	[ST_IN_COUNT] = "SELECT count(*) FROM inbox WHERE subscription = ? AND state = ?",
 	[ST_IN_OLDEST] = "SELECT min(received_at) FROM inbox WHERE subscription = ? AND state = 0",
 	[ST_IN_EXPIRE] = "DELETE FROM inbox WHERE id IN (SELECT id FROM inbox WHERE state = 1"
@@ -82,7 +86,7 @@ static const char *const store_sql[ST_COUNT] = {
 	    " WHERE exchange = ?",
 	[ST_ID_FORGET] = "DELETE FROM outbox_ids WHERE message_id = ?",
 	[ST_IN_FORGET] = "DELETE FROM inbox WHERE id = ?",
-	[ST_PAGES] = "SELECT (SELECT page_count FROM pragma_page_count) -"
+	[ST_PAGES] = "SELECT (SELECT page_count FROM pragma_page_count),"
 	    " (SELECT freelist_count FROM pragma_freelist_count)",
 };
 
@@ -124,6 +128,11 @@ static const char *const store_migrations[] = {
 	"CREATE INDEX inbox_finished ON inbox(finished_at) WHERE state = 1;",
 
 	saga_store_schema,	/* the saga engine's records (saga_store.c) */
+
+	/* Attempts started (store_inbox_sent); attempts counts those whose
+	 * outcome is recorded. More started than recorded: one was in flight
+	 * when sagad stopped, and the service may have seen the message. */
+	"ALTER TABLE inbox ADD COLUMN sent INTEGER NOT NULL DEFAULT 0;",
 };
 
 struct store_cb {
@@ -152,6 +161,10 @@ struct store {
 	int64_t max_bytes;
 	int64_t page_size;
 	int64_t bytes;		/* pages in use at the last count, plus what was added since */
+	int64_t counted;	/* pages in use at the last count, in bytes */
+	int64_t reusable;	/* free pages inside the file at the last count, in bytes */
+	int64_t fs_free;	/* free on its file system at the last count; -1: unknown */
+	int refusing;		/* new records refused to keep the headroom (logged once) */
 	int uncounted;		/* commits since the last count of pages */
 	int64_t tx_bytes;	/* rough size of what the open transaction adds */
 	int64_t committed_seq, tx_seq;
@@ -256,23 +269,90 @@ store_fsync_histogram(struct store *st, struct histogram *out)
  * of each (a quarter of them: at 1 MiB, 23 a second under a full inbox
  * load), and hot pages are copied once instead of four times. Near a full
  * disk the log stays small, and shrinks back after each checkpoint, so
- * that it cannot be what fills the disk.
+ * that it cannot be what fills the disk; below 16 MiB free it shrinks with
+ * the free space (a 64th of it), because the store keeps two windows of
+ * it free (store_headroom).
  */
 int
 store_checkpoint_pages(int64_t free_bytes)
 {
-	return free_bytes < STORE_CKPT_ROOM ? STORE_CKPT_PAGES_TIGHT : STORE_CKPT_PAGES;
+	int64_t pages = free_bytes >> 16;
+
+	if (free_bytes >= STORE_CKPT_ROOM)
+		return STORE_CKPT_PAGES;
+	if (pages > STORE_CKPT_PAGES_TIGHT)
+		return STORE_CKPT_PAGES_TIGHT;
+	return pages < STORE_CKPT_PAGES_MIN ? STORE_CKPT_PAGES_MIN : (int)pages;
+}
+
+/*
+ * What the file system must keep free for the store itself: once a disk
+ * is full, deleting a confirmed message still writes to the write-ahead
+ * log, and the checkpoint that empties the log copies its pages into the
+ * database file, which may have to grow. A store that used that room for
+ * new messages wedges for good: nothing can be deleted, so nothing frees
+ * room (issue 14, A7). Two checkpoint windows (the log's pages waiting to
+ * be copied, and the log of the deletes that follow) and a margin.
+ */
+int64_t
+store_headroom(int ckpt_pages, int64_t page_size)
+{
+	return (2 * (int64_t)ckpt_pages + STORE_ROOM_PAGES) * page_size;
+}
+
+/*
+ * Room for size more bytes? Within max_bytes, and without eating into the
+ * headroom. What counts as free: the file system's free space and the free
+ * pages inside the file (reused without growing it), less twice what was
+ * added since the count (a new page is written to the log, then copied to
+ * the file).
+ */
+static int
+store_has_room(const struct store *st, int64_t size)
+{
+	int64_t added = st->bytes - st->counted + st->tx_bytes + size;
+
+	if (st->bytes + st->tx_bytes + size > st->max_bytes)
+		return 0;
+	if (st->fs_free < 0)
+		return 1;
+	return st->fs_free + st->reusable - 2 * added >=
+	    store_headroom(st->ckpt_pages, st->page_size);
+}
+
+/* A new record refused or accepted again: an operator sees why. */
+static void
+store_note_room(struct store *st, int room)
+{
+	if (room == !st->refusing)
+		return;
+	st->refusing = !room;
+	if (room)
+		log_info("store has room again", LOG_STR("path", st->path));
+	else
+		log_warn("store refuses new messages: file system nearly full",
+		    LOG_STR("path", st->path), LOG_INT("free_bytes", st->fs_free),
+		    LOG_INT("headroom_bytes", store_headroom(st->ckpt_pages, st->page_size)));
+}
+
+/* Room for a new record of size bytes (logged when that changes). */
+static int
+store_room_for(struct store *st, int64_t size)
+{
+	int room = store_has_room(st, size);
+
+	store_note_room(st, room);
+	return room;
 }
 
 static void
 store_tune_checkpoint(struct store *st)
 {
-	struct statvfs sv;
 	int pages;
 	char sql[64];
 
-	if (fstatvfs(st->lock_fd, &sv) == 0)
-		pages = store_checkpoint_pages((int64_t)sv.f_bavail * (int64_t)sv.f_frsize);
+	if (st->fs_free >= 0)
+		pages = store_checkpoint_pages(st->fs_free);
 	else if (st->ckpt_pages)
 		return;		/* unknown: as it is */
 	else
@@ -288,6 +368,39 @@ store_tune_checkpoint(struct store *st)
 	snprintf(sql, sizeof sql, "PRAGMA journal_size_limit=%lld",
 	    (long long)pages * 4 * (st->page_size > 0 ? st->page_size : 4096));
 	sqlite3_exec(st->db, sql, NULL, NULL, NULL);
+}
+
+/* Count the pages in use and free, and the free space of the file system;
+ * then size the checkpoints for it. */
+static void
+store_count(struct store *st)
+{
+	sqlite3_stmt *s = st->stmt[ST_PAGES];
+	struct statvfs sv;
+
+	if (sqlite3_step(s) == SQLITE_ROW) {
+		int64_t pages = sqlite3_column_int64(s, 0), unused = sqlite3_column_int64(s, 1);
+		st->bytes = st->counted = (pages - unused) * st->page_size;
+		st->reusable = unused * st->page_size;
+	}
+	sqlite3_reset(s);
+	st->uncounted = 0;
+	if (fstatvfs(st->lock_fd, &sv) == 0)
+		st->fs_free = (int64_t)sv.f_bavail * (int64_t)sv.f_frsize;
+	else
+		st->fs_free = -1;
+	store_tune_checkpoint(st);
+}
+
+/* Close to the headroom, or to max_bytes, where the count decides between
+ * 202 and 507: counted at every commit. */
+static int
+store_count_near(const struct store *st)
+{
+	int64_t added = st->bytes - st->counted;
+
+	return st->bytes >= st->max_bytes - st->max_bytes / 4 ||
+	    (st->fs_free >= 0 && st->fs_free - 2 * added < STORE_CKPT_ROOM);
 }
 
 struct store *
@@ -319,10 +432,15 @@ store_open(const char *path, struct event_base *base, int64_t max_bytes, char **
 	sqlite3_extended_result_codes(st->db, 1);
 	/* synchronous=NORMAL, and store_flush syncs the WAL itself after every
 	 * commit that must be durable (store_sync_wal): durable before 202.
-	 * A bounded page cache keeps memory flat with a large backlog. */
+	 * A bounded page cache keeps memory flat with a large backlog.
+	 * secure_delete=FAST: a delete zeroes what it frees only on pages it
+	 * writes anyway. With it ON (Debian's default) deleting a message
+	 * writes its freed overflow pages to the log, as big as the message:
+	 * the room that a full disk no longer has (store_headroom). */
 	if (store_exec(st, "PRAGMA journal_mode=WAL", err) < 0 ||
 	    store_exec(st, "PRAGMA synchronous=NORMAL", err) < 0 ||
 	    store_exec(st, "PRAGMA cache_size=-4096", err) < 0 ||
+	    store_exec(st, "PRAGMA secure_delete=FAST", err) < 0 ||
 	    store_exec(st, "PRAGMA foreign_keys=ON", err) < 0) {
 		store_close(st);
 		return NULL;
@@ -345,8 +463,8 @@ store_open(const char *path, struct event_base *base, int64_t max_bytes, char **
 		return NULL;
 	}
 	st->tx_seq = st->written_seq = st->visible_seq = st->committed_seq;
-	st->bytes = store_query_int(st, store_sql[ST_PAGES]) * st->page_size;
-	store_tune_checkpoint(st);
+	store_count(st);
+	store_note_room(st, store_has_room(st, 0));
 	st->commit_ev = event_new(base, -1, 0, store_commit_cb, st);
 	/* Lowest priority: the commit runs after every ready request of the
 	 * turn has joined the transaction. */
@@ -697,13 +815,8 @@ store_commit(struct store *st)
 	 * decides between 202 and 507, every commit counts. */
 	st->bytes += st->tx_bytes;
 	st->tx_bytes = 0;
-	if (++st->uncounted >= STORE_COUNT_EVERY || st->bytes >= st->max_bytes - st->max_bytes / 4) {
-		if (sqlite3_step(st->stmt[ST_PAGES]) == SQLITE_ROW)
-			st->bytes = sqlite3_column_int64(st->stmt[ST_PAGES], 0) * st->page_size;
-		sqlite3_reset(st->stmt[ST_PAGES]);
-		st->uncounted = 0;
-		store_tune_checkpoint(st);
-	}
+	if (++st->uncounted >= STORE_COUNT_EVERY || store_count_near(st))
+		store_count(st);
 	if (st->full_seen) {
 		/* The disk filled up: give the log's space back now. */
 		sqlite3_exec(st->db, "PRAGMA wal_checkpoint(TRUNCATE)", NULL, NULL, NULL);
@@ -883,7 +996,7 @@ store_outbox_put(struct store *st, struct msg *m, double now, unsigned flags)
 
 	if (st->broken)
 		return STORE_PUT_ERROR;
-	if (st->bytes + st->tx_bytes + size > st->max_bytes)
+	if (!store_room_for(st, size))
 		return STORE_PUT_FULL;
 	if (store_begin(st) < 0)
 		return STORE_PUT_ERROR;
@@ -1121,7 +1234,7 @@ store_bytes(const struct store *st)
 int
 store_writable(const struct store *st)
 {
-	return !st->broken && st->bytes < st->max_bytes;
+	return !st->broken && st->bytes < st->max_bytes && store_has_room(st, 0);
 }
 
 const char *
@@ -1197,7 +1310,7 @@ store_inbox_put(struct store *st, const char *sub, struct msg *m, double now,
 
 	if (st->broken)
 		return STORE_PUT_ERROR;
-	if (st->bytes + st->tx_bytes + size > st->max_bytes)
+	if (!store_room_for(st, size))
 		return STORE_PUT_FULL;
 	if (store_begin(st) < 0)
 		return STORE_PUT_ERROR;
@@ -1255,6 +1368,7 @@ store_row_inbox(sqlite3_stmt *s)
 	r->last_status = sqlite3_column_int(s, 11);
 	r->last_error = strdup((const char *)sqlite3_column_text(s, 12));
 	r->dead_reason = strdup((const char *)sqlite3_column_text(s, 13));
+	r->redelivered = (unsigned)sqlite3_column_int(s, 14) > r->attempts;
 	m->created_at = r->received_at;
 	return r;
 }
@@ -1289,6 +1403,18 @@ store_inbox_done(struct store *st, int64_t id, double now, int status)
 	sqlite3_bind_double(s, 1, now);
 	sqlite3_bind_int(s, 2, status);
 	sqlite3_bind_int64(s, 3, id);
+	return store_write_seq(st, s);
+}
+
+int
+store_inbox_sent(struct store *st, int64_t id, unsigned sent)
+{
+	sqlite3_stmt *s = st->stmt[ST_IN_SENT];
+
+	if (store_begin_relaxed(st) < 0)
+		return -1;
+	sqlite3_bind_int(s, 1, (int)sent);
+	sqlite3_bind_int64(s, 2, id);
 	return store_write_seq(st, s);
 }
 

@@ -20,7 +20,7 @@ struct store;
 enum store_put {
 	STORE_PUT_STORED,
 	STORE_PUT_DUPLICATE,
-	STORE_PUT_FULL,		/* max_bytes reached or disk full */
+	STORE_PUT_FULL,		/* max_bytes reached or disk (nearly) full */
 	STORE_PUT_ERROR
 };
 
@@ -69,8 +69,13 @@ void store_on_written(struct store *st, store_done_fn *cb, void *arg);
  */
 int store_on_durable_early(struct store *st, void (*fn)(void *), void *arg);
 /* Pages of write-ahead log between checkpoints with free_bytes left on the
- * store's file system (1024; 256 below 64 MiB). */
+ * store's file system (1024; 256 below 64 MiB; a 64th of the free space in
+ * 4 KiB pages below 16 MiB, at least 16). */
 int store_checkpoint_pages(int64_t free_bytes);
+/* Bytes that the store keeps free on its file system, refusing new records
+ * (STORE_PUT_FULL) rather than use them: the room that deleting confirmed
+ * messages and checkpointing need once the disk is full. */
+int64_t store_headroom(int ckpt_pages, int64_t page_size);
 /* How long the fsyncs of the syncer thread took (empty without one). */
 struct histogram;
 void store_fsync_histogram(struct store *st, struct histogram *out);
@@ -125,6 +130,9 @@ struct inbox_rec {
 	double due_at, received_at, finished_at;
 	int last_status;
 	char *last_error, *dead_reason;
+	/* An attempt was in flight when sagad last stopped (store_inbox_sent):
+	 * the service may have seen the message already. */
+	int redelivered;
 };
 
 void inbox_rec_free(struct inbox_rec *r);
@@ -137,6 +145,10 @@ enum store_put store_inbox_put(struct store *st, const char *sub, struct msg *m,
 int store_inbox_load(struct store *st, const char *sub, enum inbox_state state,
     int64_t after, size_t limit, struct inbox_rec **out, size_t *n);
 int store_inbox_done(struct store *st, int64_t id, double now, int status);
+/* An attempt starts: sent attempts so far, this one included. Joins the
+ * transaction without an fsync of its own (a crash of the process keeps
+ * it); the request goes out once it is written (store_on_written). */
+int store_inbox_sent(struct store *st, int64_t id, unsigned sent);
 /* Forget a record so that the same message id is accepted again: a
  * command refused by the service (409/422) may be retried by its sender
  * with the same id. */

@@ -9,6 +9,15 @@
     every message that got a 202 reaches the broker. Deleting the filler
     brings ingress back (202), the outbox drains, and after a restart the
     store passes SQLite's integrity check.
+(d) The store alone fills its file system (a tmpfs of its own, no filler):
+    with the broker stopped, publish until 507; start the broker. Every
+    accepted message reaches the broker, and publishing is answered 202
+    again by itself, nothing else freed: sagad keeps the room it needs to
+    delete confirmed messages and checkpoint. Nothing accepted is lost, no
+    message reaches the broker more than twice, and a restart publishes
+    nothing again. Then again with another program (a filler) taking
+    every byte left free once the store answers 507: the same recovery.
+    (DISKFULL_ONLY=alone or =foreign runs one of these alone.)
 (b) A damaged store file makes sagad stop at startup with exit status 3
     and an error line naming the file, never a crash: a truncated file, a
     garbage header, garbage pages after the header, a text file, a store
@@ -45,9 +54,9 @@ def expect(cond, msg, detail=None):
         PROBLEMS.append('%s: %s' % (msg, detail))
 
 
-def mount_tmpfs(path):
+def mount_tmpfs(path, size=SIZE):
     os.makedirs(path, exist_ok=True)
-    r = subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=%d,mode=0755' % SIZE, 'tmpfs', path],
+    r = subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=%d,mode=0755' % size, 'tmpfs', path],
                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     return r.returncode == 0, r.stdout.decode(errors='replace').strip()
 
@@ -237,6 +246,114 @@ def phase_steady(wd, broker, tool, disk):
     os.unlink(filler)
 
 
+ALONE_SIZE = 2 * 1024 * 1024
+
+
+def phase_alone(wd, broker, tool, disk, foreign=False):
+    """Issue 14, A7: nothing but the store on its file system. Once the
+    disk is full, deleting a confirmed message needs room in the write-ahead
+    log: sagad must have kept it, or it refuses every publish for good.
+    foreign: then another program takes every byte left free."""
+    h.log('== (d) the store alone fills a %d MiB tmpfs while the broker is down%s'
+          % (ALONE_SIZE >> 20, '; then a filler takes the rest' if foreign else ''))
+    tool.declare_queue(broker.url, 'alone', [('events', 'alone.#')])
+    d = h.Sagad(wd, broker.url, name='alone')
+    d.store = os.path.join(disk, 'alone.db')
+    d.write_conf()
+    broker.stop()
+    d.start(wait_ready=False)
+    accepted, statuses, i = [], collections.Counter(), 0
+    t0 = time.time()
+    while time.time() - t0 < 90 and statuses[507] < 20:
+        mid = 'a-%d' % i
+        st, doc, _ = d.publish('events', 'alone.%d' % i, bytes([97 + i % 26]) * BODY,
+                               {'Message-Id': mid}, timeout=30)
+        statuses[st] += 1
+        if st == 202:
+            accepted.append(mid)
+        elif st != 507:
+            raise AssertionError('publish %d while filling the disk: %d %s' % (i, st, doc))
+        i += 1
+    h.check(statuses[507] >= 20, 'the store filled its disk: %d accepted, then 507 (%d KiB '
+            'free)' % (len(accepted), df(disk) >> 10), dict(statuses))
+    h.log('store files when full: %s' % {p: os.path.getsize(os.path.join(disk, p))
+                                         for p in os.listdir(disk)})
+    filler = os.path.join(disk, 'filler')
+    if foreign:
+        try:
+            fill(filler, 0)
+        except OSError as e:
+            h.log('filler: %s' % e)
+        h.log('a filler took the rest: %d KiB free' % (df(disk) >> 10))
+
+    h.log('-- broker back: confirmed messages free their room, publishing resumes')
+    broker.start()
+    got = collections.Counter()
+
+    def arrived():
+        for m in tool.consume(broker.url, 'alone', 5000, timeout=2):
+            got[m['message_id']] += 1
+        return set(accepted) <= set(got)
+    h.wait_until(arrived, 120, 'every accepted message at the broker', interval=1)
+    t_back = time.time()
+    resumed = []
+
+    def resumes():
+        mid = 'a-r-%d' % len(resumed)
+        st, doc, _ = d.publish('events', 'alone.r', b'r' * BODY, {'Message-Id': mid})
+        if st == 202:
+            accepted.append(mid)
+            resumed.append(mid)
+        return st == 202
+    ok = True
+    try:
+        h.wait_until(resumes, 60, 'a 202 again, nothing freed but by sagad', interval=1)
+    except AssertionError:
+        ok = False
+    m = d.metrics()
+    expect(ok, 'publishing answered 202 again %.1fs after the broker came back, with nothing '
+           'freed but by sagad' % (time.time() - t_back),
+           'still 507 after 60 s: outbox pending %s; last log lines:\n%s'
+           % (m.get('sagad_outbox_pending'), h.tail(d.logfile, 8, skip_debug=True)))
+    if ok:
+        for k in range(40):
+            mid = 'a-s-%d' % k
+            st, doc, _ = d.publish('events', 'alone.s', b's' * BODY, {'Message-Id': mid})
+            if st == 202:
+                accepted.append(mid)
+            else:
+                expect(False, 'steady publishing after recovery', 'publish %d: %d %s'
+                       % (k, st, doc))
+                break
+            if k % 10 == 9:
+                h.wait_until(lambda: d.metric('sagad_outbox_pending') == 0, 60,
+                             'the outbox drained')
+        h.wait_until(lambda: d.metric('sagad_outbox_pending') == 0, 60, 'the outbox drained')
+        h.wait_until(arrived, 60, 'every accepted message at the broker', interval=1)
+    rc = d.stop()
+    h.check(rc == 0, 'SIGTERM: exit 0', rc)
+    res = integrity(d.store)
+    h.check(res == [('ok',)], 'PRAGMA integrity_check of the store: ok', res)
+    before = sum(got.values())
+    d.start(wait_ready=False)
+    time.sleep(3)
+    pending = d.metric('sagad_outbox_pending')
+    arrived()
+    expect(pending == 0 and sum(got.values()) == before, 'restarted: nothing pending, nothing '
+           'published again', 'pending %s, %d more copies at the broker'
+           % (pending, sum(got.values()) - before))
+    d.stop()
+    if os.path.exists(filler):
+        os.unlink(filler)
+    for p in os.listdir(disk):
+        os.unlink(os.path.join(disk, p))
+    twice = sorted(k for k, v in got.items() if v > 2)
+    expect(not twice, '%d accepted, none lost, none at the broker more than twice '
+           '(%d copies in all)' % (len(accepted), sum(got.values())), twice[:10])
+    h.check(set(accepted) <= set(got), 'nothing accepted is lost',
+            sorted(set(accepted) - set(got))[:10])
+
+
 def damaged(wd, broker, name, how):
     """A store made by a normal run, then damaged by how(path); sagad must
     exit 3 with a line naming the file."""
@@ -317,10 +434,23 @@ def main(wd):
         print('skipped: cannot mount a tmpfs here: %s' % err)
         sys.exit(77)
     atexit.register(umount, disk)
+    alone = os.path.join(wd, 'alone')
+    ok, err = mount_tmpfs(alone, ALONE_SIZE)
+    if not ok:
+        print('skipped: cannot mount a second tmpfs here: %s' % err)
+        sys.exit(77)
+    atexit.register(umount, alone)
     try:
         broker = h.Broker(wd)
         broker.start()
         tool = h.AmqpTool()
+        only = os.environ.get('DISKFULL_ONLY')    # one phase, when working on it
+        if only in ('alone', 'foreign'):
+            phase_alone(wd, broker, tool, alone, foreign=only == 'foreign')
+            if PROBLEMS:
+                raise AssertionError('%d strict check(s) failed:\n  %s'
+                                     % (len(PROBLEMS), '\n  '.join(PROBLEMS)))
+            return
         phase_damaged(wd, broker)
         figs = phase_full(wd, broker, tool, disk)
         h.log('figures: tmpfs %d MiB, %d KiB free, first 507 after %d x %d-byte messages; '
@@ -328,6 +458,8 @@ def main(wd):
               % (SIZE >> 20, FREE >> 10, figs['first_507_after'], BODY, figs['accepted'],
                  figs['copies']))
         phase_steady(wd, broker, tool, disk)
+        phase_alone(wd, broker, tool, alone)
+        phase_alone(wd, broker, tool, alone, foreign=True)
         if PROBLEMS:
             raise AssertionError('%d strict check(s) failed:\n  %s'
                                  % (len(PROBLEMS), '\n  '.join(PROBLEMS)))
@@ -336,6 +468,7 @@ def main(wd):
                                           for p in os.listdir(disk)})
         h.cleanup_all()
         umount(disk)
+        umount(alone)
 
 
 h.run_test(main)

@@ -5,9 +5,13 @@ a long time, then back (SAGAD_SERVICE_DOWN_SECONDS, default 45); the same
 message published twice by a producer; sagad killed with SIGKILL between
 the inbox commit and the broker ack and between the delivery and the record
 of its success (each message reaches the service at least once and is
-recorded exactly once, with and without message ids); the broker restarted
-while deliveries are in flight; retries survive a sagad restart."""
+recorded exactly once, with and without message ids; every repeat marked
+by Sagad-Redelivered or a higher Sagad-Attempt); the broker restarted
+while deliveries are in flight; retries survive a sagad restart; a
+delivery in flight when sagad is killed comes again marked
+Sagad-Redelivered, first deliveries never are (issue 14, A8)."""
 
+import collections
 import os
 import random
 import signal
@@ -27,6 +31,10 @@ def key_of(call):
 
 def mid_of(call):
     return call['headers'].get('message-id')
+
+
+def redelivered_of(call):
+    return call['headers'].get('sagad-redelivered')
 
 
 def attempt_of(call):
@@ -322,6 +330,19 @@ def phase_kill(d, svc, tool, url):
     h.log('kills: %s; deliveries to the service beyond the first: %d; broker redeliveries '
           'dropped by the inbox: %d' % (trig['fired'], again, dropped))
     h.check(len(trig['fired']) == 2, 'both service-triggered kills happened', trig['fired'])
+    # Issue 14, A8: sagad alone was killed, so every repeat is marked: the
+    # delivery in flight at a kill comes again with Sagad-Redelivered, a
+    # retry with a higher Sagad-Attempt.
+    calls = collections.defaultdict(list)
+    for c in svc.snapshot():
+        if mid_of(c) in set(expect_ids):
+            calls[mid_of(c)].append(c)
+    unmarked = [(k, [(attempt_of(c), redelivered_of(c)) for c in v])
+                for k, v in sorted(calls.items())
+                if any(attempt_of(c) <= 1 and redelivered_of(c) != 'true' for c in v[1:])]
+    marked = sum(1 for v in calls.values() for c in v[1:] if redelivered_of(c) == 'true')
+    h.check(not unmarked, 'every repeat after the kills is marked (%d with Sagad-Redelivered)'
+            % marked, unmarked[:10])
     d.stop()
     store_check(d, 'crash', expect_ids, n_noid, 'crash')
     d.start()
@@ -377,12 +398,58 @@ def phase_keep(d, svc, tool, url):
     h.check('pending deliveries resumed' in d.log(), 'the log says pending deliveries resumed')
 
 
+def phase_redelivered(d, svc, tool, url):
+    """Issue 14, A8: the service holds 4 deliveries (concurrency 4) and 16
+    more wait behind them; sagad is killed. After the restart the 4 come
+    again with Sagad-Redelivered: true; the 16 others, never sent before,
+    and every delivery before the kill, carry no such header."""
+    h.log('== SIGKILL while the service holds deliveries: the repeats are marked')
+    hold = {'on': True}
+
+    def answer(call):
+        return ('sleep', 120, 200) if hold['on'] else 200
+    svc.behaviour = answer
+    ids = ['rd-%d' % i for i in range(20)]
+    tool.send(url, 'events', 'redel.x', body='rd {n}', message_id='rd-{n}', count=len(ids))
+    h.wait_until(lambda: len(svc.snapshot()) >= 4, 30, 'the service holds 4 deliveries')
+    time.sleep(0.5)
+    before = svc.snapshot()
+    held = {mid_of(c) for c in before}
+    h.check(len(before) == 4, '4 deliveries in flight, the others wait (concurrency 4)',
+            [mid_of(c) for c in before])
+    d.proc.send_signal(signal.SIGKILL)
+    restart_after_kill(d, 'the service held %s' % sorted(held))
+    hold['on'] = False
+    svc.release()
+    h.wait_until(lambda: all(svc.ok_ids().get(i) for i in ids), 60, 'rd-* all answered 200')
+    after = svc.snapshot()[len(before):]
+    h.check(all(redelivered_of(c) is None and attempt_of(c) == 1 for c in before),
+            'no Sagad-Redelivered on the deliveries before the kill',
+            [(mid_of(c), redelivered_of(c)) for c in before])
+    again = [c for c in after if mid_of(c) in held]
+    first = [c for c in after if mid_of(c) not in held]
+    h.log('after the restart: %s' % [(mid_of(c), attempt_of(c), redelivered_of(c))
+                                     for c in after])
+    h.check(sorted({mid_of(c) for c in again}) == sorted(held) and
+            all(redelivered_of(c) == 'true' and attempt_of(c) == 1 for c in again),
+            'the %d deliveries in flight at the kill came again with Sagad-Redelivered: true '
+            '(Sagad-Attempt: 1, as no outcome was recorded)' % len(held), [(mid_of(c), attempt_of(c), redelivered_of(c)) for c in again])
+    h.check(len(first) == len(ids) - len(held) and
+            all(redelivered_of(c) is None and attempt_of(c) == 1 for c in first),
+            'the %d first deliveries after the restart carry no Sagad-Redelivered, and '
+            'Sagad-Attempt: 1' % (len(ids) - len(held)),
+            [(mid_of(c), attempt_of(c), redelivered_of(c)) for c in first])
+    h.wait_until(lambda: settled(d, ['redel']), 60, 'redel settled')
+    svc.behaviour = lambda call: 200
+
+
 def main(wd):
     broker = h.Broker(wd)
     broker.start()
     tool = h.AmqpTool()
     url = broker.url
-    svcs = {name: h.Service() for name in ('answers', 'down', 'dup', 'crash', 'brk', 'keep')}
+    svcs = {name: h.Service() for name in ('answers', 'down', 'dup', 'crash', 'brk', 'keep',
+                                           'redel')}
     # A 5 s attempt timeout where the service never hangs: a 1 s one made a
     # slow answer under load a second attempt, and 'each answered once'
     # false. Only 'answers' tests timeouts.
@@ -397,6 +464,7 @@ def main(wd):
         'brk': ('brk', {'concurrency': 4, 'max_pending': 16, 'max_attempts': 1000}),
         'keep': ('keep', {'max_attempts': 4, 'retry_initial': 3, 'retry_max': 3,
                           'circuit_failures': 1000}),
+        'redel': ('redel', {'concurrency': 4, 'max_attempts': 1000, 'timeout': 300}),
     }
     conf = 'subscriptions = (\n%s\n);\n' % ',\n'.join(
         '  { name = "%s"; bind = [ "events:%s.#" ]; deliver = "%s"; %s }'
@@ -412,6 +480,7 @@ def main(wd):
         ('dup', lambda: phase_dup(d, svcs['dup'], tool, url)),
         ('keep', lambda: phase_keep(d, svcs['keep'], tool, url)),
         ('kill', lambda: phase_kill(d, svcs['crash'], tool, url)),
+        ('redelivered', lambda: phase_redelivered(d, svcs['redel'], tool, url)),
         ('broker', lambda: phase_broker(d, svcs['brk'], tool, url, broker)),
         ('down', lambda: phase_down(d, svcs['down'], tool, url)),
     ]

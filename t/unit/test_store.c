@@ -1111,6 +1111,47 @@ test_early_jobs(void **state)
 	assert_int_equal(disk_count(f->path), 2);
 }
 
+/* One pending inbox record of sub "s" loaded: is it marked redelivered? */
+static int
+inbox_redelivered(struct fx *f)
+{
+	struct inbox_rec *r[2];
+	size_t n = 0;
+	int v;
+
+	assert_int_equal(store_inbox_load(f->st, "s", INBOX_PENDING, 0, 2, r, &n), 0);
+	assert_int_equal(n, 1);
+	v = r[0]->redelivered;
+	inbox_rec_free(r[0]);
+	return v;
+}
+
+/* An attempt started and not recorded (sagad killed while the service held
+ * the request) marks the record redelivered after a restart (issue 14, A8);
+ * a recorded outcome, or no attempt at all, does not. */
+static void
+test_inbox_sent_marks_redelivered(void **state)
+{
+	struct fx *f = *state;
+	struct msg *m = new_msg("in-1", "events", "order.created", "{}", 2);
+	int64_t id = 0;
+
+	assert_int_equal(store_inbox_put(f->st, "s", m, 1, &id), STORE_PUT_STORED);
+	msg_free(m);
+	assert_int_equal(store_flush(f->st), 0);
+	reopen(f);
+	assert_false(inbox_redelivered(f));
+	assert_int_equal(store_inbox_sent(f->st, id, 1), 0);
+	assert_int_equal(store_flush(f->st), 0);
+	reopen(f);
+	assert_true(inbox_redelivered(f));
+	/* That attempt's outcome recorded (a retry): no longer in doubt. */
+	assert_int_equal(store_inbox_retry(f->st, id, 1, 0, 503, "HTTP 503"), 0);
+	assert_int_equal(store_flush(f->st), 0);
+	reopen(f);
+	assert_false(inbox_redelivered(f));
+}
+
 /* A big log between checkpoints, a small one near a full disk. */
 static void
 test_checkpoint_pages(void **state)
@@ -1119,7 +1160,26 @@ test_checkpoint_pages(void **state)
 	assert_int_equal(store_checkpoint_pages((int64_t)10 << 30), 1024);
 	assert_int_equal(store_checkpoint_pages((int64_t)64 << 20), 1024);
 	assert_int_equal(store_checkpoint_pages(((int64_t)64 << 20) - 1), 256);
-	assert_int_equal(store_checkpoint_pages(0), 256);
+	assert_int_equal(store_checkpoint_pages((int64_t)16 << 20), 256);
+	assert_int_equal(store_checkpoint_pages((int64_t)8 << 20), 128);
+	assert_int_equal(store_checkpoint_pages((int64_t)2 << 20), 32);
+	assert_int_equal(store_checkpoint_pages(0), 16);
+}
+
+/* The room kept free for deletes and checkpoints: two windows and a
+ * margin, a fraction of a small disk (issue 14, A7). */
+static void
+test_headroom(void **state)
+{
+	int64_t free_bytes;
+
+	(void)state;
+	assert_int_equal(store_headroom(16, 4096), (2 * 16 + 32) * 4096);
+	for (free_bytes = (int64_t)1 << 20; free_bytes <= (int64_t)1 << 30; free_bytes *= 2) {
+		int64_t room = store_headroom(store_checkpoint_pages(free_bytes), 4096);
+		assert_true(room <= free_bytes / 4 || free_bytes >= (int64_t)64 << 20);
+		assert_true(room <= (int64_t)9 << 20);
+	}
 }
 
 /* What the relay may publish, seen from inside the commit. */
@@ -1327,6 +1387,8 @@ main(void)
 		T(test_written_before_durable),
 		T(test_early_jobs),
 		T(test_checkpoint_pages),
+		T(test_headroom),
+		T(test_inbox_sent_marks_redelivered),
 		T(test_publish_early),
 		T(test_sync_starts_at_once),
 	};
