@@ -126,6 +126,9 @@ admin_readyz(struct admin *a, struct evhttp_request *req)
 	    "Broker connections made after the first.", rs->reconnects)		\
 	X(sagad_store_bytes, gauge,						\
 	    "Bytes in use in the store file.", store_bytes(d->store))		\
+	X(sagad_store_max_bytes, gauge,						\
+	    "The configured store.max_bytes (alert on sagad_store_bytes against it).", \
+	    d->conf->store.max_bytes)						\
 	X(sagad_store_fsync_seconds, histogram,					\
 	    "How long each fsync of the store's write-ahead log took (the floor of every ack and 202).", \
 	    &fs)								\

@@ -41,7 +41,9 @@ ok "installed: $(dpkg-query -W -f='${Package} ${Version}, ' sagad sagad-dev)"
 examples=/usr/share/doc/sagad/examples
 for f in /usr/sbin/sagad /usr/bin/sagactl /usr/include/sagad/plugin.h \
 	/lib/systemd/system/sagad@.service /usr/share/man/man8/sagad.8.gz \
-	/usr/share/man/man5/sagad.conf.5.gz $examples/minimal.conf; do
+	/usr/share/man/man5/sagad.conf.5.gz $examples/minimal.conf \
+	$examples/prometheus/sagad-alerts.yml $examples/prometheus/sagad-rules.yml \
+	$examples/grafana/sagad-dashboard.json; do
 	[ -e "$f" ] || fail "$f missing"
 done
 ls /usr/lib/*/sagad/plugins/sqlite.so /usr/lib/*/sagad/plugins/pgsql.so >/dev/null ||
