@@ -50,9 +50,9 @@ codec_headers(const char *s, char ***names, char ***values, size_t *n, char **me
 		return 0;
 	for (q = s; *q; q++)
 		cnt += *q == ',';
-	*mem = buf = malloc(len + cnt * 2 + 1);
-	*names = calloc(cnt, sizeof **names);
-	*values = calloc(cnt, sizeof **values);
+	*mem = buf = xmalloc(len + cnt * 2 + 1);
+	*names = xcalloc(cnt, sizeof **names);
+	*values = xcalloc(cnt, sizeof **values);
 	w = buf;
 	for (i = 0; i < cnt; i++) {
 		const char *end = strchr(s, ','), *colon = strchr(s, ':');

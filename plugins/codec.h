@@ -8,6 +8,7 @@
 #include <stddef.h>
 
 #include "sagad/plugin.h"
+#include "xmalloc.h"
 
 /* Decodes n hex digits at s into out (n/2 bytes); -1 if not hex. */
 int codec_unhex(const char *s, size_t n, char *out);

@@ -1,4 +1,5 @@
 #include "acks.h"
+#include "xmalloc.h"
 
 #include <stdlib.h>
 #include <string.h>
@@ -28,11 +29,7 @@ acks_free(struct acks *a)
 static void
 acks_push(uint64_t **v, size_t *n, size_t *cap, uint64_t tag)
 {
-	if (*n == *cap) {
-		*cap = *cap ? *cap * 2 : 256;
-		*v = realloc(*v, *cap * sizeof **v);
-	}
-	(*v)[(*n)++] = tag;
+	*XPUSH(*v, *n, *cap) = tag;
 }
 
 void

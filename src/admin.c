@@ -22,6 +22,7 @@
 #include "sagad.h"
 #include "store.h"
 #include "util.h"
+#include "xmalloc.h"
 
 #define ADMIN_LIST_MAX 1000
 
@@ -235,7 +236,7 @@ admin_outbox(struct admin *a, struct evhttp_request *req)
 	struct sagad *d = a->d;
 	long limit = admin_query_long(req, "limit", 100, ADMIN_LIST_MAX);
 	long after = admin_query_long(req, "after", 0, 0x7fffffffL);
-	struct store_row *rows = calloc(limit ? limit : 1, sizeof *rows);
+	struct store_row *rows = xcalloc(limit ? limit : 1, sizeof *rows);
 	json_t *list = json_array();
 	double now = util_now();
 	size_t i, n = 0;
@@ -324,7 +325,7 @@ admin_dlq(struct admin *a, struct evhttp_request *req, const char *rest)
 			return;
 		}
 		if (ids) {
-			list = calloc(json_array_size(ids) + 1, sizeof *list);
+			list = xcalloc(json_array_size(ids) + 1, sizeof *list);
 			json_array_foreach(ids, i, v) {
 				if (!json_is_string(v)) {
 					free(list);
@@ -393,7 +394,7 @@ admin_saga(struct admin *a, struct evhttp_request *req, const char *rest)
 	const char *slash = strchr(rest, '/');
 	size_t len = slash ? (size_t)(slash - rest) : strlen(rest);
 	int post = evhttp_request_get_command(req) == EVHTTP_REQ_POST;
-	char *id = malloc(len + 1);
+	char *id = xmalloc(len + 1);
 	int n;
 
 	if (util_pct_decode(rest, len, id) <= 0) {
@@ -493,14 +494,13 @@ admin_limits(const struct sagad_conf *c, struct httpd_limits *lim)
 struct admin *
 admin_new(struct sagad *d, char **err)
 {
-	struct admin *a = calloc(1, sizeof *a);
+	struct admin *a = xcalloc(1, sizeof *a);
 	struct httpd_limits lim;
 
 	*err = NULL;
 	if (!d->conf->api.admin_allow_remote && !util_listen_is_local(d->conf->api.admin_listen)) {
-		if (asprintf(err, "admin_listen %s is not a loopback address or unix socket "
-		    "(set api.admin_allow_remote = true to allow it)", d->conf->api.admin_listen) < 0)
-			*err = NULL;
+		*err = xasprintf("admin_listen %s is not a loopback address or unix socket "
+		    "(set api.admin_allow_remote = true to allow it)", d->conf->api.admin_listen);
 		free(a);
 		return NULL;
 	}

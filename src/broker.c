@@ -12,6 +12,7 @@
 #include "conf.h"
 #include "log.h"
 #include "util.h"
+#include "xmalloc.h"
 
 #define BROKER_CHANNEL 1
 
@@ -142,7 +143,7 @@ broker_tv(double s)
 static char *
 broker_strdup(const char *s)
 {
-	return s ? strdup(s) : NULL;
+	return s ? xstrdup(s) : NULL;
 }
 
 static void
@@ -165,11 +166,7 @@ broker_post(struct broker *b, enum broker_event_kind kind, int64_t seq,
 {
 	struct broker_event *ev;
 
-	if (b->nout == b->capout) {
-		b->capout = b->capout ? b->capout * 2 : 256;
-		b->outbuf = realloc(b->outbuf, b->capout * sizeof *b->outbuf);
-	}
-	ev = &b->outbuf[b->nout++];
+	ev = XPUSH(b->outbuf, b->nout, b->capout);
 	ev->kind = kind;
 	ev->epoch = b->epoch;
 	ev->seq = seq;
@@ -192,7 +189,7 @@ broker_post_flush(struct broker *b)
 	pthread_mutex_lock(&b->lock);
 	if (b->noutq + b->nout > b->capoutq) {
 		b->capoutq = (b->noutq + b->nout) * 2;
-		b->outq = realloc(b->outq, b->capoutq * sizeof *b->outq);
+		b->outq = xrealloc(b->outq, b->capoutq * sizeof *b->outq);
 	}
 	memcpy(b->outq + b->noutq, b->outbuf, b->nout * sizeof *b->outbuf);
 	b->noutq += b->nout;
@@ -238,7 +235,7 @@ broker_ring_push(struct broker *b, int64_t seq, const char *message_id)
 
 	if (b->ring_len == b->ring_cap) {
 		size_t cap = b->ring_cap ? b->ring_cap * 2 : 1024, i;
-		struct broker_inflight *r = calloc(cap, sizeof *r);
+		struct broker_inflight *r = xcalloc(cap, sizeof *r);
 		for (i = 0; i < b->ring_len; i++)
 			r[i] = b->ring[(b->ring_head + i) % b->ring_cap];
 		free(b->ring);
@@ -250,7 +247,7 @@ broker_ring_push(struct broker *b, int64_t seq, const char *message_id)
 		b->head_tag = b->next_tag;
 	e = &b->ring[(b->ring_head + b->ring_len) % b->ring_cap];
 	e->seq = seq;
-	e->message_id = strdup(message_id);
+	e->message_id = xstrdup(message_id);
 	e->sent = util_mono();
 	e->returned = 0;
 	e->settled = 0;
@@ -374,10 +371,10 @@ broker_method(struct broker *b, amqp_frame_t *f)
 		if (sub < 0 || sub >= (int)b->n_subs)
 			break;
 		msg_free(b->rx_msg);
-		b->rx_msg = calloc(1, sizeof *b->rx_msg);
+		b->rx_msg = xcalloc(1, sizeof *b->rx_msg);
 		b->rx_msg->seq = (int64_t)dv->delivery_tag;
-		b->rx_msg->exchange = strndup(dv->exchange.bytes, dv->exchange.len);
-		b->rx_msg->routing_key = strndup(dv->routing_key.bytes, dv->routing_key.len);
+		b->rx_msg->exchange = xstrndup(dv->exchange.bytes, dv->exchange.len);
+		b->rx_msg->routing_key = xstrndup(dv->routing_key.bytes, dv->routing_key.len);
 		b->rx_sub = sub;
 		b->rx_redelivered = dv->redelivered;
 		b->rx = BROKER_RX_DELIVER_HEADER;
@@ -427,7 +424,7 @@ broker_method(struct broker *b, amqp_frame_t *f)
 static char *
 broker_bytes_dup(amqp_bytes_t v)
 {
-	return strndup(v.bytes ? v.bytes : "", v.len);
+	return xstrndup(v.bytes ? v.bytes : "", v.len);
 }
 
 /* AMQP header values are typed; the service sees them as text. Nested
@@ -442,7 +439,7 @@ broker_field_text(const amqp_field_value_t *v)
 	case AMQP_FIELD_KIND_BYTES:
 		return broker_bytes_dup(v->value.bytes);
 	case AMQP_FIELD_KIND_BOOLEAN:
-		return strdup(v->value.boolean ? "true" : "false");
+		return xstrdup(v->value.boolean ? "true" : "false");
 	case AMQP_FIELD_KIND_I8: snprintf(buf, sizeof buf, "%d", v->value.i8); break;
 	case AMQP_FIELD_KIND_U8: snprintf(buf, sizeof buf, "%u", v->value.u8); break;
 	case AMQP_FIELD_KIND_I16: snprintf(buf, sizeof buf, "%d", v->value.i16); break;
@@ -468,7 +465,7 @@ broker_field_text(const amqp_field_value_t *v)
 		buf[0] = '\0';
 		break;
 	}
-	return strdup(buf);
+	return xstrdup(buf);
 }
 
 static void
@@ -532,7 +529,7 @@ broker_delivery_header(struct broker *b, const amqp_basic_properties_t *p,
 	b->rx_remaining = size;
 	b->rx_drop = size > (uint64_t)b->subs[b->rx_sub].max_bytes;
 	if (!b->rx_drop)
-		m->body = malloc(size ? size : 1);
+		m->body = xmalloc(size ? size : 1);
 	m->body_len = 0;
 	if (size == 0)
 		broker_delivery_done(b);
@@ -678,7 +675,7 @@ broker_publish_one(struct broker *b, struct msg *m)
 	}
 	if (m->props.n_headers) {
 		if (m->props.n_headers > sizeof entries / sizeof entries[0])
-			ents = calloc(m->props.n_headers, sizeof *ents);
+			ents = xcalloc(m->props.n_headers, sizeof *ents);
 		for (i = 0; i < m->props.n_headers; i++) {
 			ents[i].key = broker_bytes(m->props.headers[i].name);
 			ents[i].value.kind = AMQP_FIELD_KIND_UTF8;
@@ -727,11 +724,7 @@ broker_take_cmds_locked(struct broker *b)
 			msg_free(b->inq[i].msg);
 			continue;
 		}
-		if (b->npending == b->cappending) {
-			b->cappending = b->cappending ? b->cappending * 2 : 1024;
-			b->pending = realloc(b->pending, b->cappending * sizeof *b->pending);
-		}
-		b->pending[b->npending++] = b->inq[i];
+		*XPUSH(b->pending, b->npending, b->cappending) = b->inq[i];
 	}
 	b->ninq = 0;
 }
@@ -1262,19 +1255,18 @@ broker_copy_subs(struct broker *b, const struct sagad_conf *c)
 	size_t i, j;
 
 	b->n_subs = c->n_subs;
-	b->subs = calloc(c->n_subs + 1, sizeof *b->subs);
+	b->subs = xcalloc(c->n_subs + 1, sizeof *b->subs);
 	for (i = 0; i < c->n_subs; i++) {
 		const struct conf_subscription *cs = &c->subs[i];
 		struct broker_sub *s = &b->subs[i];
-		s->queue = strdup(cs->queue);
-		if (asprintf(&s->dlq, "%s.dlq", cs->queue) < 0)
-			s->dlq = NULL;
-		s->queue_type = strdup(cs->queue_type);
+		s->queue = xstrdup(cs->queue);
+		s->dlq = xasprintf("%s.dlq", cs->queue);
+		s->queue_type = xstrdup(cs->queue_type);
 		s->n_binds = cs->n_binds;
-		s->binds = calloc(cs->n_binds + 1, sizeof *s->binds);
+		s->binds = xcalloc(cs->n_binds + 1, sizeof *s->binds);
 		for (j = 0; j < cs->n_binds; j++) {
-			s->binds[j].exchange = strdup(cs->binds[j].exchange);
-			s->binds[j].key = strdup(cs->binds[j].key);
+			s->binds[j].exchange = xstrdup(cs->binds[j].exchange);
+			s->binds[j].key = xstrdup(cs->binds[j].key);
 		}
 		s->prefetch = cs->prefetch;
 		s->single_active = cs->internal;
@@ -1286,14 +1278,14 @@ struct broker *
 broker_new(struct event_base *main_base, const struct sagad_conf *c,
     enum broker_role role, broker_event_fn *fn, void *arg)
 {
-	struct broker *b = calloc(1, sizeof *b);
+	struct broker *b = xcalloc(1, sizeof *b);
 	struct timeval hb;
 	size_t i;
 
-	b->host = strdup(c->broker.host);
-	b->user = strdup(c->broker.user);
-	b->password = strdup(c->broker.password);
-	b->vhost = strdup(c->broker.vhost);
+	b->host = xstrdup(c->broker.host);
+	b->user = xstrdup(c->broker.user);
+	b->password = xstrdup(c->broker.password);
+	b->vhost = xstrdup(c->broker.vhost);
 	b->port = c->broker.port;
 	b->tls = c->broker.tls;
 	b->tls_verify = c->broker.tls_verify;
@@ -1304,18 +1296,18 @@ broker_new(struct event_base *main_base, const struct sagad_conf *c,
 	b->connect_timeout = c->broker.connect_timeout;
 	b->reconnect_initial = c->broker.reconnect_initial;
 	b->reconnect_max = c->broker.reconnect_max;
-	b->app_id = strdup(c->service);
+	b->app_id = xstrdup(c->service);
 	b->role = role;
 	if (asprintf(&b->conn_name, "sagad %s %s", c->service,
 	    role == BROKER_ROLE_PUBLISH ? "publish" : "consume") < 0)
-		b->conn_name = strdup("sagad");
+		b->conn_name = xstrdup("sagad");
 	if (role == BROKER_ROLE_CONSUME)
 		broker_copy_subs(b, c);
 	b->n_exchanges = c->n_exchanges;
-	b->exchanges = calloc(c->n_exchanges + 1, sizeof *b->exchanges);
+	b->exchanges = xcalloc(c->n_exchanges + 1, sizeof *b->exchanges);
 	for (i = 0; i < c->n_exchanges; i++) {
-		b->exchanges[i].name = strdup(c->exchanges[i].name);
-		b->exchanges[i].type = strdup(c->exchanges[i].type);
+		b->exchanges[i].name = xstrdup(c->exchanges[i].name);
+		b->exchanges[i].type = xstrdup(c->exchanges[i].type);
 	}
 	b->fn = fn;
 	b->arg = arg;
@@ -1342,11 +1334,7 @@ static void
 broker_push(struct broker *b, const struct broker_cmd *c)
 {
 	pthread_mutex_lock(&b->lock);
-	if (b->ninq == b->capinq) {
-		b->capinq = b->capinq ? b->capinq * 2 : 1024;
-		b->inq = realloc(b->inq, b->capinq * sizeof *b->inq);
-	}
-	b->inq[b->ninq++] = *c;
+	*XPUSH(b->inq, b->ninq, b->capinq) = *c;
 	pthread_mutex_unlock(&b->lock);
 }
 

@@ -16,6 +16,7 @@
 #include "conf_read.h"
 #include "conf_table.h"
 #include "util.h"
+#include "xmalloc.h"
 
 /*
  * Loading: libconfig reads the file (includes expanded here), conf_read.c
@@ -77,7 +78,7 @@ conf_check_sources(struct conf_ctx *ctx, config_t *cfg, struct sagad_conf *c)
 		config_setting_t *e = list ? config_setting_get_elem(list, i) : NULL;
 		const char *f = e ? config_setting_source_file(e) : NULL;
 
-		src->file = strdup(f ? f : ctx->main_file);
+		src->file = xstrdup(f ? f : ctx->main_file);
 		src->line = e ? (int)config_setting_source_line(e) : 0;
 		if (!config_setting_is_group(e))
 			continue;	/* already said */
@@ -86,7 +87,7 @@ conf_check_sources(struct conf_ctx *ctx, config_t *cfg, struct sagad_conf *c)
 			continue;
 		}
 		if (!src->name)
-			src->name = strdup(src->plugin[0] && !strchr(src->plugin, '/') ?
+			src->name = xstrdup(src->plugin[0] && !strchr(src->plugin, '/') ?
 			    src->plugin : "source");
 		for (j = 0; j < i; j++)
 			if (c->sources[j].name && strcmp(c->sources[j].name, src->name) == 0)
@@ -177,9 +178,9 @@ conf_add_saga_bind(struct conf_subscription *s, const struct conf_binding *b)
 		if (strcmp(s->binds[i].exchange, b->exchange) == 0 &&
 		    strcmp(s->binds[i].key, b->key) == 0)
 			return;
-	s->binds = realloc(s->binds, (s->n_binds + 1) * sizeof *s->binds);
-	s->binds[s->n_binds].exchange = strdup(b->exchange);
-	s->binds[s->n_binds].key = strdup(b->key);
+	s->binds = xrealloc(s->binds, (s->n_binds + 1) * sizeof *s->binds);
+	s->binds[s->n_binds].exchange = xstrdup(b->exchange);
+	s->binds[s->n_binds].key = xstrdup(b->key);
 	s->n_binds++;
 }
 
@@ -196,17 +197,17 @@ conf_saga_subscription(struct sagad_conf *c)
 		return;
 	if (asprintf(&c->saga_queue, "%s.sagas", c->service) < 0)
 		return;
-	c->subs = realloc(c->subs, (c->n_subs + 1) * sizeof *c->subs);
+	c->subs = xrealloc(c->subs, (c->n_subs + 1) * sizeof *c->subs);
 	s = &c->subs[c->n_subs++];
 	memset(s, 0, sizeof *s);
 	conf_table_defaults(conf_table_find(conf_table_root(), "subscriptions")->sub, s);
-	s->name = strdup("_sagas");
-	s->queue = strdup(c->saga_queue);
+	s->name = xstrdup("_sagas");
+	s->queue = xstrdup(c->saga_queue);
 	if (c->saga_queue_type) {
 		free(s->queue_type);
-		s->queue_type = strdup(c->saga_queue_type);
+		s->queue_type = xstrdup(c->saga_queue_type);
 	}
-	s->deliver = strdup("internal:sagas");
+	s->deliver = xstrdup("internal:sagas");
 	s->internal = 1;
 	s->concurrency = 64;
 	s->max_pending = 4096;
@@ -313,16 +314,16 @@ conf_broker_url(struct conf_ctx *ctx, config_t *cfg, struct sagad_conf *c)
 		conf_err(ctx, s, "broker url must start with amqp:// or amqps://");
 		return;
 	}
-	copy = strdup(c->broker.url);
+	copy = xstrdup(c->broker.url);
 	if (amqp_parse_url(copy, &info) != AMQP_STATUS_OK) {
 		conf_err(ctx, s, "broker url is malformed (amqp://user:password@host:port/vhost)");
 		free(copy);
 		return;
 	}
-	c->broker.host = strdup(info.host);
-	c->broker.user = strdup(info.user);
-	c->broker.password = strdup(info.password);
-	c->broker.vhost = strdup(info.vhost);
+	c->broker.host = xstrdup(info.host);
+	c->broker.user = xstrdup(info.user);
+	c->broker.password = xstrdup(info.password);
+	c->broker.vhost = xstrdup(info.vhost);
 	c->broker.port = info.port;
 	c->broker.tls = info.ssl;
 	free(copy);
@@ -389,8 +390,7 @@ conf_check(struct conf_ctx *ctx, config_t *cfg, struct sagad_conf *c)
 	}
 	conf_broker_url(ctx, cfg, c);
 	if (!c->store.path && c->service) {
-		if (asprintf(&c->store.path, "/var/lib/sagad/%s.db", c->service) < 0)
-			c->store.path = NULL;
+		c->store.path = xasprintf("/var/lib/sagad/%s.db", c->service);
 	}
 	if (!conf_valid_listen(c->api.listen))
 		conf_err(ctx, config_lookup(cfg, "api.listen"),
@@ -462,7 +462,7 @@ conf_expand_includes(const char *text, const char *dir, const char *name,
     struct conf_errors *errs, char ***tmpfiles, size_t *ntmp)
 {
 	size_t cap = strlen(text) + 1, len = 0;
-	char *out = malloc(cap);
+	char *out = xmalloc(cap);
 	const char *line = text;
 	unsigned lineno = 1;
 
@@ -497,8 +497,8 @@ conf_expand_includes(const char *text, const char *dir, const char *name,
 					globfree(&g);
 				}
 				fclose(f);
-				*tmpfiles = realloc(*tmpfiles, (*ntmp + 1) * sizeof **tmpfiles);
-				(*tmpfiles)[(*ntmp)++] = strdup(tmpl);
+				*tmpfiles = xrealloc(*tmpfiles, (*ntmp + 1) * sizeof **tmpfiles);
+				(*tmpfiles)[(*ntmp)++] = xstrdup(tmpl);
 				target = tmpl;
 			} else if (fd >= 0)
 				close(fd);
@@ -516,7 +516,7 @@ conf_expand_includes(const char *text, const char *dir, const char *name,
 			target = pat;
 		}
 		cap += strlen(target) + 16;
-		out = realloc(out, cap);
+		out = xrealloc(out, cap);
 		len += sprintf(out + len, "@include \"%s\"%s", target, eol ? "\n" : "");
 		line += n;
 		lineno++;
@@ -530,7 +530,7 @@ conf_load_string(const char *text, const char *name, const char *include_dir,
     struct conf_errors *errs)
 {
 	struct conf_ctx ctx = { name, errs };
-	struct sagad_conf *c = calloc(1, sizeof *c);
+	struct sagad_conf *c = xcalloc(1, sizeof *c);
 	char **tmpfiles = NULL, *expanded;
 	size_t ntmp = 0, i;
 	config_t cfg;
@@ -546,7 +546,7 @@ conf_load_string(const char *text, const char *name, const char *include_dir,
 		free(tmpfiles[i]);
 	}
 	free(tmpfiles);
-	c->file = strdup(name);
+	c->file = xstrdup(name);
 	conf_table_defaults(conf_table_root(), c);
 	if (ok != CONFIG_TRUE && errs->n) {
 		/* The include expansion already said what is wrong. */
@@ -593,9 +593,9 @@ conf_load(const char *path, struct conf_errors *errs)
 	fclose(f);
 	if (n < 0) {
 		free(text);
-		text = strdup("");
+		text = xstrdup("");
 	}
-	pathcopy = strdup(path);
+	pathcopy = xstrdup(path);
 	dir = dirname(pathcopy);
 	c = conf_load_string(text, path, dir, errs);
 	free(pathcopy);

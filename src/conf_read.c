@@ -9,6 +9,7 @@
 
 #include "conf_table.h"
 #include "util.h"
+#include "xmalloc.h"
 
 /*
  * Reading a group of the file into the struct its rows describe: each
@@ -28,7 +29,7 @@ conf_err_push(struct conf_errors *errs, const char *fmt, ...)
 	va_end(ap);
 	if (n < 0)
 		return;
-	errs->msg = realloc(errs->msg, (errs->n + 1) * sizeof *errs->msg);
+	errs->msg = xrealloc(errs->msg, (errs->n + 1) * sizeof *errs->msg);
 	errs->msg[errs->n++] = full;
 }
 
@@ -150,8 +151,8 @@ cread_split_binding(const char *v, struct conf_binding *b)
 
 	if (!colon || colon == v)
 		return -1;
-	b->exchange = strndup(v, colon - v);
-	b->key = strdup(colon + 1);
+	b->exchange = xstrndup(v, colon - v);
+	b->key = xstrdup(colon + 1);
 	if (!util_valid_exchange(b->exchange) || !util_valid_shortstr(b->key, 255)) {
 		free(b->exchange);
 		free(b->key);
@@ -190,7 +191,7 @@ cread_bindings(struct conf_ctx *ctx, config_setting_t *list, const struct conf_k
 		return;
 	}
 	n = config_setting_length(list);
-	*arr = calloc(n ? n : 1, sizeof **arr);
+	*arr = xcalloc(n ? n : 1, sizeof **arr);
 	for (i = 0; i < n; i++) {
 		config_setting_t *e = config_setting_get_elem(list, i);
 		const char *v = config_setting_get_string(e);
@@ -216,7 +217,7 @@ cread_kv(struct conf_ctx *ctx, config_setting_t *s, const struct conf_key *k, vo
 	memset(&kv, 0, sizeof kv);
 	if (config_setting_type(s) == CONFIG_TYPE_STRING) {
 		kv.type = CONF_KV_STRING;
-		kv.s = strdup(config_setting_get_string(s));
+		kv.s = xstrdup(config_setting_get_string(s));
 	} else if (config_setting_type(s) == CONFIG_TYPE_BOOL) {
 		kv.type = CONF_KV_BOOL;
 		kv.b = config_setting_get_bool(s);
@@ -226,10 +227,10 @@ cread_kv(struct conf_ctx *ctx, config_setting_t *s, const struct conf_key *k, vo
 		conf_err(ctx, s, "'%s' must be a string, a number or a boolean", name);
 		return;
 	}
-	kv.key = strdup(name);
-	kv.file = strdup(file ? file : ctx->main_file);
+	kv.key = xstrdup(name);
+	kv.file = xstrdup(file ? file : ctx->main_file);
 	kv.line = config_setting_source_line(s);
-	*arr = realloc(*arr, (*count + 1) * sizeof **arr);
+	*arr = xrealloc(*arr, (*count + 1) * sizeof **arr);
 	(*arr)[(*count)++] = kv;
 }
 
@@ -249,7 +250,7 @@ cread_list(struct conf_ctx *ctx, config_setting_t *list, const struct conf_key *
 		return;
 	}
 	n = config_setting_length(list);
-	*arr = calloc(n ? n : 1, k->elem);
+	*arr = xcalloc(n ? n : 1, k->elem);
 	for (i = 0; i < n; i++) {
 		config_setting_t *e = config_setting_get_elem(list, i);
 		void *elem = (char *)*arr + (*count)++ * k->elem;
@@ -277,7 +278,7 @@ cread_value(struct conf_ctx *ctx, config_setting_t *s, const struct conf_key *k,
 			return;
 		}
 		free(*(char **)p);
-		*(char **)p = strdup(config_setting_get_string(s));
+		*(char **)p = xstrdup(config_setting_get_string(s));
 		return;
 	case CONF_BOOL:
 		if (type != CONFIG_TYPE_BOOL)

@@ -1,4 +1,5 @@
 #include "conf_table.h"
+#include "xmalloc.h"
 
 #include <stdint.h>
 #include <stdio.h>
@@ -216,7 +217,7 @@ ctab_default(const struct conf_key *k, void *base)
 
 	switch (k->kind) {
 	case CONF_STR:
-		*(char **)p = strdup(k->def);
+		*(char **)p = xstrdup(k->def);
 		break;
 	case CONF_DUR:
 		*(double *)p = strtod(k->def, NULL);

@@ -16,6 +16,7 @@
 #include "sagad.h"
 #include "store.h"
 #include "util.h"
+#include "xmalloc.h"
 
 /* One inbox record held in memory while it waits for delivery. */
 struct dmsg {
@@ -124,10 +125,8 @@ dsub_append(struct dsub *ds, struct dmsg *dm)
 {
 	size_t i;
 
-	if (ds->npending == ds->cappending) {
-		ds->cappending = ds->cappending ? ds->cappending * 2 : 64;
-		ds->pending = realloc(ds->pending, ds->cappending * sizeof *ds->pending);
-	}
+	if (ds->npending == ds->cappending)
+		ds->pending = xgrow(ds->pending, &ds->cappending, ds->npending + 1, sizeof *ds->pending);
 	/* Keep broker order: records reloaded from the store may be older
 	 * than what is already held. */
 	i = ds->npending;
@@ -184,7 +183,7 @@ dsub_load(struct dsub *ds)
 				inbox_rec_free(batch[i]);
 				continue;
 			}
-			struct dmsg *dm = calloc(1, sizeof *dm);
+			struct dmsg *dm = xcalloc(1, sizeof *dm);
 			dm->rec = batch[i];
 			dm->committed = 1;
 			dsub_append(ds, dm);
@@ -208,11 +207,11 @@ delivery_copy_props(struct props *dst, const struct props *src)
 	size_t i;
 
 	if (src->content_type)
-		dst->content_type = strdup(src->content_type);
+		dst->content_type = xstrdup(src->content_type);
 	if (src->correlation_id)
-		dst->correlation_id = strdup(src->correlation_id);
+		dst->correlation_id = xstrdup(src->correlation_id);
 	if (src->type)
-		dst->type = strdup(src->type);
+		dst->type = xstrdup(src->type);
 	for (i = 0; i < src->n_headers; i++)
 		props_set_header(dst, src->headers[i].name, src->headers[i].value);
 }
@@ -234,13 +233,13 @@ dsub_reply(struct dsub *ds, struct dmsg *dm, const struct hclient_answer *ans, i
 	/* A fresh id: a command refused, then sent again with the same id,
 	 * gets a second reply that must not look like a repeat of the first. */
 	util_uuid7(id);
-	m.message_id = strdup(id);
-	m.exchange = strdup("");
-	m.routing_key = strdup(in->props.reply_to);
+	m.message_id = xstrdup(id);
+	m.exchange = xstrdup("");
+	m.routing_key = xstrdup(in->props.reply_to);
 	if (ct && util_valid_shortstr(ct, 255))
-		m.props.content_type = strdup(ct);
+		m.props.content_type = xstrdup(ct);
 	if (in->props.correlation_id)
-		m.props.correlation_id = strdup(in->props.correlation_id);
+		m.props.correlation_id = xstrdup(in->props.correlation_id);
 	props_set_header(&m.props, "x-sagad-outcome", success ? "success" : "failure");
 	if ((h = props_get_header(&in->props, "x-sagad-saga")))
 		props_set_header(&m.props, "x-sagad-saga", h);
@@ -250,7 +249,7 @@ dsub_reply(struct dsub *ds, struct dmsg *dm, const struct hclient_answer *ans, i
 		props_set_header(&m.props, "x-sagad-kind", h);
 	props_set_header(&m.props, "x-sagad-reply-to-message-id", in->message_id);
 	m.body_len = evbuffer_get_length(body);
-	m.body = malloc(m.body_len + 1);
+	m.body = xmalloc(m.body_len + 1);
 	evbuffer_copyout(body, m.body, m.body_len);
 	/* Out once written: if a crash of the machine loses this transaction,
 	 * the record is pending again and the service's answer comes again. */
@@ -268,9 +267,9 @@ dsub_dead_letter(struct dsub *ds, struct dmsg *dm, const char *reason, int statu
 	struct msg m;
 
 	memset(&m, 0, sizeof m);
-	m.message_id = strdup(in->message_id);
-	m.exchange = strdup("");
-	m.routing_key = strdup(ds->dlq);
+	m.message_id = xstrdup(in->message_id);
+	m.exchange = xstrdup("");
+	m.routing_key = xstrdup(ds->dlq);
 	delivery_copy_props(&m.props, &in->props);
 	props_set_header(&m.props, "x-sagad-dead-reason", reason);
 	snprintf(num, sizeof num, "%u", dm->rec->attempts);
@@ -591,7 +590,7 @@ dsub_attempt(struct dsub *ds, struct dmsg *dm)
 
 	if (!conn)
 		return;
-	a = calloc(1, sizeof *a);
+	a = xcalloc(1, sizeof *a);
 	a->ds = ds;
 	a->dm = dm;
 	a->conn = conn;
@@ -665,7 +664,7 @@ dsub_dispatch(struct dsub *ds)
 	if (ds->circuit == CIRCUIT_HALF_OPEN)
 		limit = 1;
 	if (c->ordered)
-		busy = calloc(ds->npending + 1, sizeof *busy);
+		busy = xcalloc(ds->npending + 1, sizeof *busy);
 	for (i = 0; i < ds->npending && ds->inflight < limit; i++) {
 		struct dmsg *dm = ds->pending[i];
 		const char *cid = dm->rec->m->props.correlation_id;
@@ -798,7 +797,7 @@ delivery_take(struct delivery *dl, const struct broker_event *ev)
 {
 	struct dsub *ds = &dl->subs[ev->sub];
 	struct msg *m = ev->msg;
-	struct dack *k = calloc(1, sizeof *k);
+	struct dack *k = xcalloc(1, sizeof *k);
 	enum store_put put;
 	int64_t id = 0;
 
@@ -811,7 +810,7 @@ delivery_take(struct delivery *dl, const struct broker_event *ev)
 		char derived[40];
 		delivery_derive_id(m, derived);
 		free(m->message_id);
-		m->message_id = strdup(derived);
+		m->message_id = xstrdup(derived);
 	}
 	put = store_inbox_put(dl->d->store, ds->name, m, util_now(), &id);
 	switch (put) {
@@ -826,13 +825,13 @@ delivery_take(struct delivery *dl, const struct broker_event *ev)
 			break;
 		}
 		{
-		struct dmsg *dm = calloc(1, sizeof *dm);
-		dm->rec = calloc(1, sizeof *dm->rec);
+		struct dmsg *dm = xcalloc(1, sizeof *dm);
+		dm->rec = xcalloc(1, sizeof *dm->rec);
 		dm->rec->id = id;
 		dm->rec->m = m;
 		dm->rec->received_at = util_now();
-		dm->rec->last_error = strdup("");
-		dm->rec->dead_reason = strdup("");
+		dm->rec->last_error = xstrdup("");
+		dm->rec->dead_reason = xstrdup("");
 		dsub_append(ds, dm);
 		k->dm = dm;
 		m = NULL;
@@ -910,8 +909,8 @@ dsub_init(struct delivery *dl, struct dsub *ds, int index)
 
 	ds->dl = dl;
 	ds->index = index;
-	ds->name = strdup(c->name);
-	ds->queue = strdup(c->queue);
+	ds->name = xstrdup(c->name);
+	ds->queue = xstrdup(c->queue);
 	if (asprintf(&ds->dlq, "%s.dlq", c->queue) < 0)
 		return -1;
 	ds->dispatch_ev = event_new(dl->d->base, -1, 0, dsub_dispatch_cb, ds);
@@ -931,18 +930,17 @@ dsub_init(struct delivery *dl, struct dsub *ds, int index)
 			evhttp_uri_free(u);
 		return -1;
 	}
-	ds->host = strdup(evhttp_uri_get_host(u));
+	ds->host = xstrdup(evhttp_uri_get_host(u));
 	ds->port = evhttp_uri_get_port(u) > 0 ? evhttp_uri_get_port(u) : 80;
 	path = evhttp_uri_get_path(u);
 	if (evhttp_uri_get_query(u)) {
-		if (asprintf(&ds->path, "%s?%s", path && *path ? path : "/",
-		    evhttp_uri_get_query(u)) < 0)
-			ds->path = NULL;
+		ds->path = xasprintf("%s?%s", path && *path ? path : "/",
+		    evhttp_uri_get_query(u));
 	} else
-		ds->path = strdup(path && *path ? path : "/");
+		ds->path = xstrdup(path && *path ? path : "/");
 	evhttp_uri_free(u);
 	ds->nconns = c->concurrency;
-	ds->conns = calloc(ds->nconns, sizeof *ds->conns);
+	ds->conns = xcalloc(ds->nconns, sizeof *ds->conns);
 	dsub_load(ds);
 	if (ds->npending)
 		log_info("pending deliveries resumed", LOG_STR("subscription", ds->name),
@@ -953,12 +951,12 @@ dsub_init(struct delivery *dl, struct dsub *ds, int index)
 struct delivery *
 delivery_new(struct sagad *d)
 {
-	struct delivery *dl = calloc(1, sizeof *dl);
+	struct delivery *dl = xcalloc(1, sizeof *dl);
 	size_t i;
 
 	dl->d = d;
 	dl->nsubs = d->conf->n_subs;
-	dl->subs = calloc(dl->nsubs + 1, sizeof *dl->subs);
+	dl->subs = xcalloc(dl->nsubs + 1, sizeof *dl->subs);
 	for (i = 0; i < dl->nsubs; i++)
 		if (dsub_init(dl, &dl->subs[i], (int)i) < 0) {
 			delivery_free(dl);
@@ -1144,7 +1142,7 @@ void *
 delivery_dlq_json(struct delivery *dl, int sub, size_t limit)
 {
 	struct dsub *ds = &dl->subs[sub];
-	struct inbox_rec **recs = calloc(limit ? limit : 1, sizeof *recs);
+	struct inbox_rec **recs = xcalloc(limit ? limit : 1, sizeof *recs);
 	json_t *list = json_array();
 	size_t n = 0, i;
 

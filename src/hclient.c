@@ -1,4 +1,5 @@
 #include "hclient.h"
+#include "xmalloc.h"
 
 #include <errno.h>
 #include <event2/buffer.h>
@@ -109,7 +110,7 @@ hparse_header(struct hparse *p, char *line, long long *length, int *chunked)
 		else if (strcasestr(v, "keep-alive"))
 			p->close = 0;
 	} else if (strcasecmp(line, "Content-Type") == 0 && !p->content_type) {
-		p->content_type = strdup(v);
+		p->content_type = xstrdup(v);
 	}
 	return 0;
 }
@@ -497,10 +498,10 @@ struct hclient *
 hclient_new(struct event_base *base, const char *host, int port, size_t max_body,
     size_t max_headers)
 {
-	struct hclient *c = calloc(1, sizeof *c);
+	struct hclient *c = xcalloc(1, sizeof *c);
 
 	c->base = base;
-	c->host = strdup(host);
+	c->host = xstrdup(host);
 	c->port = port;
 	c->max_body = max_body;
 	c->max_headers = max_headers;

@@ -19,6 +19,7 @@
 
 #include "log.h"
 #include "util.h"
+#include "xmalloc.h"
 
 const char *
 httpd_reason(int code)
@@ -90,8 +91,7 @@ httpd_bind_unix(const char *path, int mode, char **err)
 		goto fail;
 	return fd;
 fail:
-	if (asprintf(err, "cannot listen on unix:%s: %s", path, strerror(errno)) < 0)
-		*err = NULL;
+	*err = xasprintf("cannot listen on unix:%s: %s", path, strerror(errno));
 	if (fd >= 0)
 		close(fd);
 	return -1;
@@ -106,8 +106,7 @@ httpd_bind_tcp(const char *spec, char **err)
 	int fd = -1, one = 1, rc;
 
 	if (util_listen_split(spec, host, sizeof host, &port) < 0) {
-		if (asprintf(err, "cannot listen on %s: malformed address", spec) < 0)
-			*err = NULL;
+		*err = xasprintf("cannot listen on %s: malformed address", spec);
 		return -1;
 	}
 	memset(&hints, 0, sizeof hints);
@@ -116,16 +115,14 @@ httpd_bind_tcp(const char *spec, char **err)
 	hints.ai_flags = AI_PASSIVE | AI_NUMERICSERV;
 	rc = getaddrinfo(*host ? host : NULL, port, &hints, &ai);
 	if (rc != 0) {
-		if (asprintf(err, "cannot listen on %s: %s", spec, gai_strerror(rc)) < 0)
-			*err = NULL;
+		*err = xasprintf("cannot listen on %s: %s", spec, gai_strerror(rc));
 		return -1;
 	}
 	fd = socket(ai->ai_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
 	if (fd < 0 ||
 	    setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one) < 0 ||
 	    bind(fd, ai->ai_addr, ai->ai_addrlen) < 0 || listen(fd, 1024) < 0) {
-		if (asprintf(err, "cannot listen on %s: %s", spec, strerror(errno)) < 0)
-			*err = NULL;
+		*err = xasprintf("cannot listen on %s: %s", spec, strerror(errno));
 		if (fd >= 0)
 			close(fd);
 		fd = -1;
@@ -197,14 +194,13 @@ httpd_listen(struct event_base *base, const char *spec,
 	http = evhttp_new(base);
 	httpd_set_limits(http, lim);
 	if (!(bound = evhttp_accept_socket_with_handle(http, fd))) {
-		if (asprintf(err, "cannot accept on %s", spec) < 0)
-			*err = NULL;
+		*err = xasprintf("cannot accept on %s", spec);
 		close(fd);
 		evhttp_free(http);
 		return NULL;
 	}
 	/* Freed with the process: one per listener, two in all. */
-	pause = calloc(1, sizeof *pause);
+	pause = xcalloc(1, sizeof *pause);
 	pause->l = evhttp_bound_socket_get_listener(bound);
 	pause->ev = evtimer_new(base, httpd_resume_cb, pause);
 	for (size_t i = 0; i < sizeof httpd_pauses / sizeof httpd_pauses[0]; i++)

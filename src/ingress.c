@@ -17,6 +17,7 @@
 #include "sagad.h"
 #include "store.h"
 #include "util.h"
+#include "xmalloc.h"
 
 #define INGRESS_PREFIX "/v1/publish/"
 
@@ -73,8 +74,8 @@ ingress_parse_path(const struct sagad_conf *conf, const char *path, struct msg *
 		    "path must be /v1/publish/{exchange}/{routing_key}");
 	elen = slash - rest;
 	klen = q ? (size_t)(q - slash - 1) : strlen(slash + 1);
-	ex = malloc(elen + 1);
-	key = malloc(klen + 1);
+	ex = xmalloc(elen + 1);
+	key = xmalloc(klen + 1);
 	if (util_pct_decode(rest, elen, ex) < 0 || util_pct_decode(slash + 1, klen, key) < 0) {
 		free(ex);
 		free(key);
@@ -172,11 +173,11 @@ ingress_parse(const struct sagad_conf *conf, const char *path,
 			return ingress_fail(error, why, whylen, "bad-header",
 			    "property headers are at most 255 bytes without control characters");
 		free(*dst);
-		*dst = strdup(v);
+		*dst = xstrdup(v);
 	}
 	if (!m->message_id) {
 		util_uuid7(id);
-		m->message_id = strdup(id);
+		m->message_id = xstrdup(id);
 	}
 	return 0;
 }
@@ -229,7 +230,7 @@ ingress_publish(struct ingress *in, struct evhttp_request *req, const char *path
 	switch (put) {
 	case STORE_PUT_STORED:
 	case STORE_PUT_DUPLICATE:
-		p = calloc(1, sizeof *p);
+		p = xcalloc(1, sizeof *p);
 		p->in = in;
 		p->req = req;
 		p->message_id = m.message_id;
@@ -296,7 +297,7 @@ ingress_limits(const struct sagad_conf *c, struct httpd_limits *lim)
 struct ingress *
 ingress_new(struct sagad *d, char **err)
 {
-	struct ingress *in = calloc(1, sizeof *in);
+	struct ingress *in = xcalloc(1, sizeof *in);
 	struct httpd_limits lim;
 
 	in->d = d;

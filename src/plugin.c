@@ -16,6 +16,7 @@
 #include "sagad.h"
 #include "store.h"
 #include "util.h"
+#include "xmalloc.h"
 
 #define PLUGIN_MAX_METRICS 32
 
@@ -107,7 +108,7 @@ plugin_err(struct conf_errors *errs, const char *file, int line, const char *msg
 
 	if (asprintf(&m, "%s:%d: %s", file, line, msg) < 0)
 		return;
-	errs->msg = realloc(errs->msg, (errs->n + 1) * sizeof *errs->msg);
+	errs->msg = xrealloc(errs->msg, (errs->n + 1) * sizeof *errs->msg);
 	errs->msg[errs->n++] = m;
 }
 
@@ -249,11 +250,11 @@ host_publish(struct sagad_host *h, const struct sagad_message *pm)
 	m.body = (char *)pm->body;
 	m.body_len = pm->body_len;
 	if (pm->content_type)
-		m.props.content_type = strdup(pm->content_type);
+		m.props.content_type = xstrdup(pm->content_type);
 	if (pm->correlation_id)
-		m.props.correlation_id = strdup(pm->correlation_id);
+		m.props.correlation_id = xstrdup(pm->correlation_id);
 	if (pm->type)
-		m.props.type = strdup(pm->type);
+		m.props.type = xstrdup(pm->type);
 	for (i = 0; i < pm->n_headers; i++) {
 		if (!pm->header_names[i] || !*pm->header_names[i] || !pm->header_values[i] ||
 		    !util_valid_shortstr(pm->header_values[i], 65535)) {
@@ -292,7 +293,7 @@ host_durable_cb(void *arg, int ok)
 static void
 host_when_durable(struct sagad_host *h, sagad_durable_fn *fn, void *cookie)
 {
-	struct host_durable *hd = malloc(sizeof *hd);
+	struct host_durable *hd = xmalloc(sizeof *hd);
 
 	hd->fn = fn;
 	hd->cookie = cookie;
@@ -364,12 +365,12 @@ static const struct sagad_host_api host_api = {
 struct plugins *
 plugins_start(struct sagad *d, char **err)
 {
-	struct plugins *ps = calloc(1, sizeof *ps);
+	struct plugins *ps = xcalloc(1, sizeof *ps);
 	char why[600];
 	size_t i;
 
 	*err = NULL;
-	ps->hosts = calloc(d->conf->n_sources + 1, sizeof *ps->hosts);
+	ps->hosts = xcalloc(d->conf->n_sources + 1, sizeof *ps->hosts);
 	for (i = 0; i < d->conf->n_sources; i++) {
 		struct sagad_host *h = &ps->hosts[i];
 		h->d = d;
@@ -395,8 +396,7 @@ plugins_start(struct sagad *d, char **err)
 	}
 	return ps;
 fail:
-	if (asprintf(err, "%s", why) < 0)
-		*err = NULL;
+	*err = xasprintf("%s", why);
 	ps->n = i + 1;		/* stop() skips what never started */
 	plugins_stop(ps);
 	return NULL;

@@ -1,4 +1,5 @@
 #include "props.h"
+#include "xmalloc.h"
 
 #include <msgpack.h>
 #include <stdlib.h>
@@ -15,12 +16,12 @@ props_set_header(struct props *p, const char *name, const char *value)
 	for (i = 0; i < p->n_headers; i++)
 		if (strcmp(p->headers[i].name, name) == 0) {
 			free(p->headers[i].value);
-			p->headers[i].value = strdup(value);
+			p->headers[i].value = xstrdup(value);
 			return;
 		}
-	p->headers = realloc(p->headers, (p->n_headers + 1) * sizeof *p->headers);
-	p->headers[p->n_headers].name = strdup(name);
-	p->headers[p->n_headers].value = strdup(value);
+	p->headers = xrealloc(p->headers, (p->n_headers + 1) * sizeof *p->headers);
+	p->headers[p->n_headers].name = xstrdup(name);
+	p->headers[p->n_headers].value = xstrdup(value);
 	p->n_headers++;
 }
 
@@ -128,10 +129,10 @@ props_strdup(const msgpack_object *o)
 	if (o->type != MSGPACK_OBJECT_STR)
 		return NULL;
 	if (o->via.str.size == 0)	/* msgpack-c gives it a NULL pointer */
-		return strdup("");
+		return xstrdup("");
 	if (memchr(o->via.str.ptr, '\0', o->via.str.size))
 		return NULL;
-	s = malloc(o->via.str.size + 1);
+	s = xmalloc(o->via.str.size + 1);
 	memcpy(s, o->via.str.ptr, o->via.str.size);
 	s[o->via.str.size] = '\0';
 	return s;

@@ -9,6 +9,7 @@
 #include "log.h"
 #include "store.h"
 #include "util.h"
+#include "xmalloc.h"
 
 struct relay {
 	struct event_base *base;
@@ -48,7 +49,7 @@ static int relay_is_done(const struct relay *r, int64_t seq);
 struct relay *
 relay_new(struct event_base *base, struct store *st, const struct sagad_conf *conf)
 {
-	struct relay *r = calloc(1, sizeof *r);
+	struct relay *r = xcalloc(1, sizeof *r);
 
 	r->base = base;
 	r->st = st;
@@ -149,7 +150,7 @@ relay_fill(struct relay *r)
 		return;
 	if (r->batch_cap < window) {
 		r->batch_cap = window;
-		r->batch = realloc(r->batch, r->batch_cap * sizeof *r->batch);
+		r->batch = xrealloc(r->batch, r->batch_cap * sizeof *r->batch);
 	}
 	/* Retries first: they are older than anything past the cursor. */
 	check_due = r->due_stale || (r->next_due > 0 && r->next_due <= now);
@@ -184,11 +185,7 @@ relay_fill_cb(evutil_socket_t fd, short what, void *arg)
 static void
 relay_push(int64_t **v, size_t *n, size_t *cap, int64_t seq)
 {
-	if (*n == *cap) {
-		*cap = *cap ? *cap * 2 : 1024;
-		*v = realloc(*v, *cap * sizeof **v);
-	}
-	(*v)[(*n)++] = seq;
+	*XPUSH(*v, *n, *cap) = seq;
 }
 
 static int

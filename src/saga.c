@@ -134,7 +134,7 @@ saga_obj_str(const msgpack_object *o)
 	if (o->type != MSGPACK_OBJECT_STR)
 		return NULL;
 	/* msgpack-c gives an empty string a NULL pointer. */
-	return o->via.str.size ? strndup(o->via.str.ptr, o->via.str.size) : strdup("");
+	return o->via.str.size ? xstrndup(o->via.str.ptr, o->via.str.size) : xstrdup("");
 }
 
 static char *
@@ -145,7 +145,7 @@ saga_obj_bin(const msgpack_object *o, size_t *len)
 	*len = 0;
 	if (o->type != MSGPACK_OBJECT_BIN)
 		return NULL;
-	b = malloc(o->via.bin.size + 1);
+	b = xmalloc(o->via.bin.size + 1);
 	if (o->via.bin.size)
 		memcpy(b, o->via.bin.ptr, o->via.bin.size);
 	*len = o->via.bin.size;
@@ -216,12 +216,12 @@ out:
 static struct saga_inst *
 saga_inst_new(const struct sagad_conf *conf, size_t def, const char *id)
 {
-	struct saga_inst *in = calloc(1, sizeof *in);
+	struct saga_inst *in = xcalloc(1, sizeof *in);
 
 	in->def = &conf->sagas[def];
 	in->def_index = def;
-	in->id = strdup(id);
-	in->steps = calloc(in->def->n_steps + 1, sizeof *in->steps);
+	in->id = xstrdup(id);
+	in->steps = xcalloc(in->def->n_steps + 1, sizeof *in->steps);
 	return in;
 }
 
@@ -435,10 +435,10 @@ saga_send(struct saga_engine *e, struct saga_inst *in, const struct conf_binding
 	m.routing_key = to->key;
 	m.body = (char *)body;
 	m.body_len = len;
-	m.props.content_type = ct ? strdup(ct) : NULL;
-	m.props.correlation_id = strdup(in->id);
+	m.props.content_type = ct ? xstrdup(ct) : NULL;
+	m.props.correlation_id = xstrdup(in->id);
 	if (reply)
-		m.props.reply_to = strdup(e->d->conf->saga_queue);
+		m.props.reply_to = xstrdup(e->d->conf->saga_queue);
 	props_set_header(&m.props, "x-sagad-saga", in->def->name);
 	if (step)
 		props_set_header(&m.props, "x-sagad-step", step);
@@ -493,7 +493,7 @@ saga_set_state(struct saga_engine *e, struct saga_inst *in, enum saga_state to,
 	}
 	if (why && (from == SAGA_RUNNING || to == SAGA_FAILED)) {
 		free(in->reason);
-		in->reason = strdup(why);
+		in->reason = xstrdup(why);
 	}
 	in->state = to;
 	if (to == SAGA_COMPENSATING && from == SAGA_RUNNING)
@@ -612,10 +612,10 @@ saga_step_succeeded(struct saga_engine *e, struct saga_inst *in, size_t i, const
 	st->order = ++in->order;
 	free(st->body);
 	free(st->ct);
-	st->body = malloc(m->body_len + 1);
+	st->body = xmalloc(m->body_len + 1);
 	memcpy(st->body, m->body, m->body_len);
 	st->body_len = m->body_len;
-	st->ct = m->props.content_type ? strdup(m->props.content_type) : NULL;
+	st->ct = m->props.content_type ? xstrdup(m->props.content_type) : NULL;
 }
 
 static int
@@ -812,10 +812,10 @@ saga_on_start(struct saga_engine *e, size_t def, const struct msg *m)
 	in = saga_inst_new(e->d->conf, def, id);
 	in->state = SAGA_RUNNING;
 	in->started_at = util_now();
-	in->body = malloc(m->body_len + 1);
+	in->body = xmalloc(m->body_len + 1);
 	memcpy(in->body, m->body, m->body_len);
 	in->body_len = m->body_len;
-	in->ct = m->props.content_type ? strdup(m->props.content_type) : NULL;
+	in->ct = m->props.content_type ? xstrdup(m->props.content_type) : NULL;
 	e->stats[def].started++;
 	saga_save(e, in);
 	saga_log(e, in, "in", "start", NULL, m->message_id, m->routing_key);

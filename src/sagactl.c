@@ -13,6 +13,8 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "xmalloc.h"
+
 enum sagactl_exit { SAGACTL_OK = 0, SAGACTL_FAILED = 1, SAGACTL_USAGE = 2 };
 
 struct sagactl {
@@ -135,7 +137,7 @@ sagactl_request(const struct sagactl *c, const char *method, const char *path,
 	while ((n = read(fd, buf, sizeof buf)) > 0) {
 		if (len + n + 1 > cap) {
 			cap = (len + n + 1) * 2;
-			r.body = realloc(r.body, cap);
+			r.body = xrealloc(r.body, cap);
 		}
 		memcpy(r.body + len, buf, n);
 		len += n;
@@ -190,7 +192,7 @@ sagactl_call(const struct sagactl *c, const char *method, const char *path)
 static char *
 pct_encode(const char *s)
 {
-	char *out = malloc(strlen(s) * 3 + 1), *o = out;
+	char *out = xmalloc(strlen(s) * 3 + 1), *o = out;
 
 	for (; *s; s++) {
 		unsigned char ch = (unsigned char)*s;
@@ -561,7 +563,7 @@ main(int argc, char **argv)
 		while (n && (buf[n - 1] == '\n' || buf[n - 1] == '\r' || buf[n - 1] == ' '))
 			n--;
 		buf[n] = '\0';
-		c.token = strdup(buf);
+		c.token = xstrdup(buf);
 	}
 	argc -= optind;
 	argv += optind;

@@ -15,6 +15,7 @@
 #include "saga_store.h"
 #include "metrics.h"
 #include "syncer.h"
+#include "xmalloc.h"
 
 /* Commits between two counts of the pages in use (store_commit). */
 #define STORE_COUNT_EVERY 64
@@ -189,9 +190,9 @@ store_exec(struct store *st, const char *sql, char **err)
 	char *msg = NULL;
 
 	if (sqlite3_exec(st->db, sql, NULL, NULL, &msg) != SQLITE_OK) {
-		if (err && asprintf(err, "store %s: %s", st->path,
-		    msg ? msg : sqlite3_errmsg(st->db)) < 0)
-			*err = NULL;
+		if (err)
+			*err = xasprintf("store %s: %s", st->path,
+		    msg ? msg : sqlite3_errmsg(st->db));
 		sqlite3_free(msg);
 		return -1;
 	}
@@ -220,15 +221,13 @@ store_migrate(struct store *st, char **err)
 	char sql[64];
 
 	if (v < 0) {
-		if (asprintf(err, "store %s: not a sagad store or damaged: %s",
-		    st->path, sqlite3_errmsg(st->db)) < 0)
-			*err = NULL;
+		*err = xasprintf("store %s: not a sagad store or damaged: %s",
+		    st->path, sqlite3_errmsg(st->db));
 		return -1;
 	}
 	if (v > (int64_t)n) {
-		if (asprintf(err, "store %s: schema version %lld is newer than this sagad (%zu)",
-		    st->path, (long long)v, n) < 0)
-			*err = NULL;
+		*err = xasprintf("store %s: schema version %lld is newer than this sagad (%zu)",
+		    st->path, (long long)v, n);
 		return -1;
 	}
 	for (; v < (int64_t)n; v++) {
@@ -248,9 +247,8 @@ store_migrate(struct store *st, char **err)
 static int
 store_fail(struct store *st, char **err, const char *what)
 {
-	if (asprintf(err, "store %s: %s: %s", st->path, what,
-	    st->db ? sqlite3_errmsg(st->db) : strerror(errno)) < 0)
-		*err = NULL;
+	*err = xasprintf("store %s: %s: %s", st->path, what,
+	    st->db ? sqlite3_errmsg(st->db) : strerror(errno));
 	store_close(st);
 	return -1;
 }
@@ -406,11 +404,11 @@ store_count_near(const struct store *st)
 struct store *
 store_open(const char *path, struct event_base *base, int64_t max_bytes, char **err)
 {
-	struct store *st = calloc(1, sizeof *st);
+	struct store *st = xcalloc(1, sizeof *st);
 	int i;
 
 	*err = NULL;
-	st->path = strdup(path);
+	st->path = xstrdup(path);
 	st->max_bytes = max_bytes;
 	st->wal_fd = -1;
 	st->lock_fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0600);
@@ -718,7 +716,7 @@ store_settle(struct store *st, uint64_t gen, int err)
 	if (!n)
 		return;
 	/* Detach first: callbacks may commit more and add batches. */
-	struct store_batch *b = malloc(n * sizeof *b);
+	struct store_batch *b = xmalloc(n * sizeof *b);
 	memcpy(b, st->batches, n * sizeof *b);
 	memmove(st->batches, st->batches + n, (st->nbatches - n) * sizeof *b);
 	st->nbatches -= n;
@@ -849,11 +847,7 @@ store_commit_async(struct store *st)
 	}
 	if (!durable && !st->ncbs && st->tx_seq == st->batches[st->nbatches - 1].seq)
 		return;
-	if (st->nbatches == st->capbatches) {
-		st->capbatches = st->capbatches ? st->capbatches * 2 : 16;
-		st->batches = realloc(st->batches, st->capbatches * sizeof *st->batches);
-	}
-	b = &st->batches[st->nbatches++];
+	b = XPUSH(st->batches, st->nbatches, st->capbatches);
 	/* A batch that needs no sync of its own still waits for those before
 	 * it: answers go out in commit order. */
 	if (durable) {
@@ -945,13 +939,7 @@ store_commit_cb(evutil_socket_t fd, short what, void *arg)
 void
 store_on_commit(struct store *st, store_done_fn *cb, void *arg)
 {
-	if (st->ncbs == st->capcbs) {
-		st->capcbs = st->capcbs ? st->capcbs * 2 : 64;
-		st->cbs = realloc(st->cbs, st->capcbs * sizeof *st->cbs);
-	}
-	st->cbs[st->ncbs].fn = cb;
-	st->cbs[st->ncbs].arg = arg;
-	st->ncbs++;
+	*XPUSH(st->cbs, st->ncbs, st->capcbs) = (struct store_cb){ cb, arg };
 	/* Without an open transaction the work is already durable; still answer
 	 * from the loop, never from inside the caller. */
 	event_active(st->commit_ev, 0, 0);
@@ -962,26 +950,14 @@ store_on_durable_early(struct store *st, void (*fn)(void *), void *arg)
 {
 	if (!st->syncer || !st->in_tx || !st->tx_durable)
 		return 0;
-	if (st->njobs == st->capjobs) {
-		st->capjobs = st->capjobs ? st->capjobs * 2 : 64;
-		st->jobs = realloc(st->jobs, st->capjobs * sizeof *st->jobs);
-	}
-	st->jobs[st->njobs].fn = fn;
-	st->jobs[st->njobs].arg = arg;
-	st->njobs++;
+	*XPUSH(st->jobs, st->njobs, st->capjobs) = (struct syncer_job){ fn, arg };
 	return 1;
 }
 
 void
 store_on_written(struct store *st, store_done_fn *cb, void *arg)
 {
-	if (st->nwcbs == st->capwcbs) {
-		st->capwcbs = st->capwcbs ? st->capwcbs * 2 : 64;
-		st->wcbs = realloc(st->wcbs, st->capwcbs * sizeof *st->wcbs);
-	}
-	st->wcbs[st->nwcbs].fn = cb;
-	st->wcbs[st->nwcbs].arg = arg;
-	st->nwcbs++;
+	*XPUSH(st->wcbs, st->nwcbs, st->capwcbs) = (struct store_cb){ cb, arg };
 	event_active(st->commit_ev, 0, 0);
 }
 
@@ -1050,14 +1026,14 @@ fail:
 static struct msg *
 store_row_msg(sqlite3_stmt *s)
 {
-	struct msg *m = calloc(1, sizeof *m);
+	struct msg *m = xcalloc(1, sizeof *m);
 	const void *blob;
 	int n;
 
 	m->seq = sqlite3_column_int64(s, 0);
-	m->message_id = strdup((const char *)sqlite3_column_text(s, 1));
-	m->exchange = strdup((const char *)sqlite3_column_text(s, 2));
-	m->routing_key = strdup((const char *)sqlite3_column_text(s, 3));
+	m->message_id = xstrdup((const char *)sqlite3_column_text(s, 1));
+	m->exchange = xstrdup((const char *)sqlite3_column_text(s, 2));
+	m->routing_key = xstrdup((const char *)sqlite3_column_text(s, 3));
 	blob = sqlite3_column_blob(s, 4);
 	n = sqlite3_column_bytes(s, 4);
 	if (props_unpack(blob, n, &m->props) < 0)
@@ -1065,7 +1041,7 @@ store_row_msg(sqlite3_stmt *s)
 		    LOG_INT("seq", m->seq));
 	blob = sqlite3_column_blob(s, 5);
 	n = sqlite3_column_bytes(s, 5);
-	m->body = malloc(n ? n : 1);
+	m->body = xmalloc(n ? n : 1);
 	if (n)
 		memcpy(m->body, blob, n);
 	m->body_len = n;
@@ -1339,24 +1315,24 @@ store_inbox_put(struct store *st, const char *sub, struct msg *m, double now,
 static struct inbox_rec *
 store_row_inbox(sqlite3_stmt *s)
 {
-	struct inbox_rec *r = calloc(1, sizeof *r);
-	struct msg *m = calloc(1, sizeof *m);
+	struct inbox_rec *r = xcalloc(1, sizeof *r);
+	struct msg *m = xcalloc(1, sizeof *m);
 	const void *blob;
 	int n;
 
 	r->m = m;
 	r->id = sqlite3_column_int64(s, 0);
 	m->seq = r->id;
-	m->message_id = strdup((const char *)sqlite3_column_text(s, 1));
-	m->exchange = strdup((const char *)sqlite3_column_text(s, 2));
-	m->routing_key = strdup((const char *)sqlite3_column_text(s, 3));
+	m->message_id = xstrdup((const char *)sqlite3_column_text(s, 1));
+	m->exchange = xstrdup((const char *)sqlite3_column_text(s, 2));
+	m->routing_key = xstrdup((const char *)sqlite3_column_text(s, 3));
 	blob = sqlite3_column_blob(s, 4);
 	n = sqlite3_column_bytes(s, 4);
 	if (props_unpack(blob, n, &m->props) < 0)
 		log_error("damaged inbox properties in store", LOG_INT("id", r->id));
 	blob = sqlite3_column_blob(s, 5);
 	n = sqlite3_column_bytes(s, 5);
-	m->body = malloc(n ? n : 1);
+	m->body = xmalloc(n ? n : 1);
 	if (n)
 		memcpy(m->body, blob, n);
 	m->body_len = n;
@@ -1366,8 +1342,8 @@ store_row_inbox(sqlite3_stmt *s)
 	r->received_at = sqlite3_column_double(s, 9);
 	r->finished_at = sqlite3_column_double(s, 10);
 	r->last_status = sqlite3_column_int(s, 11);
-	r->last_error = strdup((const char *)sqlite3_column_text(s, 12));
-	r->dead_reason = strdup((const char *)sqlite3_column_text(s, 13));
+	r->last_error = xstrdup((const char *)sqlite3_column_text(s, 12));
+	r->dead_reason = xstrdup((const char *)sqlite3_column_text(s, 13));
 	r->redelivered = (unsigned)sqlite3_column_int(s, 14) > r->attempts;
 	m->created_at = r->received_at;
 	return r;

@@ -2,6 +2,7 @@
 
 #include "metrics.h"
 #include "util.h"
+#include "xmalloc.h"
 
 #include <errno.h>
 #include <event2/event.h>
@@ -63,7 +64,7 @@ syncer_take(struct syncer *s, uint64_t gen, size_t *n)
 	*n = k;
 	if (!k)
 		return NULL;
-	b = malloc(k * sizeof *b);
+	b = xmalloc(k * sizeof *b);
 	memcpy(b, s->batches, k * sizeof *b);
 	memmove(s->batches, s->batches + k, (s->nbatches - k) * sizeof *b);
 	s->nbatches -= k;
@@ -155,7 +156,7 @@ syncer_done_cb(evutil_socket_t fd, short what, void *arg)
 struct syncer *
 syncer_new(struct event_base *base, int fd, syncer_done_fn *done, void *arg)
 {
-	struct syncer *s = calloc(1, sizeof *s);
+	struct syncer *s = xcalloc(1, sizeof *s);
 
 	s->fd = fd;
 	s->done_fn = done;
@@ -185,14 +186,8 @@ syncer_request_jobs(struct syncer *s, struct syncer_job *jobs, size_t n)
 	/* Queued with the request, under the same lock: the thread cannot
 	 * have synced this generation yet. */
 	if (n && !s->err) {
-		if (s->nbatches == s->capbatches) {
-			s->capbatches = s->capbatches ? s->capbatches * 2 : 16;
-			s->batches = realloc(s->batches, s->capbatches * sizeof *s->batches);
-		}
-		s->batches[s->nbatches].gen = gen;
-		s->batches[s->nbatches].jobs = jobs;
-		s->batches[s->nbatches].n = n;
-		s->nbatches++;
+		*XPUSH(s->batches, s->nbatches, s->capbatches) =
+		    (struct syncer_batch){ gen, jobs, n };
 	} else {
 		free(jobs);
 	}

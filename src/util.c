@@ -1,4 +1,5 @@
 #include "util.h"
+#include "xmalloc.h"
 
 #include <arpa/inet.h>
 #include <ctype.h>
@@ -199,7 +200,7 @@ util_read_secret(const char *path)
 	buf[n] = '\0';
 	while (n > 0 && (buf[n - 1] == '\n' || buf[n - 1] == '\r' || buf[n - 1] == ' '))
 		buf[--n] = '\0';
-	return strdup(buf);
+	return xstrdup(buf);
 }
 
 int

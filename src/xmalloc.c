@@ -42,6 +42,12 @@ xcalloc(size_t n, size_t size)
 }
 
 void *
+xrealloc(void *p, size_t size)
+{
+	return xreallocarray(p, 1, size);
+}
+
+void *
 xreallocarray(void *p, size_t n, size_t size)
 {
 	void *q;

@@ -15,6 +15,7 @@
 
 void *xmalloc(size_t size);
 void *xcalloc(size_t n, size_t size);
+void *xrealloc(void *p, size_t size);
 /* realloc of n elements of size, with the multiplication checked. */
 void *xreallocarray(void *p, size_t n, size_t size);
 char *xstrdup(const char *s);

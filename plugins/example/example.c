@@ -69,7 +69,11 @@ example_init(const struct sagad_host_api *api, struct sagad_host *h, void **stat
 		snprintf(err, errlen, "host ABI %u, plugin ABI %u", api->abi, SAGAD_PLUGIN_ABI);
 		return -1;
 	}
-	x = calloc(1, sizeof *x);
+	/* A plugin built outside sagad's tree checks its own allocations. */
+	if (!(x = calloc(1, sizeof *x))) {
+		snprintf(err, errlen, "out of memory");
+		return -1;
+	}
 	x->api = api;
 	x->h = h;
 	if (api->conf_string(h, "exchange", &x->exchange) < 0)

@@ -617,7 +617,7 @@ pg_check_done(struct pgsrc *p)
 			headers_type = PQgetvalue(cols, found, 1);
 	}
 	free(p->qtable);
-	p->qtable = strdup(PQgetvalue(rel, 0, 0));
+	p->qtable = xstrdup(PQgetvalue(rel, 0, 0));
 	if (strcmp(body_type, "bytea") == 0)
 		snprintf(p->body_expr, sizeof p->body_expr, "encode(body, 'hex')");
 	else
@@ -709,7 +709,7 @@ pg_fetch(struct pgsrc *p, const char *prefix)
 	if (!p->nskip)
 		p->skip_since = time(NULL);
 	if (p->nskip) {
-		skip = malloc(p->nskip * 24 + 64);
+		skip = xmalloc(p->nskip * 24 + 64);
 		len = (size_t)sprintf(skip, " WHERE seq <> ALL ('{");
 		for (i = 0; i < p->nskip; i++)
 			len += (size_t)sprintf(skip + len, "%s%lld", i ? "," : "", (long long)p->skip[i]);
@@ -758,7 +758,7 @@ pg_durable(void *cookie, int ok)
 		pg_send(p, "ROLLBACK");
 		return;
 	}
-	sql = malloc(p->nseqs * 21 + strlen(p->qtable) + 96);
+	sql = xmalloc(p->nseqs * 21 + strlen(p->qtable) + 96);
 	w = sql + sprintf(sql, "DELETE FROM %s WHERE seq = ANY ('{", p->qtable);
 	for (i = 0; i < p->nseqs; i++)
 		w += sprintf(w, "%s%lld", i ? "," : "", (long long)p->seqs[i]);
@@ -802,7 +802,7 @@ pg_row(struct pgsrc *p, PGresult *r, int row)
 		m.body_len = (size_t)PQgetlength(r, row, COL_BODY);
 	} else {
 		blen = (size_t)PQgetlength(r, row, COL_BODY);
-		body = malloc(blen / 2 + 1);
+		body = xmalloc(blen / 2 + 1);
 		if (codec_unhex(PQgetvalue(r, row, COL_BODY), blen, body) < 0)
 			why = "body is not valid hex (unexpected)";
 		m.body = body;
@@ -819,11 +819,7 @@ pg_row(struct pgsrc *p, PGresult *r, int row)
 	free(mem);
 	free(body);
 	if (ret == 1) {
-		if (p->nseqs == p->capseqs) {
-			p->capseqs = p->capseqs ? p->capseqs * 2 : 128;
-			p->seqs = realloc(p->seqs, p->capseqs * sizeof *p->seqs);
-		}
-		p->seqs[p->nseqs++] = seq;
+		*XPUSH(p->seqs, p->nseqs, p->capseqs) = seq;
 	}
 	return ret;
 }
@@ -865,7 +861,7 @@ pg_fetch_done(struct pgsrc *p)
 		return;
 	}
 	{
-		struct pg_ticket *t = malloc(sizeof *t);
+		struct pg_ticket *t = xmalloc(sizeof *t);
 		t->p = p;
 		t->batch = ++p->batch;
 		p->state = PG_DURABLE_WAIT;
@@ -1005,7 +1001,7 @@ pgsql_init(const struct sagad_host_api *api, struct sagad_host *h, void **state,
 		snprintf(err, errlen, "host ABI %u, plugin ABI %u", api->abi, SAGAD_PLUGIN_ABI);
 		return -1;
 	}
-	p = calloc(1, sizeof *p);
+	p = xcalloc(1, sizeof *p);
 	p->api = api;
 	p->h = h;
 	p->base = api->event_base(h);

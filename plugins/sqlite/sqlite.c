@@ -405,11 +405,7 @@ sq_row(struct sqsrc *s, sqlite3_stmt *r)
 	free(values);
 	free(mem);
 	if (ret == 1) {
-		if (s->nseqs == s->capseqs) {
-			s->capseqs = s->capseqs ? s->capseqs * 2 : 128;
-			s->seqs = realloc(s->seqs, s->capseqs * sizeof *s->seqs);
-		}
-		s->seqs[s->nseqs++] = seq;
+		*XPUSH(s->seqs, s->nseqs, s->capseqs) = seq;
 	}
 	return ret;
 }
@@ -461,7 +457,7 @@ sq_read(struct sqsrc *s)
 	}
 	s->stall = 0;
 	{
-		struct sq_ticket *t = malloc(sizeof *t);
+		struct sq_ticket *t = xmalloc(sizeof *t);
 		t->s = s;
 		t->batch = ++s->batch;
 		s->state = SQ_DURABLE_WAIT;
@@ -693,10 +689,10 @@ sq_watch(struct sqsrc *s)
 	if (slash) {
 		snprintf(dir, sizeof dir, "%.*s", (int)(slash - s->path) ? (int)(slash - s->path) : 1,
 		    s->path);
-		s->base_name = strdup(slash + 1);
+		s->base_name = xstrdup(slash + 1);
 	} else {
 		snprintf(dir, sizeof dir, ".");
-		s->base_name = strdup(s->path);
+		s->base_name = xstrdup(s->path);
 	}
 	s->base_len = strlen(s->base_name);
 	s->ino = inotify_init1(IN_NONBLOCK | IN_CLOEXEC);
@@ -750,7 +746,7 @@ sqlite_init(const struct sagad_host_api *api, struct sagad_host *h, void **state
 		snprintf(err, errlen, "host ABI %u, plugin ABI %u", api->abi, SAGAD_PLUGIN_ABI);
 		return -1;
 	}
-	s = calloc(1, sizeof *s);
+	s = xcalloc(1, sizeof *s);
 	s->api = api;
 	s->h = h;
 	s->base = api->event_base(h);
