@@ -5,8 +5,8 @@
  * the socket), broker.c turns it and the body frames into a struct msg
  * (broker_frame -> broker_delivery_header/body/done, static: this file
  * includes broker.c), delivery.c gives it an id when it has no usable one
- * (delivery_derive_id) and maps it to request headers (delivery_headers,
- * static: delivery.c is included too).
+ * (delivery_derive_id) and dispatch.c maps it to request headers
+ * (delivery_headers, static: dispatch.c is included too, with delivery.c).
  *
  * Input: byte 0 body length B, byte 1 where the body is split into two
  * frames, byte 2 the attempts so far, then B body bytes, then the encoded
@@ -21,6 +21,7 @@
  */
 #include "broker.c"
 #include "delivery.c"
+#include "dispatch.c"
 
 #include <event2/keyvalq_struct.h>
 #include <sys/queue.h>
