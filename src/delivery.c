@@ -49,11 +49,22 @@ dsub_conf(const struct dsub *ds)
  * Every change of a record's state (enum dmsg_state): WRITING -> READY
  * once its inbox record is written, READY -> INFLIGHT when an attempt
  * takes it, INFLIGHT -> READY when the attempt ends without an outcome
- * that frees it.
+ * that frees it. Any other edge is a bug: said loudly, and done anyway
+ * (as before the states were explicit).
  */
 void
 dmsg_set_state(struct dmsg *dm, enum dmsg_state to)
 {
+	static const char *const names[] = { "writing", "ready", "inflight" };
+	enum dmsg_state from = dm->state;
+	int legal = (from == DMSG_WRITING && to == DMSG_READY) ||
+	    (from == DMSG_READY && to == DMSG_INFLIGHT) ||
+	    (from == DMSG_INFLIGHT && to == DMSG_READY);
+
+	if (!legal)
+		log_error("delivery record: state change outside the diagram",
+		    LOG_STR("message_id", dm->rec->m ? dm->rec->m->message_id : NULL),
+		    LOG_STR("from", names[from]), LOG_STR("to", names[to]));
 	dm->state = to;
 }
 
@@ -144,7 +155,7 @@ dsub_load(struct dsub *ds)
 			}
 			struct dmsg *dm = xcalloc(1, sizeof *dm);
 			dm->rec = batch[i];
-			dm->state = DMSG_READY;
+			dmsg_set_state(dm, DMSG_READY);
 			dsub_append(ds, dm);
 		}
 	} while (n == 256);
