@@ -27,7 +27,7 @@ struct dattempt {
 	struct dsub *ds;
 	struct dmsg *dm;
 	struct dconn *conn;
-	struct evbuffer *req;	/* until it goes out (delivery_marked_cb) */
+	struct evbuffer *req;	/* until it goes out (dispatch_marked_cb) */
 };
 
 const char *const dispatch_outcome_names[OUTCOME_COUNT] = {
@@ -88,7 +88,7 @@ dsub_circuit_fail(struct dsub *ds)
 /* ---- outcomes ---- */
 
 static void
-delivery_publish_internal(struct delivery *dl, struct msg *m, unsigned flags)
+dispatch_publish_internal(struct delivery *dl, struct msg *m, unsigned flags)
 {
 	if (store_outbox_put(dl->d->store, m, util_now(), flags) != STORE_PUT_STORED)
 		log_error("cannot store an outgoing message", LOG_STR("message_id", m->message_id),
@@ -96,7 +96,7 @@ delivery_publish_internal(struct delivery *dl, struct msg *m, unsigned flags)
 }
 
 static void
-delivery_copy_props(struct props *dst, const struct props *src)
+dispatch_copy_props(struct props *dst, const struct props *src)
 {
 	size_t i;
 
@@ -147,7 +147,7 @@ dsub_reply(struct dsub *ds, struct dmsg *dm, const struct hclient_answer *ans, i
 	evbuffer_copyout(body, m.body, m.body_len);
 	/* Out once written: if a crash of the machine loses this transaction,
 	 * the record is pending again and the service's answer comes again. */
-	delivery_publish_internal(ds->dl, &m, STORE_OUT_EARLY);
+	dispatch_publish_internal(ds->dl, &m, STORE_OUT_EARLY);
 	free(m.message_id); free(m.exchange); free(m.routing_key); free(m.body);
 	props_free(&m.props);
 }
@@ -164,7 +164,7 @@ dsub_dead_letter(struct dsub *ds, struct dmsg *dm, const char *reason, int statu
 	m.message_id = xstrdup(in->message_id);
 	m.exchange = xstrdup("");
 	m.routing_key = xstrdup(ds->dlq);
-	delivery_copy_props(&m.props, &in->props);
+	dispatch_copy_props(&m.props, &in->props);
 	props_set_header(&m.props, "x-sagad-dead-reason", reason);
 	snprintf(num, sizeof num, "%u", dm->rec->attempts);
 	props_set_header(&m.props, "x-sagad-attempts", num);
@@ -176,7 +176,7 @@ dsub_dead_letter(struct dsub *ds, struct dmsg *dm, const char *reason, int statu
 	props_set_header(&m.props, "x-sagad-original-routing-key", in->routing_key);
 	m.body = in->body;
 	m.body_len = in->body_len;
-	delivery_publish_internal(ds->dl, &m, 0);
+	dispatch_publish_internal(ds->dl, &m, 0);
 	m.body = NULL;
 	free(m.message_id); free(m.exchange); free(m.routing_key);
 	props_free(&m.props);
@@ -222,56 +222,86 @@ dsub_done(struct dsub *ds, struct dmsg *dm, int status)
 	dsub_remove(ds, dm);
 }
 
+/* 2xx: delivered; a command's answer goes back as its success reply. */
 static void
-delivery_answered(struct dattempt *a, const struct hclient_answer *ans)
+dsub_succeeded(struct dsub *ds, struct dmsg *dm, const struct hclient_answer *ans)
 {
-	struct dsub *ds = a->ds;
-	struct dmsg *dm = a->dm;
-	int status = ans->status;
+	dsub_circuit_ok(ds);
+	ds->stats.outcomes[OUTCOME_SUCCESS]++;
+	if (dm->rec->m->props.reply_to)
+		dsub_reply(ds, dm, ans, 1);
+	dsub_done(ds, dm, ans->status);
+}
+
+/* 409/422: the service said no for business reasons; it is healthy. */
+static void
+dsub_refused(struct dsub *ds, struct dmsg *dm, const struct hclient_answer *ans)
+{
 	char error[256];
+
+	dsub_circuit_ok(ds);
+	if (dm->rec->m->props.reply_to) {
+		/* A business refusal of a command is its failure reply. The
+		 * record is forgotten: the sender may try the same command
+		 * (same id) again later, and then it must reach the service. */
+		ds->stats.outcomes[OUTCOME_REFUSED]++;
+		dsub_reply(ds, dm, ans, 0);
+		store_inbox_forget(ds->dl->d->store, dm->rec->id);
+	} else {
+		hclient_answer_text(ans, "refused by the service", error, sizeof error);
+		dsub_dead_letter(ds, dm, "rejected", ans->status, error);
+	}
+	dsub_remove(ds, dm);
+}
+
+/* Another 4xx: this message will never do; the service is healthy. */
+static void
+dsub_rejected(struct dsub *ds, struct dmsg *dm, const struct hclient_answer *ans)
+{
+	char error[256], reason[32];
+
+	dsub_circuit_ok(ds);
+	snprintf(reason, sizeof reason, "refused-%d", ans->status);
+	hclient_answer_text(ans, "refused by the service", error, sizeof error);
+	dsub_dead_letter(ds, dm, reason, ans->status, error);
+	dsub_remove(ds, dm);
+}
+
+/* No answer, or 5xx (anything else): the service may do better later. */
+static void
+dsub_failed(struct dsub *ds, struct dmsg *dm, const struct hclient_answer *ans)
+{
+	char error[256], prefix[32];
 
 	if (ans->result != HCLIENT_ANSWERED) {
 		snprintf(error, sizeof error, "%s", hclient_result_name(ans->result));
 		dsub_retry(ds, dm, 0, error);
-	} else if (status >= 200 && status <= 299) {
-		dsub_circuit_ok(ds);
-		ds->stats.outcomes[OUTCOME_SUCCESS]++;
-		if (dm->rec->m->props.reply_to)
-			dsub_reply(ds, dm, ans, 1);
-		dsub_done(ds, dm, status);
-	} else if (status == 409 || status == 422) {
-		dsub_circuit_ok(ds);
-		if (dm->rec->m->props.reply_to) {
-			/* A business refusal of a command is its failure reply.
-			 * The record is forgotten: the sender may try the same
-			 * command (same id) again later, and then it must reach
-			 * the service. */
-			ds->stats.outcomes[OUTCOME_REFUSED]++;
-			dsub_reply(ds, dm, ans, 0);
-			store_inbox_forget(ds->dl->d->store, dm->rec->id);
-			dsub_remove(ds, dm);
-		} else {
-			hclient_answer_text(ans, "refused by the service", error, sizeof error);
-			dsub_dead_letter(ds, dm, "rejected", status, error);
-			dsub_remove(ds, dm);
-		}
-	} else if (status >= 400 && status <= 499) {
-		char reason[32];
-		dsub_circuit_ok(ds);
-		snprintf(reason, sizeof reason, "refused-%d", status);
-		hclient_answer_text(ans, "refused by the service", error, sizeof error);
-		dsub_dead_letter(ds, dm, reason, status, error);
-		dsub_remove(ds, dm);
-	} else {
-		char prefix[32];
-		snprintf(prefix, sizeof prefix, "HTTP %d", status);
-		hclient_answer_text(ans, prefix, error, sizeof error);
-		dsub_retry(ds, dm, status, error);
+		return;
 	}
+	snprintf(prefix, sizeof prefix, "HTTP %d", ans->status);
+	hclient_answer_text(ans, prefix, error, sizeof error);
+	dsub_retry(ds, dm, ans->status, error);
 }
 
 static void
-delivery_done_cb(void *arg, const struct hclient_answer *ans)
+dispatch_answered(struct dattempt *a, const struct hclient_answer *ans)
+{
+	int status = ans->status;
+
+	if (ans->result != HCLIENT_ANSWERED)
+		dsub_failed(a->ds, a->dm, ans);
+	else if (status >= 200 && status <= 299)
+		dsub_succeeded(a->ds, a->dm, ans);
+	else if (status == 409 || status == 422)
+		dsub_refused(a->ds, a->dm, ans);
+	else if (status >= 400 && status <= 499)
+		dsub_rejected(a->ds, a->dm, ans);
+	else
+		dsub_failed(a->ds, a->dm, ans);
+}
+
+static void
+dispatch_done_cb(void *arg, const struct hclient_answer *ans)
 {
 	struct dattempt *a = arg;
 	struct dsub *ds = a->ds;
@@ -282,7 +312,7 @@ delivery_done_cb(void *arg, const struct hclient_answer *ans)
 		free(a);
 		return;
 	}
-	delivery_answered(a, ans);
+	dispatch_answered(a, ans);
 	free(a);
 	dsub_flow(ds);
 	dispatch_schedule(ds);
@@ -290,12 +320,12 @@ delivery_done_cb(void *arg, const struct hclient_answer *ans)
 
 /* ---- attempts ---- */
 
-/* Where delivery_headers puts each header: the request being written, or
+/* Where dispatch_headers puts each header: the request being written, or
  * (the fuzz target) a list. */
-typedef void delivery_emit_fn(void *arg, const char *name, const char *value);
+typedef void dispatch_emit_fn(void *arg, const char *name, const char *value);
 
 static void
-delivery_add(delivery_emit_fn *emit, void *arg, const char *k, const char *v)
+dispatch_add(dispatch_emit_fn *emit, void *arg, const char *k, const char *v)
 {
 	/* A value with CR/LF or other garbage from the broker is left out
 	 * rather than breaking the request. */
@@ -304,7 +334,7 @@ delivery_add(delivery_emit_fn *emit, void *arg, const char *k, const char *v)
 }
 
 static void
-delivery_headers(struct dsub *ds, struct dmsg *dm, delivery_emit_fn *emit, void *arg)
+dispatch_headers(struct dsub *ds, struct dmsg *dm, dispatch_emit_fn *emit, void *arg)
 {
 	const struct msg *m = dm->rec->m;
 	const char *kind = props_get_header(&m->props, "x-sagad-kind");
@@ -313,23 +343,23 @@ delivery_headers(struct dsub *ds, struct dmsg *dm, delivery_emit_fn *emit, void 
 
 	snprintf(name, sizeof name, "%s:%d", ds->host, ds->port);
 	emit(arg, "Host", name);
-	delivery_add(emit, arg, "Content-Type", m->props.content_type ?
+	dispatch_add(emit, arg, "Content-Type", m->props.content_type ?
 	    m->props.content_type : "application/octet-stream");
-	delivery_add(emit, arg, "Message-Id", m->message_id);
-	delivery_add(emit, arg, "Correlation-Id", m->props.correlation_id);
-	delivery_add(emit, arg, "Sagad-Subscription", ds->name);
-	delivery_add(emit, arg, "Sagad-Exchange", m->exchange);
-	delivery_add(emit, arg, "Sagad-Routing-Key", m->routing_key);
+	dispatch_add(emit, arg, "Message-Id", m->message_id);
+	dispatch_add(emit, arg, "Correlation-Id", m->props.correlation_id);
+	dispatch_add(emit, arg, "Sagad-Subscription", ds->name);
+	dispatch_add(emit, arg, "Sagad-Exchange", m->exchange);
+	dispatch_add(emit, arg, "Sagad-Routing-Key", m->routing_key);
 	snprintf(num, sizeof num, "%u", dm->rec->attempts + 1);
-	delivery_add(emit, arg, "Sagad-Attempt", num);
+	dispatch_add(emit, arg, "Sagad-Attempt", num);
 	if (dm->rec->redelivered)
-		delivery_add(emit, arg, "Sagad-Redelivered", "true");
-	delivery_add(emit, arg, "Sagad-Kind", kind && (strcmp(kind, "command") == 0 ||
+		dispatch_add(emit, arg, "Sagad-Redelivered", "true");
+	dispatch_add(emit, arg, "Sagad-Kind", kind && (strcmp(kind, "command") == 0 ||
 	    strcmp(kind, "compensation") == 0) ? kind : "event");
-	delivery_add(emit, arg, "Sagad-Saga", props_get_header(&m->props, "x-sagad-saga"));
-	delivery_add(emit, arg, "Sagad-Step", props_get_header(&m->props, "x-sagad-step"));
+	dispatch_add(emit, arg, "Sagad-Saga", props_get_header(&m->props, "x-sagad-saga"));
+	dispatch_add(emit, arg, "Sagad-Step", props_get_header(&m->props, "x-sagad-step"));
 	if (m->props.type)
-		delivery_add(emit, arg, "Amqp-Type", m->props.type);
+		dispatch_add(emit, arg, "Amqp-Type", m->props.type);
 	for (i = 0; i < m->props.n_headers; i++) {
 		const char *k = m->props.headers[i].name;
 		const char *c;
@@ -342,7 +372,7 @@ delivery_headers(struct dsub *ds, struct dmsg *dm, delivery_emit_fn *emit, void 
 		if (*c)
 			continue;
 		snprintf(name, sizeof name, "Amqp-Header-%s", k);
-		delivery_add(emit, arg, name, m->props.headers[i].value);
+		dispatch_add(emit, arg, name, m->props.headers[i].value);
 	}
 }
 
@@ -364,7 +394,7 @@ dsub_idle_conn(struct dsub *ds)
 }
 
 static void
-delivery_emit_wire(void *arg, const char *name, const char *value)
+dispatch_emit_wire(void *arg, const char *name, const char *value)
 {
 	struct evbuffer *out = arg;
 	size_t nl = strlen(name), vl = strlen(value);
@@ -384,9 +414,9 @@ delivery_emit_wire(void *arg, const char *name, const char *value)
 }
 
 /* The request as it goes on the wire: request line, the headers of
- * delivery_headers, Content-Length, the body. */
+ * dispatch_headers, Content-Length, the body. */
 static void
-delivery_request(struct dsub *ds, struct dmsg *dm, struct evbuffer *out)
+dispatch_request(struct dsub *ds, struct dmsg *dm, struct evbuffer *out)
 {
 	char len[48];
 
@@ -394,7 +424,7 @@ delivery_request(struct dsub *ds, struct dmsg *dm, struct evbuffer *out)
 	evbuffer_add(out, "POST ", 5);
 	evbuffer_add(out, ds->path, strlen(ds->path));
 	evbuffer_add(out, " HTTP/1.1\r\n", 11);
-	delivery_headers(ds, dm, delivery_emit_wire, out);
+	dispatch_headers(ds, dm, dispatch_emit_wire, out);
 	snprintf(len, sizeof len, "Content-Length: %zu\r\n\r\n", dm->rec->m->body_len);
 	evbuffer_add(out, len, strlen(len));
 	evbuffer_add(out, dm->rec->m->body, dm->rec->m->body_len);
@@ -418,7 +448,7 @@ dattempt_cancel(struct dattempt *a)
 /* The attempt's mark is written (or lost): send the request, or give the
  * attempt up without sending. Runs inside a commit: no store writes. */
 static void
-delivery_marked_cb(void *arg, int ok)
+dispatch_marked_cb(void *arg, int ok)
 {
 	struct dattempt *a = arg;
 	struct dsub *ds = a->ds;
@@ -439,7 +469,7 @@ delivery_marked_cb(void *arg, int ok)
 	a->req = NULL;
 	/* Cannot fail: the connection was idle. Its answer, or failure,
 	 * comes from the loop. */
-	hclient_send(a->conn->hc, req, dsub_conf(ds)->timeout, delivery_done_cb, a);
+	hclient_send(a->conn->hc, req, dsub_conf(ds)->timeout, dispatch_done_cb, a);
 	evbuffer_free(req);
 }
 
@@ -464,17 +494,17 @@ dsub_attempt(struct dsub *ds, struct dmsg *dm)
 	a->dm = dm;
 	a->conn = conn;
 	a->req = evbuffer_new();
-	delivery_request(ds, dm, a->req);	/* Sagad-Attempt: before the count */
+	dispatch_request(ds, dm, a->req);	/* Sagad-Attempt: before the count */
 	conn->reserved = 1;
 	dmsg_set_state(dm, DMSG_INFLIGHT);
 	dm->rec->attempts++;
 	ds->inflight++;
 	if (store_inbox_sent(st, dm->rec->id, dm->rec->attempts) < 0) {
-		dattempt_cancel(a);	/* unmarked: not sent (delivery_marked_cb) */
+		dattempt_cancel(a);	/* unmarked: not sent (dispatch_marked_cb) */
 		dsub_arm(ds, util_now() + 1);
 		return;
 	}
-	store_on_written(st, delivery_marked_cb, a);
+	store_on_written(st, dispatch_marked_cb, a);
 }
 
 static int
