@@ -379,8 +379,7 @@ dsub_init(struct delivery *dl, struct dsub *ds, int index)
 	ds->index = index;
 	ds->name = xstrdup(c->name);
 	ds->queue = xstrdup(c->queue);
-	if (asprintf(&ds->dlq, "%s.dlq", c->queue) < 0)
-		return -1;
+	ds->dlq = xasprintf("%s.dlq", c->queue);
 	ds->dispatch_ev = event_new(dl->d->base, -1, 0, dispatch_cb, ds);
 	event_priority_set(ds->dispatch_ev, 2);
 	ds->timer_ev = evtimer_new(dl->d->base, dispatch_cb, ds);
