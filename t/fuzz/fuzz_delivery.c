@@ -5,8 +5,8 @@
  * the socket), broker.c turns it and the body frames into a struct msg
  * (broker_frame -> broker_delivery_header/body/done, static: this file
  * includes broker.c), delivery.c gives it an id when it has no usable one
- * (delivery_derive_id) and maps it to request headers (delivery_headers,
- * static: delivery.c is included too).
+ * (delivery_derive_id) and dispatch.c maps it to request headers
+ * (dispatch_headers, static: dispatch.c is included too, with delivery.c).
  *
  * Input: byte 0 body length B, byte 1 where the body is split into two
  * frames, byte 2 the attempts so far, then B body bytes, then the encoded
@@ -21,13 +21,14 @@
  */
 #include "broker.c"
 #include "delivery.c"
+#include "dispatch.c"
 
 #include <event2/keyvalq_struct.h>
 #include <sys/queue.h>
 
 #include "fuzz_common.h"
 
-/* delivery_headers into a list, to check each header. */
+/* dispatch_headers into a list, to check each header. */
 static void
 fuzz_emit(void *arg, const char *name, const char *value)
 {
@@ -164,7 +165,7 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 	memset(&dm, 0, sizeof dm);
 	dm.rec = &rec;
 	TAILQ_INIT(&h);
-	delivery_headers(&ds, &dm, fuzz_emit, &h);
+	dispatch_headers(&ds, &dm, fuzz_emit, &h);
 	fuzz_check_request(&h, m, attempts);
 	evhttp_clear_headers(&h);
 	msg_free(m);

@@ -1,0 +1,91 @@
+/*
+ * Dispatch: the outgoing half of the delivery, inbox -> service. Internal
+ * to the delivery (delivery.c takes messages in, dispatch.c sends them
+ * out); nothing else includes this header. It holds the state both halves
+ * share: a subscription's backlog, its connections and its circuit.
+ * (ARCHITECTURE.md: Inbox: from consume to ack)
+ */
+#ifndef SAGAD_DISPATCH_H
+#define SAGAD_DISPATCH_H
+
+#include <event2/util.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "delivery.h"
+
+struct conf_subscription;
+struct hclient;
+struct inbox_rec;
+
+/*
+ * A record's life in memory. WRITING until the transaction holding its
+ * inbox record is written (delivery_written), then READY: it goes out when
+ * due. INFLIGHT while an attempt holds it; back to READY when the attempt
+ * is given up or ends in a retry; freed once its outcome is recorded.
+ */
+enum dmsg_state {
+	DMSG_WRITING,
+	DMSG_READY,
+	DMSG_INFLIGHT
+};
+
+/* One inbox record held in memory while it waits for delivery. */
+struct dmsg {
+	struct inbox_rec *rec;
+	enum dmsg_state state;	/* change only through dmsg_set_state */
+};
+
+struct dconn {
+	struct hclient *hc;	/* NULL until first used */
+	int reserved;		/* taken by an attempt that waits for its mark */
+};
+
+struct dsub {
+	struct delivery *dl;
+	int index;
+	char *name, *queue, *dlq;
+	char *host, *path;
+	int port;
+	struct dconn *conns;
+	int nconns;
+	struct dmsg **pending;	/* broker order (inbox id) */
+	size_t npending, cappending;
+	unsigned inflight;
+	enum delivery_circuit circuit;	/* change only through dispatch_circuit_set */
+	unsigned failures;	/* consecutive */
+	double open_until;
+	int consuming;		/* what we asked the broker for */
+	struct event *dispatch_ev, *timer_ev;
+	double timer_at;
+	struct delivery_sub_stats stats;
+	delivery_handler_fn *handler;	/* internal subscription */
+	void *handler_arg;
+};
+
+struct delivery {
+	struct sagad *d;
+	struct broker *br;
+	uint64_t epoch;		/* consuming connection; 0 while down */
+	int stopping;
+	struct dsub *subs;
+	size_t nsubs;
+};
+
+/* delivery.c: the subscription's backlog and its consumer. */
+const struct conf_subscription *dsub_conf(const struct dsub *ds);
+void dsub_flow(struct dsub *ds);
+void dsub_remove(struct dsub *ds, struct dmsg *dm);
+void dsub_load(struct dsub *ds);
+void dmsg_set_state(struct dmsg *dm, enum dmsg_state to);
+
+/* dispatch.c: attempts, outcomes, the circuit. */
+extern const char *const dispatch_outcome_names[OUTCOME_COUNT];
+extern const char *const dispatch_circuit_names[];
+/* Run the dispatch at the end of this turn (after its commit). */
+void dispatch_schedule(struct dsub *ds);
+/* dispatch_ev and timer_ev's callback; arg is the struct dsub. */
+void dispatch_cb(evutil_socket_t fd, short what, void *arg);
+void dispatch_circuit_set(struct dsub *ds, enum delivery_circuit to);
+
+#endif
