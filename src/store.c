@@ -34,13 +34,14 @@ static const char *const store_migrations[] = {
 	store_inbox_sent_schema,	/* inbox.sent (store_inbox.c) */
 };
 
-static const char *const store_sql[ST_COUNT] = {
+static const char *const store_engine_sql[ST_COUNT] = {
 	[ST_BEGIN] = "BEGIN IMMEDIATE",
 	[ST_COMMIT] = "COMMIT",
 	[ST_ROLLBACK] = "ROLLBACK",
 	[ST_PAGES] = "SELECT (SELECT page_count FROM pragma_page_count),"
 	    " (SELECT freelist_count FROM pragma_freelist_count)",
 };
+static const struct store_family store_engine = { store_engine_sql, ST_COUNT };
 
 static void store_commit_cb(evutil_socket_t fd, short what, void *arg);
 
@@ -167,8 +168,9 @@ store_open(const char *path, struct event_base *base, int64_t max_bytes, char **
 		store_close(st);
 		return NULL;
 	}
-	if (store_prepare(st, store_sql, st->stmt, ST_COUNT) < 0 ||
-	    store_outbox_prepare(st) < 0 || store_inbox_prepare(st) < 0) {
+	if (!(st->stmt = store_prepare(st, &store_engine)) ||
+	    !(st->outbox = store_prepare(st, &store_outbox_family)) ||
+	    !(st->inbox = store_prepare(st, &store_inbox_family))) {
 		store_fail(st, err, "cannot prepare statements (damaged?)");
 		return NULL;
 	}
@@ -200,9 +202,9 @@ store_close(struct store *st)
 	if (st->wal_fd >= 0)
 		close(st->wal_fd);
 	free(st->batches);
-	store_inbox_finalize(st);
-	store_outbox_finalize(st);
-	store_finalize(st->stmt, ST_COUNT);
+	store_finalize(st->inbox, &store_inbox_family);
+	store_finalize(st->outbox, &store_outbox_family);
+	store_finalize(st->stmt, &store_engine);
 	if (st->db)
 		sqlite3_close(st->db);
 	if (st->commit_ev)
@@ -235,51 +237,6 @@ void
 store_set_max_bytes(struct store *st, int64_t max_bytes)
 {
 	st->max_bytes = max_bytes;
-}
-
-int
-store_prepare(struct store *st, const char *const *sql, sqlite3_stmt **stmt, int n)
-{
-	int i;
-
-	for (i = 0; i < n; i++)
-		if (sqlite3_prepare_v3(st->db, sql[i], -1, SQLITE_PREPARE_PERSISTENT,
-		    &stmt[i], NULL) != SQLITE_OK)
-			return -1;
-	return 0;
-}
-
-void
-store_finalize(sqlite3_stmt **stmt, int n)
-{
-	int i;
-
-	for (i = 0; i < n; i++) {
-		sqlite3_finalize(stmt[i]);
-		stmt[i] = NULL;
-	}
-}
-
-int
-store_step_done(struct store *st, sqlite3_stmt *s)
-{
-	int rc = sqlite3_step(s);
-
-	sqlite3_reset(s);
-	sqlite3_clear_bindings(s);
-	if (rc != SQLITE_DONE && rc != SQLITE_ROW) {
-		int code = sqlite3_extended_errcode(st->db) & 0xff;
-		log_error("store write failed", LOG_STR("path", st->path),
-		    LOG_STR("error", sqlite3_errmsg(st->db)));
-		if ((code == SQLITE_IOERR || code == SQLITE_CORRUPT || code == SQLITE_NOTADB ||
-		    code == SQLITE_CANTOPEN) && !st->broken) {
-			st->broken = 1;
-			if (st->fatal)
-				st->fatal(st->fatal_arg, sqlite3_errmsg(st->db));
-		}
-		return -1;
-	}
-	return 0;
 }
 
 /* Run a callback list and empty it; callbacks may start new work, so
@@ -700,51 +657,6 @@ store_on_written(struct store *st, store_done_fn *cb, void *arg)
 {
 	*XPUSH(st->wcbs, st->nwcbs, st->capwcbs) = (struct store_cb){ cb, arg };
 	event_active(st->commit_ev, 0, 0);
-}
-
-int
-store_write_step(struct store *st, sqlite3_stmt *s)
-{
-	if (store_step_done(st, s) < 0) {
-		store_check_tx(st);
-		return -1;
-	}
-	return 0;
-}
-
-/* A write in the open transaction: how many rows it changed, or -1. */
-int
-store_write_count(struct store *st, sqlite3_stmt *s)
-{
-	if (store_write_step(st, s) < 0)
-		return -1;
-	return sqlite3_changes(st->db);
-}
-
-/*
- * Forget old records, a small batch per call: dedup ids (store_expire_ids)
- * and delivered inbox records (store_inbox_expire) alike. s deletes up to
- * ?2 rows older than ?1. Only finished work goes, so the write is relaxed.
- */
-int
-store_expire(struct store *st, sqlite3_stmt *s, double before, int batch)
-{
-	if (store_begin_relaxed(st) < 0)
-		return -1;
-	sqlite3_bind_double(s, 1, before);
-	sqlite3_bind_int(s, 2, batch);
-	return store_write_count(st, s);
-}
-
-/* The end of a read: its error as 0 or -1; the statement is reset. */
-int
-store_read_end(struct store *st, sqlite3_stmt *s)
-{
-	int rc = sqlite3_errcode(st->db);
-
-	sqlite3_reset(s);
-	sqlite3_clear_bindings(s);
-	return rc == SQLITE_OK || rc == SQLITE_DONE || rc == SQLITE_ROW ? 0 : -1;
 }
 
 int64_t

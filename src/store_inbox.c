@@ -72,26 +72,9 @@ static const char *const store_inbox_sql[SI_NSTMT] = {
 	[SI_FORGET] = "DELETE FROM inbox WHERE id = ?",
 };
 
-struct store_inbox {
-	sqlite3_stmt *stmt[SI_NSTMT];
+const struct store_family store_inbox_family = {
+	store_inbox_sql, SI_NSTMT
 };
-
-int
-store_inbox_prepare(struct store *st)
-{
-	st->inbox = xcalloc(1, sizeof *st->inbox);
-	return store_prepare(st, store_inbox_sql, st->inbox->stmt, SI_NSTMT);
-}
-
-void
-store_inbox_finalize(struct store *st)
-{
-	if (!st->inbox)
-		return;
-	store_finalize(st->inbox->stmt, SI_NSTMT);
-	free(st->inbox);
-	st->inbox = NULL;
-}
 
 void
 inbox_rec_free(struct inbox_rec *r)
@@ -108,7 +91,7 @@ enum store_put
 store_inbox_put(struct store *st, const char *sub, struct msg *m, double now,
     int64_t *id)
 {
-	sqlite3_stmt *s = st->inbox->stmt[SI_INSERT];
+	sqlite3_stmt *s = st->inbox[SI_INSERT];
 	int64_t size = (int64_t)m->body_len + 512;
 	char *props = NULL;
 	size_t plen = 0;
@@ -183,7 +166,7 @@ int
 store_inbox_load(struct store *st, const char *sub, enum inbox_state state,
     int64_t after, size_t limit, struct inbox_rec **out, size_t *n)
 {
-	sqlite3_stmt *s = st->inbox->stmt[SI_LOAD];
+	sqlite3_stmt *s = st->inbox[SI_LOAD];
 
 	*n = 0;
 	sqlite3_bind_text(s, 1, sub, -1, SQLITE_STATIC);
@@ -198,7 +181,7 @@ store_inbox_load(struct store *st, const char *sub, enum inbox_state state,
 int
 store_inbox_done(struct store *st, int64_t id, double now, int status)
 {
-	sqlite3_stmt *s = st->inbox->stmt[SI_DONE];
+	sqlite3_stmt *s = st->inbox[SI_DONE];
 
 	if (store_begin_relaxed(st) < 0)
 		return -1;
@@ -211,7 +194,7 @@ store_inbox_done(struct store *st, int64_t id, double now, int status)
 int
 store_inbox_sent(struct store *st, int64_t id, unsigned sent)
 {
-	sqlite3_stmt *s = st->inbox->stmt[SI_SENT];
+	sqlite3_stmt *s = st->inbox[SI_SENT];
 
 	if (store_begin_relaxed(st) < 0)
 		return -1;
@@ -224,7 +207,7 @@ int
 store_inbox_retry(struct store *st, int64_t id, unsigned attempts, double due_at,
     int status, const char *error)
 {
-	sqlite3_stmt *s = st->inbox->stmt[SI_RETRY];
+	sqlite3_stmt *s = st->inbox[SI_RETRY];
 
 	if (store_begin_relaxed(st) < 0)
 		return -1;
@@ -240,7 +223,7 @@ int
 store_inbox_dead(struct store *st, int64_t id, double now, unsigned attempts,
     const char *reason, int status, const char *error)
 {
-	sqlite3_stmt *s = st->inbox->stmt[SI_DEAD];
+	sqlite3_stmt *s = st->inbox[SI_DEAD];
 
 	if (store_begin(st) < 0)
 		return -1;
@@ -256,7 +239,7 @@ store_inbox_dead(struct store *st, int64_t id, double now, unsigned attempts,
 int
 store_inbox_replay(struct store *st, const char *sub, const char *message_id)
 {
-	sqlite3_stmt *s = st->inbox->stmt[message_id ? SI_REPLAY_ONE : SI_REPLAY_ALL];
+	sqlite3_stmt *s = st->inbox[message_id ? SI_REPLAY_ONE : SI_REPLAY_ALL];
 
 	if (store_begin(st) < 0)
 		return -1;
@@ -269,45 +252,31 @@ store_inbox_replay(struct store *st, const char *sub, const char *message_id)
 int64_t
 store_inbox_count(struct store *st, const char *sub, enum inbox_state state)
 {
-	sqlite3_stmt *s = st->inbox->stmt[SI_COUNT_STATE];
-	int64_t v = 0;
+	sqlite3_stmt *s = st->inbox[SI_COUNT_STATE];
 
 	sqlite3_bind_text(s, 1, sub, -1, SQLITE_STATIC);
 	sqlite3_bind_int(s, 2, state);
-	if (sqlite3_step(s) == SQLITE_ROW)
-		v = sqlite3_column_int64(s, 0);
-	sqlite3_reset(s);
-	sqlite3_clear_bindings(s);
-	return v;
+	return store_read_int(s);
 }
 
 double
 store_inbox_oldest(struct store *st, const char *sub)
 {
-	sqlite3_stmt *s = st->inbox->stmt[SI_OLDEST];
-	double v = 0;
+	sqlite3_stmt *s = st->inbox[SI_OLDEST];
 
 	sqlite3_bind_text(s, 1, sub, -1, SQLITE_STATIC);
-	if (sqlite3_step(s) == SQLITE_ROW)
-		v = sqlite3_column_double(s, 0);
-	sqlite3_reset(s);
-	sqlite3_clear_bindings(s);
-	return v;
+	return store_read_double(s);
 }
 
 int
 store_inbox_expire(struct store *st, double before, int batch)
 {
-	return store_expire(st, st->inbox->stmt[SI_EXPIRE], before, batch);
+	return store_expire(st, st->inbox[SI_EXPIRE], before, batch);
 }
 
 int
 store_inbox_forget(struct store *st, int64_t id)
 {
-	sqlite3_stmt *s = st->inbox->stmt[SI_FORGET];
-
-	if (store_begin(st) < 0)
-		return -1;
-	sqlite3_bind_int64(s, 1, id);
-	return store_write_step(st, s);
+	/* Durable: the sender's retry with the same id must find it gone. */
+	return store_write_row(st, st->inbox[SI_FORGET], id, 1);
 }

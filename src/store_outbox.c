@@ -61,26 +61,9 @@ static const char *const store_outbox_sql[SO_NSTMT] = {
 	[SO_ID_FORGET] = "DELETE FROM outbox_ids WHERE message_id = ?",
 };
 
-struct store_outbox {
-	sqlite3_stmt *stmt[SO_NSTMT];
+const struct store_family store_outbox_family = {
+	store_outbox_sql, SO_NSTMT
 };
-
-int
-store_outbox_prepare(struct store *st)
-{
-	st->outbox = xcalloc(1, sizeof *st->outbox);
-	return store_prepare(st, store_outbox_sql, st->outbox->stmt, SO_NSTMT);
-}
-
-void
-store_outbox_finalize(struct store *st)
-{
-	if (!st->outbox)
-		return;
-	store_finalize(st->outbox->stmt, SO_NSTMT);
-	free(st->outbox);
-	st->outbox = NULL;
-}
 
 enum store_put
 store_outbox_put(struct store *st, struct msg *m, double now, unsigned flags)
@@ -98,7 +81,7 @@ store_outbox_put(struct store *st, struct msg *m, double now, unsigned flags)
 	if (store_begin(st) < 0)
 		return STORE_PUT_ERROR;
 	if (dedup) {
-		s = st->outbox->stmt[SO_ID_INSERT];
+		s = st->outbox[SO_ID_INSERT];
 		sqlite3_bind_text(s, 1, m->message_id, -1, SQLITE_STATIC);
 		sqlite3_bind_double(s, 2, now);
 		if (store_step_done(st, s) < 0)
@@ -107,7 +90,7 @@ store_outbox_put(struct store *st, struct msg *m, double now, unsigned flags)
 			return STORE_PUT_DUPLICATE;
 	}
 	props_pack(&m->props, &props, &plen);
-	s = st->outbox->stmt[SO_INSERT];
+	s = st->outbox[SO_INSERT];
 	sqlite3_bind_text(s, 1, m->message_id, -1, SQLITE_STATIC);
 	sqlite3_bind_text(s, 2, m->exchange, -1, SQLITE_STATIC);
 	sqlite3_bind_text(s, 3, m->routing_key, -1, SQLITE_STATIC);
@@ -119,7 +102,7 @@ store_outbox_put(struct store *st, struct msg *m, double now, unsigned flags)
 		/* The id must not outlive the failed row: a retry of the same
 		 * request would look like a duplicate and be lost. */
 		if (dedup && !sqlite3_get_autocommit(st->db)) {
-			sqlite3_stmt *d = st->outbox->stmt[SO_ID_FORGET];
+			sqlite3_stmt *d = st->outbox[SO_ID_FORGET];
 			sqlite3_bind_text(d, 1, m->message_id, -1, SQLITE_STATIC);
 			store_step_done(st, d);
 		}
@@ -190,7 +173,7 @@ int
 store_outbox_fetch(struct store *st, int64_t after, int64_t upto, double now,
     size_t limit, struct msg **out, size_t *n)
 {
-	sqlite3_stmt *s = st->outbox->stmt[SO_FETCH];
+	sqlite3_stmt *s = st->outbox[SO_FETCH];
 
 	sqlite3_bind_int64(s, 1, after);
 	sqlite3_bind_int64(s, 2, upto);
@@ -203,7 +186,7 @@ int
 store_outbox_fetch_due(struct store *st, int64_t upto, double now, size_t limit,
     struct msg **out, size_t *n)
 {
-	sqlite3_stmt *s = st->outbox->stmt[SO_FETCH_DUE];
+	sqlite3_stmt *s = st->outbox[SO_FETCH_DUE];
 
 	sqlite3_bind_double(s, 1, now);
 	sqlite3_bind_int64(s, 2, upto);
@@ -214,24 +197,13 @@ store_outbox_fetch_due(struct store *st, int64_t upto, double now, size_t limit,
 double
 store_outbox_next_due(struct store *st)
 {
-	sqlite3_stmt *s = st->outbox->stmt[SO_NEXT_DUE];
-	double v = 0;
-
-	if (sqlite3_step(s) == SQLITE_ROW)
-		v = sqlite3_column_double(s, 0);
-	sqlite3_reset(s);
-	return v;
+	return store_read_double(st->outbox[SO_NEXT_DUE]);
 }
 
 int
 store_outbox_done(struct store *st, int64_t seq)
 {
-	sqlite3_stmt *s = st->outbox->stmt[SO_DELETE];
-
-	if (store_begin_relaxed(st) < 0)
-		return -1;
-	sqlite3_bind_int64(s, 1, seq);
-	if (store_write_step(st, s) < 0)
+	if (store_write_row(st, st->outbox[SO_DELETE], seq, 0) < 0)
 		return -1;
 	if (sqlite3_changes(st->db) > 0)
 		st->tx_count--;
@@ -241,21 +213,17 @@ store_outbox_done(struct store *st, int64_t seq)
 unsigned
 store_outbox_attempts(struct store *st, int64_t seq)
 {
-	sqlite3_stmt *s = st->outbox->stmt[SO_ATTEMPTS];
-	unsigned v = 0;
+	sqlite3_stmt *s = st->outbox[SO_ATTEMPTS];
 
 	sqlite3_bind_int64(s, 1, seq);
-	if (sqlite3_step(s) == SQLITE_ROW)
-		v = (unsigned)sqlite3_column_int(s, 0);
-	sqlite3_reset(s);
-	return v;
+	return (unsigned)store_read_int(s);
 }
 
 int
 store_outbox_retry(struct store *st, int64_t seq, double due_at, unsigned attempts,
     const char *error)
 {
-	sqlite3_stmt *s = st->outbox->stmt[SO_RETRY];
+	sqlite3_stmt *s = st->outbox[SO_RETRY];
 
 	if (store_begin_relaxed(st) < 0)
 		return -1;
@@ -269,12 +237,7 @@ store_outbox_retry(struct store *st, int64_t seq, double due_at, unsigned attemp
 int
 store_outbox_clear_due(struct store *st, int64_t seq)
 {
-	sqlite3_stmt *s = st->outbox->stmt[SO_CLEAR_DUE];
-
-	if (store_begin_relaxed(st) < 0)
-		return -1;
-	sqlite3_bind_int64(s, 1, seq);
-	return store_write_step(st, s);
+	return store_write_row(st, st->outbox[SO_CLEAR_DUE], seq, 0);
 }
 
 int64_t
@@ -286,26 +249,20 @@ store_outbox_count(const struct store *st)
 double
 store_outbox_oldest(struct store *st)
 {
-	sqlite3_stmt *s = st->outbox->stmt[SO_OLDEST];
-	double v = 0;
-
-	if (sqlite3_step(s) == SQLITE_ROW)
-		v = sqlite3_column_double(s, 0);
-	sqlite3_reset(s);
-	return v;
+	return store_read_double(st->outbox[SO_OLDEST]);
 }
 
 int
 store_expire_ids(struct store *st, double before, int batch)
 {
-	return store_expire(st, st->outbox->stmt[SO_ID_EXPIRE], before, batch);
+	return store_expire(st, st->outbox[SO_ID_EXPIRE], before, batch);
 }
 
 int
 store_outbox_list(struct store *st, int64_t after, size_t limit,
     struct store_row *rows, size_t *n)
 {
-	sqlite3_stmt *s = st->outbox->stmt[SO_LIST];
+	sqlite3_stmt *s = st->outbox[SO_LIST];
 
 	*n = 0;
 	sqlite3_bind_int64(s, 1, after);
@@ -329,7 +286,7 @@ int
 store_outbox_defer_exchange(struct store *st, const char *exchange, double due_at,
     const char *error)
 {
-	sqlite3_stmt *s = st->outbox->stmt[SO_DEFER_EX];
+	sqlite3_stmt *s = st->outbox[SO_DEFER_EX];
 
 	if (store_begin(st) < 0)
 		return -1;

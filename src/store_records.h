@@ -13,14 +13,26 @@
 #include "store.h"
 
 struct event;
-struct store_outbox;	/* store_outbox.c: its prepared statements */
-struct store_inbox;	/* store_inbox.c: its prepared statements */
 
-/* The engine's own statements. */
+/* The engine's own statements (store.c). */
 enum store_stmt {
 	ST_BEGIN, ST_COMMIT, ST_ROLLBACK, ST_PAGES,
 	ST_COUNT
 };
+
+/* A family of records' statements, in the order of its own enum; the
+ * engine prepares them at store_open (persistent) and finalizes them at
+ * store_close, so a record file has no set-up of its own. */
+struct store_family {
+	const char *const *sql;
+	int n;
+};
+extern const struct store_family store_outbox_family;	/* store_outbox.c */
+extern const struct store_family store_inbox_family;	/* store_inbox.c */
+/* NULL when one statement does not prepare (damaged?); finalize takes
+ * NULL. */
+sqlite3_stmt **store_prepare(struct store *st, const struct store_family *fam);
+void store_finalize(sqlite3_stmt **stmt, const struct store_family *fam);
 
 struct store_cb {
 	store_done_fn *fn;
@@ -34,9 +46,9 @@ struct store {
 	sqlite3 *db;
 	char *path;
 	int lock_fd;
-	sqlite3_stmt *stmt[ST_COUNT];
-	struct store_outbox *outbox;
-	struct store_inbox *inbox;
+	sqlite3_stmt **stmt;	/* enum store_stmt */
+	sqlite3_stmt **outbox;	/* enum store_outbox_stmt (store_outbox.c) */
+	sqlite3_stmt **inbox;	/* enum store_inbox_stmt (store_inbox.c) */
 	struct event *commit_ev;
 	struct event *sync_ev;		/* commit now: the syncer waits for work */
 	int in_tx;
@@ -78,15 +90,6 @@ extern const char store_outbox_schema[];
 extern const char store_inbox_schema[];
 extern const char store_inbox_sent_schema[];
 
-/* Statements of a record file, prepared once at store_open (persistent)
- * and finalized at store_close. store_prepare returns 0 or -1. */
-int store_prepare(struct store *st, const char *const *sql, sqlite3_stmt **stmt, int n);
-void store_finalize(sqlite3_stmt **stmt, int n);
-int store_outbox_prepare(struct store *st);
-void store_outbox_finalize(struct store *st);
-int store_inbox_prepare(struct store *st);
-void store_inbox_finalize(struct store *st);
-
 /* For record files outside the store's own (saga_store.c): the connection,
  * and joining the current write transaction (committed with the turn);
  * store_write refuses once the store is broken. */
@@ -104,12 +107,18 @@ int store_begin_relaxed(struct store *st);
 int store_step_done(struct store *st, sqlite3_stmt *s);
 int store_write_step(struct store *st, sqlite3_stmt *s);
 int store_write_count(struct store *st, sqlite3_stmt *s);
+/* A write whose one parameter is a row's key; durable or relaxed. */
+int store_write_row(struct store *st, sqlite3_stmt *s, int64_t row, int durable);
 /* Delete a batch of old records: s takes (before, batch); how many went. */
 int store_expire(struct store *st, sqlite3_stmt *s, double before, int batch);
 /* A failed statement may have rolled the whole transaction back. */
 void store_check_tx(struct store *st);
-/* Reading: the step's error (after its rows) as 0 or -1, and reset. */
+/* Reading: the step's error (after its rows) as 0 or -1, and reset.
+ * store_read_int and store_read_double: the first column of the one row
+ * of a bound statement (0 when none), and reset. */
 int store_read_end(struct store *st, sqlite3_stmt *s);
+int64_t store_read_int(sqlite3_stmt *s);
+double store_read_double(sqlite3_stmt *s);
 
 /* The room (store_room.c): a new record of size bytes fits without eating
  * into the headroom kept for deletes and checkpoints. */
