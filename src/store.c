@@ -3,7 +3,8 @@
  * transaction and its group commit, the syncer that makes it durable, and
  * the callbacks that wait for it. The records live in files of their own
  * (store_outbox.c, store_inbox.c, saga_store.c), the room on the disk in
- * store_room.c (ARCHITECTURE.md: Modules).
+ * store_room.c, the steps they share in store_stmt.c (ARCHITECTURE.md:
+ * The store's transactions).
  */
 #include "store_records.h"
 

@@ -1,8 +1,8 @@
 /*
  * Inside the store: what the files that own a family of records
- * (store_outbox.c, store_inbox.c, saga_store.c) and the parts of the
- * engine (store.c, store_room.c) share. Nothing else includes it: the
- * SQLite connection stays behind store.h (ARCHITECTURE.md: Modules).
+ * (store_outbox.c, store_inbox.c, saga_store.c) need from the engine
+ * (store.c, store_room.c, store_stmt.c). Nothing else includes it, so no
+ * SQLite type leaves the store (ARCHITECTURE.md: The store's transactions).
  */
 #ifndef SAGAD_STORE_RECORDS_H
 #define SAGAD_STORE_RECORDS_H
