@@ -5,7 +5,7 @@
 #include <string.h>
 
 #include "log.h"
-#include "store.h"
+#include "store_records.h"
 #include "xmalloc.h"
 
 /* Sagas: one row per instance (its state packed in data), durable timers,

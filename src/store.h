@@ -4,6 +4,10 @@
  * (one fsync) at the end of the event-loop turn serves every request of the
  * turn: group commit. Callbacks registered with store_on_commit() run after
  * that commit, so an answer that promises durability waits for them.
+ *
+ * The engine is store.c (with store_room.c); each family of records owns
+ * its tables in a file of its own: store_outbox.c, store_inbox.c and
+ * saga_store.c, which share store_records.h and nothing else does.
  */
 #ifndef SAGAD_STORE_H
 #define SAGAD_STORE_H
@@ -185,11 +189,6 @@ double store_outbox_oldest(struct store *st);	/* created_at, 0 if empty */
 int64_t store_bytes(const struct store *st);
 int store_writable(const struct store *st);
 const char *store_path(const struct store *st);
-
-/* For modules with tables of their own (the saga engine): the connection,
- * and joining the current write transaction (committed with the turn). */
-struct sqlite3 *store_db(struct store *st);
-int store_write(struct store *st);
 
 /* Forget dedup ids older than now - window, a small batch per call. */
 int store_expire_ids(struct store *st, double before, int batch);
