@@ -31,6 +31,7 @@
 #include "props.h"
 #include "sagad.h"
 #include "store.h"
+#include "store_records.h"
 #include "util.h"
 #include "xmalloc.h"
 
