@@ -2,9 +2,9 @@
  * Fuzz target: a consumed message's AMQP properties -> the HTTP request
  * that delivers it to the service. The real code end to end: rabbitmq-c
  * decodes the content header (amqp_decode_properties, as for a frame from
- * the socket), broker.c turns it and the body frames into a struct msg
- * (broker_frame -> broker_delivery_header/body/done, static: this file
- * includes broker.c), delivery.c gives it an id when it has no usable one
+ * the socket), the broker link turns it and the body frames into a struct
+ * msg (broker_frame, static in broker_conn.c, which this file includes ->
+ * broker_delivery_header/body/done in broker_consume.c), delivery.c gives it an id when it has no usable one
  * (delivery_derive_id) and maps it to request headers (delivery_headers,
  * static: delivery.c is included too).
  *
@@ -19,7 +19,7 @@
  * Sagad-Attempt, Sagad-Kind (event|command|compensation) and Content-Type
  * are always there; the properties survive the inbox's encoding.
  */
-#include "broker.c"
+#include "broker_conn.c"
 #include "delivery.c"
 
 #include <event2/keyvalq_struct.h>
