@@ -95,6 +95,11 @@ broker_notify_cb(evutil_socket_t fd, short what, void *arg)
 	free(evs);
 }
 
+/* ---- commands from the main thread, and the turn ---- */
+
+/* Commands taken but not yet sent die with their connection (broker_fail)
+ * or with the broker (broker_free): the relay republishes after the next
+ * UP and the broker redelivers. */
 void
 broker_pending_clear(struct broker *b)
 {
@@ -248,6 +253,8 @@ broker_hb_cb(evutil_socket_t fd, short what, void *arg)
 {
 	broker_read_cb(fd, what, arg);
 }
+
+/* ---- the thread and the main thread's calls ---- */
 
 static void *
 broker_main(void *arg)
