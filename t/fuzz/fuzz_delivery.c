@@ -2,11 +2,12 @@
  * Fuzz target: a consumed message's AMQP properties -> the HTTP request
  * that delivers it to the service. The real code end to end: rabbitmq-c
  * decodes the content header (amqp_decode_properties, as for a frame from
- * the socket), broker.c turns it and the body frames into a struct msg
- * (broker_frame -> broker_delivery_header/body/done, static: this file
- * includes broker.c), delivery.c gives it an id when it has no usable one
- * (delivery_derive_id) and dispatch.c maps it to request headers
- * (dispatch_headers, static: dispatch.c is included too, with delivery.c).
+ * the socket), the broker link turns it and the body frames into a struct
+ * msg (broker_frame, static in broker_conn.c, which this file includes ->
+ * broker_delivery_header/body/done in broker_consume.c), delivery.c gives
+ * it an id when it has no usable one (delivery_derive_id) and dispatch.c
+ * maps it to request headers (dispatch_headers, static: dispatch.c is
+ * included too, with delivery.c).
  *
  * Input: byte 0 body length B, byte 1 where the body is split into two
  * frames, byte 2 the attempts so far, then B body bytes, then the encoded
@@ -19,7 +20,7 @@
  * Sagad-Attempt, Sagad-Kind (event|command|compensation) and Content-Type
  * are always there; the properties survive the inbox's encoding.
  */
-#include "broker.c"
+#include "broker_conn.c"
 #include "delivery.c"
 #include "dispatch.c"
 
