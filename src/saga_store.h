@@ -1,6 +1,7 @@
 /*
  * The saga engine's records: instances, their history and their timers.
- * The engine (saga.c) sees only this interface, never the database: an
+ * The engine (saga.c, saga_record.c, saga_admin.c) sees only this
+ * interface, never the database: an
  * instance is a few columns and an opaque blob (the engine's encoding of
  * its state), so that another backend (PostgreSQL, for replicas sharing
  * their sagas) can stand behind the same calls.
