@@ -299,6 +299,22 @@ codec_conf_batch(double batch, long *batch_size, double retry_initial, double *r
 }
 
 int
+codec_conf_table(const struct sagad_host_api *api, struct sagad_host *h, const char **table,
+    char *err, size_t errlen)
+{
+	const char *str;
+
+	if (api->conf_string(h, "table", &str) < 0)
+		return 0;
+	if (!*str) {
+		snprintf(err, errlen, "'table' must not be empty");
+		return -1;
+	}
+	*table = str;
+	return 0;
+}
+
+int
 codec_abi_check(const struct sagad_host_api *api, char *err, size_t errlen)
 {
 	if (api->abi == SAGAD_PLUGIN_ABI)

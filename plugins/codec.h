@@ -102,6 +102,9 @@ int codec_conf_pacing(const struct sagad_host_api *api, struct sagad_host *h, do
  * retry_initial. */
 int codec_conf_batch(double batch, long *batch_size, double retry_initial, double *retry_max,
     char *err, size_t errlen);
+/* The table setting, when given: a string, not empty (-1, err says so). */
+int codec_conf_table(const struct sagad_host_api *api, struct sagad_host *h, const char **table,
+    char *err, size_t errlen);
 int codec_abi_check(const struct sagad_host_api *api, char *err, size_t errlen);
 
 /* The source went down: counted, logged (an error the first time for a

@@ -1,3 +1,10 @@
+/*
+ * The saga engine (saga.h): what a consumed message means to the sagas,
+ * the state machine (saga_set_state, the one place instance states
+ * change), the transitions, the messages it sends and its timers. An
+ * instance's encoding and record are in saga_record.c, the operators'
+ * views and commands in saga_admin.c (shared types: saga_int.h).
+ */
 #include "saga.h"
 
 #include <event2/buffer.h>

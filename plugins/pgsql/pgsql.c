@@ -894,13 +894,10 @@ pgsql_init(const struct sagad_host_api *api, struct sagad_host *h, void **state,
 		snprintf(err, errlen, "'conninfo' (a string, e.g. \"host=/run/postgresql dbname=orders\") is required");
 		goto fail;
 	}
-	if (api->conf_string(h, "table", &s) == 0) {
-		if (!*s) {
-			snprintf(err, errlen, "'table' must not be empty");
-			goto fail;
-		}
-		p->table = s;
-	} else if (api->conf_number(h, "table", &batch) == 0 || api->conf_bool(h, "table", &b) == 0) {
+	if (codec_conf_table(api, h, &p->table, err, errlen) < 0)
+		goto fail;
+	if (api->conf_string(h, "table", &s) < 0 &&
+	    (api->conf_number(h, "table", &batch) == 0 || api->conf_bool(h, "table", &b) == 0)) {
 		snprintf(err, errlen, "'table' must be a string");
 		goto fail;
 	}

@@ -639,7 +639,6 @@ sqlite_init(const struct sagad_host_api *api, struct sagad_host *h, void **state
 {
 	struct sqsrc *s;
 	double batch = 100;
-	const char *str;
 
 	if (codec_abi_check(api, err, errlen) < 0)
 		return -1;
@@ -656,13 +655,8 @@ sqlite_init(const struct sagad_host_api *api, struct sagad_host *h, void **state
 		snprintf(err, errlen, "'path' (a string: the service's database file) is required");
 		goto fail;
 	}
-	if (api->conf_string(h, "table", &str) == 0) {
-		if (!*str) {
-			snprintf(err, errlen, "'table' must not be empty");
-			goto fail;
-		}
-		s->table = str;
-	}
+	if (codec_conf_table(api, h, &s->table, err, errlen) < 0)
+		goto fail;
 	if (codec_conf_pacing(api, h, &s->poll_interval, &batch, &s->retry_initial, &s->retry_max,
 	    err, errlen) < 0 ||
 	    codec_conf_batch(batch, &s->batch_size, s->retry_initial, &s->retry_max, err, errlen) < 0)
