@@ -249,6 +249,14 @@ codec_backoff(double *cur, double initial, double max)
 	return *cur;
 }
 
+void
+codec_reconnect_later(struct event *ev, double *backoff, double max)
+{
+	/* Jitter, so that replicas do not reconnect in step. */
+	codec_timer(ev, *backoff * (0.75 + 0.5 * ((double)rand() / RAND_MAX)));
+	*backoff = fmin(*backoff * 2, max);
+}
+
 int
 codec_conf_number(const struct sagad_host_api *api, struct sagad_host *h, const char *key,
     double *out, double min, char *err, size_t errlen)

@@ -90,6 +90,9 @@ void codec_clean(char *s);
 /* The next wait of a doubling backoff: initial, then twice as long up to max. */
 double codec_backoff(double *cur, double initial, double max);
 
+/* Arms ev after *backoff (with jitter), then doubles *backoff up to max. */
+void codec_reconnect_later(struct event *ev, double *backoff, double max);
+
 /* A number setting of at least min: 0 (left as it was when unset) or -1
  * (err says why). */
 int codec_conf_number(const struct sagad_host_api *api, struct sagad_host *h, const char *key,

@@ -187,7 +187,6 @@ static void
 pg_down(struct pgsrc *p, const char *what)
 {
 	char why[600];
-	double delay;
 
 	snprintf(why, sizeof why, "%s", what ? what : "connection lost");
 	pg_clean(why);
@@ -214,10 +213,7 @@ pg_down(struct pgsrc *p, const char *what)
 	p->flushing = 0;
 	p->rows.nseqs = 0;
 	p->state = PG_DOWN;
-	/* Jitter, so that replicas do not reconnect in step. */
-	delay = p->backoff * (0.75 + 0.5 * ((double)rand() / RAND_MAX));
-	codec_timer(p->timer, delay);
-	p->backoff = fmin(p->backoff * 2, p->retry_max);
+	codec_reconnect_later(p->timer, &p->backoff, p->retry_max);
 }
 
 static void

@@ -141,8 +141,7 @@ sq_down(struct sqsrc *s, const char *fmt, ...)
 	event_del(s->soon);
 	s->rows.nseqs = 0;
 	s->state = SQ_CLOSED;
-	codec_timer(s->timer, s->backoff * (0.75 + 0.5 * ((double)rand() / RAND_MAX)));
-	s->backoff = fmin(s->backoff * 2, s->retry_max);
+	codec_reconnect_later(s->timer, &s->backoff, s->retry_max);
 }
 
 static int
