@@ -90,7 +90,7 @@ admin_readyz(struct admin *a, struct evhttp_request *req)
  * The daemon-wide metrics, each described once (sagad(8) METRICS lists
  * them): name, type, help, and the expression that reads it, over d, rs
  * (relay figures), is (ingress figures) and fs (fsync times). The
- * subscriptions' and the sagas' metrics are in delivery.c and saga.c.
+ * subscriptions' and the sagas' metrics are in delivery.c and saga_admin.c.
  */
 #define ADMIN_METRICS(X)							\
 	X(sagad_outbox_pending, gauge,						\

@@ -1,9 +1,14 @@
+/*
+ * The saga engine (saga.h): what a consumed message means to the sagas,
+ * the state machine (saga_set_state, the one place instance states
+ * change), the transitions, the messages it sends and its timers. An
+ * instance's encoding and record are in saga_record.c, the operators'
+ * views and commands in saga_admin.c (shared types: saga_int.h).
+ */
 #include "saga.h"
 
 #include <event2/buffer.h>
 #include <event2/event.h>
-#include <jansson.h>
-#include <msgpack.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -12,6 +17,7 @@
 #include "delivery.h"
 #include "log.h"
 #include "metrics.h"
+#include "saga_int.h"
 #include "saga_store.h"
 #include "sagad.h"
 #include "store.h"
@@ -24,337 +30,6 @@ const char *const saga_state_names[SAGA_NSTATES] = {
 const char *const saga_step_state_names[STEP_NSTATES] = {
 	"pending", "active", "succeeded", "failed", "compensating", "compensated"
 };
-
-enum saga_timer_kind {
-	TIMER_SAGA,		/* the whole saga's deadline */
-	TIMER_STEP,		/* a command's reply is late: resend or fail */
-	TIMER_COMPENSATE	/* a compensation's reply is late, or its retry is due */
-};
-
-struct saga_step_rt {
-	enum saga_step_state state;
-	unsigned attempts;	/* command sends */
-	unsigned comp_attempts;
-	unsigned order;		/* 1-based order of success; 0: never */
-	char *body;		/* the message that completed the step */
-	size_t body_len;
-	char *ct;
-};
-
-struct saga_inst {
-	int64_t row;		/* 0: not stored yet */
-	const struct conf_saga *def;
-	size_t def_index;
-	char *id;
-	enum saga_state state;
-	unsigned cur;		/* orchestrated: the step in progress */
-	unsigned order;		/* successes so far */
-	char *body;		/* the start event */
-	size_t body_len;
-	char *ct;
-	char *reason;		/* why it compensates or failed */
-	double started_at;
-	double updated_at, finished_at;	/* as read, for the admin API */
-	enum saga_state loaded;		/* state in the store before this change */
-	struct saga_step_rt *steps;
-};
-
-struct saga_stats {
-	uint64_t started, compensations, failed, orphans, duplicates;
-	int64_t states[SAGA_NSTATES];	/* instances in the store, kept as they change */
-	struct histogram duration;
-};
-
-struct saga_engine {
-	struct sagad *d;
-	struct saga_store *ss;		/* its records (saga_store.h) */
-	struct event *timer_ev;
-	double timer_at;
-	struct saga_stats *stats;	/* per saga definition */
-	uint64_t orphans;
-	/* Handling a consumed message (saga_handle): what it sends may go out
-	 * before the fsync (STORE_OUT_EARLY), for the broker, not acked yet,
-	 * delivers the message again if a crash of the machine loses the
-	 * transaction, and the same state and message make the same messages,
-	 * with the same ids. Timers and operators' commands wait for it. */
-	int consumed;
-};
-
-/* ---- instance encoding ---- */
-
-static void
-saga_pack_str(msgpack_packer *pk, const char *s)
-{
-	if (!s) {
-		msgpack_pack_nil(pk);
-		return;
-	}
-	msgpack_pack_str(pk, strlen(s));
-	msgpack_pack_str_body(pk, s, strlen(s));
-}
-
-static void
-saga_pack_bin(msgpack_packer *pk, const char *b, size_t n)
-{
-	msgpack_pack_bin(pk, n);
-	msgpack_pack_bin_body(pk, b ? b : "", n);
-}
-
-static void
-saga_pack(const struct saga_inst *in, msgpack_sbuffer *sb)
-{
-	msgpack_packer pk;
-	size_t i;
-
-	msgpack_sbuffer_init(sb);
-	msgpack_packer_init(&pk, sb, msgpack_sbuffer_write);
-	msgpack_pack_array(&pk, 7);
-	msgpack_pack_int(&pk, in->state);
-	msgpack_pack_unsigned_int(&pk, in->cur);
-	msgpack_pack_unsigned_int(&pk, in->order);
-	saga_pack_bin(&pk, in->body, in->body_len);
-	saga_pack_str(&pk, in->ct);
-	saga_pack_str(&pk, in->reason);
-	msgpack_pack_array(&pk, in->def->n_steps);
-	for (i = 0; i < in->def->n_steps; i++) {
-		const struct saga_step_rt *s = &in->steps[i];
-		msgpack_pack_array(&pk, 6);
-		msgpack_pack_int(&pk, s->state);
-		msgpack_pack_unsigned_int(&pk, s->attempts);
-		msgpack_pack_unsigned_int(&pk, s->comp_attempts);
-		msgpack_pack_unsigned_int(&pk, s->order);
-		saga_pack_bin(&pk, s->body, s->body_len);
-		saga_pack_str(&pk, s->ct);
-	}
-}
-
-static char *
-saga_obj_str(const msgpack_object *o)
-{
-	if (o->type != MSGPACK_OBJECT_STR)
-		return NULL;
-	/* msgpack-c gives an empty string a NULL pointer. */
-	return o->via.str.size ? xstrndup(o->via.str.ptr, o->via.str.size) : xstrdup("");
-}
-
-static char *
-saga_obj_bin(const msgpack_object *o, size_t *len)
-{
-	char *b;
-
-	*len = 0;
-	if (o->type != MSGPACK_OBJECT_BIN)
-		return NULL;
-	b = xmalloc(o->via.bin.size + 1);
-	if (o->via.bin.size)
-		memcpy(b, o->via.bin.ptr, o->via.bin.size);
-	*len = o->via.bin.size;
-	return b;
-}
-
-static int
-saga_obj_uint(const msgpack_object *o, unsigned max, unsigned *out)
-{
-	if (o->type != MSGPACK_OBJECT_POSITIVE_INTEGER || o->via.u64 > max)
-		return -1;
-	*out = (unsigned)o->via.u64;
-	return 0;
-}
-
-/* Decode a stored instance; -1 on anything malformed (damage). */
-static int
-saga_unpack(struct saga_inst *in, const char *buf, size_t len)
-{
-	msgpack_unpacked u;
-	const msgpack_object *a, *steps;
-	size_t off = 0, i;
-	unsigned v;
-	int rc = -1;
-
-	if (!props_msgpack_sane(buf, len))
-		return -1;
-	msgpack_unpacked_init(&u);
-	if (msgpack_unpack_next(&u, buf, len, &off) != MSGPACK_UNPACK_SUCCESS ||
-	    u.data.type != MSGPACK_OBJECT_ARRAY || u.data.via.array.size != 7)
-		goto out;
-	a = u.data.via.array.ptr;
-	if (saga_obj_uint(&a[0], SAGA_NSTATES - 1, &v) < 0)
-		goto out;
-	in->state = v;
-	if (saga_obj_uint(&a[1], 1u << 30, &in->cur) < 0 ||
-	    saga_obj_uint(&a[2], 1u << 30, &in->order) < 0)
-		goto out;
-	in->body = saga_obj_bin(&a[3], &in->body_len);
-	in->ct = saga_obj_str(&a[4]);
-	in->reason = saga_obj_str(&a[5]);
-	steps = &a[6];
-	if (steps->type != MSGPACK_OBJECT_ARRAY || steps->via.array.size != in->def->n_steps)
-		goto out;
-	for (i = 0; i < in->def->n_steps; i++) {
-		const msgpack_object *s = &steps->via.array.ptr[i];
-		struct saga_step_rt *st = &in->steps[i];
-		if (s->type != MSGPACK_OBJECT_ARRAY || s->via.array.size != 6 ||
-		    saga_obj_uint(&s->via.array.ptr[0], STEP_NSTATES - 1, &v) < 0)
-			goto out;
-		st->state = v;
-		if (saga_obj_uint(&s->via.array.ptr[1], 1u << 30, &st->attempts) < 0 ||
-		    saga_obj_uint(&s->via.array.ptr[2], 1u << 30, &st->comp_attempts) < 0 ||
-		    saga_obj_uint(&s->via.array.ptr[3], 1u << 30, &st->order) < 0)
-			goto out;
-		if (s->via.array.ptr[4].type == MSGPACK_OBJECT_BIN)
-			st->body = saga_obj_bin(&s->via.array.ptr[4], &st->body_len);
-		st->ct = saga_obj_str(&s->via.array.ptr[5]);
-	}
-	if (in->cur > in->def->n_steps)
-		goto out;
-	rc = 0;
-out:
-	msgpack_unpacked_destroy(&u);
-	return rc;
-}
-
-static struct saga_inst *
-saga_inst_new(const struct sagad_conf *conf, size_t def, const char *id)
-{
-	struct saga_inst *in = xcalloc(1, sizeof *in);
-
-	in->def = &conf->sagas[def];
-	in->def_index = def;
-	in->id = xstrdup(id);
-	in->steps = xcalloc(in->def->n_steps + 1, sizeof *in->steps);
-	return in;
-}
-
-static void
-saga_inst_free(struct saga_inst *in)
-{
-	size_t i;
-
-	if (!in)
-		return;
-	for (i = 0; i < in->def->n_steps; i++) {
-		free(in->steps[i].body);
-		free(in->steps[i].ct);
-	}
-	free(in->steps);
-	free(in->id);
-	free(in->body);
-	free(in->ct);
-	free(in->reason);
-	free(in);
-}
-
-/* ---- persistence ---- */
-
-static ssize_t
-saga_def_index(const struct sagad_conf *c, const char *name)
-{
-	size_t i;
-
-	for (i = 0; i < c->n_sagas; i++)
-		if (strcmp(c->sagas[i].name, name) == 0)
-			return (ssize_t)i;
-	return -1;
-}
-
-/* The instance a stored record holds, or NULL: its definition is gone
- * from the configuration, or the record is damaged (logged). */
-static struct saga_inst *
-saga_from_rec(struct saga_engine *e, const struct saga_rec *r)
-{
-	ssize_t def = saga_def_index(e->d->conf, r->saga);
-	struct saga_inst *in;
-
-	if (def < 0)
-		return NULL;
-	in = saga_inst_new(e->d->conf, (size_t)def, r->id);
-	in->row = r->row;
-	in->started_at = r->started_at;
-	in->updated_at = r->updated_at;
-	in->finished_at = r->finished_at;
-	if (saga_unpack(in, r->data, r->data_len) < 0) {
-		log_error("damaged saga instance in store, ignored", LOG_STR("saga", r->saga),
-		    LOG_STR("id", r->id));
-		saga_inst_free(in);
-		return NULL;
-	}
-	in->loaded = in->state;
-	return in;
-}
-
-static struct saga_inst *
-saga_load(struct saga_engine *e, size_t def, const char *id)
-{
-	struct saga_rec r;
-	struct saga_inst *in = NULL;
-
-	if (saga_store_get(e->ss, e->d->conf->sagas[def].name, id, &r) == 1)
-		in = saga_from_rec(e, &r);
-	saga_rec_clear(&r);
-	return in;
-}
-
-static struct saga_inst *
-saga_load_row(struct saga_engine *e, int64_t row)
-{
-	struct saga_rec r;
-	struct saga_inst *in = NULL;
-
-	if (saga_store_get_row(e->ss, row, &r) == 1)
-		in = saga_from_rec(e, &r);
-	saga_rec_clear(&r);
-	return in;
-}
-
-static int
-saga_finished(enum saga_state s)
-{
-	return s == SAGA_COMPLETED || s == SAGA_COMPENSATED;
-}
-
-static void
-saga_save(struct saga_engine *e, struct saga_inst *in)
-{
-	struct saga_stats *st = &e->stats[in->def_index];
-	struct saga_rec r = { 0 };
-	msgpack_sbuffer sb;
-	int rc;
-
-	saga_pack(in, &sb);
-	r.row = in->row;
-	r.saga = (char *)in->def->name;
-	r.id = in->id;
-	r.state = in->state;
-	r.started_at = in->started_at;
-	r.updated_at = util_now();
-	r.finished_at = saga_finished(in->state) || in->state == SAGA_FAILED ? r.updated_at : 0;
-	r.data = sb.data;
-	r.data_len = sb.size;
-	if (!in->row) {
-		rc = saga_store_insert(e->ss, &r);
-		if (rc == 0) {
-			in->row = r.row;
-			st->states[in->state]++;
-			in->loaded = in->state;
-		}
-	} else if (saga_store_update(e->ss, &r) == 0 && in->loaded != in->state) {
-		st->states[in->loaded]--;
-		st->states[in->state]++;
-		in->loaded = in->state;
-	}
-	msgpack_sbuffer_destroy(&sb);
-}
-
-/* One line of the instance's history (sagactl saga ID). */
-static void
-saga_log(struct saga_engine *e, struct saga_inst *in, const char *dir, const char *what,
-    const char *step, const char *message_id, const char *detail)
-{
-	if (!in->row)
-		saga_save(e, in);
-	if (in->row)
-		saga_store_log(e->ss, in->row, util_now(), dir, what, step, message_id, detail);
-}
 
 static void
 saga_arm(struct saga_engine *e, double due)
@@ -478,7 +153,7 @@ saga_edge_allowed(enum saga_state from, enum saga_state to)
  * that caused it, or NULL; why goes to the history and the log. The
  * instance's reason says why it left running, or why it failed: only those
  * changes set it (a late success or a retry keeps it). */
-static int
+int
 saga_set_state(struct saga_engine *e, struct saga_inst *in, enum saga_state to,
     const char *step, const char *why)
 {
@@ -517,7 +192,6 @@ saga_set_state(struct saga_engine *e, struct saga_inst *in, enum saga_state to,
 
 /* ---- transitions ---- */
 
-static void saga_compensate_next(struct saga_engine *e, struct saga_inst *in);
 
 /* Completed or compensated: the outcome event goes out, then the state. */
 static void
@@ -547,7 +221,7 @@ saga_send_command(struct saga_engine *e, struct saga_inst *in, unsigned i)
 	saga_timer_add(e, in, TIMER_STEP, (int)i, util_now() + cs->timeout);
 }
 
-static void
+void
 saga_start_compensation(struct saga_engine *e, struct saga_inst *in, const char *reason)
 {
 	size_t i;
@@ -576,7 +250,7 @@ saga_send_compensation(struct saga_engine *e, struct saga_inst *in, size_t i)
 
 /* Compensate one step at a time, the latest success first; a step with
  * nothing to undo is done at once. */
-static void
+void
 saga_compensate_next(struct saga_engine *e, struct saga_inst *in)
 {
 	size_t i, pick = (size_t)-1;
@@ -957,219 +631,6 @@ saga_timer_cb(evutil_socket_t fd, short what, void *arg)
 	}
 	e->timer_at = 0;
 	saga_rearm(e);
-}
-
-/* ---- admin ---- */
-
-static void
-saga_hist_json(void *arg, const struct saga_hist *h)
-{
-	json_array_append_new(arg, json_pack("{s:f,s:s,s:s,s:s,s:s,s:s}", "at", h->at,
-	    "dir", h->dir, "what", h->what, "step", h->step, "message_id", h->message_id,
-	    "detail", h->detail));
-}
-
-static json_t *
-saga_inst_json(struct saga_engine *e, struct saga_inst *in, double updated, double finished,
-    int history)
-{
-	json_t *steps = json_array(), *j;
-	size_t i;
-
-	for (i = 0; i < in->def->n_steps; i++)
-		json_array_append_new(steps, json_pack("{s:s,s:s,s:i,s:i}",
-		    "name", in->def->steps[i].name,
-		    "state", saga_step_state_names[in->steps[i].state],
-		    "attempts", (int)in->steps[i].attempts,
-		    "compensate_attempts", (int)in->steps[i].comp_attempts));
-	j = json_pack("{s:s,s:s,s:s,s:s,s:s?,s:f,s:f,s:f,s:o}",
-	    "saga", in->def->name, "id", in->id, "state", saga_state_names[in->state],
-	    "mode", in->def->mode == SAGA_ORCHESTRATED ? "orchestrated" : "choreographed",
-	    "reason", in->reason, "started_at", in->started_at, "updated_at", updated,
-	    "finished_at", finished, "steps", steps);
-	if (history) {
-		json_t *h = json_array();
-		saga_store_history(e->ss, in->row, saga_hist_json, h);
-		json_object_set_new(j, "history", h);
-	}
-	return j;
-}
-
-int
-saga_state_from_name(const char *name)
-{
-	int i;
-
-	for (i = 0; i < SAGA_NSTATES; i++)
-		if (strcmp(saga_state_names[i], name) == 0)
-			return i;
-	return -1;
-}
-
-struct saga_list_ctx {
-	struct saga_engine *e;
-	json_t *list;
-};
-
-static void
-saga_list_one(void *arg, const struct saga_rec *r)
-{
-	struct saga_list_ctx *c = arg;
-	struct saga_inst *in = saga_from_rec(c->e, r);
-
-	if (in)
-		json_array_append_new(c->list, saga_inst_json(c->e, in, in->updated_at,
-		    in->finished_at, 0));
-	saga_inst_free(in);
-}
-
-void *
-saga_list_json(struct saga_engine *e, const char *name, int state, size_t limit)
-{
-	struct saga_list_ctx c = { e, json_array() };
-
-	saga_store_list(e->ss, name, state, limit, saga_list_one, &c);
-	return json_pack("{s:o}", "sagas", c.list);
-}
-
-/* Every instance with this saga id (one per saga definition). */
-static size_t
-saga_by_id(struct saga_engine *e, const char *id, int64_t *rows, size_t max)
-{
-	return saga_store_by_id(e->ss, id, rows, max);
-}
-
-void *
-saga_get_json(struct saga_engine *e, const char *id)
-{
-	int64_t rows[64];
-	size_t n = saga_by_id(e, id, rows, 64), i;
-	json_t *list = json_array();
-
-	for (i = 0; i < n; i++) {
-		struct saga_inst *in = saga_load_row(e, rows[i]);
-		if (!in)
-			continue;
-		json_array_append_new(list, saga_inst_json(e, in, in->updated_at, in->finished_at, 1));
-		saga_inst_free(in);
-	}
-	if (!json_array_size(list)) {
-		json_decref(list);
-		return NULL;
-	}
-	return json_pack("{s:s,s:o}", "id", id, "instances", list);
-}
-
-int
-saga_retry(struct saga_engine *e, const char *id)
-{
-	int64_t rows[64];
-	size_t n = saga_by_id(e, id, rows, 64), i, j;
-	int done = 0;
-
-	for (i = 0; i < n; i++) {
-		struct saga_inst *in = saga_load_row(e, rows[i]);
-		if (!in)
-			continue;
-		if (in->state == SAGA_FAILED) {
-			saga_log(e, in, "admin", "retry", NULL, NULL, "sagactl saga retry");
-			saga_set_state(e, in, SAGA_COMPENSATING, NULL, "retried by an operator");
-			for (j = 0; j < in->def->n_steps; j++)
-				if (in->steps[j].state == STEP_COMPENSATING) {
-					in->steps[j].comp_attempts = 0;
-					in->steps[j].state = STEP_SUCCEEDED;
-				}
-			saga_compensate_next(e, in);
-			saga_save(e, in);
-			done++;
-		}
-		saga_inst_free(in);
-	}
-	return done;
-}
-
-int
-saga_abort(struct saga_engine *e, const char *id)
-{
-	int64_t rows[64];
-	size_t n = saga_by_id(e, id, rows, 64), i;
-	int done = 0;
-
-	for (i = 0; i < n; i++) {
-		struct saga_inst *in = saga_load_row(e, rows[i]);
-		if (!in)
-			continue;
-		if (in->state == SAGA_RUNNING) {
-			saga_log(e, in, "admin", "abort", NULL, NULL, "sagactl saga abort");
-			saga_start_compensation(e, in, "aborted by an operator");
-			saga_save(e, in);
-			done++;
-		}
-		saga_inst_free(in);
-	}
-	return done;
-}
-
-void
-saga_metrics(struct saga_engine *e, struct evbuffer *out)
-{
-	const struct sagad_conf *c = e->d->conf;
-	char labels[600];
-	size_t i;
-	int k;
-
-	metrics_family(out, "sagad_sagas", "gauge", "Saga instances in the store by state.");
-	for (i = 0; i < c->n_sagas; i++)
-		for (k = 0; k < SAGA_NSTATES; k++) {
-			snprintf(labels, sizeof labels, "saga=\"%s\",state=\"%s\"", c->sagas[i].name,
-			    saga_state_names[k]);
-			metrics_sample(out, "sagad_sagas", labels, (double)e->stats[i].states[k]);
-		}
-#define PER_SAGA(mname, help, field)						\
-	do {									\
-		metrics_family(out, mname, "counter", help);			\
-		for (i = 0; i < c->n_sagas; i++) {				\
-			snprintf(labels, sizeof labels, "saga=\"%s\"", c->sagas[i].name); \
-			metrics_sample(out, mname, labels, (double)e->stats[i].field); \
-		}								\
-	} while (0)
-	PER_SAGA("sagad_sagas_started_total", "Saga instances started.", started);
-	PER_SAGA("sagad_saga_compensations_total", "Compensations started.", compensations);
-	PER_SAGA("sagad_saga_failed_total", "Sagas whose compensation was exhausted.", failed);
-	PER_SAGA("sagad_saga_duplicates_total", "Saga messages that changed nothing (repeats).",
-	    duplicates);
-#undef PER_SAGA
-	metrics_family(out, "sagad_saga_orphans_total", "counter",
-	    "Messages for unknown or finished sagas, acked and ignored.");
-	metrics_sample(out, "sagad_saga_orphans_total", "", (double)e->orphans);
-	metrics_family(out, "sagad_saga_duration_seconds", "histogram",
-	    "Time from start to completed or compensated.");
-	for (i = 0; i < c->n_sagas; i++) {
-		snprintf(labels, sizeof labels, "saga=\"%s\"", c->sagas[i].name);
-		metrics_histogram(out, "sagad_saga_duration_seconds", labels, &e->stats[i].duration);
-	}
-}
-
-/* Forget finished (completed or compensated) sagas and their history
- * after the retention, a small batch per call; failed ones stay until an
- * operator acts. Returns how many went. */
-static void
-saga_expired_one(void *arg, const struct saga_rec *r)
-{
-	struct saga_engine *e = arg;
-	ssize_t def = saga_def_index(e->d->conf, r->saga);
-
-	if (def >= 0 && r->state >= 0 && r->state < SAGA_NSTATES)
-		e->stats[def].states[r->state]--;
-}
-
-int
-saga_expire(struct saga_engine *e, double before, int batch)
-{
-	int n = saga_store_expire(e->ss, before, 1u << SAGA_COMPLETED | 1u << SAGA_COMPENSATED,
-	    batch, saga_expired_one, e);
-
-	return n < 0 ? 0 : n;
 }
 
 /* ---- life ---- */

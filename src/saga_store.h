@@ -1,9 +1,10 @@
 /*
  * The saga engine's records: instances, their history and their timers.
- * The engine (saga.c) sees only this interface, never the database: an
- * instance is a few columns and an opaque blob (the engine's encoding of
- * its state), so that another backend (PostgreSQL, for replicas sharing
- * their sagas) can stand behind the same calls.
+ * The engine (saga.c, saga_record.c, saga_admin.c) sees only this
+ * interface, never the database: an instance is a few columns and an
+ * opaque blob (the engine's encoding of its state), so that another
+ * backend (PostgreSQL, for replicas sharing their sagas) can stand behind
+ * the same calls.
  *
  * This backend keeps them in sagad's own SQLite store: every write joins
  * the store's write transaction (store_write), so that a state change, the

@@ -38,7 +38,6 @@
 #include "../codec.h"
 
 #define PG_MAX_RESULTS 8
-#define PG_MAX_SKIP 1000
 
 enum pg_state {
 	PG_DOWN,		/* no connection; the timer reconnects */
@@ -83,11 +82,6 @@ static const struct pg_column pg_columns[] = {
 };
 #define N_TABLE_COLS (sizeof pg_columns / sizeof pg_columns[0])
 
-struct pg_ticket {
-	struct pgsrc *p;
-	unsigned long batch;
-};
-
 struct pgsrc {
 	const struct sagad_host_api *api;
 	struct sagad_host *h;
@@ -124,18 +118,12 @@ struct pgsrc {
 
 	/* the current batch */
 	unsigned long batch;	/* batch number, for when_durable tickets */
-	int64_t *seqs;
-	size_t nseqs, capseqs;
+	struct codec_rows rows;	/* taken and skipped rows (codec.h) */
 	size_t nfetched;
 	int more;		/* the batch was full, or a NOTIFY came meanwhile */
 	int dirty;
 	int stalled;		/* the store refused (full, error): wait */
 	double stall;
-
-	/* rows that cannot be published, left in the table */
-	int64_t skip[PG_MAX_SKIP];
-	size_t nskip;
-	time_t skip_since;
 
 	char reason[400];
 	int logged_down;
@@ -153,46 +141,13 @@ static void pg_next(struct pgsrc *p);
 
 /* ---- helpers ---- */
 
-static double
-pg_now(void)
-{
-	struct timespec ts;
-
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
-}
-
-static struct timeval
-pg_tv(double s)
-{
-	struct timeval tv;
-
-	if (s < 0)
-		s = 0;
-	tv.tv_sec = (time_t)s;
-	tv.tv_usec = (suseconds_t)((s - (double)tv.tv_sec) * 1e6);
-	return tv;
-}
-
-static void
-pg_timer(struct event *ev, double s)
-{
-	struct timeval tv = pg_tv(s);
-
-	event_add(ev, &tv);
-}
-
 /* A log-safe one-line version of a libpq message. */
 static void
 pg_clean(char *s)
 {
-	char *e;
+	char *e = s + strlen(s);
 
-	for (e = s; *e; e++)
-		if (*e == '\n' || *e == '\r' || *e == '\t')
-			*e = ' ';
-		else if (*e == '"')
-			*e = '\'';
+	codec_clean(s);
 	while (e > s && e[-1] == ' ')
 		*--e = '\0';
 }
@@ -226,36 +181,19 @@ pg_clear_results(struct pgsrc *p)
 
 /* ---- the connection ---- */
 
-static void
-pg_reason(struct pgsrc *p, const char *fmt, ...)
-{
-	va_list ap;
-
-	va_start(ap, fmt);
-	vsnprintf(p->reason, sizeof p->reason, fmt, ap);
-	va_end(ap);
-	pg_clean(p->reason);
-}
-
 /* Drop the connection (PostgreSQL rolls back an open batch: its rows are
  * read again) and reconnect after the backoff. */
 static void
 pg_down(struct pgsrc *p, const char *what)
 {
 	char why[600];
-	double delay;
 
 	snprintf(why, sizeof why, "%s", what ? what : "connection lost");
 	pg_clean(why);
 	p->gen++;
-	p->api->counter_add(p->h, "errors", 1);
-	SAGAD_LOG(p->api, p->h,
-	    !p->logged_down || strcmp(p->reason, why) != 0 ? SAGAD_LOG_ERROR : SAGAD_LOG_DEBUG,
-	    why, SAGAD_STR("state", pg_state_names[p->state]), SAGAD_DBL("retry_in", p->backoff));
-	p->logged_down = 1;
-	pg_reason(p, "%s", why);
 	p->ready = 0;
-	p->api->set_ready(p->h, 0, p->reason);
+	codec_report_down(p->api, p->h, why, p->reason, sizeof p->reason, &p->logged_down,
+	    "state", pg_state_names[p->state], p->backoff);
 	if (p->io) {
 		event_free(p->io);
 		p->io = NULL;
@@ -273,12 +211,9 @@ pg_down(struct pgsrc *p, const char *what)
 	pg_clear_results(p);
 	p->busy = 0;
 	p->flushing = 0;
-	p->nseqs = 0;
+	p->rows.nseqs = 0;
 	p->state = PG_DOWN;
-	/* Jitter, so that replicas do not reconnect in step. */
-	delay = p->backoff * (0.75 + 0.5 * ((double)rand() / RAND_MAX));
-	pg_timer(p->timer, delay);
-	p->backoff = fmin(p->backoff * 2, p->retry_max);
+	codec_reconnect_later(p->timer, &p->backoff, p->retry_max);
 }
 
 static void
@@ -319,7 +254,7 @@ pg_send(struct pgsrc *p, const char *sql)
 		return;
 	}
 	p->busy = 1;
-	pg_timer(p->timer, p->query_timeout);
+	codec_timer(p->timer, p->query_timeout);
 	pg_flush(p);
 }
 
@@ -467,7 +402,7 @@ pg_connect(struct pgsrc *p)
 		return;
 	}
 	/* libpq's connect_timeout does not apply to a non-blocking connect. */
-	pg_timer(p->timer, p->connect_timeout);
+	codec_timer(p->timer, p->connect_timeout);
 	pg_connect_poll(p, PGRES_POLLING_WRITING);
 }
 
@@ -679,42 +614,28 @@ pg_up(struct pgsrc *p, const char *role)
 		    strcmp(role, "standby") == 0 ? "standing by: another sagad holds the table" :
 		    "relaying from PostgreSQL", SAGAD_STR("table", p->qtable), SAGAD_STR("role", role),
 		    SAGAD_INT("batch", p->batch_size));
-	p->logged_down = 0;
-	p->reason[0] = '\0';
 	p->ready = 1;
-	p->api->set_ready(p->h, 1, NULL);
+	codec_report_up(p->api, p->h, p->reason, &p->logged_down);
 }
 
 /* ---- batches ---- */
-
-static void
-pg_skip_add(struct pgsrc *p, int64_t seq)
-{
-	if (p->nskip < PG_MAX_SKIP)
-		p->skip[p->nskip++] = seq;
-}
 
 /* Send "[prefix] BEGIN; SELECT ... FOR UPDATE SKIP LOCKED". */
 static void
 pg_fetch(struct pgsrc *p, const char *prefix)
 {
-	char *sql, *skip = NULL;
-	size_t i, len = 0;
+	char *sql, *skip = xmalloc(p->rows.nskip * 24 + 64);
+	size_t len;
 	int r;
 
-	/* Rows that could not be published are tried again now and then:
-	 * an operator may have fixed them. */
-	if (p->nskip && time(NULL) - p->skip_since > 60)
-		p->nskip = 0;
-	if (!p->nskip)
-		p->skip_since = time(NULL);
-	if (p->nskip) {
-		skip = xmalloc(p->nskip * 24 + 64);
-		len = (size_t)sprintf(skip, " WHERE seq <> ALL ('{");
-		for (i = 0; i < p->nskip; i++)
-			len += (size_t)sprintf(skip + len, "%s%lld", i ? "," : "", (long long)p->skip[i]);
+	/* Rows left in the table are skipped (codec_skip_list tries them
+	 * again now and then). */
+	len = (size_t)sprintf(skip, " WHERE seq <> ALL ('{");
+	len += codec_skip_list(&p->rows, skip + len);
+	if (p->rows.nskip)
 		sprintf(skip + len, "}'::bigint[])");
-	}
+	else
+		skip[0] = '\0';
 	r = asprintf(&sql,
 	    "%sBEGIN; SELECT seq, message_id::text, exchange, routing_key, content_type,"
 	    " correlation_id::text, %s, %s,"
@@ -722,7 +643,7 @@ pg_fetch(struct pgsrc *p, const char *prefix)
 	    " headers IS NOT NULL AND json_typeof(headers::json) <> 'object'"
 	    " FROM %s%s ORDER BY seq LIMIT %ld FOR UPDATE SKIP LOCKED",
 	    prefix ? prefix : "", p->headers_expr, p->body_expr, p->qtable,
-	    skip ? skip : "", p->batch_size);
+	    skip, p->batch_size);
 	free(skip);
 	if (r < 0) {
 		pg_down(p, "out of memory");
@@ -737,34 +658,30 @@ pg_fetch(struct pgsrc *p, const char *prefix)
 static void
 pg_durable(void *cookie, int ok)
 {
-	struct pg_ticket *t = cookie;
-	struct pgsrc *p = t->p;
-	unsigned long batch = t->batch;
+	unsigned long batch;
+	struct pgsrc *p = codec_ticket_take(cookie, &batch);
 	char *sql, *w;
 	size_t i;
 
-	free(t);
 	/* A batch of a connection since lost: PostgreSQL rolled it back and
 	 * its rows come again (and are duplicates then). */
 	if (p->state != PG_DURABLE_WAIT || batch != p->batch)
 		return;
 	if (!ok) {
-		SAGAD_LOG(p->api, p->h, SAGAD_LOG_WARN, "sagad's store lost a batch, reading it again",
-		    SAGAD_UINT("rows", p->nseqs));
-		p->api->counter_add(p->h, "errors", 1);
-		p->nseqs = 0;
+		codec_lost_batch(p->api, p->h, p->rows.nseqs);
+		p->rows.nseqs = 0;
 		p->state = PG_CLOSING;
 		p->stalled = 1;
 		pg_send(p, "ROLLBACK");
 		return;
 	}
-	sql = xmalloc(p->nseqs * 21 + strlen(p->qtable) + 96);
+	sql = xmalloc(p->rows.nseqs * 21 + strlen(p->qtable) + 96);
 	w = sql + sprintf(sql, "DELETE FROM %s WHERE seq = ANY ('{", p->qtable);
-	for (i = 0; i < p->nseqs; i++)
-		w += sprintf(w, "%s%lld", i ? "," : "", (long long)p->seqs[i]);
+	for (i = 0; i < p->rows.nseqs; i++)
+		w += sprintf(w, "%s%lld", i ? "," : "", (long long)p->rows.seqs[i]);
 	strcpy(w, "}'::bigint[]); COMMIT; ");
-	p->api->counter_add(p->h, "rows_deleted", (double)p->nseqs);
-	p->nseqs = 0;
+	p->api->counter_add(p->h, "rows_deleted", (double)p->rows.nseqs);
+	p->rows.nseqs = 0;
 	if ((p->more || p->dirty) && !p->stalled)
 		pg_fetch(p, sql);	/* one round trip: delete, commit, next batch */
 	else {
@@ -780,9 +697,10 @@ static int
 pg_row(struct pgsrc *p, PGresult *r, int row)
 {
 	struct sagad_message m;
-	char **names = NULL, **values = NULL, *mem = NULL, *body = NULL;
-	size_t nh = 0, blen;
-	const char *why = NULL;
+	struct codec_hdrs hd;
+	char *body = NULL;
+	size_t blen;
+	const char *why;
 	int64_t seq = strtoll(PQgetvalue(r, row, COL_SEQ), NULL, 10);
 	int ret;
 
@@ -792,11 +710,8 @@ pg_row(struct pgsrc *p, PGresult *r, int row)
 	m.routing_key = PQgetisnull(r, row, COL_KEY) ? NULL : PQgetvalue(r, row, COL_KEY);
 	m.content_type = PQgetisnull(r, row, COL_CT) ? NULL : PQgetvalue(r, row, COL_CT);
 	m.correlation_id = PQgetisnull(r, row, COL_CORR) ? NULL : PQgetvalue(r, row, COL_CORR);
-	if (PQgetvalue(r, row, COL_BAD_HEADERS)[0] == 't')
-		why = "headers is not a JSON object";
-	else if (!PQgetisnull(r, row, COL_HEADERS) &&
-	    codec_headers(PQgetvalue(r, row, COL_HEADERS), &names, &values, &nh, &mem) < 0)
-		why = "a header name or value holds a NUL character";
+	why = codec_row_headers(&m, &hd, PQgetvalue(r, row, COL_BAD_HEADERS)[0] == 't',
+	    PQgetisnull(r, row, COL_HEADERS) ? NULL : PQgetvalue(r, row, COL_HEADERS));
 	if (strcmp(p->body_expr, "body::text") == 0) {
 		m.body = PQgetvalue(r, row, COL_BODY);
 		m.body_len = (size_t)PQgetlength(r, row, COL_BODY);
@@ -808,19 +723,9 @@ pg_row(struct pgsrc *p, PGresult *r, int row)
 		m.body = body;
 		m.body_len = blen / 2;
 	}
-	m.header_names = (const char *const *)names;
-	m.header_values = (const char *const *)values;
-	m.n_headers = nh;
-	ret = codec_publish_row(p->api, p->h, &m, (long long)seq, p->qtable, why);
-	if (ret == 0)
-		pg_skip_add(p, seq);
-	free(names);
-	free(values);
-	free(mem);
+	ret = codec_take_row(p->api, p->h, &p->rows, &m, seq, p->qtable, why);
+	codec_hdrs_free(&hd);
 	free(body);
-	if (ret == 1) {
-		*XPUSH(p->seqs, p->nseqs, p->capseqs) = seq;
-	}
 	return ret;
 }
 
@@ -846,7 +751,7 @@ pg_fetch_done(struct pgsrc *p)
 	n = PQntuples(r);
 	p->nfetched = (size_t)n;
 	p->more = n == p->batch_size;
-	p->nseqs = 0;
+	p->rows.nseqs = 0;
 	p->stalled = 0;
 	p->api->gauge_set(p->h, "lag_seconds", n ? fmax(0, strtod(PQgetvalue(r, 0, COL_AGE), NULL)) : 0);
 	for (i = 0; i < n; i++)
@@ -854,19 +759,14 @@ pg_fetch_done(struct pgsrc *p)
 			p->stalled = 1;
 			break;
 		}
-	if (!p->nseqs) {
+	if (!p->rows.nseqs) {
 		/* Nothing taken: end the transaction (unlocks what is left). */
 		p->state = PG_CLOSING;
 		pg_send(p, "ROLLBACK");
 		return;
 	}
-	{
-		struct pg_ticket *t = xmalloc(sizeof *t);
-		t->p = p;
-		t->batch = ++p->batch;
-		p->state = PG_DURABLE_WAIT;
-		p->api->when_durable(p->h, pg_durable, t);
-	}
+	p->state = PG_DURABLE_WAIT;
+	codec_when_durable(p->api, p->h, pg_durable, p, ++p->batch);
 }
 
 static void
@@ -886,8 +786,7 @@ pg_next(struct pgsrc *p)
 {
 	p->state = PG_IDLE;
 	if (p->stalled) {
-		p->stall = p->stall ? fmin(p->stall * 2, p->retry_max) : p->retry_initial;
-		pg_timer(p->retry, p->stall);
+		codec_timer(p->retry, codec_backoff(&p->stall, p->retry_initial, p->retry_max));
 		return;
 	}
 	p->stall = 0;
@@ -964,28 +863,6 @@ pg_query_done(struct pgsrc *p)
 
 /* ---- life ---- */
 
-static int
-pg_conf_number(struct pgsrc *p, const char *key, double *out, double min, char *err, size_t errlen)
-{
-	double v;
-
-	if (p->api->conf_number(p->h, key, &v) < 0) {
-		const char *s;
-		int b;
-		if (p->api->conf_string(p->h, key, &s) == 0 || p->api->conf_bool(p->h, key, &b) == 0) {
-			snprintf(err, errlen, "'%s' must be a number", key);
-			return -1;
-		}
-		return 0;
-	}
-	if (!(v >= min) || !isfinite(v)) {
-		snprintf(err, errlen, "'%s' must be a number of at least %g", key, min);
-		return -1;
-	}
-	*out = v;
-	return 0;
-}
-
 static void pgsql_stop(void *state);
 
 static int
@@ -997,10 +874,8 @@ pgsql_init(const struct sagad_host_api *api, struct sagad_host *h, void **state,
 	const char *s;
 	int b;
 
-	if (api->abi != SAGAD_PLUGIN_ABI) {
-		snprintf(err, errlen, "host ABI %u, plugin ABI %u", api->abi, SAGAD_PLUGIN_ABI);
+	if (codec_abi_check(api, err, errlen) < 0)
 		return -1;
-	}
 	p = xcalloc(1, sizeof *p);
 	p->api = api;
 	p->h = h;
@@ -1015,13 +890,10 @@ pgsql_init(const struct sagad_host_api *api, struct sagad_host *h, void **state,
 		snprintf(err, errlen, "'conninfo' (a string, e.g. \"host=/run/postgresql dbname=orders\") is required");
 		goto fail;
 	}
-	if (api->conf_string(h, "table", &s) == 0) {
-		if (!*s) {
-			snprintf(err, errlen, "'table' must not be empty");
-			goto fail;
-		}
-		p->table = s;
-	} else if (api->conf_number(h, "table", &batch) == 0 || api->conf_bool(h, "table", &b) == 0) {
+	if (codec_conf_table(api, h, &p->table, err, errlen) < 0)
+		goto fail;
+	if (api->conf_string(h, "table", &s) < 0 &&
+	    (api->conf_number(h, "table", &batch) == 0 || api->conf_bool(h, "table", &b) == 0)) {
 		snprintf(err, errlen, "'table' must be a string");
 		goto fail;
 	}
@@ -1033,20 +905,12 @@ pgsql_init(const struct sagad_host_api *api, struct sagad_host *h, void **state,
 		p->channel = s;
 	}
 	batch = 100;
-	if (pg_conf_number(p, "poll_interval", &p->poll_interval, 0.01, err, errlen) < 0 ||
-	    pg_conf_number(p, "batch", &batch, 1, err, errlen) < 0 ||
-	    pg_conf_number(p, "retry_initial", &p->retry_initial, 0.01, err, errlen) < 0 ||
-	    pg_conf_number(p, "retry_max", &p->retry_max, 0.01, err, errlen) < 0 ||
-	    pg_conf_number(p, "connect_timeout", &p->connect_timeout, 0.1, err, errlen) < 0 ||
-	    pg_conf_number(p, "query_timeout", &p->query_timeout, 0.1, err, errlen) < 0)
+	if (codec_conf_pacing(api, h, &p->poll_interval, &batch, &p->retry_initial, &p->retry_max,
+	    err, errlen) < 0 ||
+	    codec_conf_number(api, h, "connect_timeout", &p->connect_timeout, 0.1, err, errlen) < 0 ||
+	    codec_conf_number(api, h, "query_timeout", &p->query_timeout, 0.1, err, errlen) < 0 ||
+	    codec_conf_batch(batch, &p->batch_size, p->retry_initial, &p->retry_max, err, errlen) < 0)
 		goto fail;
-	if (batch > 10000 || batch != floor(batch)) {
-		snprintf(err, errlen, "'batch' must be a whole number from 1 to 10000");
-		goto fail;
-	}
-	p->batch_size = (long)batch;
-	if (p->retry_max < p->retry_initial)
-		p->retry_max = p->retry_initial;
 	if (api->conf_bool(h, "exclusive", &b) == 0)
 		p->exclusive = b;
 	else if (api->conf_string(h, "exclusive", &s) == 0 || api->conf_number(h, "exclusive", &batch) == 0) {
@@ -1057,7 +921,7 @@ pgsql_init(const struct sagad_host_api *api, struct sagad_host *h, void **state,
 	p->timer = evtimer_new(p->base, pg_timer_cb, p);
 	p->retry = evtimer_new(p->base, pg_retry_cb, p);
 	p->poll = event_new(p->base, -1, EV_PERSIST, pg_poll_cb, p);
-	pg_timer(p->poll, p->poll_interval);
+	codec_timer(p->poll, p->poll_interval);
 	srand((unsigned)(time(NULL) ^ (uintptr_t)p));
 	api->set_ready(h, 0, "connecting to PostgreSQL");
 	SAGAD_LOG(api, h, SAGAD_LOG_INFO, "pgsql source starting", SAGAD_STR("table", p->table),
@@ -1078,13 +942,13 @@ fail:
 static void
 pg_finish_sync(struct pgsrc *p)
 {
-	double deadline = pg_now() + 2;
+	double deadline = codec_now() + 2;
 
 	if (!p->conn || PQstatus(p->conn) != CONNECTION_OK)
 		return;
-	while (p->busy && pg_now() < deadline) {
+	while (p->busy && codec_now() < deadline) {
 		struct pollfd pfd = { PQsocket(p->conn), POLLIN | (p->flushing ? POLLOUT : 0), 0 };
-		int ms = (int)((deadline - pg_now()) * 1000) + 1;
+		int ms = (int)((deadline - codec_now()) * 1000) + 1;
 		if (poll(&pfd, 1, ms) < 0 && errno != EINTR)
 			break;
 		if (p->flushing) {
@@ -1125,7 +989,7 @@ pgsql_stop(void *state)
 	pg_clear_results(p);
 	free(p->qtable);
 	free(p->sql_lock);
-	free(p->seqs);
+	free(p->rows.seqs);
 	free(p);
 }
 

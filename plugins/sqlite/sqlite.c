@@ -39,8 +39,6 @@
 
 #include "../codec.h"
 
-#define SQ_MAX_SKIP 1000
-
 enum sq_state {
 	SQ_CLOSED,		/* no database handle; the timer opens it */
 	SQ_IDLE,		/* waiting for a change (inotify, poll) */
@@ -56,11 +54,6 @@ static const char *const sq_columns[] = {
 	"headers", "body", "created_at"
 };
 #define N_TABLE_COLS (sizeof sq_columns / sizeof sq_columns[0])
-
-struct sq_ticket {
-	struct sqsrc *s;
-	unsigned long batch;
-};
 
 struct sqsrc {
 	const struct sagad_host_api *api;
@@ -93,15 +86,10 @@ struct sqsrc {
 	double lock_since;
 
 	unsigned long batch;
-	int64_t *seqs;
-	size_t nseqs, capseqs;
+	struct codec_rows rows;	/* taken and skipped rows (codec.h) */
 	int more, dirty, stalled;
 	double stall;
-
-	int64_t skip[SQ_MAX_SKIP];
-	size_t nskip;
-	time_t skip_since;
-	char skip_json[SQ_MAX_SKIP * 21 + 3];
+	char skip_json[CODEC_MAX_SKIP * 21 + 3];
 
 	char reason[400];
 	int ready, logged_down;
@@ -113,37 +101,6 @@ static const char *const sqlite_keys[] = {
 };
 
 static void sq_read(struct sqsrc *s);
-
-static double
-sq_now(void)
-{
-	struct timespec ts;
-
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
-}
-
-static void
-sq_timer(struct event *ev, double sec)
-{
-	struct timeval tv;
-
-	if (sec < 0)
-		sec = 0;
-	tv.tv_sec = (time_t)sec;
-	tv.tv_usec = (suseconds_t)((sec - (double)tv.tv_sec) * 1e6);
-	event_add(ev, &tv);
-}
-
-static void
-sq_clean(char *p)
-{
-	for (; *p; p++)
-		if (*p == '\n' || *p == '\r' || *p == '\t')
-			*p = ' ';
-		else if (*p == '"')
-			*p = '\'';
-}
 
 /* ---- opening, checking, closing ---- */
 
@@ -175,22 +132,16 @@ sq_down(struct sqsrc *s, const char *fmt, ...)
 	va_start(ap, fmt);
 	vsnprintf(why, sizeof why, fmt, ap);
 	va_end(ap);
-	sq_clean(why);
-	s->api->counter_add(s->h, "errors", 1);
-	SAGAD_LOG(s->api, s->h,
-	    !s->logged_down || strcmp(why, s->reason) ? SAGAD_LOG_ERROR : SAGAD_LOG_DEBUG,
-	    why, SAGAD_STR("path", s->path), SAGAD_DBL("retry_in", s->backoff));
-	s->logged_down = 1;
-	snprintf(s->reason, sizeof s->reason, "%s", why);
+	codec_clean(why);
 	s->ready = 0;
-	s->api->set_ready(s->h, 0, s->reason);
+	codec_report_down(s->api, s->h, why, s->reason, sizeof s->reason, &s->logged_down,
+	    "path", s->path, s->backoff);
 	sq_close_db(s);
 	event_del(s->lock_retry);
 	event_del(s->soon);
-	s->nseqs = 0;
+	s->rows.nseqs = 0;
 	s->state = SQ_CLOSED;
-	sq_timer(s->timer, s->backoff * (0.75 + 0.5 * ((double)rand() / RAND_MAX)));
-	s->backoff = fmin(s->backoff * 2, s->retry_max);
+	codec_reconnect_later(s->timer, &s->backoff, s->retry_max);
 }
 
 static int
@@ -324,10 +275,8 @@ sq_open(struct sqsrc *s)
 	SAGAD_LOG(s->api, s->h, SAGAD_LOG_INFO, "relaying from SQLite", SAGAD_STR("path", s->path),
 	    SAGAD_STR("table", s->table), SAGAD_STR("journal_mode", s->wal ? "wal" : "other"),
 	    SAGAD_STR("notify", s->ino >= 0 ? "inotify" : "poll"));
-	s->logged_down = 0;
-	s->reason[0] = '\0';
 	s->ready = 1;
-	s->api->set_ready(s->h, 1, NULL);
+	codec_report_up(s->api, s->h, s->reason, &s->logged_down);
 	return 0;
 }
 
@@ -351,19 +300,15 @@ sq_data_version(struct sqsrc *s)
 	return v;
 }
 
+/* The rows left in the table, as the JSON array the fetch skips. */
 static void
 sq_skip_json(struct sqsrc *s)
 {
-	size_t i, len;
+	size_t len;
 
-	if (s->nskip && time(NULL) - s->skip_since > 60)
-		s->nskip = 0;	/* look at them again: they may have been fixed */
-	if (!s->nskip)
-		s->skip_since = time(NULL);
-	len = (size_t)sprintf(s->skip_json, "[");
-	for (i = 0; i < s->nskip; i++)
-		len += (size_t)sprintf(s->skip_json + len, "%s%lld", i ? "," : "", (long long)s->skip[i]);
-	sprintf(s->skip_json + len, "]");
+	s->skip_json[0] = '[';
+	len = 1 + codec_skip_list(&s->rows, s->skip_json + 1);
+	strcpy(s->skip_json + len, "]");
 }
 
 static void
@@ -374,9 +319,8 @@ static int
 sq_row(struct sqsrc *s, sqlite3_stmt *r)
 {
 	struct sagad_message m;
-	char **names = NULL, **values = NULL, *mem = NULL;
-	const char *why = NULL, *hx;
-	size_t nh = 0;
+	struct codec_hdrs hd;
+	const char *why;
 	int64_t seq = sqlite3_column_int64(r, COL_SEQ);
 	int ret;
 
@@ -386,27 +330,14 @@ sq_row(struct sqsrc *s, sqlite3_stmt *r)
 	m.routing_key = (const char *)sqlite3_column_text(r, COL_KEY);
 	m.content_type = (const char *)sqlite3_column_text(r, COL_CT);
 	m.correlation_id = (const char *)sqlite3_column_text(r, COL_CORR);
-	hx = (const char *)sqlite3_column_text(r, COL_HEADERS);
-	if (sqlite3_column_int(r, COL_BAD_HEADERS))
-		why = "headers is not a JSON object";
-	else if (hx && codec_headers(hx, &names, &values, &nh, &mem) < 0)
-		why = "a header name or value holds a NUL character";
+	why = codec_row_headers(&m, &hd, sqlite3_column_int(r, COL_BAD_HEADERS),
+	    (const char *)sqlite3_column_text(r, COL_HEADERS));
 	m.body = sqlite3_column_blob(r, COL_BODY);
 	m.body_len = (size_t)sqlite3_column_bytes(r, COL_BODY);
-	m.header_names = (const char *const *)names;
-	m.header_values = (const char *const *)values;
-	m.n_headers = nh;
 	if (!m.exchange)
 		m.exchange = "";
-	ret = codec_publish_row(s->api, s->h, &m, (long long)seq, s->table, why);
-	if (ret == 0 && s->nskip < SQ_MAX_SKIP)
-		s->skip[s->nskip++] = seq;
-	free(names);
-	free(values);
-	free(mem);
-	if (ret == 1) {
-		*XPUSH(s->seqs, s->nseqs, s->capseqs) = seq;
-	}
+	ret = codec_take_row(s->api, s->h, &s->rows, &m, seq, s->table, why);
+	codec_hdrs_free(&hd);
 	return ret;
 }
 
@@ -423,7 +354,7 @@ sq_read(struct sqsrc *s)
 	s->data_version = sq_data_version(s);
 	sq_skip_json(s);
 	sqlite3_bind_text(s->fetch, 1, s->skip_json, -1, SQLITE_STATIC);
-	s->nseqs = 0;
+	s->rows.nseqs = 0;
 	s->stalled = 0;
 	while ((rc = sqlite3_step(s->fetch)) == SQLITE_ROW) {
 		if (n++ == 0)
@@ -447,22 +378,16 @@ sq_read(struct sqsrc *s)
 	}
 	s->more = n == s->batch_size;
 	s->api->gauge_set(s->h, "lag_seconds", lag);
-	if (!s->nseqs) {
+	if (!s->rows.nseqs) {
 		if (s->stalled) {
-			s->stall = s->stall ? fmin(s->stall * 2, s->retry_max) : s->retry_initial;
-			sq_timer(s->soon, s->stall);
+			codec_timer(s->soon, codec_backoff(&s->stall, s->retry_initial, s->retry_max));
 		} else if (s->dirty)
-			sq_timer(s->soon, 0.01);
+			codec_timer(s->soon, 0.01);
 		return;
 	}
 	s->stall = 0;
-	{
-		struct sq_ticket *t = xmalloc(sizeof *t);
-		t->s = s;
-		t->batch = ++s->batch;
-		s->state = SQ_DURABLE_WAIT;
-		s->api->when_durable(s->h, sq_durable, t);
-	}
+	s->state = SQ_DURABLE_WAIT;
+	codec_when_durable(s->api, s->h, sq_durable, s, ++s->batch);
 }
 
 /* ---- deleting ---- */
@@ -471,10 +396,9 @@ static void
 sq_done_batch(struct sqsrc *s)
 {
 	s->state = SQ_IDLE;
-	s->nseqs = 0;
+	s->rows.nseqs = 0;
 	if (s->stalled) {
-		s->stall = s->stall ? fmin(s->stall * 2, s->retry_max) : s->retry_initial;
-		sq_timer(s->soon, s->stall);
+		codec_timer(s->soon, codec_backoff(&s->stall, s->retry_initial, s->retry_max));
 	} else if (s->more || s->dirty)
 		sq_read(s);
 }
@@ -492,21 +416,21 @@ sq_delete(struct sqsrc *s)
 	sqlite3_reset(s->begin);
 	if (rc != SQLITE_DONE) {
 		if (sq_busy(rc)) {
-			double waited = sq_now() - s->lock_since;
+			double waited = codec_now() - s->lock_since;
 			if (waited > 10 && s->lock_wait >= 0.05)
 				SAGAD_LOG(s->api, s->h, SAGAD_LOG_WARN,
 				    "the write lock has been busy: rows are not deleted yet",
 				    SAGAD_DBL("busy_seconds", waited), SAGAD_STR("path", s->path));
 			s->lock_wait = s->lock_wait ? fmin(s->lock_wait * 2, 0.05) : 0.001;
-			sq_timer(s->lock_retry, s->lock_wait);
+			codec_timer(s->lock_retry, s->lock_wait);
 			return;
 		}
 		sq_down(s, "deleting from %s in %s: %s", s->table, s->path, sqlite3_errmsg(s->db));
 		return;
 	}
-	t0 = sq_now();
-	for (i = 0; i < s->nseqs; i++) {
-		sqlite3_bind_int64(s->del, 1, s->seqs[i]);
+	t0 = codec_now();
+	for (i = 0; i < s->rows.nseqs; i++) {
+		sqlite3_bind_int64(s->del, 1, s->rows.seqs[i]);
 		rc = sqlite3_step(s->del);
 		sqlite3_reset(s->del);
 		if (rc != SQLITE_DONE)
@@ -528,18 +452,18 @@ sq_delete(struct sqsrc *s)
 			/* Rollback journal: COMMIT waits for the service's
 			 * readers. Do not hold the lock; start over. */
 			s->lock_wait = s->lock_wait ? fmin(s->lock_wait * 2, 0.05) : 0.001;
-			sq_timer(s->lock_retry, s->lock_wait);
+			codec_timer(s->lock_retry, s->lock_wait);
 			return;
 		}
 		sq_down(s, "deleting from %s in %s: %s", s->table, s->path, msg);
 		return;
 	}
-	t0 = sq_now() - t0;
+	t0 = codec_now() - t0;
 	if (t0 > s->max_lock) {
 		s->max_lock = t0;
 		s->api->gauge_set(s->h, "lock_max_seconds", t0);
 	}
-	s->api->counter_add(s->h, "rows_deleted", (double)s->nseqs);
+	s->api->counter_add(s->h, "rows_deleted", (double)s->rows.nseqs);
 	s->lock_wait = 0;
 	sq_done_batch(s);
 }
@@ -558,23 +482,19 @@ sq_lock_retry_cb(evutil_socket_t fd, short what, void *arg)
 static void
 sq_durable(void *cookie, int ok)
 {
-	struct sq_ticket *t = cookie;
-	struct sqsrc *s = t->s;
-	unsigned long batch = t->batch;
+	unsigned long batch;
+	struct sqsrc *s = codec_ticket_take(cookie, &batch);
 
-	free(t);
 	if (s->state != SQ_DURABLE_WAIT || batch != s->batch)
 		return;		/* the file was reopened meanwhile: rows come again */
 	if (!ok) {
-		SAGAD_LOG(s->api, s->h, SAGAD_LOG_WARN, "sagad's store lost a batch, reading it again",
-		    SAGAD_UINT("rows", s->nseqs));
-		s->api->counter_add(s->h, "errors", 1);
+		codec_lost_batch(s->api, s->h, s->rows.nseqs);
 		s->stalled = 1;
 		sq_done_batch(s);
 		return;
 	}
 	s->state = SQ_DELETING;
-	s->lock_since = sq_now();
+	s->lock_since = codec_now();
 	s->lock_wait = 0;
 	sq_delete(s);
 }
@@ -613,7 +533,7 @@ sq_recheck_cb(evutil_socket_t fd, short what, void *arg)
 	if (sq_kick(s, 1) || s->recheck_delay >= 0.5)
 		return;
 	s->recheck_delay *= 2;
-	sq_timer(s->recheck, s->recheck_delay);
+	codec_timer(s->recheck, s->recheck_delay);
 }
 
 static void
@@ -622,7 +542,7 @@ sq_changed(struct sqsrc *s)
 	if (sq_kick(s, 1))
 		return;
 	s->recheck_delay = 0.001;
-	sq_timer(s->recheck, s->recheck_delay);
+	codec_timer(s->recheck, s->recheck_delay);
 }
 
 static void
@@ -713,39 +633,14 @@ sq_watch(struct sqsrc *s)
 /* ---- life ---- */
 
 static int
-sq_conf_number(struct sqsrc *s, const char *key, double *out, double min, char *err, size_t errlen)
-{
-	double v;
-	const char *str;
-	int b;
-
-	if (s->api->conf_number(s->h, key, &v) < 0) {
-		if (s->api->conf_string(s->h, key, &str) == 0 || s->api->conf_bool(s->h, key, &b) == 0) {
-			snprintf(err, errlen, "'%s' must be a number", key);
-			return -1;
-		}
-		return 0;
-	}
-	if (!(v >= min) || !isfinite(v)) {
-		snprintf(err, errlen, "'%s' must be a number of at least %g", key, min);
-		return -1;
-	}
-	*out = v;
-	return 0;
-}
-
-static int
 sqlite_init(const struct sagad_host_api *api, struct sagad_host *h, void **state,
     char *err, size_t errlen)
 {
 	struct sqsrc *s;
 	double batch = 100;
-	const char *str;
 
-	if (api->abi != SAGAD_PLUGIN_ABI) {
-		snprintf(err, errlen, "host ABI %u, plugin ABI %u", api->abi, SAGAD_PLUGIN_ABI);
+	if (codec_abi_check(api, err, errlen) < 0)
 		return -1;
-	}
 	s = xcalloc(1, sizeof *s);
 	s->api = api;
 	s->h = h;
@@ -759,25 +654,12 @@ sqlite_init(const struct sagad_host_api *api, struct sagad_host *h, void **state
 		snprintf(err, errlen, "'path' (a string: the service's database file) is required");
 		goto fail;
 	}
-	if (api->conf_string(h, "table", &str) == 0) {
-		if (!*str) {
-			snprintf(err, errlen, "'table' must not be empty");
-			goto fail;
-		}
-		s->table = str;
-	}
-	if (sq_conf_number(s, "poll_interval", &s->poll_interval, 0.01, err, errlen) < 0 ||
-	    sq_conf_number(s, "batch", &batch, 1, err, errlen) < 0 ||
-	    sq_conf_number(s, "retry_initial", &s->retry_initial, 0.01, err, errlen) < 0 ||
-	    sq_conf_number(s, "retry_max", &s->retry_max, 0.01, err, errlen) < 0)
+	if (codec_conf_table(api, h, &s->table, err, errlen) < 0)
 		goto fail;
-	if (batch > 10000 || batch != floor(batch)) {
-		snprintf(err, errlen, "'batch' must be a whole number from 1 to 10000");
+	if (codec_conf_pacing(api, h, &s->poll_interval, &batch, &s->retry_initial, &s->retry_max,
+	    err, errlen) < 0 ||
+	    codec_conf_batch(batch, &s->batch_size, s->retry_initial, &s->retry_max, err, errlen) < 0)
 		goto fail;
-	}
-	s->batch_size = (long)batch;
-	if (s->retry_max < s->retry_initial)
-		s->retry_max = s->retry_initial;
 	if (sqlite3_libversion_number() < 3038000 && sqlite3_compileoption_used("OMIT_JSON")) {
 		snprintf(err, errlen, "this SQLite has no JSON functions");
 		goto fail;
@@ -788,7 +670,7 @@ sqlite_init(const struct sagad_host_api *api, struct sagad_host *h, void **state
 	s->soon = evtimer_new(s->base, sq_soon_cb, s);
 	s->recheck = evtimer_new(s->base, sq_recheck_cb, s);
 	s->poll = event_new(s->base, -1, EV_PERSIST, sq_poll_cb, s);
-	sq_timer(s->poll, s->poll_interval);
+	codec_timer(s->poll, s->poll_interval);
 	srand((unsigned)(time(NULL) ^ (uintptr_t)s));
 	sq_watch(s);
 	api->set_ready(h, 0, "opening the database");
@@ -797,7 +679,7 @@ sqlite_init(const struct sagad_host_api *api, struct sagad_host *h, void **state
 	    SAGAD_INT("batch", s->batch_size));
 	/* Open from the loop, like every later attempt. */
 	s->state = SQ_CLOSED;
-	sq_timer(s->timer, 0);
+	codec_timer(s->timer, 0);
 	*state = s;
 	return 0;
 fail:
@@ -826,7 +708,7 @@ sqlite_stop(void *state)
 	event_free(s->recheck);
 	event_free(s->poll);
 	free(s->base_name);
-	free(s->seqs);
+	free(s->rows.seqs);
 	free(s);
 }
 

@@ -1,7 +1,7 @@
 /*
- * Fuzz target: the decoder of stored saga instances (saga_unpack, static:
- * this file includes saga.c), i.e. what sagad reads back from the store's
- * saga table after a restart, a damaged or foreign record included.
+ * Fuzz target: the decoder of stored saga instances (saga_unpack in
+ * saga_record.c, which this file includes), i.e. what sagad reads back from
+ * the store's saga table after a restart, a damaged or foreign record included.
  *
  * Input: byte 0 picks the saga definition (index mod the number of sagas
  * in t/fuzz/fuzz_common.h's configuration), the rest is the msgpack record.
@@ -10,7 +10,7 @@
  * record that decodes has states and indices in range, and packs again into
  * a record that decodes to the same instance and packs to the same bytes.
  */
-#include "saga.c"
+#include "saga_record.c"
 
 #include "fuzz_common.h"
 

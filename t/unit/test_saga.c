@@ -1,7 +1,8 @@
-/* Unit tests for src/saga.c: the state diagram, the classification of
- * incoming messages, and the engine driven message by message on a real
- * store (its commands, compensations and outcome events read back from the
- * outbox, its state from the admin view). */
+/* Unit tests for the saga engine (src/saga.c, saga_record.c, saga_admin.c):
+ * the state diagram, the classification of incoming messages, and the
+ * engine driven message by message on a real store (its commands,
+ * compensations and outcome events read back from the outbox, its state
+ * from the admin view). */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>

@@ -1,0 +1,232 @@
+/*
+ * The saga engine as operators see it: the JSON views of the admin API
+ * (list, get with history), retry and abort (which change states only
+ * through saga_set_state), the Prometheus families and the expiry of
+ * finished instances.
+ */
+#include <event2/buffer.h>
+#include <jansson.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "conf.h"
+#include "metrics.h"
+#include "saga_int.h"
+#include "saga_store.h"
+#include "sagad.h"
+#include "xmalloc.h"
+
+/* ---- admin ---- */
+
+static void
+saga_hist_json(void *arg, const struct saga_hist *h)
+{
+	json_array_append_new(arg, json_pack("{s:f,s:s,s:s,s:s,s:s,s:s}", "at", h->at,
+	    "dir", h->dir, "what", h->what, "step", h->step, "message_id", h->message_id,
+	    "detail", h->detail));
+}
+
+static json_t *
+saga_inst_json(struct saga_engine *e, struct saga_inst *in, double updated, double finished,
+    int history)
+{
+	json_t *steps = json_array(), *j;
+	size_t i;
+
+	for (i = 0; i < in->def->n_steps; i++)
+		json_array_append_new(steps, json_pack("{s:s,s:s,s:i,s:i}",
+		    "name", in->def->steps[i].name,
+		    "state", saga_step_state_names[in->steps[i].state],
+		    "attempts", (int)in->steps[i].attempts,
+		    "compensate_attempts", (int)in->steps[i].comp_attempts));
+	j = json_pack("{s:s,s:s,s:s,s:s,s:s?,s:f,s:f,s:f,s:o}",
+	    "saga", in->def->name, "id", in->id, "state", saga_state_names[in->state],
+	    "mode", in->def->mode == SAGA_ORCHESTRATED ? "orchestrated" : "choreographed",
+	    "reason", in->reason, "started_at", in->started_at, "updated_at", updated,
+	    "finished_at", finished, "steps", steps);
+	if (history) {
+		json_t *h = json_array();
+		saga_store_history(e->ss, in->row, saga_hist_json, h);
+		json_object_set_new(j, "history", h);
+	}
+	return j;
+}
+
+int
+saga_state_from_name(const char *name)
+{
+	int i;
+
+	for (i = 0; i < SAGA_NSTATES; i++)
+		if (strcmp(saga_state_names[i], name) == 0)
+			return i;
+	return -1;
+}
+
+struct saga_list_ctx {
+	struct saga_engine *e;
+	json_t *list;
+};
+
+static void
+saga_list_one(void *arg, const struct saga_rec *r)
+{
+	struct saga_list_ctx *c = arg;
+	struct saga_inst *in = saga_from_rec(c->e, r);
+
+	if (in)
+		json_array_append_new(c->list, saga_inst_json(c->e, in, in->updated_at,
+		    in->finished_at, 0));
+	saga_inst_free(in);
+}
+
+void *
+saga_list_json(struct saga_engine *e, const char *name, int state, size_t limit)
+{
+	struct saga_list_ctx c = { e, json_array() };
+
+	saga_store_list(e->ss, name, state, limit, saga_list_one, &c);
+	return json_pack("{s:o}", "sagas", c.list);
+}
+
+/* Every instance with this saga id (one per saga definition). */
+static size_t
+saga_by_id(struct saga_engine *e, const char *id, int64_t *rows, size_t max)
+{
+	return saga_store_by_id(e->ss, id, rows, max);
+}
+
+void *
+saga_get_json(struct saga_engine *e, const char *id)
+{
+	int64_t rows[64];
+	size_t n = saga_by_id(e, id, rows, 64), i;
+	json_t *list = json_array();
+
+	for (i = 0; i < n; i++) {
+		struct saga_inst *in = saga_load_row(e, rows[i]);
+		if (!in)
+			continue;
+		json_array_append_new(list, saga_inst_json(e, in, in->updated_at, in->finished_at, 1));
+		saga_inst_free(in);
+	}
+	if (!json_array_size(list)) {
+		json_decref(list);
+		return NULL;
+	}
+	return json_pack("{s:s,s:o}", "id", id, "instances", list);
+}
+
+int
+saga_retry(struct saga_engine *e, const char *id)
+{
+	int64_t rows[64];
+	size_t n = saga_by_id(e, id, rows, 64), i, j;
+	int done = 0;
+
+	for (i = 0; i < n; i++) {
+		struct saga_inst *in = saga_load_row(e, rows[i]);
+		if (!in)
+			continue;
+		if (in->state == SAGA_FAILED) {
+			saga_log(e, in, "admin", "retry", NULL, NULL, "sagactl saga retry");
+			saga_set_state(e, in, SAGA_COMPENSATING, NULL, "retried by an operator");
+			for (j = 0; j < in->def->n_steps; j++)
+				if (in->steps[j].state == STEP_COMPENSATING) {
+					in->steps[j].comp_attempts = 0;
+					in->steps[j].state = STEP_SUCCEEDED;
+				}
+			saga_compensate_next(e, in);
+			saga_save(e, in);
+			done++;
+		}
+		saga_inst_free(in);
+	}
+	return done;
+}
+
+int
+saga_abort(struct saga_engine *e, const char *id)
+{
+	int64_t rows[64];
+	size_t n = saga_by_id(e, id, rows, 64), i;
+	int done = 0;
+
+	for (i = 0; i < n; i++) {
+		struct saga_inst *in = saga_load_row(e, rows[i]);
+		if (!in)
+			continue;
+		if (in->state == SAGA_RUNNING) {
+			saga_log(e, in, "admin", "abort", NULL, NULL, "sagactl saga abort");
+			saga_start_compensation(e, in, "aborted by an operator");
+			saga_save(e, in);
+			done++;
+		}
+		saga_inst_free(in);
+	}
+	return done;
+}
+
+void
+saga_metrics(struct saga_engine *e, struct evbuffer *out)
+{
+	const struct sagad_conf *c = e->d->conf;
+	char labels[600];
+	size_t i;
+	int k;
+
+	metrics_family(out, "sagad_sagas", "gauge", "Saga instances in the store by state.");
+	for (i = 0; i < c->n_sagas; i++)
+		for (k = 0; k < SAGA_NSTATES; k++) {
+			snprintf(labels, sizeof labels, "saga=\"%s\",state=\"%s\"", c->sagas[i].name,
+			    saga_state_names[k]);
+			metrics_sample(out, "sagad_sagas", labels, (double)e->stats[i].states[k]);
+		}
+#define PER_SAGA(mname, help, field)						\
+	do {									\
+		metrics_family(out, mname, "counter", help);			\
+		for (i = 0; i < c->n_sagas; i++) {				\
+			snprintf(labels, sizeof labels, "saga=\"%s\"", c->sagas[i].name); \
+			metrics_sample(out, mname, labels, (double)e->stats[i].field); \
+		}								\
+	} while (0)
+	PER_SAGA("sagad_sagas_started_total", "Saga instances started.", started);
+	PER_SAGA("sagad_saga_compensations_total", "Compensations started.", compensations);
+	PER_SAGA("sagad_saga_failed_total", "Sagas whose compensation was exhausted.", failed);
+	PER_SAGA("sagad_saga_duplicates_total", "Saga messages that changed nothing (repeats).",
+	    duplicates);
+#undef PER_SAGA
+	metrics_family(out, "sagad_saga_orphans_total", "counter",
+	    "Messages for unknown or finished sagas, acked and ignored.");
+	metrics_sample(out, "sagad_saga_orphans_total", "", (double)e->orphans);
+	metrics_family(out, "sagad_saga_duration_seconds", "histogram",
+	    "Time from start to completed or compensated.");
+	for (i = 0; i < c->n_sagas; i++) {
+		snprintf(labels, sizeof labels, "saga=\"%s\"", c->sagas[i].name);
+		metrics_histogram(out, "sagad_saga_duration_seconds", labels, &e->stats[i].duration);
+	}
+}
+
+/* Forget finished (completed or compensated) sagas and their history
+ * after the retention, a small batch per call; failed ones stay until an
+ * operator acts. Returns how many went. */
+static void
+saga_expired_one(void *arg, const struct saga_rec *r)
+{
+	struct saga_engine *e = arg;
+	ssize_t def = saga_def_index(e->d->conf, r->saga);
+
+	if (def >= 0 && r->state >= 0 && r->state < SAGA_NSTATES)
+		e->stats[def].states[r->state]--;
+}
+
+int
+saga_expire(struct saga_engine *e, double before, int batch)
+{
+	int n = saga_store_expire(e->ss, before, 1u << SAGA_COMPLETED | 1u << SAGA_COMPENSATED,
+	    batch, saga_expired_one, e);
+
+	return n < 0 ? 0 : n;
+}
+

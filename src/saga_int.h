@@ -1,0 +1,113 @@
+/*
+ * What the saga engine's files share (not for other modules): the
+ * in-memory instance and the engine. saga.c is the engine (classification,
+ * the state machine, transitions, messages out, timers); saga_record.c the
+ * encoding of an instance for the store; saga_admin.c the operators' views
+ * and commands and the metrics. Instance states change only in
+ * saga_set_state (saga.c), whoever asks.
+ */
+#ifndef SAGAD_SAGA_INT_H
+#define SAGAD_SAGA_INT_H
+
+#include <msgpack.h>
+#include <stdint.h>
+#include <sys/types.h>
+
+#include "metrics.h"
+#include "saga.h"
+#include "saga_store.h"
+
+struct conf_saga;
+struct sagad_conf;
+
+enum saga_timer_kind {
+	TIMER_SAGA,		/* the whole saga's deadline */
+	TIMER_STEP,		/* a command's reply is late: resend or fail */
+	TIMER_COMPENSATE	/* a compensation's reply is late, or its retry is due */
+};
+
+struct saga_step_rt {
+	enum saga_step_state state;
+	unsigned attempts;	/* command sends */
+	unsigned comp_attempts;
+	unsigned order;		/* 1-based order of success; 0: never */
+	char *body;		/* the message that completed the step */
+	size_t body_len;
+	char *ct;
+};
+
+struct saga_inst {
+	int64_t row;		/* 0: not stored yet */
+	const struct conf_saga *def;
+	size_t def_index;
+	char *id;
+	enum saga_state state;
+	unsigned cur;		/* orchestrated: the step in progress */
+	unsigned order;		/* successes so far */
+	char *body;		/* the start event */
+	size_t body_len;
+	char *ct;
+	char *reason;		/* why it compensates or failed */
+	double started_at;
+	double updated_at, finished_at;	/* as read, for the admin API */
+	enum saga_state loaded;		/* state in the store before this change */
+	struct saga_step_rt *steps;
+};
+
+struct saga_stats {
+	uint64_t started, compensations, failed, orphans, duplicates;
+	int64_t states[SAGA_NSTATES];	/* instances in the store, kept as they change */
+	struct histogram duration;
+};
+
+struct saga_engine {
+	struct sagad *d;
+	struct saga_store *ss;		/* its records (saga_store.h) */
+	struct event *timer_ev;
+	double timer_at;
+	struct saga_stats *stats;	/* per saga definition */
+	uint64_t orphans;
+	/* Handling a consumed message (saga_handle): what it sends may go out
+	 * before the fsync (STORE_OUT_EARLY), for the broker, not acked yet,
+	 * delivers the message again if a crash of the machine loses the
+	 * transaction, and the same state and message make the same messages,
+	 * with the same ids. Timers and operators' commands wait for it. */
+	int consumed;
+};
+/* ---- saga_record.c: an instance and its encoding ---- */
+
+struct saga_inst *saga_inst_new(const struct sagad_conf *conf, size_t def, const char *id);
+void saga_inst_free(struct saga_inst *in);
+/* sb is initialised here; the caller destroys it. */
+void saga_pack(const struct saga_inst *in, msgpack_sbuffer *sb);
+/* Decode a stored instance; -1 on anything malformed (damage). */
+int saga_unpack(struct saga_inst *in, const char *buf, size_t len);
+
+/* Completed or compensated (failed waits for an operator). */
+static inline int
+saga_finished(enum saga_state s)
+{
+	return s == SAGA_COMPLETED || s == SAGA_COMPENSATED;
+}
+
+/* ---- saga_record.c: an instance's record in the store ---- */
+
+ssize_t saga_def_index(const struct sagad_conf *c, const char *name);
+/* NULL: the definition is gone or the record is damaged (logged). */
+struct saga_inst *saga_from_rec(struct saga_engine *e, const struct saga_rec *r);
+struct saga_inst *saga_load(struct saga_engine *e, size_t def, const char *id);
+struct saga_inst *saga_load_row(struct saga_engine *e, int64_t row);
+/* Inserts or updates the record and the per-state counts. */
+void saga_save(struct saga_engine *e, struct saga_inst *in);
+/* One line of the instance's history (saved first if new). */
+void saga_log(struct saga_engine *e, struct saga_inst *in, const char *dir, const char *what,
+    const char *step, const char *message_id, const char *detail);
+
+/* ---- saga.c: the engine, as the admin entry points use it ---- */
+
+int saga_set_state(struct saga_engine *e, struct saga_inst *in, enum saga_state to,
+    const char *step, const char *why);
+void saga_start_compensation(struct saga_engine *e, struct saga_inst *in, const char *reason);
+void saga_compensate_next(struct saga_engine *e, struct saga_inst *in);
+
+#endif
