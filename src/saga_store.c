@@ -137,6 +137,14 @@ ss_stmt(struct saga_store *ss, enum saga_sql q)
 	return s;
 }
 
+/* A statement for a write: the store's write transaction joined first
+ * (NULL when the store refuses: it is broken). */
+static sqlite3_stmt *
+ss_write_stmt(struct saga_store *ss, enum saga_sql q)
+{
+	return store_join_write(ss->st) < 0 ? NULL : ss_stmt(ss, q);
+}
+
 /* Runs a write in the store's write transaction. */
 static int
 ss_exec(struct saga_store *ss, sqlite3_stmt *s)
@@ -155,11 +163,10 @@ ss_exec(struct saga_store *ss, sqlite3_stmt *s)
 static int
 ss_exec_row(struct saga_store *ss, enum saga_sql q, int64_t row)
 {
-	sqlite3_stmt *s;
+	sqlite3_stmt *s = ss_write_stmt(ss, q);
 
-	if (store_write(ss->st) < 0)
+	if (!s)
 		return -1;
-	s = ss_stmt(ss, q);
 	sqlite3_bind_int64(s, 1, row);
 	return ss_exec(ss, s);
 }
@@ -303,9 +310,8 @@ saga_store_insert(struct saga_store *ss, struct saga_rec *r)
 {
 	sqlite3_stmt *s;
 
-	if (store_write(ss->st) < 0)
+	if (!(s = ss_write_stmt(ss, SQ_INSERT)))
 		return -1;
-	s = ss_stmt(ss, SQ_INSERT);
 	sqlite3_bind_text(s, 1, r->saga, -1, SQLITE_STATIC);
 	sqlite3_bind_text(s, 2, r->id, -1, SQLITE_STATIC);
 	sqlite3_bind_int(s, 3, r->state);
@@ -324,9 +330,8 @@ saga_store_update(struct saga_store *ss, const struct saga_rec *r)
 {
 	sqlite3_stmt *s;
 
-	if (store_write(ss->st) < 0)
+	if (!(s = ss_write_stmt(ss, SQ_UPDATE)))
 		return -1;
-	s = ss_stmt(ss, SQ_UPDATE);
 	sqlite3_bind_int(s, 1, r->state);
 	sqlite3_bind_double(s, 2, r->updated_at);
 	sqlite3_bind_double(s, 3, r->finished_at);
@@ -341,9 +346,8 @@ saga_store_log(struct saga_store *ss, int64_t row, double at, const char *dir,
 {
 	sqlite3_stmt *s;
 
-	if (store_write(ss->st) < 0)
+	if (!(s = ss_write_stmt(ss, SQ_LOG)))
 		return -1;
-	s = ss_stmt(ss, SQ_LOG);
 	sqlite3_bind_int64(s, 1, row);
 	sqlite3_bind_double(s, 2, at);
 	sqlite3_bind_text(s, 3, dir, -1, SQLITE_STATIC);
@@ -361,9 +365,8 @@ saga_store_timer_del(struct saga_store *ss, int64_t row, int kind, int step)
 {
 	sqlite3_stmt *s;
 
-	if (store_write(ss->st) < 0)
+	if (!(s = ss_write_stmt(ss, SQ_TIMER_DEL)))
 		return -1;
-	s = ss_stmt(ss, SQ_TIMER_DEL);
 	sqlite3_bind_int64(s, 1, row);
 	sqlite3_bind_int(s, 2, kind);
 	sqlite3_bind_int(s, 3, step);
@@ -440,9 +443,8 @@ saga_store_expire(struct saga_store *ss, double before, unsigned states, int bat
 
 	if (batch > 512)
 		batch = 512;
-	if (store_write(ss->st) < 0)
+	if (!(s = ss_write_stmt(ss, SQ_EXPIRE)))
 		return -1;
-	s = ss_stmt(ss, SQ_EXPIRE);
 	sqlite3_bind_double(s, 1, before);
 	sqlite3_bind_int64(s, 2, states);
 	sqlite3_bind_int(s, 3, batch);

@@ -7,7 +7,7 @@
  * the same calls.
  *
  * This backend keeps them in sagad's own SQLite store: every write joins
- * the store's write transaction (store_write), so that a state change, the
+ * the store's write transaction (store_join_write), so that a state change, the
  * messages it sends (store_outbox_put) and the consumed message that
  * caused it commit together.
  */

@@ -697,7 +697,7 @@ store_db(struct store *st)
 }
 
 int
-store_write(struct store *st)
+store_join_write(struct store *st)
 {
 	return st->broken ? -1 : store_begin(st);
 }

@@ -92,9 +92,9 @@ extern const char store_inbox_sent_schema[];
 
 /* For record files outside the store's own (saga_store.c): the connection,
  * and joining the current write transaction (committed with the turn);
- * store_write refuses once the store is broken. */
+ * store_join_write refuses once the store is broken. */
 sqlite3 *store_db(struct store *st);
-int store_write(struct store *st);
+int store_join_write(struct store *st);
 
 /* Join the write transaction: durable (what records something new) or
  * relaxed (what records finished work); 0 or -1. */
