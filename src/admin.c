@@ -140,7 +140,7 @@ admin_readyz(struct admin *a, struct evhttp_request *req)
 
 /* One row: a histogram's expression is its address, any other a number. */
 #define ADMIN_EMIT_gauge(name, expr)	metrics_sample(out, name, "", (double)(expr))
-#define ADMIN_EMIT_counter(name, expr)	metrics_sample(out, name, "", (double)(expr))
+#define ADMIN_EMIT_counter ADMIN_EMIT_gauge
 #define ADMIN_EMIT_histogram(name, expr) metrics_histogram(out, name, "", (expr))
 #define ADMIN_EMIT(name, type, help, expr)					\
 	metrics_family(out, #name, #type, help);				\

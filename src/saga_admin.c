@@ -90,18 +90,11 @@ saga_list_json(struct saga_engine *e, const char *name, int state, size_t limit)
 	return json_pack("{s:o}", "sagas", c.list);
 }
 
-/* Every instance with this saga id (one per saga definition). */
-static size_t
-saga_by_id(struct saga_engine *e, const char *id, int64_t *rows, size_t max)
-{
-	return saga_store_by_id(e->ss, id, rows, max);
-}
-
 void *
 saga_get_json(struct saga_engine *e, const char *id)
 {
 	int64_t rows[64];
-	size_t n = saga_by_id(e, id, rows, 64), i;
+	size_t n = saga_store_by_id(e->ss, id, rows, 64), i;
 	json_t *list = json_array();
 
 	for (i = 0; i < n; i++) {
@@ -122,7 +115,7 @@ int
 saga_retry(struct saga_engine *e, const char *id)
 {
 	int64_t rows[64];
-	size_t n = saga_by_id(e, id, rows, 64), i, j;
+	size_t n = saga_store_by_id(e->ss, id, rows, 64), i, j;
 	int done = 0;
 
 	for (i = 0; i < n; i++) {
@@ -150,7 +143,7 @@ int
 saga_abort(struct saga_engine *e, const char *id)
 {
 	int64_t rows[64];
-	size_t n = saga_by_id(e, id, rows, 64), i;
+	size_t n = saga_store_by_id(e->ss, id, rows, 64), i;
 	int done = 0;
 
 	for (i = 0; i < n; i++) {
