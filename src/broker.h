@@ -9,7 +9,7 @@
 
 #include <stdint.h>
 
-#include "props.h"
+#include "msg.h"
 
 struct event_base;
 struct sagad_conf;

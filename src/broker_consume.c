@@ -12,6 +12,7 @@
 #include <string.h>
 
 #include "log.h"
+#include "props.h"
 #include "util.h"
 #include "xmalloc.h"
 

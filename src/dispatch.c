@@ -17,6 +17,7 @@
 #include "conf.h"
 #include "hclient.h"
 #include "log.h"
+#include "props.h"
 #include "sagad.h"
 #include "store.h"
 #include "util.h"

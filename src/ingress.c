@@ -14,6 +14,7 @@
 #include "conf.h"
 #include "httpd.h"
 #include "log.h"
+#include "props.h"
 #include "sagad.h"
 #include "store.h"
 #include "util.h"

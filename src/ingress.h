@@ -4,7 +4,7 @@
 
 #include <stdint.h>
 
-#include "props.h"
+#include "msg.h"
 
 struct sagad;
 struct ingress;

@@ -12,6 +12,7 @@
 
 #include "conf.h"
 #include "log.h"
+#include "props.h"
 #include "metrics.h"
 #include "sagad.h"
 #include "store.h"

@@ -16,6 +16,7 @@
 #include "conf.h"
 #include "delivery.h"
 #include "log.h"
+#include "props.h"
 #include "metrics.h"
 #include "saga_int.h"
 #include "saga_store.h"

@@ -22,7 +22,7 @@
 
 #include <stddef.h>
 
-#include "props.h"
+#include "msg.h"
 
 struct sagad;
 struct saga_engine;

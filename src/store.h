@@ -15,7 +15,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#include "props.h"
+#include "msg.h"
 
 struct event_base;
 struct store;

@@ -10,6 +10,7 @@
 #include <string.h>
 
 #include "log.h"
+#include "props.h"
 #include "xmalloc.h"
 
 /* Schema version 2 (store.c: store_migrations). */

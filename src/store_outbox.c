@@ -11,6 +11,7 @@
 #include <string.h>
 
 #include "log.h"
+#include "props.h"
 #include "xmalloc.h"
 
 /* Schema version 1 (store.c: store_migrations). */
