@@ -11,22 +11,23 @@
  * transaction back: the rows are read again and sagad's Message-Id dedup
  * drops them. Replicas on one table lock disjoint rows.
  *
- * Everything is asynchronous libpq on sagad's event loop, one connection,
- * one explicit state (enum pg_state) and one dispatch function for the end
- * of each query (pg_query_done):
+ * Everything is asynchronous libpq on sagad's event loop, one connection
+ * (pg_conn.c: connect, queries, NOTIFYs, reconnect; it reports through
+ * hooks), one explicit state (enum pg_state) and one dispatch function for
+ * the end of each query (pg_query_done):
  *
  *   DOWN -> CONNECTING -> CHECKING -> LISTENING -> [LOCKING <-> STANDBY,
  *           LOCKING ->] IDLE
  *   IDLE -> FETCHING -> (rows) DURABLE_WAIT -> FETCHING (delete, commit,
  *           next batch in one round trip) or CLOSING -> IDLE
  *   any error -> DOWN, reconnect after a backoff
+ *
+ * DOWN -> CONNECTING, CONNECTING -> CHECKING and any -> DOWN are the
+ * connection's reports (pg_on_connecting, pg_on_connected, pg_on_down).
  */
-#include <errno.h>
 #include <event2/event.h>
 #include <libpq-fe.h>
 #include <math.h>
-#include <poll.h>
-#include <stdarg.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -36,12 +37,11 @@
 #include "sagad/plugin.h"
 
 #include "../codec.h"
-
-#define PG_MAX_RESULTS 8
+#include "pg_conn.h"
 
 enum pg_state {
-	PG_DOWN,		/* no connection; the timer reconnects */
-	PG_CONNECTING,		/* PQconnectPoll under way */
+	PG_DOWN,		/* no connection; pg_conn.c reconnects */
+	PG_CONNECTING,		/* pg_conn.c's PQconnectPoll under way */
 	PG_CHECKING,		/* session settings and the table check */
 	PG_LISTENING,		/* LISTEN in flight */
 	PG_LOCKING,		/* exclusive: pg_try_advisory_lock in flight */
@@ -93,23 +93,11 @@ struct pgsrc {
 	long batch_size;
 	int exclusive;
 
-	/* connection */
+	/* the state and the connection */
 	enum pg_state state;
-	PGconn *conn;
-	struct event *io;	/* persistent read on the socket */
-	struct event *wev;	/* one-shot: connect wait or output to flush */
-	struct event *timer;	/* reconnect, connect and query deadlines */
+	struct pgc *c;		/* the connection (pg_conn.h) */
 	struct event *poll;	/* persistent fallback poll */
 	struct event *retry;	/* store full / failed: fetch again later */
-	unsigned long gen;	/* bumped at every disconnect */
-	double backoff;
-	int busy;		/* a query is in flight */
-	int flushing;
-
-	/* the current query's results */
-	PGresult *res[PG_MAX_RESULTS];
-	int nres;
-	char *err;
 
 	/* built after the check */
 	char *qtable;		/* the table as a quoted, qualified name */
@@ -135,7 +123,6 @@ static const char *const pgsql_keys[] = {
 	"retry_initial", "retry_max", "connect_timeout", "query_timeout", NULL
 };
 
-static void pg_connect(struct pgsrc *p);
 static void pg_fetch(struct pgsrc *p, const char *prefix);
 static void pg_next(struct pgsrc *p);
 
@@ -152,294 +139,82 @@ pg_clean(char *s)
 		*--e = '\0';
 }
 
+/* ---- the connection's reports (pg_conn.h) ---- */
+
+/* DOWN -> CONNECTING: a connect begins. */
 static void
-pg_set_err(struct pgsrc *p, const char *fmt, ...)
-{
-	va_list ap;
-
-	if (p->err)
-		return;		/* the first error is the one that matters */
-	va_start(ap, fmt);
-	if (vasprintf(&p->err, fmt, ap) < 0)
-		p->err = NULL;
-	va_end(ap);
-	if (p->err)
-		pg_clean(p->err);
-}
-
-static void
-pg_clear_results(struct pgsrc *p)
-{
-	int i;
-
-	for (i = 0; i < p->nres; i++)
-		PQclear(p->res[i]);
-	p->nres = 0;
-	free(p->err);
-	p->err = NULL;
-}
-
-/* ---- the connection ---- */
-
-/* Drop the connection (PostgreSQL rolls back an open batch: its rows are
- * read again) and reconnect after the backoff. */
-static void
-pg_down(struct pgsrc *p, const char *what)
-{
-	char why[600];
-
-	snprintf(why, sizeof why, "%s", what ? what : "connection lost");
-	pg_clean(why);
-	p->gen++;
-	p->ready = 0;
-	codec_report_down(p->api, p->h, why, p->reason, sizeof p->reason, &p->logged_down,
-	    "state", pg_state_names[p->state], p->backoff);
-	if (p->io) {
-		event_free(p->io);
-		p->io = NULL;
-	}
-	if (p->wev) {
-		event_free(p->wev);
-		p->wev = NULL;
-	}
-	event_del(p->timer);
-	event_del(p->retry);
-	if (p->conn) {
-		PQfinish(p->conn);
-		p->conn = NULL;
-	}
-	pg_clear_results(p);
-	p->busy = 0;
-	p->flushing = 0;
-	p->rows.nseqs = 0;
-	p->state = PG_DOWN;
-	codec_reconnect_later(p->timer, &p->backoff, p->retry_max);
-}
-
-static void
-pg_flush(struct pgsrc *p);
-
-static void
-pg_write_cb(evutil_socket_t fd, short what, void *arg)
+pg_on_connecting(void *arg)
 {
 	struct pgsrc *p = arg;
 
-	(void)fd;
-	(void)what;
-	pg_flush(p);
+	p->state = PG_CONNECTING;
 }
 
-static void
-pg_flush(struct pgsrc *p)
-{
-	int r = PQflush(p->conn);
+static void pg_check(struct pgsrc *p);
 
-	if (r < 0) {
-		pg_down(p, PQerrorMessage(p->conn));
-		return;
-	}
-	p->flushing = r == 1;
-	if (r == 1)
-		event_add(p->wev, NULL);
+/* Connected: check the table (CONNECTING -> CHECKING). */
+static void
+pg_on_connected(void *arg)
+{
+	struct pgsrc *p = arg;
+	PGconn *conn = pgc_conn(p->c);
+
+	SAGAD_LOG(p->api, p->h, SAGAD_LOG_DEBUG, "connected to PostgreSQL",
+	    SAGAD_STR("host", PQhost(conn)), SAGAD_STR("port", PQport(conn)),
+	    SAGAD_STR("dbname", PQdb(conn)), SAGAD_STR("user", PQuser(conn)));
+	pg_check(p);
 }
 
-/* Send one simple query (several statements allowed); its results arrive
- * through pg_io_cb and end in pg_query_done. */
+/* Any state -> DOWN: the connection is dropped (PostgreSQL rolls back an
+ * open batch: its rows are read again); pg_conn.c reconnects after the
+ * backoff. */
 static void
-pg_send(struct pgsrc *p, const char *sql)
+pg_on_down(void *arg, const char *what, double retry_in)
 {
-	pg_clear_results(p);
-	if (!PQsendQuery(p->conn, sql)) {
-		pg_down(p, PQerrorMessage(p->conn));
-		return;
-	}
-	p->busy = 1;
-	codec_timer(p->timer, p->query_timeout);
-	pg_flush(p);
+	struct pgsrc *p = arg;
+	char why[600];
+
+	snprintf(why, sizeof why, "%s", what);
+	pg_clean(why);
+	p->ready = 0;
+	codec_report_down(p->api, p->h, why, p->reason, sizeof p->reason, &p->logged_down,
+	    "state", pg_state_names[p->state], retry_in);
+	event_del(p->retry);
+	p->rows.nseqs = 0;
+	p->state = PG_DOWN;
 }
 
-static void pg_query_done(struct pgsrc *p);
+static void pg_query_done(void *arg);
 
 static void
-pg_notified(struct pgsrc *p)
+pg_notified(void *arg)
 {
-	PGnotify *n;
-	int got = 0;
+	struct pgsrc *p = arg;
 
-	while (p->conn && (n = PQnotifies(p->conn))) {
-		PQfreemem(n);
-		got++;
-	}
-	if (!got)
-		return;
 	if (p->state == PG_IDLE)
 		pg_fetch(p, NULL);
 	else
 		p->dirty = 1;
 }
 
-static void
-pg_io_cb(evutil_socket_t fd, short what, void *arg)
-{
-	struct pgsrc *p = arg;
-	unsigned long gen = p->gen;
-
-	(void)fd;
-	(void)what;
-	if (!PQconsumeInput(p->conn)) {
-		pg_down(p, PQerrorMessage(p->conn));
-		return;
-	}
-	if (p->flushing) {
-		pg_flush(p);
-		if (gen != p->gen)
-			return;
-	}
-	while (p->busy && !PQisBusy(p->conn)) {
-		PGresult *r = PQgetResult(p->conn);
-		if (!r) {
-			p->busy = 0;
-			event_del(p->timer);
-			pg_query_done(p);
-			if (gen != p->gen)
-				return;
-			continue;
-		}
-		switch (PQresultStatus(r)) {
-		case PGRES_FATAL_ERROR:
-		case PGRES_BAD_RESPONSE:
-		case PGRES_NONFATAL_ERROR:
-			pg_set_err(p, "%s", PQresultErrorMessage(r));
-			PQclear(r);
-			break;
-		default:
-			if (p->nres < PG_MAX_RESULTS)
-				p->res[p->nres++] = r;
-			else
-				PQclear(r);
-		}
-	}
-	if (PQstatus(p->conn) == CONNECTION_BAD) {
-		pg_down(p, PQerrorMessage(p->conn));
-		return;
-	}
-	pg_notified(p);
-}
-
-static void pg_connect_poll(struct pgsrc *p, PostgresPollingStatusType st);
-
-static void
-pg_connect_cb(evutil_socket_t fd, short what, void *arg)
-{
-	(void)fd;
-	(void)what;
-	pg_connect_poll(arg, PQconnectPoll(((struct pgsrc *)arg)->conn));
-}
-
-static void
-pg_connect_wait(struct pgsrc *p, short what)
-{
-	if (p->wev)
-		event_free(p->wev);
-	/* The socket may change while libpq tries the hosts in turn. */
-	p->wev = event_new(p->base, PQsocket(p->conn), what, pg_connect_cb, p);
-	event_add(p->wev, NULL);
-}
-
-static void pg_check(struct pgsrc *p);
-
-static void
-pg_connect_poll(struct pgsrc *p, PostgresPollingStatusType st)
-{
-	switch (st) {
-	case PGRES_POLLING_READING:
-		pg_connect_wait(p, EV_READ);
-		return;
-	case PGRES_POLLING_WRITING:
-		pg_connect_wait(p, EV_WRITE);
-		return;
-	case PGRES_POLLING_FAILED:
-		pg_down(p, PQerrorMessage(p->conn));
-		return;
-	case PGRES_POLLING_OK:
-		break;
-	default:		/* PGRES_POLLING_ACTIVE, unused since 7.4 */
-		pg_connect_wait(p, EV_WRITE);
-		return;
-	}
-	event_del(p->timer);
-	event_free(p->wev);
-	p->wev = NULL;
-	if (PQsetnonblocking(p->conn, 1) != 0) {
-		pg_down(p, PQerrorMessage(p->conn));
-		return;
-	}
-	p->wev = event_new(p->base, PQsocket(p->conn), EV_WRITE, pg_write_cb, p);
-	p->io = event_new(p->base, PQsocket(p->conn), EV_READ | EV_PERSIST, pg_io_cb, p);
-	event_add(p->io, NULL);
-	SAGAD_LOG(p->api, p->h, SAGAD_LOG_DEBUG, "connected to PostgreSQL",
-	    SAGAD_STR("host", PQhost(p->conn)), SAGAD_STR("port", PQport(p->conn)),
-	    SAGAD_STR("dbname", PQdb(p->conn)), SAGAD_STR("user", PQuser(p->conn)));
-	pg_check(p);
-}
-
-static void
-pg_connect(struct pgsrc *p)
-{
-	/* The conninfo is expanded from dbname; the later keywords override
-	 * it: sagad always talks UTF-8. */
-	const char *kw[] = { "dbname", "client_encoding", "fallback_application_name", NULL };
-	const char *val[] = { p->conninfo, "UTF8", "sagad", NULL };
-
-	p->state = PG_CONNECTING;
-	p->conn = PQconnectStartParams(kw, val, 1);
-	if (!p->conn) {
-		pg_down(p, "out of memory");
-		return;
-	}
-	if (PQstatus(p->conn) == CONNECTION_BAD) {
-		pg_down(p, PQerrorMessage(p->conn));
-		return;
-	}
-	/* libpq's connect_timeout does not apply to a non-blocking connect. */
-	codec_timer(p->timer, p->connect_timeout);
-	pg_connect_poll(p, PGRES_POLLING_WRITING);
-}
-
-static void
-pg_timer_cb(evutil_socket_t fd, short what, void *arg)
-{
-	struct pgsrc *p = arg;
-
-	(void)fd;
-	(void)what;
-	switch (p->state) {
-	case PG_DOWN:
-		pg_connect(p);
-		break;
-	case PG_CONNECTING:
-		pg_down(p, "cannot connect to PostgreSQL: timed out");
-		break;
-	default:
-		if (p->busy) {
-			char why[100];
-			snprintf(why, sizeof why, "query timed out after %gs", p->query_timeout);
-			pg_down(p, why);
-		}
-		break;
-	}
-}
+static const struct pgc_hooks pg_hooks = {
+	.connecting = pg_on_connecting,
+	.connected = pg_on_connected,
+	.done = pg_query_done,
+	.notified = pg_notified,
+	.down = pg_on_down,
+};
 
 /* ---- the table check ---- */
 
 static void
 pg_check(struct pgsrc *p)
 {
-	char *lit = PQescapeLiteral(p->conn, p->table, strlen(p->table));
+	char *lit = PQescapeLiteral(pgc_conn(p->c), p->table, strlen(p->table));
 	char *sql;
 
 	if (!lit) {
-		pg_down(p, PQerrorMessage(p->conn));
+		pgc_down(p->c, PQerrorMessage(pgc_conn(p->c)));
 		return;
 	}
 	p->state = PG_CHECKING;
@@ -464,10 +239,10 @@ pg_check(struct pgsrc *p)
 		sql = NULL;
 	PQfreemem(lit);
 	if (!sql) {
-		pg_down(p, "out of memory");
+		pgc_down(p->c, "out of memory");
 		return;
 	}
-	pg_send(p, sql);
+	pgc_send(p->c, sql);
 	free(sql);
 }
 
@@ -486,7 +261,7 @@ pg_type_ok(const char *types, const char *t)
 }
 
 /* The check's answers: 1 if the table is usable (then the fetch is built
- * and LISTEN sent), 0 after pg_down() with a reason naming the problem. */
+ * and LISTEN sent), 0 after pgc_down() with a reason naming the problem. */
 static int
 pg_check_done(struct pgsrc *p)
 {
@@ -496,28 +271,28 @@ pg_check_done(struct pgsrc *p)
 	size_t i;
 	int r;
 
-	if (p->err) {
-		snprintf(why, sizeof why, "checking table %s: %s", p->table, p->err);
-		pg_down(p, why);
+	if (pgc_error(p->c)) {
+		snprintf(why, sizeof why, "checking table %s: %s", p->table, pgc_error(p->c));
+		pgc_down(p->c, why);
 		return 0;
 	}
-	if (p->nres < 4) {
-		pg_down(p, "checking the table: unexpected answer from PostgreSQL");
+	if (pgc_nresults(p->c) < 4) {
+		pgc_down(p->c, "checking the table: unexpected answer from PostgreSQL");
 		return 0;
 	}
-	rel = p->res[1];
-	cols = p->res[2];
-	extra = p->res[3];
+	rel = pgc_result(p->c, 1);
+	cols = pgc_result(p->c, 2);
+	extra = pgc_result(p->c, 3);
 	if (PQntuples(rel) != 1) {
 		snprintf(why, sizeof why, "table %s does not exist in database %s (create it with %s)",
-		    p->table, PQdb(p->conn), "schema.sql, see sagad-plugins(7)");
-		pg_down(p, why);
+		    p->table, PQdb(pgc_conn(p->c)), "schema.sql, see sagad-plugins(7)");
+		pgc_down(p->c, why);
 		return 0;
 	}
 	relname = PQgetvalue(rel, 0, 1);
 	if (strchr("rp", PQgetvalue(rel, 0, 2)[0]) == NULL) {
 		snprintf(why, sizeof why, "%s is not a table", PQgetvalue(rel, 0, 0));
-		pg_down(p, why);
+		pgc_down(p->c, why);
 		return 0;
 	}
 	for (i = 3; i < 6; i++)
@@ -525,7 +300,7 @@ pg_check_done(struct pgsrc *p)
 			snprintf(why, sizeof why, "role %s lacks the %s privilege on table %s",
 			    PQgetvalue(rel, 0, 6), i == 3 ? "SELECT" : i == 4 ? "UPDATE" : "DELETE",
 			    PQgetvalue(rel, 0, 0));
-			pg_down(p, why);
+			pgc_down(p->c, why);
 			return 0;
 		}
 	for (i = 0; i < N_TABLE_COLS; i++) {
@@ -536,14 +311,14 @@ pg_check_done(struct pgsrc *p)
 		if (found < 0) {
 			snprintf(why, sizeof why, "table %s: column %s is missing (expected type %s)",
 			    PQgetvalue(rel, 0, 0), pg_columns[i].name, pg_columns[i].want);
-			pg_down(p, why);
+			pgc_down(p->c, why);
 			return 0;
 		}
 		if (!pg_type_ok(pg_columns[i].types, PQgetvalue(cols, found, 1))) {
 			snprintf(why, sizeof why, "table %s: column %s has type %s, expected %s",
 			    PQgetvalue(rel, 0, 0), pg_columns[i].name, PQgetvalue(cols, found, 2),
 			    pg_columns[i].want);
-			pg_down(p, why);
+			pgc_down(p->c, why);
 			return 0;
 		}
 		if (strcmp(pg_columns[i].name, "body") == 0)
@@ -572,34 +347,34 @@ pg_check_done(struct pgsrc *p)
 		SAGAD_LOG(p->api, p->h, SAGAD_LOG_WARN,
 		    "no trigger on the table: new rows are noticed by polling only",
 		    SAGAD_STR("table", p->qtable), SAGAD_DBL("poll_interval", p->poll_interval));
-	chan = PQescapeIdentifier(p->conn, p->channel ? p->channel : relname,
+	chan = PQescapeIdentifier(pgc_conn(p->c), p->channel ? p->channel : relname,
 	    strlen(p->channel ? p->channel : relname));
 	if (!chan) {
-		pg_down(p, PQerrorMessage(p->conn));
+		pgc_down(p->c, PQerrorMessage(pgc_conn(p->c)));
 		return 0;
 	}
 	free(p->sql_lock);
 	p->sql_lock = NULL;
 	if (p->exclusive) {
-		char *lit = PQescapeLiteral(p->conn, p->qtable, strlen(p->qtable));
+		char *lit = PQescapeLiteral(pgc_conn(p->c), p->qtable, strlen(p->qtable));
 		if (!lit || asprintf(&p->sql_lock,
 		    "SELECT pg_try_advisory_lock(hashtext('sagad:' || %s))", lit) < 0)
 			p->sql_lock = NULL;
 		PQfreemem(lit);
 		if (!p->sql_lock) {
 			PQfreemem(chan);
-			pg_down(p, "out of memory");
+			pgc_down(p->c, "out of memory");
 			return 0;
 		}
 	}
 	r = asprintf(&sql, "LISTEN %s", chan);
 	PQfreemem(chan);
 	if (r < 0) {
-		pg_down(p, "out of memory");
+		pgc_down(p->c, "out of memory");
 		return 0;
 	}
 	p->state = PG_LISTENING;
-	pg_send(p, sql);
+	pgc_send(p->c, sql);
 	free(sql);
 	return 1;
 }
@@ -608,7 +383,7 @@ pg_check_done(struct pgsrc *p)
 static void
 pg_up(struct pgsrc *p, const char *role)
 {
-	p->backoff = p->retry_initial;
+	pgc_reset_backoff(p->c);
 	if (!p->ready || strcmp(role, "standby") != 0)
 		SAGAD_LOG(p->api, p->h, SAGAD_LOG_INFO,
 		    strcmp(role, "standby") == 0 ? "standing by: another sagad holds the table" :
@@ -646,12 +421,12 @@ pg_fetch(struct pgsrc *p, const char *prefix)
 	    skip, p->batch_size);
 	free(skip);
 	if (r < 0) {
-		pg_down(p, "out of memory");
+		pgc_down(p->c, "out of memory");
 		return;
 	}
 	p->state = PG_FETCHING;
 	p->dirty = 0;
-	pg_send(p, sql);
+	pgc_send(p->c, sql);
 	free(sql);
 }
 
@@ -672,7 +447,7 @@ pg_durable(void *cookie, int ok)
 		p->rows.nseqs = 0;
 		p->state = PG_CLOSING;
 		p->stalled = 1;
-		pg_send(p, "ROLLBACK");
+		pgc_send(p->c, "ROLLBACK");
 		return;
 	}
 	sql = xmalloc(p->rows.nseqs * 21 + strlen(p->qtable) + 96);
@@ -686,7 +461,7 @@ pg_durable(void *cookie, int ok)
 		pg_fetch(p, sql);	/* one round trip: delete, commit, next batch */
 	else {
 		p->state = PG_CLOSING;
-		pg_send(p, sql);
+		pgc_send(p->c, sql);
 	}
 	free(sql);
 }
@@ -735,17 +510,17 @@ pg_fetch_done(struct pgsrc *p)
 	PGresult *r = NULL;
 	int i, n;
 
-	if (p->err) {
+	if (pgc_error(p->c)) {
 		char why[600];
-		snprintf(why, sizeof why, "reading table %s: %s", p->qtable, p->err);
-		pg_down(p, why);
+		snprintf(why, sizeof why, "reading table %s: %s", p->qtable, pgc_error(p->c));
+		pgc_down(p->c, why);
 		return;
 	}
-	for (i = 0; i < p->nres; i++)
-		if (PQresultStatus(p->res[i]) == PGRES_TUPLES_OK)
-			r = p->res[i];
+	for (i = 0; i < pgc_nresults(p->c); i++)
+		if (PQresultStatus(pgc_result(p->c, i)) == PGRES_TUPLES_OK)
+			r = pgc_result(p->c, i);
 	if (!r || PQnfields(r) != N_COLS) {
-		pg_down(p, "reading the table: unexpected answer from PostgreSQL");
+		pgc_down(p->c, "reading the table: unexpected answer from PostgreSQL");
 		return;
 	}
 	n = PQntuples(r);
@@ -762,7 +537,7 @@ pg_fetch_done(struct pgsrc *p)
 	if (!p->rows.nseqs) {
 		/* Nothing taken: end the transaction (unlocks what is left). */
 		p->state = PG_CLOSING;
-		pg_send(p, "ROLLBACK");
+		pgc_send(p->c, "ROLLBACK");
 		return;
 	}
 	p->state = PG_DURABLE_WAIT;
@@ -805,38 +580,41 @@ pg_poll_cb(evutil_socket_t fd, short what, void *arg)
 		pg_fetch(p, NULL);
 	else if (p->state == PG_STANDBY) {
 		p->state = PG_LOCKING;
-		pg_send(p, p->sql_lock);
+		pgc_send(p->c, p->sql_lock);
 	}
 }
 
 /* The one dispatch point: a query has ended, in state p->state. */
 static void
-pg_query_done(struct pgsrc *p)
+pg_query_done(void *arg)
 {
+	struct pgsrc *p = arg;
+	PGresult *last;
+
 	switch (p->state) {
 	case PG_CHECKING:
 		pg_check_done(p);
 		return;
 	case PG_LISTENING:
-		if (p->err) {
-			pg_down(p, p->err);
+		if (pgc_error(p->c)) {
+			pgc_down(p->c, pgc_error(p->c));
 			return;
 		}
 		if (p->exclusive) {
 			p->state = PG_LOCKING;
-			pg_send(p, p->sql_lock);
+			pgc_send(p->c, p->sql_lock);
 			return;
 		}
 		pg_up(p, "shared");
 		pg_fetch(p, NULL);
 		return;
 	case PG_LOCKING:
-		if (p->err) {
-			pg_down(p, p->err);
+		if (pgc_error(p->c)) {
+			pgc_down(p->c, pgc_error(p->c));
 			return;
 		}
-		if (p->nres && PQntuples(p->res[p->nres - 1]) == 1 &&
-		    PQgetvalue(p->res[p->nres - 1], 0, 0)[0] == 't') {
+		last = pgc_nresults(p->c) ? pgc_result(p->c, pgc_nresults(p->c) - 1) : NULL;
+		if (last && PQntuples(last) == 1 && PQgetvalue(last, 0, 0)[0] == 't') {
 			pg_up(p, "exclusive");
 			pg_fetch(p, NULL);
 		} else {
@@ -848,15 +626,15 @@ pg_query_done(struct pgsrc *p)
 		pg_fetch_done(p);
 		return;
 	case PG_CLOSING:
-		if (p->err) {
-			pg_down(p, p->err);
+		if (pgc_error(p->c)) {
+			pgc_down(p->c, pgc_error(p->c));
 			return;
 		}
 		pg_next(p);
 		return;
 	default:
 		/* A query answered in a state that sends none: a bug. */
-		pg_down(p, "internal error: unexpected query result");
+		pgc_down(p->c, "internal error: unexpected query result");
 		return;
 	}
 }
@@ -870,6 +648,7 @@ pgsql_init(const struct sagad_host_api *api, struct sagad_host *h, void **state,
     char *err, size_t errlen)
 {
 	struct pgsrc *p;
+	struct pgc_conf pc;
 	double batch = 100;
 	const char *s;
 	int b;
@@ -917,8 +696,12 @@ pgsql_init(const struct sagad_host_api *api, struct sagad_host *h, void **state,
 		snprintf(err, errlen, "'exclusive' must be true or false");
 		goto fail;
 	}
-	p->backoff = p->retry_initial;
-	p->timer = evtimer_new(p->base, pg_timer_cb, p);
+	pc.conninfo = p->conninfo;
+	pc.connect_timeout = p->connect_timeout;
+	pc.query_timeout = p->query_timeout;
+	pc.retry_initial = p->retry_initial;
+	pc.retry_max = p->retry_max;
+	p->c = pgc_new(p->base, &pc, &pg_hooks, p);
 	p->retry = evtimer_new(p->base, pg_retry_cb, p);
 	p->poll = event_new(p->base, -1, EV_PERSIST, pg_poll_cb, p);
 	codec_timer(p->poll, p->poll_interval);
@@ -927,7 +710,7 @@ pgsql_init(const struct sagad_host_api *api, struct sagad_host *h, void **state,
 	SAGAD_LOG(api, h, SAGAD_LOG_INFO, "pgsql source starting", SAGAD_STR("table", p->table),
 	    SAGAD_DBL("poll_interval", p->poll_interval), SAGAD_INT("batch", p->batch_size),
 	    SAGAD_STR("exclusive", p->exclusive ? "true" : "false"));
-	pg_connect(p);
+	pgc_start(p->c);
 	*state = p;
 	return 0;
 fail:
@@ -940,53 +723,15 @@ fail:
  * not, the rows are read again at the next start and dropped as
  * duplicates). */
 static void
-pg_finish_sync(struct pgsrc *p)
-{
-	double deadline = codec_now() + 2;
-
-	if (!p->conn || PQstatus(p->conn) != CONNECTION_OK)
-		return;
-	while (p->busy && codec_now() < deadline) {
-		struct pollfd pfd = { PQsocket(p->conn), POLLIN | (p->flushing ? POLLOUT : 0), 0 };
-		int ms = (int)((deadline - codec_now()) * 1000) + 1;
-		if (poll(&pfd, 1, ms) < 0 && errno != EINTR)
-			break;
-		if (p->flushing) {
-			int r = PQflush(p->conn);
-			if (r < 0)
-				break;
-			p->flushing = r == 1;
-		}
-		if (!PQconsumeInput(p->conn))
-			break;
-		while (!PQisBusy(p->conn)) {
-			PGresult *r = PQgetResult(p->conn);
-			if (!r) {
-				p->busy = 0;
-				break;
-			}
-			PQclear(r);
-		}
-	}
-}
-
-static void
 pgsql_stop(void *state)
 {
 	struct pgsrc *p = state;
 
 	if (p->state == PG_FETCHING || p->state == PG_CLOSING)
-		pg_finish_sync(p);
-	if (p->io)
-		event_free(p->io);
-	if (p->wev)
-		event_free(p->wev);
-	event_free(p->timer);
+		pgc_finish(p->c, 2);
+	pgc_free(p->c);
 	event_free(p->retry);
 	event_free(p->poll);
-	if (p->conn)
-		PQfinish(p->conn);
-	pg_clear_results(p);
 	free(p->qtable);
 	free(p->sql_lock);
 	free(p->rows.seqs);

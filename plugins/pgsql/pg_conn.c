@@ -1,0 +1,422 @@
+/*
+ * One asynchronous libpq connection on a libevent loop (pg_conn.h).
+ *
+ *   down -(timer)-> connecting -(PQconnectPoll OK)-> up
+ *   connecting -(connect deadline, failure)-> down
+ *   up -(error, query deadline, pgc_down)-> down, connect again after the
+ *       backoff
+ *
+ * One timer serves the three waits: the reconnect (down), the connect
+ * deadline (connecting) and the query deadline (up, a query in flight).
+ */
+#include <errno.h>
+#include <event2/event.h>
+#include <libpq-fe.h>
+#include <math.h>
+#include <poll.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "pg_conn.h"
+#include "util.h"
+#include "xmalloc.h"
+
+enum pgc_phase { PGC_DOWN, PGC_CONNECTING, PGC_UP };
+
+struct pgc {
+	struct event_base *base;
+	struct pgc_conf conf;
+	struct pgc_hooks hooks;
+	void *arg;
+
+	enum pgc_phase phase;
+	PGconn *conn;
+	struct event *io;	/* persistent read on the socket */
+	struct event *wev;	/* one-shot: connect wait or output to flush */
+	struct event *timer;	/* reconnect, connect and query deadlines */
+	unsigned long gen;	/* bumped at every disconnect */
+	double backoff;
+	int busy;		/* a query is in flight */
+	int flushing;
+
+	/* the current query's results */
+	PGresult *res[PGC_MAX_RESULTS];
+	int nres;
+	char *err;
+};
+
+static void pgc_connect(struct pgc *c);
+
+/* Arms ev to fire in sec seconds. */
+static void
+pgc_arm(struct event *ev, double sec)
+{
+	double whole = floor(sec);
+	struct timeval tv = { (time_t)whole, (suseconds_t)((sec - whole) * 1e6) };
+
+	event_add(ev, &tv);
+}
+
+static void
+pgc_set_err(struct pgc *c, const char *msg)
+{
+	if (!c->err)		/* the first error is the one that matters */
+		c->err = strdup(msg);
+}
+
+static void
+pgc_clear_results(struct pgc *c)
+{
+	int i;
+
+	for (i = 0; i < c->nres; i++)
+		PQclear(c->res[i]);
+	c->nres = 0;
+	free(c->err);
+	c->err = NULL;
+}
+
+/* Drop the connection and connect again after the backoff (with jitter,
+ * so that replicas do not reconnect in step). */
+void
+pgc_down(struct pgc *c, const char *why)
+{
+	c->gen++;
+	c->hooks.down(c->arg, why ? why : "connection lost", c->backoff);
+	if (c->io) {
+		event_free(c->io);
+		c->io = NULL;
+	}
+	if (c->wev) {
+		event_free(c->wev);
+		c->wev = NULL;
+	}
+	event_del(c->timer);
+	if (c->conn) {
+		PQfinish(c->conn);
+		c->conn = NULL;
+	}
+	pgc_clear_results(c);
+	c->busy = 0;
+	c->flushing = 0;
+	c->phase = PGC_DOWN;
+	pgc_arm(c->timer, c->backoff * (0.75 + 0.5 * ((double)rand() / RAND_MAX)));
+	c->backoff = fmin(c->backoff * 2, c->conf.retry_max);
+}
+
+void
+pgc_reset_backoff(struct pgc *c)
+{
+	c->backoff = c->conf.retry_initial;
+}
+
+static void
+pgc_flush(struct pgc *c)
+{
+	int r = PQflush(c->conn);
+
+	if (r < 0) {
+		pgc_down(c, PQerrorMessage(c->conn));
+		return;
+	}
+	c->flushing = r == 1;
+	if (r == 1)
+		event_add(c->wev, NULL);
+}
+
+static void
+pgc_write_cb(evutil_socket_t fd, short what, void *arg)
+{
+	(void)fd;
+	(void)what;
+	pgc_flush(arg);
+}
+
+/* A query was handed to libpq (ok) or not: its results arrive through
+ * pgc_io_cb and end in the done hook. */
+static void
+pgc_sent(struct pgc *c, int ok)
+{
+	if (!ok) {
+		pgc_down(c, PQerrorMessage(c->conn));
+		return;
+	}
+	c->busy = 1;
+	pgc_arm(c->timer, c->conf.query_timeout);
+	pgc_flush(c);
+}
+
+void
+pgc_send(struct pgc *c, const char *sql)
+{
+	pgc_clear_results(c);
+	pgc_sent(c, PQsendQuery(c->conn, sql));
+}
+
+void
+pgc_send_params(struct pgc *c, const char *sql, int n, const char *const *values)
+{
+	pgc_clear_results(c);
+	pgc_sent(c, PQsendQueryParams(c->conn, sql, n, NULL, values, NULL, NULL, 0));
+}
+
+static void
+pgc_notified(struct pgc *c)
+{
+	PGnotify *n;
+	int got = 0;
+
+	while (c->conn && (n = PQnotifies(c->conn))) {
+		PQfreemem(n);
+		got++;
+	}
+	if (got)
+		c->hooks.notified(c->arg);
+}
+
+static void
+pgc_io_cb(evutil_socket_t fd, short what, void *arg)
+{
+	struct pgc *c = arg;
+	unsigned long gen = c->gen;
+
+	(void)fd;
+	(void)what;
+	if (!PQconsumeInput(c->conn)) {
+		pgc_down(c, PQerrorMessage(c->conn));
+		return;
+	}
+	if (c->flushing) {
+		pgc_flush(c);
+		if (gen != c->gen)
+			return;
+	}
+	while (c->busy && !PQisBusy(c->conn)) {
+		PGresult *r = PQgetResult(c->conn);
+		if (!r) {
+			c->busy = 0;
+			event_del(c->timer);
+			c->hooks.done(c->arg);
+			if (gen != c->gen)
+				return;
+			continue;
+		}
+		switch (PQresultStatus(r)) {
+		case PGRES_FATAL_ERROR:
+		case PGRES_BAD_RESPONSE:
+		case PGRES_NONFATAL_ERROR:
+			pgc_set_err(c, PQresultErrorMessage(r));
+			PQclear(r);
+			break;
+		default:
+			if (c->nres < PGC_MAX_RESULTS)
+				c->res[c->nres++] = r;
+			else
+				PQclear(r);
+		}
+	}
+	if (PQstatus(c->conn) == CONNECTION_BAD) {
+		pgc_down(c, PQerrorMessage(c->conn));
+		return;
+	}
+	pgc_notified(c);
+}
+
+static void pgc_connect_poll(struct pgc *c, PostgresPollingStatusType st);
+
+static void
+pgc_connect_cb(evutil_socket_t fd, short what, void *arg)
+{
+	(void)fd;
+	(void)what;
+	pgc_connect_poll(arg, PQconnectPoll(((struct pgc *)arg)->conn));
+}
+
+static void
+pgc_connect_wait(struct pgc *c, short what)
+{
+	if (c->wev)
+		event_free(c->wev);
+	/* The socket may change while libpq tries the hosts in turn. */
+	c->wev = event_new(c->base, PQsocket(c->conn), what, pgc_connect_cb, c);
+	event_add(c->wev, NULL);
+}
+
+static void
+pgc_connect_poll(struct pgc *c, PostgresPollingStatusType st)
+{
+	switch (st) {
+	case PGRES_POLLING_READING:
+		pgc_connect_wait(c, EV_READ);
+		return;
+	case PGRES_POLLING_WRITING:
+		pgc_connect_wait(c, EV_WRITE);
+		return;
+	case PGRES_POLLING_FAILED:
+		pgc_down(c, PQerrorMessage(c->conn));
+		return;
+	case PGRES_POLLING_OK:
+		break;
+	default:		/* PGRES_POLLING_ACTIVE, unused since 7.4 */
+		pgc_connect_wait(c, EV_WRITE);
+		return;
+	}
+	event_del(c->timer);
+	event_free(c->wev);
+	c->wev = NULL;
+	if (PQsetnonblocking(c->conn, 1) != 0) {
+		pgc_down(c, PQerrorMessage(c->conn));
+		return;
+	}
+	c->phase = PGC_UP;
+	c->wev = event_new(c->base, PQsocket(c->conn), EV_WRITE, pgc_write_cb, c);
+	c->io = event_new(c->base, PQsocket(c->conn), EV_READ | EV_PERSIST, pgc_io_cb, c);
+	event_add(c->io, NULL);
+	c->hooks.connected(c->arg);
+}
+
+static void
+pgc_connect(struct pgc *c)
+{
+	/* The conninfo is expanded from dbname; the later keywords override
+	 * it: sagad always talks UTF-8. */
+	const char *kw[] = { "dbname", "client_encoding", "fallback_application_name", NULL };
+	const char *val[] = { c->conf.conninfo, "UTF8", "sagad", NULL };
+
+	c->phase = PGC_CONNECTING;
+	c->hooks.connecting(c->arg);
+	c->conn = PQconnectStartParams(kw, val, 1);
+	if (!c->conn) {
+		pgc_down(c, "out of memory");
+		return;
+	}
+	if (PQstatus(c->conn) == CONNECTION_BAD) {
+		pgc_down(c, PQerrorMessage(c->conn));
+		return;
+	}
+	/* libpq's connect_timeout does not apply to a non-blocking connect. */
+	pgc_arm(c->timer, c->conf.connect_timeout);
+	pgc_connect_poll(c, PGRES_POLLING_WRITING);
+}
+
+static void
+pgc_timer_cb(evutil_socket_t fd, short what, void *arg)
+{
+	struct pgc *c = arg;
+
+	(void)fd;
+	(void)what;
+	switch (c->phase) {
+	case PGC_DOWN:
+		pgc_connect(c);
+		break;
+	case PGC_CONNECTING:
+		pgc_down(c, "cannot connect to PostgreSQL: timed out");
+		break;
+	case PGC_UP:
+		if (c->busy) {
+			char why[100];
+			snprintf(why, sizeof why, "query timed out after %gs", c->conf.query_timeout);
+			pgc_down(c, why);
+		}
+		break;
+	}
+}
+
+struct pgc *
+pgc_new(struct event_base *base, const struct pgc_conf *conf, const struct pgc_hooks *hooks,
+    void *arg)
+{
+	struct pgc *c = xcalloc(1, sizeof *c);
+
+	c->base = base;
+	c->conf = *conf;
+	c->hooks = *hooks;
+	c->arg = arg;
+	c->backoff = conf->retry_initial;
+	c->timer = evtimer_new(base, pgc_timer_cb, c);
+	return c;
+}
+
+void
+pgc_start(struct pgc *c)
+{
+	pgc_connect(c);
+}
+
+int
+pgc_nresults(const struct pgc *c)
+{
+	return c->nres;
+}
+
+PGresult *
+pgc_result(const struct pgc *c, int i)
+{
+	return c->res[i];
+}
+
+const char *
+pgc_error(const struct pgc *c)
+{
+	return c->err;
+}
+
+PGconn *
+pgc_conn(const struct pgc *c)
+{
+	return c->conn;
+}
+
+unsigned long
+pgc_gen(const struct pgc *c)
+{
+	return c->gen;
+}
+
+void
+pgc_finish(struct pgc *c, double sec)
+{
+	double deadline = util_mono() + sec;
+
+	if (!c->conn || PQstatus(c->conn) != CONNECTION_OK)
+		return;
+	while (c->busy && util_mono() < deadline) {
+		struct pollfd pfd = { PQsocket(c->conn), POLLIN | (c->flushing ? POLLOUT : 0), 0 };
+		int ms = (int)((deadline - util_mono()) * 1000) + 1;
+		if (poll(&pfd, 1, ms) < 0 && errno != EINTR)
+			break;
+		if (c->flushing) {
+			int r = PQflush(c->conn);
+			if (r < 0)
+				break;
+			c->flushing = r == 1;
+		}
+		if (!PQconsumeInput(c->conn))
+			break;
+		while (!PQisBusy(c->conn)) {
+			PGresult *r = PQgetResult(c->conn);
+			if (!r) {
+				c->busy = 0;
+				break;
+			}
+			PQclear(r);
+		}
+	}
+}
+
+void
+pgc_free(struct pgc *c)
+{
+	if (c->io)
+		event_free(c->io);
+	if (c->wev)
+		event_free(c->wev);
+	event_free(c->timer);
+	if (c->conn)
+		PQfinish(c->conn);
+	pgc_clear_results(c);
+	free(c);
+}

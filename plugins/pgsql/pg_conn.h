@@ -1,0 +1,84 @@
+/*
+ * One asynchronous libpq connection on a libevent loop: the connect
+ * (PQconnectPoll under a deadline), one query at a time (sent, flushed,
+ * its results read from the socket under a deadline), LISTEN
+ * notifications, and on any failure the connection dropped and made again
+ * after a doubling backoff with jitter.
+ *
+ * It knows nothing of its owner: it reports through the hooks the owner
+ * gives it, and uses no part of the plugin host API, so that a source
+ * plugin and the daemon itself can both drive one. Everything runs on the
+ * thread of the event base. A hook may call back into the connection
+ * (send the next query, pgc_down); the connection checks after each hook
+ * whether it is still the same one (pgc_gen).
+ *
+ * Messages handed to the owner (pgc_error, the hooks' why) are libpq's
+ * text as it is: they may hold newlines.
+ */
+#ifndef SAGAD_PG_CONN_H
+#define SAGAD_PG_CONN_H
+
+#include <libpq-fe.h>
+
+struct event_base;
+struct pgc;
+
+/* Results kept of one query; more are read and dropped. */
+#define PGC_MAX_RESULTS 8
+
+struct pgc_conf {
+	const char *conninfo;	/* a conninfo string or URI (libpq's dbname) */
+	double connect_timeout;	/* seconds a connect may take */
+	double query_timeout;	/* seconds a query may take */
+	double retry_initial, retry_max;	/* the reconnect backoff */
+};
+
+struct pgc_hooks {
+	/* A connect begins (the first, and each one after a failure). */
+	void (*connecting)(void *arg);
+	/* Connected, non-blocking, reading: send the first query. */
+	void (*connected)(void *arg);
+	/* The query sent has ended: its results are in pgc_result. */
+	void (*done)(void *arg);
+	/* One or more NOTIFYs have come (after any done of the same read). */
+	void (*notified)(void *arg);
+	/* The connection is about to be dropped (why: never NULL); a new
+	 * one follows in about retry_in seconds. */
+	void (*down)(void *arg, const char *why, double retry_in);
+};
+
+/* A connection, not started. conf->conninfo must outlive it. */
+struct pgc *pgc_new(struct event_base *base, const struct pgc_conf *conf,
+    const struct pgc_hooks *hooks, void *arg);
+/* The first connect. */
+void pgc_start(struct pgc *c);
+/* Closes the connection (a transaction open on it rolls back); frees c. */
+void pgc_free(struct pgc *c);
+
+/* Sends one query (several statements allowed), or one statement with
+ * text parameters; its end calls the done hook. */
+void pgc_send(struct pgc *c, const char *sql);
+void pgc_send_params(struct pgc *c, const char *sql, int n, const char *const *values);
+
+/* The results of the query that ended: those without an error, in order
+ * (up to PGC_MAX_RESULTS), and the first error, or NULL. */
+int pgc_nresults(const struct pgc *c);
+PGresult *pgc_result(const struct pgc *c, int i);
+const char *pgc_error(const struct pgc *c);
+
+/* The libpq connection, for escaping and for what it is connected to;
+ * NULL while down. */
+PGconn *pgc_conn(const struct pgc *c);
+/* Bumped each time the connection is dropped. */
+unsigned long pgc_gen(const struct pgc *c);
+
+/* Drops the connection (the down hook says why) and reconnects later. */
+void pgc_down(struct pgc *c, const char *why);
+/* The connection serves: the next failure waits retry_initial again. */
+void pgc_reset_backoff(struct pgc *c);
+
+/* Blocking, for the end of the program: waits up to sec seconds for the
+ * query in flight to end, its results dropped. */
+void pgc_finish(struct pgc *c, double sec);
+
+#endif
