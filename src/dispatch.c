@@ -475,21 +475,22 @@ dispatch_marked_cb(void *arg, int ok)
 }
 
 /*
- * An attempt starts once the store holds that it started (store_inbox_sent,
+ * An attempt starts once the store holds that it started (marked in flight,
  * written with the turn's transaction, no fsync of its own): if sagad dies
  * while the service holds the request, the record shows it after the
  * restart and the repeat carries Sagad-Redelivered (sagad(8), DELIVERY
  * GUARANTEES). The request waits for the end of the turn, not for a sync.
+ * dsub_attempt prepares one; dsub_mark marks all those of a dispatch run
+ * with one write.
  */
-static void
+static struct dattempt *
 dsub_attempt(struct dsub *ds, struct dmsg *dm)
 {
 	struct dconn *conn = dsub_idle_conn(ds);
-	struct store *st = ds->dl->d->store;
 	struct dattempt *a;
 
 	if (!conn)
-		return;
+		return NULL;
 	a = xcalloc(1, sizeof *a);
 	a->ds = ds;
 	a->dm = dm;
@@ -500,12 +501,34 @@ dsub_attempt(struct dsub *ds, struct dmsg *dm)
 	dmsg_set_state(dm, DMSG_INFLIGHT);
 	dm->rec->attempts++;
 	ds->inflight++;
-	if (store_inbox_sent(st, dm->rec->id, dm->rec->attempts) < 0) {
-		dattempt_cancel(a);	/* unmarked: not sent (dispatch_marked_cb) */
-		dsub_arm(ds, util_now() + 1);
-		return;
+	return a;
+}
+
+/* Every attempt in flight, those just started included, is written (with
+ * its number) in one row: the record in the store is of the whole set. */
+static void
+dsub_mark(struct dsub *ds, struct dattempt **as, size_t n)
+{
+	struct inbox_attempt *set = xcalloc(ds->npending, sizeof *set);
+	size_t i, nset = 0;
+	int rc;
+
+	for (i = 0; i < ds->npending; i++) {
+		if (ds->pending[i]->state != DMSG_INFLIGHT)
+			continue;
+		set[nset].id = ds->pending[i]->rec->id;
+		set[nset++].attempt = ds->pending[i]->rec->attempts;
 	}
-	store_on_written(st, dispatch_marked_cb, a);
+	rc = store_inbox_in_flight(ds->dl->d->store, ds->name, set, nset);
+	free(set);
+	for (i = 0; i < n; i++) {
+		if (rc < 0)
+			dattempt_cancel(as[i]);	/* unmarked: not sent (dispatch_marked_cb) */
+		else
+			store_on_written(ds->dl->d->store, dispatch_marked_cb, as[i]);
+	}
+	if (rc < 0)
+		dsub_arm(ds, util_now() + 1);
 }
 
 static int
@@ -547,8 +570,9 @@ dispatch_run(struct dsub *ds)
 	const struct conf_subscription *c = dsub_conf(ds);
 	double now = util_now(), next = 0;
 	const char **busy = NULL;
-	size_t nbusy = 0, i;
+	size_t nbusy = 0, nstarted = 0, i;
 	unsigned limit = (unsigned)c->concurrency;
+	struct dattempt **started, *a;
 
 	/* Draining starts nothing new: what waits stays in the store. */
 	if (ds->dl->d->state != SAGAD_RUNNING)
@@ -564,6 +588,7 @@ dispatch_run(struct dsub *ds)
 		limit = 1;
 	if (c->ordered)
 		busy = xcalloc(ds->npending + 1, sizeof *busy);
+	started = xcalloc(limit > ds->inflight ? limit - ds->inflight : 1, sizeof *started);
 	for (i = 0; i < ds->npending && ds->inflight < limit; i++) {
 		struct dmsg *dm = ds->pending[i];
 		const char *cid = dm->rec->m->props.correlation_id;
@@ -576,9 +601,12 @@ dispatch_run(struct dsub *ds)
 				continue;
 			busy[nbusy++] = cid;
 		}
-		if (!blocked)
-			dsub_attempt(ds, dm);
+		if (!blocked && (a = dsub_attempt(ds, dm)) != NULL)
+			started[nstarted++] = a;
 	}
+	if (nstarted)
+		dsub_mark(ds, started, nstarted);
+	free(started);
 	free(busy);
 	if (next > 0)
 		dsub_arm(ds, next);

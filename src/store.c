@@ -33,6 +33,7 @@ static const char *const store_migrations[] = {
 	store_inbox_schema,	/* inbox (store_inbox.c) */
 	saga_store_schema,	/* the saga engine's records (saga_store.c) */
 	store_inbox_sent_schema,	/* inbox.sent (store_inbox.c) */
+	store_inbox_flight_schema,	/* inbox.in_doubt, inbox_flight */
 };
 
 static const char *const store_engine_sql[ST_COUNT] = {
@@ -102,6 +103,12 @@ store_migrate(struct store *st, char **err)
 			return -1;
 		}
 		log_info("store migrated", LOG_STR("path", st->path), LOG_INT("version", v + 1));
+	}
+	if (store_exec(st, "BEGIN", err) < 0)
+		return -1;
+	if (store_exec(st, store_inbox_settle_sql, err) < 0 || store_exec(st, "COMMIT", err) < 0) {
+		sqlite3_exec(st->db, "ROLLBACK", NULL, NULL, NULL);
+		return -1;
 	}
 	return 0;
 }

@@ -134,8 +134,9 @@ struct inbox_rec {
 	double due_at, received_at, finished_at;
 	int last_status;
 	char *last_error, *dead_reason;
-	/* An attempt was in flight when sagad last stopped (store_inbox_sent):
-	 * the service may have seen the message already. */
+	/* In doubt: an attempt was in flight when sagad stopped, and none
+	 * has been recorded since (store_inbox_in_flight); the service may
+	 * have seen the message. */
 	int redelivered;
 };
 
@@ -149,10 +150,17 @@ enum store_put store_inbox_put(struct store *st, const char *sub, struct msg *m,
 int store_inbox_load(struct store *st, const char *sub, enum inbox_state state,
     int64_t after, size_t limit, struct inbox_rec **out, size_t *n);
 int store_inbox_done(struct store *st, int64_t id, double now, int status);
-/* An attempt starts: sent attempts so far, this one included. Joins the
- * transaction without an fsync of its own (a crash of the process keeps
- * it); the request goes out once it is written (store_on_written). */
-int store_inbox_sent(struct store *st, int64_t id, unsigned sent);
+/* The attempts of sub in flight, all of them, each with its number: those
+ * without a recorded outcome when the store is next opened leave their
+ * records in doubt (inbox_rec.redelivered) until an outcome is recorded.
+ * Joins the transaction without an fsync of its own (a crash of the
+ * process keeps it); requests go out once it is written (store_on_written). */
+struct inbox_attempt {
+	int64_t id;
+	unsigned attempt;
+};
+int store_inbox_in_flight(struct store *st, const char *sub,
+    const struct inbox_attempt *a, size_t n);
 /* Forget a record so that the same message id is accepted again: a
  * command refused by the service (409/422) may be retried by its sender
  * with the same id. */

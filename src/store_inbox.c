@@ -11,6 +11,7 @@
 
 #include "log.h"
 #include "props.h"
+#include "util.h"
 #include "xmalloc.h"
 
 /* Schema version 2 (store.c: store_migrations). */
@@ -35,14 +36,29 @@ const char store_inbox_schema[] =
 	"CREATE INDEX inbox_open ON inbox(subscription, state, id) WHERE state <> 1;"
 	"CREATE INDEX inbox_finished ON inbox(finished_at) WHERE state = 1;";
 
-/* Version 4. Attempts started (store_inbox_sent); attempts counts those
- * whose outcome is recorded. More started than recorded: one was in flight
- * when sagad stopped, and the service may have seen the message. */
+/* Version 4 counted the attempts started per record (inbox.sent), one
+ * write per attempt; version 5 keeps what that count told as a flag
+ * (in_doubt: the service may have seen the message) and records the
+ * attempts in flight once per dispatch run instead (inbox_flight). */
 const char store_inbox_sent_schema[] =
 	"ALTER TABLE inbox ADD COLUMN sent INTEGER NOT NULL DEFAULT 0;";
+const char store_inbox_flight_schema[] =
+	"ALTER TABLE inbox RENAME COLUMN sent TO in_doubt;"
+	"UPDATE inbox SET in_doubt = (in_doubt > attempts);"
+	"CREATE TABLE inbox_flight(subscription TEXT PRIMARY KEY, attempts TEXT NOT NULL)"
+	"  WITHOUT ROWID;";
+
+/* Run at every open (store.c): the attempts in flight when sagad stopped
+ * (inbox_flight: inbox id -> attempt number) whose outcome was never
+ * recorded leave their records in doubt until an outcome is. */
+const char store_inbox_settle_sql[] =
+	"UPDATE inbox SET in_doubt = 1 FROM (SELECT CAST(j.key AS INTEGER) AS id,"
+	"  j.value AS attempt FROM inbox_flight, json_each(inbox_flight.attempts) AS j) AS f"
+	"  WHERE inbox.id = f.id AND inbox.state = 0 AND inbox.attempts < f.attempt;"
+	"DELETE FROM inbox_flight;";
 
 enum store_inbox_stmt {
-	SI_INSERT, SI_LOAD, SI_SENT, SI_DONE, SI_RETRY,
+	SI_INSERT, SI_LOAD, SI_FLIGHT, SI_DONE, SI_RETRY,
 	SI_DEAD, SI_REPLAY_ONE, SI_REPLAY_ALL, SI_COUNT_STATE,
 	SI_OLDEST, SI_EXPIRE, SI_FORGET,
 	SI_NSTMT
@@ -53,18 +69,19 @@ static const char *const store_inbox_sql[SI_NSTMT] = {
 	    " props, body, received_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
 	[SI_LOAD] = "SELECT id, message_id, exchange, routing_key, props, body, state, attempts,"
 	    " due_at, received_at, coalesce(finished_at, 0), last_status, coalesce(last_error, ''),"
-	    " coalesce(dead_reason, ''), sent FROM inbox WHERE subscription = ? AND state = ?"
+	    " coalesce(dead_reason, ''), in_doubt FROM inbox WHERE subscription = ? AND state = ?"
 	    " AND id > ? ORDER BY id LIMIT ?",
-	[SI_SENT] = "UPDATE inbox SET sent = ? WHERE id = ?",
+	/* The attempts in flight: a JSON object, inbox id -> attempt number. */
+	[SI_FLIGHT] = "INSERT OR REPLACE INTO inbox_flight(subscription, attempts) VALUES (?, ?)",
 	[SI_DONE] = "UPDATE inbox SET state = 1, body = NULL, finished_at = ?, last_status = ?,"
-	    " attempts = attempts + 1, due_at = 0 WHERE id = ?",
-	[SI_RETRY] = "UPDATE inbox SET attempts = ?, due_at = ?, last_status = ?, last_error = ?"
-	    " WHERE id = ?",
+	    " attempts = attempts + 1, due_at = 0, in_doubt = 0 WHERE id = ?",
+	[SI_RETRY] = "UPDATE inbox SET attempts = ?, due_at = ?, last_status = ?, last_error = ?,"
+	    " in_doubt = 0 WHERE id = ?",
 	[SI_DEAD] = "UPDATE inbox SET state = 2, finished_at = ?, attempts = ?, dead_reason = ?,"
-	    " last_status = ?, last_error = ?, due_at = 0 WHERE id = ?",
-	[SI_REPLAY_ONE] = "UPDATE inbox SET state = 0, attempts = 0, sent = 0, due_at = 0,"
+	    " last_status = ?, last_error = ?, due_at = 0, in_doubt = 0 WHERE id = ?",
+	[SI_REPLAY_ONE] = "UPDATE inbox SET state = 0, attempts = 0, in_doubt = 0, due_at = 0,"
 	    " dead_reason = NULL WHERE subscription = ? AND state = 2 AND message_id = ?",
-	[SI_REPLAY_ALL] = "UPDATE inbox SET state = 0, attempts = 0, sent = 0, due_at = 0,"
+	[SI_REPLAY_ALL] = "UPDATE inbox SET state = 0, attempts = 0, in_doubt = 0, due_at = 0,"
 	    " dead_reason = NULL WHERE subscription = ? AND state = 2",
 	[SI_COUNT_STATE] = "SELECT count(*) FROM inbox WHERE subscription = ? AND state = ?",
 	[SI_OLDEST] = "SELECT min(received_at) FROM inbox WHERE subscription = ? AND state = 0",
@@ -158,7 +175,7 @@ store_row_inbox(sqlite3_stmt *s)
 	r->last_status = sqlite3_column_int(s, 11);
 	r->last_error = xstrdup((const char *)sqlite3_column_text(s, 12));
 	r->dead_reason = xstrdup((const char *)sqlite3_column_text(s, 13));
-	r->redelivered = (unsigned)sqlite3_column_int(s, 14) > r->attempts;
+	r->redelivered = sqlite3_column_int(s, 14) != 0;
 	m->created_at = r->received_at;
 	return r;
 }
@@ -192,16 +209,38 @@ store_inbox_done(struct store *st, int64_t id, double now, int status)
 	return store_write_step(st, s);
 }
 
+/* The whole set in one small row: one write per dispatch run, however
+ * many attempts it starts (a mark per record cost a row rewrite each). */
 int
-store_inbox_sent(struct store *st, int64_t id, unsigned sent)
+store_inbox_in_flight(struct store *st, const char *sub, const struct inbox_attempt *a,
+    size_t n)
 {
-	sqlite3_stmt *s = st->inbox[SI_SENT];
+	sqlite3_stmt *s = st->inbox[SI_FLIGHT];
+	/* ,"id":attempt is at most 1 + 22 + 1 + 20 bytes */
+	char *json = xmalloc(n * 44 + 2), *p = json;
+	size_t i;
+	int rc;
 
-	if (store_begin_relaxed(st) < 0)
+	if (store_begin_relaxed(st) < 0) {
+		free(json);
 		return -1;
-	sqlite3_bind_int(s, 1, (int)sent);
-	sqlite3_bind_int64(s, 2, id);
-	return store_write_step(st, s);
+	}
+	*p++ = '{';
+	for (i = 0; i < n; i++) {
+		if (i)
+			*p++ = ',';
+		*p++ = '"';
+		p += util_u64_dec((uint64_t)a[i].id, p);
+		*p++ = '"';
+		*p++ = ':';
+		p += util_u64_dec(a[i].attempt, p);
+	}
+	*p++ = '}';
+	sqlite3_bind_text(s, 1, sub, -1, SQLITE_STATIC);
+	sqlite3_bind_text(s, 2, json, (int)(p - json), SQLITE_STATIC);
+	rc = store_write_step(st, s);
+	free(json);
+	return rc;
 }
 
 int

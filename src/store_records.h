@@ -89,6 +89,8 @@ struct store {
 extern const char store_outbox_schema[];
 extern const char store_inbox_schema[];
 extern const char store_inbox_sent_schema[];
+extern const char store_inbox_flight_schema[];
+extern const char store_inbox_settle_sql[];
 
 /* For record files outside the store's own (saga_store.c): the connection,
  * and joining the current write transaction (committed with the turn);

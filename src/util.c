@@ -78,6 +78,21 @@ util_uuid7(char buf[37])
 	    b[11], b[12], b[13], b[14], b[15]);
 }
 
+size_t
+util_u64_dec(uint64_t v, char out[20])
+{
+	char tmp[20];
+	size_t n = 0, i;
+
+	do {
+		tmp[n++] = (char)('0' + v % 10);
+		v /= 10;
+	} while (v);
+	for (i = 0; i < n; i++)
+		out[i] = tmp[n - 1 - i];
+	return n;
+}
+
 double
 util_backoff(double initial, double max, unsigned attempt)
 {

@@ -12,6 +12,10 @@ double util_mono(void);		/* monotonic clock, seconds */
  * process sort in generation order. buf must hold 37 bytes. */
 void util_uuid7(char buf[37]);
 
+/* v in decimal, without a NUL; returns the length (at most 20). For hot
+ * paths: snprintf costs a hundred times more per number. */
+size_t util_u64_dec(uint64_t v, char out[20]);
+
 /* Exponential backoff with full jitter in [base/2, base], where
  * base = min(max, initial * 2^(attempt-1)); attempt is 1-based. */
 double util_backoff(double initial, double max, unsigned attempt);

@@ -1127,28 +1127,118 @@ inbox_redelivered(struct fx *f)
 }
 
 /* An attempt started and not recorded (sagad killed while the service held
- * the request) marks the record redelivered after a restart (issue 14, A8);
- * a recorded outcome, or no attempt at all, does not. */
+ * the request) leaves the record in doubt after a restart (issue 14, A8),
+ * until an outcome is recorded; an outcome recorded before the stop, or no
+ * attempt at all, does not. */
 static void
-test_inbox_sent_marks_redelivered(void **state)
+test_inbox_in_flight_marks_redelivered(void **state)
 {
 	struct fx *f = *state;
 	struct msg *m = new_msg("in-1", "events", "order.created", "{}", 2);
+	struct inbox_attempt a = { 0, 1 };
+
+	assert_int_equal(store_inbox_put(f->st, "s", m, 1, &a.id), STORE_PUT_STORED);
+	msg_free(m);
+	assert_int_equal(store_flush(f->st), 0);
+	reopen(f);
+	assert_false(inbox_redelivered(f));
+	assert_int_equal(store_inbox_in_flight(f->st, "s", &a, 1), 0);
+	assert_int_equal(store_flush(f->st), 0);
+	reopen(f);
+	assert_true(inbox_redelivered(f));
+	/* Still in doubt after another restart, and after a set without it. */
+	assert_int_equal(store_inbox_in_flight(f->st, "s", NULL, 0), 0);
+	assert_int_equal(store_flush(f->st), 0);
+	reopen(f);
+	assert_true(inbox_redelivered(f));
+	/* An outcome recorded (a retry): no longer in doubt. */
+	assert_int_equal(store_inbox_retry(f->st, a.id, 1, 0, 503, "HTTP 503"), 0);
+	assert_int_equal(store_flush(f->st), 0);
+	reopen(f);
+	assert_false(inbox_redelivered(f));
+	/* Attempt 1 still in the set, its outcome recorded: not in doubt;
+	 * attempt 2 in flight: in doubt. */
+	assert_int_equal(store_inbox_in_flight(f->st, "s", &a, 1), 0);
+	assert_int_equal(store_flush(f->st), 0);
+	reopen(f);
+	assert_false(inbox_redelivered(f));
+	a.attempt = 2;
+	assert_int_equal(store_inbox_in_flight(f->st, "s", &a, 1), 0);
+	assert_int_equal(store_flush(f->st), 0);
+	reopen(f);
+	assert_true(inbox_redelivered(f));
+}
+
+/* The set of one subscription, rewritten at each dispatch run: the last
+ * one written counts, other subscriptions' sets are their own. */
+static void
+test_inbox_in_flight_set(void **state)
+{
+	struct fx *f = *state;
+	struct inbox_rec *r[40];
+	struct inbox_attempt set[40];
+	char mid[32];
+	size_t n = 0, i;
+
+	for (i = 0; i < 40; i++) {
+		struct msg *m;
+
+		snprintf(mid, sizeof mid, "in-%zu", i);
+		m = new_msg(mid, "events", "k", "{}", 2);
+		assert_int_equal(store_inbox_put(f->st, i < 30 ? "s" : "t", m, 1, &set[i].id),
+		    STORE_PUT_STORED);
+		set[i].attempt = 1;
+		msg_free(m);
+	}
+	assert_int_equal(store_inbox_in_flight(f->st, "s", set, 20), 0);
+	assert_int_equal(store_inbox_in_flight(f->st, "s", set + 3, 25), 0);
+	assert_int_equal(store_inbox_in_flight(f->st, "t", set + 30, 2), 0);
+	assert_int_equal(store_flush(f->st), 0);
+	reopen(f);
+	assert_int_equal(store_inbox_load(f->st, "s", INBOX_PENDING, 0, 40, r, &n), 0);
+	assert_int_equal(n, 30);
+	for (i = 0; i < n; i++) {
+		assert_int_equal(r[i]->redelivered, i >= 3 && i < 28);
+		inbox_rec_free(r[i]);
+	}
+	assert_int_equal(store_inbox_load(f->st, "t", INBOX_PENDING, 0, 40, r, &n), 0);
+	assert_int_equal(n, 10);
+	for (i = 0; i < n; i++) {
+		assert_int_equal(r[i]->redelivered, i < 2);
+		inbox_rec_free(r[i]);
+	}
+}
+
+/* A version 4 store counted attempts started (sent) against those
+ * recorded: the migration keeps exactly the records in doubt. */
+static void
+test_inbox_in_flight_migration(void **state)
+{
+	struct fx *f = *state;
+	struct msg *m = new_msg("in-1", "events", "k", "{}", 2);
+	sqlite3 *db;
 	int64_t id = 0;
 
 	assert_int_equal(store_inbox_put(f->st, "s", m, 1, &id), STORE_PUT_STORED);
 	msg_free(m);
 	assert_int_equal(store_flush(f->st), 0);
-	reopen(f);
-	assert_false(inbox_redelivered(f));
-	assert_int_equal(store_inbox_sent(f->st, id, 1), 0);
-	assert_int_equal(store_flush(f->st), 0);
-	reopen(f);
+	store_close(f->st);
+	f->st = NULL;
+	assert_int_equal(sqlite3_open(f->path, &db), SQLITE_OK);
+	assert_int_equal(sqlite3_exec(db, "ALTER TABLE inbox RENAME COLUMN in_doubt TO sent; DROP TABLE inbox_flight;"
+	    "UPDATE inbox SET attempts = 2, sent = 3; PRAGMA user_version = 4;",
+	    NULL, NULL, NULL), SQLITE_OK);
+	sqlite3_close(db);
+	f->st = open_ok(f, BIG);
 	assert_true(inbox_redelivered(f));
-	/* That attempt's outcome recorded (a retry): no longer in doubt. */
-	assert_int_equal(store_inbox_retry(f->st, id, 1, 0, 503, "HTTP 503"), 0);
-	assert_int_equal(store_flush(f->st), 0);
-	reopen(f);
+	store_close(f->st);
+	f->st = NULL;
+	assert_int_equal(sqlite3_open(f->path, &db), SQLITE_OK);
+	assert_int_equal(sqlite3_exec(db, "ALTER TABLE inbox RENAME COLUMN in_doubt TO sent; DROP TABLE inbox_flight;"
+	    "UPDATE inbox SET attempts = 3, sent = 3; PRAGMA user_version = 4;",
+	    NULL, NULL, NULL), SQLITE_OK);
+	sqlite3_close(db);
+	f->st = open_ok(f, BIG);
 	assert_false(inbox_redelivered(f));
 }
 
@@ -1388,7 +1478,9 @@ main(void)
 		T(test_early_jobs),
 		T(test_checkpoint_pages),
 		T(test_headroom),
-		T(test_inbox_sent_marks_redelivered),
+		T(test_inbox_in_flight_marks_redelivered),
+		T(test_inbox_in_flight_set),
+		T(test_inbox_in_flight_migration),
 		T(test_publish_early),
 		T(test_sync_starts_at_once),
 	};

@@ -16,6 +16,24 @@
 #include "util.h"
 
 
+/* ---- util_u64_dec ---- */
+
+static void
+test_u64_dec(void **state)
+{
+	static const uint64_t v[] = { 0, 7, 10, 99, 1234567890123ULL, UINT64_MAX };
+	char out[20], want[32];
+	size_t i, n;
+
+	(void)state;
+	for (i = 0; i < sizeof v / sizeof v[0]; i++) {
+		n = util_u64_dec(v[i], out);
+		snprintf(want, sizeof want, "%llu", (unsigned long long)v[i]);
+		assert_int_equal(n, strlen(want));
+		assert_memory_equal(out, want, n);
+	}
+}
+
 /* ---- util_uuid7 ---- */
 
 static void
@@ -525,6 +543,7 @@ int
 main(void)
 {
 	const struct CMUnitTest tests[] = {
+		cmocka_unit_test(test_u64_dec),
 		cmocka_unit_test(test_uuid7_format),
 		cmocka_unit_test(test_uuid7_timestamp_is_now),
 		cmocka_unit_test(test_uuid7_strictly_increasing),
