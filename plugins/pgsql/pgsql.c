@@ -12,7 +12,7 @@
  * drops them. Replicas on one table lock disjoint rows.
  *
  * Everything is asynchronous libpq on sagad's event loop, one connection
- * (pg_conn.c: connect, queries, NOTIFYs, reconnect; it reports through
+ * (pgconn.c: connect, queries, NOTIFYs, reconnect; it reports through
  * hooks), one explicit state (enum pg_state) and one dispatch function for
  * the end of each query (pg_query_done):
  *
@@ -37,11 +37,11 @@
 #include "sagad/plugin.h"
 
 #include "../codec.h"
-#include "pg_conn.h"
+#include "pgconn.h"
 
 enum pg_state {
-	PG_DOWN,		/* no connection; pg_conn.c reconnects */
-	PG_CONNECTING,		/* pg_conn.c's PQconnectPoll under way */
+	PG_DOWN,		/* no connection; pgconn.c reconnects */
+	PG_CONNECTING,		/* pgconn.c's PQconnectPoll under way */
 	PG_CHECKING,		/* session settings and the table check */
 	PG_LISTENING,		/* LISTEN in flight */
 	PG_LOCKING,		/* exclusive: pg_try_advisory_lock in flight */
@@ -95,7 +95,7 @@ struct pgsrc {
 
 	/* the state and the connection */
 	enum pg_state state;
-	struct pgc *c;		/* the connection (pg_conn.h) */
+	struct pgc *c;		/* the connection (pgconn.h) */
 	struct event *poll;	/* persistent fallback poll */
 	struct event *retry;	/* store full / failed: fetch again later */
 
@@ -139,7 +139,7 @@ pg_clean(char *s)
 		*--e = '\0';
 }
 
-/* ---- the connection's reports (pg_conn.h) ---- */
+/* ---- the connection's reports (pgconn.h) ---- */
 
 /* DOWN -> CONNECTING: a connect begins. */
 static void
@@ -166,7 +166,7 @@ pg_on_connected(void *arg)
 }
 
 /* Any state -> DOWN: the connection is dropped (PostgreSQL rolls back an
- * open batch: its rows are read again); pg_conn.c reconnects after the
+ * open batch: its rows are read again); pgconn.c reconnects after the
  * backoff. */
 static void
 pg_on_down(void *arg, const char *what, double retry_in)

@@ -1,5 +1,5 @@
 /*
- * One asynchronous libpq connection on a libevent loop (pg_conn.h).
+ * One asynchronous libpq connection on a libevent loop (pgconn.h).
  *
  *   down -(timer)-> connecting -(PQconnectPoll OK)-> up
  *   connecting -(connect deadline, failure)-> down
@@ -8,6 +8,12 @@
  *
  * One timer serves the three waits: the reconnect (down), the connect
  * deadline (connecting) and the query deadline (up, a query in flight).
+ *
+ * A query in flight is either one simple query (pgc_send, pgc_send_params:
+ * its results end with a NULL from PQgetResult) or a pipeline
+ * (pgc_send_pipeline: each statement's results end with a NULL, and the
+ * whole with PGRES_PIPELINE_SYNC, after which the connection leaves
+ * pipeline mode). pgc_take sorts the results of both.
  */
 #include <errno.h>
 #include <event2/event.h>
@@ -19,7 +25,7 @@
 #include <string.h>
 #include <time.h>
 
-#include "pg_conn.h"
+#include "pgconn.h"
 #include "util.h"
 #include "xmalloc.h"
 
@@ -42,9 +48,11 @@ struct pgc {
 	int flushing;
 
 	/* the current query's results */
-	PGresult *res[PGC_MAX_RESULTS];
-	int nres;
+	PGresult **res;
+	int nres, capres;
 	char *err;
+	int npipe;		/* statements of the pipeline in flight, or 0 */
+	int pipe_at;		/* the statement whose results come now */
 };
 
 static void pgc_connect(struct pgc *c);
@@ -72,10 +80,23 @@ pgc_clear_results(struct pgc *c)
 	int i;
 
 	for (i = 0; i < c->nres; i++)
-		PQclear(c->res[i]);
+		if (c->res[i])
+			PQclear(c->res[i]);
 	c->nres = 0;
+	c->npipe = 0;
 	free(c->err);
 	c->err = NULL;
+}
+
+/* Room for n results, all NULL. */
+static void
+pgc_reserve(struct pgc *c, int n)
+{
+	if (n > c->capres) {
+		c->res = xreallocarray(c->res, (size_t)n, sizeof *c->res);
+		c->capres = n;
+	}
+	memset(c->res, 0, (size_t)n * sizeof *c->res);
 }
 
 /* Drop the connection and connect again after the backoff (with jitter,
@@ -148,6 +169,70 @@ pgc_sent(struct pgc *c, int ok)
 	pgc_flush(c);
 }
 
+/* Room for one more result of a simple query. */
+static void
+pgc_reserve_more(struct pgc *c)
+{
+	if (c->nres == c->capres) {
+		c->capres = c->capres ? c->capres * 2 : 8;
+		c->res = xreallocarray(c->res, (size_t)c->capres, sizeof *c->res);
+	}
+}
+
+/* One statement of a pipeline has ended: the next one's results follow. */
+static void
+pgc_pipe_keep(struct pgc *c, PGresult *r)
+{
+	if (c->pipe_at < c->npipe && !c->res[c->pipe_at])
+		c->res[c->pipe_at] = r;
+	else
+		PQclear(r);	/* a second result of one statement: not kept */
+}
+
+/*
+ * One result of the query in flight (NULL: the end of a query, or of one
+ * statement of a pipeline). Returns 1 when the whole has ended. Errors are
+ * not kept as results: the first one is pgc_error; in a pipeline its
+ * statement's result, and those of the statements that the error aborted,
+ * stay NULL.
+ */
+static int
+pgc_take(struct pgc *c, PGresult *r)
+{
+	ExecStatusType st = r ? PQresultStatus(r) : PGRES_EMPTY_QUERY;
+
+	if (!r) {
+		if (!c->npipe)
+			return 1;
+		c->pipe_at++;
+		return 0;
+	}
+	switch (st) {
+	case PGRES_PIPELINE_SYNC:
+		PQclear(r);
+		PQexitPipelineMode(c->conn);
+		c->npipe = 0;
+		return 1;
+	case PGRES_PIPELINE_ABORTED:
+		PQclear(r);
+		break;
+	case PGRES_FATAL_ERROR:
+	case PGRES_BAD_RESPONSE:
+	case PGRES_NONFATAL_ERROR:
+		pgc_set_err(c, PQresultErrorMessage(r));
+		PQclear(r);
+		break;
+	default:
+		if (c->npipe) {
+			pgc_pipe_keep(c, r);
+		} else {
+			pgc_reserve_more(c);
+			c->res[c->nres++] = r;
+		}
+	}
+	return 0;
+}
+
 void
 pgc_send(struct pgc *c, const char *sql)
 {
@@ -160,6 +245,24 @@ pgc_send_params(struct pgc *c, const char *sql, int n, const char *const *values
 {
 	pgc_clear_results(c);
 	pgc_sent(c, PQsendQueryParams(c->conn, sql, n, NULL, values, NULL, NULL, 0));
+}
+
+void
+pgc_send_pipeline(struct pgc *c, const struct pgc_stmt *s, int n)
+{
+	int i, ok;
+
+	pgc_clear_results(c);
+	pgc_reserve(c, n);
+	c->nres = c->npipe = n;
+	c->pipe_at = 0;
+	ok = PQenterPipelineMode(c->conn);
+	for (i = 0; ok && i < n; i++)
+		ok = PQsendQueryParams(c->conn, s[i].sql, s[i].n, NULL, s[i].values,
+		    s[i].lengths, s[i].formats, 0);
+	if (ok)
+		ok = PQpipelineSync(c->conn);
+	pgc_sent(c, ok);	/* not ok: down, which leaves pipeline mode */
 }
 
 static void
@@ -194,27 +297,12 @@ pgc_io_cb(evutil_socket_t fd, short what, void *arg)
 			return;
 	}
 	while (c->busy && !PQisBusy(c->conn)) {
-		PGresult *r = PQgetResult(c->conn);
-		if (!r) {
+		if (pgc_take(c, PQgetResult(c->conn))) {
 			c->busy = 0;
 			event_del(c->timer);
 			c->hooks.done(c->arg);
 			if (gen != c->gen)
 				return;
-			continue;
-		}
-		switch (PQresultStatus(r)) {
-		case PGRES_FATAL_ERROR:
-		case PGRES_BAD_RESPONSE:
-		case PGRES_NONFATAL_ERROR:
-			pgc_set_err(c, PQresultErrorMessage(r));
-			PQclear(r);
-			break;
-		default:
-			if (c->nres < PGC_MAX_RESULTS)
-				c->res[c->nres++] = r;
-			else
-				PQclear(r);
 		}
 	}
 	if (PQstatus(c->conn) == CONNECTION_BAD) {
@@ -396,14 +484,9 @@ pgc_finish(struct pgc *c, double sec)
 		}
 		if (!PQconsumeInput(c->conn))
 			break;
-		while (!PQisBusy(c->conn)) {
-			PGresult *r = PQgetResult(c->conn);
-			if (!r) {
+		while (c->busy && !PQisBusy(c->conn))
+			if (pgc_take(c, PQgetResult(c->conn)))
 				c->busy = 0;
-				break;
-			}
-			PQclear(r);
-		}
 	}
 }
 
@@ -418,5 +501,6 @@ pgc_free(struct pgc *c)
 	if (c->conn)
 		PQfinish(c->conn);
 	pgc_clear_results(c);
+	free(c->res);
 	free(c);
 }

@@ -15,16 +15,13 @@
  * Messages handed to the owner (pgc_error, the hooks' why) are libpq's
  * text as it is: they may hold newlines.
  */
-#ifndef SAGAD_PG_CONN_H
-#define SAGAD_PG_CONN_H
+#ifndef SAGAD_PGCONN_H
+#define SAGAD_PGCONN_H
 
 #include <libpq-fe.h>
 
 struct event_base;
 struct pgc;
-
-/* Results kept of one query; more are read and dropped. */
-#define PGC_MAX_RESULTS 8
 
 struct pgc_conf {
 	const char *conninfo;	/* a conninfo string or URI (libpq's dbname) */
@@ -60,8 +57,29 @@ void pgc_free(struct pgc *c);
 void pgc_send(struct pgc *c, const char *sql);
 void pgc_send_params(struct pgc *c, const char *sql, int n, const char *const *values);
 
-/* The results of the query that ended: those without an error, in order
- * (up to PGC_MAX_RESULTS), and the first error, or NULL. */
+/* One statement of a pipeline, with libpq's parameter arrays (lengths and
+ * formats NULL: all text; a NULL value is SQL NULL). */
+struct pgc_stmt {
+	const char *sql;
+	int n;
+	const char *const *values;
+	const int *lengths, *formats;
+};
+
+/*
+ * Sends n statements in one round trip (libpq's pipeline mode, then a
+ * sync); the done hook runs once all have ended. Result i is statement
+ * i's; the first error stops the pipeline: that statement's result and
+ * the later ones are NULL, and pgc_error says why. Without a BEGIN of its
+ * own the pipeline is one implicit transaction, committed at the sync: an
+ * error rolls back the statements before it too (t/pgconn.c tests this).
+ * The arrays are copied by libpq before this returns.
+ */
+void pgc_send_pipeline(struct pgc *c, const struct pgc_stmt *s, int n);
+
+/* The results of the query that ended: for a simple query those without
+ * an error, in order; for a pipeline one per statement (see above); and
+ * the first error, or NULL. */
 int pgc_nresults(const struct pgc *c);
 PGresult *pgc_result(const struct pgc *c, int i);
 const char *pgc_error(const struct pgc *c);

@@ -1,0 +1,254 @@
+/*
+ * Drives src/pgconn.c against a real PostgreSQL (t/integration/pgconn.py
+ * starts a private one): simple queries, pipelines (results in statement
+ * order, the first error, the implicit transaction, a pipeline bigger than
+ * the socket's buffers), and the query deadline that drops the connection
+ * and makes it again. Usage: pgconn CONNINFO. Prints "ok: ..." for each
+ * check, "FAIL: ..." and exits 1 at the first that fails.
+ */
+#include <event2/event.h>
+#include <libpq-fe.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "pgconn.h"
+
+struct run {
+	struct event_base *base;
+	struct pgc *c;
+	int step;		/* the check whose query is in flight */
+	int downs;
+	int failed;
+};
+
+static void run_next(struct run *r);
+
+static void
+check(struct run *r, int ok, const char *what)
+{
+	printf("%s: %s\n", ok ? "ok" : "FAIL", what);
+	fflush(stdout);
+	if (!ok) {
+		r->failed = 1;
+		event_base_loopbreak(r->base);
+	}
+}
+
+static const char *
+value(struct run *r, int i)
+{
+	PGresult *res = pgc_result(r->c, i);
+
+	if (!res || PQresultStatus(res) != PGRES_TUPLES_OK || PQntuples(res) < 1)
+		return NULL;
+	return PQgetvalue(res, 0, 0);
+}
+
+static int
+value_is(struct run *r, int i, const char *want)
+{
+	const char *v = value(r, i);
+
+	return v && strcmp(v, want) == 0;
+}
+
+/* A pipeline of n statements: insert x = 0 .. n-2, then count them. */
+static void
+send_big(struct run *r, int n)
+{
+	struct pgc_stmt *s = calloc((size_t)n, sizeof *s);
+	char (*num)[16] = calloc((size_t)n, sizeof *num);
+	const char **vals = calloc((size_t)n, sizeof *vals);
+	int i;
+
+	for (i = 0; i < n - 1; i++) {
+		snprintf(num[i], sizeof num[i], "%d", i);
+		vals[i] = num[i];
+		s[i].sql = "INSERT INTO big(x, pad) VALUES ($1, repeat('x', 200)) RETURNING x";
+		s[i].n = 1;
+		s[i].values = &vals[i];
+	}
+	s[n - 1].sql = "SELECT count(*) FROM big";
+	pgc_send_pipeline(r->c, s, n);
+	free(s);
+	free(num);
+	free(vals);
+}
+
+#define BIG 2000
+
+static void
+run_next(struct run *r)
+{
+	static const char *const one[] = { "7" };
+	const struct pgc_stmt ok3[] = {
+		{ "CREATE TABLE t (x int PRIMARY KEY)", 0, NULL, NULL, NULL },
+		{ "INSERT INTO t VALUES ($1) RETURNING x + 1", 1, one, NULL, NULL },
+		{ "SELECT count(*) FROM t", 0, NULL, NULL, NULL },
+	};
+	const struct pgc_stmt bad[] = {
+		{ "INSERT INTO t VALUES (8)", 0, NULL, NULL, NULL },
+		{ "INSERT INTO t VALUES ($1)", 1, one, NULL, NULL },	/* duplicate key */
+		{ "SELECT 1", 0, NULL, NULL, NULL },
+	};
+	const struct pgc_stmt after[] = {
+		{ "SELECT count(*) FROM t", 0, NULL, NULL, NULL },
+		{ "SELECT NULL::int IS NULL", 0, NULL, NULL, NULL },
+	};
+	const char *nul[] = { NULL };
+	const struct pgc_stmt nulls[] = {
+		{ "SELECT $1::int IS NULL", 1, nul, NULL, NULL },
+	};
+	const struct pgc_stmt slow[] = {
+		{ "SELECT pg_sleep(5)", 0, NULL, NULL, NULL },
+	};
+
+	switch (r->step) {
+	case 0:
+		pgc_send(r->c, "SELECT 1; SELECT 2");
+		break;
+	case 1:
+		pgc_send_pipeline(r->c, ok3, 3);
+		break;
+	case 2:
+		pgc_send_pipeline(r->c, bad, 3);
+		break;
+	case 3:
+		pgc_send_pipeline(r->c, after, 2);
+		break;
+	case 4:
+		pgc_send_pipeline(r->c, nulls, 1);
+		break;
+	case 5:
+		pgc_send(r->c, "CREATE TABLE big (x int, pad text)");
+		break;
+	case 6:
+		send_big(r, BIG);
+		break;
+	case 7:
+		pgc_send_pipeline(r->c, slow, 1);	/* the deadline is 1 s */
+		break;
+	case 8:
+		pgc_send(r->c, "SELECT 42");
+		break;
+	default:
+		event_base_loopbreak(r->base);
+	}
+}
+
+static void
+on_done(void *arg)
+{
+	struct run *r = arg;
+	char what[160];
+
+	switch (r->step) {
+	case 0:
+		check(r, pgc_nresults(r->c) == 2 && value_is(r, 0, "1") && value_is(r, 1, "2") &&
+		    !pgc_error(r->c), "a simple query of two statements: two results");
+		break;
+	case 1:
+		check(r, pgc_nresults(r->c) == 3 && !pgc_error(r->c) &&
+		    PQresultStatus(pgc_result(r->c, 0)) == PGRES_COMMAND_OK &&
+		    value_is(r, 1, "8") && value_is(r, 2, "1"),
+		    "a pipeline of three: one result per statement, in order");
+		break;
+	case 2:
+		check(r, pgc_nresults(r->c) == 3 && pgc_result(r->c, 0) &&
+		    !pgc_result(r->c, 1) && !pgc_result(r->c, 2) && pgc_error(r->c) &&
+		    strstr(pgc_error(r->c), "duplicate key"),
+		    "an error in a pipeline: its statement and the later ones have no result");
+		break;
+	case 3:
+		check(r, value_is(r, 0, "1"), "the connection serves after the error, and the"
+		    " statement before it was rolled back (one implicit transaction)");
+		break;
+	case 4:
+		check(r, value_is(r, 0, "t"), "a NULL parameter is SQL NULL");
+		break;
+	case 5:
+		check(r, !pgc_error(r->c), "table for the big pipeline");
+		break;
+	case 6:
+		snprintf(what, sizeof what, "a pipeline of %d statements (past the socket buffers):"
+		    " every result, in order", BIG);
+		check(r, pgc_nresults(r->c) == BIG && !pgc_error(r->c) && value_is(r, 0, "0") &&
+		    value_is(r, BIG - 2, "1998") && value_is(r, BIG - 1, "1999"), what);
+		break;
+	case 7:
+		check(r, 0, "a pipeline past its deadline must not end normally");
+		return;
+	case 8:
+		check(r, value_is(r, 0, "42") && r->downs == 1,
+		    "after the deadline dropped it, the connection was made again and serves");
+		break;
+	}
+	if (r->failed)
+		return;
+	r->step++;
+	run_next(r);
+}
+
+static void
+on_connecting(void *arg)
+{
+	(void)arg;
+}
+
+static void
+on_connected(void *arg)
+{
+	struct run *r = arg;
+
+	pgc_reset_backoff(r->c);
+	run_next(r);
+}
+
+static void
+on_notified(void *arg)
+{
+	(void)arg;
+}
+
+static void
+on_down(void *arg, const char *why, double retry_in)
+{
+	struct run *r = arg;
+
+	r->downs++;
+	if (r->step == 7) {
+		check(r, strstr(why, "timed out") != NULL, "a pipeline past its deadline:"
+		    " the connection is dropped (query timed out)");
+		r->step = 8;	/* run when connected again */
+		return;
+	}
+	fprintf(stderr, "connection down (retry in %.1fs): %s\n", retry_in, why);
+	check(r, 0, "the connection stays up");
+}
+
+int
+main(int argc, char **argv)
+{
+	const struct pgc_hooks hooks = { on_connecting, on_connected, on_done, on_notified, on_down };
+	struct pgc_conf conf = { NULL, 10, 1, 0.1, 1 };
+	struct run r;
+
+	if (argc != 2) {
+		fprintf(stderr, "usage: pgconn CONNINFO\n");
+		return 2;
+	}
+	memset(&r, 0, sizeof r);
+	conf.conninfo = argv[1];
+	r.base = event_base_new();
+	r.c = pgc_new(r.base, &conf, &hooks, &r);
+	pgc_start(r.c);
+	event_base_dispatch(r.base);
+	if (!r.failed && r.step != 9) {
+		printf("FAIL: stopped at check %d\n", r.step);
+		r.failed = 1;
+	}
+	pgc_free(r.c);
+	event_base_free(r.base);
+	return r.failed;
+}
