@@ -21,7 +21,6 @@
 #include "saga_int.h"
 #include "saga_store.h"
 #include "sagad.h"
-#include "store.h"
 #include "util.h"
 #include "xmalloc.h"
 
@@ -119,8 +118,7 @@ saga_send(struct saga_engine *e, struct saga_inst *in, const struct conf_binding
 	if (step)
 		props_set_header(&m.props, "x-sagad-step", step);
 	props_set_header(&m.props, "x-sagad-kind", kind);
-	if (store_outbox_put(e->d->store, &m, util_now(),
-	    e->consumed ? STORE_OUT_EARLY : 0) != STORE_PUT_STORED)
+	if (saga_store_send(e->ss, &m, e->consumed ? SAGA_SEND_CONSUMED : 0) < 0)
 		log_error("cannot store a saga message", LOG_STR("saga", in->def->name),
 		    LOG_STR("id", in->id), LOG_STR("message_id", id));
 	props_free(&m.props);
@@ -513,10 +511,9 @@ saga_orphan(struct saga_engine *e, const struct msg *m, const char *why)
 	    LOG_STR("message_id", m->message_id), LOG_STR("correlation_id", m->props.correlation_id));
 }
 
-void
-saga_handle(void *arg, const struct msg *m)
+static void
+saga_handle_matches(struct saga_engine *e, const struct msg *m)
 {
-	struct saga_engine *e = arg;
 	struct saga_match matches[16];
 	size_t n = saga_classify(e->d->conf, m, matches, 16), i;
 
@@ -524,7 +521,6 @@ saga_handle(void *arg, const struct msg *m)
 		saga_orphan(e, m, "not a saga message");
 		return;
 	}
-	e->consumed = 1;
 	for (i = 0; i < n; i++) {
 		struct saga_match *k = &matches[i];
 		struct saga_inst *in;
@@ -551,6 +547,20 @@ saga_handle(void *arg, const struct msg *m)
 		saga_save(e, in);
 		saga_inst_free(in);
 	}
+}
+
+/* One consumed message is one batch of the saga store (saga_store.h): a
+ * transactional backend commits its state changes and sends together. */
+void
+saga_handle(void *arg, const struct msg *m)
+{
+	struct saga_engine *e = arg;
+
+	e->consumed = 1;
+	saga_store_batch_begin(e->ss);
+	saga_handle_matches(e, m);
+	if (saga_store_batch_end(e->ss) < 0)
+		log_error("saga batch not committed", LOG_STR("message_id", m->message_id));
 	e->consumed = 0;
 }
 
@@ -618,6 +628,8 @@ saga_timer_cb(evutil_socket_t fd, short what, void *arg)
 	(void)what;
 	if (e->d->state == SAGAD_STOPPED)
 		return;
+	/* A round of due timers is one batch (saga_store.h). */
+	saga_store_batch_begin(e->ss);
 	n = saga_store_timers_due(e->ss, util_now(), due, 256);
 	for (i = 0; i < n; i++) {
 		struct saga_inst *in = saga_load_row(e, due[i].row);
@@ -630,6 +642,8 @@ saga_timer_cb(evutil_socket_t fd, short what, void *arg)
 		saga_save(e, in);
 		saga_inst_free(in);
 	}
+	if (saga_store_batch_end(e->ss) < 0)
+		log_error("saga timer batch not committed", LOG_INT("timers", (int64_t)n));
 	e->timer_at = 0;
 	saga_rearm(e);
 }

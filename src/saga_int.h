@@ -68,7 +68,7 @@ struct saga_engine {
 	struct saga_stats *stats;	/* per saga definition */
 	uint64_t orphans;
 	/* Handling a consumed message (saga_handle): what it sends may go out
-	 * before the fsync (STORE_OUT_EARLY), for the broker, not acked yet,
+	 * before the fsync (SAGA_SEND_CONSUMED), for the broker, not acked yet,
 	 * delivers the message again if a crash of the machine loses the
 	 * transaction, and the same state and message make the same messages,
 	 * with the same ids. Timers and operators' commands wait for it. */

@@ -1,15 +1,30 @@
 /*
- * The saga engine's records: instances, their history and their timers.
- * The engine (saga.c, saga_record.c, saga_admin.c) sees only this
- * interface, never the database: an instance is a few columns and an
- * opaque blob (the engine's encoding of its state), so that another
- * backend (PostgreSQL, for replicas sharing their sagas) can stand behind
- * the same calls.
+ * The saga engine's records: instances, their history, their timers and
+ * the messages the steps send. The engine (saga.c, saga_record.c,
+ * saga_admin.c) sees only this interface, never the database: an
+ * instance is a few columns and an opaque blob (the engine's encoding of
+ * its state), so that another backend (PostgreSQL, for replicas sharing
+ * their sagas) can stand behind the same calls.
  *
- * This backend keeps them in sagad's own SQLite store: every write joins
- * the store's write transaction (store_join_write), so that a state change, the
- * messages it sends (store_outbox_put) and the consumed message that
- * caused it commit together.
+ * saga_store.c forwards each call to the backend's table of operations
+ * (saga_store_backend.h). The SQLite backend (saga_store_sqlite.c) keeps
+ * the records in sagad's own store: every write joins the store's write
+ * transaction (store_join_write), so that a state change, the messages it
+ * sends and the consumed message that caused it commit together.
+ *
+ * Batches (REPLICAS.md: One batch, one transaction). The engine brackets
+ * the handling of one consumed message, and one round of due timers, with
+ * saga_store_batch_begin and saga_store_batch_end. A backend may assume:
+ * - the reads between them see the batch's own writes;
+ * - every write between them (instances, history, timers, sends) joins
+ *   one transaction, so that none is durable without the others;
+ * - batch_end is the commit point of a transactional backend (-1: the
+ *   batch's writes are lost; the engine only logs it, so the backend must
+ *   itself keep the cause from being acked); the SQLite backend commits at
+ *   the end of the loop turn instead, its batch calls doing nothing;
+ * - batches do not nest, and a write outside a batch (an operator's
+ *   command, retention) is a transaction of its own for a transactional
+ *   backend.
  */
 #ifndef SAGAD_SAGA_STORE_H
 #define SAGAD_SAGA_STORE_H
@@ -17,10 +32,12 @@
 #include <stddef.h>
 #include <stdint.h>
 
+struct msg;
 struct store;
 struct saga_store;
 
-/* The store's schema migration that creates these tables (store.c). */
+/* The store's schema migration that creates the SQLite backend's tables
+ * (store.c; defined in saga_store_sqlite.c). */
 extern const char saga_store_schema[];
 
 struct saga_rec {
@@ -49,6 +66,11 @@ typedef void saga_rec_fn(void *arg, const struct saga_rec *r);
 struct saga_store *saga_store_open(struct store *st, char **err);
 void saga_store_close(struct saga_store *ss);
 
+/* A batch's edges (above): batch_end returns 0, or -1 when its writes did
+ * not commit. */
+void saga_store_batch_begin(struct saga_store *ss);
+int saga_store_batch_end(struct saga_store *ss);
+
 /* Reads: 1 found (r filled, saga_rec_clear it), 0 none, -1 error. */
 int saga_store_get(struct saga_store *ss, const char *saga, const char *id,
     struct saga_rec *r);
@@ -68,6 +90,16 @@ int saga_store_insert(struct saga_store *ss, struct saga_rec *r);
 int saga_store_update(struct saga_store *ss, const struct saga_rec *r);
 int saga_store_log(struct saga_store *ss, int64_t row, double at, const char *dir,
     const char *what, const char *step, const char *message_id, const char *detail);
+
+/* A message a step sends, stored to go out once the state change that
+ * sent it commits (with it, in the same transaction); put assigns m->seq.
+ * SAGA_SEND_CONSUMED: sent while handling a consumed message, which the
+ * broker delivers again if a crash loses the transaction, so that it may
+ * go out before the commit is durable (store.h: STORE_OUT_EARLY). */
+enum {
+	SAGA_SEND_CONSUMED = 1
+};
+int saga_store_send(struct saga_store *ss, struct msg *m, unsigned flags);
 
 /* Timers: one per (row, kind, step); set replaces it. */
 int saga_store_timer_set(struct saga_store *ss, int64_t row, int kind, int step, double due);

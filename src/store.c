@@ -2,7 +2,7 @@
  * The store's engine: opening and migrating the file, the write
  * transaction and its group commit, the syncer that makes it durable, and
  * the callbacks that wait for it. The records live in files of their own
- * (store_outbox.c, store_inbox.c, saga_store.c), the room on the disk in
+ * (store_outbox.c, store_inbox.c, saga_store_sqlite.c), the room on the disk in
  * store_room.c, the steps they share in store_stmt.c (ARCHITECTURE.md:
  * The store's transactions).
  */
@@ -31,7 +31,7 @@
 static const char *const store_migrations[] = {
 	store_outbox_schema,	/* outbox, outbox_ids (store_outbox.c) */
 	store_inbox_schema,	/* inbox (store_inbox.c) */
-	saga_store_schema,	/* the saga engine's records (saga_store.c) */
+	saga_store_schema,	/* the saga engine's records (saga_store_sqlite.c) */
 	store_inbox_sent_schema,	/* inbox.sent (store_inbox.c) */
 	store_inbox_flight_schema,	/* inbox.in_doubt, inbox_flight */
 };

@@ -1,6 +1,6 @@
 /*
  * Inside the store: what the files that own a family of records
- * (store_outbox.c, store_inbox.c, saga_store.c) need from the engine
+ * (store_outbox.c, store_inbox.c, saga_store_sqlite.c) need from the engine
  * (store.c, store_room.c, store_stmt.c). Nothing else includes it, so no
  * SQLite type leaves the store (ARCHITECTURE.md: The store's transactions).
  */
@@ -92,7 +92,7 @@ extern const char store_inbox_sent_schema[];
 extern const char store_inbox_flight_schema[];
 extern const char store_inbox_settle_sql[];
 
-/* For record files outside the store's own (saga_store.c): the connection,
+/* For record files outside the store's own (saga_store_sqlite.c): the connection,
  * and joining the current write transaction (committed with the turn);
  * store_join_write refuses once the store is broken. */
 sqlite3 *store_db(struct store *st);

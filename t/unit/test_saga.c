@@ -2,7 +2,8 @@
  * the state diagram, the classification of incoming messages, and the
  * engine driven message by message on a real store (its commands,
  * compensations and outcome events read back from the outbox, its state
- * from the admin view). */
+ * from the admin view); the saga store's dispatcher (src/saga_store.c):
+ * the engine's sends and writes reach the backend inside a batch. */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -19,6 +20,7 @@
 #include "conf.h"
 #include "props.h"
 #include "saga.h"
+#include "saga_store_backend.h"
 #include "sagad.h"
 #include "store.h"
 
@@ -43,6 +45,87 @@
 	"  steps = ( { name = \"pack\"; success = \"events:packed\"; failure = \"events:pack.failed\";\n" \
 	"              compensate = \"commands:unpack\"; } );\n" \
 	"} );\n"
+
+/* ---- the store's backend, recorded ----
+ * The engine's store is the SQLite backend with its sends, batches and
+ * instance writes recorded first (ld --wrap of saga_store_open): the
+ * dispatcher's tests see what reaches the backend. */
+
+/* What the recording backend saw. */
+static struct {
+	int depth, begins, ends;
+	int sends, consumed_sends;
+	int writes, writes_outside;
+	char last_key[64];
+} rec;
+
+static struct saga_store_ops rec_ops;
+
+static void
+rec_write(void)
+{
+	rec.writes++;
+	if (rec.depth != 1)
+		rec.writes_outside++;
+}
+
+static void
+rec_batch_begin(struct saga_backend *b)
+{
+	(void)b;
+	rec.begins++;
+	rec.depth++;
+}
+
+static int
+rec_batch_end(struct saga_backend *b)
+{
+	(void)b;
+	rec.ends++;
+	rec.depth--;
+	return 0;
+}
+
+static int
+rec_send(struct saga_backend *b, struct msg *m, unsigned flags)
+{
+	rec_write();
+	rec.sends++;
+	if (flags & SAGA_SEND_CONSUMED)
+		rec.consumed_sends++;
+	snprintf(rec.last_key, sizeof rec.last_key, "%s", m->routing_key);
+	return saga_store_sqlite_ops.send(b, m, flags);
+}
+
+static int
+rec_insert(struct saga_backend *b, struct saga_rec *r)
+{
+	rec_write();
+	return saga_store_sqlite_ops.insert(b, r);
+}
+
+static int
+rec_update(struct saga_backend *b, const struct saga_rec *r)
+{
+	rec_write();
+	return saga_store_sqlite_ops.update(b, r);
+}
+
+struct saga_store *__wrap_saga_store_open(struct store *st, char **err);
+
+struct saga_store *
+__wrap_saga_store_open(struct store *st, char **err)
+{
+	struct saga_backend *b = saga_store_sqlite_open(st, err);
+
+	rec_ops = saga_store_sqlite_ops;
+	rec_ops.send = rec_send;
+	rec_ops.insert = rec_insert;
+	rec_ops.update = rec_update;
+	rec_ops.batch_begin = rec_batch_begin;
+	rec_ops.batch_end = rec_batch_end;
+	return b ? saga_store_new(&rec_ops, b) : NULL;
+}
 
 struct fx {
 	char dir[64], path[128];
@@ -354,6 +437,63 @@ test_choreographed(void **state)
 	assert_string_equal(state_of(f, "nosuch"), "none");
 }
 
+/* ---- the dispatcher ---- */
+
+/* A consumed message, which must be one batch of the store. */
+static void
+deliver_one_batch(struct fx *f, const char *key, const char *id, const char *cid)
+{
+	memset(&rec, 0, sizeof rec);
+	deliver(f, "events", key, id, cid, "{}");
+	assert_int_equal(rec.begins, 1);
+	assert_int_equal(rec.ends, 1);
+	assert_int_equal(rec.depth, 0);
+}
+
+/* A start: the instance and the first command written in its batch, the
+ * command through the backend, marked as caused by a consumed message and
+ * in sagad's outbox. */
+static void
+test_start_sends_through_backend(void **state)
+{
+	struct fx *f = *state;
+
+	deliver_one_batch(f, "order.created", "m-1", "o-1");
+	assert_int_equal(rec.sends, 1);
+	assert_int_equal(rec.consumed_sends, 1);
+	assert_string_equal(rec.last_key, "stock.reserve");
+	assert_true(rec.writes >= 2);
+	assert_int_equal(rec.writes_outside, 0);
+	assert_string_equal(sent(f), "stock.reserve");
+}
+
+/* A message for no saga is still one (empty) batch. */
+static void
+test_orphan_is_one_batch(void **state)
+{
+	struct fx *f = *state;
+
+	deliver_one_batch(f, "order.unknown", "m-2", "o-2");
+	assert_int_equal(rec.sends, 0);
+}
+
+/* The SQLite backend has no batch operations: the dispatcher's batch
+ * calls do nothing and the end reports success. */
+static void
+test_batch_ops_optional(void **state)
+{
+	struct fx *f = *state;
+	char *err = NULL;
+	struct saga_backend *b = saga_store_sqlite_open(f->d.store, &err);
+	struct saga_store *ss;
+
+	assert_non_null(b);
+	ss = saga_store_new(&saga_store_sqlite_ops, b);
+	saga_store_batch_begin(ss);
+	assert_int_equal(saga_store_batch_end(ss), 0);
+	saga_store_close(ss);
+}
+
 int
 main(void)
 {
@@ -365,6 +505,9 @@ main(void)
 		cmocka_unit_test_setup_teardown(test_failed_then_retried, setup, teardown),
 		cmocka_unit_test_setup_teardown(test_abort_compensates, setup, teardown),
 		cmocka_unit_test_setup_teardown(test_choreographed, setup, teardown),
+		cmocka_unit_test_setup_teardown(test_start_sends_through_backend, setup, teardown),
+		cmocka_unit_test_setup_teardown(test_orphan_is_one_batch, setup, teardown),
+		cmocka_unit_test_setup_teardown(test_batch_ops_optional, setup, teardown),
 	};
 	return cmocka_run_group_tests(tests, NULL, NULL);
 }
