@@ -11,6 +11,8 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "broker.h"
+#include "broker_url.h"
 #include "conf.h"
 #include "delivery.h"
 #include "httpd.h"
@@ -146,6 +148,25 @@ admin_readyz(struct admin *a, struct evhttp_request *req)
 	metrics_family(out, #name, #type, help);				\
 	ADMIN_EMIT_##type(#name, expr);
 
+/* sagad_broker_node{role,node} 1: the node each connection is up on. */
+static void
+admin_metrics_nodes(struct sagad *d, struct evbuffer *out)
+{
+	struct broker *b[2] = { d->broker, d->consumer };
+	const char *role[2] = { "publish", "consume" };
+	char node[300], labels[400];
+	int i;
+
+	metrics_family(out, "sagad_broker_node", "gauge",
+	    "1 for the broker.url node (host:port) each connection is up on.");
+	for (i = 0; i < 2; i++) {
+		if (!b[i] || !broker_node_name(b[i], node, sizeof node))
+			continue;
+		snprintf(labels, sizeof labels, "role=\"%s\",node=\"%s\"", role[i], node);
+		metrics_sample(out, "sagad_broker_node", labels, 1);
+	}
+}
+
 static void
 admin_metrics(struct admin *a, struct evhttp_request *req)
 {
@@ -157,6 +178,7 @@ admin_metrics(struct admin *a, struct evhttp_request *req)
 
 	store_fsync_histogram(d->store, &fs);
 	ADMIN_METRICS(ADMIN_EMIT)
+	admin_metrics_nodes(d, out);
 	delivery_metrics(d->delivery, out);
 	if (d->saga)
 		saga_metrics(d->saga, out);
@@ -165,6 +187,20 @@ admin_metrics(struct admin *a, struct evhttp_request *req)
 	    "text/plain; version=0.0.4");
 	evhttp_send_reply(req, 200, "OK", out);
 	evbuffer_free(out);
+}
+
+/* Which node of broker.url each connection is up on (null while down). */
+static void
+admin_status_nodes(struct sagad *d, json_t *broker)
+{
+	char node[300];
+
+	json_object_set_new(broker, "node", broker_node_name(d->broker, node, sizeof node) ?
+	    json_string(node) : json_null());
+	if (d->consumer)
+		json_object_set_new(broker, "consumer_node",
+		    broker_node_name(d->consumer, node, sizeof node) ?
+		    json_string(node) : json_null());
 }
 
 static void
@@ -179,7 +215,7 @@ admin_status(struct admin *a, struct evhttp_request *req)
 	for (i = 0; i < d->conf->n_subs; i++)
 		json_array_append_new(subs, delivery_sub_json(d->delivery, (int)i));
 	/* Never the password: operators paste this into tickets. */
-	util_mask_url(d->conf->broker.url, url, sizeof url);
+	broker_url_mask(d->conf->broker.url, url, sizeof url);
 	j = json_pack(
 	    "{s:s,s:s,s:i,s:f,s:s,"
 	    "s:{s:s,s:b,s:s,s:s,s:I},"
@@ -204,6 +240,7 @@ admin_status(struct admin *a, struct evhttp_request *req)
 	    "unroutable_total", (json_int_t)rs->unroutable,
 	    "nacked_total", (json_int_t)rs->nacked);
 	json_object_set_new(j, "subscriptions", subs);
+	admin_status_nodes(d, json_object_get(j, "broker"));
 	httpd_reply_json(req, 200, j);
 }
 

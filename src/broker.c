@@ -293,6 +293,47 @@ broker_copy_subs(struct broker *b, const struct sagad_conf *c)
 	}
 }
 
+/* The node list, parsed again from the url the checks accepted; a
+ * password_file's secret is the password of every entry (the checks
+ * refused entries that give their own). */
+static void
+broker_copy_nodes(struct broker *b, const struct sagad_conf *c)
+{
+	char why[768];
+	int n = broker_url_parse(c->broker.url, &b->nodes, why, sizeof why);
+	size_t i;
+
+	if (n < 0) {
+		/* The checks accepted this url: cannot happen. */
+		log_error("broker url rejected", LOG_STR("reason", why));
+		abort();
+	}
+	b->n_nodes = (size_t)n;
+	b->node = 0;
+	b->node_up = -1;
+	if (!c->broker.password_file)
+		return;
+	for (i = 0; i < b->n_nodes; i++) {
+		free(b->nodes[i].password);
+		b->nodes[i].password = xstrdup(c->broker.password);
+	}
+}
+
+/* "host:port" of the node this connection is up on, for /metrics and
+ * status (any thread); 0 and "" while down. */
+int
+broker_node_name(struct broker *b, char *out, size_t outlen)
+{
+	int i = b ? __atomic_load_n(&b->node_up, __ATOMIC_ACQUIRE) : -1;
+
+	if (outlen)
+		out[0] = '\0';
+	if (i < 0)
+		return 0;
+	snprintf(out, outlen, "%s:%d", b->nodes[i].host, b->nodes[i].port);
+	return 1;
+}
+
 struct broker *
 broker_new(struct event_base *main_base, const struct sagad_conf *c,
     enum broker_role role, broker_event_fn *fn, void *arg)
@@ -301,12 +342,7 @@ broker_new(struct event_base *main_base, const struct sagad_conf *c,
 	struct timeval hb;
 	size_t i;
 
-	b->host = xstrdup(c->broker.host);
-	b->user = xstrdup(c->broker.user);
-	b->password = xstrdup(c->broker.password);
-	b->vhost = xstrdup(c->broker.vhost);
-	b->port = c->broker.port;
-	b->tls = c->broker.tls;
+	broker_copy_nodes(b, c);
 	b->tls_verify = c->broker.tls_verify;
 	b->tls_ca = broker_strdup(c->broker.tls_ca);
 	b->tls_cert = broker_strdup(c->broker.tls_cert);
@@ -447,7 +483,7 @@ broker_free(struct broker *b)
 		free(b->exchanges[i].type);
 	}
 	free(b->exchanges);
-	free(b->host); free(b->user); free(b->password); free(b->vhost);
+	broker_url_free(b->nodes, b->n_nodes);
 	free(b->app_id); free(b->conn_name);
 	free(b->tls_ca); free(b->tls_cert); free(b->tls_key);
 	pthread_mutex_destroy(&b->lock);

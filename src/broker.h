@@ -7,6 +7,7 @@
 #ifndef SAGAD_BROKER_H
 #define SAGAD_BROKER_H
 
+#include <stddef.h>
 #include <stdint.h>
 
 #include "msg.h"
@@ -53,6 +54,9 @@ struct broker *broker_new(struct event_base *main_base,
     const struct sagad_conf *conf, enum broker_role role,
     broker_event_fn *fn, void *arg);
 int broker_start(struct broker *b);
+/* The node (one of broker.url's entries) the connection is up on, as
+ * "host:port"; returns 0 with "" while it is down. Any thread. */
+int broker_node_name(struct broker *b, char *out, size_t outlen);
 /* Close the connection and join the thread. */
 void broker_free(struct broker *b);
 

@@ -47,6 +47,34 @@ broker_reply_ok(struct broker *b, const char *what)
 	return -1;
 }
 
+/*
+ * A channel whose publishes the broker only nacks does not recover by
+ * itself (seen with RabbitMQ 3.10 quorum queues when the channel's first
+ * publish raced a leader election after a node was lost): after
+ * BROKER_NACK_RESET seconds of nacks with no ack in between, start again on
+ * a fresh connection, on the next node. The nacked messages are retried by
+ * the outbox as usual.
+ */
+#define BROKER_NACK_RESET 5.0
+
+static void
+broker_nack_watch(struct broker *b, int ack)
+{
+	double now;
+
+	if (ack) {
+		b->nacking_since = 0;
+		return;
+	}
+	now = util_mono();
+	if (b->nacking_since == 0) {
+		b->nacking_since = now;
+		return;
+	}
+	if (now - b->nacking_since >= BROKER_NACK_RESET)
+		broker_fail(b, "every publish nacked for 5 s: reconnecting", 1);
+}
+
 static void
 broker_method(struct broker *b, amqp_frame_t *f)
 {
@@ -57,11 +85,13 @@ broker_method(struct broker *b, amqp_frame_t *f)
 	case AMQP_BASIC_ACK_METHOD: {
 		amqp_basic_ack_t *a = m->decoded;
 		broker_confirm(b, a->delivery_tag, a->multiple, 1);
+		broker_nack_watch(b, 1);
 		break;
 	}
 	case AMQP_BASIC_NACK_METHOD: {
 		amqp_basic_nack_t *n = m->decoded;
 		broker_confirm(b, n->delivery_tag, n->multiple, 0);
+		broker_nack_watch(b, 0);
 		break;
 	}
 	case AMQP_BASIC_RETURN_METHOD:
@@ -170,6 +200,22 @@ broker_drain(struct broker *b)
 
 /* ---- connection life ---- */
 
+/* After a loss or a failed attempt, the next attempt goes to the next node
+ * of broker.url (round robin; a one-node list stays where it is). */
+static void
+broker_next_node(struct broker *b)
+{
+	const struct broker_node *from = &b->nodes[b->node];
+
+	__atomic_store_n(&b->node_up, -1, __ATOMIC_RELEASE);
+	if (b->n_nodes < 2)
+		return;
+	b->node = (b->node + 1) % b->n_nodes;
+	log_info("broker moving to the next node", LOG_STR("role", broker_role_name(b)),
+	    LOG_STR("from_host", from->host), LOG_INT("from_port", from->port),
+	    LOG_STR("to_host", b->nodes[b->node].host), LOG_INT("to_port", b->nodes[b->node].port));
+}
+
 static void
 broker_schedule_retry(struct broker *b)
 {
@@ -227,8 +273,10 @@ broker_fail(struct broker *b, const char *why, int graceful)
 		log_warn("broker connection lost", LOG_STR("role", broker_role_name(b)),
 		    LOG_STR("reason", why));
 		broker_post(b, BROKER_EV_DOWN, 0, 0, why);
+		broker_next_node(b);
 		broker_schedule_retry(b);
-	}
+	} else
+		__atomic_store_n(&b->node_up, -1, __ATOMIC_RELEASE);
 }
 
 /* A library call failed with status rc: the connection is gone (no
@@ -289,7 +337,7 @@ broker_socket(struct broker *b, char *why, size_t whylen)
 {
 	amqp_socket_t *s;
 
-	if (!b->tls)
+	if (!b->nodes[b->node].tls)
 		return amqp_tcp_socket_new(b->conn);
 	s = amqp_ssl_socket_new(b->conn);
 	if (!s)
@@ -368,6 +416,7 @@ broker_declare_sub(struct broker *b, int i)
 static int
 broker_connect(struct broker *b, char *why, size_t whylen)
 {
+	const struct broker_node *n = &b->nodes[b->node];
 	struct timeval ct = broker_tv(b->connect_timeout);
 	amqp_table_entry_t props[4], caps[3];
 	amqp_table_t client;
@@ -385,14 +434,14 @@ broker_connect(struct broker *b, char *why, size_t whylen)
 	}
 	amqp_set_handshake_timeout(b->conn, &ct);
 	amqp_set_rpc_timeout(b->conn, &ct);
-	rc = amqp_socket_open_noblock(s, b->host, b->port, &ct);
+	rc = amqp_socket_open_noblock(s, n->host, n->port, &ct);
 	if (rc != AMQP_STATUS_OK) {
-		snprintf(why, whylen, "connect %s:%d: %s", b->host, b->port, amqp_error_string2(rc));
+		snprintf(why, whylen, "connect %s:%d: %s", n->host, n->port, amqp_error_string2(rc));
 		return -1;
 	}
 	client = broker_client_props(b, props, caps);
-	r = amqp_login_with_properties(b->conn, b->vhost, 0, 131072, b->heartbeat,
-	    &client, AMQP_SASL_METHOD_PLAIN, b->user, b->password);
+	r = amqp_login_with_properties(b->conn, n->vhost, 0, 131072, b->heartbeat,
+	    &client, AMQP_SASL_METHOD_PLAIN, n->user, n->password);
 	if (r.reply_type != AMQP_RESPONSE_NORMAL) {
 		if (r.reply_type == AMQP_RESPONSE_LIBRARY_EXCEPTION)
 			snprintf(why, whylen, "login: %s", amqp_error_string2(r.library_error));
@@ -427,6 +476,7 @@ void
 broker_connect_cb(evutil_socket_t fd, short what, void *arg)
 {
 	struct broker *b = arg;
+	const struct broker_node *n = &b->nodes[b->node];
 	char why[200] = "";
 	struct timeval hb;
 	int rc;
@@ -442,14 +492,17 @@ broker_connect_cb(evutil_socket_t fd, short what, void *arg)
 		amqp_destroy_connection(b->conn);
 		b->conn = NULL;
 		b->state = BROKER_ST_DOWN;
-		log_warn("broker connect failed", LOG_STR("host", b->host), LOG_INT("port", b->port),
+		log_warn("broker connect failed", LOG_STR("host", n->host), LOG_INT("port", n->port),
 		    LOG_STR("reason", why));
 		broker_post(b, BROKER_EV_DOWN, 0, 0, why);
 		broker_post_flush(b);
+		broker_next_node(b);
 		broker_schedule_retry(b);
 		return;
 	}
 	b->connected_at = util_mono();
+	b->nacking_since = 0;
+	__atomic_store_n(&b->node_up, (int)b->node, __ATOMIC_RELEASE);
 	b->epoch++;
 	b->next_tag = 1;	/* confirm sequence numbers restart per channel */
 	b->head_tag = 1;
@@ -459,7 +512,7 @@ broker_connect_cb(evutil_socket_t fd, short what, void *arg)
 	hb = broker_tv(b->heartbeat > 0 ? b->heartbeat / 2.0 : 1.0);
 	evtimer_add(b->hb_ev, &hb);
 	log_info("broker connected", LOG_STR("role", broker_role_name(b)),
-	    LOG_STR("host", b->host), LOG_INT("port", b->port), LOG_STR("vhost", b->vhost),
+	    LOG_STR("host", n->host), LOG_INT("port", n->port), LOG_STR("vhost", n->vhost),
 	    LOG_UINT("exchanges", b->n_exchanges), LOG_UINT("queues", b->n_subs),
 	    LOG_UINT("epoch", b->epoch));
 	broker_post(b, BROKER_EV_UP, 0, 0, NULL);

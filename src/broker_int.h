@@ -11,6 +11,7 @@
 #define SAGAD_BROKER_INT_H
 
 #include "broker.h"
+#include "broker_url.h"
 
 #include "amqp_headers.h"
 #include <event2/event.h>
@@ -82,8 +83,10 @@ struct broker_exchange {
 
 struct broker {
 	/* Settings, copied so that a reload never races the thread. */
-	char *host, *user, *password, *vhost, *app_id, *conn_name;
-	int port, tls, tls_verify;
+	struct broker_node *nodes;	/* broker.url, in order */
+	size_t n_nodes;
+	char *app_id, *conn_name;
+	int tls_verify;
 	char *tls_ca, *tls_cert, *tls_key;
 	int heartbeat;
 	double connect_timeout, reconnect_initial, reconnect_max;
@@ -103,6 +106,9 @@ struct broker {
 	uint64_t epoch;
 	unsigned failures;
 	double connected_at;
+	double nacking_since;		/* first nack since the last ack, or 0 */
+	size_t node;			/* the node tried or connected now */
+	int node_up;			/* node index while up, else -1 (atomic) */
 	int blocked;
 	enum broker_rx rx;
 	uint64_t rx_remaining;

@@ -1,4 +1,5 @@
 #include "conf.h"
+#include "broker_url.h"
 
 #include "amqp_headers.h"
 #include <errno.h>
@@ -293,48 +294,40 @@ conf_check_sagas(struct conf_ctx *ctx, config_t *cfg, struct sagad_conf *c)
 }
 
 
-static int
-conf_url_has_password(const char *url)
-{
-	const char *u = strstr(url, "://") + 3, *at = strchr(u, '@');
-
-	return at && memchr(u, ':', at - u) != NULL;
-}
-
-/* The broker URL is split once here so that errors name the config line. */
+/* The broker URL list is split once here so that errors name the config
+ * line and the entry; the first node fills the derived keys. */
 static void
 conf_broker_url(struct conf_ctx *ctx, config_t *cfg, struct sagad_conf *c)
 {
 	config_setting_t *s = config_lookup(cfg, "broker.url");
-	struct amqp_connection_info info;
-	char *copy;
+	struct broker_node *nodes;
+	char why[768];
+	int i, n;
 
-	if (strncmp(c->broker.url, "amqp://", 7) != 0 &&
-	    strncmp(c->broker.url, "amqps://", 8) != 0) {
-		conf_err(ctx, s, "broker url must start with amqp:// or amqps://");
+	n = broker_url_parse(c->broker.url, &nodes, why, sizeof why);
+	if (n < 0) {
+		conf_err(ctx, s, "%s", why);
 		return;
 	}
-	copy = xstrdup(c->broker.url);
-	if (amqp_parse_url(copy, &info) != AMQP_STATUS_OK) {
-		conf_err(ctx, s, "broker url is malformed (amqp://user:password@host:port/vhost)");
-		free(copy);
-		return;
-	}
-	c->broker.host = xstrdup(info.host);
-	c->broker.user = xstrdup(info.user);
-	c->broker.password = xstrdup(info.password);
-	c->broker.vhost = xstrdup(info.vhost);
-	c->broker.port = info.port;
-	c->broker.tls = info.ssl;
-	free(copy);
-	if (c->broker.password_file) {
-		char *pw;
-		if (conf_url_has_password(c->broker.url)) {
+	c->broker.host = xstrdup(nodes[0].host);
+	c->broker.user = xstrdup(nodes[0].user);
+	c->broker.password = xstrdup(nodes[0].password);
+	c->broker.vhost = xstrdup(nodes[0].vhost);
+	c->broker.port = nodes[0].port;
+	c->broker.tls = 0;
+	for (i = 0; i < n; i++) {
+		c->broker.tls |= nodes[i].tls;
+		if (c->broker.password_file && nodes[i].has_password) {
 			conf_err(ctx, config_lookup(cfg, "broker.password_file"),
-			    "give the password either in the url or in password_file, not both");
+			    "give the password either in the url or in password_file, not both "
+			    "(url entry %d has one)", i + 1);
+			broker_url_free(nodes, (size_t)n);
 			return;
 		}
-		pw = util_read_secret(c->broker.password_file);
+	}
+	broker_url_free(nodes, (size_t)n);
+	if (c->broker.password_file) {
+		char *pw = util_read_secret(c->broker.password_file);
 		if (!pw) {
 			conf_err(ctx, config_lookup(cfg, "broker.password_file"),
 			    "cannot read password_file '%s'", c->broker.password_file);
@@ -344,7 +337,7 @@ conf_broker_url(struct conf_ctx *ctx, config_t *cfg, struct sagad_conf *c)
 		c->broker.password = pw;
 	}
 	if (!c->broker.tls && (c->broker.tls_ca || c->broker.tls_cert || c->broker.tls_key))
-		conf_err(ctx, config_lookup(cfg, "broker.tls"), "tls settings need an amqps:// url");
+		conf_err(ctx, config_lookup(cfg, "broker.tls"), "tls settings need an amqps:// url (in at least one entry)");
 	if ((c->broker.tls_cert == NULL) != (c->broker.tls_key == NULL))
 		conf_err(ctx, config_lookup(cfg, "broker.tls"), "tls cert and key go together");
 	{

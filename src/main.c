@@ -12,6 +12,7 @@
 
 #include "admin.h"
 #include "broker.h"
+#include "broker_url.h"
 #include "conf.h"
 #include "delivery.h"
 #include "ingress.h"
@@ -301,7 +302,7 @@ sagad_start(struct sagad *d, char **err)
 {
 	char url[1024];
 
-	util_mask_url(d->conf->broker.url, url, sizeof url);
+	broker_url_mask(d->conf->broker.url, url, sizeof url);
 	log_info("sagad starting", LOG_STR("version", PACKAGE_VERSION),
 	    LOG_STR("service", d->conf->service), LOG_STR("store", d->conf->store.path),
 	    LOG_STR("listen", d->conf->api.listen), LOG_STR("admin", d->conf->api.admin_listen),

@@ -264,6 +264,9 @@ cmd_status(struct sagactl *c, int argc, char **argv)
 	printf("broker       %s %s%s%s (reconnects %lld)\n", jstr(b, "link"), jstr(b, "url"),
 	    *jstr(b, "reason") ? ": " : "", jstr(b, "reason"),
 	    (long long)json_integer_value(json_object_get(b, "reconnects")));
+	printf("node         %s (publish), %s (consume)\n",
+	    *jstr(b, "node") ? jstr(b, "node") : "-",
+	    *jstr(b, "consumer_node") ? jstr(b, "consumer_node") : "-");
 	printf("store        %s %lld/%lld bytes%s\n", jstr(s, "path"),
 	    (long long)json_integer_value(json_object_get(s, "bytes")),
 	    (long long)json_integer_value(json_object_get(s, "max_bytes")),

@@ -466,7 +466,7 @@ test_err_url_scheme(void **state)
 {
 	(void)state;
 	expect_error(SVC "broker = {\n  heartbeat = 5;\n  url = \"http://rabbit:5672/\";\n};\n", 4,
-	    "broker url must start with amqp:// or amqps://");
+	    "broker url entry 1 (http://rabbit:5672/) must start with amqp:// or amqps://");
 	expect_error(SVC "broker = {\n  url = \"rabbit:5672\";\n};\n", 3,
 	    "must start with amqp://");
 }
@@ -476,9 +476,34 @@ test_err_url_malformed(void **state)
 {
 	(void)state;
 	expect_error(SVC "broker = {\n  url = \"amqp://u:p@rabbit:notaport/v\";\n};\n", 3,
-	    "broker url is malformed");
+	    "broker url entry 1 (amqp://u:***@rabbit:notaport/v) is malformed");
 	expect_error(SVC "broker = {\n\n  url = \"amqp://u:p@rabbit:99999/v\";\n};\n", 4,
-	    "broker url is malformed");
+	    "is malformed");
+}
+
+/* A list of nodes: every entry checked, the bad one named; the first
+ * fills the derived keys; a password_file excludes passwords in any. */
+static void
+test_url_list(void **state)
+{
+	const struct tmp *t = *state;
+	struct sagad_conf *c;
+	char text[512];
+	const char *pw = write_file(t, "broker.pw", "pw\n");
+
+	c = load_ok(SVC "broker = { url = \"amqp://u:p@r1:5673/v , amqps://u:p@r2/v,"
+	    "amqp://r3\"; };\n");
+	assert_string_equal(c->broker.host, "r1");
+	assert_int_equal(c->broker.port, 5673);
+	assert_true(c->broker.tls);
+	conf_free(c);
+	expect_error(SVC "broker = {\n  url = \"amqp://u:p@r1/v, amqp://u:secret@r2:x/v\";\n};\n",
+	    3, "broker url entry 2 (amqp://u:***@r2:x/v) is malformed");
+	expect_error(SVC "broker = {\n  url = \"amqp://r1/v,,amqp://r3/v\";\n};\n", 3,
+	    "broker url entry 2 is empty");
+	snprintf(text, sizeof text, SVC "broker = {\n  url = \"amqp://u@r1/, amqp://u:x@r2/\";\n"
+	    "  password_file = \"%s\";\n};\n", pw);
+	expect_error(text, 4, "(url entry 2 has one)");
 }
 
 static void
@@ -900,6 +925,7 @@ main(void)
 		cmocka_unit_test(test_err_bad_service_name),
 		cmocka_unit_test(test_err_url_scheme),
 		cmocka_unit_test(test_err_url_malformed),
+		cmocka_unit_test_setup_teardown(test_url_list, setup_tmp, teardown_tmp),
 		cmocka_unit_test_setup_teardown(test_err_password_twice, setup_tmp, teardown_tmp),
 		cmocka_unit_test_setup_teardown(test_err_password_file_unreadable, setup_tmp, teardown_tmp),
 		cmocka_unit_test_setup_teardown(test_err_token_file_unreadable, setup_tmp, teardown_tmp),
