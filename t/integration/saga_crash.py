@@ -222,18 +222,7 @@ def main(wd):
     h.log('all %d sagas finished %.1f s after the first start event' % (N, time.time() - t_start))
 
     # let everything settle: every outbox empty, every backlog delivered
-    def settled():
-        for d in (orders, d_web, d_stock, d_payment):
-            m = d.metrics()
-            if m.get('sagad_outbox_pending', 1) != 0:
-                return False
-            if any(v for k, v in m.items() if k.startswith('sagad_inbox_backlog') or
-                   k.startswith('sagad_inbox_inflight')):
-                return False
-        return True
-    h.wait_until(settled, 60, 'outboxes and inboxes drained', interval=0.5)
-    time.sleep(2)
-    h.wait_until(settled, 30, 'outboxes and inboxes still drained', interval=0.5)
+    h.wait_drained((orders, d_web, d_stock, d_payment), 60)
 
     want = collections.Counter((p[1], p[2]) for p in plans)
     c = counts()

@@ -60,6 +60,23 @@ def check(cond, msg, detail=None):
     log('ok: ' + msg)
 
 
+def wait_drained(sagads, timeout):
+    """Wait until every sagad's outbox is empty and its inbox backlog
+    delivered, then check that it stays so for 2 s more."""
+    def settled():
+        for d in sagads:
+            m = d.metrics()
+            if m.get('sagad_outbox_pending', 1) != 0:
+                return False
+            if any(v for k, v in m.items() if k.startswith('sagad_inbox_backlog') or
+                   k.startswith('sagad_inbox_inflight')):
+                return False
+        return True
+    wait_until(settled, timeout, 'outboxes and inboxes drained', interval=0.5)
+    time.sleep(2)
+    wait_until(settled, 30, 'outboxes and inboxes still drained', interval=0.5)
+
+
 def wait_until(pred, timeout, what, interval=0.1):
     """Poll pred() until it returns a true value (returned) or time is up."""
     deadline = time.time() + timeout

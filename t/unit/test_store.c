@@ -1126,6 +1126,15 @@ inbox_redelivered(struct fx *f)
 	return v;
 }
 
+/* A dispatch run's set of attempts in flight written, then sagad restarted. */
+static void
+in_flight_then_restart(struct fx *f, const struct inbox_attempt *a, size_t n)
+{
+	assert_int_equal(store_inbox_in_flight(f->st, "s", a, n), 0);
+	assert_int_equal(store_flush(f->st), 0);
+	reopen(f);
+}
+
 /* An attempt started and not recorded (sagad killed while the service held
  * the request) leaves the record in doubt after a restart (issue 14, A8),
  * until an outcome is recorded; an outcome recorded before the stop, or no
@@ -1142,14 +1151,10 @@ test_inbox_in_flight_marks_redelivered(void **state)
 	assert_int_equal(store_flush(f->st), 0);
 	reopen(f);
 	assert_false(inbox_redelivered(f));
-	assert_int_equal(store_inbox_in_flight(f->st, "s", &a, 1), 0);
-	assert_int_equal(store_flush(f->st), 0);
-	reopen(f);
+	in_flight_then_restart(f, &a, 1);
 	assert_true(inbox_redelivered(f));
 	/* Still in doubt after another restart, and after a set without it. */
-	assert_int_equal(store_inbox_in_flight(f->st, "s", NULL, 0), 0);
-	assert_int_equal(store_flush(f->st), 0);
-	reopen(f);
+	in_flight_then_restart(f, NULL, 0);
 	assert_true(inbox_redelivered(f));
 	/* An outcome recorded (a retry): no longer in doubt. */
 	assert_int_equal(store_inbox_retry(f->st, a.id, 1, 0, 503, "HTTP 503"), 0);
@@ -1158,14 +1163,10 @@ test_inbox_in_flight_marks_redelivered(void **state)
 	assert_false(inbox_redelivered(f));
 	/* Attempt 1 still in the set, its outcome recorded: not in doubt;
 	 * attempt 2 in flight: in doubt. */
-	assert_int_equal(store_inbox_in_flight(f->st, "s", &a, 1), 0);
-	assert_int_equal(store_flush(f->st), 0);
-	reopen(f);
+	in_flight_then_restart(f, &a, 1);
 	assert_false(inbox_redelivered(f));
 	a.attempt = 2;
-	assert_int_equal(store_inbox_in_flight(f->st, "s", &a, 1), 0);
-	assert_int_equal(store_flush(f->st), 0);
-	reopen(f);
+	in_flight_then_restart(f, &a, 1);
 	assert_true(inbox_redelivered(f));
 }
 
