@@ -389,6 +389,33 @@ admin_dlq(struct admin *a, struct evhttp_request *req, const char *rest)
 	    "use GET /v1/admin/dlq/{subscription} or POST /v1/admin/dlq/{subscription}/replay");
 }
 
+/* The saga engine's answer (saga.h): with a shared store it comes after
+ * the store's round trips; libevent keeps the request until then. */
+static void
+admin_saga_answer(void *arg, int status, void *json)
+{
+	struct evhttp_request *req = arg;
+
+	switch (status) {
+	case 200:
+		httpd_reply_json(req, 200, json);
+		break;
+	case 404:
+		httpd_error(req, 404, "unknown-saga", "no saga instance with this id");
+		break;
+	case 409:
+		httpd_error(req, 409, "wrong-state",
+		    "no instance with this id in the state the command needs "
+		    "(retry: failed, abort: running)");
+		break;
+	default:
+		evhttp_add_header(evhttp_request_get_output_headers(req), "Retry-After", "1");
+		httpd_error(req, 503, "store-unavailable",
+		    "the saga store did not answer or commit; see the log");
+		break;
+	}
+}
+
 static void
 admin_sagas(struct admin *a, struct evhttp_request *req)
 {
@@ -418,10 +445,9 @@ admin_sagas(struct admin *a, struct evhttp_request *req)
 		evhttp_clear_headers(&params);
 		return;
 	}
-	j = saga_list_json(a->d->saga, name, st,
-	    (size_t)admin_query_long(req, "limit", 100, ADMIN_LIST_MAX));
+	saga_list(a->d->saga, name, st, (size_t)admin_query_long(req, "limit", 100, ADMIN_LIST_MAX),
+	    admin_saga_answer, req);
 	evhttp_clear_headers(&params);
-	httpd_reply_json(req, 200, j);
 }
 
 /* /v1/admin/sagas/{id}[/retry|/abort]; the id is percent-encoded. */
@@ -432,7 +458,6 @@ admin_saga(struct admin *a, struct evhttp_request *req, const char *rest)
 	size_t len = slash ? (size_t)(slash - rest) : strlen(rest);
 	int post = evhttp_request_get_command(req) == EVHTTP_REQ_POST;
 	char *id = xmalloc(len + 1);
-	int n;
 
 	if (util_pct_decode(rest, len, id) <= 0) {
 		free(id);
@@ -444,24 +469,10 @@ admin_saga(struct admin *a, struct evhttp_request *req, const char *rest)
 		httpd_error(req, 404, "unknown-saga", "no sagas are configured");
 		return;
 	}
-	if (!slash && !post) {
-		json_t *j = saga_get_json(a->d->saga, id);
-		if (!j)
-			httpd_error(req, 404, "unknown-saga", "no saga instance with this id");
-		else
-			httpd_reply_json(req, 200, j);
-	} else if (slash && post && (strcmp(slash, "/retry") == 0 || strcmp(slash, "/abort") == 0)) {
-		int retry = strcmp(slash, "/retry") == 0;
-		n = retry ? saga_retry(a->d->saga, id) : saga_abort(a->d->saga, id);
-		if (n < 0)
-			httpd_error(req, 500, "store-error", "see the log");
-		else if (n == 0)
-			httpd_error(req, 409, "wrong-state", retry ?
-			    "no failed instance with this id to retry" :
-			    "no running instance with this id to abort");
-		else
-			httpd_reply_json(req, 200, json_pack("{s:s,s:s,s:i}", "id", id,
-			    "action", retry ? "retry" : "abort", "instances", n));
+	if (!slash && !post)
+		saga_get(a->d->saga, id, admin_saga_answer, req);
+	else if (slash && post && (strcmp(slash, "/retry") == 0 || strcmp(slash, "/abort") == 0))
+		saga_command(a->d->saga, id, strcmp(slash, "/retry") == 0, admin_saga_answer, req);
 	} else {
 		evhttp_add_header(evhttp_request_get_output_headers(req), "Allow", slash ? "POST" : "GET");
 		httpd_error(req, 405, "method-not-allowed",

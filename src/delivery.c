@@ -260,6 +260,52 @@ delivery_derive_id(const struct msg *m, char out[40])
 	    (unsigned long long)h2);
 }
 
+/* ---- a taker's messages (shared saga store) ---- */
+
+struct delivery_ticket {
+	struct dack k;
+};
+
+static void
+delivery_hand_over(struct delivery *dl, struct dsub *ds, struct dack *k, struct msg *m)
+{
+	ds->inflight++;
+	ds->taker(ds->taker_arg, m, (struct delivery_ticket *)k);
+}
+
+void
+delivery_settle(struct delivery_ticket *t, enum delivery_verdict v)
+{
+	struct dack *k = &t->k;
+	struct delivery *dl = k->dl;
+	struct dsub *ds = &dl->subs[k->sub];
+
+	ds->inflight--;
+	/* A ticket of an earlier connection: that delivery is void, the
+	 * broker has given the message again. */
+	if (dl->br && k->epoch == dl->epoch) {
+		if (v == DELIVERY_ACK) {
+			broker_ack(dl->br, k->epoch, k->sub, k->tag);
+			histogram_observe(&ds->stats.ack, util_mono() - k->received);
+			ds->stats.outcomes[OUTCOME_SUCCESS]++;
+		} else if (v == DELIVERY_REQUEUE)
+			broker_requeue(dl->br, k->epoch, k->sub, k->tag);
+		else {
+			broker_reject(dl->br, k->epoch, k->sub, k->tag);
+			ds->stats.dead_lettered++;
+		}
+		broker_kick(dl->br);
+	}
+	free(k);
+}
+
+void
+delivery_set_taker(struct delivery *dl, int sub, delivery_take_fn *fn, void *arg)
+{
+	dl->subs[sub].taker = fn;
+	dl->subs[sub].taker_arg = arg;
+}
+
 static void
 delivery_take(struct delivery *dl, const struct broker_event *ev)
 {
@@ -279,6 +325,10 @@ delivery_take(struct delivery *dl, const struct broker_event *ev)
 		delivery_derive_id(m, derived);
 		free(m->message_id);
 		m->message_id = xstrdup(derived);
+	}
+	if (ds->taker) {
+		delivery_hand_over(dl, ds, k, m);
+		return;
 	}
 	put = store_inbox_put(dl->d->store, ds->name, m, util_now(), &id);
 	switch (put) {

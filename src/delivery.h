@@ -62,6 +62,19 @@ typedef void delivery_handler_fn(void *arg, const struct msg *m);
 void delivery_set_handler(struct delivery *dl, int sub, delivery_handler_fn *fn,
     void *arg);
 
+/* With a shared saga store the internal subscription's messages skip the
+ * inbox (the store deduplicates them in its own transaction): fn takes m
+ * (owned from then on) and settles it with the broker later, once. */
+struct delivery_ticket;
+typedef void delivery_take_fn(void *arg, struct msg *m, struct delivery_ticket *t);
+void delivery_set_taker(struct delivery *dl, int sub, delivery_take_fn *fn, void *arg);
+enum delivery_verdict {
+	DELIVERY_ACK,		/* committed, or a duplicate */
+	DELIVERY_REQUEUE,	/* not committed: the broker delivers it again */
+	DELIVERY_REJECT		/* refused for good: dead-lettered */
+};
+void delivery_settle(struct delivery_ticket *t, enum delivery_verdict v);
+
 /* A stable id for a message that came without one (see sagad.8). */
 void delivery_derive_id(const struct msg *m, char out[40]);
 

@@ -61,6 +61,8 @@ struct dsub {
 	struct delivery_sub_stats stats;
 	delivery_handler_fn *handler;	/* internal subscription */
 	void *handler_arg;
+	delivery_take_fn *taker;	/* internal, with a shared saga store */
+	void *taker_arg;
 };
 
 struct delivery {

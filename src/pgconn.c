@@ -446,6 +446,15 @@ pgc_result(const struct pgc *c, int i)
 	return c->res[i];
 }
 
+PGresult *
+pgc_take_result(struct pgc *c, int i)
+{
+	PGresult *r = c->res[i];
+
+	c->res[i] = NULL;
+	return r;
+}
+
 const char *
 pgc_error(const struct pgc *c)
 {

@@ -83,6 +83,8 @@ void pgc_send_pipeline(struct pgc *c, const struct pgc_stmt *s, int n);
 int pgc_nresults(const struct pgc *c);
 PGresult *pgc_result(const struct pgc *c, int i);
 const char *pgc_error(const struct pgc *c);
+/* Result i, the caller's from now on (PQclear it). */
+PGresult *pgc_take_result(struct pgc *c, int i);
 
 /* The libpq connection, for escaping and for what it is connected to;
  * NULL while down. */

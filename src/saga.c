@@ -564,6 +564,56 @@ saga_handle(void *arg, const struct msg *m)
 	e->consumed = 0;
 }
 
+/* With a shared store, a consumed message is a job whose end settles it
+ * with the broker: acked once committed (or a duplicate), given back when
+ * not. */
+struct saga_take {
+	struct saga_engine *e;
+	struct msg *m;
+	saga_settle_fn *settle;
+	void *arg;
+};
+
+static void
+saga_take_run(void *arg)
+{
+	struct saga_take *t = arg;
+
+	t->e->consumed = 1;
+	saga_handle_matches(t->e, t->m);
+	t->e->consumed = 0;
+}
+
+static void
+saga_take_done(void *arg, enum saga_job_result r)
+{
+	struct saga_take *t = arg;
+
+	if (r == SAGA_JOB_DUPLICATE)
+		log_debug("saga message taken before: acked", LOG_STR("message_id", t->m->message_id));
+	t->settle(t->arg, r);
+	msg_free(t->m);
+	free(t);
+}
+
+void
+saga_take(struct saga_engine *e, struct msg *m, saga_settle_fn *settle, void *arg)
+{
+	struct saga_take *t = xcalloc(1, sizeof *t);
+	struct saga_job job = { .consumed = m->message_id, .run = saga_take_run,
+	    .done = saga_take_done, .arg = t };
+
+	t->e = e;
+	t->m = m;
+	t->settle = settle;
+	t->arg = arg;
+	/* A start's saga id is its correlation id, or else its message id. */
+	if (m->props.correlation_id && *m->props.correlation_id)
+		job.ids[job.n_ids++] = m->props.correlation_id;
+	job.ids[job.n_ids++] = m->message_id;
+	saga_store_submit(e->ss, &job);
+}
+
 /* ---- timers ---- */
 
 static void
@@ -617,19 +667,15 @@ saga_rearm(struct saga_engine *e)
 	}
 }
 
+/* A round of due timers is one job (saga_store.h): a shared backend
+ * answers timers_due with the timers it claimed and locked. */
 static void
-saga_timer_cb(evutil_socket_t fd, short what, void *arg)
+saga_timers_run(void *arg)
 {
 	struct saga_engine *e = arg;
 	struct saga_due due[256];
 	size_t n, i;
 
-	(void)fd;
-	(void)what;
-	if (e->d->state == SAGAD_STOPPED)
-		return;
-	/* A round of due timers is one batch (saga_store.h). */
-	saga_store_batch_begin(e->ss);
 	n = saga_store_timers_due(e->ss, util_now(), due, 256);
 	for (i = 0; i < n; i++) {
 		struct saga_inst *in = saga_load_row(e, due[i].row);
@@ -642,16 +688,42 @@ saga_timer_cb(evutil_socket_t fd, short what, void *arg)
 		saga_save(e, in);
 		saga_inst_free(in);
 	}
-	if (saga_store_batch_end(e->ss) < 0)
-		log_error("saga timer batch not committed", LOG_INT("timers", (int64_t)n));
+}
+
+static void
+saga_timers_done(void *arg, enum saga_job_result r)
+{
+	struct saga_engine *e = arg;
+
+	if (r != SAGA_JOB_DONE)
+		log_error("saga timer round not committed; it runs again");
+	e->timer_job = 0;
 	e->timer_at = 0;
-	saga_rearm(e);
+	if (e->d->state != SAGAD_STOPPED)
+		saga_rearm(e);
+}
+
+static void
+saga_timer_cb(evutil_socket_t fd, short what, void *arg)
+{
+	struct saga_engine *e = arg;
+	struct saga_job job = { .want = SAGA_WANT_TIMERS, .run = saga_timers_run,
+	    .done = saga_timers_done, .arg = e };
+
+	(void)fd;
+	(void)what;
+	if (e->d->state == SAGAD_STOPPED || e->timer_job)
+		return;
+	e->timer_job = 1;
+	saga_store_submit(e->ss, &job);
 }
 
 /* ---- life ---- */
 
 /* Counted once at start, then kept up to date as instances change: a
- * scrape must not count a large table on the event loop. */
+ * scrape must not count a large table on the event loop. A shared store
+ * is changed by other replicas too: its counts (which it refreshes in the
+ * background) are read again at each scrape. */
 static void
 saga_count_one(void *arg, const struct saga_rec *r)
 {
@@ -662,6 +734,16 @@ saga_count_one(void *arg, const struct saga_rec *r)
 		e->stats[def].states[r->state] = r->row;
 }
 
+void
+saga_counts_refresh(struct saga_engine *e)
+{
+	size_t i;
+
+	for (i = 0; i < e->d->conf->n_sagas; i++)
+		memset(e->stats[i].states, 0, sizeof e->stats[i].states);
+	saga_store_counts(e->ss, saga_count_one, e);
+}
+
 struct saga_engine *
 saga_new(struct sagad *d, char **err)
 {
@@ -670,7 +752,7 @@ saga_new(struct sagad *d, char **err)
 
 	*err = NULL;
 	e->d = d;
-	e->ss = saga_store_open(d->store, err);
+	e->ss = saga_store_open(d->base, d->store, d->conf, err);
 	if (!e->ss) {
 		saga_free(e);
 		return NULL;
@@ -678,11 +760,19 @@ saga_new(struct sagad *d, char **err)
 	e->stats = xcalloc(d->conf->n_sagas + 1, sizeof *e->stats);
 	for (i = 0; i < d->conf->n_sagas; i++)
 		histogram_init(&e->stats[i].duration, metrics_latency_bounds, metrics_latency_nbounds);
-	saga_store_counts(e->ss, saga_count_one, e);
+	saga_counts_refresh(e);
+	if (saga_store_shared(e->ss))
+		log_info("sagas shared with other replicas", LOG_STR("service", d->conf->service));
 	e->timer_ev = evtimer_new(d->base, saga_timer_cb, e);
 	/* Deadlines live in the store: after a restart they fire as due. */
 	saga_rearm(e);
 	return e;
+}
+
+int
+saga_shared(const struct saga_engine *e)
+{
+	return saga_store_shared(e->ss);
 }
 
 void

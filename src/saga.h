@@ -73,15 +73,28 @@ size_t saga_classify(const struct sagad_conf *conf, const struct msg *m,
 
 struct saga_engine *saga_new(struct sagad *d, char **err);
 void saga_free(struct saga_engine *e);
-/* The delivery handler of the internal subscription. */
+/* The delivery handler of the internal subscription (the SQLite store:
+ * in the inbox's transaction). */
 void saga_handle(void *arg, const struct msg *m);
+/* With a shared store (saga_store_shared): the consumed message m (owned
+ * from here) is handled in a job; settle says whether it committed
+ * (enum saga_job_result). */
+typedef void saga_settle_fn(void *arg, int result);
+void saga_take(struct saga_engine *e, struct msg *m, saga_settle_fn *settle, void *arg);
+int saga_shared(const struct saga_engine *e);
 
-/* Admin. JSON values are jansson json_t *. */
-void *saga_list_json(struct saga_engine *e, const char *name, int state, size_t limit);
-void *saga_get_json(struct saga_engine *e, const char *id);
-/* Returns instances affected, or -1. */
-int saga_retry(struct saga_engine *e, const char *id);
-int saga_abort(struct saga_engine *e, const char *id);
+/* Admin. The answer comes through fn: at once with the SQLite store, after
+ * the store's round trips with a shared one. status 200 with json (a
+ * jansson json_t *, fn owns it); 404 no instance with this id (get); 409
+ * none in the state the command needs (retry: failed, abort: running);
+ * 503 the store did not answer or commit. */
+typedef void saga_answer_fn(void *arg, int status, void *json);
+void saga_list(struct saga_engine *e, const char *name, int state, size_t limit,
+    saga_answer_fn *fn, void *arg);
+void saga_get(struct saga_engine *e, const char *id, saga_answer_fn *fn, void *arg);
+/* retry (1) a failed saga's compensation or abort (0) a running saga. */
+void saga_command(struct saga_engine *e, const char *id, int retry, saga_answer_fn *fn,
+    void *arg);
 void saga_metrics(struct saga_engine *e, struct evbuffer *out);
 int saga_state_from_name(const char *name);
 /* Whether the diagram above has the edge from -> to. */

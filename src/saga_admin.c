@@ -81,7 +81,7 @@ saga_list_one(void *arg, const struct saga_rec *r)
 	saga_inst_free(in);
 }
 
-void *
+static json_t *
 saga_list_json(struct saga_engine *e, const char *name, int state, size_t limit)
 {
 	struct saga_list_ctx c = { e, json_array() };
@@ -90,7 +90,7 @@ saga_list_json(struct saga_engine *e, const char *name, int state, size_t limit)
 	return json_pack("{s:o}", "sagas", c.list);
 }
 
-void *
+static json_t *
 saga_get_json(struct saga_engine *e, const char *id)
 {
 	int64_t rows[64];
@@ -111,7 +111,7 @@ saga_get_json(struct saga_engine *e, const char *id)
 	return json_pack("{s:s,s:o}", "id", id, "instances", list);
 }
 
-int
+static int
 saga_retry(struct saga_engine *e, const char *id)
 {
 	int64_t rows[64];
@@ -139,7 +139,7 @@ saga_retry(struct saga_engine *e, const char *id)
 	return done;
 }
 
-int
+static int
 saga_abort(struct saga_engine *e, const char *id)
 {
 	int64_t rows[64];
@@ -161,6 +161,128 @@ saga_abort(struct saga_engine *e, const char *id)
 	return done;
 }
 
+/* An operator's question or command is one job of the store (saga_store.h):
+ * answered at once with SQLite, after the round trips with a shared
+ * store, and only once what it changed committed. */
+enum saga_ask_kind {
+	ASK_LIST,
+	ASK_GET,
+	ASK_RETRY,
+	ASK_ABORT
+};
+
+struct saga_ask {
+	struct saga_engine *e;
+	enum saga_ask_kind kind;
+	char *id, *name;
+	int state;
+	size_t limit;
+	json_t *json;		/* the answer, built by run */
+	int status;
+	saga_answer_fn *fn;
+	void *arg;
+};
+
+static void
+saga_ask_run(void *arg)
+{
+	struct saga_ask *q = arg;
+	int n;
+
+	json_decref(q->json);	/* a batch run again after a lost connection */
+	q->json = NULL;
+	q->status = 200;
+	switch (q->kind) {
+	case ASK_LIST:
+		q->json = saga_list_json(q->e, q->name, q->state, q->limit);
+		break;
+	case ASK_GET:
+		q->json = saga_get_json(q->e, q->id);
+		if (!q->json)
+			q->status = 404;
+		break;
+	case ASK_RETRY:
+	case ASK_ABORT:
+		n = q->kind == ASK_RETRY ? saga_retry(q->e, q->id) : saga_abort(q->e, q->id);
+		if (n == 0)
+			q->status = 409;
+		else
+			q->json = json_pack("{s:s,s:s,s:i}", "id", q->id,
+			    "action", q->kind == ASK_RETRY ? "retry" : "abort", "instances", n);
+		break;
+	}
+}
+
+static void
+saga_ask_done(void *arg, enum saga_job_result r)
+{
+	struct saga_ask *q = arg;
+
+	if (r != SAGA_JOB_DONE) {
+		json_decref(q->json);
+		q->json = NULL;
+		q->status = 503;
+	}
+	q->fn(q->arg, q->status, q->json);
+	free(q->id);
+	free(q->name);
+	free(q);
+}
+
+static void
+saga_ask(struct saga_engine *e, struct saga_ask *q, saga_answer_fn *fn, void *arg)
+{
+	struct saga_job job = { .run = saga_ask_run, .done = saga_ask_done, .arg = q };
+
+	q->e = e;
+	q->fn = fn;
+	q->arg = arg;
+	if (q->id) {
+		job.ids[job.n_ids++] = q->id;
+		job.want = q->kind == ASK_GET ? SAGA_WANT_HISTORY : 0;
+	}
+	if (q->kind == ASK_LIST) {
+		job.want = SAGA_WANT_LIST;
+		job.list_saga = q->name;
+		job.list_state = q->state;
+		job.list_limit = q->limit;
+	}
+	saga_store_submit(e->ss, &job);
+}
+
+void
+saga_list(struct saga_engine *e, const char *name, int state, size_t limit,
+    saga_answer_fn *fn, void *arg)
+{
+	struct saga_ask *q = xcalloc(1, sizeof *q);
+
+	q->kind = ASK_LIST;
+	q->name = name ? xstrdup(name) : NULL;
+	q->state = state;
+	q->limit = limit;
+	saga_ask(e, q, fn, arg);
+}
+
+void
+saga_get(struct saga_engine *e, const char *id, saga_answer_fn *fn, void *arg)
+{
+	struct saga_ask *q = xcalloc(1, sizeof *q);
+
+	q->kind = ASK_GET;
+	q->id = xstrdup(id);
+	saga_ask(e, q, fn, arg);
+}
+
+void
+saga_command(struct saga_engine *e, const char *id, int retry, saga_answer_fn *fn, void *arg)
+{
+	struct saga_ask *q = xcalloc(1, sizeof *q);
+
+	q->kind = retry ? ASK_RETRY : ASK_ABORT;
+	q->id = xstrdup(id);
+	saga_ask(e, q, fn, arg);
+}
+
 void
 saga_metrics(struct saga_engine *e, struct evbuffer *out)
 {
@@ -169,6 +291,8 @@ saga_metrics(struct saga_engine *e, struct evbuffer *out)
 	size_t i;
 	int k;
 
+	if (saga_store_shared(e->ss))
+		saga_counts_refresh(e);
 	metrics_family(out, "sagad_sagas", "gauge", "Saga instances in the store by state.");
 	for (i = 0; i < c->n_sagas; i++)
 		for (k = 0; k < SAGA_NSTATES; k++) {

@@ -73,6 +73,7 @@ struct saga_engine {
 	 * transaction, and the same state and message make the same messages,
 	 * with the same ids. Timers and operators' commands wait for it. */
 	int consumed;
+	int timer_job;		/* a round of timers is submitted, not done */
 };
 /* ---- saga_record.c: an instance and its encoding ---- */
 
@@ -109,5 +110,7 @@ int saga_set_state(struct saga_engine *e, struct saga_inst *in, enum saga_state 
     const char *step, const char *why);
 void saga_start_compensation(struct saga_engine *e, struct saga_inst *in, const char *reason);
 void saga_compensate_next(struct saga_engine *e, struct saga_inst *in);
+/* The per-state gauges read from the store again. */
+void saga_counts_refresh(struct saga_engine *e);
 
 #endif

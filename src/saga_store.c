@@ -8,6 +8,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "conf.h"
 #include "xmalloc.h"
 
 struct saga_store {
@@ -34,13 +35,18 @@ saga_store_new(const struct saga_store_ops *ops, struct saga_backend *b)
 	return ss;
 }
 
-/* SQLite is the only backend so far; the configuration will choose once
- * there is a second one (REPLICAS.md). */
+/* SQLite unless the configuration names PostgreSQL (saga_store.backend). */
 struct saga_store *
-saga_store_open(struct store *st, char **err)
+saga_store_open(struct event_base *base, struct store *st, const struct sagad_conf *conf,
+    char **err)
 {
-	struct saga_backend *b = saga_store_sqlite_open(st, err);
+	struct saga_backend *b;
 
+	if (conf->saga_store.pgsql) {
+		b = saga_store_pgsql_open(base, conf, err);
+		return b ? saga_store_new(&saga_store_pgsql_ops, b) : NULL;
+	}
+	b = saga_store_sqlite_open(st, err);
 	return b ? saga_store_new(&saga_store_sqlite_ops, b) : NULL;
 }
 
@@ -66,6 +72,29 @@ int
 saga_store_batch_end(struct saga_store *ss)
 {
 	return ss->ops->batch_end ? ss->ops->batch_end(ss->b) : 0;
+}
+
+/* ---- jobs ---- */
+
+void
+saga_store_submit(struct saga_store *ss, const struct saga_job *job)
+{
+	int r;
+
+	if (ss->ops->submit) {
+		ss->ops->submit(ss->b, job);
+		return;
+	}
+	saga_store_batch_begin(ss);
+	job->run(job->arg);
+	r = saga_store_batch_end(ss);
+	job->done(job->arg, r < 0 ? SAGA_JOB_RETRY : SAGA_JOB_DONE);
+}
+
+int
+saga_store_shared(const struct saga_store *ss)
+{
+	return ss->ops->shared;
 }
 
 /* ---- instances ---- */

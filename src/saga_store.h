@@ -63,8 +63,62 @@ struct saga_due {
 
 typedef void saga_rec_fn(void *arg, const struct saga_rec *r);
 
-struct saga_store *saga_store_open(struct store *st, char **err);
+struct event_base;
+struct sagad_conf;
+
+/* The backend the configuration names (saga_store.backend). */
+struct saga_store *saga_store_open(struct event_base *base, struct store *st,
+    const struct sagad_conf *conf, char **err);
 void saga_store_close(struct saga_store *ss);
+
+/*
+ * Jobs. Everything the engine does to its records outside the SQLite
+ * store's own delivery path (timer rounds, operators' views and commands,
+ * and with a shared backend every consumed saga message) is a job:
+ * run(arg) is called inside a batch, where the reads of the job's saga ids
+ * and what `want` asks for are answered; done(arg, result) follows once
+ * the batch's writes committed, or are known lost. The SQLite backend runs
+ * a job at once, done included, before saga_store_submit returns. A shared
+ * backend (PostgreSQL) queues it: the jobs of one batch have their
+ * instances fetched and locked in one round trip, run in order, and
+ * commit in a second (REPLICAS.md: One batch, one transaction).
+ */
+enum saga_job_result {
+	SAGA_JOB_DONE,		/* committed */
+	SAGA_JOB_DUPLICATE,	/* the consumed message was taken before: not run */
+	SAGA_JOB_RETRY,		/* not committed (store unreachable, a conflict): may come again */
+	SAGA_JOB_FAILED		/* not committed, and never will be: the job itself is refused */
+};
+
+enum {
+	SAGA_WANT_TIMERS = 1,	/* saga_store_timers_due answers the due timers */
+	SAGA_WANT_HISTORY = 2,	/* saga_store_history answers for the ids' instances */
+	SAGA_WANT_LIST = 4	/* saga_store_list answers (list_saga, list_state, list_limit) */
+};
+
+struct saga_job {
+	const char *ids[2];	/* saga ids whose instances run may read and change */
+	size_t n_ids;
+	/* The consumed message's id: a shared backend records it in the
+	 * batch's transaction and answers SAGA_JOB_DUPLICATE for one taken
+	 * before (SQLite's inbox deduplicates before the engine sees it). */
+	const char *consumed;
+	unsigned want;
+	const char *list_saga;	/* SAGA_WANT_LIST: NULL all */
+	int list_state;		/* < 0 all */
+	size_t list_limit;
+	void (*run)(void *arg);
+	void (*done)(void *arg, enum saga_job_result r);
+	void *arg;
+};
+
+/* The job is copied; run and done are always called, in that order (run
+ * not for DUPLICATE, RETRY or FAILED before it ran). */
+void saga_store_submit(struct saga_store *ss, const struct saga_job *job);
+/* Whether other processes change the records too (a shared backend):
+ * then counts must be read from the store, not kept in memory, and the
+ * consumed saga messages go through jobs. */
+int saga_store_shared(const struct saga_store *ss);
 
 /* A batch's edges (above): batch_end returns 0, or -1 when its writes did
  * not commit. */

@@ -40,6 +40,9 @@ struct saga_store_ops {
 	    size_t max);
 	int (*expire)(struct saga_backend *b, double before, unsigned states, int batch,
 	    saga_rec_fn *fn, void *arg);
+	/* NULL: saga_store.c runs the job at once inside batch_begin/end. */
+	void (*submit)(struct saga_backend *b, const struct saga_job *job);
+	int shared;
 	void (*batch_begin)(struct saga_backend *b);
 	int (*batch_end)(struct saga_backend *b);
 	void (*close)(struct saga_backend *b);
@@ -48,6 +51,11 @@ struct saga_store_ops {
 /* The SQLite backend (saga_store_sqlite.c). */
 extern const struct saga_store_ops saga_store_sqlite_ops;
 struct saga_backend *saga_store_sqlite_open(struct store *st, char **err);
+
+/* The PostgreSQL backend (saga_store_pgsql.c, saga_pgsql_batch.c). */
+extern const struct saga_store_ops saga_store_pgsql_ops;
+struct saga_backend *saga_store_pgsql_open(struct event_base *base,
+    const struct sagad_conf *conf, char **err);
 
 /* A store on any backend, b owned by it (saga_store_open picks the
  * backend; the unit tests give their own). */

@@ -111,13 +111,17 @@ rec_update(struct saga_backend *b, const struct saga_rec *r)
 	return saga_store_sqlite_ops.update(b, r);
 }
 
-struct saga_store *__wrap_saga_store_open(struct store *st, char **err);
+struct saga_store *__wrap_saga_store_open(struct event_base *base, struct store *st,
+    const struct sagad_conf *conf, char **err);
 
 struct saga_store *
-__wrap_saga_store_open(struct store *st, char **err)
+__wrap_saga_store_open(struct event_base *base, struct store *st,
+    const struct sagad_conf *conf, char **err)
 {
 	struct saga_backend *b = saga_store_sqlite_open(st, err);
 
+	(void)base;
+	(void)conf;
 	rec_ops = saga_store_sqlite_ops;
 	rec_ops.send = rec_send;
 	rec_ops.insert = rec_insert;

@@ -1,0 +1,135 @@
+/*
+ * Inside the PostgreSQL saga store (REPLICAS.md): what its two files
+ * share. saga_store_pgsql.c holds the operations the engine calls
+ * (saga_store_backend.h), answered from the batch's cache of fetched
+ * rows, its writes queued as statements; saga_pgsql_batch.c drives the
+ * batches on an asynchronous connection: jobs queued, their instances
+ * fetched and locked in one round trip, the jobs run, the queued writes
+ * and the COMMIT sent in a second, and only then the jobs' done.
+ */
+#ifndef SAGAD_SAGA_PGSQL_H
+#define SAGAD_SAGA_PGSQL_H
+
+#include <libpq-fe.h>
+#include <stdint.h>
+
+#include "pgconn.h"
+#include "saga_store_backend.h"
+
+struct event;
+struct event_base;
+struct pgs_fetch;
+struct saga_pg_relay;
+struct sagad_conf;
+
+/* A statement queued for the commit round trip; it owns its values. */
+#define PGS_MAXPARAM 10
+struct pgs_stmt {
+	const char *sql;
+	int n;
+	char *v[PGS_MAXPARAM];
+	int len[PGS_MAXPARAM], fmt[PGS_MAXPARAM];
+};
+
+/* An instance of the batch: fetched (and locked), or inserted by a job.
+ * Its handle (saga_rec.row for the engine) is its place in the cache + 1:
+ * it means something only within the batch, which is all the engine
+ * needs of a row. */
+struct pgs_inst {
+	struct saga_rec rec;
+	int fresh;		/* inserted in this batch: INSERT, not UPDATE */
+	int dirty;
+};
+
+/* A due timer claimed by the batch (saga_due.id is its place + 1). */
+struct pgs_due {
+	int64_t row;
+	int kind, step;
+};
+
+struct pgs_job {
+	struct saga_job j;	/* its strings point into the copies below */
+	char *ids[2], *consumed, *list_saga;
+	int alone;		/* failed in a batch: runs in one of its own */
+	int duplicate;
+	PGresult *list;		/* SAGA_WANT_LIST: its rows */
+	struct pgs_job *next;
+};
+
+enum pgs_state {
+	PGS_DOWN,		/* connecting, or waiting to connect again */
+	PGS_SETUP,		/* SET search_path sent */
+	PGS_IDLE,
+	PGS_FETCH,		/* round trip 1 of a batch in flight */
+	PGS_COMMIT,		/* round trip 2 */
+	PGS_ROLLBACK		/* a failed batch's transaction being ended */
+};
+
+struct saga_backend {
+	struct event_base *base;
+	const struct sagad_conf *conf;
+	char *conninfo, *schema, *service, *replica;
+	char *replica_host;
+	double started_at;
+	struct pgc_conf cfg;
+	struct pgc *pg;
+	enum pgs_state state;
+	struct pgs_fetch *fetch;	/* round trip 1's statements */
+	struct event *start_ev;		/* a batch at the end of this loop turn */
+	struct event *tick_ev;		/* heartbeat, counts, expiry */
+	struct saga_pg_relay *relay;
+
+	/* jobs waiting, and those of the batch in flight */
+	struct pgs_job *queue, **queue_tail;
+	struct pgs_job *batch;
+	size_t nbatch;
+	struct pgs_job *cur;		/* the job running */
+	int fatal;			/* the batch failed for a statement, not the link */
+
+	/* the batch's cache (reset at each batch) */
+	struct pgs_inst *insts;
+	size_t ninsts, capinsts;
+	struct pgs_due *dues;
+	size_t ndues, capdues;
+	char **ids;			/* the saga ids fetched */
+	size_t nids, capids;
+	PGresult *history;
+	int want_timers, want_counts;
+
+	/* statements for the commit round trip; loose ones (written outside
+	 * a batch: expiry, heartbeat) wait for the next batch */
+	struct pgs_stmts {
+		struct pgs_stmt *v;
+		size_t n, cap;
+	} writes, loose;
+	int outbox_rows;		/* in the batch: kick the relay after commit */
+
+	/* counts, refreshed every few seconds for the gauges */
+	PGresult *counts;
+	double counts_at, heartbeat_at, expire_at;
+	uint64_t batches, commits, retries, failures;
+};
+
+/* saga_store_pgsql.c: the cache and the statements. */
+void pgs_cache_reset(struct saga_backend *b);
+/* Rows of (saga, id, state, started_at, updated_at, finished_at, data)
+ * from column `at` on, into the cache unless already there; returns the
+ * handle of row i. */
+int64_t pgs_cache_add(struct saga_backend *b, const PGresult *res, int i, int at);
+struct pgs_stmt *pgs_stmt_add(struct pgs_stmts *a, const char *sql);
+void pgs_param(struct pgs_stmt *s, const char *v);
+void pgs_param_bin(struct pgs_stmt *s, const char *v, size_t len);
+void pgs_param_dbl(struct pgs_stmt *s, double v);
+void pgs_param_int(struct pgs_stmt *s, int64_t v);
+void pgs_stmts_clear(struct pgs_stmts *a);
+/* The batch's changed instances as statements (before the rest). */
+void pgs_flush_instances(struct saga_backend *b);
+/* A text[] literal of n strings, for = ANY($k::text[]). */
+char *pgs_text_array(char *const *v, size_t n);
+
+/* saga_pgsql_batch.c: the driver. */
+int pgs_driver_start(struct saga_backend *b);
+void pgs_driver_submit(struct saga_backend *b, const struct saga_job *job);
+void pgs_driver_stop(struct saga_backend *b);
+
+#endif

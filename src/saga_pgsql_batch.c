@@ -1,0 +1,636 @@
+/*
+ * The PostgreSQL saga store's batches (REPLICAS.md: One batch, one
+ * transaction, two round trips), on one asynchronous connection
+ * (pgconn.c) so that the loop never waits for PostgreSQL:
+ *
+ *   IDLE --jobs queued--> FETCH: BEGIN; record the consumed message ids
+ *        (ON CONFLICT DO NOTHING RETURNING: the others are duplicates);
+ *        SELECT the instances of the batch's saga ids FOR UPDATE, in one
+ *        order (saga, id), so that two replicas' batches cannot deadlock;
+ *        claim due timers (FOR UPDATE SKIP LOCKED: one replica fires
+ *        each); history, listings and counts as the jobs ask
+ *   FETCH --results--> the jobs run in order against the cache
+ *        (saga_store_pgsql.c) --> COMMIT: their writes, then COMMIT
+ *   COMMIT --ok--> each job's done (the broker acks follow the commit);
+ *        the relay publishes the outbox rows; IDLE, next batch
+ *   any error --> ROLLBACK, the jobs queued again, alone: a job that
+ *        fails PGS_ATTEMPTS times is refused (dead-lettered)
+ *   connection lost --> DOWN: the batch's jobs wait in the queue (their
+ *        messages unacked) for the next connection; operators' and
+ *        timers' jobs are answered "retry" at once.
+ */
+#include "saga_pgsql.h"
+
+#include <event2/event.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "conf.h"
+#include "log.h"
+#include "pgconn.h"
+#include "saga_pg_relay.h"
+#include "util.h"
+#include "xmalloc.h"
+
+/* Jobs per batch: one round trip's worth, and a bounded lock set. */
+#define PGS_BATCH_MAX 128
+/* Tries of a job whose batch failed for a statement. */
+#define PGS_ATTEMPTS 5
+/* Heartbeat and counts, seconds. */
+#define PGS_TICK 5
+
+static void pgs_next(struct saga_backend *b);
+
+/* ---- jobs ---- */
+
+static struct pgs_job *
+pgs_job_new(const struct saga_job *job)
+{
+	struct pgs_job *p = xcalloc(1, sizeof *p);
+	size_t i;
+
+	p->j = *job;
+	for (i = 0; i < job->n_ids; i++)
+		p->j.ids[i] = p->ids[i] = xstrdup(job->ids[i]);
+	if (job->consumed)
+		p->j.consumed = p->consumed = xstrdup(job->consumed);
+	if (job->list_saga)
+		p->j.list_saga = p->list_saga = xstrdup(job->list_saga);
+	return p;
+}
+
+static void
+pgs_job_end(struct pgs_job *p, enum saga_job_result r)
+{
+	p->j.done(p->j.arg, r);
+	PQclear(p->list);
+	free(p->ids[0]);
+	free(p->ids[1]);
+	free(p->consumed);
+	free(p->list_saga);
+	free(p);
+}
+
+static void
+pgs_queue_front(struct saga_backend *b, struct pgs_job *list)
+{
+	struct pgs_job *last = list;
+
+	if (!list)
+		return;
+	while (last->next)
+		last = last->next;
+	last->next = b->queue;
+	if (!b->queue)
+		b->queue_tail = &last->next;
+	b->queue = list;
+}
+
+/* Answer "retry" to the queued jobs that must not wait for the connection
+ * (an operator is waiting; the timers come again by themselves); the
+ * consumed messages wait, unacked. */
+static void
+pgs_shed(struct saga_backend *b)
+{
+	struct pgs_job **pp = &b->queue, *p;
+
+	while ((p = *pp)) {
+		if (p->j.consumed) {
+			pp = &p->next;
+			continue;
+		}
+		*pp = p->next;
+		pgs_job_end(p, SAGA_JOB_RETRY);
+	}
+	b->queue_tail = pp;
+}
+
+void
+pgs_driver_submit(struct saga_backend *b, const struct saga_job *job)
+{
+	struct pgs_job *p;
+
+	if (b->state == PGS_DOWN && !job->consumed) {
+		job->done(job->arg, SAGA_JOB_RETRY);
+		return;
+	}
+	p = pgs_job_new(job);
+	*b->queue_tail = p;
+	b->queue_tail = &p->next;
+	/* At the end of this loop turn: the deliveries of one read from the
+	 * broker make one batch. */
+	if (b->state == PGS_IDLE)
+		event_active(b->start_ev, 0, 0);
+}
+
+/* ---- round trip 1: fetch and lock ---- */
+
+struct pgs_fetch {
+	struct pgc_stmt st[8 + PGS_BATCH_MAX];
+	const char *v[8 + PGS_BATCH_MAX][4];
+	char *own[8 + PGS_BATCH_MAX][4];
+	int n, at_consumed, at_insts, at_timers, at_history, at_list, at_counts;
+};
+
+static int
+pgs_fetch_add(struct pgs_fetch *f, const char *sql, int n, ...)
+{
+	va_list ap;
+	int i, k = f->n++;
+
+	va_start(ap, n);
+	for (i = 0; i < n; i++) {
+		f->own[k][i] = va_arg(ap, char *);
+		f->v[k][i] = f->own[k][i];
+	}
+	va_end(ap);
+	f->st[k].sql = sql;
+	f->st[k].n = n;
+	f->st[k].values = f->v[k];
+	return k;
+}
+
+static char *
+pgs_dup_or_null(const char *s)
+{
+	return s ? xstrdup(s) : NULL;
+}
+
+/* The batch: up to PGS_BATCH_MAX jobs, or one that must run alone. */
+static void
+pgs_take_batch(struct saga_backend *b)
+{
+	struct pgs_job **tail = &b->batch;
+
+	b->batch = NULL;
+	b->nbatch = 0;
+	while (b->queue && b->nbatch < PGS_BATCH_MAX) {
+		struct pgs_job *p = b->queue;
+		if (p->alone && b->nbatch)
+			break;
+		b->queue = p->next;
+		p->next = NULL;
+		*tail = p;
+		tail = &p->next;
+		b->nbatch++;
+		if (p->alone)
+			break;
+	}
+	if (!b->queue)
+		b->queue_tail = &b->queue;
+}
+
+static void
+pgs_fetch_send(struct saga_backend *b)
+{
+	struct pgs_fetch *f = xcalloc(1, sizeof *f);
+	char *consumed[PGS_BATCH_MAX];
+	size_t nconsumed = 0, i;
+	struct pgs_job *p;
+	int want = 0;
+
+	pgs_cache_reset(b);
+	for (p = b->batch; p; p = p->next) {
+		for (i = 0; i < p->j.n_ids; i++)
+			*XPUSH(b->ids, b->nids, b->capids) = xstrdup(p->j.ids[i]);
+		if (p->consumed)
+			consumed[nconsumed++] = p->consumed;
+		want |= (int)p->j.want;
+	}
+	f->at_consumed = f->at_insts = f->at_timers = f->at_history = f->at_list = -1;
+	f->at_counts = -1;
+	pgs_fetch_add(f, "BEGIN", 0);
+	if (nconsumed)
+		f->at_consumed = pgs_fetch_add(f, "INSERT INTO consumed (service, subscription,"
+		    " message_id, replica, delivered, at) SELECT $1, '_sagas', x, $2, true, $3"
+		    " FROM unnest($4::text[]) AS x ON CONFLICT DO NOTHING RETURNING message_id", 4,
+		    xstrdup(b->service), xstrdup(b->replica), xasprintf("%.17g", util_now()),
+		    pgs_text_array(consumed, nconsumed));
+	if (b->nids)
+		f->at_insts = pgs_fetch_add(f, "SELECT saga, id, state, started_at, updated_at,"
+		    " coalesce(finished_at, 0), data FROM instances WHERE service = $1"
+		    " AND id = ANY($2::text[]) ORDER BY saga, id FOR UPDATE", 2,
+		    xstrdup(b->service), pgs_text_array(b->ids, b->nids));
+	if (want & SAGA_WANT_TIMERS)
+		f->at_timers = pgs_fetch_add(f, "SELECT t.kind, t.step, i.saga, i.id, i.state,"
+		    " i.started_at, i.updated_at, coalesce(i.finished_at, 0), i.data FROM timers t"
+		    " JOIN instances i ON i.service = t.service AND i.saga = t.saga AND i.id = t.id"
+		    " WHERE t.service = $1 AND t.due <= $2 ORDER BY t.due LIMIT 256"
+		    " FOR UPDATE OF i SKIP LOCKED", 2,
+		    xstrdup(b->service), xasprintf("%.17g", util_now()));
+	if ((want & SAGA_WANT_HISTORY) && b->nids)
+		f->at_history = pgs_fetch_add(f, "SELECT saga, id, at, dir, what, coalesce(step, ''),"
+		    " coalesce(message_id, ''), coalesce(detail, '') FROM history WHERE service = $1"
+		    " AND id = ANY($2::text[]) ORDER BY saga, id, seq", 2,
+		    xstrdup(b->service), pgs_text_array(b->ids, b->nids));
+	f->at_list = f->n;
+	for (p = b->batch; p; p = p->next)
+		if (p->j.want & SAGA_WANT_LIST)
+			pgs_fetch_add(f, "SELECT saga, id, state, started_at, updated_at,"
+			    " coalesce(finished_at, 0), data FROM instances WHERE service = $1"
+			    " AND ($2::text IS NULL OR saga = $2) AND ($3::int < 0 OR state = $3)"
+			    " ORDER BY started_at DESC LIMIT $4", 4, xstrdup(b->service),
+			    pgs_dup_or_null(p->j.list_saga), xasprintf("%d", p->j.list_state),
+			    xasprintf("%zu", p->j.list_limit));
+	if (b->want_counts)
+		f->at_counts = pgs_fetch_add(f, "SELECT saga, state, count(*) FROM instances"
+		    " WHERE service = $1 GROUP BY saga, state", 1, xstrdup(b->service));
+	b->state = PGS_FETCH;
+	b->fetch = f;
+	pgc_send_pipeline(b->pg, f->st, f->n);
+}
+
+static void
+pgs_fetch_free(struct saga_backend *b)
+{
+	struct pgs_fetch *f = b->fetch;
+	int k, i;
+
+	if (!f)
+		return;
+	for (k = 0; k < f->n; k++)
+		for (i = 0; i < 4; i++)
+			free(f->own[k][i]);
+	free(f);
+	b->fetch = NULL;
+}
+
+/* ---- the jobs run ---- */
+
+/* Which consumed ids the INSERT took: the first job with each runs, any
+ * other (a copy redelivered, in this batch or taken before) is a
+ * duplicate. */
+static void
+pgs_mark_duplicates(struct saga_backend *b, PGresult *res)
+{
+	int n = res ? PQntuples(res) : 0, i;
+	char *taken = xcalloc((size_t)n + 1, 1);
+	struct pgs_job *p;
+
+	for (p = b->batch; p; p = p->next) {
+		if (!p->consumed)
+			continue;
+		p->duplicate = 1;
+		for (i = 0; i < n; i++)
+			if (!taken[i] && strcmp(PQgetvalue(res, i, 0), p->consumed) == 0) {
+				taken[i] = 1;
+				p->duplicate = 0;
+				break;
+			}
+	}
+	free(taken);
+}
+
+static void
+pgs_fetched(struct saga_backend *b)
+{
+	struct pgs_fetch *f = b->fetch;
+	struct pgs_job *p;
+	PGresult *res;
+	int i, k;
+
+	if (f->at_consumed >= 0)
+		pgs_mark_duplicates(b, pgc_result(b->pg, f->at_consumed));
+	if (f->at_insts >= 0) {
+		res = pgc_result(b->pg, f->at_insts);
+		for (i = 0; i < PQntuples(res); i++)
+			pgs_cache_add(b, res, i, 0);
+	}
+	if (f->at_timers >= 0) {
+		res = pgc_result(b->pg, f->at_timers);
+		for (i = 0; i < PQntuples(res); i++) {
+			struct pgs_due *d = XPUSH(b->dues, b->ndues, b->capdues);
+			/* its saga id is the batch's too: the engine may read it */
+			*XPUSH(b->ids, b->nids, b->capids) = xstrdup(PQgetvalue(res, i, 3));
+			d->kind = atoi(PQgetvalue(res, i, 0));
+			d->step = atoi(PQgetvalue(res, i, 1));
+			d->row = pgs_cache_add(b, res, i, 2);
+		}
+	}
+	if (f->at_history >= 0)
+		b->history = pgc_take_result(b->pg, f->at_history);
+	k = f->at_list;
+	for (p = b->batch; p; p = p->next)
+		if (p->j.want & SAGA_WANT_LIST)
+			p->list = pgc_take_result(b->pg, k++);
+	if (f->at_counts >= 0) {
+		PQclear(b->counts);
+		b->counts = pgc_take_result(b->pg, f->at_counts);
+		b->want_counts = 0;
+	}
+	pgs_fetch_free(b);
+}
+
+static void
+pgs_run_jobs(struct saga_backend *b)
+{
+	struct pgs_job *p;
+
+	for (p = b->batch; p; p = p->next) {
+		if (p->duplicate)
+			continue;
+		b->cur = p;
+		p->j.run(p->j.arg);
+	}
+	b->cur = NULL;
+}
+
+/* ---- round trip 2: the writes and COMMIT ---- */
+
+static void
+pgs_commit_send(struct saga_backend *b)
+{
+	struct pgc_stmt *st;
+	size_t n, i;
+
+	pgs_flush_instances(b);
+	for (i = 0; i < b->loose.n; i++)
+		*pgs_stmt_add(&b->writes, NULL) = b->loose.v[i];
+	b->loose.n = 0;		/* their values are the writes' now */
+	pgs_stmt_add(&b->writes, "COMMIT");
+	n = b->writes.n;
+	st = xcalloc(n, sizeof *st);
+	for (i = 0; i < n; i++) {
+		st[i].sql = b->writes.v[i].sql;
+		st[i].n = b->writes.v[i].n;
+		st[i].values = (const char *const *)b->writes.v[i].v;
+		st[i].lengths = b->writes.v[i].len;
+		st[i].formats = b->writes.v[i].fmt;
+	}
+	b->state = PGS_COMMIT;
+	pgc_send_pipeline(b->pg, st, (int)n);
+	free(st);
+}
+
+static void
+pgs_committed(struct saga_backend *b)
+{
+	struct pgs_job *p = b->batch, *next;
+
+	b->batch = NULL;
+	b->nbatch = 0;
+	b->commits++;
+	pgs_stmts_clear(&b->writes);
+	if (b->outbox_rows && b->relay)
+		saga_pg_relay_kick(b->relay);
+	b->outbox_rows = 0;
+	pgc_reset_backoff(b->pg);
+	b->state = PGS_IDLE;
+	for (; p; p = next) {
+		next = p->next;
+		pgs_job_end(p, p->duplicate ? SAGA_JOB_DUPLICATE : SAGA_JOB_DONE);
+	}
+	pgs_cache_reset(b);
+	pgs_next(b);
+}
+
+/* A statement failed: the transaction is over for PostgreSQL, not yet
+ * for the connection (a BEGIN block stays open in its aborted state). */
+static void
+pgs_failed(struct saga_backend *b, const char *why)
+{
+	log_warn("saga store: batch not committed", LOG_STR("error", why),
+	    LOG_UINT("jobs", b->nbatch));
+	b->failures++;
+	pgs_fetch_free(b);
+	pgs_stmts_clear(&b->writes);
+	b->outbox_rows = 0;
+	b->state = PGS_ROLLBACK;
+	pgc_send(b->pg, "ROLLBACK");
+}
+
+/* After the ROLLBACK: each job again, alone, or refused after its tries. */
+static void
+pgs_rolled_back(struct saga_backend *b)
+{
+	struct pgs_job *p = b->batch, *next, *again = NULL, **tail = &again;
+
+	b->batch = NULL;
+	b->nbatch = 0;
+	pgs_cache_reset(b);
+	for (; p; p = next) {
+		next = p->next;
+		p->next = NULL;
+		p->duplicate = 0;
+		PQclear(p->list);
+		p->list = NULL;
+		if (++p->alone >= PGS_ATTEMPTS) {
+			log_error("saga store: a job failed every try; refused",
+			    LOG_STR("message_id", p->consumed), LOG_STR("saga_id", p->ids[0]));
+			pgs_job_end(p, SAGA_JOB_FAILED);
+			continue;
+		}
+		*tail = p;
+		tail = &p->next;
+	}
+	pgs_queue_front(b, again);
+	b->state = PGS_IDLE;
+	pgs_next(b);
+}
+
+/* ---- the connection ---- */
+
+static void
+pgs_next(struct saga_backend *b)
+{
+	if (b->state != PGS_IDLE)
+		return;
+	if (!b->queue && !b->loose.n && !b->want_counts)
+		return;
+	pgs_take_batch(b);
+	b->batches++;
+	pgs_fetch_send(b);
+}
+
+static void
+pgs_start_cb(evutil_socket_t fd, short what, void *arg)
+{
+	(void)fd;
+	(void)what;
+	pgs_next(arg);
+}
+
+static void
+pgs_connected(void *arg)
+{
+	struct saga_backend *b = arg;
+	PGconn *conn = pgc_conn(b->pg);
+	char *q = PQescapeIdentifier(conn, b->schema, strlen(b->schema));
+	char *sql;
+
+	/* The server drops a vanished replica's connection, and its locks,
+	 * within about ten seconds (keepalives), and one that stopped in a
+	 * transaction after a minute. */
+	sql = xasprintf("SET search_path TO %s; SET tcp_keepalives_idle = 5;"
+	    " SET tcp_keepalives_interval = 2; SET tcp_keepalives_count = 3;"
+	    " SET idle_in_transaction_session_timeout = '60s'", q ? q : "sagad");
+	PQfreemem(q);
+	b->state = PGS_SETUP;
+	pgc_send(b->pg, sql);
+	free(sql);
+}
+
+static void
+pgs_done(void *arg)
+{
+	struct saga_backend *b = arg;
+	const char *err = pgc_error(b->pg);
+
+	switch (b->state) {
+	case PGS_SETUP:
+		if (err) {
+			pgc_down(b->pg, err);
+			return;
+		}
+		log_info("saga store connected to PostgreSQL", LOG_STR("schema", b->schema),
+		    LOG_STR("replica", b->replica));
+		b->state = PGS_IDLE;
+		b->want_counts = 1;
+		pgs_next(b);
+		break;
+	case PGS_FETCH:
+		if (err) {
+			pgs_failed(b, err);
+			return;
+		}
+		pgs_fetched(b);
+		pgs_run_jobs(b);
+		pgs_commit_send(b);
+		break;
+	case PGS_COMMIT:
+		if (err)
+			pgs_failed(b, err);
+		else
+			pgs_committed(b);
+		break;
+	case PGS_ROLLBACK:
+		pgs_rolled_back(b);
+		break;
+	default:
+		break;
+	}
+}
+
+static void
+pgs_connecting(void *arg)
+{
+	(void)arg;
+}
+
+static void
+pgs_notified(void *arg)
+{
+	(void)arg;
+}
+
+/* The batch in flight, committed or not, is tried again on the next
+ * connection: its consumed ids tell a committed one's messages apart. */
+static void
+pgs_down(void *arg, const char *why, double retry_in)
+{
+	struct saga_backend *b = arg;
+	struct pgs_job *p;
+
+	if (b->state != PGS_DOWN)
+		log_warn("saga store: PostgreSQL connection lost", LOG_STR("error", why),
+		    LOG_DBL("retry_in", retry_in));
+	b->state = PGS_DOWN;
+	pgs_fetch_free(b);
+	pgs_stmts_clear(&b->writes);
+	pgs_stmts_clear(&b->loose);
+	b->outbox_rows = 0;
+	pgs_cache_reset(b);
+	for (p = b->batch; p; p = p->next) {
+		p->duplicate = 0;
+		PQclear(p->list);
+		p->list = NULL;
+	}
+	pgs_queue_front(b, b->batch);
+	b->batch = NULL;
+	b->nbatch = 0;
+	b->retries++;
+	pgs_shed(b);
+}
+
+static const struct pgc_hooks pgs_hooks = {
+	pgs_connecting, pgs_connected, pgs_done, pgs_notified, pgs_down
+};
+
+/* Every PGS_TICK seconds: this replica's heartbeat, and counts. */
+static void
+pgs_tick_cb(evutil_socket_t fd, short what, void *arg)
+{
+	struct saga_backend *b = arg;
+	struct pgs_stmt *s;
+
+	(void)fd;
+	(void)what;
+	if (b->state == PGS_DOWN)
+		return;
+	s = pgs_stmt_add(&b->loose, "INSERT INTO replicas (service, replica, host, pid,"
+	    " started_at, heartbeat_at) VALUES ($1, $2, $3, $4, $5,"
+	    " extract(epoch FROM clock_timestamp())) ON CONFLICT (service, replica)"
+	    " DO UPDATE SET heartbeat_at = EXCLUDED.heartbeat_at");
+	pgs_param(s, b->service);
+	pgs_param(s, b->replica);
+	pgs_param(s, b->replica_host);
+	pgs_param_int(s, (int64_t)getpid());
+	pgs_param_dbl(s, b->started_at);
+	b->want_counts = 1;
+	pgs_next(b);
+}
+
+int
+pgs_driver_start(struct saga_backend *b)
+{
+	struct timeval tv = { PGS_TICK, 0 };
+
+	b->queue_tail = &b->queue;
+	b->cfg.conninfo = b->conninfo;
+	b->cfg.connect_timeout = 5;
+	b->cfg.query_timeout = 30;
+	b->cfg.retry_initial = 0.2;
+	b->cfg.retry_max = 5;
+	b->pg = pgc_new(b->base, &b->cfg, &pgs_hooks, b);
+	b->start_ev = event_new(b->base, -1, 0, pgs_start_cb, b);
+	b->tick_ev = event_new(b->base, -1, EV_PERSIST, pgs_tick_cb, b);
+	event_add(b->tick_ev, &tv);
+	b->relay = saga_pg_relay_new(b->base, b->conf, b->conninfo, b->schema, b->service,
+	    b->replica, b->conf->saga_store.relay_grace);
+	if (!b->relay || saga_pg_relay_start(b->relay) < 0)
+		return -1;
+	pgc_start(b->pg);
+	return 0;
+}
+
+/* Jobs still here are answered "retry": their messages, unacked, come
+ * again to whichever replica lives. */
+void
+pgs_driver_stop(struct saga_backend *b)
+{
+	struct pgs_job *p, *next;
+
+	if (b->pg)
+		pgc_free(b->pg);
+	b->pg = NULL;
+	pgs_fetch_free(b);
+	pgs_queue_front(b, b->batch);
+	b->batch = NULL;
+	for (p = b->queue; p; p = next) {
+		next = p->next;
+		pgs_job_end(p, SAGA_JOB_RETRY);
+	}
+	b->queue = NULL;
+	b->queue_tail = &b->queue;
+	if (b->relay)
+		saga_pg_relay_free(b->relay);
+	b->relay = NULL;
+	if (b->start_ev)
+		event_free(b->start_ev);
+	if (b->tick_ev)
+		event_free(b->tick_ev);
+	b->start_ev = b->tick_ev = NULL;
+}
