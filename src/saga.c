@@ -670,6 +670,13 @@ saga_new(struct sagad *d, char **err)
 
 	*err = NULL;
 	e->d = d;
+	/* Until the PostgreSQL backend is wired in (REPLICAS.md), refused
+	 * rather than silently kept in SQLite. */
+	if (d->conf->saga_store.backend != SAGA_BACKEND_SQLITE) {
+		*err = xstrdup("saga_store: backend \"pgsql\" is not available yet");
+		saga_free(e);
+		return NULL;
+	}
 	e->ss = saga_store_open(d->store, err);
 	if (!e->ss) {
 		saga_free(e);
