@@ -351,6 +351,85 @@ conf_broker_url(struct conf_ctx *ctx, config_t *cfg, struct sagad_conf *c)
 	}
 }
 
+/* PostgreSQL's longest identifier (NAMEDATALEN - 1). */
+#define CONF_PG_NAME_MAX 63
+
+static void
+conf_conninfo_file(struct conf_ctx *ctx, config_t *cfg, struct conf_saga_store *ss)
+{
+	config_setting_t *s = config_lookup(cfg, "saga_store.conninfo_file");
+	struct stat sb;
+	char *text;
+
+	if (stat(ss->conninfo_file, &sb) == 0 && !S_ISREG(sb.st_mode)) {
+		conf_err(ctx, s, "saga_store: cannot read conninfo_file '%s': not a regular file",
+		    ss->conninfo_file);
+		return;
+	}
+	text = util_read_secret(ss->conninfo_file);
+	if (!text) {
+		conf_err(ctx, s, "saga_store: cannot read conninfo_file '%s': %s",
+		    ss->conninfo_file, strerror(errno));
+		return;
+	}
+	if (!*text) {
+		conf_err(ctx, s, "saga_store: conninfo_file '%s' is empty", ss->conninfo_file);
+		free(text);
+		return;
+	}
+	ss->conninfo = text;
+}
+
+/*
+ * saga_store: the backend's name to its enum; pgsql takes exactly one of
+ * conninfo and conninfo_file (read here, into conninfo); sqlite takes
+ * neither, as they would be ignored. No message ever shows the conninfo:
+ * it may hold a password.
+ */
+static void
+conf_check_saga_store(struct conf_ctx *ctx, config_t *cfg, struct sagad_conf *c)
+{
+	struct conf_saga_store *ss = &c->saga_store;
+	config_setting_t *grp = config_lookup(cfg, "saga_store");
+	config_setting_t *back = config_lookup(cfg, "saga_store.backend");
+	config_setting_t *ci = config_lookup(cfg, "saga_store.conninfo");
+	config_setting_t *cf = config_lookup(cfg, "saga_store.conninfo_file");
+
+	if (strcmp(ss->backend_name, "sqlite") == 0)
+		ss->backend = SAGA_BACKEND_SQLITE;
+	else if (strcmp(ss->backend_name, "pgsql") == 0)
+		ss->backend = SAGA_BACKEND_PGSQL;
+	else {
+		conf_err(ctx, back, "saga_store: backend must be \"sqlite\" or \"pgsql\"");
+		return;
+	}
+	if (!*ss->schema || strlen(ss->schema) > CONF_PG_NAME_MAX)
+		conf_err(ctx, config_lookup(cfg, "saga_store.schema"),
+		    "saga_store: schema must be 1 to %d bytes", CONF_PG_NAME_MAX);
+	if (ss->backend == SAGA_BACKEND_SQLITE) {
+		if (ss->conninfo)
+			conf_err(ctx, ci, "saga_store: conninfo is for backend \"pgsql\" "
+			    "(backend is \"sqlite\")");
+		if (ss->conninfo_file)
+			conf_err(ctx, cf, "saga_store: conninfo_file is for backend \"pgsql\" "
+			    "(backend is \"sqlite\")");
+		return;
+	}
+	if (!c->n_sagas)
+		conf_err(ctx, back, "saga_store: backend \"pgsql\" but no sagas are defined "
+		    "(nothing to store)");
+	if (ss->conninfo && ss->conninfo_file)
+		conf_err(ctx, cf, "saga_store: give conninfo or conninfo_file, not both");
+	else if (ss->conninfo_file)
+		conf_conninfo_file(ctx, cfg, ss);
+	else if (!ss->conninfo) {
+		if (!ci)	/* else one of the wrong type: said */
+			conf_err(ctx, back ? back : grp,
+			    "saga_store: backend \"pgsql\" needs conninfo or conninfo_file");
+	} else if (!*ss->conninfo)
+		conf_err(ctx, ci, "saga_store: conninfo is empty");
+}
+
 static int
 conf_valid_listen(const char *v)
 {
@@ -412,6 +491,7 @@ conf_check(struct conf_ctx *ctx, config_t *cfg, struct sagad_conf *c)
 	conf_check_subs(ctx, cfg, c);
 	conf_check_sagas(ctx, cfg, c);
 	conf_check_sources(ctx, cfg, c);
+	conf_check_saga_store(ctx, cfg, c);
 	if (strcmp(c->saga_queue_type, "quorum") != 0 && strcmp(c->saga_queue_type, "classic") != 0)
 		conf_err(ctx, config_lookup(cfg, "saga_queue_type"),
 		    "saga_queue_type must be quorum or classic");

@@ -118,6 +118,28 @@ struct conf_api {
 	int admin_allow_remote;
 };
 
+/* Where the saga engine keeps its sagas (saga_store = { ... }). */
+enum conf_saga_backend {
+	SAGA_BACKEND_SQLITE,	/* in sagad's own store (store.path), as always */
+	SAGA_BACKEND_PGSQL	/* in PostgreSQL, shared by the service's replicas */
+};
+
+struct conf_saga_store {
+	char *backend_name;	/* "sqlite" (default) or "pgsql", as written */
+	enum conf_saga_backend backend;	/* from backend_name */
+	/*
+	 * pgsql only: the libpq conninfo string or URI, as written or read
+	 * from conninfo_file (trailing newline stripped), whichever was
+	 * given; NULL with sqlite. It may hold a password: never print it
+	 * (saga_pg_mask_conninfo masks it).
+	 */
+	char *conninfo;
+	char *conninfo_file;	/* as written; NULL when not given */
+	char *schema;		/* default "sagad"; 1..63 bytes */
+	double relay_grace;	/* seconds before another replica publishes
+				 * a replica's unpublished saga messages */
+};
+
 struct conf_outbox {
 	int max_inflight;
 	double retry_initial, retry_max;
@@ -132,6 +154,7 @@ struct sagad_conf {
 	struct conf_store store;
 	struct conf_api api;
 	struct conf_outbox outbox;
+	struct conf_saga_store saga_store;
 	struct conf_exchange *exchanges;
 	size_t n_exchanges;
 	struct conf_subscription *subs;

@@ -80,6 +80,23 @@ static const struct conf_key conf_outbox_rows[] = {
 	END
 };
 #undef O
+#define SS(f) offsetof(struct sagad_conf, saga_store.f)
+/* The saga engine holds the store it opened for as long as it runs. */
+static const struct conf_key conf_saga_store_rows[] = {
+	ROW("backend", CONF_STR, SS(backend_name), R, "sqlite", 0, 0),
+	/* Read from conninfo_file when that is given (conf.c): its change
+	 * is named, as broker.password's. */
+	ROW("conninfo", CONF_STR, SS(conninfo), R, NULL, 0, 0),
+	ROW("conninfo_file", CONF_STR, SS(conninfo_file), R, NULL, 0, 0),
+	ROW("schema", CONF_STR, SS(schema), R, "sagad", 0, 0),
+	ROW("relay_grace", CONF_DUR, SS(relay_grace), R, "5", 0.5, 3600),
+	/* Follows backend. */
+	ROW("backend_kind", CONF_INT, SS(backend), R | D | Q, NULL, 0, 0),
+	END
+};
+#undef SS
+/* The enum is read and written as an int by its CONF_INT row. */
+_Static_assert(sizeof(enum conf_saga_backend) == sizeof(int), "saga_store.backend is an int row");
 /* List elements: their list row says whether a reload may change them. */
 #define X(f) offsetof(struct conf_exchange, f)
 static const struct conf_key conf_exchange_rows[] = {
@@ -164,6 +181,7 @@ static const struct conf_key conf_top_rows[] = {
 	GROUP("store", conf_store_rows),
 	GROUP("api", conf_api_rows),
 	GROUP("outbox", conf_outbox_rows),
+	GROUP("saga_store", conf_saga_store_rows),
 	/* The broker connections, the deliveries, the saga engine and the
 	 * plugins hold these for as long as they run. */
 	LIST("exchanges", struct sagad_conf, exchanges, n_exchanges, R, conf_exchange_rows),

@@ -42,7 +42,7 @@ saga_store_open(struct event_base *base, struct store *st, const struct sagad_co
 {
 	struct saga_backend *b;
 
-	if (conf->saga_store.pgsql) {
+	if (conf->saga_store.backend == SAGA_BACKEND_PGSQL) {
 		b = saga_store_pgsql_open(base, conf, err);
 		return b ? saga_store_new(&saga_store_pgsql_ops, b) : NULL;
 	}

@@ -67,6 +67,66 @@ def check_invalid(path, text, what, needle=None, words=(), nerrors=1):
     h.log('   stderr: %s' % err.strip().replace('\n', ' | '))
 
 
+SAGA = ('sagas = ( { name = "order"; start = "events:order.placed";\n'
+        '  steps = ( { name = "reserve"; command = "commands:stock.reserve"; } ); } );\n')
+
+
+def check_saga_store(wd, bad):
+    """saga_store: the defaults and pgsql are accepted; each wrong
+    combination is refused at its line, and no message shows the password
+    of the conninfo (sagad.conf(5) SAGA STORE)."""
+    pw = 'pg-s3cret'
+    secret = os.path.join(wd, 'pg.conninfo')
+    with open(secret, 'w') as f:
+        f.write('host=127.0.0.1 dbname=sagad password=%s\n' % pw)
+    empty = os.path.join(wd, 'empty.conninfo')
+    open(empty, 'w').close()
+    ok = h.Sagad(wd, URL, name='sstore', conf_extra=SAGA).conf_text()
+    for what, extra in (
+            ('saga_store sqlite', 'saga_store = { backend = "sqlite"; };\n'),
+            ('saga_store pgsql with conninfo',
+             'saga_store = { backend = "pgsql"; conninfo = "host=db password=%s"; '
+             'schema = "x"; relay_grace = 0.5; };\n' % pw),
+            ('saga_store pgsql with conninfo_file',
+             'saga_store = { backend = "pgsql"; conninfo_file = %s; };\n' % h.conf_str(secret))):
+        path = os.path.join(wd, 'sstore-ok.conf')
+        with open(path, 'w') as f:
+            f.write(ok + extra)
+        check_valid(path, what)
+
+    def refused(what, extra, needle, words):
+        check_invalid(bad, ok + 'saga_store = {\n' + extra + '};\n', what,
+                      needle=needle, words=words)
+        rc, out, err = run(['-n', '-f', bad])
+        h.check(pw not in err and pw not in out, '%s: the password is not shown' % what, err)
+
+    refused('saga_store: unknown backend', '  backend = "mysql";\n', 'mysql',
+            ('backend must be "sqlite" or "pgsql"',))
+    refused('saga_store: pgsql without conninfo', '  backend = "pgsql";\n', 'pgsql',
+            ('needs conninfo or conninfo_file',))
+    refused('saga_store: conninfo and conninfo_file',
+            '  backend = "pgsql";\n  conninfo = "password=%s";\n  conninfo_file = %s;\n'
+            % (pw, h.conf_str(secret)), 'conninfo_file', ('not both',))
+    refused('saga_store: conninfo with sqlite', '  conninfo = "password=%s";\n' % pw,
+            'conninfo', ('conninfo is for backend "pgsql"',))
+    refused('saga_store: conninfo_file with sqlite',
+            '  backend = "sqlite";\n  conninfo_file = %s;\n' % h.conf_str(secret),
+            'conninfo_file', ('conninfo_file is for backend "pgsql"',))
+    refused('saga_store: conninfo_file missing',
+            '  backend = "pgsql";\n  conninfo_file = "%s/no-such";\n' % wd, 'conninfo_file',
+            ('cannot read conninfo_file', 'No such file or directory'))
+    refused('saga_store: conninfo_file empty',
+            '  backend = "pgsql";\n  conninfo_file = %s;\n' % h.conf_str(empty), 'conninfo_file',
+            ('is empty',))
+    refused('saga_store: schema too long', '  schema = "%s";\n' % ('s' * 64), 'schema',
+            ('schema must be 1 to 63 bytes',))
+    refused('saga_store: relay_grace out of range', '  relay_grace = 0.1;\n', 'relay_grace',
+            ('relay_grace',))
+    nosaga = h.Sagad(wd, URL, name='sstore').conf_text()
+    check_invalid(bad, nosaga + 'saga_store = {\n  backend = "pgsql";\n  conninfo = "host=db";\n};\n',
+                  'saga_store: pgsql without sagas', needle='pgsql', words=('no sagas are defined',))
+
+
 def main(wd):
     exe = h.sagad_path()
     h.check(os.access(exe, os.X_OK), '%s exists' % exe)
@@ -126,6 +186,8 @@ def main(wd):
                   words=('bogus_one', 'bogus_two'), nerrors=2)
     check_invalid(bad, base.replace('type = "topic"; }', 'type = "fancy"; }', 1),
                   'bad exchange type', needle='fancy')
+
+    check_saga_store(wd, bad)
 
     # @include: the exchanges and the outbox come from conf.d/*.conf
     inc = os.path.join(wd, 'inc')

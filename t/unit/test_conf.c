@@ -905,6 +905,227 @@ test_load_string_without_include_dir(void **state)
 	assert_int_equal(WEXITSTATUS(status), 0);
 }
 
+/* ---- saga_store ---- */
+
+/* Lines 1-4: service, an exchange and one saga; saga_store from line 5. */
+#define SAGA SVC "exchanges = ( { name = \"events\"; } );\n" \
+	"sagas = ( { name = \"s\"; start = \"events:s.start\";\n" \
+	"  steps = ( { name = \"one\"; command = \"events:s.one\"; } ); } );\n"
+
+static void
+test_saga_store_defaults(void **state)
+{
+	struct sagad_conf *c = load_ok(SVC);
+
+	(void)state;
+	assert_string_equal(c->saga_store.backend_name, "sqlite");
+	assert_int_equal(c->saga_store.backend, SAGA_BACKEND_SQLITE);
+	assert_null(c->saga_store.conninfo);
+	assert_null(c->saga_store.conninfo_file);
+	assert_string_equal(c->saga_store.schema, "sagad");
+	assert_true(c->saga_store.relay_grace == 5);
+	conf_free(c);
+	/* sqlite written out, with sagas: the same */
+	c = load_ok(SAGA "saga_store = { backend = \"sqlite\"; schema = \"other\"; };\n");
+	assert_int_equal(c->saga_store.backend, SAGA_BACKEND_SQLITE);
+	assert_null(c->saga_store.conninfo);
+	conf_free(c);
+}
+
+static void
+test_saga_store_pgsql(void **state)
+{
+	struct sagad_conf *c;
+
+	(void)state;
+	c = load_ok(SAGA "saga_store = {\n  backend = \"pgsql\";\n"
+	    "  conninfo = \"host=/run/postgresql dbname=orders password=s3cret\";\n"
+	    "  schema = \"Sagas of orders\";\n  relay_grace = 0.5;\n};\n");
+	assert_string_equal(c->saga_store.backend_name, "pgsql");
+	assert_int_equal(c->saga_store.backend, SAGA_BACKEND_PGSQL);
+	assert_string_equal(c->saga_store.conninfo, "host=/run/postgresql dbname=orders password=s3cret");
+	assert_null(c->saga_store.conninfo_file);
+	assert_string_equal(c->saga_store.schema, "Sagas of orders");
+	assert_true(c->saga_store.relay_grace == 0.5);
+	conf_free(c);
+	/* a URI, the longest schema name, the largest grace */
+	c = load_ok(SAGA "saga_store = { backend = \"pgsql\"; conninfo = \"postgresql://u@db/orders\";\n"
+	    "  schema = \"" "abcdefghijklmnopqrstuvwxyz0123456789abcdefghijklmnopqrstuvwxyz0" "\";"
+	    " relay_grace = 3600; };\n");
+	assert_string_equal(c->saga_store.conninfo, "postgresql://u@db/orders");
+	assert_int_equal(strlen(c->saga_store.schema), 63);
+	assert_true(c->saga_store.relay_grace == 3600);
+	conf_free(c);
+}
+
+static void
+test_saga_store_conninfo_file(void **state)
+{
+	const struct tmp *t = *state;
+	struct sagad_conf *c;
+	char text[1024], path[256];
+
+	snprintf(path, sizeof path, "%s", write_file(t, "pg.conninfo",
+	    "host=db dbname=orders password=fromfile\n"));
+	snprintf(text, sizeof text, SAGA "saga_store = {\n  backend = \"pgsql\";\n"
+	    "  conninfo_file = \"%s\";\n};\n", path);
+	c = load_ok(text);
+	assert_int_equal(c->saga_store.backend, SAGA_BACKEND_PGSQL);
+	/* read into conninfo, the trailing newline stripped */
+	assert_string_equal(c->saga_store.conninfo, "host=db dbname=orders password=fromfile");
+	assert_string_equal(c->saga_store.conninfo_file, path);
+	conf_free(c);
+}
+
+static void
+test_err_saga_store_backend(void **state)
+{
+	(void)state;
+	expect_error(SAGA "saga_store = {\n  backend = \"mysql\";\n};\n", 6,
+	    "saga_store: backend must be \"sqlite\" or \"pgsql\"");
+	expect_error(SAGA "saga_store = {\n  backend = \"\";\n};\n", 6, "backend must be");
+	expect_error(SAGA "saga_store = {\n  backend = 1;\n};\n", 6, "backend");
+	expect_error(SAGA "saga_store = {\n  bogus = 1;\n};\n", 6, "bogus");
+}
+
+/* pgsql: exactly one of conninfo and conninfo_file. */
+static void
+test_err_saga_store_conninfo(void **state)
+{
+	const struct tmp *t = *state;
+	char text[1024];
+
+	expect_error(SAGA "saga_store = {\n  backend = \"pgsql\";\n};\n", 6,
+	    "saga_store: backend \"pgsql\" needs conninfo or conninfo_file");
+	expect_error(SAGA "saga_store = {\n  backend = \"pgsql\";\n  conninfo = \"\";\n};\n", 7,
+	    "saga_store: conninfo is empty");
+	snprintf(text, sizeof text, SAGA "saga_store = {\n  backend = \"pgsql\";\n"
+	    "  conninfo = \"host=db password=s3cret\";\n  conninfo_file = \"%s\";\n};\n",
+	    write_file(t, "pg.conninfo", "host=db\n"));
+	expect_error(text, 8, "saga_store: give conninfo or conninfo_file, not both");
+	/* sqlite would ignore them: refused rather than ignored */
+	expect_error(SAGA "saga_store = {\n  conninfo = \"host=db password=s3cret\";\n};\n", 6,
+	    "saga_store: conninfo is for backend \"pgsql\" (backend is \"sqlite\")");
+	snprintf(text, sizeof text, SAGA "saga_store = {\n  backend = \"sqlite\";\n"
+	    "  conninfo_file = \"%s\";\n};\n", write_file(t, "pg.conninfo", "host=db\n"));
+	expect_error(text, 7, "saga_store: conninfo_file is for backend \"pgsql\"");
+	expect_error(SAGA "saga_store = {\n  backend = \"pgsql\";\n  conninfo = 5;\n};\n", 7,
+	    "conninfo");
+}
+
+static void
+test_err_saga_store_conninfo_file(void **state)
+{
+	const struct tmp *t = *state;
+	char text[1024];
+
+	snprintf(text, sizeof text, SAGA "saga_store = {\n  backend = \"pgsql\";\n"
+	    "  conninfo_file = \"%s/missing\";\n};\n", t->dir);
+	expect_error(text, 7, "saga_store: cannot read conninfo_file");
+	expect_error(text, 7, "/missing': No such file or directory");
+	snprintf(text, sizeof text, SAGA "saga_store = {\n  backend = \"pgsql\";\n"
+	    "  conninfo_file = \"%s\";\n};\n", write_file(t, "empty", "\n"));
+	expect_error(text, 7, "/empty' is empty");
+	snprintf(text, sizeof text, SAGA "saga_store = {\n  backend = \"pgsql\";\n"
+	    "  conninfo_file = \"%s/conf.d\";\n};\n", t->dir);
+	expect_error(text, 7, "/conf.d': not a regular file");
+	if (geteuid() != 0) {
+		const char *p = write_file(t, "secret", "host=db\n");
+		chmod(p, 0);
+		snprintf(text, sizeof text, SAGA "saga_store = {\n  backend = \"pgsql\";\n"
+		    "  conninfo_file = \"%s\";\n};\n", p);
+		expect_error(text, 7, "/secret': Permission denied");
+	}
+}
+
+static void
+test_err_saga_store_schema(void **state)
+{
+	(void)state;
+	expect_error(SAGA "saga_store = {\n  schema = \"\";\n};\n", 6,
+	    "saga_store: schema must be 1 to 63 bytes");
+	expect_error(SAGA "saga_store = {\n  schema = \""
+	    "abcdefghijklmnopqrstuvwxyz0123456789abcdefghijklmnopqrstuvwxyz01" "\";\n};\n", 6,
+	    "schema must be 1 to 63 bytes");
+}
+
+static void
+test_err_saga_store_relay_grace(void **state)
+{
+	(void)state;
+	expect_error(SAGA "saga_store = {\n  relay_grace = 0.1;\n};\n", 6,
+	    "'relay_grace' must be between 0.5 and 3600");
+	expect_error(SAGA "saga_store = {\n  relay_grace = 3601;\n};\n", 6,
+	    "'relay_grace' must be between");
+	expect_error(SAGA "saga_store = {\n  relay_grace = \"soon\";\n};\n", 6, "relay_grace");
+}
+
+/* pgsql stores sagas: a file without any, or without a service, is refused. */
+static void
+test_err_saga_store_nothing_to_store(void **state)
+{
+	struct conf_errors e = { NULL, 0 };
+
+	(void)state;
+	expect_error(SVC "saga_store = {\n  backend = \"pgsql\";\n  conninfo = \"host=db\";\n};\n", 3,
+	    "saga_store: backend \"pgsql\" but no sagas are defined (nothing to store)");
+	assert_null(conf_load_string("saga_store = { backend = \"pgsql\"; conninfo = \"host=db\"; };\n"
+	    "exchanges = ( { name = \"events\"; } );\n"
+	    "sagas = ( { name = \"s\"; start = \"events:s.start\";\n"
+	    "  steps = ( { name = \"one\"; command = \"events:s.one\"; } ); } );\n", NAME, ".", &e));
+	assert_int_equal(e.n, 1);
+	assert_non_null(strstr(e.msg[0], "missing required key 'service'"));
+	conf_errors_clear(&e);
+}
+
+/* The conninfo may hold a password: no error shows it. */
+static void
+test_err_saga_store_hides_conninfo(void **state)
+{
+	const char *texts[] = {
+		SAGA "saga_store = { backend = \"pgsql\"; conninfo = \"password=s3cret\"; "
+		    "conninfo_file = \"/nonexistent\"; };\n",
+		SAGA "saga_store = { backend = \"sqlite\"; conninfo = \"password=s3cret\"; };\n",
+		SAGA "saga_store = { backend = \"pgsql\"; conninfo = \"password=s3cret\"; relay_grace = 0; };\n",
+		SVC "saga_store = { backend = \"pgsql\"; conninfo = \"postgresql://u:s3cret@db/x\"; };\n",
+	};
+	size_t i, j;
+
+	(void)state;
+	for (i = 0; i < sizeof texts / sizeof *texts; i++) {
+		struct conf_errors e = { NULL, 0 };
+		assert_null(conf_load_string(texts[i], NAME, ".", &e));
+		assert_true(e.n >= 1);
+		for (j = 0; j < e.n; j++)
+			if (strstr(e.msg[j], "s3cret"))
+				fail_msg("an error shows the password: %s", e.msg[j]);
+		conf_errors_clear(&e);
+	}
+}
+
+/* Restart-only: a reload keeps the running values and names what changed;
+ * the backend's enum follows its name quietly. */
+static void
+test_saga_store_reload(void **state)
+{
+	struct sagad_conf *oc = load_ok(SAGA), *nc;
+	char changed[512];
+
+	(void)state;
+	nc = load_ok(SAGA "saga_store = { backend = \"pgsql\"; conninfo = \"host=db\";"
+	    " schema = \"x\"; relay_grace = 9; };\n");
+	assert_int_equal(conf_reload_keep(nc, oc, changed, sizeof changed), 4);
+	assert_string_equal(changed, "saga_store.backend saga_store.conninfo "
+	    "saga_store.schema saga_store.relay_grace");
+	assert_int_equal(nc->saga_store.backend, SAGA_BACKEND_SQLITE);
+	assert_string_equal(nc->saga_store.backend_name, "sqlite");
+	assert_null(nc->saga_store.conninfo);
+	assert_string_equal(nc->saga_store.schema, "sagad");
+	assert_true(nc->saga_store.relay_grace == 5);
+	conf_free(oc);
+	conf_free(nc);
+}
+
 int
 main(void)
 {
@@ -948,6 +1169,17 @@ main(void)
 		cmocka_unit_test_setup_teardown(test_include_glob_error_in_included_file, setup_tmp, teardown_tmp),
 		cmocka_unit_test_setup_teardown(test_include_glob_relative_path, setup_tmp, teardown_tmp),
 		cmocka_unit_test(test_load_string_without_include_dir),
+		cmocka_unit_test(test_saga_store_defaults),
+		cmocka_unit_test(test_saga_store_pgsql),
+		cmocka_unit_test_setup_teardown(test_saga_store_conninfo_file, setup_tmp, teardown_tmp),
+		cmocka_unit_test(test_err_saga_store_backend),
+		cmocka_unit_test_setup_teardown(test_err_saga_store_conninfo, setup_tmp, teardown_tmp),
+		cmocka_unit_test_setup_teardown(test_err_saga_store_conninfo_file, setup_tmp, teardown_tmp),
+		cmocka_unit_test(test_err_saga_store_schema),
+		cmocka_unit_test(test_err_saga_store_relay_grace),
+		cmocka_unit_test(test_err_saga_store_nothing_to_store),
+		cmocka_unit_test(test_err_saga_store_hides_conninfo),
+		cmocka_unit_test(test_saga_store_reload),
 		cmocka_unit_test_setup_teardown(test_large_sizes_are_not_wrapped, setup_tmp, teardown_tmp),
 	};
 
