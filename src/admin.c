@@ -423,7 +423,6 @@ admin_sagas(struct admin *a, struct evhttp_request *req)
 	const char *q = evhttp_uri_get_query(u), *name = NULL, *state = NULL;
 	struct evkeyvalq params;
 	int st = -1;
-	json_t *j;
 
 	if (!a->d->saga) {
 		httpd_reply_json(req, 200, json_pack("{s:[]}", "sagas"));
@@ -473,7 +472,7 @@ admin_saga(struct admin *a, struct evhttp_request *req, const char *rest)
 		saga_get(a->d->saga, id, admin_saga_answer, req);
 	else if (slash && post && (strcmp(slash, "/retry") == 0 || strcmp(slash, "/abort") == 0))
 		saga_command(a->d->saga, id, strcmp(slash, "/retry") == 0, admin_saga_answer, req);
-	} else {
+	else {
 		evhttp_add_header(evhttp_request_get_output_headers(req), "Allow", slash ? "POST" : "GET");
 		httpd_error(req, 405, "method-not-allowed",
 		    "use GET /v1/admin/sagas/{id} or POST /v1/admin/sagas/{id}/retry|abort");

@@ -267,7 +267,7 @@ struct delivery_ticket {
 };
 
 static void
-delivery_hand_over(struct delivery *dl, struct dsub *ds, struct dack *k, struct msg *m)
+delivery_hand_over(struct dsub *ds, struct dack *k, struct msg *m)
 {
 	ds->inflight++;
 	ds->taker(ds->taker_arg, m, (struct delivery_ticket *)k);
@@ -283,7 +283,7 @@ delivery_settle(struct delivery_ticket *t, enum delivery_verdict v)
 	ds->inflight--;
 	/* A ticket of an earlier connection: that delivery is void, the
 	 * broker has given the message again. */
-	if (dl->br && k->epoch == dl->epoch) {
+	if (dl->d->state != SAGAD_STOPPED && dl->br && k->epoch == dl->epoch) {
 		if (v == DELIVERY_ACK) {
 			broker_ack(dl->br, k->epoch, k->sub, k->tag);
 			histogram_observe(&ds->stats.ack, util_mono() - k->received);
@@ -327,7 +327,7 @@ delivery_take(struct delivery *dl, const struct broker_event *ev)
 		m->message_id = xstrdup(derived);
 	}
 	if (ds->taker) {
-		delivery_hand_over(dl, ds, k, m);
+		delivery_hand_over(ds, k, m);
 		return;
 	}
 	put = store_inbox_put(dl->d->store, ds->name, m, util_now(), &id);

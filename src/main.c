@@ -20,6 +20,7 @@
 #include "plugin.h"
 #include "relay.h"
 #include "saga.h"
+#include "saga_store.h"
 #include "sagad.h"
 #include "store.h"
 #include "util.h"
@@ -267,6 +268,22 @@ sagad_start_publishing(struct sagad *d, char **err)
 	return 0;
 }
 
+/* With a shared saga store, the saga queue's messages skip the inbox: the
+ * store deduplicates them in its own transaction, and the ack follows its
+ * commit. */
+static void
+sagad_saga_settle(void *arg, int result)
+{
+	delivery_settle(arg, result == SAGA_JOB_DONE || result == SAGA_JOB_DUPLICATE ?
+	    DELIVERY_ACK : result == SAGA_JOB_FAILED ? DELIVERY_REJECT : DELIVERY_REQUEUE);
+}
+
+static void
+sagad_saga_take(void *arg, struct msg *m, struct delivery_ticket *t)
+{
+	saga_take(arg, m, sagad_saga_settle, t);
+}
+
 /* The consuming side: the subscriptions, the saga engine on its internal
  * one, and the consumer's broker thread. */
 static int
@@ -281,8 +298,12 @@ sagad_start_consuming(struct sagad *d, char **err)
 		d->saga = saga_new(d, err);
 		if (!d->saga)
 			return -1;
-		delivery_set_handler(d->delivery, delivery_sub_index(d->delivery, "_sagas"),
-		    saga_handle, d->saga);
+		if (saga_shared(d->saga))
+			delivery_set_taker(d->delivery, delivery_sub_index(d->delivery, "_sagas"),
+			    sagad_saga_take, d->saga);
+		else
+			delivery_set_handler(d->delivery, delivery_sub_index(d->delivery, "_sagas"),
+			    saga_handle, d->saga);
 	}
 	if (d->conf->n_subs) {
 		d->consumer = broker_new(d->base, d->conf, BROKER_ROLE_CONSUME,
@@ -361,6 +382,12 @@ sagad_stop(struct sagad_main *sm)
 	if (d->consumer)
 		broker_free(d->consumer);
 	broker_free(d->broker);
+	/* A shared saga store's jobs still queued settle their deliveries
+	 * (nothing goes to the broker any more): that store goes first. */
+	if (d->saga && saga_shared(d->saga)) {
+		saga_free(d->saga);
+		d->saga = NULL;
+	}
 	delivery_free(d->delivery);
 	store_flush(d->store);
 	plugins_stop(d->plugins);

@@ -8,8 +8,7 @@
 # binaries and the growing corpora), FUZZ_ARGS (more libFuzzer options),
 # FUZZ_NICE (nice level, default 10: the fuzzers yield to everything else).
 #
-# The daemon's modules (src/*.c but main.c, sagactl.c and the PostgreSQL
-# modules, which are not in libsagad.a and need libpq) are compiled
+# The daemon's modules (src/*.c but main.c and sagactl.c) are compiled
 # again here with clang and -fsanitize=fuzzer-no-link,address,undefined
 # (src/libsagad.a is gcc's, uninstrumented). A target that needs a static
 # function includes its .c file and is linked without that module's object.
@@ -45,7 +44,7 @@ if [ ! -f "$top_builddir/config.h" ]; then
 	exit 1
 fi
 
-pcs="librabbitmq libevent libevent_pthreads libconfig sqlite3 jansson"
+pcs="librabbitmq libevent libevent_pthreads libconfig sqlite3 jansson libpq"
 if pkg-config --exists msgpack-c; then pcs="$pcs msgpack-c"; else pcs="$pcs msgpack"; fi
 pkg_cflags=$(pkg-config --cflags $pcs) || exit 1
 pkg_libs=$(pkg-config --libs $pcs) || exit 1
@@ -63,7 +62,7 @@ export UBSAN_OPTIONS="print_stacktrace=1${UBSAN_OPTIONS:+:$UBSAN_OPTIONS}"
 modules=
 for src in "$top_srcdir"/src/*.c; do
 	m=$(basename "$src" .c)
-	case $m in main|sagactl|pgconn|saga_pg_schema) continue ;; esac
+	case $m in main|sagactl) continue ;; esac
 	modules="$modules $m"
 	obj=$build/obj/$m.o
 	if [ ! -f "$obj" ] || [ -n "$(find "$top_srcdir/src" -newer "$obj" -name '*.[ch]' | head -1)" ]; then
