@@ -288,7 +288,10 @@ broker_copy_subs(struct broker *b, const struct sagad_conf *c)
 			s->binds[j].key = xstrdup(cs->binds[j].key);
 		}
 		s->prefetch = cs->prefetch;
-		s->single_active = cs->internal;
+		/* One sagad applies a service's sagas, unless they are shared
+		 * on PostgreSQL: then every replica competes for them
+		 * (REPLICAS.md: Row locks and causal order). */
+		s->single_active = cs->internal && c->saga_store.backend != SAGA_BACKEND_PGSQL;
 		s->max_bytes = cs->max_message_bytes;
 	}
 }

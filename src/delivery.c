@@ -284,10 +284,13 @@ delivery_settle(struct delivery_ticket *t, enum delivery_verdict v)
 	/* A ticket of an earlier connection: that delivery is void, the
 	 * broker has given the message again. */
 	if (dl->d->state != SAGAD_STOPPED && dl->br && k->epoch == dl->epoch) {
-		if (v == DELIVERY_ACK) {
+		if (v == DELIVERY_ACK || v == DELIVERY_DUPLICATE) {
 			broker_ack(dl->br, k->epoch, k->sub, k->tag);
 			histogram_observe(&ds->stats.ack, util_mono() - k->received);
-			ds->stats.outcomes[OUTCOME_SUCCESS]++;
+			if (v == DELIVERY_ACK)
+				ds->stats.outcomes[OUTCOME_SUCCESS]++;
+			else
+				ds->stats.duplicates++;
 		} else if (v == DELIVERY_REQUEUE)
 			broker_requeue(dl->br, k->epoch, k->sub, k->tag);
 		else {

@@ -69,7 +69,8 @@ struct delivery_ticket;
 typedef void delivery_take_fn(void *arg, struct msg *m, struct delivery_ticket *t);
 void delivery_set_taker(struct delivery *dl, int sub, delivery_take_fn *fn, void *arg);
 enum delivery_verdict {
-	DELIVERY_ACK,		/* committed, or a duplicate */
+	DELIVERY_ACK,		/* committed */
+	DELIVERY_DUPLICATE,	/* taken before: acked, counted, dropped */
 	DELIVERY_REQUEUE,	/* not committed: the broker delivers it again */
 	DELIVERY_REJECT		/* refused for good: dead-lettered */
 };

@@ -274,8 +274,14 @@ sagad_start_publishing(struct sagad *d, char **err)
 static void
 sagad_saga_settle(void *arg, int result)
 {
-	delivery_settle(arg, result == SAGA_JOB_DONE || result == SAGA_JOB_DUPLICATE ?
-	    DELIVERY_ACK : result == SAGA_JOB_FAILED ? DELIVERY_REJECT : DELIVERY_REQUEUE);
+	static const enum delivery_verdict verdict[] = {
+		[SAGA_JOB_DONE] = DELIVERY_ACK,
+		[SAGA_JOB_DUPLICATE] = DELIVERY_DUPLICATE,
+		[SAGA_JOB_RETRY] = DELIVERY_REQUEUE,
+		[SAGA_JOB_FAILED] = DELIVERY_REJECT
+	};
+
+	delivery_settle(arg, verdict[result]);
 }
 
 static void

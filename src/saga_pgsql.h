@@ -38,6 +38,7 @@ struct pgs_stmt {
 struct pgs_inst {
 	struct saga_rec rec;
 	int fresh;		/* inserted in this batch: INSERT, not UPDATE */
+	int loaded;		/* its state as fetched; -1 fresh */
 	int dirty;
 };
 
@@ -104,8 +105,15 @@ struct saga_backend {
 	} writes, loose;
 	int outbox_rows;		/* in the batch: kick the relay after commit */
 
-	/* counts, refreshed every few seconds for the gauges */
+	/* counts, refreshed every few seconds for the gauges, and this
+	 * replica's changes committed since */
 	PGresult *counts;
+	struct pgs_count {
+		char *saga;
+		int state;
+		int64_t n;
+	} *deltas;
+	size_t ndeltas, capdeltas;
 	double counts_at, heartbeat_at, expire_at;
 	uint64_t batches, commits, retries, failures;
 };
@@ -122,6 +130,10 @@ void pgs_param_bin(struct pgs_stmt *s, const char *v, size_t len);
 void pgs_param_dbl(struct pgs_stmt *s, double v);
 void pgs_param_int(struct pgs_stmt *s, int64_t v);
 void pgs_stmts_clear(struct pgs_stmts *a);
+/* The batch committed: its state changes count until the next refresh;
+ * a refresh (counts fetched) starts them again. */
+void pgs_counts_commit(struct saga_backend *b);
+void pgs_counts_fetched(struct saga_backend *b, PGresult *res);
 /* The batch's changed instances as statements (before the rest). */
 void pgs_flush_instances(struct saga_backend *b);
 /* A text[] literal of n strings, for = ANY($k::text[]). */

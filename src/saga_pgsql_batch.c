@@ -317,8 +317,7 @@ pgs_fetched(struct saga_backend *b)
 		if (p->j.want & SAGA_WANT_LIST)
 			p->list = pgc_take_result(b->pg, k++);
 	if (f->at_counts >= 0) {
-		PQclear(b->counts);
-		b->counts = pgc_take_result(b->pg, f->at_counts);
+		pgs_counts_fetched(b, pgc_take_result(b->pg, f->at_counts));
 		b->want_counts = 0;
 	}
 	pgs_fetch_free(b);
@@ -373,6 +372,7 @@ pgs_committed(struct saga_backend *b)
 	b->batch = NULL;
 	b->nbatch = 0;
 	b->commits++;
+	pgs_counts_commit(b);
 	pgs_stmts_clear(&b->writes);
 	if (b->outbox_rows && b->relay)
 		saga_pg_relay_kick(b->relay);

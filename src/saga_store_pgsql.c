@@ -184,6 +184,7 @@ pgs_cache_add(struct saga_backend *b, const PGresult *res, int i, int at)
 		memset(in, 0, sizeof *in);
 		pgs_rec_from(res, i, at, &in->rec);
 		in->rec.row = (int64_t)b->ninsts;
+		in->loaded = in->rec.state;
 	}
 	return in->rec.row;
 }
@@ -220,6 +221,7 @@ pgs_get(struct saga_backend *b, const char *saga, const char *id, struct saga_re
 {
 	struct pgs_inst *in;
 
+	memset(r, 0, sizeof *r);
 	if (!pgs_fetched(b, id))
 		return -1;
 	in = pgs_find(b, saga, id);
@@ -234,6 +236,7 @@ pgs_get_row(struct saga_backend *b, int64_t row, struct saga_rec *r)
 {
 	struct pgs_inst *in = pgs_at(b, row);
 
+	memset(r, 0, sizeof *r);
 	if (!in)
 		return 0;
 	pgs_rec_copy(&in->rec, r);
@@ -274,18 +277,70 @@ pgs_list(struct saga_backend *b, const char *saga, int state, size_t limit, saga
 	return 0;
 }
 
-/* Counts as of the last refresh (saga_pgsql_batch.c, every few seconds). */
+/* ---- counts: the last refresh plus this replica's changes since ---- */
+
+static int64_t *
+pgs_delta(struct saga_backend *b, const char *saga, int state)
+{
+	struct pgs_count *c;
+	size_t i;
+
+	for (i = 0; i < b->ndeltas; i++)
+		if (b->deltas[i].state == state && strcmp(b->deltas[i].saga, saga) == 0)
+			return &b->deltas[i].n;
+	c = XPUSH(b->deltas, b->ndeltas, b->capdeltas);
+	c->saga = xstrdup(saga);
+	c->state = state;
+	c->n = 0;
+	return &c->n;
+}
+
+void
+pgs_counts_commit(struct saga_backend *b)
+{
+	size_t i;
+
+	for (i = 0; i < b->ninsts; i++) {
+		struct pgs_inst *in = &b->insts[i];
+		if (in->loaded == in->rec.state)
+			continue;
+		if (in->loaded >= 0)
+			(*pgs_delta(b, in->rec.saga, in->loaded))--;
+		(*pgs_delta(b, in->rec.saga, in->rec.state))++;
+		in->loaded = in->rec.state;
+	}
+}
+
+void
+pgs_counts_fetched(struct saga_backend *b, PGresult *res)
+{
+	size_t i;
+
+	PQclear(b->counts);
+	b->counts = res;
+	for (i = 0; i < b->ndeltas; i++)
+		b->deltas[i].n = 0;
+}
+
 static int
 pgs_counts(struct saga_backend *b, saga_rec_fn *fn, void *arg)
 {
-	int i;
+	struct saga_rec r;
+	size_t i;
+	int k;
 
-	for (i = 0; b->counts && i < PQntuples(b->counts); i++) {
-		struct saga_rec r;
+	/* every (saga, state) seen in either */
+	for (k = 0; b->counts && k < PQntuples(b->counts); k++)
+		pgs_delta(b, PQgetvalue(b->counts, k, 0), atoi(PQgetvalue(b->counts, k, 1)));
+	for (i = 0; i < b->ndeltas; i++) {
 		memset(&r, 0, sizeof r);
-		r.saga = PQgetvalue(b->counts, i, 0);
-		r.state = atoi(PQgetvalue(b->counts, i, 1));
-		r.row = strtoll(PQgetvalue(b->counts, i, 2), NULL, 10);
+		r.saga = b->deltas[i].saga;
+		r.state = b->deltas[i].state;
+		r.row = b->deltas[i].n;
+		for (k = 0; b->counts && k < PQntuples(b->counts); k++)
+			if (atoi(PQgetvalue(b->counts, k, 1)) == r.state &&
+			    strcmp(PQgetvalue(b->counts, k, 0), r.saga) == 0)
+				r.row += strtoll(PQgetvalue(b->counts, k, 2), NULL, 10);
 		fn(arg, &r);
 	}
 	return 0;
@@ -330,6 +385,7 @@ pgs_insert(struct saga_backend *b, struct saga_rec *r)
 	r->row = (int64_t)b->ninsts;
 	pgs_rec_copy(r, &in->rec);
 	in->fresh = in->dirty = 1;
+	in->loaded = -1;
 	return 0;
 }
 
@@ -585,6 +641,9 @@ pgs_close(struct saga_backend *b)
 	free(b->dues);
 	free(b->ids);
 	PQclear(b->counts);
+	while (b->ndeltas)
+		free(b->deltas[--b->ndeltas].saga);
+	free(b->deltas);
 	free(b->conninfo);
 	free(b->schema);
 	free(b->service);

@@ -33,6 +33,9 @@ sys.path.insert(0, os.path.join(os.environ.get('top_srcdir', '.'), 't', 'lib'))
 import harness as h  # noqa: E402
 
 
+# The orchestrator's saga store: SQLite, or PostgreSQL (main_pg).
+SAGA_STORE = ''
+
 # ---------------------------------------------------------------- helpers
 
 def api_publish(port, exchange, key, body=b'', headers=None, deadline=60):
@@ -597,7 +600,7 @@ def main(wd):
         f.write(SAGAS)
     orders = h.Sagad(wd, broker.url, name='orders', conf_extra='@include "conf.d/*.conf"\n' +
                      subscription_conf('watch', ['events:done.#', 'events:undone.#'],
-                                       observer.url))
+                                       observer.url) + SAGA_STORE)
     d_stock = h.Sagad(wd, broker.url, name='stock', conf_extra=subscription_conf(
         'inbox', ['commands:stock.#', 'commands:shipment.#', 'events:fulfil.start',
                   'events:quick.start'], stock.url))
@@ -1153,6 +1156,19 @@ def main(wd):
     for d in (orders, d_stock, d_payment):
         h.check(d.stop() == 0, 'sagad %s stops cleanly' % d.name)
     broker.stop()
+
+
+def main_pg(wd):
+    """The same scenarios with the orchestrator's sagas on a private
+    PostgreSQL (saga_store.backend = "pgsql"; t/integration/sagas_pg.py)."""
+    import pg
+    global SAGA_STORE
+    db = pg.Postgres(os.path.join(wd, 'pg'))
+    db.start()
+    SAGA_STORE = '\nsaga_store = { backend = "pgsql"; conninfo = %s; };\n' % h.conf_str(
+        db.conninfo)
+    main(wd)
+    db.stop()
 
 
 if __name__ == '__main__':
