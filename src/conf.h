@@ -138,6 +138,8 @@ struct conf_saga_store {
 	char *schema;		/* default "sagad"; 1..63 bytes */
 	double relay_grace;	/* seconds before another replica publishes
 				 * a replica's unpublished saga messages */
+	double early_window;	/* seconds a choreographed event waits for its
+				 * saga's start before it is an orphan */
 };
 
 struct conf_outbox {
