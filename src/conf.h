@@ -33,6 +33,8 @@ struct conf_subscription {
 	double circuit_open;	/* seconds before a probe */
 	int64_t max_message_bytes;
 	int internal;		/* consumed by the saga engine, not over HTTP */
+	char *dedup;		/* "local" (default) or "shared" */
+	int shared_dedup;	/* dedup = "shared": claims in the PostgreSQL store */
 };
 
 /* One key of a source's block, kept as written for its plugin to read. */

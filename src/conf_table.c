@@ -126,6 +126,9 @@ static const struct conf_key conf_sub_rows[] = {
 	ROW("circuit_failures", CONF_INT, U(circuit_failures), 0, "5", 1, 1000000),
 	ROW("circuit_open", CONF_DUR, U(circuit_open), 0, "5", 0.01, 3600),
 	ROW("max_message_bytes", CONF_SIZE, U(max_message_bytes), 0, "16777216", 1, 134217728),
+	ROW("dedup", CONF_STR, U(dedup), 0, "local", 0, 0),
+	/* dedup = "shared" (conf.c). */
+	ROW("shared_dedup", CONF_BOOL, U(shared_dedup), D, NULL, 0, 0),
 	/* The saga engine's own subscription (conf.c). */
 	ROW("internal", CONF_BOOL, U(internal), D, NULL, 0, 0),
 	END

@@ -1068,7 +1068,8 @@ test_err_saga_store_nothing_to_store(void **state)
 
 	(void)state;
 	expect_error(SVC "saga_store = {\n  backend = \"pgsql\";\n  conninfo = \"host=db\";\n};\n", 3,
-	    "saga_store: backend \"pgsql\" but no sagas are defined (nothing to store)");
+	    "saga_store: backend \"pgsql\" but no sagas are defined "
+	    "and no subscription has dedup = \"shared\" (nothing to store)");
 	assert_null(conf_load_string("saga_store = { backend = \"pgsql\"; conninfo = \"host=db\"; };\n"
 	    "exchanges = ( { name = \"events\"; } );\n"
 	    "sagas = ( { name = \"s\"; start = \"events:s.start\";\n"
