@@ -114,7 +114,7 @@ def main(wd):
     broker, orders, stock, payment = cast.broker, cast.orders, cast.stock, cast.payment
     d_web = cast.d_web
     r = subprocess.run([h.sagad_path(), '-n', '-f', orders.conf], capture_output=True,
-                         text=True, timeout=30)
+                       text=True, timeout=30)
     h.check(r.returncode == 0, 'sagad -n: the configuration with saga_store pgsql is valid',
             r.stderr)
     h.check(SECRET not in r.stdout + r.stderr, 'sagad -n does not show the password')
