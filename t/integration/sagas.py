@@ -75,6 +75,27 @@ def api_publish(port, exchange, key, body=b'', headers=None, deadline=60):
         time.sleep(0.2)
 
 
+def publish_spread(port, items, make, seconds, errors, threads=4):
+    """Publish make(item) -> (exchange, key, body, headers) for each of
+    items through the publish API on port, spread over about seconds, with
+    that many threads (returned, started); errors collects what failed."""
+    def run(part):
+        t = time.time()
+        gap = seconds / max(1, len(part))
+        for i, x in enumerate(part):
+            try:
+                api_publish(port, *make(x), deadline=120)
+            except Exception as e:  # noqa: BLE001
+                errors.append(repr(e))
+            delay = t + (i + 1) * gap - time.time()
+            if delay > 0:
+                time.sleep(delay)
+    ths = [threading.Thread(target=run, args=(items[k::threads],), daemon=True)
+           for k in range(threads)]
+    for t in ths:
+        t.start()
+    return ths
+
 def sagactl(d, *args, timeout=30):
     exe = os.path.join(h.top_builddir, 'src', 'sagactl')
     r = subprocess.run([exe, '-s', 'http://127.0.0.1:%d' % d.admin_port] + list(args),
