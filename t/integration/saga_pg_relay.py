@@ -83,15 +83,18 @@ def props_of(saga):
 
 
 def insert(c, rows):
-    """rows: (message_id, saga, claimed_by, claimed_at); props per saga."""
+    """rows: (message_id, saga, claimed_by, claimed_at[, exchange]); props
+    per saga."""
     props = {}
     values = []
-    for mid, saga, by, at in rows:
+    for row in rows:
+        mid, saga, by, at = row[:4]
         if saga not in props:
             props[saga] = props_of(saga)
-        values.append("(%s, %s, 'events', %s, '\\x%s'::bytea, %s, %s, %f, %s, %s)" % (
-            pg.quote_literal(SERVICE), pg.quote_literal(mid), pg.quote_literal('saga.' + saga),
-            props[saga], pg.bytea_literal(('body of ' + mid).encode()), pg.quote_literal(saga),
+        values.append("(%s, %s, %s, %s, '\\x%s'::bytea, %s, %s, %f, %s, %s)" % (
+            pg.quote_literal(SERVICE), pg.quote_literal(mid),
+            pg.quote_literal(row[4] if len(row) > 4 else 'events'),
+            pg.quote_literal('saga.' + saga), props[saga], pg.bytea_literal(('body of ' + mid).encode()), pg.quote_literal(saga),
             time.time(), 'NULL' if by is None else pg.quote_literal(by),
             'NULL' if at is None else '%f' % at))
     for i in range(0, len(values), 1000):
@@ -219,46 +222,75 @@ def takeover(db, broker, c, relay):
     h.check(st['taken'] == 52, 'stats: 52 rows taken over', detail=st)
 
 
-def broker_restart(db, broker, c, relay):
-    n = 20000
-    insert_series(c, 'rmq', n, 300, 'A')
+def unroutable(db, broker, c, relay):
+    """A row nobody's queue is bound for comes back (basic.return): it is
+    retried after a backoff, the later rows of its saga wait behind it, other
+    sagas go on; once a queue is bound it goes, then the rest of its saga."""
+    now = time.time()
+    insert(c, [('u0-0', 'u0', 'A', now, 'commands'), ('u0-1', 'u0', 'A', now),
+               ('u1-0', 'u1', 'A', now), ('u1-1', 'u1', 'A', now)])
+    relay.cmd('kick')
+    h.wait_until(lambda: relay.stats()['unroutable'] >= 2, 20, 'the row returned, retried')
+    got = consume(broker, 10, timeout=2)
+    h.check(sorted(m['message_id'] for m in got) == ['u1-0', 'u1-1'],
+            'the other saga went on; the returned row\'s saga waits behind it',
+            detail=[m['message_id'] for m in got])
+    h.check(count(c) == 2, 'the returned row and the one behind it stay in the table')
+    broker.tool.declare_queue(broker.url, 'late', [('commands', '#')])
+    wait_empty(c, 40, 'once bound, the returned row and the rest of its saga published')
+    late = broker.tool.consume(broker.url, 'late', 10, timeout=2)
+    h.check([m['message_id'] for m in late] == ['u0-0'], 'the returned row arrived, once',
+            detail=late)
+    got = consume(broker, 10, timeout=2)
+    h.check([m['message_id'] for m in got] == ['u0-1'], 'then the row behind it')
+    broker.tool.delete(broker.url, 'late')
+
+
+def start_bulk(c, relay, prefix, n):
+    """n rows of 300 sagas claimed by relay A; returns once 2000 are out."""
+    insert_series(c, prefix, n, 300, 'A')
     before = relay.stats()['published']
     relay.cmd('kick')
     h.wait_until(lambda: relay.stats()['published'] - before >= 2000, 30, '2000 published')
-    broker.stop()
+
+
+def all_arrived(broker, n, what, sagas):
+    """Consumes what came: every one of n rows, per saga in order; returns
+    the number of copies."""
+    got = consume(broker, n + 1000, timeout=5)
+    ids = {m['message_id'] for m in got}
+    copies = check_order(got, what, sagas)
+    h.check(len(ids) == n, '%s: all %d rows arrived' % (what, n), detail=len(ids))
+    h.log('%s: %d copies' % (what, copies))
+    return copies
+
+
+def broker_restart(db, broker, c, relay):
+    n = 20000
+    start_bulk(c, relay, 'rmq', n)
+    broker.kill()       # no goodbye: confirms of what is in flight never come
     time.sleep(1)
     left = count(c)
-    h.check(0 < left < n, 'RabbitMQ stopped mid-run (%d rows left)' % left)
+    h.check(0 < left < n, 'RabbitMQ killed mid-run (%d rows left)' % left)
     time.sleep(2)
     st = relay.stats()
     h.check(st['broker'] == 0 and count(c) == left,
             'while RabbitMQ is down the rows stay in the table', detail=(st, count(c)))
     broker.start()
     wait_empty(c, 120, 'everything published once RabbitMQ is back')
-    got = consume(broker, n + 1000, timeout=5)
-    ids = {m['message_id'] for m in got}
-    copies = check_order(got, 'RabbitMQ restart', {'rmq': 300})
-    h.check(len(ids) == n, 'all %d rows arrived' % n, detail=len(ids))
-    h.log('copies after the RabbitMQ restart: %d' % copies)
+    copies = all_arrived(broker, n, 'RabbitMQ restart', {'rmq': 300})
     h.check(copies <= 256, 'copies only of rows in flight (at most the window, 256)')
 
 
 def pg_restart(db, broker, c, relay):
     n = 20000
-    insert_series(c, 'pgr', n, 300, 'A')
+    start_bulk(c, relay, 'pgr', n)
     c.close()
-    before = relay.stats()['published']
-    relay.cmd('kick')
-    h.wait_until(lambda: relay.stats()['published'] - before >= 2000, 30, '2000 published')
     db.restart('fast')
     with db.connect() as c2:
         h.check(count(c2) > 0, 'PostgreSQL restarted mid-run')
         wait_empty(c2, 120, 'everything published after the PostgreSQL restart')
-    got = consume(broker, n + 1000, timeout=5)
-    ids = {m['message_id'] for m in got}
-    copies = check_order(got, 'PostgreSQL restart', {'pgr': 300})
-    h.check(len(ids) == n, 'all %d rows arrived' % n, detail=len(ids))
-    h.log('copies after the PostgreSQL restart: %d' % copies)
+    copies = all_arrived(broker, n, 'PostgreSQL restart', {'pgr': 300})
     h.check(copies <= 512, 'copies bounded by the rows held (512)')
     st = relay.stats()
     h.check(st['pg'] == 1 and st['held'] == 0, 'the relay reconnected', detail=st)
@@ -273,10 +305,7 @@ def two_relays(db, broker, c, a, b):
     a.cmd('kick')
     b.cmd('kick')
     wait_empty(c, 120, 'both relays emptied the table')
-    got = consume(broker, n + 6000, timeout=5)
-    ids = {m['message_id'] for m in got}
-    copies = check_order(got, 'two relays', {'two': 200, 'twa': 50, 'twb': 50})
-    h.check(len(ids) == n + 4000, 'every row arrived (%d)' % (n + 4000), detail=len(ids))
+    copies = all_arrived(broker, n + 4000, 'two relays', {'two': 200, 'twa': 50, 'twb': 50})
     sa, sb = a.stats(), b.stats()
     h.log('two relays: A took %d, B took %d unclaimed rows, %d copies'
           % (sa['taken'] - ta, sb['taken'] - tb, copies))
@@ -297,6 +326,7 @@ def main(workdir):
                  'relay A connected to both')
     basic(db, broker, c, a)
     takeover(db, broker, c, a)
+    unroutable(db, broker, c, a)
     broker_restart(db, broker, c, a)
     pg_restart(db, broker, c, a)
     c = db.connect()
