@@ -98,10 +98,10 @@ struct saga_pg_relay_set {
 	size_t mask;
 };
 
-static size_t
+uint64_t
 saga_pg_relay_hash(const char *s)
 {
-	size_t h = 14695981039346656037ULL;
+	uint64_t h = 14695981039346656037ULL;
 
 	for (; *s; s++)
 		h = (h ^ (unsigned char)*s) * 1099511628211ULL;
@@ -112,7 +112,7 @@ saga_pg_relay_hash(const char *s)
 static int
 saga_pg_relay_set_put(struct saga_pg_relay_set *set, const char *s)
 {
-	size_t i = saga_pg_relay_hash(s) & set->mask;
+	size_t i = (size_t)saga_pg_relay_hash(s) & set->mask;
 
 	while (set->slot[i]) {
 		if (strcmp(set->slot[i], s) == 0)
@@ -248,8 +248,9 @@ saga_pg_relay_broker_event(void *arg, const struct broker_event *ev)
 	struct saga_pg_relay *r = arg;
 	struct saga_pg_relay_row *row;
 
-	if (ev->kind != BROKER_EV_UP && ev->epoch != r->epoch)
-		return;		/* news of a connection that is gone */
+	if (ev->kind != BROKER_EV_UP && (ev->epoch != r->epoch || !r->epoch))
+		return;		/* news of a connection that is gone, or a
+				 * connect that failed (the broker logs it) */
 	switch (ev->kind) {
 	case BROKER_EV_UP:
 		if (r->epoch || r->stats.published)

@@ -66,15 +66,11 @@ saga_pg_relay_drop_deleted(struct saga_pg_relay *r)
 void
 saga_pg_relay_lock_key(struct saga_pg_relay *r)
 {
-	const char *parts[3] = { "sagad saga outbox ", r->schema, r->service };
-	uint64_t h = 14695981039346656037ULL;
-	const char *p;
-	int i;
+	char *name = xasprintf("sagad saga outbox %s %s", r->schema, r->service);
 
-	for (i = 0; i < 3; i++)
-		for (p = parts[i]; *p; p++)
-			h = (h ^ (unsigned char)*p) * 1099511628211ULL;
-	snprintf(r->lock_key, sizeof r->lock_key, "%lld", (long long)(int64_t)h);
+	snprintf(r->lock_key, sizeof r->lock_key, "%lld",
+	    (long long)(int64_t)saga_pg_relay_hash(name));
+	free(name);
 }
 
 /*
