@@ -313,6 +313,25 @@ def two_relays(db, broker, c, a, b):
     h.check(copies == 0, 'no copies while both live')
 
 
+def failover(db, broker, c, a, b):
+    """Relay A SIGKILLed mid-run: B takes its rows over once their claim is
+    older than grace; at least once, copies only of what A held."""
+    n = 5000
+    insert_series(c, 'fo', n, 100, 'A')
+    before, tb = a.stats()['published'], b.stats()['taken']
+    a.cmd('kick')
+    h.wait_until(lambda: a.stats()['published'] - before >= 500, 30, '500 published by A')
+    a.proc.kill()
+    a._cleanup()
+    t0 = time.time()
+    h.check(count(c) > 0, 'relay A killed mid-run (%d rows left)' % count(c))
+    wait_empty(c, GRACE + 60, 'relay B took over and emptied the table')
+    h.log('B took %d rows over, the table empty %.1fs after the kill'
+          % (b.stats()['taken'] - tb, time.time() - t0))
+    copies = all_arrived(broker, n, 'failover', {'fo': 100})
+    h.check(copies <= 512, 'copies only of rows A held (at most 512)')
+
+
 def main(workdir):
     db = pg.Postgres(workdir)
     db.start()
@@ -334,7 +353,7 @@ def main(workdir):
     h.wait_until(lambda: b.stats()['broker'] == 1 and b.stats()['pg'] == 1, 30,
                  'relay B connected to both')
     two_relays(db, broker, c, a, b)
-    a.stop()
+    failover(db, broker, c, a, b)
     b.stop()
 
 
