@@ -18,6 +18,7 @@
 
 struct event;
 struct event_base;
+struct evbuffer;
 struct pgs_fetch;
 struct saga_pg_relay;
 struct sagad_conf;
@@ -145,5 +146,6 @@ char *pgs_text_array(char *const *v, size_t n);
 int pgs_driver_start(struct saga_backend *b);
 void pgs_driver_submit(struct saga_backend *b, const struct saga_job *job);
 void pgs_driver_stop(struct saga_backend *b);
+void pgs_metrics(struct saga_backend *b, struct evbuffer *out);
 
 #endif

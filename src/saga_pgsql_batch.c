@@ -21,6 +21,7 @@
  */
 #include "saga_pgsql.h"
 
+#include <event2/buffer.h>
 #include <event2/event.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -30,6 +31,7 @@
 
 #include "conf.h"
 #include "log.h"
+#include "metrics.h"
 #include "pgconn.h"
 #include "saga_pg_relay.h"
 #include "util.h"
@@ -597,6 +599,38 @@ pgs_tick_cb(evutil_socket_t fd, short what, void *arg)
 	pgs_param_dbl(s, b->started_at);
 	b->want_counts = 1;
 	pgs_next(b);
+}
+
+/* The families of the PostgreSQL saga store and of its relay. */
+void
+pgs_metrics(struct saga_backend *b, struct evbuffer *out)
+{
+	size_t queued = 0;
+	struct pgs_job *p;
+
+	for (p = b->queue; p; p = p->next)
+		queued++;
+#define PGS_METRIC(name, type, help, value)					\
+	do {									\
+		metrics_family(out, name, type, help);				\
+		metrics_sample(out, name, "", (double)(value));			\
+	} while (0)
+	PGS_METRIC("sagad_saga_store_connected", "gauge",
+	    "1 while the saga store's PostgreSQL connection serves.",
+	    b->state != PGS_DOWN && b->state != PGS_SETUP);
+	PGS_METRIC("sagad_saga_store_batches_total", "counter",
+	    "Batches of saga jobs sent to PostgreSQL.", b->batches);
+	PGS_METRIC("sagad_saga_store_commits_total", "counter",
+	    "Batches committed.", b->commits);
+	PGS_METRIC("sagad_saga_store_failures_total", "counter",
+	    "Batches rolled back for an error (their jobs run again alone).", b->failures);
+	PGS_METRIC("sagad_saga_store_reconnects_total", "counter",
+	    "PostgreSQL connections lost (their batch runs again).", b->retries);
+	PGS_METRIC("sagad_saga_store_queued", "gauge",
+	    "Saga jobs waiting for a batch (consumed messages held unacked).", queued);
+#undef PGS_METRIC
+	if (b->relay)
+		saga_pg_relay_metrics(b->relay, out);
 }
 
 int
