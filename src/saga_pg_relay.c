@@ -319,7 +319,7 @@ saga_pg_relay_new(struct event_base *base, const struct sagad_conf *conf,
     double grace)
 {
 	struct saga_pg_relay *r = xcalloc(1, sizeof *r);
-	struct pgc_conf pc;
+	struct pgc_conf pc = { 0 };
 
 	r->base = base;
 	r->conf = conf;

@@ -50,6 +50,7 @@ struct saga_pg_relay {
 
 	struct pgc *pg;
 	int pg_up;
+	int pg_warned;		/* a failed connect said at warn level */
 	int busy;		/* a query is in flight */
 	struct saga_pg_relay_query q;
 	char *sql_lock, *sql_delete, *sql_refresh, *sql_claim;

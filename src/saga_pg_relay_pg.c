@@ -336,6 +336,7 @@ saga_pg_relay_connected(void *arg)
 	}
 	log_info("saga outbox relay: PostgreSQL connected", LOG_STR("schema", r->schema));
 	r->pg_up = 1;
+	r->pg_warned = 0;
 	r->want_claim = 1;
 	r->refreshed = 0;	/* the claims may have aged meanwhile */
 	saga_pg_relay_pump(r);
@@ -359,9 +360,13 @@ saga_pg_relay_down(void *arg, const char *why, double retry_in)
 	if (r->pg_up)
 		log_warn("saga outbox relay: PostgreSQL connection down", LOG_STR("reason", why),
 		    LOG_DBL("retry_in_seconds", retry_in));
+	else if (!r->pg_warned)	/* once, then quietly until it connects */
+		log_warn("saga outbox relay: cannot connect to PostgreSQL",
+		    LOG_STR("reason", why), LOG_DBL("retry_in_seconds", retry_in));
 	else
 		log_debug("saga outbox relay: cannot connect to PostgreSQL",
 		    LOG_STR("reason", why), LOG_DBL("retry_in_seconds", retry_in));
+	r->pg_warned = 1;
 	r->pg_up = 0;
 	r->busy = 0;
 	for (i = 0; i < r->nrows; i++)

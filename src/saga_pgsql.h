@@ -60,7 +60,6 @@ struct pgs_job {
 
 enum pgs_state {
 	PGS_DOWN,		/* connecting, or waiting to connect again */
-	PGS_SETUP,		/* SET search_path sent */
 	PGS_IDLE,
 	PGS_FETCH,		/* round trip 1 of a batch in flight */
 	PGS_COMMIT,		/* round trip 2 */
