@@ -986,6 +986,24 @@ test_expire_rate_limited(void **state)
 	assert_text(stmt(&b->loose, 3), 2, "{0}");
 }
 
+/* Any set of states makes a whole int[] literal (its buffer is sized for
+ * every bit the loop looks at). */
+static void
+test_expire_all_states(void **state)
+{
+	struct fx *f = *state;
+	struct saga_backend *b = f->b;
+	char want[128] = "{";
+	int k;
+
+	for (k = 0; k < 31; k++)
+		snprintf(want + strlen(want), sizeof want - strlen(want), "%s%d", k ? "," : "", k);
+	strcat(want, "}");
+	assert_int_equal(OPS.expire(b, 1, 0x7fffffffu, 10, NULL, NULL), 0);
+	assert_int_equal(b->loose.n, 3);
+	assert_text(stmt(&b->loose, 0), 2, want);
+}
+
 /* ---- history and list answered from the batch ---- */
 
 struct hseen {
@@ -1081,6 +1099,7 @@ main(void)
 		cmocka_unit_test_setup_teardown(test_send, setup, teardown),
 		cmocka_unit_test_setup_teardown(test_early, setup, teardown),
 		cmocka_unit_test_setup_teardown(test_expire_rate_limited, setup, teardown),
+		cmocka_unit_test_setup_teardown(test_expire_all_states, setup, teardown),
 		cmocka_unit_test_setup_teardown(test_history_and_list, setup, teardown),
 	};
 
