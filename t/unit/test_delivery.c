@@ -704,13 +704,18 @@ test_taker_old_epoch_not_settled(void **state)
 	assert_true(metric(f, M_SUCCESS) == 0);
 	assert_true(metric(f, M_DEAD) == 0);
 	assert_int_equal(delivery_inflight(f->dl), 0);
+	/* a delivery the old connection still posted: not taken */
+	f->epoch = 1;
+	deliver(f, "late", NULL);
+	assert_int_equal(taken.n, 3);
+	f->epoch = 2;
 	/* the copy of the new connection is settled on it */
 	deliver(f, "o1", NULL);
 	assert_int_equal(taken.n, 4);
 	delivery_settle(taken.t[3], DELIVERY_ACK);
 	assert_int_equal(nsettled, 1);
 	assert_int_equal(settled[0].what, 'a');
-	assert_true(settled[0].epoch == 2 && settled[0].tag == 4);
+	assert_true(settled[0].epoch == 2 && settled[0].tag == 5);
 	assert_true(metric(f, M_SUCCESS) == 1);
 	taken_free();
 }
