@@ -674,7 +674,7 @@ pgs_expire(struct saga_backend *b, double before, unsigned states, int batch, sa
     void *arg)
 {
 	struct pgs_stmt *s;
-	char list[64] = "{";
+	char list[128] = "{";	/* every state bit 0..30: 85 bytes */
 	int k;
 
 	(void)fn;
