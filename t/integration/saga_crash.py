@@ -75,16 +75,12 @@ def plan(i):
     return cid, 'order', 'completed', None
 
 
-def main(wd):
-    rnd = random.Random(SEED)
-    h.log('N=%d, SAGA_CRASH_SEED=%d' % (N, SEED))
-    plans = [plan(i) for i in range(N)]
-    by_cid = {p[0]: p for p in plans}
+# ---------------------------------------------------------------- shared with replicas_pg.py
 
-    broker = h.Broker(wd)
-    broker.start()
+def participants(by_cid):
+    """The three services (stock, payment, web) answering as the plans in
+    by_cid (saga id -> plan(i)) say."""
     stock, payment, web = Participant('stock'), Participant('payment'), Participant('web')
-
     jrnd = random.Random()
 
     def jitter():
@@ -105,45 +101,161 @@ def main(wd):
     stock.rules['fulfil.start'] = lambda cid, n: Answer(events=[] if n else [
         Event('shipment.failed' if fails(cid, 'ship') else 'shipment.scheduled',
               delay=0.1 + jitter())])
+    return stock, payment, web
+
+
+def participant_sagads(wd, broker, stock, payment, web, broker_extra='', web_binds=()):
+    """The participants' sagads (web, stock, payment), started; web also
+    receives the final events of the sagas named in web_binds."""
+    d_web = h.Sagad(wd, broker.url, name='web', broker_extra=broker_extra,
+                    conf_extra=subscription_conf(
+                        'final', ['events:done.#', 'events:undone.#'] + list(web_binds), web.url))
+    d_stock = h.Sagad(wd, broker.url, name='stock', broker_extra=broker_extra,
+                      conf_extra=subscription_conf(
+                          'inbox', ['commands:stock.#', 'commands:shipment.#',
+                                    'events:fulfil.start'], stock.url))
+    d_payment = h.Sagad(wd, broker.url, name='payment', broker_extra=broker_extra,
+                        conf_extra=subscription_conf(
+                            'inbox', ['commands:payment.#', 'events:fulfil.start'], payment.url))
+    for d in (d_web, d_stock, d_payment):
+        d.start(timeout=60)
+    stock.sagad, payment.sagad = d_stock, d_payment
+    return d_web, d_stock, d_payment
+
+
+def publisher(d_web, items, seconds, errors, sent=None):
+    """Publish the start events of items (plans) through the web sagad,
+    spread over about seconds, with 4 threads; sent (a dict), when given,
+    gets each saga id's publish time."""
+    gap = seconds / max(1, len(items)) * 4
+
+    def run(part):
+        t = time.time()
+        for i, (cid, saga, _, _) in enumerate(part):
+            try:
+                api_publish(d_web.port, 'events',
+                            'order.created' if saga == 'order' else 'fulfil.start',
+                            {'cid': cid}, {'Correlation-Id': cid, 'Message-Id': 'start-' + cid})
+                if sent is not None:
+                    sent[cid] = time.time()
+            except Exception as e:
+                errors.append(repr(e))
+                continue
+            delay = t + (i + 1) * gap - time.time()
+            if delay > 0:
+                time.sleep(delay)
+    threads = [threading.Thread(target=run, args=(items[k::4],), daemon=True) for k in range(4)]
+    for t in threads:
+        t.start()
+    return threads
+
+
+def expected_deliveries(plans):
+    """(expect_ok, expect_refused): the 2xx deliveries wanted per
+    (participant, key, saga id), and the planned refusals."""
+    expect_ok = collections.Counter()
+    expect_refused = set()
+    for cid, saga, state, what in plans:
+        if saga == 'order':
+            expect_ok[('stock', 'stock.reserve', cid)] = 1
+            if what == 'authorize':
+                expect_refused.add(('payment', 'payment.authorize', cid))
+                expect_ok[('stock', 'stock.release', cid)] = 1
+            else:
+                expect_ok[('payment', 'payment.authorize', cid)] = 1
+                if what == 'ship':
+                    expect_refused.add(('stock', 'shipment.book', cid))
+                    expect_ok[('payment', 'payment.cancel', cid)] = 1
+                    expect_ok[('stock', 'stock.release', cid)] = 1
+                else:
+                    expect_ok[('stock', 'shipment.book', cid)] = 1
+        else:
+            expect_ok[('payment', 'fulfil.start', cid)] = 1
+            expect_ok[('stock', 'fulfil.start', cid)] = 1
+            if what == 'ship':
+                expect_ok[('payment', 'payment.refund', cid)] = 1
+    return expect_ok, expect_refused
+
+
+def check_exactly_once(expect_ok, expect_refused, finals, stock, payment, web,
+                       d_stock, d_payment, d_web):
+    """Every command, compensation and start event applied exactly once at
+    its participant, the planned refusals, the participants' sagads'
+    counts as their services saw them, and one final event per saga
+    (finals: saga id -> (routing key, message id))."""
+    for p in (stock, payment):
+        got_ok = collections.Counter((p.name, c['key'], c['cid']) for c in p.deliveries()
+                                     if 200 <= c['status'] < 300)
+        want_ok = collections.Counter({k: v for k, v in expect_ok.items() if k[0] == p.name})
+        diff = {k: (got_ok.get(k, 0), want_ok.get(k, 0)) for k in set(got_ok) | set(want_ok)
+                if got_ok.get(k, 0) != want_ok.get(k, 0)}
+        h.check(not diff, '%s: every command, compensation and start event applied exactly '
+                'once, nothing else (%d deliveries answered 2xx)' % (p.name, sum(got_ok.values())),
+                sorted(diff.items())[:10])
+        h.check(not p.repeats, '%s: no business key applied twice' % p.name,
+                list(p.repeats.items())[:10])
+        refused = {(p.name, c['key'], c['cid']) for c in p.deliveries() if c['status'] == 409}
+        want_ref = {k for k in expect_refused if k[0] == p.name}
+        h.check(refused == want_ref, '%s: the planned refusals (409) and no other' % p.name,
+                (sorted(refused - want_ref)[:5], sorted(want_ref - refused)[:5]))
+        ids = collections.Counter(c['message_id'] for c in p.deliveries()
+                                  if 200 <= c['status'] < 300)
+        twice = {k: v for k, v in ids.items() if v > 1}
+        h.check(not twice, '%s: its sagad delivered no message id twice' % p.name,
+                list(twice.items())[:10])
+        h.check(not p.publish_errors, '%s: every event published' % p.name, p.publish_errors[:5])
+
+    # the participants' sagads counted the same deliveries as their services saw
+    for p, d in ((stock, d_stock), (payment, d_payment), (web, d_web)):
+        m = d.metrics()
+        sub = 'final' if p is web else 'inbox'
+        got = {o: int(m.get('sagad_delivered_total{subscription="%s",outcome="%s"}' % (sub, o), -1))
+               for o in ('success', 'refused', 'retry', 'dead-lettered')}
+        seen = {'success': len([c for c in p.deliveries() if 200 <= c['status'] < 300]),
+                'refused': len([c for c in p.deliveries() if c['status'] in (409, 422)]),
+                'retry': 0, 'dead-lettered': 0}
+        h.check(got == seen, '%s sagad: sagad_delivered_total matches the service (%s)'
+                % (p.name, seen), got)
+        h.log('%s sagad: %d duplicates dropped by its inbox' %
+              (p.name, m.get('sagad_duplicates_total{subscription="%s"}' % sub, 0)))
+
+    # ---- one final event per saga, as its final state
+    fin = collections.defaultdict(list)
+    for c in web.deliveries():
+        fin[c['cid']].append((c['key'], c['message_id']))
+    bad = []
+    for cid, want in finals.items():
+        if fin.get(cid) != [want]:
+            bad.append((cid, fin.get(cid), want))
+    h.check(not bad and len(fin) == len(finals),
+            'one completed/compensated event per saga (%d)' % len(finals), bad[:10])
+
+
+def final_event(cid, saga, state):
+    """The routing key and message id of a saga's final event."""
+    return ('%s.%s' % ('done' if state == 'completed' else 'undone', saga),
+            '%s:%s:%s' % (cid, saga, state))
+
+
+# ---------------------------------------------------------------- the scenario
+
+def main(wd):
+    rnd = random.Random(SEED)
+    h.log('N=%d, SAGA_CRASH_SEED=%d' % (N, SEED))
+    plans = [plan(i) for i in range(N)]
+    by_cid = {p[0]: p for p in plans}
+
+    broker = h.Broker(wd)
+    broker.start()
+    stock, payment, web = participants(by_cid)
 
     # a short reconnect backoff keeps the run short after the broker restart
     bx = 'reconnect_max = 2;'
-    d_web = h.Sagad(wd, broker.url, name='web', broker_extra=bx, conf_extra=subscription_conf(
-        'final', ['events:done.#', 'events:undone.#'], web.url))
-    d_stock = h.Sagad(wd, broker.url, name='stock', broker_extra=bx, conf_extra=subscription_conf(
-        'inbox', ['commands:stock.#', 'commands:shipment.#', 'events:fulfil.start'], stock.url))
-    d_payment = h.Sagad(wd, broker.url, name='payment', broker_extra=bx,
-                        conf_extra=subscription_conf(
-                            'inbox', ['commands:payment.#', 'events:fulfil.start'], payment.url))
+    d_web, d_stock, d_payment = participant_sagads(wd, broker, stock, payment, web, bx)
     orders = h.Sagad(wd, broker.url, name='orders', broker_extra=bx, conf_extra=SAGAS)
-    for d in (d_web, d_stock, d_payment, orders):
-        d.start(timeout=60)
-    stock.sagad, payment.sagad = d_stock, d_payment
+    orders.start(timeout=60)
 
     errors = []
-
-    def publisher(items, seconds):
-        """Publish the start events of items through the web sagad, spread
-        over about seconds, with 4 threads."""
-        gap = seconds / max(1, len(items)) * 4
-        def run(part):
-            t = time.time()
-            for i, (cid, saga, _, _) in enumerate(part):
-                try:
-                    st, js = api_publish(d_web.port, 'events',
-                                         'order.created' if saga == 'order' else 'fulfil.start',
-                                         {'cid': cid}, {'Correlation-Id': cid,
-                                                        'Message-Id': 'start-' + cid})
-                except Exception as e:
-                    errors.append(repr(e))
-                    continue
-                delay = t + (i + 1) * gap - time.time()
-                if delay > 0:
-                    time.sleep(delay)
-        threads = [threading.Thread(target=run, args=(items[k::4],), daemon=True) for k in range(4)]
-        for t in threads:
-            t.start()
-        return threads
 
     kills = []
 
@@ -158,7 +270,7 @@ def main(wd):
     t_start = time.time()
     half = N // 2
     # ---- batch 1: three kills at random points
-    threads = publisher(plans[:half], max(4.0, half / 60.0))
+    threads = publisher(d_web, plans[:half], max(4.0, half / 60.0), errors)
     for k in range(3):
         time.sleep(rnd.uniform(0.5, 3.0))
         kill_orchestrator('batch 1, kill %d' % (k + 1))
@@ -167,7 +279,7 @@ def main(wd):
     h.log('batch 1 published (%d start events)' % half)
 
     # ---- batch 2: a kill, a broker restart, a kill while the broker is down, a kill after
-    threads = publisher(plans[half:], max(4.0, (N - half) / 60.0))
+    threads = publisher(d_web, plans[half:], max(4.0, (N - half) / 60.0), errors)
     time.sleep(rnd.uniform(0.5, 2.0))
     kill_orchestrator('batch 2, before the broker restart')
     time.sleep(rnd.uniform(0.5, 2.0))
@@ -237,81 +349,16 @@ def main(wd):
             wrong.append((cid, state, inst and inst['state'], inst and inst.get('reason')))
     h.check(not wrong, 'every saga instance in its planned final state', wrong[:10])
 
-    # ---- exactly once at the participants
-    expect_ok = collections.Counter()     # (participant, key, cid) -> 2xx deliveries wanted
-    expect_refused = set()
-    for cid, saga, state, what in plans:
-        if saga == 'order':
-            expect_ok[('stock', 'stock.reserve', cid)] = 1
-            if what == 'authorize':
-                expect_refused.add(('payment', 'payment.authorize', cid))
-                expect_ok[('stock', 'stock.release', cid)] = 1
-            else:
-                expect_ok[('payment', 'payment.authorize', cid)] = 1
-                if what == 'ship':
-                    expect_refused.add(('stock', 'shipment.book', cid))
-                    expect_ok[('payment', 'payment.cancel', cid)] = 1
-                    expect_ok[('stock', 'stock.release', cid)] = 1
-                else:
-                    expect_ok[('stock', 'shipment.book', cid)] = 1
-        else:
-            expect_ok[('payment', 'fulfil.start', cid)] = 1
-            expect_ok[('stock', 'fulfil.start', cid)] = 1
-            if what == 'ship':
-                expect_ok[('payment', 'payment.refund', cid)] = 1
-    for p in (stock, payment):
-        got_ok = collections.Counter((p.name, c['key'], c['cid']) for c in p.deliveries()
-                                     if 200 <= c['status'] < 300)
-        want_ok = collections.Counter({k: v for k, v in expect_ok.items() if k[0] == p.name})
-        diff = {k: (got_ok.get(k, 0), want_ok.get(k, 0)) for k in set(got_ok) | set(want_ok)
-                if got_ok.get(k, 0) != want_ok.get(k, 0)}
-        h.check(not diff, '%s: every command, compensation and start event applied exactly '
-                'once, nothing else (%d deliveries answered 2xx)' % (p.name, sum(got_ok.values())),
-                sorted(diff.items())[:10])
-        h.check(not p.repeats, '%s: no business key applied twice' % p.name,
-                list(p.repeats.items())[:10])
-        refused = {(p.name, c['key'], c['cid']) for c in p.deliveries() if c['status'] == 409}
-        want_ref = {k for k in expect_refused if k[0] == p.name}
-        h.check(refused == want_ref, '%s: the planned refusals (409) and no other' % p.name,
-                (sorted(refused - want_ref)[:5], sorted(want_ref - refused)[:5]))
-        ids = collections.Counter(c['message_id'] for c in p.deliveries()
-                                  if 200 <= c['status'] < 300)
-        twice = {k: v for k, v in ids.items() if v > 1}
-        h.check(not twice, '%s: its sagad delivered no message id twice' % p.name,
-                list(twice.items())[:10])
-        h.check(not p.publish_errors, '%s: every event published' % p.name, p.publish_errors[:5])
-
-    # the participants' sagads counted the same deliveries as their services saw
-    for p, d in ((stock, d_stock), (payment, d_payment), (web, d_web)):
-        m = d.metrics()
-        sub = 'final' if p is web else 'inbox'
-        got = {o: int(m.get('sagad_delivered_total{subscription="%s",outcome="%s"}' % (sub, o), -1))
-               for o in ('success', 'refused', 'retry', 'dead-lettered')}
-        seen = {'success': len([c for c in p.deliveries() if 200 <= c['status'] < 300]),
-                'refused': len([c for c in p.deliveries() if c['status'] in (409, 422)]),
-                'retry': 0, 'dead-lettered': 0}
-        h.check(got == seen, '%s sagad: sagad_delivered_total matches the service (%s)'
-                % (p.name, seen), got)
-        h.log('%s sagad: %d duplicates dropped by its inbox' %
-              (p.name, m.get('sagad_duplicates_total{subscription="%s"}' % sub, 0)))
+    # ---- exactly once at the participants, one final event per saga
+    expect_ok, expect_refused = expected_deliveries(plans)
+    check_exactly_once(expect_ok, expect_refused,
+                       {cid: final_event(cid, saga, state) for cid, saga, state, _ in plans},
+                       stock, payment, web, d_stock, d_payment, d_web)
     m = orders.metrics()
     h.log('orchestrator (since its last restart): %d duplicates dropped by the saga inbox, '
           '%d saga-level duplicates' % (m.get('sagad_duplicates_total{subscription="_sagas"}', 0),
                                         sum(v for k, v in m.items()
                                             if k.startswith('sagad_saga_duplicates_total'))))
-
-    # ---- one final event per saga, as its final state
-    fin = collections.defaultdict(list)
-    for c in web.deliveries():
-        fin[c['cid']].append((c['key'], c['message_id']))
-    bad = []
-    for cid, saga, state, _ in plans:
-        key = '%s.%s' % ('done' if state == 'completed' else 'undone', saga)
-        mid = '%s:%s:%s' % (cid, saga, state)
-        if fin.get(cid) != [(key, mid)]:
-            bad.append((cid, fin.get(cid), key))
-    h.check(not bad and len(fin) == N, 'one completed/compensated event per saga (%d)' % N,
-            bad[:10])
 
     # Not a failure of this test (nothing is lost), but worth seeing: the
     # broker closing a consumer connection (RabbitMQ 3.10 crashes the channel
