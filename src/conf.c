@@ -150,7 +150,28 @@ conf_check_subs(struct conf_ctx *ctx, config_t *cfg, struct sagad_conf *c)
 			s->prefetch = 2 * s->concurrency > 65535 ? 65535 : 2 * s->concurrency;
 		if (s->retry_max < s->retry_initial)
 			conf_err(ctx, e, "subscription '%s': retry_max is below retry_initial", s->name);
+		if (s->dedup && strcmp(s->dedup, "shared") == 0)
+			s->shared_dedup = 1;
+		else if (s->dedup && strcmp(s->dedup, "local") != 0)
+			conf_err(ctx, e, "subscription '%s': dedup must be \"local\" or \"shared\"",
+			    s->name);
+		if (s->shared_dedup && strcmp(c->saga_store.backend_name, "pgsql") != 0)
+			conf_err(ctx, e, "subscription '%s': dedup = \"shared\" needs "
+			    "saga_store.backend = \"pgsql\" (the replicas' records are kept there)",
+			    s->name);
 	}
+}
+
+/* Whether a subscription keeps its dedup records in the PostgreSQL store. */
+static int
+conf_any_shared_dedup(const struct sagad_conf *c)
+{
+	size_t i;
+
+	for (i = 0; i < c->n_subs; i++)
+		if (c->subs[i].shared_dedup)
+			return 1;
+	return 0;
 }
 
 static int
@@ -415,9 +436,9 @@ conf_check_saga_store(struct conf_ctx *ctx, config_t *cfg, struct sagad_conf *c)
 			    "(backend is \"sqlite\")");
 		return;
 	}
-	if (!c->n_sagas)
+	if (!c->n_sagas && !conf_any_shared_dedup(c))
 		conf_err(ctx, back, "saga_store: backend \"pgsql\" but no sagas are defined "
-		    "(nothing to store)");
+		    "and no subscription has dedup = \"shared\" (nothing to store)");
 	if (ss->conninfo && ss->conninfo_file)
 		conf_err(ctx, cf, "saga_store: give conninfo or conninfo_file, not both");
 	else if (ss->conninfo_file)

@@ -33,6 +33,8 @@ struct conf_subscription {
 	double circuit_open;	/* seconds before a probe */
 	int64_t max_message_bytes;
 	int internal;		/* consumed by the saga engine, not over HTTP */
+	char *dedup;		/* "local" (default) or "shared" */
+	int shared_dedup;	/* dedup = "shared": claims in the PostgreSQL store */
 };
 
 /* One key of a source's block, kept as written for its plugin to read. */
@@ -138,6 +140,8 @@ struct conf_saga_store {
 	char *schema;		/* default "sagad"; 1..63 bytes */
 	double relay_grace;	/* seconds before another replica publishes
 				 * a replica's unpublished saga messages */
+	double early_window;	/* seconds a choreographed event waits for its
+				 * saga's start before it is an orphan */
 };
 
 struct conf_outbox {

@@ -90,6 +90,7 @@ static const struct conf_key conf_saga_store_rows[] = {
 	ROW("conninfo_file", CONF_STR, SS(conninfo_file), R, NULL, 0, 0),
 	ROW("schema", CONF_STR, SS(schema), R, "sagad", 0, 0),
 	ROW("relay_grace", CONF_DUR, SS(relay_grace), R, "5", 0.5, 3600),
+	ROW("early_window", CONF_DUR, SS(early_window), R, "60", 1, 86400),
 	/* Follows backend. */
 	ROW("backend_kind", CONF_INT, SS(backend), R | D | Q, NULL, 0, 0),
 	END
@@ -125,6 +126,9 @@ static const struct conf_key conf_sub_rows[] = {
 	ROW("circuit_failures", CONF_INT, U(circuit_failures), 0, "5", 1, 1000000),
 	ROW("circuit_open", CONF_DUR, U(circuit_open), 0, "5", 0.01, 3600),
 	ROW("max_message_bytes", CONF_SIZE, U(max_message_bytes), 0, "16777216", 1, 134217728),
+	ROW("dedup", CONF_STR, U(dedup), 0, "local", 0, 0),
+	/* dedup = "shared" (conf.c). */
+	ROW("shared_dedup", CONF_BOOL, U(shared_dedup), D, NULL, 0, 0),
 	/* The saga engine's own subscription (conf.c). */
 	ROW("internal", CONF_BOOL, U(internal), D, NULL, 0, 0),
 	END

@@ -19,8 +19,10 @@
 #include <string.h>
 
 #include "conf.h"
+#include "dedup.h"
 #include "hclient.h"
 #include "log.h"
+#include "saga_pg_schema.h"
 #include "sagad.h"
 #include "store.h"
 #include "util.h"
@@ -37,7 +39,10 @@ struct dack {
 	 * (store_on_durable_early): the ack went out from there. */
 	int early;
 	double acked;		/* util_mono() of that ack */
+	int reload;		/* a record loaded at start: nothing to ack */
 };
+
+static void delivery_claim(struct dack *k);
 
 const struct conf_subscription *
 dsub_conf(const struct dsub *ds)
@@ -155,8 +160,17 @@ dsub_load(struct dsub *ds)
 			}
 			struct dmsg *dm = xcalloc(1, sizeof *dm);
 			dm->rec = batch[i];
-			dmsg_set_state(dm, DMSG_READY);
 			dsub_append(ds, dm);
+			if (dsub_conf(ds)->shared_dedup) {
+				/* Another replica may have taken it since. */
+				struct dack *k = xcalloc(1, sizeof *k);
+				k->dl = ds->dl;
+				k->sub = ds->index;
+				k->dm = dm;
+				k->reload = 1;
+				delivery_claim(k);
+			} else
+				dmsg_set_state(dm, DMSG_READY);
 		}
 	} while (n == 256);
 }
@@ -223,6 +237,10 @@ delivery_acked(void *arg, int ok)
 			dsub_remove(&dl->subs[k->sub], k->dm);
 		if (dl->br && k->epoch == dl->epoch)
 			broker_requeue(dl->br, k->epoch, k->sub, k->tag);
+	} else if (k->dm && dsub_conf(&dl->subs[k->sub])->shared_dedup) {
+		/* Durable here: now claimed, then delivered and acked. */
+		delivery_claim(k);
+		return;
 	} else if (dl->br && k->epoch == dl->epoch) {
 		broker_ack(dl->br, k->epoch, k->sub, k->tag);
 		histogram_observe(&dl->subs[k->sub].stats.ack, util_mono() - k->received);
@@ -230,6 +248,45 @@ delivery_acked(void *arg, int ok)
 	if (dl->br)
 		broker_kick(dl->br);
 	free(k);
+}
+
+/* ---- shared deduplication (dedup.h) ---- */
+
+static void
+delivery_claimed(void *arg, enum dedup_claim r)
+{
+	struct dack *k = arg;
+	struct delivery *dl = k->dl;
+	struct dsub *ds = &dl->subs[k->sub];
+
+	if (r == DEDUP_CANCELLED) {
+		free(k);	/* stopping: the record waits for the next start */
+		return;
+	}
+	if (r == DEDUP_MINE) {
+		dmsg_set_state(k->dm, DMSG_READY);
+		dispatch_schedule(ds);
+	} else {
+		/* Another replica has it durably: done here, never delivered. */
+		store_inbox_done(dl->d->store, k->dm->rec->id, util_now(), 0);
+		ds->stats.duplicates++;
+		dsub_remove(ds, k->dm);
+		dsub_flow(ds);
+	}
+	if (!k->reload && dl->br && k->epoch == dl->epoch) {
+		broker_ack(dl->br, k->epoch, k->sub, k->tag);
+		histogram_observe(&ds->stats.ack, util_mono() - k->received);
+		broker_kick(dl->br);
+	}
+	free(k);
+}
+
+static void
+delivery_claim(struct dack *k)
+{
+	struct dsub *ds = &k->dl->subs[k->sub];
+
+	dedup_claim(k->dl->dedup, ds->name, k->dm->rec->m->message_id, delivery_claimed, k);
 }
 
 void
@@ -376,9 +433,11 @@ delivery_take(struct delivery *dl, const struct broker_event *ev)
 	msg_free(m);
 	/* Delivered once the inbox record is written, acked only once it is
 	 * durable. */
-	if (k->dm)
+	/* A shared-dedup record waits for its durable commit and its claim
+	 * (delivery_claimed) before it is delivered or acked. */
+	if (k->dm && !dsub_conf(ds)->shared_dedup)
 		store_on_written(dl->d->store, delivery_written, k);
-	if (put == STORE_PUT_STORED)
+	if (put == STORE_PUT_STORED && !dsub_conf(ds)->shared_dedup)
 		store_on_durable_early(dl->d->store, delivery_ack_early, k);
 	store_on_commit(dl->d->store, delivery_acked, k);
 	dsub_flow(ds);
@@ -478,6 +537,20 @@ delivery_new(struct sagad *d)
 	dl->nsubs = d->conf->n_subs;
 	dl->subs = xcalloc(dl->nsubs + 1, sizeof *dl->subs);
 	for (i = 0; i < dl->nsubs; i++)
+		if (d->conf->subs[i].shared_dedup && !dl->dedup) {
+			char *err = NULL;
+			/* The claims live in the saga store's schema. */
+			if (saga_pg_schema_migrate(d->conf->saga_store.conninfo,
+			    d->conf->saga_store.schema, &err) < 0) {
+				log_error("shared dedup: cannot set up the PostgreSQL schema",
+				    LOG_STR("error", err));
+				free(err);
+				delivery_free(dl);
+				return NULL;
+			}
+			dl->dedup = dedup_new(d->base, d->conf, d->conf->store.path);
+		}
+	for (i = 0; i < dl->nsubs; i++)
 		if (dsub_init(dl, &dl->subs[i], (int)i) < 0) {
 			delivery_free(dl);
 			return NULL;
@@ -539,6 +612,7 @@ delivery_free(struct delivery *dl)
 
 	if (!dl)
 		return;
+	dedup_free(dl->dedup);	/* first: its claims' records are freed below */
 	for (i = 0; i < dl->nsubs; i++) {
 		struct dsub *ds = &dl->subs[i];
 		/* Freeing a connection cancels its request; the callback then

@@ -72,6 +72,7 @@ struct delivery {
 	int stopping;
 	struct dsub *subs;
 	size_t nsubs;
+	struct dedup *dedup;	/* claims of subscriptions with dedup = "shared" */
 };
 
 /* delivery.c: the subscription's backlog and its consumer. */

@@ -468,6 +468,14 @@ saga_classify(const struct sagad_conf *conf, const struct msg *m,
 	return n;
 }
 
+static void saga_handle_matches(struct saga_engine *e, const struct msg *m);
+
+static void
+saga_apply_early(void *arg, const struct msg *m)
+{
+	saga_handle_matches(arg, m);
+}
+
 static void
 saga_on_start(struct saga_engine *e, size_t def, const struct msg *m)
 {
@@ -501,6 +509,8 @@ saga_on_start(struct saga_engine *e, size_t def, const struct msg *m)
 			in->steps[i].state = STEP_ACTIVE;
 	saga_save(e, in);
 	saga_inst_free(in);
+	/* Events that came before this start, now in order after it. */
+	saga_store_early_each(e->ss, id, saga_apply_early, e);
 }
 
 static void
@@ -534,6 +544,16 @@ saga_handle_matches(struct saga_engine *e, const struct msg *m)
 			continue;
 		}
 		in = saga_load(e, k->saga, m->props.correlation_id);
+		if (!in && k->input != SAGA_IN_REPLY &&
+		    saga_store_keep_early(e->ss, m, m->props.correlation_id) == 0) {
+			/* A reply's command came from a committed instance; an
+			 * event may have overtaken its start (saga_store.h). */
+			e->early++;
+			log_debug("saga event before its start: kept",
+			    LOG_STR("message_id", m->message_id),
+			    LOG_STR("correlation_id", m->props.correlation_id));
+			continue;
+		}
 		if (!in) {
 			saga_orphan(e, m, "unknown saga instance");
 			continue;

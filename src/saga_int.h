@@ -67,6 +67,7 @@ struct saga_engine {
 	double timer_at;
 	struct saga_stats *stats;	/* per saga definition */
 	uint64_t orphans;
+	uint64_t early;		/* events kept for a start not yet applied */
 	/* Handling a consumed message (saga_handle): what it sends may go out
 	 * before the fsync (SAGA_SEND_CONSUMED), for the broker, not acked yet,
 	 * delivers the message again if a crash of the machine loses the

@@ -95,6 +95,8 @@ struct saga_backend {
 	char **ids;			/* the saga ids fetched */
 	size_t nids, capids;
 	PGresult *history;
+	PGresult *early;		/* early events of the batch's saga ids */
+	char *early_taken;		/* per row: handed to a start */
 	int want_timers, want_counts;
 
 	/* statements for the commit round trip; loose ones (written outside

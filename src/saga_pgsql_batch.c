@@ -132,7 +132,7 @@ struct pgs_fetch {
 	struct pgc_stmt st[8 + PGS_BATCH_MAX];
 	const char *v[8 + PGS_BATCH_MAX][4];
 	char *own[8 + PGS_BATCH_MAX][4];
-	int n, at_consumed, at_insts, at_timers, at_history, at_list, at_counts;
+	int n, at_consumed, at_insts, at_early, at_timers, at_history, at_list, at_counts;
 };
 
 static int
@@ -201,6 +201,7 @@ pgs_fetch_send(struct saga_backend *b)
 		want |= (int)p->j.want;
 	}
 	f->at_consumed = f->at_insts = f->at_timers = f->at_history = f->at_list = -1;
+	f->at_early = -1;
 	f->at_counts = -1;
 	pgs_fetch_add(f, "BEGIN", 0);
 	if (nconsumed)
@@ -209,11 +210,22 @@ pgs_fetch_send(struct saga_backend *b)
 		    " FROM unnest($4::text[]) AS x ON CONFLICT DO NOTHING RETURNING message_id", 4,
 		    xstrdup(b->service), xstrdup(b->replica), xasprintf("%.17g", util_now()),
 		    pgs_text_array(consumed, nconsumed));
+	/* The saga ids locked whether or not their instance exists yet: a
+	 * start and an event that overtook it, on two replicas, are applied
+	 * one after the other (the early table). In one order: no deadlock. */
+	if (b->nids)
+		pgs_fetch_add(f, "SELECT pg_advisory_xact_lock(k) FROM (SELECT DISTINCT"
+		    " hashtextextended($1 || chr(31) || x, 0) AS k FROM unnest($2::text[]) AS x"
+		    " ORDER BY k) AS s", 2, xstrdup(b->service), pgs_text_array(b->ids, b->nids));
 	if (b->nids)
 		f->at_insts = pgs_fetch_add(f, "SELECT saga, id, state, started_at, updated_at,"
 		    " coalesce(finished_at, 0), data FROM instances WHERE service = $1"
 		    " AND id = ANY($2::text[]) ORDER BY saga, id FOR UPDATE", 2,
 		    xstrdup(b->service), pgs_text_array(b->ids, b->nids));
+	if (nconsumed && b->nids)
+		f->at_early = pgs_fetch_add(f, "SELECT saga_id, message_id, exchange, routing_key,"
+		    " props, body FROM early WHERE service = $1 AND saga_id = ANY($2::text[])"
+		    " ORDER BY at", 2, xstrdup(b->service), pgs_text_array(b->ids, b->nids));
 	if (want & SAGA_WANT_TIMERS)
 		f->at_timers = pgs_fetch_add(f, "SELECT t.kind, t.step, i.saga, i.id, i.state,"
 		    " i.started_at, i.updated_at, coalesce(i.finished_at, 0), i.data FROM timers t"
@@ -298,6 +310,10 @@ pgs_fetched(struct saga_backend *b)
 		res = pgc_result(b->pg, f->at_insts);
 		for (i = 0; i < PQntuples(res); i++)
 			pgs_cache_add(b, res, i, 0);
+	}
+	if (f->at_early >= 0) {
+		b->early = pgc_take_result(b->pg, f->at_early);
+		b->early_taken = xcalloc((size_t)PQntuples(b->early) + 1, 1);
 	}
 	if (f->at_timers >= 0) {
 		res = pgc_result(b->pg, f->at_timers);

@@ -21,13 +21,12 @@ import collections
 import os
 import re
 import sys
-import threading
 import time
 
 sys.path.insert(0, os.path.join(os.environ.get('top_srcdir', '.'), 't', 'lib'))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness as h  # noqa: E402
-from sagas import (Answer, Participant, api_publish, saga_get, sagactl,  # noqa: E402
+from sagas import (Answer, Participant, publish_spread, saga_get, sagactl,  # noqa: E402
                    subscription_conf)
 
 N = int(os.environ.get('CLUSTER_N', '400'))
@@ -118,21 +117,7 @@ def main(wd):
     seconds = 40.0
 
     def publish(items, make):
-        def run(part):
-            t = time.time()
-            gap = seconds / max(1, len(part))
-            for i, x in enumerate(part):
-                try:
-                    api_publish(d_web.port, *make(x), deadline=120)
-                except Exception as e:  # noqa: BLE001
-                    errors.append(repr(e))
-                delay = t + (i + 1) * gap - time.time()
-                if delay > 0:
-                    time.sleep(delay)
-        ths = [threading.Thread(target=run, args=(items[k::2],), daemon=True) for k in range(2)]
-        for t in ths:
-            t.start()
-        return ths
+        return publish_spread(d_web.port, items, make, seconds, errors, threads=2)
 
     t_start = time.time()
     threads = publish(plans, lambda p: ('events', 'order.created', {'cid': p[0]},

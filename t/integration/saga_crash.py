@@ -16,20 +16,18 @@ import collections
 import os
 import random
 import sys
-import threading
 import time
 
 sys.path.insert(0, os.path.join(os.environ.get('top_srcdir', '.'), 't', 'lib'))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness as h  # noqa: E402
-from sagas import (Answer, Event, Participant, api_publish, saga_get,  # noqa: E402
+from sagas import (Answer, Event, Participant, publish_spread, saga_get,  # noqa: E402
                    subscription_conf)
 
 N = int(os.environ.get('SAGA_CRASH_N', '1000'))
 SEED = int(os.environ.get('SAGA_CRASH_SEED', str(int(time.time()) % 100000)))
 
-SAGAS = '''
-sagas = (
+ORDER_SAGA = '''
   {
     name = "order";
     start = "events:order.created";
@@ -42,7 +40,9 @@ sagas = (
     completed = "events:done.order";
     compensated = "events:undone.order";
     compensate_timeout = 300;
-  },
+  }'''
+
+FULFIL_SAGA = '''
   {
     name = "fulfil";
     mode = "choreographed";
@@ -56,9 +56,10 @@ sagas = (
     );
     completed = "events:done.fulfil";
     compensated = "events:undone.fulfil";
-  }
-);
-'''
+  }'''
+
+SAGAS = 'sagas = (%s,%s\n);\n' % (ORDER_SAGA, FULFIL_SAGA)
+START_KEYS = {'order': 'order.created', 'fulfil': 'fulfil.start'}
 
 
 def plan(i):
@@ -75,12 +76,13 @@ def plan(i):
     return cid, 'order', 'completed', None
 
 
-# ---------------------------------------------------------------- shared with replicas_pg.py
+# The pieces below are shared with saga_pg.py (the same plans on the
+# PostgreSQL saga store).
 
-def participants(by_cid):
-    """The three services (stock, payment, web) answering as the plans in
-    by_cid (saga id -> plan(i)) say."""
-    stock, payment, web = Participant('stock'), Participant('payment'), Participant('web')
+def participant_rules(stock, payment, by_cid):
+    """The participants answer every command, compensation and start
+    event after a little jitter; a saga's planned failure (plan()[3]) is a
+    409 of its command or a failure event."""
     jrnd = random.Random()
 
     def jitter():
@@ -101,58 +103,65 @@ def participants(by_cid):
     stock.rules['fulfil.start'] = lambda cid, n: Answer(events=[] if n else [
         Event('shipment.failed' if fails(cid, 'ship') else 'shipment.scheduled',
               delay=0.1 + jitter())])
-    return stock, payment, web
 
 
-def participant_sagads(wd, broker, stock, payment, web, broker_extra='', web_binds=()):
-    """The participants' sagads (web, stock, payment), started; web also
-    receives the final events of the sagas named in web_binds."""
-    d_web = h.Sagad(wd, broker.url, name='web', broker_extra=broker_extra,
-                    conf_extra=subscription_conf(
-                        'final', ['events:done.#', 'events:undone.#'] + list(web_binds), web.url))
-    d_stock = h.Sagad(wd, broker.url, name='stock', broker_extra=broker_extra,
-                      conf_extra=subscription_conf(
-                          'inbox', ['commands:stock.#', 'commands:shipment.#',
-                                    'events:fulfil.start'], stock.url))
-    d_payment = h.Sagad(wd, broker.url, name='payment', broker_extra=broker_extra,
-                        conf_extra=subscription_conf(
-                            'inbox', ['commands:payment.#', 'events:fulfil.start'], payment.url))
-    for d in (d_web, d_stock, d_payment):
-        d.start(timeout=60)
-    stock.sagad, payment.sagad = d_stock, d_payment
-    return d_web, d_stock, d_payment
+class Cast:
+    """A started broker; the participants stock, payment and web, answering
+    as participant_rules() says for the plans in by_cid; their sagads,
+    started (stock and payment: their inboxes; web: the start events in,
+    the final events to its service); and the orchestrator's sagad, orders,
+    with orders_conf, not started. A short reconnect backoff keeps a run
+    short after a broker restart."""
+
+    def __init__(self, wd, by_cid, orders_conf, broker_extra='reconnect_max = 2;'):
+        bx = broker_extra
+        self.broker = h.Broker(wd)
+        self.broker.start()
+        self.stock, self.payment = Participant('stock'), Participant('payment')
+        self.web = Participant('web')
+        participant_rules(self.stock, self.payment, by_cid)
+        url = self.broker.url
+        self.d_web = h.Sagad(wd, url, name='web', broker_extra=bx, conf_extra=subscription_conf(
+            'final', ['events:done.#', 'events:undone.#'], self.web.url))
+        self.d_stock = h.Sagad(wd, url, name='stock', broker_extra=bx,
+                               conf_extra=subscription_conf(
+                                   'inbox', ['commands:stock.#', 'commands:shipment.#',
+                                             'events:fulfil.start'], self.stock.url))
+        self.d_payment = h.Sagad(wd, url, name='payment', broker_extra=bx,
+                                 conf_extra=subscription_conf(
+                                     'inbox', ['commands:payment.#', 'events:fulfil.start'],
+                                     self.payment.url))
+        self.orders = h.Sagad(wd, url, name='orders', broker_extra=bx, conf_extra=orders_conf)
+        for d in (self.d_web, self.d_stock, self.d_payment):
+            d.start(timeout=60)
+        self.stock.sagad, self.payment.sagad = self.d_stock, self.d_payment
+
+    def sagads(self):
+        return (self.orders, self.d_web, self.d_stock, self.d_payment)
+
+    def check(self, plans, extra_ok=(), extra_refused=(), extra_sagas=()):
+        """Exactly once at the participants (check_participants), their
+        sagads' counts, one final event per saga (of plans and of
+        extra_sagas, other sagas in the plans' form)."""
+        check_participants(plans, self.stock, self.payment, extra_ok, extra_refused)
+        check_delivered_counts(((self.stock, self.d_stock, 'inbox'),
+                                (self.payment, self.d_payment, 'inbox'),
+                                (self.web, self.d_web, 'final')))
+        check_final_events(list(plans) + list(extra_sagas), self.web)
 
 
-def publisher(d_web, items, seconds, errors, sent=None):
+def publish_starts(d_web, items, seconds, errors):
     """Publish the start events of items (plans) through the web sagad,
-    spread over about seconds, with 4 threads; sent (a dict), when given,
-    gets each saga id's publish time."""
-    gap = seconds / max(1, len(items)) * 4
-
-    def run(part):
-        t = time.time()
-        for i, (cid, saga, _, _) in enumerate(part):
-            try:
-                api_publish(d_web.port, 'events',
-                            'order.created' if saga == 'order' else 'fulfil.start',
-                            {'cid': cid}, {'Correlation-Id': cid, 'Message-Id': 'start-' + cid})
-                if sent is not None:
-                    sent[cid] = time.time()
-            except Exception as e:
-                errors.append(repr(e))
-                continue
-            delay = t + (i + 1) * gap - time.time()
-            if delay > 0:
-                time.sleep(delay)
-    threads = [threading.Thread(target=run, args=(items[k::4],), daemon=True) for k in range(4)]
-    for t in threads:
-        t.start()
-    return threads
+    spread over about seconds, with 4 threads (returned, started); errors
+    collects what failed."""
+    return publish_spread(d_web.port, items, lambda p: (
+        'events', START_KEYS[p[1]], {'cid': p[0]},
+        {'Correlation-Id': p[0], 'Message-Id': 'start-' + p[0]}), seconds, errors)
 
 
 def expected_deliveries(plans):
-    """(expect_ok, expect_refused): the 2xx deliveries wanted per
-    (participant, key, saga id), and the planned refusals."""
+    """What the participants must have seen: {(participant, key, cid): 1}
+    answered 2xx, and the set of (participant, key, cid) refused."""
     expect_ok = collections.Counter()
     expect_refused = set()
     for cid, saga, state, what in plans:
@@ -177,12 +186,14 @@ def expected_deliveries(plans):
     return expect_ok, expect_refused
 
 
-def check_exactly_once(expect_ok, expect_refused, finals, stock, payment, web,
-                       d_stock, d_payment, d_web):
-    """Every command, compensation and start event applied exactly once at
-    its participant, the planned refusals, the participants' sagads'
-    counts as their services saw them, and one final event per saga
-    (finals: saga id -> (routing key, message id))."""
+def check_participants(plans, stock, payment, extra_ok=(), extra_refused=()):
+    """Every command, compensation and start event of the plans (and the
+    (participant, key, cid) of extra_ok) applied exactly once, nothing
+    else; the planned refusals (and extra_refused) and no other; no
+    message id delivered twice; every event published."""
+    expect_ok, expect_refused = expected_deliveries(plans)
+    expect_ok.update({k: 1 for k in extra_ok})
+    expect_refused |= set(extra_refused)
     for p in (stock, payment):
         got_ok = collections.Counter((p.name, c['key'], c['cid']) for c in p.deliveries()
                                      if 200 <= c['status'] < 300)
@@ -205,10 +216,12 @@ def check_exactly_once(expect_ok, expect_refused, finals, stock, payment, web,
                 list(twice.items())[:10])
         h.check(not p.publish_errors, '%s: every event published' % p.name, p.publish_errors[:5])
 
-    # the participants' sagads counted the same deliveries as their services saw
-    for p, d in ((stock, d_stock), (payment, d_payment), (web, d_web)):
+
+def check_delivered_counts(pairs):
+    """pairs of (participant, its sagad, subscription): the sagad counted
+    the same deliveries as its service saw."""
+    for p, d, sub in pairs:
         m = d.metrics()
-        sub = 'final' if p is web else 'inbox'
         got = {o: int(m.get('sagad_delivered_total{subscription="%s",outcome="%s"}' % (sub, o), -1))
                for o in ('success', 'refused', 'retry', 'dead-lettered')}
         seen = {'success': len([c for c in p.deliveries() if 200 <= c['status'] < 300]),
@@ -219,25 +232,33 @@ def check_exactly_once(expect_ok, expect_refused, finals, stock, payment, web,
         h.log('%s sagad: %d duplicates dropped by its inbox' %
               (p.name, m.get('sagad_duplicates_total{subscription="%s"}' % sub, 0)))
 
-    # ---- one final event per saga, as its final state
+
+def check_final_states(orders, plans):
+    """Every saga of the plans in its planned final state, as the admin
+    API of orders shows it."""
+    wrong = []
+    for cid, saga, state, _ in plans:
+        inst = saga_get(orders, cid, saga)
+        if not inst or inst['state'] != state:
+            wrong.append((cid, state, inst and inst['state'], inst and inst.get('reason')))
+    h.check(not wrong, 'every saga instance in its planned final state', wrong[:10])
+
+
+def check_final_events(plans, web):
+    """One completed/compensated event per saga of the plans, as its final
+    state, at the web service."""
     fin = collections.defaultdict(list)
     for c in web.deliveries():
         fin[c['cid']].append((c['key'], c['message_id']))
     bad = []
-    for cid, want in finals.items():
-        if fin.get(cid) != [want]:
-            bad.append((cid, fin.get(cid), want))
-    h.check(not bad and len(fin) == len(finals),
-            'one completed/compensated event per saga (%d)' % len(finals), bad[:10])
+    for cid, saga, state, _ in plans:
+        key = '%s.%s' % ('done' if state == 'completed' else 'undone', saga)
+        mid = '%s:%s:%s' % (cid, saga, state)
+        if fin.get(cid) != [(key, mid)]:
+            bad.append((cid, fin.get(cid), key))
+    h.check(not bad and len(fin) == len(plans),
+            'one completed/compensated event per saga (%d)' % len(plans), bad[:10])
 
-
-def final_event(cid, saga, state):
-    """The routing key and message id of a saga's final event."""
-    return ('%s.%s' % ('done' if state == 'completed' else 'undone', saga),
-            '%s:%s:%s' % (cid, saga, state))
-
-
-# ---------------------------------------------------------------- the scenario
 
 def main(wd):
     rnd = random.Random(SEED)
@@ -245,17 +266,15 @@ def main(wd):
     plans = [plan(i) for i in range(N)]
     by_cid = {p[0]: p for p in plans}
 
-    broker = h.Broker(wd)
-    broker.start()
-    stock, payment, web = participants(by_cid)
-
-    # a short reconnect backoff keeps the run short after the broker restart
-    bx = 'reconnect_max = 2;'
-    d_web, d_stock, d_payment = participant_sagads(wd, broker, stock, payment, web, bx)
-    orders = h.Sagad(wd, broker.url, name='orders', broker_extra=bx, conf_extra=SAGAS)
+    cast = Cast(wd, by_cid, SAGAS)
+    broker, orders = cast.broker, cast.orders
+    d_web, d_stock, d_payment = cast.d_web, cast.d_stock, cast.d_payment
     orders.start(timeout=60)
 
     errors = []
+
+    def publisher(items, seconds):
+        return publish_starts(d_web, items, seconds, errors)
 
     kills = []
 
@@ -270,7 +289,7 @@ def main(wd):
     t_start = time.time()
     half = N // 2
     # ---- batch 1: three kills at random points
-    threads = publisher(d_web, plans[:half], max(4.0, half / 60.0), errors)
+    threads = publisher(plans[:half], max(4.0, half / 60.0))
     for k in range(3):
         time.sleep(rnd.uniform(0.5, 3.0))
         kill_orchestrator('batch 1, kill %d' % (k + 1))
@@ -279,7 +298,7 @@ def main(wd):
     h.log('batch 1 published (%d start events)' % half)
 
     # ---- batch 2: a kill, a broker restart, a kill while the broker is down, a kill after
-    threads = publisher(d_web, plans[half:], max(4.0, (N - half) / 60.0), errors)
+    threads = publisher(plans[half:], max(4.0, (N - half) / 60.0))
     time.sleep(rnd.uniform(0.5, 2.0))
     kill_orchestrator('batch 2, before the broker restart')
     time.sleep(rnd.uniform(0.5, 2.0))
@@ -342,18 +361,10 @@ def main(wd):
             'sagad_sagas by saga and state as planned: %s' %
             {'%s/%s' % k: v for k, v in sorted(want.items())},
             {'%s/%s' % k: v for k, v in c.items() if v})
-    wrong = []
-    for cid, saga, state, _ in plans:
-        inst = saga_get(orders, cid, saga)
-        if not inst or inst['state'] != state:
-            wrong.append((cid, state, inst and inst['state'], inst and inst.get('reason')))
-    h.check(not wrong, 'every saga instance in its planned final state', wrong[:10])
+    check_final_states(orders, plans)
 
-    # ---- exactly once at the participants, one final event per saga
-    expect_ok, expect_refused = expected_deliveries(plans)
-    check_exactly_once(expect_ok, expect_refused,
-                       {cid: final_event(cid, saga, state) for cid, saga, state, _ in plans},
-                       stock, payment, web, d_stock, d_payment, d_web)
+    # ---- exactly once at the participants
+    cast.check(plans)
     m = orders.metrics()
     h.log('orchestrator (since its last restart): %d duplicates dropped by the saga inbox, '
           '%d saga-level duplicates' % (m.get('sagad_duplicates_total{subscription="_sagas"}', 0),

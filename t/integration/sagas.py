@@ -75,6 +75,27 @@ def api_publish(port, exchange, key, body=b'', headers=None, deadline=60):
         time.sleep(0.2)
 
 
+def publish_spread(port, items, make, seconds, errors, threads=4):
+    """Publish make(item) -> (exchange, key, body, headers) for each of
+    items through the publish API on port, spread over about seconds, with
+    that many threads (returned, started); errors collects what failed."""
+    def run(part):
+        t = time.time()
+        gap = seconds / max(1, len(part))
+        for i, x in enumerate(part):
+            try:
+                api_publish(port, *make(x), deadline=120)
+            except Exception as e:  # noqa: BLE001
+                errors.append(repr(e))
+            delay = t + (i + 1) * gap - time.time()
+            if delay > 0:
+                time.sleep(delay)
+    ths = [threading.Thread(target=run, args=(items[k::threads],), daemon=True)
+           for k in range(threads)]
+    for t in ths:
+        t.start()
+    return ths
+
 def sagactl(d, *args, timeout=30):
     exe = os.path.join(h.top_builddir, 'src', 'sagactl')
     r = subprocess.run([exe, '-s', 'http://127.0.0.1:%d' % d.admin_port] + list(args),
@@ -1071,9 +1092,15 @@ def main(wd):
     h.check(m.get('sagad_saga_failed_total{saga="order"}') == 1,
             'sagad_saga_failed_total{saga="order"} = 1 (counts failures, stays after the retry)',
             m.get('sagad_saga_failed_total{saga="order"}'))
-    h.check(m.get('sagad_saga_orphans_total', 0) - orphans0 == 5,
-            'sagad_saga_orphans_total counts the 5 messages for unknown sagas or steps',
-            m.get('sagad_saga_orphans_total'))
+    # On PostgreSQL an event for an unknown saga may have overtaken its start
+    # on another replica: kept for early_window (the early table), not an
+    # orphan at once.
+    early = 1 if SAGA_STORE else 0
+    h.check(m.get('sagad_saga_orphans_total', 0) - orphans0 == 5 - early and
+            m.get('sagad_saga_early_total', 0) == early,
+            'sagad_saga_orphans_total counts the %d messages for unknown sagas or steps%s'
+            % (5 - early, ', sagad_saga_early_total the event kept for its start' if early else ''),
+            (m.get('sagad_saga_orphans_total'), m.get('sagad_saga_early_total')))
     dup0 = {s: m.get('sagad_saga_duplicates_total{saga="%s"}' % s, 0) for s in ('order', 'fulfil')}
     h.check(dup0 == {'order': 3, 'fulfil': 2}, 'sagad_saga_duplicates_total: order 3, fulfil 2',
             dup0)
@@ -1094,7 +1121,7 @@ def main(wd):
     h.wait_until(counted, 20, 'the 4 messages for finished sagas counted as duplicates')
     for cid in ('ho1', 'of2', 'hc1', 'cf2'):
         h.check(saga_state(orders, cid) == expect[cid][1], '%s stays %s' % (cid, expect[cid][1]))
-    h.check(orders.metric('sagad_saga_orphans_total', 0) - orphans0 == 5,
+    h.check(orders.metric('sagad_saga_orphans_total', 0) - orphans0 == 5 - early,
             'no new orphans from finished sagas')
     h.check(not [c for p in (stock, payment) for c in p.deliveries(cid='ho1')
                  if c['key'] == 'shipment.cancel'] and

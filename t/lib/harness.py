@@ -1210,10 +1210,16 @@ def sanitizer_reports(logfiles, context=40):
     return '\n'.join(out)
 
 
+class Skip(Exception):
+    """Raised by a test that finds, once under way, that what it tests is
+    not there (a feature this build lacks): run_test cleans up and exits
+    77 (skipped), saying why."""
+
+
 def run_test(fn, name=None):
     """Run fn(workdir) in a fresh temporary directory; print ok or the
     traceback (with the tail of every sagad log), clean up everything, exit
-    0 (pass) or 1 (fail)."""
+    0 (pass), 1 (fail) or 77 (fn raised Skip)."""
     if os.environ.get('SAGAD_SKIP_INTEGRATION'):
         # make distcheck: the integration suite already ran in the tree.
         print('skipped: SAGAD_SKIP_INTEGRATION is set')
@@ -1223,7 +1229,7 @@ def run_test(fn, name=None):
     workdir = tempfile.mkdtemp(prefix='sagad-%s-' % name)
     os.chmod(workdir, 0o755)
     log('%s: work directory %s' % (name, workdir))
-    ok, failure = False, ''
+    ok, failure, skipped = False, '', None
     sagads, brokers = [], []
     orig_sagad_init, orig_broker_init = Sagad.__init__, Broker.__init__
 
@@ -1239,6 +1245,8 @@ def run_test(fn, name=None):
     try:
         fn(workdir)
         ok = True
+    except Skip as e:
+        ok, skipped = True, str(e)
     except BaseException as e:
         traceback.print_exc()
         sys.stdout.flush()
@@ -1272,5 +1280,8 @@ def run_test(fn, name=None):
     if not ok:
         # Again at the very end: CI shows only the tail of the output.
         print('failure: %s' % failure[:2000])
+    if ok and skipped is not None:
+        print('skipped: %s' % skipped, flush=True)
+        sys.exit(77)
     print('ok' if ok else 'FAIL', flush=True)
     sys.exit(0 if ok else 1)

@@ -912,6 +912,17 @@ test_load_string_without_include_dir(void **state)
 	"sagas = ( { name = \"s\"; start = \"events:s.start\";\n" \
 	"  steps = ( { name = \"one\"; command = \"events:s.one\"; } ); } );\n"
 
+/* SAGA with a saga_store of backend and conninfo_file path (line 7). */
+static const char *
+store_file_conf(const char *backend, const char *path)
+{
+	static char text[1024];
+
+	snprintf(text, sizeof text, SAGA "saga_store = {\n  backend = \"%s\";\n"
+	    "  conninfo_file = \"%s\";\n};\n", backend, path);
+	return text;
+}
+
 static void
 test_saga_store_defaults(void **state)
 {
@@ -963,13 +974,11 @@ test_saga_store_conninfo_file(void **state)
 {
 	const struct tmp *t = *state;
 	struct sagad_conf *c;
-	char text[1024], path[256];
+	char path[256];
 
 	snprintf(path, sizeof path, "%s", write_file(t, "pg.conninfo",
 	    "host=db dbname=orders password=fromfile\n"));
-	snprintf(text, sizeof text, SAGA "saga_store = {\n  backend = \"pgsql\";\n"
-	    "  conninfo_file = \"%s\";\n};\n", path);
-	c = load_ok(text);
+	c = load_ok(store_file_conf("pgsql", path));
 	assert_int_equal(c->saga_store.backend, SAGA_BACKEND_PGSQL);
 	/* read into conninfo, the trailing newline stripped */
 	assert_string_equal(c->saga_store.conninfo, "host=db dbname=orders password=fromfile");
@@ -1006,9 +1015,8 @@ test_err_saga_store_conninfo(void **state)
 	/* sqlite would ignore them: refused rather than ignored */
 	expect_error(SAGA "saga_store = {\n  conninfo = \"host=db password=s3cret\";\n};\n", 6,
 	    "saga_store: conninfo is for backend \"pgsql\" (backend is \"sqlite\")");
-	snprintf(text, sizeof text, SAGA "saga_store = {\n  backend = \"sqlite\";\n"
-	    "  conninfo_file = \"%s\";\n};\n", write_file(t, "pg.conninfo", "host=db\n"));
-	expect_error(text, 7, "saga_store: conninfo_file is for backend \"pgsql\"");
+	expect_error(store_file_conf("sqlite", write_file(t, "pg.conninfo", "host=db\n")), 7,
+	    "saga_store: conninfo_file is for backend \"pgsql\"");
 	expect_error(SAGA "saga_store = {\n  backend = \"pgsql\";\n  conninfo = 5;\n};\n", 7,
 	    "conninfo");
 }
@@ -1017,24 +1025,18 @@ static void
 test_err_saga_store_conninfo_file(void **state)
 {
 	const struct tmp *t = *state;
-	char text[1024];
+	char path[256];
 
-	snprintf(text, sizeof text, SAGA "saga_store = {\n  backend = \"pgsql\";\n"
-	    "  conninfo_file = \"%s/missing\";\n};\n", t->dir);
-	expect_error(text, 7, "saga_store: cannot read conninfo_file");
-	expect_error(text, 7, "/missing': No such file or directory");
-	snprintf(text, sizeof text, SAGA "saga_store = {\n  backend = \"pgsql\";\n"
-	    "  conninfo_file = \"%s\";\n};\n", write_file(t, "empty", "\n"));
-	expect_error(text, 7, "/empty' is empty");
-	snprintf(text, sizeof text, SAGA "saga_store = {\n  backend = \"pgsql\";\n"
-	    "  conninfo_file = \"%s/conf.d\";\n};\n", t->dir);
-	expect_error(text, 7, "/conf.d': not a regular file");
+	snprintf(path, sizeof path, "%s/missing", t->dir);
+	expect_error(store_file_conf("pgsql", path), 7, "saga_store: cannot read conninfo_file");
+	expect_error(store_file_conf("pgsql", path), 7, "/missing': No such file or directory");
+	expect_error(store_file_conf("pgsql", write_file(t, "empty", "\n")), 7, "/empty' is empty");
+	snprintf(path, sizeof path, "%s/conf.d", t->dir);
+	expect_error(store_file_conf("pgsql", path), 7, "/conf.d': not a regular file");
 	if (geteuid() != 0) {
 		const char *p = write_file(t, "secret", "host=db\n");
 		chmod(p, 0);
-		snprintf(text, sizeof text, SAGA "saga_store = {\n  backend = \"pgsql\";\n"
-		    "  conninfo_file = \"%s\";\n};\n", p);
-		expect_error(text, 7, "/secret': Permission denied");
+		expect_error(store_file_conf("pgsql", p), 7, "/secret': Permission denied");
 	}
 }
 
@@ -1068,7 +1070,8 @@ test_err_saga_store_nothing_to_store(void **state)
 
 	(void)state;
 	expect_error(SVC "saga_store = {\n  backend = \"pgsql\";\n  conninfo = \"host=db\";\n};\n", 3,
-	    "saga_store: backend \"pgsql\" but no sagas are defined (nothing to store)");
+	    "saga_store: backend \"pgsql\" but no sagas are defined "
+	    "and no subscription has dedup = \"shared\" (nothing to store)");
 	assert_null(conf_load_string("saga_store = { backend = \"pgsql\"; conninfo = \"host=db\"; };\n"
 	    "exchanges = ( { name = \"events\"; } );\n"
 	    "sagas = ( { name = \"s\"; start = \"events:s.start\";\n"
