@@ -39,9 +39,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness as h  # noqa: E402
 import pg  # noqa: E402
 from sagas import Answer, saga_get, hist_entries  # noqa: E402
-from saga_crash import (SAGAS as CRASH_SAGAS, plan, participants,  # noqa: E402
-                        participant_sagads, publisher, expected_deliveries,
-                        check_exactly_once, final_event)
+from sagas import publish_spread  # noqa: E402
+from saga_crash import (FULFIL_SAGA, ORDER_SAGA, START_KEYS, Cast,  # noqa: E402
+                        check_final_states, plan)
 
 N = int(os.environ.get('SAGA_REPL_N', '1000'))
 HELD = 4                 # sagas whose step timer must fire on a survivor
@@ -63,9 +63,7 @@ HELD_SAGA = '''  {
 ''' % HELD_TMO
 
 # the crash test's sagas ("order" orchestrated, "fulfil" choreographed) and "held"
-SAGAS = CRASH_SAGAS.rstrip()
-assert SAGAS.endswith(');')
-SAGAS = SAGAS[:-2].rstrip() + ',\n' + HELD_SAGA + ');\n'
+SAGAS = 'sagas = (%s,%s,\n%s);\n' % (ORDER_SAGA, FULFIL_SAGA, HELD_SAGA)
 
 NAMES = ('order', 'fulfil', 'held')
 STATES = ('running', 'completed', 'compensating', 'compensated', 'failed')
@@ -76,15 +74,14 @@ class Replicas:
     incarnation (a SIGKILLed sagad's counters die with it: they are
     scraped right before each kill and twice a second meanwhile)."""
 
-    def __init__(self, wd, broker, conninfo):
-        self.r = {}
-        store = '\nsaga_store = { backend = "pgsql"; conninfo = %s; };\n' % h.conf_str(conninfo)
-        for name in ('A', 'B', 'C'):
+    def __init__(self, wd, broker, conf, a):
+        self.r = {'A': a}       # A: the cast's orchestrator (saga_crash.Cast)
+        for name in ('B', 'C'):
             d = os.path.join(wd, 'replica-' + name)
             os.makedirs(d)
             # same service, sagas and saga store; its own local store and ports
             self.r[name] = h.Sagad(d, broker.url, name='orders', broker_extra='reconnect_max = 2;',
-                                   conf_extra=SAGAS + store)
+                                   conf_extra=conf)
         self.scraped = {}        # (name, pid) -> metrics
         self.pids = {}           # pid -> name
         self.lock = threading.Lock()
@@ -145,8 +142,6 @@ def main(wd):
     h.log('N=%d' % N)
     db = pg.Postgres(os.path.join(wd, 'pg'))
     db.start()
-    broker = h.Broker(wd)
-    broker.start()
 
     M = max(4, N // 4)
     plans1 = [plan(i) for i in range(N)]
@@ -155,14 +150,25 @@ def main(wd):
     by_cid = {p[0]: p for p in plans}
     held = ['h-%d' % i for i in range(HELD)]
 
-    stock, payment, web = participants(by_cid)
+    conf = SAGAS + '\nsaga_store = { backend = "pgsql"; conninfo = %s; };\n' % h.conf_str(
+        db.conninfo)
+    cast = Cast(wd, by_cid, conf)
+    broker, stock = cast.broker, cast.stock
+    d_web, d_stock, d_payment = cast.d_web, cast.d_stock, cast.d_payment
     gates = {cid: threading.Event() for cid in held}
     for cid in held:
         # the command is held unanswered (at most 25 s) until its timer fired
         stock.rules[('stock.reserve', cid)] = Answer(200, gate=gates[cid])
-    d_web, d_stock, d_payment = participant_sagads(wd, broker, stock, payment, web,
-                                                   'reconnect_max = 2;')
-    reps = Replicas(wd, broker, db.conninfo)
+    reps = Replicas(wd, broker, conf, cast.orders)
+
+    sent = {}                # saga id -> time its start event was published
+
+    def publisher(items, seconds, errors):
+        def make(p):
+            sent[p[0]] = time.time()
+            return ('events', START_KEYS[p[1]], {'cid': p[0]},
+                    {'Correlation-Id': p[0], 'Message-Id': 'start-' + p[0]})
+        return publish_spread(d_web.port, items, make, seconds, errors)
     A, B, C = reps.r['A'], reps.r['B'], reps.r['C']
 
     # ---- A alone arms the held sagas' step timers
@@ -177,9 +183,9 @@ def main(wd):
     h.log('held sagas armed by A alone (step timeout %.0f s)' % HELD_TMO)
 
     # ---- phase 1: N sagas; B and C join, A killed for good, B killed and restarted
-    errors, sent = [], {}
+    errors = []
     t1 = time.time()
-    threads = publisher(d_web, plans1, max(4.0, N / 50.0), errors, sent)
+    threads = publisher(plans1, max(4.0, N / 50.0), errors)
     reps.start('B')
     reps.start('C')
     h.wait_until(lambda: reps.started() >= HELD + N // 10 and
@@ -247,7 +253,7 @@ def main(wd):
 
     # ---- phase 2: PostgreSQL stopped for PG_DOWN s in the middle of M sagas
     t2 = time.time()
-    threads = publisher(d_web, plans2, max(4.0, M / 40.0), errors, sent)
+    threads = publisher(plans2, max(4.0, M / 40.0), errors)
     ids2 = set(p[0] for p in plans2)
     h.wait_until(lambda: len([c for c in list(sent) if c in ids2]) >= M // 4, 60,
                  'a quarter of phase 2 published', interval=0.1)
@@ -301,25 +307,15 @@ def main(wd):
     h.check(as_planned(), 'sagad_sagas by saga and state as planned: %s' %
             {'%s/%s' % k: v for k, v in sorted(want.items())},
             {'%s/%s' % k: v for k, v in c.items() if v})
-    wrong, hists = [], {}
-    for cid, saga, state, _ in plans:
-        inst = saga_get(C, cid, saga)
-        hists[cid] = inst
-        if not inst or inst['state'] != state:
-            wrong.append((cid, state, inst and inst['state'], inst and inst.get('reason')))
-    h.check(not wrong, 'every saga instance in its planned final state', wrong[:10])
+    check_final_states(C, plans)
 
-    # ---- exactly once at the participants
-    expect_ok, expect_refused = expected_deliveries(plans)
-    finals = {cid: final_event(cid, saga, state) for cid, saga, state, _ in plans}
-    for cid in held:
-        expect_ok[('stock', 'stock.reserve', cid)] = 1     # the late success
-        expect_ok[('stock', 'stock.release', cid)] = 1     # its compensation
-        finals[cid] = final_event(cid, 'held', 'compensated')
-    check_exactly_once(expect_ok, expect_refused, finals, stock, payment, web,
-                       d_stock, d_payment, d_web)
+    # ---- exactly once at the participants, one final event per saga
+    cast.check(plans, extra_ok=[('stock', k, cid) for cid in held
+                                for k in ('stock.reserve', 'stock.release')],
+               extra_sagas=[(cid, 'held', 'compensated', 'reserve') for cid in held])
     h.check(all(len(stock.deliveries('stock.reserve', cid)) == 1 for cid in held),
-            'held sagas: each command delivered once (no resend), its compensation once')
+            'held sagas: each command delivered once (no resend), its late success '
+            'compensated once')
 
     # ---- no orphan
     for d in reps.live():
@@ -330,6 +326,7 @@ def main(wd):
             orphans)
 
     # ---- failover: the gaps in the sagas' histories that span a kill
+    hists = {cid: saga_get(C, cid, saga) for cid, saga, _, _ in plans}
     worst = []
     for cid, saga, state, _ in plans1:
         inst = hists[cid]
