@@ -342,16 +342,18 @@ def main(wd):
     worst = []
     for cid, saga, state, _ in plans1:
         inst = hists[cid]
-        at = [sent[cid]] + [e['at'] for e in inst.get('history', [])]
-        for a, b in zip(at, at[1:]):
+        ents = [(sent[cid], 'published')] + [
+            (e['at'], '%s %s%s' % (e['dir'], e['what'], ' ' + e['step'] if e['step'] else ''))
+            for e in inst.get('history', [])]
+        for (a, wa), (b, wb) in zip(ents, ents[1:]):
             for k in kills:
                 if a < k <= b:
-                    worst.append((b - a, cid, k))
+                    worst.append((b - a, cid, k, '%s -> %s' % (wa, wb)))
     worst.sort(reverse=True)
     gap = worst[0][0] if worst else 0.0
     h.log('failover: %d saga history gaps span a kill; the longest %.2f s (%s); top 5: %s'
           % (len(worst), gap, worst[0][1] if worst else '-',
-             ['%.2f %s' % (g, c) for g, c, _ in worst[:5]]))
+             ['%.2f %s (%s)' % (g, c, w) for g, c, _, w in worst[:5]]))
     h.check(gap <= FAILOVER_MAX, 'no saga waited longer than %.0f s across a replica\'s death '
             '(longest %.2f s)' % (FAILOVER_MAX, gap), worst[:5])
     pg_gaps = []
