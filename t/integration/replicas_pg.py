@@ -21,7 +21,8 @@ FAILOVER_MAX s (printed).
 
 Phase 2: N/4 more sagas with PostgreSQL stopped for a few seconds in the
 middle (t/lib/pg.py): while it is down the saga queue keeps its messages
-(ready or unacked, from rabbitmqctl); afterwards every saga completes,
+(ready or unacked, from rabbitmqctl) and no command of a saga started
+meanwhile reaches its participant; afterwards every saga completes,
 exactly once at the participants.
 
 Printed: each replica's share of the sagas started (the `consumed` table's
@@ -284,6 +285,12 @@ def main(wd):
     h.check(held_msgs and held_msgs[-1][1] + held_msgs[-1][2] > 0,
             'while PostgreSQL is down the saga queue keeps its messages (ready or unacked: '
             'nothing acked that is not committed)', held_msgs)
+    during = [p[0] for p in plans2 if p[1] == 'order' and t_down < sent.get(p[0], 0) < t_up]
+    early_cmds = [(c['cid'], round(c['t0'] - t_up, 2)) for c in stock.deliveries('stock.reserve')
+                  if c['cid'] in set(during) and c['t0'] < t_up]
+    h.check(during and not early_cmds, 'nothing of the %d orchestrated sagas started while '
+            'PostgreSQL was down reached a participant before it came back' % len(during),
+            early_cmds[:10])
     for t in threads:
         t.join()
     h.check(not errors, 'all %d start events of phase 2 accepted by the web sagad' % M,
