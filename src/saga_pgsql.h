@@ -18,6 +18,7 @@
 
 struct event;
 struct event_base;
+struct evbuffer;
 struct pgs_fetch;
 struct saga_pg_relay;
 struct sagad_conf;
@@ -59,7 +60,6 @@ struct pgs_job {
 
 enum pgs_state {
 	PGS_DOWN,		/* connecting, or waiting to connect again */
-	PGS_SETUP,		/* SET search_path sent */
 	PGS_IDLE,
 	PGS_FETCH,		/* round trip 1 of a batch in flight */
 	PGS_COMMIT,		/* round trip 2 */
@@ -145,5 +145,6 @@ char *pgs_text_array(char *const *v, size_t n);
 int pgs_driver_start(struct saga_backend *b);
 void pgs_driver_submit(struct saga_backend *b, const struct saga_job *job);
 void pgs_driver_stop(struct saga_backend *b);
+void pgs_metrics(struct saga_backend *b, struct evbuffer *out);
 
 #endif

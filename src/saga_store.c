@@ -97,6 +97,13 @@ saga_store_shared(const struct saga_store *ss)
 	return ss->ops->shared;
 }
 
+void
+saga_store_metrics(struct saga_store *ss, struct evbuffer *out)
+{
+	if (ss->ops->metrics)
+		ss->ops->metrics(ss->b, out);
+}
+
 /* ---- instances ---- */
 
 int

@@ -119,6 +119,9 @@ void saga_store_submit(struct saga_store *ss, const struct saga_job *job);
  * then counts must be read from the store, not kept in memory, and the
  * consumed saga messages go through jobs. */
 int saga_store_shared(const struct saga_store *ss);
+/* The backend's own Prometheus families (its connection, its batches). */
+struct evbuffer;
+void saga_store_metrics(struct saga_store *ss, struct evbuffer *out);
 
 /* A batch's edges (above): batch_end returns 0, or -1 when its writes did
  * not commit. */

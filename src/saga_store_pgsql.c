@@ -761,6 +761,7 @@ const struct saga_store_ops saga_store_pgsql_ops = {
 	.expire = pgs_expire,
 	.submit = pgs_submit,
 	.shared = 1,
+	.metrics = pgs_metrics,
 	.close = pgs_close,
 };
 
