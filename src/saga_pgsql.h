@@ -85,6 +85,9 @@ struct saga_backend {
 	struct pgs_job *batch;
 	size_t nbatch;
 	struct pgs_job *cur;		/* the job running */
+	int ran;			/* the batch's jobs ran: undo if not committed */
+	saga_batch_fn *batch_fn;	/* the engine's (saga_store_on_batch) */
+	void *batch_arg;
 	int fatal;			/* the batch failed for a statement, not the link */
 
 	/* the batch's cache (reset at each batch) */

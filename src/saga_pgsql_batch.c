@@ -341,10 +341,24 @@ pgs_fetched(struct saga_backend *b)
 	pgs_fetch_free(b);
 }
 
+/* What the jobs counted is taken back when their batch did not commit:
+ * they run again. */
+static void
+pgs_batch_event(struct saga_backend *b, enum saga_batch_event ev)
+{
+	if (ev == SAGA_BATCH_UNDO && !b->ran)
+		return;
+	b->ran = ev == SAGA_BATCH_RUN;
+	if (b->batch_fn)
+		b->batch_fn(b->batch_arg, ev);
+}
+
 static void
 pgs_run_jobs(struct saga_backend *b)
 {
 	struct pgs_job *p;
+
+	pgs_batch_event(b, SAGA_BATCH_RUN);
 
 	for (p = b->batch; p; p = p->next) {
 		if (p->duplicate)
@@ -389,6 +403,7 @@ pgs_committed(struct saga_backend *b)
 
 	b->batch = NULL;
 	b->nbatch = 0;
+	b->ran = 0;
 	b->commits++;
 	pgs_counts_commit(b);
 	pgs_stmts_clear(&b->writes);
@@ -413,6 +428,7 @@ pgs_failed(struct saga_backend *b, const char *why)
 	log_warn("saga store: batch not committed", LOG_STR("error", why),
 	    LOG_UINT("jobs", b->nbatch));
 	b->failures++;
+	pgs_batch_event(b, SAGA_BATCH_UNDO);
 	pgs_fetch_free(b);
 	pgs_stmts_clear(&b->writes);
 	b->outbox_rows = 0;
@@ -538,6 +554,7 @@ pgs_down(void *arg, const char *why, double retry_in)
 		log_warn("saga store: PostgreSQL connection lost", LOG_STR("error", why),
 		    LOG_DBL("retry_in", retry_in));
 	b->state = PGS_DOWN;
+	pgs_batch_event(b, SAGA_BATCH_UNDO);
 	pgs_fetch_free(b);
 	pgs_stmts_clear(&b->writes);
 	pgs_stmts_clear(&b->loose);
@@ -625,7 +642,7 @@ pgs_driver_start(struct saga_backend *b)
 	b->cfg.connect_timeout = 5;
 	b->cfg.query_timeout = 30;
 	b->cfg.retry_initial = 0.2;
-	b->cfg.retry_max = 5;
+	b->cfg.retry_max = 2;	/* sagas wait for it: look again often */
 	/* The server drops a vanished replica's connection, and its locks,
 	 * within about eleven seconds (keepalives), and one that stopped in
 	 * a transaction after a minute. */

@@ -345,6 +345,10 @@ pgs_counts(struct saga_backend *b, saga_rec_fn *fn, void *arg)
 			if (atoi(PQgetvalue(b->counts, k, 1)) == r.state &&
 			    strcmp(PQgetvalue(b->counts, k, 0), r.saga) == 0)
 				r.row += strtoll(PQgetvalue(b->counts, k, 2), NULL, 10);
+		/* Another replica may have moved what this one counts out
+		 * since the last count: never below zero. */
+		if (r.row < 0)
+			r.row = 0;
 		fn(arg, &r);
 	}
 	return 0;
@@ -716,6 +720,13 @@ pgs_submit(struct saga_backend *b, const struct saga_job *job)
 }
 
 static void
+pgs_on_batch(struct saga_backend *b, saga_batch_fn *fn, void *arg)
+{
+	b->batch_fn = fn;
+	b->batch_arg = arg;
+}
+
+static void
 pgs_close(struct saga_backend *b)
 {
 	pgs_driver_stop(b);
@@ -762,6 +773,7 @@ const struct saga_store_ops saga_store_pgsql_ops = {
 	.submit = pgs_submit,
 	.shared = 1,
 	.metrics = pgs_metrics,
+	.on_batch = pgs_on_batch,
 	.close = pgs_close,
 };
 
