@@ -14,7 +14,7 @@
  * relay refreshes the claim of all rows claimed by it (held or not yet
  * read) every grace / 2, checked at its 1 s poll, so that no live
  * replica's rows are taken: grace should be 3 s or more (REPLICAS.md's
- * relay_grace defaults to 5 s). The store side's batch writes claimed_at
+ * relay_grace defaults to 2 s). The store side's batch writes claimed_at
  * with util_now() too.
  *
  * Delivery is at least once: a row taken over from a replica that was slow

@@ -19,6 +19,7 @@
 struct event;
 struct event_base;
 struct evbuffer;
+struct msg;
 struct pgs_fetch;
 struct saga_pg_relay;
 struct sagad_conf;
@@ -100,6 +101,8 @@ struct saga_backend {
 	PGresult *history;
 	PGresult *early;		/* early events of the batch's saga ids */
 	char *early_taken;		/* per row: handed to a start */
+	struct pgs_early *early_new;	/* kept by this batch's jobs */
+	size_t nearly_new, capearly_new;
 	int want_timers, want_counts;
 
 	/* statements for the commit round trip; loose ones (written outside
@@ -143,6 +146,19 @@ void pgs_counts_fetched(struct saga_backend *b, PGresult *res);
 void pgs_flush_instances(struct saga_backend *b);
 /* A text[] literal of n strings, for = ANY($k::text[]). */
 char *pgs_text_array(char *const *v, size_t n);
+
+/* saga_pgsql_early.c: choreographed events kept before their start. */
+struct pgs_early {
+	char *saga_id, *message_id, *exchange, *routing_key;
+	char *props, *body;
+	size_t plen, blen;
+	int taken;
+};
+int pgs_early_keep(struct saga_backend *b, const struct msg *m, const char *saga_id);
+void pgs_early_each(struct saga_backend *b, const char *saga_id,
+    void (*fn)(void *arg, const struct msg *m), void *arg);
+/* With the batch's cache: the events fetched, and those kept since. */
+void pgs_early_reset(struct saga_backend *b);
 
 /* saga_pgsql_batch.c: the driver. */
 int pgs_driver_start(struct saga_backend *b);
