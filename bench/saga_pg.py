@@ -16,7 +16,7 @@ connections round-robin over the three URLs), as a load balancer in front
 of them would: each replica then relays a third of the start events from
 its own outbox, as in a deployment.
 
-  1. saturation: BENCH_SAGA_N_B sagas (default BENCH_SAGA_N), BENCH_REPEAT
+  1. saturation: BENCH_SAGA_N_B sagas (10,000; quick 600), BENCH_REPEAT
      times, as mode a; CPU per saga of each replica, PostgreSQL (the
      postmaster and every child: backends, walwriter, checkpointer, ...),
      RabbitMQ, the participants and the sinks.
@@ -62,6 +62,9 @@ SHOWN = ('server_version', 'fsync', 'synchronous_commit', 'wal_sync_method', 'fu
          'max_connections')
 # what a plain installation has (t/lib/pg.py sets shared_buffers = 32MB)
 SETTINGS = {'shared_buffers': '128MB'}
+# pg_stat_statements (contrib, in Debian's postgresql-15): where PostgreSQL's
+# time goes, per statement; BENCH_PG_STATEMENTS=0 leaves it out
+STATEMENTS = os.environ.get('BENCH_PG_STATEMENTS', '1') != '0'
 
 
 def sql_list(xs):
@@ -74,12 +77,16 @@ class Store:
 
     def __init__(self, workdir):
         settings = dict(SETTINGS)
+        if STATEMENTS:
+            settings['shared_preload_libraries'] = "'pg_stat_statements'"
         for kv in (os.environ.get('BENCH_PG_SETTINGS') or '').split(';'):
             if '=' in kv:
                 k, v = kv.split('=', 1)
                 settings[k.strip()] = v.strip()
         self.db = pg.Postgres(os.path.join(workdir, 'pg'), settings=settings, fsync=True)
         self.db.start()
+        if STATEMENTS:
+            self.rows('CREATE EXTENSION pg_stat_statements')
 
     def conf(self):
         extra = ('  relay_grace = %s;\n' % RELAY_GRACE) if RELAY_GRACE else ''
@@ -116,6 +123,23 @@ class Store:
                     "service = 'orders' AND id IN (%s) ORDER BY id, seq" % sql_list(ids[k:k + 500])):
                 out.setdefault(sid, []).append((float(at), d, what, mid))
         return out
+
+    def statements_reset(self):
+        if STATEMENTS:
+            self.rows('SELECT pg_stat_statements_reset()')
+
+    def statements(self, fig, pre, nsagas, top=8):
+        """The top statements by execution time since the last reset, as
+        figures: ms of execution per saga (calls per saga, mean ms)."""
+        if not STATEMENTS:
+            return
+        rows = self.rows("SELECT calls, total_exec_time, rows, regexp_replace(query, '\\s+', ' ', "
+                         "'g') FROM pg_stat_statements WHERE query NOT LIKE '%%pg_stat%%' "
+                         "ORDER BY total_exec_time DESC LIMIT %d" % top)
+        for k, (calls, total, nrows, q) in enumerate(rows):
+            calls, total = int(calls), float(total)
+            fig('%spg_stmt_%d_ms' % (pre, k + 1), total / nsagas, '%.2f calls/saga, mean %.3f ms, '
+                '%s rows: %s' % (calls / nsagas, total / max(1, calls), nrows, q[:150]))
 
     def sizes(self):
         return self.rows("SELECT pg_size_pretty(pg_database_size('postgres'))")[0][0]
@@ -197,7 +221,7 @@ def phase_failover(S, s, workdir):
 def mode_b(workdir, S):
     """S: the saga.py module (its phases and figures)."""
     fig = S.fig
-    n = common.env_int('BENCH_SAGA_N_B', S.SAGA_N)
+    n = common.env_int('BENCH_SAGA_N_B', 600 if S.QUICK else 10000)
     store = Store(workdir)
     for k, v in store.settings().items():
         fig('pg_' + k, v, 'PostgreSQL setting (SHOW)')
@@ -205,12 +229,16 @@ def mode_b(workdir, S):
     try:
         S.say('B: %d orders replicas on PostgreSQL; saturation: %d x %d sagas'
               % (REPLICAS, S.REPEAT, n))
+        store.statements_reset()
         runs = [S.phase_saturation(s, workdir, i, pre='b_', n=n) for i in range(1, S.REPEAT + 1)]
         rate = S.report_saturation('b_', runs, '%d replicas on PostgreSQL, POSTs spread over '
                                    'them' % REPLICAS)
+        store.statements(fig, 'b_sat_', n * S.REPEAT)
         fig('b_pg_size', store.sizes(), 'database size after the saturation runs')
         S.say('B: latency at %d sagas/s for %d s' % (S.SAGA_RATE, S.LAT_SECONDS))
+        store.statements_reset()
         S.report_latency('b_', S.phase_latency(s, workdir, pre='b_'))
+        store.statements(fig, 'b_lat_', S.SAGA_RATE * S.LAT_SECONDS)
         if REPLICAS > 1 and FAIL_SECONDS > 0:
             S.say('B: failover: replica %d killed during %d s at %d sagas/s'
                   % (REPLICAS, FAIL_SECONDS, S.SAGA_RATE))
