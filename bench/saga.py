@@ -16,33 +16,43 @@ saga id is the request's Message-Id). Per saga: 1 POST; through the broker
 the start event, 3 commands, 3 replies and the completion event; 4
 deliveries to services.
 
-  (a) saturation: BENCH_SAGA_N sagas started as fast as loadgen can POST
-      them (closed loop, 32 connections), BENCH_REPEAT times; completed
-      sagas per second = N / (first POST -> the N-th order.approved event
-      at the orders service, the sink's count polled every 50 ms), and the
-      steady rate (slope between 10% and 90% of the completions). CPU time
-      per saga of the daemons, the broker and the sinks.
-  (b) latency at BENCH_SAGA_RATE (100) sagas/s for BENCH_LAT_SECONDS (10):
-      saga duration finished_at - started_at of each saga from
-      /v1/admin/sagas (started_at is when the orders sagad consumed the
-      start event), POST -> finished_at (loadgen's send time), the
-      sagad_saga_duration_seconds histogram (bucket resolution), and each
-      step cut in three hops from the three stores (see hops()).
-  (c) memory: the orders sagad's RSS with BENCH_SAGA_STORE (100,000)
-      finished sagas in its store. The sagas finished in (a) and (b) are
-      real; when they are fewer, the store is topped up offline (orders
-      sagad stopped) by copying the finished sagas' rows (saga, saga_log,
-      done inbox records, outbox_ids) under new ids, which is what the same
-      number of real sagas leaves behind. Then the orders sagad is started
-      on that store, runs 1,000 more sagas (100/s), serves /metrics and
-      /v1/admin/sagas, and is restarted: VmRSS/VmHWM at each point.
+Two modes in one run (BENCH_SAGA_MODES, default "a,b"), one after the
+other, each with its own broker, sinks and daemons:
+
+  a: one orders sagad on SQLite (figures without prefix);
+  b: three orders replicas on the PostgreSQL saga store (figures b_*,
+     bench/saga_pg.py: the setup, its own phases and figures);
+  ratio_b_a = b_sat_rate / sat_rate (the issue's target: >= 0.5).
+
+Phases of mode a (b runs 1 and 2 the same way, then its failover):
+
+  1. saturation: BENCH_SAGA_N sagas started as fast as loadgen can POST
+     them (closed loop, 32 connections), BENCH_REPEAT times; completed
+     sagas per second = N / (first POST -> the N-th order.approved event
+     at the orders service, the sink's count polled every 50 ms), and the
+     steady rate (slope between 10% and 90% of the completions). CPU time
+     per saga of each process group (sat_cpu_<part>_ms).
+  2. latency at BENCH_SAGA_RATE (100) sagas/s for BENCH_LAT_SECONDS (10):
+     saga duration finished_at - started_at of each saga from
+     /v1/admin/sagas (started_at is when the orders sagad consumed the
+     start event), POST -> finished_at (loadgen's send time), the
+     sagad_saga_duration_seconds histogram (bucket resolution), and each
+     step cut in three hops from the stores (see hops()).
+  3. memory: the orders sagad's RSS with BENCH_SAGA_STORE (100,000)
+     finished sagas in its store. The sagas finished in 1 and 2 are
+     real; when they are fewer, the store is topped up offline (orders
+     sagad stopped) by copying the finished sagas' rows (saga, saga_log,
+     done inbox records, outbox_ids) under new ids, which is what the same
+     number of real sagas leaves behind. Then the orders sagad is started
+     on that store, runs 1,000 more sagas (100/s), serves /metrics and
+     /v1/admin/sagas, and is restarted: VmRSS/VmHWM at each point.
 
 Every figure is printed as name=value (with the 1-minute load average),
-then a summary. Environment: BENCH_SAGA_N (33400: with the repeats and
-(b), just over 100,000 real finished sagas), BENCH_REPEAT (3),
+then a summary. Environment: BENCH_SAGA_MODES, BENCH_SAGA_N (33400: with
+the repeats and phase 2, just over 100,000 real finished sagas), BENCH_REPEAT (3),
 BENCH_SAGA_RATE (100), BENCH_LAT_SECONDS (10), BENCH_SAGA_STORE (100000),
 BENCH_CONCURRENCY (64), BENCH_MAX_PENDING (65535), BENCH_CONNS (32),
-BENCH_QUICK=1, BENCH_KEEP=1, BENCH_WORKDIR.
+BENCH_QUICK=1, BENCH_KEEP=1, BENCH_WORKDIR; mode b's in bench/saga_pg.py.
 """
 
 import json

@@ -79,6 +79,7 @@ class Store:
         settings = dict(SETTINGS)
         if STATEMENTS:
             settings['shared_preload_libraries'] = "'pg_stat_statements'"
+            settings['pg_stat_statements.track_planning'] = 'on'
         for kv in (os.environ.get('BENCH_PG_SETTINGS') or '').split(';'):
             if '=' in kv:
                 k, v = kv.split('=', 1)
@@ -133,13 +134,20 @@ class Store:
         figures: ms of execution per saga (calls per saga, mean ms)."""
         if not STATEMENTS:
             return
-        rows = self.rows("SELECT calls, total_exec_time, rows, regexp_replace(query, '\\s+', ' ', "
-                         "'g') FROM pg_stat_statements WHERE query NOT LIKE '%%pg_stat%%' "
+        rows = self.rows("SELECT calls, total_exec_time, total_plan_time, rows, regexp_replace("
+                         "query, '\\s+', ' ', 'g') FROM pg_stat_statements WHERE query NOT LIKE "
+                         "'%%pg_stat%%' AND query NOT LIKE '%% sagad.%%' "
                          "ORDER BY total_exec_time DESC LIMIT %d" % top)
-        for k, (calls, total, nrows, q) in enumerate(rows):
-            calls, total = int(calls), float(total)
-            fig('%spg_stmt_%d_ms' % (pre, k + 1), total / nsagas, '%.2f calls/saga, mean %.3f ms, '
-                '%s rows: %s' % (calls / nsagas, total / max(1, calls), nrows, q[:150]))
+        for k, (calls, total, plan, nrows, q) in enumerate(rows):
+            calls, total, plan = int(calls), float(total), float(plan)
+            fig('%spg_stmt_%d_ms' % (pre, k + 1), total / nsagas, '%.2f calls/saga, mean %.3f ms '
+                '(+ planning %.3f ms/saga), %s rows: %s' % (calls / nsagas, total / max(1, calls),
+                                                            plan / nsagas, nrows, q[:150]))
+        plan, total, calls = (float(x) for x in self.rows(
+            "SELECT sum(total_plan_time), sum(total_exec_time), sum(calls) FROM pg_stat_statements "
+            "WHERE query NOT LIKE '%pg_stat%' AND query NOT LIKE '% sagad.%'")[0])
+        fig(pre + 'pg_plan_ms', plan / nsagas, 'planning time per saga, all statements (execution '
+            '%.3f ms/saga, %.1f statements/saga)' % (total / nsagas, calls / nsagas))
 
     def sizes(self):
         return self.rows("SELECT pg_size_pretty(pg_database_size('postgres'))")[0][0]
