@@ -83,6 +83,7 @@ CONCURRENCY = env_int('BENCH_CONCURRENCY', 64)
 MAX_PENDING = env_int('BENCH_MAX_PENDING', 65535)
 QUEUE_TYPE = os.environ.get('BENCH_QUEUE_TYPE') or 'quorum'   # every queue of the run: quorum (default) or classic
 CONNS = env_int('BENCH_CONNS', 32)
+STALL_SECONDS = env_int('BENCH_STALL_SECONDS', 120)
 RATE_TARGET, P99_TARGET_MS, RSS_TARGET_MB = 500, 50.0, 64
 SAGA = 'create-order'
 LOADGEN = os.path.join(common.BUILDDIR, 'bench', 'loadgen')
@@ -250,7 +251,8 @@ def ended(s):
 class Progress(threading.Thread):
     """Samples ended() every interval: [(time_ns, count)]. It asks only the
     sink: a GET /metrics on the orders sagad counts the saga table in SQL and
-    would slow down what is measured."""
+    would slow down what is measured. Gives up when no saga has finished
+    for BENCH_STALL_SECONDS (120): the daemons are stuck, not slow."""
 
     def __init__(self, s, target, interval=0.05, timeout=600):
         super().__init__(daemon=True)
@@ -260,11 +262,18 @@ class Progress(threading.Thread):
         self.error = None
 
     def run(self):
+        moved, last = time.time(), None
         try:
             while time.time() < self.deadline:
                 v = ended(self.s)
                 self.samples.append((time.time_ns(), v))
                 if v >= self.target:
+                    return
+                if v != last:
+                    moved, last = time.time(), v
+                elif time.time() - moved > STALL_SECONDS:
+                    self.error = RuntimeError('stalled: no saga finished for %d s (%d of %d)'
+                                              % (STALL_SECONDS, v, self.target))
                     return
                 time.sleep(self.interval)
         except Exception as e:  # reported by the caller
@@ -313,7 +322,9 @@ def phase_saturation(s, workdir, i, pre='', n=None):
     prog.join()
     c1 = s.cpu_parts()
     if prog.error:
-        raise RuntimeError('polling the sink: %s' % prog.error)
+        if s.pg:
+            s.pg.diagnose()
+        raise RuntimeError('saturation run %d: %s' % (i, prog.error))
     t_last, v_last = prog.samples[-1]
     if v_last < base + n:
         raise RuntimeError('%d of %d sagas finished in time' % (v_last - base, n))

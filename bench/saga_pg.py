@@ -67,6 +67,10 @@ SETTINGS = {'shared_buffers': '128MB'}
 STATEMENTS = os.environ.get('BENCH_PG_STATEMENTS', '1') != '0'
 
 
+def S_say(msg):
+    common.say(msg)
+
+
 def sql_list(xs):
     return ', '.join(pg.quote_literal(x) for x in xs)
 
@@ -148,6 +152,21 @@ class Store:
             "WHERE query NOT LIKE '%pg_stat%' AND query NOT LIKE '% sagad.%'")[0])
         fig(pre + 'pg_plan_ms', plan / nsagas, 'planning time per saga, all statements (execution '
             '%.3f ms/saga, %.1f statements/saga)' % (total / nsagas, calls / nsagas))
+
+    def diagnose(self):
+        """What PostgreSQL is doing (for a stalled run): its sessions by
+        state and wait, the longest running statement, the outbox."""
+        try:
+            for row in self.rows("SELECT state, coalesce(wait_event, '-'), count(*), "
+                                 "max(now() - query_start)::text, left(regexp_replace(max(query), "
+                                 "'\\s+', ' ', 'g'), 100) FROM pg_stat_activity WHERE "
+                                 "datname = 'postgres' GROUP BY 1, 2 ORDER BY 3 DESC"):
+                S_say('postgres sessions: %s' % ' | '.join(str(x) for x in row))
+            S_say('saga outbox rows: %s; instances by state: %s' % (
+                self.outbox(), self.rows("SELECT state, count(*) FROM sagad.instances "
+                                         "GROUP BY 1 ORDER BY 1")))
+        except Exception as e:  # noqa: BLE001  (a diagnosis only)
+            S_say('postgres diagnosis failed: %s' % e)
 
     def sizes(self):
         return self.rows("SELECT pg_size_pretty(pg_database_size('postgres'))")[0][0]
