@@ -89,7 +89,7 @@ static const struct conf_key conf_saga_store_rows[] = {
 	ROW("conninfo", CONF_STR, SS(conninfo), R, NULL, 0, 0),
 	ROW("conninfo_file", CONF_STR, SS(conninfo_file), R, NULL, 0, 0),
 	ROW("schema", CONF_STR, SS(schema), R, "sagad", 0, 0),
-	ROW("relay_grace", CONF_DUR, SS(relay_grace), R, "5", 0.5, 3600),
+	ROW("relay_grace", CONF_DUR, SS(relay_grace), R, "2", 0.5, 3600),
 	ROW("early_window", CONF_DUR, SS(early_window), R, "60", 1, 86400),
 	/* Follows backend. */
 	ROW("backend_kind", CONF_INT, SS(backend), R | D | Q, NULL, 0, 0),

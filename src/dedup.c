@@ -30,7 +30,6 @@ struct dedup_req {
 
 enum dedup_state {
 	DEDUP_DOWN,
-	DEDUP_SETUP,		/* SET search_path sent */
 	DEDUP_IDLE,
 	DEDUP_SENT,		/* a batch of claims in flight */
 	DEDUP_EXPIRE		/* old claims being forgotten */
@@ -217,17 +216,14 @@ dedup_connecting(void *arg)
 	(void)arg;
 }
 
+/* The session's search_path is the saga store's schema (pgconn.c). */
 static void
 dedup_connected(void *arg)
 {
 	struct dedup *dd = arg;
-	char *q = PQescapeIdentifier(pgc_conn(dd->pg), dd->schema, strlen(dd->schema));
-	char *sql = xasprintf("SET search_path TO %s", q ? q : "sagad");
 
-	PQfreemem(q);
-	dd->state = DEDUP_SETUP;
-	pgc_send(dd->pg, sql);
-	free(sql);
+	dd->state = DEDUP_IDLE;
+	dedup_next(dd);
 }
 
 static void
@@ -235,14 +231,7 @@ dedup_pg_done(void *arg)
 {
 	struct dedup *dd = arg;
 
-	if (dd->state == DEDUP_SETUP) {
-		if (pgc_error(dd->pg)) {
-			pgc_down(dd->pg, pgc_error(dd->pg));
-			return;
-		}
-		dd->state = DEDUP_IDLE;
-		dedup_next(dd);
-	} else if (dd->state == DEDUP_SENT)
+	if (dd->state == DEDUP_SENT)
 		dedup_done(dd);
 	else if (dd->state == DEDUP_EXPIRE) {
 		if (pgc_error(dd->pg))
@@ -264,7 +253,7 @@ dedup_down(void *arg, const char *why, double retry_in)
 {
 	struct dedup *dd = arg;
 
-	if (dd->state != DEDUP_DOWN && dd->state != DEDUP_SETUP)
+	if (dd->state != DEDUP_DOWN)
 		log_warn("shared dedup: PostgreSQL connection lost; claims wait",
 		    LOG_STR("error", why), LOG_DBL("retry_in", retry_in));
 	dd->state = DEDUP_DOWN;
@@ -300,6 +289,7 @@ dedup_new(struct event_base *base, const struct sagad_conf *conf, const char *st
 	dd->cfg.query_timeout = 30;
 	dd->cfg.retry_initial = 0.2;
 	dd->cfg.retry_max = 5;
+	dd->cfg.schema = dd->schema;
 	dd->pg = pgc_new(base, &dd->cfg, &dedup_hooks, dd);
 	dd->start_ev = event_new(base, -1, 0, dedup_start_cb, dd);
 	dd->window = conf->store.dedup_window;

@@ -29,7 +29,8 @@
 #include "util.h"
 #include "xmalloc.h"
 
-enum pgc_phase { PGC_DOWN, PGC_CONNECTING, PGC_UP };
+/* SETUP: connected, the conf's search_path and session settings sent. */
+enum pgc_phase { PGC_DOWN, PGC_CONNECTING, PGC_SETUP, PGC_UP };
 
 struct pgc {
 	struct event_base *base;
@@ -56,6 +57,8 @@ struct pgc {
 };
 
 static void pgc_connect(struct pgc *c);
+static void pgc_setup(struct pgc *c);
+static void pgc_setup_done(struct pgc *c);
 
 /* Arms ev to fire in sec seconds. */
 static void
@@ -300,6 +303,10 @@ pgc_io_cb(evutil_socket_t fd, short what, void *arg)
 		if (pgc_take(c, PQgetResult(c->conn))) {
 			c->busy = 0;
 			event_del(c->timer);
+			if (c->phase == PGC_SETUP) {
+				pgc_setup_done(c);
+				return;
+			}
 			c->hooks.done(c->arg);
 			if (gen != c->gen)
 				return;
@@ -362,6 +369,42 @@ pgc_connect_poll(struct pgc *c, PostgresPollingStatusType st)
 	c->wev = event_new(c->base, PQsocket(c->conn), EV_WRITE, pgc_write_cb, c);
 	c->io = event_new(c->base, PQsocket(c->conn), EV_READ | EV_PERSIST, pgc_io_cb, c);
 	event_add(c->io, NULL);
+	if (c->conf.schema || c->conf.session)
+		pgc_setup(c);
+	else
+		c->hooks.connected(c->arg);
+}
+
+/* The session as the owner wants it, before the owner's first query. */
+static void
+pgc_setup(struct pgc *c)
+{
+	char *q = c->conf.schema ?
+	    PQescapeIdentifier(c->conn, c->conf.schema, strlen(c->conf.schema)) : NULL;
+	char *sql;
+
+	if (c->conf.schema && !q) {
+		pgc_down(c, PQerrorMessage(c->conn));
+		return;
+	}
+	sql = xasprintf("%s%s%s%s", q ? "SET search_path TO " : "", q ? q : "",
+	    q && c->conf.session ? "; " : "", c->conf.session ? c->conf.session : "");
+	PQfreemem(q);
+	c->phase = PGC_SETUP;
+	pgc_send(c, sql);
+	free(sql);
+}
+
+static void
+pgc_setup_done(struct pgc *c)
+{
+	if (c->err) {
+		char *why = xstrdup(c->err);
+		pgc_down(c, why);
+		free(why);
+		return;
+	}
+	c->phase = PGC_UP;
 	c->hooks.connected(c->arg);
 }
 
@@ -403,6 +446,7 @@ pgc_timer_cb(evutil_socket_t fd, short what, void *arg)
 	case PGC_CONNECTING:
 		pgc_down(c, "cannot connect to PostgreSQL: timed out");
 		break;
+	case PGC_SETUP:
 	case PGC_UP:
 		if (c->busy) {
 			char why[100];

@@ -28,6 +28,11 @@ struct pgc_conf {
 	double connect_timeout;	/* seconds a connect may take */
 	double query_timeout;	/* seconds a query may take */
 	double retry_initial, retry_max;	/* the reconnect backoff */
+	/* Optional: each new connection first sets its search_path to this
+	 * schema (quoted here) and runs `session` (settings, one SQL text);
+	 * the connected hook follows, or a failure drops the connection. */
+	const char *schema;
+	const char *session;
 };
 
 struct pgc_hooks {

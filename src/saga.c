@@ -754,6 +754,25 @@ saga_count_one(void *arg, const struct saga_rec *r)
 		e->stats[def].states[r->state] = r->row;
 }
 
+/* A shared store's batch: counters kept before it runs, put back when it
+ * does not commit (its jobs run again and count again). */
+static void
+saga_batch_event(void *arg, enum saga_batch_event ev)
+{
+	struct saga_engine *e = arg;
+	size_t n = e->d->conf->n_sagas * sizeof *e->stats;
+
+	if (ev == SAGA_BATCH_RUN) {
+		memcpy(e->stats_before, e->stats, n);
+		e->orphans_before = e->orphans;
+		e->early_before = e->early;
+	} else {
+		memcpy(e->stats, e->stats_before, n);
+		e->orphans = e->orphans_before;
+		e->early = e->early_before;
+	}
+}
+
 void
 saga_counts_refresh(struct saga_engine *e)
 {
@@ -781,8 +800,11 @@ saga_new(struct sagad *d, char **err)
 	for (i = 0; i < d->conf->n_sagas; i++)
 		histogram_init(&e->stats[i].duration, metrics_latency_bounds, metrics_latency_nbounds);
 	saga_counts_refresh(e);
-	if (saga_store_shared(e->ss))
+	if (saga_store_shared(e->ss)) {
 		log_info("sagas shared with other replicas", LOG_STR("service", d->conf->service));
+		e->stats_before = xcalloc(d->conf->n_sagas + 1, sizeof *e->stats_before);
+		saga_store_on_batch(e->ss, saga_batch_event, e);
+	}
 	e->timer_ev = evtimer_new(d->base, saga_timer_cb, e);
 	/* Deadlines live in the store: after a restart they fire as due. */
 	saga_rearm(e);
@@ -804,5 +826,6 @@ saga_free(struct saga_engine *e)
 	if (e->timer_ev)
 		event_free(e->timer_ev);
 	free(e->stats);
+	free(e->stats_before);
 	free(e);
 }

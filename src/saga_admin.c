@@ -320,6 +320,7 @@ saga_metrics(struct saga_engine *e, struct evbuffer *out)
 	metrics_family(out, "sagad_saga_early_total", "counter",
 	    "Choreographed events kept until their saga's start (shared store).");
 	metrics_sample(out, "sagad_saga_early_total", "", (double)e->early);
+	saga_store_metrics(e->ss, out);
 	metrics_family(out, "sagad_saga_duration_seconds", "histogram",
 	    "Time from start to completed or compensated.");
 	for (i = 0; i < c->n_sagas; i++) {

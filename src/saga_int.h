@@ -75,6 +75,10 @@ struct saga_engine {
 	 * with the same ids. Timers and operators' commands wait for it. */
 	int consumed;
 	int timer_job;		/* a round of timers is submitted, not done */
+	/* What the counters were before a shared store's batch ran, put
+	 * back if it does not commit (saga_store_on_batch). */
+	struct saga_stats *stats_before;
+	uint64_t orphans_before, early_before;
 };
 /* ---- saga_record.c: an instance and its encoding ---- */
 

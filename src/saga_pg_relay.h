@@ -11,8 +11,11 @@
  * (UPDATE ... FOR UPDATE SKIP LOCKED). Claims are sagad's clock,
  * util_now() (wall, epoch seconds), written by the relay and compared by
  * the relay: replicas' clocks must agree to well within grace (NTP). The
- * relay refreshes the claim of the rows it holds every grace / 2 so that
- * no live replica's rows are taken.
+ * relay refreshes the claim of all rows claimed by it (held or not yet
+ * read) every grace / 2, checked at its 1 s poll, so that no live
+ * replica's rows are taken: grace should be 3 s or more (REPLICAS.md's
+ * relay_grace defaults to 2 s). The store side's batch writes claimed_at
+ * with util_now() too.
  *
  * Delivery is at least once: a row taken over from a replica that was slow
  * rather than dead, a delete lost with PostgreSQL, a confirm lost with the

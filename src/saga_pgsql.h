@@ -18,6 +18,8 @@
 
 struct event;
 struct event_base;
+struct evbuffer;
+struct msg;
 struct pgs_fetch;
 struct saga_pg_relay;
 struct sagad_conf;
@@ -59,7 +61,6 @@ struct pgs_job {
 
 enum pgs_state {
 	PGS_DOWN,		/* connecting, or waiting to connect again */
-	PGS_SETUP,		/* SET search_path sent */
 	PGS_IDLE,
 	PGS_FETCH,		/* round trip 1 of a batch in flight */
 	PGS_COMMIT,		/* round trip 2 */
@@ -85,6 +86,9 @@ struct saga_backend {
 	struct pgs_job *batch;
 	size_t nbatch;
 	struct pgs_job *cur;		/* the job running */
+	int ran;			/* the batch's jobs ran: undo if not committed */
+	saga_batch_fn *batch_fn;	/* the engine's (saga_store_on_batch) */
+	void *batch_arg;
 	int fatal;			/* the batch failed for a statement, not the link */
 
 	/* the batch's cache (reset at each batch) */
@@ -97,6 +101,8 @@ struct saga_backend {
 	PGresult *history;
 	PGresult *early;		/* early events of the batch's saga ids */
 	char *early_taken;		/* per row: handed to a start */
+	struct pgs_early *early_new;	/* kept by this batch's jobs */
+	size_t nearly_new, capearly_new;
 	int want_timers, want_counts;
 
 	/* statements for the commit round trip; loose ones (written outside
@@ -141,9 +147,23 @@ void pgs_flush_instances(struct saga_backend *b);
 /* A text[] literal of n strings, for = ANY($k::text[]). */
 char *pgs_text_array(char *const *v, size_t n);
 
+/* saga_pgsql_early.c: choreographed events kept before their start. */
+struct pgs_early {
+	char *saga_id, *message_id, *exchange, *routing_key;
+	char *props, *body;
+	size_t plen, blen;
+	int taken;
+};
+int pgs_early_keep(struct saga_backend *b, const struct msg *m, const char *saga_id);
+void pgs_early_each(struct saga_backend *b, const char *saga_id,
+    void (*fn)(void *arg, const struct msg *m), void *arg);
+/* With the batch's cache: the events fetched, and those kept since. */
+void pgs_early_reset(struct saga_backend *b);
+
 /* saga_pgsql_batch.c: the driver. */
 int pgs_driver_start(struct saga_backend *b);
 void pgs_driver_submit(struct saga_backend *b, const struct saga_job *job);
 void pgs_driver_stop(struct saga_backend *b);
+void pgs_metrics(struct saga_backend *b, struct evbuffer *out);
 
 #endif

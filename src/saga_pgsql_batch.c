@@ -21,6 +21,7 @@
  */
 #include "saga_pgsql.h"
 
+#include <event2/buffer.h>
 #include <event2/event.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -30,6 +31,7 @@
 
 #include "conf.h"
 #include "log.h"
+#include "metrics.h"
 #include "pgconn.h"
 #include "saga_pg_relay.h"
 #include "util.h"
@@ -339,10 +341,24 @@ pgs_fetched(struct saga_backend *b)
 	pgs_fetch_free(b);
 }
 
+/* What the jobs counted is taken back when their batch did not commit:
+ * they run again. */
+static void
+pgs_batch_event(struct saga_backend *b, enum saga_batch_event ev)
+{
+	if (ev == SAGA_BATCH_UNDO && !b->ran)
+		return;
+	b->ran = ev == SAGA_BATCH_RUN;
+	if (b->batch_fn)
+		b->batch_fn(b->batch_arg, ev);
+}
+
 static void
 pgs_run_jobs(struct saga_backend *b)
 {
 	struct pgs_job *p;
+
+	pgs_batch_event(b, SAGA_BATCH_RUN);
 
 	for (p = b->batch; p; p = p->next) {
 		if (p->duplicate)
@@ -387,6 +403,7 @@ pgs_committed(struct saga_backend *b)
 
 	b->batch = NULL;
 	b->nbatch = 0;
+	b->ran = 0;
 	b->commits++;
 	pgs_counts_commit(b);
 	pgs_stmts_clear(&b->writes);
@@ -411,6 +428,7 @@ pgs_failed(struct saga_backend *b, const char *why)
 	log_warn("saga store: batch not committed", LOG_STR("error", why),
 	    LOG_UINT("jobs", b->nbatch));
 	b->failures++;
+	pgs_batch_event(b, SAGA_BATCH_UNDO);
 	pgs_fetch_free(b);
 	pgs_stmts_clear(&b->writes);
 	b->outbox_rows = 0;
@@ -469,24 +487,17 @@ pgs_start_cb(evutil_socket_t fd, short what, void *arg)
 	pgs_next(arg);
 }
 
+/* The session is set up (search_path and settings) before this. */
 static void
 pgs_connected(void *arg)
 {
 	struct saga_backend *b = arg;
-	PGconn *conn = pgc_conn(b->pg);
-	char *q = PQescapeIdentifier(conn, b->schema, strlen(b->schema));
-	char *sql;
 
-	/* The server drops a vanished replica's connection, and its locks,
-	 * within about ten seconds (keepalives), and one that stopped in a
-	 * transaction after a minute. */
-	sql = xasprintf("SET search_path TO %s; SET tcp_keepalives_idle = 5;"
-	    " SET tcp_keepalives_interval = 2; SET tcp_keepalives_count = 3;"
-	    " SET idle_in_transaction_session_timeout = '60s'", q ? q : "sagad");
-	PQfreemem(q);
-	b->state = PGS_SETUP;
-	pgc_send(b->pg, sql);
-	free(sql);
+	log_info("saga store connected to PostgreSQL", LOG_STR("schema", b->schema),
+	    LOG_STR("replica", b->replica));
+	b->state = PGS_IDLE;
+	b->want_counts = 1;
+	pgs_next(b);
 }
 
 static void
@@ -496,17 +507,6 @@ pgs_done(void *arg)
 	const char *err = pgc_error(b->pg);
 
 	switch (b->state) {
-	case PGS_SETUP:
-		if (err) {
-			pgc_down(b->pg, err);
-			return;
-		}
-		log_info("saga store connected to PostgreSQL", LOG_STR("schema", b->schema),
-		    LOG_STR("replica", b->replica));
-		b->state = PGS_IDLE;
-		b->want_counts = 1;
-		pgs_next(b);
-		break;
 	case PGS_FETCH:
 		if (err) {
 			pgs_failed(b, err);
@@ -554,6 +554,7 @@ pgs_down(void *arg, const char *why, double retry_in)
 		log_warn("saga store: PostgreSQL connection lost", LOG_STR("error", why),
 		    LOG_DBL("retry_in", retry_in));
 	b->state = PGS_DOWN;
+	pgs_batch_event(b, SAGA_BATCH_UNDO);
 	pgs_fetch_free(b);
 	pgs_stmts_clear(&b->writes);
 	pgs_stmts_clear(&b->loose);
@@ -599,6 +600,38 @@ pgs_tick_cb(evutil_socket_t fd, short what, void *arg)
 	pgs_next(b);
 }
 
+/* The families of the PostgreSQL saga store and of its relay. */
+void
+pgs_metrics(struct saga_backend *b, struct evbuffer *out)
+{
+	size_t queued = 0;
+	struct pgs_job *p;
+
+	for (p = b->queue; p; p = p->next)
+		queued++;
+#define PGS_METRIC(name, type, help, value)					\
+	do {									\
+		metrics_family(out, name, type, help);				\
+		metrics_sample(out, name, "", (double)(value));			\
+	} while (0)
+	PGS_METRIC("sagad_saga_store_connected", "gauge",
+	    "1 while the saga store's PostgreSQL connection serves.",
+	    b->state != PGS_DOWN);
+	PGS_METRIC("sagad_saga_store_batches_total", "counter",
+	    "Batches of saga jobs sent to PostgreSQL.", b->batches);
+	PGS_METRIC("sagad_saga_store_commits_total", "counter",
+	    "Batches committed.", b->commits);
+	PGS_METRIC("sagad_saga_store_failures_total", "counter",
+	    "Batches rolled back for an error (their jobs run again alone).", b->failures);
+	PGS_METRIC("sagad_saga_store_reconnects_total", "counter",
+	    "PostgreSQL connections lost (their batch runs again).", b->retries);
+	PGS_METRIC("sagad_saga_store_queued", "gauge",
+	    "Saga jobs waiting for a batch (consumed messages held unacked).", queued);
+#undef PGS_METRIC
+	if (b->relay)
+		saga_pg_relay_metrics(b->relay, out);
+}
+
 int
 pgs_driver_start(struct saga_backend *b)
 {
@@ -609,7 +642,13 @@ pgs_driver_start(struct saga_backend *b)
 	b->cfg.connect_timeout = 5;
 	b->cfg.query_timeout = 30;
 	b->cfg.retry_initial = 0.2;
-	b->cfg.retry_max = 5;
+	b->cfg.retry_max = 2;	/* sagas wait for it: look again often */
+	/* The server drops a vanished replica's connection, and its locks,
+	 * within about eleven seconds (keepalives), and one that stopped in
+	 * a transaction after a minute. */
+	b->cfg.schema = b->schema;
+	b->cfg.session = "SET tcp_keepalives_idle = 5; SET tcp_keepalives_interval = 2;"
+	    " SET tcp_keepalives_count = 3; SET idle_in_transaction_session_timeout = '60s'";
 	b->pg = pgc_new(b->base, &b->cfg, &pgs_hooks, b);
 	b->start_ev = event_new(b->base, -1, 0, pgs_start_cb, b);
 	b->tick_ev = event_new(b->base, -1, EV_PERSIST, pgs_tick_cb, b);

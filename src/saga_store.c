@@ -97,6 +97,20 @@ saga_store_shared(const struct saga_store *ss)
 	return ss->ops->shared;
 }
 
+void
+saga_store_on_batch(struct saga_store *ss, saga_batch_fn *fn, void *arg)
+{
+	if (ss->ops->on_batch)
+		ss->ops->on_batch(ss->b, fn, arg);
+}
+
+void
+saga_store_metrics(struct saga_store *ss, struct evbuffer *out)
+{
+	if (ss->ops->metrics)
+		ss->ops->metrics(ss->b, out);
+}
+
 /* ---- instances ---- */
 
 int

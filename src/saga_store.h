@@ -119,6 +119,19 @@ void saga_store_submit(struct saga_store *ss, const struct saga_job *job);
  * then counts must be read from the store, not kept in memory, and the
  * consumed saga messages go through jobs. */
 int saga_store_shared(const struct saga_store *ss);
+/* A shared backend may run a batch's jobs again (after a rollback or a
+ * lost connection): it calls fn(arg, SAGA_BATCH_RUN) before the jobs of a
+ * batch run and fn(arg, SAGA_BATCH_UNDO) when what they did was not
+ * committed, so that the engine takes back what it counted. */
+enum saga_batch_event {
+	SAGA_BATCH_RUN,
+	SAGA_BATCH_UNDO
+};
+typedef void saga_batch_fn(void *arg, enum saga_batch_event ev);
+void saga_store_on_batch(struct saga_store *ss, saga_batch_fn *fn, void *arg);
+/* The backend's own Prometheus families (its connection, its batches). */
+struct evbuffer;
+void saga_store_metrics(struct saga_store *ss, struct evbuffer *out);
 
 /* A batch's edges (above): batch_end returns 0, or -1 when its writes did
  * not commit. */

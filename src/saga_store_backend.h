@@ -12,6 +12,7 @@
 #include "saga_store.h"
 
 struct saga_backend;
+struct evbuffer;
 
 /* One per call of saga_store.h, same arguments and results (saga_store.h
  * says what each means); batch_begin and batch_end may be NULL for a
@@ -47,6 +48,10 @@ struct saga_store_ops {
 	/* NULL: saga_store.c runs the job at once inside batch_begin/end. */
 	void (*submit)(struct saga_backend *b, const struct saga_job *job);
 	int shared;
+	/* NULL: jobs never run twice. */
+	void (*on_batch)(struct saga_backend *b, saga_batch_fn *fn, void *arg);
+	/* NULL: nothing of its own to show. */
+	void (*metrics)(struct saga_backend *b, struct evbuffer *out);
 	void (*batch_begin)(struct saga_backend *b);
 	int (*batch_end)(struct saga_backend *b);
 	void (*close)(struct saga_backend *b);

@@ -130,10 +130,7 @@ pgs_cache_reset(struct saga_backend *b)
 	b->nids = 0;
 	PQclear(b->history);
 	b->history = NULL;
-	PQclear(b->early);
-	b->early = NULL;
-	free(b->early_taken);
-	b->early_taken = NULL;
+	pgs_early_reset(b);
 }
 
 static struct pgs_inst *
@@ -345,6 +342,10 @@ pgs_counts(struct saga_backend *b, saga_rec_fn *fn, void *arg)
 			if (atoi(PQgetvalue(b->counts, k, 1)) == r.state &&
 			    strcmp(PQgetvalue(b->counts, k, 0), r.saga) == 0)
 				r.row += strtoll(PQgetvalue(b->counts, k, 2), NULL, 10);
+		/* Another replica may have moved what this one counts out
+		 * since the last count: never below zero. */
+		if (r.row < 0)
+			r.row = 0;
 		fn(arg, &r);
 	}
 	return 0;
@@ -500,85 +501,6 @@ pgs_send(struct saga_backend *b, struct msg *m, unsigned flags)
 	return 0;
 }
 
-/* ---- early events (REPLICAS.md: Row locks and causal order) ---- */
-
-static int
-pgs_keep_early(struct saga_backend *b, const struct msg *m, const char *saga_id)
-{
-	struct pgs_stmt *s = pgs_stmt_add(&b->writes, "INSERT INTO early (service, saga_id,"
-	    " message_id, exchange, routing_key, props, body, at) VALUES ($1, $2, $3, $4, $5,"
-	    " $6, $7, $8) ON CONFLICT DO NOTHING");
-	char *props = NULL;
-	size_t plen = 0;
-
-	if (props_pack(&m->props, &props, &plen) < 0) {
-		b->writes.n--;
-		return -1;
-	}
-	pgs_param(s, b->service);
-	pgs_param(s, saga_id);
-	pgs_param(s, m->message_id);
-	pgs_param(s, m->exchange);
-	pgs_param(s, m->routing_key);
-	pgs_param_bin(s, props, plen);
-	pgs_param_bin(s, m->body, m->body_len);
-	pgs_param_dbl(s, util_now());
-	free(props);
-	return 0;
-}
-
-static int
-pgs_early_msg(const PGresult *res, int i, struct msg *m)
-{
-	size_t plen = 0, blen = 0;
-	unsigned char *props = PQunescapeBytea((const unsigned char *)PQgetvalue(res, i, 4), &plen);
-	unsigned char *body = PQunescapeBytea((const unsigned char *)PQgetvalue(res, i, 5), &blen);
-	int rc = props && body && props_unpack((const char *)props, plen, &m->props) == 0 ? 0 : -1;
-
-	m->message_id = xstrdup(PQgetvalue(res, i, 1));
-	m->exchange = xstrdup(PQgetvalue(res, i, 2));
-	m->routing_key = xstrdup(PQgetvalue(res, i, 3));
-	m->body = xmalloc(blen + 1);
-	if (body)
-		memcpy(m->body, body, blen);
-	m->body[blen] = '\0';
-	m->body_len = blen;
-	PQfreemem(props);
-	PQfreemem(body);
-	return rc;
-}
-
-static void
-pgs_early_each(struct saga_backend *b, const char *saga_id,
-    void (*fn)(void *arg, const struct msg *m), void *arg)
-{
-	int i;
-
-	for (i = 0; b->early && i < PQntuples(b->early); i++) {
-		struct msg m;
-		struct pgs_stmt *s;
-		if (b->early_taken[i] || strcmp(PQgetvalue(b->early, i, 0), saga_id) != 0)
-			continue;
-		b->early_taken[i] = 1;
-		s = pgs_stmt_add(&b->writes, "DELETE FROM early WHERE service = $1 AND saga_id = $2"
-		    " AND message_id = $3");
-		pgs_param(s, b->service);
-		pgs_param(s, saga_id);
-		pgs_param(s, PQgetvalue(b->early, i, 1));
-		memset(&m, 0, sizeof m);
-		if (pgs_early_msg(b->early, i, &m) == 0)
-			fn(arg, &m);
-		else
-			log_error("saga store: a damaged early event dropped",
-			    LOG_STR("saga_id", saga_id), LOG_STR("message_id", m.message_id));
-		free(m.message_id);
-		free(m.exchange);
-		free(m.routing_key);
-		free(m.body);
-		props_free(&m.props);
-	}
-}
-
 static struct pgs_stmt *
 pgs_timer_stmt(struct saga_backend *b, const char *sql, int64_t row)
 {
@@ -674,7 +596,7 @@ pgs_expire(struct saga_backend *b, double before, unsigned states, int batch, sa
     void *arg)
 {
 	struct pgs_stmt *s;
-	char list[64] = "{";
+	char list[128] = "{";	/* every state bit 0..30: 85 bytes */
 	int k;
 
 	(void)fn;
@@ -716,6 +638,13 @@ pgs_submit(struct saga_backend *b, const struct saga_job *job)
 }
 
 static void
+pgs_on_batch(struct saga_backend *b, saga_batch_fn *fn, void *arg)
+{
+	b->batch_fn = fn;
+	b->batch_arg = arg;
+}
+
+static void
 pgs_close(struct saga_backend *b)
 {
 	pgs_driver_stop(b);
@@ -727,6 +656,7 @@ pgs_close(struct saga_backend *b)
 	free(b->insts);
 	free(b->dues);
 	free(b->ids);
+	free(b->early_new);
 	PQclear(b->counts);
 	while (b->ndeltas)
 		free(b->deltas[--b->ndeltas].saga);
@@ -750,7 +680,7 @@ const struct saga_store_ops saga_store_pgsql_ops = {
 	.update = pgs_update,
 	.log = pgs_log,
 	.send = pgs_send,
-	.keep_early = pgs_keep_early,
+	.keep_early = pgs_early_keep,
 	.early_each = pgs_early_each,
 	.timer_set = pgs_timer_set,
 	.timer_del = pgs_timer_del,
@@ -761,6 +691,8 @@ const struct saga_store_ops saga_store_pgsql_ops = {
 	.expire = pgs_expire,
 	.submit = pgs_submit,
 	.shared = 1,
+	.metrics = pgs_metrics,
+	.on_batch = pgs_on_batch,
 	.close = pgs_close,
 };
 

@@ -231,7 +231,7 @@ int
 main(int argc, char **argv)
 {
 	const struct pgc_hooks hooks = { on_connecting, on_connected, on_done, on_notified, on_down };
-	struct pgc_conf conf = { NULL, 10, 1, 0.1, 1 };
+	struct pgc_conf conf = { NULL, 10, 1, 0.1, 1, NULL, NULL };
 	struct run r;
 
 	if (argc != 2) {

@@ -648,7 +648,7 @@ pgsql_init(const struct sagad_host_api *api, struct sagad_host *h, void **state,
     char *err, size_t errlen)
 {
 	struct pgsrc *p;
-	struct pgc_conf pc;
+	struct pgc_conf pc = { 0 };
 	double batch = 100;
 	const char *s;
 	int b;

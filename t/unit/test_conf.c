@@ -934,7 +934,7 @@ test_saga_store_defaults(void **state)
 	assert_null(c->saga_store.conninfo);
 	assert_null(c->saga_store.conninfo_file);
 	assert_string_equal(c->saga_store.schema, "sagad");
-	assert_true(c->saga_store.relay_grace == 5);
+	assert_true(c->saga_store.relay_grace == 2);
 	conf_free(c);
 	/* sqlite written out, with sagas: the same */
 	c = load_ok(SAGA "saga_store = { backend = \"sqlite\"; schema = \"other\"; };\n");
@@ -1124,7 +1124,7 @@ test_saga_store_reload(void **state)
 	assert_string_equal(nc->saga_store.backend_name, "sqlite");
 	assert_null(nc->saga_store.conninfo);
 	assert_string_equal(nc->saga_store.schema, "sagad");
-	assert_true(nc->saga_store.relay_grace == 5);
+	assert_true(nc->saga_store.relay_grace == 2);
 	conf_free(oc);
 	conf_free(nc);
 }

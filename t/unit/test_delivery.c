@@ -54,6 +54,24 @@ static struct store *ack_store;	/* to check, at each ack, what is committed */
 static unsigned nacks, nrequeues, nconsume_off, nconsume_on;
 static uint64_t acked_tags[64];
 static int acked_uncommitted;	/* an ack came while its record was not committed */
+/* Every settlement (ack, requeue, reject) in order: what, epoch, sub, tag. */
+static unsigned nrejects, nkicks, nsettled;
+static struct settled {
+	char what;	/* 'a', 'q', 'r' */
+	uint64_t epoch, tag;
+	int sub;
+} settled[64];
+
+static void
+record_settled(char what, uint64_t epoch, int sub, uint64_t tag)
+{
+	assert_true(nsettled < 64);
+	settled[nsettled].what = what;
+	settled[nsettled].epoch = epoch;
+	settled[nsettled].sub = sub;
+	settled[nsettled].tag = tag;
+	nsettled++;
+}
 
 void __wrap_broker_ack(struct broker *b, uint64_t epoch, int sub, uint64_t tag);
 void __wrap_broker_requeue(struct broker *b, uint64_t epoch, int sub, uint64_t tag);
@@ -65,8 +83,7 @@ void
 __wrap_broker_ack(struct broker *b, uint64_t epoch, int sub, uint64_t tag)
 {
 	(void)b;
-	(void)epoch;
-	(void)sub;
+	record_settled('a', epoch, sub, tag);
 	/* Committed: no transaction open, and the record is in the inbox. */
 	if (!sqlite3_get_autocommit(store_db(ack_store)) ||
 	    store_inbox_count(ack_store, "inbox", INBOX_PENDING) +
@@ -80,14 +97,17 @@ __wrap_broker_ack(struct broker *b, uint64_t epoch, int sub, uint64_t tag)
 void
 __wrap_broker_requeue(struct broker *b, uint64_t epoch, int sub, uint64_t tag)
 {
-	(void)b; (void)epoch; (void)sub; (void)tag;
+	(void)b;
+	record_settled('q', epoch, sub, tag);
 	nrequeues++;
 }
 
 void
 __wrap_broker_reject(struct broker *b, uint64_t epoch, int sub, uint64_t tag)
 {
-	(void)b; (void)epoch; (void)sub; (void)tag;
+	(void)b;
+	record_settled('r', epoch, sub, tag);
+	nrejects++;
 }
 
 void
@@ -105,6 +125,7 @@ void
 __wrap_broker_kick(struct broker *b)
 {
 	(void)b;
+	nkicks++;
 }
 
 /* ---- the service ---- */
@@ -150,6 +171,7 @@ struct fx {
 	struct sagad d;
 	struct delivery *dl;
 	uint64_t tag;
+	uint64_t epoch;		/* of the broker connection the test plays */
 };
 
 static int
@@ -204,7 +226,9 @@ setup(void **state)
 	memset(&svc, 0, sizeof svc);
 	ack_store = f->d.store;
 	nacks = nrequeues = nconsume_off = nconsume_on = 0;
+	nrejects = nkicks = nsettled = 0;
 	acked_uncommitted = 0;
+	f->epoch = 1;
 	delivery_set_broker(f->dl, (struct broker *)f);	/* never looked into */
 	*state = f;
 	return 0;
@@ -302,7 +326,7 @@ broker_up(struct fx *f)
 	struct broker_event ev = { 0 };
 
 	ev.kind = BROKER_EV_UP;
-	ev.epoch = 1;
+	ev.epoch = f->epoch;
 	delivery_broker_event(f->dl, &ev);
 }
 
@@ -322,7 +346,7 @@ deliver(struct fx *f, const char *id, const char *reply_to)
 	if (reply_to)
 		m->props.reply_to = xstrdup(reply_to);
 	ev.kind = BROKER_EV_DELIVERY;
-	ev.epoch = 1;
+	ev.epoch = f->epoch;
 	ev.sub = 0;
 	ev.msg = m;
 	ev.received = util_mono();
@@ -477,6 +501,249 @@ test_circuit_opens_after_failures(void **state)
 	assert_true(nconsume_on > on);	/* resumed */
 }
 
+/* ---- a taker (the saga engine on a shared store): no inbox record ---- */
+
+static struct {
+	unsigned n;
+	struct msg *m[8];
+	struct delivery_ticket *t[8];
+} taken;
+
+static void
+take_cb(void *arg, struct msg *m, struct delivery_ticket *t)
+{
+	struct fx *f = arg;
+
+	assert_non_null(f);
+	assert_true(taken.n < 8);
+	taken.m[taken.n] = m;
+	taken.t[taken.n] = t;
+	taken.n++;
+}
+
+static void
+taker_on(struct fx *f)
+{
+	memset(&taken, 0, sizeof taken);
+	delivery_set_taker(f->dl, 0, take_cb, f);
+	broker_up(f);
+}
+
+static void
+taken_free(void)
+{
+	unsigned i;
+
+	for (i = 0; i < taken.n; i++)
+		msg_free(taken.m[i]);
+	taken.n = 0;
+}
+
+static int64_t
+inbox_total(struct fx *f)
+{
+	return store_inbox_count(f->d.store, "inbox", INBOX_PENDING) +
+	    store_inbox_count(f->d.store, "inbox", INBOX_DONE) +
+	    store_inbox_count(f->d.store, "inbox", INBOX_DEAD);
+}
+
+/* A sample of delivery_metrics, e.g. metric(f, "sagad_duplicates_total{subscription=\"inbox\"}");
+ * fails if absent. */
+static double
+metric(struct fx *f, const char *sample)
+{
+	struct evbuffer *out = evbuffer_new();
+	char *text, *p, key[256];
+	size_t len;
+	double v;
+
+	delivery_metrics(f->dl, out);
+	len = evbuffer_get_length(out);
+	text = xmalloc(len + 1);
+	evbuffer_remove(out, text, len);
+	text[len] = '\0';
+	evbuffer_free(out);
+	snprintf(key, sizeof key, "\n%s ", sample);
+	p = strstr(text, key);
+	if (!p) {
+		free(text);
+		fail_msg("no sample %s", sample);
+	}
+	v = strtod(p + strlen(key), NULL);
+	free(text);
+	return v;
+}
+
+#define M_SUCCESS "sagad_delivered_total{subscription=\"inbox\",outcome=\"success\"}"
+#define M_DUPLICATES "sagad_duplicates_total{subscription=\"inbox\"}"
+#define M_DEAD "sagad_dead_lettered_total{subscription=\"inbox\"}"
+#define M_INFLIGHT "sagad_inbox_inflight{subscription=\"inbox\"}"
+#define M_ACK_COUNT "sagad_inbox_ack_seconds_count{subscription=\"inbox\"}"
+
+static void
+test_taker_gets_message_without_inbox(void **state)
+{
+	struct fx *f = *state;
+	char derived[40];
+
+	taker_on(f);
+	deliver(f, "t1", NULL);
+	assert_int_equal(taken.n, 1);	/* at once, in the loop turn of the event */
+	assert_string_equal(taken.m[0]->message_id, "t1");
+	assert_string_equal(taken.m[0]->routing_key, "order.created");
+	assert_int_equal(taken.m[0]->body_len, 2);
+	assert_memory_equal(taken.m[0]->body, "{}", 2);
+	/* an id-less message is given its derived id first */
+	deliver(f, "", NULL);
+	assert_int_equal(taken.n, 2);
+	delivery_derive_id(taken.m[1], derived);
+	assert_string_equal(taken.m[1]->message_id, derived);
+	assert_true(strncmp(derived, "sagad-", 6) == 0);
+	settle(f);
+	/* no inbox record, no HTTP delivery, nothing settled until the taker says */
+	assert_int_equal(inbox_total(f), 0);
+	assert_int_equal(svc.nreq, 0);
+	assert_int_equal(nsettled, 0);
+	assert_int_equal(delivery_inflight(f->dl), 2);
+	assert_true(metric(f, M_INFLIGHT) == 2);
+	delivery_settle(taken.t[0], DELIVERY_ACK);
+	delivery_settle(taken.t[1], DELIVERY_ACK);
+	assert_int_equal(nsettled, 2);
+	assert_int_equal(delivery_inflight(f->dl), 0);
+	settle(f);
+	assert_int_equal(inbox_total(f), 0);
+	assert_int_equal(svc.nreq, 0);
+	taken_free();
+}
+
+static void
+test_taker_settle_verdicts(void **state)
+{
+	struct fx *f = *state;
+	unsigned kicks;
+
+	taker_on(f);
+	deliver(f, "ack", NULL);
+	deliver(f, "dup", NULL);
+	deliver(f, "again", NULL);
+	deliver(f, "bad", NULL);
+	assert_int_equal(taken.n, 4);
+	assert_true(metric(f, M_SUCCESS) == 0);
+	kicks = nkicks;
+
+	delivery_settle(taken.t[0], DELIVERY_ACK);
+	assert_int_equal(nsettled, 1);
+	assert_int_equal(settled[0].what, 'a');
+	assert_true(settled[0].tag == 1 && settled[0].epoch == 1 && settled[0].sub == 0);
+	assert_true(metric(f, M_SUCCESS) == 1);
+	assert_true(metric(f, M_DUPLICATES) == 0);
+	assert_true(metric(f, M_ACK_COUNT) == 1);
+
+	delivery_settle(taken.t[1], DELIVERY_DUPLICATE);	/* acked, counted, not a success */
+	assert_int_equal(nsettled, 2);
+	assert_int_equal(settled[1].what, 'a');
+	assert_true(settled[1].tag == 2);
+	assert_true(metric(f, M_SUCCESS) == 1);
+	assert_true(metric(f, M_DUPLICATES) == 1);
+	assert_true(metric(f, M_ACK_COUNT) == 2);
+
+	delivery_settle(taken.t[2], DELIVERY_REQUEUE);	/* given back: nothing counted */
+	assert_int_equal(nsettled, 3);
+	assert_int_equal(settled[2].what, 'q');
+	assert_true(settled[2].tag == 3 && settled[2].epoch == 1);
+	assert_true(metric(f, M_SUCCESS) == 1);
+	assert_true(metric(f, M_DEAD) == 0);
+	assert_true(metric(f, M_ACK_COUNT) == 2);
+
+	delivery_settle(taken.t[3], DELIVERY_REJECT);	/* dead-lettered by the broker */
+	assert_int_equal(nsettled, 4);
+	assert_int_equal(settled[3].what, 'r');
+	assert_true(settled[3].tag == 4 && settled[3].epoch == 1);
+	assert_true(metric(f, M_DEAD) == 1);
+	assert_true(metric(f, M_DUPLICATES) == 1);
+	assert_true(metric(f, M_SUCCESS) == 1);
+
+	/* once each, and the broker thread woken for each */
+	assert_int_equal(nacks, 2);
+	assert_int_equal(nrequeues, 1);
+	assert_int_equal(nrejects, 1);
+	assert_int_equal(nkicks - kicks, 4);
+	assert_int_equal(delivery_inflight(f->dl), 0);
+	settle(f);
+	assert_int_equal(nsettled, 4);
+	assert_int_equal(inbox_total(f), 0);
+	taken_free();
+}
+
+static void
+test_taker_old_epoch_not_settled(void **state)
+{
+	struct fx *f = *state;
+	struct broker_event ev = { 0 };
+	unsigned kicks;
+
+	taker_on(f);
+	deliver(f, "o1", NULL);
+	deliver(f, "o2", NULL);
+	deliver(f, "o3", NULL);
+	assert_int_equal(taken.n, 3);
+	/* the connection is lost: its tickets are void */
+	ev.kind = BROKER_EV_DOWN;
+	ev.epoch = 1;
+	delivery_broker_event(f->dl, &ev);
+	delivery_settle(taken.t[0], DELIVERY_ACK);
+	assert_int_equal(nsettled, 0);
+	/* reconnected (a new epoch): the broker gives the message again */
+	f->epoch = 2;
+	broker_up(f);
+	kicks = nkicks;
+	delivery_settle(taken.t[1], DELIVERY_ACK);
+	delivery_settle(taken.t[2], DELIVERY_REJECT);
+	assert_int_equal(nsettled, 0);
+	assert_int_equal(nkicks, kicks);
+	assert_true(metric(f, M_SUCCESS) == 0);
+	assert_true(metric(f, M_DEAD) == 0);
+	assert_int_equal(delivery_inflight(f->dl), 0);
+	/* a delivery the old connection still posted: not taken */
+	f->epoch = 1;
+	deliver(f, "late", NULL);
+	assert_int_equal(taken.n, 3);
+	f->epoch = 2;
+	/* the copy of the new connection is settled on it */
+	deliver(f, "o1", NULL);
+	assert_int_equal(taken.n, 4);
+	delivery_settle(taken.t[3], DELIVERY_ACK);
+	assert_int_equal(nsettled, 1);
+	assert_int_equal(settled[0].what, 'a');
+	assert_true(settled[0].epoch == 2 && settled[0].tag == 5);
+	assert_true(metric(f, M_SUCCESS) == 1);
+	taken_free();
+}
+
+static void
+test_taker_settle_stopped(void **state)
+{
+	struct fx *f = *state;
+	unsigned kicks;
+
+	taker_on(f);
+	deliver(f, "s1", NULL);
+	deliver(f, "s2", NULL);
+	assert_int_equal(taken.n, 2);
+	f->d.state = SAGAD_STOPPED;
+	kicks = nkicks;
+	/* nothing more is taken, and settling touches no broker */
+	deliver(f, "s3", NULL);
+	assert_int_equal(taken.n, 2);
+	delivery_settle(taken.t[0], DELIVERY_ACK);
+	delivery_settle(taken.t[1], DELIVERY_REQUEUE);
+	assert_int_equal(nsettled, 0);
+	assert_int_equal(nkicks, kicks);
+	assert_int_equal(delivery_inflight(f->dl), 0);
+	assert_true(metric(f, M_SUCCESS) == 0);
+	taken_free();
+}
+
 int
 main(void)
 {
@@ -487,6 +754,10 @@ main(void)
 		cmocka_unit_test_setup_teardown(test_409_422_are_refusals, setup, teardown),
 		cmocka_unit_test_setup_teardown(test_attempts_exhausted_dead_letter, setup, teardown),
 		cmocka_unit_test_setup_teardown(test_circuit_opens_after_failures, setup, teardown),
+		cmocka_unit_test_setup_teardown(test_taker_gets_message_without_inbox, setup, teardown),
+		cmocka_unit_test_setup_teardown(test_taker_settle_verdicts, setup, teardown),
+		cmocka_unit_test_setup_teardown(test_taker_old_epoch_not_settled, setup, teardown),
+		cmocka_unit_test_setup_teardown(test_taker_settle_stopped, setup, teardown),
 	};
 
 	return cmocka_run_group_tests(tests, NULL, NULL);

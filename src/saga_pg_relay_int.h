@@ -1,0 +1,92 @@
+/*
+ * The saga outbox relay's insides, shared by its two files and included by
+ * them only: saga_pg_relay.c (the rows held, publishing, the broker's
+ * events, life) and saga_pg_relay_pg.c (the PostgreSQL side: the claim,
+ * the deletes, the refresh).
+ */
+#ifndef SAGAD_SAGA_PG_RELAY_INT_H
+#define SAGAD_SAGA_PG_RELAY_INT_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "msg.h"
+#include "pgconn.h"
+#include "saga_pg_relay.h"
+
+#include <event2/util.h>
+
+#define SAGA_PG_RELAY_WINDOW 256	/* most rows in flight */
+#define SAGA_PG_RELAY_POLL 1.0	/* seconds between looks for stale rows */
+
+enum saga_pg_relay_state {
+	SAGA_PG_RELAY_WAITING,	/* to publish (due: not before) */
+	SAGA_PG_RELAY_SENT,	/* published on r->epoch, unconfirmed */
+	SAGA_PG_RELAY_DONE	/* confirmed: to delete */
+};
+
+struct saga_pg_relay_row {
+	struct msg *m;		/* ours; the broker gets a copy each time */
+	char *saga_id;		/* NULL: no order to keep */
+	enum saga_pg_relay_state state;
+	int deleting;		/* its DELETE is in the query in flight */
+	unsigned attempts;	/* nacks and returns so far */
+	double due;		/* util_mono() before which it waits */
+};
+
+/* What the query in flight holds: statement indexes, -1 if absent. */
+struct saga_pg_relay_query {
+	int del, claim;
+	int limit;		/* rows the claim asked for */
+};
+
+struct saga_pg_relay {
+	struct event_base *base;
+	const struct sagad_conf *conf;
+	char *conninfo, *schema, *service, *replica;
+	double grace;
+	unsigned window;
+	size_t max_held;
+
+	struct pgc *pg;
+	int pg_up;
+	int pg_warned;		/* a failed connect said at warn level */
+	int busy;		/* a query is in flight */
+	struct saga_pg_relay_query q;
+	char *sql_lock, *sql_delete, *sql_refresh, *sql_claim;
+	char lock_key[24];	/* the claim's advisory lock, as text */
+	int want_claim;		/* kicked, polled, or a full claim: look */
+	double refreshed;	/* util_mono() of the last refresh sent */
+
+	struct broker *br;
+	uint64_t epoch;		/* of the broker connection; 0: down */
+	int blocked;		/* connection.blocked */
+
+	struct saga_pg_relay_row *rows;
+	size_t nrows, caprows;
+	unsigned inflight;
+
+	struct event *fill_ev;	/* publish: once per loop turn */
+	struct event *poll_ev;	/* every SAGA_PG_RELAY_POLL */
+	struct event *retry_ev;	/* the earliest backoff's end */
+	struct event *pump_ev;	/* the next query, after the hook returns */
+	struct saga_pg_relay_stats stats;
+};
+
+/* saga_pg_relay_pg.c */
+extern const struct pgc_hooks saga_pg_relay_pg_hooks;
+/* The advisory lock's key of the claims, from the schema and service. */
+void saga_pg_relay_lock_key(struct saga_pg_relay *r);
+/* Sends what is due to PostgreSQL now if the connection is free. */
+void saga_pg_relay_send(struct saga_pg_relay *r);
+/* The same at the end of this loop turn (pump_ev runs the callback). */
+void saga_pg_relay_pump(struct saga_pg_relay *r);
+void saga_pg_relay_pump_cb(evutil_socket_t fd, short what, void *arg);
+/* saga_pg_relay.c: the row with seq, or NULL; the index of seq, or where
+ * it would go. */
+struct saga_pg_relay_row *saga_pg_relay_row(struct saga_pg_relay *r, int64_t seq);
+size_t saga_pg_relay_find(const struct saga_pg_relay *r, int64_t seq);
+/* FNV-1a of s (the saga set's slots, the advisory lock's key). */
+uint64_t saga_pg_relay_hash(const char *s);
+
+#endif

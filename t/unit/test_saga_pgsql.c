@@ -1,0 +1,1125 @@
+/* Unit tests for the PostgreSQL saga store's logic (src/saga_store_pgsql.c,
+ * src/saga_pgsql.h) without a server: the batch's cache is filled from
+ * PGresults built by hand (as the server sends them: text form, bytea as
+ * \x hex), the operations are called on a backend set up by the test (the
+ * driver is never started), and what they answer and the statements they
+ * queue for the commit round trip are checked. */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <cmocka.h>
+
+#include <libpq-fe.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "conf.h"
+#include "msg.h"
+#include "props.h"
+#include "saga_pgsql.h"
+#include "util.h"
+#include "xmalloc.h"
+
+#define OPS saga_store_pgsql_ops
+
+/* ---- stderr captured, to see what is logged ---- */
+
+static char logbuf[16384];
+static FILE *logtmp;
+static int saved_stderr = -1;
+
+static void
+log_capture(void)
+{
+	fflush(stderr);
+	logtmp = tmpfile();
+	assert_non_null(logtmp);
+	saved_stderr = dup(STDERR_FILENO);
+	assert_true(saved_stderr >= 0);
+	assert_true(dup2(fileno(logtmp), STDERR_FILENO) >= 0);
+}
+
+static const char *
+log_captured(void)
+{
+	size_t n;
+
+	fflush(stderr);
+	dup2(saved_stderr, STDERR_FILENO);
+	close(saved_stderr);
+	saved_stderr = -1;
+	rewind(logtmp);
+	n = fread(logbuf, 1, sizeof logbuf - 1, logtmp);
+	logbuf[n] = '\0';
+	fclose(logtmp);
+	logtmp = NULL;
+	return logbuf;
+}
+
+/* ---- PGresults by hand ---- */
+
+static PGresult *
+result_new(int ncols, const char *const *names)
+{
+	PGresult *res = PQmakeEmptyPGresult(NULL, PGRES_TUPLES_OK);
+	PGresAttDesc att[16];
+	int i;
+
+	assert_non_null(res);
+	assert_true(ncols <= 16);
+	memset(att, 0, sizeof att);
+	for (i = 0; i < ncols; i++) {
+		att[i].name = (char *)names[i];
+		att[i].format = 0;
+		att[i].typid = 25;	/* text */
+		att[i].typlen = -1;
+		att[i].atttypmod = -1;
+	}
+	assert_int_equal(PQsetResultAttrs(res, ncols, att), 1);
+	return res;
+}
+
+static void
+result_set(PGresult *res, int row, int col, const char *v)
+{
+	assert_int_equal(PQsetvalue(res, row, col, (char *)v, v ? (int)strlen(v) : -1), 1);
+}
+
+/* bytea in the server's text form: \x then hex; malloc'd */
+static char *
+hex_bytea(const void *p, size_t len)
+{
+	const unsigned char *s = p;
+	char *out = xmalloc(2 * len + 3), *o = out;
+	size_t i;
+
+	*o++ = '\\';
+	*o++ = 'x';
+	for (i = 0; i < len; i++)
+		o += sprintf(o, "%02x", s[i]);
+	*o = '\0';
+	return out;
+}
+
+static const char *const inst_cols[] = {
+	"job", "saga", "id", "state", "started_at", "updated_at", "finished_at", "data"
+};
+
+/* One instance row at `row` of a result whose instance columns start at 1
+ * (column 0 a job index, as the batch's fetch has something before). */
+static void
+inst_row(PGresult *res, int row, const char *saga, const char *id, int state,
+    const void *data, size_t len)
+{
+	char st[16], *hex = hex_bytea(data, len);
+
+	snprintf(st, sizeof st, "%d", state);
+	result_set(res, row, 0, "0");
+	result_set(res, row, 1, saga);
+	result_set(res, row, 2, id);
+	result_set(res, row, 3, st);
+	result_set(res, row, 4, "100.5");
+	result_set(res, row, 5, "200.25");
+	result_set(res, row, 6, "0");
+	result_set(res, row, 7, hex);
+	free(hex);
+}
+
+/* ---- the backend ---- */
+
+struct fx {
+	struct saga_backend *b;
+	struct sagad_conf *conf;
+	PGresult *res;		/* the instances fetched */
+	struct pgs_job cur;
+};
+
+static void
+fetched_id(struct saga_backend *b, const char *id)
+{
+	*XPUSH(b->ids, b->nids, b->capids) = xstrdup(id);
+}
+
+static const char data1[] = { 'd', 0, '\\', '"', (char)0xff, 'x' };	/* 6 bytes, a NUL inside */
+
+/* Fetched: order/s1 (state 1, data1), ship/s1 (state 2), order/s2 (state 3);
+ * the batch's saga ids: s1, s2, s3 (s3 has no instance). */
+static int
+setup(void **state)
+{
+	struct fx *f = xcalloc(1, sizeof *f);
+	struct saga_backend *b = xcalloc(1, sizeof *b);
+
+	f->conf = xcalloc(1, sizeof *f->conf);
+	f->conf->saga_store.early_window = 60;
+	f->conf->store.dedup_window = 3600;
+	b->conf = f->conf;
+	b->service = xstrdup("orders");
+	b->replica = xstrdup("host:1:1000");
+	b->queue_tail = &b->queue;
+	f->b = b;
+	f->res = result_new(8, inst_cols);
+	inst_row(f->res, 0, "order", "s1", 1, data1, sizeof data1);
+	inst_row(f->res, 1, "ship", "s1", 2, "", 0);
+	inst_row(f->res, 2, "order", "s2", 3, "{}", 2);
+	fetched_id(b, "s1");
+	fetched_id(b, "s2");
+	fetched_id(b, "s3");
+	*state = f;
+	return 0;
+}
+
+static void
+fill(struct fx *f)
+{
+	assert_int_equal(pgs_cache_add(f->b, f->res, 0, 1), 1);
+	assert_int_equal(pgs_cache_add(f->b, f->res, 1, 1), 2);
+	assert_int_equal(pgs_cache_add(f->b, f->res, 2, 1), 3);
+}
+
+static int
+teardown(void **state)
+{
+	struct fx *f = *state;
+
+	OPS.close(f->b);	/* frees what the backend holds: valgrind sees leaks */
+	PQclear(f->res);
+	free(f->conf);
+	free(f);
+	return 0;
+}
+
+/* ---- helpers on the queued statements ---- */
+
+static struct pgs_stmt *
+stmt(struct pgs_stmts *a, size_t i)
+{
+	assert_true(i < a->n);
+	return &a->v[i];
+}
+
+static void
+assert_sql_starts(const struct pgs_stmt *s, const char *prefix)
+{
+	if (strncmp(s->sql, prefix, strlen(prefix)) != 0)
+		fail_msg("statement \"%s\" does not start with \"%s\"", s->sql, prefix);
+}
+
+static void
+assert_text(const struct pgs_stmt *s, int k, const char *want)
+{
+	assert_true(k < s->n);
+	assert_int_equal(s->fmt[k], 0);
+	if (!want) {
+		assert_null(s->v[k]);
+		return;
+	}
+	assert_non_null(s->v[k]);
+	assert_string_equal(s->v[k], want);
+}
+
+static void
+assert_bin(const struct pgs_stmt *s, int k, const void *want, size_t len)
+{
+	assert_true(k < s->n);
+	assert_int_equal(s->fmt[k], 1);
+	assert_int_equal(s->len[k], (int)len);
+	assert_memory_equal(s->v[k], want, len);
+}
+
+static double
+text_dbl(const struct pgs_stmt *s, int k)
+{
+	char *end;
+	double v;
+
+	assert_true(k < s->n);
+	assert_int_equal(s->fmt[k], 0);
+	v = strtod(s->v[k], &end);
+	assert_true(*end == '\0' && end != s->v[k]);
+	return v;
+}
+
+/* ---- pgs_text_array ---- */
+
+static void
+check_array(char *const *v, size_t n, const char *want)
+{
+	char *s = pgs_text_array(v, n);
+
+	assert_string_equal(s, want);
+	free(s);
+}
+
+static void
+test_text_array(void **state)
+{
+	char *quote[] = { "a\"b", "c\\d" };
+	char *empty[] = { "" , "x" };
+	char *punct[] = { "a,b", "{x}", " sp ", "NULL" };
+	char *one[] = { "s1" };
+	char *nasty[] = { "\\\"\\", "\"\"" };
+
+	(void)state;
+	/* What PostgreSQL's array input reads back as the same strings:
+	 * every element quoted, " and \ escaped by a backslash. */
+	check_array(quote, 2, "{\"a\\\"b\",\"c\\\\d\"}");	/* {"a\"b","c\\d"} */
+	check_array(empty, 2, "{\"\",\"x\"}");
+	/* quoted, commas and braces are the element's, NULL is a string,
+	 * spaces are kept */
+	check_array(punct, 4, "{\"a,b\",\"{x}\",\" sp \",\"NULL\"}");
+	check_array(one, 1, "{\"s1\"}");
+	check_array(NULL, 0, "{}");
+	/* worst case of the length: every byte escaped */
+	check_array(nasty, 2, "{\"\\\\\\\"\\\\\",\"\\\"\\\"\"}");
+}
+
+/* ---- the cache ---- */
+
+static void
+test_cache_add(void **state)
+{
+	struct fx *f = *state;
+	struct saga_backend *b = f->b;
+
+	fill(f);
+	assert_int_equal(b->ninsts, 3);
+	/* the same instance again (a second job of the batch): its handle */
+	assert_int_equal(pgs_cache_add(b, f->res, 2, 1), 3);
+	assert_int_equal(pgs_cache_add(b, f->res, 0, 1), 1);
+	assert_int_equal(b->ninsts, 3);
+	/* the record: strings copied, numbers parsed, data unescaped */
+	assert_string_equal(b->insts[0].rec.saga, "order");
+	assert_string_equal(b->insts[0].rec.id, "s1");
+	assert_int_equal(b->insts[0].rec.state, 1);
+	assert_true(b->insts[0].rec.started_at == 100.5);
+	assert_true(b->insts[0].rec.updated_at == 200.25);
+	assert_true(b->insts[0].rec.finished_at == 0);
+	assert_int_equal(b->insts[0].rec.data_len, sizeof data1);
+	assert_memory_equal(b->insts[0].rec.data, data1, sizeof data1);
+	assert_int_equal(b->insts[0].rec.data[sizeof data1], '\0');
+	assert_int_equal(b->insts[1].rec.data_len, 0);
+	assert_string_equal(b->insts[1].rec.data, "");
+	assert_string_equal(b->insts[2].rec.data, "{}");
+	/* fetched, not fresh, not changed */
+	assert_int_equal(b->insts[0].loaded, 1);
+	assert_int_equal(b->insts[2].loaded, 3);
+	assert_false(b->insts[0].fresh || b->insts[0].dirty);
+	/* the same id under another saga definition is another instance */
+	assert_int_equal(b->insts[1].rec.row, 2);
+	assert_string_equal(b->insts[1].rec.saga, "ship");
+	/* reset: the next batch starts empty */
+	pgs_cache_reset(b);
+	assert_int_equal(b->ninsts, 0);
+	assert_int_equal(b->nids, 0);
+	assert_int_equal(pgs_cache_add(b, f->res, 2, 1), 1);
+}
+
+/* ---- reads ---- */
+
+static void
+test_get(void **state)
+{
+	struct fx *f = *state;
+	struct saga_backend *b = f->b;
+	struct saga_rec r;
+	const char *log;
+
+	fill(f);
+	assert_int_equal(OPS.get(b, "order", "s2", &r), 1);
+	assert_int_equal(r.row, 3);
+	assert_int_equal(r.state, 3);
+	assert_string_equal(r.data, "{}");
+	/* a copy: changing it changes nothing in the cache */
+	r.data[0] = 'X';
+	saga_rec_clear(&r);
+	assert_string_equal(b->insts[2].rec.data, "{}");
+	assert_int_equal(OPS.get(b, "order", "s1", &r), 1);
+	assert_memory_equal(r.data, data1, sizeof data1);
+	assert_int_equal(r.data_len, sizeof data1);
+	saga_rec_clear(&r);
+	/* fetched, no instance: absent */
+	assert_int_equal(OPS.get(b, "order", "s3", &r), 0);
+	assert_int_equal(OPS.get(b, "ship", "s2", &r), 0);
+	assert_null(r.saga);
+	/* not fetched: an error, not "absent", and said */
+	log_capture();
+	assert_int_equal(OPS.get(b, "order", "zz", &r), -1);
+	log = log_captured();
+	assert_non_null(strstr(log, "did not fetch"));
+	assert_non_null(strstr(log, "zz"));
+	assert_null(r.saga);
+}
+
+static void
+test_get_row(void **state)
+{
+	struct fx *f = *state;
+	struct saga_backend *b = f->b;
+	struct saga_rec r;
+
+	fill(f);
+	assert_int_equal(OPS.get_row(b, 2, &r), 1);
+	assert_string_equal(r.saga, "ship");
+	assert_string_equal(r.id, "s1");
+	assert_int_equal(r.state, 2);
+	assert_int_equal(r.row, 2);
+	saga_rec_clear(&r);
+	assert_int_equal(OPS.get_row(b, 0, &r), 0);
+	assert_int_equal(OPS.get_row(b, 4, &r), 0);
+	assert_int_equal(OPS.get_row(b, -1, &r), 0);
+	assert_null(r.saga);
+}
+
+static void
+test_by_id(void **state)
+{
+	struct fx *f = *state;
+	struct saga_backend *b = f->b;
+	int64_t rows[4] = { 0 };
+	const char *log;
+
+	fill(f);
+	assert_int_equal(OPS.by_id(b, "s1", rows, 4), 2);
+	assert_int_equal(rows[0], 1);
+	assert_int_equal(rows[1], 2);
+	assert_int_equal(OPS.by_id(b, "s1", rows, 1), 1);	/* max */
+	assert_int_equal(OPS.by_id(b, "s2", rows, 4), 1);
+	assert_int_equal(rows[0], 3);
+	assert_int_equal(OPS.by_id(b, "s3", rows, 4), 0);
+	log_capture();
+	assert_int_equal(OPS.by_id(b, "nope", rows, 4), 0);
+	log = log_captured();
+	assert_non_null(strstr(log, "did not fetch"));
+	assert_non_null(strstr(log, "nope"));
+}
+
+/* ---- writes: instances ---- */
+
+static void
+test_insert_update_flush(void **state)
+{
+	struct fx *f = *state;
+	struct saga_backend *b = f->b;
+	struct saga_rec r, u;
+	const char fresh_data[] = { 'n', 0, 'w' };
+	struct pgs_stmt *s;
+	const char *log;
+
+	fill(f);
+	/* a fresh instance of a fetched id */
+	memset(&r, 0, sizeof r);
+	r.saga = "order";
+	r.id = "s3";
+	r.state = 0;
+	r.started_at = 1.25;
+	r.updated_at = 1.5;
+	r.data = (char *)fresh_data;
+	r.data_len = sizeof fresh_data;
+	assert_int_equal(OPS.insert(b, &r), 0);
+	assert_int_equal(r.row, 4);
+	/* now readable in the batch */
+	assert_int_equal(OPS.get(b, "order", "s3", &u), 1);
+	assert_int_equal(u.row, 4);
+	saga_rec_clear(&u);
+	/* an id the batch did not fetch: refused */
+	r.id = "other";
+	log_capture();
+	assert_int_equal(OPS.insert(b, &r), -1);
+	log = log_captured();
+	assert_non_null(strstr(log, "did not fetch"));
+	assert_int_equal(b->ninsts, 4);
+	/* a fetched one changed, twice: one UPDATE with the last state */
+	assert_int_equal(OPS.get(b, "order", "s2", &u), 1);
+	u.state = 4;
+	u.updated_at = 300;
+	assert_int_equal(OPS.update(b, &u), 0);
+	u.state = 5;
+	u.updated_at = 301.5;
+	u.finished_at = 302;
+	free(u.data);
+	u.data = xstrdup("{\"a\":1}");
+	u.data_len = 7;
+	assert_int_equal(OPS.update(b, &u), 0);
+	saga_rec_clear(&u);
+	/* the fresh one changed before the commit: still one INSERT */
+	memset(&u, 0, sizeof u);
+	u.row = 4;
+	u.state = 1;
+	u.updated_at = 2.5;
+	u.data = (char *)"z";
+	u.data_len = 1;
+	assert_int_equal(OPS.update(b, &u), 0);
+	/* a handle not of the batch */
+	u.row = 9;
+	assert_int_equal(OPS.update(b, &u), -1);
+	u.row = 0;
+	assert_int_equal(OPS.update(b, &u), -1);
+
+	pgs_flush_instances(b);
+	assert_int_equal(b->writes.n, 2);	/* order/s1 and ship/s1 unchanged */
+	s = stmt(&b->writes, 0);	/* cache order: order/s2 (3) before order/s3 (4) */
+	assert_sql_starts(s, "UPDATE instances SET");
+	assert_int_equal(s->n, 7);
+	assert_text(s, 0, "orders");
+	assert_text(s, 1, "order");
+	assert_text(s, 2, "s2");
+	assert_text(s, 3, "5");
+	assert_true(text_dbl(s, 4) == 301.5);
+	assert_true(text_dbl(s, 5) == 302);
+	assert_bin(s, 6, "{\"a\":1}", 7);
+	s = stmt(&b->writes, 1);
+	assert_sql_starts(s, "INSERT INTO instances");
+	assert_int_equal(s->n, 8);
+	assert_text(s, 0, "orders");
+	assert_text(s, 1, "order");
+	assert_text(s, 2, "s3");
+	assert_text(s, 3, "1");
+	assert_true(text_dbl(s, 4) == 1.25);
+	assert_true(text_dbl(s, 5) == 2.5);
+	assert_true(text_dbl(s, 6) == 0);
+	assert_bin(s, 7, "z", 1);
+	/* flushed: nothing more the next time */
+	pgs_flush_instances(b);
+	assert_int_equal(b->writes.n, 2);
+	/* changed again after a flush: an UPDATE now, not a second INSERT */
+	u.row = 4;
+	u.state = 2;
+	assert_int_equal(OPS.update(b, &u), 0);
+	pgs_flush_instances(b);
+	assert_int_equal(b->writes.n, 3);
+	assert_sql_starts(stmt(&b->writes, 2), "UPDATE instances SET");
+	assert_text(stmt(&b->writes, 2), 2, "s3");
+	assert_text(stmt(&b->writes, 2), 3, "2");
+}
+
+/* Precision: a time goes out as it is (%.17g), not rounded. */
+static void
+test_params(void **state)
+{
+	struct fx *f = *state;
+	struct pgs_stmts a = { 0 };
+	struct pgs_stmt *s = pgs_stmt_add(&a, "X");
+	double t = 1733390000.123456789;
+	int k;
+
+	(void)f;
+	pgs_param_dbl(s, t);
+	pgs_param_int(s, INT64_C(-9007199254740993));
+	pgs_param(s, NULL);
+	pgs_param_bin(s, "", 0);
+	assert_true(strtod(s->v[0], NULL) == t);
+	assert_string_equal(s->v[1], "-9007199254740993");
+	assert_null(s->v[2]);
+	assert_int_equal(s->fmt[3], 1);
+	assert_int_equal(s->len[3], 0);
+	assert_non_null(s->v[3]);
+	/* at most PGS_MAXPARAM: more are refused and said */
+	for (k = s->n; k < PGS_MAXPARAM; k++)
+		pgs_param(s, "p");
+	log_capture();
+	pgs_param(s, "over");
+	assert_non_null(strstr(log_captured(), "too many parameters"));
+	assert_int_equal(s->n, PGS_MAXPARAM);
+	pgs_stmts_clear(&a);
+	assert_int_equal(a.n, 0);
+	free(a.v);
+}
+
+/* ---- history, timers ---- */
+
+static void
+test_log_stmt(void **state)
+{
+	struct fx *f = *state;
+	struct saga_backend *b = f->b;
+	struct pgs_stmt *s;
+
+	fill(f);
+	assert_int_equal(OPS.log(b, 2, 12.5, "out", "command", "pack", "m-1", ""), 0);
+	assert_int_equal(b->writes.n, 1);
+	s = stmt(&b->writes, 0);
+	assert_sql_starts(s, "INSERT INTO history");
+	assert_int_equal(s->n, 9);
+	assert_text(s, 0, "orders");
+	assert_text(s, 1, "ship");
+	assert_text(s, 2, "s1");
+	assert_true(text_dbl(s, 3) == 12.5);
+	assert_text(s, 4, "out");
+	assert_text(s, 5, "command");
+	assert_text(s, 6, "pack");
+	assert_text(s, 7, "m-1");
+	assert_text(s, 8, "");
+	assert_int_equal(OPS.log(b, 7, 1, "in", "x", "", "", ""), -1);
+	assert_int_equal(b->writes.n, 1);
+}
+
+static void
+test_timer_stmts(void **state)
+{
+	struct fx *f = *state;
+	struct saga_backend *b = f->b;
+	struct pgs_stmt *s;
+	struct pgs_due *d;
+
+	fill(f);
+	assert_int_equal(OPS.timer_set(b, 1, 2, 3, 99.75), 0);
+	assert_int_equal(OPS.timer_del(b, 3, 1, 0), 0);
+	assert_int_equal(OPS.timer_del_all(b, 2), 0);
+	assert_int_equal(b->writes.n, 3);
+	s = stmt(&b->writes, 0);
+	assert_sql_starts(s, "INSERT INTO timers");
+	assert_non_null(strstr(s->sql, "ON CONFLICT"));
+	assert_int_equal(s->n, 6);
+	assert_text(s, 0, "orders");
+	assert_text(s, 1, "order");
+	assert_text(s, 2, "s1");
+	assert_text(s, 3, "2");
+	assert_text(s, 4, "3");
+	assert_true(text_dbl(s, 5) == 99.75);
+	s = stmt(&b->writes, 1);
+	assert_sql_starts(s, "DELETE FROM timers");
+	assert_int_equal(s->n, 5);
+	assert_text(s, 1, "order");
+	assert_text(s, 2, "s2");
+	assert_text(s, 3, "1");
+	assert_text(s, 4, "0");
+	s = stmt(&b->writes, 2);
+	assert_sql_starts(s, "DELETE FROM timers");
+	assert_null(strstr(s->sql, "kind"));
+	assert_int_equal(s->n, 3);
+	assert_text(s, 1, "ship");
+	assert_text(s, 2, "s1");
+	/* rows not of the batch */
+	assert_int_equal(OPS.timer_set(b, 0, 1, 1, 1), -1);
+	assert_int_equal(OPS.timer_del(b, 4, 1, 1), -1);
+	assert_int_equal(OPS.timer_del_all(b, 5), -1);
+	assert_int_equal(b->writes.n, 3);
+	/* a claimed due timer spent: its own row deleted */
+	d = XPUSH(b->dues, b->ndues, b->capdues);
+	d->row = 3; d->kind = 4; d->step = 1;
+	d = XPUSH(b->dues, b->ndues, b->capdues);
+	d->row = 1; d->kind = 5; d->step = 2;
+	assert_int_equal(OPS.timer_spent(b, 2), 0);
+	assert_int_equal(b->writes.n, 4);
+	s = stmt(&b->writes, 3);
+	assert_sql_starts(s, "DELETE FROM timers");
+	assert_int_equal(s->n, 5);
+	assert_text(s, 2, "s1");
+	assert_text(s, 1, "order");
+	assert_text(s, 3, "5");
+	assert_text(s, 4, "2");
+	assert_int_equal(OPS.timer_spent(b, 0), -1);
+	assert_int_equal(OPS.timer_spent(b, 3), -1);
+	assert_int_equal(b->writes.n, 4);
+	/* every replica looks once a second */
+	assert_true(OPS.timer_next(b) > util_now() + 0.5);
+	assert_true(OPS.timer_next(b) < util_now() + 1.5);
+}
+
+static void
+test_timers_due_only_for_timer_job(void **state)
+{
+	struct fx *f = *state;
+	struct saga_backend *b = f->b;
+	struct saga_due out[4];
+	struct pgs_due *d;
+
+	fill(f);
+	d = XPUSH(b->dues, b->ndues, b->capdues);
+	d->row = 3; d->kind = 4; d->step = 1;
+	d = XPUSH(b->dues, b->ndues, b->capdues);
+	d->row = 1; d->kind = 5; d->step = 2;
+	/* no job running, or a job that did not ask: nothing */
+	assert_int_equal(OPS.timers_due(b, util_now(), out, 4), 0);
+	memset(&f->cur, 0, sizeof f->cur);
+	b->cur = &f->cur;
+	f->cur.j.want = SAGA_WANT_HISTORY;
+	assert_int_equal(OPS.timers_due(b, util_now(), out, 4), 0);
+	f->cur.j.want = SAGA_WANT_TIMERS | SAGA_WANT_HISTORY;
+	assert_int_equal(OPS.timers_due(b, util_now(), out, 4), 2);
+	assert_int_equal(out[0].id, 1);
+	assert_int_equal(out[0].row, 3);
+	assert_int_equal(out[0].kind, 4);
+	assert_int_equal(out[0].step, 1);
+	assert_int_equal(out[1].id, 2);
+	assert_int_equal(out[1].row, 1);
+	assert_int_equal(out[1].kind, 5);
+	assert_int_equal(out[1].step, 2);
+	assert_int_equal(OPS.timers_due(b, util_now(), out, 1), 1);
+	b->cur = NULL;
+}
+
+/* ---- counts ---- */
+
+struct counted {
+	char saga[16];
+	int state;
+	int64_t n;
+};
+
+static struct counted counted[16];
+static size_t ncounted;
+
+static void
+count_cb(void *arg, const struct saga_rec *r)
+{
+	(void)arg;
+	assert_true(ncounted < 16);
+	snprintf(counted[ncounted].saga, sizeof counted[ncounted].saga, "%s", r->saga);
+	counted[ncounted].state = r->state;
+	counted[ncounted].n = r->row;
+	ncounted++;
+}
+
+#define NOT_REPORTED INT64_MIN
+
+/* The count of (saga, state), NOT_REPORTED if absent; fails if reported twice. */
+static int64_t
+count_of(struct saga_backend *b, const char *saga, int state)
+{
+	int64_t n = NOT_REPORTED;
+	size_t i;
+
+	ncounted = 0;
+	assert_int_equal(OPS.counts(b, count_cb, NULL), 0);
+	for (i = 0; i < ncounted; i++)
+		if (strcmp(counted[i].saga, saga) == 0 && counted[i].state == state) {
+			assert_true(n == NOT_REPORTED);
+			n = counted[i].n;
+		}
+	return n;
+}
+
+static PGresult *
+counts_result(const char *o1, const char *o3)
+{
+	static const char *const cols[] = { "saga", "state", "n" };
+	PGresult *res = result_new(3, cols);
+
+	result_set(res, 0, 0, "order");
+	result_set(res, 0, 1, "1");
+	result_set(res, 0, 2, o1);
+	result_set(res, 1, 0, "order");
+	result_set(res, 1, 1, "3");
+	result_set(res, 1, 2, o3);
+	return res;
+}
+
+static void
+test_counts(void **state)
+{
+	struct fx *f = *state;
+	struct saga_backend *b = f->b;
+	struct saga_rec r;
+
+	/* nothing fetched yet, nothing changed: nothing */
+	ncounted = 0;
+	assert_int_equal(OPS.counts(b, count_cb, NULL), 0);
+	assert_int_equal(ncounted, 0);
+	pgs_counts_fetched(b, counts_result("5", "2"));
+	assert_int_equal(count_of(b, "order", 1), 5);
+	assert_int_equal(count_of(b, "order", 3), 2);
+	fill(f);
+	/* order/s1: 1 -> 3, a fresh order/s3 in state 1, ship/s1 2 -> 4 */
+	assert_int_equal(OPS.get(b, "order", "s1", &r), 1);
+	r.state = 3;
+	assert_int_equal(OPS.update(b, &r), 0);
+	saga_rec_clear(&r);
+	memset(&r, 0, sizeof r);
+	r.saga = "order";
+	r.id = "s3";
+	r.state = 1;
+	r.data = (char *)"";
+	assert_int_equal(OPS.insert(b, &r), 0);
+	assert_int_equal(OPS.get_row(b, 2, &r), 1);
+	r.state = 4;
+	assert_int_equal(OPS.update(b, &r), 0);
+	saga_rec_clear(&r);
+	/* not committed yet: not counted */
+	assert_int_equal(count_of(b, "order", 1), 5);
+	assert_int_equal(count_of(b, "order", 3), 2);
+	pgs_flush_instances(b);
+	pgs_counts_commit(b);
+	assert_int_equal(count_of(b, "order", 1), 5);	/* -1 +1 */
+	assert_int_equal(count_of(b, "order", 3), 3);
+	/* not in the refresh: the delta alone, never below zero (another
+	 * replica moved it since the count) */
+	assert_int_equal(count_of(b, "ship", 2), 0);
+	assert_true(count_of(b, "nosuch", 1) == NOT_REPORTED);
+	assert_int_equal(count_of(b, "ship", 4), 1);
+	/* a second commit of the same batch counts nothing twice */
+	pgs_counts_commit(b);
+	assert_int_equal(count_of(b, "order", 3), 3);
+	assert_int_equal(count_of(b, "ship", 4), 1);
+	/* a refresh: the store's numbers, the deltas start again */
+	pgs_counts_fetched(b, counts_result("7", "4"));
+	assert_int_equal(count_of(b, "order", 1), 7);
+	assert_int_equal(count_of(b, "order", 3), 4);
+	assert_int_equal(count_of(b, "ship", 4), 0);
+	assert_int_equal(count_of(b, "ship", 2), 0);
+	/* a change after the refresh counts on top of it */
+	assert_int_equal(OPS.get(b, "order", "s2", &r), 1);
+	r.state = 1;
+	assert_int_equal(OPS.update(b, &r), 0);
+	saga_rec_clear(&r);
+	pgs_counts_commit(b);
+	assert_int_equal(count_of(b, "order", 1), 8);
+	assert_int_equal(count_of(b, "order", 3), 3);
+}
+
+/* ---- the outbox ---- */
+
+static void
+test_send(void **state)
+{
+	struct fx *f = *state;
+	struct saga_backend *b = f->b;
+	struct msg m;
+	struct pgs_stmt *s;
+	struct props back;
+	double before = util_now();
+
+	memset(&m, 0, sizeof m);
+	m.seq = 42;
+	m.message_id = "out-1";
+	m.exchange = "commands";
+	m.routing_key = "stock.reserve";
+	m.props.correlation_id = "s1";
+	m.props.content_type = "application/json";
+	m.body = "{\"x\":\0}";
+	m.body_len = 7;
+	assert_int_equal(OPS.send(b, &m, 0), 0);
+	assert_int_equal(m.seq, 0);
+	assert_int_equal(b->outbox_rows, 1);
+	assert_int_equal(b->writes.n, 1);
+	s = stmt(&b->writes, 0);
+	assert_sql_starts(s, "INSERT INTO outbox");
+	assert_int_equal(s->n, 9);
+	assert_text(s, 0, "orders");
+	assert_text(s, 1, "out-1");
+	assert_text(s, 2, "commands");
+	assert_text(s, 3, "stock.reserve");
+	assert_int_equal(s->fmt[4], 1);
+	memset(&back, 0, sizeof back);
+	assert_int_equal(props_unpack(s->v[4], (size_t)s->len[4], &back), 0);
+	assert_string_equal(back.content_type, "application/json");
+	assert_string_equal(back.correlation_id, "s1");
+	props_free(&back);
+	assert_bin(s, 5, "{\"x\":\0}", 7);
+	assert_text(s, 6, "s1");
+	assert_true(text_dbl(s, 7) >= before && text_dbl(s, 7) <= util_now());
+	assert_text(s, 8, "host:1:1000");	/* claimed by this replica */
+}
+
+/* ---- early events ---- */
+
+static struct {
+	unsigned n;
+	char ids[8][32];
+	char ctype[8][32];
+	char hdr[8][32];
+	size_t body_len[8];
+	char body[8][16];
+} early_seen;
+
+static void
+early_cb(void *arg, const struct msg *m)
+{
+	unsigned i = early_seen.n++;
+	const char *h;
+
+	(void)arg;
+	assert_true(i < 8);
+	snprintf(early_seen.ids[i], 32, "%s", m->message_id);
+	snprintf(early_seen.ctype[i], 32, "%s", m->props.content_type ? m->props.content_type : "-");
+	h = props_get_header(&m->props, "x-trace");
+	snprintf(early_seen.hdr[i], 32, "%s", h ? h : "-");
+	early_seen.body_len[i] = m->body_len;
+	assert_true(m->body_len < 16);
+	memcpy(early_seen.body[i], m->body, m->body_len);
+	assert_int_equal(m->body[m->body_len], '\0');
+}
+
+static void
+early_row(PGresult *res, int row, const char *saga_id, const char *mid, const char *props_hex,
+    const void *body, size_t blen)
+{
+	char *hex = hex_bytea(body, blen);
+
+	result_set(res, row, 0, saga_id);
+	result_set(res, row, 1, mid);
+	result_set(res, row, 2, "events");
+	result_set(res, row, 3, "packed");
+	result_set(res, row, 4, props_hex);
+	result_set(res, row, 5, hex);
+	free(hex);
+}
+
+static void
+test_early(void **state)
+{
+	static const char *const cols[] = {
+		"saga_id", "message_id", "exchange", "routing_key", "props", "body"
+	};
+	struct fx *f = *state;
+	struct saga_backend *b = f->b;
+	struct msg m;
+	struct pgs_stmt *s;
+	char *packed = NULL, *phex;
+	size_t plen = 0;
+	const char *log;
+
+	/* kept: an INSERT of the message, its props packed */
+	memset(&m, 0, sizeof m);
+	m.message_id = "e-1";
+	m.exchange = "events";
+	m.routing_key = "packed";
+	m.props.content_type = xstrdup("application/json");
+	props_set_header(&m.props, "x-trace", "t-9");
+	m.body = "b\0dy";
+	m.body_len = 4;
+	assert_int_equal(OPS.keep_early(b, &m, "s9"), 0);
+	assert_int_equal(b->writes.n, 1);
+	s = stmt(&b->writes, 0);
+	assert_sql_starts(s, "INSERT INTO early");
+	assert_int_equal(s->n, 8);
+	assert_text(s, 0, "orders");
+	assert_text(s, 1, "s9");
+	assert_text(s, 2, "e-1");
+	assert_text(s, 3, "events");
+	assert_text(s, 4, "packed");
+	assert_int_equal(props_pack(&m.props, &packed, &plen), 0);
+	assert_bin(s, 5, packed, plen);
+	assert_bin(s, 6, "b\0dy", 4);
+	assert_true(fabs(text_dbl(s, 7) - util_now()) < 5);
+	props_free(&m.props);
+	pgs_stmts_clear(&b->writes);
+
+	/* fetched for the batch: two for s1, one for s2, one damaged for s1 */
+	phex = hex_bytea(packed, plen);
+	b->early = result_new(6, cols);
+	early_row(b->early, 0, "s1", "e-a", phex, "A\0", 2);
+	early_row(b->early, 1, "s2", "e-b", phex, "B", 1);
+	early_row(b->early, 2, "s1", "e-c", phex, "", 0);
+	early_row(b->early, 3, "s1", "e-bad", "\\x00ff", "x", 1);
+	b->early_taken = xcalloc(4, 1);
+	free(phex);
+	free(packed);
+
+	memset(&early_seen, 0, sizeof early_seen);
+	log_capture();
+	OPS.early_each(b, "s1", early_cb, NULL);
+	log = log_captured();
+	assert_int_equal(early_seen.n, 2);
+	assert_string_equal(early_seen.ids[0], "e-a");
+	assert_string_equal(early_seen.ids[1], "e-c");
+	assert_string_equal(early_seen.ctype[0], "application/json");
+	assert_string_equal(early_seen.hdr[0], "t-9");
+	assert_string_equal(early_seen.hdr[1], "t-9");
+	assert_int_equal(early_seen.body_len[0], 2);
+	assert_memory_equal(early_seen.body[0], "A\0", 2);
+	assert_int_equal(early_seen.body_len[1], 0);
+	/* the damaged one: said, dropped (deleted too) */
+	assert_non_null(strstr(log, "damaged early event"));
+	assert_non_null(strstr(log, "e-bad"));
+	assert_int_equal(b->writes.n, 3);
+	s = stmt(&b->writes, 0);
+	assert_sql_starts(s, "DELETE FROM early");
+	assert_int_equal(s->n, 3);
+	assert_text(s, 0, "orders");
+	assert_text(s, 1, "s1");
+	assert_text(s, 2, "e-a");
+	assert_text(stmt(&b->writes, 1), 2, "e-c");
+	assert_text(stmt(&b->writes, 2), 2, "e-bad");
+	/* each handed once: the second start of s1 in the batch gets nothing */
+	OPS.early_each(b, "s1", early_cb, NULL);
+	assert_int_equal(early_seen.n, 2);
+	assert_int_equal(b->writes.n, 3);
+	OPS.early_each(b, "s2", early_cb, NULL);
+	assert_int_equal(early_seen.n, 3);
+	assert_string_equal(early_seen.ids[2], "e-b");
+	assert_int_equal(b->writes.n, 4);
+	assert_text(stmt(&b->writes, 3), 1, "s2");
+	OPS.early_each(b, "s3", early_cb, NULL);
+	assert_int_equal(early_seen.n, 3);
+	assert_int_equal(b->writes.n, 4);
+	/* s9 was kept by an earlier job of this batch (above): its start in
+	 * the same batch gets it too, once, its DELETE after the INSERT */
+	OPS.early_each(b, "s9", early_cb, NULL);
+	assert_int_equal(early_seen.n, 4);
+	assert_string_equal(early_seen.ids[3], "e-1");
+	assert_string_equal(early_seen.hdr[3], "t-9");
+	assert_int_equal(early_seen.body_len[3], 4);
+	assert_memory_equal(early_seen.body[3], "b\0dy", 4);
+	assert_int_equal(b->writes.n, 5);
+	assert_sql_starts(stmt(&b->writes, 4), "DELETE FROM early");
+	assert_text(stmt(&b->writes, 4), 2, "e-1");
+	OPS.early_each(b, "s9", early_cb, NULL);
+	assert_int_equal(early_seen.n, 4);
+	/* the cache reset forgets them */
+	pgs_cache_reset(b);
+	assert_int_equal(b->nearly_new, 0);
+	assert_null(b->early);
+}
+
+/* ---- retention ---- */
+
+static void
+test_expire_rate_limited(void **state)
+{
+	struct fx *f = *state;
+	struct saga_backend *b = f->b;
+	struct pgs_stmt *s;
+	double now = util_now();
+
+	assert_int_equal(OPS.expire(b, 1000.5, (1u << 3) | (1u << 4) | (1u << 6), 50, NULL, NULL), 0);
+	assert_int_equal(b->writes.n, 0);	/* loose: for the next batch */
+	assert_int_equal(b->loose.n, 3);
+	s = stmt(&b->loose, 0);
+	assert_non_null(strstr(s->sql, "DELETE FROM instances"));
+	assert_int_equal(s->n, 4);
+	assert_text(s, 0, "orders");
+	assert_true(text_dbl(s, 1) == 1000.5);
+	assert_text(s, 2, "{3,4,6}");
+	assert_text(s, 3, "50");
+	s = stmt(&b->loose, 1);
+	assert_sql_starts(s, "DELETE FROM early");
+	assert_true(fabs(text_dbl(s, 1) - (now - 60)) < 2);	/* early_window */
+	s = stmt(&b->loose, 2);
+	assert_sql_starts(s, "DELETE FROM consumed");
+	assert_true(fabs(text_dbl(s, 1) - (now - 3600)) < 2);	/* dedup_window */
+	/* asked again within 10 s (the engine asks every second): nothing */
+	assert_int_equal(OPS.expire(b, 1001, 1u << 3, 50, NULL, NULL), 0);
+	assert_int_equal(b->loose.n, 3);
+	assert_true(b->expire_at >= now + 9 && b->expire_at <= util_now() + 10);
+	/* ten seconds on */
+	b->expire_at = util_now() - 0.001;
+	assert_int_equal(OPS.expire(b, 1001, 1u << 0, 1, NULL, NULL), 0);
+	assert_int_equal(b->loose.n, 6);
+	assert_text(stmt(&b->loose, 3), 2, "{0}");
+}
+
+/* Any set of states makes a whole int[] literal (its buffer is sized for
+ * every bit the loop looks at). */
+static void
+test_expire_all_states(void **state)
+{
+	struct fx *f = *state;
+	struct saga_backend *b = f->b;
+	char want[128] = "{";
+	int k;
+
+	for (k = 0; k < 31; k++)
+		snprintf(want + strlen(want), sizeof want - strlen(want), "%s%d", k ? "," : "", k);
+	strcat(want, "}");
+	assert_int_equal(OPS.expire(b, 1, 0x7fffffffu, 10, NULL, NULL), 0);
+	assert_int_equal(b->loose.n, 3);
+	assert_text(stmt(&b->loose, 0), 2, want);
+}
+
+/* ---- history and list answered from the batch ---- */
+
+struct hseen {
+	unsigned n;
+	char what[4][16];
+};
+
+static void
+hist_cb(void *arg, const struct saga_hist *h)
+{
+	struct hseen *hs = arg;
+
+	assert_true(hs->n < 4);
+	snprintf(hs->what[hs->n++], 16, "%s", h->what);
+}
+
+static void
+rec_cb(void *arg, const struct saga_rec *r)
+{
+	unsigned *n = arg;
+
+	assert_string_equal(r->id, *n ? "s2" : "s1");
+	(*n)++;
+}
+
+static void
+test_history_and_list(void **state)
+{
+	static const char *const cols[] = {
+		"saga", "id", "at", "dir", "what", "step", "message_id", "detail"
+	};
+	struct fx *f = *state;
+	struct saga_backend *b = f->b;
+	struct hseen hs = { 0 };
+	unsigned n = 0;
+	int i;
+
+	fill(f);
+	assert_int_equal(OPS.history(b, 1, hist_cb, &hs), -1);	/* not asked for */
+	b->history = result_new(8, cols);
+	for (i = 0; i < 3; i++) {
+		result_set(b->history, i, 0, i == 1 ? "ship" : "order");
+		result_set(b->history, i, 1, "s1");
+		result_set(b->history, i, 2, "1.5");
+		result_set(b->history, i, 3, "in");
+		result_set(b->history, i, 4, i == 0 ? "started" : i == 1 ? "other" : "step");
+		result_set(b->history, i, 5, "");
+		result_set(b->history, i, 6, "");
+		result_set(b->history, i, 7, "");
+	}
+	assert_int_equal(OPS.history(b, 1, hist_cb, &hs), 0);
+	assert_int_equal(hs.n, 2);
+	assert_string_equal(hs.what[0], "started");
+	assert_string_equal(hs.what[1], "step");
+	assert_int_equal(OPS.history(b, 9, hist_cb, &hs), -1);
+
+	/* list: the running job's own rows, columns from 0 */
+	assert_int_equal(OPS.list(b, NULL, -1, 10, rec_cb, &n), -1);
+	memset(&f->cur, 0, sizeof f->cur);
+	b->cur = &f->cur;
+	assert_int_equal(OPS.list(b, NULL, -1, 10, rec_cb, &n), -1);
+	f->cur.list = result_new(7, inst_cols + 1);
+	for (i = 0; i < 2; i++) {
+		result_set(f->cur.list, i, 0, "order");
+		result_set(f->cur.list, i, 1, i ? "s2" : "s1");
+		result_set(f->cur.list, i, 2, "1");
+		result_set(f->cur.list, i, 3, "1");
+		result_set(f->cur.list, i, 4, "1");
+		result_set(f->cur.list, i, 5, "0");
+		result_set(f->cur.list, i, 6, "\\x7b7d");
+	}
+	assert_int_equal(OPS.list(b, NULL, -1, 10, rec_cb, &n), 0);
+	assert_int_equal(n, 2);
+	PQclear(f->cur.list);
+	b->cur = NULL;
+}
+
+int
+main(void)
+{
+	const struct CMUnitTest tests[] = {
+		cmocka_unit_test(test_text_array),
+		cmocka_unit_test_setup_teardown(test_cache_add, setup, teardown),
+		cmocka_unit_test_setup_teardown(test_get, setup, teardown),
+		cmocka_unit_test_setup_teardown(test_get_row, setup, teardown),
+		cmocka_unit_test_setup_teardown(test_by_id, setup, teardown),
+		cmocka_unit_test_setup_teardown(test_insert_update_flush, setup, teardown),
+		cmocka_unit_test_setup_teardown(test_params, setup, teardown),
+		cmocka_unit_test_setup_teardown(test_log_stmt, setup, teardown),
+		cmocka_unit_test_setup_teardown(test_timer_stmts, setup, teardown),
+		cmocka_unit_test_setup_teardown(test_timers_due_only_for_timer_job, setup, teardown),
+		cmocka_unit_test_setup_teardown(test_counts, setup, teardown),
+		cmocka_unit_test_setup_teardown(test_send, setup, teardown),
+		cmocka_unit_test_setup_teardown(test_early, setup, teardown),
+		cmocka_unit_test_setup_teardown(test_expire_rate_limited, setup, teardown),
+		cmocka_unit_test_setup_teardown(test_expire_all_states, setup, teardown),
+		cmocka_unit_test_setup_teardown(test_history_and_list, setup, teardown),
+	};
+
+	return cmocka_run_group_tests(tests, NULL, NULL);
+}
