@@ -34,7 +34,7 @@ its own outbox, as in a deployment.
      guarantee of one sagad, not the sagas' failover.
 
 Environment: BENCH_SAGA_N_B, BENCH_REPLICAS (3), BENCH_FAIL_SECONDS (10),
-BENCH_RELAY_GRACE (saga_store.relay_grace; default: sagad's, 5 s),
+BENCH_RELAY_GRACE (saga_store.relay_grace; default: sagad's, 2 s),
 BENCH_PG_SETTINGS (extra postgresql.conf lines, "k=v;k=v").
 """
 
