@@ -1,10 +1,13 @@
 /*
  * loadgen: HTTP load generator for sagad's publish API.
  *
- *   loadgen -u URL -n N [-s SIZE] [-c CONNS] [-r RATE] [-o FILE]
- *           [-i RUNID] [-t TIMEOUT]
+ *   loadgen -u URL [-u URL ...] -n N [-s SIZE] [-c CONNS] [-r RATE]
+ *           [-o FILE] [-i RUNID] [-t TIMEOUT]
  *
- * CONNS keep-alive connections, each with at most one request outstanding.
+ * CONNS keep-alive connections, each with at most one request outstanding;
+ * with several -u (at most 16), connection k talks to URL k mod their
+ * number, and released requests go to the idle connections in turn (round
+ * robin), so successive requests go to successive URLs.
  * Without -r the connections go as fast as the server answers (closed loop).
  * With -r RATE the requests are released on a fixed schedule, request i at
  * t0 + i/RATE, whatever the server does (open loop); a request whose time has
@@ -64,8 +67,17 @@ enum parse_state {
 	P_CHUNK_TRAILER,
 };
 
+struct target {
+	const char *host;
+	int port;
+	const char *path;
+};
+
+#define MAX_TARGETS 16
+
 struct conn {
 	int id;
+	const struct target *t;
 	enum conn_state state;
 	struct bufferevent *bev;
 	struct event *retry;
@@ -79,9 +91,9 @@ struct conn {
 
 static struct {
 	struct event_base *base;
-	const char *host;
-	int port;
-	const char *path;
+	struct target targets[MAX_TARGETS];
+	int ntargets;
+	int rr;			/* next connection dispatch() tries first */
 	const char *runid;
 	int64_t n;
 	size_t size;
@@ -208,7 +220,7 @@ send_request(struct conn *c)
 	    "Content-Type: application/octet-stream\r\n"
 	    "Message-Id: b-%s-%" PRId64 "\r\n"
 	    "Content-Length: %zu\r\n"
-	    "\r\n", g.path, g.host, g.port, g.runid, i, g.size);
+	    "\r\n", c->t->path, c->t->host, c->t->port, g.runid, i, g.size);
 	if (g.size > 0)
 		evbuffer_add_reference(out, g.body, g.size, NULL, NULL);
 }
@@ -412,8 +424,8 @@ conn_open(struct conn *c)
 	bufferevent_enable(c->bev, EV_READ | EV_WRITE);
 	c->state = CONN_CONNECTING;
 	c->req = -1;
-	if (bufferevent_socket_connect_hostname(c->bev, NULL, AF_INET, g.host,
-	    g.port) < 0) {
+	if (bufferevent_socket_connect_hostname(c->bev, NULL, AF_INET, c->t->host,
+	    c->t->port) < 0) {
 		conn_reset(c, 0);
 	}
 }
@@ -436,10 +448,12 @@ dispatch(void)
 		}
 	}
 	for (i = 0; i < g.nconns && g.next < g.released; i++) {
-		struct conn *c = &g.conns[i];
+		struct conn *c = &g.conns[(g.rr + i) % g.nconns];
 
-		if (c->state == CONN_IDLE)
+		if (c->state == CONN_IDLE) {
 			send_request(c);
+			g.rr = (c->id + 1) % g.nconns;
+		}
 	}
 	if (g.rate > 0 && g.released < g.n && !evtimer_pending(g.tick, NULL)) {
 		int64_t at = g.t0_ns + (int64_t)((double)g.released * 1e9 /
@@ -533,7 +547,7 @@ pct_ms(const int64_t *sorted, int64_t n, double p)
 static void
 usage(void)
 {
-	fprintf(stderr, "usage: loadgen -u URL -n N [-s SIZE] [-c CONNS] "
+	fprintf(stderr, "usage: loadgen -u URL [-u URL ...] -n N [-s SIZE] [-c CONNS] "
 	    "[-r RATE] [-o FILE] [-i RUNID] [-t TIMEOUT]\n");
 	exit(2);
 }
@@ -541,7 +555,8 @@ usage(void)
 int
 main(int argc, char **argv)
 {
-	const char *url = NULL;
+	const char *urls[MAX_TARGETS];
+	int nurls = 0, k;
 	struct evhttp_uri *uri;
 	struct event *start, *watchdog;
 	struct event_config *cfg;
@@ -558,7 +573,11 @@ main(int argc, char **argv)
 	g.timeout = 30;
 	while ((ch = getopt(argc, argv, "u:n:s:c:r:o:i:t:")) != -1) {
 		switch (ch) {
-		case 'u': url = optarg; break;
+		case 'u':
+			if (nurls == MAX_TARGETS)
+				usage();
+			urls[nurls++] = optarg;
+			break;
 		case 'n': g.n = strtoll(optarg, NULL, 10); break;
 		case 's': g.size = strtoull(optarg, NULL, 10); break;
 		case 'c': g.nconns = atoi(optarg); break;
@@ -569,22 +588,28 @@ main(int argc, char **argv)
 		default: usage();
 		}
 	}
-	if (url == NULL || g.n < 1 || g.nconns < 1 || g.rate < 0 ||
+	if (nurls == 0 || g.n < 1 || g.nconns < 1 || g.rate < 0 ||
 	    g.timeout <= 0 || optind != argc)
 		usage();
-	uri = evhttp_uri_parse(url);
-	if (uri == NULL || evhttp_uri_get_host(uri) == NULL ||
-	    evhttp_uri_get_scheme(uri) == NULL ||
-	    strcmp(evhttp_uri_get_scheme(uri), "http") != 0) {
-		fprintf(stderr, "loadgen: bad URL (http://HOST:PORT/PATH): %s\n",
-		    url);
-		return 2;
+	for (k = 0; k < nurls; k++) {
+		struct target *t = &g.targets[k];
+
+		uri = evhttp_uri_parse(urls[k]);
+		if (uri == NULL || evhttp_uri_get_host(uri) == NULL ||
+		    evhttp_uri_get_scheme(uri) == NULL ||
+		    strcmp(evhttp_uri_get_scheme(uri), "http") != 0) {
+			fprintf(stderr, "loadgen: bad URL (http://HOST:PORT/PATH): "
+			    "%s\n", urls[k]);
+			return 2;
+		}
+		t->host = evhttp_uri_get_host(uri);
+		t->port = evhttp_uri_get_port(uri) > 0 ?
+		    evhttp_uri_get_port(uri) : 80;
+		t->path = evhttp_uri_get_path(uri);
+		if (t->path == NULL || t->path[0] == '\0')
+			t->path = "/";
 	}
-	g.host = evhttp_uri_get_host(uri);
-	g.port = evhttp_uri_get_port(uri) > 0 ? evhttp_uri_get_port(uri) : 80;
-	g.path = evhttp_uri_get_path(uri);
-	if (g.path == NULL || g.path[0] == '\0')
-		g.path = "/";
+	g.ntargets = nurls;
 	if (g.runid == NULL) {
 		snprintf(runbuf, sizeof(runbuf), "%" PRIx64 "%lx",
 		    real_ns() / 1000000, (long)getpid());
@@ -619,6 +644,7 @@ main(int argc, char **argv)
 	g.tick = evtimer_new(g.base, tick_cb, NULL);
 	for (i = 0; i < g.nconns; i++) {
 		g.conns[i].id = (int)i;
+		g.conns[i].t = &g.targets[i % g.ntargets];
 		g.conns[i].retry = evtimer_new(g.base, retry_cb, &g.conns[i]);
 		conn_open(&g.conns[i]);
 	}

@@ -16,33 +16,43 @@ saga id is the request's Message-Id). Per saga: 1 POST; through the broker
 the start event, 3 commands, 3 replies and the completion event; 4
 deliveries to services.
 
-  (a) saturation: BENCH_SAGA_N sagas started as fast as loadgen can POST
-      them (closed loop, 32 connections), BENCH_REPEAT times; completed
-      sagas per second = N / (first POST -> the N-th order.approved event
-      at the orders service, the sink's count polled every 50 ms), and the
-      steady rate (slope between 10% and 90% of the completions). CPU time
-      per saga of the daemons, the broker and the sinks.
-  (b) latency at BENCH_SAGA_RATE (100) sagas/s for BENCH_LAT_SECONDS (10):
-      saga duration finished_at - started_at of each saga from
-      /v1/admin/sagas (started_at is when the orders sagad consumed the
-      start event), POST -> finished_at (loadgen's send time), the
-      sagad_saga_duration_seconds histogram (bucket resolution), and each
-      step cut in three hops from the three stores (see hops()).
-  (c) memory: the orders sagad's RSS with BENCH_SAGA_STORE (100,000)
-      finished sagas in its store. The sagas finished in (a) and (b) are
-      real; when they are fewer, the store is topped up offline (orders
-      sagad stopped) by copying the finished sagas' rows (saga, saga_log,
-      done inbox records, outbox_ids) under new ids, which is what the same
-      number of real sagas leaves behind. Then the orders sagad is started
-      on that store, runs 1,000 more sagas (100/s), serves /metrics and
-      /v1/admin/sagas, and is restarted: VmRSS/VmHWM at each point.
+Two modes in one run (BENCH_SAGA_MODES, default "a,b"), one after the
+other, each with its own broker, sinks and daemons:
+
+  a: one orders sagad on SQLite (figures without prefix);
+  b: three orders replicas on the PostgreSQL saga store (figures b_*,
+     bench/saga_pg.py: the setup, its own phases and figures);
+  ratio_b_a = b_sat_rate / sat_rate (the issue's target: >= 0.5).
+
+Phases of mode a (b runs 1 and 2 the same way, then its failover):
+
+  1. saturation: BENCH_SAGA_N sagas started as fast as loadgen can POST
+     them (closed loop, 32 connections), BENCH_REPEAT times; completed
+     sagas per second = N / (first POST -> the N-th order.approved event
+     at the orders service, the sink's count polled every 50 ms), and the
+     steady rate (slope between 10% and 90% of the completions). CPU time
+     per saga of each process group (sat_cpu_<part>_ms).
+  2. latency at BENCH_SAGA_RATE (100) sagas/s for BENCH_LAT_SECONDS (10):
+     saga duration finished_at - started_at of each saga from
+     /v1/admin/sagas (started_at is when the orders sagad consumed the
+     start event), POST -> finished_at (loadgen's send time), the
+     sagad_saga_duration_seconds histogram (bucket resolution), and each
+     step cut in three hops from the stores (see hops()).
+  3. memory: the orders sagad's RSS with BENCH_SAGA_STORE (100,000)
+     finished sagas in its store. The sagas finished in 1 and 2 are
+     real; when they are fewer, the store is topped up offline (orders
+     sagad stopped) by copying the finished sagas' rows (saga, saga_log,
+     done inbox records, outbox_ids) under new ids, which is what the same
+     number of real sagas leaves behind. Then the orders sagad is started
+     on that store, runs 1,000 more sagas (100/s), serves /metrics and
+     /v1/admin/sagas, and is restarted: VmRSS/VmHWM at each point.
 
 Every figure is printed as name=value (with the 1-minute load average),
-then a summary. Environment: BENCH_SAGA_N (33400: with the repeats and
-(b), just over 100,000 real finished sagas), BENCH_REPEAT (3),
+then a summary. Environment: BENCH_SAGA_MODES, BENCH_SAGA_N (33400: with
+the repeats and phase 2, just over 100,000 real finished sagas), BENCH_REPEAT (3),
 BENCH_SAGA_RATE (100), BENCH_LAT_SECONDS (10), BENCH_SAGA_STORE (100000),
 BENCH_CONCURRENCY (64), BENCH_MAX_PENDING (65535), BENCH_CONNS (32),
-BENCH_QUICK=1, BENCH_KEEP=1, BENCH_WORKDIR.
+BENCH_QUICK=1, BENCH_KEEP=1, BENCH_WORKDIR; mode b's in bench/saga_pg.py.
 """
 
 import json
@@ -73,6 +83,7 @@ CONCURRENCY = env_int('BENCH_CONCURRENCY', 64)
 MAX_PENDING = env_int('BENCH_MAX_PENDING', 65535)
 QUEUE_TYPE = os.environ.get('BENCH_QUEUE_TYPE') or 'quorum'   # every queue of the run: quorum (default) or classic
 CONNS = env_int('BENCH_CONNS', 32)
+STALL_SECONDS = env_int('BENCH_STALL_SECONDS', 120)
 RATE_TARGET, P99_TARGET_MS, RSS_TARGET_MB = 500, 50.0, 64
 SAGA = 'create-order'
 LOADGEN = os.path.join(common.BUILDDIR, 'bench', 'loadgen')
@@ -121,17 +132,30 @@ def subscriptions(*subs):
 
 
 class Setup:
-    def __init__(self, workdir):
+    """The broker, the three sinks and the daemons of one mode: (a) one
+    orders sagad on SQLite (pg None), or (b) `replicas` orders sagads (same
+    service, each its own directory, store and ports) keeping their sagas in
+    PostgreSQL (pg: a bench/saga_pg.Store)."""
+
+    def __init__(self, workdir, pg=None, replicas=1):
+        self.pg = pg
         self.broker = h.Broker(workdir)
         self.broker.start()
         self.sinks = {n: Sink() for n in ('orders', 'stock', 'payment')}
         big = 'max_bytes = %dL;' % (16 << 30)
         so = self.sinks['orders'].base
-        self.orders = h.Sagad(workdir, self.broker.url, name='orders', heartbeat=10,
-                              store_extra=big, conf_extra=SAGA_CONF + SAGA_QUEUE + subscriptions(
-                                  ('commands', ['commands:order.#'], so + '/commands'),
-                                  ('events', ['events:order.approved', 'events:order.rejected'],
-                                   so + '/events')))
+        orders_conf = SAGA_CONF + SAGA_QUEUE + (pg.conf() if pg else '') + subscriptions(
+            ('commands', ['commands:order.#'], so + '/commands'),
+            ('events', ['events:order.approved', 'events:order.rejected'], so + '/events'))
+        self.replicas = []
+        for k in range(replicas):
+            wd = workdir
+            if pg:
+                wd = os.path.join(workdir, 'orders%d' % (k + 1))
+                os.makedirs(wd, exist_ok=True)
+            self.replicas.append(h.Sagad(wd, self.broker.url, name='orders', heartbeat=10,
+                                         store_extra=big, conf_extra=orders_conf))
+        self.orders = self.replicas[0]
         self.stock = h.Sagad(workdir, self.broker.url, name='stock', heartbeat=10,
                              store_extra=big, conf_extra=subscriptions(
                                  ('commands', ['commands:stock.#'], self.sinks['stock'].url)))
@@ -139,30 +163,72 @@ class Setup:
                                store_extra=big, conf_extra=subscriptions(
                                    ('commands', ['commands:payment.#'],
                                     self.sinks['payment'].url)))
-        self.daemons = (self.orders, self.stock, self.payment)
+        self.daemons = tuple(self.replicas) + (self.stock, self.payment)
         for d in self.daemons:
             d.start(args=())
-        self.url = 'http://127.0.0.1:%d/v1/publish/events/order.created' % self.orders.port
+        self.urls = ['http://127.0.0.1:%d/v1/publish/events/order.created' % d.port
+                     for d in self.replicas]
+        self.url = self.urls[0]
 
     def stop(self):
         for s in self.sinks.values():
             s.stop()
+        for d in self.daemons:
+            if d.running():
+                d.stop()
+        self.broker.stop()
+
+    def cpu_parts(self):
+        """{part: CPU s used so far}: each orders sagad ('orders', or
+        'orders1'.. with replicas), 'participants' (stock and payment
+        sagads), 'broker', 'sinks', and 'postgres' (the postmaster and its
+        children) in (b)."""
+        out = {}
+        for k, d in enumerate(self.replicas):
+            out['orders%s' % (k + 1 if self.pg else '')] = cpu_s([d.proc.pid]) if d.running() \
+                else 0.0
+        out['participants'] = cpu_s([self.stock.proc.pid, self.payment.proc.pid])
+        out['broker'] = cpu_s(broker_pids(self.broker))
+        out['sinks'] = cpu_s([k.proc.pid for k in self.sinks.values()])
+        if self.pg:
+            out['postgres'] = cpu_s([self.pg.db.proc.pid])
+        return out
 
     def cpu(self):
-        """(sagad CPU s, broker CPU s, sinks CPU s) used so far."""
-        return (cpu_s([d.proc.pid for d in self.daemons]), cpu_s(broker_pids(self.broker)),
-                cpu_s([k.proc.pid for k in self.sinks.values()]))
+        """(sagad CPU s, broker CPU s, sinks CPU s, postgres CPU s) so far."""
+        p = self.cpu_parts()
+        return (sum(v for k, v in p.items() if k.startswith('orders') or k == 'participants'),
+                p['broker'], p['sinks'], p.get('postgres', 0.0))
+
+    def histogram(self):
+        """sagad_saga_duration_seconds summed over the running replicas."""
+        out = {}
+        for d in self.replicas:
+            if d.running():
+                for le, c in common.buckets(d.metrics(), 'sagad_saga_duration_seconds').items():
+                    out[le] = out.get(le, 0) + c
+        return out
+
+    def running_sagas(self):
+        if self.pg:
+            return self.pg.running()
+        return saga_counts(self.orders).get('running', 0)
 
     def quiet(self, timeout=300):
         """Wait until nothing is left in flight anywhere: no running saga,
-        every outbox and inbox backlog empty, twice in a row."""
+        every outbox and inbox backlog empty (and PostgreSQL's saga outbox),
+        twice in a row."""
         def idle():
             for d in self.daemons:
+                if not d.running():
+                    continue
                 mm = d.metrics()
                 if (msum(mm, 'sagad_outbox_pending') or msum(mm, 'sagad_inbox_backlog') or
                         msum(mm, 'sagad_inbox_inflight')):
                     return False
-            return saga_counts(self.orders).get('running', 0) == 0
+            if self.pg and self.pg.outbox():
+                return False
+            return self.running_sagas() == 0
         h.wait_until(lambda: idle() and (time.sleep(0.5) or idle()), timeout,
                      'every daemon to be idle', interval=0.5)
 
@@ -185,7 +251,8 @@ def ended(s):
 class Progress(threading.Thread):
     """Samples ended() every interval: [(time_ns, count)]. It asks only the
     sink: a GET /metrics on the orders sagad counts the saga table in SQL and
-    would slow down what is measured."""
+    would slow down what is measured. Gives up when no saga has finished
+    for BENCH_STALL_SECONDS (120): the daemons are stuck, not slow."""
 
     def __init__(self, s, target, interval=0.05, timeout=600):
         super().__init__(daemon=True)
@@ -195,11 +262,18 @@ class Progress(threading.Thread):
         self.error = None
 
     def run(self):
+        moved, last = time.time(), None
         try:
             while time.time() < self.deadline:
                 v = ended(self.s)
                 self.samples.append((time.time_ns(), v))
                 if v >= self.target:
+                    return
+                if v != last:
+                    moved, last = time.time(), v
+                elif time.time() - moved > STALL_SECONDS:
+                    self.error = RuntimeError('stalled: no saga finished for %d s (%d of %d)'
+                                              % (STALL_SECONDS, v, self.target))
                     return
                 time.sleep(self.interval)
         except Exception as e:  # reported by the caller
@@ -211,9 +285,12 @@ def first_send_ns(path):
         return int(f.readline().split()[1])
 
 
-def push(s, n, runid, latfile, rate=None):
-    cmd = [LOADGEN, '-u', s.url, '-n', str(n), '-s', '64', '-c', str(CONNS), '-o', latfile,
-           '-i', runid]
+def push(s, n, runid, latfile, rate=None, urls=None):
+    """loadgen: n starts POSTed to the orders sagads' publish API, its
+    connections spread over `urls` (default: every replica's)."""
+    cmd = [LOADGEN, '-n', str(n), '-s', '64', '-c', str(CONNS), '-o', latfile, '-i', runid]
+    for u in urls or s.urls:
+        cmd += ['-u', u]
     if rate:
         cmd += ['-r', str(rate)]
     rc, out, err = run_tool(cmd, timeout=max(300, n / 50))
@@ -223,101 +300,146 @@ def push(s, n, runid, latfile, rate=None):
     return r
 
 
-def phase_saturation(s, workdir, i):
+def cpu_per_saga(p0, p1, n):
+    """{part: CPU ms per saga} between two cpu_parts()."""
+    return {k: (p1[k] - p0[k]) * 1000 / n for k in p1}
+
+
+def cpu_groups(c):
+    """(sagad, broker, sinks, postgres) CPU ms per saga from cpu_per_saga."""
+    return (sum(v for k, v in c.items() if k.startswith('orders') or k == 'participants'),
+            c['broker'], c['sinks'], c.get('postgres', 0.0))
+
+
+def phase_saturation(s, workdir, i, pre='', n=None):
+    n = n or SAGA_N
     base = ended(s)
-    prog = Progress(s, base + SAGA_N, timeout=max(600, SAGA_N / 20))
+    prog = Progress(s, base + n, timeout=max(600, n / 20))
     prog.start()
-    latfile = os.path.join(workdir, 'sat-%d.txt' % i)
-    c0 = s.cpu()
-    r = push(s, SAGA_N, 'sat%d-%d' % (i, os.getpid()), latfile)
+    latfile = os.path.join(workdir, '%ssat-%d.txt' % (pre, i))
+    c0 = s.cpu_parts()
+    r = push(s, n, '%ssat%d-%d' % (pre, i, os.getpid()), latfile)
     prog.join()
-    c1 = s.cpu()
+    c1 = s.cpu_parts()
     if prog.error:
-        raise RuntimeError('polling /metrics: %s' % prog.error)
+        if s.pg:
+            s.pg.diagnose()
+        raise RuntimeError('saturation run %d: %s' % (i, prog.error))
     t_last, v_last = prog.samples[-1]
-    if v_last < base + SAGA_N:
-        raise RuntimeError('%d of %d sagas finished in time' % (v_last - base, SAGA_N))
+    if v_last < base + n:
+        raise RuntimeError('%d of %d sagas finished in time' % (v_last - base, n))
     t0 = first_send_ns(latfile)
-    rate = SAGA_N / ((t_last - t0) / 1e9)
+    rate = n / ((t_last - t0) / 1e9)
     # steady rate: slope between 10% and 90% of the completions
-    lo, hi = base + 0.1 * SAGA_N, base + 0.9 * SAGA_N
+    lo, hi = base + 0.1 * n, base + 0.9 * n
     a = next(x for x in prog.samples if x[1] >= lo)
     b = next(x for x in prog.samples if x[1] >= hi)
     steady = (b[1] - a[1]) / max(1e-9, (b[0] - a[0]) / 1e9)
-    fig('sat_rate_%d' % i, rate, 'sagas/s, first POST -> last finished (POSTs took %s s)'
-        % r['seconds'])
-    fig('sat_steady_rate_%d' % i, steady, 'sagas/s, 10%..90% of the completions')
-    cpu = [(b - a) * 1000 / SAGA_N for a, b in zip(c0, c1)]
+    fig('%ssat_rate_%d' % (pre, i), rate, 'sagas/s, first POST -> last finished (POSTs took '
+        '%s s)' % r['seconds'])
+    fig('%ssat_steady_rate_%d' % (pre, i), steady, 'sagas/s, 10%..90% of the completions')
     s.quiet()
-    return rate, steady, float(r['rate']), cpu
+    return rate, steady, float(r['rate']), cpu_per_saga(c0, c1, n)
 
 
-def phase_latency(s, workdir, tag=''):
-    n = SAGA_RATE * LAT_SECONDS
-    h0 = common.buckets(s.orders.metrics(), 'sagad_saga_duration_seconds')
-    base = ended(s)
-    latfile = os.path.join(workdir, 'lat%s.txt' % tag)
-    runid = 'lat%s-%d' % (tag, os.getpid())
-    c0 = s.cpu()
-    r = push(s, n, runid, latfile, rate=SAGA_RATE)
-    h.wait_until(lambda: ended(s) >= base + n, 120, 'the paced sagas to finish', interval=0.05)
-    cpu = [(b - a) * 1000 / n for a, b in zip(c0, s.cpu())]
-    h1 = common.buckets(s.orders.metrics(), 'sagad_saga_duration_seconds')
-    s.quiet()
+def read_sent(latfile):
+    """{message id: send time (s)} from loadgen's -o file."""
     sent = {}
     with open(latfile) as f:
         for line in f:
             mid, send_ns, _ = line.split()
             sent[mid] = int(send_ns) / 1e9
+    return sent
+
+
+def saga_times(s, runid, n):
+    """[(id, state, started_at, finished_at)] of the sagas of loadgen run
+    runid: from /v1/admin/sagas (SQLite), or from PostgreSQL's instances."""
+    if s.pg:
+        return s.pg.times('b-%s-' % runid)
     st, doc = s.orders.admin_json('/v1/admin/sagas?limit=%d' % min(n, LIST_MAX))
-    durs, e2e, states = [], [], {}
-    for sg in doc['sagas']:
-        if sg['id'] not in sent:
+    return [(sg['id'], sg['state'], sg['started_at'], sg.get('finished_at'))
+            for sg in doc['sagas']]
+
+
+def phase_latency(s, workdir, tag='', pre=''):
+    n = SAGA_RATE * LAT_SECONDS
+    h0 = s.histogram()
+    base = ended(s)
+    latfile = os.path.join(workdir, '%slat%s.txt' % (pre, tag))
+    runid = '%slat%s-%d' % (pre, tag, os.getpid())
+    c0 = s.cpu_parts()
+    r = push(s, n, runid, latfile, rate=SAGA_RATE)
+    h.wait_until(lambda: ended(s) >= base + n, 120, 'the paced sagas to finish', interval=0.05)
+    cpu = cpu_per_saga(c0, s.cpu_parts(), n)
+    h1 = s.histogram()
+    s.quiet()
+    sent = read_sent(latfile)
+    durs, e2e, states, ids = [], [], {}, []
+    for sid, state, started, finished in saga_times(s, runid, n):
+        if sid not in sent:
             continue
-        states[sg['state']] = states.get(sg['state'], 0) + 1
-        if sg.get('finished_at'):
-            durs.append((sg['finished_at'] - sg['started_at']) * 1000)
-            e2e.append((sg['finished_at'] - sent[sg['id']]) * 1000)
+        ids.append(sid)
+        states[state] = states.get(state, 0) + 1
+        if finished:
+            durs.append((finished - started) * 1000)
+            e2e.append((finished - sent[sid]) * 1000)
     durs.sort()
     e2e.sort()
-    hop = hops(s, [sg['id'] for sg in doc['sagas'] if sg['id'] in sent])
     out = {'rate': float(r['rate']), 'n': len(durs), 'states': states,
            'p50': common.pct(durs, 0.5), 'p99': common.pct(durs, 0.99),
            'max': durs[-1] if durs else float('nan'),
            'e2e_p50': common.pct(e2e, 0.5), 'e2e_p99': common.pct(e2e, 0.99),
-           'post_p99': float(r['p99_ms']), 'cpu': cpu, 'hops': hop}
+           'post_p99': float(r['p99_ms']), 'cpu': cpu, 'hops': hops(s, ids)}
     for q in (0.5, 0.99):
         res = common.hist_quantile(q, h0, h1)
         out['hist_p%d' % round(q * 100)] = res
     return out
 
 
+def orders_logs(s, ids):
+    """{saga id: [(at, dir, what, message_id)]} in order: the orders saga
+    log in the SQLite store, or the history table in PostgreSQL."""
+    if s.pg:
+        return s.pg.logs(ids)
+    o = sqlite3.connect('file:%s?mode=ro' % s.orders.store, uri=True, timeout=30)
+    out = {}
+    try:
+        for sid in ids:
+            row = o.execute('SELECT row FROM saga WHERE saga = ? AND id = ?', (SAGA, sid)).fetchone()
+            if row:
+                out[sid] = o.execute('SELECT at, dir, what, message_id FROM saga_log WHERE '
+                                     'row = ? ORDER BY id', row).fetchall()
+    finally:
+        o.close()
+    return out
+
+
 def hops(s, ids):
-    """Where a step's time goes, from the three stores (read-only, while the
+    """Where a step's time goes, from the stores (read-only, while the
     daemons run): for each command of the sagas `ids`, (1) orders' saga log
     'out' -> the participant's inbox received_at (orders' outbox commit,
     relay, broker, participant's consume), (2) received_at -> finished_at
     (participant's inbox commit, ack, HTTP delivery, the service's answer),
     (3) finished_at -> orders' saga log 'in' (the reply's outbox commit,
-    relay, broker, orders' consume and saga step). ms, sorted lists."""
-    dbs = {d.name: sqlite3.connect('file:%s?mode=ro' % d.store, uri=True, timeout=30)
+    relay, broker, orders' consume and saga step). ms, sorted lists. In (b)
+    order.approve is delivered by whichever replica consumed it: every
+    replica's store is asked."""
+    dbs = {d: sqlite3.connect('file:%s?mode=ro' % d.store, uri=True, timeout=30)
            for d in s.daemons}
     out = ([], [], [])
     try:
-        o = dbs['orders']
-        part = (dbs['stock'], dbs['payment'], dbs['orders'])   # subscription "commands" each
-        for sid in ids:
-            row = o.execute('SELECT row FROM saga WHERE saga = ? AND id = ?', (SAGA, sid)).fetchone()
-            if not row:
-                continue
-            logs = o.execute('SELECT at, dir, what, message_id FROM saga_log WHERE row = ? '
-                             'ORDER BY id', row).fetchall()
+        part = ([dbs[s.stock]], [dbs[s.payment]], [dbs[d] for d in s.replicas])
+        for sid, logs in orders_logs(s, ids).items():
             cmds = [l for l in logs if l[1] == 'out' and l[2] == 'command']
             succ = [l for l in logs if l[1] == 'in' and l[2] == 'success']
-            for cmd, ok, db in zip(cmds, succ, part):
-                x = db.execute('SELECT received_at, finished_at FROM inbox WHERE '
-                               'subscription = ? AND message_id = ?',
-                               ('commands', cmd[3])).fetchone()
+            for cmd, ok, cands in zip(cmds, succ, part):
+                for db in cands:
+                    x = db.execute('SELECT received_at, finished_at FROM inbox WHERE '
+                                   'subscription = ? AND message_id = ?',
+                                   ('commands', cmd[3])).fetchone()
+                    if x:
+                        break
                 if not x or not x[1]:
                     continue
                 out[0].append((x[0] - cmd[0]) * 1000)
@@ -461,6 +583,78 @@ def summary(t_start):
     print('=' * 86, flush=True)
 
 
+def report_saturation(pre, runs, what):
+    """Figures of REPEAT saturation runs [(rate, steady, ingress, cpu)]."""
+    med = statistics.median
+    rates = [r[0] for r in runs]
+    each = lambda xs: 'median of ' + ' '.join('%.0f' % x for x in xs)
+    fig(pre + 'sat_rate', med(rates), 'sagas/s completed, %s (%s)' % (each(rates), what))
+    fig(pre + 'sat_steady_rate', med(r[1] for r in runs), 'sagas/s, ' + each([r[1] for r in runs]))
+    fig(pre + 'sat_post_rate', med(r[2] for r in runs), 'starts/s accepted (202) meanwhile')
+    cpus = [r[3] for r in runs]
+    for part in cpus[0]:
+        fig('%ssat_cpu_%s_ms' % (pre, part), med(c[part] for c in cpus), 'CPU per saga, ' + {
+            'orders': 'the orders sagad', 'participants': 'stock + payment sagads',
+            'broker': 'RabbitMQ', 'sinks': 'the three bench/sink',
+            'postgres': 'PostgreSQL (postmaster + children)'}.get(part, 'orders replica'))
+    groups = [cpu_groups(c) for c in cpus]
+    total = sum(med(g[k] for g in groups) for k in range(4))
+    fig(pre + 'sat_cpu_ms', total, 'CPU per saga, every process')
+    fig(pre + 'sat_cores_at_target', total * RATE_TARGET / 1000, 'CPU cores that %d sagas/s '
+        'need at that cost (this machine: %d, shared)' % (RATE_TARGET, os.cpu_count()))
+    return med(rates)
+
+
+def report_latency(pre, res):
+    fig(pre + 'lat_post_rate', res['rate'], 'starts/s offered %d' % SAGA_RATE)
+    fig(pre + 'lat_sagas', res['n'], 'states ' + json.dumps(res['states']))
+    fig(pre + 'lat_p50_ms', res['p50'], 'finished_at - started_at')
+    fig(pre + 'lat_p99_ms', res['p99'], '(target <= %g)' % P99_TARGET_MS)
+    fig(pre + 'lat_max_ms', res['max'])
+    fig(pre + 'lat_post_to_done_p50_ms', res['e2e_p50'], 'POST sent -> finished_at')
+    fig(pre + 'lat_post_to_done_p99_ms', res['e2e_p99'])
+    fig(pre + 'lat_post_p99_ms', res['post_p99'], 'POST -> 202 of the start event')
+    fig(pre + 'lat_cpu_ms', sum(cpu_groups(res['cpu'])), 'CPU per saga at %d/s: ' % SAGA_RATE +
+        ', '.join('%s %.2f' % kv_ for kv_ in res['cpu'].items()))
+    for k, (name, what) in enumerate((
+            ('command', "orders' outbox -> broker -> participant's inbox"),
+            ('service', "participant's inbox commit -> service answered"),
+            ('reply', "reply outbox -> broker -> orders' saga step"))):
+        v = res['hops'][k]
+        fig('%slat_hop_%s_p50_ms' % (pre, name), common.pct(v, 0.5), what + ' (3 a saga)')
+        fig('%slat_hop_%s_p99_ms' % (pre, name), common.pct(v, 0.99))
+    for q in ('hist_p50', 'hist_p99'):
+        v = res[q]
+        fig('%slat_%s_ms' % (pre, q), 'n/a' if v is None else v[0] * 1000,
+            '' if v is None else 'sagad_saga_duration_seconds, bucket (%g, %g] ms'
+            % (v[1] * 1000, v[2] * 1000))
+    fig(pre + 'lat_target_met', 'yes' if res['p99'] <= P99_TARGET_MS else 'no',
+        'p99 <= %g ms' % P99_TARGET_MS)
+
+
+def mode_a(workdir):
+    """One orders sagad on SQLite: saturation, latency, memory."""
+    s = Setup(workdir)
+    try:
+        say('A: one orders sagad on SQLite; saturation: %d x %d sagas' % (REPEAT, SAGA_N))
+        runs = [phase_saturation(s, workdir, i) for i in range(1, REPEAT + 1)]
+        rate = report_saturation('', runs, 'one orders sagad, SQLite')
+        counts = saga_counts(s.orders)
+        fig('sat_states', ' '.join('%s:%d' % kv_ for kv_ in sorted(counts.items()) if kv_[1]),
+            'sagad_sagas after saturation')
+        fig('sat_target_met', 'yes' if rate >= RATE_TARGET else 'no', '>= %d sagas/s'
+            % RATE_TARGET)
+        say('A: latency at %d sagas/s for %d s' % (SAGA_RATE, LAT_SECONDS))
+        report_latency('', phase_latency(s, workdir))
+        say('A: memory with %d finished sagas' % STORE_TARGET)
+        worst = phase_memory(s, workdir)
+        fig('mem_target_met', 'yes' if worst <= RSS_TARGET_MB else 'no',
+            '<= %d MB (worst of the two VmRSS)' % RSS_TARGET_MB)
+        return rate
+    finally:
+        s.stop()
+
+
 def main():
     def on_signal(signum, frame):
         for sg in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
@@ -468,79 +662,42 @@ def main():
         sys.exit(128 + signum)
     for sg in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sg, on_signal)
+    modes = [m.strip() for m in (os.environ.get('BENCH_SAGA_MODES') or 'a,b').split(',')]
+    if not modes or set(modes) - {'a', 'b'}:
+        print('bench: BENCH_SAGA_MODES: a, b or a,b', file=sys.stderr)
+        return 2
     for p in (LOADGEN, SINK, h.sagad_path()):
         if not os.access(p, os.X_OK):
             print('bench: %s missing: build it first' % p, file=sys.stderr)
             return 2
+    if 'b' in modes:
+        import saga_pg
+        if not saga_pg.pg.available():
+            print('bench: mode b needs PostgreSQL (apt-get install postgresql)', file=sys.stderr)
+            return 2
     workdir = tempfile.mkdtemp(prefix='sagad-saga-', dir=os.environ.get('BENCH_WORKDIR') or None)
     os.chmod(workdir, 0o755)
-    say('work directory %s; N=%d repeat=%d rate=%d store=%d'
-        % (workdir, SAGA_N, REPEAT, SAGA_RATE, STORE_TARGET))
+    say('work directory %s; modes %s; N=%d repeat=%d rate=%d store=%d'
+        % (workdir, ','.join(modes), SAGA_N, REPEAT, SAGA_RATE, STORE_TARGET))
     t_start = time.time()
     ok = False
-    s = None
     try:
-        s = Setup(workdir)
+        fig('uptime', open('/proc/loadavg').read().strip(), '/proc/loadavg at the start')
         lat = common.fsync_probe(workdir)
         fig('fsync_p50_ms', common.pct(lat, 0.5), '1,000 x write(4 KiB)+fdatasync in the work '
             'directory (the floor of every commit)')
         fig('fsync_p99_ms', common.pct(lat, 0.99))
-        say('(a) saturation: %d x %d sagas' % (REPEAT, SAGA_N))
-        rates, steadies, ingress, cpus = [], [], [], []
-        for i in range(1, REPEAT + 1):
-            r, st, ing, cpu = phase_saturation(s, workdir, i)
-            rates.append(r)
-            steadies.append(st)
-            ingress.append(ing)
-            cpus.append(cpu)
-        each = lambda xs: 'median of ' + ' '.join('%.0f' % x for x in xs)
-        fig('sat_rate', statistics.median(rates), 'sagas/s completed, ' + each(rates))
-        fig('sat_steady_rate', statistics.median(steadies), 'sagas/s, ' + each(steadies))
-        fig('sat_post_rate', statistics.median(ingress), 'starts/s accepted (202) meanwhile')
-        for k, what in enumerate(('sagad', 'broker', 'sinks')):
-            fig('sat_%s_cpu_ms' % what, statistics.median(c[k] for c in cpus),
-                'CPU per saga, %s (%s)' % (what, 'the three daemons' if k == 0 else
-                                           'RabbitMQ' if k == 1 else 'the three bench/sink'))
-        need = sum(statistics.median(c[k] for c in cpus) for k in range(3)) * RATE_TARGET / 1000
-        fig('sat_cores_at_target', need, 'CPU cores that %d sagas/s need at that cost '
-            '(this machine: %d, shared)' % (RATE_TARGET, os.cpu_count()))
-        counts = saga_counts(s.orders)
-        fig('sat_states', ' '.join('%s:%d' % kv_ for kv_ in sorted(counts.items()) if kv_[1]),
-            'sagad_sagas after (a)')
-        fig('sat_target_met', 'yes' if statistics.median(rates) >= RATE_TARGET else 'no',
-            '>= %d sagas/s' % RATE_TARGET)
-
-        say('(b) latency at %d sagas/s for %d s' % (SAGA_RATE, LAT_SECONDS))
-        res = phase_latency(s, workdir)
-        fig('lat_post_rate', res['rate'], 'starts/s offered %d' % SAGA_RATE)
-        fig('lat_sagas', res['n'], 'states ' + json.dumps(res['states']))
-        fig('lat_p50_ms', res['p50'], 'finished_at - started_at (/v1/admin/sagas)')
-        fig('lat_p99_ms', res['p99'], '(target <= %g)' % P99_TARGET_MS)
-        fig('lat_max_ms', res['max'])
-        fig('lat_post_to_done_p50_ms', res['e2e_p50'], 'POST sent -> finished_at')
-        fig('lat_post_to_done_p99_ms', res['e2e_p99'])
-        fig('lat_post_p99_ms', res['post_p99'], 'POST -> 202 of the start event')
-        fig('lat_cpu_ms', sum(res['cpu']), 'CPU per saga at %d/s: sagad %.2f, broker %.2f, '
-            'sinks %.2f' % ((SAGA_RATE,) + tuple(res['cpu'])))
-        for k, (name, what) in enumerate((
-                ('command', "orders' outbox -> broker -> participant's inbox"),
-                ('service', "participant's inbox commit -> service answered"),
-                ('reply', "reply outbox -> broker -> orders' saga step"))):
-            v = res['hops'][k]
-            fig('lat_hop_%s_p50_ms' % name, common.pct(v, 0.5), what + ' (per step, 3 a saga)')
-            fig('lat_hop_%s_p99_ms' % name, common.pct(v, 0.99))
-        for q in ('hist_p50', 'hist_p99'):
-            v = res[q]
-            fig('lat_%s_ms' % q, 'n/a' if v is None else v[0] * 1000,
-                '' if v is None else 'sagad_saga_duration_seconds, bucket (%g, %g] ms'
-                % (v[1] * 1000, v[2] * 1000))
-        fig('lat_target_met', 'yes' if res['p99'] <= P99_TARGET_MS else 'no',
-            'p99 <= %g ms' % P99_TARGET_MS)
-
-        say('(c) memory with %d finished sagas' % STORE_TARGET)
-        worst = phase_memory(s, workdir)
-        fig('mem_target_met', 'yes' if worst <= RSS_TARGET_MB else 'no',
-            '<= %d MB (worst of the two VmRSS)' % RSS_TARGET_MB)
+        rate_a = rate_b = None
+        if 'a' in modes:
+            wd = os.path.join(workdir, 'a')
+            os.makedirs(wd)
+            rate_a = mode_a(wd)
+        if 'b' in modes:
+            wd = os.path.join(workdir, 'b')
+            os.makedirs(wd)
+            rate_b = saga_pg.mode_b(wd, sys.modules[__name__])
+        if rate_a and rate_b:
+            fig('ratio_b_a', rate_b / rate_a, 'b_sat_rate / sat_rate (target >= 0.5)')
         ok = True
     except BaseException as e:
         if not isinstance(e, SystemExit):
@@ -551,8 +708,6 @@ def main():
                 print('---- tail of %s' % d.logfile)
                 print(h.tail(d.logfile, 20))
     finally:
-        if s is not None:
-            s.stop()
         kill_children()
         h.cleanup_all()
         if figures:
