@@ -22,7 +22,7 @@
 
 /* ---- rows ---- */
 
-static struct msg *
+struct msg *
 saga_pg_relay_msg_copy(const struct msg *m)
 {
 	struct msg *c = xcalloc(1, sizeof *c);
@@ -47,6 +47,28 @@ saga_pg_relay_msg_copy(const struct msg *m)
 	c->attempts = m->attempts;
 	c->created_at = m->created_at;
 	return c;
+}
+
+/* A seq already held is dropped: a claim leaves out what is held, but a
+ * row handed during the claim may come back in it. */
+void
+saga_pg_relay_add(struct saga_pg_relay *r, struct msg *m, char *saga_id)
+{
+	size_t i = saga_pg_relay_find(r, m->seq);
+	struct saga_pg_relay_row *row;
+
+	if (i < r->nrows && r->rows[i].m->seq == m->seq) {
+		msg_free(m);
+		free(saga_id);
+		return;
+	}
+	(void)XPUSH(r->rows, r->nrows, r->caprows);
+	memmove(&r->rows[i + 1], &r->rows[i], (r->nrows - 1 - i) * sizeof *r->rows);
+	row = &r->rows[i];
+	memset(row, 0, sizeof *row);
+	row->m = m;
+	row->saga_id = saga_id;
+	row->state = SAGA_PG_RELAY_WAITING;
 }
 
 /* The index of seq, or of where it would go. */
@@ -372,6 +394,54 @@ saga_pg_relay_kick(struct saga_pg_relay *r)
 }
 
 void
+saga_pg_relay_lost(struct saga_pg_relay *r)
+{
+	r->caught_up = 0;
+	r->missed = 1;
+	saga_pg_relay_kick(r);
+}
+
+void
+saga_pg_relay_hand(struct saga_pg_relay *r, struct msg *m, char *saga_id)
+{
+	struct saga_pg_relay_row *row;
+
+	if (!r->caught_up || r->nrows + r->npending >= r->max_held) {
+		msg_free(m);
+		free(saga_id);
+		saga_pg_relay_lost(r);
+		return;
+	}
+	r->stats.handed++;
+	if (r->claiming) {
+		/* The claim in flight may bring earlier rows of its saga. */
+		row = XPUSH(r->pending, r->npending, r->cappending);
+		memset(row, 0, sizeof *row);
+		row->m = m;
+		row->saga_id = saga_id;
+		return;
+	}
+	saga_pg_relay_add(r, m, saga_id);
+	event_active(r->fill_ev, 0, 0);
+}
+
+void
+saga_pg_relay_pending_end(struct saga_pg_relay *r, int take)
+{
+	size_t i;
+
+	for (i = 0; i < r->npending; i++) {
+		if (take) {
+			saga_pg_relay_add(r, r->pending[i].m, r->pending[i].saga_id);
+			continue;
+		}
+		msg_free(r->pending[i].m);
+		free(r->pending[i].saga_id);
+	}
+	r->npending = 0;
+}
+
+void
 saga_pg_relay_free(struct saga_pg_relay *r)
 {
 	size_t i;
@@ -396,6 +466,8 @@ saga_pg_relay_free(struct saga_pg_relay *r)
 		free(r->rows[i].saga_id);
 	}
 	free(r->rows);
+	saga_pg_relay_pending_end(r, 0);
+	free(r->pending);
 	event_free(r->fill_ev);
 	event_free(r->pump_ev);
 	event_free(r->poll_ev);
@@ -404,6 +476,7 @@ saga_pg_relay_free(struct saga_pg_relay *r)
 	free(r->sql_delete);
 	free(r->sql_refresh);
 	free(r->sql_claim);
+	free(r->sql_mine);
 	free(r->conninfo);
 	free(r->schema);
 	free(r->service);
@@ -454,6 +527,11 @@ saga_pg_relay_broker_up(const struct saga_pg_relay *r)
 	X(sagad_saga_outbox_taken_over_total, counter,				\
 	    "Saga outbox rows claimed from other replicas (stale) or unclaimed.", \
 	    s->claimed_from_others)						\
+	X(sagad_saga_outbox_handed_total, counter,				\
+	    "Saga outbox rows handed to the relay by this replica's commits"	\
+	    " (published with no claim query).", s->handed)			\
+	X(sagad_saga_outbox_claimed_total, counter,				\
+	    "Saga outbox rows read by the relay's claim query.", s->claimed)	\
 	X(sagad_saga_outbox_pg_errors_total, counter,				\
 	    "Saga outbox relay queries that failed (retried).", s->pg_errors)	\
 	X(sagad_saga_outbox_inflight, gauge,					\

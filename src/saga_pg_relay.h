@@ -50,6 +50,8 @@ struct saga_pg_relay_stats {
 	uint64_t nacked;	/* basic.nack: retried after a backoff */
 	uint64_t unroutable;	/* returned: retried after a backoff */
 	uint64_t claimed_from_others;	/* rows taken over (stale or unclaimed) */
+	uint64_t handed;	/* rows handed by this replica's batches, no claim */
+	uint64_t claimed;	/* rows read by a claim (own, unclaimed, stale) */
 	uint64_t deleted;	/* rows deleted after their confirm */
 	uint64_t pg_errors;	/* queries that failed (the work is retried) */
 	uint64_t reconnects;	/* broker connections after the first */
@@ -70,9 +72,22 @@ struct saga_pg_relay *saga_pg_relay_new(struct event_base *base,
 /* Connects to PostgreSQL and starts the broker's thread (publish role);
  * -1 if the thread cannot start. Both reconnect by themselves. */
 int saga_pg_relay_start(struct saga_pg_relay *r);
-/* A batch committed rows claimed by this replica: look now rather than at
- * the next poll (1 s). */
+/* A batch committed rows it could not hand (unclaimed: an earlier row of
+ * their saga is another replica's): look now rather than at the next poll
+ * (1 s). */
 void saga_pg_relay_kick(struct saga_pg_relay *r);
+/*
+ * A batch committed the row m (m->seq set), claimed by this replica: the
+ * relay takes m and saga_id (NULL: no order) and publishes it with no
+ * query, if it holds every row this replica has claimed; otherwise it
+ * drops them and its next claim reads the row (saga_pg_relay_int.h).
+ */
+void saga_pg_relay_hand(struct saga_pg_relay *r, struct msg *m, char *saga_id);
+/* A batch with outbox rows may or may not have committed (the connection
+ * was lost during its COMMIT): hand nothing until a claim has read them. */
+void saga_pg_relay_lost(struct saga_pg_relay *r);
+/* A copy of m for the relay (saga_pg_relay_hand), malloc'd throughout. */
+struct msg *saga_pg_relay_msg_copy(const struct msg *m);
 /* Stops the broker (unconfirmed rows stay in the table, claimed: another
  * replica takes them after grace, or this one after its restart) and
  * waits up to 2 s for the deletes of confirmed rows. */

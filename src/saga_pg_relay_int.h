@@ -36,7 +36,7 @@ struct saga_pg_relay_row {
 
 /* What the query in flight holds: statement indexes, -1 if absent. */
 struct saga_pg_relay_query {
-	int del, claim;
+	int del, claim, mine;
 	int limit;		/* rows the claim asked for */
 };
 
@@ -53,9 +53,22 @@ struct saga_pg_relay {
 	int pg_warned;		/* a failed connect said at warn level */
 	int busy;		/* a query is in flight */
 	struct saga_pg_relay_query q;
-	char *sql_lock, *sql_delete, *sql_refresh, *sql_claim;
+	char *sql_lock, *sql_delete, *sql_refresh, *sql_claim, *sql_mine;
 	char lock_key[24];	/* the claim's advisory lock, as text */
 	int want_claim;		/* kicked, polled, or a full claim: look */
+	int claiming;		/* the query in flight holds a claim */
+	/*
+	 * Handed rows (saga_pg_relay_hand) are taken only while the relay
+	 * holds every row claimed by this replica (caught_up, set by a claim
+	 * that left none of them in the table): then a handed row's earlier
+	 * rows of its saga, all this replica's (the batch's INSERT checked),
+	 * are held and go first. Otherwise a handed row is dropped (missed)
+	 * and the next claim reads it, in order.
+	 */
+	int caught_up;
+	int missed;		/* a row dropped since the claim in flight was sent */
+	struct saga_pg_relay_row *pending;	/* handed during a claim */
+	size_t npending, cappending;
 	double refreshed;	/* util_mono() of the last refresh sent */
 
 	struct broker *br;
@@ -82,6 +95,11 @@ void saga_pg_relay_send(struct saga_pg_relay *r);
 /* The same at the end of this loop turn (pump_ev runs the callback). */
 void saga_pg_relay_pump(struct saga_pg_relay *r);
 void saga_pg_relay_pump_cb(evutil_socket_t fd, short what, void *arg);
+/* saga_pg_relay.c: takes m and saga_id into the rows held, in seq order
+ * (a seq held already: dropped). */
+void saga_pg_relay_add(struct saga_pg_relay *r, struct msg *m, char *saga_id);
+/* Frees the rows handed during a claim, or takes them in. */
+void saga_pg_relay_pending_end(struct saga_pg_relay *r, int take);
 /* saga_pg_relay.c: the row with seq, or NULL; the index of seq, or where
  * it would go. */
 struct saga_pg_relay_row *saga_pg_relay_row(struct saga_pg_relay *r, int64_t seq);

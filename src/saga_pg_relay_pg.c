@@ -21,28 +21,6 @@
 #include "util.h"
 #include "xmalloc.h"
 
-/* Takes m and saga_id; a seq already held is dropped (it cannot be: the
- * claim leaves out what is held). */
-static void
-saga_pg_relay_add(struct saga_pg_relay *r, struct msg *m, char *saga_id)
-{
-	size_t i = saga_pg_relay_find(r, m->seq);
-	struct saga_pg_relay_row *row;
-
-	if (i < r->nrows && r->rows[i].m->seq == m->seq) {
-		msg_free(m);
-		free(saga_id);
-		return;
-	}
-	(void)XPUSH(r->rows, r->nrows, r->caprows);
-	memmove(&r->rows[i + 1], &r->rows[i], (r->nrows - 1 - i) * sizeof *r->rows);
-	row = &r->rows[i];
-	memset(row, 0, sizeof *row);
-	row->m = m;
-	row->saga_id = saga_id;
-	row->state = SAGA_PG_RELAY_WAITING;
-}
-
 /* Drops the rows whose delete committed. */
 static void
 saga_pg_relay_drop_deleted(struct saga_pg_relay *r)
@@ -122,6 +100,11 @@ saga_pg_relay_prepare_sql(struct saga_pg_relay *r)
 	    " WHERE o.service = p.service AND o.seq = p.seq"
 	    " RETURNING o.seq, o.message_id, o.exchange, o.routing_key, o.props, o.body,"
 	    " o.saga_id, p.was", q, q, q);
+	/* After the claim, in its transaction: this replica's rows not held
+	 * before it ($3). As many as the claim read: the relay holds them
+	 * all (caught up), and may take handed rows. */
+	r->sql_mine = xasprintf("SELECT count(*) FROM %s.outbox WHERE service = $1"
+	    " AND claimed_by = $2 AND seq <> ALL ($3::bigint[])", q);
 	PQfreemem(q);
 	return 0;
 }
@@ -160,8 +143,8 @@ saga_pg_relay_array(struct saga_pg_relay *r, int deleting)
 void
 saga_pg_relay_send(struct saga_pg_relay *r)
 {
-	struct pgc_stmt s[4];
-	const char *lockv[1], *delv[2], *refv[3], *claimv[6];
+	struct pgc_stmt s[5];
+	const char *lockv[1], *delv[2], *refv[3], *claimv[6], *minev[3];
 	char now_s[32], stale_s[32], limit_s[16], *del = NULL, *held = NULL;
 	double now = util_now(), mono = util_mono();
 	size_t i, room = r->nrows < r->max_held ? r->max_held - r->nrows : 0;
@@ -177,7 +160,7 @@ saga_pg_relay_send(struct saga_pg_relay *r)
 	memset(s, 0, sizeof s);
 	snprintf(now_s, sizeof now_s, "%.6f", now);
 	snprintf(stale_s, sizeof stale_s, "%.6f", now - r->grace);
-	r->q.del = r->q.claim = -1;
+	r->q.del = r->q.claim = r->q.mine = -1;
 	if (r->want_claim && room) {
 		lockv[0] = r->lock_key;
 		s[n++] = (struct pgc_stmt){ r->sql_lock, 1, lockv, NULL, NULL };
@@ -207,6 +190,14 @@ saga_pg_relay_send(struct saga_pg_relay *r)
 		claimv[5] = limit_s;
 		r->q.claim = n;
 		s[n++] = (struct pgc_stmt){ r->sql_claim, 6, claimv, NULL, NULL };
+		minev[0] = r->service;
+		minev[1] = r->replica;
+		minev[2] = held;
+		r->q.mine = n;
+		s[n++] = (struct pgc_stmt){ r->sql_mine, 3, minev, NULL, NULL };
+		/* Its snapshot comes after every row handed so far. */
+		r->claiming = 1;
+		r->missed = 0;
 	}
 	r->busy = 1;
 	pgc_send_pipeline(r->pg, s, n);	/* libpq copies the parameters */
@@ -281,6 +272,22 @@ saga_pg_relay_take_row(struct saga_pg_relay *r, const PGresult *res, int i)
 	saga_pg_relay_add(r, m, PQgetisnull(res, i, 6) ? NULL : xstrdup(PQgetvalue(res, i, 6)));
 }
 
+/* After a claim that read n rows: caught up if no row of this replica is
+ * left in the table unheld (behind another replica's, or beyond the
+ * claim's limit) and none was dropped meanwhile. */
+static void
+saga_pg_relay_caught_up(struct saga_pg_relay *r, int n)
+{
+	PGresult *res = pgc_result(r->pg, r->q.mine);
+	long long left = res && PQntuples(res) == 1 ? strtoll(PQgetvalue(res, 0, 0), NULL, 10) : -1;
+
+	r->claiming = 0;
+	r->caught_up = left == n && !r->missed;
+	saga_pg_relay_pending_end(r, r->caught_up);
+	if (!r->caught_up)
+		r->want_claim = 1;
+}
+
 static void
 saga_pg_relay_done(void *arg)
 {
@@ -292,7 +299,13 @@ saga_pg_relay_done(void *arg)
 	r->busy = 0;
 	if (pgc_error(r->pg)) {
 		/* The whole pipeline rolled back (one transaction): the deletes
-		 * and the claim are tried again at the next poll. */
+		 * and the claim are tried again at the next poll, and rows are
+		 * handed again once a claim has caught up. */
+		if (r->claiming) {
+			r->claiming = 0;
+			r->caught_up = 0;
+			saga_pg_relay_pending_end(r, 0);
+		}
 		r->stats.pg_errors++;
 		log_warn("saga outbox relay: query failed, retried", LOG_STR("reason",
 		    pgc_error(r->pg)));
@@ -308,6 +321,8 @@ saga_pg_relay_done(void *arg)
 		n = PQntuples(res);
 		for (i = 0; i < n; i++)
 			saga_pg_relay_take_row(r, res, i);
+		r->stats.claimed += (uint64_t)n;
+		saga_pg_relay_caught_up(r, n);
 		/* A full claim: more may wait. */
 		if (n == r->q.limit)
 			r->want_claim = 1;
@@ -369,6 +384,12 @@ saga_pg_relay_down(void *arg, const char *why, double retry_in)
 	r->pg_warned = 1;
 	r->pg_up = 0;
 	r->busy = 0;
+	if (r->claiming) {
+		/* The claim may have committed, its rows unread. */
+		r->claiming = 0;
+		r->caught_up = 0;
+		saga_pg_relay_pending_end(r, 0);
+	}
 	for (i = 0; i < r->nrows; i++)
 		r->rows[i].deleting = 0;
 }

@@ -134,6 +134,9 @@ static const char *const saga_pg_migrations[] = {
 	"  started_at double precision NOT NULL,"
 	"  heartbeat_at double precision NOT NULL,"
 	"  PRIMARY KEY (service, replica));",
+	/* 2: a saga's outbox rows, for the check of the batch's INSERT (is an
+	 * earlier row of the saga another replica's?) */
+	"CREATE INDEX outbox_saga ON outbox(service, saga_id, seq);",
 };
 
 _Static_assert(sizeof saga_pg_migrations / sizeof saga_pg_migrations[0] ==

@@ -111,7 +111,12 @@ struct saga_backend {
 		struct pgs_stmt *v;
 		size_t n, cap;
 	} writes, loose;
-	int outbox_rows;		/* in the batch: kick the relay after commit */
+	/* the batch's outbox rows, for the relay once committed */
+	struct pgs_hand {
+		size_t stmt;		/* its INSERT in writes */
+		struct msg *m;
+	} *hands;
+	size_t nhands, caphands;
 
 	/* counts, refreshed every few seconds for the gauges, and this
 	 * replica's changes committed since */
@@ -125,6 +130,9 @@ struct saga_backend {
 	double counts_at, heartbeat_at, expire_at;
 	uint64_t batches, commits, retries, failures;
 };
+
+/* saga_pgsql_batch.c: frees the batch's outbox rows kept for the relay. */
+void pgs_hands_free(struct saga_backend *b);
 
 /* saga_store_pgsql.c: the cache and the statements. */
 void pgs_cache_reset(struct saga_backend *b);

@@ -31,6 +31,7 @@
 
 #include "conf.h"
 #include "log.h"
+#include "msg.h"
 #include "metrics.h"
 #include "pgconn.h"
 #include "saga_pg_relay.h"
@@ -396,6 +397,43 @@ pgs_commit_send(struct saga_backend *b)
 	free(st);
 }
 
+void
+pgs_hands_free(struct saga_backend *b)
+{
+	size_t i;
+
+	for (i = 0; i < b->nhands; i++)
+		msg_free(b->hands[i].m);
+	b->nhands = 0;
+}
+
+/* The batch's outbox rows, committed: each claimed by this replica goes to
+ * its relay with the seq it got; an unclaimed one is the relay's claim's
+ * to read, now. */
+static void
+pgs_hand_all(struct saga_backend *b)
+{
+	size_t i;
+	int unclaimed = 0;
+
+	for (i = 0; i < b->nhands && b->relay; i++) {
+		PGresult *res = pgc_result(b->pg, (int)b->hands[i].stmt);
+		struct msg *m = b->hands[i].m;
+
+		if (!res || PQntuples(res) != 1 || strcmp(PQgetvalue(res, 0, 1), "t") != 0) {
+			unclaimed = 1;
+			continue;
+		}
+		m->seq = strtoll(PQgetvalue(res, 0, 0), NULL, 10);
+		b->hands[i].m = NULL;
+		saga_pg_relay_hand(b->relay, m, m->props.correlation_id ?
+		    xstrdup(m->props.correlation_id) : NULL);
+	}
+	if (unclaimed)
+		saga_pg_relay_kick(b->relay);
+	pgs_hands_free(b);
+}
+
 static void
 pgs_committed(struct saga_backend *b)
 {
@@ -407,9 +445,7 @@ pgs_committed(struct saga_backend *b)
 	b->commits++;
 	pgs_counts_commit(b);
 	pgs_stmts_clear(&b->writes);
-	if (b->outbox_rows && b->relay)
-		saga_pg_relay_kick(b->relay);
-	b->outbox_rows = 0;
+	pgs_hand_all(b);
 	pgc_reset_backoff(b->pg);
 	b->state = PGS_IDLE;
 	for (; p; p = next) {
@@ -431,7 +467,7 @@ pgs_failed(struct saga_backend *b, const char *why)
 	pgs_batch_event(b, SAGA_BATCH_UNDO);
 	pgs_fetch_free(b);
 	pgs_stmts_clear(&b->writes);
-	b->outbox_rows = 0;
+	pgs_hands_free(b);
 	b->state = PGS_ROLLBACK;
 	pgc_send(b->pg, "ROLLBACK");
 }
@@ -558,7 +594,11 @@ pgs_down(void *arg, const char *why, double retry_in)
 	pgs_fetch_free(b);
 	pgs_stmts_clear(&b->writes);
 	pgs_stmts_clear(&b->loose);
-	b->outbox_rows = 0;
+	/* A COMMIT lost with the connection may have committed rows that
+	 * the relay then must read itself. */
+	if (b->state == PGS_COMMIT && b->nhands && b->relay)
+		saga_pg_relay_lost(b->relay);
+	pgs_hands_free(b);
 	pgs_cache_reset(b);
 	for (p = b->batch; p; p = p->next) {
 		p->duplicate = 0;
@@ -680,6 +720,7 @@ pgs_driver_stop(struct saga_backend *b)
 	}
 	b->queue = NULL;
 	b->queue_tail = &b->queue;
+	pgs_hands_free(b);	/* committed or not: a claim reads them */
 	if (b->relay)
 		saga_pg_relay_free(b->relay);
 	b->relay = NULL;

@@ -18,6 +18,7 @@
 #include "log.h"
 #include "msg.h"
 #include "props.h"
+#include "saga_pg_relay.h"
 #include "saga_pg_schema.h"
 #include "util.h"
 #include "xmalloc.h"
@@ -471,15 +472,30 @@ pgs_log(struct saga_backend *b, int64_t row, double at, const char *dir, const c
 	return 0;
 }
 
-/* Claimed by this replica in the same transaction: its relay publishes
- * the rows right after the commit; another replica takes them over only
- * after relay_grace. */
+/*
+ * Claimed by this replica in the same transaction, and handed to its
+ * relay after the commit (pgs_hand_all), unless an earlier row of the
+ * same saga is in the table claimed by another replica or by none: then
+ * the row is left unclaimed, and a claim takes it after that one, in
+ * order (saga_pg_relay.h). The saga's advisory lock, held by this
+ * transaction, keeps other batches from adding rows meanwhile. Another
+ * replica takes a claimed row over only after relay_grace.
+ */
+static const char pgs_sql_outbox[] =
+    "INSERT INTO outbox (service, message_id, exchange, routing_key, props, body, saga_id,"
+    " created_at, claimed_by, claimed_at)"
+    " SELECT $1::text, $2::text, $3::text, $4::text, $5::bytea, $6::bytea, $7::text,"
+    " $8::float8, c.by, CASE WHEN c.by IS NULL THEN NULL ELSE $8::float8 END"
+    " FROM (SELECT CASE WHEN EXISTS (SELECT 1 FROM outbox o WHERE o.service = $1"
+    "   AND o.saga_id = $7 AND o.claimed_by IS DISTINCT FROM $9) THEN NULL"
+    "   ELSE $9::text END AS by) c"
+    " RETURNING seq, claimed_by IS NOT NULL";
+
 static int
 pgs_send(struct saga_backend *b, struct msg *m, unsigned flags)
 {
-	struct pgs_stmt *s = pgs_stmt_add(&b->writes, "INSERT INTO outbox (service, message_id,"
-	    " exchange, routing_key, props, body, saga_id, created_at, claimed_by, claimed_at)"
-	    " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $8)");
+	struct pgs_stmt *s = pgs_stmt_add(&b->writes, pgs_sql_outbox);
+	struct pgs_hand *h;
 	char *props = NULL;
 	size_t plen = 0;
 
@@ -497,7 +513,9 @@ pgs_send(struct saga_backend *b, struct msg *m, unsigned flags)
 	pgs_param(s, b->replica);
 	free(props);
 	m->seq = 0;
-	b->outbox_rows++;
+	h = XPUSH(b->hands, b->nhands, b->caphands);
+	h->stmt = b->writes.n - 1;
+	h->m = saga_pg_relay_msg_copy(m);
 	return 0;
 }
 
@@ -653,6 +671,7 @@ pgs_close(struct saga_backend *b)
 	pgs_stmts_clear(&b->loose);
 	free(b->writes.v);
 	free(b->loose.v);
+	free(b->hands);
 	free(b->insts);
 	free(b->dues);
 	free(b->ids);

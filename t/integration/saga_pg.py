@@ -246,6 +246,17 @@ def main(wd):
     h.check(not backwards, 'ship refused: payment.cancel answered before stock.release began '
             '(reverse order)', backwards[:10])
 
+    # ---- the relay: the rows of this sagad's commits handed to it in
+    # memory, no claim query for them; every row published once
+    handed = orders.metric('sagad_saga_outbox_handed_total')
+    published = orders.metric('sagad_saga_outbox_published_total')
+    claimed = orders.metric('sagad_saga_outbox_claimed_total')
+    h.log('saga outbox: %s handed, %s claimed, %s published' % (handed, claimed, published))
+    h.check(handed and handed > 0, 'saga outbox rows handed to the relay by the commits',
+            (handed, claimed, published))
+    h.check(published is not None and published >= handed,
+            'every handed row published', (handed, claimed, published))
+
     # ---- the password is never shown
     st_code, status = orders.admin_json('/v1/admin/status')
     h.check(SECRET not in orders.log() and SECRET not in repr(status),

@@ -795,8 +795,14 @@ test_send(void **state)
 	m.body_len = 7;
 	assert_int_equal(OPS.send(b, &m, 0), 0);
 	assert_int_equal(m.seq, 0);
-	assert_int_equal(b->outbox_rows, 1);
 	assert_int_equal(b->writes.n, 1);
+	/* a copy kept for the relay, with the INSERT's index for its seq */
+	assert_int_equal(b->nhands, 1);
+	assert_int_equal(b->hands[0].stmt, 0);
+	assert_ptr_not_equal(b->hands[0].m->body, m.body);
+	assert_string_equal(b->hands[0].m->message_id, "out-1");
+	assert_string_equal(b->hands[0].m->props.correlation_id, "s1");
+	assert_memory_equal(b->hands[0].m->body, "{\"x\":\0}", 7);
 	s = stmt(&b->writes, 0);
 	assert_sql_starts(s, "INSERT INTO outbox");
 	assert_int_equal(s->n, 9);
@@ -814,6 +820,11 @@ test_send(void **state)
 	assert_text(s, 6, "s1");
 	assert_true(text_dbl(s, 7) >= before && text_dbl(s, 7) <= util_now());
 	assert_text(s, 8, "host:1:1000");	/* claimed by this replica */
+	/* unless an earlier row of the saga is not this replica's */
+	assert_non_null(strstr(s->sql, "claimed_by IS DISTINCT FROM $9"));
+	assert_non_null(strstr(s->sql, "RETURNING seq, claimed_by IS NOT NULL"));
+	pgs_hands_free(b);
+	assert_int_equal(b->nhands, 0);
 }
 
 /* ---- early events ---- */
