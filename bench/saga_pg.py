@@ -202,7 +202,16 @@ def phase_failover(S, s, workdir):
     if 'err' in box:
         raise box['err']
     sent = S.read_sent(latfile)
-    times = {i: (st, a, b) for i, st, a, b in s.pg.times('b-%s-' % runid)}
+    # The sink counts deliveries, and the killed replica's unacked ones
+    # come again through another replica (local dedup): the count may be
+    # reached with a saga still running. Wait for PostgreSQL's word.
+    deadline = time.time() + 60
+    while True:
+        times = {i: (st, a, b) for i, st, a, b in s.pg.times('b-%s-' % runid)}
+        if time.time() > deadline or all(times.get(i, ('missing',))[0] in
+                                         ('completed', 'compensated', 'failed') for i in sent):
+            break
+        time.sleep(0.2)
     states = {}
     for i in sent:
         st = times.get(i, ('missing',))[0]

@@ -14,12 +14,21 @@
  * (pgc_send_pipeline: each statement's results end with a NULL, and the
  * whole with PGRES_PIPELINE_SYNC, after which the connection leaves
  * pipeline mode). pgc_take sorts the results of both.
+ *
+ * A pipeline's statements are prepared (named, once per connection, the
+ * Parse sent in the same pipeline ahead of the first use): the saga store
+ * and its relay send the same few statements all the time, and PostgreSQL
+ * spent as much CPU planning them as running them (bench/README.md,
+ * session 11). The cache is keyed by the SQL text and bounded; a Parse
+ * that did not succeed (an error earlier in its pipeline) is forgotten at
+ * the pipeline's end, and the whole cache with the connection.
  */
 #include <errno.h>
 #include <event2/event.h>
 #include <libpq-fe.h>
 #include <math.h>
 #include <poll.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -28,6 +37,15 @@
 #include "pgconn.h"
 #include "util.h"
 #include "xmalloc.h"
+
+#define PGC_PREPARED_MAX 128	/* statements kept prepared; others unnamed */
+
+/* A statement prepared on the connection as "sagad_<slot>". */
+struct pgc_prep {
+	char *sql;		/* NULL: a free slot */
+	uint64_t hash;
+	int ready;		/* its Parse succeeded (0: in the pipeline in flight) */
+};
 
 /* SETUP: connected, the conf's search_path and session settings sent. */
 enum pgc_phase { PGC_DOWN, PGC_CONNECTING, PGC_SETUP, PGC_UP };
@@ -52,13 +70,18 @@ struct pgc {
 	PGresult **res;
 	int nres, capres;
 	char *err;
-	int npipe;		/* statements of the pipeline in flight, or 0 */
-	int pipe_at;		/* the statement whose results come now */
+	int npipe;		/* items of the pipeline in flight, or 0 */
+	int pipe_at;		/* the item whose results come now */
+	int *item;		/* per item: its statement, or -1 - slot: a Parse */
+	int capitem;
+
+	struct pgc_prep prep[PGC_PREPARED_MAX];
 };
 
 static void pgc_connect(struct pgc *c);
 static void pgc_setup(struct pgc *c);
 static void pgc_setup_done(struct pgc *c);
+static void pgc_prep_sweep(struct pgc *c, int all);
 
 /* Arms ev to fire in sec seconds. */
 static void
@@ -123,6 +146,7 @@ pgc_down(struct pgc *c, const char *why)
 		c->conn = NULL;
 	}
 	pgc_clear_results(c);
+	pgc_prep_sweep(c, 1);	/* a new session prepares anew */
 	c->busy = 0;
 	c->flushing = 0;
 	c->phase = PGC_DOWN;
@@ -182,14 +206,82 @@ pgc_reserve_more(struct pgc *c)
 	}
 }
 
-/* One statement of a pipeline has ended: the next one's results follow. */
+/* ---- prepared statements ---- */
+
+static uint64_t
+pgc_hash(const char *s)
+{
+	uint64_t h = 14695981039346656037ULL;
+
+	for (; *s; s++)
+		h = (h ^ (unsigned char)*s) * 1099511628211ULL;
+	return h;
+}
+
+/* The slot of sql, prepared or in this pipeline; else a new slot for it
+ * (*parse set: send its Parse), or -1 when the cache is full. */
+static int
+pgc_prep_slot(struct pgc *c, const char *sql, int *parse)
+{
+	uint64_t h = pgc_hash(sql);
+	int i, free_slot = -1;
+
+	*parse = 0;
+	for (i = 0; i < PGC_PREPARED_MAX; i++) {
+		if (!c->prep[i].sql) {
+			if (free_slot < 0)
+				free_slot = i;
+			continue;
+		}
+		if (c->prep[i].hash == h && strcmp(c->prep[i].sql, sql) == 0)
+			return i;
+	}
+	if (free_slot >= 0) {
+		c->prep[free_slot].sql = xstrdup(sql);
+		c->prep[free_slot].hash = h;
+		c->prep[free_slot].ready = 0;
+		*parse = 1;
+	}
+	return free_slot;
+}
+
+/* Forgets the Parses that did not succeed (all: the connection is gone). */
+static void
+pgc_prep_sweep(struct pgc *c, int all)
+{
+	int i;
+
+	for (i = 0; i < PGC_PREPARED_MAX; i++)
+		if (c->prep[i].sql && (all || !c->prep[i].ready)) {
+			free(c->prep[i].sql);
+			c->prep[i].sql = NULL;
+		}
+}
+
+static void
+pgc_item_add(struct pgc *c, int v)
+{
+	if (c->npipe == c->capitem) {
+		c->capitem = c->capitem ? c->capitem * 2 : 16;
+		c->item = xreallocarray(c->item, (size_t)c->capitem, sizeof *c->item);
+	}
+	c->item[c->npipe++] = v;
+}
+
+/* One result of a pipeline's item: its statement's (the first), or a
+ * Parse's success. */
 static void
 pgc_pipe_keep(struct pgc *c, PGresult *r)
 {
-	if (c->pipe_at < c->npipe && !c->res[c->pipe_at])
-		c->res[c->pipe_at] = r;
-	else
-		PQclear(r);	/* a second result of one statement: not kept */
+	int it = c->pipe_at < c->npipe ? c->item[c->pipe_at] : INT32_MIN;
+
+	if (it >= 0 && !c->res[it]) {
+		c->res[it] = r;
+		return;
+	}
+	if (it < 0 && it != INT32_MIN)
+		c->prep[-1 - it].ready = 1;
+	PQclear(r);	/* a Parse's, or a second result of one statement */
 }
 
 /*
@@ -215,6 +307,7 @@ pgc_take(struct pgc *c, PGresult *r)
 		PQclear(r);
 		PQexitPipelineMode(c->conn);
 		c->npipe = 0;
+		pgc_prep_sweep(c, 0);
 		return 1;
 	case PGRES_PIPELINE_ABORTED:
 		PQclear(r);
@@ -250,6 +343,29 @@ pgc_send_params(struct pgc *c, const char *sql, int n, const char *const *values
 	pgc_sent(c, PQsendQueryParams(c->conn, sql, n, NULL, values, NULL, NULL, 0));
 }
 
+/* Sends statement i of s: its Parse first if it is new to the connection,
+ * then it by name; unnamed when the cache is full. */
+static int
+pgc_send_stmt(struct pgc *c, const struct pgc_stmt *s, int i)
+{
+	char name[24];
+	int parse, slot = pgc_prep_slot(c, s->sql, &parse);
+
+	if (slot < 0) {
+		pgc_item_add(c, i);
+		return PQsendQueryParams(c->conn, s->sql, s->n, NULL, s->values, s->lengths,
+		    s->formats, 0);
+	}
+	snprintf(name, sizeof name, "sagad_%d", slot);
+	if (parse) {
+		pgc_item_add(c, -1 - slot);
+		if (!PQsendPrepare(c->conn, name, s->sql, s->n, NULL))
+			return 0;
+	}
+	pgc_item_add(c, i);
+	return PQsendQueryPrepared(c->conn, name, s->n, s->values, s->lengths, s->formats, 0);
+}
+
 void
 pgc_send_pipeline(struct pgc *c, const struct pgc_stmt *s, int n)
 {
@@ -257,12 +373,12 @@ pgc_send_pipeline(struct pgc *c, const struct pgc_stmt *s, int n)
 
 	pgc_clear_results(c);
 	pgc_reserve(c, n);
-	c->nres = c->npipe = n;
+	c->nres = n;
+	c->npipe = 0;
 	c->pipe_at = 0;
 	ok = PQenterPipelineMode(c->conn);
 	for (i = 0; ok && i < n; i++)
-		ok = PQsendQueryParams(c->conn, s[i].sql, s[i].n, NULL, s[i].values,
-		    s[i].lengths, s[i].formats, 0);
+		ok = pgc_send_stmt(c, &s[i], i);
 	if (ok)
 		ok = PQpipelineSync(c->conn);
 	pgc_sent(c, ok);	/* not ok: down, which leaves pipeline mode */
@@ -554,6 +670,8 @@ pgc_free(struct pgc *c)
 	if (c->conn)
 		PQfinish(c->conn);
 	pgc_clear_results(c);
+	pgc_prep_sweep(c, 1);
 	free(c->res);
+	free(c->item);
 	free(c);
 }

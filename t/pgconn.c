@@ -2,7 +2,8 @@
  * Drives src/pgconn.c against a real PostgreSQL (t/integration/pgconn.py
  * starts a private one): simple queries, pipelines (results in statement
  * order, the first error, the implicit transaction, a pipeline bigger than
- * the socket's buffers), and the query deadline that drops the connection
+ * the socket's buffers), prepared statements (parsed once, a skipped Parse
+ * sent again), and the query deadline that drops the connection
  * and makes it again. Usage: pgconn CONNINFO. Prints "ok: ..." for each
  * check, "FAIL: ..." and exits 1 at the first that fails.
  */
@@ -100,6 +101,24 @@ run_next(struct run *r)
 	const struct pgc_stmt nulls[] = {
 		{ "SELECT $1::int IS NULL", 1, nul, NULL, NULL },
 	};
+	static const char *const five[] = { "5" }, *const six[] = { "6" };
+	/* prepared statements: a Parse aborted by an error before it is
+	 * forgotten, and sent again; a statement used again is not parsed
+	 * again */
+	const struct pgc_stmt aborted[] = {
+		{ "INSERT INTO t VALUES ($1)", 1, one, NULL, NULL },	/* duplicate key */
+		{ "SELECT $1::int + 100", 1, five, NULL, NULL },
+	};
+	const struct pgc_stmt reparsed[] = {
+		{ "SELECT $1::int + 100", 1, five, NULL, NULL },
+		{ "SELECT count(*) FROM pg_prepared_statements WHERE statement ="
+		    " 'SELECT $1::int + 100'", 0, NULL, NULL, NULL },
+	};
+	const struct pgc_stmt reused[] = {
+		{ "SELECT $1::int + 100", 1, six, NULL, NULL },
+		{ "SELECT count(*) FROM pg_prepared_statements WHERE statement ="
+		    " 'SELECT $1::int + 100'", 0, NULL, NULL, NULL },
+	};
 	const struct pgc_stmt slow[] = {
 		{ "SELECT pg_sleep(5)", 0, NULL, NULL, NULL },
 	};
@@ -121,15 +140,24 @@ run_next(struct run *r)
 		pgc_send_pipeline(r->c, nulls, 1);
 		break;
 	case 5:
-		pgc_send(r->c, "CREATE TABLE big (x int, pad text)");
+		pgc_send_pipeline(r->c, aborted, 2);
 		break;
 	case 6:
-		send_big(r, BIG);
+		pgc_send_pipeline(r->c, reparsed, 2);
 		break;
 	case 7:
-		pgc_send_pipeline(r->c, slow, 1);	/* the deadline is 1 s */
+		pgc_send_pipeline(r->c, reused, 2);
 		break;
 	case 8:
+		pgc_send(r->c, "CREATE TABLE big (x int, pad text)");
+		break;
+	case 9:
+		send_big(r, BIG);
+		break;
+	case 10:
+		pgc_send_pipeline(r->c, slow, 1);	/* the deadline is 1 s */
+		break;
+	case 11:
 		pgc_send(r->c, "SELECT 42");
 		break;
 	default:
@@ -168,18 +196,30 @@ on_done(void *arg)
 		check(r, value_is(r, 0, "t"), "a NULL parameter is SQL NULL");
 		break;
 	case 5:
-		check(r, !pgc_error(r->c), "table for the big pipeline");
+		check(r, pgc_error(r->c) && !pgc_result(r->c, 1), "a new statement after an error"
+		    " in its pipeline: no result (its Parse was skipped)");
 		break;
 	case 6:
+		check(r, !pgc_error(r->c) && value_is(r, 0, "105") && value_is(r, 1, "1"),
+		    "the statement whose Parse was skipped is parsed again, and prepared");
+		break;
+	case 7:
+		check(r, !pgc_error(r->c) && value_is(r, 0, "106") && value_is(r, 1, "1"),
+		    "a statement used again runs by its name: prepared once");
+		break;
+	case 8:
+		check(r, !pgc_error(r->c), "table for the big pipeline");
+		break;
+	case 9:
 		snprintf(what, sizeof what, "a pipeline of %d statements (past the socket buffers):"
 		    " every result, in order", BIG);
 		check(r, pgc_nresults(r->c) == BIG && !pgc_error(r->c) && value_is(r, 0, "0") &&
 		    value_is(r, BIG - 2, "1998") && value_is(r, BIG - 1, "1999"), what);
 		break;
-	case 7:
+	case 10:
 		check(r, 0, "a pipeline past its deadline must not end normally");
 		return;
-	case 8:
+	case 11:
 		check(r, value_is(r, 0, "42") && r->downs == 1,
 		    "after the deadline dropped it, the connection was made again and serves");
 		break;
@@ -217,10 +257,10 @@ on_down(void *arg, const char *why, double retry_in)
 	struct run *r = arg;
 
 	r->downs++;
-	if (r->step == 7) {
+	if (r->step == 10) {
 		check(r, strstr(why, "timed out") != NULL, "a pipeline past its deadline:"
 		    " the connection is dropped (query timed out)");
-		r->step = 8;	/* run when connected again */
+		r->step = 11;	/* run when connected again */
 		return;
 	}
 	fprintf(stderr, "connection down (retry in %.1fs): %s\n", retry_in, why);
@@ -244,7 +284,7 @@ main(int argc, char **argv)
 	r.c = pgc_new(r.base, &conf, &hooks, &r);
 	pgc_start(r.c);
 	event_base_dispatch(r.base);
-	if (!r.failed && r.step != 9) {
+	if (!r.failed && r.step != 12) {
 		printf("FAIL: stopped at check %d\n", r.step);
 		r.failed = 1;
 	}

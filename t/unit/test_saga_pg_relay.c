@@ -1,0 +1,199 @@
+/*
+ * The saga outbox relay's rows handed by the batch (saga_pg_relay_hand):
+ * taken only while the relay holds every row of this replica, held aside
+ * while a claim is in flight, dropped (for the next claim) otherwise. The
+ * relay is made but not started: no PostgreSQL, no broker.
+ */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <cmocka.h>
+
+#include <event2/event.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "conf.h"
+#include "msg.h"
+#include "saga_pg_relay_int.h"
+#include "xmalloc.h"
+
+struct fx {
+	struct event_base *base;
+	struct sagad_conf *conf;
+	struct saga_pg_relay *r;
+};
+
+static int
+setup(void **state)
+{
+	struct fx *f = xcalloc(1, sizeof *f);
+
+	f->base = event_base_new();
+	f->conf = xcalloc(1, sizeof *f->conf);
+	f->conf->outbox.max_inflight = 4;	/* max_held 8 */
+	f->r = saga_pg_relay_new(f->base, f->conf, "dbname=none", NULL, "orders", "r1", 2);
+	*state = f;
+	return 0;
+}
+
+static int
+teardown(void **state)
+{
+	struct fx *f = *state;
+
+	saga_pg_relay_free(f->r);	/* frees rows and pending: valgrind sees leaks */
+	free(f->conf);
+	event_base_free(f->base);
+	free(f);
+	return 0;
+}
+
+static struct msg *
+row_msg(int64_t seq)
+{
+	struct msg *m = xcalloc(1, sizeof *m);
+
+	m->seq = seq;
+	m->message_id = xasprintf("m%lld", (long long)seq);
+	m->exchange = xstrdup("commands");
+	m->routing_key = xstrdup("stock.reserve");
+	m->body = xstrdup("{}");
+	m->body_len = 2;
+	return m;
+}
+
+static void
+hand(struct saga_pg_relay *r, int64_t seq, const char *saga)
+{
+	saga_pg_relay_hand(r, row_msg(seq), saga ? xstrdup(saga) : NULL);
+}
+
+static void
+assert_seqs(const struct saga_pg_relay *r, const int64_t *seqs, size_t n)
+{
+	size_t i;
+
+	assert_int_equal(r->nrows, n);
+	for (i = 0; i < n; i++)
+		assert_int_equal(r->rows[i].m->seq, seqs[i]);
+}
+
+/* Before a claim has caught up, a handed row may have earlier rows of its
+ * saga in the table, unread: it is dropped, and a claim is wanted. */
+static void
+test_not_caught_up_drops(void **state)
+{
+	struct saga_pg_relay *r = ((struct fx *)*state)->r;
+
+	hand(r, 5, "s1");
+	assert_int_equal(r->nrows, 0);
+	assert_int_equal(r->stats.handed, 0);
+	assert_true(r->missed);
+	assert_true(r->want_claim);
+}
+
+static void
+test_caught_up_takes_in_seq_order(void **state)
+{
+	struct saga_pg_relay *r = ((struct fx *)*state)->r;
+	const int64_t want[] = { 3, 5, 9 };
+
+	r->caught_up = 1;
+	hand(r, 5, "s1");
+	hand(r, 9, NULL);
+	hand(r, 3, "s2");
+	assert_seqs(r, want, 3);
+	assert_int_equal(r->stats.handed, 3);
+	assert_int_equal(r->rows[0].state, SAGA_PG_RELAY_WAITING);
+	assert_string_equal(r->rows[1].saga_id, "s1");
+	assert_null(r->rows[2].saga_id);
+}
+
+/* During a claim, handed rows wait: the claim may bring earlier rows of
+ * their sagas, and may bring them too (dropped as held). */
+static void
+test_claiming_holds_aside(void **state)
+{
+	struct saga_pg_relay *r = ((struct fx *)*state)->r;
+	const int64_t want[] = { 4, 6, 7 };
+
+	r->caught_up = 1;
+	r->claiming = 1;
+	hand(r, 7, "s1");
+	hand(r, 6, "s1");
+	assert_int_equal(r->nrows, 0);
+	assert_int_equal(r->npending, 2);
+	saga_pg_relay_add(r, row_msg(4), xstrdup("s1"));	/* the claim's rows */
+	saga_pg_relay_add(r, row_msg(6), xstrdup("s1"));
+	saga_pg_relay_pending_end(r, 1);
+	assert_int_equal(r->npending, 0);
+	assert_seqs(r, want, 3);
+}
+
+/* A claim that did not catch up: the rows handed meanwhile are the next
+ * claim's to read. */
+static void
+test_claim_not_caught_up_frees_pending(void **state)
+{
+	struct saga_pg_relay *r = ((struct fx *)*state)->r;
+
+	r->caught_up = 1;
+	r->claiming = 1;
+	hand(r, 7, "s1");
+	saga_pg_relay_pending_end(r, 0);
+	assert_int_equal(r->npending, 0);
+	assert_int_equal(r->nrows, 0);
+}
+
+/* Memory is bounded: past max_held a handed row is dropped, and the relay
+ * is no longer caught up. */
+static void
+test_full_drops(void **state)
+{
+	struct saga_pg_relay *r = ((struct fx *)*state)->r;
+	int64_t seq;
+
+	r->caught_up = 1;
+	for (seq = 1; seq <= (int64_t)r->max_held; seq++)
+		hand(r, seq, NULL);
+	assert_int_equal(r->nrows, r->max_held);
+	hand(r, 100, NULL);
+	assert_int_equal(r->nrows, r->max_held);
+	assert_false(r->caught_up);
+	assert_true(r->missed);
+	hand(r, 101, NULL);	/* and stays so until a claim */
+	assert_int_equal(r->nrows, r->max_held);
+}
+
+/* A batch's COMMIT lost with its connection: rows may be in the table. */
+static void
+test_lost(void **state)
+{
+	struct saga_pg_relay *r = ((struct fx *)*state)->r;
+
+	r->caught_up = 1;
+	saga_pg_relay_lost(r);
+	assert_false(r->caught_up);
+	assert_true(r->missed);
+	assert_true(r->want_claim);
+	hand(r, 1, "s1");
+	assert_int_equal(r->nrows, 0);
+}
+
+int
+main(void)
+{
+	const struct CMUnitTest tests[] = {
+		cmocka_unit_test_setup_teardown(test_not_caught_up_drops, setup, teardown),
+		cmocka_unit_test_setup_teardown(test_caught_up_takes_in_seq_order, setup, teardown),
+		cmocka_unit_test_setup_teardown(test_claiming_holds_aside, setup, teardown),
+		cmocka_unit_test_setup_teardown(test_claim_not_caught_up_frees_pending, setup,
+		    teardown),
+		cmocka_unit_test_setup_teardown(test_full_drops, setup, teardown),
+		cmocka_unit_test_setup_teardown(test_lost, setup, teardown),
+	};
+
+	return cmocka_run_group_tests(tests, NULL, NULL);
+}
