@@ -243,8 +243,9 @@ pgs_fetch_send(struct saga_backend *b)
 		    " AND id = ANY($2::text[]) ORDER BY saga, id FOR UPDATE", 2,
 		    xstrdup(b->service), pgs_text_array(b->ids, b->nids));
 	if (nconsumed && b->nids)
-		f->at_early = pgs_fetch_add(f, "SELECT " PGS_EARLY_COLUMNS " FROM early WHERE service = $1 AND saga_id = ANY($2::text[])"
-		    " ORDER BY at", 2, xstrdup(b->service), pgs_text_array(b->ids, b->nids));
+		f->at_early = pgs_fetch_add(f, "SELECT " PGS_EARLY_COLUMNS " FROM early"
+		    " WHERE service = $1 AND saga_id = ANY($2::text[]) ORDER BY at", 2,
+		    xstrdup(b->service), pgs_text_array(b->ids, b->nids));
 	/* The timer row is locked too, not only its instance: a replica
 	 * whose snapshot still sees a timer another one fired and deleted
 	 * would lock the instance once it is free and fire the timer again;
