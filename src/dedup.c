@@ -77,6 +77,30 @@ dedup_requeue(struct dedup *dd)
 	dd->sent = NULL;
 }
 
+/* The claims in (subscription, message id) order, the same for every
+ * replica: the INSERT locks its rows in the order given, and two
+ * replicas claiming overlapping ids in different orders could deadlock
+ * (40P01). The answers match the requests by value (dedup_done). An
+ * insertion sort: a batch is at most DEDUP_BATCH. */
+void
+dedup_sort(char **subs, char **ids, size_t n)
+{
+	size_t i, j;
+
+	for (i = 1; i < n; i++) {
+		char *s = subs[i], *m = ids[i];
+		for (j = i; j > 0; j--) {
+			int c = strcmp(subs[j - 1], s);
+			if (c < 0 || (c == 0 && strcmp(ids[j - 1], m) <= 0))
+				break;
+			subs[j] = subs[j - 1];
+			ids[j] = ids[j - 1];
+		}
+		subs[j] = s;
+		ids[j] = m;
+	}
+}
+
 /*
  * One statement claims the batch: a new row is this replica's; on a
  * conflict the no-op update returns the row as it is, with the replica
@@ -110,6 +134,7 @@ dedup_send(struct dedup *dd)
 	*pp = NULL;
 	if (!dd->queue)
 		dd->tail = &dd->queue;
+	dedup_sort(subs, ids, n);
 	at = xasprintf("%.17g", util_now());
 	a1 = pgs_text_array(subs, n);
 	a2 = pgs_text_array(ids, n);

@@ -23,6 +23,8 @@
 #ifndef SAGAD_DEDUP_H
 #define SAGAD_DEDUP_H
 
+#include <stddef.h>
+
 struct event_base;
 struct sagad_conf;
 struct dedup;
@@ -45,5 +47,8 @@ void dedup_claim(struct dedup *dd, const char *sub, const char *message_id, dedu
 void dedup_free(struct dedup *dd);
 /* This replica's name in the claims. */
 const char *dedup_replica(const struct dedup *dd);
+/* A batch of claims, n pairs, in (subscription, message id) order: one
+ * lock order for every replica. */
+void dedup_sort(char **subs, char **ids, size_t n);
 
 #endif

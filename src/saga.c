@@ -468,12 +468,25 @@ saga_classify(const struct sagad_conf *conf, const struct msg *m,
 	return n;
 }
 
-static void saga_handle_matches(struct saga_engine *e, const struct msg *m);
+/* Every match of a message, or only those of one definition. */
+#define SAGA_ALL_DEFS ((size_t)-1)
+static void saga_handle_matches(struct saga_engine *e, const struct msg *m, size_t only);
+
+/* An early event applied by the start of the definition it was kept for:
+ * its matches of that definition only; those of another definition were
+ * kept for that one's start (keeping them again here would hand the same
+ * start the event again). */
+struct saga_early_arg {
+	struct saga_engine *e;
+	size_t def;
+};
 
 static void
 saga_apply_early(void *arg, const struct msg *m)
 {
-	saga_handle_matches(arg, m);
+	struct saga_early_arg *a = arg;
+
+	saga_handle_matches(a->e, m, a->def);
 }
 
 static void
@@ -482,6 +495,7 @@ saga_on_start(struct saga_engine *e, size_t def, const struct msg *m)
 	const char *id = m->props.correlation_id && *m->props.correlation_id ?
 	    m->props.correlation_id : m->message_id;
 	struct saga_inst *in = saga_load(e, def, id);
+	struct saga_early_arg early = { e, def };
 	size_t i;
 
 	if (in) {
@@ -510,7 +524,7 @@ saga_on_start(struct saga_engine *e, size_t def, const struct msg *m)
 	saga_save(e, in);
 	saga_inst_free(in);
 	/* Events that came before this start, now in order after it. */
-	saga_store_early_each(e->ss, id, saga_apply_early, e);
+	saga_store_early_each(e->ss, e->d->conf->sagas[def].name, id, saga_apply_early, &early);
 }
 
 static void
@@ -522,7 +536,7 @@ saga_orphan(struct saga_engine *e, const struct msg *m, const char *why)
 }
 
 static void
-saga_handle_matches(struct saga_engine *e, const struct msg *m)
+saga_handle_matches(struct saga_engine *e, const struct msg *m, size_t only)
 {
 	struct saga_match matches[16];
 	size_t n = saga_classify(e->d->conf, m, matches, 16), i;
@@ -535,6 +549,8 @@ saga_handle_matches(struct saga_engine *e, const struct msg *m)
 		struct saga_match *k = &matches[i];
 		struct saga_inst *in;
 
+		if (only != SAGA_ALL_DEFS && k->saga != only)
+			continue;
 		if (k->input == SAGA_IN_START) {
 			saga_on_start(e, k->saga, m);
 			continue;
@@ -545,7 +561,8 @@ saga_handle_matches(struct saga_engine *e, const struct msg *m)
 		}
 		in = saga_load(e, k->saga, m->props.correlation_id);
 		if (!in && k->input != SAGA_IN_REPLY &&
-		    saga_store_keep_early(e->ss, m, m->props.correlation_id) == 0) {
+		    saga_store_keep_early(e->ss, m, e->d->conf->sagas[k->saga].name,
+		    m->props.correlation_id) == 0) {
 			/* A reply's command came from a committed instance; an
 			 * event may have overtaken its start (saga_store.h). */
 			e->early++;
@@ -578,7 +595,7 @@ saga_handle(void *arg, const struct msg *m)
 
 	e->consumed = 1;
 	saga_store_batch_begin(e->ss);
-	saga_handle_matches(e, m);
+	saga_handle_matches(e, m, SAGA_ALL_DEFS);
 	if (saga_store_batch_end(e->ss) < 0)
 		log_error("saga batch not committed", LOG_STR("message_id", m->message_id));
 	e->consumed = 0;
@@ -600,7 +617,7 @@ saga_take_run(void *arg)
 	struct saga_take *t = arg;
 
 	t->e->consumed = 1;
-	saga_handle_matches(t->e, t->m);
+	saga_handle_matches(t->e, t->m, SAGA_ALL_DEFS);
 	t->e->consumed = 0;
 }
 

@@ -134,7 +134,13 @@ static const char *const saga_pg_migrations[] = {
 	"  started_at double precision NOT NULL,"
 	"  heartbeat_at double precision NOT NULL,"
 	"  PRIMARY KEY (service, replica));",
-	/* 2: a saga's outbox rows, for the check of the batch's INSERT (is an
+	/* 2: an early event is kept for one definition (issue 15): one that
+	 * matches two is kept for each, and each start applies its own.
+	 * Rows kept before have saga '' (the first start takes them). */
+	"ALTER TABLE early ADD COLUMN saga text NOT NULL DEFAULT '';"
+	"ALTER TABLE early DROP CONSTRAINT early_pkey;"
+	"ALTER TABLE early ADD PRIMARY KEY (service, saga_id, saga, message_id);",
+	/* 3: a saga's outbox rows, for the check of the batch's INSERT (is an
 	 * earlier row of the saga another replica's?) */
 	"CREATE INDEX outbox_saga ON outbox(service, saga_id, seq);",
 };

@@ -99,7 +99,8 @@ struct saga_backend {
 	char **ids;			/* the saga ids fetched */
 	size_t nids, capids;
 	PGresult *history;
-	PGresult *early;		/* early events of the batch's saga ids */
+	PGresult *early;		/* early events of the batch's saga ids
+					 * (columns as PGS_EARLY_COLUMNS) */
 	char *early_taken;		/* per row: handed to a start */
 	struct pgs_early *early_new;	/* kept by this batch's jobs */
 	size_t nearly_new, capearly_new;
@@ -155,15 +156,19 @@ void pgs_flush_instances(struct saga_backend *b);
 /* A text[] literal of n strings, for = ANY($k::text[]). */
 char *pgs_text_array(char *const *v, size_t n);
 
-/* saga_pgsql_early.c: choreographed events kept before their start. */
+/* saga_pgsql_early.c: choreographed events kept before their start,
+ * each for one definition (saga) and saga id. The rows round trip 1
+ * fetches have these columns, in this order. */
+#define PGS_EARLY_COLUMNS "saga_id, message_id, exchange, routing_key, props, body, saga"
 struct pgs_early {
-	char *saga_id, *message_id, *exchange, *routing_key;
+	char *saga, *saga_id, *message_id, *exchange, *routing_key;
 	char *props, *body;
 	size_t plen, blen;
 	int taken;
 };
-int pgs_early_keep(struct saga_backend *b, const struct msg *m, const char *saga_id);
-void pgs_early_each(struct saga_backend *b, const char *saga_id,
+int pgs_early_keep(struct saga_backend *b, const struct msg *m, const char *saga,
+    const char *saga_id);
+void pgs_early_each(struct saga_backend *b, const char *saga, const char *saga_id,
     void (*fn)(void *arg, const struct msg *m), void *arg);
 /* With the batch's cache: the events fetched, and those kept since. */
 void pgs_early_reset(struct saga_backend *b);
@@ -172,6 +177,8 @@ void pgs_early_reset(struct saga_backend *b);
 int pgs_driver_start(struct saga_backend *b);
 void pgs_driver_submit(struct saga_backend *b, const struct saga_job *job);
 void pgs_driver_stop(struct saga_backend *b);
+/* The batch's consumed ids in strcmp order: one lock order for all. */
+void pgs_sort_ids(char **v, size_t n);
 void pgs_metrics(struct saga_backend *b, struct evbuffer *out);
 
 #endif

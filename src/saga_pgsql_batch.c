@@ -186,6 +186,23 @@ pgs_take_batch(struct saga_backend *b)
 		b->queue_tail = &b->queue;
 }
 
+static int
+pgs_strcmp_p(const void *x, const void *y)
+{
+	return strcmp(*(char *const *)x, *(char *const *)y);
+}
+
+/* The consumed ids in one order (strcmp) for every replica: the INSERT
+ * takes their row locks in the order given, and two replicas' batches
+ * holding overlapping ids in different orders could deadlock (40P01).
+ * The jobs find theirs again by value (pgs_mark_duplicates). */
+void
+pgs_sort_ids(char **v, size_t n)
+{
+	if (n > 1)
+		qsort(v, n, sizeof *v, pgs_strcmp_p);
+}
+
 static void
 pgs_fetch_send(struct saga_backend *b)
 {
@@ -203,6 +220,7 @@ pgs_fetch_send(struct saga_backend *b)
 			consumed[nconsumed++] = p->consumed;
 		want |= (int)p->j.want;
 	}
+	pgs_sort_ids(consumed, nconsumed);
 	f->at_consumed = f->at_insts = f->at_timers = f->at_history = f->at_list = -1;
 	f->at_early = -1;
 	f->at_counts = -1;
@@ -226,15 +244,21 @@ pgs_fetch_send(struct saga_backend *b)
 		    " AND id = ANY($2::text[]) ORDER BY saga, id FOR UPDATE", 2,
 		    xstrdup(b->service), pgs_text_array(b->ids, b->nids));
 	if (nconsumed && b->nids)
-		f->at_early = pgs_fetch_add(f, "SELECT saga_id, message_id, exchange, routing_key,"
-		    " props, body FROM early WHERE service = $1 AND saga_id = ANY($2::text[])"
-		    " ORDER BY at", 2, xstrdup(b->service), pgs_text_array(b->ids, b->nids));
+		f->at_early = pgs_fetch_add(f, "SELECT " PGS_EARLY_COLUMNS " FROM early"
+		    " WHERE service = $1 AND saga_id = ANY($2::text[]) ORDER BY at", 2,
+		    xstrdup(b->service), pgs_text_array(b->ids, b->nids));
+	/* The timer row is locked too, not only its instance: a replica
+	 * whose snapshot still sees a timer another one fired and deleted
+	 * would lock the instance once it is free and fire the timer again;
+	 * locking t, its re-check finds the row gone and skips it. Locks,
+	 * not a DELETE ... RETURNING: a batch that rolls back leaves its
+	 * timers due for the next one. */
 	if (want & SAGA_WANT_TIMERS)
 		f->at_timers = pgs_fetch_add(f, "SELECT t.kind, t.step, i.saga, i.id, i.state,"
 		    " i.started_at, i.updated_at, coalesce(i.finished_at, 0), i.data FROM timers t"
 		    " JOIN instances i ON i.service = t.service AND i.saga = t.saga AND i.id = t.id"
 		    " WHERE t.service = $1 AND t.due <= $2 ORDER BY t.due LIMIT 256"
-		    " FOR UPDATE OF i SKIP LOCKED", 2,
+		    " FOR UPDATE OF t, i SKIP LOCKED", 2,
 		    xstrdup(b->service), xasprintf("%.17g", util_now()));
 	if ((want & SAGA_WANT_HISTORY) && b->nids)
 		f->at_history = pgs_fetch_add(f, "SELECT saga, id, at, dir, what, coalesce(step, ''),"

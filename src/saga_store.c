@@ -179,17 +179,18 @@ saga_store_send(struct saga_store *ss, struct msg *m, unsigned flags)
 /* ---- early events ---- */
 
 int
-saga_store_keep_early(struct saga_store *ss, const struct msg *m, const char *saga_id)
+saga_store_keep_early(struct saga_store *ss, const struct msg *m, const char *saga,
+    const char *saga_id)
 {
-	return ss->ops->keep_early ? ss->ops->keep_early(ss->b, m, saga_id) : -1;
+	return ss->ops->keep_early ? ss->ops->keep_early(ss->b, m, saga, saga_id) : -1;
 }
 
 void
-saga_store_early_each(struct saga_store *ss, const char *saga_id,
+saga_store_early_each(struct saga_store *ss, const char *saga, const char *saga_id,
     void (*fn)(void *arg, const struct msg *m), void *arg)
 {
 	if (ss->ops->early_each)
-		ss->ops->early_each(ss->b, saga_id, fn, arg);
+		ss->ops->early_each(ss->b, saga, saga_id, fn, arg);
 }
 
 /* ---- timers ---- */

@@ -170,12 +170,15 @@ int saga_store_send(struct saga_store *ss, struct msg *m, unsigned flags);
 
 /* Choreographed events that came before their saga's start, which with
  * competing replicas (a shared store) another replica may still hold:
- * keep returns 0 when the event is kept for saga_id (for early_window),
- * -1 when this store keeps none (then it is an orphan); early_each hands
- * the start's job each event kept for saga_id, once, and forgets it with
- * the batch's commit. */
-int saga_store_keep_early(struct saga_store *ss, const struct msg *m, const char *saga_id);
-void saga_store_early_each(struct saga_store *ss, const char *saga_id,
+ * keep returns 0 when the event is kept for the instance (saga, the
+ * definition's name, and saga_id) for early_window, -1 when this store
+ * keeps none (then it is an orphan); early_each hands the start's job each
+ * event kept for that instance, once, and forgets it with the batch's
+ * commit. Keyed by the definition too: an event that matches two
+ * definitions is kept for each, and each start applies its own. */
+int saga_store_keep_early(struct saga_store *ss, const struct msg *m, const char *saga,
+    const char *saga_id);
+void saga_store_early_each(struct saga_store *ss, const char *saga, const char *saga_id,
     void (*fn)(void *arg, const struct msg *m), void *arg);
 
 /* Timers: one per (row, kind, step); set replaces it. */

@@ -33,8 +33,9 @@ struct saga_store_ops {
 	    const char *what, const char *step, const char *message_id, const char *detail);
 	int (*send)(struct saga_backend *b, struct msg *m, unsigned flags);
 	/* NULL: no early events (the SQLite store's single consumer). */
-	int (*keep_early)(struct saga_backend *b, const struct msg *m, const char *saga_id);
-	void (*early_each)(struct saga_backend *b, const char *saga_id,
+	int (*keep_early)(struct saga_backend *b, const struct msg *m, const char *saga,
+	    const char *saga_id);
+	void (*early_each)(struct saga_backend *b, const char *saga, const char *saga_id,
 	    void (*fn)(void *arg, const struct msg *m), void *arg);
 	int (*timer_set)(struct saga_backend *b, int64_t row, int kind, int step, double due);
 	int (*timer_del)(struct saga_backend *b, int64_t row, int kind, int step);

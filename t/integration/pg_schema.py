@@ -120,6 +120,37 @@ def newer(db, c, n):
     c.query('UPDATE sagad.schema_version SET version = %d' % n)
 
 
+def from_v1(db, c, n):
+    """A schema at version 1 with an early event (a replica of the sagad
+    before): migration 2 keeps the row (saga ''), and the key then has the
+    definition, so one event may be kept for two definitions."""
+    p = migrate(db.conninfo, 'old')
+    h.check(p.returncode == 0, 'schema "old" migrated', detail=out(p))
+    c.query('ALTER TABLE old.early DROP CONSTRAINT early_pkey;'
+            'ALTER TABLE old.early DROP COLUMN saga;'
+            'ALTER TABLE old.early ADD PRIMARY KEY (service, saga_id, message_id);'
+            'UPDATE old.schema_version SET version = 1;'
+            "INSERT INTO old.early (service, saga_id, message_id, exchange, routing_key, body, at)"
+            " VALUES ('orders', 's1', 'e-1', 'events', 'paid', '\\x00'::bytea, 1)")
+    p = migrate(db.conninfo, 'old')
+    h.check(p.returncode == 0 and out(p).count('saga store schema migrated') == n - 1,
+            'a version 1 schema is migrated to %d' % n, detail=out(p))
+    h.check(c.query("SELECT saga_id, message_id, saga FROM old.early") ==
+            [['s1', 'e-1', '']], "its early event kept, for no definition (saga '')")
+    key = c.query("SELECT a.attname FROM pg_index x JOIN pg_attribute a ON"
+                  " a.attrelid = x.indrelid AND a.attnum = ANY(x.indkey) WHERE"
+                  " x.indrelid = 'old.early'::regclass AND x.indisprimary ORDER BY 1")
+    h.check([r[0] for r in key] == ['message_id', 'saga', 'saga_id', 'service'],
+            'early is keyed by service, saga_id, saga, message_id', detail=key)
+    c.query("INSERT INTO old.early (service, saga_id, message_id, exchange, routing_key, body,"
+            " at, saga) VALUES ('orders', 's1', 'e-1', 'events', 'paid', '\\x00'::bytea, 1,"
+            " 'pay'), ('orders', 's1', 'e-1', 'events', 'paid', '\\x00'::bytea, 1, 'ship')")
+    h.check(c.scalar("SELECT count(*) FROM old.early") == '3',
+            'one event kept for two definitions')
+    h.check(state(c, 'old')[:3] == state(c, 'sagad')[:3],
+            'and the schema is the same as a fresh one')
+
+
 def odd_name(db, c):
     name = 'We"ird sch\'ema; DROP'
     p = migrate(db.conninfo, name)
@@ -184,6 +215,7 @@ def main(workdir):
         fresh_and_again(db, c, n)
         together(db, c, n)
         newer(db, c, n)
+        from_v1(db, c, n)
         odd_name(db, c)
         refused(db)
         passwords(db, c)

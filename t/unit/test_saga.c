@@ -44,6 +44,9 @@
 	"  name = \"ship\"; mode = \"choreographed\"; start = \"events:ship.start\";\n" \
 	"  steps = ( { name = \"pack\"; success = \"events:packed\"; failure = \"events:pack.failed\";\n" \
 	"              compensate = \"commands:unpack\"; } );\n" \
+	"}, {\n" \
+	"  name = \"label\"; mode = \"choreographed\"; start = \"events:label.start\";\n" \
+	"  steps = ( { name = \"print\"; success = \"events:packed\"; } );\n" \
 	"} );\n"
 
 /* ---- the store's backend, recorded ----
@@ -60,6 +63,59 @@ static struct {
 } rec;
 
 static struct saga_store_ops rec_ops;
+
+/* Early events, kept by the recording backend when early_on (as the
+ * PostgreSQL store does): per definition and saga id, handed once. */
+static struct {
+	int on, kept, handed;
+	struct rec_early {
+		char saga[16], id[16], mid[16], key[16];
+		int taken;
+	} v[8];
+} early;
+
+static int
+rec_keep_early(struct saga_backend *b, const struct msg *m, const char *saga,
+    const char *saga_id)
+{
+	struct rec_early *e;
+
+	(void)b;
+	if (!early.on)
+		return -1;
+	assert_true(early.kept < 8);
+	e = &early.v[early.kept++];
+	snprintf(e->saga, sizeof e->saga, "%s", saga);
+	snprintf(e->id, sizeof e->id, "%s", saga_id);
+	snprintf(e->mid, sizeof e->mid, "%s", m->message_id);
+	snprintf(e->key, sizeof e->key, "%s", m->routing_key);
+	e->taken = 0;
+	return 0;
+}
+
+static void
+rec_early_each(struct saga_backend *b, const char *saga, const char *saga_id,
+    void (*fn)(void *arg, const struct msg *m), void *arg)
+{
+	int i, n = early.kept;
+
+	(void)b;
+	for (i = 0; i < n; i++) {
+		struct rec_early *e = &early.v[i];
+		struct msg m = { 0 };
+		if (e->taken || strcmp(e->saga, saga) != 0 || strcmp(e->id, saga_id) != 0)
+			continue;
+		e->taken = 1;
+		early.handed++;
+		m.message_id = e->mid;
+		m.exchange = "events";
+		m.routing_key = e->key;
+		m.props.correlation_id = e->id;
+		m.body = "{}";
+		m.body_len = 2;
+		fn(arg, &m);
+	}
+}
 
 static void
 rec_write(void)
@@ -128,6 +184,8 @@ __wrap_saga_store_open(struct event_base *base, struct store *st,
 	rec_ops.update = rec_update;
 	rec_ops.batch_begin = rec_batch_begin;
 	rec_ops.batch_end = rec_batch_end;
+	rec_ops.keep_early = rec_keep_early;
+	rec_ops.early_each = rec_early_each;
 	return b ? saga_store_new(&rec_ops, b) : NULL;
 }
 
@@ -345,10 +403,12 @@ test_classify(void **state)
 	assert_int_equal(k[0].input, SAGA_IN_START);
 	assert_int_equal(k[0].saga, 0);
 
-	m.routing_key = "packed";
-	assert_int_equal(saga_classify(f->d.conf, &m, k, 4), 1);
+	m.routing_key = "packed";	/* a step of two sagas */
+	assert_int_equal(saga_classify(f->d.conf, &m, k, 4), 2);
 	assert_int_equal(k[0].input, SAGA_IN_SUCCESS);
 	assert_int_equal(k[0].saga, 1);
+	assert_int_equal(k[1].input, SAGA_IN_SUCCESS);
+	assert_int_equal(k[1].saga, 2);
 
 	m.routing_key = "something.else";
 	assert_int_equal(saga_classify(f->d.conf, &m, k, 4), 0);
@@ -486,6 +546,52 @@ test_choreographed(void **state)
 	assert_string_equal(state_of(f, "nosuch"), "none");
 }
 
+/* The saga of one definition's instance of id, as the admin API says. */
+static const char *
+state_in(struct fx *f, const char *saga, const char *id)
+{
+	static char st[32];
+	json_t *j = saga_get_json(f->d.saga, id), *inst;
+	size_t i;
+
+	snprintf(st, sizeof st, "none");
+	json_array_foreach(j ? json_object_get(j, "instances") : NULL, i, inst)
+		if (strcmp(json_string_value(json_object_get(inst, "saga")), saga) == 0)
+			snprintf(st, sizeof st, "%s",
+			    json_string_value(json_object_get(inst, "state")));
+	json_decref(j);
+	return st;
+}
+
+/* An event of two choreographed sagas before both starts: kept for each
+ * definition; each start applies the one kept for it, once, to its own
+ * instance, and keeps nothing again (issue 15). */
+static void
+test_early_two_definitions(void **state)
+{
+	struct fx *f = *state;
+
+	memset(&early, 0, sizeof early);
+	early.on = 1;
+	deliver(f, "events", "packed", "p1", "c1", "{}");
+	assert_int_equal(early.kept, 2);
+	assert_string_equal(early.v[0].saga, "ship");
+	assert_string_equal(early.v[1].saga, "label");
+	deliver(f, "events", "ship.start", "s1", "c1", "{}");
+	assert_int_equal(early.handed, 1);
+	assert_true(early.v[0].taken);
+	assert_false(early.v[1].taken);
+	assert_int_equal(early.kept, 2);	/* label's not kept again */
+	assert_string_equal(state_in(f, "ship", "c1"), "completed");
+	assert_string_equal(state_in(f, "label", "c1"), "none");
+	deliver(f, "events", "label.start", "l1", "c1", "{}");
+	assert_int_equal(early.handed, 2);
+	assert_int_equal(early.kept, 2);
+	assert_string_equal(state_in(f, "label", "c1"), "completed");
+	assert_string_equal(state_in(f, "ship", "c1"), "completed");
+	early.on = 0;
+}
+
 /* ---- the dispatcher ---- */
 
 /* A consumed message, which must be one batch of the store. */
@@ -554,6 +660,7 @@ main(void)
 		cmocka_unit_test_setup_teardown(test_failed_then_retried, setup, teardown),
 		cmocka_unit_test_setup_teardown(test_abort_compensates, setup, teardown),
 		cmocka_unit_test_setup_teardown(test_choreographed, setup, teardown),
+		cmocka_unit_test_setup_teardown(test_early_two_definitions, setup, teardown),
 		cmocka_unit_test_setup_teardown(test_start_sends_through_backend, setup, teardown),
 		cmocka_unit_test_setup_teardown(test_orphan_is_one_batch, setup, teardown),
 		cmocka_unit_test_setup_teardown(test_batch_ops_optional, setup, teardown),

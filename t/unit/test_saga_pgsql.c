@@ -18,6 +18,7 @@
 #include <unistd.h>
 
 #include "conf.h"
+#include "dedup.h"
 #include "msg.h"
 #include "props.h"
 #include "saga_pgsql.h"
@@ -856,12 +857,18 @@ early_cb(void *arg, const struct msg *m)
 	assert_int_equal(m->body[m->body_len], '\0');
 }
 
+/* The columns of PGS_EARLY_COLUMNS. */
+static const char *const early_cols[] = {
+	"saga_id", "message_id", "exchange", "routing_key", "props", "body", "saga"
+};
+
 static void
-early_row(PGresult *res, int row, const char *saga_id, const char *mid, const char *props_hex,
-    const void *body, size_t blen)
+early_row_of(PGresult *res, int row, const char *saga, const char *saga_id, const char *mid,
+    const char *props_hex, const void *body, size_t blen)
 {
 	char *hex = hex_bytea(body, blen);
 
+	result_set(res, row, 6, saga);
 	result_set(res, row, 0, saga_id);
 	result_set(res, row, 1, mid);
 	result_set(res, row, 2, "events");
@@ -872,11 +879,15 @@ early_row(PGresult *res, int row, const char *saga_id, const char *mid, const ch
 }
 
 static void
+early_row(PGresult *res, int row, const char *saga_id, const char *mid, const char *props_hex,
+    const void *body, size_t blen)
+{
+	early_row_of(res, row, "pay", saga_id, mid, props_hex, body, blen);
+}
+
+static void
 test_early(void **state)
 {
-	static const char *const cols[] = {
-		"saga_id", "message_id", "exchange", "routing_key", "props", "body"
-	};
 	struct fx *f = *state;
 	struct saga_backend *b = f->b;
 	struct msg m;
@@ -894,11 +905,11 @@ test_early(void **state)
 	props_set_header(&m.props, "x-trace", "t-9");
 	m.body = "b\0dy";
 	m.body_len = 4;
-	assert_int_equal(OPS.keep_early(b, &m, "s9"), 0);
+	assert_int_equal(OPS.keep_early(b, &m, "pay", "s9"), 0);
 	assert_int_equal(b->writes.n, 1);
 	s = stmt(&b->writes, 0);
 	assert_sql_starts(s, "INSERT INTO early");
-	assert_int_equal(s->n, 8);
+	assert_int_equal(s->n, 9);
 	assert_text(s, 0, "orders");
 	assert_text(s, 1, "s9");
 	assert_text(s, 2, "e-1");
@@ -908,12 +919,13 @@ test_early(void **state)
 	assert_bin(s, 5, packed, plen);
 	assert_bin(s, 6, "b\0dy", 4);
 	assert_true(fabs(text_dbl(s, 7) - util_now()) < 5);
+	assert_text(s, 8, "pay");
 	props_free(&m.props);
 	pgs_stmts_clear(&b->writes);
 
 	/* fetched for the batch: two for s1, one for s2, one damaged for s1 */
 	phex = hex_bytea(packed, plen);
-	b->early = result_new(6, cols);
+	b->early = result_new(7, early_cols);
 	early_row(b->early, 0, "s1", "e-a", phex, "A\0", 2);
 	early_row(b->early, 1, "s2", "e-b", phex, "B", 1);
 	early_row(b->early, 2, "s1", "e-c", phex, "", 0);
@@ -924,7 +936,7 @@ test_early(void **state)
 
 	memset(&early_seen, 0, sizeof early_seen);
 	log_capture();
-	OPS.early_each(b, "s1", early_cb, NULL);
+	OPS.early_each(b, "pay", "s1", early_cb, NULL);
 	log = log_captured();
 	assert_int_equal(early_seen.n, 2);
 	assert_string_equal(early_seen.ids[0], "e-a");
@@ -941,27 +953,28 @@ test_early(void **state)
 	assert_int_equal(b->writes.n, 3);
 	s = stmt(&b->writes, 0);
 	assert_sql_starts(s, "DELETE FROM early");
-	assert_int_equal(s->n, 3);
+	assert_int_equal(s->n, 4);
 	assert_text(s, 0, "orders");
 	assert_text(s, 1, "s1");
 	assert_text(s, 2, "e-a");
+	assert_text(s, 3, "pay");
 	assert_text(stmt(&b->writes, 1), 2, "e-c");
 	assert_text(stmt(&b->writes, 2), 2, "e-bad");
 	/* each handed once: the second start of s1 in the batch gets nothing */
-	OPS.early_each(b, "s1", early_cb, NULL);
+	OPS.early_each(b, "pay", "s1", early_cb, NULL);
 	assert_int_equal(early_seen.n, 2);
 	assert_int_equal(b->writes.n, 3);
-	OPS.early_each(b, "s2", early_cb, NULL);
+	OPS.early_each(b, "pay", "s2", early_cb, NULL);
 	assert_int_equal(early_seen.n, 3);
 	assert_string_equal(early_seen.ids[2], "e-b");
 	assert_int_equal(b->writes.n, 4);
 	assert_text(stmt(&b->writes, 3), 1, "s2");
-	OPS.early_each(b, "s3", early_cb, NULL);
+	OPS.early_each(b, "pay", "s3", early_cb, NULL);
 	assert_int_equal(early_seen.n, 3);
 	assert_int_equal(b->writes.n, 4);
 	/* s9 was kept by an earlier job of this batch (above): its start in
 	 * the same batch gets it too, once, its DELETE after the INSERT */
-	OPS.early_each(b, "s9", early_cb, NULL);
+	OPS.early_each(b, "pay", "s9", early_cb, NULL);
 	assert_int_equal(early_seen.n, 4);
 	assert_string_equal(early_seen.ids[3], "e-1");
 	assert_string_equal(early_seen.hdr[3], "t-9");
@@ -970,12 +983,151 @@ test_early(void **state)
 	assert_int_equal(b->writes.n, 5);
 	assert_sql_starts(stmt(&b->writes, 4), "DELETE FROM early");
 	assert_text(stmt(&b->writes, 4), 2, "e-1");
-	OPS.early_each(b, "s9", early_cb, NULL);
+	OPS.early_each(b, "pay", "s9", early_cb, NULL);
 	assert_int_equal(early_seen.n, 4);
 	/* the cache reset forgets them */
 	pgs_cache_reset(b);
 	assert_int_equal(b->nearly_new, 0);
 	assert_null(b->early);
+}
+
+/* An event that matches two definitions is kept for each; each start
+ * gets the one kept for its definition, once; one that matches two steps
+ * of one definition is kept once. */
+static void
+test_early_per_definition(void **state)
+{
+	struct fx *f = *state;
+	struct saga_backend *b = f->b;
+	struct msg m;
+	char *packed = NULL, *phex;
+	size_t plen = 0;
+
+	memset(&m, 0, sizeof m);
+	m.message_id = "e-1";
+	m.exchange = "events";
+	m.routing_key = "paid";
+	m.body = "x";
+	m.body_len = 1;
+	assert_int_equal(OPS.keep_early(b, &m, "pay", "s1"), 0);
+	assert_int_equal(OPS.keep_early(b, &m, "ship", "s1"), 0);
+	assert_int_equal(OPS.keep_early(b, &m, "pay", "s1"), 0);	/* a second step */
+	assert_int_equal(b->writes.n, 2);
+	assert_int_equal(b->nearly_new, 2);
+	assert_text(stmt(&b->writes, 0), 8, "pay");
+	assert_text(stmt(&b->writes, 1), 8, "ship");
+
+	memset(&early_seen, 0, sizeof early_seen);
+	OPS.early_each(b, "pay", "s1", early_cb, NULL);
+	assert_int_equal(early_seen.n, 1);
+	assert_int_equal(b->writes.n, 3);
+	assert_sql_starts(stmt(&b->writes, 2), "DELETE FROM early");
+	assert_text(stmt(&b->writes, 2), 3, "pay");
+	OPS.early_each(b, "pay", "s1", early_cb, NULL);
+	assert_int_equal(early_seen.n, 1);
+	OPS.early_each(b, "ship", "s1", early_cb, NULL);
+	assert_int_equal(early_seen.n, 2);
+	assert_text(stmt(&b->writes, 3), 3, "ship");
+	OPS.early_each(b, "ship", "s1", early_cb, NULL);
+	assert_int_equal(early_seen.n, 2);
+	assert_int_equal(b->writes.n, 4);
+
+	/* fetched: the same message for both, and one kept before the
+	 * column (saga ''), which the first start takes */
+	assert_int_equal(props_pack(&m.props, &packed, &plen), 0);
+	phex = hex_bytea(packed, plen);
+	b->early = result_new(7, early_cols);
+	early_row_of(b->early, 0, "ship", "s2", "e-2", phex, "S", 1);
+	early_row_of(b->early, 1, "pay", "s2", "e-2", phex, "P", 1);
+	early_row_of(b->early, 2, "", "s2", "e-old", phex, "O", 1);
+	b->early_taken = xcalloc(3, 1);
+	free(phex);
+	free(packed);
+	memset(&early_seen, 0, sizeof early_seen);
+	OPS.early_each(b, "pay", "s2", early_cb, NULL);
+	assert_int_equal(early_seen.n, 2);
+	assert_memory_equal(early_seen.body[0], "P", 1);
+	assert_string_equal(early_seen.ids[1], "e-old");
+	assert_text(stmt(&b->writes, 4), 3, "pay");
+	assert_text(stmt(&b->writes, 5), 3, "");
+	OPS.early_each(b, "ship", "s2", early_cb, NULL);
+	assert_int_equal(early_seen.n, 3);
+	assert_memory_equal(early_seen.body[2], "S", 1);
+	assert_text(stmt(&b->writes, 6), 3, "ship");
+	OPS.early_each(b, "ship", "s2", early_cb, NULL);
+	assert_int_equal(early_seen.n, 3);
+}
+
+/* A callback that keeps the event again while it is applied (as the
+ * engine did for the event's other definition): the start applies what
+ * was kept before it, and stops. */
+static struct saga_backend *early_again_b;
+static unsigned early_again_n;
+
+static void
+early_again_cb(void *arg, const struct msg *m)
+{
+	(void)arg;
+	assert_true(++early_again_n < 4);	/* before the fix: for ever */
+	assert_int_equal(OPS.keep_early(early_again_b, m, "pay", "s1"), 0);
+}
+
+static void
+test_early_no_loop(void **state)
+{
+	struct fx *f = *state;
+	struct saga_backend *b = f->b;
+	struct msg m;
+
+	memset(&m, 0, sizeof m);
+	m.message_id = "e-1";
+	m.exchange = "events";
+	m.routing_key = "paid";
+	m.body = "x";
+	m.body_len = 1;
+	assert_int_equal(OPS.keep_early(b, &m, "pay", "s1"), 0);
+	early_again_b = b;
+	early_again_n = 0;
+	OPS.early_each(b, "pay", "s1", early_again_cb, NULL);
+	assert_int_equal(early_again_n, 1);
+	/* kept again after the start: an INSERT after its DELETE */
+	assert_int_equal(b->nearly_new, 2);
+	assert_int_equal(b->writes.n, 3);
+	assert_sql_starts(stmt(&b->writes, 2), "INSERT INTO early");
+}
+
+/* Consumed ids in one order for every replica (no 40P01 between two
+ * batches with overlapping ids); dedup's claims as pairs. */
+static void
+test_sort_ids(void **state)
+{
+	char *v[] = { "m-3", "m-1", "m-20", "m-1", "m-2" };
+	char *subs[] = { "b", "a", "b", "a", "a" };
+	char *ids[] = { "m-1", "m-9", "m-0", "m-2", "m-9" };
+	char *arr;
+
+	(void)state;
+	pgs_sort_ids(v, 5);
+	assert_string_equal(v[0], "m-1");
+	assert_string_equal(v[1], "m-1");
+	assert_string_equal(v[2], "m-2");
+	assert_string_equal(v[3], "m-20");
+	assert_string_equal(v[4], "m-3");
+	arr = pgs_text_array(v, 5);
+	assert_string_equal(arr, "{\"m-1\",\"m-1\",\"m-2\",\"m-20\",\"m-3\"}");
+	free(arr);
+	pgs_sort_ids(v, 0);
+	dedup_sort(subs, ids, 5);
+	assert_string_equal(subs[0], "a");
+	assert_string_equal(ids[0], "m-2");
+	assert_string_equal(subs[1], "a");
+	assert_string_equal(ids[1], "m-9");
+	assert_string_equal(subs[2], "a");
+	assert_string_equal(ids[2], "m-9");
+	assert_string_equal(subs[3], "b");
+	assert_string_equal(ids[3], "m-0");
+	assert_string_equal(subs[4], "b");
+	assert_string_equal(ids[4], "m-1");
 }
 
 /* ---- retention ---- */
@@ -1127,6 +1279,9 @@ main(void)
 		cmocka_unit_test_setup_teardown(test_counts, setup, teardown),
 		cmocka_unit_test_setup_teardown(test_send, setup, teardown),
 		cmocka_unit_test_setup_teardown(test_early, setup, teardown),
+		cmocka_unit_test_setup_teardown(test_early_per_definition, setup, teardown),
+		cmocka_unit_test_setup_teardown(test_early_no_loop, setup, teardown),
+		cmocka_unit_test(test_sort_ids),
 		cmocka_unit_test_setup_teardown(test_expire_rate_limited, setup, teardown),
 		cmocka_unit_test_setup_teardown(test_expire_all_states, setup, teardown),
 		cmocka_unit_test_setup_teardown(test_history_and_list, setup, teardown),
