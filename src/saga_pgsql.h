@@ -13,6 +13,7 @@
 #include <libpq-fe.h>
 #include <stdint.h>
 
+#include "metrics.h"
 #include "pgconn.h"
 #include "saga_store_backend.h"
 
@@ -105,6 +106,7 @@ struct saga_backend {
 	struct pgs_early *early_new;	/* kept by this batch's jobs */
 	size_t nearly_new, capearly_new;
 	int want_timers, want_counts;
+	double counts_wanted;		/* util_mono() want_counts was set */
 
 	/* statements for the commit round trip; loose ones (written outside
 	 * a batch: expiry, heartbeat) wait for the next batch */
@@ -130,6 +132,8 @@ struct saga_backend {
 	size_t ndeltas, capdeltas;
 	double counts_at, heartbeat_at, expire_at;
 	uint64_t batches, commits, retries, failures;
+	double batch_at;		/* util_mono() the batch in flight began */
+	struct histogram batch_seconds;	/* BEGIN sent -> COMMIT's answer */
 };
 
 /* saga_pgsql_batch.c: frees the batch's outbox rows kept for the relay. */

@@ -274,7 +274,10 @@ pgs_fetch_send(struct saga_backend *b)
 			    " ORDER BY started_at DESC LIMIT $4", 4, xstrdup(b->service),
 			    pgs_dup_or_null(p->j.list_saga), xasprintf("%d", p->j.list_state),
 			    xasprintf("%zu", p->j.list_limit));
-	if (b->want_counts)
+	/* The counts scan every instance of the service (tens of ms on a big
+	 * table): not in a batch of saga steps, whose acks would wait for
+	 * them, unless they are overdue (a replica never idle). */
+	if (b->want_counts && (!b->nbatch || util_mono() - b->counts_wanted > 2 * PGS_TICK))
 		f->at_counts = pgs_fetch_add(f, "SELECT saga, state, count(*) FROM instances"
 		    " WHERE service = $1 GROUP BY saga, state", 1, xstrdup(b->service));
 	b->state = PGS_FETCH;
@@ -467,6 +470,7 @@ pgs_committed(struct saga_backend *b)
 	b->nbatch = 0;
 	b->ran = 0;
 	b->commits++;
+	histogram_observe(&b->batch_seconds, util_mono() - b->batch_at);
 	pgs_counts_commit(b);
 	pgs_stmts_clear(&b->writes);
 	pgs_hand_all(b);
@@ -536,6 +540,7 @@ pgs_next(struct saga_backend *b)
 		return;
 	pgs_take_batch(b);
 	b->batches++;
+	b->batch_at = util_mono();
 	pgs_fetch_send(b);
 }
 
@@ -660,6 +665,8 @@ pgs_tick_cb(evutil_socket_t fd, short what, void *arg)
 	pgs_param(s, b->replica_host);
 	pgs_param_int(s, (int64_t)getpid());
 	pgs_param_dbl(s, b->started_at);
+	if (!b->want_counts)
+		b->counts_wanted = util_mono();
 	b->want_counts = 1;
 	pgs_next(b);
 }
@@ -692,6 +699,9 @@ pgs_metrics(struct saga_backend *b, struct evbuffer *out)
 	PGS_METRIC("sagad_saga_store_queued", "gauge",
 	    "Saga jobs waiting for a batch (consumed messages held unacked).", queued);
 #undef PGS_METRIC
+	metrics_family(out, "sagad_saga_store_batch_seconds", "histogram",
+	    "Time from a batch's BEGIN sent to its COMMIT answered (both round trips).");
+	metrics_histogram(out, "sagad_saga_store_batch_seconds", "", &b->batch_seconds);
 	if (b->relay)
 		saga_pg_relay_metrics(b->relay, out);
 }
@@ -701,6 +711,7 @@ pgs_driver_start(struct saga_backend *b)
 {
 	struct timeval tv = { PGS_TICK, 0 };
 
+	histogram_init(&b->batch_seconds, metrics_latency_bounds, metrics_latency_nbounds);
 	b->queue_tail = &b->queue;
 	b->cfg.conninfo = b->conninfo;
 	b->cfg.connect_timeout = 5;

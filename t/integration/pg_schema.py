@@ -129,6 +129,7 @@ def from_v1(db, c, n):
     c.query('ALTER TABLE old.early DROP CONSTRAINT early_pkey;'
             'ALTER TABLE old.early DROP COLUMN saga;'
             'ALTER TABLE old.early ADD PRIMARY KEY (service, saga_id, message_id);'
+            'DROP INDEX old.outbox_saga;'   # migration 3
             'UPDATE old.schema_version SET version = 1;'
             "INSERT INTO old.early (service, saga_id, message_id, exchange, routing_key, body, at)"
             " VALUES ('orders', 's1', 'e-1', 'events', 'paid', '\\x00'::bytea, 1)")
