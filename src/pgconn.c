@@ -433,11 +433,11 @@ pgc_limits_sql(const struct pgc *c)
 
 	if (!c->conf.server_limits)
 		return xstrdup("");
-	if (stmt < c->conf.query_timeout / 2)	/* a short query_timeout */
-		stmt = c->conf.query_timeout / 2;
+	if (stmt < c->conf.query_timeout * 0.8)	/* a short query_timeout */
+		stmt = c->conf.query_timeout * 0.8;
 	return xasprintf("SET statement_timeout = %.0f; SET lock_timeout = %.0f;"
 	    " SET idle_in_transaction_session_timeout = %d; ", stmt * 1000,
-	    fmin(stmt, PGC_LOCK_TIMEOUT) * 1000, PGC_IDLE_TX_TIMEOUT * 1000);
+	    fmin(stmt / 2, PGC_LOCK_TIMEOUT) * 1000, PGC_IDLE_TX_TIMEOUT * 1000);
 }
 
 /* The session as the owner wants it, before the owner's first query. */

@@ -35,10 +35,12 @@ struct pgc_conf {
 	const char *session;
 	/* Non-zero: the session also gets server-side limits, so that
 	 * PostgreSQL ends a query before this client gives up on it:
-	 * statement_timeout PGC_STATEMENT_MARGIN seconds under query_timeout,
-	 * lock_timeout PGC_LOCK_TIMEOUT (at most the statement_timeout) and
+	 * statement_timeout PGC_STATEMENT_MARGIN seconds under query_timeout
+	 * (at least 0.8 x query_timeout), lock_timeout PGC_LOCK_TIMEOUT (at
+	 * most half the statement_timeout: a lock wait ends as such) and
 	 * idle_in_transaction_session_timeout PGC_IDLE_TX_TIMEOUT, so that a
-	 * frozen client's transaction does not hold its row locks for ever. */
+	 * frozen client's transaction does not hold its row locks for ever.
+	 * The owner's session settings follow them, and may change them. */
 	int server_limits;
 };
 
