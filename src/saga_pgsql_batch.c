@@ -442,8 +442,10 @@ pgs_failed(struct saga_backend *b, const char *why)
 	    LOG_UINT("jobs", b->nbatch));
 	b->failures++;
 	if (cls == PGC_ERR_RECONNECT) {
+		char *copy = xstrdup(why);	/* why is the connection's */
 		b->transient_failures++;
-		pgc_down(b->pg, why);
+		pgc_down(b->pg, copy);
+		free(copy);
 		return;
 	}
 	b->transient = cls == PGC_ERR_TRANSIENT;
@@ -686,7 +688,8 @@ pgs_metrics(struct saga_backend *b, struct evbuffer *out)
 	PGS_METRIC("sagad_saga_store_commits_total", "counter",
 	    "Batches committed.", b->commits);
 	PGS_METRIC("sagad_saga_store_failures_total", "counter",
-	    "Batches rolled back for an error (their jobs run again alone).", b->failures);
+	    "Batches rolled back for an error (their jobs run again alone, or after a"
+	    " transient error the batch after a wait).", b->failures);
 	PGS_METRIC("sagad_saga_store_transient_failures_total", "counter",
 	    "Of the failures, those for a transient error (deadlock, serialization"
 	    " failure, lock or statement timeout, failover): the batch runs again"
