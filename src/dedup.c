@@ -315,6 +315,7 @@ dedup_new(struct event_base *base, const struct sagad_conf *conf, const char *st
 	dd->cfg.retry_initial = 0.2;
 	dd->cfg.retry_max = 5;
 	dd->cfg.schema = dd->schema;
+	dd->cfg.server_limits = 1;
 	dd->pg = pgc_new(base, &dd->cfg, &dedup_hooks, dd);
 	dd->start_ev = event_new(base, -1, 0, dedup_start_cb, dd);
 	dd->window = conf->store.dedup_window;

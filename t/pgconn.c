@@ -2,8 +2,10 @@
  * Drives src/pgconn.c against a real PostgreSQL (t/integration/pgconn.py
  * starts a private one): simple queries, pipelines (results in statement
  * order, the first error, the implicit transaction, a pipeline bigger than
- * the socket's buffers), and the query deadline that drops the connection
- * and makes it again. Usage: pgconn CONNINFO. Prints "ok: ..." for each
+ * the socket's buffers), the query deadline that drops the connection,
+ * cancels the query and makes the connection again, the server-side
+ * limits (statement and lock timeouts: transient errors) and the errors'
+ * classes. Usage: pgconn CONNINFO. Prints "ok: ..." for each
  * check, "FAIL: ..." and exits 1 at the first that fails.
  */
 #include <event2/event.h>
@@ -20,6 +22,8 @@ struct run {
 	int step;		/* the check whose query is in flight */
 	int downs;
 	int failed;
+	const char *conninfo;
+	PGconn *locker;		/* a second session, holding a lock */
 };
 
 static void run_next(struct run *r);
@@ -100,7 +104,9 @@ run_next(struct run *r)
 	const struct pgc_stmt nulls[] = {
 		{ "SELECT $1::int IS NULL", 1, nul, NULL, NULL },
 	};
+	/* past the client's deadline: the server's statement_timeout off */
 	const struct pgc_stmt slow[] = {
+		{ "SET statement_timeout = 0", 0, NULL, NULL, NULL },
 		{ "SELECT pg_sleep(5)", 0, NULL, NULL, NULL },
 	};
 
@@ -127,10 +133,34 @@ run_next(struct run *r)
 		send_big(r, BIG);
 		break;
 	case 7:
-		pgc_send_pipeline(r->c, slow, 1);	/* the deadline is 1 s */
+		pgc_send_pipeline(r->c, slow, 2);	/* the deadline is 1 s */
 		break;
 	case 8:
 		pgc_send(r->c, "SELECT 42");
+		break;
+	case 9:
+		/* the cancel is sent by a thread: give it a moment */
+		pgc_send(r->c, "SELECT pg_sleep(0.5); SELECT count(*) FROM pg_stat_activity"
+		    " WHERE query = 'SELECT pg_sleep(5)' AND state = 'active'");
+		break;
+	case 10:
+		pgc_send(r->c, "SHOW statement_timeout; SHOW lock_timeout;"
+		    " SHOW idle_in_transaction_session_timeout");
+		break;
+	case 11:
+		pgc_send(r->c, "SELECT pg_sleep(5)");
+		break;
+	case 12:
+		/* blocking, but this is a test */
+		r->locker = PQconnectdb(r->conninfo);
+		PQclear(PQexec(r->locker, "BEGIN; LOCK TABLE t IN ACCESS EXCLUSIVE MODE"));
+		pgc_send(r->c, "SELECT count(*) FROM t");
+		break;
+	case 13:
+		PQclear(PQexec(r->locker, "COMMIT"));
+		PQfinish(r->locker);
+		r->locker = NULL;
+		pgc_send(r->c, "SELECT count(*) FROM t");
 		break;
 	default:
 		event_base_loopbreak(r->base);
@@ -157,8 +187,11 @@ on_done(void *arg)
 	case 2:
 		check(r, pgc_nresults(r->c) == 3 && pgc_result(r->c, 0) &&
 		    !pgc_result(r->c, 1) && !pgc_result(r->c, 2) && pgc_error(r->c) &&
-		    strstr(pgc_error(r->c), "duplicate key"),
-		    "an error in a pipeline: its statement and the later ones have no result");
+		    strstr(pgc_error(r->c), "duplicate key") &&
+		    strcmp(pgc_error_sqlstate(r->c), "23505") == 0 &&
+		    pgc_error_class(r->c) == PGC_ERR_PERMANENT,
+		    "an error in a pipeline: its statement and the later ones have no result;"
+		    " a unique violation (23505) is permanent");
 		break;
 	case 3:
 		check(r, value_is(r, 0, "1"), "the connection serves after the error, and the"
@@ -182,6 +215,29 @@ on_done(void *arg)
 	case 8:
 		check(r, value_is(r, 0, "42") && r->downs == 1,
 		    "after the deadline dropped it, the connection was made again and serves");
+		break;
+	case 9:
+		check(r, value_is(r, 1, "0"), "the query past the deadline was cancelled:"
+		    " it no longer runs on the server");
+		break;
+	case 10:
+		check(r, value_is(r, 0, "800ms") && value_is(r, 1, "400ms") &&
+		    value_is(r, 2, "1min"), "server-side limits: statement_timeout"
+		    " 0.8 x query_timeout (1 s), lock_timeout half that, idle_in_transaction 1min");
+		break;
+	case 11:
+		check(r, pgc_error(r->c) && strcmp(pgc_error_sqlstate(r->c), "57014") == 0 &&
+		    pgc_error_class(r->c) == PGC_ERR_TRANSIENT, "the server's statement_timeout"
+		    " ends a slow query before the client's deadline: 57014, transient");
+		break;
+	case 12:
+		check(r, pgc_error(r->c) && strcmp(pgc_error_sqlstate(r->c), "55P03") == 0 &&
+		    pgc_error_class(r->c) == PGC_ERR_TRANSIENT, "a lock held by another session"
+		    " past lock_timeout: 55P03, transient");
+		break;
+	case 13:
+		check(r, !pgc_error(r->c) && value_is(r, 0, "1"), "the lock released:"
+		    " the same query succeeds");
 		break;
 	}
 	if (r->failed)
@@ -231,7 +287,7 @@ int
 main(int argc, char **argv)
 {
 	const struct pgc_hooks hooks = { on_connecting, on_connected, on_done, on_notified, on_down };
-	struct pgc_conf conf = { NULL, 10, 1, 0.1, 1, NULL, NULL };
+	struct pgc_conf conf = { NULL, 10, 1, 0.1, 1, NULL, NULL, 1 };
 	struct run r;
 
 	if (argc != 2) {
@@ -239,12 +295,12 @@ main(int argc, char **argv)
 		return 2;
 	}
 	memset(&r, 0, sizeof r);
-	conf.conninfo = argv[1];
+	conf.conninfo = r.conninfo = argv[1];
 	r.base = event_base_new();
 	r.c = pgc_new(r.base, &conf, &hooks, &r);
 	pgc_start(r.c);
 	event_base_dispatch(r.base);
-	if (!r.failed && r.step != 9) {
+	if (!r.failed && r.step != 14) {
 		printf("FAIL: stopped at check %d\n", r.step);
 		r.failed = 1;
 	}

@@ -13,8 +13,11 @@ in reverse order; a saga timeout and a step timeout fire (their timers are
 rows of the timers table); `sagactl saga retry` and `sagactl saga abort`;
 SIGKILL of the orchestrator mid-run; PostgreSQL stopped for a few seconds
 mid-run (the start events of that time stay in the saga queue, nothing of
-theirs reaches a participant) and started again; the password of the
-conninfo is never shown.
+theirs reaches a participant) and started again; a saga whose lock
+another session holds (its batch cancelled six times, then ended by
+lock_timeout) is retried as a transient error, never refused, and
+completes once the lock is released; the password of the conninfo is
+never shown.
 
 Skipped (77) when PostgreSQL is not installed, and, after the parts that
 need no PostgreSQL backend (PostgreSQL up, sagad -n), while this sagad
@@ -100,11 +103,55 @@ def start_one(d_web, cid, saga):
                 {'Correlation-Id': cid, 'Message-Id': 'start-' + cid})
 
 
+def lock_held(db, d_web, orders):
+    """pg-lk1 starts while another session holds the advisory lock of its
+    saga id (the saga store's batch waits on it): six cancels of the
+    waiting statement (57014) and then lock_timeout (55P03, 10 s) are
+    transient errors: the batch is retried after a backoff, never counted
+    toward the job's tries (PGS_ATTEMPTS = 5 would have refused it)."""
+    key = 'hashtextextended(%s || chr(31) || %s, 0)' % (pg.quote_literal(SERVICE),
+                                                       pg.quote_literal('pg-lk1'))
+    waiting_sql = ("SELECT pid FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                   " AND wait_event = 'advisory' AND query LIKE '%pg_advisory_xact_lock(k)%'")
+    failures = 'sagad_saga_store_failures_total'
+    transient = 'sagad_saga_store_transient_failures_total'
+    transient0 = orders.metric(transient, 0)
+    locker = db.connect()
+    locker.query('SELECT pg_advisory_lock(%s)' % key)
+    start_one(d_web, 'pg-lk1', 'order')
+    with db.connect() as c:
+        # the job alone fails five times: the old rule refused it at the fifth
+        for i in range(6):
+            before = orders.metric(failures, 0)
+            h.wait_until(lambda: c.query(waiting_sql), 15,
+                         'pg-lk1: the saga store waits for the lock (%d)' % (i + 1), interval=0.05)
+            for pid, in c.query(waiting_sql):
+                c.query('SELECT pg_cancel_backend(%s)' % pid)
+            h.wait_until(lambda: orders.metric(failures, 0) > before, 15,
+                         'pg-lk1: the cancelled batch rolled back (%d)' % (i + 1), interval=0.05)
+        h.log('pg-lk1: its batch cancelled 6 times; now waiting for lock_timeout')
+        h.wait_until(lambda: c.query(waiting_sql), 15,
+                     'pg-lk1: the saga store waits for the lock again', interval=0.05)
+        before = orders.metric(failures, 0)
+        h.wait_until(lambda: orders.metric(failures, 0) > before and '55P03' in orders.log(),
+                     20, 'pg-lk1: lock_timeout (10 s) ends the wait: 55P03')
+    h.check(orders.metric(transient, 0) - transient0 >= 7,
+            'the 6 cancels and the lock_timeout counted as transient failures (%g)'
+            % (orders.metric(transient, 0) - transient0))
+    h.check(not (saga_get(orders, 'pg-lk1') or {}).get('state'),
+            'pg-lk1: not started while the lock is held')
+    locker.close()
+    h.check('failed every try' not in orders.log(),
+            'no saga job refused for a transient error (seven in a row)')
+
+
 def main(wd):
     plans = [plan(i) for i in range(N)]
     # started while PostgreSQL is down: orchestrated, all complete
     down = [('pg-down-%02d' % i, 'order', 'completed', None) for i in range(10)]
-    by_cid = {p[0]: p for p in plans + down}
+    # started while another session holds its saga id's lock
+    locked = [('pg-lk1', 'order', 'completed', None)]
+    by_cid = {p[0]: p for p in plans + down + locked}
 
     db = pg.Postgres(wd)
     db.start()
@@ -205,9 +252,10 @@ def main(wd):
     for t in threads:
         t.join()
     h.check(not errors, 'every start event accepted by the web sagad', errors[:5])
+    lock_held(db, d_web, orders)
 
     # ---- every saga ends, in the admin API and in PostgreSQL
-    everything = plans + down + specials
+    everything = plans + down + specials + locked
 
     def finished():
         st = pg_instances(db)
@@ -234,7 +282,7 @@ def main(wd):
     extra_ok = [(p, k, c) for c, _, _, _ in specials
                 for p, k in (('stock', 'stock.reserve'), ('stock', 'stock.release'))] + \
         [('payment', 'payment.authorize', 'pg-ab1'), ('payment', 'payment.cancel', 'pg-ab1')]
-    cast.check(plans + down, extra_ok, [('payment', 'payment.authorize', 'pg-cn1'),
+    cast.check(plans + down + locked, extra_ok, [('payment', 'payment.authorize', 'pg-cn1'),
                                         ('stock', 'stock.release', 'pg-cn1')], specials)
     backwards = []
     for cid, saga, _, what in plans:
