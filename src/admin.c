@@ -219,7 +219,7 @@ admin_status(struct admin *a, struct evhttp_request *req)
 	j = json_pack(
 	    "{s:s,s:s,s:i,s:f,s:s,"
 	    "s:{s:s,s:b,s:s,s:s,s:I},"
-	    "s:{s:s,s:I,s:I,s:b},"
+	    "s:{s:s,s:s,s:I,s:I,s:b},"
 	    "s:{s:I,s:i,s:f,s:I,s:I,s:I}}",
 	    "service", d->conf->service, "version", PACKAGE_VERSION,
 	    "pid", (int)getpid(), "uptime_seconds", util_now() - d->started,
@@ -229,7 +229,7 @@ admin_status(struct admin *a, struct evhttp_request *req)
 	    "link", admin_link_names[relay_link(d->relay)],
 	    "reason", relay_link_reason(d->relay),
 	    "reconnects", (json_int_t)rs->reconnects,
-	    "store", "path", store_path(d->store),
+	    "store", "path", store_path(d->store), "replica_id", store_replica_id(d->store),
 	    "bytes", (json_int_t)store_bytes(d->store),
 	    "max_bytes", (json_int_t)d->conf->store.max_bytes,
 	    "writable", store_writable(d->store),

@@ -6,10 +6,8 @@
 #include "dedup.h"
 
 #include <event2/event.h>
-#include <limits.h>
 #include <stdlib.h>
 #include <string.h>
-#include <unistd.h>
 
 #include "conf.h"
 #include "log.h"
@@ -267,19 +265,13 @@ static const struct pgc_hooks dedup_hooks = {
 /* ---- life ---- */
 
 struct dedup *
-dedup_new(struct event_base *base, const struct sagad_conf *conf, const char *store_path)
+dedup_new(struct event_base *base, const struct sagad_conf *conf, const char *replica_id)
 {
 	struct dedup *dd = xcalloc(1, sizeof *dd);
-	char host[256], path[PATH_MAX];
 	struct timeval minute = { 60, 0 };
 
-	if (gethostname(host, sizeof host) < 0)
-		strcpy(host, "unknown");
-	host[sizeof host - 1] = '\0';
-	if (!realpath(store_path, path))
-		snprintf(path, sizeof path, "%s", store_path);
 	dd->base = base;
-	dd->replica = xasprintf("%s:%s", host, path);
+	dd->replica = xstrdup(replica_id);
 	dd->conninfo = xstrdup(conf->saga_store.conninfo);
 	dd->schema = xstrdup(conf->saga_store.schema);
 	dd->service = xstrdup(conf->service);

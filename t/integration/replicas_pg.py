@@ -372,12 +372,15 @@ def main(wd):
 
     # ---- shares: who started the sagas
     c = db.connect()
-    rows = c.query("SELECT replica, count(*) FROM sagad.consumed WHERE service = 'orders' "
-                   "AND message_id LIKE 'start-%' GROUP BY replica ORDER BY replica")
+    # a run's name is its store's id and start; its pid is in replicas
+    rows = c.query("SELECT c.replica, r.pid, count(*) FROM sagad.consumed c"
+                   " LEFT JOIN sagad.replicas r USING (service, replica)"
+                   " WHERE c.service = 'orders' AND c.message_id LIKE 'start-%'"
+                   " GROUP BY c.replica, r.pid ORDER BY c.replica")
     c.close()
     share = collections.Counter()
-    for replica, n in rows:
-        pid = int(replica.split(':')[-2])
+    for replica, pid, n in rows:
+        pid = int(pid) if pid not in (None, '') else -1
         share['%s (pid %d)' % (reps.pids.get(pid, '?'), pid)] += int(n)
     total = sum(share.values())
     h.log('start events consumed per replica incarnation (PostgreSQL `consumed`): %s'

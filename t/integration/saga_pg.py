@@ -14,7 +14,9 @@ rows of the timers table); `sagactl saga retry` and `sagactl saga abort`;
 SIGKILL of the orchestrator mid-run; PostgreSQL stopped for a few seconds
 mid-run (the start events of that time stay in the saga queue, nothing of
 theirs reaches a participant) and started again; the password of the
-conninfo is never shown.
+conninfo is never shown; the replicas table names both runs of the
+orchestrator (before and after the SIGKILL) by its store's replica id and
+the run's start (id:ms), with this host and each run's pid beside.
 
 Skipped (77) when PostgreSQL is not installed, and, after the parts that
 need no PostgreSQL backend (PostgreSQL up, sagad -n), while this sagad
@@ -22,6 +24,8 @@ refuses backend "pgsql" (the backend is not wired in yet).
 """
 
 import os
+import re
+import socket
 import subprocess
 import sys
 import threading
@@ -100,6 +104,20 @@ def start_one(d_web, cid, saga):
                 {'Correlation-Id': cid, 'Message-Id': 'start-' + cid})
 
 
+def check_replicas(db, orders, pids):
+    """The replicas table: a run is its store's id and its start (id:ms),
+    its host and pid beside; a restart keeps the id, not the run."""
+    rid = orders.admin_json('/v1/admin/status')[1]['store']['replica_id']
+    h.check(re.fullmatch('[0-9a-f]{32}', rid), 'the store\'s replica id: 32 hex digits', rid)
+    rows = pg_rows(db, 'SELECT replica, host, pid FROM sagad.replicas WHERE service = %s'
+                   % pg.quote_literal(SERVICE))
+    runs = [r for r, host, pid in rows if re.fullmatch(re.escape(rid) + ':[0-9]+', r) and
+            host == socket.gethostname() and int(pid) in pids]
+    h.check(len(runs) == 2 and len(rows) == 2,
+            'sagad.replicas: the two runs of orders (pids %s), named id:ms, host and pid beside'
+            % sorted(pids), rows)
+
+
 def main(wd):
     plans = [plan(i) for i in range(N)]
     # started while PostgreSQL is down: orchestrated, all complete
@@ -151,9 +169,13 @@ def main(wd):
     threads = publish_starts(d_web, plans[:half], max(4.0, half / 60.0), errors)
     h.wait_until(lambda: pg_count(db, 'instances') >= half // 3, 60,
                  'a third of batch 1 in the instances table')
+    pids = {orders.proc.pid}
+    h.wait_until(lambda: pg_count(db, 'replicas', ' AND pid = %d' % orders.proc.pid) == 1, 10,
+                 'the first run\'s heartbeat in sagad.replicas (every 5 s)')
     orders.kill()
     h.log('SIGKILL orchestrator (batch 1)')
     orders.start(timeout=60)
+    pids.add(orders.proc.pid)
 
     # ---- the timeouts fire (after the restart: their timers were in PostgreSQL)
     h.wait_until(lambda: hist_entries(saga_get(orders, 'pg-tt1') or {}, 'saga timeout'), 30,
@@ -245,6 +267,8 @@ def main(wd):
                 backwards.append(cid)
     h.check(not backwards, 'ship refused: payment.cancel answered before stock.release began '
             '(reverse order)', backwards[:10])
+
+    check_replicas(db, orders, pids)
 
     # ---- the password is never shown
     st_code, status = orders.admin_json('/v1/admin/status')
