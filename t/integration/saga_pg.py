@@ -10,7 +10,9 @@ orchestrated, one quarter choreographed, some failing on purpose, reach
 their planned state, in the admin API and in the schema's instances table,
 with every command and compensation applied exactly once and compensations
 in reverse order; a saga timeout and a step timeout fire (their timers are
-rows of the timers table); `sagactl saga retry` and `sagactl saga abort`;
+rows of the timers table); `sagactl saga retry` and `sagactl saga abort`,
+an abort repeated answering 409 (harmless), and one while PostgreSQL is
+down answering 503 (outcome unknown);
 SIGKILL of the orchestrator mid-run; PostgreSQL stopped for a few seconds
 mid-run (the start events of that time stay in the saga queue, nothing of
 theirs reaches a participant) and started again; the password of the
@@ -192,6 +194,9 @@ def main(wd):
             'pg-ab1: its step timer in sagad.timers while authorize runs')
     rc, out, err = sagactl(orders, 'saga', 'abort', 'pg-ab1')
     h.check(rc == 0 and 'pg-ab1' in out, 'sagactl saga abort pg-ab1: exit 0', (rc, out, err))
+    rc, out, err = sagactl(orders, 'saga', 'abort', 'pg-ab1')
+    h.check(rc == 1 and '409 wrong-state' in err,
+            'the abort repeated (as after a 503): 409 wrong-state, nothing changed', (rc, out, err))
     ab1_go.set()
     h.wait_until(lambda: (saga_get(orders, 'pg-cn1') or {}).get('state') == 'failed', 60,
                  'pg-cn1: its compensation refused twice: failed')
@@ -212,6 +217,10 @@ def main(wd):
     t_down = time.time()
     for cid, saga, _, _ in down:
         start_one(d_web, cid, saga)
+    rc, out, err = sagactl(orders, 'saga', 'abort', 'pg-ab1')
+    h.check(rc == 1 and '503 store-unavailable' in err and 'may or may not have taken effect'
+            in err, 'PostgreSQL down: a saga command answers 503, its outcome unknown',
+            (rc, out, err))
     h.wait_until(lambda: d_web.metric('sagad_outbox_pending', 1) == 0 and
                  sum(saga_queue(broker)) >= len(down), 30,
                  'the start events sent while PostgreSQL is down: published, in the saga queue')
