@@ -623,6 +623,9 @@ pgs_expire(struct saga_backend *b, double before, unsigned states, int batch, sa
 	s = pgs_stmt_add(&b->loose, "DELETE FROM early WHERE service = $1 AND at < $2");
 	pgs_param(s, b->service);
 	pgs_param_dbl(s, util_now() - b->conf->saga_store.early_window);
+	/* The owner of consumed's expiry, for every subscription: the saga
+	 * messages' ids and shared dedup's claims (dedup.c forgets its claims
+	 * itself only in a sagad without sagas, where this does not run). */
 	s = pgs_stmt_add(&b->loose, "DELETE FROM consumed WHERE service = $1 AND at < $2");
 	pgs_param(s, b->service);
 	pgs_param_dbl(s, util_now() - b->conf->store.dedup_window);
