@@ -84,6 +84,7 @@ class Replicas:
                                    conf_extra=conf)
         self.scraped = {}        # (name, pid) -> metrics
         self.pids = {}           # pid -> name
+        self.ids = {}            # the store's replica id -> name
         self.lock = threading.Lock()
         self.stopping = False
         self.thread = None
@@ -92,6 +93,7 @@ class Replicas:
         d = self.r[name]
         d.start(timeout=60)
         self.pids[d.proc.pid] = name
+        self.ids[d.admin_json('/v1/admin/status')[1]['store']['replica_id']] = name
         return d
 
     def scrape(self, name):
@@ -356,8 +358,10 @@ def main(wd):
     c.close()
     share = collections.Counter()
     for replica, pid, n in rows:
-        pid = int(pid) if pid not in (None, '') else -1
-        share['%s (pid %d)' % (reps.pids.get(pid, '?'), pid)] += int(n)
+        # a run killed before its first heartbeat has no pid: its start
+        name = reps.ids.get(replica.split(':')[0], '?')
+        run = 'pid %d' % int(pid) if pid not in (None, '') else 'started %s' % replica.split(':')[1]
+        share['%s (%s)' % (name, run)] += int(n)
     total = sum(share.values())
     h.log('start events consumed per replica incarnation (PostgreSQL `consumed`): %s'
           % ', '.join('%s %d (%.0f%%)' % (k, v, 100.0 * v / max(1, total))
