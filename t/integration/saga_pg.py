@@ -10,14 +10,18 @@ orchestrated, one quarter choreographed, some failing on purpose, reach
 their planned state, in the admin API and in the schema's instances table,
 with every command and compensation applied exactly once and compensations
 in reverse order; a saga timeout and a step timeout fire (their timers are
-rows of the timers table); `sagactl saga retry` and `sagactl saga abort`;
+rows of the timers table); `sagactl saga retry` and `sagactl saga abort`,
+an abort repeated answering 409 (harmless), and one while PostgreSQL is
+down answering 503 (outcome unknown);
 SIGKILL of the orchestrator mid-run; PostgreSQL stopped for a few seconds
 mid-run (the start events of that time stay in the saga queue, nothing of
 theirs reaches a participant) and started again; a saga whose lock
 another session holds (its batch cancelled six times, then ended by
 lock_timeout) is retried as a transient error, never refused, and
 completes once the lock is released; the password of the conninfo is
-never shown.
+never shown; the replicas table names both runs of the orchestrator
+(before and after the SIGKILL) by its store's replica id and the run's
+start (id:ms), with this host and each run's pid beside.
 
 Skipped (77) when PostgreSQL is not installed, and, after the parts that
 need no PostgreSQL backend (PostgreSQL up, sagad -n), while this sagad
@@ -25,6 +29,8 @@ refuses backend "pgsql" (the backend is not wired in yet).
 """
 
 import os
+import re
+import socket
 import subprocess
 import sys
 import threading
@@ -145,6 +151,20 @@ def lock_held(db, d_web, orders):
             'no saga job refused for a transient error (seven in a row)')
 
 
+def check_replicas(db, orders, pids):
+    """The replicas table: a run is its store's id and its start (id:ms),
+    its host and pid beside; a restart keeps the id, not the run."""
+    rid = orders.admin_json('/v1/admin/status')[1]['store']['replica_id']
+    h.check(re.fullmatch('[0-9a-f]{32}', rid), 'the store\'s replica id: 32 hex digits', rid)
+    rows = pg_rows(db, 'SELECT replica, host, pid FROM sagad.replicas WHERE service = %s'
+                   % pg.quote_literal(SERVICE))
+    runs = [r for r, host, pid in rows if re.fullmatch(re.escape(rid) + ':[0-9]+', r) and
+            host == socket.gethostname() and int(pid) in pids]
+    h.check(len(runs) == 2 and len(rows) == 2,
+            'sagad.replicas: the two runs of orders (pids %s), named id:ms, host and pid beside'
+            % sorted(pids), rows)
+
+
 def main(wd):
     plans = [plan(i) for i in range(N)]
     # started while PostgreSQL is down: orchestrated, all complete
@@ -198,9 +218,13 @@ def main(wd):
     threads = publish_starts(d_web, plans[:half], max(4.0, half / 60.0), errors)
     h.wait_until(lambda: pg_count(db, 'instances') >= half // 3, 60,
                  'a third of batch 1 in the instances table')
+    pids = {orders.proc.pid}
+    h.wait_until(lambda: pg_count(db, 'replicas', ' AND pid = %d' % orders.proc.pid) == 1, 10,
+                 'the first run\'s heartbeat in sagad.replicas (every 5 s)')
     orders.kill()
     h.log('SIGKILL orchestrator (batch 1)')
     orders.start(timeout=60)
+    pids.add(orders.proc.pid)
 
     # ---- the timeouts fire (after the restart: their timers were in PostgreSQL)
     h.wait_until(lambda: hist_entries(saga_get(orders, 'pg-tt1') or {}, 'saga timeout'), 30,
@@ -217,6 +241,9 @@ def main(wd):
             'pg-ab1: its step timer in sagad.timers while authorize runs')
     rc, out, err = sagactl(orders, 'saga', 'abort', 'pg-ab1')
     h.check(rc == 0 and 'pg-ab1' in out, 'sagactl saga abort pg-ab1: exit 0', (rc, out, err))
+    rc, out, err = sagactl(orders, 'saga', 'abort', 'pg-ab1')
+    h.check(rc == 1 and '409 wrong-state' in err,
+            'the abort repeated (as after a 503): 409 wrong-state, nothing changed', (rc, out, err))
     ab1_go.set()
     h.wait_until(lambda: (saga_get(orders, 'pg-cn1') or {}).get('state') == 'failed', 60,
                  'pg-cn1: its compensation refused twice: failed')
@@ -237,6 +264,10 @@ def main(wd):
     t_down = time.time()
     for cid, saga, _, _ in down:
         start_one(d_web, cid, saga)
+    rc, out, err = sagactl(orders, 'saga', 'abort', 'pg-ab1')
+    h.check(rc == 1 and '503 store-unavailable' in err and 'may or may not have taken effect'
+            in err, 'PostgreSQL down: a saga command answers 503, its outcome unknown',
+            (rc, out, err))
     h.wait_until(lambda: d_web.metric('sagad_outbox_pending', 1) == 0 and
                  sum(saga_queue(broker)) >= len(down), 30,
                  'the start events sent while PostgreSQL is down: published, in the saga queue')
@@ -293,6 +324,8 @@ def main(wd):
                 backwards.append(cid)
     h.check(not backwards, 'ship refused: payment.cancel answered before stock.release began '
             '(reverse order)', backwards[:10])
+
+    check_replicas(db, orders, pids)
 
     # ---- the password is never shown
     st_code, status = orders.admin_json('/v1/admin/status')
