@@ -219,7 +219,7 @@ admin_status(struct admin *a, struct evhttp_request *req)
 	j = json_pack(
 	    "{s:s,s:s,s:i,s:f,s:s,"
 	    "s:{s:s,s:b,s:s,s:s,s:I},"
-	    "s:{s:s,s:I,s:I,s:b},"
+	    "s:{s:s,s:s,s:I,s:I,s:b},"
 	    "s:{s:I,s:i,s:f,s:I,s:I,s:I}}",
 	    "service", d->conf->service, "version", PACKAGE_VERSION,
 	    "pid", (int)getpid(), "uptime_seconds", util_now() - d->started,
@@ -229,7 +229,7 @@ admin_status(struct admin *a, struct evhttp_request *req)
 	    "link", admin_link_names[relay_link(d->relay)],
 	    "reason", relay_link_reason(d->relay),
 	    "reconnects", (json_int_t)rs->reconnects,
-	    "store", "path", store_path(d->store),
+	    "store", "path", store_path(d->store), "replica_id", store_replica_id(d->store),
 	    "bytes", (json_int_t)store_bytes(d->store),
 	    "max_bytes", (json_int_t)d->conf->store.max_bytes,
 	    "writable", store_writable(d->store),
@@ -416,6 +416,28 @@ admin_saga_answer(void *arg, int status, void *json)
 	}
 }
 
+/*
+ * A command's 503 says more: the store (PostgreSQL) may have gone away
+ * after its COMMIT arrived and before the answer did, so the command may
+ * have taken effect. Repeating it is harmless (retry acts on failed
+ * instances only, abort on running ones: a repeat of one that committed
+ * answers 409), but the operator should look first.
+ */
+static void
+admin_saga_command_answer(void *arg, int status, void *json)
+{
+	struct evhttp_request *req = arg;
+
+	if (status == 200 || status == 404 || status == 409) {
+		admin_saga_answer(arg, status, json);
+		return;
+	}
+	evhttp_add_header(evhttp_request_get_output_headers(req), "Retry-After", "1");
+	httpd_error(req, 503, "store-unavailable",
+	    "the saga store did not answer: the command may or may not have taken effect;"
+	    " GET the saga (its history has an admin entry if it did) before repeating it");
+}
+
 static void
 admin_sagas(struct admin *a, struct evhttp_request *req)
 {
@@ -471,7 +493,8 @@ admin_saga(struct admin *a, struct evhttp_request *req, const char *rest)
 	if (!slash && !post)
 		saga_get(a->d->saga, id, admin_saga_answer, req);
 	else if (slash && post && (strcmp(slash, "/retry") == 0 || strcmp(slash, "/abort") == 0))
-		saga_command(a->d->saga, id, strcmp(slash, "/retry") == 0, admin_saga_answer, req);
+		saga_command(a->d->saga, id, strcmp(slash, "/retry") == 0,
+		    admin_saga_command_answer, req);
 	else {
 		evhttp_add_header(evhttp_request_get_output_headers(req), "Allow", slash ? "POST" : "GET");
 		httpd_error(req, 405, "method-not-allowed",

@@ -6,10 +6,8 @@
 #include "dedup.h"
 
 #include <event2/event.h>
-#include <limits.h>
 #include <stdlib.h>
 #include <string.h>
-#include <unistd.h>
 
 #include "conf.h"
 #include "log.h"
@@ -42,7 +40,8 @@ struct dedup {
 	struct pgc *pg;
 	enum dedup_state state;
 	struct event *start_ev;
-	struct event *expire_ev;	/* every minute: claims past dedup_window */
+	struct event *expire_ev;	/* every minute: claims past dedup_window;
+					 * NULL when the saga store does it */
 	double window;
 	int expire_due;
 	struct dedup_req *queue, **tail;	/* waiting */
@@ -189,7 +188,9 @@ dedup_done(struct dedup *dd)
 }
 
 /* Claims older than the dedup window are forgotten, as the local inbox
- * forgets its records (the saga store does the same for its own). */
+ * forgets its records. Only in a sagad without sagas: with sagas, the
+ * PostgreSQL saga store (pgs_expire) forgets every row of consumed, its
+ * own and these claims alike, and owns their expiry. */
 static void
 dedup_expire(struct dedup *dd)
 {
@@ -292,19 +293,13 @@ static const struct pgc_hooks dedup_hooks = {
 /* ---- life ---- */
 
 struct dedup *
-dedup_new(struct event_base *base, const struct sagad_conf *conf, const char *store_path)
+dedup_new(struct event_base *base, const struct sagad_conf *conf, const char *replica_id)
 {
 	struct dedup *dd = xcalloc(1, sizeof *dd);
-	char host[256], path[PATH_MAX];
 	struct timeval minute = { 60, 0 };
 
-	if (gethostname(host, sizeof host) < 0)
-		strcpy(host, "unknown");
-	host[sizeof host - 1] = '\0';
-	if (!realpath(store_path, path))
-		snprintf(path, sizeof path, "%s", store_path);
 	dd->base = base;
-	dd->replica = xasprintf("%s:%s", host, path);
+	dd->replica = xstrdup(replica_id);
 	dd->conninfo = xstrdup(conf->saga_store.conninfo);
 	dd->schema = xstrdup(conf->saga_store.schema);
 	dd->service = xstrdup(conf->service);
@@ -315,11 +310,14 @@ dedup_new(struct event_base *base, const struct sagad_conf *conf, const char *st
 	dd->cfg.retry_initial = 0.2;
 	dd->cfg.retry_max = 5;
 	dd->cfg.schema = dd->schema;
+	dd->cfg.server_limits = 1;
 	dd->pg = pgc_new(base, &dd->cfg, &dedup_hooks, dd);
 	dd->start_ev = event_new(base, -1, 0, dedup_start_cb, dd);
 	dd->window = conf->store.dedup_window;
-	dd->expire_ev = event_new(base, -1, EV_PERSIST, dedup_expire_cb, dd);
-	event_add(dd->expire_ev, &minute);
+	if (!conf->n_sagas) {
+		dd->expire_ev = event_new(base, -1, EV_PERSIST, dedup_expire_cb, dd);
+		event_add(dd->expire_ev, &minute);
+	}
 	pgc_start(dd->pg);
 	return dd;
 }
@@ -361,7 +359,8 @@ dedup_free(struct dedup *dd)
 		dedup_answer(r, DEDUP_CANCELLED);
 	}
 	event_free(dd->start_ev);
-	event_free(dd->expire_ev);
+	if (dd->expire_ev)
+		event_free(dd->expire_ev);
 	free(dd->conninfo);
 	free(dd->schema);
 	free(dd->service);

@@ -13,8 +13,8 @@
  *          has it durably (it delivered it, or will when it comes back):
  *          recorded as a duplicate here, acked, never delivered
  *
- * Claims name a replica by its store (host and store path), which a
- * restart keeps: records reloaded at start are claimed again, and those
+ * Claims name a replica by its store's replica id (store_replica_id),
+ * which a restart keeps: records reloaded at start are claimed again, and those
  * another replica took meanwhile are dropped. Claims are batched into one
  * statement per round trip on an asynchronous connection of their own;
  * while PostgreSQL is away they wait (their messages unacked, not
@@ -37,9 +37,9 @@ enum dedup_claim {
 
 typedef void dedup_claim_fn(void *arg, enum dedup_claim r);
 
-/* store_path: this replica's store, which names it in the claims. */
+/* replica_id: this replica's store's id, which names it in the claims. */
 struct dedup *dedup_new(struct event_base *base, const struct sagad_conf *conf,
-    const char *store_path);
+    const char *replica_id);
 /* Answers fn once, later (never before this returns). */
 void dedup_claim(struct dedup *dd, const char *sub, const char *message_id, dedup_claim_fn *fn,
     void *arg);

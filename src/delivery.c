@@ -548,7 +548,7 @@ delivery_new(struct sagad *d)
 				delivery_free(dl);
 				return NULL;
 			}
-			dl->dedup = dedup_new(d->base, d->conf, d->conf->store.path);
+			dl->dedup = dedup_new(d->base, d->conf, store_replica_id(d->store));
 		}
 	for (i = 0; i < dl->nsubs; i++)
 		if (dsub_init(dl, &dl->subs[i], (int)i) < 0) {

@@ -371,7 +371,8 @@ sagad_loop(struct sagad_main *sm)
 	event_add(sm->sig_hup, NULL);
 	sm->expire_ev = evtimer_new(d->base, expire_ids, sm);
 	evtimer_add(sm->expire_ev, &now);
-	log_info("sagad ready", LOG_INT("pending", store_outbox_count(d->store)));
+	log_info("sagad ready", LOG_INT("pending", store_outbox_count(d->store)),
+	    LOG_STR("replica_id", store_replica_id(d->store)));
 	event_base_dispatch(d->base);
 }
 

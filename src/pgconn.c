@@ -28,6 +28,7 @@
 #include <libpq-fe.h>
 #include <math.h>
 #include <poll.h>
+#include <pthread.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -70,6 +71,7 @@ struct pgc {
 	PGresult **res;
 	int nres, capres;
 	char *err;
+	char sqlstate[6];	/* the first error's, or "" */
 	int npipe;		/* items of the pipeline in flight, or 0 */
 	int pipe_at;		/* the item whose results come now */
 	int *item;		/* per item: its statement, or -1 - slot: a Parse */
@@ -93,11 +95,57 @@ pgc_arm(struct event *ev, double sec)
 	event_add(ev, &tv);
 }
 
+/* The first error is the one that matters (r: its result, or NULL). */
 static void
-pgc_set_err(struct pgc *c, const char *msg)
+pgc_set_err(struct pgc *c, const char *msg, const PGresult *r)
 {
-	if (!c->err)		/* the first error is the one that matters */
-		c->err = strdup(msg);
+	const char *st = r ? PQresultErrorField(r, PG_DIAG_SQLSTATE) : NULL;
+
+	if (c->err)
+		return;
+	c->err = strdup(msg);
+	snprintf(c->sqlstate, sizeof c->sqlstate, "%s", st ? st : "");
+}
+
+/* Classes and codes by the PostgreSQL manual's Appendix A. */
+enum pgc_err_class
+pgc_sqlstate_class(const char *st)
+{
+	static const char *const transient[] = {
+		"40P01",	/* deadlock_detected */
+		"40001",	/* serialization_failure */
+		"55P03",	/* lock_not_available: lock_timeout */
+		"57014",	/* query_canceled: statement_timeout, a cancel */
+		NULL
+	};
+	int i;
+
+	if (!st || strlen(st) != 5)
+		return PGC_ERR_RECONNECT;	/* libpq's own: the link */
+	for (i = 0; transient[i]; i++)
+		if (strcmp(st, transient[i]) == 0)
+			return PGC_ERR_TRANSIENT;
+	if (strcmp(st, "25006") == 0)	/* read_only_sql_transaction */
+		return PGC_ERR_RECONNECT;
+	if (strncmp(st, "08", 2) == 0)	/* connection exception */
+		return PGC_ERR_RECONNECT;
+	if (strncmp(st, "57P", 3) == 0)	/* admin/crash shutdown, cannot connect now */
+		return PGC_ERR_RECONNECT;
+	if (strncmp(st, "53", 2) == 0 || strncmp(st, "57", 2) == 0)
+		return PGC_ERR_TRANSIENT;	/* insufficient resources, operator */
+	return PGC_ERR_PERMANENT;
+}
+
+enum pgc_err_class
+pgc_error_class(const struct pgc *c)
+{
+	return pgc_sqlstate_class(c->sqlstate);
+}
+
+const char *
+pgc_error_sqlstate(const struct pgc *c)
+{
+	return c->sqlstate;
 }
 
 static void
@@ -112,6 +160,7 @@ pgc_clear_results(struct pgc *c)
 	c->npipe = 0;
 	free(c->err);
 	c->err = NULL;
+	c->sqlstate[0] = '\0';
 }
 
 /* Room for n results, all NULL. */
@@ -315,7 +364,7 @@ pgc_take(struct pgc *c, PGresult *r)
 	case PGRES_FATAL_ERROR:
 	case PGRES_BAD_RESPONSE:
 	case PGRES_NONFATAL_ERROR:
-		pgc_set_err(c, PQresultErrorMessage(r));
+		pgc_set_err(c, PQresultErrorMessage(r), r);
 		PQclear(r);
 		break;
 	default:
@@ -485,10 +534,26 @@ pgc_connect_poll(struct pgc *c, PostgresPollingStatusType st)
 	c->wev = event_new(c->base, PQsocket(c->conn), EV_WRITE, pgc_write_cb, c);
 	c->io = event_new(c->base, PQsocket(c->conn), EV_READ | EV_PERSIST, pgc_io_cb, c);
 	event_add(c->io, NULL);
-	if (c->conf.schema || c->conf.session)
+	if (c->conf.schema || c->conf.session || c->conf.server_limits)
 		pgc_setup(c);
 	else
 		c->hooks.connected(c->arg);
+}
+
+/* The server-side limits (pgc_conf.server_limits), in milliseconds, or
+ * "" without them. */
+static char *
+pgc_limits_sql(const struct pgc *c)
+{
+	double stmt = c->conf.query_timeout - PGC_STATEMENT_MARGIN;
+
+	if (!c->conf.server_limits)
+		return xstrdup("");
+	if (stmt < c->conf.query_timeout * 0.8)	/* a short query_timeout */
+		stmt = c->conf.query_timeout * 0.8;
+	return xasprintf("SET statement_timeout = %.0f; SET lock_timeout = %.0f;"
+	    " SET idle_in_transaction_session_timeout = %d; ", stmt * 1000,
+	    fmin(stmt / 2, PGC_LOCK_TIMEOUT) * 1000, PGC_IDLE_TX_TIMEOUT * 1000);
 }
 
 /* The session as the owner wants it, before the owner's first query. */
@@ -497,14 +562,17 @@ pgc_setup(struct pgc *c)
 {
 	char *q = c->conf.schema ?
 	    PQescapeIdentifier(c->conn, c->conf.schema, strlen(c->conf.schema)) : NULL;
-	char *sql;
+	char *sql, *limits;
 
 	if (c->conf.schema && !q) {
 		pgc_down(c, PQerrorMessage(c->conn));
 		return;
 	}
-	sql = xasprintf("%s%s%s%s", q ? "SET search_path TO " : "", q ? q : "",
+	limits = pgc_limits_sql(c);
+	/* The owner's session settings last: they may override the limits. */
+	sql = xasprintf("%s%s%s%s%s", limits, q ? "SET search_path TO " : "", q ? q : "",
 	    q && c->conf.session ? "; " : "", c->conf.session ? c->conf.session : "");
+	free(limits);
 	PQfreemem(q);
 	c->phase = PGC_SETUP;
 	pgc_send(c, sql);
@@ -548,6 +616,43 @@ pgc_connect(struct pgc *c)
 	pgc_connect_poll(c, PGRES_POLLING_WRITING);
 }
 
+/* PQcancel connects to the server anew and waits for it: off the loop,
+ * so that an unreachable server cannot stall it (libpq 17's non-blocking
+ * PQcancelStart would do; Debian 12 has libpq 15). */
+static void *
+pgc_cancel_thread(void *arg)
+{
+	PGcancel *k = arg;
+	char buf[256];
+
+	PQcancel(k, buf, sizeof buf);	/* best effort: the server stops it anyway */
+	PQfreeCancel(k);
+	return NULL;
+}
+
+/*
+ * The query in flight is given up: ask the server to cancel it before the
+ * connection goes, or it runs on, holding its locks, until the server sees
+ * the connection closed (at its next write, or its statement_timeout).
+ */
+static void
+pgc_cancel(struct pgc *c)
+{
+	PGcancel *k = PQgetCancel(c->conn);
+	pthread_attr_t at;
+	pthread_t t;
+	int r;
+
+	if (!k)
+		return;
+	pthread_attr_init(&at);
+	pthread_attr_setdetachstate(&at, PTHREAD_CREATE_DETACHED);
+	r = pthread_create(&t, &at, pgc_cancel_thread, k);
+	pthread_attr_destroy(&at);
+	if (r != 0)
+		pgc_cancel_thread(k);
+}
+
 static void
 pgc_timer_cb(evutil_socket_t fd, short what, void *arg)
 {
@@ -566,7 +671,9 @@ pgc_timer_cb(evutil_socket_t fd, short what, void *arg)
 	case PGC_UP:
 		if (c->busy) {
 			char why[100];
-			snprintf(why, sizeof why, "query timed out after %gs", c->conf.query_timeout);
+			snprintf(why, sizeof why, "query timed out after %gs, cancelled",
+			    c->conf.query_timeout);
+			pgc_cancel(c);
 			pgc_down(c, why);
 		}
 		break;

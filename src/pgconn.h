@@ -33,7 +33,20 @@ struct pgc_conf {
 	 * the connected hook follows, or a failure drops the connection. */
 	const char *schema;
 	const char *session;
+	/* Non-zero: the session also gets server-side limits, so that
+	 * PostgreSQL ends a query before this client gives up on it:
+	 * statement_timeout PGC_STATEMENT_MARGIN seconds under query_timeout
+	 * (at least 0.8 x query_timeout), lock_timeout PGC_LOCK_TIMEOUT (at
+	 * most half the statement_timeout: a lock wait ends as such) and
+	 * idle_in_transaction_session_timeout PGC_IDLE_TX_TIMEOUT, so that a
+	 * frozen client's transaction does not hold its row locks for ever.
+	 * The owner's session settings follow them, and may change them. */
+	int server_limits;
 };
+
+#define PGC_STATEMENT_MARGIN 3	/* seconds */
+#define PGC_LOCK_TIMEOUT 10	/* seconds */
+#define PGC_IDLE_TX_TIMEOUT 60	/* seconds */
 
 struct pgc_hooks {
 	/* A connect begins (the first, and each one after a failure). */
@@ -88,6 +101,23 @@ void pgc_send_pipeline(struct pgc *c, const struct pgc_stmt *s, int n);
 int pgc_nresults(const struct pgc *c);
 PGresult *pgc_result(const struct pgc *c, int i);
 const char *pgc_error(const struct pgc *c);
+/*
+ * What an error says of a retry, by its SQLSTATE. TRANSIENT: the same
+ * statements may well succeed later (deadlock, serialization failure,
+ * lock or statement timeout, query cancelled, insufficient resources);
+ * RECONNECT: transient, but not on this connection (a read-only
+ * transaction: the server is a standby now, after a failover; the server
+ * shutting down; connection trouble; libpq's own errors, which carry no
+ * SQLSTATE); PERMANENT: the data or the statement is wrong (classes 22,
+ * 23, 42, XX and anything else): trying again gives the same answer.
+ */
+enum pgc_err_class { PGC_ERR_PERMANENT, PGC_ERR_TRANSIENT, PGC_ERR_RECONNECT };
+enum pgc_err_class pgc_sqlstate_class(const char *sqlstate);
+/* The class of the ended query's first error (pgc_error not NULL), and
+ * its SQLSTATE ("" if none). */
+enum pgc_err_class pgc_error_class(const struct pgc *c);
+const char *pgc_error_sqlstate(const struct pgc *c);
+
 /* Result i, the caller's from now on (PQclear it). */
 PGresult *pgc_take_result(struct pgc *c, int i);
 

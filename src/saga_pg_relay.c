@@ -361,6 +361,7 @@ saga_pg_relay_new(struct event_base *base, const struct sagad_conf *conf,
 	pc.query_timeout = 30;
 	pc.retry_initial = 0.1;
 	pc.retry_max = 2;	/* its sagas wait for it: look again often */
+	pc.server_limits = 1;	/* a blocked claim ends, retried at the next poll */
 	r->pg = pgc_new(base, &pc, &saga_pg_relay_pg_hooks, r);
 	histogram_init(&r->stats.confirm, metrics_latency_bounds, metrics_latency_nbounds);
 	r->fill_ev = event_new(base, -1, 0, saga_pg_relay_fill_cb, r);

@@ -308,10 +308,17 @@ saga_pg_relay_done(void *arg)
 		}
 		r->stats.pg_errors++;
 		log_warn("saga outbox relay: query failed, retried", LOG_STR("reason",
-		    pgc_error(r->pg)));
+		    pgc_error(r->pg)), LOG_STR("sqlstate", pgc_error_sqlstate(r->pg)));
 		for (i = 0; i < (int)r->nrows; i++)
 			r->rows[i].deleting = 0;
 		r->refreshed = 0;
+		/* A standby after a failover (read-only) answers the same
+		 * until the connection is made again, to the new primary. */
+		if (pgc_error_class(r->pg) == PGC_ERR_RECONNECT) {
+			char *why = xstrdup(pgc_error(r->pg));
+			pgc_down(r->pg, why);
+			free(why);
+		}
 		return;
 	}
 	pgc_reset_backoff(r->pg);

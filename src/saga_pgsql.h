@@ -65,7 +65,8 @@ enum pgs_state {
 	PGS_IDLE,
 	PGS_FETCH,		/* round trip 1 of a batch in flight */
 	PGS_COMMIT,		/* round trip 2 */
-	PGS_ROLLBACK		/* a failed batch's transaction being ended */
+	PGS_ROLLBACK,		/* a failed batch's transaction being ended */
+	PGS_WAIT		/* after a transient error: the backoff */
 };
 
 struct saga_backend {
@@ -80,6 +81,9 @@ struct saga_backend {
 	struct pgs_fetch *fetch;	/* round trip 1's statements */
 	struct event *start_ev;		/* a batch at the end of this loop turn */
 	struct event *tick_ev;		/* heartbeat, counts, expiry */
+	struct event *wait_ev;		/* the end of PGS_WAIT */
+	int transient;			/* the failed batch's error was transient */
+	double wait;			/* the next transient backoff, seconds */
 	struct saga_pg_relay *relay;
 
 	/* jobs waiting, and those of the batch in flight */
@@ -131,7 +135,7 @@ struct saga_backend {
 	} *deltas;
 	size_t ndeltas, capdeltas;
 	double counts_at, heartbeat_at, expire_at;
-	uint64_t batches, commits, retries, failures;
+	uint64_t batches, commits, retries, failures, transient_failures;
 	double batch_at;		/* util_mono() the batch in flight began */
 	struct histogram batch_seconds;	/* BEGIN sent -> COMMIT's answer */
 };

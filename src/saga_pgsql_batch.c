@@ -13,8 +13,12 @@
  *        (saga_store_pgsql.c) --> COMMIT: their writes, then COMMIT
  *   COMMIT --ok--> each job's done (the broker acks follow the commit);
  *        the relay publishes the outbox rows; IDLE, next batch
- *   any error --> ROLLBACK, the jobs queued again, alone: a job that
- *        fails PGS_ATTEMPTS times is refused (dead-lettered)
+ *   a transient error (pgc_error_class: deadlock, lock or statement
+ *        timeout...) --> ROLLBACK, WAIT (a backoff), the batch again as
+ *        it was: no job is refused for it
+ *   a failover (read-only transaction) or connection trouble --> DOWN
+ *   any other error --> ROLLBACK, the jobs queued again, alone: a job
+ *        that fails PGS_ATTEMPTS times is refused (dead-lettered)
  *   connection lost --> DOWN: the batch's jobs wait in the queue (their
  *        messages unacked) for the next connection; operators' and
  *        timers' jobs are answered "retry" at once.
@@ -42,6 +46,9 @@
 #define PGS_BATCH_MAX 128
 /* Tries of a job whose batch failed for a statement. */
 #define PGS_ATTEMPTS 5
+/* The wait after a transient error, seconds: doubling, with jitter. */
+#define PGS_WAIT_MIN 0.05
+#define PGS_WAIT_MAX 2.0
 /* Heartbeat and counts, seconds. */
 #define PGS_TICK 5
 
@@ -475,6 +482,7 @@ pgs_committed(struct saga_backend *b)
 	pgs_stmts_clear(&b->writes);
 	pgs_hand_all(b);
 	pgc_reset_backoff(b->pg);
+	b->wait = PGS_WAIT_MIN;
 	b->state = PGS_IDLE;
 	for (; p; p = next) {
 		next = p->next;
@@ -485,13 +493,27 @@ pgs_committed(struct saga_backend *b)
 }
 
 /* A statement failed: the transaction is over for PostgreSQL, not yet
- * for the connection (a BEGIN block stays open in its aborted state). */
+ * for the connection (a BEGIN block stays open in its aborted state).
+ * A failover or a broken link: the next connection runs the batch. */
 static void
 pgs_failed(struct saga_backend *b, const char *why)
 {
+	enum pgc_err_class cls = pgc_error_class(b->pg);
+
 	log_warn("saga store: batch not committed", LOG_STR("error", why),
+	    LOG_STR("sqlstate", pgc_error_sqlstate(b->pg)),
+	    LOG_STR("retry", cls == PGC_ERR_PERMANENT ? "each job alone" : "the batch"),
 	    LOG_UINT("jobs", b->nbatch));
 	b->failures++;
+	if (cls == PGC_ERR_RECONNECT) {
+		char *copy = xstrdup(why);	/* why is the connection's */
+		b->transient_failures++;
+		pgc_down(b->pg, copy);
+		free(copy);
+		return;
+	}
+	b->transient = cls == PGC_ERR_TRANSIENT;
+	b->transient_failures += (uint64_t)b->transient;
 	pgs_batch_event(b, SAGA_BATCH_UNDO);
 	pgs_fetch_free(b);
 	pgs_stmts_clear(&b->writes);
@@ -500,15 +522,57 @@ pgs_failed(struct saga_backend *b, const char *why)
 	pgc_send(b->pg, "ROLLBACK");
 }
 
-/* After the ROLLBACK: each job again, alone, or refused after its tries. */
+static void
+pgs_wait_cb(evutil_socket_t fd, short what, void *arg)
+{
+	struct saga_backend *b = arg;
+
+	(void)fd;
+	(void)what;
+	if (b->state != PGS_WAIT)
+		return;
+	b->state = PGS_IDLE;
+	pgs_next(b);
+}
+
+/* After a transient error's ROLLBACK: the same batch again, after a
+ * doubling wait with jitter (two replicas that deadlocked do not meet
+ * again in step); no job's tries are counted. */
+static void
+pgs_wait(struct saga_backend *b)
+{
+	double sec = b->wait * (0.5 + (double)rand() / RAND_MAX);
+	struct timeval tv = { (time_t)sec, (suseconds_t)((sec - (double)(time_t)sec) * 1e6) };
+	struct pgs_job *p;
+
+	for (p = b->batch; p; p = p->next) {
+		p->duplicate = 0;
+		PQclear(p->list);
+		p->list = NULL;
+	}
+	pgs_queue_front(b, b->batch);
+	b->batch = NULL;
+	b->nbatch = 0;
+	b->wait = b->wait * 2 < PGS_WAIT_MAX ? b->wait * 2 : PGS_WAIT_MAX;
+	b->state = PGS_WAIT;
+	event_add(b->wait_ev, &tv);
+}
+
+/* After the ROLLBACK: each job again, alone, or refused after its tries;
+ * after a transient error, the batch again after a wait. */
 static void
 pgs_rolled_back(struct saga_backend *b)
 {
 	struct pgs_job *p = b->batch, *next, *again = NULL, **tail = &again;
 
+	pgs_cache_reset(b);
+	if (b->transient) {
+		b->transient = 0;
+		pgs_wait(b);
+		return;
+	}
 	b->batch = NULL;
 	b->nbatch = 0;
-	pgs_cache_reset(b);
 	for (; p; p = next) {
 		next = p->next;
 		p->next = NULL;
@@ -619,6 +683,8 @@ pgs_down(void *arg, const char *why, double retry_in)
 		log_warn("saga store: PostgreSQL connection lost", LOG_STR("error", why),
 		    LOG_DBL("retry_in", retry_in));
 	b->state = PGS_DOWN;
+	b->transient = 0;
+	event_del(b->wait_ev);
 	pgs_batch_event(b, SAGA_BATCH_UNDO);
 	pgs_fetch_free(b);
 	pgs_stmts_clear(&b->writes);
@@ -693,7 +759,12 @@ pgs_metrics(struct saga_backend *b, struct evbuffer *out)
 	PGS_METRIC("sagad_saga_store_commits_total", "counter",
 	    "Batches committed.", b->commits);
 	PGS_METRIC("sagad_saga_store_failures_total", "counter",
-	    "Batches rolled back for an error (their jobs run again alone).", b->failures);
+	    "Batches rolled back for an error (their jobs run again alone, or after a"
+	    " transient error the batch after a wait).", b->failures);
+	PGS_METRIC("sagad_saga_store_transient_failures_total", "counter",
+	    "Of the failures, those for a transient error (deadlock, serialization"
+	    " failure, lock or statement timeout, failover): the batch runs again"
+	    " after a wait, no job's tries counted.", b->transient_failures);
 	PGS_METRIC("sagad_saga_store_reconnects_total", "counter",
 	    "PostgreSQL connections lost (their batch runs again).", b->retries);
 	PGS_METRIC("sagad_saga_store_queued", "gauge",
@@ -720,13 +791,17 @@ pgs_driver_start(struct saga_backend *b)
 	b->cfg.retry_max = 2;	/* sagas wait for it: look again often */
 	/* The server drops a vanished replica's connection, and its locks,
 	 * within about eleven seconds (keepalives), and one that stopped in
-	 * a transaction after a minute. */
+	 * a transaction after a minute (server_limits: with the statement and
+	 * lock timeouts). */
 	b->cfg.schema = b->schema;
+	b->cfg.server_limits = 1;
 	b->cfg.session = "SET tcp_keepalives_idle = 5; SET tcp_keepalives_interval = 2;"
-	    " SET tcp_keepalives_count = 3; SET idle_in_transaction_session_timeout = '60s'";
+	    " SET tcp_keepalives_count = 3";
+	b->wait = PGS_WAIT_MIN;
 	b->pg = pgc_new(b->base, &b->cfg, &pgs_hooks, b);
 	b->start_ev = event_new(b->base, -1, 0, pgs_start_cb, b);
 	b->tick_ev = event_new(b->base, -1, EV_PERSIST, pgs_tick_cb, b);
+	b->wait_ev = evtimer_new(b->base, pgs_wait_cb, b);
 	event_add(b->tick_ev, &tv);
 	b->relay = saga_pg_relay_new(b->base, b->conf, b->conninfo, b->schema, b->service,
 	    b->replica, b->conf->saga_store.relay_grace);
@@ -763,5 +838,7 @@ pgs_driver_stop(struct saga_backend *b)
 		event_free(b->start_ev);
 	if (b->tick_ev)
 		event_free(b->tick_ev);
-	b->start_ev = b->tick_ev = NULL;
+	if (b->wait_ev)
+		event_free(b->wait_ev);
+	b->start_ev = b->tick_ev = b->wait_ev = NULL;
 }

@@ -9,6 +9,7 @@
 #include <string.h>
 
 #include "conf.h"
+#include "store.h"
 #include "xmalloc.h"
 
 struct saga_store {
@@ -43,7 +44,7 @@ saga_store_open(struct event_base *base, struct store *st, const struct sagad_co
 	struct saga_backend *b;
 
 	if (conf->saga_store.backend == SAGA_BACKEND_PGSQL) {
-		b = saga_store_pgsql_open(base, conf, err);
+		b = saga_store_pgsql_open(base, conf, store_replica_id(st), err);
 		return b ? saga_store_new(&saga_store_pgsql_ops, b) : NULL;
 	}
 	b = saga_store_sqlite_open(st, err);

@@ -641,6 +641,9 @@ pgs_expire(struct saga_backend *b, double before, unsigned states, int batch, sa
 	s = pgs_stmt_add(&b->loose, "DELETE FROM early WHERE service = $1 AND at < $2");
 	pgs_param(s, b->service);
 	pgs_param_dbl(s, util_now() - b->conf->saga_store.early_window);
+	/* The owner of consumed's expiry, for every subscription: the saga
+	 * messages' ids and shared dedup's claims (dedup.c forgets its claims
+	 * itself only in a sagad without sagas, where this does not run). */
 	s = pgs_stmt_add(&b->loose, "DELETE FROM consumed WHERE service = $1 AND at < $2");
 	pgs_param(s, b->service);
 	pgs_param_dbl(s, util_now() - b->conf->store.dedup_window);
@@ -718,7 +721,8 @@ const struct saga_store_ops saga_store_pgsql_ops = {
 /* The schema made or migrated first, blocking: sagad is starting and has
  * nothing to serve without it. */
 struct saga_backend *
-saga_store_pgsql_open(struct event_base *base, const struct sagad_conf *conf, char **err)
+saga_store_pgsql_open(struct event_base *base, const struct sagad_conf *conf,
+    const char *replica_id, char **err)
 {
 	struct saga_backend *b;
 	char host[256];
@@ -735,10 +739,12 @@ saga_store_pgsql_open(struct event_base *base, const struct sagad_conf *conf, ch
 		strcpy(host, "unknown");
 	host[sizeof host - 1] = '\0';
 	b->replica_host = xstrdup(host);
-	/* Unique while it lives: host and pid, and the start, since a pid
-	 * comes again after a restart (its rows must look dead then). */
+	/* Unique while it lives: the store's random id (host and pid are
+	 * the same in two containers of one image), and the start, since its
+	 * rows must look dead after a restart. Host and pid go to the
+	 * replicas table, for operators. */
 	b->started_at = util_now();
-	b->replica = xasprintf("%s:%ld:%.0f", host, (long)getpid(), b->started_at * 1000);
+	b->replica = xasprintf("%s:%.0f", replica_id, b->started_at * 1000);
 	if (pgs_driver_start(b) < 0) {
 		*err = xstrdup("cannot start the PostgreSQL saga store");
 		pgs_close(b);

@@ -26,6 +26,11 @@
 /* Commits between two counts of the pages in use (store_commit). */
 #define STORE_COUNT_EVERY 64
 
+/* The engine's own settings, key and value: the store's replica id
+ * (store_replica_id). */
+static const char store_meta_schema[] =
+    "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);";
+
 /* Schema migrations: entry i takes the store from version i to i + 1.
  * Each family of records owns its schema; the order is the versions'. */
 static const char *const store_migrations[] = {
@@ -34,7 +39,19 @@ static const char *const store_migrations[] = {
 	saga_store_schema,	/* the saga engine's records (saga_store_sqlite.c) */
 	store_inbox_sent_schema,	/* inbox.sent (store_inbox.c) */
 	store_inbox_flight_schema,	/* inbox.in_doubt, inbox_flight */
+	store_meta_schema,	/* meta (this file) */
 };
+
+/*
+ * The replica id: 128 random bits, made the first time the store is opened
+ * and kept in it, so that a restart keeps it and no two stores share it
+ * (a name made of host and path did: every pod of a Deployment has the
+ * same path, often the same host name). SQLite's randomblob() is seeded
+ * from the operating system's random source (/dev/urandom). In the
+ * transaction that settles the inbox (store_migrate).
+ */
+static const char store_replica_id_sql[] =
+    "INSERT OR IGNORE INTO meta (key, value) VALUES ('replica_id', lower(hex(randomblob(16))));";
 
 static const char *const store_engine_sql[ST_COUNT] = {
 	[ST_BEGIN] = "BEGIN IMMEDIATE",
@@ -76,6 +93,25 @@ store_query_int(struct store *st, const char *sql)
 	return v;
 }
 
+/* The replica id made by store_migrate, into st->replica_id. */
+static int
+store_read_replica_id(struct store *st)
+{
+	sqlite3_stmt *s;
+	int ok = 0;
+
+	if (sqlite3_prepare_v2(st->db, "SELECT value FROM meta WHERE key = 'replica_id'", -1, &s,
+	    NULL) != SQLITE_OK)
+		return -1;
+	if (sqlite3_step(s) == SQLITE_ROW && sqlite3_column_text(s, 0)) {
+		snprintf(st->replica_id, sizeof st->replica_id, "%s",
+		    (const char *)sqlite3_column_text(s, 0));
+		ok = st->replica_id[0] != '\0';
+	}
+	sqlite3_finalize(s);
+	return ok ? 0 : -1;
+}
+
 static int
 store_migrate(struct store *st, char **err)
 {
@@ -106,7 +142,8 @@ store_migrate(struct store *st, char **err)
 	}
 	if (store_exec(st, "BEGIN", err) < 0)
 		return -1;
-	if (store_exec(st, store_inbox_settle_sql, err) < 0 || store_exec(st, "COMMIT", err) < 0) {
+	if (store_exec(st, store_inbox_settle_sql, err) < 0 ||
+	    store_exec(st, store_replica_id_sql, err) < 0 || store_exec(st, "COMMIT", err) < 0) {
 		sqlite3_exec(st->db, "ROLLBACK", NULL, NULL, NULL);
 		return -1;
 	}
@@ -185,7 +222,8 @@ store_open(const char *path, struct event_base *base, int64_t max_bytes, char **
 	st->page_size = store_query_int(st, "PRAGMA page_size");
 	st->committed_seq = store_query_int(st, "SELECT coalesce(max(seq), 0) FROM outbox");
 	st->count = store_query_int(st, "SELECT count(*) FROM outbox");
-	if (st->page_size <= 0 || st->committed_seq < 0 || st->count < 0) {
+	if (st->page_size <= 0 || st->committed_seq < 0 || st->count < 0 ||
+	    store_read_replica_id(st) < 0) {
 		store_fail(st, err, "cannot read (damaged?)");
 		return NULL;
 	}
@@ -695,6 +733,12 @@ const char *
 store_path(const struct store *st)
 {
 	return st->path;
+}
+
+const char *
+store_replica_id(const struct store *st)
+{
+	return st->replica_id;
 }
 
 sqlite3 *

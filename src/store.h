@@ -197,6 +197,12 @@ double store_outbox_oldest(struct store *st);	/* created_at, 0 if empty */
 int64_t store_bytes(const struct store *st);
 int store_writable(const struct store *st);
 const char *store_path(const struct store *st);
+/* This store's replica id: 32 hex digits, random, made when the store was
+ * created (or first opened by a sagad that has it) and kept in it, so a
+ * restart keeps it and every other store has its own. It names this sagad
+ * to its replicas in PostgreSQL (shared dedup's claims, the saga store's
+ * replicas table). A copy of the file (a restored image) has the same id. */
+const char *store_replica_id(const struct store *st);
 
 /* Forget dedup ids older than now - window, a small batch per call. */
 int store_expire_ids(struct store *st, double before, int batch);

@@ -45,6 +45,7 @@ struct store_cb {
 struct store {
 	sqlite3 *db;
 	char *path;
+	char replica_id[33];	/* 32 hex digits (store_replica_id) */
 	int lock_fd;
 	sqlite3_stmt **stmt;	/* enum store_stmt */
 	sqlite3_stmt **outbox;	/* enum store_outbox_stmt (store_outbox.c) */

@@ -2,9 +2,11 @@
  * Drives src/pgconn.c against a real PostgreSQL (t/integration/pgconn.py
  * starts a private one): simple queries, pipelines (results in statement
  * order, the first error, the implicit transaction, a pipeline bigger than
- * the socket's buffers), prepared statements (parsed once, a skipped Parse
- * sent again), and the query deadline that drops the connection
- * and makes it again. Usage: pgconn CONNINFO. Prints "ok: ..." for each
+ * the socket's buffers), the query deadline that drops the connection,
+ * cancels the query and makes the connection again, the server-side
+ * limits (statement and lock timeouts: transient errors), the errors'
+ * classes, and prepared statements (parsed once, a skipped Parse sent
+ * again). Usage: pgconn CONNINFO. Prints "ok: ..." for each
  * check, "FAIL: ..." and exits 1 at the first that fails.
  */
 #include <event2/event.h>
@@ -21,6 +23,8 @@ struct run {
 	int step;		/* the check whose query is in flight */
 	int downs;
 	int failed;
+	const char *conninfo;
+	PGconn *locker;		/* a second session, holding a lock */
 };
 
 static void run_next(struct run *r);
@@ -119,7 +123,9 @@ run_next(struct run *r)
 		{ "SELECT count(*) FROM pg_prepared_statements WHERE statement ="
 		    " 'SELECT $1::int + 100'", 0, NULL, NULL, NULL },
 	};
+	/* past the client's deadline: the server's statement_timeout off */
 	const struct pgc_stmt slow[] = {
+		{ "SET statement_timeout = 0", 0, NULL, NULL, NULL },
 		{ "SELECT pg_sleep(5)", 0, NULL, NULL, NULL },
 	};
 
@@ -140,25 +146,49 @@ run_next(struct run *r)
 		pgc_send_pipeline(r->c, nulls, 1);
 		break;
 	case 5:
-		pgc_send_pipeline(r->c, aborted, 2);
-		break;
-	case 6:
-		pgc_send_pipeline(r->c, reparsed, 2);
-		break;
-	case 7:
-		pgc_send_pipeline(r->c, reused, 2);
-		break;
-	case 8:
 		pgc_send(r->c, "CREATE TABLE big (x int, pad text)");
 		break;
-	case 9:
+	case 6:
 		send_big(r, BIG);
 		break;
+	case 7:
+		pgc_send_pipeline(r->c, slow, 2);	/* the deadline is 1 s */
+		break;
+	case 8:
+		pgc_send(r->c, "SELECT 42");
+		break;
+	case 9:
+		/* the cancel is sent by a thread: give it a moment */
+		pgc_send(r->c, "SELECT pg_sleep(0.5); SELECT count(*) FROM pg_stat_activity"
+		    " WHERE query = 'SELECT pg_sleep(5)' AND state = 'active'");
+		break;
 	case 10:
-		pgc_send_pipeline(r->c, slow, 1);	/* the deadline is 1 s */
+		pgc_send(r->c, "SHOW statement_timeout; SHOW lock_timeout;"
+		    " SHOW idle_in_transaction_session_timeout");
 		break;
 	case 11:
-		pgc_send(r->c, "SELECT 42");
+		pgc_send(r->c, "SELECT pg_sleep(5)");
+		break;
+	case 12:
+		/* blocking, but this is a test */
+		r->locker = PQconnectdb(r->conninfo);
+		PQclear(PQexec(r->locker, "BEGIN; LOCK TABLE t IN ACCESS EXCLUSIVE MODE"));
+		pgc_send(r->c, "SELECT count(*) FROM t");
+		break;
+	case 13:
+		PQclear(PQexec(r->locker, "COMMIT"));
+		PQfinish(r->locker);
+		r->locker = NULL;
+		pgc_send(r->c, "SELECT count(*) FROM t");
+		break;
+	case 14:
+		pgc_send_pipeline(r->c, aborted, 2);
+		break;
+	case 15:
+		pgc_send_pipeline(r->c, reparsed, 2);
+		break;
+	case 16:
+		pgc_send_pipeline(r->c, reused, 2);
 		break;
 	default:
 		event_base_loopbreak(r->base);
@@ -185,8 +215,11 @@ on_done(void *arg)
 	case 2:
 		check(r, pgc_nresults(r->c) == 3 && pgc_result(r->c, 0) &&
 		    !pgc_result(r->c, 1) && !pgc_result(r->c, 2) && pgc_error(r->c) &&
-		    strstr(pgc_error(r->c), "duplicate key"),
-		    "an error in a pipeline: its statement and the later ones have no result");
+		    strstr(pgc_error(r->c), "duplicate key") &&
+		    strcmp(pgc_error_sqlstate(r->c), "23505") == 0 &&
+		    pgc_error_class(r->c) == PGC_ERR_PERMANENT,
+		    "an error in a pipeline: its statement and the later ones have no result;"
+		    " a unique violation (23505) is permanent");
 		break;
 	case 3:
 		check(r, value_is(r, 0, "1"), "the connection serves after the error, and the"
@@ -196,32 +229,55 @@ on_done(void *arg)
 		check(r, value_is(r, 0, "t"), "a NULL parameter is SQL NULL");
 		break;
 	case 5:
-		check(r, pgc_error(r->c) && !pgc_result(r->c, 1), "a new statement after an error"
-		    " in its pipeline: no result (its Parse was skipped)");
-		break;
-	case 6:
-		check(r, !pgc_error(r->c) && value_is(r, 0, "105") && value_is(r, 1, "1"),
-		    "the statement whose Parse was skipped is parsed again, and prepared");
-		break;
-	case 7:
-		check(r, !pgc_error(r->c) && value_is(r, 0, "106") && value_is(r, 1, "1"),
-		    "a statement used again runs by its name: prepared once");
-		break;
-	case 8:
 		check(r, !pgc_error(r->c), "table for the big pipeline");
 		break;
-	case 9:
+	case 6:
 		snprintf(what, sizeof what, "a pipeline of %d statements (past the socket buffers):"
 		    " every result, in order", BIG);
 		check(r, pgc_nresults(r->c) == BIG && !pgc_error(r->c) && value_is(r, 0, "0") &&
 		    value_is(r, BIG - 2, "1998") && value_is(r, BIG - 1, "1999"), what);
 		break;
-	case 10:
+	case 7:
 		check(r, 0, "a pipeline past its deadline must not end normally");
 		return;
-	case 11:
+	case 8:
 		check(r, value_is(r, 0, "42") && r->downs == 1,
 		    "after the deadline dropped it, the connection was made again and serves");
+		break;
+	case 9:
+		check(r, value_is(r, 1, "0"), "the query past the deadline was cancelled:"
+		    " it no longer runs on the server");
+		break;
+	case 10:
+		check(r, value_is(r, 0, "800ms") && value_is(r, 1, "400ms") &&
+		    value_is(r, 2, "1min"), "server-side limits: statement_timeout"
+		    " 0.8 x query_timeout (1 s), lock_timeout half that, idle_in_transaction 1min");
+		break;
+	case 11:
+		check(r, pgc_error(r->c) && strcmp(pgc_error_sqlstate(r->c), "57014") == 0 &&
+		    pgc_error_class(r->c) == PGC_ERR_TRANSIENT, "the server's statement_timeout"
+		    " ends a slow query before the client's deadline: 57014, transient");
+		break;
+	case 12:
+		check(r, pgc_error(r->c) && strcmp(pgc_error_sqlstate(r->c), "55P03") == 0 &&
+		    pgc_error_class(r->c) == PGC_ERR_TRANSIENT, "a lock held by another session"
+		    " past lock_timeout: 55P03, transient");
+		break;
+	case 13:
+		check(r, !pgc_error(r->c) && value_is(r, 0, "1"), "the lock released:"
+		    " the same query succeeds");
+		break;
+	case 14:
+		check(r, pgc_error(r->c) && !pgc_result(r->c, 1), "a new statement after an error"
+		    " in its pipeline: no result (its Parse was skipped)");
+		break;
+	case 15:
+		check(r, !pgc_error(r->c) && value_is(r, 0, "105") && value_is(r, 1, "1"),
+		    "the statement whose Parse was skipped is parsed again, and prepared");
+		break;
+	case 16:
+		check(r, !pgc_error(r->c) && value_is(r, 0, "106") && value_is(r, 1, "1"),
+		    "a statement used again runs by its name: prepared once");
 		break;
 	}
 	if (r->failed)
@@ -257,10 +313,10 @@ on_down(void *arg, const char *why, double retry_in)
 	struct run *r = arg;
 
 	r->downs++;
-	if (r->step == 10) {
+	if (r->step == 7) {
 		check(r, strstr(why, "timed out") != NULL, "a pipeline past its deadline:"
 		    " the connection is dropped (query timed out)");
-		r->step = 11;	/* run when connected again */
+		r->step = 8;	/* run when connected again */
 		return;
 	}
 	fprintf(stderr, "connection down (retry in %.1fs): %s\n", retry_in, why);
@@ -271,7 +327,7 @@ int
 main(int argc, char **argv)
 {
 	const struct pgc_hooks hooks = { on_connecting, on_connected, on_done, on_notified, on_down };
-	struct pgc_conf conf = { NULL, 10, 1, 0.1, 1, NULL, NULL };
+	struct pgc_conf conf = { NULL, 10, 1, 0.1, 1, NULL, NULL, 1 };
 	struct run r;
 
 	if (argc != 2) {
@@ -279,12 +335,12 @@ main(int argc, char **argv)
 		return 2;
 	}
 	memset(&r, 0, sizeof r);
-	conf.conninfo = argv[1];
+	conf.conninfo = r.conninfo = argv[1];
 	r.base = event_base_new();
 	r.c = pgc_new(r.base, &conf, &hooks, &r);
 	pgc_start(r.c);
 	event_base_dispatch(r.base);
-	if (!r.failed && r.step != 12) {
+	if (!r.failed && r.step != 17) {
 		printf("FAIL: stopped at check %d\n", r.step);
 		r.failed = 1;
 	}

@@ -13,11 +13,18 @@ the other replica) and restarted: every message is delivered once, by
 whichever replica holds its claim; the consumed table has one claim per
 message id, named by a replica's store.
 
+The replica id: both sagads run on one host, so a name made of host and
+store file name (both stores are orders.db) would not tell them apart;
+each store's random id (GET /v1/admin/status) is 32 hex digits, differs
+between the two, and is the same after a's restart; every claim names
+one of the two.
+
 Skipped (77) when PostgreSQL is not installed.
 """
 
 import collections
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -75,6 +82,10 @@ def wait_all(svc, ids, timeout, what):
     h.wait_until(lambda: set(delivered(svc)) >= set(ids), timeout, what)
 
 
+def replica_id(d):
+    return d.admin_json('/v1/admin/status')[1]['store']['replica_id']
+
+
 def main(wd):
     conf_errors(wd)
     broker = h.Broker(wd)
@@ -89,6 +100,10 @@ def main(wd):
     b = h.Sagad(os.path.join(wd, 'b'), broker.url, name='orders', conf_extra=extra)
     a.start()
     b.start()
+    ids0 = {'a': replica_id(a), 'b': replica_id(b)}
+    h.check(all(re.fullmatch('[0-9a-f]{32}', i) for i in ids0.values()) and
+            ids0['a'] != ids0['b'],
+            'two stores on one host (both orders.db) have distinct random replica ids', ids0)
     tool = h.AmqpTool()
 
     # ---- copies of one id, spread over both replicas: delivered once
@@ -126,6 +141,7 @@ def main(wd):
     kill_ids = ['kill-%d' % i for i in range(100)]
     # b gets a's unacked messages again; the claims decide.
     a.start()
+    h.check(replica_id(a) == ids0['a'], 'a restart keeps the replica id (%s)' % ids0['a'])
     wait_all(svc, kill_ids, 90, 'every kill-* id delivered (a restarted)')
     h.wait_until(lambda: all(delivered(svc)[i] >= 1 for i in kill_ids), 30, 'settled')
     time.sleep(1.0)  # a late second delivery would show here
@@ -139,8 +155,11 @@ def main(wd):
     per = collections.Counter(r[0] for r in rows)
     h.check(len(per) == 100 and set(per.values()) == {1},
             'one claim per kill-* id in PostgreSQL (%d claims)' % len(rows))
-    owners = collections.Counter(r[1].rsplit('/', 2)[-2] for r in rows)
+    names = {v: k for k, v in ids0.items()}
+    owners = collections.Counter(names.get(r[1], r[1]) for r in rows)
     h.log('claims by replica store: %s' % dict(owners))
+    h.check(set(owners) <= {'a', 'b'}, 'every claim names one of the two stores\' ids',
+            dict(owners))
     for d in (a, b):
         h.check(d.stop() == 0, 'replica %s stops cleanly' % d.dir)
     db.stop()

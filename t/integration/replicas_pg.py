@@ -40,7 +40,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness as h  # noqa: E402
 import pg  # noqa: E402
 from sagas import Answer, saga_get, hist_entries  # noqa: E402
-from sagas import publish_spread  # noqa: E402
+from sagas import SAGA_STATES, publish_spread, saga_counts, wait_sagas_finished  # noqa: E402
 from saga_crash import (FULFIL_SAGA, ORDER_SAGA, START_KEYS, Cast,  # noqa: E402
                         check_final_states, plan)
 
@@ -67,7 +67,6 @@ HELD_SAGA = '''  {
 SAGAS = 'sagas = (%s,%s,\n%s);\n' % (ORDER_SAGA, FULFIL_SAGA, HELD_SAGA)
 
 NAMES = ('order', 'fulfil', 'held')
-STATES = ('running', 'completed', 'compensating', 'compensated', 'failed')
 
 
 class Replicas:
@@ -85,6 +84,7 @@ class Replicas:
                                    conf_extra=conf)
         self.scraped = {}        # (name, pid) -> metrics
         self.pids = {}           # pid -> name
+        self.ids = {}            # the store's replica id -> name
         self.lock = threading.Lock()
         self.stopping = False
         self.thread = None
@@ -93,6 +93,7 @@ class Replicas:
         d = self.r[name]
         d.start(timeout=60)
         self.pids[d.proc.pid] = name
+        self.ids[d.admin_json('/v1/admin/status')[1]['store']['replica_id']] = name
         return d
 
     def scrape(self, name):
@@ -228,28 +229,9 @@ def main(wd):
             errors[:5])
 
     def counts():
-        m = C.metrics()
-        return {(s, st): int(m.get('sagad_sagas{saga="%s",state="%s"}' % (s, st), 0))
-                for s in NAMES for st in STATES}
-    last = [None, 0.0]
+        return saga_counts(C, NAMES)
 
-    def finished(n):
-        try:
-            c = counts()
-        except (OSError, AssertionError):
-            return False
-        last[0] = c
-        if time.time() - last[1] >= 5:
-            last[1] = time.time()
-            h.log('progress: %s' % ', '.join('%s/%s %d' % (s, st, v)
-                                             for (s, st), v in sorted(c.items()) if v))
-        return sum(v for (s, st), v in c.items() if st in ('completed', 'compensated')) >= n
-
-    try:
-        h.wait_until(lambda: finished(N + HELD), 120, 'every saga of phase 1 finished', interval=1)
-    except AssertionError:
-        h.log('saga counts: %s' % last[0])
-        raise
+    wait_sagas_finished(C, NAMES, N + HELD, 120, 'every saga of phase 1 finished')
     h.log('phase 1: %d sagas finished %.1f s after the first start event' % (N, time.time() - t1))
 
     # ---- phase 2: PostgreSQL stopped for PG_DOWN s in the middle of M sagas
@@ -295,12 +277,7 @@ def main(wd):
         t.join()
     h.check(not errors, 'all %d start events of phase 2 accepted by the web sagad' % M,
             errors[:5])
-    try:
-        h.wait_until(lambda: finished(N + M + HELD), 120, 'every saga of phase 2 finished',
-                     interval=1)
-    except AssertionError:
-        h.log('saga counts: %s' % last[0])
-        raise
+    wait_sagas_finished(C, NAMES, N + M + HELD, 120, 'every saga of phase 2 finished')
     h.log('phase 2: %d sagas finished %.1f s after the first start event, %.1f s after '
           'PostgreSQL came back' % (M, time.time() - t2, time.time() - t_up))
 
@@ -312,7 +289,8 @@ def main(wd):
 
     def as_planned():
         try:
-            return counts() == {(s, st): want.get((s, st), 0) for s in NAMES for st in STATES}
+            return counts() == {(s, st): want.get((s, st), 0)
+                                for s in NAMES for st in SAGA_STATES}
         except (OSError, AssertionError):
             return False
     # the gauges are the last count plus this replica's changes: wait for a refresh
@@ -372,13 +350,18 @@ def main(wd):
 
     # ---- shares: who started the sagas
     c = db.connect()
-    rows = c.query("SELECT replica, count(*) FROM sagad.consumed WHERE service = 'orders' "
-                   "AND message_id LIKE 'start-%' GROUP BY replica ORDER BY replica")
+    # a run's name is its store's id and start; its pid is in replicas
+    rows = c.query("SELECT c.replica, r.pid, count(*) FROM sagad.consumed c"
+                   " LEFT JOIN sagad.replicas r USING (service, replica)"
+                   " WHERE c.service = 'orders' AND c.message_id LIKE 'start-%'"
+                   " GROUP BY c.replica, r.pid ORDER BY c.replica")
     c.close()
     share = collections.Counter()
-    for replica, n in rows:
-        pid = int(replica.split(':')[-2])
-        share['%s (pid %d)' % (reps.pids.get(pid, '?'), pid)] += int(n)
+    for replica, pid, n in rows:
+        # a run killed before its first heartbeat has no pid: its start
+        name = reps.ids.get(replica.split(':')[0], '?')
+        run = 'pid %d' % int(pid) if pid not in (None, '') else 'started %s' % replica.split(':')[1]
+        share['%s (%s)' % (name, run)] += int(n)
     total = sum(share.values())
     h.log('start events consumed per replica incarnation (PostgreSQL `consumed`): %s'
           % ', '.join('%s %d (%.0f%%)' % (k, v, 100.0 * v / max(1, total))

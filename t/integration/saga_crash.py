@@ -21,8 +21,8 @@ import time
 sys.path.insert(0, os.path.join(os.environ.get('top_srcdir', '.'), 't', 'lib'))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness as h  # noqa: E402
-from sagas import (Answer, Event, Participant, publish_spread, saga_get,  # noqa: E402
-                   subscription_conf)
+from sagas import (SAGA_STATES, Answer, Event, Participant, publish_spread,  # noqa: E402
+                   saga_counts, saga_get, subscription_conf, wait_sagas_finished)
 
 N = int(os.environ.get('SAGA_CRASH_N', '1000'))
 SEED = int(os.environ.get('SAGA_CRASH_SEED', str(int(time.time()) % 100000)))
@@ -326,38 +326,15 @@ def main(wd):
 
     # ---- every saga ends
     names = ('order', 'fulfil')
-    states = ('running', 'completed', 'compensating', 'compensated', 'failed')
-
-    def counts():
-        m = orders.metrics()
-        return {(s, st): int(m.get('sagad_sagas{saga="%s",state="%s"}' % (s, st), 0))
-                for s in names for st in states}
-    last = [None, 0.0]
-
-    def finished():
-        try:
-            c = counts()
-        except (OSError, AssertionError):
-            return False
-        last[0] = c
-        if time.time() - last[1] >= 5:
-            last[1] = time.time()
-            h.log('progress: %s' % ', '.join('%s/%s %d' % (s, st, v)
-                                             for (s, st), v in sorted(c.items()) if v))
-        return sum(v for (s, st), v in c.items() if st in ('completed', 'compensated')) == N
-    try:
-        h.wait_until(finished, 180, 'every saga completed or compensated', interval=1)
-    except AssertionError:
-        h.log('saga counts: %s' % last[0])
-        raise
+    wait_sagas_finished(orders, names, N, 180, 'every saga completed or compensated')
     h.log('all %d sagas finished %.1f s after the first start event' % (N, time.time() - t_start))
 
     # let everything settle: every outbox empty, every backlog delivered
     h.wait_drained((orders, d_web, d_stock, d_payment), 60)
 
     want = collections.Counter((p[1], p[2]) for p in plans)
-    c = counts()
-    h.check(all(c[(s, st)] == want[(s, st)] for s in names for st in states),
+    c = saga_counts(orders, names)
+    h.check(all(c[(s, st)] == want[(s, st)] for s in names for st in SAGA_STATES),
             'sagad_sagas by saga and state as planned: %s' %
             {'%s/%s' % k: v for k, v in sorted(want.items())},
             {'%s/%s' % k: v for k, v in c.items() if v})

@@ -10,11 +10,18 @@ orchestrated, one quarter choreographed, some failing on purpose, reach
 their planned state, in the admin API and in the schema's instances table,
 with every command and compensation applied exactly once and compensations
 in reverse order; a saga timeout and a step timeout fire (their timers are
-rows of the timers table); `sagactl saga retry` and `sagactl saga abort`;
+rows of the timers table); `sagactl saga retry` and `sagactl saga abort`,
+an abort repeated answering 409 (harmless), and one while PostgreSQL is
+down answering 503 (outcome unknown);
 SIGKILL of the orchestrator mid-run; PostgreSQL stopped for a few seconds
 mid-run (the start events of that time stay in the saga queue, nothing of
-theirs reaches a participant) and started again; the password of the
-conninfo is never shown.
+theirs reaches a participant) and started again; a saga whose lock
+another session holds (its batch cancelled six times, then ended by
+lock_timeout) is retried as a transient error, never refused, and
+completes once the lock is released; the password of the conninfo is
+never shown; the replicas table names both runs of the orchestrator
+(before and after the SIGKILL) by its store's replica id and the run's
+start (id:ms), with this host and each run's pid beside.
 
 Skipped (77) when PostgreSQL is not installed, and, after the parts that
 need no PostgreSQL backend (PostgreSQL up, sagad -n), while this sagad
@@ -22,6 +29,8 @@ refuses backend "pgsql" (the backend is not wired in yet).
 """
 
 import os
+import re
+import socket
 import subprocess
 import sys
 import threading
@@ -100,11 +109,69 @@ def start_one(d_web, cid, saga):
                 {'Correlation-Id': cid, 'Message-Id': 'start-' + cid})
 
 
+def lock_held(db, d_web, orders):
+    """pg-lk1 starts while another session holds the advisory lock of its
+    saga id (the saga store's batch waits on it): six cancels of the
+    waiting statement (57014) and then lock_timeout (55P03, 10 s) are
+    transient errors: the batch is retried after a backoff, never counted
+    toward the job's tries (PGS_ATTEMPTS = 5 would have refused it)."""
+    key = 'hashtextextended(%s || chr(31) || %s, 0)' % (pg.quote_literal(SERVICE),
+                                                       pg.quote_literal('pg-lk1'))
+    waiting_sql = ("SELECT pid FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                   " AND wait_event = 'advisory' AND query LIKE '%pg_advisory_xact_lock(k)%'")
+    failures = 'sagad_saga_store_failures_total'
+    transient = 'sagad_saga_store_transient_failures_total'
+    transient0 = orders.metric(transient, 0)
+    locker = db.connect()
+    locker.query('SELECT pg_advisory_lock(%s)' % key)
+    start_one(d_web, 'pg-lk1', 'order')
+    with db.connect() as c:
+        # the job alone fails five times: the old rule refused it at the fifth
+        for i in range(6):
+            before = orders.metric(failures, 0)
+            h.wait_until(lambda: c.query(waiting_sql), 15,
+                         'pg-lk1: the saga store waits for the lock (%d)' % (i + 1), interval=0.05)
+            for pid, in c.query(waiting_sql):
+                c.query('SELECT pg_cancel_backend(%s)' % pid)
+            h.wait_until(lambda: orders.metric(failures, 0) > before, 15,
+                         'pg-lk1: the cancelled batch rolled back (%d)' % (i + 1), interval=0.05)
+        h.log('pg-lk1: its batch cancelled 6 times; now waiting for lock_timeout')
+        h.wait_until(lambda: c.query(waiting_sql), 15,
+                     'pg-lk1: the saga store waits for the lock again', interval=0.05)
+        before = orders.metric(failures, 0)
+        h.wait_until(lambda: orders.metric(failures, 0) > before and '55P03' in orders.log(),
+                     20, 'pg-lk1: lock_timeout (10 s) ends the wait: 55P03')
+    h.check(orders.metric(transient, 0) - transient0 >= 7,
+            'the 6 cancels and the lock_timeout counted as transient failures (%g)'
+            % (orders.metric(transient, 0) - transient0))
+    h.check(not (saga_get(orders, 'pg-lk1') or {}).get('state'),
+            'pg-lk1: not started while the lock is held')
+    locker.close()
+    h.check('failed every try' not in orders.log(),
+            'no saga job refused for a transient error (seven in a row)')
+
+
+def check_replicas(db, orders, pids):
+    """The replicas table: a run is its store's id and its start (id:ms),
+    its host and pid beside; a restart keeps the id, not the run."""
+    rid = orders.admin_json('/v1/admin/status')[1]['store']['replica_id']
+    h.check(re.fullmatch('[0-9a-f]{32}', rid), 'the store\'s replica id: 32 hex digits', rid)
+    rows = pg_rows(db, 'SELECT replica, host, pid FROM sagad.replicas WHERE service = %s'
+                   % pg.quote_literal(SERVICE))
+    runs = [r for r, host, pid in rows if re.fullmatch(re.escape(rid) + ':[0-9]+', r) and
+            host == socket.gethostname() and int(pid) in pids]
+    h.check(len(runs) == 2 and len(rows) == 2,
+            'sagad.replicas: the two runs of orders (pids %s), named id:ms, host and pid beside'
+            % sorted(pids), rows)
+
+
 def main(wd):
     plans = [plan(i) for i in range(N)]
     # started while PostgreSQL is down: orchestrated, all complete
     down = [('pg-down-%02d' % i, 'order', 'completed', None) for i in range(10)]
-    by_cid = {p[0]: p for p in plans + down}
+    # started while another session holds its saga id's lock
+    locked = [('pg-lk1', 'order', 'completed', None)]
+    by_cid = {p[0]: p for p in plans + down + locked}
 
     db = pg.Postgres(wd)
     db.start()
@@ -151,9 +218,13 @@ def main(wd):
     threads = publish_starts(d_web, plans[:half], max(4.0, half / 60.0), errors)
     h.wait_until(lambda: pg_count(db, 'instances') >= half // 3, 60,
                  'a third of batch 1 in the instances table')
+    pids = {orders.proc.pid}
+    h.wait_until(lambda: pg_count(db, 'replicas', ' AND pid = %d' % orders.proc.pid) == 1, 10,
+                 'the first run\'s heartbeat in sagad.replicas (every 5 s)')
     orders.kill()
     h.log('SIGKILL orchestrator (batch 1)')
     orders.start(timeout=60)
+    pids.add(orders.proc.pid)
 
     # ---- the timeouts fire (after the restart: their timers were in PostgreSQL)
     h.wait_until(lambda: hist_entries(saga_get(orders, 'pg-tt1') or {}, 'saga timeout'), 30,
@@ -170,6 +241,9 @@ def main(wd):
             'pg-ab1: its step timer in sagad.timers while authorize runs')
     rc, out, err = sagactl(orders, 'saga', 'abort', 'pg-ab1')
     h.check(rc == 0 and 'pg-ab1' in out, 'sagactl saga abort pg-ab1: exit 0', (rc, out, err))
+    rc, out, err = sagactl(orders, 'saga', 'abort', 'pg-ab1')
+    h.check(rc == 1 and '409 wrong-state' in err,
+            'the abort repeated (as after a 503): 409 wrong-state, nothing changed', (rc, out, err))
     ab1_go.set()
     h.wait_until(lambda: (saga_get(orders, 'pg-cn1') or {}).get('state') == 'failed', 60,
                  'pg-cn1: its compensation refused twice: failed')
@@ -190,6 +264,10 @@ def main(wd):
     t_down = time.time()
     for cid, saga, _, _ in down:
         start_one(d_web, cid, saga)
+    rc, out, err = sagactl(orders, 'saga', 'abort', 'pg-ab1')
+    h.check(rc == 1 and '503 store-unavailable' in err and 'may or may not have taken effect'
+            in err, 'PostgreSQL down: a saga command answers 503, its outcome unknown',
+            (rc, out, err))
     h.wait_until(lambda: d_web.metric('sagad_outbox_pending', 1) == 0 and
                  sum(saga_queue(broker)) >= len(down), 30,
                  'the start events sent while PostgreSQL is down: published, in the saga queue')
@@ -205,9 +283,10 @@ def main(wd):
     for t in threads:
         t.join()
     h.check(not errors, 'every start event accepted by the web sagad', errors[:5])
+    lock_held(db, d_web, orders)
 
     # ---- every saga ends, in the admin API and in PostgreSQL
-    everything = plans + down + specials
+    everything = plans + down + specials + locked
 
     def finished():
         st = pg_instances(db)
@@ -234,7 +313,7 @@ def main(wd):
     extra_ok = [(p, k, c) for c, _, _, _ in specials
                 for p, k in (('stock', 'stock.reserve'), ('stock', 'stock.release'))] + \
         [('payment', 'payment.authorize', 'pg-ab1'), ('payment', 'payment.cancel', 'pg-ab1')]
-    cast.check(plans + down, extra_ok, [('payment', 'payment.authorize', 'pg-cn1'),
+    cast.check(plans + down + locked, extra_ok, [('payment', 'payment.authorize', 'pg-cn1'),
                                         ('stock', 'stock.release', 'pg-cn1')], specials)
     backwards = []
     for cid, saga, _, what in plans:
@@ -256,6 +335,8 @@ def main(wd):
             (handed, claimed, published))
     h.check(published is not None and published >= handed,
             'every handed row published', (handed, claimed, published))
+
+    check_replicas(db, orders, pids)
 
     # ---- the password is never shown
     st_code, status = orders.admin_json('/v1/admin/status')

@@ -149,6 +149,40 @@ def hist_entries(inst, what, step=None):
             if e['what'] == what and (step is None or e['step'] == step)]
 
 
+SAGA_STATES = ('running', 'completed', 'compensating', 'compensated', 'failed')
+
+
+def saga_counts(d, names):
+    """{(saga, state): n} from sagad d's sagad_sagas gauges, for the sagas names."""
+    m = d.metrics()
+    return {(s, st): int(m.get('sagad_sagas{saga="%s",state="%s"}' % (s, st), 0))
+            for s in names for st in SAGA_STATES}
+
+
+def wait_sagas_finished(d, names, n, timeout, what):
+    """Wait until at least n sagas of d (by its gauges) are completed or
+    compensated, logging the counts every 5 s and the last ones on a
+    timeout. The callers check the exact counts by state afterwards."""
+    last = [None, 0.0]
+
+    def finished():
+        try:
+            c = saga_counts(d, names)
+        except (OSError, AssertionError):
+            return False
+        last[0] = c
+        if time.time() - last[1] >= 5:
+            last[1] = time.time()
+            h.log('progress: %s' % ', '.join('%s/%s %d' % (s, st, v)
+                                             for (s, st), v in sorted(c.items()) if v))
+        return sum(v for (s, st), v in c.items() if st in ('completed', 'compensated')) >= n
+    try:
+        h.wait_until(finished, timeout, what, interval=1)
+    except AssertionError:
+        h.log('saga counts: %s' % last[0])
+        raise
+
+
 # ---------------------------------------------------------------- participants
 
 class Answer:

@@ -279,6 +279,55 @@ test_second_open_in_use(void **state)
 }
 
 static void
+assert_replica_id(const char *id)
+{
+	assert_int_equal(strlen(id), 32);
+	assert_int_equal(strspn(id, "0123456789abcdef"), 32);
+}
+
+/* The replica id: random, made once, kept by a restart; a new store at
+ * the same path (same host: another pod of a Deployment) has its own,
+ * and a store older than ids gets one when migrated. */
+static void
+test_replica_id(void **state)
+{
+	struct fx *f = *state;
+	char first[33], path[160], *err = NULL;
+	struct store *other;
+	sqlite3 *db;
+
+	snprintf(first, sizeof first, "%s", store_replica_id(f->st));
+	assert_replica_id(first);
+	reopen(f);
+	assert_string_equal(store_replica_id(f->st), first);
+
+	snprintf(path, sizeof path, "%s/other.db", f->dir);
+	other = store_open(path, f->base, BIG, &err);
+	assert_non_null(other);
+	assert_replica_id(store_replica_id(other));
+	assert_string_not_equal(store_replica_id(other), first);
+	store_close(other);
+
+	store_close(f->st);
+	f->st = NULL;
+	nftw(f->dir, rm_entry, 8, FTW_DEPTH | FTW_PHYS);
+	assert_int_equal(mkdir(f->dir, 0700), 0);
+	f->st = open_ok(f, BIG);
+	assert_replica_id(store_replica_id(f->st));
+	assert_string_not_equal(store_replica_id(f->st), first);
+
+	/* a version 5 store: no meta table yet */
+	store_close(f->st);
+	f->st = NULL;
+	assert_int_equal(sqlite3_open(f->path, &db), SQLITE_OK);
+	assert_int_equal(sqlite3_exec(db, "DROP TABLE meta; PRAGMA user_version = 5;",
+	    NULL, NULL, NULL), SQLITE_OK);
+	sqlite3_close(db);
+	f->st = open_ok(f, BIG);
+	assert_replica_id(store_replica_id(f->st));
+}
+
+static void
 test_open_not_sqlite(void **state)
 {
 	struct fx *f = *state;
@@ -1226,7 +1275,7 @@ test_inbox_in_flight_migration(void **state)
 	store_close(f->st);
 	f->st = NULL;
 	assert_int_equal(sqlite3_open(f->path, &db), SQLITE_OK);
-	assert_int_equal(sqlite3_exec(db, "ALTER TABLE inbox RENAME COLUMN in_doubt TO sent; DROP TABLE inbox_flight;"
+	assert_int_equal(sqlite3_exec(db, "ALTER TABLE inbox RENAME COLUMN in_doubt TO sent; DROP TABLE inbox_flight; DROP TABLE meta;"
 	    "UPDATE inbox SET attempts = 2, sent = 3; PRAGMA user_version = 4;",
 	    NULL, NULL, NULL), SQLITE_OK);
 	sqlite3_close(db);
@@ -1235,7 +1284,7 @@ test_inbox_in_flight_migration(void **state)
 	store_close(f->st);
 	f->st = NULL;
 	assert_int_equal(sqlite3_open(f->path, &db), SQLITE_OK);
-	assert_int_equal(sqlite3_exec(db, "ALTER TABLE inbox RENAME COLUMN in_doubt TO sent; DROP TABLE inbox_flight;"
+	assert_int_equal(sqlite3_exec(db, "ALTER TABLE inbox RENAME COLUMN in_doubt TO sent; DROP TABLE inbox_flight; DROP TABLE meta;"
 	    "UPDATE inbox SET attempts = 3, sent = 3; PRAGMA user_version = 4;",
 	    NULL, NULL, NULL), SQLITE_OK);
 	sqlite3_close(db);
@@ -1455,6 +1504,7 @@ main(void)
 		T(test_reopen_keeps_data),
 		T(test_seq_not_reused),
 		T(test_second_open_in_use),
+		T(test_replica_id),
 		T(test_open_not_sqlite),
 		T(test_open_newer_schema),
 		T(test_open_missing_dir),
