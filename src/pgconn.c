@@ -257,22 +257,12 @@ pgc_reserve_more(struct pgc *c)
 
 /* ---- prepared statements ---- */
 
-static uint64_t
-pgc_hash(const char *s)
-{
-	uint64_t h = 14695981039346656037ULL;
-
-	for (; *s; s++)
-		h = (h ^ (unsigned char)*s) * 1099511628211ULL;
-	return h;
-}
-
 /* The slot of sql, prepared or in this pipeline; else a new slot for it
  * (*parse set: send its Parse), or -1 when the cache is full. */
 static int
 pgc_prep_slot(struct pgc *c, const char *sql, int *parse)
 {
-	uint64_t h = pgc_hash(sql);
+	uint64_t h = util_fnv1a(sql);
 	int i, free_slot = -1;
 
 	*parse = 0;

@@ -120,21 +120,11 @@ struct saga_pg_relay_set {
 	size_t mask;
 };
 
-uint64_t
-saga_pg_relay_hash(const char *s)
-{
-	uint64_t h = 14695981039346656037ULL;
-
-	for (; *s; s++)
-		h = (h ^ (unsigned char)*s) * 1099511628211ULL;
-	return h;
-}
-
 /* Adds s; returns 1 if it was there already. */
 static int
 saga_pg_relay_set_put(struct saga_pg_relay_set *set, const char *s)
 {
-	size_t i = (size_t)saga_pg_relay_hash(s) & set->mask;
+	size_t i = (size_t)util_fnv1a(s) & set->mask;
 
 	while (set->slot[i]) {
 		if (strcmp(set->slot[i], s) == 0)

@@ -104,7 +104,5 @@ void saga_pg_relay_pending_end(struct saga_pg_relay *r, int take);
  * it would go. */
 struct saga_pg_relay_row *saga_pg_relay_row(struct saga_pg_relay *r, int64_t seq);
 size_t saga_pg_relay_find(const struct saga_pg_relay *r, int64_t seq);
-/* FNV-1a of s (the saga set's slots, the advisory lock's key). */
-uint64_t saga_pg_relay_hash(const char *s);
 
 #endif

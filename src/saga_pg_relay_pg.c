@@ -47,7 +47,7 @@ saga_pg_relay_lock_key(struct saga_pg_relay *r)
 	char *name = xasprintf("sagad saga outbox %s %s", r->schema, r->service);
 
 	snprintf(r->lock_key, sizeof r->lock_key, "%lld",
-	    (long long)(int64_t)saga_pg_relay_hash(name));
+	    (long long)(int64_t)util_fnv1a(name));
 	free(name);
 }
 

@@ -538,11 +538,10 @@ pgs_wait_cb(evutil_socket_t fd, short what, void *arg)
 /* After a transient error's ROLLBACK: the same batch again, after a
  * doubling wait with jitter (two replicas that deadlocked do not meet
  * again in step); no job's tries are counted. */
+/* The batch's jobs back at the head of the queue, as they came. */
 static void
-pgs_wait(struct saga_backend *b)
+pgs_requeue_batch(struct saga_backend *b)
 {
-	double sec = b->wait * (0.5 + (double)rand() / RAND_MAX);
-	struct timeval tv = { (time_t)sec, (suseconds_t)((sec - (double)(time_t)sec) * 1e6) };
 	struct pgs_job *p;
 
 	for (p = b->batch; p; p = p->next) {
@@ -553,6 +552,15 @@ pgs_wait(struct saga_backend *b)
 	pgs_queue_front(b, b->batch);
 	b->batch = NULL;
 	b->nbatch = 0;
+}
+
+static void
+pgs_wait(struct saga_backend *b)
+{
+	double sec = b->wait * (0.5 + (double)rand() / RAND_MAX);
+	struct timeval tv = { (time_t)sec, (suseconds_t)((sec - (double)(time_t)sec) * 1e6) };
+
+	pgs_requeue_batch(b);
 	b->wait = b->wait * 2 < PGS_WAIT_MAX ? b->wait * 2 : PGS_WAIT_MAX;
 	b->state = PGS_WAIT;
 	event_add(b->wait_ev, &tv);
@@ -677,8 +685,11 @@ static void
 pgs_down(void *arg, const char *why, double retry_in)
 {
 	struct saga_backend *b = arg;
-	struct pgs_job *p;
 
+	/* A COMMIT lost with the connection may have committed rows that
+	 * the relay then must read itself. */
+	if (b->state == PGS_COMMIT && b->nhands && b->relay)
+		saga_pg_relay_lost(b->relay);
 	if (b->state != PGS_DOWN)
 		log_warn("saga store: PostgreSQL connection lost", LOG_STR("error", why),
 		    LOG_DBL("retry_in", retry_in));
@@ -689,20 +700,9 @@ pgs_down(void *arg, const char *why, double retry_in)
 	pgs_fetch_free(b);
 	pgs_stmts_clear(&b->writes);
 	pgs_stmts_clear(&b->loose);
-	/* A COMMIT lost with the connection may have committed rows that
-	 * the relay then must read itself. */
-	if (b->state == PGS_COMMIT && b->nhands && b->relay)
-		saga_pg_relay_lost(b->relay);
 	pgs_hands_free(b);
 	pgs_cache_reset(b);
-	for (p = b->batch; p; p = p->next) {
-		p->duplicate = 0;
-		PQclear(p->list);
-		p->list = NULL;
-	}
-	pgs_queue_front(b, b->batch);
-	b->batch = NULL;
-	b->nbatch = 0;
+	pgs_requeue_batch(b);
 	b->retries++;
 	pgs_shed(b);
 }

@@ -266,3 +266,13 @@ util_listen_is_local(const char *spec)
 		return IN6_IS_ADDR_LOOPBACK(&a6);
 	return 0;
 }
+
+uint64_t
+util_fnv1a(const char *s)
+{
+	uint64_t h = 14695981039346656037ULL;
+
+	for (; *s; s++)
+		h = (h ^ (unsigned char)*s) * 1099511628211ULL;
+	return h;
+}

@@ -19,6 +19,8 @@ size_t util_u64_dec(uint64_t v, char out[20]);
 /* Exponential backoff with full jitter in [base/2, base], where
  * base = min(max, initial * 2^(attempt-1)); attempt is 1-based. */
 double util_backoff(double initial, double max, unsigned attempt);
+/* FNV-1a of s: hash tables, and keys derived from names. */
+uint64_t util_fnv1a(const char *s);
 
 /* Strict percent-decoding: rejects a malformed escape and a decoded NUL.
  * Returns the decoded length, or -1. out must hold len+1 bytes. */

@@ -54,7 +54,9 @@ def arm(c):
 def raced(db, sql, touch_instance):
     """B's claim held after its snapshot while A fires the timer: the rows
     B claims."""
-    held = bind(sql, "(SELECT 'orders'::text FROM pg_sleep(%g))" % HOLD, 1e12)
+    # B's claim alone (no SET in the same query string): "in pg_sleep"
+    # then means after its snapshot
+    held = bind(sql, "(SELECT 'orders'::text FROM pg_sleep(%g))" % HOLD, 1e12).split('; ', 1)[1]
     out = {}
     with db.connect() as c:
         arm(c)
@@ -62,6 +64,7 @@ def raced(db, sql, touch_instance):
     def b():
         with db.connect() as cb:
             cb.query('BEGIN')
+            cb.query('SET search_path = sagad')
             try:
                 out['rows'] = cb.query(held)
             except pg.PgError as e:
@@ -72,8 +75,9 @@ def raced(db, sql, touch_instance):
     t.start()
     with db.connect() as ca:
         h.wait_until(lambda: ca.scalar("SELECT count(*) FROM pg_stat_activity WHERE query"
-                                       " LIKE '%pg_sleep%' AND state = 'active' AND pid <>"
-                                       " pg_backend_pid()") == '1', 5, 'B claiming')
+                                       " LIKE '%pg_sleep%' AND state = 'active' AND"
+                                       " wait_event = 'PgSleep' AND pid <> pg_backend_pid()")
+                     == '1', 5, 'B claiming')
         ca.query('BEGIN; DELETE FROM sagad.timers WHERE id = \'x1\';' +
                  ("UPDATE sagad.instances SET state = 1, updated_at = 2 WHERE id = 'x1';"
                   if touch_instance else '') + 'COMMIT')

@@ -539,11 +539,23 @@ test_listen_is_local(void **state)
 	assert_int_equal(util_listen_is_local("example.com:7600"), 0);
 }
 
+/* FNV-1a, 64 bits: the published test values (advisory lock keys and
+ * prepared statement slots depend on them staying put). */
+static void
+test_fnv1a(void **state)
+{
+	(void)state;
+	assert_true(util_fnv1a("") == 0xcbf29ce484222325ULL);
+	assert_true(util_fnv1a("a") == 0xaf63dc4c8601ec8cULL);
+	assert_true(util_fnv1a("foobar") == 0x85944171f73967e8ULL);
+}
+
 int
 main(void)
 {
 	const struct CMUnitTest tests[] = {
 		cmocka_unit_test(test_u64_dec),
+		cmocka_unit_test(test_fnv1a),
 		cmocka_unit_test(test_uuid7_format),
 		cmocka_unit_test(test_uuid7_timestamp_is_now),
 		cmocka_unit_test(test_uuid7_strictly_increasing),
