@@ -393,7 +393,7 @@ saga_pg_relay_lost(struct saga_pg_relay *r)
 }
 
 void
-saga_pg_relay_hand(struct saga_pg_relay *r, struct msg *m, char *saga_id)
+saga_pg_relay_hand(struct saga_pg_relay *r, struct msg *m, char *saga_id, int alone)
 {
 	struct saga_pg_relay_row *row;
 
@@ -404,8 +404,9 @@ saga_pg_relay_hand(struct saga_pg_relay *r, struct msg *m, char *saga_id)
 		return;
 	}
 	r->stats.handed++;
-	if (r->claiming) {
-		/* The claim in flight may bring earlier rows of its saga. */
+	if (r->claiming && !alone) {
+		/* The claim in flight may bring earlier rows of its saga (it
+		 * may have claimed them before the batch's INSERT looked). */
 		row = XPUSH(r->pending, r->npending, r->cappending);
 		memset(row, 0, sizeof *row);
 		row->m = m;

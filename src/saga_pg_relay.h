@@ -81,8 +81,9 @@ void saga_pg_relay_kick(struct saga_pg_relay *r);
  * relay takes m and saga_id (NULL: no order) and publishes it with no
  * query, if it holds every row this replica has claimed; otherwise it
  * drops them and its next claim reads the row (saga_pg_relay_int.h).
+ * alone: the batch saw no earlier row of the saga in the table.
  */
-void saga_pg_relay_hand(struct saga_pg_relay *r, struct msg *m, char *saga_id);
+void saga_pg_relay_hand(struct saga_pg_relay *r, struct msg *m, char *saga_id, int alone);
 /* A batch with outbox rows may or may not have committed (the connection
  * was lost during its COMMIT): hand nothing until a claim has read them. */
 void saga_pg_relay_lost(struct saga_pg_relay *r);

@@ -461,7 +461,8 @@ pgs_hand_all(struct saga_backend *b)
 		m->seq = strtoll(PQgetvalue(res, 0, 0), NULL, 10);
 		b->hands[i].m = NULL;
 		saga_pg_relay_hand(b->relay, m, m->props.correlation_id ?
-		    xstrdup(m->props.correlation_id) : NULL);
+		    xstrdup(m->props.correlation_id) : NULL,
+		    strcmp(PQgetvalue(res, 0, 2), "t") == 0);
 	}
 	if (unclaimed)
 		saga_pg_relay_kick(b->relay);

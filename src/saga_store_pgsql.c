@@ -479,17 +479,20 @@ pgs_log(struct saga_backend *b, int64_t row, double at, const char *dir, const c
  * the row is left unclaimed, and a claim takes it after that one, in
  * order (saga_pg_relay.h). The saga's advisory lock, held by this
  * transaction, keeps other batches from adding rows meanwhile. Another
- * replica takes a claimed row over only after relay_grace.
+ * replica takes a claimed row over only after relay_grace. "alone": no
+ * earlier row of the saga at all, so that the relay may publish it even
+ * while a claim is in flight (none can bring a row to go before it).
  */
 static const char pgs_sql_outbox[] =
-    "INSERT INTO outbox (service, message_id, exchange, routing_key, props, body, saga_id,"
-    " created_at, claimed_by, claimed_at)"
-    " SELECT $1::text, $2::text, $3::text, $4::text, $5::bytea, $6::bytea, $7::text,"
-    " $8::float8, c.by, CASE WHEN c.by IS NULL THEN NULL ELSE $8::float8 END"
-    " FROM (SELECT CASE WHEN EXISTS (SELECT 1 FROM outbox o WHERE o.service = $1"
-    "   AND o.saga_id = $7 AND o.claimed_by IS DISTINCT FROM $9) THEN NULL"
-    "   ELSE $9::text END AS by) c"
-    " RETURNING seq, claimed_by IS NOT NULL";
+    "WITH c AS (SELECT bool_or(o.claimed_by IS DISTINCT FROM $9::text) AS other,"
+    "   count(*) = 0 AS alone FROM outbox o WHERE o.service = $1::text AND o.saga_id = $7::text),"
+    " i AS (INSERT INTO outbox (service, message_id, exchange, routing_key, props, body,"
+    "   saga_id, created_at, claimed_by, claimed_at)"
+    "   SELECT $1::text, $2::text, $3::text, $4::text, $5::bytea, $6::bytea, $7::text,"
+    "   $8::float8, CASE WHEN c.other THEN NULL ELSE $9::text END,"
+    "   CASE WHEN c.other THEN NULL ELSE $8::float8 END FROM c"
+    "   RETURNING seq, claimed_by IS NOT NULL AS mine)"
+    " SELECT i.seq, i.mine, c.alone FROM i, c";
 
 static int
 pgs_send(struct saga_backend *b, struct msg *m, unsigned flags)

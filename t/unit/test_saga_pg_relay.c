@@ -64,10 +64,18 @@ row_msg(int64_t seq)
 	return m;
 }
 
+/* A row whose saga had earlier rows in the table when the batch wrote it
+ * (alone: none). */
+static void
+hand_as(struct saga_pg_relay *r, int64_t seq, const char *saga, int alone)
+{
+	saga_pg_relay_hand(r, row_msg(seq), saga ? xstrdup(saga) : NULL, alone);
+}
+
 static void
 hand(struct saga_pg_relay *r, int64_t seq, const char *saga)
 {
-	saga_pg_relay_hand(r, row_msg(seq), saga ? xstrdup(saga) : NULL);
+	hand_as(r, seq, saga, 0);
 }
 
 static void
@@ -132,6 +140,29 @@ test_claiming_holds_aside(void **state)
 	assert_seqs(r, want, 3);
 }
 
+/* A row with no earlier row of its saga in the table goes at once, claim
+ * or not: nothing the claim brings goes before it. */
+static void
+test_claiming_alone_goes(void **state)
+{
+	struct saga_pg_relay *r = ((struct fx *)*state)->r;
+	const int64_t want[] = { 8 }, after[] = { 4, 8 };
+
+	r->caught_up = 1;
+	r->claiming = 1;
+	hand_as(r, 8, "s2", 1);
+	hand(r, 9, "s1");
+	assert_int_equal(r->npending, 1);
+	assert_seqs(r, want, 1);
+	assert_int_equal(r->stats.handed, 2);
+	saga_pg_relay_add(r, row_msg(4), xstrdup("s1"));	/* the claim's row */
+	saga_pg_relay_add(r, row_msg(8), xstrdup("s2"));	/* and the handed one again */
+	assert_seqs(r, after, 2);
+	saga_pg_relay_pending_end(r, 1);
+	assert_int_equal(r->nrows, 3);
+	assert_int_equal(r->rows[2].m->seq, 9);
+}
+
 /* A claim that did not catch up: the rows handed meanwhile are the next
  * claim's to read. */
 static void
@@ -188,6 +219,7 @@ main(void)
 	const struct CMUnitTest tests[] = {
 		cmocka_unit_test_setup_teardown(test_not_caught_up_drops, setup, teardown),
 		cmocka_unit_test_setup_teardown(test_caught_up_takes_in_seq_order, setup, teardown),
+		cmocka_unit_test_setup_teardown(test_claiming_alone_goes, setup, teardown),
 		cmocka_unit_test_setup_teardown(test_claiming_holds_aside, setup, teardown),
 		cmocka_unit_test_setup_teardown(test_claim_not_caught_up_frees_pending, setup,
 		    teardown),
