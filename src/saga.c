@@ -535,6 +535,18 @@ saga_orphan(struct saga_engine *e, const struct msg *m, const char *why)
 	    LOG_STR("message_id", m->message_id), LOG_STR("correlation_id", m->props.correlation_id));
 }
 
+/* A reply: its command (or compensation) went out, and the saga's messages
+ * before it (saga_store.h). */
+static void
+saga_delivered(struct saga_engine *e, const struct saga_inst *in, const struct saga_match *k)
+{
+	char id[512];
+
+	saga_message_id(in, in->def->steps[k->step].name,
+	    k->compensation ? "compensate" : "command", id, sizeof id);
+	saga_store_delivered(e->ss, in->id, id);
+}
+
 static void
 saga_handle_matches(struct saga_engine *e, const struct msg *m, size_t only)
 {
@@ -575,6 +587,8 @@ saga_handle_matches(struct saga_engine *e, const struct msg *m, size_t only)
 			saga_orphan(e, m, "unknown saga instance");
 			continue;
 		}
+		if (k->input == SAGA_IN_REPLY)
+			saga_delivered(e, in, k);
 		if (k->input == SAGA_IN_REPLY && k->compensation)
 			saga_on_compensation_reply(e, in, k->step, k->success, m);
 		else if (k->input == SAGA_IN_REPLY)

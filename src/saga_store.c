@@ -177,6 +177,13 @@ saga_store_send(struct saga_store *ss, struct msg *m, unsigned flags)
 	return ss->ops->send(ss->b, m, flags);
 }
 
+void
+saga_store_delivered(struct saga_store *ss, const char *saga_id, const char *message_id)
+{
+	if (ss->ops->delivered)
+		ss->ops->delivered(ss->b, saga_id, message_id);
+}
+
 /* ---- early events ---- */
 
 int

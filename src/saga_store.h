@@ -168,6 +168,15 @@ enum {
 };
 int saga_store_send(struct saga_store *ss, struct msg *m, unsigned flags);
 
+/* A reply to message_id (a command or compensation of saga_id) came, so
+ * it went out, and every earlier message of the saga before it (a saga's
+ * messages go out in order): a store whose relay deletes rows only after
+ * their confirm may forget them now, in the batch's transaction (the
+ * PostgreSQL store: the replica taking the saga's next step then hands
+ * its row to its own relay at once, instead of leaving it to a claim
+ * behind another replica's row). No-op in the SQLite store. */
+void saga_store_delivered(struct saga_store *ss, const char *saga_id, const char *message_id);
+
 /* Choreographed events that came before their saga's start, which with
  * competing replicas (a shared store) another replica may still hold:
  * keep returns 0 when the event is kept for the instance (saga, the

@@ -32,6 +32,8 @@ struct saga_store_ops {
 	int (*log)(struct saga_backend *b, int64_t row, double at, const char *dir,
 	    const char *what, const char *step, const char *message_id, const char *detail);
 	int (*send)(struct saga_backend *b, struct msg *m, unsigned flags);
+	/* NULL: the outbox needs no help (the SQLite store's one relay). */
+	void (*delivered)(struct saga_backend *b, const char *saga_id, const char *message_id);
 	/* NULL: no early events (the SQLite store's single consumer). */
 	int (*keep_early)(struct saga_backend *b, const struct msg *m, const char *saga,
 	    const char *saga_id);

@@ -494,6 +494,27 @@ static const char pgs_sql_outbox[] =
     "   RETURNING seq, claimed_by IS NOT NULL AS mine)"
     " SELECT i.seq, i.mine, c.alone FROM i, c";
 
+/*
+ * The saga's rows up to the replied message's, whoever holds them (their
+ * relay's own delete finds nothing then). SKIP LOCKED: a row its relay is
+ * deleting now is left to it, and the batch never waits on a relay (then
+ * the INSERT after it leaves its row to a claim, as before). min(seq): a
+ * message sent again has one id for two rows; only the first surely went.
+ */
+static void
+pgs_delivered(struct saga_backend *b, const char *saga_id, const char *message_id)
+{
+	struct pgs_stmt *s = pgs_stmt_add(&b->writes,
+	    "DELETE FROM outbox WHERE service = $1 AND seq IN (SELECT seq FROM outbox"
+	    " WHERE service = $1 AND saga_id = $2 AND seq <= (SELECT min(seq) FROM outbox"
+	    " WHERE service = $1 AND saga_id = $2 AND message_id = $3)"
+	    " FOR UPDATE SKIP LOCKED)");
+
+	pgs_param(s, b->service);
+	pgs_param(s, saga_id);
+	pgs_param(s, message_id);
+}
+
 static int
 pgs_send(struct saga_backend *b, struct msg *m, unsigned flags)
 {
@@ -705,6 +726,7 @@ const struct saga_store_ops saga_store_pgsql_ops = {
 	.update = pgs_update,
 	.log = pgs_log,
 	.send = pgs_send,
+	.delivered = pgs_delivered,
 	.keep_early = pgs_early_keep,
 	.early_each = pgs_early_each,
 	.timer_set = pgs_timer_set,

@@ -60,6 +60,7 @@ static struct {
 	int sends, consumed_sends;
 	int writes, writes_outside;
 	char last_key[64];
+	char delivered[256];	/* saga_store_delivered's ids, blank separated */
 } rec;
 
 static struct saga_store_ops rec_ops;
@@ -153,6 +154,16 @@ rec_send(struct saga_backend *b, struct msg *m, unsigned flags)
 	return saga_store_sqlite_ops.send(b, m, flags);
 }
 
+static void
+rec_delivered(struct saga_backend *b, const char *saga_id, const char *message_id)
+{
+	size_t n = strlen(rec.delivered);
+
+	(void)b;
+	assert_non_null(strstr(message_id, saga_id));
+	snprintf(rec.delivered + n, sizeof rec.delivered - n, "%s%s", n ? " " : "", message_id);
+}
+
 static int
 rec_insert(struct saga_backend *b, struct saga_rec *r)
 {
@@ -181,6 +192,7 @@ __wrap_saga_store_open(struct event_base *base, struct store *st,
 	rec_ops = saga_store_sqlite_ops;
 	rec_ops.send = rec_send;
 	rec_ops.insert = rec_insert;
+	rec_ops.delivered = rec_delivered;
 	rec_ops.update = rec_update;
 	rec_ops.batch_begin = rec_batch_begin;
 	rec_ops.batch_end = rec_batch_end;
@@ -456,9 +468,12 @@ test_compensates_in_reverse(void **state)
 	struct fx *f = *state;
 
 	deliver(f, "events", "order.created", "e2", "o2", "{}");
+	rec.delivered[0] = '\0';
 	reply(f, "order", "reserve", 0, 1, "o2", "r1");
 	reply(f, "order", "pay", 0, 1, "o2", "r2");
 	assert_string_equal(sent(f), "stock.reserve payment.authorize order.approve");
+	/* each reply tells the store that its command went out */
+	assert_string_equal(rec.delivered, "o2:order:reserve:command o2:order:pay:command");
 	reply(f, "order", "approve", 0, 0, "o2", "r3");
 	assert_string_equal(state_of(f, "o2"), "compensating");
 	assert_string_equal(sent(f), "payment.cancel");
@@ -466,6 +481,8 @@ test_compensates_in_reverse(void **state)
 	assert_string_equal(sent(f), "stock.release");
 	reply(f, "order", "reserve", 1, 1, "o2", "c2");
 	assert_string_equal(sent(f), "order.rejected");
+	assert_non_null(strstr(rec.delivered, "o2:order:approve:command"
+	    " o2:order:pay:compensate o2:order:reserve:compensate"));
 	assert_string_equal(state_of(f, "o2"), "compensated");
 }
 

@@ -817,8 +817,24 @@ test_send(void **state)
 	/* unless an earlier row of the saga is not this replica's */
 	assert_non_null(strstr(s->sql, "claimed_by IS DISTINCT FROM $9"));
 	assert_non_null(strstr(s->sql, "RETURNING seq, claimed_by IS NOT NULL"));
+	assert_non_null(strstr(s->sql, "count(*) = 0 AS alone"));
 	pgs_hands_free(b);
 	assert_int_equal(b->nhands, 0);
+}
+
+/* A reply: the saga's rows up to its command's are deleted in the batch,
+ * never waiting for a relay's lock on one of them. */
+static void
+test_delivered(void **state)
+{
+	struct fx *f = *state;
+	struct pgs_stmt *s;
+
+	OPS.delivered(f->b, "s1", "s1:order:pay:command");
+	s = stmt_is(&f->b->writes, 0, "DELETE FROM outbox WHERE service = $1", 3);
+	assert_texts(s, 0, 3, "orders", "s1", "s1:order:pay:command");
+	assert_non_null(strstr(s->sql, "seq <= (SELECT min(seq) FROM outbox"));
+	assert_non_null(strstr(s->sql, "FOR UPDATE SKIP LOCKED"));
 }
 
 /* ---- early events ---- */
@@ -1237,6 +1253,7 @@ main(void)
 		cmocka_unit_test_setup_teardown(test_timers_due_only_for_timer_job, setup, teardown),
 		cmocka_unit_test_setup_teardown(test_counts, setup, teardown),
 		cmocka_unit_test_setup_teardown(test_send, setup, teardown),
+		cmocka_unit_test_setup_teardown(test_delivered, setup, teardown),
 		cmocka_unit_test_setup_teardown(test_early, setup, teardown),
 		cmocka_unit_test_setup_teardown(test_early_per_definition, setup, teardown),
 		cmocka_unit_test_setup_teardown(test_early_no_loop, setup, teardown),
