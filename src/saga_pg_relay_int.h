@@ -56,6 +56,7 @@ struct saga_pg_relay {
 	char *sql_lock, *sql_delete, *sql_refresh, *sql_claim, *sql_mine;
 	char lock_key[24];	/* the claim's advisory lock, as text */
 	int want_claim;		/* kicked, polled, or a full claim: look */
+	int claim_next;		/* deletes went first: the claim's turn */
 	int claiming;		/* the query in flight holds a claim */
 	/*
 	 * Handed rows (saga_pg_relay_hand) are taken only while the relay

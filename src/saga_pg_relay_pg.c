@@ -1,10 +1,14 @@
 /*
  * The saga outbox relay's PostgreSQL side (saga_pg_relay_int.h): at most
  * one query in flight, a pipeline (one round trip, one implicit
- * transaction) of what is due: the claim's advisory lock, the deletes of
- * confirmed rows, the refresh of this replica's claims, the claim of more
- * rows. Confirms that come meanwhile wait for the next one: deletes batch
- * by themselves.
+ * transaction) of what is due: either the deletes of confirmed rows and
+ * the refresh of this replica's claims, or a claim of more rows (the
+ * claim's advisory lock, the claim, the count), taking turns when both are
+ * due. Apart, so that the deletes' row locks are never held while the
+ * claim waits for the lock behind other replicas' claims: a batch that
+ * deletes a saga's delivered rows (saga_store_delivered) skips rows
+ * locked, and then leaves its saga's next row to a claim. Confirms that
+ * come meanwhile wait for the next pipeline: deletes batch by themselves.
  */
 #include "saga_pg_relay_int.h"
 
@@ -135,10 +139,10 @@ saga_pg_relay_array(struct saga_pg_relay *r, int deleting)
 }
 
 /*
- * Sends what is due as one pipeline: the confirmed rows' deletes, the
- * claims' refresh (every grace / 2), a claim when wanted and there is
- * room. Nothing due, or a query in flight: nothing (the end of that query
- * pumps again).
+ * Sends what is due as one pipeline: the confirmed rows' deletes and the
+ * claims' refresh (every grace / 2), or a claim when wanted and there is
+ * room, after one pipeline of deletes at most. Nothing due, or a query in
+ * flight: nothing (the end of that query pumps again).
  */
 void
 saga_pg_relay_send(struct saga_pg_relay *r)
@@ -148,23 +152,24 @@ saga_pg_relay_send(struct saga_pg_relay *r)
 	char now_s[32], stale_s[32], limit_s[16], *del = NULL, *held = NULL;
 	double now = util_now(), mono = util_mono();
 	size_t i, room = r->nrows < r->max_held ? r->max_held - r->nrows : 0;
-	int n = 0, ndel = 0, refresh = mono - r->refreshed >= r->grace / 2;
+	int n = 0, ndel = 0, refresh = mono - r->refreshed >= r->grace / 2, claim;
 
 	if (!r->pg_up || r->busy || !r->sql_claim)
 		return;
 	for (i = 0; i < r->nrows; i++)
-		if ((r->rows[i].deleting = r->rows[i].state == SAGA_PG_RELAY_DONE))
-			ndel++;
-	if (!ndel && !refresh && !(r->want_claim && room))
+		ndel += r->rows[i].state == SAGA_PG_RELAY_DONE;
+	claim = r->want_claim && room && (r->claim_next || (!ndel && !refresh));
+	r->claim_next = !claim && r->want_claim && room;
+	if (claim)
+		ndel = refresh = 0;
+	for (i = 0; i < r->nrows; i++)
+		r->rows[i].deleting = ndel && r->rows[i].state == SAGA_PG_RELAY_DONE;
+	if (!ndel && !refresh && !claim)
 		return;
 	memset(s, 0, sizeof s);
 	snprintf(now_s, sizeof now_s, "%.6f", now);
 	snprintf(stale_s, sizeof stale_s, "%.6f", now - r->grace);
 	r->q.del = r->q.claim = r->q.mine = -1;
-	if (r->want_claim && room) {
-		lockv[0] = r->lock_key;
-		s[n++] = (struct pgc_stmt){ r->sql_lock, 1, lockv, NULL, NULL };
-	}
 	if (ndel) {
 		delv[0] = r->service;
 		delv[1] = del = saga_pg_relay_array(r, 1);
@@ -178,7 +183,9 @@ saga_pg_relay_send(struct saga_pg_relay *r)
 		r->refreshed = mono;
 		s[n++] = (struct pgc_stmt){ r->sql_refresh, 3, refv, NULL, NULL };
 	}
-	if (r->want_claim && room) {
+	if (claim) {
+		lockv[0] = r->lock_key;
+		s[n++] = (struct pgc_stmt){ r->sql_lock, 1, lockv, NULL, NULL };
 		r->want_claim = 0;
 		r->q.limit = (int)room;
 		snprintf(limit_s, sizeof limit_s, "%d", r->q.limit);
