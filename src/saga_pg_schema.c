@@ -143,10 +143,6 @@ static const char *const saga_pg_migrations[] = {
 	/* 3: a saga's outbox rows, for the check of the batch's INSERT (is an
 	 * earlier row of the saga another replica's?) */
 	"CREATE INDEX outbox_saga ON outbox(service, saga_id, seq);",
-	/* 4: a replica's own rows, for the relay's count after a claim and
-	 * its refresh of its claims: without it each read the service's
-	 * whole outbox, dead rows included, under the claim lock */
-	"CREATE INDEX outbox_mine ON outbox(service, claimed_by, seq);",
 };
 
 _Static_assert(sizeof saga_pg_migrations / sizeof saga_pg_migrations[0] ==

@@ -484,8 +484,10 @@ pgs_log(struct saga_backend *b, int64_t row, double at, const char *dir, const c
  * while a claim is in flight (none can bring a row to go before it).
  */
 static const char pgs_sql_outbox[] =
-    "WITH c AS (SELECT bool_or(o.claimed_by IS DISTINCT FROM $9::text) AS other,"
-    "   count(*) = 0 AS alone FROM outbox o WHERE o.service = $1::text AND o.saga_id = $7::text),"
+    "WITH c AS (SELECT EXISTS (SELECT 1 FROM outbox o WHERE o.service = $1::text"
+    "   AND o.saga_id = $7::text AND o.claimed_by IS DISTINCT FROM $9::text) AS other,"
+    "   NOT EXISTS (SELECT 1 FROM outbox o WHERE o.service = $1::text"
+    "   AND o.saga_id = $7::text) AS alone),"
     " i AS (INSERT INTO outbox (service, message_id, exchange, routing_key, props, body,"
     "   saga_id, created_at, claimed_by, claimed_at)"
     "   SELECT $1::text, $2::text, $3::text, $4::text, $5::bytea, $6::bytea, $7::text,"

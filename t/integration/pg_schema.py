@@ -20,7 +20,7 @@ TOOL = os.path.join(h.top_builddir, 't', 'pgschema')
 TABLES = {'schema_version', 'instances', 'history', 'timers', 'consumed', 'early',
           'outbox', 'replicas'}
 INDEXES = {'timers_due', 'outbox_claimed', 'consumed_at', 'early_at', 'instances_state',
-           'instances_id', 'instances_finished', 'history_pkey', 'outbox_saga', 'outbox_mine'}
+           'instances_id', 'instances_finished', 'history_pkey', 'outbox_saga'}
 SECRET = 'Wr0ng-s3cret'
 
 
@@ -130,7 +130,6 @@ def from_v1(db, c, n):
             'ALTER TABLE old.early DROP COLUMN saga;'
             'ALTER TABLE old.early ADD PRIMARY KEY (service, saga_id, message_id);'
             'DROP INDEX old.outbox_saga;'   # migration 3
-            'DROP INDEX old.outbox_mine;'   # migration 4
             'UPDATE old.schema_version SET version = 1;'
             "INSERT INTO old.early (service, saga_id, message_id, exchange, routing_key, body, at)"
             " VALUES ('orders', 's1', 'e-1', 'events', 'paid', '\\x00'::bytea, 1)")

@@ -802,7 +802,7 @@ test_send(void **state)
 	assert_string_equal(b->hands[0].m->message_id, "out-1");
 	assert_string_equal(b->hands[0].m->props.correlation_id, "s1");
 	assert_memory_equal(b->hands[0].m->body, "{\"x\":\0}", 7);
-	s = stmt_is(&b->writes, 0, "WITH c AS (SELECT bool_or(o.claimed_by", 9);
+	s = stmt_is(&b->writes, 0, "WITH c AS (SELECT EXISTS (SELECT 1 FROM outbox o", 9);
 	assert_texts(s, 0, 4, "orders", "out-1", "commands", "stock.reserve");
 	assert_int_equal(s->fmt[4], 1);
 	memset(&back, 0, sizeof back);
@@ -817,7 +817,7 @@ test_send(void **state)
 	/* unless an earlier row of the saga is not this replica's */
 	assert_non_null(strstr(s->sql, "claimed_by IS DISTINCT FROM $9"));
 	assert_non_null(strstr(s->sql, "RETURNING seq, claimed_by IS NOT NULL"));
-	assert_non_null(strstr(s->sql, "count(*) = 0 AS alone"));
+	assert_non_null(strstr(s->sql, "AS alone"));
 	pgs_hands_free(b);
 	assert_int_equal(b->nhands, 0);
 }
