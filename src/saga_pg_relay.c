@@ -417,6 +417,19 @@ saga_pg_relay_hand(struct saga_pg_relay *r, struct msg *m, char *saga_id, int al
 	event_active(r->fill_ev, 0, 0);
 }
 
+int
+saga_pg_relay_holds(const struct saga_pg_relay *r, int64_t seq)
+{
+	size_t i = saga_pg_relay_find(r, seq);
+
+	if (i < r->nrows && r->rows[i].m->seq == seq)
+		return 1;
+	for (i = 0; i < r->npending; i++)
+		if (r->pending[i].m->seq == seq)
+			return 1;
+	return 0;
+}
+
 void
 saga_pg_relay_pending_end(struct saga_pg_relay *r, int take)
 {

@@ -105,10 +105,9 @@ saga_pg_relay_prepare_sql(struct saga_pg_relay *r)
 	    " RETURNING o.seq, o.message_id, o.exchange, o.routing_key, o.props, o.body,"
 	    " o.saga_id, p.was", q, q, q);
 	/* After the claim, in its transaction: this replica's rows not held
-	 * before it ($3). As many as the claim read: the relay holds them
-	 * all (caught up), and may take handed rows. */
-	r->sql_mine = xasprintf("SELECT count(*) FROM %s.outbox WHERE service = $1"
-	    " AND claimed_by = $2 AND seq <> ALL ($3::bigint[])", q);
+	 * before it ($3), at most $4 (saga_pg_relay_caught_up). */
+	r->sql_mine = xasprintf("SELECT seq FROM %s.outbox WHERE service = $1"
+	    " AND claimed_by = $2 AND seq <> ALL ($3::bigint[]) LIMIT $4::int", q);
 	PQfreemem(q);
 	return 0;
 }
@@ -148,8 +147,8 @@ void
 saga_pg_relay_send(struct saga_pg_relay *r)
 {
 	struct pgc_stmt s[5];
-	const char *lockv[1], *delv[2], *refv[3], *claimv[6], *minev[3];
-	char now_s[32], stale_s[32], limit_s[16], *del = NULL, *held = NULL;
+	const char *lockv[1], *delv[2], *refv[3], *claimv[6], *minev[4];
+	char now_s[32], stale_s[32], limit_s[16], mine_s[16], *del = NULL, *held = NULL;
 	double now = util_now(), mono = util_mono();
 	size_t i, room = r->nrows < r->max_held ? r->max_held - r->nrows : 0;
 	int n = 0, ndel = 0, refresh = mono - r->refreshed >= r->grace / 2, claim;
@@ -200,8 +199,10 @@ saga_pg_relay_send(struct saga_pg_relay *r)
 		minev[0] = r->service;
 		minev[1] = r->replica;
 		minev[2] = held;
+		snprintf(mine_s, sizeof mine_s, "%zu", r->max_held + 1);
+		minev[3] = mine_s;
 		r->q.mine = n;
-		s[n++] = (struct pgc_stmt){ r->sql_mine, 3, minev, NULL, NULL };
+		s[n++] = (struct pgc_stmt){ r->sql_mine, 4, minev, NULL, NULL };
 		/* Its snapshot comes after every row handed so far. */
 		r->claiming = 1;
 		r->missed = 0;
@@ -279,17 +280,29 @@ saga_pg_relay_take_row(struct saga_pg_relay *r, const PGresult *res, int i)
 	saga_pg_relay_add(r, m, PQgetisnull(res, i, 6) ? NULL : xstrdup(PQgetvalue(res, i, 6)));
 }
 
-/* After a claim that read n rows: caught up if no row of this replica is
- * left in the table unheld (behind another replica's, or beyond the
- * claim's limit) and none was dropped meanwhile. */
+/*
+ * After a claim that read n rows: caught up if every row of this replica
+ * that the count saw unheld (behind another replica's, beyond the claim's
+ * limit, or committed by a batch after the claim's snapshot) is held now
+ * (read by the claim, or handed meanwhile: held or pending) and none was
+ * dropped meanwhile. A count of them alone would see a row a batch
+ * committed between the claim's statement and its own as left behind.
+ */
 static void
 saga_pg_relay_caught_up(struct saga_pg_relay *r, int n)
 {
 	PGresult *res = pgc_result(r->pg, r->q.mine);
-	long long left = res && PQntuples(res) == 1 ? strtoll(PQgetvalue(res, 0, 0), NULL, 10) : -1;
+	int i, k = res ? PQntuples(res) : 0, unheld = res ? 0 : 1, was = r->caught_up;
 
+	for (i = 0; i < k; i++)
+		unheld += !saga_pg_relay_holds(r, strtoll(PQgetvalue(res, i, 0), NULL, 10));
 	r->claiming = 0;
-	r->caught_up = left == n && !r->missed;
+	r->caught_up = !unheld && !r->missed;
+	if (was != r->caught_up)
+		log_info(r->caught_up ? "saga outbox relay: caught up, takes handed rows" :
+		    "saga outbox relay: behind, claims what batches commit",
+		    LOG_INT("unheld", unheld), LOG_INT("claimed", n),
+		    LOG_INT("missed", r->missed));
 	saga_pg_relay_pending_end(r, r->caught_up);
 	if (!r->caught_up)
 		r->want_claim = 1;

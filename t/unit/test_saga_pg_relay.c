@@ -163,6 +163,24 @@ test_claiming_alone_goes(void **state)
 	assert_int_equal(r->rows[2].m->seq, 9);
 }
 
+/* What a claim's count of unheld rows checks: held, or pending. */
+static void
+test_holds(void **state)
+{
+	struct saga_pg_relay *r = ((struct fx *)*state)->r;
+
+	r->caught_up = 1;
+	hand(r, 5, "s1");
+	r->claiming = 1;
+	hand(r, 8, "s1");
+	assert_true(saga_pg_relay_holds(r, 5));
+	assert_true(saga_pg_relay_holds(r, 8));
+	assert_false(saga_pg_relay_holds(r, 6));
+	assert_false(saga_pg_relay_holds(r, 9));
+	saga_pg_relay_pending_end(r, 0);
+	assert_false(saga_pg_relay_holds(r, 8));
+}
+
 /* A claim that did not catch up: the rows handed meanwhile are the next
  * claim's to read. */
 static void
@@ -220,6 +238,7 @@ main(void)
 		cmocka_unit_test_setup_teardown(test_not_caught_up_drops, setup, teardown),
 		cmocka_unit_test_setup_teardown(test_caught_up_takes_in_seq_order, setup, teardown),
 		cmocka_unit_test_setup_teardown(test_claiming_alone_goes, setup, teardown),
+		cmocka_unit_test_setup_teardown(test_holds, setup, teardown),
 		cmocka_unit_test_setup_teardown(test_claiming_holds_aside, setup, teardown),
 		cmocka_unit_test_setup_teardown(test_claim_not_caught_up_frees_pending, setup,
 		    teardown),
