@@ -482,6 +482,7 @@ saga_pg_relay_free(struct saga_pg_relay *r)
 	free(r->sql_refresh);
 	free(r->sql_claim);
 	free(r->sql_mine);
+	free(r->sql_vacuum);
 	free(r->conninfo);
 	free(r->schema);
 	free(r->service);

@@ -17,6 +17,10 @@
 #include <event2/util.h>
 
 #define SAGA_PG_RELAY_WINDOW 256	/* most rows in flight */
+/* A VACUUM of the outbox after this many rows deleted, at most every
+ * SAGA_PG_RELAY_VACUUM_EVERY seconds (saga_pg_relay_send). */
+#define SAGA_PG_RELAY_VACUUM_ROWS 10000
+#define SAGA_PG_RELAY_VACUUM_EVERY 10.0
 #define SAGA_PG_RELAY_POLL 1.0	/* seconds between looks for stale rows */
 
 enum saga_pg_relay_state {
@@ -53,7 +57,7 @@ struct saga_pg_relay {
 	int pg_warned;		/* a failed connect said at warn level */
 	int busy;		/* a query is in flight */
 	struct saga_pg_relay_query q;
-	char *sql_lock, *sql_delete, *sql_refresh, *sql_claim, *sql_mine;
+	char *sql_lock, *sql_delete, *sql_refresh, *sql_claim, *sql_mine, *sql_vacuum;
 	char lock_key[24];	/* the claim's advisory lock, as text */
 	int want_claim;		/* kicked, polled, or a full claim: look */
 	int claim_next;		/* deletes went first: the claim's turn */
@@ -72,6 +76,8 @@ struct saga_pg_relay {
 	struct saga_pg_relay_row *pending;	/* handed during a claim */
 	size_t npending, cappending;
 	double refreshed;	/* util_mono() of the last refresh sent */
+	double vacuumed;	/* util_mono() of the last VACUUM sent */
+	uint64_t vacuum_mark;	/* stats.deleted then */
 
 	struct broker *br;
 	uint64_t epoch;		/* of the broker connection; 0: down */
