@@ -507,8 +507,8 @@ static void
 pgs_delivered(struct saga_backend *b, const char *saga_id, const char *message_id)
 {
 	struct pgs_stmt *s = pgs_stmt_add(&b->writes,
-	    "DELETE FROM outbox WHERE service = $1 AND seq IN (SELECT seq FROM outbox"
-	    " WHERE service = $1 AND saga_id = $2 AND seq <= (SELECT min(seq) FROM outbox"
+	    "DELETE FROM outbox WHERE service = $1 AND saga_id = $2 AND seq IN (SELECT seq"
+	    " FROM outbox WHERE service = $1 AND saga_id = $2 AND seq <= (SELECT min(seq) FROM outbox"
 	    " WHERE service = $1 AND saga_id = $2 AND message_id = $3)"
 	    " FOR UPDATE SKIP LOCKED)");
 

@@ -831,7 +831,7 @@ test_delivered(void **state)
 	struct pgs_stmt *s;
 
 	OPS.delivered(f->b, "s1", "s1:order:pay:command");
-	s = stmt_is(&f->b->writes, 0, "DELETE FROM outbox WHERE service = $1", 3);
+	s = stmt_is(&f->b->writes, 0, "DELETE FROM outbox WHERE service = $1 AND saga_id = $2", 3);
 	assert_texts(s, 0, 3, "orders", "s1", "s1:order:pay:command");
 	assert_non_null(strstr(s->sql, "seq <= (SELECT min(seq) FROM outbox"));
 	assert_non_null(strstr(s->sql, "FOR UPDATE SKIP LOCKED"));
