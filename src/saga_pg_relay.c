@@ -418,11 +418,11 @@ saga_pg_relay_hand(struct saga_pg_relay *r, struct msg *m, char *saga_id, int al
 }
 
 int
-saga_pg_relay_holds(const struct saga_pg_relay *r, int64_t seq)
+saga_pg_relay_holds(struct saga_pg_relay *r, int64_t seq)
 {
-	size_t i = saga_pg_relay_find(r, seq);
+	size_t i;
 
-	if (i < r->nrows && r->rows[i].m->seq == seq)
+	if (saga_pg_relay_row(r, seq))
 		return 1;
 	for (i = 0; i < r->npending; i++)
 		if (r->pending[i].m->seq == seq)

@@ -66,10 +66,10 @@ struct saga_pg_relay {
 	 * Handed rows (saga_pg_relay_hand) are taken only while the relay
 	 * holds every row claimed by this replica (caught_up, set by a claim
 	 * after which every one of them in the table is held or pending):
-	 * then a handed row's earlier
-	 * rows of its saga, all this replica's (the batch's INSERT checked),
-	 * are held and go first. Otherwise a handed row is dropped (missed)
-	 * and the next claim reads it, in order.
+	 * then a handed row's earlier rows of its saga, all this replica's
+	 * (the batch's INSERT checked), are held and go first. Otherwise a
+	 * handed row is dropped (missed) and the next claim reads it, in
+	 * order.
 	 */
 	int caught_up;
 	int missed;		/* a row dropped since the claim in flight was sent */
@@ -113,6 +113,6 @@ void saga_pg_relay_pending_end(struct saga_pg_relay *r, int take);
 struct saga_pg_relay_row *saga_pg_relay_row(struct saga_pg_relay *r, int64_t seq);
 size_t saga_pg_relay_find(const struct saga_pg_relay *r, int64_t seq);
 /* Whether the row seq is held, or pending (handed during the claim). */
-int saga_pg_relay_holds(const struct saga_pg_relay *r, int64_t seq);
+int saga_pg_relay_holds(struct saga_pg_relay *r, int64_t seq);
 
 #endif
