@@ -22,6 +22,15 @@
  * session 11). The cache is keyed by the SQL text and bounded; a Parse
  * that did not succeed (an error earlier in its pipeline) is forgotten at
  * the pipeline's end, and the whole cache with the connection.
+ *
+ * A prepared statement keeps its generic plan until the tables it reads
+ * are analyzed again, and a plan made while they were nearly empty is the
+ * wrong one once they hold thousands of rows (a scan of every instance
+ * for each saga step: bench/README.md, session 13). So a pipeline begins
+ * now and then with DISCARD PLANS, which keeps the statements and drops
+ * their plans: 1 s after the connect, then 2, 4... up to every
+ * PGC_REPLAN_MAX seconds (pgc_conf.replan_max), so that the first minutes
+ * of a new schema, when its tables grow fastest, are replanned most often.
  */
 #include <errno.h>
 #include <event2/event.h>
@@ -40,6 +49,8 @@
 #include "xmalloc.h"
 
 #define PGC_PREPARED_MAX 128	/* statements kept prepared; others unnamed */
+#define PGC_REPLAN_MAX 60.0	/* seconds between DISCARD PLANS, at most */
+#define PGC_ITEM_DROP (INT32_MIN + 1)	/* a pipeline item whose result is dropped */
 
 /* A statement prepared on the connection as "sagad_<slot>". */
 struct pgc_prep {
@@ -74,8 +85,11 @@ struct pgc {
 	char sqlstate[6];	/* the first error's, or "" */
 	int npipe;		/* items of the pipeline in flight, or 0 */
 	int pipe_at;		/* the item whose results come now */
-	int *item;		/* per item: its statement, or -1 - slot: a Parse */
+	int *item;		/* per item: its statement, -1 - slot: a Parse,
+				 * or PGC_ITEM_DROP */
 	int capitem;
+	double replan_at;	/* util_mono() when plans are next discarded */
+	double replan_every;	/* seconds, doubling up to PGC_REPLAN_MAX */
 
 	struct pgc_prep prep[PGC_PREPARED_MAX];
 };
@@ -318,7 +332,7 @@ pgc_pipe_keep(struct pgc *c, PGresult *r)
 		c->res[it] = r;
 		return;
 	}
-	if (it < 0 && it != INT32_MIN)
+	if (it < 0 && it != INT32_MIN && it != PGC_ITEM_DROP)
 		c->prep[-1 - it].ready = 1;
 	PQclear(r);	/* a Parse's, or a second result of one statement */
 }
@@ -416,6 +430,14 @@ pgc_send_pipeline(struct pgc *c, const struct pgc_stmt *s, int n)
 	c->npipe = 0;
 	c->pipe_at = 0;
 	ok = PQenterPipelineMode(c->conn);
+	if (ok && util_mono() >= c->replan_at) {
+		/* not transactional: fine ahead of the pipeline's BEGIN */
+		pgc_item_add(c, PGC_ITEM_DROP);
+		ok = PQsendQueryParams(c->conn, "DISCARD PLANS", 0, NULL, NULL, NULL, NULL, 0);
+		c->replan_every = fmin(2 * c->replan_every,
+		    c->conf.replan_max > 0 ? c->conf.replan_max : PGC_REPLAN_MAX);
+		c->replan_at = util_mono() + c->replan_every;
+	}
 	for (i = 0; ok && i < n; i++)
 		ok = pgc_send_stmt(c, &s[i], i);
 	if (ok)
@@ -579,6 +601,8 @@ pgc_setup_done(struct pgc *c)
 		return;
 	}
 	c->phase = PGC_UP;
+	c->replan_every = 1;
+	c->replan_at = util_mono() + c->replan_every;
 	c->hooks.connected(c->arg);
 }
 

@@ -42,6 +42,8 @@ struct pgc_conf {
 	 * frozen client's transaction does not hold its row locks for ever.
 	 * The owner's session settings follow them, and may change them. */
 	int server_limits;
+	/* The most seconds between two DISCARD PLANS (pgconn.c; 0: 60). */
+	double replan_max;
 };
 
 #define PGC_STATEMENT_MARGIN 3	/* seconds */

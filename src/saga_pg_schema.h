@@ -12,7 +12,7 @@
 #include <stddef.h>
 
 /* The schema version this sagad creates and knows. */
-#define SAGA_PG_SCHEMA_VERSION 3
+#define SAGA_PG_SCHEMA_VERSION 4
 
 /* The schema's name when the configuration names none. */
 #define SAGA_PG_SCHEMA_DEFAULT "sagad"

@@ -6,7 +6,7 @@
  * cancels the query and makes the connection again, the server-side
  * limits (statement and lock timeouts: transient errors), the errors'
  * classes, and prepared statements (parsed once, a skipped Parse sent
- * again). Usage: pgconn CONNINFO. Prints "ok: ..." for each
+ * again, their plans discarded and made again on a table that grew). Usage: pgconn CONNINFO. Prints "ok: ..." for each
  * check, "FAIL: ..." and exits 1 at the first that fails.
  */
 #include <event2/event.h>
@@ -25,9 +25,11 @@ struct run {
 	int failed;
 	const char *conninfo;
 	PGconn *locker;		/* a second session, holding a lock */
+	PGconn *control;	/* a session that never discards its plans */
 };
 
 static void run_next(struct run *r);
+static void replan_cb(evutil_socket_t fd, short what, void *arg);
 
 static void
 check(struct run *r, int ok, const char *what)
@@ -123,6 +125,20 @@ run_next(struct run *r)
 		{ "SELECT count(*) FROM pg_prepared_statements WHERE statement ="
 		    " 'SELECT $1::int + 100'", 0, NULL, NULL, NULL },
 	};
+	/* a generic plan made on 40 rows (a seq scan), then 100,000 rows */
+	static const char *const k5[] = { "5" };
+	const struct pgc_stmt grow_q = { "SELECT v FROM grow WHERE k = $1", 1, k5, NULL, NULL };
+	const struct pgc_stmt grown[] = {
+		grow_q, grow_q, grow_q, grow_q, grow_q, grow_q, grow_q,
+	};
+	const struct pgc_stmt regrown[] = {
+		grow_q,
+		/* this session's index scans of grow not yet reported: the
+		 * statement's (nothing before it used the index) */
+		{ "SELECT seq_scan, idx_scan FROM pg_stat_xact_user_tables WHERE relname = 'grow'",
+		    0, NULL, NULL, NULL },
+	};
+	struct timeval replan = { 1, 200000 };	/* past conf.replan_max */
 	/* past the client's deadline: the server's statement_timeout off */
 	const struct pgc_stmt slow[] = {
 		{ "SET statement_timeout = 0", 0, NULL, NULL, NULL },
@@ -190,9 +206,65 @@ run_next(struct run *r)
 	case 16:
 		pgc_send_pipeline(r->c, reused, 2);
 		break;
+	case 17:
+		pgc_send(r->c, "CREATE TABLE grow (k int NOT NULL, v int NOT NULL)"
+		    " WITH (autovacuum_enabled = false); CREATE INDEX grow_k ON grow(k);"
+		    " INSERT INTO grow SELECT g, g FROM generate_series(1, 40) g; ANALYZE grow");
+		break;
+	case 18:
+		/* five custom plans, then the generic one, cached */
+		pgc_send_pipeline(r->c, grown, 7);
+		break;
+	case 19:
+		pgc_send(r->c, "INSERT INTO grow SELECT g, g FROM generate_series(41, 100000) g");
+		break;
+	case 20:
+		event_base_once(r->base, -1, EV_TIMEOUT, replan_cb, r, &replan);
+		break;
+	case 21:
+		pgc_send_pipeline(r->c, regrown, 2);
+		break;
 	default:
 		event_base_loopbreak(r->base);
 	}
+}
+
+/* The control session: the statement of step 18 prepared and run as
+ * often, before the table grows; its plan then (EXPLAIN's first line). */
+static void
+control_prepare(struct run *r)
+{
+	const char *k5[] = { "5" };
+	int i;
+
+	r->control = PQconnectdb(r->conninfo);
+	PQclear(PQprepare(r->control, "q", "SELECT v FROM grow WHERE k = $1", 1, NULL));
+	for (i = 0; i < 7; i++)
+		PQclear(PQexecPrepared(r->control, "q", 1, k5, NULL, NULL, 0));
+}
+
+static int
+control_seq_scan(struct run *r)
+{
+	PGresult *res = PQexec(r->control, "EXPLAIN EXECUTE q(5)");
+	int seq = PQresultStatus(res) == PGRES_TUPLES_OK && PQntuples(res) > 0 &&
+	    strstr(PQgetvalue(res, 0, 0), "Seq Scan on grow") != NULL;
+
+	PQclear(res);
+	PQfinish(r->control);
+	r->control = NULL;
+	return seq;
+}
+
+static void
+replan_cb(evutil_socket_t fd, short what, void *arg)
+{
+	struct run *r = arg;
+
+	(void)fd;
+	(void)what;
+	r->step++;
+	run_next(r);
 }
 
 static void
@@ -279,6 +351,23 @@ on_done(void *arg)
 		check(r, !pgc_error(r->c) && value_is(r, 0, "106") && value_is(r, 1, "1"),
 		    "a statement used again runs by its name: prepared once");
 		break;
+	case 17:
+		check(r, !pgc_error(r->c), "a table of 40 rows, analyzed; another session prepares the same query");
+		control_prepare(r);
+		break;
+	case 18:
+		check(r, !pgc_error(r->c) && value_is(r, 6, "5"), "a statement run 7 times");
+		break;
+	case 19:
+		check(r, !pgc_error(r->c) && control_seq_scan(r), "the table grown to 100,000"
+		    " rows: a session that keeps its plans still scans all of it");
+		break;		/* step 20 waits for the timer, which runs 21 */
+	case 21:
+		check(r, !pgc_error(r->c) && value_is(r, 0, "5") &&
+		    PQgetisnull(pgc_result(r->c, 1), 0, 1) == 0 &&
+		    strcmp(PQgetvalue(pgc_result(r->c, 1), 0, 1), "1") == 0,
+		    "after replan_max, pgconn's plans were discarded: the index is used");
+		break;
 	}
 	if (r->failed)
 		return;
@@ -327,7 +416,7 @@ int
 main(int argc, char **argv)
 {
 	const struct pgc_hooks hooks = { on_connecting, on_connected, on_done, on_notified, on_down };
-	struct pgc_conf conf = { NULL, 10, 1, 0.1, 1, NULL, NULL, 1 };
+	struct pgc_conf conf = { NULL, 10, 1, 0.1, 1, NULL, NULL, 1, 1 };
 	struct run r;
 
 	if (argc != 2) {
@@ -340,7 +429,7 @@ main(int argc, char **argv)
 	r.c = pgc_new(r.base, &conf, &hooks, &r);
 	pgc_start(r.c);
 	event_base_dispatch(r.base);
-	if (!r.failed && r.step != 17) {
+	if (!r.failed && r.step != 22) {
 		printf("FAIL: stopped at check %d\n", r.step);
 		r.failed = 1;
 	}

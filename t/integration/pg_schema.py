@@ -19,8 +19,8 @@ import pg  # noqa: E402
 TOOL = os.path.join(h.top_builddir, 't', 'pgschema')
 TABLES = {'schema_version', 'instances', 'history', 'timers', 'consumed', 'early',
           'outbox', 'replicas'}
-INDEXES = {'timers_due', 'outbox_claimed', 'consumed_at', 'early_at', 'instances_state',
-           'instances_id', 'instances_finished', 'history_pkey', 'outbox_saga'}
+INDEXES = {'timers_due', 'outbox_claimed', 'consumed_at', 'early_at',
+           'instances_pkey', 'instances_finished', 'history_pkey', 'outbox_saga'}
 SECRET = 'Wr0ng-s3cret'
 
 
@@ -79,6 +79,17 @@ def fresh_and_again(db, c, n):
     tables, cols, idx, versions = state(c, 'sagad')
     h.check(tables == TABLES, 'schema "sagad" holds every table', detail=sorted(tables))
     h.check(INDEXES <= idx, 'the indexes are there', detail=sorted(idx))
+    h.check(not {'instances_state', 'instances_id'} & idx,
+            "version 4 dropped the instances' indexes that misled the update's plan",
+            detail=sorted(idx))
+    key = [r[0] for r in c.query(
+        "SELECT a.attname FROM pg_index x JOIN pg_attribute a ON a.attrelid = x.indrelid"
+        " AND a.attnum = ANY(x.indkey) WHERE x.indexrelid = 'sagad.instances_pkey'::regclass"
+        " ORDER BY array_position(x.indkey::int2[], a.attnum)")]
+    h.check(key == ['service', 'id', 'saga'], "the instances' key is led by id", detail=key)
+    opts = c.scalar("SELECT array_to_string(reloptions, ',') FROM pg_class"
+                    " WHERE oid = 'sagad.instances'::regclass")
+    h.check(opts == 'fillfactor=70', 'instances leave room for HOT updates', detail=opts)
     h.check(versions == [str(n)], 'schema_version is %d, one row' % n, detail=versions)
     h.check(all(('service', 'text') in {(r[1], r[2]) for r in cols if r[0] == t}
                 for t in TABLES - {'schema_version'}), 'every table has a service column')
@@ -130,12 +141,23 @@ def from_v1(db, c, n):
             'ALTER TABLE old.early DROP COLUMN saga;'
             'ALTER TABLE old.early ADD PRIMARY KEY (service, saga_id, message_id);'
             'DROP INDEX old.outbox_saga;'   # migration 3
+            'ALTER TABLE old.instances DROP CONSTRAINT instances_pkey;'   # migration 4
+            'ALTER TABLE old.instances ADD PRIMARY KEY (service, saga, id);'
+            'ALTER TABLE old.instances RESET (fillfactor);'
+            'CREATE INDEX instances_state ON old.instances(service, saga, state);'
+            'CREATE INDEX instances_id ON old.instances(service, id);'
+            "INSERT INTO old.instances VALUES ('orders', 'pay', 's1', 0, 1, 1, NULL, '\\x01');"
             'UPDATE old.schema_version SET version = 1;'
             "INSERT INTO old.early (service, saga_id, message_id, exchange, routing_key, body, at)"
             " VALUES ('orders', 's1', 'e-1', 'events', 'paid', '\\x00'::bytea, 1)")
     p = migrate(db.conninfo, 'old')
     h.check(p.returncode == 0 and out(p).count('saga store schema migrated') == n - 1,
             'a version 1 schema is migrated to %d' % n, detail=out(p))
+    h.check(c.query("SELECT saga, id FROM old.instances") == [['pay', 's1']],
+            'its instance kept under the key of version 4')
+    h.check(c.query("SELECT indexname FROM pg_indexes WHERE schemaname = 'old' AND"
+                    " tablename = 'instances' ORDER BY 1") ==
+            [['instances_finished'], ['instances_pkey']], 'and only its two indexes')
     h.check(c.query("SELECT saga_id, message_id, saga FROM old.early") ==
             [['s1', 'e-1', '']], "its early event kept, for no definition (saga '')")
     key = c.query("SELECT a.attname FROM pg_index x JOIN pg_attribute a ON"

@@ -29,7 +29,7 @@ def main(workdir):
     db.start()
     drive(db.conninfo, 'unix socket')
     with db.connect() as c:
-        c.query('DROP TABLE t; DROP TABLE big')
+        c.query('DROP TABLE t; DROP TABLE big; DROP TABLE grow')
     drive(db.tcp_conninfo, 'tcp')
 
 
