@@ -106,6 +106,27 @@ saga_pg_relay_unsend(struct saga_pg_relay *r)
 		if (r->rows[i].state == SAGA_PG_RELAY_SENT)
 			r->rows[i].state = SAGA_PG_RELAY_WAITING;
 	r->inflight = 0;
+	saga_pg_relay_compact(r);
+}
+
+void
+saga_pg_relay_compact(struct saga_pg_relay *r)
+{
+	size_t i, w = 0;
+
+	for (i = 0; i < r->nrows; i++) {
+		struct saga_pg_relay_row *row = &r->rows[i];
+
+		if (row->gone && row->state != SAGA_PG_RELAY_SENT) {
+			msg_free(row->m);
+			free(row->saga_id);
+			r->stats.deleted++;	/* by the batch: counts for VACUUM */
+			r->stats.gone++;
+			continue;
+		}
+		r->rows[w++] = *row;
+	}
+	r->nrows = w;
 }
 
 /* ---- publishing ---- */
@@ -291,8 +312,14 @@ saga_pg_relay_broker_event(void *arg, const struct broker_event *ev)
 		if (!row || row->state != SAGA_PG_RELAY_SENT)
 			return;
 		r->inflight--;
-		if (ev->kind == BROKER_EV_ACK) {
+		if (row->gone) {
+			/* its saga went on: it arrived, whatever the broker says */
 			row->state = SAGA_PG_RELAY_DONE;
+			r->stats.published += ev->kind == BROKER_EV_ACK;
+			saga_pg_relay_compact(r);
+		} else if (ev->kind == BROKER_EV_ACK) {
+			row->state = SAGA_PG_RELAY_DONE;
+			row->done_at = util_mono();
 			r->stats.published++;
 			histogram_observe(&r->stats.confirm, ev->latency);
 			saga_pg_relay_pump(r);
@@ -393,6 +420,19 @@ saga_pg_relay_lost(struct saga_pg_relay *r)
 }
 
 void
+saga_pg_relay_gone(struct saga_pg_relay *r, const int64_t *seqs, size_t n)
+{
+	struct saga_pg_relay_row *row;
+	size_t i;
+
+	for (i = 0; i < n; i++)
+		if ((row = saga_pg_relay_row(r, seqs[i])))
+			row->gone = 1;
+	saga_pg_relay_compact(r);
+	event_active(r->fill_ev, 0, 0);	/* later rows of their sagas may go */
+}
+
+void
 saga_pg_relay_hand(struct saga_pg_relay *r, struct msg *m, char *saga_id, int alone)
 {
 	struct saga_pg_relay_row *row;
@@ -461,6 +501,7 @@ saga_pg_relay_free(struct saga_pg_relay *r)
 		pgc_finish(r->pg, 2);
 	r->busy = 0;
 	r->want_claim = 0;
+	r->closing = 1;
 	r->refreshed = util_mono();
 	saga_pg_relay_send(r);
 	if (r->busy)
@@ -538,6 +579,9 @@ saga_pg_relay_broker_up(const struct saga_pg_relay *r)
 	    " (published with no claim query).", s->handed)			\
 	X(sagad_saga_outbox_claimed_total, counter,				\
 	    "Saga outbox rows read by the relay's claim query.", s->claimed)	\
+	X(sagad_saga_outbox_replied_total, counter,				\
+	    "Saga outbox rows deleted by the transaction of their reply"	\
+	    " (no delete of the relay's).", s->gone)				\
 	X(sagad_saga_outbox_pg_errors_total, counter,				\
 	    "Saga outbox relay queries that failed (retried).", s->pg_errors)	\
 	X(sagad_saga_outbox_inflight, gauge,					\

@@ -53,6 +53,7 @@ struct saga_pg_relay_stats {
 	uint64_t handed;	/* rows handed by this replica's batches, no claim */
 	uint64_t claimed;	/* rows read by a claim (own, unclaimed, stale) */
 	uint64_t deleted;	/* rows deleted after their confirm */
+	uint64_t gone;		/* of those, by their reply's batch */
 	uint64_t pg_errors;	/* queries that failed (the work is retried) */
 	uint64_t reconnects;	/* broker connections after the first */
 	struct histogram confirm;	/* publish -> confirm, seconds */
@@ -87,6 +88,10 @@ void saga_pg_relay_hand(struct saga_pg_relay *r, struct msg *m, char *saga_id, i
 /* A batch with outbox rows may or may not have committed (the connection
  * was lost during its COMMIT): hand nothing until a claim has read them. */
 void saga_pg_relay_lost(struct saga_pg_relay *r);
+/* A batch committed the delete of these rows (saga_store_delivered: a
+ * reply shows that they went): those held are forgotten with no delete of
+ * the relay's, once their publish is confirmed or needs no retry. */
+void saga_pg_relay_gone(struct saga_pg_relay *r, const int64_t *seqs, size_t n);
 /* A copy of m for the relay (saga_pg_relay_hand), malloc'd throughout. */
 struct msg *saga_pg_relay_msg_copy(const struct msg *m);
 /* Stops the broker (unconfirmed rows stay in the table, claimed: another

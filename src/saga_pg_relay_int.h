@@ -22,6 +22,11 @@
 #define SAGA_PG_RELAY_VACUUM_ROWS 10000
 #define SAGA_PG_RELAY_VACUUM_EVERY 10.0
 #define SAGA_PG_RELAY_POLL 1.0	/* seconds between looks for stale rows */
+/* Seconds a confirmed row waits before the relay deletes it: the reply to
+ * a command deletes it in the transaction of the saga's next step
+ * (saga_pg_relay_gone), one commit fewer per step. The rows no reply
+ * follows (a saga's outcome event) are deleted in bulk a little later. */
+#define SAGA_PG_RELAY_LINGER 1.0
 
 enum saga_pg_relay_state {
 	SAGA_PG_RELAY_WAITING,	/* to publish (due: not before) */
@@ -34,6 +39,8 @@ struct saga_pg_relay_row {
 	char *saga_id;		/* NULL: no order to keep */
 	enum saga_pg_relay_state state;
 	int deleting;		/* its DELETE is in the query in flight */
+	int gone;		/* deleted by a batch (saga_pg_relay_gone) */
+	double done_at;		/* util_mono() of its confirm */
 	unsigned attempts;	/* nacks and returns so far */
 	double due;		/* util_mono() before which it waits */
 };
@@ -62,6 +69,7 @@ struct saga_pg_relay {
 	int want_claim;		/* kicked, polled, or a full claim: look */
 	int claim_next;		/* deletes went first: the claim's turn */
 	int claiming;		/* the query in flight holds a claim */
+	int closing;		/* saga_pg_relay_free: delete every row confirmed */
 	/*
 	 * Handed rows (saga_pg_relay_hand) are taken only while the relay
 	 * holds every row claimed by this replica (caught_up, set by a claim
@@ -98,6 +106,8 @@ struct saga_pg_relay {
 extern const struct pgc_hooks saga_pg_relay_pg_hooks;
 /* The advisory lock's key of the claims, from the schema and service. */
 void saga_pg_relay_lock_key(struct saga_pg_relay *r);
+/* Marks the confirmed rows to delete now; returns how many (0: none due). */
+int saga_pg_relay_mark_deletes(struct saga_pg_relay *r);
 /* Sends what is due to PostgreSQL now if the connection is free. */
 void saga_pg_relay_send(struct saga_pg_relay *r);
 /* The same at the end of this loop turn (pump_ev runs the callback). */
@@ -112,6 +122,8 @@ void saga_pg_relay_pending_end(struct saga_pg_relay *r, int take);
  * it would go. */
 struct saga_pg_relay_row *saga_pg_relay_row(struct saga_pg_relay *r, int64_t seq);
 size_t saga_pg_relay_find(const struct saga_pg_relay *r, int64_t seq);
+/* Drops the rows gone (saga_pg_relay_gone) that are not in flight. */
+void saga_pg_relay_compact(struct saga_pg_relay *r);
 /* Whether the row seq is held, or pending (handed during the claim). */
 int saga_pg_relay_holds(struct saga_pg_relay *r, int64_t seq);
 

@@ -171,6 +171,33 @@ saga_pg_relay_array(struct saga_pg_relay *r, int deleting)
 }
 
 /*
+ * Which confirmed rows to delete now (their deleting flag set), and how
+ * many: none until one of them has waited SAGA_PG_RELAY_LINGER for its
+ * reply's batch to delete it (the poll looks every second), then every
+ * one confirmed; all at once when they take more than a quarter of the
+ * rows held (room for claims), or when the relay closes.
+ */
+int
+saga_pg_relay_mark_deletes(struct saga_pg_relay *r)
+{
+	double mono = util_mono();
+	size_t i, ndone = 0;
+	int due = r->closing;
+
+	for (i = 0; i < r->nrows; i++) {
+		if (r->rows[i].state != SAGA_PG_RELAY_DONE)
+			continue;
+		ndone++;
+		due |= mono - r->rows[i].done_at >= SAGA_PG_RELAY_LINGER;
+	}
+	if (ndone > r->max_held / 4)
+		due = 1;
+	for (i = 0; i < r->nrows; i++)
+		r->rows[i].deleting = due && r->rows[i].state == SAGA_PG_RELAY_DONE;
+	return due ? (int)ndone : 0;
+}
+
+/*
  * Sends what is due as one pipeline: the confirmed rows' deletes and the
  * claims' refresh (every grace / 2), or a claim when wanted and there is
  * room, after one pipeline of deletes at most. Nothing due, or a query in
@@ -188,14 +215,14 @@ saga_pg_relay_send(struct saga_pg_relay *r)
 
 	if (!r->pg_up || r->busy || !r->sql_claim || saga_pg_relay_vacuum(r))
 		return;
-	for (i = 0; i < r->nrows; i++)
-		ndel += r->rows[i].state == SAGA_PG_RELAY_DONE;
+	ndel = saga_pg_relay_mark_deletes(r);
 	claim = r->want_claim && room && (r->claim_next || (!ndel && !refresh));
 	r->claim_next = !claim && r->want_claim && room;
-	if (claim)
+	if (claim) {
 		ndel = refresh = 0;
-	for (i = 0; i < r->nrows; i++)
-		r->rows[i].deleting = ndel && r->rows[i].state == SAGA_PG_RELAY_DONE;
+		for (i = 0; i < r->nrows; i++)
+			r->rows[i].deleting = 0;
+	}
 	if (!ndel && !refresh && !claim)
 		return;
 	memset(s, 0, sizeof s);

@@ -118,9 +118,10 @@ struct saga_backend {
 		struct pgs_stmt *v;
 		size_t n, cap;
 	} writes, loose;
-	/* the batch's outbox rows, for the relay once committed */
+	/* the batch's outbox rows, for the relay once committed, and the
+	 * rows its replies deleted (m NULL: the seqs its DELETE returns) */
 	struct pgs_hand {
-		size_t stmt;		/* its INSERT in writes */
+		size_t stmt;		/* its INSERT or DELETE in writes */
 		struct msg *m;
 	} *hands;
 	size_t nhands, caphands;

@@ -441,6 +441,28 @@ pgs_hands_free(struct saga_backend *b)
 	b->nhands = 0;
 }
 
+/* The rows the batch's replies deleted (saga_store_delivered): the relay
+ * holding them forgets them. */
+static void
+pgs_gone_all(struct saga_backend *b)
+{
+	int64_t *seqs = NULL;
+	size_t i, n = 0, cap = 0;
+	int k;
+
+	for (i = 0; i < b->nhands && b->relay; i++) {
+		PGresult *res = pgc_result(b->pg, (int)b->hands[i].stmt);
+
+		if (b->hands[i].m || !res)
+			continue;
+		for (k = 0; k < PQntuples(res); k++)
+			*XPUSH(seqs, n, cap) = strtoll(PQgetvalue(res, k, 0), NULL, 10);
+	}
+	if (n)
+		saga_pg_relay_gone(b->relay, seqs, n);
+	free(seqs);
+}
+
 /* The batch's outbox rows, committed: each claimed by this replica goes to
  * its relay with the seq it got; an unclaimed one is the relay's claim's
  * to read, now. */
@@ -450,10 +472,13 @@ pgs_hand_all(struct saga_backend *b)
 	size_t i;
 	int unclaimed = 0;
 
+	pgs_gone_all(b);
 	for (i = 0; i < b->nhands && b->relay; i++) {
 		PGresult *res = pgc_result(b->pg, (int)b->hands[i].stmt);
 		struct msg *m = b->hands[i].m;
 
+		if (!m)
+			continue;
 		if (!res || PQntuples(res) != 1 || strcmp(PQgetvalue(res, 0, 1), "t") != 0) {
 			unclaimed = 1;
 			continue;

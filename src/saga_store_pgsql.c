@@ -497,11 +497,13 @@ static const char pgs_sql_outbox[] =
     " SELECT i.seq, i.mine, c.alone FROM i, c";
 
 /*
- * The saga's rows up to the replied message's, whoever holds them (their
- * relay's own delete finds nothing then). SKIP LOCKED: a row its relay is
- * deleting now is left to it, and the batch never waits on a relay (then
- * the INSERT after it leaves its row to a claim, as before). min(seq): a
- * message sent again has one id for two rows; only the first surely went.
+ * The saga's rows up to the replied message's, whoever holds them: the
+ * relay, told of the seqs once committed (a hand without a message),
+ * drops them with no delete of its own (it waits SAGA_PG_RELAY_LINGER for
+ * this). SKIP LOCKED: a row its relay is deleting now is left to it, and
+ * the batch never waits on a relay (then the INSERT after it leaves its
+ * row to a claim, as before). min(seq): a message sent again has one id
+ * for two rows; only the first surely went.
  */
 static void
 pgs_delivered(struct saga_backend *b, const char *saga_id, const char *message_id)
@@ -510,11 +512,15 @@ pgs_delivered(struct saga_backend *b, const char *saga_id, const char *message_i
 	    "DELETE FROM outbox WHERE service = $1 AND saga_id = $2 AND seq IN (SELECT seq"
 	    " FROM outbox WHERE service = $1 AND saga_id = $2 AND seq <= (SELECT min(seq) FROM outbox"
 	    " WHERE service = $1 AND saga_id = $2 AND message_id = $3)"
-	    " FOR UPDATE SKIP LOCKED)");
+	    " FOR UPDATE SKIP LOCKED) RETURNING seq");
+	struct pgs_hand *h;
 
 	pgs_param(s, b->service);
 	pgs_param(s, saga_id);
 	pgs_param(s, message_id);
+	h = XPUSH(b->hands, b->nhands, b->caphands);
+	h->stmt = b->writes.n - 1;
+	h->m = NULL;
 }
 
 static int

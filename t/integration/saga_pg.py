@@ -335,6 +335,15 @@ def main(wd):
             (handed, claimed, published))
     h.check(published is not None and published >= handed,
             'every handed row published', (handed, claimed, published))
+    # commands are deleted by their reply's batch (saga_store_delivered),
+    # not by the relay, and the outbox is empty once the relay's linger
+    # (1 to 2 s after the last confirm) is over
+    replied = orders.metric('sagad_saga_outbox_replied_total')
+    h.check(replied and replied > 0, 'saga outbox rows deleted by their replies\' batches',
+            (replied, published))
+    with db.connect() as c:
+        h.wait_until(lambda: c.scalar('SELECT count(*) FROM sagad.outbox') == '0', 10,
+                     'the saga outbox emptied')
 
     check_replicas(db, orders, pids)
 

@@ -4,7 +4,8 @@ t/pgrelay against a private PostgreSQL (t/lib/pg.py) and a private RabbitMQ
 node:
 
   - rows claimed by this replica are published (properties and headers as
-    props_pack wrote them), per saga in seq order, and deleted once confirmed
+    props_pack wrote them), per saga in seq order, and deleted within seconds of
+    their confirm
   - rows of a dead replica (claim older than grace) and unclaimed rows are
     taken over; rows of a live replica (claim refreshed) are not, until its
     claim goes stale

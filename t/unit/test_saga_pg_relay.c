@@ -1,8 +1,10 @@
 /*
  * The saga outbox relay's rows handed by the batch (saga_pg_relay_hand):
  * taken only while the relay holds every row of this replica, held aside
- * while a claim is in flight, dropped (for the next claim) otherwise. The
- * relay is made but not started: no PostgreSQL, no broker.
+ * while a claim is in flight, dropped (for the next claim) otherwise; rows
+ * a batch deleted (saga_pg_relay_gone) forgotten once not in flight; the
+ * deletes of confirmed rows left to the replies for SAGA_PG_RELAY_LINGER.
+ * The relay is made but not started: no PostgreSQL, no broker.
  */
 #include <setjmp.h>
 #include <stdarg.h>
@@ -17,6 +19,7 @@
 #include "conf.h"
 #include "msg.h"
 #include "saga_pg_relay_int.h"
+#include "util.h"
 #include "xmalloc.h"
 
 struct fx {
@@ -231,6 +234,63 @@ test_lost(void **state)
 	assert_int_equal(r->nrows, 0);
 }
 
+/* A reply's batch deleted rows: those held and not in flight are
+ * forgotten; one in flight stays until its confirm (or nack) comes. */
+static void
+test_gone(void **state)
+{
+	struct saga_pg_relay *r = ((struct fx *)*state)->r;
+	const int64_t gone[] = { 3, 5, 7, 99 }, left[] = { 5, 9 };
+
+	r->caught_up = 1;
+	hand(r, 3, "s1");
+	hand(r, 5, "s1");
+	hand(r, 7, "s2");
+	hand(r, 9, "s2");
+	r->rows[0].state = SAGA_PG_RELAY_DONE;
+	r->rows[1].state = SAGA_PG_RELAY_SENT;
+	saga_pg_relay_gone(r, gone, 4);
+	assert_seqs(r, left, 2);
+	assert_true(r->rows[0].gone);
+	assert_false(r->rows[1].gone);
+	assert_int_equal(r->stats.gone, 2);
+	r->rows[0].state = SAGA_PG_RELAY_DONE;	/* its confirm */
+	saga_pg_relay_compact(r);
+	assert_seqs(r, left + 1, 1);
+	assert_int_equal(r->stats.gone, 3);
+}
+
+/* Confirmed rows are deleted once one has waited SAGA_PG_RELAY_LINGER (all
+ * of them then), when they are more than a quarter of max_held, or at the
+ * close. */
+static void
+test_linger(void **state)
+{
+	struct saga_pg_relay *r = ((struct fx *)*state)->r;
+	double now = util_mono();
+
+	r->caught_up = 1;
+	hand(r, 1, "s1");
+	hand(r, 2, "s2");
+	hand(r, 3, "s3");
+	r->rows[0].state = r->rows[1].state = SAGA_PG_RELAY_DONE;
+	r->rows[0].done_at = r->rows[1].done_at = now;
+	assert_int_equal(saga_pg_relay_mark_deletes(r), 0);
+	assert_false(r->rows[0].deleting);
+	r->rows[0].done_at = now - SAGA_PG_RELAY_LINGER - 0.1;
+	assert_int_equal(saga_pg_relay_mark_deletes(r), 2);
+	assert_true(r->rows[0].deleting && r->rows[1].deleting);
+	assert_false(r->rows[2].deleting);
+	r->rows[0].done_at = now;
+	r->rows[2].state = SAGA_PG_RELAY_DONE;
+	r->rows[2].done_at = now;
+	assert_int_equal(saga_pg_relay_mark_deletes(r), 3);	/* > max_held 8 / 4 */
+	r->rows[1].state = r->rows[2].state = SAGA_PG_RELAY_WAITING;
+	assert_int_equal(saga_pg_relay_mark_deletes(r), 0);
+	r->closing = 1;
+	assert_int_equal(saga_pg_relay_mark_deletes(r), 1);
+}
+
 int
 main(void)
 {
@@ -244,6 +304,8 @@ main(void)
 		    teardown),
 		cmocka_unit_test_setup_teardown(test_full_drops, setup, teardown),
 		cmocka_unit_test_setup_teardown(test_lost, setup, teardown),
+		cmocka_unit_test_setup_teardown(test_gone, setup, teardown),
+		cmocka_unit_test_setup_teardown(test_linger, setup, teardown),
 	};
 
 	return cmocka_run_group_tests(tests, NULL, NULL);
