@@ -69,10 +69,10 @@ saga_pg_relay_lock_key(struct saga_pg_relay *r)
  * for each row of the UPDATE (a nested loop, after pgconn's replanning)
  * claimed 1,023 rows for a limit of 512, and a later row of a saga whose
  * earlier one the next scan skipped (t/integration/saga_pg_relay.py saw
- * one out of order). The advisory lock taken before it in the same transaction makes
- * the claims of replicas one after the other, so that one sees the
- * other's committed claim and two replicas never split a saga's stale rows
- * between them. p.was says whose the row was.
+ * one out of order). The advisory lock taken before it in the same
+ * transaction makes the claims of replicas one after the other, so that
+ * one sees the other's committed claim and two replicas never split a
+ * saga's stale rows between them. p.was says whose the row was.
  */
 static int
 saga_pg_relay_prepare_sql(struct saga_pg_relay *r)
