@@ -286,13 +286,14 @@ admin_outbox(struct admin *a, struct evhttp_request *req)
 	}
 	for (i = 0; i < n; i++)
 		json_array_append_new(list, json_pack(
-		    "{s:I,s:s,s:s,s:s,s:i,s:f,s:f,s:f,s:s,s:I}",
+		    "{s:I,s:s,s:s,s:s,s:i,s:f,s:f,s:f,s:s,s:I,s:s?}",
 		    "seq", (json_int_t)rows[i].seq, "message_id", rows[i].message_id,
 		    "exchange", rows[i].exchange, "routing_key", rows[i].routing_key,
 		    "attempts", (int)rows[i].attempts, "created_at", rows[i].created_at,
 		    "age_seconds", now - rows[i].created_at,
 		    "retry_at", rows[i].due_at, "last_error", rows[i].last_error,
-		    "bytes", (json_int_t)rows[i].body_len));
+		    "bytes", (json_int_t)rows[i].body_len,
+		    "trace_id", rows[i].trace_id[0] ? rows[i].trace_id : NULL));
 	free(rows);
 	httpd_reply_json(req, 200, json_pack("{s:I,s:i,s:f,s:o}",
 	    "pending", (json_int_t)store_outbox_count(d->store),

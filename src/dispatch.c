@@ -20,6 +20,7 @@
 #include "props.h"
 #include "sagad.h"
 #include "store.h"
+#include "trace.h"
 #include "util.h"
 #include "xmalloc.h"
 
@@ -143,6 +144,7 @@ dsub_reply(struct dsub *ds, struct dmsg *dm, const struct hclient_answer *ans, i
 	if ((h = props_get_header(&in->props, "x-sagad-kind")))
 		props_set_header(&m.props, "x-sagad-kind", h);
 	props_set_header(&m.props, "x-sagad-reply-to-message-id", in->message_id);
+	trace_copy(&m.props, &in->props);	/* the saga's trace goes on */
 	m.body_len = evbuffer_get_length(body);
 	m.body = xmalloc(m.body_len + 1);
 	evbuffer_copyout(body, m.body, m.body_len);
@@ -359,13 +361,16 @@ dispatch_headers(struct dsub *ds, struct dmsg *dm, dispatch_emit_fn *emit, void 
 	    strcmp(kind, "compensation") == 0) ? kind : "event");
 	dispatch_add(emit, arg, "Sagad-Saga", props_get_header(&m->props, "x-sagad-saga"));
 	dispatch_add(emit, arg, "Sagad-Step", props_get_header(&m->props, "x-sagad-step"));
+	dispatch_add(emit, arg, "traceparent", props_get_header(&m->props, TRACE_PARENT));
+	dispatch_add(emit, arg, "tracestate", props_get_header(&m->props, TRACE_STATE));
 	if (m->props.type)
 		dispatch_add(emit, arg, "Amqp-Type", m->props.type);
 	for (i = 0; i < m->props.n_headers; i++) {
 		const char *k = m->props.headers[i].name;
 		const char *c;
 		if (strcmp(k, "x-sagad-kind") == 0 || strcmp(k, "x-sagad-saga") == 0 ||
-		    strcmp(k, "x-sagad-step") == 0)
+		    strcmp(k, "x-sagad-step") == 0 || strcmp(k, TRACE_PARENT) == 0 ||
+		    strcmp(k, TRACE_STATE) == 0)
 			continue;
 		for (c = k; *c; c++)	/* HTTP field names are tokens */
 			if (*c <= 0x20 || *c >= 0x7f || strchr("()<>@,;:\\\"/[]?={}", *c))
@@ -638,14 +643,17 @@ delivery_dlq_json(struct delivery *dl, int sub, size_t limit)
 	}
 	for (i = 0; i < n; i++) {
 		struct inbox_rec *r = recs[i];
-		json_array_append_new(list, json_pack("{s:I,s:s,s:s,s:s,s:s?,s:s,s:i,s:i,s:s,s:f,s:f,s:I}",
+		char tid[33];
+		json_array_append_new(list, json_pack(
+		    "{s:I,s:s,s:s,s:s,s:s?,s:s,s:i,s:i,s:s,s:f,s:f,s:I,s:s?}",
 		    "id", (json_int_t)r->id, "message_id", r->m->message_id,
 		    "exchange", r->m->exchange, "routing_key", r->m->routing_key,
 		    "correlation_id", r->m->props.correlation_id,
 		    "reason", r->dead_reason, "attempts", (int)r->attempts,
 		    "last_status", r->last_status, "last_error", r->last_error,
 		    "received_at", r->received_at, "dead_at", r->finished_at,
-		    "bytes", (json_int_t)r->m->body_len));
+		    "bytes", (json_int_t)r->m->body_len,
+		    "trace_id", trace_id(&r->m->props, tid)));
 		inbox_rec_free(r);
 	}
 	free(recs);

@@ -17,6 +17,7 @@
 #include "props.h"
 #include "sagad.h"
 #include "store.h"
+#include "trace.h"
 #include "util.h"
 #include "xmalloc.h"
 
@@ -128,6 +129,7 @@ ingress_parse(const struct sagad_conf *conf, const char *path,
     char *why, size_t whylen)
 {
 	const struct evkeyval *h;
+	const char *bad;
 	char id[37], name[256];
 
 	if (ingress_parse_path(conf, path, m, error, why, whylen) < 0)
@@ -152,6 +154,11 @@ ingress_parse(const struct sagad_conf *conf, const char *path,
 				return ingress_fail(error, why, whylen, "bad-header",
 				    "Amqp-Expiration must be a number of milliseconds up to 4294967295");
 			dst = &m->props.expiration;
+		} else if (strcasecmp(k, TRACE_PARENT) == 0 || strcasecmp(k, TRACE_STATE) == 0) {
+			/* W3C names, lowercase in AMQP; checked by trace_check */
+			props_set_header(&m->props, strcasecmp(k, TRACE_PARENT) == 0 ?
+			    TRACE_PARENT : TRACE_STATE, v);
+			continue;
 		} else if (strcasecmp(k, "Causation-Id") == 0 ||
 		    strncasecmp(k, "Amqp-Header-", 12) == 0) {
 			size_t i;
@@ -176,6 +183,8 @@ ingress_parse(const struct sagad_conf *conf, const char *path,
 		free(*dst);
 		*dst = xstrdup(v);
 	}
+	if (trace_check(&m->props, &bad) < 0)
+		return ingress_fail(error, why, whylen, "bad-header", bad);
 	if (!m->message_id) {
 		util_uuid7(id);
 		m->message_id = xstrdup(id);

@@ -16,6 +16,7 @@
 #include "metrics.h"
 #include "sagad.h"
 #include "store.h"
+#include "trace.h"
 #include "util.h"
 #include "xmalloc.h"
 
@@ -264,6 +265,7 @@ host_publish(struct sagad_host *h, const struct sagad_message *pm)
 		}
 		props_set_header(&m.props, pm->header_names[i], pm->header_values[i]);
 	}
+	trace_ensure(&m.props);	/* a row's bad traceparent: a new trace */
 	put = store_outbox_put(h->d->store, &m, util_now(), STORE_OUT_DEDUP);
 	props_free(&m.props);
 	switch (put) {

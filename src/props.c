@@ -25,6 +25,22 @@ props_set_header(struct props *p, const char *name, const char *value)
 	p->n_headers++;
 }
 
+void
+props_del_header(struct props *p, const char *name)
+{
+	size_t i;
+
+	for (i = 0; i < p->n_headers; i++)
+		if (strcmp(p->headers[i].name, name) == 0) {
+			free(p->headers[i].name);
+			free(p->headers[i].value);
+			memmove(&p->headers[i], &p->headers[i + 1],
+			    (p->n_headers - i - 1) * sizeof *p->headers);
+			p->n_headers--;
+			return;
+		}
+}
+
 const char *
 props_get_header(const struct props *p, const char *name)
 {

@@ -8,6 +8,7 @@
 
 /* Add a header (copies); replaces an earlier one of the same name. */
 void props_set_header(struct props *p, const char *name, const char *value);
+void props_del_header(struct props *p, const char *name);	/* if there */
 const char *props_get_header(const struct props *p, const char *name);
 void props_free(struct props *p);
 

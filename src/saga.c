@@ -21,6 +21,7 @@
 #include "saga_int.h"
 #include "saga_store.h"
 #include "sagad.h"
+#include "trace.h"
 #include "util.h"
 #include "xmalloc.h"
 
@@ -118,6 +119,7 @@ saga_send(struct saga_engine *e, struct saga_inst *in, const struct conf_binding
 	if (step)
 		props_set_header(&m.props, "x-sagad-step", step);
 	props_set_header(&m.props, "x-sagad-kind", kind);
+	trace_put(&m.props, in->trace_parent, in->trace_state);
 	if (saga_store_send(e->ss, &m, e->consumed ? SAGA_SEND_CONSUMED : 0) < 0)
 		log_error("cannot store a saga message", LOG_STR("saga", in->def->name),
 		    LOG_STR("id", in->id), LOG_STR("message_id", id));
@@ -511,6 +513,7 @@ saga_on_start(struct saga_engine *e, size_t def, const struct msg *m)
 	memcpy(in->body, m->body, m->body_len);
 	in->body_len = m->body_len;
 	in->ct = m->props.content_type ? xstrdup(m->props.content_type) : NULL;
+	trace_take(&m->props, &in->trace_parent, &in->trace_state);	/* the saga's trace */
 	e->stats[def].started++;
 	saga_save(e, in);
 	saga_log(e, in, "in", "start", NULL, m->message_id, m->routing_key);

@@ -45,6 +45,8 @@ saga_inst_json(struct saga_engine *e, struct saga_inst *in, double updated, doub
 	    "mode", in->def->mode == SAGA_ORCHESTRATED ? "orchestrated" : "choreographed",
 	    "reason", in->reason, "started_at", in->started_at, "updated_at", updated,
 	    "finished_at", finished, "steps", steps);
+	if (in->trace_parent)	/* valid: saga_unpack checked it */
+		json_object_set_new(j, "trace_id", json_stringn(in->trace_parent + 3, 32));
 	if (history) {
 		json_t *h = json_array();
 		saga_store_history(e->ss, in->row, saga_hist_json, h);

@@ -48,6 +48,8 @@ struct saga_inst {
 	size_t body_len;
 	char *ct;
 	char *reason;		/* why it compensates or failed */
+	char *trace_parent;	/* the start event's W3C context: every */
+	char *trace_state;	/* message the saga sends carries it */
 	double started_at;
 	double updated_at, finished_at;	/* as read, for the admin API */
 	enum saga_state loaded;		/* state in the store before this change */

@@ -14,6 +14,7 @@
 #include "log.h"
 #include "saga_int.h"
 #include "sagad.h"
+#include "trace.h"
 #include "util.h"
 #include "xmalloc.h"
 
@@ -45,7 +46,7 @@ saga_pack(const struct saga_inst *in, msgpack_sbuffer *sb)
 
 	msgpack_sbuffer_init(sb);
 	msgpack_packer_init(&pk, sb, msgpack_sbuffer_write);
-	msgpack_pack_array(&pk, 7);
+	msgpack_pack_array(&pk, 9);
 	msgpack_pack_int(&pk, in->state);
 	msgpack_pack_unsigned_int(&pk, in->cur);
 	msgpack_pack_unsigned_int(&pk, in->order);
@@ -63,6 +64,8 @@ saga_pack(const struct saga_inst *in, msgpack_sbuffer *sb)
 		saga_pack_bin(&pk, s->body, s->body_len);
 		saga_pack_str(&pk, s->ct);
 	}
+	saga_pack_str(&pk, in->trace_parent);	/* 8 and 9: since 0.2 */
+	saga_pack_str(&pk, in->trace_state);
 }
 
 static char *
@@ -98,6 +101,22 @@ saga_obj_uint(const msgpack_object *o, unsigned max, unsigned *out)
 	return 0;
 }
 
+/* The trace context of a record written since 0.2 (nil in both when it
+ * had none); a record of 0.1 has neither. */
+static int
+saga_unpack_trace(struct saga_inst *in, const msgpack_object *tp, const msgpack_object *ts)
+{
+	if (tp->type == MSGPACK_OBJECT_NIL)
+		return ts->type == MSGPACK_OBJECT_NIL ? 0 : -1;
+	in->trace_parent = saga_obj_str(tp);
+	if (!in->trace_parent || !trace_parent_valid(in->trace_parent))
+		return -1;
+	if (ts->type == MSGPACK_OBJECT_NIL)
+		return 0;
+	in->trace_state = saga_obj_str(ts);
+	return in->trace_state && trace_state_valid(in->trace_state) ? 0 : -1;
+}
+
 /* Decode a stored instance; -1 on anything malformed (damage). */
 int
 saga_unpack(struct saga_inst *in, const char *buf, size_t len)
@@ -112,7 +131,8 @@ saga_unpack(struct saga_inst *in, const char *buf, size_t len)
 		return -1;
 	msgpack_unpacked_init(&u);
 	if (msgpack_unpack_next(&u, buf, len, &off) != MSGPACK_UNPACK_SUCCESS ||
-	    u.data.type != MSGPACK_OBJECT_ARRAY || u.data.via.array.size != 7)
+	    u.data.type != MSGPACK_OBJECT_ARRAY ||
+	    (u.data.via.array.size != 7 && u.data.via.array.size != 9))
 		goto out;
 	a = u.data.via.array.ptr;
 	if (saga_obj_uint(&a[0], SAGA_NSTATES - 1, &v) < 0)
@@ -143,6 +163,8 @@ saga_unpack(struct saga_inst *in, const char *buf, size_t len)
 		st->ct = saga_obj_str(&s->via.array.ptr[5]);
 	}
 	if (in->cur > in->def->n_steps)
+		goto out;
+	if (u.data.via.array.size == 9 && saga_unpack_trace(in, &a[7], &a[8]) < 0)
 		goto out;
 	rc = 0;
 out:
@@ -178,6 +200,8 @@ saga_inst_free(struct saga_inst *in)
 	free(in->body);
 	free(in->ct);
 	free(in->reason);
+	free(in->trace_parent);
+	free(in->trace_state);
 	free(in);
 }
 

@@ -312,16 +312,16 @@ cmd_outbox(struct sagactl *c, int argc, char **argv)
 	    jnum(j, "oldest_age_seconds"));
 	list = json_object_get(j, "messages");
 	if (json_array_size(list))
-		printf("%-10s %-38s %-12s %-24s %-8s %-20s %s\n", "SEQ", "MESSAGE-ID",
-		    "EXCHANGE", "ROUTING-KEY", "ATTEMPTS", "CREATED", "LAST-ERROR");
+		printf("%-10s %-38s %-12s %-24s %-8s %-20s %-32s %s\n", "SEQ", "MESSAGE-ID",
+		    "EXCHANGE", "ROUTING-KEY", "ATTEMPTS", "CREATED", "TRACE-ID", "LAST-ERROR");
 	json_array_foreach(list, i, m) {
 		fmt_time(jnum(m, "created_at"), when, sizeof when);
-		printf("%-10lld %-38s %-12s %-24s %-8lld %-20s %s\n",
+		printf("%-10lld %-38s %-12s %-24s %-8lld %-20s %-32s %s\n",
 		    (long long)json_integer_value(json_object_get(m, "seq")),
 		    jstr(m, "message_id"), *jstr(m, "exchange") ? jstr(m, "exchange") : "-",
 		    jstr(m, "routing_key"),
 		    (long long)json_integer_value(json_object_get(m, "attempts")), when,
-		    jstr(m, "last_error"));
+		    *jstr(m, "trace_id") ? jstr(m, "trace_id") : "-", jstr(m, "last_error"));
 	}
 	json_decref(j);
 	return SAGACTL_OK;
@@ -403,15 +403,15 @@ cmd_dlq(struct sagactl *c, int argc, char **argv)
 	    (long long)json_integer_value(json_object_get(j, "count")), argv[2],
 	    jstr(j, "queue"));
 	if (json_array_size(json_object_get(j, "messages")))
-		printf("%-40s %-20s %-20s %-8s %-6s %s\n", "MESSAGE-ID", "ROUTING-KEY", "DEAD-AT",
-		    "ATTEMPTS", "STATUS", "REASON");
+		printf("%-40s %-20s %-20s %-8s %-6s %-32s %s\n", "MESSAGE-ID", "ROUTING-KEY",
+		    "DEAD-AT", "ATTEMPTS", "STATUS", "TRACE-ID", "REASON");
 	json_array_foreach(json_object_get(j, "messages"), i, m) {
 		fmt_time(jnum(m, "dead_at"), when, sizeof when);
-		printf("%-40s %-20s %-20s %-8lld %-6lld %s\n", jstr(m, "message_id"),
+		printf("%-40s %-20s %-20s %-8lld %-6lld %-32s %s\n", jstr(m, "message_id"),
 		    jstr(m, "routing_key"), when,
 		    (long long)json_integer_value(json_object_get(m, "attempts")),
 		    (long long)json_integer_value(json_object_get(m, "last_status")),
-		    jstr(m, "reason"));
+		    *jstr(m, "trace_id") ? jstr(m, "trace_id") : "-", jstr(m, "reason"));
 	}
 	json_decref(j);
 	return SAGACTL_OK;
@@ -499,6 +499,8 @@ cmd_saga(struct sagactl *c, int argc, char **argv)
 		    jstr(in, "mode"));
 		printf("state   %s%s%s\n", jstr(in, "state"), *jstr(in, "reason") ? ": " : "",
 		    jstr(in, "reason"));
+		if (*jstr(in, "trace_id"))
+			printf("trace   %s\n", jstr(in, "trace_id"));
 		printf("steps  ");
 		json_array_foreach(json_object_get(in, "steps"), k, st)
 			printf(" %s=%s", jstr(st, "name"), jstr(st, "state"));

@@ -180,6 +180,7 @@ int store_inbox_expire(struct store *st, double before, int batch);
 struct store_row {
 	int64_t seq;
 	char message_id[256], exchange[256], routing_key[256], last_error[64];
+	char trace_id[33];	/* "" when it has no (valid) traceparent */
 	unsigned attempts;
 	double created_at, due_at;
 	int64_t body_len;

@@ -12,6 +12,7 @@
 
 #include "log.h"
 #include "props.h"
+#include "trace.h"
 #include "xmalloc.h"
 
 /* Schema version 1 (store.c: store_migrations). */
@@ -56,7 +57,8 @@ static const char *const store_outbox_sql[SO_NSTMT] = {
 	    " (SELECT message_id FROM outbox_ids WHERE at < ? ORDER BY at LIMIT ?)",
 	[SO_ATTEMPTS] = "SELECT attempts FROM outbox WHERE seq = ?",
 	[SO_LIST] = "SELECT seq, message_id, exchange, routing_key, attempts, created_at, due_at,"
-	    " coalesce(last_error, ''), length(body) FROM outbox WHERE seq > ? ORDER BY seq LIMIT ?",
+	    " coalesce(last_error, ''), length(body), props FROM outbox WHERE seq > ?"
+	    " ORDER BY seq LIMIT ?",
 	[SO_DEFER_EX] = "UPDATE outbox SET due_at = ?, attempts = attempts + 1, last_error = ?"
 	    " WHERE exchange = ?",
 	[SO_ID_FORGET] = "DELETE FROM outbox_ids WHERE message_id = ?",
@@ -259,6 +261,19 @@ store_expire_ids(struct store *st, double before, int batch)
 	return store_expire(st, st->outbox[SO_ID_EXPIRE], before, batch);
 }
 
+/* The listing's trace id, from the row's properties (damaged: none). */
+static void
+store_row_trace(struct store_row *r, const void *blob, int len)
+{
+	struct props p;
+
+	r->trace_id[0] = '\0';
+	memset(&p, 0, sizeof p);
+	if (blob && len > 0 && props_unpack(blob, (size_t)len, &p) == 0 && !trace_id(&p, r->trace_id))
+		r->trace_id[0] = '\0';
+	props_free(&p);
+}
+
 int
 store_outbox_list(struct store *st, int64_t after, size_t limit,
     struct store_row *rows, size_t *n)
@@ -279,6 +294,7 @@ store_outbox_list(struct store *st, int64_t after, size_t limit,
 		r->due_at = sqlite3_column_double(s, 6);
 		snprintf(r->last_error, sizeof r->last_error, "%s", sqlite3_column_text(s, 7));
 		r->body_len = sqlite3_column_int64(s, 8);
+		store_row_trace(r, sqlite3_column_blob(s, 9), sqlite3_column_bytes(s, 9));
 	}
 	return store_read_end(st, s);
 }

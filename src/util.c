@@ -28,7 +28,7 @@ util_mono(void)
 	return ts.tv_sec + ts.tv_nsec / 1e9;
 }
 
-static void
+void
 util_random(void *buf, size_t len)
 {
 	size_t got = 0;

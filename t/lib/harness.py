@@ -319,6 +319,43 @@ class AmqpTool:
         return int(r.stdout.decode().strip() or 0)
 
 
+class Pika:
+    """pika, RabbitMQ's Python client (t/lib/pika_client.py), under Debian's
+    /usr/bin/python3, where the package python3-pika puts it. Raises Skip
+    when it is not installed (t/lib/deps.sh installs it)."""
+
+    PYTHON = '/usr/bin/python3'
+
+    def __init__(self, url):
+        self.url = url
+        self.script = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'pika_client.py')
+        r = subprocess.run([self.PYTHON, '-c', 'import pika'], stdin=subprocess.DEVNULL,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        if r.returncode != 0:
+            raise Skip('python3-pika is not installed (t/lib/deps.sh installs it)')
+
+    def _run(self, *args, timeout=60):
+        r = subprocess.run([self.PYTHON, self.script, args[0], self.url] + [str(a) for a in args[1:]],
+                           stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, timeout=timeout)
+        if r.returncode != 0:
+            raise RuntimeError('pika %s failed (exit %d): %s' % (
+                args[0], r.returncode, r.stderr.decode(errors='replace').strip()[-600:]))
+        return [json.loads(l) for l in r.stdout.decode().splitlines() if l.strip()]
+
+    def declare(self, queue, *bindings):
+        self._run('declare', queue, *bindings)
+
+    def publish(self, exchange, key, body='', message_id=None, headers=None):
+        self._run('publish', exchange, key, json.dumps(
+            {'body': body, 'message_id': message_id, 'headers': headers or {}}))
+
+    def get(self, queue, count, timeout=5):
+        """Up to count messages (acked): dicts with exchange, routing_key,
+        message_id, correlation_id, headers and body."""
+        return self._run('get', queue, count, timeout, timeout=timeout + 60)
+
+
 # ---------------------------------------------------------------- RabbitMQ
 
 def _rabbitmq_server():

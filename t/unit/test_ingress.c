@@ -15,6 +15,7 @@
 #include "conf.h"
 #include "ingress.h"
 #include "props.h"
+#include "trace.h"
 
 
 struct fx {
@@ -150,7 +151,8 @@ test_path_simple(void **state)
 	expect_ok(f, f->open, "/v1/publish/events/order.created", "events", "order.created");
 	assert_null(f->m.props.content_type);
 	assert_null(f->m.props.correlation_id);
-	assert_int_equal(f->m.props.n_headers, 0);
+	assert_int_equal(f->m.props.n_headers, 1);	/* a new trace */
+	assert_true(trace_parent_valid(props_get_header(&f->m.props, TRACE_PARENT)));
 	expect_ok(f, f->open, "/v1/publish/a-b_c.d:e/k", "a-b_c.d:e", "k");
 }
 
@@ -281,7 +283,7 @@ test_header_mapping(void **state)
 	assert_string_equal(f->m.props.type, "order.created.v1");
 	assert_string_equal(f->m.props.expiration, "60000");
 	assert_null(f->m.props.reply_to);
-	assert_int_equal(f->m.props.n_headers, 3);
+	assert_int_equal(f->m.props.n_headers, 4);	/* and traceparent */
 	assert_string_equal(props_get_header(&f->m.props, "x-causation-id"), "evt-5");
 	assert_string_equal(props_get_header(&f->m.props, "foo"), "bar");
 	/* the name lower-case, the value as sent */
@@ -290,6 +292,35 @@ test_header_mapping(void **state)
 	assert_null(props_get_header(&f->m.props, "authorization"));
 	assert_null(props_get_header(&f->m.props, "x-other"));
 	assert_null(props_get_header(&f->m.props, "host"));
+}
+
+/* W3C Trace Context: kept as sent when well formed, refused when not, a
+ * new trace when absent (also through Amqp-Header-traceparent). */
+static void
+test_trace_context(void **state)
+{
+	struct fx *f = *state;
+	const char *tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+
+	add(f, "TraceParent", tp);
+	add(f, "tracestate", "rojo=00f067aa0ba902b7");
+	expect_ok(f, f->open, "/v1/publish/events/k", "events", "k");
+	assert_string_equal(props_get_header(&f->m.props, TRACE_PARENT), tp);
+	assert_string_equal(props_get_header(&f->m.props, TRACE_STATE), "rojo=00f067aa0ba902b7");
+	evhttp_clear_headers(&f->h);
+
+	add(f, "traceparent", "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01");
+	expect_fail(f, f->open, "/v1/publish/events/k", "bad-header");
+	evhttp_clear_headers(&f->h);
+	add(f, "Amqp-Header-traceparent", "not-a-traceparent");
+	expect_fail(f, f->open, "/v1/publish/events/k", "bad-header");
+	evhttp_clear_headers(&f->h);
+	add(f, "tracestate", "k=v");		/* without its traceparent */
+	expect_fail(f, f->open, "/v1/publish/events/k", "bad-header");
+	evhttp_clear_headers(&f->h);
+	add(f, "traceparent", tp);
+	add(f, "tracestate", "k=v\x01");
+	expect_fail(f, f->open, "/v1/publish/events/k", "bad-header");
 }
 
 static void
@@ -441,7 +472,7 @@ test_amqp_header_names(void **state)
 	name[n + 128] = '\0';
 	add(f, name, "v");
 	expect_ok(f, f->open, "/v1/publish/events/k", "events", "k");
-	assert_int_equal(f->m.props.n_headers, 1);
+	assert_int_equal(f->m.props.n_headers, 2);	/* and traceparent */
 	assert_int_equal(strlen(f->m.props.headers[0].name), 128);
 	evhttp_clear_headers(&f->h);
 
@@ -453,7 +484,7 @@ test_amqp_header_names(void **state)
 	add(f, "Amqp-Header-Dup", "one");
 	add(f, "amqp-header-dup", "two");
 	expect_ok(f, f->open, "/v1/publish/events/k", "events", "k");
-	assert_int_equal(f->m.props.n_headers, 1);
+	assert_int_equal(f->m.props.n_headers, 2);	/* and traceparent */
 	assert_string_equal(props_get_header(&f->m.props, "dup"), "two");
 }
 
@@ -489,6 +520,7 @@ main(void)
 		T(test_unknown_exchange_when_configured),
 		T(test_bad_routing_key),
 		T(test_header_mapping),
+		T(test_trace_context),
 		T(test_header_names_case_insensitive),
 		T(test_generated_message_id),
 		T(test_message_id_limits),

@@ -23,6 +23,7 @@
 #include "saga_store_backend.h"
 #include "sagad.h"
 #include "store.h"
+#include "trace.h"
 
 #define CONF \
 	"service = \"orders\";\n" \
@@ -374,6 +375,28 @@ state_of(struct fx *f, const char *id)
 	return st;
 }
 
+/* The traceparent and tracestate of every message sent since the last
+ * call ("-" for none), space-separated, like sent(). */
+static const char *
+sent_traces(struct fx *f)
+{
+	static char out[2048];
+	struct msg *ms[16];
+	size_t n = 0, i;
+
+	out[0] = 0;
+	assert_int_equal(store_outbox_fetch(f->d.store, f->seen, INT64_MAX, 1e12, 16, ms, &n), 0);
+	for (i = 0; i < n; i++) {
+		const char *tp = props_get_header(&ms[i]->props, TRACE_PARENT);
+		const char *ts = props_get_header(&ms[i]->props, TRACE_STATE);
+		snprintf(out + strlen(out), sizeof out - strlen(out), "%s%s/%s", out[0] ? " " : "",
+		    tp ? tp : "-", ts ? ts : "-");
+		f->seen = ms[i]->seq;
+		msg_free(ms[i]);
+	}
+	return out;
+}
+
 /* ---- tests ---- */
 
 static void
@@ -460,6 +483,47 @@ test_completes_in_order(void **state)
 	reply(f, "order", "pay", 0, 0, "o1", "r4");
 	assert_string_equal(sent(f), "");
 	assert_string_equal(state_of(f, "o1"), "completed");
+}
+
+#define TP "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+
+/* A saga is one trace: its start event's context goes with every command,
+ * compensation and outcome event, after the instance was stored and read
+ * back (each reply loads it again), and the admin view names the trace. */
+static void
+test_trace_follows_the_saga(void **state)
+{
+	struct fx *f = *state;
+	struct msg m = { 0 };
+	json_t *j;
+
+	props_set_header(&m.props, TRACE_PARENT, TP);
+	props_set_header(&m.props, TRACE_STATE, "rojo=1");
+	m.message_id = "t1";
+	m.exchange = "events";
+	m.routing_key = "order.created";
+	m.props.correlation_id = "ot";
+	m.body = "{}";
+	m.body_len = 2;
+	saga_handle(f->d.saga, &m);
+	m.props.correlation_id = NULL;
+	props_free(&m.props);
+	assert_int_equal(store_flush(f->d.store), 0);
+	assert_string_equal(sent_traces(f), TP "/rojo=1");
+	reply(f, "order", "reserve", 0, 1, "ot", "tr1");
+	assert_string_equal(sent_traces(f), TP "/rojo=1");
+	reply(f, "order", "pay", 0, 0, "ot", "tr2");	/* refused: compensate */
+	assert_string_equal(sent_traces(f), TP "/rojo=1");
+	reply(f, "order", "reserve", 1, 1, "ot", "tr3");
+	assert_string_equal(sent_traces(f), TP "/rojo=1");	/* order.rejected */
+	assert_string_equal(state_of(f, "ot"), "compensated");
+	j = saga_get_json(f->d.saga, "ot");
+	assert_string_equal(json_string_value(json_object_get(json_array_get(
+	    json_object_get(j, "instances"), 0), "trace_id")), "4bf92f3577b34da6a3ce929d0e0e4736");
+	json_decref(j);
+	/* a start without a context (not from the broker): none invented */
+	deliver(f, "events", "order.created", "t2", "ou", "{}");
+	assert_string_equal(sent_traces(f), "-/-");
 }
 
 static void
@@ -674,6 +738,7 @@ main(void)
 		cmocka_unit_test_setup_teardown(test_classify, setup, teardown),
 		cmocka_unit_test_setup_teardown(test_completes_in_order, setup, teardown),
 		cmocka_unit_test_setup_teardown(test_compensates_in_reverse, setup, teardown),
+		cmocka_unit_test_setup_teardown(test_trace_follows_the_saga, setup, teardown),
 		cmocka_unit_test_setup_teardown(test_failed_then_retried, setup, teardown),
 		cmocka_unit_test_setup_teardown(test_abort_compensates, setup, teardown),
 		cmocka_unit_test_setup_teardown(test_choreographed, setup, teardown),

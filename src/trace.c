@@ -1,0 +1,162 @@
+#include "trace.h"
+#include "props.h"
+#include "util.h"
+#include "xmalloc.h"
+
+#include <string.h>
+
+/* n lowercase hex digits at s, not all zeros when nonzero is set. */
+static int
+trace_hex(const char *s, size_t n, int nonzero)
+{
+	size_t i;
+	int any = 0;
+
+	for (i = 0; i < n; i++) {
+		if (!strchr("0123456789abcdef", s[i]) || !s[i])
+			return 0;
+		any |= s[i] != '0';
+	}
+	return any || !nonzero;
+}
+
+int
+trace_parent_valid(const char *s)
+{
+	size_t n = strlen(s);
+
+	if (n < TRACE_PARENT_LEN || !trace_hex(s, 2, 0) || strncmp(s, "ff", 2) == 0)
+		return 0;
+	if (s[2] != '-' || s[35] != '-' || s[52] != '-')
+		return 0;
+	if (!trace_hex(s + 3, 32, 1) || !trace_hex(s + 36, 16, 1) || !trace_hex(s + 53, 2, 0))
+		return 0;
+	/* Version 00 has nothing after the flags; a later one may, after a
+	 * dash, and is read as 00 (the spec's rule for unknown versions). */
+	if (strncmp(s, "00", 2) == 0)
+		return n == TRACE_PARENT_LEN;
+	return n == TRACE_PARENT_LEN || s[TRACE_PARENT_LEN] == '-';
+}
+
+int
+trace_state_valid(const char *s)
+{
+	size_t n = 0;
+
+	for (; *s; s++, n++)	/* W3C: list members of printable ASCII */
+		if (*s < 0x20 || *s > 0x7e || n >= TRACE_STATE_MAX)
+			return 0;
+	return 1;
+}
+
+void
+trace_new(char out[TRACE_PARENT_LEN + 1])
+{
+	static const char hex[] = "0123456789abcdef";
+	unsigned char r[24];
+	size_t i;
+	char *o = out;
+
+	do
+		util_random(r, sizeof r);
+	while (!memcmp(r, "\0\0\0\0\0\0\0\0", 8));	/* parent id not zero */
+	memcpy(o, "00-", 3);
+	o += 3;
+	for (i = 0; i < sizeof r; i++) {
+		if (i == 16)
+			*o++ = '-';
+		/* the trace id: 16 bytes after the parent id's 8 */
+		*o++ = hex[r[(i + 8) % 24] >> 4];
+		*o++ = hex[r[(i + 8) % 24] & 15];
+	}
+	memcpy(o, "-01", 4);
+}
+
+int
+trace_check(struct props *p, const char **why)
+{
+	const char *tp = props_get_header(p, TRACE_PARENT);
+	const char *ts = props_get_header(p, TRACE_STATE);
+	char fresh[TRACE_PARENT_LEN + 1];
+
+	if (tp && !trace_parent_valid(tp)) {
+		*why = "traceparent must be version-traceid-parentid-flags in lowercase hex "
+		    "(W3C Trace Context), ids not all zeros";
+		return -1;
+	}
+	if (ts && !trace_state_valid(ts)) {
+		*why = "tracestate must be at most 512 printable ASCII characters";
+		return -1;
+	}
+	if (!tp) {
+		if (ts) {
+			*why = "tracestate without a traceparent";
+			return -1;
+		}
+		trace_new(fresh);
+		props_set_header(p, TRACE_PARENT, fresh);
+	}
+	return 0;
+}
+
+int
+trace_ensure(struct props *p)
+{
+	const char *tp = props_get_header(p, TRACE_PARENT);
+	const char *ts = props_get_header(p, TRACE_STATE);
+	char fresh[TRACE_PARENT_LEN + 1];
+
+	if (tp && trace_parent_valid(tp)) {
+		if (ts && !trace_state_valid(ts))
+			props_del_header(p, TRACE_STATE);
+		return 0;
+	}
+	props_del_header(p, TRACE_STATE);
+	trace_new(fresh);
+	props_set_header(p, TRACE_PARENT, fresh);
+	return 1;
+}
+
+void
+trace_take(const struct props *p, char **parent, char **state)
+{
+	const char *tp = props_get_header(p, TRACE_PARENT);
+	const char *ts = props_get_header(p, TRACE_STATE);
+
+	*parent = *state = NULL;
+	if (!tp || !trace_parent_valid(tp))
+		return;
+	*parent = xstrdup(tp);
+	if (ts && trace_state_valid(ts))
+		*state = xstrdup(ts);
+}
+
+void
+trace_put(struct props *p, const char *parent, const char *state)
+{
+	if (!parent)
+		return;
+	props_set_header(p, TRACE_PARENT, parent);
+	if (state)
+		props_set_header(p, TRACE_STATE, state);
+}
+
+void
+trace_copy(struct props *dst, const struct props *src)
+{
+	const char *tp = props_get_header(src, TRACE_PARENT);
+
+	trace_put(dst, tp, tp ? props_get_header(src, TRACE_STATE) : NULL);
+}
+
+const char *
+trace_id(const struct props *p, char out[33])
+{
+	const char *tp = props_get_header(p, TRACE_PARENT);
+
+	if (!tp || !trace_parent_valid(tp))
+		return NULL;
+	memcpy(out, tp + 3, 32);
+	out[32] = '\0';
+	return out;
+}
