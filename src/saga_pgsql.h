@@ -25,6 +25,11 @@ struct pgs_fetch;
 struct saga_pg_relay;
 struct sagad_conf;
 
+/* Jobs per batch: one round trip's worth, and a bounded lock set. */
+#define PGS_BATCH_MAX 128
+/* Heartbeat and counts, seconds. */
+#define PGS_TICK 5
+
 /* A statement queued for the commit round trip; it owns its values. */
 #define PGS_MAXPARAM 10
 struct pgs_stmt {
@@ -186,6 +191,17 @@ void pgs_early_reset(struct saga_backend *b);
 int pgs_driver_start(struct saga_backend *b);
 void pgs_driver_submit(struct saga_backend *b, const struct saga_job *job);
 void pgs_driver_stop(struct saga_backend *b);
+
+/* saga_pgsql_fetch.c: round trip 1, its statements (the at_* fields: the
+ * index of each kind's statement, -1 when not sent). */
+struct pgs_fetch {
+	struct pgc_stmt st[8 + PGS_BATCH_MAX];
+	const char *v[8 + PGS_BATCH_MAX][4];
+	char *own[8 + PGS_BATCH_MAX][4];
+	int n, at_consumed, at_insts, at_early, at_timers, at_history, at_list, at_counts;
+};
+void pgs_fetch_send(struct saga_backend *b);
+void pgs_fetch_free(struct saga_backend *b);
 /* The batch's consumed ids in strcmp order: one lock order for all. */
 void pgs_sort_ids(char **v, size_t n);
 void pgs_metrics(struct saga_backend *b, struct evbuffer *out);
