@@ -27,7 +27,7 @@ import harness as h  # noqa: E402
 
 TP = '00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01'
 TID = TP[3:35]
-VALID = re.compile(r'^00-[0-9a-f]{32}-[0-9a-f]{16}-01$')
+VALID = h.TRACEPARENT_NEW
 
 SAGA = '''
 sagas = (

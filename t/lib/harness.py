@@ -29,6 +29,7 @@ import itertools
 import json
 import os
 import pwd
+import re
 import shutil
 import signal
 import socket
@@ -1197,6 +1198,17 @@ def sagactl(d, *args, json_out=False, check=True, timeout=30):
 
 
 _UUID7 = None
+
+
+TRACEPARENT_NEW = re.compile(r'^00-[0-9a-f]{32}-[0-9a-f]{16}-01$')
+
+
+def untraced(m):
+    """A consumed message's headers without its traceparent, which must be
+    one sagad started (sagad(8), TRACE CONTEXT): else {'traceparent': it}."""
+    hd = dict(m.get('headers') or {})
+    tp = hd.pop('traceparent', '')
+    return hd if TRACEPARENT_NEW.match(tp) else {'traceparent': tp}
 
 
 def is_uuid7(s, near=None, slack=300):

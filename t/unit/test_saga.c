@@ -296,24 +296,38 @@ reply(struct fx *f, const char *saga, const char *step, int compensation, int su
 	assert_int_equal(store_flush(f->d.store), 0);
 }
 
-/* The routing keys the engine sent since the last call, space-separated. */
+/* What the engine sent since the last call, space-separated: for each
+ * message, what `what` writes of it. */
 static const char *
-sent(struct fx *f)
+sent_as(struct fx *f, void (*what)(const struct msg *m, char *out, size_t len))
 {
-	static char keys[512];
+	static char out[2048];
 	struct msg *ms[64];
 	size_t n = 0, i;
 
-	keys[0] = 0;
+	out[0] = 0;
 	assert_int_equal(store_outbox_fetch(f->d.store, f->seen, INT64_MAX, 1e12, 64, ms, &n), 0);
 	for (i = 0; i < n; i++) {
-		if (keys[0])
-			strcat(keys, " ");
-		strcat(keys, ms[i]->routing_key);
+		if (out[0])
+			strcat(out, " ");
+		what(ms[i], out + strlen(out), sizeof out - strlen(out));
 		f->seen = ms[i]->seq;
 		msg_free(ms[i]);
 	}
-	return keys;
+	return out;
+}
+
+static void
+routing_key_of(const struct msg *m, char *out, size_t len)
+{
+	snprintf(out, len, "%s", m->routing_key);
+}
+
+/* The routing keys the engine sent since the last call. */
+static const char *
+sent(struct fx *f)
+{
+	return sent_as(f, routing_key_of);
 }
 
 /* The engine's answers to operators come through a callback: with the
@@ -375,26 +389,21 @@ state_of(struct fx *f, const char *id)
 	return st;
 }
 
-/* The traceparent and tracestate of every message sent since the last
- * call ("-" for none), space-separated, like sent(). */
+static void
+trace_of(const struct msg *m, char *out, size_t len)
+{
+	const char *tp = props_get_header(&m->props, TRACE_PARENT);
+	const char *ts = props_get_header(&m->props, TRACE_STATE);
+
+	snprintf(out, len, "%s/%s", tp ? tp : "-", ts ? ts : "-");
+}
+
+/* The traceparent/tracestate of every message sent since the last call
+ * ("-" for none). */
 static const char *
 sent_traces(struct fx *f)
 {
-	static char out[2048];
-	struct msg *ms[16];
-	size_t n = 0, i;
-
-	out[0] = 0;
-	assert_int_equal(store_outbox_fetch(f->d.store, f->seen, INT64_MAX, 1e12, 16, ms, &n), 0);
-	for (i = 0; i < n; i++) {
-		const char *tp = props_get_header(&ms[i]->props, TRACE_PARENT);
-		const char *ts = props_get_header(&ms[i]->props, TRACE_STATE);
-		snprintf(out + strlen(out), sizeof out - strlen(out), "%s%s/%s", out[0] ? " " : "",
-		    tp ? tp : "-", ts ? ts : "-");
-		f->seen = ms[i]->seq;
-		msg_free(ms[i]);
-	}
-	return out;
+	return sent_as(f, trace_of);
 }
 
 /* ---- tests ---- */
