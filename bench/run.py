@@ -24,12 +24,17 @@ One run, against a private RabbitMQ node started through t/lib/harness.py:
   (f) [added] resume_up_s: a copy of the store taken in (d) with the full
       backlog is started by a second sagad while the broker is UP: time
       from its exec to the first rise of sagad_published_total.
+  (g) [added] tracing on (BENCH_TRACING=0 leaves it out): (a) and (b)
+      again, alternating, with a second sagad whose spans go to a
+      collector stand-in (bench/sink answering 200) at sampling 1 (every
+      message: a create and a publish span); ratio_traced = its rate /
+      the direct rate of the same repeats; spans exported and dropped.
 
 Every figure is printed as a name=value line as soon as it is known, and a
 summary table at the end. Environment: BENCH_N (100000), BENCH_REPEAT (3),
 BENCH_BACKLOG (1000000), BENCH_CONNS (32), BENCH_RATE (1000),
 BENCH_LAT_SECONDS (10), BENCH_SIZE (256), BENCH_WINDOW (1024),
-BENCH_QUICK=1 (small numbers, for a smoke test), BENCH_KEEP=1 (keep the
+BENCH_TRACING (1), BENCH_QUICK=1 (small numbers, for a smoke test), BENCH_KEEP=1 (keep the
 work directory), BENCH_WORKDIR (parent of the work directory).
 """
 
@@ -338,6 +343,36 @@ def phase_sagad(broker, tool, sagad, workdir, i):
     if got != ok:
         say('WARNING: queue holds %d messages after sagad run %d, expected %d' % (got, i, ok))
     return rate, float(r['rate']), float(r['p99_ms'])
+
+
+def phase_traced(broker, tool, workdir):
+    """(g): the throughput of (a)/(b) with spans exported at sampling 1."""
+    from inbox import Sink     # bench/inbox.py imports this module
+    col = Sink()
+    sagad = h.Sagad(workdir, broker.url, name='traced', heartbeat=10,
+                    store_extra='max_bytes = %dL;' % (16 << 30),
+                    conf_extra='tracing = { endpoint = "%s/v1/traces"; sampling = 1; };\n'
+                    % col.base)
+    sagad.start(args=())
+    try:
+        drates, srates = [], []
+        for i in range(1, REPEAT + 1):
+            drates.append(phase_direct(broker, tool, 100 + i))
+            srates.append(phase_sagad(broker, tool, sagad, workdir, 100 + i)[0])
+        time.sleep(2)          # the last batch of spans
+        m = Metrics(sagad).get()
+        each = lambda xs: 'median of ' + ' '.join('%.0f' % x for x in xs)
+        fig('direct_rate_traced_run', statistics.median(drates), 'msg/s, ' + each(drates))
+        fig('sagad_traced_rate', statistics.median(srates), 'msg/s with tracing, ' + each(srates))
+        fig('ratio_traced', statistics.median(srates) / statistics.median(drates),
+            'sagad with tracing / direct, same repeats (target >= 0.6)')
+        for res in ('exported', 'dropped', 'failed'):
+            fig('trace_spans_%s' % res, msum(m, 'sagad_trace_spans_total{result="%s"}' % res),
+                'spans')
+        fig('trace_requests', col.stats()['paths'].get('/v1/traces', 0), 'POSTs to the collector')
+    finally:
+        sagad.stop()
+        col.stop()
 
 
 def phase_latency(broker, tool, sagad, workdir):
@@ -691,6 +726,11 @@ def main():
         fig('sagad_ingress_p99_ms', statistics.median(ip99s), 'POST->202 at full load, median')
         fig('ratio', statistics.median(srates) / statistics.median(drates), 'sagad/direct')
         fig('load_avg_ab', os.getloadavg()[0], '1-min load average after (a)/(b)')  # [added]
+
+        if os.environ.get('BENCH_TRACING', '1') != '0':
+            say('(g) throughput with tracing on, sampling 1')
+            phase_traced(broker, tool, workdir)
+            fig('load_avg_g', os.getloadavg()[0], '1-min load average after (g)')  # [added]
 
         say('(c) latency at %d msg/s for %d s' % (RATE, LAT_SECONDS))
         phase_latency(broker, tool, sagad, workdir)

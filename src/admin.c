@@ -18,6 +18,7 @@
 #include "httpd.h"
 #include "ingress.h"
 #include "metrics.h"
+#include "otel.h"
 #include "plugin.h"
 #include "relay.h"
 #include "saga.h"
@@ -183,6 +184,7 @@ admin_metrics(struct admin *a, struct evhttp_request *req)
 	if (d->saga)
 		saga_metrics(d->saga, out);
 	plugins_metrics(d->plugins, out);
+	otel_metrics(d->otel, out);
 	evhttp_add_header(evhttp_request_get_output_headers(req), "Content-Type",
 	    "text/plain; version=0.0.4");
 	evhttp_send_reply(req, 200, "OK", out);

@@ -37,7 +37,7 @@ broker_free_binds(struct conf_binding *binds, size_t n)
 
 /* ---- events to the main thread ---- */
 
-void
+struct broker_event *
 broker_post(struct broker *b, enum broker_event_kind kind, int64_t seq,
     double latency, const char *reason)
 {
@@ -53,8 +53,10 @@ broker_post(struct broker *b, enum broker_event_kind kind, int64_t seq,
 	ev->redelivered = 0;
 	ev->received = 0;
 	ev->reason[0] = '\0';
+	ev->trace[0] = '\0';
 	if (reason)
 		snprintf(ev->reason, sizeof ev->reason, "%s", reason);
+	return ev;
 }
 
 /* One lock and one wake-up per turn, however many confirms arrived. */

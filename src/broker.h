@@ -11,6 +11,7 @@
 #include <stdint.h>
 
 #include "msg.h"
+#include "trace.h"
 
 struct event_base;
 struct sagad_conf;
@@ -38,6 +39,8 @@ struct broker_event {
 	int sub;		/* DELIVERY: subscription index */
 	int redelivered;
 	double received;	/* DELIVERY: util_mono() when its last frame came */
+	char trace[TRACE_PARENT_LEN + 1];	/* ACK, NACK, RETURNED: the
+						 * message's traceparent, or "" */
 };
 
 typedef void broker_event_fn(void *arg, const struct broker_event *ev);

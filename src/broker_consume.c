@@ -13,7 +13,6 @@
 
 #include "log.h"
 #include "props.h"
-#include "trace.h"
 #include "util.h"
 #include "xmalloc.h"
 
@@ -145,9 +144,6 @@ broker_delivery_header(struct broker *b, const amqp_basic_properties_t *p,
 			free(k);
 			free(v);
 		}
-	/* From a publisher that is not sagad: its trace starts here, and
-	 * every delivery attempt of the inbox record carries the same one. */
-	trace_ensure(&m->props);
 	b->rx_have = 0;
 	b->rx_remaining = size;
 	b->rx_drop = size > (uint64_t)b->subs[b->rx_sub].max_bytes;

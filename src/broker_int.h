@@ -72,6 +72,7 @@ struct broker_sub {
 struct broker_inflight {
 	int64_t seq;
 	char *message_id;
+	char trace[TRACE_PARENT_LEN + 1];	/* its traceparent, or "" */
 	double sent;
 	int returned;
 	int settled;
@@ -141,7 +142,7 @@ struct broker {
 };
 
 /* broker.c: the thread, its one wake-up path, events to the main thread. */
-void broker_post(struct broker *b, enum broker_event_kind kind, int64_t seq,
+struct broker_event *broker_post(struct broker *b, enum broker_event_kind kind, int64_t seq,
     double latency, const char *reason);
 void broker_post_flush(struct broker *b);
 void broker_turn(struct broker *b);

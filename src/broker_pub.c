@@ -11,6 +11,7 @@
 #include <string.h>
 
 #include "log.h"
+#include "props.h"
 #include "util.h"
 #include "xmalloc.h"
 
@@ -25,7 +26,7 @@ broker_ring_at(struct broker *b, uint64_t tag)
 }
 
 static void
-broker_ring_push(struct broker *b, int64_t seq, const char *message_id)
+broker_ring_push(struct broker *b, int64_t seq, const char *message_id, const char *trace)
 {
 	struct broker_inflight *e;
 
@@ -44,6 +45,8 @@ broker_ring_push(struct broker *b, int64_t seq, const char *message_id)
 	e = &b->ring[(b->ring_head + b->ring_len) % b->ring_cap];
 	e->seq = seq;
 	e->message_id = xstrdup(message_id);
+	snprintf(e->trace, sizeof e->trace, "%s", trace && strlen(trace) == TRACE_PARENT_LEN ?
+	    trace : "");
 	e->sent = util_mono();
 	e->returned = 0;
 	e->settled = 0;
@@ -57,7 +60,9 @@ broker_ring_settle(struct broker *b, struct broker_inflight *e, int ack)
 	enum broker_event_kind k = !ack ? BROKER_EV_NACK :
 	    e->returned ? BROKER_EV_RETURNED : BROKER_EV_ACK;
 
-	broker_post(b, k, e->seq, util_mono() - e->sent, NULL);
+	struct broker_event *ev = broker_post(b, k, e->seq, util_mono() - e->sent, NULL);
+
+	memcpy(ev->trace, e->trace, sizeof ev->trace);
 	free(e->message_id);
 	e->message_id = NULL;
 	e->settled = 1;
@@ -223,6 +228,6 @@ broker_publish_one(struct broker *b, struct msg *m)
 		free(ents);
 	if (rc != AMQP_STATUS_OK)
 		return broker_fail_status(b, "publish", rc);
-	broker_ring_push(b, m->seq, m->message_id);
+	broker_ring_push(b, m->seq, m->message_id, props_get_header(&m->props, TRACE_PARENT));
 	return 0;
 }

@@ -16,6 +16,7 @@
 
 #include "conf_read.h"
 #include "conf_table.h"
+#include "otel.h"
 #include "util.h"
 #include "xmalloc.h"
 
@@ -451,6 +452,21 @@ conf_check_saga_store(struct conf_ctx *ctx, config_t *cfg, struct sagad_conf *c)
 		conf_err(ctx, ci, "saga_store: conninfo is empty");
 }
 
+static void
+conf_check_tracing(struct conf_ctx *ctx, config_t *cfg, struct sagad_conf *c)
+{
+	const struct conf_tracing *t = &c->tracing;
+	char host[256], *path = NULL;
+	int port;
+
+	if (t->endpoint && otel_parse_endpoint(t->endpoint, host, sizeof host, &port, &path) < 0)
+		conf_err(ctx, config_lookup(cfg, "tracing.endpoint"),
+		    "'endpoint' must be http://HOST[:PORT][/PATH] (OTLP/HTTP)");
+	free(path);
+	if (t->batch > t->queue)
+		conf_err(ctx, config_lookup(cfg, "tracing"), "tracing batch is above queue");
+}
+
 static int
 conf_valid_listen(const char *v)
 {
@@ -513,6 +529,7 @@ conf_check(struct conf_ctx *ctx, config_t *cfg, struct sagad_conf *c)
 	conf_check_sagas(ctx, cfg, c);
 	conf_check_sources(ctx, cfg, c);
 	conf_check_saga_store(ctx, cfg, c);
+	conf_check_tracing(ctx, cfg, c);
 	if (strcmp(c->saga_queue_type, "quorum") != 0 && strcmp(c->saga_queue_type, "classic") != 0)
 		conf_err(ctx, config_lookup(cfg, "saga_queue_type"),
 		    "saga_queue_type must be quorum or classic");

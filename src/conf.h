@@ -149,6 +149,16 @@ struct conf_outbox {
 	double retry_initial, retry_max;
 };
 
+/* OpenTelemetry export (tracing = { ... }); off without an endpoint. */
+struct conf_tracing {
+	char *endpoint;		/* OTLP/HTTP, http://host[:port][/path] */
+	double sampling;	/* share of new traces sampled, 0..1 */
+	int queue;		/* spans held for export; more are dropped */
+	int batch;		/* spans per request */
+	double interval;	/* the longest a span waits for a batch */
+	double timeout;		/* for the collector's answer */
+};
+
 struct sagad_conf {
 	char *file;		/* the file it was read from */
 	char *service;
@@ -159,6 +169,7 @@ struct sagad_conf {
 	struct conf_api api;
 	struct conf_outbox outbox;
 	struct conf_saga_store saga_store;
+	struct conf_tracing tracing;
 	struct conf_exchange *exchanges;
 	size_t n_exchanges;
 	struct conf_subscription *subs;

@@ -80,6 +80,19 @@ static const struct conf_key conf_outbox_rows[] = {
 	END
 };
 #undef O
+#define TR(f) offsetof(struct sagad_conf, tracing.f)
+/* The exporter is made at start: every row is restart-only. sampling is
+ * a plain number (a CONF_DUR row reads any). */
+static const struct conf_key conf_tracing_rows[] = {
+	ROW("endpoint", CONF_STR, TR(endpoint), R, NULL, 0, 0),
+	ROW("sampling", CONF_DUR, TR(sampling), R, "1", 0, 1),
+	ROW("queue", CONF_INT, TR(queue), R, "8192", 1, 1048576),
+	ROW("batch", CONF_INT, TR(batch), R, "512", 1, 65536),
+	ROW("interval", CONF_DUR, TR(interval), R, "1", 0.01, 60),
+	ROW("timeout", CONF_DUR, TR(timeout), R, "10", 0.1, 300),
+	END
+};
+#undef TR
 #define SS(f) offsetof(struct sagad_conf, saga_store.f)
 /* The saga engine holds the store it opened for as long as it runs. */
 static const struct conf_key conf_saga_store_rows[] = {
@@ -186,6 +199,7 @@ static const struct conf_key conf_top_rows[] = {
 	GROUP("api", conf_api_rows),
 	GROUP("outbox", conf_outbox_rows),
 	GROUP("saga_store", conf_saga_store_rows),
+	GROUP("tracing", conf_tracing_rows),
 	/* The broker connections, the deliveries, the saga engine and the
 	 * plugins hold these for as long as they run. */
 	LIST("exchanges", struct sagad_conf, exchanges, n_exchanges, R, conf_exchange_rows),

@@ -15,7 +15,7 @@
 
 enum conf_kind {
 	CONF_STR,		/* char *, owned */
-	CONF_DUR,		/* double, seconds */
+	CONF_DUR,		/* double: seconds, or another plain number (a ratio) */
 	CONF_SIZE,		/* int64_t, bytes */
 	CONF_INT,		/* int */
 	CONF_BOOL,		/* int */

@@ -22,9 +22,12 @@
 #include "dedup.h"
 #include "hclient.h"
 #include "log.h"
+#include "otel.h"
+#include "props.h"
 #include "saga_pg_schema.h"
 #include "sagad.h"
 #include "store.h"
+#include "trace.h"
 #include "util.h"
 #include "xmalloc.h"
 
@@ -40,7 +43,17 @@ struct dack {
 	int early;
 	double acked;		/* util_mono() of that ack */
 	int reload;		/* a record loaded at start: nothing to ack */
+	struct otel_span *span;	/* consumed -> committed; NULL: not traced */
 };
+
+/* The consume's span ends with the dack: the ack, or the message given
+ * back (error). */
+static void
+dack_free(struct dack *k, const char *error)
+{
+	otel_span_end(k->dl->d->otel, k->span, util_now(), error);
+	free(k);
+}
 
 static void delivery_claim(struct dack *k);
 
@@ -247,7 +260,7 @@ delivery_acked(void *arg, int ok)
 	}
 	if (dl->br)
 		broker_kick(dl->br);
-	free(k);
+	dack_free(k, ok || k->early ? NULL : "not committed: given back");
 }
 
 /* ---- shared deduplication (dedup.h) ---- */
@@ -260,7 +273,7 @@ delivery_claimed(void *arg, enum dedup_claim r)
 	struct dsub *ds = &dl->subs[k->sub];
 
 	if (r == DEDUP_CANCELLED) {
-		free(k);	/* stopping: the record waits for the next start */
+		dack_free(k, "stopping");	/* the record waits for the next start */
 		return;
 	}
 	if (r == DEDUP_MINE) {
@@ -278,7 +291,7 @@ delivery_claimed(void *arg, enum dedup_claim r)
 		histogram_observe(&ds->stats.ack, util_mono() - k->received);
 		broker_kick(dl->br);
 	}
-	free(k);
+	dack_free(k, NULL);
 }
 
 static void
@@ -356,7 +369,8 @@ delivery_settle(struct delivery_ticket *t, enum delivery_verdict v)
 		}
 		broker_kick(dl->br);
 	}
-	free(k);
+	dack_free(k, v == DELIVERY_ACK || v == DELIVERY_DUPLICATE ? NULL :
+	    v == DELIVERY_REQUEUE ? "given back" : "dead-lettered");
 }
 
 void
@@ -364,6 +378,39 @@ delivery_set_taker(struct delivery *dl, int sub, delivery_take_fn *fn, void *arg
 {
 	dl->subs[sub].taker = fn;
 	dl->subs[sub].taker_arg = arg;
+}
+
+/*
+ * The consume's span, from the last frame's arrival to the ack (its
+ * commit). A message from a publisher that traces nothing starts its trace
+ * here, and every delivery attempt of the inbox record carries it; the
+ * stored context names this span as the parent of what follows.
+ */
+static struct otel_span *
+delivery_span(struct delivery *dl, struct dsub *ds, struct msg *m, double received)
+{
+	struct otel_span *s;
+	char name[300], child[TRACE_PARENT_LEN + 1];
+
+	trace_ensure(&m->props, trace_sample(dl->d->conf));
+	if (!dl->d->otel)
+		return NULL;
+	snprintf(name, sizeof name, "receive %s", ds->queue);
+	s = otel_span_start(dl->d->otel, props_get_header(&m->props, TRACE_PARENT), name,
+	    OTEL_CONSUMER, util_now() - (util_mono() - received));
+	if (!s)
+		return NULL;
+	otel_span_str(s, "messaging.system", "rabbitmq");
+	otel_span_str(s, "messaging.operation", "receive");
+	otel_span_str(s, "messaging.destination.name", m->exchange);
+	otel_span_str(s, "messaging.rabbitmq.destination.routing_key", m->routing_key);
+	otel_span_str(s, "messaging.source.name", ds->queue);
+	otel_span_str(s, "messaging.message.id", m->message_id);
+	otel_span_str(s, "messaging.message.conversation_id", m->props.correlation_id);
+	otel_span_str(s, "sagad.subscription", ds->name);
+	otel_child(props_get_header(&m->props, TRACE_PARENT), otel_span_id(s), child);
+	props_set_header(&m->props, TRACE_PARENT, child);
+	return s;
 }
 
 static void
@@ -386,6 +433,7 @@ delivery_take(struct delivery *dl, const struct broker_event *ev)
 		free(m->message_id);
 		m->message_id = xstrdup(derived);
 	}
+	k->span = delivery_span(dl, ds, m, ev->received);
 	if (ds->taker) {
 		delivery_hand_over(ds, k, m);
 		return;
@@ -426,7 +474,7 @@ delivery_take(struct delivery *dl, const struct broker_event *ev)
 		    LOG_STR("subscription", ds->name));
 		broker_requeue(dl->br, ev->epoch, ev->sub, k->tag);
 		broker_kick(dl->br);
-		free(k);
+		dack_free(k, "not stored: given back");
 		msg_free(m);
 		return;
 	}

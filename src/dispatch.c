@@ -19,6 +19,7 @@
 #include "log.h"
 #include "props.h"
 #include "sagad.h"
+#include "otel.h"
 #include "store.h"
 #include "trace.h"
 #include "util.h"
@@ -30,6 +31,7 @@ struct dattempt {
 	struct dmsg *dm;
 	struct dconn *conn;
 	struct evbuffer *req;	/* until it goes out (dispatch_marked_cb) */
+	struct otel_span *span;	/* NULL: not traced */
 };
 
 const char *const dispatch_outcome_names[OUTCOME_COUNT] = {
@@ -303,6 +305,8 @@ dispatch_answered(struct dattempt *a, const struct hclient_answer *ans)
 		dsub_failed(a->ds, a->dm, ans);
 }
 
+static void dispatch_span_end(struct dattempt *a, const struct hclient_answer *ans);
+
 static void
 dispatch_done_cb(void *arg, const struct hclient_answer *ans)
 {
@@ -311,6 +315,7 @@ dispatch_done_cb(void *arg, const struct hclient_answer *ans)
 
 	dmsg_set_state(a->dm, DMSG_READY);
 	ds->inflight--;
+	dispatch_span_end(a, ans);
 	if (ds->dl->d->state == SAGAD_STOPPED || ans->result == HCLIENT_CANCELLED) {
 		free(a);
 		return;
@@ -336,12 +341,16 @@ dispatch_add(dispatch_emit_fn *emit, void *arg, const char *k, const char *v)
 		emit(arg, k, v);
 }
 
+/* span_id: the attempt's span, the parent the service is told of (NULL:
+ * the message's traceparent as it is). */
 static void
-dispatch_headers(struct dsub *ds, struct dmsg *dm, dispatch_emit_fn *emit, void *arg)
+dispatch_headers(struct dsub *ds, struct dmsg *dm, const char *span_id,
+    dispatch_emit_fn *emit, void *arg)
 {
 	const struct msg *m = dm->rec->m;
 	const char *kind = props_get_header(&m->props, "x-sagad-kind");
-	char num[16], name[300];
+	const char *tp = props_get_header(&m->props, TRACE_PARENT);
+	char num[16], name[300], child[TRACE_PARENT_LEN + 1];
 	size_t i;
 
 	snprintf(name, sizeof name, "%s:%d", ds->host, ds->port);
@@ -361,7 +370,11 @@ dispatch_headers(struct dsub *ds, struct dmsg *dm, dispatch_emit_fn *emit, void 
 	    strcmp(kind, "compensation") == 0) ? kind : "event");
 	dispatch_add(emit, arg, "Sagad-Saga", props_get_header(&m->props, "x-sagad-saga"));
 	dispatch_add(emit, arg, "Sagad-Step", props_get_header(&m->props, "x-sagad-step"));
-	dispatch_add(emit, arg, "traceparent", props_get_header(&m->props, TRACE_PARENT));
+	if (tp && span_id) {
+		otel_child(tp, span_id, child);
+		tp = child;
+	}
+	dispatch_add(emit, arg, "traceparent", tp);
 	dispatch_add(emit, arg, "tracestate", props_get_header(&m->props, TRACE_STATE));
 	if (m->props.type)
 		dispatch_add(emit, arg, "Amqp-Type", m->props.type);
@@ -422,7 +435,7 @@ dispatch_emit_wire(void *arg, const char *name, const char *value)
 /* The request as it goes on the wire: request line, the headers of
  * dispatch_headers, Content-Length, the body. */
 static void
-dispatch_request(struct dsub *ds, struct dmsg *dm, struct evbuffer *out)
+dispatch_request(struct dsub *ds, struct dmsg *dm, const char *span_id, struct evbuffer *out)
 {
 	char len[48];
 
@@ -430,7 +443,7 @@ dispatch_request(struct dsub *ds, struct dmsg *dm, struct evbuffer *out)
 	evbuffer_add(out, "POST ", 5);
 	evbuffer_add(out, ds->path, strlen(ds->path));
 	evbuffer_add(out, " HTTP/1.1\r\n", 11);
-	dispatch_headers(ds, dm, dispatch_emit_wire, out);
+	dispatch_headers(ds, dm, span_id, dispatch_emit_wire, out);
 	snprintf(len, sizeof len, "Content-Length: %zu\r\n\r\n", dm->rec->m->body_len);
 	evbuffer_add(out, len, strlen(len));
 	evbuffer_add(out, dm->rec->m->body, dm->rec->m->body_len);
@@ -448,6 +461,7 @@ dattempt_cancel(struct dattempt *a)
 	a->ds->inflight--;
 	if (a->req)
 		evbuffer_free(a->req);
+	otel_span_drop(a->span);
 	free(a);
 }
 
@@ -479,6 +493,53 @@ dispatch_marked_cb(void *arg, int ok)
 	evbuffer_free(req);
 }
 
+/* An attempt's span: the service's request, a child of the consume. */
+static struct otel_span *
+dispatch_span(struct dsub *ds, struct dmsg *dm)
+{
+	const struct msg *m = dm->rec->m;
+	struct otel_span *s;
+	char name[300];
+
+	if (!ds->dl->d->otel)
+		return NULL;
+	snprintf(name, sizeof name, "deliver %s", ds->name);
+	s = otel_span_start(ds->dl->d->otel, props_get_header(&m->props, TRACE_PARENT), name,
+	    OTEL_CLIENT, util_now());
+	otel_span_str(s, "messaging.system", "rabbitmq");
+	otel_span_str(s, "messaging.operation", "process");
+	otel_span_str(s, "messaging.destination.name", m->exchange);
+	otel_span_str(s, "messaging.rabbitmq.destination.routing_key", m->routing_key);
+	otel_span_str(s, "messaging.message.id", m->message_id);
+	otel_span_str(s, "messaging.message.conversation_id", m->props.correlation_id);
+	otel_span_str(s, "http.request.method", "POST");
+	otel_span_str(s, "url.full", dsub_conf(ds)->deliver);
+	otel_span_str(s, "sagad.subscription", ds->name);
+	otel_span_int(s, "sagad.attempt", dm->rec->attempts + 1);
+	return s;
+}
+
+/* Its end: the service's status, an error unless 2xx. */
+static void
+dispatch_span_end(struct dattempt *a, const struct hclient_answer *ans)
+{
+	char why[64];
+	const char *error = NULL;
+
+	if (!a->span)
+		return;
+	if (ans->result == HCLIENT_ANSWERED) {
+		otel_span_int(a->span, "http.response.status_code", ans->status);
+		if (ans->status < 200 || ans->status > 299) {
+			snprintf(why, sizeof why, "answered %d", ans->status);
+			error = why;
+		}
+	} else
+		error = hclient_result_name(ans->result);
+	otel_span_end(a->ds->dl->d->otel, a->span, util_now(), error);
+	a->span = NULL;
+}
+
 /*
  * An attempt starts once the store holds that it started (marked in flight,
  * written with the turn's transaction, no fsync of its own): if sagad dies
@@ -501,7 +562,9 @@ dsub_attempt(struct dsub *ds, struct dmsg *dm)
 	a->dm = dm;
 	a->conn = conn;
 	a->req = evbuffer_new();
-	dispatch_request(ds, dm, a->req);	/* Sagad-Attempt: before the count */
+	a->span = dispatch_span(ds, dm);
+	/* Sagad-Attempt: before the count */
+	dispatch_request(ds, dm, otel_span_id(a->span), a->req);
 	conn->reserved = 1;
 	dmsg_set_state(dm, DMSG_INFLIGHT);
 	dm->rec->attempts++;

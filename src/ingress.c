@@ -14,6 +14,7 @@
 #include "conf.h"
 #include "httpd.h"
 #include "log.h"
+#include "otel.h"
 #include "props.h"
 #include "sagad.h"
 #include "store.h"
@@ -35,6 +36,7 @@ struct ingress_pending {
 	struct evhttp_request *req;
 	char *message_id;
 	int duplicate;
+	struct otel_span *span;	/* the publish's, to its answer */
 };
 
 static int
@@ -183,7 +185,7 @@ ingress_parse(const struct sagad_conf *conf, const char *path,
 		free(*dst);
 		*dst = xstrdup(v);
 	}
-	if (trace_check(&m->props, &bad) < 0)
+	if (trace_check(&m->props, trace_sample(conf), &bad) < 0)
 		return ingress_fail(error, why, whylen, "bad-header", bad);
 	if (!m->message_id) {
 		util_uuid7(id);
@@ -204,8 +206,39 @@ ingress_answer(void *arg, int ok)
 		httpd_reply_json(p->req, p->duplicate ? 200 : 202,
 		    json_pack("{s:s,s:s}", "message_id", p->message_id,
 		    "status", p->duplicate ? "duplicate" : "stored"));
+	otel_span_int(p->span, "http.response.status_code", !ok ? 507 : p->duplicate ? 200 : 202);
+	otel_span_end(p->in->d->otel, p->span, util_now(), ok ? NULL : "not stored");
 	free(p->message_id);
 	free(p);
+}
+
+/*
+ * The publish's span, from the request to its answer (the message
+ * durable): a child of the publisher's context, and the parent of the
+ * hops that follow, since the message is stored naming it.
+ */
+static struct otel_span *
+ingress_span(struct ingress *in, struct msg *m, double start)
+{
+	struct otel_span *s;
+	char name[300], child[TRACE_PARENT_LEN + 1];
+
+	if (!in->d->otel)
+		return NULL;
+	snprintf(name, sizeof name, "create %s", *m->exchange ? m->exchange : "(default)");
+	s = otel_span_start(in->d->otel, props_get_header(&m->props, TRACE_PARENT), name,
+	    OTEL_PRODUCER, start);
+	if (!s)
+		return NULL;
+	otel_span_str(s, "messaging.system", "rabbitmq");
+	otel_span_str(s, "messaging.operation", "create");
+	otel_span_str(s, "messaging.destination.name", m->exchange);
+	otel_span_str(s, "messaging.rabbitmq.destination.routing_key", m->routing_key);
+	otel_span_str(s, "messaging.message.id", m->message_id);
+	otel_span_str(s, "messaging.message.conversation_id", m->props.correlation_id);
+	otel_child(props_get_header(&m->props, TRACE_PARENT), otel_span_id(s), child);
+	props_set_header(&m->props, TRACE_PARENT, child);
+	return s;
 }
 
 static void
@@ -219,6 +252,8 @@ ingress_publish(struct ingress *in, struct evhttp_request *req, const char *path
 	const char *error = NULL;
 	char why[256];
 	enum store_put put;
+	double start = util_now();
+	struct otel_span *span;
 
 	if (len > (size_t)conf->api.max_message_bytes) {
 		in->stats.rejected++;
@@ -233,6 +268,7 @@ ingress_publish(struct ingress *in, struct evhttp_request *req, const char *path
 		httpd_error(req, 400, error, "%s", why);
 		goto out;
 	}
+	span = ingress_span(in, &m, start);
 	m.body = (char *)evbuffer_pullup(body, -1);
 	m.body_len = len;
 	put = store_outbox_put(in->d->store, &m, util_now(), STORE_OUT_DEDUP);
@@ -245,6 +281,7 @@ ingress_publish(struct ingress *in, struct evhttp_request *req, const char *path
 		p->req = req;
 		p->message_id = m.message_id;
 		p->duplicate = put == STORE_PUT_DUPLICATE;
+		p->span = span;
 		m.message_id = NULL;
 		if (p->duplicate)
 			in->stats.duplicates++;
@@ -258,9 +295,11 @@ ingress_publish(struct ingress *in, struct evhttp_request *req, const char *path
 	case STORE_PUT_FULL:
 		in->stats.full++;
 		httpd_error(req, 507, "store-full", "the store is full (store.max_bytes or disk)");
+		otel_span_end(in->d->otel, span, util_now(), "store full");
 		break;
 	case STORE_PUT_ERROR:
 		httpd_error(req, 500, "store-error", "the store failed to write; see the log");
+		otel_span_end(in->d->otel, span, util_now(), "store error");
 		break;
 	}
 out:

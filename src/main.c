@@ -17,6 +17,7 @@
 #include "delivery.h"
 #include "ingress.h"
 #include "log.h"
+#include "otel.h"
 #include "plugin.h"
 #include "relay.h"
 #include "saga.h"
@@ -253,7 +254,11 @@ sagad_start_publishing(struct sagad *d, char **err)
 {
 	struct store_hooks hooks;
 
+	d->otel = otel_new(d->base, d->conf, err);
+	if (*err)
+		return -1;
 	d->relay = relay_new(d->base, d->store, d->conf);
+	relay_set_otel(d->relay, d->otel);
 	hooks.committed = relay_committed;
 	hooks.rolled_back = relay_rolled_back;
 	hooks.arg = d->relay;
@@ -402,6 +407,7 @@ sagad_stop(struct sagad_main *sm)
 	ingress_free(d->ingress);
 	admin_free(d->admin);
 	relay_free(d->relay);
+	otel_free(d->otel);
 	store_close(d->store);
 	event_free(sm->sig_term);
 	event_free(sm->sig_int);

@@ -265,7 +265,8 @@ host_publish(struct sagad_host *h, const struct sagad_message *pm)
 		}
 		props_set_header(&m.props, pm->header_names[i], pm->header_values[i]);
 	}
-	trace_ensure(&m.props);	/* a row's bad traceparent: a new trace */
+	/* a row's bad traceparent: a new trace */
+	trace_ensure(&m.props, trace_sample(h->d->conf));
 	put = store_outbox_put(h->d->store, &m, util_now(), STORE_OUT_DEDUP);
 	props_free(&m.props);
 	switch (put) {

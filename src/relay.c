@@ -7,6 +7,7 @@
 
 #include "conf.h"
 #include "log.h"
+#include "otel.h"
 #include "store.h"
 #include "util.h"
 #include "xmalloc.h"
@@ -40,6 +41,7 @@ struct relay {
 	struct msg **batch;
 	size_t batch_cap;
 	struct relay_stats stats;
+	struct otel *otel;	/* NULL: tracing off */
 };
 
 static void relay_fill_cb(evutil_socket_t, short, void *);
@@ -83,6 +85,12 @@ void
 relay_set_broker(struct relay *r, struct broker *b)
 {
 	r->br = b;
+}
+
+void
+relay_set_otel(struct relay *r, struct otel *o)
+{
+	r->otel = o;
 }
 
 void
@@ -339,16 +347,19 @@ relay_broker_event(void *arg, const struct broker_event *ev)
 		r->inflight--;
 		r->stats.published++;
 		histogram_observe(&r->stats.confirm, ev->latency);
+		otel_span_publish(r->otel, ev->trace, ev->latency, NULL);
 		relay_done(r, ev->seq);
 		break;
 	case BROKER_EV_NACK:
 		r->inflight--;
 		r->stats.nacked++;
+		otel_span_publish(r->otel, ev->trace, ev->latency, "nack");
 		relay_retry_later(r, ev->seq, "nack");
 		break;
 	case BROKER_EV_RETURNED:
 		r->inflight--;
 		r->stats.unroutable++;
+		otel_span_publish(r->otel, ev->trace, ev->latency, "unroutable");
 		relay_retry_later(r, ev->seq, "unroutable");
 		break;
 	case BROKER_EV_DELIVERY:

@@ -32,6 +32,7 @@ struct relay_stats {
 };
 
 struct relay;
+struct otel;
 
 struct relay *relay_new(struct event_base *base, struct store *st,
     const struct sagad_conf *conf);
@@ -39,6 +40,8 @@ void relay_free(struct relay *r);
 /* The broker's events land here (broker_event_fn). */
 void relay_broker_event(void *arg, const struct broker_event *ev);
 void relay_set_broker(struct relay *r, struct broker *b);
+/* Spans of its publishes (otel.h); NULL: none. */
+void relay_set_otel(struct relay *r, struct otel *o);
 void relay_set_conf(struct relay *r, const struct sagad_conf *conf);
 /* Store hooks: new messages are durable; a transaction was lost. */
 void relay_committed(void *arg);

@@ -119,7 +119,7 @@ saga_send(struct saga_engine *e, struct saga_inst *in, const struct conf_binding
 	if (step)
 		props_set_header(&m.props, "x-sagad-step", step);
 	props_set_header(&m.props, "x-sagad-kind", kind);
-	trace_put(&m.props, in->trace_parent, in->trace_state);
+	saga_trace_out(e, in, &m.props, kind, step);
 	if (saga_store_send(e->ss, &m, e->consumed ? SAGA_SEND_CONSUMED : 0) < 0)
 		log_error("cannot store a saga message", LOG_STR("saga", in->def->name),
 		    LOG_STR("id", in->id), LOG_STR("message_id", id));
@@ -176,8 +176,10 @@ saga_set_state(struct saga_engine *e, struct saga_inst *in, enum saga_state to,
 		st->compensations++;
 	if (to == SAGA_FAILED)
 		st->failed++;
-	if (saga_finished(to))
+	if (saga_finished(to)) {
 		histogram_observe(&st->duration, util_now() - in->started_at);
+		saga_trace_end(e, in);
+	}
 	saga_log(e, in, "state", saga_state_names[to], step, NULL, why ? why : in->reason);
 	if (to == SAGA_FAILED)
 		log_warn("saga failed", LOG_STR("saga", in->def->name), LOG_STR("id", in->id),
@@ -216,6 +218,7 @@ saga_send_command(struct saga_engine *e, struct saga_inst *in, unsigned i)
 
 	st->state = STEP_ACTIVE;
 	st->attempts++;
+	st->sent_at = util_now();
 	in->cur = i;
 	saga_send(e, in, &cs->command, "command", cs->name, "command", in->body,
 	    in->body_len, in->ct, 1);
@@ -244,6 +247,7 @@ saga_send_compensation(struct saga_engine *e, struct saga_inst *in, size_t i)
 
 	st->state = STEP_COMPENSATING;
 	st->comp_attempts++;
+	st->sent_at = util_now();
 	saga_send(e, in, &cs->compensate, "compensation", cs->name, "compensate",
 	    st->body, st->body_len, st->ct, 1);
 	saga_timer_add(e, in, TIMER_COMPENSATE, (int)i, util_now() + in->def->compensate_timeout);
@@ -344,6 +348,7 @@ saga_on_step_result(struct saga_engine *e, struct saga_inst *in, size_t i, int s
 		return;
 	}
 	saga_timer_del(e, in, TIMER_STEP, (int)i);
+	saga_trace_step(e, in, i, 0, success ? NULL : "refused");
 	if (!success) {
 		char why[300];
 		st->state = STEP_FAILED;
@@ -387,6 +392,7 @@ saga_on_compensation_reply(struct saga_engine *e, struct saga_inst *in, size_t i
 	saga_log(e, in, "in", success ? "compensation success" : "compensation failure",
 	    name, m->message_id, NULL);
 	saga_timer_del(e, in, TIMER_COMPENSATE, (int)i);
+	saga_trace_step(e, in, i, 1, success ? NULL : "refused");
 	if (success) {
 		st->state = STEP_COMPENSATED;
 		if (in->state == SAGA_FAILED)
@@ -622,6 +628,7 @@ saga_on_timer(struct saga_engine *e, struct saga_inst *in, int kind, int step)
 		const struct conf_saga_step *cs = &in->def->steps[step];
 		if (in->state != SAGA_RUNNING || in->steps[step].state != STEP_ACTIVE)
 			return;
+		saga_trace_step(e, in, (size_t)step, 0, "timeout");
 		if (in->steps[step].attempts < (unsigned)cs->attempts) {
 			saga_log(e, in, "timer", "step timeout: command sent again", cs->name, NULL, NULL);
 			saga_send_command(e, in, (unsigned)step);
@@ -639,6 +646,7 @@ saga_on_timer(struct saga_engine *e, struct saga_inst *in, int kind, int step)
 	/* TIMER_COMPENSATE: no reply yet, or a refused one waited its backoff. */
 	if (in->state != SAGA_COMPENSATING || in->steps[step].state != STEP_COMPENSATING)
 		return;
+	saga_trace_step(e, in, (size_t)step, 1, "timeout");
 	if (in->steps[step].comp_attempts >= (unsigned)in->def->compensate_attempts) {
 		saga_compensation_exhausted(e, in, (size_t)step, "unconfirmed");
 		return;
@@ -761,7 +769,7 @@ saga_new(struct sagad *d, char **err)
 
 	*err = NULL;
 	e->d = d;
-	e->ss = saga_store_open(d->base, d->store, d->conf, err);
+	e->ss = saga_store_open(d->base, d->store, d->conf, d->otel, err);
 	if (!e->ss) {
 		saga_free(e);
 		return NULL;

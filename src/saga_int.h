@@ -31,6 +31,7 @@ struct saga_step_rt {
 	unsigned attempts;	/* command sends */
 	unsigned comp_attempts;
 	unsigned order;		/* 1-based order of success; 0: never */
+	double sent_at;		/* its latest command or compensation, for its span */
 	char *body;		/* the message that completed the step */
 	size_t body_len;
 	char *ct;
@@ -119,5 +120,14 @@ void saga_start_compensation(struct saga_engine *e, struct saga_inst *in, const 
 void saga_compensate_next(struct saga_engine *e, struct saga_inst *in);
 /* The per-state gauges read from the store again. */
 void saga_counts_refresh(struct saga_engine *e);
+
+/* saga_trace.c: the saga's spans (otel.h), and the context of the
+ * messages it sends (kind "command", "compensation" or "event"). */
+struct props;
+void saga_trace_out(struct saga_engine *e, const struct saga_inst *in, struct props *p,
+    const char *kind, const char *step);
+void saga_trace_step(struct saga_engine *e, const struct saga_inst *in, size_t i,
+    int compensation, const char *error);
+void saga_trace_end(struct saga_engine *e, const struct saga_inst *in);
 
 #endif

@@ -16,6 +16,7 @@
 #include "broker.h"
 #include "conf.h"
 #include "log.h"
+#include "otel.h"
 #include "props.h"
 #include "util.h"
 #include "xmalloc.h"
@@ -312,6 +313,8 @@ saga_pg_relay_broker_event(void *arg, const struct broker_event *ev)
 		if (!row || row->state != SAGA_PG_RELAY_SENT)
 			return;
 		r->inflight--;
+		otel_span_publish(r->otel, ev->trace, ev->latency, ev->kind == BROKER_EV_ACK ? NULL :
+		    ev->kind == BROKER_EV_NACK ? "nack" : "unroutable");
 		if (row->gone) {
 			/* its saga went on: it arrived, whatever the broker says */
 			row->state = SAGA_PG_RELAY_DONE;
@@ -555,6 +558,12 @@ int
 saga_pg_relay_pg_up(const struct saga_pg_relay *r)
 {
 	return r->pg_up;
+}
+
+void
+saga_pg_relay_set_otel(struct saga_pg_relay *r, struct otel *o)
+{
+	r->otel = o;
 }
 
 int

@@ -110,4 +110,8 @@ int saga_pg_relay_broker_up(const struct saga_pg_relay *r);
 /* The sagad_saga_outbox_* metrics (Prometheus text). */
 void saga_pg_relay_metrics(const struct saga_pg_relay *r, struct evbuffer *out);
 
+/* Spans of its publishes (otel.h); NULL: none. */
+struct otel;
+void saga_pg_relay_set_otel(struct saga_pg_relay *r, struct otel *o);
+
 #endif

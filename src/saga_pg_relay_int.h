@@ -52,6 +52,7 @@ struct saga_pg_relay_query {
 };
 
 struct saga_pg_relay {
+	struct otel *otel;		/* spans of its publishes; NULL: none */
 	struct event_base *base;
 	const struct sagad_conf *conf;
 	char *conninfo, *schema, *service, *replica;

@@ -84,6 +84,7 @@ struct saga_backend {
 	struct pgc *pg;
 	enum pgs_state state;
 	struct pgs_fetch *fetch;	/* round trip 1's statements */
+	struct otel *otel;		/* its relay's spans; NULL: none */
 	struct event *start_ev;		/* a batch at the end of this loop turn */
 	struct event *tick_ev;		/* heartbeat, counts, expiry */
 	struct event *wait_ev;		/* the end of PGS_WAIT */

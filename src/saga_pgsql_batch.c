@@ -683,6 +683,7 @@ pgs_driver_start(struct saga_backend *b)
 	    b->replica, b->conf->saga_store.relay_grace);
 	if (!b->relay || saga_pg_relay_start(b->relay) < 0)
 		return -1;
+	saga_pg_relay_set_otel(b->relay, b->otel);
 	pgc_start(b->pg);
 	return 0;
 }

@@ -39,12 +39,12 @@ saga_store_new(const struct saga_store_ops *ops, struct saga_backend *b)
 /* SQLite unless the configuration names PostgreSQL (saga_store.backend). */
 struct saga_store *
 saga_store_open(struct event_base *base, struct store *st, const struct sagad_conf *conf,
-    char **err)
+    struct otel *otel, char **err)
 {
 	struct saga_backend *b;
 
 	if (conf->saga_store.backend == SAGA_BACKEND_PGSQL) {
-		b = saga_store_pgsql_open(base, conf, store_replica_id(st), err);
+		b = saga_store_pgsql_open(base, conf, store_replica_id(st), otel, err);
 		return b ? saga_store_new(&saga_store_pgsql_ops, b) : NULL;
 	}
 	b = saga_store_sqlite_open(st, err);

@@ -64,11 +64,13 @@ struct saga_due {
 typedef void saga_rec_fn(void *arg, const struct saga_rec *r);
 
 struct event_base;
+struct otel;
 struct sagad_conf;
 
-/* The backend the configuration names (saga_store.backend). */
+/* The backend the configuration names (saga_store.backend); otel: the
+ * exporter of the spans of its relay's publishes (NULL: none). */
 struct saga_store *saga_store_open(struct event_base *base, struct store *st,
-    const struct sagad_conf *conf, char **err);
+    const struct sagad_conf *conf, struct otel *otel, char **err);
 void saga_store_close(struct saga_store *ss);
 
 /*

@@ -69,7 +69,7 @@ extern const struct saga_store_ops saga_store_pgsql_ops;
 /* replica_id: the local store's (store_replica_id), which names this
  * sagad's life in PostgreSQL with the time it started. */
 struct saga_backend *saga_store_pgsql_open(struct event_base *base,
-    const struct sagad_conf *conf, const char *replica_id, char **err);
+    const struct sagad_conf *conf, const char *replica_id, struct otel *otel, char **err);
 
 /* A store on any backend, b owned by it (saga_store_open picks the
  * backend; the unit tests give their own). */

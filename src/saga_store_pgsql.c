@@ -755,7 +755,7 @@ const struct saga_store_ops saga_store_pgsql_ops = {
  * nothing to serve without it. */
 struct saga_backend *
 saga_store_pgsql_open(struct event_base *base, const struct sagad_conf *conf,
-    const char *replica_id, char **err)
+    const char *replica_id, struct otel *otel, char **err)
 {
 	struct saga_backend *b;
 	char host[256];
@@ -764,6 +764,7 @@ saga_store_pgsql_open(struct event_base *base, const struct sagad_conf *conf,
 		return NULL;
 	b = xcalloc(1, sizeof *b);
 	b->base = base;
+	b->otel = otel;
 	b->conf = conf;
 	b->conninfo = xstrdup(conf->saga_store.conninfo);
 	b->schema = xstrdup(conf->saga_store.schema);

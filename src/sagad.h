@@ -14,6 +14,7 @@ struct admin;
 struct delivery;
 struct saga_engine;
 struct plugins;
+struct otel;
 
 enum sagad_state {
 	SAGAD_RUNNING,
@@ -33,6 +34,7 @@ struct sagad {
 	struct plugins *plugins;	/* the sources */
 	struct ingress *ingress;
 	struct admin *admin;
+	struct otel *otel;		/* NULL: tracing off */
 	enum sagad_state state;
 	double started;		/* wall clock */
 	uint64_t reloads, reload_failures;

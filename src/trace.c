@@ -1,8 +1,10 @@
 #include "trace.h"
+#include "conf.h"
 #include "props.h"
 #include "util.h"
 #include "xmalloc.h"
 
+#include <stdint.h>
 #include <string.h>
 
 /* n lowercase hex digits at s, not all zeros when nonzero is set. */
@@ -50,7 +52,7 @@ trace_state_valid(const char *s)
 }
 
 void
-trace_new(char out[TRACE_PARENT_LEN + 1])
+trace_new(char out[TRACE_PARENT_LEN + 1], int sampled)
 {
 	static const char hex[] = "0123456789abcdef";
 	unsigned char r[24];
@@ -69,11 +71,24 @@ trace_new(char out[TRACE_PARENT_LEN + 1])
 		*o++ = hex[r[(i + 8) % 24] >> 4];
 		*o++ = hex[r[(i + 8) % 24] & 15];
 	}
-	memcpy(o, "-01", 4);
+	memcpy(o, sampled ? "-01" : "-00", 4);
 }
 
 int
-trace_check(struct props *p, const char **why)
+trace_sample(const struct sagad_conf *conf)
+{
+	unsigned char r[4];
+	uint32_t x;
+
+	if (!conf->tracing.endpoint || conf->tracing.sampling >= 1)
+		return 1;
+	util_random(r, sizeof r);
+	x = (uint32_t)r[0] << 24 | (uint32_t)r[1] << 16 | (uint32_t)r[2] << 8 | r[3];
+	return x < conf->tracing.sampling * 4294967296.0;
+}
+
+int
+trace_check(struct props *p, int sampled, const char **why)
 {
 	const char *tp = props_get_header(p, TRACE_PARENT);
 	const char *ts = props_get_header(p, TRACE_STATE);
@@ -93,14 +108,14 @@ trace_check(struct props *p, const char **why)
 			*why = "tracestate without a traceparent";
 			return -1;
 		}
-		trace_new(fresh);
+		trace_new(fresh, sampled);
 		props_set_header(p, TRACE_PARENT, fresh);
 	}
 	return 0;
 }
 
 int
-trace_ensure(struct props *p)
+trace_ensure(struct props *p, int sampled)
 {
 	const char *tp = props_get_header(p, TRACE_PARENT);
 	const char *ts = props_get_header(p, TRACE_STATE);
@@ -112,7 +127,7 @@ trace_ensure(struct props *p)
 		return 0;
 	}
 	props_del_header(p, TRACE_STATE);
-	trace_new(fresh);
+	trace_new(fresh, sampled);
 	props_set_header(p, TRACE_PARENT, fresh);
 	return 1;
 }

@@ -9,6 +9,8 @@
 
 #include "msg.h"
 
+struct sagad_conf;
+
 #define TRACE_PARENT "traceparent"
 #define TRACE_STATE "tracestate"
 #define TRACE_PARENT_LEN 55		/* version 00: 2-32-16-2 hex, 3 dashes */
@@ -21,18 +23,22 @@ int trace_parent_valid(const char *s);
 /* tracestate: at most TRACE_STATE_MAX bytes, printable ASCII. */
 int trace_state_valid(const char *s);
 
-/* A new trace: version 00, random trace and parent ids, sampled. */
-void trace_new(char out[TRACE_PARENT_LEN + 1]);
+/* A new trace: version 00, random trace and parent ids, the sampled flag
+ * as asked. */
+void trace_new(char out[TRACE_PARENT_LEN + 1], int sampled);
+/* Whether a trace sagad starts is sampled: tracing.sampling of the share
+ * of them; always when tracing is off (the services' tracers decide). */
+int trace_sample(const struct sagad_conf *conf);
 
 /* A message's own context, as published to sagad: -1 with *why set when a
  * traceparent or tracestate header is malformed; a new trace when it has
  * none. */
-int trace_check(struct props *p, const char **why);
+int trace_check(struct props *p, int sampled, const char **why);
 /* A message from elsewhere (the broker, a source's table): a malformed or
  * missing traceparent starts a new trace, without the tracestate that went
  * with it (W3C: a vendor that cannot parse traceparent restarts the
  * trace). Returns 1 when it started one. */
-int trace_ensure(struct props *p);
+int trace_ensure(struct props *p, int sampled);
 
 /* Copies the context of src to dst (a reply, a saga's message). */
 void trace_copy(struct props *dst, const struct props *src);

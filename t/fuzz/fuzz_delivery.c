@@ -166,7 +166,7 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 	memset(&dm, 0, sizeof dm);
 	dm.rec = &rec;
 	TAILQ_INIT(&h);
-	dispatch_headers(&ds, &dm, fuzz_emit, &h);
+	dispatch_headers(&ds, &dm, NULL, fuzz_emit, &h);
 	fuzz_check_request(&h, m, attempts);
 	evhttp_clear_headers(&h);
 	msg_free(m);

@@ -127,6 +127,28 @@ def check_saga_store(wd, bad):
                   'saga_store: pgsql without sagas', needle='pgsql', words=('no sagas are defined',))
 
 
+def check_tracing(wd, bad):
+    """tracing: an endpoint and the defaults are accepted; a URL that is not
+    http://, a sampling out of 0..1 and a batch above the queue are refused
+    at their line (sagad.conf(5) TRACING)."""
+    ok = h.Sagad(wd, URL, name='trc').conf_text()
+    path = os.path.join(wd, 'tracing-ok.conf')
+    with open(path, 'w') as f:
+        f.write(ok + 'tracing = { endpoint = "http://127.0.0.1:4318/v1/traces"; '
+                'sampling = 0.25; };\n')
+    check_valid(path, 'tracing with an endpoint')
+    for what, extra, needle, words in (
+            ('tracing: https endpoint', '  endpoint = "https://collector/v1/traces";\n',
+             'https', ('http://HOST',)),
+            ('tracing: port out of range', '  endpoint = "http://h:99999/";\n', '99999',
+             ('http://HOST',)),
+            ('tracing: sampling above 1', '  sampling = 1.5;\n', 'sampling', ('between 0 and 1',)),
+            ('tracing: batch above queue', '  queue = 10;\n  batch = 20;\n', 'tracing',
+             ('batch is above queue',))):
+        check_invalid(bad, ok + 'tracing = {\n' + extra + '};\n', what, needle=needle,
+                      words=words)
+
+
 def main(wd):
     exe = h.sagad_path()
     h.check(os.access(exe, os.X_OK), '%s exists' % exe)
@@ -188,6 +210,7 @@ def main(wd):
                   'bad exchange type', needle='fancy')
 
     check_saga_store(wd, bad)
+    check_tracing(wd, bad)
 
     # @include: the exchanges and the outbox come from conf.d/*.conf
     inc = os.path.join(wd, 'inc')

@@ -180,16 +180,17 @@ rec_update(struct saga_backend *b, const struct saga_rec *r)
 }
 
 struct saga_store *__wrap_saga_store_open(struct event_base *base, struct store *st,
-    const struct sagad_conf *conf, char **err);
+    const struct sagad_conf *conf, struct otel *otel, char **err);
 
 struct saga_store *
 __wrap_saga_store_open(struct event_base *base, struct store *st,
-    const struct sagad_conf *conf, char **err)
+    const struct sagad_conf *conf, struct otel *otel, char **err)
 {
 	struct saga_backend *b = saga_store_sqlite_open(st, err);
 
 	(void)base;
 	(void)conf;
+	(void)otel;
 	rec_ops = saga_store_sqlite_ops;
 	rec_ops.send = rec_send;
 	rec_ops.insert = rec_insert;

@@ -63,15 +63,17 @@ test_new(void **state)
 
 	(void)state;
 	for (i = 0; i < 1000; i++) {
-		trace_new(a);
+		trace_new(a, 1);
 		assert_int_equal(strlen(a), TRACE_PARENT_LEN);
 		assert_true(trace_parent_valid(a));
 		assert_memory_equal(a, "00-", 3);
 		assert_string_equal(a + 52, "-01");	/* sampled */
 	}
-	trace_new(b);
+	trace_new(b, 0);
 	assert_memory_not_equal(a + 3, b + 3, 32);	/* new trace ids */
 	assert_memory_not_equal(a + 36, b + 36, 16);
+	assert_true(trace_parent_valid(b));
+	assert_string_equal(b + 52, "-00");		/* not sampled */
 }
 
 static void
@@ -82,32 +84,32 @@ test_check(void **state)
 
 	(void)state;
 	memset(&p, 0, sizeof p);
-	assert_int_equal(trace_check(&p, &why), 0);		/* none: a new one */
+	assert_int_equal(trace_check(&p, 1, &why), 0);		/* none: a new one */
 	assert_true(trace_parent_valid(props_get_header(&p, TRACE_PARENT)));
 	assert_null(props_get_header(&p, TRACE_STATE));
 	props_free(&p);
 
 	props_set_header(&p, TRACE_PARENT, TP);
 	props_set_header(&p, TRACE_STATE, "k=v");
-	assert_int_equal(trace_check(&p, &why), 0);		/* kept as it is */
+	assert_int_equal(trace_check(&p, 1, &why), 0);		/* kept as it is */
 	assert_string_equal(props_get_header(&p, TRACE_PARENT), TP);
 	assert_string_equal(props_get_header(&p, TRACE_STATE), "k=v");
 	props_free(&p);
 
 	props_set_header(&p, TRACE_PARENT, "00-xyz");
-	assert_int_equal(trace_check(&p, &why), -1);
+	assert_int_equal(trace_check(&p, 1, &why), -1);
 	assert_non_null(strstr(why, "traceparent"));
 	props_free(&p);
 
 	props_set_header(&p, TRACE_PARENT, TP);
 	props_set_header(&p, TRACE_STATE, "a\tb");
 	why = NULL;
-	assert_int_equal(trace_check(&p, &why), -1);
+	assert_int_equal(trace_check(&p, 1, &why), -1);
 	assert_non_null(strstr(why, "tracestate"));
 	props_free(&p);
 
 	props_set_header(&p, TRACE_STATE, "k=v");		/* state alone */
-	assert_int_equal(trace_check(&p, &why), -1);
+	assert_int_equal(trace_check(&p, 1, &why), -1);
 	props_free(&p);
 }
 
@@ -120,7 +122,7 @@ test_ensure(void **state)
 	memset(&p, 0, sizeof p);
 	props_set_header(&p, TRACE_PARENT, TP);
 	props_set_header(&p, TRACE_STATE, "k=v");
-	assert_int_equal(trace_ensure(&p), 0);
+	assert_int_equal(trace_ensure(&p, 1), 0);
 	assert_string_equal(props_get_header(&p, TRACE_PARENT), TP);
 	assert_string_equal(props_get_header(&p, TRACE_STATE), "k=v");
 	props_free(&p);
@@ -129,14 +131,14 @@ test_ensure(void **state)
 	props_set_header(&p, "other", "1");
 	props_set_header(&p, TRACE_PARENT, "garbage");
 	props_set_header(&p, TRACE_STATE, "k=v");
-	assert_int_equal(trace_ensure(&p), 1);
+	assert_int_equal(trace_ensure(&p, 1), 1);
 	assert_true(trace_parent_valid(props_get_header(&p, TRACE_PARENT)));
 	assert_null(props_get_header(&p, TRACE_STATE));
 	assert_string_equal(props_get_header(&p, "other"), "1");
 	assert_int_equal(p.n_headers, 2);
 	props_free(&p);
 
-	assert_int_equal(trace_ensure(&p), 1);			/* none */
+	assert_int_equal(trace_ensure(&p, 1), 1);			/* none */
 	assert_int_equal(p.n_headers, 1);
 	props_free(&p);
 }
