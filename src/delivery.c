@@ -400,13 +400,8 @@ delivery_span(struct delivery *dl, struct dsub *ds, struct msg *m, double receiv
 	    OTEL_CONSUMER, util_now() - (util_mono() - received));
 	if (!s)
 		return NULL;
-	otel_span_str(s, "messaging.system", "rabbitmq");
-	otel_span_str(s, "messaging.operation", "receive");
-	otel_span_str(s, "messaging.destination.name", m->exchange);
-	otel_span_str(s, "messaging.rabbitmq.destination.routing_key", m->routing_key);
+	otel_span_message(s, "receive", m);
 	otel_span_str(s, "messaging.source.name", ds->queue);
-	otel_span_str(s, "messaging.message.id", m->message_id);
-	otel_span_str(s, "messaging.message.conversation_id", m->props.correlation_id);
 	otel_span_str(s, "sagad.subscription", ds->name);
 	otel_child(props_get_header(&m->props, TRACE_PARENT), otel_span_id(s), child);
 	props_set_header(&m->props, TRACE_PARENT, child);

@@ -506,12 +506,7 @@ dispatch_span(struct dsub *ds, struct dmsg *dm)
 	snprintf(name, sizeof name, "deliver %s", ds->name);
 	s = otel_span_start(ds->dl->d->otel, props_get_header(&m->props, TRACE_PARENT), name,
 	    OTEL_CLIENT, util_now());
-	otel_span_str(s, "messaging.system", "rabbitmq");
-	otel_span_str(s, "messaging.operation", "process");
-	otel_span_str(s, "messaging.destination.name", m->exchange);
-	otel_span_str(s, "messaging.rabbitmq.destination.routing_key", m->routing_key);
-	otel_span_str(s, "messaging.message.id", m->message_id);
-	otel_span_str(s, "messaging.message.conversation_id", m->props.correlation_id);
+	otel_span_message(s, "process", m);
 	otel_span_str(s, "http.request.method", "POST");
 	otel_span_str(s, "url.full", dsub_conf(ds)->deliver);
 	otel_span_str(s, "sagad.subscription", ds->name);

@@ -230,12 +230,7 @@ ingress_span(struct ingress *in, struct msg *m, double start)
 	    OTEL_PRODUCER, start);
 	if (!s)
 		return NULL;
-	otel_span_str(s, "messaging.system", "rabbitmq");
-	otel_span_str(s, "messaging.operation", "create");
-	otel_span_str(s, "messaging.destination.name", m->exchange);
-	otel_span_str(s, "messaging.rabbitmq.destination.routing_key", m->routing_key);
-	otel_span_str(s, "messaging.message.id", m->message_id);
-	otel_span_str(s, "messaging.message.conversation_id", m->props.correlation_id);
+	otel_span_message(s, "create", m);
 	otel_child(props_get_header(&m->props, TRACE_PARENT), otel_span_id(s), child);
 	props_set_header(&m->props, TRACE_PARENT, child);
 	return s;

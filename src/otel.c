@@ -313,6 +313,17 @@ otel_span_int(struct otel_span *s, const char *key, int64_t value)
 }
 
 void
+otel_span_message(struct otel_span *s, const char *operation, const struct msg *m)
+{
+	otel_span_str(s, "messaging.system", "rabbitmq");
+	otel_span_str(s, "messaging.operation", operation);
+	otel_span_str(s, "messaging.destination.name", m->exchange);
+	otel_span_str(s, "messaging.rabbitmq.destination.routing_key", m->routing_key);
+	otel_span_str(s, "messaging.message.id", m->message_id);
+	otel_span_str(s, "messaging.message.conversation_id", m->props.correlation_id);
+}
+
+void
 otel_span_end(struct otel *o, struct otel_span *s, double end, const char *error)
 {
 	if (!s)

@@ -53,6 +53,10 @@ void otel_span_set_id(struct otel_span *s, const char *id);
 const char *otel_span_id(const struct otel_span *s);
 void otel_span_str(struct otel_span *s, const char *key, const char *value);
 void otel_span_int(struct otel_span *s, const char *key, int64_t value);
+/* The messaging attributes of a message's hop (OpenTelemetry's messaging
+ * conventions): system rabbitmq, the operation, the exchange and routing
+ * key, the message and correlation ids. */
+void otel_span_message(struct otel_span *s, const char *operation, const struct msg *m);
 /* Ends it (error: its status is ERROR with that message) and queues it. */
 void otel_span_end(struct otel *o, struct otel_span *s, double end, const char *error);
 /* A span that will not be ended (its hop was abandoned). */
