@@ -9,6 +9,11 @@ services, each with its own sagad, on one private local RabbitMQ.
 A batch of orders is published through the orders sagad; payments over the
 card limit are refused (compensated sagas), some stock reservations are slow.
 It prints how every saga ended and `sagactl saga ID` of a compensated one.
+
+With --trace (demo/run.sh --trace), the three sagad export their spans to
+an OpenTelemetry collector in this process (t/lib/otlp.py), and the demo
+prints each order's trace: one trace per order, covering every hop across
+the three services, as a tree.
 """
 
 import json
@@ -22,6 +27,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(os.environ.get('top_srcdir') or os.path.dirname(HERE), 't', 'lib'))
 sys.path.insert(0, HERE)
 import harness as h          # noqa: E402
+import otlp                  # noqa: E402
 import services              # noqa: E402
 
 ORDERS = int(os.environ.get('DEMO_ORDERS', '40'))
@@ -54,17 +60,69 @@ def subscription(name, binds, url):
 ''' % (name, ', '.join('"%s"' % b for b in binds), url)
 
 
-def main(workdir):
+# The hops of one order's trace, as "service:span" (the step and delivery
+# spans of every command; a refused payment adds the compensation's).
+HOPS = ['orders:create events', 'orders:receive orders.sagas', 'orders:saga create-order',
+        'orders:step reserve-stock', 'stock:receive stock.commands', 'stock:deliver commands',
+        'orders:step authorize-payment', 'payment:receive payment.commands',
+        'payment:deliver commands']
+
+
+def show_tree(spans, out):
+    """A trace as an indented tree, children by start time."""
+    kids = {}
+    ids = {s['spanId'] for s in spans}
+    for s in spans:
+        kids.setdefault(s['parentSpanId'] if s['parentSpanId'] in ids else None, []).append(s)
+
+    def walk(parent, depth):
+        for s in sorted(kids.get(parent, []), key=lambda s: s['start']):
+            out.append('  %s%-*s %-9s %7.1f ms%s' % (
+                '  ' * depth, 44 - 2 * depth, s['name'], s['service'],
+                (s['end'] - s['start']) * 1000, '  ERROR' if 'status' in s else ''))
+            walk(s['spanId'], depth + 1)
+    walk(None, 0)
+
+
+def report_traces(col, ids):
+    """Each order one trace with every hop; prints the first compensated
+    one's tree. Returns whether all were whole."""
+    time.sleep(1.5)     # the last batches of spans
+    by_order = {}
+    for tid, spans in col.trees().items():
+        for s in spans:
+            if s['name'] == 'saga create-order':
+                by_order[s['attrs'].get('sagad.saga_id')] = spans
+    whole = [sid for sid in ids if sid in by_order and
+             all(any('%s:%s' % (s['service'], s['name']) == hop for s in by_order[sid])
+                 for hop in HOPS)]
+    print('\n== traces: %d spans in %d traces; %d of %d orders have one trace with '
+          'every hop across the three services ==' % (len(col.spans), len(col.trees()),
+                                                       len(whole), len(ids)))
+    rejected = [sid for sid in ids if sid in by_order and any(
+        s['name'] == 'compensate reserve-stock' for s in by_order[sid])]
+    if rejected:
+        lines = []
+        show_tree(by_order[rejected[0]], lines)
+        print('\n== the trace of %s (compensated) ==' % rejected[0])
+        print('\n'.join(lines))
+    return len(whole) == len(ids)
+
+
+def main(workdir, trace=False):
     stock, payment, orders = services.Stock(), services.Payment(), services.Orders()
     broker = h.Broker(workdir)
     broker.start()
+    col = otlp.Collector() if trace else None
+    tr = ('\ntracing = { endpoint = "http://127.0.0.1:%d/v1/traces"; interval = 0.2; };\n'
+          % col.port) if col else ''
     d_orders = h.Sagad(workdir, broker.url, name='orders', conf_extra=SAGA + subscription(
         'inbox', ['commands:order.#', 'events:order.approved', 'events:order.rejected'],
-        orders.service.url))
+        orders.service.url) + tr)
     d_stock = h.Sagad(workdir, broker.url, name='stock', conf_extra=subscription(
-        'commands', ['commands:stock.#'], stock.service.url))
+        'commands', ['commands:stock.#'], stock.service.url) + tr)
     d_payment = h.Sagad(workdir, broker.url, name='payment', conf_extra=subscription(
-        'commands', ['commands:payment.#'], payment.service.url))
+        'commands', ['commands:payment.#'], payment.service.url) + tr)
     for d in (d_orders, d_stock, d_payment):
         d.start()
     print('\n== %d orders; payments over 900 are refused, every 7th reservation is slow ==' % ORDERS)
@@ -103,6 +161,9 @@ def main(workdir):
         print('\n== sagactl saga %s ==' % sid)
         subprocess.run([os.path.join(h.top_builddir, 'src', 'sagactl'), '-s',
                         'http://127.0.0.1:%d' % d_orders.admin_port, 'saga', sid], check=False)
+    if col:
+        ok = report_traces(col, ['order-%d' % i for i in range(1, ORDERS + 1)]) and ok
+        col.stop()
     print('\n== sagactl status (orders) ==')
     subprocess.run([os.path.join(h.top_builddir, 'src', 'sagactl'), '-s',
                     'http://127.0.0.1:%d' % d_orders.admin_port, 'status'], check=False)
@@ -116,4 +177,4 @@ def main(workdir):
 
 
 if __name__ == '__main__':
-    h.run_test(main)
+    h.run_test(lambda wd: main(wd, trace='--trace' in sys.argv[1:]))

@@ -1,9 +1,10 @@
 #!/bin/bash
 # Quick start: installs what it needs, builds sagad, starts a private local
 # RabbitMQ and runs the create-order saga across three services, each with
-# its own sagad (see demo/demo.py).
+# its own sagad (see demo/demo.py). --trace: with an OpenTelemetry
+# collector, each order's trace.
 set -eu
 cd "$(dirname "$0")/.."
 bash t/lib/deps.sh demo
 bash t/lib/build.sh
-exec python3 demo/demo.py
+exec python3 demo/demo.py "$@"

@@ -1,8 +1,7 @@
 #!/usr/bin/env python3
 """OpenTelemetry export (sagad(8), TRACING): a collector in this test, an
 OTLP/HTTP receiver that decodes what it gets per the OTLP specification
-(JSON encoding: resourceSpans, scopeSpans, spans with hex ids and times as
-decimal strings), and three sagad processes running an orchestrated saga:
+(t/lib/otlp.py), and three sagad processes running an orchestrated saga:
 
 - every span of the saga is in the publisher's trace, and the spans form
   one tree: create (orders' publish API) -> receive (orders' saga queue)
@@ -17,75 +16,17 @@ decimal strings), and three sagad processes running an orchestrated saga:
   message held up or lost.
 """
 
-import http.server
-import json
 import os
 import sys
-import threading
 import time
 
 sys.path.insert(0, os.path.join(os.environ.get('top_srcdir', '.'), 't', 'lib'))
 import harness as h  # noqa: E402
+from otlp import Collector  # noqa: E402
 
 TP = '00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01'
 TID = TP[3:35]
 CLIENT_SPAN = TP[36:52]
-
-
-class Collector:
-    """OTLP/HTTP JSON receiver: POST /v1/traces. Each span as a dict with
-    the process's service.name added; answers `status` (200 by default)."""
-
-    def __init__(self):
-        self.spans, self.requests, self.status = [], 0, 200
-        self.lock = threading.Lock()
-        col = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            protocol_version = 'HTTP/1.1'
-
-            def log_message(self, *args):
-                pass
-
-            def do_POST(self):
-                body = self.rfile.read(int(self.headers.get('Content-Length') or 0))
-                ok = (self.path == '/v1/traces' and
-                      self.headers.get('Content-Type') == 'application/json')
-                if ok and col.status == 200:
-                    col.take(json.loads(body))
-                st = col.status if ok else 400
-                self.send_response(st)
-                self.send_header('Content-Type', 'application/json')
-                self.send_header('Content-Length', '2')
-                self.end_headers()
-                self.wfile.write(b'{}')
-
-        self.server = http.server.ThreadingHTTPServer(('127.0.0.1', 0), Handler)
-        self.port = self.server.server_address[1]
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def take(self, doc):
-        with self.lock:
-            self.requests += 1
-            for rs in doc['resourceSpans']:
-                attrs = {a['key']: a['value'] for a in rs['resource']['attributes']}
-                service = attrs['service.name']['stringValue']
-                for ss in rs['scopeSpans']:
-                    assert ss['scope']['name'] == 'sagad'
-                    for s in ss['spans']:
-                        span = dict(s, service=service,
-                                    attrs={a['key']: list(a['value'].values())[0]
-                                           for a in s.get('attributes', [])})
-                        span['start'] = int(s['startTimeUnixNano']) / 1e9
-                        span['end'] = int(s['endTimeUnixNano']) / 1e9
-                        self.spans.append(span)
-
-    def of_trace(self, tid):
-        with self.lock:
-            return [s for s in self.spans if s['traceId'] == tid]
-
-    def stop(self):
-        self.server.shutdown()
 
 
 SAGA = '''
