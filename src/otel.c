@@ -120,21 +120,23 @@ otel_kv(const char *key, json_t *value)
 static void
 otel_flush(struct otel *o)
 {
-	json_t *spans = json_array(), *doc;
+	json_t *spans, *rest, *doc;
 	struct evbuffer *req;
 	char *body;
-	size_t n = json_array_size(o->queue), i;
+	size_t size = json_array_size(o->queue), n = size, i;
 
-	if (!n || o->sending || hclient_busy(o->hc)) {
-		json_decref(spans);
+	if (!n || o->sending || hclient_busy(o->hc))
 		return;
-	}
 	if (n > (size_t)o->tc->batch)
 		n = (size_t)o->tc->batch;
-	for (i = 0; i < n; i++)
-		json_array_append(spans, json_array_get(o->queue, i));
-	for (i = 0; i < n; i++)
-		json_array_remove(o->queue, 0);
+	/* The batch and the rest as two arrays: removing from the front one
+	 * by one would move the whole queue for each span. */
+	spans = json_array();
+	rest = json_array();
+	for (i = 0; i < size; i++)
+		json_array_append(i < n ? spans : rest, json_array_get(o->queue, i));
+	json_decref(o->queue);
+	o->queue = rest;
 	doc = json_pack("{s:[{s:{s:[o]},s:[{s:{s:s,s:s},s:o}]}]}",
 	    "resourceSpans", "resource", "attributes",
 	    otel_kv("service.name", json_pack("{s:s}", "stringValue", o->service)),
