@@ -2,7 +2,6 @@
 
 #include <event2/buffer.h>
 #include <event2/event.h>
-#include <jansson.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -27,18 +26,119 @@ struct otel {
 	char *path;
 	struct hclient *hc;
 	struct event *timer;
-	json_t *queue;		/* spans waiting, oldest first */
+	/* Spans waiting, oldest first: a ring of tracing.queue encoded
+	 * spans. */
+	struct otel_enc *queue;
+	size_t qhead, qlen;
 	size_t sending;		/* spans of the request in flight */
 	int failing;		/* the last batch failed: logged once */
 	uint64_t exported, dropped, failed;
 	uint64_t id_state;	/* otel_new_id's */
 };
 
+/* A span is written as the OTLP JSON object it will be sent as while it is
+ * made (no tree of objects per span: tens of thousands a second). */
+struct otel_enc {
+	char *p;
+	size_t len, cap;
+};
+
 struct otel_span {
-	json_t *j;
-	json_t *attrs;
+	struct otel_enc e;
+	size_t id_at;		/* where its spanId's 16 digits are */
+	int nattrs;
 	char id[17];
 };
+
+/* ---- JSON, written ---- */
+
+static void
+otel_put(struct otel_enc *e, const char *s, size_t n)
+{
+	if (e->len + n + 1 > e->cap) {
+		e->cap = (e->len + n + 1) * 2;
+		e->p = xrealloc(e->p, e->cap);
+	}
+	memcpy(e->p + e->len, s, n);
+	e->len += n;
+	e->p[e->len] = '\0';
+}
+
+static void
+otel_puts(struct otel_enc *e, const char *s)
+{
+	otel_put(e, s, strlen(s));
+}
+
+/* The length of the UTF-8 sequence at s (1..4), 0 when it is not one. */
+static size_t
+otel_utf8_len(const unsigned char *s)
+{
+	size_t n, i;
+
+	if (s[0] < 0x80)
+		return 1;
+	n = s[0] >= 0xf0 && s[0] <= 0xf4 ? 4 : s[0] >= 0xe0 ? 3 : s[0] >= 0xc2 ? 2 : 0;
+	if (n == 0 || (s[0] >= 0xf8))
+		return 0;
+	for (i = 1; i < n; i++)
+		if ((s[i] & 0xc0) != 0x80)
+			return 0;
+	return n;
+}
+
+/* s as a JSON string: quotes, backslashes and control characters escaped,
+ * a byte that is not valid UTF-8 written as U+FFFD (a routing key is any
+ * bytes; JSON is UTF-8). */
+static void
+otel_str(struct otel_enc *e, const char *s)
+{
+	const unsigned char *u = (const unsigned char *)s;
+	char esc[8];
+
+	otel_put(e, "\"", 1);
+	while (*u) {
+		size_t n = otel_utf8_len(u), run = 0;
+		if (*u == '"' || *u == '\\') {
+			esc[0] = '\\';
+			esc[1] = (char)*u;
+			otel_put(e, esc, 2);
+			u++;
+			continue;
+		}
+		if (*u < 0x20) {
+			snprintf(esc, sizeof esc, "\\u%04x", *u);
+			otel_put(e, esc, 6);
+			u++;
+			continue;
+		}
+		if (n == 0) {
+			otel_puts(e, "\\ufffd");
+			u++;
+			continue;
+		}
+		while (u[run] >= 0x20 && u[run] != '"' && u[run] != '\\' && u[run] < 0x80)
+			run++;		/* plain ASCII: in one piece */
+		if (run) {
+			otel_put(e, (const char *)u, run);
+			u += run;
+		} else {
+			otel_put(e, (const char *)u, n);
+			u += n;
+		}
+	}
+	otel_put(e, "\"", 1);
+}
+
+/* OTLP JSON: 64-bit integers as decimal strings. */
+static void
+otel_nanos(struct otel_enc *e, double t)
+{
+	char buf[40];
+
+	snprintf(buf, sizeof buf, "\"%.0f\"", t * 1e9);
+	otel_puts(e, buf);
+}
 
 /* ---- the endpoint ---- */
 
@@ -105,50 +205,56 @@ otel_answered(void *arg, const struct hclient_answer *a)
 	}
 	o->failing = !ok;
 	o->sending = 0;
-	if (json_array_size(o->queue) >= (size_t)o->tc->batch)
+	if (o->qlen >= (size_t)o->tc->batch)
 		otel_flush(o);
 }
 
-static json_t *
-otel_kv(const char *key, json_t *value)
+/* The request's JSON around the spans: this service's resource and the
+ * scope. */
+static void
+otel_envelope(struct otel *o, struct otel_enc *head)
 {
-	return json_pack("{s:s,s:o}", "key", key, "value", value);
+	otel_puts(head, "{\"resourceSpans\":[{\"resource\":{\"attributes\":[{\"key\":"
+	    "\"service.name\",\"value\":{\"stringValue\":");
+	otel_str(head, o->service);
+	otel_puts(head, "}}]},\"scopeSpans\":[{\"scope\":{\"name\":\"sagad\",\"version\":\""
+	    PACKAGE_VERSION "\"},\"spans\":[");
 }
 
-/* One request: resourceSpans of this service, its scope, up to batch
- * spans from the front of the queue. */
+/* One request: up to batch spans from the front of the queue. */
 static void
 otel_flush(struct otel *o)
 {
-	json_t *spans, *rest, *doc;
+	static const char tail[] = "]}]}]}";
+	struct otel_enc head = { 0 };
 	struct evbuffer *req;
-	char *body;
-	size_t size = json_array_size(o->queue), n = size, i;
+	size_t n = o->qlen, len, i;
 
 	if (!n || o->sending || hclient_busy(o->hc))
 		return;
 	if (n > (size_t)o->tc->batch)
 		n = (size_t)o->tc->batch;
-	/* The batch and the rest as two arrays: removing from the front one
-	 * by one would move the whole queue for each span. */
-	spans = json_array();
-	rest = json_array();
-	for (i = 0; i < size; i++)
-		json_array_append(i < n ? spans : rest, json_array_get(o->queue, i));
-	json_decref(o->queue);
-	o->queue = rest;
-	doc = json_pack("{s:[{s:{s:[o]},s:[{s:{s:s,s:s},s:o}]}]}",
-	    "resourceSpans", "resource", "attributes",
-	    otel_kv("service.name", json_pack("{s:s}", "stringValue", o->service)),
-	    "scopeSpans", "scope", "name", "sagad", "version", PACKAGE_VERSION, "spans", spans);
-	body = json_dumps(doc, JSON_COMPACT);
-	json_decref(doc);
+	otel_envelope(o, &head);
+	len = head.len + strlen(tail) + n - 1;
+	for (i = 0; i < n; i++)
+		len += o->queue[(o->qhead + i) % o->tc->queue].len;
 	req = evbuffer_new();
 	evbuffer_add_printf(req, "POST %s HTTP/1.1\r\nHost: %s:%d\r\n"
 	    "Content-Type: application/json\r\nContent-Length: %zu\r\n\r\n",
-	    o->path, o->host, o->port, strlen(body));
-	evbuffer_add(req, body, strlen(body));
-	free(body);
+	    o->path, o->host, o->port, len);
+	evbuffer_add(req, head.p, head.len);
+	free(head.p);
+	for (i = 0; i < n; i++) {
+		struct otel_enc *e = &o->queue[o->qhead];
+		if (i)
+			evbuffer_add(req, ",", 1);
+		evbuffer_add(req, e->p, e->len);
+		free(e->p);
+		memset(e, 0, sizeof *e);
+		o->qhead = (o->qhead + 1) % o->tc->queue;
+	}
+	o->qlen -= n;
+	evbuffer_add(req, tail, strlen(tail));
 	o->sending = n;
 	hclient_send(o->hc, req, o->tc->timeout, otel_answered, o);
 	evbuffer_free(req);
@@ -184,7 +290,7 @@ otel_new(struct event_base *base, const struct sagad_conf *conf, char **err)
 	o->base = base;
 	o->tc = tc;
 	o->service = xstrdup(conf->service);
-	o->queue = json_array();
+	o->queue = xcalloc((size_t)tc->queue, sizeof *o->queue);
 	util_random(&o->id_state, sizeof o->id_state);
 	o->hc = hclient_new(base, o->host, o->port, OTEL_MAX_ANSWER, 16384);
 	o->timer = event_new(base, -1, EV_PERSIST, otel_timer_cb, o);
@@ -203,13 +309,17 @@ otel_free(struct otel *o)
 	/* Spans still queued are lost with the process (counted for the
 	 * log); the empty queue keeps the cancelled request's callback from
 	 * sending another. */
-	o->dropped += json_array_size(o->queue);
-	json_array_clear(o->queue);
+	o->dropped += o->qlen;
+	while (o->qlen) {
+		free(o->queue[o->qhead].p);
+		o->qhead = (o->qhead + 1) % o->tc->queue;
+		o->qlen--;
+	}
 	hclient_free(o->hc);
 	if (o->exported || o->dropped || o->failed)
 		log_info("trace export stopped", LOG_UINT("exported", o->exported),
 		    LOG_UINT("dropped", o->dropped), LOG_UINT("failed", o->failed));
-	json_decref(o->queue);
+	free(o->queue);
 	free(o->service);
 	free(o->path);
 	free(o);
@@ -248,16 +358,6 @@ otel_sample_new(const struct otel *o)
 	return x < o->tc->sampling * 4294967296.0;
 }
 
-static json_t *
-otel_nanos(double t)
-{
-	char buf[32];
-
-	/* OTLP JSON: 64-bit integers as decimal strings. */
-	snprintf(buf, sizeof buf, "%.0f", t * 1e9);
-	return json_string(buf);
-}
-
 struct otel_span *
 otel_span_start(struct otel *o, const char *traceparent, const char *name,
     enum otel_kind kind, double start)
@@ -274,10 +374,20 @@ otel_span_start(struct otel *o, const char *traceparent, const char *name,
 	parent[16] = '\0';
 	s = xcalloc(1, sizeof *s);
 	otel_new_id(o, s->id);
-	s->attrs = json_array();
-	s->j = json_pack("{s:s,s:s,s:s,s:s,s:i,s:o}", "traceId", trace_id, "spanId", s->id,
-	    "parentSpanId", parent, "name", name, "kind", (int)kind,
-	    "startTimeUnixNano", otel_nanos(start));
+	otel_puts(&s->e, "{\"traceId\":\"");
+	otel_puts(&s->e, trace_id);
+	otel_puts(&s->e, "\",\"spanId\":\"");
+	s->id_at = s->e.len;
+	otel_puts(&s->e, s->id);
+	otel_puts(&s->e, "\",\"parentSpanId\":\"");
+	otel_puts(&s->e, parent);
+	otel_puts(&s->e, "\",\"name\":");
+	otel_str(&s->e, name);
+	snprintf(trace_id, sizeof trace_id, ",\"kind\":%d", (int)kind);
+	otel_puts(&s->e, trace_id);
+	otel_puts(&s->e, ",\"startTimeUnixNano\":");
+	otel_nanos(&s->e, start);
+	otel_puts(&s->e, ",\"attributes\":[");
 	return s;
 }
 
@@ -287,7 +397,7 @@ otel_span_set_id(struct otel_span *s, const char *id)
 	if (!s)
 		return;
 	snprintf(s->id, sizeof s->id, "%s", id);
-	json_object_set_new(s->j, "spanId", json_string(s->id));
+	memcpy(s->e.p + s->id_at, s->id, 16);
 }
 
 const char *
@@ -299,19 +409,26 @@ otel_span_id(const struct otel_span *s)
 void
 otel_span_str(struct otel_span *s, const char *key, const char *value)
 {
-	if (s && value)
-		json_array_append_new(s->attrs, otel_kv(key, json_pack("{s:s}", "stringValue", value)));
+	if (!s || !value)
+		return;
+	otel_puts(&s->e, s->nattrs++ ? ",{\"key\":" : "{\"key\":");
+	otel_str(&s->e, key);
+	otel_puts(&s->e, ",\"value\":{\"stringValue\":");
+	otel_str(&s->e, value);
+	otel_puts(&s->e, "}}");
 }
 
 void
 otel_span_int(struct otel_span *s, const char *key, int64_t value)
 {
-	char buf[24];
+	char buf[64];
 
 	if (!s)
 		return;
-	snprintf(buf, sizeof buf, "%lld", (long long)value);
-	json_array_append_new(s->attrs, otel_kv(key, json_pack("{s:s}", "intValue", buf)));
+	otel_puts(&s->e, s->nattrs++ ? ",{\"key\":" : "{\"key\":");
+	otel_str(&s->e, key);
+	snprintf(buf, sizeof buf, ",\"value\":{\"intValue\":\"%lld\"}}", (long long)value);
+	otel_puts(&s->e, buf);
 }
 
 void
@@ -330,18 +447,23 @@ otel_span_end(struct otel *o, struct otel_span *s, double end, const char *error
 {
 	if (!s)
 		return;
-	json_object_set_new(s->j, "endTimeUnixNano", otel_nanos(end));
-	json_object_set_new(s->j, "attributes", s->attrs);
-	if (error)
-		json_object_set_new(s->j, "status", json_pack("{s:i,s:s}", "code", 2,
-		    "message", error));
-	if (json_array_size(o->queue) >= (size_t)o->tc->queue) {
+	otel_puts(&s->e, "],\"endTimeUnixNano\":");
+	otel_nanos(&s->e, end);
+	if (error) {
+		otel_puts(&s->e, ",\"status\":{\"code\":2,\"message\":");
+		otel_str(&s->e, error);
+		otel_puts(&s->e, "}");
+	}
+	otel_puts(&s->e, "}");
+	if (o->qlen >= (size_t)o->tc->queue) {
 		o->dropped++;
-		json_decref(s->j);
-	} else
-		json_array_append_new(o->queue, s->j);
+		free(s->e.p);
+	} else {
+		o->queue[(o->qhead + o->qlen) % o->tc->queue] = s->e;
+		o->qlen++;
+	}
 	free(s);
-	if (json_array_size(o->queue) >= (size_t)o->tc->batch)
+	if (o->qlen >= (size_t)o->tc->batch)
 		otel_flush(o);
 }
 
@@ -350,8 +472,7 @@ otel_span_drop(struct otel_span *s)
 {
 	if (!s)
 		return;
-	json_decref(s->attrs);
-	json_decref(s->j);
+	free(s->e.p);
 	free(s);
 }
 
@@ -390,5 +511,5 @@ otel_metrics(const struct otel *o, struct evbuffer *out)
 	metrics_sample(out, "sagad_trace_spans_total", "result=\"dropped\"", (double)o->dropped);
 	metrics_sample(out, "sagad_trace_spans_total", "result=\"failed\"", (double)o->failed);
 	metrics_family(out, "sagad_trace_queue", "gauge", "Spans waiting for export.");
-	metrics_sample(out, "sagad_trace_queue", "", (double)json_array_size(o->queue));
+	metrics_sample(out, "sagad_trace_queue", "", (double)o->qlen);
 }

@@ -126,6 +126,18 @@ def sampling_zero(col, broker, stock):
     h.check(not col.of_trace(tp[3:35]) and len(col.spans) == before, 'and no span')
 
 
+def awkward_names(col, orders):
+    h.log('== attribute values that JSON must escape')
+    tp = '00-2af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01'
+    key = 'noise.q"uote\\back\u00e9\t'
+    st, _, _ = orders.publish('events', key.replace('\t', ''), 'x', {'traceparent': tp})
+    h.wait_until(lambda: col.of_trace(tp[3:35]), 10, 'its span')
+    got = [s['attrs'].get('messaging.rabbitmq.destination.routing_key')
+           for s in col.of_trace(tp[3:35]) if s['name'] == 'create events']
+    h.check(st == 202 and got == [key.replace('\t', '')],
+            'a routing key with a quote, a backslash and UTF-8 comes back as it was', detail=got)
+
+
 def collector_down(col, orders):
     h.log('== a collector that refuses')
     col.status = 503
@@ -162,6 +174,7 @@ def main(wd):
     tree(col, svc_stock, svc_pay)
     unsampled(col, orders, svc_stock)
     sampling_zero(col, broker, stock)
+    awkward_names(col, orders)
     collector_down(col, orders)
     for d in (pay, stock, orders):
         d.stop()
