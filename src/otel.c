@@ -33,7 +33,6 @@ struct otel {
 	size_t sending;		/* spans of the request in flight */
 	int failing;		/* the last batch failed: logged once */
 	uint64_t exported, dropped, failed;
-	uint64_t id_state;	/* otel_new_id's */
 };
 
 /* A span is written as the OTLP JSON object it will be sent as while it is
@@ -291,7 +290,6 @@ otel_new(struct event_base *base, const struct sagad_conf *conf, char **err)
 	o->tc = tc;
 	o->service = xstrdup(conf->service);
 	o->queue = xcalloc((size_t)tc->queue, sizeof *o->queue);
-	util_random(&o->id_state, sizeof o->id_state);
 	o->hc = hclient_new(base, o->host, o->port, OTEL_MAX_ANSWER, 16384);
 	o->timer = event_new(base, -1, EV_PERSIST, otel_timer_cb, o);
 	tv.tv_sec = (time_t)tc->interval;
@@ -327,21 +325,14 @@ otel_free(struct otel *o)
 
 /* ---- spans ---- */
 
-/* A random 64-bit id in hex, not zero: splitmix64 seeded from the
- * kernel once. Span ids must be unique, not unguessable, and a system call
- * for each of tens of thousands of spans a second would cost more than
- * the span. Spans are made on the loop's thread only. */
+/* A random 64-bit id in hex, not zero (util_rand64: no system call). */
 static void
-otel_new_id(struct otel *o, char out[17])
+otel_new_id(char out[17])
 {
 	uint64_t z;
 
-	do {
-		z = (o->id_state += 0x9e3779b97f4a7c15ULL);
-		z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
-		z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
-		z ^= z >> 31;
-	} while (!z);
+	while (!(z = util_rand64()))
+		;
 	snprintf(out, 17, "%016llx", (unsigned long long)z);
 }
 
@@ -373,7 +364,7 @@ otel_span_start(struct otel *o, const char *traceparent, const char *name,
 	memcpy(parent, traceparent + 36, 16);
 	parent[16] = '\0';
 	s = xcalloc(1, sizeof *s);
-	otel_new_id(o, s->id);
+	otel_new_id(s->id);
 	otel_puts(&s->e, "{\"traceId\":\"");
 	otel_puts(&s->e, trace_id);
 	otel_puts(&s->e, "\",\"spanId\":\"");

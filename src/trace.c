@@ -5,6 +5,7 @@
 #include "xmalloc.h"
 
 #include <stdint.h>
+#include <stdio.h>
 #include <string.h>
 
 /* n lowercase hex digits at s, not all zeros when nonzero is set. */
@@ -54,24 +55,13 @@ trace_state_valid(const char *s)
 void
 trace_new(char out[TRACE_PARENT_LEN + 1], int sampled)
 {
-	static const char hex[] = "0123456789abcdef";
-	unsigned char r[24];
-	size_t i;
-	char *o = out;
+	uint64_t hi = util_rand64(), lo = util_rand64(), parent;
 
-	do
-		util_random(r, sizeof r);
-	while (!memcmp(r, "\0\0\0\0\0\0\0\0", 8));	/* parent id not zero */
-	memcpy(o, "00-", 3);
-	o += 3;
-	for (i = 0; i < sizeof r; i++) {
-		if (i == 16)
-			*o++ = '-';
-		/* the trace id: 16 bytes after the parent id's 8 */
-		*o++ = hex[r[(i + 8) % 24] >> 4];
-		*o++ = hex[r[(i + 8) % 24] & 15];
-	}
-	memcpy(o, sampled ? "-01" : "-00", 4);
+	while (!(parent = util_rand64()))
+		;	/* never zero (nor is a 128-bit trace id, in practice) */
+	snprintf(out, TRACE_PARENT_LEN + 1, "00-%016llx%016llx-%016llx-%s",
+	    (unsigned long long)hi, (unsigned long long)lo, (unsigned long long)parent,
+	    sampled ? "01" : "00");
 }
 
 int

@@ -43,6 +43,23 @@ util_random(void *buf, size_t len)
 	}
 }
 
+uint64_t
+util_rand64(void)
+{
+	static __thread uint64_t state;
+	static __thread int seeded;
+	uint64_t z;
+
+	if (!seeded) {
+		util_random(&state, sizeof state);
+		seeded = 1;
+	}
+	z = (state += 0x9e3779b97f4a7c15ULL);
+	z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
+	z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
+	return z ^ (z >> 31);
+}
+
 void
 util_uuid7(char buf[37])
 {

@@ -550,10 +550,40 @@ test_fnv1a(void **state)
 	assert_true(util_fnv1a("foobar") == 0x85944171f73967e8ULL);
 }
 
+static int
+cmp_u64(const void *a, const void *b)
+{
+	uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
+
+	return x < y ? -1 : x > y;
+}
+
+/* util_rand64: no repeats and every bit used, in 100,000 draws. */
+static void
+test_rand64(void **state)
+{
+	enum { N = 100000 };
+	uint64_t *v = malloc(N * sizeof *v), ones = 0, zeros = 0;
+	size_t i;
+
+	(void)state;
+	for (i = 0; i < N; i++) {
+		v[i] = util_rand64();
+		ones |= v[i];
+		zeros |= ~v[i];
+	}
+	assert_true(ones == UINT64_MAX && zeros == UINT64_MAX);
+	qsort(v, N, sizeof *v, cmp_u64);
+	for (i = 1; i < N; i++)
+		assert_true(v[i] != v[i - 1]);
+	free(v);
+}
+
 int
 main(void)
 {
 	const struct CMUnitTest tests[] = {
+		cmocka_unit_test(test_rand64),
 		cmocka_unit_test(test_u64_dec),
 		cmocka_unit_test(test_fnv1a),
 		cmocka_unit_test(test_uuid7_format),
