@@ -273,6 +273,17 @@ deliver(struct fx *f, const char *exchange, const char *key, const char *id,
 	assert_int_equal(store_flush(f->d.store), 0);
 }
 
+/* m through the engine, then the commit; m's headers are freed (its
+ * correlation id is the caller's). */
+static void
+handle_owned(struct fx *f, struct msg *m)
+{
+	saga_handle(f->d.saga, m);
+	m->props.correlation_id = NULL;
+	props_free(&m->props);
+	assert_int_equal(store_flush(f->d.store), 0);
+}
+
 /* A reply as a participant's sagad sends it (x-sagad-* headers). */
 static void
 reply(struct fx *f, const char *saga, const char *step, int compensation, int success,
@@ -291,10 +302,7 @@ reply(struct fx *f, const char *saga, const char *step, int compensation, int su
 	m.routing_key = "orders.sagas";
 	m.body = "{}";
 	m.body_len = 2;
-	saga_handle(f->d.saga, &m);
-	m.props.correlation_id = NULL;
-	props_free(&m.props);
-	assert_int_equal(store_flush(f->d.store), 0);
+	handle_owned(f, &m);
 }
 
 /* What the engine sent since the last call, space-separated: for each
@@ -515,10 +523,7 @@ test_trace_follows_the_saga(void **state)
 	m.props.correlation_id = "ot";
 	m.body = "{}";
 	m.body_len = 2;
-	saga_handle(f->d.saga, &m);
-	m.props.correlation_id = NULL;
-	props_free(&m.props);
-	assert_int_equal(store_flush(f->d.store), 0);
+	handle_owned(f, &m);
 	assert_string_equal(sent_traces(f), TP "/rojo=1");
 	reply(f, "order", "reserve", 0, 1, "ot", "tr1");
 	assert_string_equal(sent_traces(f), TP "/rojo=1");
