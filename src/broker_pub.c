@@ -45,8 +45,10 @@ broker_ring_push(struct broker *b, int64_t seq, const char *message_id, const ch
 	e = &b->ring[(b->ring_head + b->ring_len) % b->ring_cap];
 	e->seq = seq;
 	e->message_id = xstrdup(message_id);
-	snprintf(e->trace, sizeof e->trace, "%s", trace && strlen(trace) == TRACE_PARENT_LEN ?
-	    trace : "");
+	if (trace && strnlen(trace, TRACE_PARENT_LEN + 1) == TRACE_PARENT_LEN)
+		memcpy(e->trace, trace, TRACE_PARENT_LEN + 1);
+	else
+		e->trace[0] = '\0';
 	e->sent = util_mono();
 	e->returned = 0;
 	e->settled = 0;
