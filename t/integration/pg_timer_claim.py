@@ -31,10 +31,10 @@ HOLD = 1.5      # s B's claim is held after its snapshot
 
 def claim_sql():
     """The claim as pgs_fetch_send sends it (its string literals joined)."""
-    with open(os.path.join(h.top_srcdir, 'src', 'saga_pgsql_batch.c')) as f:
+    with open(os.path.join(h.top_srcdir, 'src', 'saga_pgsql_fetch.c')) as f:
         src = f.read()
     m = re.search(r'f->at_timers = pgs_fetch_add\(f,((?:\s*"(?:[^"\\]|\\.)*")+)', src)
-    h.check(m is not None, 'the timer claim found in src/saga_pgsql_batch.c')
+    h.check(m is not None, 'the timer claim found in src/saga_pgsql_fetch.c')
     return ''.join(re.findall(r'"((?:[^"\\]|\\.)*)"', m.group(1)))
 
 
