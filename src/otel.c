@@ -336,19 +336,6 @@ otel_new_id(char out[17])
 	snprintf(out, 17, "%016llx", (unsigned long long)z);
 }
 
-int
-otel_sample_new(const struct otel *o)
-{
-	unsigned char r[4];
-	uint32_t x;
-
-	if (!o || o->tc->sampling >= 1)
-		return 1;
-	util_random(r, sizeof r);
-	x = (uint32_t)r[0] << 24 | (uint32_t)r[1] << 16 | (uint32_t)r[2] << 8 | r[3];
-	return x < o->tc->sampling * 4294967296.0;
-}
-
 struct otel_span *
 otel_span_start(struct otel *o, const char *traceparent, const char *name,
     enum otel_kind kind, double start)

@@ -39,9 +39,6 @@ struct otel *otel_new(struct event_base *base, const struct sagad_conf *conf, ch
 /* The spans still queued are dropped (sagad is stopping). */
 void otel_free(struct otel *o);
 
-/* Whether a new trace is sampled (tracing.sampling; 1 when off). */
-int otel_sample_new(const struct otel *o);
-
 /* A span in the trace of traceparent, NULL when tracing is off or the
  * trace is not sampled: every otel_span_* call accepts NULL. */
 struct otel_span *otel_span_start(struct otel *o, const char *traceparent, const char *name,
