@@ -14,6 +14,10 @@ With --trace (demo/run.sh --trace), the three sagad export their spans to
 an OpenTelemetry collector in this process (t/lib/otlp.py), and the demo
 prints each order's trace: one trace per order, covering every hop across
 the three services, as a tree.
+
+With --ui (demo/run.sh --ui), everything keeps running once the orders are
+done, and the demo prints the address of the orders sagad's web page for
+operators (sagad(8) WEB PAGE), where the demo's sagas are, until Ctrl-C.
 """
 
 import json
@@ -109,14 +113,30 @@ def report_traces(col, ids):
     return len(whole) == len(ids)
 
 
-def main(workdir, trace=False):
+def stay(d):
+    """--ui: keep every process up for a look at the web page."""
+    print('\n== the web page of the orders sagad: http://127.0.0.1:%d/ui/ '
+          '(Ctrl-C stops the demo) ==' % d.admin_port, flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        print()
+
+
+def main(workdir, trace=False, then=None):
+    """The demo in workdir; then(orders sagad), if given, runs once every
+    saga is finished and checked, before everything stops."""
     stock, payment, orders = services.Stock(), services.Payment(), services.Orders()
     broker = h.Broker(workdir)
     broker.start()
     col = otlp.Collector() if trace else None
     tr = ('\ntracing = { endpoint = "http://127.0.0.1:%d/v1/traces"; interval = 0.2; };\n'
           % col.port) if col else ''
-    d_orders = h.Sagad(workdir, broker.url, name='orders', conf_extra=SAGA + subscription(
+    # The page's files from this tree, not an installed copy.
+    d_orders = h.Sagad(workdir, broker.url, name='orders',
+                       api_extra='ui_dir = %s;' % h.conf_str(os.path.join(h.top_srcdir, 'ui')),
+                       conf_extra=SAGA + subscription(
         'inbox', ['commands:order.#', 'events:order.approved', 'events:order.rejected'],
         orders.service.url) + tr)
     d_stock = h.Sagad(workdir, broker.url, name='stock', conf_extra=subscription(
@@ -167,6 +187,12 @@ def main(workdir, trace=False):
     print('\n== sagactl status (orders) ==')
     subprocess.run([os.path.join(h.top_builddir, 'src', 'sagactl'), '-s',
                     'http://127.0.0.1:%d' % d_orders.admin_port, 'status'], check=False)
+    st, page = d_orders.admin_get('/ui/')
+    if st != 200 or '<title>sagad</title>' not in page:
+        print('the web page is missing: %d' % st)
+        ok = False
+    if then:
+        then(d_orders)
     for d in (d_orders, d_stock, d_payment):
         d.stop()
     broker.stop()
@@ -177,4 +203,5 @@ def main(workdir, trace=False):
 
 
 if __name__ == '__main__':
-    h.run_test(lambda wd: main(wd, trace='--trace' in sys.argv[1:]))
+    h.run_test(lambda wd: main(wd, trace='--trace' in sys.argv[1:],
+                               then=stay if '--ui' in sys.argv[1:] else None))

@@ -2,7 +2,7 @@
 # Quick start: installs what it needs, builds sagad, starts a private local
 # RabbitMQ and runs the create-order saga across three services, each with
 # its own sagad (see demo/demo.py). --trace: with an OpenTelemetry
-# collector, each order's trace.
+# collector, each order's trace. --ui: stays up with the web page open.
 set -eu
 cd "$(dirname "$0")/.."
 bash t/lib/deps.sh demo

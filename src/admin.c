@@ -25,6 +25,7 @@
 #include "sagad.h"
 #include "store.h"
 #include "util.h"
+#include "webui.h"
 #include "xmalloc.h"
 
 #define ADMIN_LIST_MAX 1000
@@ -205,6 +206,24 @@ admin_status_nodes(struct sagad *d, json_t *broker)
 		    json_string(node) : json_null());
 }
 
+/* The configured sagas, for the web page's filter: [{name, mode, steps}]. */
+static json_t *
+admin_saga_definitions(const struct sagad_conf *c)
+{
+	json_t *list = json_array();
+	size_t i, k;
+
+	for (i = 0; i < c->n_sagas; i++) {
+		json_t *steps = json_array();
+		for (k = 0; k < c->sagas[i].n_steps; k++)
+			json_array_append_new(steps, json_string(c->sagas[i].steps[k].name));
+		json_array_append_new(list, json_pack("{s:s,s:s,s:o}", "name", c->sagas[i].name,
+		    "mode", c->sagas[i].mode == SAGA_ORCHESTRATED ? "orchestrated" : "choreographed",
+		    "steps", steps));
+	}
+	return list;
+}
+
 static void
 admin_status(struct admin *a, struct evhttp_request *req)
 {
@@ -242,6 +261,7 @@ admin_status(struct admin *a, struct evhttp_request *req)
 	    "unroutable_total", (json_int_t)rs->unroutable,
 	    "nacked_total", (json_int_t)rs->nacked);
 	json_object_set_new(j, "subscriptions", subs);
+	json_object_set_new(j, "sagas", admin_saga_definitions(d->conf));
 	admin_status_nodes(d, json_object_get(j, "broker"));
 	httpd_reply_json(req, 200, j);
 }
@@ -550,6 +570,12 @@ admin_request(struct evhttp_request *req, void *arg)
 	if (path && strncmp(path, "/v1/admin/dlq/", 14) == 0) {
 		if (httpd_authorized(req, a->d->conf->api.token))
 			admin_dlq(a, req, path + 14);
+		return;
+	}
+	/* The page's files hold no data: served without the token, which the
+	 * page sends with every API call it makes. */
+	if (path && (strcmp(path, "/ui") == 0 || strncmp(path, "/ui/", 4) == 0)) {
+		webui_request(req, a->d->conf->api.ui_dir, path);
 		return;
 	}
 	httpd_error(req, 404, "not-found", "unknown admin path");

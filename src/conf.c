@@ -501,6 +501,8 @@ conf_check(struct conf_ctx *ctx, config_t *cfg, struct sagad_conf *c)
 	if (!c->store.path && c->service) {
 		c->store.path = xasprintf("/var/lib/sagad/%s.db", c->service);
 	}
+	if (!c->api.ui_dir)
+		c->api.ui_dir = xstrdup(PKGDATADIR "/ui");
 	if (!conf_valid_listen(c->api.listen))
 		conf_err(ctx, config_lookup(cfg, "api.listen"),
 		    "'listen' must be HOST:PORT or unix:/path");

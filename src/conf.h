@@ -118,6 +118,7 @@ struct conf_api {
 	double request_timeout;
 	int socket_mode;
 	int admin_allow_remote;
+	char *ui_dir;		/* the web page's files; "" turns it off */
 };
 
 /* Where the saga engine keeps its sagas (saga_store = { ... }). */

@@ -67,6 +67,8 @@ static const struct conf_key conf_api_rows[] = {
 	ROW("request_timeout", CONF_DUR, A(request_timeout), 0, "30", 0.1, 3600),
 	ROW("socket_mode", CONF_MODE, A(socket_mode), R, "0660", 0, 0777),
 	ROW("admin_allow_remote", CONF_BOOL, A(admin_allow_remote), R, "false", 0, 0),
+	/* Default PKGDATADIR "/ui", set by conf_check (it depends on the prefix). */
+	ROW("ui_dir", CONF_STR, A(ui_dir), 0, NULL, 0, 0),
 	/* Read from token_file at every load: a reload rotates it. */
 	ROW("token", CONF_STR, A(token), D, NULL, 0, 0),
 	END

@@ -102,6 +102,10 @@ done
 [ "$body" = 'hello from a fresh machine' ] || { cat /root/t/daemon.log; fail "the message is not on the queue (got '$body')"; }
 [ "$(stat -c %U /var/lib/sagad/fresh.db)" = sagad ] || fail "the store is not /var/lib/sagad/fresh.db owned by sagad"
 ok "sidecar as user sagad: publish answered 202, the message read from queue fresh"
+code=$(curl -s -o /root/t/page -w '%{http_code}' "http://127.0.0.1:$admin_port/ui/")
+[ "$code" = 200 ] && grep -q '<title>sagad</title>' /root/t/page ||
+	fail "the web page is not served from /usr/share/sagad/ui (HTTP $code)"
+ok "the web page for operators is served from the package's /usr/share/sagad/ui"
 stop_all
 rabbit_pid= sagad_pid=
 
