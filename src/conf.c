@@ -246,6 +246,42 @@ conf_saga_subscription(struct sagad_conf *c)
 	}
 }
 
+/* A step's keys for its saga's mode. A step with only a compensation
+ * (compensation-only: nothing runs going forward) is valid in both. */
+static void
+conf_check_saga_step(struct conf_ctx *ctx, config_setting_t *se, const struct sagad_conf *c,
+    struct conf_saga *sg, struct conf_saga_step *st)
+{
+	const char *n = sg->name ? sg->name : "?", *sn = st->name;
+	int comp = conf_has_binding(&st->compensate);
+
+	if (sg->mode == SAGA_ORCHESTRATED) {
+		if (!conf_has_binding(&st->command) && !comp)
+			conf_err(ctx, se, "saga '%s': step '%s' needs a 'command' (orchestrated), "
+			    "or a 'compensate' alone (compensation-only)", n, sn);
+		if (conf_has_binding(&st->success) || conf_has_binding(&st->failure))
+			conf_err(ctx, se, "saga '%s': step '%s': success/failure events are for choreographed sagas", n, sn);
+		if (st->notify && !conf_has_binding(&st->command))
+			conf_err(ctx, se, "saga '%s': step '%s': a notify step needs a 'command' to send", n, sn);
+	} else {
+		if (!conf_has_binding(&st->success) && !comp)
+			conf_err(ctx, se, "saga '%s': step '%s' needs a 'success' event (choreographed), "
+			    "or a 'compensate' alone (compensation-only)", n, sn);
+		if (conf_has_binding(&st->failure) && !conf_has_binding(&st->success))
+			conf_err(ctx, se, "saga '%s': step '%s': a 'failure' event needs a 'success' event", n, sn);
+		if (conf_has_binding(&st->command))
+			conf_err(ctx, se, "saga '%s': step '%s': commands are for orchestrated sagas", n, sn);
+		if (st->notify)
+			conf_err(ctx, se, "saga '%s': step '%s': notify is for orchestrated sagas", n, sn);
+	}
+	conf_check_binding(ctx, se, c, n, "command", &st->command);
+	conf_check_binding(ctx, se, c, n, "compensate", &st->compensate);
+	conf_check_binding(ctx, se, c, n, "success", &st->success);
+	conf_check_binding(ctx, se, c, n, "failure", &st->failure);
+	if (st->timeout <= 0)
+		st->timeout = sg->timeout > 0 ? sg->timeout : 30;
+}
+
 static void
 conf_check_sagas(struct conf_ctx *ctx, config_t *cfg, struct sagad_conf *c)
 {
@@ -283,7 +319,6 @@ conf_check_sagas(struct conf_ctx *ctx, config_t *cfg, struct sagad_conf *c)
 		for (j = 0; j < sg->n_steps; j++) {
 			struct conf_saga_step *st = &sg->steps[j];
 			config_setting_t *se = steps ? config_setting_get_elem(steps, j) : e;
-			const char *sn = st->name ? st->name : "?";
 
 			if (!st->name) {
 				conf_err(ctx, se, "saga '%s': step without a 'name'", n);
@@ -294,23 +329,7 @@ conf_check_sagas(struct conf_ctx *ctx, config_t *cfg, struct sagad_conf *c)
 			for (k = 0; k < j; k++)
 				if (sg->steps[k].name && strcmp(sg->steps[k].name, st->name) == 0)
 					conf_err(ctx, se, "saga '%s': step '%s' is defined twice", n, st->name);
-			if (sg->mode == SAGA_ORCHESTRATED) {
-				if (!conf_has_binding(&st->command))
-					conf_err(ctx, se, "saga '%s': step '%s' needs a 'command' (orchestrated)", n, sn);
-				if (conf_has_binding(&st->success) || conf_has_binding(&st->failure))
-					conf_err(ctx, se, "saga '%s': step '%s': success/failure events are for choreographed sagas", n, sn);
-			} else {
-				if (!conf_has_binding(&st->success))
-					conf_err(ctx, se, "saga '%s': step '%s' needs a 'success' event (choreographed)", n, sn);
-				if (conf_has_binding(&st->command))
-					conf_err(ctx, se, "saga '%s': step '%s': commands are for orchestrated sagas", n, sn);
-			}
-			conf_check_binding(ctx, se, c, n, "command", &st->command);
-			conf_check_binding(ctx, se, c, n, "compensate", &st->compensate);
-			conf_check_binding(ctx, se, c, n, "success", &st->success);
-			conf_check_binding(ctx, se, c, n, "failure", &st->failure);
-			if (st->timeout <= 0)
-				st->timeout = sg->timeout > 0 ? sg->timeout : 30;
+			conf_check_saga_step(ctx, se, c, sg, st);
 		}
 	}
 }

@@ -72,6 +72,7 @@ struct conf_saga_step {
 	struct conf_binding failure;	/* choreographed, optional */
 	double timeout;			/* per command attempt; 0: saga's */
 	int attempts;			/* command sends before the step times out */
+	int notify;			/* one-way: sent without reply_to, not awaited */
 };
 
 struct conf_saga {

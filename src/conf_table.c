@@ -159,6 +159,7 @@ static const struct conf_key conf_step_rows[] = {
 	/* Default the saga's timeout, else 30: set by the checks. */
 	ROW("timeout", CONF_DUR, SB(timeout), 0, NULL, 0, 86400 * 30),
 	ROW("attempts", CONF_INT, SB(attempts), 0, "3", 1, 1000),
+	ROW("notify", CONF_BOOL, SB(notify), 0, "false", 0, 0),
 	END
 };
 #undef SB

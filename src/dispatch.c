@@ -367,7 +367,8 @@ dispatch_headers(struct dsub *ds, struct dmsg *dm, const char *span_id,
 	if (dm->rec->redelivered)
 		dispatch_add(emit, arg, "Sagad-Redelivered", "true");
 	dispatch_add(emit, arg, "Sagad-Kind", kind && (strcmp(kind, "command") == 0 ||
-	    strcmp(kind, "compensation") == 0) ? kind : "event");
+	    strcmp(kind, "compensation") == 0 || strcmp(kind, "notification") == 0) ?
+	    kind : "event");
 	dispatch_add(emit, arg, "Sagad-Saga", props_get_header(&m->props, "x-sagad-saga"));
 	dispatch_add(emit, arg, "Sagad-Step", props_get_header(&m->props, "x-sagad-step"));
 	if (tp && span_id) {

@@ -1,9 +1,10 @@
 /*
  * The saga engine (saga.h): what a consumed message means to the sagas,
  * the state machine (saga_set_state, the one place instance states
- * change), the transitions, the messages it sends and its timers. An
- * instance's encoding and record are in saga_record.c, the operators'
- * views and commands in saga_admin.c (shared types: saga_int.h).
+ * change), the forward transitions, the messages it sends and its timers.
+ * The backward path (compensation) is in saga_compensate.c, an instance's
+ * encoding and record in saga_record.c, the operators' views and commands
+ * in saga_admin.c (shared types: saga_int.h).
  */
 #include "saga.h"
 
@@ -48,7 +49,7 @@ saga_arm(struct saga_engine *e, double due)
 	evtimer_add(e->timer_ev, &tv);
 }
 
-static void
+void
 saga_timer_add(struct saga_engine *e, struct saga_inst *in, enum saga_timer_kind kind,
     int step, double due)
 {
@@ -58,14 +59,14 @@ saga_timer_add(struct saga_engine *e, struct saga_inst *in, enum saga_timer_kind
 		saga_arm(e, due);
 }
 
-static void
+void
 saga_timer_del(struct saga_engine *e, struct saga_inst *in, enum saga_timer_kind kind, int step)
 {
 	if (in->row)
 		saga_store_timer_del(e->ss, in->row, kind, step);
 }
 
-static void
+void
 saga_timer_del_all(struct saga_engine *e, struct saga_inst *in)
 {
 	if (in->row)
@@ -96,7 +97,7 @@ saga_message_id(const struct saga_inst *in, const char *step, const char *what,
 	}
 }
 
-static void
+void
 saga_send(struct saga_engine *e, struct saga_inst *in, const struct conf_binding *to,
     const char *kind, const char *step, const char *what, const char *body,
     size_t len, const char *ct, int reply)
@@ -197,7 +198,7 @@ saga_set_state(struct saga_engine *e, struct saga_inst *in, enum saga_state to,
 
 
 /* Completed or compensated: the outcome event goes out, then the state. */
-static void
+void
 saga_finish(struct saga_engine *e, struct saga_inst *in, enum saga_state state)
 {
 	const struct conf_binding *outcome = state == SAGA_COMPLETED ? &in->def->completed :
@@ -225,63 +226,55 @@ saga_send_command(struct saga_engine *e, struct saga_inst *in, unsigned i)
 	saga_timer_add(e, in, TIMER_STEP, (int)i, util_now() + cs->timeout);
 }
 
-void
-saga_start_compensation(struct saga_engine *e, struct saga_inst *in, const char *reason)
-{
-	size_t i;
-
-	if (saga_set_state(e, in, SAGA_COMPENSATING, NULL, reason) < 0)
-		return;
-	saga_timer_del_all(e, in);
-	for (i = 0; i < in->def->n_steps; i++)
-		if (in->steps[i].state == STEP_ACTIVE)
-			in->steps[i].state = STEP_FAILED;
-	saga_compensate_next(e, in);
-}
-
+/* A step done without a reply: what its compensation will carry is the
+ * start event (there is no reply to give it). */
 static void
-saga_send_compensation(struct saga_engine *e, struct saga_inst *in, size_t i)
+saga_step_done(struct saga_inst *in, size_t i)
 {
-	const struct conf_saga_step *cs = &in->def->steps[i];
 	struct saga_step_rt *st = &in->steps[i];
 
-	st->state = STEP_COMPENSATING;
-	st->comp_attempts++;
-	st->sent_at = util_now();
-	saga_send(e, in, &cs->compensate, "compensation", cs->name, "compensate",
-	    st->body, st->body_len, st->ct, 1);
-	saga_timer_add(e, in, TIMER_COMPENSATE, (int)i, util_now() + in->def->compensate_timeout);
+	st->state = STEP_SUCCEEDED;
+	st->order = ++in->order;
+	free(st->body);
+	free(st->ct);
+	st->body = xmalloc(in->body_len + 1);
+	memcpy(st->body, in->body, in->body_len);
+	st->body_len = in->body_len;
+	st->ct = in->ct ? xstrdup(in->ct) : NULL;
 }
 
-/* Compensate one step at a time, the latest success first; a step with
- * nothing to undo is done at once. */
-void
-saga_compensate_next(struct saga_engine *e, struct saga_inst *in)
-{
-	size_t i, pick = (size_t)-1;
-
-	for (i = 0; i < in->def->n_steps; i++) {
-		if (in->steps[i].state == STEP_COMPENSATING)
-			return;		/* one in progress */
-		if (in->steps[i].state == STEP_SUCCEEDED &&
-		    (pick == (size_t)-1 || in->steps[i].order > in->steps[pick].order))
-			pick = i;
-	}
-	if (pick == (size_t)-1) {
-		saga_finish(e, in, SAGA_COMPENSATED);
-		return;
-	}
-	if (!in->def->steps[pick].compensate.exchange) {
-		in->steps[pick].state = STEP_COMPENSATED;
-		saga_log(e, in, "step", "compensated", in->def->steps[pick].name, NULL,
-		    "nothing to compensate");
-		saga_compensate_next(e, in);
-		return;
-	}
-	saga_send_compensation(e, in, pick);
-}
-
+/*
+ * Orchestrated: run the steps from i on. A compensation-only step runs
+ * nothing (it is done at once and compensated like the others); a
+ * notification step sends its command without reply_to and goes on; the
+ * first other step sends its command and waits for the reply. Past the
+ * last step the saga is completed.
+ */
 static void
+saga_advance(struct saga_engine *e, struct saga_inst *in, size_t i)
+{
+	for (; i < in->def->n_steps; i++) {
+		const struct conf_saga_step *cs = &in->def->steps[i];
+		if (!cs->command.exchange) {
+			saga_step_done(in, i);
+			saga_log(e, in, "step", "compensation only: nothing to run", cs->name,
+			    NULL, NULL);
+			continue;
+		}
+		if (!cs->notify) {
+			saga_send_command(e, in, (unsigned)i);
+			return;
+		}
+		in->steps[i].attempts++;
+		in->steps[i].sent_at = util_now();
+		saga_send(e, in, &cs->command, "notification", cs->name, "notification", in->body,
+		    in->body_len, in->ct, 0);
+		saga_step_done(in, i);
+	}
+	saga_finish(e, in, SAGA_COMPLETED);
+}
+
+void
 saga_step_succeeded(struct saga_engine *e, struct saga_inst *in, size_t i, const struct msg *m)
 {
 	struct saga_step_rt *st = &in->steps[i];
@@ -306,19 +299,6 @@ saga_all_succeeded(const struct saga_inst *in)
 		if (in->steps[i].state != STEP_SUCCEEDED)
 			return 0;
 	return 1;
-}
-
-/* A step succeeded after compensation started: it is compensated too. */
-static void
-saga_late_success(struct saga_engine *e, struct saga_inst *in, size_t i, const struct msg *m)
-{
-	saga_step_succeeded(e, in, i, m);
-	saga_log(e, in, "step", "late success: will be compensated", in->def->steps[i].name,
-	    NULL, NULL);
-	if (in->state == SAGA_COMPENSATED)
-		saga_set_state(e, in, SAGA_COMPENSATING, NULL, "late success");
-	if (in->state == SAGA_COMPENSATING)
-		saga_compensate_next(e, in);
 }
 
 static void
@@ -357,57 +337,10 @@ saga_on_step_result(struct saga_engine *e, struct saga_inst *in, size_t i, int s
 		return;
 	}
 	saga_step_succeeded(e, in, i, m);
-	if (orchestrated && i + 1 < in->def->n_steps)
-		saga_send_command(e, in, (unsigned)i + 1);
+	if (orchestrated)
+		saga_advance(e, in, i + 1);
 	else if (saga_all_succeeded(in))
 		saga_finish(e, in, SAGA_COMPLETED);
-}
-
-/* A step's compensation was refused or went unanswered too often: failed,
- * for an operator (sagactl saga retry). */
-static void
-saga_compensation_exhausted(struct saga_engine *e, struct saga_inst *in, size_t i,
-    const char *how)
-{
-	char why[300];
-
-	snprintf(why, sizeof why, "compensation of %s %s after %u attempts",
-	    in->def->steps[i].name, how, in->steps[i].comp_attempts);
-	saga_set_state(e, in, SAGA_FAILED, in->def->steps[i].name, why);
-}
-
-static void
-saga_on_compensation_reply(struct saga_engine *e, struct saga_inst *in, size_t i,
-    int success, const struct msg *m)
-{
-	struct saga_step_rt *st = &in->steps[i];
-	const char *name = in->def->steps[i].name;
-
-	if (st->state != STEP_COMPENSATING) {
-		e->stats[in->def_index].duplicates++;
-		saga_log(e, in, "in", "duplicate compensation reply: ignored", name,
-		    m->message_id, NULL);
-		return;
-	}
-	saga_log(e, in, "in", success ? "compensation success" : "compensation failure",
-	    name, m->message_id, NULL);
-	saga_timer_del(e, in, TIMER_COMPENSATE, (int)i);
-	saga_trace_step(e, in, i, 1, success ? NULL : "refused");
-	if (success) {
-		st->state = STEP_COMPENSATED;
-		if (in->state == SAGA_FAILED)
-			saga_set_state(e, in, SAGA_COMPENSATING, name, "late compensation success");
-		saga_compensate_next(e, in);
-		return;
-	}
-	if (in->state == SAGA_FAILED)
-		return;		/* waits for sagactl saga retry */
-	if (st->comp_attempts >= (unsigned)in->def->compensate_attempts) {
-		saga_compensation_exhausted(e, in, i, "refused");
-		return;
-	}
-	saga_timer_add(e, in, TIMER_COMPENSATE, (int)i, util_now() +
-	    util_backoff(in->def->retry_initial, in->def->retry_max, st->comp_attempts));
 }
 
 /* ---- input ---- */
@@ -433,6 +366,26 @@ saga_apply_early(void *arg, const struct msg *m)
 	saga_handle_matches(a->e, m, a->def);
 }
 
+/* Choreographed: every step waits for its event, but a compensation-only
+ * one, done at once (all of them: completed). */
+static void
+saga_chore_begin(struct saga_engine *e, struct saga_inst *in)
+{
+	size_t i;
+
+	for (i = 0; i < in->def->n_steps; i++) {
+		if (in->def->steps[i].success.exchange) {
+			in->steps[i].state = STEP_ACTIVE;
+			continue;
+		}
+		saga_step_done(in, i);
+		saga_log(e, in, "step", "compensation only: nothing to run",
+		    in->def->steps[i].name, NULL, NULL);
+	}
+	if (saga_all_succeeded(in))
+		saga_finish(e, in, SAGA_COMPLETED);
+}
+
 static void
 saga_on_start(struct saga_engine *e, size_t def, const struct msg *m)
 {
@@ -440,7 +393,6 @@ saga_on_start(struct saga_engine *e, size_t def, const struct msg *m)
 	    m->props.correlation_id : m->message_id;
 	struct saga_inst *in = saga_load(e, def, id);
 	struct saga_early_arg early = { e, def };
-	size_t i;
 
 	if (in) {
 		e->stats[def].duplicates++;
@@ -462,10 +414,9 @@ saga_on_start(struct saga_engine *e, size_t def, const struct msg *m)
 	if (in->def->timeout > 0)
 		saga_timer_add(e, in, TIMER_SAGA, -1, in->started_at + in->def->timeout);
 	if (in->def->mode == SAGA_ORCHESTRATED)
-		saga_send_command(e, in, 0);
+		saga_advance(e, in, 0);
 	else
-		for (i = 0; i < in->def->n_steps; i++)
-			in->steps[i].state = STEP_ACTIVE;
+		saga_chore_begin(e, in);
 	saga_save(e, in);
 	saga_inst_free(in);
 	/* Events that came before this start, now in order after it. */

@@ -27,6 +27,19 @@ saga_hist_json(void *arg, const struct saga_hist *h)
 	    "detail", h->detail));
 }
 
+/* What a step does going forward (the web page draws each its way). */
+static const char *
+saga_step_kind(const struct conf_saga_step *cs)
+{
+	if (cs->notify)
+		return "notification";
+	if (cs->command.exchange)
+		return "command";
+	if (cs->success.exchange)
+		return "event";
+	return "compensation-only";
+}
+
 static json_t *
 saga_inst_json(struct saga_engine *e, struct saga_inst *in, double updated, double finished,
     int history)
@@ -35,8 +48,8 @@ saga_inst_json(struct saga_engine *e, struct saga_inst *in, double updated, doub
 	size_t i;
 
 	for (i = 0; i < in->def->n_steps; i++)
-		json_array_append_new(steps, json_pack("{s:s,s:s,s:i,s:i}",
-		    "name", in->def->steps[i].name,
+		json_array_append_new(steps, json_pack("{s:s,s:s,s:s,s:i,s:i}",
+		    "name", in->def->steps[i].name, "kind", saga_step_kind(&in->def->steps[i]),
 		    "state", saga_step_state_names[in->steps[i].state],
 		    "attempts", (int)in->steps[i].attempts,
 		    "compensate_attempts", (int)in->steps[i].comp_attempts));

@@ -112,12 +112,43 @@ void saga_save(struct saga_engine *e, struct saga_inst *in);
 void saga_log(struct saga_engine *e, struct saga_inst *in, const char *dir, const char *what,
     const char *step, const char *message_id, const char *detail);
 
-/* ---- saga.c: the engine, as the admin entry points use it ---- */
+/* ---- saga.c: the engine, as its other files use it ---- */
 
+struct conf_binding;
+struct msg;
 int saga_set_state(struct saga_engine *e, struct saga_inst *in, enum saga_state to,
     const char *step, const char *why);
+/* Completed or compensated: the outcome event, then the state. */
+void saga_finish(struct saga_engine *e, struct saga_inst *in, enum saga_state state);
+/* A message of the saga (kind: x-sagad-kind; what: the history's and the
+ * message id's word), stored to go out with the state change; reply:
+ * with reply_to the saga's queue. */
+void saga_send(struct saga_engine *e, struct saga_inst *in, const struct conf_binding *to,
+    const char *kind, const char *step, const char *what, const char *body,
+    size_t len, const char *ct, int reply);
+/* Step i succeeded with m (its reply or event), kept for its compensation. */
+void saga_step_succeeded(struct saga_engine *e, struct saga_inst *in, size_t i,
+    const struct msg *m);
+void saga_timer_add(struct saga_engine *e, struct saga_inst *in, enum saga_timer_kind kind,
+    int step, double due);
+void saga_timer_del(struct saga_engine *e, struct saga_inst *in, enum saga_timer_kind kind,
+    int step);
+void saga_timer_del_all(struct saga_engine *e, struct saga_inst *in);
+
+/* ---- saga_compensate.c: the backward path ---- */
+
 void saga_start_compensation(struct saga_engine *e, struct saga_inst *in, const char *reason);
+/* The next step to undo, or compensated when none is left. */
 void saga_compensate_next(struct saga_engine *e, struct saga_inst *in);
+void saga_send_compensation(struct saga_engine *e, struct saga_inst *in, size_t i);
+/* Failed, for an operator: the compensation of step i is given up. */
+void saga_compensation_exhausted(struct saga_engine *e, struct saga_inst *in, size_t i,
+    const char *how);
+void saga_on_compensation_reply(struct saga_engine *e, struct saga_inst *in, size_t i,
+    int success, const struct msg *m);
+/* Step i succeeded after the compensation started: undone too. */
+void saga_late_success(struct saga_engine *e, struct saga_inst *in, size_t i,
+    const struct msg *m);
 /* The per-state gauges read from the store again. */
 void saga_counts_refresh(struct saga_engine *e);
 

@@ -12,8 +12,12 @@ var sagadTimeline = (function () {
 	var SVG = "http://www.w3.org/2000/svg";
 	var LABEL = 190, WIDTH = 860, ROW = 22, TOP = 26, PAD = 8, RIGHT = 120;
 
-	/* The history (oldest first) as bars and marks. end: when open bars stop. */
-	function bars(history, end) {
+	/*
+	 * The history (oldest first) as bars and marks. end: when open bars
+	 * stop. oneWay: the names of notification steps, whose messages (and
+	 * compensations) are not awaited: marks, not bars.
+	 */
+	function bars(history, end, oneWay) {
 		var out = [], marks = [], open = {};
 
 		function close(key, at, result) {
@@ -27,7 +31,9 @@ var sagadTimeline = (function () {
 		}
 		history.forEach(function (h) {
 			var cmd = "command " + h.step, comp = "compensate " + h.step;
-			if (h.dir === "out" && (h.what === "command" || h.what === "compensate")) {
+			if (h.dir === "out" && h.what === "compensate" && oneWay[h.step]) {
+				marks.push(h);
+			} else if (h.dir === "out" && (h.what === "command" || h.what === "compensate")) {
 				var key = h.what === "command" ? cmd : comp;
 				close(key, h.at, "sent again");
 				open[key] = { kind: h.what, step: h.step, start: h.at, end: null,
@@ -69,6 +75,18 @@ var sagadTimeline = (function () {
 		return Math.floor(s / 60) + " min " + Math.round(s % 60) + " s";
 	}
 
+	function markLabel(m) {
+		if (m.dir === "out" && m.what === "notification")
+			return "notify " + m.step;
+		if (m.dir === "out" && m.what === "compensate")
+			return "undo " + m.step;
+		if (m.dir === "out")
+			return "event " + m.what;
+		if (m.dir === "step")
+			return m.step + ": " + m.what.replace(/:.*/, "");
+		return m.what.replace(/:.*/, "");
+	}
+
 	function resultClass(b) {
 		if (b.result === "success")
 			return "ok";
@@ -83,7 +101,12 @@ var sagadTimeline = (function () {
 	function draw(inst, now) {
 		var hist = (inst.history || []).slice().sort(function (a, b) { return a.at - b.at; });
 		var t0 = inst.started_at, end = inst.finished_at > 0 ? inst.finished_at : now;
-		var r = bars(hist, end), span = Math.max(end - t0, 0.001);
+		var oneWay = {};
+		(inst.steps || []).forEach(function (s) {
+			if (s.kind === "notification")
+				oneWay[s.name] = true;
+		});
+		var r = bars(hist, end, oneWay), span = Math.max(end - t0, 0.001);
 		var height = TOP + ROW * r.bars.length + ROW * 1.5 + PAD;
 		var full = LABEL + WIDTH + PAD * 2 + RIGHT;	/* RIGHT: room for the last labels */
 		var svg = el("svg", { "class": "timeline", width: full, height: height,
@@ -122,7 +145,7 @@ var sagadTimeline = (function () {
 			g.appendChild(el("line", { x1: mx, x2: mx, y1: TOP - 4, y2: y + 4 }));
 			g.appendChild(el("text", { x: mx, y: y + ROW * (0.9 + (i % 2) * 0.5),
 				"text-anchor": mx > LABEL + WIDTH * 0.8 ? "end" : "start" },
-				m.dir === "out" ? "event " + m.what : m.what.replace(/:.*/, "")));
+				markLabel(m)));
 			svg.appendChild(g);
 		});
 		return svg;

@@ -445,12 +445,12 @@ def config_errors(wd):
     check_bad_conf(wd, 'unknown key in a step', base % (
         '      { name = "a"; command = "commands:a"; colour = "red"; }  # <-'),
         ["unknown key 'colour'"])
-    check_bad_conf(wd, 'orchestrated step with neither command nor success', base % (
-        '      { name = "a"; compensate = "commands:b"; }  # <-'), ["'a'", "command"])
-    check_bad_conf(wd, 'choreographed step with neither command nor success', '''sagas = (
+    check_bad_conf(wd, 'orchestrated step with neither command nor compensate', base % (
+        '      { name = "a"; timeout = 5; }  # <-'), ["'a'", "command"])
+    check_bad_conf(wd, 'choreographed step with neither success nor compensate', '''sagas = (
   { name = "c"; mode = "choreographed"; start = "events:c.start";
     steps = (
-      { name = "a"; compensate = "commands:b"; }  # <-
+      { name = "a"; timeout = 5; }  # <-
     );
   }
 );

@@ -1,0 +1,195 @@
+#!/usr/bin/env python3
+"""Step kinds beyond command-and-reply (sagad.conf(5), SAGAS: steps):
+compensation-only steps and one-way notification steps, in the shape of
+the create-order saga of *Microservices Patterns*: reject the order
+(compensation only), reserve stock, tell the kitchen (a notification,
+withdrawn by another one-way message when undone), authorize the payment.
+Run against the embedded store, then (when PostgreSQL is installed) with
+the sagas on a private PostgreSQL.
+
+Checked: `sagad -n` accepts the new steps and refuses the wrong ones with
+FILE:LINE errors; a completed saga runs nothing for the compensation-only
+step, sends the notification once without reply_to and never waits for
+it; a saga whose payment is refused undoes the payment's predecessors in
+reverse order: the notification's withdrawal (one-way, not awaited), the
+stock release (awaited), then the compensation-only step's reject with
+the start event as its body; a choreographed saga with a
+compensation-only step compensates it too; the history names what ran
+and what did not.
+"""
+
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.environ.get('top_srcdir', '.'), 't', 'lib'))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import harness as h  # noqa: E402
+from sagas import (CONF_HEAD, Answer, Event, Participant, check_bad_conf, hist_entries,  # noqa: E402
+                   saga_get, saga_state, sagad_n, step_states, subscription_conf)
+
+SAGAS = '''sagas = (
+  { name = "create-order"; start = "events:order.created"; timeout = 120;
+    steps = (
+      { name = "reject";    compensate = "commands:order.reject"; },
+      { name = "reserve";   command = "commands:stock.reserve"; compensate = "commands:stock.release"; },
+      { name = "kitchen";   command = "events:ticket.created"; notify = true;
+                            compensate = "events:ticket.withdrawn"; },
+      { name = "authorize"; command = "commands:payment.authorize"; }
+    );
+    completed = "events:order.approved"; compensated = "events:order.rejected";
+    retry_initial = 0.2; retry_max = 0.5;
+  },
+  { name = "deliver"; mode = "choreographed"; start = "events:delivery.start"; timeout = 120;
+    steps = (
+      { name = "note";    compensate = "commands:order.reject"; },
+      { name = "pick";    success = "events:delivery.picked"; failure = "events:delivery.lost"; }
+    );
+    compensated = "events:delivery.undone";
+  }
+);
+'''
+
+def config_checks(wd):
+    d = os.path.join(wd, 'cfg')
+    os.makedirs(d, exist_ok=True)
+    path = os.path.join(d, 'good.conf')
+    with open(path, 'w') as f:
+        f.write(CONF_HEAD % {'dir': d} + SAGAS)
+    rc, err = sagad_n(path)
+    h.check(rc == 0, 'sagad -n: compensation-only and notify steps are valid', err)
+    orch = '''sagas = (
+  { name = "s"; start = "events:s.start";
+    steps = (
+%s
+    );
+  }
+);
+'''
+    chore = orch.replace('start = "events:s.start";',
+                         'mode = "choreographed"; start = "events:s.start";')
+    check_bad_conf(wd, 'a step with neither command nor compensate', orch % (
+        '      { name = "a"; timeout = 5; }  # <-'), ["'a'", "command", "compensate"])
+    check_bad_conf(wd, 'a notify step without a command', orch % (
+        '      { name = "a"; notify = true; compensate = "commands:b"; }  # <-'),
+        ["'a'", "notify", "command"])
+    check_bad_conf(wd, 'notify in a choreographed saga', chore % (
+        '      { name = "a"; success = "events:a"; notify = true; }  # <-'),
+        ["'a'", "notify", "orchestrated"])
+    check_bad_conf(wd, 'a failure event without a success event', chore % (
+        '      { name = "a"; failure = "events:a.no"; compensate = "commands:b"; }  # <-'),
+        ["'a'", "failure", "success"])
+    check_bad_conf(wd, 'a choreographed step with neither success nor compensate', chore % (
+        '      { name = "a"; }  # <-'), ["'a'", "success", "compensate"])
+
+
+def at(p, key, cid):
+    """The time the participant got (key, cid), or None."""
+    for c in p.deliveries(key, cid):
+        return c['t0']
+    return None
+
+
+def scenario(wd, saga_store=''):
+    os.makedirs(wd)
+    broker = h.Broker(wd)
+    broker.start()
+    stock, payment, orders_svc = Participant('stock'), Participant('payment'), Participant('orders')
+    payment.rules[('payment.authorize', 'co2')] = Answer(409)
+    orders = h.Sagad(wd, broker.url, name='orders', conf_extra=SAGAS + subscription_conf(
+        'inbox', ['commands:order.#', 'events:order.approved', 'events:order.rejected',
+                  'events:delivery.undone'], orders_svc.url) + saga_store)
+    d_stock = h.Sagad(wd, broker.url, name='stock', conf_extra=subscription_conf(
+        'inbox', ['commands:stock.#', 'events:ticket.#', 'events:delivery.start'], stock.url))
+    d_payment = h.Sagad(wd, broker.url, name='payment', conf_extra=subscription_conf(
+        'inbox', ['commands:payment.#'], payment.url))
+    for d in (d_stock, d_payment, orders):
+        d.start()
+    stock.sagad = d_stock
+    stock.rules[('delivery.start', 'dl1')] = Answer(events=[Event('delivery.lost')])
+
+    for cid in ('co1', 'co2'):
+        st, js, _ = orders.publish('events', 'order.created', json.dumps({'order': cid}).encode(),
+                                   {'Content-Type': 'application/json', 'Correlation-Id': cid,
+                                    'Message-Id': 'start-' + cid})
+        h.check(st == 202, 'start of %s accepted' % cid, js)
+    st, js, _ = orders.publish('events', 'delivery.start', b'{"delivery": "dl1"}',
+                               {'Content-Type': 'application/json', 'Correlation-Id': 'dl1',
+                                'Message-Id': 'start-dl1'})
+    h.check(st == 202, 'start of dl1 accepted', js)
+    want = {'co1': 'completed', 'co2': 'compensated', 'dl1': 'compensated'}
+    h.wait_until(lambda: all(saga_state(orders, c) == s for c, s in want.items()), 60,
+                 'co1 completed, co2 and dl1 compensated',)
+
+    # co1: nothing ran for reject; the notification went once, one-way.
+    inst = saga_get(orders, 'co1')
+    h.check(step_states(inst) == {'reject': 'succeeded', 'reserve': 'succeeded',
+                                  'kitchen': 'succeeded', 'authorize': 'succeeded'},
+            'co1: every step succeeded', inst['steps'])
+    h.check(hist_entries(inst, 'compensation only: nothing to run', 'reject'),
+            'co1: the history says the compensation-only step ran nothing')
+    h.check(not orders_svc.deliveries('order.reject', 'co1'),
+            'co1: the compensation-only step sent nothing')
+    note = stock.deliveries('ticket.created', 'co1')
+    h.check(len(note) == 1 and note[0]['kind'] == 'notification',
+            'co1: the kitchen notification arrived once, Sagad-Kind notification', note)
+    h.check([c['kind'] for c in orders_svc.deliveries('order.approved', 'co1')] == ['event'],
+            'co1: the completed event went out once')
+    h.check(inst['steps'][2]['attempts'] == 1, 'co1: the notification counts one attempt',
+            inst['steps'])
+
+    # co2: undone in reverse order, the one-way withdrawal not awaited.
+    inst = saga_get(orders, 'co2')
+    h.check(step_states(inst) == {'reject': 'compensated', 'reserve': 'compensated',
+                                  'kitchen': 'compensated', 'authorize': 'failed'},
+            'co2: every step before the refused payment compensated', inst['steps'])
+    t_kitchen = at(stock, 'ticket.withdrawn', 'co2')
+    t_release = at(stock, 'stock.release', 'co2')
+    t_reject = at(orders_svc, 'order.reject', 'co2')
+    # (The withdrawal is not awaited: it and the release may reach the
+    # stock service in either order; the history below has the order sent.)
+    h.check(None not in (t_kitchen, t_release, t_reject) and t_release <= t_reject,
+            'co2: withdrawal and release arrived, then the reject', (t_kitchen, t_release, t_reject))
+    rej = orders_svc.deliveries('order.reject', 'co2')
+    h.check(len(rej) == 1 and rej[0]['kind'] == 'compensation' and
+            rej[0]['body'] == {'order': 'co2'},
+            "co2: the reject carries the start event (a compensation-only step has no reply)",
+            rej)
+    outs = [(e['what'], e['step']) for e in inst['history'] if e['dir'] == 'out']
+    h.check(outs == [('command', 'reserve'), ('notification', 'kitchen'),
+                     ('command', 'authorize'), ('compensate', 'kitchen'),
+                     ('compensate', 'reserve'), ('compensate', 'reject'),
+                     ('compensated', '')],
+            'co2: what the saga sent, in order', outs)
+    h.check(not [e for e in inst['history'] if e['dir'] == 'in' and e['step'] == 'kitchen'],
+            'co2: nothing was awaited from the kitchen')
+
+    # dl1: choreographed, the compensation-only step undone after the loss.
+    inst = saga_get(orders, 'dl1')
+    h.check(step_states(inst) == {'note': 'compensated', 'pick': 'failed'},
+            'dl1: the compensation-only step of a choreographed saga is compensated',
+            inst['steps'])
+    h.check(len(orders_svc.deliveries('order.reject', 'dl1')) == 1,
+            'dl1: its compensation sent once')
+    for d in (orders, d_stock, d_payment):
+        d.stop()
+    broker.stop()
+    for p in (stock, payment, orders_svc):
+        p.stop()
+
+
+def main(wd):
+    config_checks(wd)
+    scenario(os.path.join(wd, 'sqlite'))
+    import pg
+    if not pg.available():
+        h.log('PostgreSQL is not installed: the pgsql run is skipped')
+        return
+    db = pg.Postgres(os.path.join(wd, 'pg'))
+    db.start()
+    scenario(os.path.join(wd, 'pgsql'), '\nsaga_store = { backend = "pgsql"; conninfo = %s; };\n'
+             % h.conf_str(db.conninfo))
+    db.stop()
+
+
+h.run_test(main)
