@@ -5,18 +5,21 @@
 #include <errno.h>
 #include <pwd.h>
 #include <glob.h>
+#include <jansson.h>
 #include <libconfig.h>
 #include <libgen.h>
 #include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
 #include "conf_read.h"
 #include "conf_table.h"
 #include "otel.h"
+#include "saga_data.h"
 #include "util.h"
 #include "xmalloc.h"
 
@@ -246,11 +249,88 @@ conf_saga_subscription(struct sagad_conf *c)
 	}
 }
 
+/* What a step's templates and condition may refer to: the steps before
+ * it, and itself too in its compensation's. */
+struct conf_step_scope {
+	const struct conf_saga *sg;
+	size_t n;		/* steps[0..n) */
+};
+
+static int
+conf_step_in_scope(void *arg, const char *step, const char **body, size_t *len)
+{
+	const struct conf_step_scope *sc = arg;
+	size_t i;
+
+	(void)body;
+	(void)len;
+	for (i = 0; i < sc->n; i++)
+		if (sc->sg->steps[i].name && strcmp(sc->sg->steps[i].name, step) == 0)
+			return 1;
+	return 0;
+}
+
+/* A template of a step: its references name earlier steps; headers are
+ * an object of names outside x-sagad-. */
+static void
+conf_check_template(struct conf_ctx *ctx, config_setting_t *se, const struct conf_saga *sg,
+    const struct conf_saga_step *st, size_t scope, const char *key, const char *tpl)
+{
+	struct conf_step_scope sc = { sg, scope };
+	struct saga_data_src check = { NULL, NULL, NULL, 0, conf_step_in_scope, &sc, 1 };
+	char err[SAGA_DATA_ERR];
+	json_t *j;
+
+	if (!tpl)
+		return;
+	if (saga_data_check_template(tpl, &check, err) < 0) {
+		conf_err(ctx, se, "saga '%s': step '%s': %s: %s", sg->name, st->name, key, err);
+		return;
+	}
+	if (strstr(key, "headers") && (j = json_loads(tpl, 0, NULL)) != NULL) {
+		const char *name;
+		json_t *v;
+		json_object_foreach(j, name, v)
+			if (strncasecmp(name, "x-sagad-", 8) == 0)
+				conf_err(ctx, se, "saga '%s': step '%s': %s: '%s' is sagad's own header",
+				    sg->name, st->name, key, name);
+		json_decref(j);
+	} else if (strstr(key, "headers")) {
+		conf_err(ctx, se, "saga '%s': step '%s': %s must be a group { name = \"value\"; ... }",
+		    sg->name, st->name, key);
+	}
+}
+
+/* Data between steps and the step's condition (saga_data.h). */
+static void
+conf_check_step_data(struct conf_ctx *ctx, config_setting_t *se, const struct conf_saga *sg,
+    const struct conf_saga_step *st, size_t j)
+{
+	struct conf_step_scope sc = { sg, sg->mode == SAGA_ORCHESTRATED ? j : 0 };
+	struct saga_data_src check = { NULL, NULL, NULL, 0, conf_step_in_scope, &sc, 1 };
+	char err[SAGA_DATA_ERR];
+
+	if ((st->body || st->headers) && !conf_has_binding(&st->command))
+		conf_err(ctx, se, "saga '%s': step '%s': body and headers are its command's: "
+		    "it has none", sg->name, st->name);
+	if ((st->compensate_body || st->compensate_headers) && !conf_has_binding(&st->compensate))
+		conf_err(ctx, se, "saga '%s': step '%s': compensate_body and compensate_headers "
+		    "need a 'compensate'", sg->name, st->name);
+	conf_check_template(ctx, se, sg, st, j, "body", st->body);
+	conf_check_template(ctx, se, sg, st, j, "headers", st->headers);
+	conf_check_template(ctx, se, sg, st, j + 1, "compensate_body", st->compensate_body);
+	conf_check_template(ctx, se, sg, st, j + 1, "compensate_headers", st->compensate_headers);
+	if (st->when && saga_data_check(st->when, &check, err) < 0)
+		conf_err(ctx, se, "saga '%s': step '%s': when: %s%s", sg->name, st->name, err,
+		    sg->mode == SAGA_CHOREOGRAPHED ? " (a choreographed step's condition "
+		    "sees the start event only)" : "");
+}
+
 /* A step's keys for its saga's mode. A step with only a compensation
  * (compensation-only: nothing runs going forward) is valid in both. */
 static void
 conf_check_saga_step(struct conf_ctx *ctx, config_setting_t *se, const struct sagad_conf *c,
-    struct conf_saga *sg, struct conf_saga_step *st)
+    struct conf_saga *sg, struct conf_saga_step *st, size_t j)
 {
 	const char *n = sg->name ? sg->name : "?", *sn = st->name;
 	int comp = conf_has_binding(&st->compensate);
@@ -278,6 +358,7 @@ conf_check_saga_step(struct conf_ctx *ctx, config_setting_t *se, const struct sa
 	conf_check_binding(ctx, se, c, n, "compensate", &st->compensate);
 	conf_check_binding(ctx, se, c, n, "success", &st->success);
 	conf_check_binding(ctx, se, c, n, "failure", &st->failure);
+	conf_check_step_data(ctx, se, sg, st, j);
 	if (st->timeout <= 0)
 		st->timeout = sg->timeout > 0 ? sg->timeout : 30;
 }
@@ -329,7 +410,7 @@ conf_check_sagas(struct conf_ctx *ctx, config_t *cfg, struct sagad_conf *c)
 			for (k = 0; k < j; k++)
 				if (sg->steps[k].name && strcmp(sg->steps[k].name, st->name) == 0)
 					conf_err(ctx, se, "saga '%s': step '%s' is defined twice", n, st->name);
-			conf_check_saga_step(ctx, se, c, sg, st);
+			conf_check_saga_step(ctx, se, c, sg, st, j);
 		}
 	}
 }

@@ -73,6 +73,11 @@ struct conf_saga_step {
 	double timeout;			/* per command attempt; 0: saga's */
 	int attempts;			/* command sends before the step times out */
 	int notify;			/* one-way: sent without reply_to, not awaited */
+	/* Templates (JSON text, saga_data.h): the command's body and headers
+	 * and the compensation's; NULL: the start event (command) or the
+	 * step's reply (compensation), no extra headers. */
+	char *body, *headers, *compensate_body, *compensate_headers;
+	char *when;			/* condition to run the step; NULL: always */
 };
 
 struct conf_saga {

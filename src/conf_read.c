@@ -1,6 +1,7 @@
 #include "conf_read.h"
 
 #include <errno.h>
+#include <jansson.h>
 #include <stdarg.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -264,6 +265,52 @@ cread_list(struct conf_ctx *ctx, config_setting_t *list, const struct conf_key *
 	}
 }
 
+/* A setting as JSON: groups are objects (in the file's order), lists and
+ * arrays are arrays. */
+static json_t *
+cread_to_json(const config_setting_t *s)
+{
+	json_t *j;
+	int i, n;
+
+	switch (config_setting_type(s)) {
+	case CONFIG_TYPE_INT:
+		return json_integer(config_setting_get_int(s));
+	case CONFIG_TYPE_INT64:
+		return json_integer(config_setting_get_int64(s));
+	case CONFIG_TYPE_FLOAT:
+		return json_real(config_setting_get_float(s));
+	case CONFIG_TYPE_BOOL:
+		return json_boolean(config_setting_get_bool(s));
+	case CONFIG_TYPE_STRING:
+		return json_string(config_setting_get_string(s));
+	case CONFIG_TYPE_GROUP:
+		j = json_object();
+		n = config_setting_length(s);
+		for (i = 0; i < n; i++) {
+			config_setting_t *e = config_setting_get_elem(s, i);
+			json_object_set_new(j, config_setting_name(e), cread_to_json(e));
+		}
+		return j;
+	default:	/* list, array */
+		j = json_array();
+		n = config_setting_length(s);
+		for (i = 0; i < n; i++)
+			json_array_append_new(j, cread_to_json(config_setting_get_elem(s, i)));
+		return j;
+	}
+}
+
+static void
+cread_json(config_setting_t *s, char **p)
+{
+	json_t *j = cread_to_json(s);
+
+	free(*p);
+	*p = json_dumps(j, JSON_COMPACT | JSON_PRESERVE_ORDER | JSON_ENCODE_ANY);
+	json_decref(j);
+}
+
 static void
 cread_value(struct conf_ctx *ctx, config_setting_t *s, const struct conf_key *k, void *base)
 {
@@ -314,6 +361,9 @@ cread_value(struct conf_ctx *ctx, config_setting_t *s, const struct conf_key *k,
 		return;
 	case CONF_KVS:
 		cread_kv(ctx, s, k, base);
+		return;
+	case CONF_JSON:
+		cread_json(s, p);
 		return;
 	}
 }

@@ -160,6 +160,11 @@ static const struct conf_key conf_step_rows[] = {
 	ROW("timeout", CONF_DUR, SB(timeout), 0, NULL, 0, 86400 * 30),
 	ROW("attempts", CONF_INT, SB(attempts), 0, "3", 1, 1000),
 	ROW("notify", CONF_BOOL, SB(notify), 0, "false", 0, 0),
+	ROW("body", CONF_JSON, SB(body), 0, NULL, 0, 0),
+	ROW("headers", CONF_JSON, SB(headers), 0, NULL, 0, 0),
+	ROW("compensate_body", CONF_JSON, SB(compensate_body), 0, NULL, 0, 0),
+	ROW("compensate_headers", CONF_JSON, SB(compensate_headers), 0, NULL, 0, 0),
+	ROW("when", CONF_STR, SB(when), 0, NULL, 0, 0),
 	END
 };
 #undef SB
@@ -306,6 +311,7 @@ ctab_free_row(const struct conf_key *k, void *base)
 
 	switch (k->kind) {
 	case CONF_STR:
+	case CONF_JSON:
 		free(*(char **)p);
 		break;
 	case CONF_BINDING:
@@ -397,6 +403,7 @@ ctab_row_equal(const struct conf_key *k, const void *a, const void *b)
 
 	switch (k->kind) {
 	case CONF_STR:
+	case CONF_JSON:
 		return ctab_str_equal(*(char *const *)pa, *(char *const *)pb);
 	case CONF_DUR:
 		return *(const double *)pa == *(const double *)pb;
@@ -434,6 +441,7 @@ ctab_size(const struct conf_key *k)
 {
 	switch (k->kind) {
 	case CONF_STR:
+	case CONF_JSON:
 	case CONF_BINDINGS:
 	case CONF_LIST:
 	case CONF_KVS:

@@ -24,7 +24,8 @@ enum conf_kind {
 	CONF_BINDINGS,		/* struct conf_binding[], "exchange:binding-key" list */
 	CONF_GROUP,		/* { ... }: the rows in sub, same base */
 	CONF_LIST,		/* ( { ... }, ... ): elements of elem bytes, rows in sub */
-	CONF_KVS		/* struct conf_kv[]: every key no row names (plugins') */
+	CONF_KVS,		/* struct conf_kv[]: every key no row names (plugins') */
+	CONF_JSON		/* char *, owned: any setting as its JSON text (templates) */
 };
 
 /* A restart-only row: a reload keeps the running value and names the

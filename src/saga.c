@@ -1,8 +1,9 @@
 /*
  * The saga engine (saga.h): what a consumed message means to the sagas,
  * the state machine (saga_set_state, the one place instance states
- * change), the forward transitions, the messages it sends and its timers.
- * The backward path (compensation) is in saga_compensate.c, an instance's
+ * change), the forward transitions and the messages it sends. The
+ * backward path (compensation) is in saga_compensate.c, timers in
+ * saga_timer.c, an instance's
  * encoding and record in saga_record.c, the operators' views and commands
  * in saga_admin.c (shared types: saga_int.h).
  */
@@ -10,6 +11,7 @@
 
 #include <event2/buffer.h>
 #include <event2/event.h>
+#include <jansson.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -19,6 +21,7 @@
 #include "log.h"
 #include "props.h"
 #include "metrics.h"
+#include "saga_data.h"
 #include "saga_int.h"
 #include "saga_store.h"
 #include "sagad.h"
@@ -30,49 +33,8 @@ const char *const saga_state_names[SAGA_NSTATES] = {
 	"running", "completed", "compensating", "compensated", "failed"
 };
 const char *const saga_step_state_names[STEP_NSTATES] = {
-	"pending", "active", "succeeded", "failed", "compensating", "compensated"
+	"pending", "active", "succeeded", "failed", "compensating", "compensated", "skipped"
 };
-
-static void
-saga_arm(struct saga_engine *e, double due)
-{
-	struct timeval tv;
-	double now = util_now();
-
-	if (evtimer_pending(e->timer_ev, NULL) && e->timer_at <= due)
-		return;
-	e->timer_at = due;
-	if (due < now)
-		due = now;
-	tv.tv_sec = (time_t)(due - now);
-	tv.tv_usec = (suseconds_t)((due - now - tv.tv_sec) * 1e6);
-	evtimer_add(e->timer_ev, &tv);
-}
-
-void
-saga_timer_add(struct saga_engine *e, struct saga_inst *in, enum saga_timer_kind kind,
-    int step, double due)
-{
-	if (!in->row)
-		saga_save(e, in);
-	if (in->row && saga_store_timer_set(e->ss, in->row, kind, step, due) == 0)
-		saga_arm(e, due);
-}
-
-void
-saga_timer_del(struct saga_engine *e, struct saga_inst *in, enum saga_timer_kind kind, int step)
-{
-	if (in->row)
-		saga_store_timer_del(e->ss, in->row, kind, step);
-}
-
-void
-saga_timer_del_all(struct saga_engine *e, struct saga_inst *in)
-{
-	if (in->row)
-		saga_store_timer_del_all(e->ss, in->row);
-}
-
 /* ---- messages out ---- */
 
 /* Ids are stable for one saga, step and purpose: a resend carries the
@@ -97,10 +59,31 @@ saga_message_id(const struct saga_inst *in, const char *step, const char *what,
 	}
 }
 
+/* A headers template's rendering (a JSON object of strings) onto p. */
+static void
+saga_set_headers(struct props *p, const char *headers)
+{
+	json_t *j = headers ? json_loads(headers, 0, NULL) : NULL, *v;
+	const char *name;
+
+	json_object_foreach(j, name, v)
+		if (json_is_string(v))
+			props_set_header(p, name, json_string_value(v));
+	json_decref(j);
+}
+
 void
 saga_send(struct saga_engine *e, struct saga_inst *in, const struct conf_binding *to,
     const char *kind, const char *step, const char *what, const char *body,
     size_t len, const char *ct, int reply)
+{
+	saga_send_with(e, in, to, kind, step, what, body, len, ct, NULL, reply);
+}
+
+void
+saga_send_with(struct saga_engine *e, struct saga_inst *in, const struct conf_binding *to,
+    const char *kind, const char *step, const char *what, const char *body,
+    size_t len, const char *ct, const char *headers, int reply)
 {
 	struct msg m;
 	char id[512];
@@ -116,6 +99,7 @@ saga_send(struct saga_engine *e, struct saga_inst *in, const struct conf_binding
 	m.props.correlation_id = xstrdup(in->id);
 	if (reply)
 		m.props.reply_to = xstrdup(e->d->conf->saga_queue);
+	saga_set_headers(&m.props, headers);	/* first: sagad's own win */
 	props_set_header(&m.props, "x-sagad-saga", in->def->name);
 	if (step)
 		props_set_header(&m.props, "x-sagad-step", step);
@@ -211,19 +195,85 @@ saga_finish(struct saga_engine *e, struct saga_inst *in, enum saga_state state)
 	saga_set_state(e, in, state, NULL, NULL);
 }
 
+int
+saga_send_step(struct saga_engine *e, struct saga_inst *in, size_t i, int comp,
+    char why[SAGA_DATA_ERR])
+{
+	const struct conf_saga_step *cs = &in->def->steps[i];
+	const struct saga_step_rt *st = &in->steps[i];
+	const char *tpl = comp ? cs->compensate_body : cs->body;
+	const char *htpl = comp ? cs->compensate_headers : cs->headers;
+	const char *body = comp ? st->body : in->body, *ct = comp ? st->ct : in->ct;
+	const char *kind = comp ? "compensation" : cs->notify ? "notification" : "command";
+	size_t len = comp ? st->body_len : in->body_len;
+	char *rendered = NULL, *headers = NULL;
+	struct saga_data_src src;
+
+	saga_data_of(in, &src);
+	if (tpl && !(rendered = saga_data_render(tpl, &src, why)))
+		return -1;
+	if (htpl && !(headers = saga_data_headers(htpl, &src, why))) {
+		free(rendered);
+		return -1;
+	}
+	if (rendered) {
+		body = rendered;
+		len = strlen(rendered);
+		ct = "application/json";
+	}
+	saga_send_with(e, in, comp ? &cs->compensate : &cs->command, kind, cs->name,
+	    comp ? "compensate" : kind, body, len, ct, headers, !cs->notify);
+	free(rendered);
+	free(headers);
+	return 0;
+}
+
+/* A step whose message cannot be made (a reference of its templates is
+ * missing): the step fails, the saga compensates, the history says why. */
 static void
+saga_step_data_failed(struct saga_engine *e, struct saga_inst *in, size_t i, const char *why)
+{
+	char reason[SAGA_DATA_ERR + 300];
+
+	in->steps[i].state = STEP_FAILED;
+	saga_log(e, in, "step", "data error", in->def->steps[i].name, NULL, why);
+	snprintf(reason, sizeof reason, "step %s: %s", in->def->steps[i].name, why);
+	saga_start_compensation(e, in, reason);
+}
+
+void
 saga_send_command(struct saga_engine *e, struct saga_inst *in, unsigned i)
 {
 	const struct conf_saga_step *cs = &in->def->steps[i];
 	struct saga_step_rt *st = &in->steps[i];
+	char why[SAGA_DATA_ERR];
 
 	st->state = STEP_ACTIVE;
 	st->attempts++;
 	st->sent_at = util_now();
 	in->cur = i;
-	saga_send(e, in, &cs->command, "command", cs->name, "command", in->body,
-	    in->body_len, in->ct, 1);
+	if (saga_send_step(e, in, i, 0, why) < 0) {
+		saga_step_data_failed(e, in, i, why);
+		return;
+	}
 	saga_timer_add(e, in, TIMER_STEP, (int)i, util_now() + cs->timeout);
+}
+
+/* A step whose condition is false: recorded, never run nor compensated. */
+static int
+saga_step_skipped(struct saga_engine *e, struct saga_inst *in, size_t i)
+{
+	const struct conf_saga_step *cs = &in->def->steps[i];
+	struct saga_data_src src;
+
+	if (!cs->when)
+		return 0;
+	saga_data_of(in, &src);
+	if (saga_data_when(cs->when, &src))
+		return 0;
+	in->steps[i].state = STEP_SKIPPED;
+	saga_log(e, in, "step", "skipped: condition false", cs->name, NULL, cs->when);
+	return 1;
 }
 
 /* A step done without a reply: what its compensation will carry is the
@@ -244,7 +294,8 @@ saga_step_done(struct saga_inst *in, size_t i)
 }
 
 /*
- * Orchestrated: run the steps from i on. A compensation-only step runs
+ * Orchestrated: run the steps from i on. A step whose condition is false
+ * is skipped; a compensation-only step runs
  * nothing (it is done at once and compensated like the others); a
  * notification step sends its command without reply_to and goes on; the
  * first other step sends its command and waits for the reply. Past the
@@ -253,8 +304,12 @@ saga_step_done(struct saga_inst *in, size_t i)
 static void
 saga_advance(struct saga_engine *e, struct saga_inst *in, size_t i)
 {
+	char why[SAGA_DATA_ERR];
+
 	for (; i < in->def->n_steps; i++) {
 		const struct conf_saga_step *cs = &in->def->steps[i];
+		if (saga_step_skipped(e, in, i))
+			continue;
 		if (!cs->command.exchange) {
 			saga_step_done(in, i);
 			saga_log(e, in, "step", "compensation only: nothing to run", cs->name,
@@ -267,8 +322,10 @@ saga_advance(struct saga_engine *e, struct saga_inst *in, size_t i)
 		}
 		in->steps[i].attempts++;
 		in->steps[i].sent_at = util_now();
-		saga_send(e, in, &cs->command, "notification", cs->name, "notification", in->body,
-		    in->body_len, in->ct, 0);
+		if (saga_send_step(e, in, i, 0, why) < 0) {
+			saga_step_data_failed(e, in, i, why);
+			return;
+		}
 		saga_step_done(in, i);
 	}
 	saga_finish(e, in, SAGA_COMPLETED);
@@ -296,7 +353,7 @@ saga_all_succeeded(const struct saga_inst *in)
 	size_t i;
 
 	for (i = 0; i < in->def->n_steps; i++)
-		if (in->steps[i].state != STEP_SUCCEEDED)
+		if (in->steps[i].state != STEP_SUCCEEDED && in->steps[i].state != STEP_SKIPPED)
 			return 0;
 	return 1;
 }
@@ -309,6 +366,11 @@ saga_on_step_result(struct saga_engine *e, struct saga_inst *in, size_t i, int s
 	const char *name = in->def->steps[i].name;
 	int orchestrated = in->def->mode == SAGA_ORCHESTRATED;
 
+	if (st->state == STEP_SKIPPED) {
+		saga_log(e, in, "in", "skipped step: ignored", name, m->message_id,
+		    success ? "success" : "failure");
+		return;
+	}
 	if (st->state == STEP_SUCCEEDED || st->state == STEP_COMPENSATING ||
 	    st->state == STEP_COMPENSATED || (!success && st->state == STEP_FAILED)) {
 		e->stats[in->def_index].duplicates++;
@@ -366,14 +428,16 @@ saga_apply_early(void *arg, const struct msg *m)
 	saga_handle_matches(a->e, m, a->def);
 }
 
-/* Choreographed: every step waits for its event, but a compensation-only
- * one, done at once (all of them: completed). */
+/* Choreographed: every step waits for its event, but a skipped one and a
+ * compensation-only one, done at once (all of them: completed). */
 static void
 saga_chore_begin(struct saga_engine *e, struct saga_inst *in)
 {
 	size_t i;
 
 	for (i = 0; i < in->def->n_steps; i++) {
+		if (saga_step_skipped(e, in, i))
+			continue;
 		if (in->def->steps[i].success.exchange) {
 			in->steps[i].state = STEP_ACTIVE;
 			continue;
@@ -558,112 +622,6 @@ saga_take(struct saga_engine *e, struct msg *m, saga_settle_fn *settle, void *ar
 	if (m->props.correlation_id && *m->props.correlation_id)
 		job.ids[job.n_ids++] = m->props.correlation_id;
 	job.ids[job.n_ids++] = m->message_id;
-	saga_store_submit(e->ss, &job);
-}
-
-/* ---- timers ---- */
-
-static void
-saga_on_timer(struct saga_engine *e, struct saga_inst *in, int kind, int step)
-{
-	if (kind == TIMER_SAGA) {
-		if (in->state == SAGA_RUNNING) {
-			saga_log(e, in, "timer", "saga timeout", NULL, NULL, NULL);
-			saga_start_compensation(e, in, "saga timeout");
-		}
-		return;
-	}
-	if (step < 0 || (size_t)step >= in->def->n_steps)
-		return;
-	if (kind == TIMER_STEP) {
-		const struct conf_saga_step *cs = &in->def->steps[step];
-		if (in->state != SAGA_RUNNING || in->steps[step].state != STEP_ACTIVE)
-			return;
-		saga_trace_step(e, in, (size_t)step, 0, "timeout");
-		if (in->steps[step].attempts < (unsigned)cs->attempts) {
-			saga_log(e, in, "timer", "step timeout: command sent again", cs->name, NULL, NULL);
-			saga_send_command(e, in, (unsigned)step);
-			return;
-		}
-		in->steps[step].state = STEP_FAILED;
-		saga_log(e, in, "timer", "step timeout", cs->name, NULL, NULL);
-		{
-			char why[300];
-			snprintf(why, sizeof why, "step %s timed out", cs->name);
-			saga_start_compensation(e, in, why);
-		}
-		return;
-	}
-	/* TIMER_COMPENSATE: no reply yet, or a refused one waited its backoff. */
-	if (in->state != SAGA_COMPENSATING || in->steps[step].state != STEP_COMPENSATING)
-		return;
-	saga_trace_step(e, in, (size_t)step, 1, "timeout");
-	if (in->steps[step].comp_attempts >= (unsigned)in->def->compensate_attempts) {
-		saga_compensation_exhausted(e, in, (size_t)step, "unconfirmed");
-		return;
-	}
-	saga_send_compensation(e, in, (size_t)step);
-}
-
-static void
-saga_rearm(struct saga_engine *e)
-{
-	double due = saga_store_timer_next(e->ss);
-
-	if (due > 0) {
-		evtimer_del(e->timer_ev);
-		saga_arm(e, due);
-	}
-}
-
-/* A round of due timers is one job (saga_store.h): a shared backend
- * answers timers_due with the timers it claimed and locked. */
-static void
-saga_timers_run(void *arg)
-{
-	struct saga_engine *e = arg;
-	struct saga_due due[256];
-	size_t n, i;
-
-	n = saga_store_timers_due(e->ss, util_now(), due, 256);
-	for (i = 0; i < n; i++) {
-		struct saga_inst *in = saga_load_row(e, due[i].row);
-
-		/* The timer is spent whatever happens next. */
-		saga_store_timer_spent(e->ss, due[i].id);
-		if (!in)
-			continue;
-		saga_on_timer(e, in, due[i].kind, due[i].step);
-		saga_save(e, in);
-		saga_inst_free(in);
-	}
-}
-
-static void
-saga_timers_done(void *arg, enum saga_job_result r)
-{
-	struct saga_engine *e = arg;
-
-	if (r != SAGA_JOB_DONE)
-		log_error("saga timer round not committed; it runs again");
-	e->timer_job = 0;
-	e->timer_at = 0;
-	if (e->d->state != SAGAD_STOPPED)
-		saga_rearm(e);
-}
-
-static void
-saga_timer_cb(evutil_socket_t fd, short what, void *arg)
-{
-	struct saga_engine *e = arg;
-	struct saga_job job = { .want = SAGA_WANT_TIMERS, .run = saga_timers_run,
-	    .done = saga_timers_done, .arg = e };
-
-	(void)fd;
-	(void)what;
-	if (e->d->state == SAGAD_STOPPED || e->timer_job)
-		return;
-	e->timer_job = 1;
 	saga_store_submit(e->ss, &job);
 }
 

@@ -45,6 +45,7 @@ enum saga_step_state {
 	STEP_FAILED,
 	STEP_COMPENSATING,	/* compensation sent, waiting for success */
 	STEP_COMPENSATED,
+	STEP_SKIPPED,		/* its `when` was false: never run nor compensated */
 	STEP_NSTATES
 };
 

@@ -11,6 +11,7 @@
 
 #include "conf.h"
 #include "msg.h"
+#include "saga_data.h"
 #include "saga_int.h"
 #include "util.h"
 
@@ -35,11 +36,18 @@ saga_send_compensation(struct saga_engine *e, struct saga_inst *in, size_t i)
 	const struct conf_saga_step *cs = &in->def->steps[i];
 	struct saga_step_rt *st = &in->steps[i];
 
+	char why[SAGA_DATA_ERR], reason[SAGA_DATA_ERR + 300];
+
 	st->state = STEP_COMPENSATING;
 	st->comp_attempts++;
 	st->sent_at = util_now();
-	saga_send(e, in, &cs->compensate, "compensation", cs->name, "compensate",
-	    st->body, st->body_len, st->ct, !cs->notify);
+	if (saga_send_step(e, in, i, 1, why) < 0) {
+		/* Another try would fail the same way: an operator's turn. */
+		saga_log(e, in, "step", "data error", cs->name, NULL, why);
+		snprintf(reason, sizeof reason, "compensation of %s: %s", cs->name, why);
+		saga_set_state(e, in, SAGA_FAILED, cs->name, reason);
+		return;
+	}
 	if (cs->notify) {
 		st->state = STEP_COMPENSATED;
 		saga_compensate_next(e, in);

@@ -15,6 +15,7 @@
 
 #include "metrics.h"
 #include "saga.h"
+#include "saga_data.h"
 #include "saga_store.h"
 
 struct conf_saga;
@@ -106,6 +107,9 @@ ssize_t saga_def_index(const struct sagad_conf *c, const char *name);
 struct saga_inst *saga_from_rec(struct saga_engine *e, const struct saga_rec *r);
 struct saga_inst *saga_load(struct saga_engine *e, size_t def, const char *id);
 struct saga_inst *saga_load_row(struct saga_engine *e, int64_t row);
+/* What the instance offers the templates and conditions of its steps. */
+struct saga_data_src;
+void saga_data_of(const struct saga_inst *in, struct saga_data_src *src);
 /* Inserts or updates the record and the per-state counts. */
 void saga_save(struct saga_engine *e, struct saga_inst *in);
 /* One line of the instance's history (saved first if new). */
@@ -129,11 +133,28 @@ void saga_send(struct saga_engine *e, struct saga_inst *in, const struct conf_bi
 /* Step i succeeded with m (its reply or event), kept for its compensation. */
 void saga_step_succeeded(struct saga_engine *e, struct saga_inst *in, size_t i,
     const struct msg *m);
+/* Like saga_send, with extra headers (a JSON object of strings, or NULL). */
+void saga_send_with(struct saga_engine *e, struct saga_inst *in, const struct conf_binding *to,
+    const char *kind, const char *step, const char *what, const char *body,
+    size_t len, const char *ct, const char *headers, int reply);
+/* Step i's command (comp 0) or compensation (comp 1), made from its
+ * templates (saga_data.h): 0, or -1 with why, nothing sent. */
+int saga_send_step(struct saga_engine *e, struct saga_inst *in, size_t i, int comp,
+    char why[SAGA_DATA_ERR]);
+/* Step i's command (again): the step is active, its reply awaited. */
+void saga_send_command(struct saga_engine *e, struct saga_inst *in, unsigned i);
+
+/* ---- saga_timer.c: timers ---- */
+
 void saga_timer_add(struct saga_engine *e, struct saga_inst *in, enum saga_timer_kind kind,
     int step, double due);
 void saga_timer_del(struct saga_engine *e, struct saga_inst *in, enum saga_timer_kind kind,
     int step);
 void saga_timer_del_all(struct saga_engine *e, struct saga_inst *in);
+/* The libevent timer armed again for the store's earliest timer. */
+void saga_rearm(struct saga_engine *e);
+/* The libevent timer's callback: a round of due timers, as one job. */
+void saga_timer_cb(int fd, short what, void *arg);
 
 /* ---- saga_compensate.c: the backward path ---- */
 

@@ -12,6 +12,7 @@
 #include "conf.h"
 #include "props.h"
 #include "log.h"
+#include "saga_data.h"
 #include "saga_int.h"
 #include "sagad.h"
 #include "trace.h"
@@ -210,6 +211,44 @@ saga_inst_free(struct saga_inst *in)
 	free(in->trace_parent);
 	free(in->trace_state);
 	free(in);
+}
+
+/* ---- data for the steps (saga_data.h) ---- */
+
+/* A step's reply: that of a step which succeeded (and may be undone since)
+ * with a reply or an event; a notification or compensation-only step has
+ * none. */
+static int
+saga_reply_of(void *arg, const char *step, const char **body, size_t *len)
+{
+	const struct saga_inst *in = arg;
+	size_t i;
+
+	for (i = 0; i < in->def->n_steps; i++) {
+		const struct conf_saga_step *cs = &in->def->steps[i];
+		enum saga_step_state s = in->steps[i].state;
+		if (strcmp(cs->name, step) != 0)
+			continue;
+		if (cs->notify || (!cs->command.exchange && !cs->success.exchange) ||
+		    (s != STEP_SUCCEEDED && s != STEP_COMPENSATING && s != STEP_COMPENSATED))
+			return 0;
+		*body = in->steps[i].body;
+		*len = in->steps[i].body_len;
+		return 1;
+	}
+	return 0;
+}
+
+void
+saga_data_of(const struct saga_inst *in, struct saga_data_src *src)
+{
+	memset(src, 0, sizeof *src);
+	src->saga_id = in->id;
+	src->saga_name = in->def->name;
+	src->start = in->body;
+	src->start_len = in->body_len;
+	src->reply = saga_reply_of;
+	src->arg = (void *)in;
 }
 
 /* ---- persistence ---- */

@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """Step kinds beyond command-and-reply (sagad.conf(5), SAGAS: steps):
-compensation-only steps and one-way notification steps, in the shape of
+compensation-only steps, one-way notification steps, data between steps
+and conditions. The first saga is in the shape of
 the create-order saga of *Microservices Patterns*: reject the order
 (compensation only), reserve stock, tell the kitchen (a notification,
 withdrawn by another one-way message when undone), authorize the payment.
@@ -16,6 +17,13 @@ stock release (awaited), then the compensation-only step's reject with
 the start event as its body; a choreographed saga with a
 compensation-only step compensates it too; the history names what ran
 and what did not.
+
+The "shop" saga: a command body and headers built from the start event
+and an earlier step's reply (JSON Pointers), a compensation body from the
+step's own reply, a step run or skipped by its condition (a skipped step
+is never compensated), and a reference that is missing in the start
+event: the step fails with the pointer named in the history, and the
+saga compensates.
 """
 
 import json
@@ -46,6 +54,20 @@ SAGAS = '''sagas = (
       { name = "pick";    success = "events:delivery.picked"; failure = "events:delivery.lost"; }
     );
     compensated = "events:delivery.undone";
+  },
+  { name = "shop"; start = "events:shop.created"; timeout = 120;
+    steps = (
+      { name = "list"; command = "commands:depot.list"; compensate = "commands:depot.unlist";
+        body = { order = "$start/order"; saga = "$saga.id"; };
+        compensate_body = { listId = "$steps.list.reply/listId"; why = "$$undo"; }; },
+      { name = "express"; command = "commands:depot.express"; compensate = "commands:depot.slow";
+        when = "$start/total > 100"; },
+      { name = "shop"; command = "commands:depot.shop";
+        body = { order = "$start/order"; listId = "$steps.list.reply/listId";
+                 items = [ "$start/items/0", "fixed" ]; };
+        headers = { x-list-id = "$steps.list.reply/listId"; x-total = "$start/total"; }; }
+    );
+    compensated = "events:shop.undone";
   }
 );
 '''
@@ -81,6 +103,25 @@ def config_checks(wd):
         ["'a'", "failure", "success"])
     check_bad_conf(wd, 'a choreographed step with neither success nor compensate', chore % (
         '      { name = "a"; }  # <-'), ["'a'", "success", "compensate"])
+    check_bad_conf(wd, 'a body that refers to a later step', orch % (
+        '      { name = "a"; command = "commands:a"; body = { x = "$steps.b.reply/id"; }; },  # <-\n'
+        '      { name = "b"; command = "commands:b"; }'), ["'a'", "body", "steps.b.reply"])
+    check_bad_conf(wd, 'an unknown reference', orch % (
+        '      { name = "a"; command = "commands:a"; body = { x = "$begin/id"; }; }  # <-'),
+        ["'a'", "body", "unknown reference"])
+    check_bad_conf(wd, 'a bad condition', orch % (
+        '      { name = "a"; command = "commands:a"; when = "$start/total about 3"; }  # <-'),
+        ["'a'", "when", "operator"])
+    check_bad_conf(wd, "a header of sagad's own", orch % (
+        '      { name = "a"; command = "commands:a"; headers = { x-sagad-step = "x"; }; }  # <-'),
+        ["'a'", "headers", "x-sagad-step"])
+    check_bad_conf(wd, 'a body for a step without a command', orch % (
+        '      { name = "a"; compensate = "commands:a"; body = { x = 1; }; }  # <-'),
+        ["'a'", "body"])
+    check_bad_conf(wd, "a choreographed condition on a reply", chore % (
+        '      { name = "a"; success = "events:a"; },\n'
+        '      { name = "b"; success = "events:b"; when = "$steps.a.reply/ok exists"; }  # <-'),
+        ["'b'", "when", "start event only"])
 
 
 def at(p, key, cid):
@@ -100,7 +141,8 @@ def scenario(wd, saga_store=''):
         'inbox', ['commands:order.#', 'events:order.approved', 'events:order.rejected',
                   'events:delivery.undone'], orders_svc.url) + saga_store)
     d_stock = h.Sagad(wd, broker.url, name='stock', conf_extra=subscription_conf(
-        'inbox', ['commands:stock.#', 'events:ticket.#', 'events:delivery.start'], stock.url))
+        'inbox', ['commands:stock.#', 'events:ticket.#', 'events:delivery.start',
+                  'commands:depot.#'], stock.url))
     d_payment = h.Sagad(wd, broker.url, name='payment', conf_extra=subscription_conf(
         'inbox', ['commands:payment.#'], payment.url))
     for d in (d_stock, d_payment, orders):
@@ -171,11 +213,67 @@ def scenario(wd, saga_store=''):
             inst['steps'])
     h.check(len(orders_svc.deliveries('order.reject', 'dl1')) == 1,
             'dl1: its compensation sent once')
+    shop(orders, stock)
     for d in (orders, d_stock, d_payment):
         d.stop()
     broker.stop()
     for p in (stock, payment, orders_svc):
         p.stop()
+
+
+def shop(orders, depot):
+    """The "shop" saga: data between steps and conditions."""
+    depot.rules['depot.list'] = lambda cid, n: Answer(body={'listId': 'L-' + cid, 'n': 2})
+    depot.rules[('depot.shop', 'sh3')] = Answer(409)
+    starts = {'sh1': {'order': 'o1', 'total': 150, 'items': ['apple']},
+              'sh2': {'order': 'o2', 'total': 50, 'items': ['pear']},
+              'sh3': {'order': 'o3', 'total': 20, 'items': ['fig']},
+              'sh4': {'total': 500, 'items': []}}      # no "order": a data error
+    for cid, body in starts.items():
+        st, js, _ = orders.publish('events', 'shop.created', json.dumps(body).encode(),
+                                   {'Content-Type': 'application/json', 'Correlation-Id': cid,
+                                    'Message-Id': 'start-' + cid})
+        h.check(st == 202, 'start of %s accepted' % cid, js)
+    want = {'sh1': 'completed', 'sh2': 'completed', 'sh3': 'compensated', 'sh4': 'compensated'}
+    h.wait_until(lambda: all(saga_state(orders, c) == s for c, s in want.items()), 60,
+                 'the shop sagas finished: %s' % want)
+
+    lst = depot.deliveries('depot.list', 'sh1')
+    h.check(len(lst) == 1 and lst[0]['body'] == {'order': 'o1', 'saga': 'sh1'} and
+            lst[0]['content_type'] == 'application/json',
+            'sh1: the list command carries a body made from the start event and the saga id', lst)
+    shp = depot.deliveries('depot.shop', 'sh1')
+    h.check(len(shp) == 1 and shp[0]['body'] == {'order': 'o1', 'listId': 'L-sh1',
+                                                 'items': ['apple', 'fixed']},
+            'sh1: the shop command carries the list id from the list step\'s reply', shp)
+    h.check(shp and shp[0]['amqp_headers'].get('x-list-id') == 'L-sh1' and
+            shp[0]['amqp_headers'].get('x-total') == '150',
+            'sh1: and headers made from them', shp and shp[0]['amqp_headers'])
+    h.check(len(depot.deliveries('depot.express', 'sh1')) == 1,
+            'sh1: total 150 > 100: the express step ran')
+
+    inst = saga_get(orders, 'sh2')
+    h.check(step_states(inst) == {'list': 'succeeded', 'express': 'skipped', 'shop': 'succeeded'}
+            and not depot.deliveries('depot.express', 'sh2'),
+            'sh2: total 50: the express step is skipped, the saga completes', inst['steps'])
+    sk = hist_entries(inst, 'skipped: condition false', 'express')
+    h.check(sk and sk[0]['detail'] == '$start/total > 100',
+            'sh2: the history names the condition', sk)
+
+    inst = saga_get(orders, 'sh3')
+    h.check(step_states(inst) == {'list': 'compensated', 'express': 'skipped', 'shop': 'failed'},
+            'sh3: the shop refused: the list undone, the skipped express not', inst['steps'])
+    unl = depot.deliveries('depot.unlist', 'sh3')
+    h.check(len(unl) == 1 and unl[0]['body'] == {'listId': 'L-sh3', 'why': '$undo'} and
+            not depot.deliveries('depot.slow', 'sh3'),
+            'sh3: the compensation body from the step\'s own reply ($$ a literal $)', unl)
+
+    inst = saga_get(orders, 'sh4')
+    err = hist_entries(inst, 'data error', 'list')
+    h.check(step_states(inst)['list'] == 'failed' and not depot.deliveries('depot.list', 'sh4')
+            and err and '/order' in err[0]['detail'] and '/order' in (inst['reason'] or ''),
+            'sh4: a missing reference fails the step, nothing sent, the pointer named',
+            (inst['steps'], err, inst['reason']))
 
 
 def main(wd):

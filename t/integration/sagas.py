@@ -328,7 +328,9 @@ class Participant:
                 applied=applied, kind=hdrs.get('Sagad-Kind'), saga=hdrs.get('Sagad-Saga'),
                 step=hdrs.get('Sagad-Step'), attempt=hdrs.get('Sagad-Attempt'),
                 exchange=hdrs.get('Sagad-Exchange'), body=body,
-                content_type=hdrs.get('Content-Type')))
+                content_type=hdrs.get('Content-Type'),
+                amqp_headers={k[len('Amqp-Header-'):].lower(): v for k, v in hdrs.items()
+                              if k.lower().startswith('amqp-header-')}))
         for ev in ans.events:
             t = threading.Timer(ev.delay, self._publish_event, (ev, cid))
             t.daemon = True
