@@ -429,7 +429,7 @@ admin_saga_answer(void *arg, int status, void *json)
 	case 409:
 		httpd_error(req, 409, "wrong-state",
 		    "no instance with this id in the state the command needs "
-		    "(retry: failed, abort: running)");
+		    "(retry: failed, abort: running and not past its pivot)");
 		break;
 	default:
 		evhttp_add_header(evhttp_request_get_output_headers(req), "Retry-After", "1");

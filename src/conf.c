@@ -363,6 +363,36 @@ conf_check_saga_step(struct conf_ctx *ctx, config_setting_t *se, const struct sa
 		st->timeout = sg->timeout > 0 ? sg->timeout : 30;
 }
 
+/* The pivot: one, orchestrated, a command awaiting its reply; it and the
+ * steps after it are never compensated, so none may say how. */
+static void
+conf_check_pivot(struct conf_ctx *ctx, config_setting_t *e, config_setting_t *steps,
+    const struct conf_saga *sg)
+{
+	size_t j, pivot = (size_t)-1;
+
+	for (j = 0; j < sg->n_steps; j++) {
+		const struct conf_saga_step *st = &sg->steps[j];
+		config_setting_t *se = steps ? config_setting_get_elem(steps, j) : e;
+		const char *sn = st->name ? st->name : "?";
+		if (st->pivot && pivot != (size_t)-1)
+			conf_err(ctx, se, "saga '%s': step '%s': a saga has one pivot at most (%s is one)",
+			    sg->name, sn, sg->steps[pivot].name);
+		else if (st->pivot && sg->mode != SAGA_ORCHESTRATED)
+			conf_err(ctx, se, "saga '%s': step '%s': pivot is for orchestrated sagas",
+			    sg->name, sn);
+		else if (st->pivot && (!conf_has_binding(&st->command) || st->notify))
+			conf_err(ctx, se, "saga '%s': step '%s': the pivot must be a command awaiting "
+			    "its reply", sg->name, sn);
+		else if (st->pivot)
+			pivot = j;
+		if (pivot != (size_t)-1 && conf_has_binding(&st->compensate))
+			conf_err(ctx, se, "saga '%s': step '%s': %s never compensated "
+			    "(the pivot and the steps after it are retried, not undone)",
+			    sg->name, sn, j == pivot ? "the pivot is" : "a step after the pivot is");
+	}
+}
+
 static void
 conf_check_sagas(struct conf_ctx *ctx, config_t *cfg, struct sagad_conf *c)
 {
@@ -412,6 +442,7 @@ conf_check_sagas(struct conf_ctx *ctx, config_t *cfg, struct sagad_conf *c)
 					conf_err(ctx, se, "saga '%s': step '%s' is defined twice", n, st->name);
 			conf_check_saga_step(ctx, se, c, sg, st, j);
 		}
+		conf_check_pivot(ctx, e, steps, sg);
 	}
 }
 

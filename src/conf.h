@@ -78,6 +78,7 @@ struct conf_saga_step {
 	 * step's reply (compensation), no extra headers. */
 	char *body, *headers, *compensate_body, *compensate_headers;
 	char *when;			/* condition to run the step; NULL: always */
+	int pivot;			/* the point of no return (at most one) */
 };
 
 struct conf_saga {
@@ -91,7 +92,9 @@ struct conf_saga {
 	struct conf_binding completed, compensated;	/* optional */
 	int compensate_attempts;
 	double compensate_timeout;	/* wait for a compensation reply */
-	double retry_initial, retry_max;	/* between compensation attempts */
+	double retry_initial, retry_max;	/* between compensation attempts, and
+					 * sends of a step after the pivot */
+	int retry_attempts;		/* sends of a step after the pivot */
 };
 
 struct conf_broker {

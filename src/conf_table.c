@@ -165,6 +165,7 @@ static const struct conf_key conf_step_rows[] = {
 	ROW("compensate_body", CONF_JSON, SB(compensate_body), 0, NULL, 0, 0),
 	ROW("compensate_headers", CONF_JSON, SB(compensate_headers), 0, NULL, 0, 0),
 	ROW("when", CONF_STR, SB(when), 0, NULL, 0, 0),
+	ROW("pivot", CONF_BOOL, SB(pivot), 0, "false", 0, 0),
 	END
 };
 #undef SB
@@ -181,6 +182,7 @@ static const struct conf_key conf_saga_rows[] = {
 	ROW("compensate_timeout", CONF_DUR, SG(compensate_timeout), 0, "10", 0.01, 86400),
 	ROW("retry_initial", CONF_DUR, SG(retry_initial), 0, "0.5", 0.001, 86400),
 	ROW("retry_max", CONF_DUR, SG(retry_max), 0, "30", 0.001, 86400),
+	ROW("retry_attempts", CONF_INT, SG(retry_attempts), 0, "10", 1, 1000000),
 	END
 };
 #undef SG

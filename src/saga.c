@@ -121,9 +121,11 @@ saga_send_with(struct saga_engine *e, struct saga_inst *in, const struct conf_bi
 /* The edges of the diagram in saga.h, and only they. An instance is born
  * running (saga_on_start); every later change goes through saga_set_state. */
 static const unsigned char saga_edges[SAGA_NSTATES][SAGA_NSTATES] = {
-	[SAGA_RUNNING] = { [SAGA_COMPLETED] = 1, [SAGA_COMPENSATING] = 1 },
+	[SAGA_RUNNING] = { [SAGA_COMPLETED] = 1, [SAGA_COMPENSATING] = 1,
+	    [SAGA_FAILED] = 1 },			/* given up after the pivot */
 	[SAGA_COMPENSATING] = { [SAGA_COMPENSATED] = 1, [SAGA_FAILED] = 1 },
-	[SAGA_FAILED] = { [SAGA_COMPENSATING] = 1 },		/* retry, late confirmation */
+	/* retry, late confirmation; retry after the pivot, late success */
+	[SAGA_FAILED] = { [SAGA_COMPENSATING] = 1, [SAGA_RUNNING] = 1 },
 	[SAGA_COMPENSATED] = { [SAGA_COMPENSATING] = 1 },	/* late success */
 };
 
@@ -206,7 +208,7 @@ saga_send_step(struct saga_engine *e, struct saga_inst *in, size_t i, int comp,
 	const char *body = comp ? st->body : in->body, *ct = comp ? st->ct : in->ct;
 	const char *kind = comp ? "compensation" : cs->notify ? "notification" : "command";
 	size_t len = comp ? st->body_len : in->body_len;
-	char *rendered = NULL, *headers = NULL;
+	char *rendered = NULL, *headers = NULL, what[32];
 	struct saga_data_src src;
 
 	saga_data_of(in, &src);
@@ -221,8 +223,13 @@ saga_send_step(struct saga_engine *e, struct saga_inst *in, size_t i, int comp,
 		len = strlen(rendered);
 		ct = "application/json";
 	}
-	saga_send_with(e, in, comp ? &cs->compensate : &cs->command, kind, cs->name,
-	    comp ? "compensate" : kind, body, len, ct, headers, !cs->notify);
+	/* A command refused after the pivot goes again as a new message. */
+	if (!comp && st->refusals)
+		snprintf(what, sizeof what, "command#%u", st->refusals + 1);
+	else
+		snprintf(what, sizeof what, "%s", comp ? "compensate" : kind);
+	saga_send_with(e, in, comp ? &cs->compensate : &cs->command, kind, cs->name, what,
+	    body, len, ct, headers, !cs->notify);
 	free(rendered);
 	free(headers);
 	return 0;
@@ -235,9 +242,13 @@ saga_step_data_failed(struct saga_engine *e, struct saga_inst *in, size_t i, con
 {
 	char reason[SAGA_DATA_ERR + 300];
 
-	in->steps[i].state = STEP_FAILED;
 	saga_log(e, in, "step", "data error", in->def->steps[i].name, NULL, why);
 	snprintf(reason, sizeof reason, "step %s: %s", in->def->steps[i].name, why);
+	if (saga_past_pivot(in)) {	/* no way back: an operator's turn */
+		saga_set_state(e, in, SAGA_FAILED, in->def->steps[i].name, reason);
+		return;
+	}
+	in->steps[i].state = STEP_FAILED;
 	saga_start_compensation(e, in, reason);
 }
 
@@ -257,6 +268,41 @@ saga_send_command(struct saga_engine *e, struct saga_inst *in, unsigned i)
 		return;
 	}
 	saga_timer_add(e, in, TIMER_STEP, (int)i, util_now() + cs->timeout);
+}
+
+int
+saga_past_pivot(const struct saga_inst *in)
+{
+	size_t i;
+
+	for (i = 0; i < in->def->n_steps; i++)
+		if (in->def->steps[i].pivot)
+			return in->steps[i].state == STEP_SUCCEEDED;
+	return 0;
+}
+
+void
+saga_retry_later(struct saga_engine *e, struct saga_inst *in, size_t i, int refused)
+{
+	struct saga_step_rt *st = &in->steps[i];
+	const char *name = in->def->steps[i].name;
+	char why[300];
+
+	if (st->attempts >= (unsigned)in->def->retry_attempts) {
+		snprintf(why, sizeof why, "step %s %s %u times after the pivot", name,
+		    refused ? "refused" : "unanswered", st->attempts);
+		saga_set_state(e, in, SAGA_FAILED, name, why);	/* the step stays active */
+		return;
+	}
+	if (!refused) {		/* it waited its timeout: at once, the same message */
+		saga_log(e, in, "timer", "step timeout: command sent again", name, NULL, NULL);
+		saga_send_command(e, in, (unsigned)i);
+		return;
+	}
+	st->refusals++;
+	saga_log(e, in, "step", "refused after the pivot: sent again later", name, NULL, NULL);
+	saga_timer_add(e, in, TIMER_STEP, (int)i, util_now() +
+	    util_backoff(in->def->retry_initial, in->def->retry_max, st->attempts));
 }
 
 /* A step whose condition is false: recorded, never run nor compensated. */
@@ -379,6 +425,9 @@ saga_on_step_result(struct saga_engine *e, struct saga_inst *in, size_t i, int s
 		return;
 	}
 	saga_log(e, in, "in", success ? "success" : "failure", name, m->message_id, NULL);
+	if (success && in->state == SAGA_FAILED && saga_past_pivot(in) && in->cur == i &&
+	    st->state == STEP_ACTIVE)
+		saga_set_state(e, in, SAGA_RUNNING, name, "late success after the pivot");
 	if (in->state != SAGA_RUNNING) {
 		if (success && in->state != SAGA_COMPLETED)
 			saga_late_success(e, in, i, m);
@@ -391,6 +440,10 @@ saga_on_step_result(struct saga_engine *e, struct saga_inst *in, size_t i, int s
 	}
 	saga_timer_del(e, in, TIMER_STEP, (int)i);
 	saga_trace_step(e, in, i, 0, success ? NULL : "refused");
+	if (!success && saga_past_pivot(in)) {
+		saga_retry_later(e, in, i, 1);
+		return;
+	}
 	if (!success) {
 		char why[300];
 		st->state = STEP_FAILED;

@@ -7,12 +7,20 @@
  * Instance states:
  *
  *   running --all steps succeeded--> completed
+ *      |  ^
+ *      |  +--sagactl saga retry (failed after the pivot)--+
+ *      |                                                  |
+ *      +--a step after the pivot given up---------------> failed
  *      |
  *      +--failure, timeout, abort--> compensating --all confirmed--> compensated
  *                                        |    ^                          |
  *                   attempts exhausted   v    | sagactl saga retry,      | late success
  *                                      failed   late confirmation       v
  *                                                                  compensating
+ *
+ * Past its pivot step (sagad.conf(5): pivot) a saga no longer compensates:
+ * the steps after the pivot are retried until they succeed, or the saga is
+ * failed for an operator.
  *
  * These edges, and only they, are taken: saga_set_state (saga.c) refuses any
  * other, loudly. An instance is born running.

@@ -137,7 +137,17 @@ saga_retry(struct saga_engine *e, const char *id)
 		struct saga_inst *in = saga_load_row(e, rows[i]);
 		if (!in)
 			continue;
-		if (in->state == SAGA_FAILED) {
+		if (in->state == SAGA_FAILED && saga_past_pivot(in)) {
+			/* Forward again: the step given up is sent anew. */
+			struct saga_step_rt *st = &in->steps[in->cur];
+			saga_log(e, in, "admin", "retry", NULL, NULL, "sagactl saga retry");
+			saga_set_state(e, in, SAGA_RUNNING, NULL, "retried by an operator");
+			st->attempts = 0;
+			st->refusals++;
+			saga_send_command(e, in, in->cur);
+			saga_save(e, in);
+			done++;
+		} else if (in->state == SAGA_FAILED) {
 			saga_log(e, in, "admin", "retry", NULL, NULL, "sagactl saga retry");
 			saga_set_state(e, in, SAGA_COMPENSATING, NULL, "retried by an operator");
 			for (j = 0; j < in->def->n_steps; j++)
@@ -165,7 +175,7 @@ saga_abort(struct saga_engine *e, const char *id)
 		struct saga_inst *in = saga_load_row(e, rows[i]);
 		if (!in)
 			continue;
-		if (in->state == SAGA_RUNNING) {
+		if (in->state == SAGA_RUNNING && !saga_past_pivot(in)) {
 			saga_log(e, in, "admin", "abort", NULL, NULL, "sagactl saga abort");
 			saga_start_compensation(e, in, "aborted by an operator");
 			saga_save(e, in);

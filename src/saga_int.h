@@ -33,6 +33,8 @@ struct saga_step_rt {
 	unsigned comp_attempts;
 	unsigned order;		/* 1-based order of success; 0: never */
 	double sent_at;		/* its latest command or compensation, for its span */
+	unsigned refusals;	/* after the pivot: refused sends (each retry is a
+				 * new message, or the participant's dedup drops it) */
 	char *body;		/* the message that completed the step */
 	size_t body_len;
 	char *ct;
@@ -141,6 +143,11 @@ void saga_send_with(struct saga_engine *e, struct saga_inst *in, const struct co
  * templates (saga_data.h): 0, or -1 with why, nothing sent. */
 int saga_send_step(struct saga_engine *e, struct saga_inst *in, size_t i, int comp,
     char why[SAGA_DATA_ERR]);
+/* The saga's pivot step succeeded: no compensation any more. */
+int saga_past_pivot(const struct saga_inst *in);
+/* After the pivot: step i refused (refused 1) or unanswered: sent again
+ * after a backoff, or the saga is failed once retry_attempts are spent. */
+void saga_retry_later(struct saga_engine *e, struct saga_inst *in, size_t i, int refused);
 /* Step i's command (again): the step is active, its reply awaited. */
 void saga_send_command(struct saga_engine *e, struct saga_inst *in, unsigned i);
 

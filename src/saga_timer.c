@@ -60,7 +60,10 @@ static void
 saga_on_timer(struct saga_engine *e, struct saga_inst *in, int kind, int step)
 {
 	if (kind == TIMER_SAGA) {
-		if (in->state == SAGA_RUNNING) {
+		if (in->state == SAGA_RUNNING && saga_past_pivot(in)) {
+			saga_log(e, in, "timer", "saga timeout after the pivot: ignored", NULL, NULL,
+			    NULL);
+		} else if (in->state == SAGA_RUNNING) {
 			saga_log(e, in, "timer", "saga timeout", NULL, NULL, NULL);
 			saga_start_compensation(e, in, "saga timeout");
 		}
@@ -73,6 +76,10 @@ saga_on_timer(struct saga_engine *e, struct saga_inst *in, int kind, int step)
 		if (in->state != SAGA_RUNNING || in->steps[step].state != STEP_ACTIVE)
 			return;
 		saga_trace_step(e, in, (size_t)step, 0, "timeout");
+		if (saga_past_pivot(in)) {
+			saga_retry_later(e, in, (size_t)step, 0);
+			return;
+		}
 		if (in->steps[step].attempts < (unsigned)cs->attempts) {
 			saga_log(e, in, "timer", "step timeout: command sent again", cs->name, NULL, NULL);
 			saga_send_command(e, in, (unsigned)step);

@@ -33,10 +33,12 @@ var sagadTimeline = (function () {
 			var cmd = "command " + h.step, comp = "compensate " + h.step;
 			if (h.dir === "out" && h.what === "compensate" && oneWay[h.step]) {
 				marks.push(h);
-			} else if (h.dir === "out" && (h.what === "command" || h.what === "compensate")) {
-				var key = h.what === "command" ? cmd : comp;
+			} else if (h.dir === "out" && (/^command(#\d+)?$/.test(h.what) || h.what === "compensate")) {
+				/* command#N: sent again as a new message after the pivot */
+				var key = h.what === "compensate" ? comp : cmd;
 				close(key, h.at, "sent again");
-				open[key] = { kind: h.what, step: h.step, start: h.at, end: null,
+				open[key] = { kind: key === cmd ? "command" : "compensate", step: h.step,
+					start: h.at, end: null,
 					result: "waiting", message_id: h.message_id, to: h.detail };
 				out.push(open[key]);
 			} else if (h.dir === "in" && (h.what === "success" || h.what === "failure")) {

@@ -24,7 +24,20 @@ step's own reply, a step run or skipped by its condition (a skipped step
 is never compensated), and a reference that is missing in the start
 event: the step fails with the pointer named in the history, and the
 saga compensates.
+
+The book's create-order saga as conf/saga-book-create-order.conf writes
+it (its sagas block, retries made quick), with four services (customers,
+depot, payments, ordering): the happy path; the customer refused at
+step 2 (the order rejected, with the start event); the payment refused
+at the pivot (the shopping list cancelled with its id, then the order
+rejected); initiate-shopping refused twice after the pivot (sent again
+after a backoff as new messages, then completed, nothing compensated);
+initiate-shopping refused every time (failed after retry_attempts,
+`sagactl saga abort` refused past the pivot, `sagactl saga retry` once
+the depot is mended: completed).
 """
+
+import re
 
 import json
 import os
@@ -34,7 +47,7 @@ sys.path.insert(0, os.path.join(os.environ.get('top_srcdir', '.'), 't', 'lib'))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness as h  # noqa: E402
 from sagas import (CONF_HEAD, Answer, Event, Participant, check_bad_conf, hist_entries,  # noqa: E402
-                   saga_get, saga_state, sagad_n, step_states, subscription_conf)
+                   saga_get, saga_state, sagactl, sagad_n, step_states, subscription_conf)
 
 SAGAS = '''sagas = (
   { name = "create-order"; start = "events:order.created"; timeout = 120;
@@ -216,6 +229,7 @@ def scenario(wd, saga_store=''):
     shop(orders, stock)
     for d in (orders, d_stock, d_payment):
         d.stop()
+    book(wd, broker, saga_store)
     broker.stop()
     for p in (stock, payment, orders_svc):
         p.stop()
@@ -274,6 +288,101 @@ def shop(orders, depot):
             and err and '/order' in err[0]['detail'] and '/order' in (inst['reason'] or ''),
             'sh4: a missing reference fails the step, nothing sent, the pointer named',
             (inst['steps'], err, inst['reason']))
+
+
+def book_sagas():
+    """The sagas block of conf/saga-book-create-order.conf, retries quick."""
+    with open(os.path.join(h.top_srcdir, 'conf', 'saga-book-create-order.conf')) as f:
+        text = f.read()
+    block = re.search(r'^sagas = \(.*^\);$', text, re.S | re.M).group(0)
+    return (block.replace('retry_initial = 0.5; retry_max = 30;', 'retry_initial = 0.2; retry_max = 0.5;')
+            .replace('retry_attempts = 10;', 'retry_attempts = 4;'))
+
+
+def book(wd, broker, saga_store):
+    """The book's create-order saga, four services."""
+    svc = {n: Participant(n) for n in ('customers', 'depot', 'payments', 'ordering')}
+    subs = ('subscriptions = (\n' + ',\n'.join(
+        '  { name = "%s"; bind = [ %s ]; deliver = "%s"; max_attempts = 10; retry_initial = 0.2; }'
+        % (n, ', '.join('"%s"' % b for b in binds), svc[n].url)
+        for n, binds in (('customers', ['commands:customer.#']), ('depot', ['commands:depot.#']),
+                         ('payments', ['commands:payment.#']),
+                         ('ordering', ['commands:order.#', 'events:order.approved',
+                                       'events:order.rejected']))) + '\n);\n')
+    services = h.Sagad(wd, broker.url, name='services', conf_extra=subs)
+    ordering = h.Sagad(wd, broker.url, name='ordering', conf_extra=book_sagas() + saga_store)
+    services.start()
+    ordering.start()
+    svc['depot'].rules['depot.create-list'] = lambda cid, n: Answer(body={'id': 'SL-' + cid})
+    svc['customers'].rules[('customer.authorize', 'bk2')] = Answer(409)
+    svc['payments'].rules[('payment.confirm', 'bk3')] = Answer(409)
+    svc['depot'].rules[('depot.shop', 'bk4')] = [Answer(409), Answer(409), Answer(200)]
+    svc['depot'].rules[('depot.shop', 'bk5')] = Answer(409)
+    for cid in ('bk1', 'bk2', 'bk3', 'bk4', 'bk5'):
+        body = {'orderId': 'O-' + cid, 'consumerId': 'C-1', 'total': 42, 'items': ['tea']}
+        st, js, _ = ordering.publish('events', 'order.created', json.dumps(body).encode(),
+                                     {'Content-Type': 'application/json', 'Correlation-Id': cid,
+                                      'Message-Id': 'start-' + cid})
+        h.check(st == 202, 'book: start of %s accepted' % cid, js)
+    want = {'bk1': 'completed', 'bk2': 'compensated', 'bk3': 'compensated', 'bk4': 'completed',
+            'bk5': 'failed'}
+    h.wait_until(lambda: all(saga_state(ordering, c) == s for c, s in want.items()), 90,
+                 'book: %s' % want)
+    d = svc['depot']
+
+    shop1 = d.deliveries('depot.shop', 'bk1')
+    h.check(len(shop1) == 1 and shop1[0]['body'] == {'orderId': 'O-bk1', 'shoppingListId': 'SL-bk1'},
+            'book bk1: initiate-shopping carries the shopping list id', shop1)
+    pay1 = svc['payments'].deliveries('payment.confirm', 'bk1')
+    h.check(pay1 and pay1[0]['amqp_headers'].get('x-consumer-id') == 'C-1',
+            'book bk1: confirm-payment carries its header', pay1)
+    h.check(not svc['ordering'].deliveries('order.reject', 'bk1'),
+            'book bk1: reject-order (compensation only) never sent')
+
+    inst = saga_get(ordering, 'bk2')
+    rej = svc['ordering'].deliveries('order.reject', 'bk2')
+    h.check(step_states(inst)['reject-order'] == 'compensated' and len(rej) == 1 and
+            rej[0]['body']['orderId'] == 'O-bk2' and not d.deliveries('depot.create-list', 'bk2'),
+            'book bk2: customer refused: the order rejected with the start event', (inst['steps'], rej))
+
+    canc = d.deliveries('depot.cancel-list', 'bk3')
+    rej = svc['ordering'].deliveries('order.reject', 'bk3')
+    h.check(len(canc) == 1 and canc[0]['body'] == {'shoppingListId': 'SL-bk3'} and len(rej) == 1
+            and canc[0]['t0'] <= rej[0]['t0'] and not d.deliveries('depot.shop', 'bk3'),
+            'book bk3: payment refused at the pivot: list cancelled with its id, then the order '
+            'rejected', (canc, rej))
+
+    inst = saga_get(ordering, 'bk4')
+    shop4 = d.deliveries('depot.shop', 'bk4')
+    ids = [c['message_id'] for c in shop4]
+    h.check([c['status'] for c in shop4] == [409, 409, 200] and len(set(ids)) == 3 and
+            not d.deliveries('depot.cancel-list', 'bk4') and
+            not svc['ordering'].deliveries('order.reject', 'bk4'),
+            'book bk4: refused twice after the pivot: sent again as new messages, then done, '
+            'nothing compensated', ids)
+    h.check(len(hist_entries(inst, 'refused after the pivot: sent again later',
+                             'initiate-shopping')) == 2, 'book bk4: the history shows both retries')
+
+    inst = saga_get(ordering, 'bk5')
+    h.check(len(d.deliveries('depot.shop', 'bk5')) == 4 and 'after the pivot' in inst['reason'] and
+            step_states(inst)['create-shopping-list'] == 'succeeded' and
+            not d.deliveries('depot.cancel-list', 'bk5'),
+            'book bk5: refused every time: failed after retry_attempts (4), nothing undone',
+            (inst['reason'], inst['steps']))
+    rc, out, err = sagactl(ordering, 'saga', 'abort', 'bk5')
+    h.check(rc != 0 and saga_state(ordering, 'bk5') == 'failed',
+            'book bk5: sagactl saga abort is refused past the pivot', (rc, out, err))
+    d.rules[('depot.shop', 'bk5')] = Answer(200)
+    rc, out, err = sagactl(ordering, 'saga', 'retry', 'bk5')
+    h.check(rc == 0, 'book bk5: sagactl saga retry: exit 0', (rc, out, err))
+    h.wait_until(lambda: saga_state(ordering, 'bk5') == 'completed', 30,
+                 'book bk5 completed after the retry')
+    h.check(len(svc['ordering'].deliveries('order.approve', 'bk5')) == 1,
+            'book bk5: approved once')
+    for x in (ordering, services):
+        x.stop()
+    for p in svc.values():
+        p.stop()
 
 
 def main(wd):

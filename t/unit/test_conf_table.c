@@ -154,7 +154,8 @@ test_examples_have_every_list_key(void **state)
 	} ex[] = {
 		{ "exchanges", { "sagad.conf" } },
 		{ "subscriptions", { "subscriptions.conf" } },
-		{ "sagas", { "saga-orchestrated.conf", "saga-choreographed.conf" } },
+		{ "sagas", { "saga-orchestrated.conf", "saga-choreographed.conf",
+			"saga-book-create-order.conf" } },
 		{ "sources", { "source-sqlite.conf", "source-pgsql.conf" } },
 	};
 	const char *top = getenv("top_srcdir");
