@@ -245,6 +245,8 @@ conf_saga_subscription(struct sagad_conf *c)
 				continue;
 			conf_add_saga_bind(s, &c->sagas[i].steps[j].success);
 			conf_add_saga_bind(s, &c->sagas[i].steps[j].failure);
+			conf_add_saga_bind(s, &c->sagas[i].steps[j].compensate_success);
+			conf_add_saga_bind(s, &c->sagas[i].steps[j].compensate_failure);
 		}
 	}
 }
@@ -353,11 +355,24 @@ conf_check_saga_step(struct conf_ctx *ctx, config_setting_t *se, const struct sa
 			conf_err(ctx, se, "saga '%s': step '%s': commands are for orchestrated sagas", n, sn);
 		if (st->notify)
 			conf_err(ctx, se, "saga '%s': step '%s': notify is for orchestrated sagas", n, sn);
+		if (conf_has_binding(&st->compensate_success) && !comp)
+			conf_err(ctx, se, "saga '%s': step '%s': compensate_success needs a 'compensate' "
+			    "(the event that asks for the compensation)", n, sn);
+		if (conf_has_binding(&st->compensate_failure) &&
+		    !conf_has_binding(&st->compensate_success))
+			conf_err(ctx, se, "saga '%s': step '%s': compensate_failure needs "
+			    "compensate_success", n, sn);
 	}
+	if (sg->mode == SAGA_ORCHESTRATED && (conf_has_binding(&st->compensate_success) ||
+	    conf_has_binding(&st->compensate_failure)))
+		conf_err(ctx, se, "saga '%s': step '%s': compensate_success/compensate_failure "
+		    "are for choreographed sagas", n, sn);
 	conf_check_binding(ctx, se, c, n, "command", &st->command);
 	conf_check_binding(ctx, se, c, n, "compensate", &st->compensate);
 	conf_check_binding(ctx, se, c, n, "success", &st->success);
 	conf_check_binding(ctx, se, c, n, "failure", &st->failure);
+	conf_check_binding(ctx, se, c, n, "compensate_success", &st->compensate_success);
+	conf_check_binding(ctx, se, c, n, "compensate_failure", &st->compensate_failure);
 	conf_check_step_data(ctx, se, sg, st, j);
 	if (st->timeout <= 0)
 		st->timeout = sg->timeout > 0 ? sg->timeout : 30;

@@ -70,6 +70,9 @@ struct conf_saga_step {
 	struct conf_binding compensate;	/* optional */
 	struct conf_binding success;	/* choreographed */
 	struct conf_binding failure;	/* choreographed, optional */
+	/* choreographed, optional: the compensation is an event, confirmed
+	 * by these events (not by a reply) */
+	struct conf_binding compensate_success, compensate_failure;
 	double timeout;			/* per command attempt; 0: saga's */
 	int attempts;			/* command sends before the step times out */
 	int notify;			/* one-way: sent without reply_to, not awaited */

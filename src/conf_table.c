@@ -156,6 +156,8 @@ static const struct conf_key conf_step_rows[] = {
 	ROW("compensate", CONF_BINDING, SB(compensate), 0, NULL, 0, 0),
 	ROW("success", CONF_BINDING, SB(success), 0, NULL, 0, 0),
 	ROW("failure", CONF_BINDING, SB(failure), 0, NULL, 0, 0),
+	ROW("compensate_success", CONF_BINDING, SB(compensate_success), 0, NULL, 0, 0),
+	ROW("compensate_failure", CONF_BINDING, SB(compensate_failure), 0, NULL, 0, 0),
 	/* Default the saga's timeout, else 30: set by the checks. */
 	ROW("timeout", CONF_DUR, SB(timeout), 0, NULL, 0, 86400 * 30),
 	ROW("attempts", CONF_INT, SB(attempts), 0, "3", 1, 1000),

@@ -223,13 +223,15 @@ saga_send_step(struct saga_engine *e, struct saga_inst *in, size_t i, int comp,
 		len = strlen(rendered);
 		ct = "application/json";
 	}
-	/* A command refused after the pivot goes again as a new message. */
-	if (!comp && st->refusals)
-		snprintf(what, sizeof what, "command#%u", st->refusals + 1);
+	/* A compensation by event goes again as a new message: its
+	 * participant took the last one (it answered with an event, not a
+	 * refusal its sagad forgets), and would drop the same id. */
+	if (comp && cs->compensate_success.exchange && st->comp_attempts > 1)
+		snprintf(what, sizeof what, "compensate#%u", st->comp_attempts);
 	else
 		snprintf(what, sizeof what, "%s", comp ? "compensate" : kind);
 	saga_send_with(e, in, comp ? &cs->compensate : &cs->command, kind, cs->name, what,
-	    body, len, ct, headers, !cs->notify);
+	    body, len, ct, headers, !cs->notify && !(comp && cs->compensate_success.exchange));
 	free(rendered);
 	free(headers);
 	return 0;
@@ -299,7 +301,8 @@ saga_retry_later(struct saga_engine *e, struct saga_inst *in, size_t i, int refu
 		saga_send_command(e, in, (unsigned)i);
 		return;
 	}
-	st->refusals++;
+	/* The same message id: its participant's sagad forgot the refused
+	 * command, so that the same command reaches the service again. */
 	saga_log(e, in, "step", "refused after the pivot: sent again later", name, NULL, NULL);
 	saga_timer_add(e, in, TIMER_STEP, (int)i, util_now() +
 	    util_backoff(in->def->retry_initial, in->def->retry_max, st->attempts));
@@ -604,6 +607,8 @@ saga_handle_matches(struct saga_engine *e, const struct msg *m, size_t only)
 			saga_delivered(e, in, k);
 		if (k->input == SAGA_IN_REPLY && k->compensation)
 			saga_on_compensation_reply(e, in, k->step, k->success, m);
+		else if (k->input == SAGA_IN_COMP_SUCCESS || k->input == SAGA_IN_COMP_FAILURE)
+			saga_on_compensation_reply(e, in, k->step, k->input == SAGA_IN_COMP_SUCCESS, m);
 		else if (k->input == SAGA_IN_REPLY)
 			saga_on_step_result(e, in, k->step, k->success, m);
 		else

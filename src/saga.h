@@ -65,7 +65,9 @@ enum saga_input {
 	SAGA_IN_START,		/* a saga's start event */
 	SAGA_IN_REPLY,		/* a reply to a command or a compensation */
 	SAGA_IN_SUCCESS,	/* a choreographed step's success event */
-	SAGA_IN_FAILURE		/* a choreographed step's failure event */
+	SAGA_IN_FAILURE,	/* a choreographed step's failure event */
+	SAGA_IN_COMP_SUCCESS,	/* its compensation's success event */
+	SAGA_IN_COMP_FAILURE	/* its compensation's failure event */
 };
 
 struct saga_match {

@@ -138,12 +138,11 @@ saga_retry(struct saga_engine *e, const char *id)
 		if (!in)
 			continue;
 		if (in->state == SAGA_FAILED && saga_past_pivot(in)) {
-			/* Forward again: the step given up is sent anew. */
+			/* Forward again: the step given up is sent again. */
 			struct saga_step_rt *st = &in->steps[in->cur];
 			saga_log(e, in, "admin", "retry", NULL, NULL, "sagactl saga retry");
 			saga_set_state(e, in, SAGA_RUNNING, NULL, "retried by an operator");
 			st->attempts = 0;
-			st->refusals++;
 			saga_send_command(e, in, in->cur);
 			saga_save(e, in);
 			done++;

@@ -3,7 +3,7 @@
  * (saga.h: saga_classify): a reply to one of its commands or
  * compensations (the x-sagad-* headers a participant's sagad copies onto
  * it), the start event of a definition, or, for a choreographed saga, a
- * step's success or failure event. One message may be several of these,
+ * step's success or failure event, or its compensation's. One message may be several of these,
  * for several definitions.
  */
 #include <string.h>
@@ -70,6 +70,14 @@ saga_classify(const struct sagad_conf *conf, const struct msg *m,
 				out[n].input = SAGA_IN_FAILURE;
 				out[n].saga = i;
 				out[n].step = j;
+				n++;
+			} else if (saga_binding_is(&sg->steps[j].compensate_success, m) ||
+			    saga_binding_is(&sg->steps[j].compensate_failure, m)) {
+				out[n].input = saga_binding_is(&sg->steps[j].compensate_success, m) ?
+				    SAGA_IN_COMP_SUCCESS : SAGA_IN_COMP_FAILURE;
+				out[n].saga = i;
+				out[n].step = j;
+				out[n].compensation = 1;
 				n++;
 			}
 		}

@@ -33,8 +33,6 @@ struct saga_step_rt {
 	unsigned comp_attempts;
 	unsigned order;		/* 1-based order of success; 0: never */
 	double sent_at;		/* its latest command or compensation, for its span */
-	unsigned refusals;	/* after the pivot: refused sends (each retry is a
-				 * new message, or the participant's dedup drops it) */
 	char *body;		/* the message that completed the step */
 	size_t body_len;
 	char *ct;

@@ -31,11 +31,11 @@ var sagadTimeline = (function () {
 		}
 		history.forEach(function (h) {
 			var cmd = "command " + h.step, comp = "compensate " + h.step;
-			if (h.dir === "out" && h.what === "compensate" && oneWay[h.step]) {
+			if (h.dir === "out" && /^compensate/.test(h.what) && oneWay[h.step]) {
 				marks.push(h);
-			} else if (h.dir === "out" && (/^command(#\d+)?$/.test(h.what) || h.what === "compensate")) {
-				/* command#N: sent again as a new message after the pivot */
-				var key = h.what === "compensate" ? comp : cmd;
+			} else if (h.dir === "out" && (h.what === "command" || /^compensate(#\d+)?$/.test(h.what))) {
+				/* compensate#N: a compensation by event, sent again as a new message */
+				var key = h.what === "command" ? cmd : comp;
 				close(key, h.at, "sent again");
 				open[key] = { kind: key === cmd ? "command" : "compensate", step: h.step,
 					start: h.at, end: null,
