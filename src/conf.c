@@ -256,6 +256,7 @@ conf_saga_subscription(struct sagad_conf *c)
 struct conf_step_scope {
 	const struct conf_saga *sg;
 	size_t n;		/* steps[0..n) */
+	size_t self;		/* and this one ((size_t)-1: none) */
 };
 
 static int
@@ -266,8 +267,9 @@ conf_step_in_scope(void *arg, const char *step, const char **body, size_t *len)
 
 	(void)body;
 	(void)len;
-	for (i = 0; i < sc->n; i++)
-		if (sc->sg->steps[i].name && strcmp(sc->sg->steps[i].name, step) == 0)
+	for (i = 0; i < sc->sg->n_steps; i++)
+		if ((i < sc->n || i == sc->self) && sc->sg->steps[i].name &&
+		    strcmp(sc->sg->steps[i].name, step) == 0)
 			return 1;
 	return 0;
 }
@@ -276,10 +278,10 @@ conf_step_in_scope(void *arg, const char *step, const char **body, size_t *len)
  * an object of names outside x-sagad-. */
 static void
 conf_check_template(struct conf_ctx *ctx, config_setting_t *se, const struct conf_saga *sg,
-    const struct conf_saga_step *st, size_t scope, const char *key, const char *tpl)
+    const struct conf_saga_step *st, const struct conf_step_scope *sc, const char *key,
+    const char *tpl)
 {
-	struct conf_step_scope sc = { sg, scope };
-	struct saga_data_src check = { NULL, NULL, NULL, 0, conf_step_in_scope, &sc, 1 };
+	struct saga_data_src check = { NULL, NULL, NULL, 0, conf_step_in_scope, (void *)sc, 1 };
 	char err[SAGA_DATA_ERR];
 	json_t *j;
 
@@ -303,12 +305,25 @@ conf_check_template(struct conf_ctx *ctx, config_setting_t *se, const struct con
 	}
 }
 
-/* Data between steps and the step's condition (saga_data.h). */
+/* The first step of j's parallel group (j itself without a group). */
+static size_t
+conf_group_start(const struct conf_saga *sg, size_t j)
+{
+	while (j > 0 && sg->steps[j].group && sg->steps[j - 1].group &&
+	    strcmp(sg->steps[j].group, sg->steps[j - 1].group) == 0)
+		j--;
+	return j;
+}
+
+/* Data between steps and the step's condition (saga_data.h): the steps
+ * before its group (the members of a group run at once). */
 static void
 conf_check_step_data(struct conf_ctx *ctx, config_setting_t *se, const struct conf_saga *sg,
     const struct conf_saga_step *st, size_t j)
 {
-	struct conf_step_scope sc = { sg, sg->mode == SAGA_ORCHESTRATED ? j : 0 };
+	struct conf_step_scope sc = { sg, sg->mode == SAGA_ORCHESTRATED ?
+	    conf_group_start(sg, j) : 0, (size_t)-1 };
+	struct conf_step_scope comp = { sg, sc.n, j };	/* its own reply too */
 	struct saga_data_src check = { NULL, NULL, NULL, 0, conf_step_in_scope, &sc, 1 };
 	char err[SAGA_DATA_ERR];
 
@@ -318,10 +333,10 @@ conf_check_step_data(struct conf_ctx *ctx, config_setting_t *se, const struct co
 	if ((st->compensate_body || st->compensate_headers) && !conf_has_binding(&st->compensate))
 		conf_err(ctx, se, "saga '%s': step '%s': compensate_body and compensate_headers "
 		    "need a 'compensate'", sg->name, st->name);
-	conf_check_template(ctx, se, sg, st, j, "body", st->body);
-	conf_check_template(ctx, se, sg, st, j, "headers", st->headers);
-	conf_check_template(ctx, se, sg, st, j + 1, "compensate_body", st->compensate_body);
-	conf_check_template(ctx, se, sg, st, j + 1, "compensate_headers", st->compensate_headers);
+	conf_check_template(ctx, se, sg, st, &sc, "body", st->body);
+	conf_check_template(ctx, se, sg, st, &sc, "headers", st->headers);
+	conf_check_template(ctx, se, sg, st, &comp, "compensate_body", st->compensate_body);
+	conf_check_template(ctx, se, sg, st, &comp, "compensate_headers", st->compensate_headers);
 	if (st->when && saga_data_check(st->when, &check, err) < 0)
 		conf_err(ctx, se, "saga '%s': step '%s': when: %s%s", sg->name, st->name, err,
 		    sg->mode == SAGA_CHOREOGRAPHED ? " (a choreographed step's condition "
@@ -408,6 +423,35 @@ conf_check_pivot(struct conf_ctx *ctx, config_setting_t *e, config_setting_t *st
 	}
 }
 
+/* Parallel groups: orchestrated, their members one after the other in
+ * the list, without the pivot (the point of no return is one step). */
+static void
+conf_check_groups(struct conf_ctx *ctx, config_setting_t *e, config_setting_t *steps,
+    const struct conf_saga *sg)
+{
+	size_t j, k;
+
+	for (j = 0; j < sg->n_steps; j++) {
+		const struct conf_saga_step *st = &sg->steps[j];
+		config_setting_t *se = steps ? config_setting_get_elem(steps, j) : e;
+		if (!st->group || !st->name)
+			continue;
+		if (sg->mode != SAGA_ORCHESTRATED)
+			conf_err(ctx, se, "saga '%s': step '%s': groups are for orchestrated sagas "
+			    "(a choreographed saga's steps all run at once)", sg->name, st->name);
+		if (st->pivot)
+			conf_err(ctx, se, "saga '%s': step '%s': the pivot cannot be in a group",
+			    sg->name, st->name);
+		for (k = 0; k + 1 < j; k++)
+			if (sg->steps[k].group && strcmp(sg->steps[k].group, st->group) == 0 &&
+			    !(sg->steps[j - 1].group && strcmp(sg->steps[j - 1].group, st->group) == 0)) {
+				conf_err(ctx, se, "saga '%s': step '%s': the steps of group '%s' must "
+				    "follow one another", sg->name, st->name, st->group);
+				break;
+			}
+	}
+}
+
 static void
 conf_check_sagas(struct conf_ctx *ctx, config_t *cfg, struct sagad_conf *c)
 {
@@ -458,6 +502,7 @@ conf_check_sagas(struct conf_ctx *ctx, config_t *cfg, struct sagad_conf *c)
 			conf_check_saga_step(ctx, se, c, sg, st, j);
 		}
 		conf_check_pivot(ctx, e, steps, sg);
+		conf_check_groups(ctx, e, steps, sg);
 	}
 }
 

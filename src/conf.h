@@ -82,6 +82,7 @@ struct conf_saga_step {
 	char *body, *headers, *compensate_body, *compensate_headers;
 	char *when;			/* condition to run the step; NULL: always */
 	int pivot;			/* the point of no return (at most one) */
+	char *group;			/* consecutive steps of one group run at once */
 };
 
 struct conf_saga {

@@ -168,6 +168,7 @@ static const struct conf_key conf_step_rows[] = {
 	ROW("compensate_headers", CONF_JSON, SB(compensate_headers), 0, NULL, 0, 0),
 	ROW("when", CONF_STR, SB(when), 0, NULL, 0, 0),
 	ROW("pivot", CONF_BOOL, SB(pivot), 0, "false", 0, 0),
+	ROW("group", CONF_STR, SB(group), 0, NULL, 0, 0),
 	END
 };
 #undef SB

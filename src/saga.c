@@ -342,8 +342,46 @@ saga_step_done(struct saga_inst *in, size_t i)
 	st->ct = in->ct ? xstrdup(in->ct) : NULL;
 }
 
+/* A parallel group is the steps next to each other with the same group;
+ * a step without one is a group of its own. */
+static int
+saga_same_group(const struct conf_saga *def, size_t a, size_t b)
+{
+	return def->steps[a].group && def->steps[b].group &&
+	    strcmp(def->steps[a].group, def->steps[b].group) == 0;
+}
+
+static size_t
+saga_group_start(const struct conf_saga *def, size_t i)
+{
+	while (i > 0 && saga_same_group(def, i - 1, i))
+		i--;
+	return i;
+}
+
+static size_t
+saga_group_end(const struct conf_saga *def, size_t i)
+{
+	size_t j = i + 1;
+
+	while (j < def->n_steps && saga_same_group(def, i, j))
+		j++;
+	return j;
+}
+
+/* Every step of [from, to) done going forward (succeeded or skipped). */
+static int
+saga_range_done(const struct saga_inst *in, size_t from, size_t to)
+{
+	for (; from < to; from++)
+		if (in->steps[from].state != STEP_SUCCEEDED && in->steps[from].state != STEP_SKIPPED)
+			return 0;
+	return 1;
+}
+
 /*
- * Orchestrated: run the steps from i on. A step whose condition is false
+ * Orchestrated: run the steps from i on, a parallel group's at once (the
+ * next group once all of it is done). A step whose condition is false
  * is skipped; a compensation-only step runs
  * nothing (it is done at once and compensated like the others); a
  * notification step sends its command without reply_to and goes on; the
@@ -354,28 +392,36 @@ static void
 saga_advance(struct saga_engine *e, struct saga_inst *in, size_t i)
 {
 	char why[SAGA_DATA_ERR];
+	size_t end;
 
-	for (; i < in->def->n_steps; i++) {
-		const struct conf_saga_step *cs = &in->def->steps[i];
-		if (saga_step_skipped(e, in, i))
-			continue;
-		if (!cs->command.exchange) {
+	while (i < in->def->n_steps) {
+		end = saga_group_end(in->def, i);
+		for (; i < end; i++) {
+			const struct conf_saga_step *cs = &in->def->steps[i];
+			if (saga_step_skipped(e, in, i))
+				continue;
+			if (!cs->command.exchange) {
+				saga_step_done(in, i);
+				saga_log(e, in, "step", "compensation only: nothing to run",
+				    cs->name, NULL, NULL);
+				continue;
+			}
+			if (!cs->notify) {
+				saga_send_command(e, in, (unsigned)i);
+				if (in->state != SAGA_RUNNING)
+					return;	/* a data error: compensating */
+				continue;
+			}
+			in->steps[i].attempts++;
+			in->steps[i].sent_at = util_now();
+			if (saga_send_step(e, in, i, 0, why) < 0) {
+				saga_step_data_failed(e, in, i, why);
+				return;
+			}
 			saga_step_done(in, i);
-			saga_log(e, in, "step", "compensation only: nothing to run", cs->name,
-			    NULL, NULL);
-			continue;
 		}
-		if (!cs->notify) {
-			saga_send_command(e, in, (unsigned)i);
-			return;
-		}
-		in->steps[i].attempts++;
-		in->steps[i].sent_at = util_now();
-		if (saga_send_step(e, in, i, 0, why) < 0) {
-			saga_step_data_failed(e, in, i, why);
-			return;
-		}
-		saga_step_done(in, i);
+		if (!saga_range_done(in, saga_group_start(in->def, end - 1), end))
+			return;		/* the group's replies are awaited */
 	}
 	saga_finish(e, in, SAGA_COMPLETED);
 }
@@ -399,12 +445,7 @@ saga_step_succeeded(struct saga_engine *e, struct saga_inst *in, size_t i, const
 static int
 saga_all_succeeded(const struct saga_inst *in)
 {
-	size_t i;
-
-	for (i = 0; i < in->def->n_steps; i++)
-		if (in->steps[i].state != STEP_SUCCEEDED && in->steps[i].state != STEP_SKIPPED)
-			return 0;
-	return 1;
+	return saga_range_done(in, 0, in->def->n_steps);
 }
 
 static void
@@ -428,15 +469,14 @@ saga_on_step_result(struct saga_engine *e, struct saga_inst *in, size_t i, int s
 		return;
 	}
 	saga_log(e, in, "in", success ? "success" : "failure", name, m->message_id, NULL);
-	if (success && in->state == SAGA_FAILED && saga_past_pivot(in) && in->cur == i &&
-	    st->state == STEP_ACTIVE)
+	if (success && in->state == SAGA_FAILED && saga_past_pivot(in) && st->state == STEP_ACTIVE)
 		saga_set_state(e, in, SAGA_RUNNING, name, "late success after the pivot");
 	if (in->state != SAGA_RUNNING) {
 		if (success && in->state != SAGA_COMPLETED)
 			saga_late_success(e, in, i, m);
 		return;
 	}
-	if (orchestrated && (st->state != STEP_ACTIVE || in->cur != i)) {
+	if (orchestrated && st->state != STEP_ACTIVE) {
 		/* A reply for a step that was never sent: nothing to do. */
 		e->stats[in->def_index].duplicates++;
 		return;
@@ -455,9 +495,11 @@ saga_on_step_result(struct saga_engine *e, struct saga_inst *in, size_t i, int s
 		return;
 	}
 	saga_step_succeeded(e, in, i, m);
-	if (orchestrated)
-		saga_advance(e, in, i + 1);
-	else if (saga_all_succeeded(in))
+	if (orchestrated) {
+		size_t end = saga_group_end(in->def, i);
+		if (saga_range_done(in, saga_group_start(in->def, i), end))
+			saga_advance(e, in, end);
+	} else if (saga_all_succeeded(in))
 		saga_finish(e, in, SAGA_COMPLETED);
 }
 

@@ -138,12 +138,14 @@ saga_retry(struct saga_engine *e, const char *id)
 		if (!in)
 			continue;
 		if (in->state == SAGA_FAILED && saga_past_pivot(in)) {
-			/* Forward again: the step given up is sent again. */
-			struct saga_step_rt *st = &in->steps[in->cur];
+			/* Forward again: the steps given up are sent again. */
 			saga_log(e, in, "admin", "retry", NULL, NULL, "sagactl saga retry");
 			saga_set_state(e, in, SAGA_RUNNING, NULL, "retried by an operator");
-			st->attempts = 0;
-			saga_send_command(e, in, in->cur);
+			for (j = 0; j < in->def->n_steps; j++)
+				if (in->steps[j].state == STEP_ACTIVE) {
+					in->steps[j].attempts = 0;
+					saga_send_command(e, in, (unsigned)j);
+				}
 			saga_save(e, in);
 			done++;
 		} else if (in->state == SAGA_FAILED) {

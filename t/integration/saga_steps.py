@@ -25,6 +25,12 @@ is never compensated), and a reference that is missing in the start
 event: the step fails with the pointer named in the history, and the
 saga compensates.
 
+The "fan" saga: a parallel group of three steps between two others: the
+group's commands go out at once, the next step waits for all three; a
+member refused while another is slow: the succeeded member and the step
+before the group are compensated in reverse order, and the slow member,
+whose success comes late, is compensated when it comes.
+
 The "ship" saga: a choreographed compensation by event: the compensation
 is published without reply_to, its participant answers with a failure
 event first (the compensation is published again after a backoff, as a
@@ -72,6 +78,15 @@ SAGAS = '''sagas = (
       { name = "pick";    success = "events:delivery.picked"; failure = "events:delivery.lost"; }
     );
     compensated = "events:delivery.undone";
+  },
+  { name = "fan"; start = "events:fan.start"; timeout = 120; retry_initial = 0.2; retry_max = 0.5;
+    steps = (
+      { name = "a"; command = "commands:fan.a"; compensate = "commands:fan.undo-a"; },
+      { name = "b"; group = "g"; command = "commands:fan.b"; compensate = "commands:fan.undo-b"; },
+      { name = "c"; group = "g"; command = "commands:fan.c"; compensate = "commands:fan.undo-c"; },
+      { name = "d"; group = "g"; command = "commands:fan.d"; compensate = "commands:fan.undo-d"; },
+      { name = "e"; command = "commands:fan.e"; }
+    );
   },
   { name = "ship"; mode = "choreographed"; start = "events:ship.start"; timeout = 120;
     compensate_timeout = 10; retry_initial = 0.2; retry_max = 0.5;
@@ -146,6 +161,26 @@ def config_checks(wd):
     check_bad_conf(wd, 'a body for a step without a command', orch % (
         '      { name = "a"; compensate = "commands:a"; body = { x = 1; }; }  # <-'),
         ["'a'", "body"])
+    check_bad_conf(wd, 'a group in a choreographed saga', chore % (
+        '      { name = "a"; success = "events:a"; group = "g"; }  # <-'),
+        ["'a'", "groups", "orchestrated"])
+    check_bad_conf(wd, 'the members of a group apart', orch % (
+        '      { name = "a"; command = "commands:a"; group = "g"; },\n'
+        '      { name = "b"; command = "commands:b"; },\n'
+        '      { name = "c"; command = "commands:c"; group = "g"; }  # <-'),
+        ["'c'", "group 'g'", "follow one another"])
+    check_bad_conf(wd, 'a member referring to another of its group', orch % (
+        '      { name = "a"; command = "commands:a"; group = "g"; },\n'
+        '      { name = "b"; command = "commands:b"; group = "g"; body = { x = "$steps.a.reply"; }; }  # <-'),
+        ["'b'", "body", "no earlier step"])
+    check_bad_conf(wd, 'two pivots', orch % (
+        '      { name = "a"; command = "commands:a"; pivot = true; },\n'
+        '      { name = "b"; command = "commands:b"; pivot = true; }  # <-'),
+        ["'b'", "one pivot"])
+    check_bad_conf(wd, 'a compensation after the pivot', orch % (
+        '      { name = "a"; command = "commands:a"; pivot = true; },\n'
+        '      { name = "b"; command = "commands:b"; compensate = "commands:c"; }  # <-'),
+        ["'b'", "never compensated"])
     check_bad_conf(wd, "a choreographed condition on a reply", chore % (
         '      { name = "a"; success = "events:a"; },\n'
         '      { name = "b"; success = "events:b"; when = "$steps.a.reply/ok exists"; }  # <-'),
@@ -170,7 +205,8 @@ def scenario(wd, saga_store=''):
                   'events:delivery.undone'], orders_svc.url) + saga_store)
     d_stock = h.Sagad(wd, broker.url, name='stock', conf_extra=subscription_conf(
         'inbox', ['commands:stock.#', 'events:ticket.#', 'events:delivery.start',
-                  'commands:depot.#', 'events:ship.start', 'events:ship.unpack'], stock.url))
+                  'commands:depot.#', 'events:ship.start', 'events:ship.unpack',
+                  'commands:fan.#'], stock.url))
     d_payment = h.Sagad(wd, broker.url, name='payment', conf_extra=subscription_conf(
         'inbox', ['commands:payment.#'], payment.url))
     for d in (d_stock, d_payment, orders):
@@ -243,6 +279,7 @@ def scenario(wd, saga_store=''):
             'dl1: its compensation sent once')
     shop(orders, stock)
     ship(orders, stock)
+    fan(orders, stock)
     for d in (orders, d_stock, d_payment):
         d.stop()
     book(wd, broker, saga_store)
@@ -331,6 +368,49 @@ def ship(orders, stock):
     h.check(outs == ['compensate', 'compensate#2'] and
             ins == ['success', 'compensation failure', 'compensation success'],
             'sp1: the failure event retried it, the success event confirmed it', (outs, ins))
+
+
+def fan(orders, p):
+    """A parallel group."""
+    import threading
+    gate = threading.Event()
+    p.rules[('fan.b', 'pg1')] = Answer(200, delay=0.5)
+    p.rules[('fan.c', 'pg2')] = Answer(409, delay=0.5)    # after d's success
+    p.rules[('fan.b', 'pg2')] = Answer(200, gate=gate)
+    for cid in ('pg1', 'pg2'):
+        st, js, _ = orders.publish('events', 'fan.start', b'{"n": 1}',
+                                   {'Content-Type': 'application/json', 'Correlation-Id': cid,
+                                    'Message-Id': 'start-' + cid})
+        h.check(st == 202, 'start of %s accepted' % cid, js)
+    h.wait_until(lambda: saga_state(orders, 'pg1') == 'completed', 60, 'pg1 completed')
+
+    def one(key, cid):
+        got = p.deliveries(key, cid)
+        return got[0] if len(got) == 1 else None
+    b, c, d, e = (one('fan.' + s, 'pg1') for s in 'bcde')
+    h.check(None not in (b, c, d, e) and c['t0'] < b['t'] and d['t0'] < b['t'] and
+            e['t0'] >= max(b['t'], c['t'], d['t']),
+            'pg1: b, c and d sent at once (c and d before the slow b answered), e after all three',
+            (b, c, d, e))
+
+    h.wait_until(lambda: p.has_started('fan.b', 'pg2') and saga_state(orders, 'pg2') and
+                 step_states(saga_get(orders, 'pg2'))['d'] in ('compensated', 'compensating'),
+                 30, 'pg2: compensating while b waits')
+    inst = saga_get(orders, 'pg2')
+    h.check(inst['state'] in ('compensating', 'compensated') and step_states(inst)['b'] == 'failed',
+            'pg2: c refused: compensating, the waiting b given up for now', inst['steps'])
+    gate.set()          # b's success now comes, late
+    h.wait_until(lambda: saga_state(orders, 'pg2') == 'compensated' and
+                 step_states(saga_get(orders, 'pg2'))['b'] == 'compensated', 60,
+                 'pg2 compensated, the late b too')
+    inst = saga_get(orders, 'pg2')
+    h.check(step_states(inst) == {'a': 'compensated', 'b': 'compensated', 'c': 'failed',
+                                  'd': 'compensated', 'e': 'pending'},
+            'pg2: a, d and the late b compensated, e never started', inst['steps'])
+    comps = [e['step'] for e in inst['history'] if e['dir'] == 'out' and e['what'] == 'compensate']
+    h.check(comps.index('d') < comps.index('a') and len(comps) == 3 and
+            not p.deliveries('fan.undo-c', 'pg2') and not p.deliveries('fan.e', 'pg2'),
+            'pg2: d undone before a (reverse order), b when its success came; c never', comps)
 
 
 def book_sagas():
