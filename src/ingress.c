@@ -185,7 +185,7 @@ ingress_parse(const struct sagad_conf *conf, const char *path,
 		free(*dst);
 		*dst = xstrdup(v);
 	}
-	if (trace_check(&m->props, trace_sample(conf), &bad) < 0)
+	if (trace_check(&m->props, conf, &bad) < 0)
 		return ingress_fail(error, why, whylen, "bad-header", bad);
 	if (!m->message_id) {
 		util_uuid7(id);
