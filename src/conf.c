@@ -656,6 +656,18 @@ conf_check_tracing(struct conf_ctx *ctx, config_t *cfg, struct sagad_conf *c)
 	free(path);
 	if (t->batch > t->queue)
 		conf_err(ctx, config_lookup(cfg, "tracing"), "tracing batch is above queue");
+	/* auto: a trace nobody exports is a header on every message that
+	 * the store, the relay and the broker pay for (bench/README.md,
+	 * session 15); a context a message brings is passed on either way. */
+	if (strcmp(t->new_traces, "auto") == 0)
+		c->tracing.start = t->endpoint != NULL;
+	else if (strcmp(t->new_traces, "always") == 0)
+		c->tracing.start = 1;
+	else if (strcmp(t->new_traces, "never") == 0)
+		c->tracing.start = 0;
+	else
+		conf_err(ctx, config_lookup(cfg, "tracing.new_traces"),
+		    "tracing: new_traces must be \"auto\", \"always\" or \"never\"");
 }
 
 static int

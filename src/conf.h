@@ -171,6 +171,11 @@ struct conf_tracing {
 	int batch;		/* spans per request */
 	double interval;	/* the longest a span waits for a batch */
 	double timeout;		/* for the collector's answer */
+	/* Whether a message without a context starts a trace: "auto" (when
+	 * an endpoint is set), "always" or "never"; start is what it
+	 * resolves to (conf_check_tracing). */
+	char *new_traces;
+	int start;
 };
 
 struct sagad_conf {

@@ -92,6 +92,9 @@ static const struct conf_key conf_tracing_rows[] = {
 	ROW("batch", CONF_INT, TR(batch), R, "512", 1, 65536),
 	ROW("interval", CONF_DUR, TR(interval), R, "1", 0.01, 60),
 	ROW("timeout", CONF_DUR, TR(timeout), R, "10", 0.1, 300),
+	ROW("new_traces", CONF_STR, TR(new_traces), R, "auto", 0, 0),
+	/* Follows new_traces and endpoint. */
+	ROW("start", CONF_BOOL, TR(start), R | D | Q, NULL, 0, 0),
 	END
 };
 #undef TR

@@ -383,8 +383,9 @@ delivery_set_taker(struct delivery *dl, int sub, delivery_take_fn *fn, void *arg
 /*
  * The consume's span, from the last frame's arrival to the ack (its
  * commit). A message from a publisher that traces nothing starts its trace
- * here, and every delivery attempt of the inbox record carries it; the
- * stored context names this span as the parent of what follows.
+ * here when sagad starts traces (tracing.new_traces), and every delivery
+ * attempt of the inbox record carries it; the stored context names this
+ * span as the parent of what follows.
  */
 static struct otel_span *
 delivery_span(struct delivery *dl, struct dsub *ds, struct msg *m, double received)
@@ -392,7 +393,7 @@ delivery_span(struct delivery *dl, struct dsub *ds, struct msg *m, double receiv
 	struct otel_span *s;
 	char name[300], child[TRACE_PARENT_LEN + 1];
 
-	trace_ensure(&m->props, trace_sample(dl->d->conf));
+	trace_ensure(&m->props, dl->d->conf);
 	if (!dl->d->otel)
 		return NULL;
 	snprintf(name, sizeof name, "receive %s", ds->queue);

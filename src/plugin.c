@@ -265,8 +265,8 @@ host_publish(struct sagad_host *h, const struct sagad_message *pm)
 		}
 		props_set_header(&m.props, pm->header_names[i], pm->header_values[i]);
 	}
-	/* a row's bad traceparent: a new trace */
-	trace_ensure(&m.props, trace_sample(h->d->conf));
+	/* a row's bad traceparent is dropped; none: a new trace if sagad starts them */
+	trace_ensure(&m.props, h->d->conf);
 	put = store_outbox_put(h->d->store, &m, util_now(), STORE_OUT_DEDUP);
 	props_free(&m.props);
 	switch (put) {

@@ -92,12 +92,25 @@ trace_sample(const struct sagad_conf *conf)
 	return x < conf->tracing.sampling * 4294967296.0;
 }
 
+/* A new trace on a message that has none, if sagad starts them: 1 when
+ * it did. */
+static int
+trace_start(struct props *p, const struct sagad_conf *conf)
+{
+	char fresh[TRACE_PARENT_LEN + 1];
+
+	if (!conf->tracing.start)
+		return 0;
+	trace_new(fresh, trace_sample(conf));
+	props_set_header(p, TRACE_PARENT, fresh);
+	return 1;
+}
+
 int
-trace_check(struct props *p, int sampled, const char **why)
+trace_check(struct props *p, const struct sagad_conf *conf, const char **why)
 {
 	const char *tp = props_get_header(p, TRACE_PARENT);
 	const char *ts = props_get_header(p, TRACE_STATE);
-	char fresh[TRACE_PARENT_LEN + 1];
 
 	if (tp && !trace_parent_valid(tp)) {
 		*why = "traceparent must be version-traceid-parentid-flags in lowercase hex "
@@ -108,33 +121,33 @@ trace_check(struct props *p, int sampled, const char **why)
 		*why = "tracestate must be at most 512 printable ASCII characters";
 		return -1;
 	}
-	if (!tp) {
-		if (ts) {
-			*why = "tracestate without a traceparent";
-			return -1;
-		}
-		trace_new(fresh, sampled);
-		props_set_header(p, TRACE_PARENT, fresh);
+	if (!tp && ts) {
+		*why = "tracestate without a traceparent";
+		return -1;
 	}
+	if (!tp)
+		trace_start(p, conf);
 	return 0;
 }
 
 int
-trace_ensure(struct props *p, int sampled)
+trace_ensure(struct props *p, const struct sagad_conf *conf)
 {
 	const char *tp = props_get_header(p, TRACE_PARENT);
 	const char *ts = props_get_header(p, TRACE_STATE);
-	char fresh[TRACE_PARENT_LEN + 1];
 
 	if (tp && trace_parent_valid(tp)) {
 		if (ts && !trace_state_valid(ts))
 			props_del_header(p, TRACE_STATE);
 		return 0;
 	}
-	props_del_header(p, TRACE_STATE);
-	trace_new(fresh, sampled);
-	props_set_header(p, TRACE_PARENT, fresh);
-	return 1;
+	/* Only what is there is deleted: most messages carry neither, and
+	 * with no trace to start they cost nothing here. */
+	if (ts)
+		props_del_header(p, TRACE_STATE);
+	if (tp)
+		props_del_header(p, TRACE_PARENT);
+	return trace_start(p, conf);
 }
 
 void

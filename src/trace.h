@@ -1,6 +1,7 @@
 /* W3C Trace Context (https://www.w3.org/TR/trace-context/) on messages:
- * the traceparent and tracestate every message carries, as AMQP headers
- * of those names, from its publish to its delivery (sagad(8), TRACE
+ * the traceparent and tracestate a message carries, as AMQP headers of
+ * those names, from its publish to its delivery; sagad starts a trace for
+ * a message without one as tracing.new_traces says (sagad(8), TRACE
  * CONTEXT). */
 #ifndef SAGAD_TRACE_H
 #define SAGAD_TRACE_H
@@ -31,14 +32,16 @@ void trace_new(char out[TRACE_PARENT_LEN + 1], int sampled);
 int trace_sample(const struct sagad_conf *conf);
 
 /* A message's own context, as published to sagad: -1 with *why set when a
- * traceparent or tracestate header is malformed; a new trace when it has
- * none. */
-int trace_check(struct props *p, int sampled, const char **why);
-/* A message from elsewhere (the broker, a source's table): a malformed or
- * missing traceparent starts a new trace, without the tracestate that went
- * with it (W3C: a vendor that cannot parse traceparent restarts the
- * trace). Returns 1 when it started one. */
-int trace_ensure(struct props *p, int sampled);
+ * traceparent or tracestate header is malformed. Without one, a new
+ * trace when tracing.start (tracing.new_traces) says sagad starts them;
+ * otherwise the message goes on without a context. */
+int trace_check(struct props *p, const struct sagad_conf *conf, const char **why);
+/* A message from elsewhere (the broker, a source's table): a malformed
+ * traceparent is dropped with the tracestate that went with it (W3C: a
+ * vendor that cannot parse traceparent restarts the trace), and a message
+ * left without one starts a new trace when tracing.start is set. Returns
+ * 1 when it started one. */
+int trace_ensure(struct props *p, const struct sagad_conf *conf);
 
 /* Copies the context of src to dst (a reply, a saga's message). */
 void trace_copy(struct props *dst, const struct props *src);

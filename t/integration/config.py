@@ -129,14 +129,18 @@ def check_saga_store(wd, bad):
 
 def check_tracing(wd, bad):
     """tracing: an endpoint and the defaults are accepted; a URL that is not
-    http://, a sampling out of 0..1 and a batch above the queue are refused
-    at their line (sagad.conf(5) TRACING)."""
+    http://, a sampling out of 0..1, a batch above the queue and a
+    new_traces other than auto, always or never are refused at their line
+    (sagad.conf(5) TRACING)."""
     ok = h.Sagad(wd, URL, name='trc').conf_text()
     path = os.path.join(wd, 'tracing-ok.conf')
     with open(path, 'w') as f:
         f.write(ok + 'tracing = { endpoint = "http://127.0.0.1:4318/v1/traces"; '
-                'sampling = 0.25; };\n')
+                'sampling = 0.25; new_traces = "never"; };\n')
     check_valid(path, 'tracing with an endpoint')
+    with open(path, 'w') as f:
+        f.write(ok + 'tracing = { new_traces = "always"; };\n')
+    check_valid(path, 'tracing: new traces without an endpoint')
     for what, extra, needle, words in (
             ('tracing: https endpoint', '  endpoint = "https://collector/v1/traces";\n',
              'https', ('http://HOST',)),
@@ -144,7 +148,9 @@ def check_tracing(wd, bad):
              ('http://HOST',)),
             ('tracing: sampling above 1', '  sampling = 1.5;\n', 'sampling', ('between 0 and 1',)),
             ('tracing: batch above queue', '  queue = 10;\n  batch = 20;\n', 'tracing',
-             ('batch is above queue',))):
+             ('batch is above queue',)),
+            ('tracing: new_traces unknown', '  new_traces = "sometimes";\n', 'sometimes',
+             ('"auto", "always" or "never"',))):
         check_invalid(bad, ok + 'tracing = {\n' + extra + '};\n', what, needle=needle,
                       words=words)
 

@@ -14,6 +14,12 @@ a RabbitMQ client that nobody here wrote:
   participant's service and at pika), on the compensation sent when a
   step times out (the instance read back from the store by a timer) and
   on the outcome event; `sagactl saga ID` shows the trace id.
+
+Those two sagads start new traces (tracing.new_traces = "always"). A third
+with the default settings (no endpoint: "auto" starts none) publishes a
+message without a context with no traceparent and keeps one that came,
+delivers a consumed message without one as it came, and runs a saga
+whose start event has none (no trace id in sagactl).
 """
 
 import json
@@ -39,6 +45,22 @@ sagas = (
         timeout = 1; attempts = 1; }
     );
     completed = "events:order.done"; compensated = "events:order.undone";
+    retry_initial = 0.2; retry_max = 0.5; }
+);
+'''
+
+ALWAYS = '''
+tracing = { new_traces = "always"; };
+'''
+
+PLAIN = '''
+subscriptions = (
+  { name = "plain"; bind = [ "events:bare.in.#" ]; deliver = "%(url)s"; }
+);
+sagas = (
+  { name = "bare"; start = "events:bare.order"; timeout = 120;
+    steps = ( { name = "only"; command = "commands:bare.do"; timeout = 1; attempts = 1; } );
+    completed = "events:bare.done"; compensated = "events:bare.undone";
     retry_initial = 0.2; retry_max = 0.5; }
 );
 '''
@@ -170,19 +192,54 @@ def saga_side(orders, pika, svc):
     h.check(('trace   %s' % TID) in out, 'sagactl saga shows it', detail=out)
 
 
+def default_settings(wd, broker, pika, svc):
+    h.log('== default settings (no endpoint): no new traces, contexts kept')
+    plain = h.Sagad(wd, broker.url, name='plain', conf_extra=PLAIN % {'url': svc.url})
+    plain.start()
+    pika.declare('bare', 'events:bare.out.#', 'commands:bare.#', 'events:bare.undone',
+                 'events:bare.done')
+    plain.publish('events', 'bare.out.none', 'a', {'Message-Id': 'd-none'})
+    plain.publish('events', 'bare.out.tp', 'b', {'Message-Id': 'd-tp', 'traceparent': TP,
+                                                 'tracestate': 'k=v'})
+    got = {m['message_id']: m['headers'] or {} for m in pika.get('bare', 2, timeout=20)}
+    h.check('traceparent' not in got.get('d-none', {'traceparent': '?'}),
+            'a publish without a context goes out without a traceparent', detail=got)
+    h.check(got.get('d-tp', {}).get('traceparent') == TP and got['d-tp'].get('tracestate') == 'k=v',
+            'one with a context keeps it', detail=got)
+    pika.publish('events', 'bare.in.a', 'x', 'd-in-none')
+    pika.publish('events', 'bare.in.b', 'x', 'd-in-tp', {'traceparent': TP})
+    a, b = delivered(svc, 'd-in-none'), delivered(svc, 'd-in-tp')
+    h.check('traceparent' not in a[0] and b[0].get('traceparent') == TP,
+            'consumed: none delivered without one, one as it came', detail=(a, b))
+    st, _, _ = plain.publish('events', 'bare.order', '{}', {'Message-Id': 'd-start',
+                                                            'Correlation-Id': 'b-1'})
+    got = pika.get('bare', 2, timeout=30)    # the command, then the outcome (step timed out)
+    h.check(st == 202 and len(got) == 2 and got[0]['routing_key'] == 'bare.do' and
+            not any('traceparent' in (m['headers'] or {}) for m in got),
+            'a saga without a context: its command and outcome carry none', detail=got)
+    js = h.sagactl(plain, 'saga', 'b-1', json_out=True)[1]
+    inst = js['instances'][0]
+    h.check(inst['state'] in ('compensated', 'failed') and 'trace_id' not in inst,
+            'it ends, and shows no trace id', detail=inst)
+    out = h.sagactl(plain, 'saga', 'b-1')[1]
+    h.check('trace ' not in out, 'nor does sagactl saga', detail=out)
+    plain.stop()
+
+
 def main(wd):
     broker = h.Broker(wd)
     broker.start()
     pika = h.Pika(broker.url)
     svc = h.Service(answer)
-    orders = h.Sagad(wd, broker.url, name='orders', conf_extra=SAGA)
-    stock = h.Sagad(wd, broker.url, name='stock', conf_extra=SUBS % {'url': svc.url})
+    orders = h.Sagad(wd, broker.url, name='orders', conf_extra=SAGA + ALWAYS)
+    stock = h.Sagad(wd, broker.url, name='stock', conf_extra=SUBS % {'url': svc.url} + ALWAYS)
     orders.start()
     stock.start()
     publish_side(orders, pika)
     consume_side(pika, svc, stock)
     saga_side(orders, pika, svc)
     outbox_listing(broker, orders)
+    default_settings(wd, broker, pika, svc)
     stock.stop()
     orders.stop()
     svc.stop()

@@ -1205,9 +1205,12 @@ TRACEPARENT_NEW = re.compile(r'^00-[0-9a-f]{32}-[0-9a-f]{16}-01$')
 
 def untraced(m):
     """A consumed message's headers without its traceparent, which must be
+    absent (tracing.new_traces auto without an endpoint, the default) or
     one sagad started (sagad(8), TRACE CONTEXT): else {'traceparent': it}."""
     hd = dict(m.get('headers') or {})
-    tp = hd.pop('traceparent', '')
+    if 'traceparent' not in hd:
+        return hd
+    tp = hd.pop('traceparent')
     return hd if TRACEPARENT_NEW.match(tp) else {'traceparent': tp}
 
 

@@ -151,8 +151,8 @@ test_path_simple(void **state)
 	expect_ok(f, f->open, "/v1/publish/events/order.created", "events", "order.created");
 	assert_null(f->m.props.content_type);
 	assert_null(f->m.props.correlation_id);
-	assert_int_equal(f->m.props.n_headers, 1);	/* a new trace */
-	assert_true(trace_parent_valid(props_get_header(&f->m.props, TRACE_PARENT)));
+	/* no new trace: tracing.new_traces auto, without an endpoint */
+	assert_int_equal(f->m.props.n_headers, 0);
 	expect_ok(f, f->open, "/v1/publish/a-b_c.d:e/k", "a-b_c.d:e", "k");
 }
 
@@ -283,7 +283,7 @@ test_header_mapping(void **state)
 	assert_string_equal(f->m.props.type, "order.created.v1");
 	assert_string_equal(f->m.props.expiration, "60000");
 	assert_null(f->m.props.reply_to);
-	assert_int_equal(f->m.props.n_headers, 4);	/* and traceparent */
+	assert_int_equal(f->m.props.n_headers, 3);
 	assert_string_equal(props_get_header(&f->m.props, "x-causation-id"), "evt-5");
 	assert_string_equal(props_get_header(&f->m.props, "foo"), "bar");
 	/* the name lower-case, the value as sent */
@@ -294,8 +294,9 @@ test_header_mapping(void **state)
 	assert_null(props_get_header(&f->m.props, "host"));
 }
 
-/* W3C Trace Context: kept as sent when well formed, refused when not, a
- * new trace when absent (also through Amqp-Header-traceparent). */
+/* W3C Trace Context: kept as sent when well formed, refused when not
+ * (also through Amqp-Header-traceparent), a new trace when absent if
+ * tracing.new_traces says so. */
 static void
 test_trace_context(void **state)
 {
@@ -321,6 +322,15 @@ test_trace_context(void **state)
 	add(f, "traceparent", tp);
 	add(f, "tracestate", "k=v\x01");
 	expect_fail(f, f->open, "/v1/publish/events/k", "bad-header");
+	evhttp_clear_headers(&f->h);
+
+	expect_ok(f, f->open, "/v1/publish/events/k", "events", "k");
+	assert_null(props_get_header(&f->m.props, TRACE_PARENT));
+	f->open->tracing.start = 1;		/* new_traces = "always" */
+	expect_ok(f, f->open, "/v1/publish/events/k", "events", "k");
+	assert_int_equal(f->m.props.n_headers, 1);
+	assert_true(trace_parent_valid(props_get_header(&f->m.props, TRACE_PARENT)));
+	assert_null(props_get_header(&f->m.props, TRACE_STATE));
 }
 
 static void
@@ -472,7 +482,7 @@ test_amqp_header_names(void **state)
 	name[n + 128] = '\0';
 	add(f, name, "v");
 	expect_ok(f, f->open, "/v1/publish/events/k", "events", "k");
-	assert_int_equal(f->m.props.n_headers, 2);	/* and traceparent */
+	assert_int_equal(f->m.props.n_headers, 1);
 	assert_int_equal(strlen(f->m.props.headers[0].name), 128);
 	evhttp_clear_headers(&f->h);
 
@@ -484,7 +494,7 @@ test_amqp_header_names(void **state)
 	add(f, "Amqp-Header-Dup", "one");
 	add(f, "amqp-header-dup", "two");
 	expect_ok(f, f->open, "/v1/publish/events/k", "events", "k");
-	assert_int_equal(f->m.props.n_headers, 2);	/* and traceparent */
+	assert_int_equal(f->m.props.n_headers, 1);
 	assert_string_equal(props_get_header(&f->m.props, "dup"), "two");
 }
 

@@ -541,6 +541,11 @@ test_trace_follows_the_saga(void **state)
 	/* a start without a context (not from the broker): none invented */
 	deliver(f, "events", "order.created", "t2", "ou", "{}");
 	assert_string_equal(sent_traces(f), "-/-");
+	reply(f, "order", "reserve", 0, 1, "ou", "tr4");	/* and it goes on */
+	assert_string_equal(sent_traces(f), "-/-");
+	j = saga_get_json(f->d.saga, "ou");
+	assert_null(json_object_get(json_array_get(json_object_get(j, "instances"), 0), "trace_id"));
+	json_decref(j);
 }
 
 static void

@@ -8,10 +8,15 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "conf.h"
 #include "props.h"
 #include "trace.h"
 
 #define TP "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+
+/* tracing.new_traces always (start), and never; no endpoint: sampled */
+static struct sagad_conf conf_start = { .tracing = { .start = 1 } };
+static struct sagad_conf conf_none = { .tracing = { .start = 0 } };
 
 static void
 test_parent_valid(void **state)
@@ -84,32 +89,32 @@ test_check(void **state)
 
 	(void)state;
 	memset(&p, 0, sizeof p);
-	assert_int_equal(trace_check(&p, 1, &why), 0);		/* none: a new one */
+	assert_int_equal(trace_check(&p, &conf_start, &why), 0);		/* none: a new one */
 	assert_true(trace_parent_valid(props_get_header(&p, TRACE_PARENT)));
 	assert_null(props_get_header(&p, TRACE_STATE));
 	props_free(&p);
 
 	props_set_header(&p, TRACE_PARENT, TP);
 	props_set_header(&p, TRACE_STATE, "k=v");
-	assert_int_equal(trace_check(&p, 1, &why), 0);		/* kept as it is */
+	assert_int_equal(trace_check(&p, &conf_start, &why), 0);		/* kept as it is */
 	assert_string_equal(props_get_header(&p, TRACE_PARENT), TP);
 	assert_string_equal(props_get_header(&p, TRACE_STATE), "k=v");
 	props_free(&p);
 
 	props_set_header(&p, TRACE_PARENT, "00-xyz");
-	assert_int_equal(trace_check(&p, 1, &why), -1);
+	assert_int_equal(trace_check(&p, &conf_start, &why), -1);
 	assert_non_null(strstr(why, "traceparent"));
 	props_free(&p);
 
 	props_set_header(&p, TRACE_PARENT, TP);
 	props_set_header(&p, TRACE_STATE, "a\tb");
 	why = NULL;
-	assert_int_equal(trace_check(&p, 1, &why), -1);
+	assert_int_equal(trace_check(&p, &conf_start, &why), -1);
 	assert_non_null(strstr(why, "tracestate"));
 	props_free(&p);
 
 	props_set_header(&p, TRACE_STATE, "k=v");		/* state alone */
-	assert_int_equal(trace_check(&p, 1, &why), -1);
+	assert_int_equal(trace_check(&p, &conf_start, &why), -1);
 	props_free(&p);
 }
 
@@ -122,7 +127,7 @@ test_ensure(void **state)
 	memset(&p, 0, sizeof p);
 	props_set_header(&p, TRACE_PARENT, TP);
 	props_set_header(&p, TRACE_STATE, "k=v");
-	assert_int_equal(trace_ensure(&p, 1), 0);
+	assert_int_equal(trace_ensure(&p, &conf_start), 0);
 	assert_string_equal(props_get_header(&p, TRACE_PARENT), TP);
 	assert_string_equal(props_get_header(&p, TRACE_STATE), "k=v");
 	props_free(&p);
@@ -131,15 +136,54 @@ test_ensure(void **state)
 	props_set_header(&p, "other", "1");
 	props_set_header(&p, TRACE_PARENT, "garbage");
 	props_set_header(&p, TRACE_STATE, "k=v");
-	assert_int_equal(trace_ensure(&p, 1), 1);
+	assert_int_equal(trace_ensure(&p, &conf_start), 1);
 	assert_true(trace_parent_valid(props_get_header(&p, TRACE_PARENT)));
 	assert_null(props_get_header(&p, TRACE_STATE));
 	assert_string_equal(props_get_header(&p, "other"), "1");
 	assert_int_equal(p.n_headers, 2);
 	props_free(&p);
 
-	assert_int_equal(trace_ensure(&p, 1), 1);			/* none */
+	assert_int_equal(trace_ensure(&p, &conf_start), 1);			/* none */
 	assert_int_equal(p.n_headers, 1);
+	props_free(&p);
+}
+
+/* tracing.new_traces never (or auto without an endpoint): a context that
+ * came is kept, none is started, a malformed one is dropped. */
+static void
+test_no_new_traces(void **state)
+{
+	struct props p;
+	const char *why = NULL;
+
+	(void)state;
+	memset(&p, 0, sizeof p);
+	assert_int_equal(trace_check(&p, &conf_none, &why), 0);
+	assert_int_equal(p.n_headers, 0);
+	props_set_header(&p, TRACE_PARENT, TP);
+	props_set_header(&p, TRACE_STATE, "k=v");
+	assert_int_equal(trace_check(&p, &conf_none, &why), 0);
+	assert_string_equal(props_get_header(&p, TRACE_PARENT), TP);
+	assert_string_equal(props_get_header(&p, TRACE_STATE), "k=v");
+	props_free(&p);
+
+	props_set_header(&p, TRACE_PARENT, "00-xyz");		/* still refused */
+	assert_int_equal(trace_check(&p, &conf_none, &why), -1);
+	props_free(&p);
+
+	assert_int_equal(trace_ensure(&p, &conf_none), 0);	/* none */
+	assert_int_equal(p.n_headers, 0);
+	props_set_header(&p, TRACE_PARENT, TP);
+	assert_int_equal(trace_ensure(&p, &conf_none), 0);
+	assert_string_equal(props_get_header(&p, TRACE_PARENT), TP);
+	props_free(&p);
+
+	props_set_header(&p, "other", "1");
+	props_set_header(&p, TRACE_PARENT, "garbage");
+	props_set_header(&p, TRACE_STATE, "k=v");
+	assert_int_equal(trace_ensure(&p, &conf_none), 0);
+	assert_int_equal(p.n_headers, 1);
+	assert_string_equal(props_get_header(&p, "other"), "1");
 	props_free(&p);
 }
 
@@ -206,6 +250,7 @@ main(void)
 		cmocka_unit_test(test_new),
 		cmocka_unit_test(test_check),
 		cmocka_unit_test(test_ensure),
+		cmocka_unit_test(test_no_new_traces),
 		cmocka_unit_test(test_copy_and_id),
 		cmocka_unit_test(test_take_put),
 	};
