@@ -22,6 +22,7 @@
 #include "plugin.h"
 #include "relay.h"
 #include "saga.h"
+#include "saga_store.h"
 #include "sagad.h"
 #include "store.h"
 #include "util.h"
@@ -465,7 +466,9 @@ static void
 admin_sagas(struct admin *a, struct evhttp_request *req)
 {
 	const struct evhttp_uri *u = evhttp_request_get_evhttp_uri(req);
-	const char *q = evhttp_uri_get_query(u), *name = NULL, *state = NULL;
+	const char *q = evhttp_uri_get_query(u), *name = NULL, *state = NULL, *after;
+	struct saga_list_page page = { 0 };
+	char *after_saga = NULL, *after_id = NULL;
 	struct evkeyvalq params;
 	int st = -1;
 
@@ -489,8 +492,18 @@ admin_sagas(struct admin *a, struct evhttp_request *req)
 		evhttp_clear_headers(&params);
 		return;
 	}
-	saga_list(a->d->saga, name, st, (size_t)admin_query_long(req, "limit", 100, ADMIN_LIST_MAX),
-	    admin_saga_answer, req);
+	page.saga = name;
+	page.state = st;
+	page.limit = (size_t)admin_query_long(req, "limit", 100, ADMIN_LIST_MAX);
+	after = evhttp_find_header(&params, "after");
+	if (after && saga_list_cursor(after, &page, &after_saga, &after_id) < 0) {
+		evhttp_clear_headers(&params);
+		httpd_error(req, 400, "bad-request", "after must be the \"next\" of a listing");
+		return;
+	}
+	saga_list(a->d->saga, &page, admin_saga_answer, req);
+	free(after_saga);
+	free(after_id);
 	evhttp_clear_headers(&params);
 }
 

@@ -100,8 +100,14 @@ int saga_shared(const struct saga_engine *e);
  * none in the state the command needs (retry: failed, abort: running);
  * 503 the store did not answer or commit. */
 typedef void saga_answer_fn(void *arg, int status, void *json);
-void saga_list(struct saga_engine *e, const char *name, int state, size_t limit,
-    saga_answer_fn *fn, void *arg);
+struct saga_list_page;
+/* A page of instances (saga_store.h: struct saga_list_page, copied); the
+ * answer's "next" is the cursor of the page after it, null at the end. */
+void saga_list(struct saga_engine *e, const struct saga_list_page *page, saga_answer_fn *fn,
+    void *arg);
+/* A "next" cursor into page's after_* (malloc'd into *saga and *id): 0, or
+ * -1 when it is malformed. */
+int saga_list_cursor(const char *cursor, struct saga_list_page *page, char **saga, char **id);
 void saga_get(struct saga_engine *e, const char *id, saga_answer_fn *fn, void *arg);
 /* retry (1) a failed saga's compensation or abort (0) a running saga. */
 void saga_command(struct saga_engine *e, const char *id, int retry, saga_answer_fn *fn,

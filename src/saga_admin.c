@@ -82,7 +82,19 @@ saga_state_from_name(const char *name)
 struct saga_list_ctx {
 	struct saga_engine *e;
 	json_t *list;
+	char *last;		/* the next page's cursor */
+	size_t n;
 };
+
+/* The cursor of the page after the one that ended at r: its
+ * (started_at, saga, id), as "STARTED~SAGA~ID" (a saga name has no ~). */
+static void
+saga_list_one_cursor(struct saga_list_ctx *c, const struct saga_rec *r)
+{
+	free(c->last);
+	c->last = xasprintf("%.17g~%s~%s", r->started_at, r->saga, r->id);
+	c->n++;
+}
 
 static void
 saga_list_one(void *arg, const struct saga_rec *r)
@@ -90,6 +102,7 @@ saga_list_one(void *arg, const struct saga_rec *r)
 	struct saga_list_ctx *c = arg;
 	struct saga_inst *in = saga_from_rec(c->e, r);
 
+	saga_list_one_cursor(c, r);
 	if (in)
 		json_array_append_new(c->list, saga_inst_json(c->e, in, in->updated_at,
 		    in->finished_at, 0));
@@ -97,12 +110,35 @@ saga_list_one(void *arg, const struct saga_rec *r)
 }
 
 static json_t *
-saga_list_json(struct saga_engine *e, const char *name, int state, size_t limit)
+saga_list_json(struct saga_engine *e, const struct saga_list_page *page)
 {
-	struct saga_list_ctx c = { e, json_array() };
+	struct saga_list_ctx c = { e, json_array(), NULL, 0 };
+	json_t *j;
 
-	saga_store_list(e->ss, name, state, limit, saga_list_one, &c);
-	return json_pack("{s:o}", "sagas", c.list);
+	saga_store_list(e->ss, page, saga_list_one, &c);
+	/* A full page may have a next one; a short one is the last. */
+	j = json_pack("{s:o,s:s?}", "sagas", c.list, "next",
+	    c.n == page->limit && page->limit ? c.last : NULL);
+	free(c.last);
+	return j;
+}
+
+int
+saga_list_cursor(const char *cursor, struct saga_list_page *page, char **saga, char **id)
+{
+	const char *t1 = strchr(cursor, '~'), *t2 = t1 ? strchr(t1 + 1, '~') : NULL;
+	char *end;
+
+	if (!t1 || !t2 || t2 == t1 + 1)
+		return -1;
+	page->after_at = strtod(cursor, &end);
+	if (end != t1)
+		return -1;
+	*saga = xstrndup(t1 + 1, (size_t)(t2 - t1 - 1));
+	*id = xstrdup(t2 + 1);
+	page->after_saga = *saga;
+	page->after_id = *id;
+	return 0;
 }
 
 static json_t *
@@ -200,9 +236,8 @@ enum saga_ask_kind {
 struct saga_ask {
 	struct saga_engine *e;
 	enum saga_ask_kind kind;
-	char *id, *name;
-	int state;
-	size_t limit;
+	char *id, *name, *after_saga, *after_id;
+	struct saga_list_page page;	/* ASK_LIST, pointing into the strings above */
 	json_t *json;		/* the answer, built by run */
 	int status;
 	saga_answer_fn *fn;
@@ -220,7 +255,7 @@ saga_ask_run(void *arg)
 	q->status = 200;
 	switch (q->kind) {
 	case ASK_LIST:
-		q->json = saga_list_json(q->e, q->name, q->state, q->limit);
+		q->json = saga_list_json(q->e, &q->page);
 		break;
 	case ASK_GET:
 		q->json = saga_get_json(q->e, q->id);
@@ -252,6 +287,8 @@ saga_ask_done(void *arg, enum saga_job_result r)
 	q->fn(q->arg, q->status, q->json);
 	free(q->id);
 	free(q->name);
+	free(q->after_saga);
+	free(q->after_id);
 	free(q);
 }
 
@@ -269,23 +306,27 @@ saga_ask(struct saga_engine *e, struct saga_ask *q, saga_answer_fn *fn, void *ar
 	}
 	if (q->kind == ASK_LIST) {
 		job.want = SAGA_WANT_LIST;
-		job.list_saga = q->name;
-		job.list_state = q->state;
-		job.list_limit = q->limit;
+		job.list = q->page;
 	}
 	saga_store_submit(e->ss, &job);
 }
 
 void
-saga_list(struct saga_engine *e, const char *name, int state, size_t limit,
-    saga_answer_fn *fn, void *arg)
+saga_list(struct saga_engine *e, const struct saga_list_page *page, saga_answer_fn *fn,
+    void *arg)
 {
 	struct saga_ask *q = xcalloc(1, sizeof *q);
 
 	q->kind = ASK_LIST;
-	q->name = name ? xstrdup(name) : NULL;
-	q->state = state;
-	q->limit = limit;
+	q->page = *page;
+	q->name = page->saga ? xstrdup(page->saga) : NULL;
+	q->page.saga = q->name;
+	if (page->after_saga) {
+		q->after_saga = xstrdup(page->after_saga);
+		q->after_id = xstrdup(page->after_id);
+		q->page.after_saga = q->after_saga;
+		q->page.after_id = q->after_id;
+	}
 	saga_ask(e, q, fn, arg);
 }
 

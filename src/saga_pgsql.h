@@ -58,7 +58,7 @@ struct pgs_due {
 
 struct pgs_job {
 	struct saga_job j;	/* its strings point into the copies below */
-	char *ids[2], *consumed, *list_saga;
+	char *ids[2], *consumed, *list_saga, *after_saga, *after_id;
 	int alone;		/* failed in a batch: runs in one of its own */
 	int duplicate;
 	PGresult *list;		/* SAGA_WANT_LIST: its rows */
@@ -197,8 +197,8 @@ void pgs_driver_stop(struct saga_backend *b);
  * index of each kind's statement, -1 when not sent). */
 struct pgs_fetch {
 	struct pgc_stmt st[8 + PGS_BATCH_MAX];
-	const char *v[8 + PGS_BATCH_MAX][4];
-	char *own[8 + PGS_BATCH_MAX][4];
+	const char *v[8 + PGS_BATCH_MAX][8];	/* up to 8 parameters a statement */
+	char *own[8 + PGS_BATCH_MAX][8];
 	int n, at_consumed, at_insts, at_early, at_timers, at_history, at_list, at_counts;
 };
 void pgs_fetch_send(struct saga_backend *b);

@@ -62,8 +62,12 @@ pgs_job_new(const struct saga_job *job)
 		p->j.ids[i] = p->ids[i] = xstrdup(job->ids[i]);
 	if (job->consumed)
 		p->j.consumed = p->consumed = xstrdup(job->consumed);
-	if (job->list_saga)
-		p->j.list_saga = p->list_saga = xstrdup(job->list_saga);
+	if (job->list.saga)
+		p->j.list.saga = p->list_saga = xstrdup(job->list.saga);
+	if (job->list.after_saga) {
+		p->j.list.after_saga = p->after_saga = xstrdup(job->list.after_saga);
+		p->j.list.after_id = p->after_id = xstrdup(job->list.after_id);
+	}
 	return p;
 }
 
@@ -76,6 +80,8 @@ pgs_job_end(struct pgs_job *p, enum saga_job_result r)
 	free(p->ids[1]);
 	free(p->consumed);
 	free(p->list_saga);
+	free(p->after_saga);
+	free(p->after_id);
 	free(p);
 }
 

@@ -124,9 +124,14 @@ pgs_fetch_send(struct saga_backend *b)
 			pgs_fetch_add(f, "SELECT saga, id, state, started_at, updated_at,"
 			    " coalesce(finished_at, 0), data FROM instances WHERE service = $1"
 			    " AND ($2::text IS NULL OR saga = $2) AND ($3::int < 0 OR state = $3)"
-			    " ORDER BY started_at DESC LIMIT $4", 4, xstrdup(b->service),
-			    pgs_dup_or_null(p->j.list_saga), xasprintf("%d", p->j.list_state),
-			    xasprintf("%zu", p->j.list_limit));
+			    " AND ($5::text IS NULL OR (started_at, saga, id) <"
+			    " ($6::double precision, $5::text, $7::text))"
+			    " ORDER BY started_at DESC, saga DESC, id DESC LIMIT $4", 7,
+			    xstrdup(b->service), pgs_dup_or_null(p->j.list.saga),
+			    xasprintf("%d", p->j.list.state), xasprintf("%zu", p->j.list.limit),
+			    pgs_dup_or_null(p->j.list.after_saga),
+			    xasprintf("%.17g", p->j.list.after_at),
+			    pgs_dup_or_null(p->j.list.after_id));
 	/* The counts scan every instance of the service (tens of ms on a big
 	 * table): not in a batch of saga steps, whose acks would wait for
 	 * them, unless they are overdue (a replica never idle). */

@@ -133,10 +133,10 @@ saga_store_by_id(struct saga_store *ss, const char *id, int64_t *rows, size_t ma
 }
 
 int
-saga_store_list(struct saga_store *ss, const char *saga, int state, size_t limit,
+saga_store_list(struct saga_store *ss, const struct saga_list_page *page,
     saga_rec_fn *fn, void *arg)
 {
-	return ss->ops->list(ss->b, saga, state, limit, fn, arg);
+	return ss->ops->list(ss->b, page, fn, arg);
 }
 
 int

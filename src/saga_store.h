@@ -95,7 +95,17 @@ enum saga_job_result {
 enum {
 	SAGA_WANT_TIMERS = 1,	/* saga_store_timers_due answers the due timers */
 	SAGA_WANT_HISTORY = 2,	/* saga_store_history answers for the ids' instances */
-	SAGA_WANT_LIST = 4	/* saga_store_list answers (list_saga, list_state, list_limit) */
+	SAGA_WANT_LIST = 4	/* saga_store_list answers (the job's list) */
+};
+
+/* A page of the instances' listing, newest first: (started_at, saga, id)
+ * descending, from just after the cursor (after_saga NULL: the start). */
+struct saga_list_page {
+	const char *saga;	/* NULL: all */
+	int state;		/* < 0: all */
+	size_t limit;
+	double after_at;
+	const char *after_saga, *after_id;
 };
 
 struct saga_job {
@@ -106,9 +116,7 @@ struct saga_job {
 	 * before (SQLite's inbox deduplicates before the engine sees it). */
 	const char *consumed;
 	unsigned want;
-	const char *list_saga;	/* SAGA_WANT_LIST: NULL all */
-	int list_state;		/* < 0 all */
-	size_t list_limit;
+	struct saga_list_page list;	/* SAGA_WANT_LIST */
 	void (*run)(void *arg);
 	void (*done)(void *arg, enum saga_job_result r);
 	void *arg;
@@ -147,7 +155,7 @@ int saga_store_get_row(struct saga_store *ss, int64_t row, struct saga_rec *r);
 /* Every instance with this saga id (one per definition), oldest first. */
 size_t saga_store_by_id(struct saga_store *ss, const char *id, int64_t *rows, size_t max);
 /* Newest first; saga NULL and state < 0 match all. */
-int saga_store_list(struct saga_store *ss, const char *saga, int state, size_t limit,
+int saga_store_list(struct saga_store *ss, const struct saga_list_page *page,
     saga_rec_fn *fn, void *arg);
 /* Instances by definition and state: fn gets saga, state and count in r. */
 int saga_store_counts(struct saga_store *ss, saga_rec_fn *fn, void *arg);

@@ -22,7 +22,7 @@ struct saga_store_ops {
 	    struct saga_rec *r);
 	int (*get_row)(struct saga_backend *b, int64_t row, struct saga_rec *r);
 	size_t (*by_id)(struct saga_backend *b, const char *id, int64_t *rows, size_t max);
-	int (*list)(struct saga_backend *b, const char *saga, int state, size_t limit,
+	int (*list)(struct saga_backend *b, const struct saga_list_page *page,
 	    saga_rec_fn *fn, void *arg);
 	int (*counts)(struct saga_backend *b, saga_rec_fn *fn, void *arg);
 	int (*history)(struct saga_backend *b, int64_t row,

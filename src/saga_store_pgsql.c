@@ -259,15 +259,13 @@ pgs_by_id(struct saga_backend *b, const char *id, int64_t *rows, size_t max)
 }
 
 static int
-pgs_list(struct saga_backend *b, const char *saga, int state, size_t limit, saga_rec_fn *fn,
+pgs_list(struct saga_backend *b, const struct saga_list_page *page, saga_rec_fn *fn,
     void *arg)
 {
 	PGresult *res = b->cur ? b->cur->list : NULL;
 	int i;
 
-	(void)saga;
-	(void)state;
-	(void)limit;	/* the job's own query applied them */
+	(void)page;	/* the job's own query applied it */
 	if (!res)
 		return -1;
 	for (i = 0; i < PQntuples(res); i++) {

@@ -79,7 +79,8 @@ static const char *const saga_sql[SQ_COUNT] = {
 	[SQ_BY_ID] = "SELECT row FROM saga WHERE id = ? ORDER BY row",
 	/* ?1 NULL: any saga; ?2 < 0: any state */
 	[SQ_LIST] = "SELECT " SAGA_COLUMNS " FROM saga WHERE (?1 IS NULL OR saga = ?1)"
-	    " AND (?2 < 0 OR state = ?2) ORDER BY row DESC LIMIT ?3",
+	    " AND (?2 < 0 OR state = ?2) AND (?4 IS NULL OR (started_at, saga, id) < (?5, ?4, ?6))"
+	    " ORDER BY started_at DESC, saga DESC, id DESC LIMIT ?3",
 	[SQ_HISTORY] = "SELECT at, dir, what, coalesce(step, ''), coalesce(message_id, ''), coalesce(detail, '')"
 	    " FROM saga_log WHERE row = ? ORDER BY id",
 	[SQ_COUNTS] = "SELECT saga, state, count(*) FROM saga GROUP BY saga, state",
@@ -250,15 +251,21 @@ ssq_by_id(struct saga_backend *ss, const char *id, int64_t *rows, size_t max)
 }
 
 static int
-ssq_list(struct saga_backend *ss, const char *saga, int state, size_t limit,
-    saga_rec_fn *fn, void *arg)
+ssq_list(struct saga_backend *ss, const struct saga_list_page *page, saga_rec_fn *fn,
+    void *arg)
 {
 	sqlite3_stmt *s = ss_stmt(ss, SQ_LIST);
 
-	if (saga)
-		sqlite3_bind_text(s, 1, saga, -1, SQLITE_TRANSIENT);
-	sqlite3_bind_int(s, 2, state);
-	sqlite3_bind_int64(s, 3, (sqlite3_int64)limit);
+	sqlite3_clear_bindings(s);
+	if (page->saga)
+		sqlite3_bind_text(s, 1, page->saga, -1, SQLITE_TRANSIENT);
+	sqlite3_bind_int(s, 2, page->state);
+	sqlite3_bind_int64(s, 3, (sqlite3_int64)page->limit);
+	if (page->after_saga) {
+		sqlite3_bind_text(s, 4, page->after_saga, -1, SQLITE_TRANSIENT);
+		sqlite3_bind_double(s, 5, page->after_at);
+		sqlite3_bind_text(s, 6, page->after_id, -1, SQLITE_TRANSIENT);
+	}
 	while (sqlite3_step(s) == SQLITE_ROW) {
 		struct saga_rec r;
 		ss_read_rec(s, &r);

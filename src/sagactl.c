@@ -417,15 +417,47 @@ cmd_dlq(struct sagactl *c, int argc, char **argv)
 	return SAGACTL_OK;
 }
 
+static void
+print_saga_rows(json_t *j)
+{
+	char when[32];
+	json_t *s, *st;
+	size_t i, k;
+
+	json_array_foreach(json_object_get(j, "sagas"), i, s) {
+		fmt_time(jnum(s, "started_at"), when, sizeof when);
+		printf("%-40s %-16s %-13s %-20s ", jstr(s, "id"), jstr(s, "saga"), jstr(s, "state"), when);
+		json_array_foreach(json_object_get(s, "steps"), k, st)
+			printf("%s%s=%s", k ? " " : "", jstr(st, "name"), jstr(st, "state"));
+		printf("\n");
+	}
+}
+
+/* One page of GET /v1/admin/sagas; the next page's cursor (malloc'd) or
+ * NULL into *next. */
+static json_t *
+sagas_page(struct sagactl *c, const char *query, const char *after, char **next)
+{
+	char *path, *e = after ? pct_encode(after) : NULL;
+	json_t *j, *n;
+
+	path = xasprintf("/v1/admin/sagas?%s%s%s", query, e ? "&after=" : "", e ? e : "");
+	j = sagactl_call(c, "GET", path);
+	n = json_object_get(j, "next");
+	*next = json_is_string(n) ? xstrdup(json_string_value(n)) : NULL;
+	free(path);
+	free(e);
+	return j;
+}
+
 static int
 cmd_sagas(struct sagactl *c, int argc, char **argv)
 {
-	const char *state = NULL, *name = NULL;
-	char path[1024], when[32], *e1 = NULL, *e2 = NULL;
+	const char *state = NULL, *name = NULL, *after = NULL;
+	char query[1024], *e1 = NULL, *e2 = NULL, *next = NULL, *cur = NULL;
 	long limit = 100;
-	json_t *j, *s, *st;
-	size_t i, k;
-	int a;
+	int a, all = 0;
+	json_t *j;
 
 	for (a = 1; a < argc; a++) {
 		if (strcmp(argv[a], "--state") == 0 && a + 1 < argc)
@@ -434,6 +466,10 @@ cmd_sagas(struct sagactl *c, int argc, char **argv)
 			name = argv[++a];
 		else if (strcmp(argv[a], "--limit") == 0 && a + 1 < argc)
 			limit = strtol(argv[++a], NULL, 10);
+		else if (strcmp(argv[a], "--after") == 0 && a + 1 < argc)
+			after = argv[++a];
+		else if (strcmp(argv[a], "--all") == 0)
+			all = 1;
 		else
 			usage();
 	}
@@ -441,25 +477,27 @@ cmd_sagas(struct sagactl *c, int argc, char **argv)
 		e1 = pct_encode(state);
 	if (name)
 		e2 = pct_encode(name);
-	snprintf(path, sizeof path, "/v1/admin/sagas?limit=%ld%s%s%s%s", limit,
+	snprintf(query, sizeof query, "limit=%ld%s%s%s%s", limit,
 	    e1 ? "&state=" : "", e1 ? e1 : "", e2 ? "&name=" : "", e2 ? e2 : "");
 	free(e1);
 	free(e2);
-	j = sagactl_call(c, "GET", path);
-	if (c->json) {
-		print_json(j);
+	if (!c->json)
+		printf("%-40s %-16s %-13s %-20s %s\n", "ID", "SAGA", "STATE", "STARTED", "STEPS");
+	/* --all: page after page, each of --limit instances, to the end. */
+	for (cur = after ? xstrdup(after) : NULL;; cur = next) {
+		j = sagas_page(c, query, cur, &next);
+		free(cur);
+		if (c->json)
+			print_json(j);
+		else
+			print_saga_rows(j);
 		json_decref(j);
-		return SAGACTL_OK;
+		if (!all || !next)
+			break;
 	}
-	printf("%-40s %-16s %-13s %-20s %s\n", "ID", "SAGA", "STATE", "STARTED", "STEPS");
-	json_array_foreach(json_object_get(j, "sagas"), i, s) {
-		fmt_time(jnum(s, "started_at"), when, sizeof when);
-		printf("%-40s %-16s %-13s %-20s ", jstr(s, "id"), jstr(s, "saga"), jstr(s, "state"), when);
-		json_array_foreach(json_object_get(s, "steps"), k, st)
-			printf("%s%s=%s", k ? " " : "", jstr(st, "name"), jstr(st, "state"));
-		printf("\n");
-	}
-	json_decref(j);
+	if (next && !c->json)
+		fprintf(stderr, "(more: --after '%s', or --all)\n", next);
+	free(next);
 	return SAGACTL_OK;
 }
 

@@ -280,6 +280,7 @@ def scenario(wd, saga_store=''):
     shop(orders, stock)
     ship(orders, stock)
     fan(orders, stock)
+    paging(orders)
     for d in (orders, d_stock, d_payment):
         d.stop()
     book(wd, broker, saga_store)
@@ -411,6 +412,36 @@ def fan(orders, p):
     h.check(comps.index('d') < comps.index('a') and len(comps) == 3 and
             not p.deliveries('fan.undo-c', 'pg2') and not p.deliveries('fan.e', 'pg2'),
             'pg2: d undone before a (reverse order), b when its success came; c never', comps)
+
+
+def paging(orders):
+    """/v1/admin/sagas page by page, and sagactl sagas --all."""
+    import urllib.parse
+    st, whole = orders.admin_json('/v1/admin/sagas?limit=1000')
+    want = [(s['saga'], s['id']) for s in whole['sagas']]
+    h.check(st == 200 and len(want) >= 10 and whole.get('next') is None,
+            'paging: one page of 1000 holds every instance, no next', len(want))
+    got, after, pages = [], None, 0
+    while True:
+        q = '/v1/admin/sagas?limit=3' + ('&after=' + urllib.parse.quote(after, safe='')
+                                         if after else '')
+        st, j = orders.admin_json(q)
+        got += [(s['saga'], s['id']) for s in j['sagas']]
+        pages += 1
+        after = j.get('next')
+        if not after or pages > 20:
+            break
+    h.check(got == want, 'paging: pages of 3 through "next" give every instance once, in order',
+            (pages, got, want))
+    st, _ = orders.admin_get('/v1/admin/sagas?after=nonsense')
+    h.check(st == 400, 'paging: a malformed cursor: 400', st)
+    rc, out, err = sagactl(orders, 'sagas', '--all', '--limit', '4')
+    ids = [line.split()[0] for line in out.splitlines()[1:]]
+    h.check(rc == 0 and sorted(ids) == sorted(i for _, i in want),
+            'paging: sagactl sagas --all --limit 4 lists every instance', (rc, out, err))
+    rc, out, err = sagactl(orders, 'sagas', '--limit', '4')
+    h.check(rc == 0 and len(out.splitlines()) == 5 and '--after' in err,
+            'paging: sagactl sagas --limit 4 says there is more, with the cursor', (out, err))
 
 
 def book_sagas():

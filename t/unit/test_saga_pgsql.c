@@ -1223,15 +1223,17 @@ test_history_and_list(void **state)
 	assert_int_equal(OPS.history(b, 9, hist_cb, &hs), -1);
 
 	/* list: the running job's own rows, columns from 0 */
-	assert_int_equal(OPS.list(b, NULL, -1, 10, rec_cb, &n), -1);
+	struct saga_list_page page = { NULL, -1, 10, 0, NULL, NULL };
+
+	assert_int_equal(OPS.list(b, &page, rec_cb, &n), -1);
 	memset(&f->cur, 0, sizeof f->cur);
 	b->cur = &f->cur;
-	assert_int_equal(OPS.list(b, NULL, -1, 10, rec_cb, &n), -1);
+	assert_int_equal(OPS.list(b, &page, rec_cb, &n), -1);
 	f->cur.list = result_new(7, inst_cols + 1);
 	for (i = 0; i < 2; i++)
 		result_row(f->cur.list, i, 7, "order", i ? "s2" : "s1", "1", "1", "1", "0",
 		    "\\x7b7d");
-	assert_int_equal(OPS.list(b, NULL, -1, 10, rec_cb, &n), 0);
+	assert_int_equal(OPS.list(b, &page, rec_cb, &n), 0);
 	assert_int_equal(n, 2);
 	PQclear(f->cur.list);
 	b->cur = NULL;
