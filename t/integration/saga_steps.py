@@ -553,4 +553,5 @@ def main(wd):
     db.stop()
 
 
-h.run_test(main)
+if __name__ == '__main__':
+    h.run_test(main)
