@@ -22,6 +22,10 @@ other, each with its own broker, sinks and daemons:
   a: one orders sagad on SQLite (figures without prefix);
   b: three orders replicas on the PostgreSQL saga store (figures b_*,
      bench/saga_pg.py: the setup, its own phases and figures);
+  g: as a, but the saga's first three steps are one parallel group
+     (reserve-stock, authorize-payment and check-fraud, the last at the
+     payment service, sent at once), then approve: 4 commands, 4 replies
+     (figures g_*: saturation and latency; not in the default modes);
   ratio_b_a = b_sat_rate / sat_rate (the issue's target: >= 0.5).
 
 Phases of mode a (b runs 1 and 2 the same way, then its failover):
@@ -121,6 +125,17 @@ sagas = (
 );
 '''
 
+# Mode g: the same saga with a parallel group of three steps.
+SAGA_CONF_GROUP = SAGA_CONF.replace('''      { name = "reserve-stock";     command = "commands:stock.reserve";
+        compensate = "commands:stock.release"; },
+      { name = "authorize-payment"; command = "commands:payment.authorize";
+        compensate = "commands:payment.cancel"; },''', '''      { name = "reserve-stock";     group = "checks"; command = "commands:stock.reserve";
+        compensate = "commands:stock.release"; },
+      { name = "authorize-payment"; group = "checks"; command = "commands:payment.authorize";
+        compensate = "commands:payment.cancel"; },
+      { name = "check-fraud";       group = "checks"; command = "commands:payment.check"; },''')
+assert SAGA_CONF_GROUP != SAGA_CONF
+
 
 def subscriptions(*subs):
     """subs: (name, [bindings], deliver URL)"""
@@ -137,14 +152,14 @@ class Setup:
     service, each its own directory, store and ports) keeping their sagas in
     PostgreSQL (pg: a bench/saga_pg.Store)."""
 
-    def __init__(self, workdir, pg=None, replicas=1):
+    def __init__(self, workdir, pg=None, replicas=1, saga_conf=SAGA_CONF):
         self.pg = pg
         self.broker = h.Broker(workdir)
         self.broker.start()
         self.sinks = {n: Sink() for n in ('orders', 'stock', 'payment')}
         big = 'max_bytes = %dL;' % (16 << 30)
         so = self.sinks['orders'].base
-        orders_conf = SAGA_CONF + SAGA_QUEUE + (pg.conf() if pg else '') + subscriptions(
+        orders_conf = saga_conf + SAGA_QUEUE + (pg.conf() if pg else '') + subscriptions(
             ('commands', ['commands:order.#'], so + '/commands'),
             ('events', ['events:order.approved', 'events:order.rejected'], so + '/events'))
         self.replicas = []
@@ -362,7 +377,7 @@ def saga_times(s, runid, n):
             for sg in doc['sagas']]
 
 
-def phase_latency(s, workdir, tag='', pre=''):
+def phase_latency(s, workdir, tag='', pre='', with_hops=True):
     n = SAGA_RATE * LAT_SECONDS
     h0 = s.histogram()
     base = ended(s)
@@ -390,7 +405,8 @@ def phase_latency(s, workdir, tag='', pre=''):
            'p50': common.pct(durs, 0.5), 'p99': common.pct(durs, 0.99),
            'max': durs[-1] if durs else float('nan'),
            'e2e_p50': common.pct(e2e, 0.5), 'e2e_p99': common.pct(e2e, 0.99),
-           'post_p99': float(r['p99_ms']), 'cpu': cpu, 'hops': hops(s, ids)}
+           'post_p99': float(r['p99_ms']), 'cpu': cpu,
+           'hops': hops(s, ids) if with_hops else ([], [], [])}
     for q in (0.5, 0.99):
         res = common.hist_quantile(q, h0, h1)
         out['hist_p%d' % round(q * 100)] = res
@@ -655,6 +671,21 @@ def mode_a(workdir):
         s.stop()
 
 
+def mode_g(workdir):
+    """Mode a's saturation and latency with a parallel group of three."""
+    s = Setup(workdir, saga_conf=SAGA_CONF_GROUP)
+    try:
+        say('G: one orders sagad on SQLite, a parallel group of three steps; saturation: '
+            '%d x %d sagas' % (REPEAT, SAGA_N))
+        runs = [phase_saturation(s, workdir, i, pre='g') for i in range(1, REPEAT + 1)]
+        rate = report_saturation('g_', runs, 'one orders sagad, SQLite, parallel group')
+        say('G: latency at %d sagas/s for %d s' % (SAGA_RATE, LAT_SECONDS))
+        report_latency('g_', phase_latency(s, workdir, pre='g', with_hops=False))
+        return rate
+    finally:
+        s.stop()
+
+
 def main():
     def on_signal(signum, frame):
         for sg in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
@@ -663,8 +694,8 @@ def main():
     for sg in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sg, on_signal)
     modes = [m.strip() for m in (os.environ.get('BENCH_SAGA_MODES') or 'a,b').split(',')]
-    if not modes or set(modes) - {'a', 'b'}:
-        print('bench: BENCH_SAGA_MODES: a, b or a,b', file=sys.stderr)
+    if not modes or set(modes) - {'a', 'b', 'g'}:
+        print('bench: BENCH_SAGA_MODES: a comma list of a, b, g', file=sys.stderr)
         return 2
     for p in (LOADGEN, SINK, h.sagad_path()):
         if not os.access(p, os.X_OK):
@@ -696,6 +727,12 @@ def main():
             wd = os.path.join(workdir, 'b')
             os.makedirs(wd)
             rate_b = saga_pg.mode_b(wd, sys.modules[__name__])
+        if 'g' in modes:
+            wd = os.path.join(workdir, 'g')
+            os.makedirs(wd)
+            rate_g = mode_g(wd)
+            if rate_a:
+                fig('ratio_g_a', rate_g / rate_a, 'g_sat_rate / sat_rate (same run)')
         if rate_a and rate_b:
             fig('ratio_b_a', rate_b / rate_a, 'b_sat_rate / sat_rate (target >= 0.5)')
         ok = True
