@@ -217,7 +217,7 @@ static void
 conf_saga_subscription(struct sagad_conf *c)
 {
 	struct conf_subscription *s;
-	size_t i, j;
+	size_t i;
 
 	if (!c->n_sagas || !c->service)
 		return;
@@ -240,14 +240,23 @@ conf_saga_subscription(struct sagad_conf *c)
 	s->prefetch = 128;
 	for (i = 0; i < c->n_sagas; i++) {
 		conf_add_saga_bind(s, &c->sagas[i].start);
-		for (j = 0; j < c->sagas[i].n_steps; j++) {
-			if (c->sagas[i].mode != SAGA_CHOREOGRAPHED)
-				continue;
-			conf_add_saga_bind(s, &c->sagas[i].steps[j].success);
-			conf_add_saga_bind(s, &c->sagas[i].steps[j].failure);
-			conf_add_saga_bind(s, &c->sagas[i].steps[j].compensate_success);
-			conf_add_saga_bind(s, &c->sagas[i].steps[j].compensate_failure);
-		}
+		conf_saga_bind_events(c, &c->sagas[i]);
+	}
+}
+
+void
+conf_saga_bind_events(struct sagad_conf *c, const struct conf_saga *sg)
+{
+	struct conf_subscription *s = c->n_subs ? &c->subs[c->n_subs - 1] : NULL;
+	size_t j;
+
+	if (!s || !s->internal || sg->mode != SAGA_CHOREOGRAPHED)
+		return;
+	for (j = 0; j < sg->n_steps; j++) {
+		conf_add_saga_bind(s, &sg->steps[j].success);
+		conf_add_saga_bind(s, &sg->steps[j].failure);
+		conf_add_saga_bind(s, &sg->steps[j].compensate_success);
+		conf_add_saga_bind(s, &sg->steps[j].compensate_failure);
 	}
 }
 

@@ -226,6 +226,9 @@ void conf_errors_clear(struct conf_errors *errs);
 const struct conf_exchange *conf_exchange(const struct sagad_conf *conf,
     const char *name);
 
+/* Binds the internal saga subscription (the last one, _sagas) to sg's
+ * choreographed events too: an older version's, whose instances run on. */
+void conf_saga_bind_events(struct sagad_conf *c, const struct conf_saga *sg);
 const struct conf_saga *conf_saga(const struct sagad_conf *conf, const char *name);
 const struct conf_subscription *conf_subscription(const struct sagad_conf *conf,
     const char *name);

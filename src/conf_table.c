@@ -1,6 +1,8 @@
 #include "conf_table.h"
 #include "xmalloc.h"
 
+#include <jansson.h>
+
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -192,6 +194,12 @@ static const struct conf_key conf_saga_rows[] = {
 	END
 };
 #undef SG
+
+const struct conf_key *
+conf_table_saga_rows(void)
+{
+	return conf_saga_rows;
+}
 /* `plugin` and `name` are sagad's; every other key is the plugin's,
  * checked against its list when it is loaded (plugin.c). */
 #define SR(f) offsetof(struct conf_source, f)
@@ -525,4 +533,161 @@ conf_table_keep(const struct conf_key *rows, void *nb, void *ob, const char *pre
 		ctab_swap_row(k, nb, ob);
 	}
 	return n;
+}
+
+/* ---- rows as JSON (the saga definitions a store keeps) ---- */
+
+static json_t *
+ctab_binding_json(const struct conf_binding *b)
+{
+	char *s;
+	json_t *j;
+
+	if (!b->exchange)
+		return NULL;
+	s = xasprintf("%s:%s", b->exchange, b->key);
+	j = json_string(s);
+	free(s);
+	return j;
+}
+
+static json_t *
+ctab_row_json(const struct conf_key *k, const void *base)
+{
+	const void *p = conf_table_at(base, k->off);
+	size_t i, n = k->cnt ? *(const size_t *)conf_table_at(base, k->cnt) : 0;
+	json_t *a;
+
+	switch (k->kind) {
+	case CONF_STR:
+	case CONF_JSON:
+		return *(char *const *)p ? json_string(*(char *const *)p) : NULL;
+	case CONF_DUR:
+		return json_real(*(const double *)p);
+	case CONF_SIZE:
+		return json_integer(*(const int64_t *)p);
+	case CONF_INT:
+	case CONF_MODE:
+		return json_integer(*(const int *)p);
+	case CONF_BOOL:
+		return json_boolean(*(const int *)p);
+	case CONF_BINDING:
+		return ctab_binding_json(p);
+	case CONF_BINDINGS:
+		a = json_array();
+		for (i = 0; i < n; i++)
+			json_array_append_new(a, ctab_binding_json(&(*(struct conf_binding *const *)p)[i]));
+		return a;
+	case CONF_LIST:
+		a = json_array();
+		for (i = 0; i < n; i++)
+			json_array_append_new(a, conf_table_to_json(k->sub,
+			    (const char *)*(void *const *)p + i * k->elem));
+		return a;
+	case CONF_GROUP:
+		return conf_table_to_json(k->sub, base);
+	case CONF_KVS:
+		return NULL;	/* plugins' keys: not in a definition */
+	}
+	return NULL;
+}
+
+json_t *
+conf_table_to_json(const struct conf_key *rows, const void *base)
+{
+	const struct conf_key *k;
+	json_t *j = json_object(), *v;
+
+	for (k = rows; k->name; k++)
+		if (!(k->flags & CONF_DERIVED) && (v = ctab_row_json(k, base)) != NULL)
+			json_object_set_new(j, k->name, v);
+	return j;
+}
+
+static int
+ctab_binding_from(const json_t *v, struct conf_binding *b)
+{
+	const char *s = json_string_value(v), *colon = s ? strchr(s, ':') : NULL;
+
+	if (!colon)
+		return -1;
+	free(b->exchange);
+	free(b->key);
+	b->exchange = xstrndup(s, (size_t)(colon - s));
+	b->key = xstrdup(colon + 1);
+	return 0;
+}
+
+static int
+ctab_row_from(const struct conf_key *k, const json_t *v, void *base)
+{
+	void *p = conf_table_at(base, k->off);
+	size_t i, n;
+
+	switch (k->kind) {
+	case CONF_STR:
+	case CONF_JSON:
+		if (!json_is_string(v))
+			return -1;
+		free(*(char **)p);
+		*(char **)p = xstrdup(json_string_value(v));
+		return 0;
+	case CONF_DUR:
+		if (!json_is_number(v))
+			return -1;
+		*(double *)p = json_number_value(v);
+		return 0;
+	case CONF_SIZE:
+		if (!json_is_integer(v))
+			return -1;
+		*(int64_t *)p = json_integer_value(v);
+		return 0;
+	case CONF_INT:
+	case CONF_MODE:
+		if (!json_is_integer(v))
+			return -1;
+		*(int *)p = (int)json_integer_value(v);
+		return 0;
+	case CONF_BOOL:
+		if (!json_is_boolean(v))
+			return -1;
+		*(int *)p = json_is_true(v);
+		return 0;
+	case CONF_BINDING:
+		return ctab_binding_from(v, p);
+	case CONF_LIST:
+		if (!json_is_array(v))
+			return -1;
+		n = json_array_size(v);
+		*(void **)p = xcalloc(n ? n : 1, k->elem);
+		*(size_t *)conf_table_at(base, k->cnt) = n;
+		for (i = 0; i < n; i++) {
+			void *elem = (char *)*(void **)p + i * k->elem;
+			conf_table_defaults(k->sub, elem);
+			if (conf_table_from_json(k->sub, json_array_get(v, i), elem) < 0)
+				return -1;
+		}
+		return 0;
+	case CONF_GROUP:
+		return conf_table_from_json(k->sub, v, base);
+	case CONF_BINDINGS:
+	case CONF_KVS:
+		return -1;
+	}
+	return -1;
+}
+
+int
+conf_table_from_json(const struct conf_key *rows, const json_t *j, void *base)
+{
+	const struct conf_key *k;
+	const json_t *v;
+
+	if (!json_is_object(j))
+		return -1;
+	for (k = rows; k->name; k++)
+		if (!(k->flags & CONF_DERIVED) && (v = json_object_get(j, k->name)) != NULL &&
+		    ctab_row_from(k, v, base) < 0)
+			return -1;
+	return 0;
 }

@@ -78,4 +78,14 @@ int conf_table_equal(const struct conf_key *rows, const void *a, const void *b);
 int conf_table_keep(const struct conf_key *rows, void *nb, void *ob, const char *prefix,
     char *changed, size_t len);
 
+/* The rows' values as a JSON object (derived rows left out, unset
+ * strings and bindings absent), and back: a struct given its defaults
+ * first takes every value the object has. -1: a value of the wrong type
+ * (the struct is then freed by conf_table_free all the same). */
+struct json_t;
+struct json_t *conf_table_to_json(const struct conf_key *rows, const void *base);
+int conf_table_from_json(const struct conf_key *rows, const struct json_t *j, void *base);
+/* The rows of one saga definition (a struct conf_saga). */
+const struct conf_key *conf_table_saga_rows(void);
+
 #endif

@@ -21,6 +21,7 @@
 #include "plugin.h"
 #include "relay.h"
 #include "saga.h"
+#include "saga_report.h"
 #include "saga_store.h"
 #include "sagad.h"
 #include "store.h"
@@ -46,7 +47,7 @@ struct sagad_main {
 static void
 usage(void)
 {
-	fprintf(stderr, "usage: sagad [-f FILE] [-n] [-v] [-V]\n");
+	fprintf(stderr, "usage: sagad [-f FILE] [-n [-s]] [-v] [-V]\n");
 	exit(EXIT_USAGE);
 }
 
@@ -453,12 +454,13 @@ main(int argc, char **argv)
 	static struct sagad_main sm;
 	struct conf_errors errs = { NULL, 0 };
 	const char *file = SYSCONFDIR "/sagad/sagad.conf";
-	int check = 0, verbose = 0, c, rc;
+	int check = 0, store = 0, verbose = 0, c, rc;
 
-	while ((c = getopt(argc, argv, "f:nvVh")) != -1) {
+	while ((c = getopt(argc, argv, "f:nsvVh")) != -1) {
 		switch (c) {
 		case 'f': file = optarg; break;
 		case 'n': check = 1; break;
+		case 's': store = 1; break;
 		case 'v': verbose++; break;
 		case 'V':
 			printf("sagad %s\n", PACKAGE_VERSION);
@@ -483,6 +485,8 @@ main(int argc, char **argv)
 	}
 	if (check) {
 		printf("%s: configuration ok\n", file);
+		if (store)	/* what the file's sagas do to those in the store */
+			saga_report(sm.d.conf, stdout);
 		conf_free(sm.d.conf);
 		return EXIT_OK;
 	}

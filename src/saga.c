@@ -562,7 +562,7 @@ saga_on_start(struct saga_engine *e, size_t def, const struct msg *m)
 		saga_inst_free(in);
 		return;
 	}
-	in = saga_inst_new(e->d->conf, def, id);
+	in = saga_inst_new(&e->versions[def], id);	/* new ones: the current version */
 	in->state = SAGA_RUNNING;
 	in->started_at = util_now();
 	in->body = xmalloc(m->body_len + 1);
@@ -600,16 +600,69 @@ saga_delivered(struct saga_engine *e, const struct saga_inst *in, const struct s
 {
 	char id[512];
 
-	saga_message_id(in, in->def->steps[k->step].name,
-	    k->compensation ? "compensate" : "command", id, sizeof id);
+	saga_message_id(in, k->step_name, k->compensation ? "compensate" : "command", id,
+	    sizeof id);
 	saga_store_delivered(e->ss, in->id, id);
+}
+
+/* The matches of m: the configuration's, then the step events of older
+ * versions of its sagas (bound too, saga_version.c) not matched already. */
+static size_t
+saga_matches(struct saga_engine *e, const struct msg *m, struct saga_match *out, size_t max)
+{
+	size_t n = saga_classify(e->d->conf, m, out, max), v, k, j, more;
+
+	for (v = e->d->conf->n_sagas; v < e->nversions && n < max; v++) {
+		more = saga_classify_events(e->versions[v].def, e->versions[v].def_index, m,
+		    out + n, max - n);
+		for (k = n; k < n + more; k++) {
+			for (j = 0; j < n; j++)
+				if (out[j].saga == out[k].saga && out[j].input == out[k].input &&
+				    strcmp(out[j].step_name, out[k].step_name) == 0)
+					break;
+			if (j < n) {	/* the same: drop it */
+				out[k--] = out[--more + n];
+			}
+		}
+		n += more;
+	}
+	return n;
+}
+
+/* Step k names in in's own version of its definition, or -1: none there,
+ * or an event bound in another version only. */
+static ssize_t
+saga_match_step(const struct saga_inst *in, const struct saga_match *k, const struct msg *m)
+{
+	const struct conf_saga_step *st;
+	size_t i;
+
+	for (i = 0; i < in->def->n_steps; i++)
+		if (strcmp(in->def->steps[i].name, k->step_name) == 0)
+			break;
+	if (i == in->def->n_steps)
+		return -1;
+	st = &in->def->steps[i];
+	switch (k->input) {
+	case SAGA_IN_SUCCESS:
+		return saga_binding_is(&st->success, m) ? (ssize_t)i : -1;
+	case SAGA_IN_FAILURE:
+		return saga_binding_is(&st->failure, m) ? (ssize_t)i : -1;
+	case SAGA_IN_COMP_SUCCESS:
+		return saga_binding_is(&st->compensate_success, m) ? (ssize_t)i : -1;
+	case SAGA_IN_COMP_FAILURE:
+		return saga_binding_is(&st->compensate_failure, m) ? (ssize_t)i : -1;
+	default:
+		return (ssize_t)i;
+	}
 }
 
 static void
 saga_handle_matches(struct saga_engine *e, const struct msg *m, size_t only)
 {
 	struct saga_match matches[16];
-	size_t n = saga_classify(e->d->conf, m, matches, 16), i;
+	size_t n = saga_matches(e, m, matches, 16), i;
+	ssize_t step;
 
 	if (n == 0) {
 		saga_orphan(e, m, "not a saga message");
@@ -645,16 +698,23 @@ saga_handle_matches(struct saga_engine *e, const struct msg *m, size_t only)
 			saga_orphan(e, m, "unknown saga instance");
 			continue;
 		}
+		if ((step = saga_match_step(in, k, m)) < 0) {
+			/* Another version's step or event: not this instance's. */
+			saga_orphan(e, m, "no such step in the instance's version");
+			saga_inst_free(in);
+			continue;
+		}
 		if (k->input == SAGA_IN_REPLY)
 			saga_delivered(e, in, k);
 		if (k->input == SAGA_IN_REPLY && k->compensation)
-			saga_on_compensation_reply(e, in, k->step, k->success, m);
+			saga_on_compensation_reply(e, in, (size_t)step, k->success, m);
 		else if (k->input == SAGA_IN_COMP_SUCCESS || k->input == SAGA_IN_COMP_FAILURE)
-			saga_on_compensation_reply(e, in, k->step, k->input == SAGA_IN_COMP_SUCCESS, m);
+			saga_on_compensation_reply(e, in, (size_t)step,
+			    k->input == SAGA_IN_COMP_SUCCESS, m);
 		else if (k->input == SAGA_IN_REPLY)
-			saga_on_step_result(e, in, k->step, k->success, m);
+			saga_on_step_result(e, in, (size_t)step, k->success, m);
 		else
-			saga_on_step_result(e, in, k->step, k->input == SAGA_IN_SUCCESS, m);
+			saga_on_step_result(e, in, (size_t)step, k->input == SAGA_IN_SUCCESS, m);
 		saga_save(e, in);
 		saga_inst_free(in);
 	}
@@ -786,6 +846,11 @@ saga_new(struct sagad *d, char **err)
 	e->stats = xcalloc(d->conf->n_sagas + 1, sizeof *e->stats);
 	for (i = 0; i < d->conf->n_sagas; i++)
 		histogram_init(&e->stats[i].duration, metrics_latency_bounds, metrics_latency_nbounds);
+	if (saga_versions_load(e) < 0) {
+		*err = xstrdup("saga store: cannot keep the saga definitions' versions (see the log)");
+		saga_free(e);
+		return NULL;
+	}
 	saga_counts_refresh(e);
 	if (saga_store_shared(e->ss)) {
 		log_info("sagas shared with other replicas", LOG_STR("service", d->conf->service));
@@ -814,5 +879,6 @@ saga_free(struct saga_engine *e)
 		event_free(e->timer_ev);
 	free(e->stats);
 	free(e->stats_before);
+	saga_versions_free(e);
 	free(e);
 }

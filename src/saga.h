@@ -73,14 +73,25 @@ enum saga_input {
 struct saga_match {
 	enum saga_input input;
 	size_t saga;		/* index in conf->sagas */
-	size_t step;		/* for REPLY, SUCCESS, FAILURE */
-	int compensation;	/* REPLY: to a compensation */
+	size_t step;		/* for REPLY, SUCCESS, FAILURE, COMP_*: in the
+				 * definition it matched (SAGA_STEP_BY_NAME: none) */
+	const char *step_name;	/* the same step (the message's or the conf's) */
+	int compensation;	/* REPLY: to a compensation; COMP_* */
 	int success;		/* REPLY: x-sagad-outcome = success */
 };
+
+#define SAGA_STEP_BY_NAME ((size_t)-1)
 
 /* Fills up to max matches; returns how many (0: not a saga message). */
 size_t saga_classify(const struct sagad_conf *conf, const struct msg *m,
     struct saga_match *out, size_t max);
+/* The choreographed step events of one definition sg (of index in
+ * conf->sagas, by name): an older version's, whose bindings may differ. */
+struct conf_saga;
+struct conf_binding;
+size_t saga_classify_events(const struct conf_saga *sg, size_t index, const struct msg *m,
+    struct saga_match *out, size_t max);
+int saga_binding_is(const struct conf_binding *b, const struct msg *m);
 
 struct saga_engine *saga_new(struct sagad *d, char **err);
 void saga_free(struct saga_engine *e);

@@ -58,6 +58,7 @@ saga_inst_json(struct saga_engine *e, struct saga_inst *in, double updated, doub
 	    "mode", in->def->mode == SAGA_ORCHESTRATED ? "orchestrated" : "choreographed",
 	    "reason", in->reason, "started_at", in->started_at, "updated_at", updated,
 	    "finished_at", finished, "steps", steps);
+	json_object_set_new(j, "version", json_string(in->version));
 	if (in->trace_parent)	/* valid: saga_unpack checked it */
 		json_object_set_new(j, "trace_id", json_stringn(in->trace_parent + 3, 32));
 	if (history) {

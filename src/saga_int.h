@@ -38,9 +38,19 @@ struct saga_step_rt {
 	char *ct;
 };
 
+/* A version of a saga definition (saga_version.c): the configuration's
+ * (versions[i] for conf->sagas[i]), or an older one from the store. */
+struct saga_version {
+	char version[16 + 1];		/* SAGA_DEF_VERSION_LEN */
+	size_t def_index;		/* the configuration's saga of this name */
+	const struct conf_saga *def;
+	struct conf_saga *owned;	/* an older version: parsed, freed here */
+};
+
 struct saga_inst {
 	int64_t row;		/* 0: not stored yet */
-	const struct conf_saga *def;
+	const struct conf_saga *def;	/* the definition of its version */
+	const char *version;	/* that version (the engine's) */
 	size_t def_index;
 	char *id;
 	enum saga_state state;
@@ -72,6 +82,8 @@ struct saga_engine {
 	struct saga_stats *stats;	/* per saga definition */
 	uint64_t orphans;
 	uint64_t early;		/* events kept for a start not yet applied */
+	struct saga_version *versions;	/* the configuration's, then older ones */
+	size_t nversions;
 	/* Handling a consumed message (saga_handle): what it sends may go out
 	 * before the fsync (SAGA_SEND_CONSUMED), for the broker, not acked yet,
 	 * delivers the message again if a crash of the machine loses the
@@ -84,9 +96,22 @@ struct saga_engine {
 	struct saga_stats *stats_before;
 	uint64_t orphans_before, early_before;
 };
+/* ---- saga_version.c ---- */
+
+/* Stores the configured versions, reads back the older ones: 0 or -1. */
+int saga_versions_load(struct saga_engine *e);
+/* The version of saga def named version (NULL: the current); NULL when
+ * the store has no such version. */
+const struct saga_version *saga_version_find(const struct saga_engine *e, size_t def,
+    const char *version);
+void saga_versions_free(struct saga_engine *e);
+
 /* ---- saga_record.c: an instance and its encoding ---- */
 
-struct saga_inst *saga_inst_new(const struct sagad_conf *conf, size_t def, const char *id);
+struct saga_inst *saga_inst_new(const struct saga_version *v, const char *id);
+/* The version a stored instance names: 1 (into out), 0 none (written before
+ * versions: the current one), -1 malformed. */
+int saga_peek_version(const char *buf, size_t len, char out[16 + 1]);
 void saga_inst_free(struct saga_inst *in);
 /* sb is initialised here; the caller destroys it. */
 void saga_pack(const struct saga_inst *in, msgpack_sbuffer *sb);

@@ -20,6 +20,7 @@
 #include <string.h>
 
 #include "log.h"
+#include "saga_store.h"
 #include "xmalloc.h"
 
 /*
@@ -158,6 +159,15 @@ static const char *const saga_pg_migrations[] = {
 	"ALTER TABLE instances DROP CONSTRAINT instances_pkey;"
 	"ALTER TABLE instances ADD PRIMARY KEY (service, id, saga);"
 	"ALTER TABLE instances SET (fillfactor = 70);",
+	/* 5: every version of every saga definition with instances started on
+	 * it (issue 18: an instance finishes on the version it started on) */
+	"CREATE TABLE definitions("
+	"  service text NOT NULL,"
+	"  saga text NOT NULL,"
+	"  version text NOT NULL,"
+	"  def text NOT NULL,"
+	"  created_at double precision NOT NULL,"
+	"  PRIMARY KEY (service, saga, version));",
 };
 
 _Static_assert(sizeof saga_pg_migrations / sizeof saga_pg_migrations[0] ==
@@ -419,6 +429,70 @@ saga_pg_connect(const char *conninfo, char **err)
 	free(msg);
 	PQfinish(conn);
 	return NULL;
+}
+
+/* The definitions' versions (saga_store.h: saga_store_defs), on a
+ * connection of their own, at start. */
+static int
+saga_pg_defs_run(struct saga_pg_mig *m, const char *service, const struct saga_def_rec *put,
+    size_t n, void (*fn)(void *arg, const struct saga_def_rec *d), void *arg)
+{
+	const char *p[4];
+	char *sql = xasprintf("SET search_path TO %s", m->quoted);
+	PGresult *res;
+	size_t i;
+	int r = saga_pg_run(m, "cannot use the schema", sql), k;
+
+	free(sql);
+	for (i = 0; r == 0 && i < n; i++) {
+		p[0] = service;
+		p[1] = put[i].saga;
+		p[2] = put[i].version;
+		p[3] = put[i].json;
+		res = saga_pg_exec(m, "cannot store a saga definition",
+		    "INSERT INTO definitions(service, saga, version, def, created_at)"
+		    " VALUES ($1, $2, $3, $4, extract(epoch FROM clock_timestamp()))"
+		    " ON CONFLICT DO NOTHING", 4, p);
+		r = res ? 0 : -1;
+		PQclear(res);
+	}
+	if (r < 0)
+		return -1;
+	p[0] = service;
+	res = saga_pg_exec(m, "cannot read the saga definitions",
+	    "SELECT saga, version, def FROM definitions WHERE service = $1"
+	    " ORDER BY saga, created_at", 1, p);
+	if (!res)
+		return -1;
+	for (k = 0; k < PQntuples(res); k++) {
+		struct saga_def_rec d = { PQgetvalue(res, k, 0), PQgetvalue(res, k, 1),
+		    PQgetvalue(res, k, 2) };
+		fn(arg, &d);
+	}
+	PQclear(res);
+	return 0;
+}
+
+int
+saga_pg_defs(const char *conninfo, const char *schema, const char *service,
+    const struct saga_def_rec *put, size_t n,
+    void (*fn)(void *arg, const struct saga_def_rec *d), void *arg, char **err)
+{
+	struct saga_pg_mig m = { NULL, schema ? schema : SAGA_PG_SCHEMA_DEFAULT, NULL, NULL };
+	int r = -1;
+
+	*err = NULL;
+	if (!(m.conn = saga_pg_connect(conninfo, err)))
+		return -1;
+	m.quoted = PQescapeIdentifier(m.conn, m.schema, strlen(m.schema));
+	if (m.quoted)
+		r = saga_pg_defs_run(&m, service, put, n, fn, arg);
+	else
+		m.err = xasprintf("saga store: PostgreSQL schema \"%s\": bad name", m.schema);
+	PQfreemem(m.quoted);
+	PQfinish(m.conn);
+	*err = m.err;
+	return r;
 }
 
 int

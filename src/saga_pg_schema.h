@@ -12,7 +12,7 @@
 #include <stddef.h>
 
 /* The schema version this sagad creates and knows. */
-#define SAGA_PG_SCHEMA_VERSION 4
+#define SAGA_PG_SCHEMA_VERSION 5
 
 /* The schema's name when the configuration names none. */
 #define SAGA_PG_SCHEMA_DEFAULT "sagad"
@@ -28,6 +28,13 @@
  * is newer than this sagad.
  */
 int saga_pg_schema_migrate(const char *conninfo, const char *schema, char **err);
+
+/* The service's saga definitions' versions (saga_store.h: saga_store_defs),
+ * on a blocking connection of its own, at start. 0, or -1 with *err. */
+struct saga_def_rec;
+int saga_pg_defs(const char *conninfo, const char *schema, const char *service,
+    const struct saga_def_rec *put, size_t n,
+    void (*fn)(void *arg, const struct saga_def_rec *d), void *arg, char **err);
 
 /*
  * conninfo without its password (key=value or URI form), in out, for

@@ -47,7 +47,7 @@ saga_pack(const struct saga_inst *in, msgpack_sbuffer *sb)
 
 	msgpack_sbuffer_init(sb);
 	msgpack_packer_init(&pk, sb, msgpack_sbuffer_write);
-	msgpack_pack_array(&pk, 9);
+	msgpack_pack_array(&pk, 10);
 	msgpack_pack_int(&pk, in->state);
 	msgpack_pack_unsigned_int(&pk, in->cur);
 	msgpack_pack_unsigned_int(&pk, in->order);
@@ -68,6 +68,34 @@ saga_pack(const struct saga_inst *in, msgpack_sbuffer *sb)
 	}
 	saga_pack_str(&pk, in->trace_parent);	/* 8 and 9: since 0.2 */
 	saga_pack_str(&pk, in->trace_state);
+	saga_pack_str(&pk, in->version);	/* 10: since 0.3 */
+}
+
+int
+saga_peek_version(const char *buf, size_t len, char out[16 + 1])
+{
+	msgpack_unpacked u;
+	const msgpack_object *v;
+	size_t off = 0;
+	int rc = -1;
+
+	if (!props_msgpack_sane(buf, len))
+		return -1;
+	msgpack_unpacked_init(&u);
+	if (msgpack_unpack_next(&u, buf, len, &off) == MSGPACK_UNPACK_SUCCESS &&
+	    u.data.type == MSGPACK_OBJECT_ARRAY) {
+		rc = 0;
+		if (u.data.via.array.size == 10) {
+			v = &u.data.via.array.ptr[9];
+			rc = v->type == MSGPACK_OBJECT_STR && v->via.str.size == 16 ? 1 : -1;
+			if (rc == 1) {
+				memcpy(out, v->via.str.ptr, 16);
+				out[16] = '\0';
+			}
+		}
+	}
+	msgpack_unpacked_destroy(&u);
+	return rc;
 }
 
 static char *
@@ -134,7 +162,8 @@ saga_unpack(struct saga_inst *in, const char *buf, size_t len)
 	msgpack_unpacked_init(&u);
 	if (msgpack_unpack_next(&u, buf, len, &off) != MSGPACK_UNPACK_SUCCESS ||
 	    u.data.type != MSGPACK_OBJECT_ARRAY ||
-	    (u.data.via.array.size != 7 && u.data.via.array.size != 9))
+	    (u.data.via.array.size != 7 && u.data.via.array.size != 9 &&
+	    u.data.via.array.size != 10))
 		goto out;
 	a = u.data.via.array.ptr;
 	if (saga_obj_uint(&a[0], SAGA_NSTATES - 1, &v) < 0)
@@ -172,7 +201,7 @@ saga_unpack(struct saga_inst *in, const char *buf, size_t len)
 	}
 	if (in->cur > in->def->n_steps)
 		goto out;
-	if (u.data.via.array.size == 9 && saga_unpack_trace(in, &a[7], &a[8]) < 0)
+	if (u.data.via.array.size >= 9 && saga_unpack_trace(in, &a[7], &a[8]) < 0)
 		goto out;
 	rc = 0;
 out:
@@ -181,12 +210,13 @@ out:
 }
 
 struct saga_inst *
-saga_inst_new(const struct sagad_conf *conf, size_t def, const char *id)
+saga_inst_new(const struct saga_version *v, const char *id)
 {
 	struct saga_inst *in = xcalloc(1, sizeof *in);
 
-	in->def = &conf->sagas[def];
-	in->def_index = def;
+	in->def = v->def;
+	in->version = v->version;
+	in->def_index = v->def_index;
 	in->id = xstrdup(id);
 	in->steps = xcalloc(in->def->n_steps + 1, sizeof *in->steps);
 	return in;
@@ -264,17 +294,31 @@ saga_def_index(const struct sagad_conf *c, const char *name)
 	return -1;
 }
 
-/* The instance a stored record holds, or NULL: its definition is gone
- * from the configuration, or the record is damaged (logged). */
+/* The instance a stored record holds, on the version of its definition it
+ * started with, or NULL: its saga is gone from the configuration, or the
+ * record is damaged (logged). */
 struct saga_inst *
 saga_from_rec(struct saga_engine *e, const struct saga_rec *r)
 {
 	ssize_t def = saga_def_index(e->d->conf, r->saga);
+	const struct saga_version *v = NULL;
 	struct saga_inst *in;
+	char version[16 + 1];
+	int has;
 
 	if (def < 0)
 		return NULL;
-	in = saga_inst_new(e->d->conf, (size_t)def, r->id);
+	has = saga_peek_version(r->data, r->data_len, version);
+	if (has >= 0)
+		v = saga_version_find(e, (size_t)def, has ? version : NULL);
+	if (!v) {
+		log_error(has < 0 ? "damaged saga instance in store, ignored" :
+		    "saga instance of a definition version the store lacks, ignored",
+		    LOG_STR("saga", r->saga), LOG_STR("id", r->id),
+		    LOG_STR("version", has > 0 ? version : ""));
+		return NULL;
+	}
+	in = saga_inst_new(v, r->id);
 	in->row = r->row;
 	in->started_at = r->started_at;
 	in->updated_at = r->updated_at;

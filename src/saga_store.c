@@ -133,6 +133,13 @@ saga_store_by_id(struct saga_store *ss, const char *id, int64_t *rows, size_t ma
 }
 
 int
+saga_store_defs(struct saga_store *ss, const struct saga_def_rec *put, size_t n,
+    void (*fn)(void *arg, const struct saga_def_rec *d), void *arg)
+{
+	return ss->ops->defs ? ss->ops->defs(ss->b, put, n, fn, arg) : 0;
+}
+
+int
 saga_store_list(struct saga_store *ss, const struct saga_list_page *page,
     saga_rec_fn *fn, void *arg)
 {

@@ -39,6 +39,12 @@ struct saga_store;
 /* The store's schema migration that creates the SQLite backend's tables
  * (store.c; defined in saga_store_sqlite.c). */
 extern const char saga_store_schema[];
+extern const char saga_store_def_schema[];
+
+/* A version of a saga definition (saga_def.h) as the store keeps it. */
+struct saga_def_rec {
+	const char *saga, *version, *json;
+};
 
 struct saga_rec {
 	int64_t row;		/* 0: not stored yet */
@@ -155,6 +161,10 @@ int saga_store_get_row(struct saga_store *ss, int64_t row, struct saga_rec *r);
 /* Every instance with this saga id (one per definition), oldest first. */
 size_t saga_store_by_id(struct saga_store *ss, const char *id, int64_t *rows, size_t max);
 /* Newest first; saga NULL and state < 0 match all. */
+/* At start: stores the versions in put (those it has are kept as they
+ * are), then calls fn for every version it has: 0, or -1. */
+int saga_store_defs(struct saga_store *ss, const struct saga_def_rec *put, size_t n,
+    void (*fn)(void *arg, const struct saga_def_rec *d), void *arg);
 int saga_store_list(struct saga_store *ss, const struct saga_list_page *page,
     saga_rec_fn *fn, void *arg);
 /* Instances by definition and state: fn gets saga, state and count in r. */

@@ -25,6 +25,8 @@ struct saga_store_ops {
 	int (*list)(struct saga_backend *b, const struct saga_list_page *page,
 	    saga_rec_fn *fn, void *arg);
 	int (*counts)(struct saga_backend *b, saga_rec_fn *fn, void *arg);
+	int (*defs)(struct saga_backend *b, const struct saga_def_rec *put, size_t n,
+	    void (*fn)(void *arg, const struct saga_def_rec *d), void *arg);
 	int (*history)(struct saga_backend *b, int64_t row,
 	    void (*fn)(void *arg, const struct saga_hist *h), void *arg);
 	int (*insert)(struct saga_backend *b, struct saga_rec *r);

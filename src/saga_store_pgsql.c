@@ -277,6 +277,20 @@ pgs_list(struct saga_backend *b, const struct saga_list_page *page, saga_rec_fn 
 	return 0;
 }
 
+static int
+pgs_defs(struct saga_backend *b, const struct saga_def_rec *put, size_t n,
+    void (*fn)(void *arg, const struct saga_def_rec *d), void *arg)
+{
+	char *err = NULL;
+	int r = saga_pg_defs(b->conninfo, b->schema, b->service, put, n, fn, arg, &err);
+
+	if (r < 0)
+		log_error("saga store: cannot keep the saga definitions",
+		    LOG_STR("error", err ? err : ""));
+	free(err);
+	return r;
+}
+
 /* ---- counts: the last refresh plus this replica's changes since ---- */
 
 static int64_t *
@@ -726,6 +740,7 @@ const struct saga_store_ops saga_store_pgsql_ops = {
 	.get_row = pgs_get_row,
 	.by_id = pgs_by_id,
 	.list = pgs_list,
+	.defs = pgs_defs,
 	.counts = pgs_counts,
 	.history = pgs_history,
 	.insert = pgs_insert,

@@ -53,10 +53,20 @@ const char saga_store_schema[] =
 	"  detail TEXT);"
 	"CREATE INDEX saga_log_row ON saga_log(row);";
 
+/* Every version of every saga definition the store has had running
+ * instances of (saga_def.h). Schema version 7 of the store. */
+const char saga_store_def_schema[] =
+	"CREATE TABLE saga_def("
+	"  saga TEXT NOT NULL,"
+	"  version TEXT NOT NULL,"
+	"  def TEXT NOT NULL,"
+	"  created_at REAL NOT NULL,"
+	"  PRIMARY KEY (saga, version));";
+
 enum saga_sql {
 	SQ_GET, SQ_GET_ROW, SQ_INSERT, SQ_UPDATE, SQ_LOG, SQ_TIMER_ADD, SQ_TIMER_DEL,
 	SQ_TIMER_DEL_ALL, SQ_TIMER_DEL_ID, SQ_TIMER_NEXT, SQ_TIMER_DUE, SQ_BY_ID, SQ_LIST,
-	SQ_HISTORY, SQ_COUNTS, SQ_EXPIRE, SQ_EXPIRE_ROW, SQ_EXPIRE_LOG,
+	SQ_HISTORY, SQ_COUNTS, SQ_EXPIRE, SQ_EXPIRE_ROW, SQ_EXPIRE_LOG, SQ_DEF_PUT, SQ_DEF_ALL,
 	SQ_COUNT
 };
 
@@ -88,6 +98,9 @@ static const char *const saga_sql[SQ_COUNT] = {
 	    " AND ((1 << state) & ?) != 0 LIMIT ?",
 	[SQ_EXPIRE_ROW] = "DELETE FROM saga WHERE row = ?",
 	[SQ_EXPIRE_LOG] = "DELETE FROM saga_log WHERE row = ?",
+	[SQ_DEF_PUT] = "INSERT OR IGNORE INTO saga_def(saga, version, def, created_at)"
+	    " VALUES (?, ?, ?, ?)",
+	[SQ_DEF_ALL] = "SELECT saga, version, def FROM saga_def ORDER BY saga, created_at",
 };
 
 struct saga_backend {
@@ -271,6 +284,33 @@ ssq_list(struct saga_backend *ss, const struct saga_list_page *page, saga_rec_fn
 		ss_read_rec(s, &r);
 		fn(arg, &r);
 		saga_rec_clear(&r);
+	}
+	sqlite3_reset(s);
+	return 0;
+}
+
+static int
+ssq_defs(struct saga_backend *ss, const struct saga_def_rec *put, size_t n,
+    void (*fn)(void *arg, const struct saga_def_rec *d), void *arg)
+{
+	sqlite3_stmt *s;
+	size_t i;
+
+	for (i = 0; i < n; i++) {
+		if (!(s = ss_write_stmt(ss, SQ_DEF_PUT)))
+			return -1;
+		sqlite3_bind_text(s, 1, put[i].saga, -1, SQLITE_STATIC);
+		sqlite3_bind_text(s, 2, put[i].version, -1, SQLITE_STATIC);
+		sqlite3_bind_text(s, 3, put[i].json, -1, SQLITE_STATIC);
+		sqlite3_bind_double(s, 4, util_now());
+		if (ss_exec(ss, s) < 0)
+			return -1;
+	}
+	s = ss_stmt(ss, SQ_DEF_ALL);
+	while (sqlite3_step(s) == SQLITE_ROW) {
+		struct saga_def_rec d = { (const char *)sqlite3_column_text(s, 0),
+		    (const char *)sqlite3_column_text(s, 1), (const char *)sqlite3_column_text(s, 2) };
+		fn(arg, &d);
 	}
 	sqlite3_reset(s);
 	return 0;
@@ -491,6 +531,7 @@ const struct saga_store_ops saga_store_sqlite_ops = {
 	.by_id = ssq_by_id,
 	.list = ssq_list,
 	.counts = ssq_counts,
+	.defs = ssq_defs,
 	.history = ssq_history,
 	.insert = ssq_insert,
 	.update = ssq_update,

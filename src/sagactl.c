@@ -426,7 +426,8 @@ print_saga_rows(json_t *j)
 
 	json_array_foreach(json_object_get(j, "sagas"), i, s) {
 		fmt_time(jnum(s, "started_at"), when, sizeof when);
-		printf("%-40s %-16s %-13s %-20s ", jstr(s, "id"), jstr(s, "saga"), jstr(s, "state"), when);
+		printf("%-40s %-16s %-16s %-13s %-20s ", jstr(s, "id"), jstr(s, "saga"),
+		    jstr(s, "version"), jstr(s, "state"), when);
 		json_array_foreach(json_object_get(s, "steps"), k, st)
 			printf("%s%s=%s", k ? " " : "", jstr(st, "name"), jstr(st, "state"));
 		printf("\n");
@@ -482,7 +483,8 @@ cmd_sagas(struct sagactl *c, int argc, char **argv)
 	free(e1);
 	free(e2);
 	if (!c->json)
-		printf("%-40s %-16s %-13s %-20s %s\n", "ID", "SAGA", "STATE", "STARTED", "STEPS");
+		printf("%-40s %-16s %-16s %-13s %-20s %s\n", "ID", "SAGA", "VERSION", "STATE", "STARTED",
+		    "STEPS");
 	/* --all: page after page, each of --limit instances, to the end. */
 	for (cur = after ? xstrdup(after) : NULL;; cur = next) {
 		j = sagas_page(c, query, cur, &next);
@@ -537,6 +539,7 @@ cmd_saga(struct sagactl *c, int argc, char **argv)
 		    jstr(in, "mode"));
 		printf("state   %s%s%s\n", jstr(in, "state"), *jstr(in, "reason") ? ": " : "",
 		    jstr(in, "reason"));
+		printf("version %s\n", jstr(in, "version"));
 		if (*jstr(in, "trace_id"))
 			printf("trace   %s\n", jstr(in, "trace_id"));
 		printf("steps  ");

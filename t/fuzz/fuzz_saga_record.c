@@ -56,13 +56,15 @@ int
 LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
 	struct saga_inst *in, *again;
+	struct saga_version v = { "0123456789abcdef", 0, NULL, NULL };
 	msgpack_sbuffer sb1, sb2;
-	size_t def, i;
+	size_t i;
 
 	if (size < 1 || size > 65536)
 		return 0;
-	def = data[0] % conf->n_sagas;
-	in = saga_inst_new(conf, def, "fuzz-saga-id");
+	v.def_index = data[0] % conf->n_sagas;
+	v.def = &conf->sagas[v.def_index];
+	in = saga_inst_new(&v, "fuzz-saga-id");
 	if (saga_unpack(in, (const char *)data + 1, size - 1) < 0) {
 		saga_inst_free(in);
 		return 0;
@@ -72,7 +74,7 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 	for (i = 0; i < in->def->n_steps; i++)
 		FUZZ_CHECK(in->steps[i].state < STEP_NSTATES, "step state");
 	saga_pack(in, &sb1);
-	again = saga_inst_new(conf, def, "fuzz-saga-id");
+	again = saga_inst_new(&v, "fuzz-saga-id");
 	FUZZ_CHECK(saga_unpack(again, sb1.data, sb1.size) == 0,
 	    "a record sagad packed does not decode");
 	fuzz_inst_eq(in, again);

@@ -51,7 +51,7 @@ pkg_libs=$(pkg-config --libs $pcs) || exit 1
 san="-fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer"
 cflags="-g -O1 -std=gnu11 -Wall -Wno-unused-function $san
 	-include $top_builddir/config.h -D_GNU_SOURCE -I$top_srcdir/src -I$top_srcdir/include
-	-I$here -DSYSCONFDIR=\"/etc\" -DPKGLIBDIR=\"/usr/lib/sagad\" $pkg_cflags"
+	-I$here -DSYSCONFDIR=\"/etc\" -DPKGLIBDIR=\"/usr/lib/sagad\" -DPKGDATADIR=\"/usr/share/sagad\" $pkg_cflags"
 
 mkdir -p "$build/obj" "$build/corpus" "$crashes" || exit 1
 # libconfig's own leak on a syntax error is suppressed (see lsan.supp).

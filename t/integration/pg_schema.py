@@ -18,9 +18,10 @@ import pg  # noqa: E402
 
 TOOL = os.path.join(h.top_builddir, 't', 'pgschema')
 TABLES = {'schema_version', 'instances', 'history', 'timers', 'consumed', 'early',
-          'outbox', 'replicas'}
+          'outbox', 'replicas', 'definitions'}
 INDEXES = {'timers_due', 'outbox_claimed', 'consumed_at', 'early_at',
-           'instances_pkey', 'instances_finished', 'history_pkey', 'outbox_saga'}
+           'instances_pkey', 'instances_finished', 'history_pkey', 'outbox_saga',
+           'definitions_pkey'}
 SECRET = 'Wr0ng-s3cret'
 
 
@@ -146,6 +147,7 @@ def from_v1(db, c, n):
             'ALTER TABLE old.instances RESET (fillfactor);'
             'CREATE INDEX instances_state ON old.instances(service, saga, state);'
             'CREATE INDEX instances_id ON old.instances(service, id);'
+            'DROP TABLE old.definitions;'   # migration 5
             "INSERT INTO old.instances VALUES ('orders', 'pay', 's1', 0, 1, 1, NULL, '\\x01');"
             'UPDATE old.schema_version SET version = 1;'
             "INSERT INTO old.early (service, saga_id, message_id, exchange, routing_key, body, at)"

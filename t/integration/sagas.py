@@ -190,7 +190,7 @@ class Answer:
     before answering, events to publish (through its own sagad) afterwards,
     and an optional body (default: a description of what was done)."""
 
-    def __init__(self, status=200, delay=0.0, events=(), body=None, gate=None):
+    def __init__(self, status=200, delay=0.0, events=(), body=None, gate=None, gate_timeout=25):
         self.status = status
         self.delay = delay
         self.events = list(events)
@@ -200,6 +200,7 @@ class Answer:
         # happen during the delivery has happened, where a fixed delay
         # would be a race on a loaded machine.
         self.gate = gate
+        self.gate_timeout = gate_timeout
 
 
 class Event:
@@ -302,7 +303,7 @@ class Participant:
         if ans.delay:
             time.sleep(ans.delay)
         if ans.gate is not None:
-            ans.gate.wait(25)
+            ans.gate.wait(ans.gate_timeout)
         try:
             body = json.loads(raw) if raw else None
         except ValueError:

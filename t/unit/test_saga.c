@@ -477,8 +477,14 @@ test_classify(void **state)
 	assert_int_equal(k[0].step, 1);
 	assert_true(k[0].compensation);
 	assert_false(k[0].success);
-	/* a step that the saga does not have is not a saga message */
+	/* a step that the configured saga does not have: an older version's,
+	 * found by name in the instance's own (the engine's orphan if not) */
 	props_set_header(&m.props, "x-sagad-step", "nosuch");
+	assert_int_equal(saga_classify(f->d.conf, &m, k, 4), 1);
+	assert_int_equal(k[0].step, SAGA_STEP_BY_NAME);
+	assert_string_equal(k[0].step_name, "nosuch");
+	/* a saga that is not configured is not a saga message */
+	props_set_header(&m.props, "x-sagad-saga", "nosuch");
 	assert_int_equal(saga_classify(f->d.conf, &m, k, 4), 0);
 	props_free(&m.props);
 }

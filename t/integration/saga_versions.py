@@ -1,0 +1,189 @@
+#!/usr/bin/env python3
+"""Versioned saga definitions (sagad.conf(5), SAGAS: changing a
+definition), on the embedded store and (when PostgreSQL is installed) on
+the shared one.
+
+200 orchestrated sagas of version 1 wait at their second step (the
+participant holds its answer) and 20 choreographed ones wait for their
+event, when the orchestrating sagad is killed (SIGKILL), both definitions
+are changed (a new one-way step, the last step's command renamed, the
+choreographed step's event renamed) and it is started again. Checked:
+every running instance keeps its version (admin API, sagactl), new
+instances start on the new one; once the participant answers, the 200
+finish on version 1 (its commands, never the new step's or the renamed
+command), the new ones on version 2; each version's choreographed event
+finishes its own instances only; nothing is logged as damaged, and the
+store keeps both versions.
+"""
+
+import os
+import subprocess
+import sys
+import threading
+import time
+
+sys.path.insert(0, os.path.join(os.environ.get('top_srcdir', '.'), 't', 'lib'))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import harness as h  # noqa: E402
+from sagas import (Answer, Participant, api_publish, saga_get, saga_state, sagactl)  # noqa: E402
+
+N = int(os.environ.get('SAGA_VERSIONS_N', '200'))
+
+V1 = '''sagas = (
+  { name = "order"; start = "events:order.created"; timeout = 600;
+    steps = (
+      { name = "reserve"; command = "commands:stock.reserve"; compensate = "commands:stock.release"; },
+      { name = "pay";     command = "commands:pay.charge";    compensate = "commands:pay.refund"; timeout = 600; },
+      { name = "ship";    command = "commands:ship.book"; }
+    );
+    completed = "events:order.done";
+  },
+  { name = "watch"; mode = "choreographed"; start = "events:watch.start"; timeout = 600;
+    steps = ( { name = "packed"; success = "events:parcel.packed"; } );
+    completed = "events:watch.done";
+  }
+);
+'''
+V2 = (V1.replace('{ name = "ship";    command = "commands:ship.book"; }',
+                 '{ name = "tell"; command = "events:order.told"; notify = true; },\n'
+                 '      { name = "ship";    command = "commands:ship.book2"; }')
+      .replace('success = "events:parcel.packed"', 'success = "events:parcel.packed2"'))
+assert V1 != V2 and 'ship.book2' in V2 and 'packed2' in V2
+
+
+def versions(d, cids):
+    """{saga id: version}; a sagad just restarted on the shared store may
+    answer 503 for a moment: each is asked until it answers."""
+    out = {}
+    for cid in cids:
+        got = []
+        h.wait_until(lambda: got.append(saga_get(d, cid)) or got[-1], 30,
+                     'saga %s readable' % cid, interval=0.2)
+        out[cid] = got[-1].get('version')
+    return out
+
+
+def scenario(wd, saga_store=''):
+    os.makedirs(wd)
+    broker = h.Broker(wd)
+    broker.start()
+    p = Participant('svc')
+    gate = threading.Event()
+    # Every payment is held (the subscription's timeout and concurrency
+    # let all of them wait at once) until the definitions have changed.
+    p.rules['pay.charge'] = Answer(200, gate=gate, gate_timeout=300)
+    d_svc = h.Sagad(wd, broker.url, name='svc', conf_extra='''subscriptions = (
+  { name = "inbox"; bind = [ "commands:#", "events:order.told" ]; deliver = "%s";
+    concurrency = 512; timeout = 600; max_attempts = 10; retry_initial = 0.2; retry_max = 2; }
+);
+''' % p.url)
+    orders = h.Sagad(wd, broker.url, name='orders', conf_extra=V1 + saga_store)
+    d_svc.start()
+    orders.start()
+    old = ['o%03d' % i for i in range(N)]
+    watch_old = ['w%02d' % i for i in range(20)]
+    for cid in old:
+        api_publish(d_svc.port, 'events', 'order.created', {'order': cid},
+                    {'Correlation-Id': cid, 'Message-Id': 'start-' + cid})
+    for cid in watch_old:
+        api_publish(d_svc.port, 'events', 'watch.start', {'parcel': cid},
+                    {'Correlation-Id': cid, 'Message-Id': 'start-' + cid})
+    h.wait_until(lambda: len({c for _, k, c, _ in p.started if k == 'pay.charge'}) == N, 120,
+                 'every version 1 saga waiting at its second step')
+    h.wait_until(lambda: all(saga_state(orders, c) == 'running' for c in watch_old), 60,
+                 'the choreographed sagas started')
+    v1 = versions(orders, old[:3] + watch_old[:1])
+    h.check(all(v and len(v) == 16 for v in v1.values()) and v1['o000'] == v1['o001'],
+            'each instance records its definition\'s version', v1)
+
+    orders.kill()
+    orders.conf_extra = V2 + saga_store
+    orders.write_conf()
+    r = subprocess.run([h.sagad_path(), '-n', '-s', '-f', orders.conf], stdout=subprocess.PIPE,
+                       stderr=subprocess.PIPE, timeout=60)
+    out = r.stdout.decode()
+    h.check(r.returncode == 0 and
+            ('saga order: %d unfinished instance(s) of version %s' % (N, v1['o000'])) in out and
+            ('saga watch: 20 unfinished instance(s) of version %s' % v1['w00']) in out and
+            'saga order: version ' in out,
+            'sagad -n -s: the running instances each change affects, by version', out)
+    orders.start()
+    log = orders.log()
+    h.check('saga definition changed' in log and 'damaged' not in log,
+            'restarted on changed definitions: logged, nothing damaged')
+    after = versions(orders, old + watch_old)
+    h.check(all(after[c] == v1['o000'] for c in old) and
+            all(after[c] == v1['w00'] for c in watch_old),
+            'after the change every running instance keeps its version',
+            {c: v for c, v in after.items() if v not in (v1['o000'], v1['w00'])})
+    rc, out, err = sagactl(orders, 'saga', 'o007')
+    h.check(rc == 0 and ('version %s' % v1['o000']) in out, 'sagactl saga shows the version', out)
+    rc, out, err = sagactl(orders, 'sagas', '--name', 'order', '--limit', '5')
+    h.check(rc == 0 and v1['o000'] in out.splitlines()[1], 'sagactl sagas shows it too', out)
+
+    new = ['n%02d' % i for i in range(20)]
+    watch_new = ['x%02d' % i for i in range(5)]
+    for cid in new:
+        api_publish(d_svc.port, 'events', 'order.created', {'order': cid},
+                    {'Correlation-Id': cid, 'Message-Id': 'start-' + cid})
+    for cid in watch_new:
+        api_publish(d_svc.port, 'events', 'watch.start', {'parcel': cid},
+                    {'Correlation-Id': cid, 'Message-Id': 'start-' + cid})
+    h.wait_until(lambda: all(saga_get(orders, c) for c in new + watch_new), 60,
+                 'the new sagas started')
+    v2 = versions(orders, new[:1] + watch_new[:1])
+    h.check(v2['n00'] not in (None, v1['o000']) and v2['x00'] not in (None, v1['w00']),
+            'new instances start on the new version', (v1, v2))
+
+    gate.set()          # every held payment answers now
+    time.sleep(0.5)
+    orders.kill()       # and once more in the middle of it
+    orders.start()
+    # the events of each version: each finishes its own instances only. A
+    # version 2 event for a version 1 instance first: it must not count.
+    o0 = orders.metric('sagad_saga_orphans_total', 0)
+    api_publish(d_svc.port, 'events', 'parcel.packed2', {'p': 'w00'},
+                {'Correlation-Id': 'w00', 'Message-Id': 'packed2-w00'})
+    h.wait_until(lambda: orders.metric('sagad_saga_orphans_total', 0) > o0, 30,
+                 "the version 2 event handled (as nobody's) for w00")
+    inst = saga_get(orders, 'w00')
+    h.check(inst['state'] == 'running' and
+            not [e for e in inst['history'] if e['message_id'] == 'packed2-w00'],
+            'a version 2 event does not touch a version 1 instance', inst['history'])
+    for cid in watch_old:
+        api_publish(d_svc.port, 'events', 'parcel.packed', {'p': cid},
+                    {'Correlation-Id': cid, 'Message-Id': 'packed-' + cid})
+    for cid in watch_new:
+        api_publish(d_svc.port, 'events', 'parcel.packed2', {'p': cid},
+                    {'Correlation-Id': cid, 'Message-Id': 'packed2-' + cid})
+    h.wait_until(lambda: all(saga_state(orders, c) == 'completed'
+                             for c in old + new + watch_old + watch_new), 180,
+                 'every saga completed')
+    on_v1 = [c for c in old if p.deliveries('ship.book2', c) or p.deliveries('order.told', c)]
+    h.check(not on_v1 and all(len(p.deliveries('ship.book', c)) == 1 for c in old),
+            'the %d old sagas finished on version 1 (ship.book, no new step)' % N, on_v1[:5])
+    h.check(all(len(p.deliveries('ship.book2', c)) == 1 and p.deliveries('order.told', c)
+                and not p.deliveries('ship.book', c) for c in new),
+            'the new sagas ran version 2 (the one-way step, ship.book2)')
+    h.check('damaged' not in orders.log(), 'no instance was ever ignored as damaged')
+    for x in (orders, d_svc):
+        x.stop()
+    broker.stop()
+    p.stop()
+
+
+def main(wd):
+    scenario(os.path.join(wd, 'sqlite'))
+    import pg
+    if not pg.available():
+        h.log('PostgreSQL is not installed: the pgsql run is skipped')
+        return
+    db = pg.Postgres(os.path.join(wd, 'pg'))
+    db.start()
+    scenario(os.path.join(wd, 'pgsql'), '\nsaga_store = { backend = "pgsql"; conninfo = %s; };\n'
+             % h.conf_str(db.conninfo))
+    db.stop()
+
+
+if __name__ == '__main__':
+    h.run_test(main)
