@@ -207,7 +207,8 @@
 		h.appendChild(node("span", inst.saga + " "));
 		h.appendChild(node("span", inst.state, "state " + inst.state));
 		div.appendChild(h);
-		var facts = [["mode", inst.mode], ["started", when(inst.started_at)],
+		var facts = [["mode", inst.mode], ["version", inst.version],
+			["started", when(inst.started_at)],
 			["updated", when(inst.updated_at)], ["finished", when(inst.finished_at)],
 			["reason", inst.reason], ["trace id", inst.trace_id]];
 		var dl = document.createElement("dl");
