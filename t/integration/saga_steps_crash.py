@@ -2,7 +2,8 @@
 """The richer saga steps under crashes: 200 sagas (env SAGA_STEPS_CRASH_N)
 of the book's create-order saga (conf/saga-book-create-order.conf: a
 compensation-only step, data between steps, the pivot and retriable steps
-after it) and of a saga with a parallel group, some refused on purpose
+after it) and of a saga with a parallel group and a conditional last step
+(run or skipped by the start event), some refused on purpose
 before the pivot, after it, and inside the group, while the orchestrating
 sagad is killed with SIGKILL at random points and restarted.
 
@@ -34,7 +35,7 @@ FAN = '''
       { name = "b"; group = "g"; command = "commands:fan.b"; compensate = "commands:fan.undo-b"; },
       { name = "c"; group = "g"; command = "commands:fan.c"; compensate = "commands:fan.undo-c"; },
       { name = "d"; group = "g"; command = "commands:fan.d"; compensate = "commands:fan.undo-d"; },
-      { name = "e"; command = "commands:fan.e"; }
+      { name = "e"; command = "commands:fan.e"; when = "$start/total > 5"; }
     );
   }
 '''
@@ -48,7 +49,7 @@ def sagas_conf():
 
 # Plans: (saga id, saga, how it goes)
 BOOK_PLANS = ('ok', 'customer', 'payment', 'shop-twice')
-FAN_PLANS = ('ok', 'c-refused')
+FAN_PLANS = ('ok', 'c-refused', 'no-e')
 
 # What each plan's participants apply, by routing key (the business key is
 # (key, saga id)), and what they must never see.
@@ -62,10 +63,12 @@ APPLIED = {
                              'depot.shop', 'order.approve'},
     ('fan', 'ok'): {'fan.a', 'fan.b', 'fan.c', 'fan.d', 'fan.e'},
     ('fan', 'c-refused'): {'fan.a', 'fan.b', 'fan.d', 'fan.undo-a', 'fan.undo-b', 'fan.undo-d'},
+    ('fan', 'no-e'): {'fan.a', 'fan.b', 'fan.c', 'fan.d'},     # total 1: e's condition false
 }
 FINAL = {('book', 'ok'): 'completed', ('book', 'customer'): 'compensated',
          ('book', 'payment'): 'compensated', ('book', 'shop-twice'): 'completed',
-         ('fan', 'ok'): 'completed', ('fan', 'c-refused'): 'compensated'}
+         ('fan', 'ok'): 'completed', ('fan', 'c-refused'): 'compensated',
+         ('fan', 'no-e'): 'completed'}
 
 
 def plan(i):
@@ -123,7 +126,9 @@ def main(wd):
         for cid, saga, _ in items:
             time.sleep(gap)
             key = 'order.created' if saga == 'book' else 'fan.start'
-            body = {'orderId': 'O-' + cid, 'consumerId': 'C-' + cid, 'total': 10, 'items': ['x']}
+            total = 1 if by_cid[cid][2] == 'no-e' else 10
+            body = {'orderId': 'O-' + cid, 'consumerId': 'C-' + cid, 'total': total,
+                    'items': ['x']}
             api_publish(services.port, 'events', key, body,
                         {'Correlation-Id': cid, 'Message-Id': 'start-' + cid}, deadline=120)
 
