@@ -203,6 +203,21 @@ sd_value(json_t *e, const struct saga_data_src *src, char err[SAGA_DATA_ERR])
 	return sd_resolve(s, src, err);
 }
 
+static int sd_fill(json_t *v, const struct saga_data_src *src, char err[SAGA_DATA_ERR]);
+
+/* One member of a template: a container filled in place, a string's
+ * value into *nv (to be set in its place). -1 with err. */
+static int
+sd_fill_member(json_t *e, const struct saga_data_src *src, char err[SAGA_DATA_ERR],
+    json_t **nv)
+{
+	*nv = NULL;
+	if (!json_is_string(e))
+		return sd_fill(e, src, err);
+	*nv = sd_value(e, src, err);
+	return *nv ? 0 : -1;
+}
+
 /* Replaces, in place, every reference under v; -1 with err at the first
  * that cannot be resolved. */
 static int
@@ -212,28 +227,17 @@ sd_fill(json_t *v, const struct saga_data_src *src, char err[SAGA_DATA_ERR])
 	json_t *e, *nv;
 	size_t i;
 
-	if (json_is_object(v)) {
-		json_object_foreach(v, key, e) {
-			if (!json_is_string(e)) {
-				if (sd_fill(e, src, err) < 0)
-					return -1;
-			} else if (!(nv = sd_value(e, src, err))) {
-				return -1;
-			} else {
-				json_object_set_new(v, key, nv);
-			}
-		}
-	} else if (json_is_array(v)) {
-		json_array_foreach(v, i, e) {
-			if (!json_is_string(e)) {
-				if (sd_fill(e, src, err) < 0)
-					return -1;
-			} else if (!(nv = sd_value(e, src, err))) {
-				return -1;
-			} else {
-				json_array_set_new(v, i, nv);
-			}
-		}
+	json_object_foreach(v, key, e) {
+		if (sd_fill_member(e, src, err, &nv) < 0)
+			return -1;
+		if (nv)
+			json_object_set_new(v, key, nv);
+	}
+	json_array_foreach(v, i, e) {
+		if (sd_fill_member(e, src, err, &nv) < 0)
+			return -1;
+		if (nv)
+			json_array_set_new(v, i, nv);
 	}
 	return 0;
 }

@@ -540,17 +540,9 @@ def book(wd, broker, saga_store):
 
 
 def main(wd):
-    config_checks(wd)
-    scenario(os.path.join(wd, 'sqlite'))
     import pg
-    if not pg.available():
-        h.log('PostgreSQL is not installed: the pgsql run is skipped')
-        return
-    db = pg.Postgres(os.path.join(wd, 'pg'))
-    db.start()
-    scenario(os.path.join(wd, 'pgsql'), '\nsaga_store = { backend = "pgsql"; conninfo = %s; };\n'
-             % h.conf_str(db.conninfo))
-    db.stop()
+    config_checks(wd)
+    pg.on_both_stores(wd, scenario)
 
 
 if __name__ == '__main__':

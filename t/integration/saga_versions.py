@@ -63,6 +63,14 @@ def versions(d, cids):
     return out
 
 
+def start(d, orders, watches):
+    """The start events of orchestrated and choreographed sagas."""
+    for key, cids in (('order.created', orders), ('watch.start', watches)):
+        for cid in cids:
+            api_publish(d.port, 'events', key, {'id': cid},
+                        {'Correlation-Id': cid, 'Message-Id': 'start-' + cid})
+
+
 def scenario(wd, saga_store=''):
     os.makedirs(wd)
     broker = h.Broker(wd)
@@ -82,12 +90,7 @@ def scenario(wd, saga_store=''):
     orders.start()
     old = ['o%03d' % i for i in range(N)]
     watch_old = ['w%02d' % i for i in range(20)]
-    for cid in old:
-        api_publish(d_svc.port, 'events', 'order.created', {'order': cid},
-                    {'Correlation-Id': cid, 'Message-Id': 'start-' + cid})
-    for cid in watch_old:
-        api_publish(d_svc.port, 'events', 'watch.start', {'parcel': cid},
-                    {'Correlation-Id': cid, 'Message-Id': 'start-' + cid})
+    start(d_svc, old, watch_old)
     h.wait_until(lambda: len({c for _, k, c, _ in p.started if k == 'pay.charge'}) == N, 120,
                  'every version 1 saga waiting at its second step')
     h.wait_until(lambda: all(saga_state(orders, c) == 'running' for c in watch_old), 60,
@@ -123,12 +126,7 @@ def scenario(wd, saga_store=''):
 
     new = ['n%02d' % i for i in range(20)]
     watch_new = ['x%02d' % i for i in range(5)]
-    for cid in new:
-        api_publish(d_svc.port, 'events', 'order.created', {'order': cid},
-                    {'Correlation-Id': cid, 'Message-Id': 'start-' + cid})
-    for cid in watch_new:
-        api_publish(d_svc.port, 'events', 'watch.start', {'parcel': cid},
-                    {'Correlation-Id': cid, 'Message-Id': 'start-' + cid})
+    start(d_svc, new, watch_new)
     h.wait_until(lambda: all(saga_get(orders, c) for c in new + watch_new), 60,
                  'the new sagas started')
     v2 = versions(orders, new[:1] + watch_new[:1])
@@ -173,16 +171,8 @@ def scenario(wd, saga_store=''):
 
 
 def main(wd):
-    scenario(os.path.join(wd, 'sqlite'))
     import pg
-    if not pg.available():
-        h.log('PostgreSQL is not installed: the pgsql run is skipped')
-        return
-    db = pg.Postgres(os.path.join(wd, 'pg'))
-    db.start()
-    scenario(os.path.join(wd, 'pgsql'), '\nsaga_store = { backend = "pgsql"; conninfo = %s; };\n'
-             % h.conf_str(db.conninfo))
-    db.stop()
+    pg.on_both_stores(wd, scenario)
 
 
 if __name__ == '__main__':

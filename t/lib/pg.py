@@ -50,6 +50,21 @@ def available():
         return False
 
 
+def on_both_stores(wd, scenario):
+    """scenario(workdir, saga_store_conf) on the embedded store, then (when
+    PostgreSQL is installed) with the sagas on a private PostgreSQL."""
+    import harness as h
+    scenario(os.path.join(wd, 'sqlite'), '')
+    if not available():
+        h.log('PostgreSQL is not installed: the pgsql run is skipped')
+        return
+    db = Postgres(os.path.join(wd, 'pg'))
+    db.start()
+    scenario(os.path.join(wd, 'pgsql'), '\nsaga_store = { backend = "pgsql"; conninfo = %s; };\n'
+             % h.conf_str(db.conninfo))
+    db.stop()
+
+
 class PgError(Exception):
     """An ErrorResponse: .fields maps the field code ('C' SQLSTATE, 'M'
     message, ...) to its text."""
