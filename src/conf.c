@@ -244,6 +244,16 @@ conf_saga_subscription(struct sagad_conf *c)
 	}
 }
 
+/* An older version's binding: only on an exchange this file still
+ * declares (a binding to a missing exchange would stop the consumer). */
+static void
+conf_add_old_bind(struct sagad_conf *c, struct conf_subscription *s,
+    const struct conf_binding *b)
+{
+	if (conf_has_binding(b) && conf_bound_exchange_ok(c, b->exchange))
+		conf_add_saga_bind(s, b);
+}
+
 void
 conf_saga_bind_events(struct sagad_conf *c, const struct conf_saga *sg)
 {
@@ -253,10 +263,10 @@ conf_saga_bind_events(struct sagad_conf *c, const struct conf_saga *sg)
 	if (!s || !s->internal || sg->mode != SAGA_CHOREOGRAPHED)
 		return;
 	for (j = 0; j < sg->n_steps; j++) {
-		conf_add_saga_bind(s, &sg->steps[j].success);
-		conf_add_saga_bind(s, &sg->steps[j].failure);
-		conf_add_saga_bind(s, &sg->steps[j].compensate_success);
-		conf_add_saga_bind(s, &sg->steps[j].compensate_failure);
+		conf_add_old_bind(c, s, &sg->steps[j].success);
+		conf_add_old_bind(c, s, &sg->steps[j].failure);
+		conf_add_old_bind(c, s, &sg->steps[j].compensate_success);
+		conf_add_old_bind(c, s, &sg->steps[j].compensate_failure);
 	}
 }
 

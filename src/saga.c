@@ -226,8 +226,8 @@ saga_send_step(struct saga_engine *e, struct saga_inst *in, size_t i, int comp,
 	/* A compensation by event goes again as a new message: its
 	 * participant took the last one (it answered with an event, not a
 	 * refusal its sagad forgets), and would drop the same id. */
-	if (comp && cs->compensate_success.exchange && st->comp_attempts > 1)
-		snprintf(what, sizeof what, "compensate#%u", st->comp_attempts);
+	if (comp && cs->compensate_success.exchange && st->comp_sends > 1)
+		snprintf(what, sizeof what, "compensate#%u", st->comp_sends);
 	else
 		snprintf(what, sizeof what, "%s", comp ? "compensate" : kind);
 	saga_send_with(e, in, comp ? &cs->compensate : &cs->command, kind, cs->name, what,
@@ -469,8 +469,10 @@ saga_on_step_result(struct saga_engine *e, struct saga_inst *in, size_t i, int s
 		return;
 	}
 	saga_log(e, in, "in", success ? "success" : "failure", name, m->message_id, NULL);
-	if (success && in->state == SAGA_FAILED && saga_past_pivot(in) && st->state == STEP_ACTIVE)
+	if (success && in->state == SAGA_FAILED && saga_past_pivot(in) && st->state == STEP_ACTIVE) {
 		saga_set_state(e, in, SAGA_RUNNING, name, "late success after the pivot");
+		saga_resume_forward(e, in, i);	/* the others given up go again */
+	}
 	if (in->state != SAGA_RUNNING) {
 		if (success && in->state != SAGA_COMPLETED)
 			saga_late_success(e, in, i, m);
@@ -526,6 +528,29 @@ saga_apply_early(void *arg, const struct msg *m)
 	saga_handle_matches(a->e, m, a->def);
 }
 
+void
+saga_resume_forward(struct saga_engine *e, struct saga_inst *in, size_t except)
+{
+	size_t j, waiting = 0;
+
+	for (j = 0; j < in->def->n_steps; j++)
+		if (j != except && in->steps[j].state == STEP_ACTIVE) {
+			in->steps[j].attempts = 0;
+			saga_send_command(e, in, (unsigned)j);
+			waiting++;
+			if (in->state != SAGA_RUNNING)
+				return;
+		}
+	for (j = 0; j < in->def->n_steps; j++)
+		if (in->steps[j].state == STEP_PENDING)
+			break;
+	/* The rest of the group in progress (members after one whose data
+	 * failed were never sent), or the next group once nothing waits. */
+	if (j < in->def->n_steps && ((j > 0 && saga_same_group(in->def, j - 1, j)) ||
+	    (!waiting && except == (size_t)-1)))
+		saga_advance(e, in, j);
+}
+
 /* Choreographed: every step waits for its event, but a skipped one and a
  * compensation-only one, done at once (all of them: completed). */
 static void
@@ -562,7 +587,7 @@ saga_on_start(struct saga_engine *e, size_t def, const struct msg *m)
 		saga_inst_free(in);
 		return;
 	}
-	in = saga_inst_new(&e->versions[def], id);	/* new ones: the current version */
+	in = saga_inst_new(e->versions[def], id);	/* new ones: the current version */
 	in->state = SAGA_RUNNING;
 	in->started_at = util_now();
 	in->body = xmalloc(m->body_len + 1);
@@ -613,7 +638,7 @@ saga_matches(struct saga_engine *e, const struct msg *m, struct saga_match *out,
 	size_t n = saga_classify(e->d->conf, m, out, max), v, k, j, more;
 
 	for (v = e->d->conf->n_sagas; v < e->nversions && n < max; v++) {
-		more = saga_classify_events(e->versions[v].def, e->versions[v].def_index, m,
+		more = saga_classify_events(e->versions[v]->def, e->versions[v]->def_index, m,
 		    out + n, max - n);
 		for (k = n; k < n + more; k++) {
 			for (j = 0; j < n; j++)

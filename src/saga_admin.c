@@ -178,11 +178,7 @@ saga_retry(struct saga_engine *e, const char *id)
 			/* Forward again: the steps given up are sent again. */
 			saga_log(e, in, "admin", "retry", NULL, NULL, "sagactl saga retry");
 			saga_set_state(e, in, SAGA_RUNNING, NULL, "retried by an operator");
-			for (j = 0; j < in->def->n_steps; j++)
-				if (in->steps[j].state == STEP_ACTIVE) {
-					in->steps[j].attempts = 0;
-					saga_send_command(e, in, (unsigned)j);
-				}
+			saga_resume_forward(e, in, (size_t)-1);
 			saga_save(e, in);
 			done++;
 		} else if (in->state == SAGA_FAILED) {

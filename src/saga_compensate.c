@@ -40,6 +40,7 @@ saga_send_compensation(struct saga_engine *e, struct saga_inst *in, size_t i)
 
 	st->state = STEP_COMPENSATING;
 	st->comp_attempts++;
+	st->comp_sends++;
 	st->sent_at = util_now();
 	if (saga_send_step(e, in, i, 1, why) < 0) {
 		/* Another try would fail the same way: an operator's turn. */
@@ -84,11 +85,29 @@ saga_compensate_next(struct saga_engine *e, struct saga_inst *in)
 	saga_send_compensation(e, in, pick);
 }
 
-/* A step succeeded after compensation started: it is compensated too. */
+/*
+ * A step succeeded after compensation started: it is compensated too. But
+ * the pivot cannot be undone: once it succeeded late (a timeout started
+ * the compensation while its command was under way) nothing more is
+ * undone, and the saga is failed for an operator (sagactl saga retry goes
+ * forward from the pivot).
+ */
 void
 saga_late_success(struct saga_engine *e, struct saga_inst *in, size_t i, const struct msg *m)
 {
 	saga_step_succeeded(e, in, i, m);
+	if (in->def->steps[i].pivot) {
+		char why[300];
+		saga_timer_del_all(e, in);
+		snprintf(why, sizeof why, "the pivot %s succeeded after the compensation had"
+		    " started: nothing more is undone", in->def->steps[i].name);
+		if (in->state == SAGA_COMPENSATED)
+			saga_set_state(e, in, SAGA_COMPENSATING, in->def->steps[i].name,
+			    "late success of the pivot");
+		if (in->state == SAGA_COMPENSATING)
+			saga_set_state(e, in, SAGA_FAILED, in->def->steps[i].name, why);
+		return;
+	}
 	saga_log(e, in, "step", "late success: will be compensated", in->def->steps[i].name,
 	    NULL, NULL);
 	if (in->state == SAGA_COMPENSATED)
@@ -129,6 +148,8 @@ saga_on_compensation_reply(struct saga_engine *e, struct saga_inst *in, size_t i
 	saga_trace_step(e, in, i, 1, success ? NULL : "refused");
 	if (success) {
 		st->state = STEP_COMPENSATED;
+		if (in->state == SAGA_FAILED && saga_past_pivot(in))
+			return;		/* the pivot went through late: stays failed */
 		if (in->state == SAGA_FAILED)
 			saga_set_state(e, in, SAGA_COMPENSATING, name, "late compensation success");
 		saga_compensate_next(e, in);

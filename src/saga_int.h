@@ -33,6 +33,9 @@ struct saga_step_rt {
 	unsigned comp_attempts;
 	unsigned order;		/* 1-based order of success; 0: never */
 	double sent_at;		/* its latest command or compensation, for its span */
+	unsigned comp_sends;	/* compensations sent, never reset (an operator's
+				 * retry resets comp_attempts): a compensation by
+				 * event is a new message id each time */
 	char *body;		/* the message that completed the step */
 	size_t body_len;
 	char *ct;
@@ -82,7 +85,8 @@ struct saga_engine {
 	struct saga_stats *stats;	/* per saga definition */
 	uint64_t orphans;
 	uint64_t early;		/* events kept for a start not yet applied */
-	struct saga_version *versions;	/* the configuration's, then older ones */
+	struct saga_version **versions;	/* the configuration's (versions[i] for
+					 * conf->sagas[i]), then the others */
 	size_t nversions;
 	/* Handling a consumed message (saga_handle): what it sends may go out
 	 * before the fsync (SAGA_SEND_CONSUMED), for the broker, not acked yet,
@@ -102,7 +106,7 @@ struct saga_engine {
 int saga_versions_load(struct saga_engine *e);
 /* The version of saga def named version (NULL: the current); NULL when
  * the store has no such version. */
-const struct saga_version *saga_version_find(const struct saga_engine *e, size_t def,
+const struct saga_version *saga_version_find(struct saga_engine *e, size_t def,
     const char *version);
 void saga_versions_free(struct saga_engine *e);
 
@@ -171,6 +175,12 @@ int saga_past_pivot(const struct saga_inst *in);
 /* After the pivot: step i refused (refused 1) or unanswered: sent again
  * after a backoff, or the saga is failed once retry_attempts are spent. */
 void saga_retry_later(struct saga_engine *e, struct saga_inst *in, size_t i, int refused);
+/* Past the pivot, a failed saga running again (an operator's retry, or a
+ * late success of step except; (size_t)-1: none): the steps still active
+ * are sent again with a fresh count, and the steps still pending run from
+ * the first of them (the rest of the group in progress, or the next
+ * group once nothing waits). */
+void saga_resume_forward(struct saga_engine *e, struct saga_inst *in, size_t except);
 /* Step i's command (again): the step is active, its reply awaited. */
 void saga_send_command(struct saga_engine *e, struct saga_inst *in, unsigned i);
 

@@ -152,7 +152,7 @@ pgs_fetch_free(struct saga_backend *b)
 	if (!f)
 		return;
 	for (k = 0; k < f->n; k++)
-		for (i = 0; i < 4; i++)
+		for (i = 0; i < 8; i++)
 			free(f->own[k][i]);
 	free(f);
 	b->fetch = NULL;

@@ -57,7 +57,7 @@ saga_pack(const struct saga_inst *in, msgpack_sbuffer *sb)
 	msgpack_pack_array(&pk, in->def->n_steps);
 	for (i = 0; i < in->def->n_steps; i++) {
 		const struct saga_step_rt *s = &in->steps[i];
-		msgpack_pack_array(&pk, 7);
+		msgpack_pack_array(&pk, 8);
 		msgpack_pack_int(&pk, s->state);
 		msgpack_pack_unsigned_int(&pk, s->attempts);
 		msgpack_pack_unsigned_int(&pk, s->comp_attempts);
@@ -65,6 +65,7 @@ saga_pack(const struct saga_inst *in, msgpack_sbuffer *sb)
 		saga_pack_bin(&pk, s->body, s->body_len);
 		saga_pack_str(&pk, s->ct);
 		msgpack_pack_double(&pk, s->sent_at);	/* 7: since 0.2 */
+		msgpack_pack_unsigned_int(&pk, s->comp_sends);	/* 8: since 0.3 */
 	}
 	saga_pack_str(&pk, in->trace_parent);	/* 8 and 9: since 0.2 */
 	saga_pack_str(&pk, in->trace_state);
@@ -182,7 +183,7 @@ saga_unpack(struct saga_inst *in, const char *buf, size_t len)
 		const msgpack_object *s = &steps->via.array.ptr[i];
 		struct saga_step_rt *st = &in->steps[i];
 		if (s->type != MSGPACK_OBJECT_ARRAY ||
-		    (s->via.array.size != 6 && s->via.array.size != 7) ||
+		    s->via.array.size < 6 || s->via.array.size > 8 ||
 		    saga_obj_uint(&s->via.array.ptr[0], STEP_NSTATES - 1, &v) < 0)
 			goto out;
 		st->state = v;
@@ -193,11 +194,14 @@ saga_unpack(struct saga_inst *in, const char *buf, size_t len)
 		if (s->via.array.ptr[4].type == MSGPACK_OBJECT_BIN)
 			st->body = saga_obj_bin(&s->via.array.ptr[4], &st->body_len);
 		st->ct = saga_obj_str(&s->via.array.ptr[5]);
-		if (s->via.array.size == 7) {
+		if (s->via.array.size >= 7) {
 			if (s->via.array.ptr[6].type != MSGPACK_OBJECT_FLOAT64)
 				goto out;
 			st->sent_at = s->via.array.ptr[6].via.f64;
 		}
+		if (s->via.array.size == 8 &&
+		    saga_obj_uint(&s->via.array.ptr[7], 1u << 30, &st->comp_sends) < 0)
+			goto out;
 	}
 	if (in->cur > in->def->n_steps)
 		goto out;

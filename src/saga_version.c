@@ -5,7 +5,10 @@
  * started with. At start every configured definition's version is stored
  * (once: a version is kept as first seen), then every stored version of a
  * configured saga is read back; the older ones' choreographed events are
- * bound to the saga queue too.
+ * bound to the saga queue too. A version met later that the engine does
+ * not know (another replica on a newer file stored it since) is read from
+ * the store then. Each version is allocated alone: instances point into
+ * it while the list grows.
  */
 #include <stdlib.h>
 #include <string.h>
@@ -18,81 +21,96 @@
 #include "sagad.h"
 #include "xmalloc.h"
 
-struct saga_versions_ctx {
-	struct saga_engine *e;
-	int bad;
-};
+static struct saga_version *
+saga_version_push(struct saga_engine *e)
+{
+	struct saga_version *v = xcalloc(1, sizeof *v);
+
+	e->versions = xrealloc(e->versions, (e->nversions + 1) * sizeof *e->versions);
+	e->versions[e->nversions++] = v;
+	return v;
+}
+
+static int
+saga_version_known(const struct saga_engine *e, size_t def, const char *version)
+{
+	size_t i;
+
+	for (i = 0; i < e->nversions; i++)
+		if (e->versions[i]->def_index == def && strcmp(e->versions[i]->version, version) == 0)
+			return 1;
+	return 0;
+}
 
 static void
 saga_version_add(void *arg, const struct saga_def_rec *d)
 {
-	struct saga_versions_ctx *c = arg;
-	struct saga_engine *e = c->e;
+	struct saga_engine *e = arg;
 	ssize_t def = saga_def_index(e->d->conf, d->saga);
 	struct saga_version *v;
 	struct conf_saga *sg;
 
-	if (def < 0 || strcmp(e->versions[def].version, d->version) == 0)
-		return;		/* a saga no longer configured; the current one */
+	if (def < 0 || saga_version_known(e, (size_t)def, d->version))
+		return;		/* a saga no longer configured; one known */
 	if (strlen(d->version) != SAGA_DEF_VERSION_LEN || !(sg = saga_def_parse(d->json))) {
 		log_error("saga definition in store unreadable, its instances are left",
 		    LOG_STR("saga", d->saga), LOG_STR("version", d->version));
-		c->bad++;
 		return;
 	}
-	e->versions = xrealloc(e->versions, (e->nversions + 1) * sizeof *e->versions);
-	v = &e->versions[e->nversions++];
-	memset(v, 0, sizeof *v);
+	v = saga_version_push(e);
 	memcpy(v->version, d->version, SAGA_DEF_VERSION_LEN + 1);
 	v->def_index = (size_t)def;
 	v->def = v->owned = sg;
 	conf_saga_bind_events(e->d->conf, sg);
+	log_info("saga definition of another version: its instances finish on it",
+	    LOG_STR("saga", sg->name), LOG_STR("version", v->version),
+	    LOG_STR("current", e->versions[def]->version));
 }
 
 int
 saga_versions_load(struct saga_engine *e)
 {
 	const struct sagad_conf *conf = e->d->conf;
-	struct saga_versions_ctx c = { e, 0 };
 	struct saga_def_rec *put = xcalloc(conf->n_sagas + 1, sizeof *put);
 	char **json = xcalloc(conf->n_sagas + 1, sizeof *json);
 	size_t i;
 	int r;
 
-	e->versions = xcalloc(conf->n_sagas + 1, sizeof *e->versions);
-	e->nversions = conf->n_sagas;
 	for (i = 0; i < conf->n_sagas; i++) {
+		struct saga_version *v = saga_version_push(e);
 		json[i] = saga_def_json(&conf->sagas[i]);
-		saga_def_version(json[i], e->versions[i].version);
-		e->versions[i].def_index = i;
-		e->versions[i].def = &conf->sagas[i];
+		saga_def_version(json[i], v->version);
+		v->def_index = i;
+		v->def = &conf->sagas[i];
 		put[i].saga = conf->sagas[i].name;
-		put[i].version = e->versions[i].version;
+		put[i].version = v->version;
 		put[i].json = json[i];
 	}
-	r = saga_store_defs(e->ss, put, conf->n_sagas, saga_version_add, &c);
+	r = saga_store_defs(e->ss, put, conf->n_sagas, saga_version_add, e);
 	for (i = 0; i < conf->n_sagas; i++)
 		free(json[i]);
 	free(json);
 	free(put);
-	for (i = conf->n_sagas; i < e->nversions; i++)
-		log_info("saga definition changed: its older version's instances finish on it",
-		    LOG_STR("saga", e->versions[i].def->name),
-		    LOG_STR("version", e->versions[i].version),
-		    LOG_STR("current", e->versions[e->versions[i].def_index].version));
 	return r;
 }
 
 const struct saga_version *
-saga_version_find(const struct saga_engine *e, size_t def, const char *version)
+saga_version_find(struct saga_engine *e, size_t def, const char *version)
 {
-	size_t i;
+	size_t i, pass;
 
-	if (!version || strcmp(e->versions[def].version, version) == 0)
-		return &e->versions[def];
-	for (i = e->d->conf->n_sagas; i < e->nversions; i++)
-		if (e->versions[i].def_index == def && strcmp(e->versions[i].version, version) == 0)
-			return &e->versions[i];
+	if (!version)
+		return e->versions[def];
+	for (pass = 0; pass < 2; pass++) {
+		for (i = 0; i < e->nversions; i++)
+			if (e->versions[i]->def_index == def &&
+			    strcmp(e->versions[i]->version, version) == 0)
+				return e->versions[i];
+		/* Unknown: another replica, on a newer file, stored it since
+		 * this one started (a rolling change). */
+		if (pass == 0)
+			saga_store_defs(e->ss, NULL, 0, saga_version_add, e);
+	}
 	return NULL;
 }
 
@@ -101,8 +119,10 @@ saga_versions_free(struct saga_engine *e)
 {
 	size_t i;
 
-	for (i = 0; e->versions && i < e->nversions; i++)
-		saga_def_free(e->versions[i].owned);
+	for (i = 0; e->versions && i < e->nversions; i++) {
+		saga_def_free(e->versions[i]->owned);
+		free(e->versions[i]);
+	}
 	free(e->versions);
 	e->versions = NULL;
 	e->nversions = 0;

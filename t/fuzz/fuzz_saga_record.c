@@ -44,7 +44,8 @@ fuzz_inst_eq(const struct saga_inst *a, const struct saga_inst *b)
 	for (i = 0; i < a->def->n_steps; i++) {
 		const struct saga_step_rt *x = &a->steps[i], *y = &b->steps[i];
 		FUZZ_CHECK(x->state == y->state && x->attempts == y->attempts &&
-		    x->comp_attempts == y->comp_attempts && x->order == y->order,
+		    x->comp_attempts == y->comp_attempts && x->order == y->order &&
+		    x->comp_sends == y->comp_sends,
 		    "step %zu changed", i);
 		FUZZ_CHECK(fuzz_bytes_eq(x->body, x->body_len, y->body, y->body_len),
 		    "step %zu body changed", i);

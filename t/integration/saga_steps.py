@@ -88,6 +88,13 @@ SAGAS = '''sagas = (
       { name = "e"; command = "commands:fan.e"; }
     );
   },
+  { name = "late"; start = "events:late.start"; timeout = 120; retry_initial = 0.2; retry_max = 0.5;
+    steps = (
+      { name = "a"; command = "commands:late.a"; compensate = "commands:late.undo-a"; },
+      { name = "p"; command = "commands:late.pay"; pivot = true; timeout = 1; attempts = 1; },
+      { name = "c"; command = "commands:late.c"; }
+    );
+  },
   { name = "ship"; mode = "choreographed"; start = "events:ship.start"; timeout = 120;
     compensate_timeout = 10; retry_initial = 0.2; retry_max = 0.5;
     steps = (
@@ -206,7 +213,7 @@ def scenario(wd, saga_store=''):
     d_stock = h.Sagad(wd, broker.url, name='stock', conf_extra=subscription_conf(
         'inbox', ['commands:stock.#', 'events:ticket.#', 'events:delivery.start',
                   'commands:depot.#', 'events:ship.start', 'events:ship.unpack',
-                  'commands:fan.#'], stock.url))
+                  'commands:fan.#', 'commands:late.#'], stock.url))
     d_payment = h.Sagad(wd, broker.url, name='payment', conf_extra=subscription_conf(
         'inbox', ['commands:payment.#'], payment.url))
     for d in (d_stock, d_payment, orders):
@@ -280,6 +287,7 @@ def scenario(wd, saga_store=''):
     shop(orders, stock)
     ship(orders, stock)
     fan(orders, stock)
+    late_pivot(orders, stock)
     paging(orders)
     for d in (orders, d_stock, d_payment):
         d.stop()
@@ -412,6 +420,25 @@ def fan(orders, p):
     h.check(comps.index('d') < comps.index('a') and len(comps) == 3 and
             not p.deliveries('fan.undo-c', 'pg2') and not p.deliveries('fan.e', 'pg2'),
             'pg2: d undone before a (reverse order), b when its success came; c never', comps)
+
+
+def late_pivot(orders, p):
+    """The pivot's success after its timeout started the compensation."""
+    p.rules[('late.pay', 'lp1')] = Answer(200, delay=2.5)
+    st, js, _ = orders.publish('events', 'late.start', b'{"n": 1}',
+                               {'Content-Type': 'application/json', 'Correlation-Id': 'lp1',
+                                'Message-Id': 'start-lp1'})
+    h.check(st == 202, 'start of lp1 accepted', js)
+    h.wait_until(lambda: saga_state(orders, 'lp1') == 'failed', 60, 'lp1 failed')
+    inst = saga_get(orders, 'lp1')
+    h.check('pivot p succeeded after the compensation' in (inst['reason'] or '') and
+            step_states(inst)['p'] == 'succeeded' and not p.deliveries('late.c', 'lp1'),
+            'lp1: the pivot succeeded late: failed for an operator, not compensated',
+            (inst['reason'], inst['steps']))
+    rc, out, err = sagactl(orders, 'saga', 'retry', 'lp1')
+    h.wait_until(lambda: saga_state(orders, 'lp1') == 'completed', 30, 'lp1 completed')
+    h.check(rc == 0 and len(p.deliveries('late.c', 'lp1')) == 1,
+            'lp1: sagactl saga retry goes on from the pivot', (rc, out, err))
 
 
 def paging(orders):
