@@ -325,10 +325,9 @@ saga_step_skipped(struct saga_engine *e, struct saga_inst *in, size_t i)
 	return 1;
 }
 
-/* A step done without a reply: what its compensation will carry is the
- * start event (there is no reply to give it). */
+/* Step i succeeded with body (what its compensation will carry). */
 static void
-saga_step_done(struct saga_inst *in, size_t i)
+saga_step_won(struct saga_inst *in, size_t i, const char *body, size_t len, const char *ct)
 {
 	struct saga_step_rt *st = &in->steps[i];
 
@@ -336,10 +335,17 @@ saga_step_done(struct saga_inst *in, size_t i)
 	st->order = ++in->order;
 	free(st->body);
 	free(st->ct);
-	st->body = xmalloc(in->body_len + 1);
-	memcpy(st->body, in->body, in->body_len);
-	st->body_len = in->body_len;
-	st->ct = in->ct ? xstrdup(in->ct) : NULL;
+	st->body = xmalloc(len + 1);
+	memcpy(st->body, body, len);
+	st->body_len = len;
+	st->ct = ct ? xstrdup(ct) : NULL;
+}
+
+/* A step done without a reply: its compensation carries the start event. */
+static void
+saga_step_done(struct saga_inst *in, size_t i)
+{
+	saga_step_won(in, i, in->body, in->body_len, in->ct);
 }
 
 /* A parallel group is the steps next to each other with the same group;
@@ -429,17 +435,8 @@ saga_advance(struct saga_engine *e, struct saga_inst *in, size_t i)
 void
 saga_step_succeeded(struct saga_engine *e, struct saga_inst *in, size_t i, const struct msg *m)
 {
-	struct saga_step_rt *st = &in->steps[i];
-
 	(void)e;
-	st->state = STEP_SUCCEEDED;
-	st->order = ++in->order;
-	free(st->body);
-	free(st->ct);
-	st->body = xmalloc(m->body_len + 1);
-	memcpy(st->body, m->body, m->body_len);
-	st->body_len = m->body_len;
-	st->ct = m->props.content_type ? xstrdup(m->props.content_type) : NULL;
+	saga_step_won(in, i, m->body, m->body_len, m->props.content_type);
 }
 
 static int
