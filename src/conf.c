@@ -184,13 +184,13 @@ conf_has_binding(const struct conf_binding *b)
 	return b->exchange != NULL;
 }
 
-static void
+void
 conf_check_binding(struct conf_ctx *ctx, config_setting_t *e, const struct sagad_conf *c,
-    const char *saga, const char *what, const struct conf_binding *b)
+    const char *noun, const char *name, const char *what, const struct conf_binding *b)
 {
 	if (conf_has_binding(b) && !conf_bound_exchange_ok(c, b->exchange))
-		conf_err(ctx, e, "saga '%s': %s uses exchange '%s', which is not in 'exchanges'",
-		    saga, what, b->exchange);
+		conf_err(ctx, e, "%s '%s': %s uses exchange '%s', which is not in 'exchanges'",
+		    noun, name, what, b->exchange);
 }
 
 static void
@@ -401,12 +401,12 @@ conf_check_saga_step(struct conf_ctx *ctx, config_setting_t *se, const struct sa
 	    conf_has_binding(&st->compensate_failure)))
 		conf_err(ctx, se, "saga '%s': step '%s': compensate_success/compensate_failure "
 		    "are for choreographed sagas", n, sn);
-	conf_check_binding(ctx, se, c, n, "command", &st->command);
-	conf_check_binding(ctx, se, c, n, "compensate", &st->compensate);
-	conf_check_binding(ctx, se, c, n, "success", &st->success);
-	conf_check_binding(ctx, se, c, n, "failure", &st->failure);
-	conf_check_binding(ctx, se, c, n, "compensate_success", &st->compensate_success);
-	conf_check_binding(ctx, se, c, n, "compensate_failure", &st->compensate_failure);
+	conf_check_binding(ctx, se, c, "saga", n, "command", &st->command);
+	conf_check_binding(ctx, se, c, "saga", n, "compensate", &st->compensate);
+	conf_check_binding(ctx, se, c, "saga", n, "success", &st->success);
+	conf_check_binding(ctx, se, c, "saga", n, "failure", &st->failure);
+	conf_check_binding(ctx, se, c, "saga", n, "compensate_success", &st->compensate_success);
+	conf_check_binding(ctx, se, c, "saga", n, "compensate_failure", &st->compensate_failure);
 	conf_check_step_data(ctx, se, sg, st, j);
 	if (st->timeout <= 0)
 		st->timeout = sg->timeout > 0 ? sg->timeout : 30;
@@ -500,9 +500,9 @@ conf_check_sagas(struct conf_ctx *ctx, config_t *cfg, struct sagad_conf *c)
 			conf_err(ctx, e, "saga '%s' needs 'start' (\"exchange:routing-key\")", n);
 		if (!sg->n_steps)
 			conf_err(ctx, e, "saga '%s' needs at least one step", n);
-		conf_check_binding(ctx, e, c, n, "start", &sg->start);
-		conf_check_binding(ctx, e, c, n, "completed", &sg->completed);
-		conf_check_binding(ctx, e, c, n, "compensated", &sg->compensated);
+		conf_check_binding(ctx, e, c, "saga", n, "start", &sg->start);
+		conf_check_binding(ctx, e, c, "saga", n, "completed", &sg->completed);
+		conf_check_binding(ctx, e, c, "saga", n, "compensated", &sg->compensated);
 		if (sg->retry_max < sg->retry_initial)
 			conf_err(ctx, e, "saga '%s': retry_max is below retry_initial", n);
 		for (j = 0; j < sg->n_steps; j++) {
@@ -751,6 +751,7 @@ conf_check(struct conf_ctx *ctx, config_t *cfg, struct sagad_conf *c)
 	conf_check_exchanges(ctx, cfg, c);
 	conf_check_subs(ctx, cfg, c);
 	conf_check_sagas(ctx, cfg, c);
+	conf_tx_check(ctx, cfg, c);
 	conf_check_sources(ctx, cfg, c);
 	conf_check_saga_store(ctx, cfg, c);
 	conf_check_tracing(ctx, cfg, c);

@@ -99,6 +99,26 @@ struct conf_saga {
 	double retry_initial, retry_max;	/* between compensation attempts, and
 					 * sends of a step after the pivot */
 	int retry_attempts;		/* sends of a step after the pivot */
+	/* Built by sagad from an entry of `transactions` (conf_tx.c): a
+	 * two-phase commit in the shape of a saga. Never set in a file. */
+	int transaction;
+};
+
+/* A participant of a two-phase commit (transactions = ( ... )). */
+struct conf_tx_part {
+	char *name;
+	struct conf_binding prepare, commit, abort;
+};
+
+/* A two-phase commit that sagad coordinates (conf_tx.c, sagad.conf(5)). */
+struct conf_tx {
+	char *name;
+	struct conf_binding start;
+	struct conf_tx_part *parts;
+	size_t n_parts;
+	struct conf_binding committed, aborted;	/* optional outcome events */
+	double prepare_timeout;		/* all votes within this, or abort */
+	double decision_retry_initial, decision_retry_max;
 };
 
 struct conf_broker {
@@ -193,8 +213,11 @@ struct sagad_conf {
 	size_t n_exchanges;
 	struct conf_subscription *subs;
 	size_t n_subs;
-	struct conf_saga *sagas;
+	struct conf_saga *sagas;	/* the file's, then those built from
+					 * transactions (conf_tx.c) */
 	size_t n_sagas;
+	struct conf_tx *txs;
+	size_t n_txs;
 	char *saga_queue;	/* <service>.sagas: starts, events and replies */
 	char *saga_queue_type;	/* its queue type: quorum (default) or classic */
 	struct conf_source *sources;

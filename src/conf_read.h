@@ -25,4 +25,11 @@ void conf_err_push(struct conf_errors *errs, const char *fmt, ...)
 void conf_read_walk(struct conf_ctx *ctx, config_setting_t *group,
     const struct conf_key *rows, void *base, const char *where);
 
+/* Shared by conf.c and conf_tx.c: a saga's or a transaction's binding
+ * must use a declared exchange. */
+void conf_check_binding(struct conf_ctx *ctx, config_setting_t *e, const struct sagad_conf *c,
+    const char *noun, const char *name, const char *what, const struct conf_binding *b);
+/* conf_tx.c: the transactions checked, then built into sagas. */
+void conf_tx_check(struct conf_ctx *ctx, config_t *cfg, struct sagad_conf *c);
+
 #endif

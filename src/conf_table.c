@@ -191,14 +191,45 @@ static const struct conf_key conf_saga_rows[] = {
 	ROW("retry_initial", CONF_DUR, SG(retry_initial), 0, "0.5", 0.001, 86400),
 	ROW("retry_max", CONF_DUR, SG(retry_max), 0, "30", 0.001, 86400),
 	ROW("retry_attempts", CONF_INT, SG(retry_attempts), 0, "10", 1, 1000000),
+	/* Set by conf_tx.c on the sagas it builds; kept in a definition's
+	 * JSON so that an older version is still known as a transaction. */
+	ROW("transaction", CONF_BOOL, SG(transaction), D | CONF_KEPT, "false", 0, 0),
 	END
 };
 #undef SG
+#define TP(f) offsetof(struct conf_tx_part, f)
+static const struct conf_key conf_tx_part_rows[] = {
+	ROW("name", CONF_STR, TP(name), 0, NULL, 0, 0),
+	ROW("prepare", CONF_BINDING, TP(prepare), 0, NULL, 0, 0),
+	ROW("commit", CONF_BINDING, TP(commit), 0, NULL, 0, 0),
+	ROW("abort", CONF_BINDING, TP(abort), 0, NULL, 0, 0),
+	END
+};
+#undef TP
+#define TX(f) offsetof(struct conf_tx, f)
+static const struct conf_key conf_tx_rows[] = {
+	ROW("name", CONF_STR, TX(name), 0, NULL, 0, 0),
+	ROW("start", CONF_BINDING, TX(start), 0, NULL, 0, 0),
+	LIST("participants", struct conf_tx, parts, n_parts, 0, conf_tx_part_rows),
+	ROW("committed", CONF_BINDING, TX(committed), 0, NULL, 0, 0),
+	ROW("aborted", CONF_BINDING, TX(aborted), 0, NULL, 0, 0),
+	ROW("prepare_timeout", CONF_DUR, TX(prepare_timeout), 0, "10", 0.01, 86400),
+	ROW("decision_retry_initial", CONF_DUR, TX(decision_retry_initial), 0, "0.5", 0.001, 86400),
+	ROW("decision_retry_max", CONF_DUR, TX(decision_retry_max), 0, "30", 0.001, 86400),
+	END
+};
+#undef TX
 
 const struct conf_key *
 conf_table_saga_rows(void)
 {
 	return conf_saga_rows;
+}
+
+const struct conf_key *
+conf_table_step_rows(void)
+{
+	return conf_step_rows;
 }
 /* `plugin` and `name` are sagad's; every other key is the plugin's,
  * checked against its list when it is loaded (plugin.c). */
@@ -229,6 +260,7 @@ static const struct conf_key conf_top_rows[] = {
 	LIST("exchanges", struct sagad_conf, exchanges, n_exchanges, R, conf_exchange_rows),
 	LIST("subscriptions", struct sagad_conf, subs, n_subs, R, conf_sub_rows),
 	LIST("sagas", struct sagad_conf, sagas, n_sagas, R, conf_saga_rows),
+	LIST("transactions", struct sagad_conf, txs, n_txs, R, conf_tx_rows),
 	LIST("sources", struct sagad_conf, sources, n_sources, R, conf_source_rows),
 	ROW("file", CONF_STR, T(file), D, NULL, 0, 0),
 	/* <service>.sagas: follows service and sagas. */
@@ -551,6 +583,21 @@ ctab_binding_json(const struct conf_binding *b)
 	return j;
 }
 
+/* The file's keys, and the derived ones a definition keeps. */
+static int
+ctab_in_json(const struct conf_key *k)
+{
+	return !(k->flags & CONF_DERIVED) || (k->flags & CONF_KEPT);
+}
+
+/* A kept row (a bool) is written only when set, so that a definition
+ * from before it keeps its JSON, hence its version. */
+static int
+ctab_kept_unset(const struct conf_key *k, const void *base)
+{
+	return (k->flags & CONF_KEPT) && !*(const int *)conf_table_at(base, k->off);
+}
+
 static json_t *
 ctab_row_json(const struct conf_key *k, const void *base)
 {
@@ -599,7 +646,8 @@ conf_table_to_json(const struct conf_key *rows, const void *base)
 	json_t *j = json_object(), *v;
 
 	for (k = rows; k->name; k++)
-		if (!(k->flags & CONF_DERIVED) && (v = ctab_row_json(k, base)) != NULL)
+		if (ctab_in_json(k) && !ctab_kept_unset(k, base) &&
+		    (v = ctab_row_json(k, base)) != NULL)
 			json_object_set_new(j, k->name, v);
 	return j;
 }
@@ -686,7 +734,7 @@ conf_table_from_json(const struct conf_key *rows, const json_t *j, void *base)
 	if (!json_is_object(j))
 		return -1;
 	for (k = rows; k->name; k++)
-		if (!(k->flags & CONF_DERIVED) && (v = json_object_get(j, k->name)) != NULL &&
+		if (ctab_in_json(k) && (v = json_object_get(j, k->name)) != NULL &&
 		    ctab_row_from(k, v, base) < 0)
 			return -1;
 	return 0;

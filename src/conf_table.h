@@ -36,6 +36,9 @@ enum conf_kind {
 #define CONF_DERIVED	0x2
 /* A restart-only derived row that follows a key which is named instead. */
 #define CONF_QUIET	0x4
+/* A derived row that is part of a saga definition's JSON all the same
+ * (conf_table_to_json): what sagad built the definition from. */
+#define CONF_KEPT	0x8
 
 struct conf_key {
 	const char *name;
@@ -87,5 +90,7 @@ struct json_t *conf_table_to_json(const struct conf_key *rows, const void *base)
 int conf_table_from_json(const struct conf_key *rows, const struct json_t *j, void *base);
 /* The rows of one saga definition (a struct conf_saga). */
 const struct conf_key *conf_table_saga_rows(void);
+/* A saga step's rows (conf_tx.c builds steps). */
+const struct conf_key *conf_table_step_rows(void);
 
 #endif

@@ -341,6 +341,29 @@ dispatch_add(dispatch_emit_fn *emit, void *arg, const char *k, const char *v)
 		emit(arg, k, v);
 }
 
+/* A two-phase commit's message (sagad(8) TWO-PHASE COMMIT). */
+static int
+dispatch_tx_kind(const char *kind)
+{
+	return strcmp(kind, "prepare") == 0 || strcmp(kind, "commit") == 0 ||
+	    strcmp(kind, "abort") == 0;
+}
+
+/* What the service is told a message is (Sagad-Kind): a saga's or a
+ * transaction's message by its kind, anything else an event. */
+static const char *
+dispatch_kind(const char *kind)
+{
+	static const char *const kinds[] = { "command", "compensation", "notification",
+	    "prepare", "commit", "abort" };
+	size_t i;
+
+	for (i = 0; kind && i < sizeof kinds / sizeof *kinds; i++)
+		if (strcmp(kind, kinds[i]) == 0)
+			return kinds[i];
+	return "event";
+}
+
 /* span_id: the attempt's span, the parent the service is told of (NULL:
  * the message's traceparent as it is). */
 static void
@@ -366,9 +389,10 @@ dispatch_headers(struct dsub *ds, struct dmsg *dm, const char *span_id,
 	dispatch_add(emit, arg, "Sagad-Attempt", num);
 	if (dm->rec->redelivered)
 		dispatch_add(emit, arg, "Sagad-Redelivered", "true");
-	dispatch_add(emit, arg, "Sagad-Kind", kind && (strcmp(kind, "command") == 0 ||
-	    strcmp(kind, "compensation") == 0 || strcmp(kind, "notification") == 0) ?
-	    kind : "event");
+	kind = dispatch_kind(kind);
+	dispatch_add(emit, arg, "Sagad-Kind", kind);
+	if (dispatch_tx_kind(kind))
+		dispatch_add(emit, arg, "Sagad-Transaction", m->props.correlation_id);
 	dispatch_add(emit, arg, "Sagad-Saga", props_get_header(&m->props, "x-sagad-saga"));
 	dispatch_add(emit, arg, "Sagad-Step", props_get_header(&m->props, "x-sagad-step"));
 	if (tp && span_id) {

@@ -105,7 +105,10 @@ saga_send_with(struct saga_engine *e, struct saga_inst *in, const struct conf_bi
 		props_set_header(&m.props, "x-sagad-step", step);
 	props_set_header(&m.props, "x-sagad-kind", kind);
 	saga_trace_out(e, in, &m.props, kind, step);
-	if (saga_store_send(e->ss, &m, e->consumed ? SAGA_SEND_CONSUMED : 0) < 0)
+	/* A transaction's messages wait for the fsync: its decision must be
+	 * durable before a COMMIT or ABORT leaves (the decision log). */
+	if (saga_store_send(e->ss, &m, e->consumed && !in->def->transaction ?
+	    SAGA_SEND_CONSUMED : 0) < 0)
 		log_error("cannot store a saga message", LOG_STR("saga", in->def->name),
 		    LOG_STR("id", in->id), LOG_STR("message_id", id));
 	props_free(&m.props);
@@ -197,6 +200,26 @@ saga_finish(struct saga_engine *e, struct saga_inst *in, enum saga_state state)
 	saga_set_state(e, in, state, NULL, NULL);
 }
 
+/* Step i comes before the definition's pivot. */
+static int
+saga_step_before_pivot(const struct conf_saga *def, size_t i)
+{
+	for (; i < def->n_steps; i++)
+		if (def->steps[i].pivot)
+			return 1;
+	return 0;
+}
+
+/* The x-sagad-kind of a step's message: a transaction's say which phase
+ * they are (prepare, commit, abort), a saga's what they are. */
+static const char *
+saga_step_msg_kind(const struct conf_saga *def, size_t i, int comp)
+{
+	if (def->transaction)
+		return comp ? "abort" : saga_step_before_pivot(def, i) ? "prepare" : "commit";
+	return comp ? "compensation" : def->steps[i].notify ? "notification" : "command";
+}
+
 int
 saga_send_step(struct saga_engine *e, struct saga_inst *in, size_t i, int comp,
     char why[SAGA_DATA_ERR])
@@ -206,7 +229,7 @@ saga_send_step(struct saga_engine *e, struct saga_inst *in, size_t i, int comp,
 	const char *tpl = comp ? cs->compensate_body : cs->body;
 	const char *htpl = comp ? cs->compensate_headers : cs->headers;
 	const char *body = comp ? st->body : in->body, *ct = comp ? st->ct : in->ct;
-	const char *kind = comp ? "compensation" : cs->notify ? "notification" : "command";
+	const char *kind = saga_step_msg_kind(in->def, i, comp);
 	size_t len = comp ? st->body_len : in->body_len;
 	char *rendered = NULL, *headers = NULL, what[32];
 	struct saga_data_src src;
@@ -880,6 +903,7 @@ saga_new(struct sagad *d, char **err)
 		saga_store_on_batch(e->ss, saga_batch_event, e);
 	}
 	e->timer_ev = evtimer_new(d->base, saga_timer_cb, e);
+	saga_tx_recover(e);
 	/* Deadlines live in the store: after a restart they fire as due. */
 	saga_rearm(e);
 	return e;

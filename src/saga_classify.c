@@ -78,7 +78,8 @@ saga_classify_reply(const struct sagad_conf *conf, const struct msg *m, const ch
 				break;
 		saga_add(out, SAGA_IN_REPLY, i, j < conf->sagas[i].n_steps ? j : SAGA_STEP_BY_NAME,
 		    step);
-		out->compensation = kind && strcmp(kind, "compensation") == 0;
+		out->compensation = kind && (strcmp(kind, "compensation") == 0 ||
+		    strcmp(kind, "abort") == 0);	/* a transaction's */
 		out->success = strcmp(outcome, "success") == 0;
 		return 1;
 	}

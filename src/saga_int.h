@@ -199,6 +199,9 @@ void saga_timer_cb(int fd, short what, void *arg);
 /* ---- saga_compensate.c: the backward path ---- */
 
 void saga_start_compensation(struct saga_engine *e, struct saga_inst *in, const char *reason);
+/* saga_tx.c: at start-up, the transactions without a logged decision are
+ * aborted (presumed abort; sagad's own store only). */
+void saga_tx_recover(struct saga_engine *e);
 /* The next step to undo, or compensated when none is left. */
 void saga_compensate_next(struct saga_engine *e, struct saga_inst *in);
 void saga_send_compensation(struct saga_engine *e, struct saga_inst *in, size_t i);

@@ -317,7 +317,8 @@ class Participant:
                                                          'cid': cid}
         applied = False
         with self.lock:
-            if 200 <= ans.status < 300 and hdrs.get('Sagad-Kind') in ('command', 'compensation'):
+            if 200 <= ans.status < 300 and hdrs.get('Sagad-Kind') in (
+                    'command', 'compensation', 'prepare', 'commit', 'abort'):
                 if (key, cid) in self.effects:
                     self.repeats[(key, cid)] += 1
                     out = self.effects[(key, cid)]

@@ -157,6 +157,7 @@ test_examples_have_every_list_key(void **state)
 		{ "sagas", { "saga-orchestrated.conf", "saga-choreographed.conf",
 			"saga-book-create-order.conf" } },
 		{ "sources", { "source-sqlite.conf", "source-pgsql.conf" } },
+		{ "transactions", { "transaction.conf" } },
 	};
 	const char *top = getenv("top_srcdir");
 	char path[4096], missing[2048] = "";

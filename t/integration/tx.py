@@ -1,0 +1,221 @@
+#!/usr/bin/env python3
+"""Two-phase commit (sagad(8) TWO-PHASE COMMIT, sagad.conf(5) TRANSACTIONS).
+
+One coordinating sagad (orders) with a transaction of two participants,
+north and south, each a service behind its own sagad. Every case ends with
+the invariant checked: all participants that prepared reach the same
+outcome, each decision applied once at its service (the services dedup by
+transaction id, and count what came again), none left in doubt.
+
+Cases: both vote yes (committed, the outcome event); south votes no (409):
+north, which voted yes, gets ABORT, south nothing more; south answers after
+the prepare timeout (aborted; its late yes gets an ABORT too); the
+coordinator killed (SIGKILL) while a vote is awaited: at restart the
+transaction is aborted without waiting (presumed abort, in its history);
+the coordinator killed after the decision with a COMMIT unacknowledged:
+committed after the restart, the COMMIT applied once; south's service
+refusing with 503 through phase 2: committed once it answers; the broker
+restarted while a vote is awaited: committed; the start event twice: one
+transaction. `sagad -n` refuses bad transactions with FILE:LINE errors.
+"""
+
+import os
+import sys
+import threading
+
+sys.path.insert(0, os.path.join(os.environ.get('top_srcdir', '.'), 't', 'lib'))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import harness as h  # noqa: E402
+from sagas import (Answer, Participant, api_publish, check_bad_conf, hist_entries,  # noqa: E402
+                   saga_get, saga_state, sagad_n, step_states, subscription_conf)
+
+TX = '''transactions = (
+  { name = "reserve-both"; start = "events:order.placed";
+    participants = (
+      { name = "north"; prepare = "commands:north.prepare";
+        commit = "commands:north.commit"; abort = "commands:north.abort"; },
+      { name = "south"; prepare = "commands:south.prepare";
+        commit = "commands:south.commit"; abort = "commands:south.abort"; }
+    );
+    prepare_timeout = %s; decision_retry_initial = 0.2; decision_retry_max = 1;
+    committed = "events:tx.committed"; aborted = "events:tx.aborted"; }
+);
+'''
+
+
+def config_checks(wd):
+    ok = TX % 3
+    check_bad_conf(wd, 'a participant without abort', ok.replace(
+        'commit = "commands:north.commit"; abort = "commands:north.abort"; },',
+        'commit = "commands:north.commit"; },').replace(
+        'prepare = "commands:north.prepare";', 'prepare = "commands:north.prepare"; # <-'),
+        ['north', "needs 'abort'"])
+    check_bad_conf(wd, 'a participant named twice', ok.replace(
+        '{ name = "south"; prepare = "commands:south.prepare";',
+        '{ name = "north"; prepare = "commands:south.prepare"; # <-'), ['north', 'twice'])
+    mark = 'start = "events:order.placed"; # <-'
+    check_bad_conf(wd, 'an unknown exchange', ok.replace(
+        'start = "events:order.placed";', 'start = "nowhere:order.placed"; # <-'),
+        ['transaction', 'nowhere'])
+    check_bad_conf(wd, 'retry max below initial', ok.replace(
+        'decision_retry_max = 1;', 'decision_retry_max = 0.1;').replace(
+        'start = "events:order.placed";', mark), ['decision_retry_max'])
+    check_bad_conf(wd, 'a transaction named as a saga', ok.replace(
+        '"reserve-both"', '"twice"').replace('start = "events:order.placed";', mark) + '''sagas = (
+  { name = "twice"; start = "events:x"; steps = ( { name = "a"; command = "commands:a"; } ); }
+);
+''', ['twice', 'saga'])
+    check_bad_conf(wd, 'no participants', '''transactions = (
+  { name = "empty"; start = "events:e"; participants = ( ); } # <-
+);
+''', ['at least one participant'])
+
+
+def main(wd):
+    config_checks(wd)
+    broker = h.Broker(wd)
+    broker.start()
+    north, south, observer = Participant('north'), Participant('south'), Participant('observer')
+    orders = h.Sagad(wd, broker.url, name='orders', conf_extra=TX % 3 + subscription_conf(
+        'watch', ['events:tx.#'], observer.url))
+    d_north = h.Sagad(wd, broker.url, name='north', conf_extra=subscription_conf(
+        'inbox', ['commands:north.#'], north.url))
+    d_south = h.Sagad(wd, broker.url, name='south', conf_extra=subscription_conf(
+        'inbox', ['commands:south.#'], south.url))
+    rc, err = sagad_n(orders.conf)
+    h.check(rc == 0, 'sagad -n: the coordinator configuration is valid', err)
+    for d in (d_north, d_south, orders):
+        d.start()
+    parts = {'north': north, 'south': south}
+
+    def start(cid, mid=None):
+        api_publish(orders.port, 'events', 'order.placed', {'order': cid},
+                    {'Correlation-Id': cid, 'Message-Id': mid or 'start-' + cid})
+
+    def finished(cid, state, timeout=60):
+        h.wait_until(lambda: saga_state(orders, cid) == state, timeout,
+                     '%s %s' % (cid, state))
+
+    def count(p, phase, cid):
+        return len(parts[p].deliveries('%s.%s' % (p, phase), cid, applied=True))
+
+    def outcome(cid, want):
+        """The invariant: every participant that prepared has the one
+        outcome, applied once; the others got nothing after their vote."""
+        for p in parts:
+            prepared = count(p, 'prepare', cid)
+            h.check(prepared <= 1, '%s %s: PREPARE applied at most once' % (cid, p))
+            h.check(parts[p].repeats[('%s.commit' % p, cid)] == 0 or count(p, 'commit', cid) == 1,
+                    '%s %s: a COMMIT that came again was not applied again' % (cid, p))
+            if want == 'committed':
+                h.wait_until(lambda: count(p, 'commit', cid) == 1, 30, '%s %s commit' % (cid, p))
+                h.check(count(p, 'abort', cid) == 0, '%s %s: no ABORT' % (cid, p))
+            elif prepared:
+                h.wait_until(lambda: count(p, 'abort', cid) == 1, 30, '%s %s abort' % (cid, p))
+                h.check(count(p, 'commit', cid) == 0, '%s %s: no COMMIT' % (cid, p))
+        key = 'tx.%s' % want
+        h.wait_until(lambda: len(observer.deliveries(key, cid)) >= 1, 30,
+                     '%s: the %s event' % (cid, key))
+        h.check(len(observer.deliveries(key, cid)) == 1, '%s: one %s event' % (cid, key))
+
+    # ---- both vote yes
+    start('t-ok')
+    finished('t-ok', 'completed')
+    outcome('t-ok', 'committed')
+    calls = north.deliveries('north.prepare', 't-ok')
+    h.check(calls[0]['kind'] == 'prepare' and calls[0]['saga'] == 'reserve-both',
+            't-ok: the service is told Sagad-Kind: prepare and the transaction', calls[0])
+    h.check(north.deliveries('north.commit', 't-ok')[0]['kind'] == 'commit',
+            't-ok: Sagad-Kind: commit')
+    inst = saga_get(orders, 't-ok')
+    h.check(step_states(inst).get('decision') == 'succeeded',
+            't-ok: the decision is a step of the transaction', inst)
+
+    # ---- south votes no
+    south.rules[('south.prepare', 't-no')] = Answer(status=409)
+    start('t-no')
+    finished('t-no', 'compensated')
+    outcome('t-no', 'aborted')
+    h.check(north.deliveries('north.abort', 't-no')[0]['kind'] == 'abort',
+            't-no: Sagad-Kind: abort')
+    h.check(not south.deliveries('south.abort', 't-no'),
+            't-no: south, which voted no, gets no ABORT')
+
+    # ---- south answers after the prepare timeout: aborted, its late yes too
+    gate = threading.Event()
+    south.rules[('south.prepare', 't-slow')] = Answer(gate=gate)
+    start('t-slow')
+    finished('t-slow', 'compensated')
+    h.wait_until(lambda: count('north', 'abort', 't-slow') == 1, 30, 't-slow: north aborted')
+    gate.set()
+    h.wait_until(lambda: count('south', 'abort', 't-slow') == 1, 30,
+                 't-slow: the late yes is aborted')
+    outcome('t-slow', 'aborted')
+
+    # ---- the coordinator killed while a vote is awaited: presumed abort
+    gate = threading.Event()
+    south.rules[('south.prepare', 't-crash1')] = Answer(gate=gate)
+    orders.stop()
+    orders.conf_extra = TX % 60 + subscription_conf('watch', ['events:tx.#'], observer.url)
+    orders.write_conf()
+    orders.start()
+    start('t-crash1')
+    h.wait_until(lambda: count('north', 'prepare', 't-crash1') == 1 and
+                 south.has_started('south.prepare', 't-crash1'), 30, 't-crash1: both prepared')
+    h.wait_until(lambda: step_states(saga_get(orders, 't-crash1') or {'steps': []}).get(
+        'prepare:north') == 'succeeded', 30, "t-crash1: north's yes recorded")
+    orders.kill()
+    orders.start()
+    finished('t-crash1', 'compensated', timeout=30)   # far under the 60 s prepare timeout
+    h.check(hist_entries(saga_get(orders, 't-crash1'), 'presumed abort'),
+            't-crash1: its history says presumed abort', saga_get(orders, 't-crash1'))
+    gate.set()
+    outcome('t-crash1', 'aborted')
+
+    # ---- the coordinator killed after the decision, a COMMIT unacknowledged
+    gate = threading.Event()
+    north.rules[('north.commit', 't-crash2')] = Answer(gate=gate)
+    start('t-crash2')
+    h.wait_until(lambda: north.has_started('north.commit', 't-crash2'), 30,
+                 't-crash2: the COMMIT reached north')
+    orders.kill()
+    gate.set()
+    orders.start()
+    finished('t-crash2', 'completed')
+    outcome('t-crash2', 'committed')
+
+    # ---- south's service refusing (503) through phase 2
+    south.rules[('south.commit', 't-down')] = [Answer(status=503)] * 3 + [Answer()]
+    start('t-down')
+    finished('t-down', 'completed')
+    outcome('t-down', 'committed')
+    h.check(len(south.deliveries('south.commit', 't-down')) == 4,
+            't-down: the COMMIT delivered until the service took it')
+
+    # ---- the broker restarted while a vote is awaited
+    gate = threading.Event()
+    south.rules[('south.prepare', 't-broker')] = Answer(gate=gate)
+    start('t-broker')
+    h.wait_until(lambda: south.has_started('south.prepare', 't-broker'), 30,
+                 't-broker: south preparing')
+    broker.restart()
+    gate.set()
+    finished('t-broker', 'completed', timeout=120)
+    outcome('t-broker', 'committed')
+
+    # ---- the start event twice: one transaction
+    start('t-twice', mid='first')
+    start('t-twice', mid='second')
+    finished('t-twice', 'completed')
+    outcome('t-twice', 'committed')
+    h.check(len(north.deliveries('north.prepare', 't-twice')) == 1,
+            't-twice: one PREPARE')
+
+    for d in (orders, d_north, d_south):
+        d.stop()
+    for p in (north, south, observer):
+        p.stop()
+
+
+if __name__ == '__main__':
+    h.run_test(main)
