@@ -218,6 +218,7 @@ struct sagad_conf {
 	size_t n_sagas;
 	struct conf_tx *txs;
 	size_t n_txs;
+	double in_doubt_timeout;	/* a participant asks its coordinator */
 	char *saga_queue;	/* <service>.sagas: starts, events and replies */
 	char *saga_queue_type;	/* its queue type: quorum (default) or classic */
 	struct conf_source *sources;

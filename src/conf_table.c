@@ -261,6 +261,7 @@ static const struct conf_key conf_top_rows[] = {
 	LIST("subscriptions", struct sagad_conf, subs, n_subs, R, conf_sub_rows),
 	LIST("sagas", struct sagad_conf, sagas, n_sagas, R, conf_saga_rows),
 	LIST("transactions", struct sagad_conf, txs, n_txs, R, conf_tx_rows),
+	ROW("in_doubt_timeout", CONF_DUR, T(in_doubt_timeout), 0, "30", 0.1, 86400),
 	LIST("sources", struct sagad_conf, sources, n_sources, R, conf_source_rows),
 	ROW("file", CONF_STR, T(file), D, NULL, 0, 0),
 	/* <service>.sagas: follows service and sagas. */

@@ -28,6 +28,7 @@
 #include "sagad.h"
 #include "store.h"
 #include "trace.h"
+#include "txpart.h"
 #include "util.h"
 #include "xmalloc.h"
 
@@ -113,6 +114,7 @@ dsub_append(struct dsub *ds, struct dmsg *dm)
 {
 	size_t i;
 
+	dm->tx = txpart_kind(dm->rec->m) != TXP_NOT_TX;
 	if (ds->npending == ds->cappending)
 		ds->pending = xgrow(ds->pending, &ds->cappending, ds->npending + 1, sizeof *ds->pending);
 	/* Keep broker order: records reloaded from the store may be older
@@ -594,6 +596,10 @@ delivery_new(struct sagad *d)
 			}
 			dl->dedup = dedup_new(d->base, d->conf, store_replica_id(d->store));
 		}
+	if (!(dl->txp = txpart_new(d))) {
+		delivery_free(dl);
+		return NULL;
+	}
 	for (i = 0; i < dl->nsubs; i++)
 		if (dsub_init(dl, &dl->subs[i], (int)i) < 0) {
 			delivery_free(dl);
@@ -657,6 +663,7 @@ delivery_free(struct delivery *dl)
 	if (!dl)
 		return;
 	dedup_free(dl->dedup);	/* first: its claims' records are freed below */
+	txpart_free(dl->txp);
 	for (i = 0; i < dl->nsubs; i++) {
 		struct dsub *ds = &dl->subs[i];
 		/* Freeing a connection cancels its request; the callback then
@@ -755,6 +762,7 @@ delivery_metrics(struct delivery *dl, struct evbuffer *out)
 		snprintf(labels, sizeof labels, "subscription=\"%s\"", dl->subs[i].name);
 		metrics_histogram(out, "sagad_inbox_ack_seconds", labels, &dl->subs[i].stats.ack);
 	}
+	txpart_metrics(dl->txp, out);
 }
 
 void *

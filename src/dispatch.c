@@ -22,6 +22,7 @@
 #include "otel.h"
 #include "store.h"
 #include "trace.h"
+#include "txpart.h"
 #include "util.h"
 #include "xmalloc.h"
 
@@ -233,6 +234,7 @@ dsub_succeeded(struct dsub *ds, struct dmsg *dm, const struct hclient_answer *an
 {
 	dsub_circuit_ok(ds);
 	ds->stats.outcomes[OUTCOME_SUCCESS]++;
+	txpart_after(ds->dl->txp, ds->name, dm->rec->m, 1);
 	if (dm->rec->m->props.reply_to)
 		dsub_reply(ds, dm, ans, 1);
 	dsub_done(ds, dm, ans->status);
@@ -245,6 +247,7 @@ dsub_refused(struct dsub *ds, struct dmsg *dm, const struct hclient_answer *ans)
 	char error[256];
 
 	dsub_circuit_ok(ds);
+	txpart_after(ds->dl->txp, ds->name, dm->rec->m, 0);
 	if (dm->rec->m->props.reply_to) {
 		/* A business refusal of a command is its failure reply. The
 		 * record is forgotten: the sender may try the same command
@@ -286,6 +289,35 @@ dsub_failed(struct dsub *ds, struct dmsg *dm, const struct hclient_answer *ans)
 	snprintf(prefix, sizeof prefix, "HTTP %d", ans->status);
 	hclient_answer_text(ans, prefix, error, sizeof error);
 	dsub_retry(ds, dm, ans->status, error);
+}
+
+/*
+ * A PREPARE, COMMIT or ABORT that the participant's record answers
+ * (txpart.h): a duplicate, a late one, or one against the record. It is
+ * answered as the service would have (200 yes or done, 409 no), without
+ * reaching the service.
+ */
+static int
+dsub_tx_answered(struct dsub *ds, struct dmsg *dm)
+{
+	struct hclient_answer ans;
+	enum txp_action a = txpart_before(ds->dl->txp, ds->name, dm->rec->m);
+
+	if (a == TXP_DELIVER)
+		return 0;
+	memset(&ans, 0, sizeof ans);
+	ans.result = HCLIENT_ANSWERED;
+	ans.status = a == TXP_ANSWER_YES ? 200 : 409;
+	ans.content_type = "application/json";
+	ans.body = evbuffer_new();
+	evbuffer_add_printf(ans.body, "{\"answered_by\":\"sagad\",\"vote\":\"%s\"}",
+	    a == TXP_ANSWER_YES ? "yes" : "no");
+	if (a == TXP_ANSWER_YES)
+		dsub_succeeded(ds, dm, &ans);
+	else
+		dsub_refused(ds, dm, &ans);
+	evbuffer_free(ans.body);
+	return 1;
 }
 
 static void
@@ -658,7 +690,7 @@ dispatch_run(struct dsub *ds)
 	const struct conf_subscription *c = dsub_conf(ds);
 	double now = util_now(), next = 0;
 	const char **busy = NULL;
-	size_t nbusy = 0, nstarted = 0, i;
+	size_t nbusy = 0, nstarted = 0, answered = 0, i;
 	unsigned limit = (unsigned)c->concurrency;
 	struct dattempt **started, *a;
 
@@ -674,8 +706,9 @@ dispatch_run(struct dsub *ds)
 	}
 	if (ds->circuit == CIRCUIT_HALF_OPEN)
 		limit = 1;
-	if (c->ordered)
-		busy = xcalloc(ds->npending + 1, sizeof *busy);
+	/* A transaction's messages go one at a time too, whatever `ordered`
+	 * says: its record decides each after the one before (txpart.h). */
+	busy = xcalloc(ds->npending + 1, sizeof *busy);
 	started = xcalloc(limit > ds->inflight ? limit - ds->inflight : 1, sizeof *started);
 	for (i = 0; i < ds->npending && ds->inflight < limit; i++) {
 		struct dmsg *dm = ds->pending[i];
@@ -684,18 +717,28 @@ dispatch_run(struct dsub *ds)
 
 		if (dm->rec->due_at > now && dm->state != DMSG_INFLIGHT && (next == 0 || dm->rec->due_at < next))
 			next = dm->rec->due_at;
-		if (c->ordered && cid) {
+		if ((c->ordered || dm->tx) && cid) {
 			if (dsub_cid_busy(busy, nbusy, cid))
 				continue;
 			busy[nbusy++] = cid;
 		}
-		if (!blocked && (a = dsub_attempt(ds, dm)) != NULL)
+		if (blocked)
+			continue;
+		if (dm->tx && dsub_tx_answered(ds, dm)) {
+			nbusy--;	/* its id was freed with it */
+			i--;		/* dsub_remove moved the next one here */
+			answered++;
+			continue;
+		}
+		if ((a = dsub_attempt(ds, dm)) != NULL)
 			started[nstarted++] = a;
 	}
 	if (nstarted)
 		dsub_mark(ds, started, nstarted);
 	free(started);
 	free(busy);
+	if (answered)
+		dsub_flow(ds);
 	if (next > 0)
 		dsub_arm(ds, next);
 }

@@ -34,6 +34,7 @@ enum dmsg_state {
 struct dmsg {
 	struct inbox_rec *rec;
 	enum dmsg_state state;	/* change only through dmsg_set_state */
+	int tx;			/* a PREPARE, COMMIT or ABORT (txpart.h) */
 };
 
 struct dconn {
@@ -73,6 +74,7 @@ struct delivery {
 	struct dsub *subs;
 	size_t nsubs;
 	struct dedup *dedup;	/* claims of subscriptions with dedup = "shared" */
+	struct txpart *txp;	/* two-phase commit records (participant) */
 };
 
 /* delivery.c: the subscription's backlog and its consumer. */

@@ -39,24 +39,31 @@ const char *const saga_step_state_names[STEP_NSTATES] = {
 
 /* Ids are stable for one saga, step and purpose: a resend carries the
  * same id, so that the participant's inbox drops what it already did. */
-static void
-saga_message_id(const struct saga_inst *in, const char *step, const char *what,
+void
+saga_message_id_of(const char *saga_id, const char *saga, const char *step, const char *what,
     char *out, size_t len)
 {
-	int n = snprintf(out, len, "%s:%s%s%s:%s", in->id, in->def->name,
+	int n = snprintf(out, len, "%s:%s%s%s:%s", saga_id, saga,
 	    step ? ":" : "", step ? step : "", what);
 
 	if (n < 0 || (size_t)n >= len || n > 255) {
 		struct msg tmp;
 		char h[40];
 		memset(&tmp, 0, sizeof tmp);
-		tmp.exchange = (char *)in->def->name;
+		tmp.exchange = (char *)saga;
 		tmp.routing_key = (char *)(step ? step : "");
-		tmp.props.correlation_id = in->id;
+		tmp.props.correlation_id = (char *)saga_id;
 		tmp.props.type = (char *)what;
 		delivery_derive_id(&tmp, h);
 		snprintf(out, len, "%s", h);
 	}
+}
+
+static void
+saga_message_id(const struct saga_inst *in, const char *step, const char *what,
+    char *out, size_t len)
+{
+	saga_message_id_of(in->id, in->def->name, step, what, out, len);
 }
 
 /* A headers template's rendering (a JSON object of strings) onto p. */
@@ -725,6 +732,10 @@ saga_handle_matches(struct saga_engine *e, const struct msg *m, size_t only)
 		}
 		if (!m->props.correlation_id) {
 			saga_orphan(e, m, "no correlation id");
+			continue;
+		}
+		if (k->input == SAGA_IN_STATUS) {
+			saga_tx_status(e, k, m->props.correlation_id);
 			continue;
 		}
 		in = saga_load(e, k->saga, m->props.correlation_id);

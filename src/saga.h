@@ -67,7 +67,8 @@ enum saga_input {
 	SAGA_IN_SUCCESS,	/* a choreographed step's success event */
 	SAGA_IN_FAILURE,	/* a choreographed step's failure event */
 	SAGA_IN_COMP_SUCCESS,	/* its compensation's success event */
-	SAGA_IN_COMP_FAILURE	/* its compensation's failure event */
+	SAGA_IN_COMP_FAILURE,	/* its compensation's failure event */
+	SAGA_IN_STATUS		/* a transaction's participant in doubt asks */
 };
 
 struct saga_match {

@@ -56,11 +56,11 @@ saga_classify_events(const struct conf_saga *sg, size_t index, const struct msg 
 	return n;
 }
 
-/* A reply names its saga and step: the step is found by name in the
- * instance's own version of the definition (SAGA_STEP_BY_NAME when the
+/* A reply (outcome set) or a status question (outcome NULL) names its
+ * saga and step: the step is found by name in the instance's own version of the definition (SAGA_STEP_BY_NAME when the
  * configuration's has no such step any more). */
 static size_t
-saga_classify_reply(const struct sagad_conf *conf, const struct msg *m, const char *outcome,
+saga_classify_named(const struct sagad_conf *conf, const struct msg *m, const char *outcome,
     struct saga_match *out)
 {
 	const char *saga = props_get_header(&m->props, "x-sagad-saga");
@@ -76,11 +76,11 @@ saga_classify_reply(const struct sagad_conf *conf, const struct msg *m, const ch
 		for (j = 0; j < conf->sagas[i].n_steps; j++)
 			if (strcmp(conf->sagas[i].steps[j].name, step) == 0)
 				break;
-		saga_add(out, SAGA_IN_REPLY, i, j < conf->sagas[i].n_steps ? j : SAGA_STEP_BY_NAME,
-		    step);
+		saga_add(out, outcome ? SAGA_IN_REPLY : SAGA_IN_STATUS, i,
+		    j < conf->sagas[i].n_steps ? j : SAGA_STEP_BY_NAME, step);
 		out->compensation = kind && (strcmp(kind, "compensation") == 0 ||
 		    strcmp(kind, "abort") == 0);	/* a transaction's */
-		out->success = strcmp(outcome, "success") == 0;
+		out->success = outcome && strcmp(outcome, "success") == 0;
 		return 1;
 	}
 	return 0;
@@ -91,12 +91,14 @@ saga_classify(const struct sagad_conf *conf, const struct msg *m,
     struct saga_match *out, size_t max)
 {
 	const char *outcome = props_get_header(&m->props, "x-sagad-outcome");
+	const char *kind = props_get_header(&m->props, "x-sagad-kind");
 	size_t n = 0, i;
 
 	if (!max)
 		return 0;
-	if (outcome)
-		return saga_classify_reply(conf, m, outcome, out);
+	/* A reply, or a transaction's status question: by name. */
+	if (outcome || (kind && strcmp(kind, "status") == 0))
+		return saga_classify_named(conf, m, outcome, out);
 	if (!m->exchange || !m->routing_key)
 		return 0;
 	for (i = 0; i < conf->n_sagas && n < max; i++) {

@@ -199,9 +199,15 @@ void saga_timer_cb(int fd, short what, void *arg);
 /* ---- saga_compensate.c: the backward path ---- */
 
 void saga_start_compensation(struct saga_engine *e, struct saga_inst *in, const char *reason);
+/* The id of a saga's message: the same for one saga, step and purpose. */
+void saga_message_id_of(const char *saga_id, const char *saga, const char *step,
+    const char *what, char *out, size_t len);
 /* saga_tx.c: at start-up, the transactions without a logged decision are
  * aborted (presumed abort; sagad's own store only). */
 void saga_tx_recover(struct saga_engine *e);
+/* saga_tx.c: a participant in doubt asks for transaction id's decision. */
+struct saga_match;
+void saga_tx_status(struct saga_engine *e, const struct saga_match *k, const char *id);
 /* The next step to undo, or compensated when none is left. */
 void saga_compensate_next(struct saga_engine *e, struct saga_inst *in);
 void saga_send_compensation(struct saga_engine *e, struct saga_inst *in, size_t i);

@@ -13,10 +13,12 @@
  * now, and its prepare timeout decides instead.
  */
 #include <stdlib.h>
+#include <sys/types.h>
 #include <string.h>
 
 #include "conf.h"
 #include "log.h"
+#include "props.h"
 #include "saga_int.h"
 #include "sagad.h"
 #include "util.h"
@@ -122,4 +124,92 @@ saga_tx_recover(struct saga_engine *e)
 	}
 	free(rc.last_saga);
 	free(rc.last_id);
+}
+
+/* ---- a participant in doubt asks ---- */
+
+/* No record of the transaction: it never started here, or it ended and
+ * was forgotten after saga_retention. Never committed without a record,
+ * so the answer is ABORT (presumed abort), with the id the ABORT of the
+ * instance would have had, and no reply awaited. */
+static void
+saga_tx_abort_unknown(struct saga_engine *e, const struct conf_saga *def, const char *step,
+    const char *id)
+{
+	const struct conf_saga_step *cs = NULL;
+	char mid[512];
+	struct msg m;
+	size_t i;
+
+	for (i = 0; i < def->n_steps; i++)
+		if (strcmp(def->steps[i].name, step) == 0)
+			cs = &def->steps[i];
+	if (!cs || !cs->compensate.exchange) {
+		log_warn("status question for a step that has no ABORT: ignored",
+		    LOG_STR("transaction", def->name), LOG_STR("id", id), LOG_STR("step", step));
+		return;
+	}
+	memset(&m, 0, sizeof m);
+	saga_message_id_of(id, def->name, step, "compensate", mid, sizeof mid);
+	m.message_id = mid;
+	m.exchange = cs->compensate.exchange;
+	m.routing_key = cs->compensate.key;
+	m.props.correlation_id = xstrdup(id);
+	props_set_header(&m.props, "x-sagad-saga", def->name);
+	props_set_header(&m.props, "x-sagad-step", step);
+	props_set_header(&m.props, "x-sagad-kind", "abort");
+	if (saga_store_send(e->ss, &m, 0) == 0)
+		log_warn("status question for an unknown transaction: ABORT sent (presumed abort)",
+		    LOG_STR("transaction", def->name), LOG_STR("id", id), LOG_STR("step", step));
+	props_free(&m.props);
+}
+
+static ssize_t
+saga_tx_step(const struct conf_saga *def, const char *phase, const char *part)
+{
+	size_t i, n = strlen(phase);
+
+	for (i = 0; i < def->n_steps; i++)
+		if (strncmp(def->steps[i].name, phase, n) == 0 &&
+		    strcmp(def->steps[i].name + n, part) == 0)
+			return (ssize_t)i;
+	return -1;
+}
+
+/* The decision is sent again to the participant that asks (the same
+ * message as before: its inbox drops it if it has it already). */
+void
+saga_tx_status(struct saga_engine *e, const struct saga_match *k, const char *id)
+{
+	const struct conf_saga *def = &e->d->conf->sagas[k->saga];
+	const char *part = strchr(k->step_name, ':');
+	struct saga_inst *in;
+	ssize_t prep, commit;
+	char why[SAGA_DATA_ERR];
+
+	if (!def->transaction || !part)
+		return;
+	part++;
+	if (!(in = saga_load(e, k->saga, id))) {
+		saga_tx_abort_unknown(e, def, k->step_name, id);
+		return;
+	}
+	prep = saga_tx_step(in->def, "prepare:", part);
+	commit = saga_tx_step(in->def, "commit:", part);
+	if (prep < 0 || commit < 0) {
+		saga_log(e, in, "in", "status: no such participant", k->step_name, NULL, NULL);
+	} else if (saga_past_pivot(in)) {
+		saga_log(e, in, "in", "status: COMMIT sent again", in->def->steps[commit].name,
+		    NULL, NULL);
+		if (saga_send_step(e, in, (size_t)commit, 0, why) < 0)
+			saga_log(e, in, "in", "status: COMMIT not made", NULL, NULL, why);
+	} else if (in->state == SAGA_RUNNING) {
+		saga_log(e, in, "in", "status: no decision yet", k->step_name, NULL, NULL);
+	} else {
+		saga_log(e, in, "in", "status: ABORT sent again", k->step_name, NULL, NULL);
+		if (saga_send_step(e, in, (size_t)prep, 1, why) < 0)
+			saga_log(e, in, "in", "status: ABORT not made", NULL, NULL, why);
+	}
+	saga_save(e, in);
+	saga_inst_free(in);
 }

@@ -41,6 +41,7 @@ static const char *const store_migrations[] = {
 	store_inbox_flight_schema,	/* inbox.in_doubt, inbox_flight */
 	store_meta_schema,	/* meta (this file) */
 	saga_store_def_schema,	/* saga_def: definitions' versions (saga_store_sqlite.c) */
+	txpart_schema,		/* tx_participant: a participant's 2PC records (txpart.c) */
 };
 
 /*

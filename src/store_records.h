@@ -29,6 +29,7 @@ struct store_family {
 };
 extern const struct store_family store_outbox_family;	/* store_outbox.c */
 extern const struct store_family store_inbox_family;	/* store_inbox.c */
+extern const char txpart_schema[];	/* txpart.c */
 /* NULL when one statement does not prepare (damaged?); finalize takes
  * NULL. */
 sqlite3_stmt **store_prepare(struct store *st, const struct store_family *fam);

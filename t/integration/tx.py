@@ -71,6 +71,50 @@ def config_checks(wd):
 ''', ['at least one participant'])
 
 
+def participant_records(broker, orders, d_north, north):
+    """The participant's records: a PREPARE or COMMIT that comes again
+    under another message id is answered from the record, not delivered;
+    a PREPARE after the ABORT is a no vote the service never sees; a
+    participant in doubt asks the coordinator, which answers ABORT for a
+    transaction it has no record of (presumed abort)."""
+    pk = h.Pika(broker.url)
+
+    def tx_msg(key, cid, kind, step, mid):
+        pk.publish('commands', key, '{}', message_id=mid, correlation_id=cid,
+                   reply_to='orders.sagas', headers={
+                       'x-sagad-saga': 'reserve-both', 'x-sagad-step': step,
+                       'x-sagad-kind': kind})
+
+    def answered():
+        return d_north.metrics().get('sagad_tx_participant_answers_total', 0)
+
+    before = answered()
+    tx_msg('north.prepare', 't-ok', 'prepare', 'prepare:north', 'again-1')
+    tx_msg('north.commit', 't-ok', 'commit', 'commit:north', 'again-2')
+    tx_msg('north.prepare', 't-no', 'prepare', 'prepare:north', 'again-3')
+    h.wait_until(lambda: answered() >= before + 3, 30, 'three answered from the record')
+    for key, cid in (('north.prepare', 't-ok'), ('north.commit', 't-ok'),
+                     ('north.prepare', 't-no')):
+        h.check(len(north.deliveries(key, cid)) == 1,
+                '%s %s again under a new message id: not delivered again' % (key, cid))
+
+    # A transaction the coordinator never had: north votes yes, is in
+    # doubt after in_doubt_timeout (2 s), asks, and is told ABORT.
+    tx_msg('north.prepare', 't-ghost', 'prepare', 'prepare:north', 'ghost-1')
+    h.wait_until(lambda: count_applied(north, 'north.abort', 't-ghost') == 1, 60,
+                 't-ghost: the participant in doubt asked and was told ABORT')
+    h.check(count_applied(north, 'north.prepare', 't-ghost') == 1, 't-ghost: prepared once')
+    h.wait_until(lambda: d_north.metrics().get('sagad_tx_in_doubt', 1) == 0, 30,
+                 't-ghost: nothing left in doubt')
+    h.check(d_north.metrics().get('sagad_tx_status_questions_total', 0) >= 1,
+            't-ghost: the question is counted')
+    h.check(orders.metrics() is not None, 'the coordinator still answers')
+
+
+def count_applied(p, key, cid):
+    return len(p.deliveries(key, cid, applied=True))
+
+
 def main(wd):
     config_checks(wd)
     broker = h.Broker(wd)
@@ -79,7 +123,7 @@ def main(wd):
     orders = h.Sagad(wd, broker.url, name='orders', conf_extra=TX % 3 + subscription_conf(
         'watch', ['events:tx.#'], observer.url))
     d_north = h.Sagad(wd, broker.url, name='north', conf_extra=subscription_conf(
-        'inbox', ['commands:north.#'], north.url))
+        'inbox', ['commands:north.#'], north.url) + 'in_doubt_timeout = 2;\n')
     d_south = h.Sagad(wd, broker.url, name='south', conf_extra=subscription_conf(
         'inbox', ['commands:south.#'], south.url))
     rc, err = sagad_n(orders.conf)
@@ -210,6 +254,8 @@ def main(wd):
     outcome('t-twice', 'committed')
     h.check(len(north.deliveries('north.prepare', 't-twice')) == 1,
             't-twice: one PREPARE')
+
+    participant_records(broker, orders, d_north, north)
 
     for d in (orders, d_north, d_south):
         d.stop()

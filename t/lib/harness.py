@@ -347,9 +347,11 @@ class Pika:
     def declare(self, queue, *bindings):
         self._run('declare', queue, *bindings)
 
-    def publish(self, exchange, key, body='', message_id=None, headers=None):
+    def publish(self, exchange, key, body='', message_id=None, headers=None,
+                correlation_id=None, reply_to=None):
         self._run('publish', exchange, key, json.dumps(
-            {'body': body, 'message_id': message_id, 'headers': headers or {}}))
+            {'body': body, 'message_id': message_id, 'headers': headers or {},
+             'correlation_id': correlation_id, 'reply_to': reply_to}))
 
     def get(self, queue, count, timeout=5):
         """Up to count messages (acked): dicts with exchange, routing_key,

@@ -4,7 +4,8 @@ test (harness.Pika). One command a run; its results as JSON lines.
 
   declare URL QUEUE [EXCHANGE:KEY ...]   a durable queue and its bindings
   publish URL EXCHANGE KEY SPEC          SPEC: JSON {body, message_id,
-                                         headers}; waits for the confirm
+                                         headers, correlation_id,
+                                         reply_to}; waits for the confirm
   get URL QUEUE COUNT TIMEOUT            up to COUNT messages (acked),
                                          stopping TIMEOUT s after the last
 """
@@ -32,6 +33,8 @@ def declare(url, queue, *binds):
 def publish(url, exchange, key, spec):
     spec = json.loads(spec)
     props = pika.BasicProperties(message_id=spec.get('message_id'),
+                                 correlation_id=spec.get('correlation_id'),
+                                 reply_to=spec.get('reply_to'),
                                  headers=spec.get('headers'), delivery_mode=2)
     with connect(url) as c:
         ch = c.channel()

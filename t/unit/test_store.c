@@ -320,7 +320,7 @@ test_replica_id(void **state)
 	store_close(f->st);
 	f->st = NULL;
 	assert_int_equal(sqlite3_open(f->path, &db), SQLITE_OK);
-	assert_int_equal(sqlite3_exec(db, "DROP TABLE saga_def; DROP TABLE meta; PRAGMA user_version = 5;",
+	assert_int_equal(sqlite3_exec(db, "DROP TABLE tx_participant; DROP TABLE saga_def; DROP TABLE meta; PRAGMA user_version = 5;",
 	    NULL, NULL, NULL), SQLITE_OK);
 	sqlite3_close(db);
 	f->st = open_ok(f, BIG);
@@ -1275,7 +1275,7 @@ test_inbox_in_flight_migration(void **state)
 	store_close(f->st);
 	f->st = NULL;
 	assert_int_equal(sqlite3_open(f->path, &db), SQLITE_OK);
-	assert_int_equal(sqlite3_exec(db, "ALTER TABLE inbox RENAME COLUMN in_doubt TO sent; DROP TABLE inbox_flight; DROP TABLE meta; DROP TABLE saga_def;"
+	assert_int_equal(sqlite3_exec(db, "ALTER TABLE inbox RENAME COLUMN in_doubt TO sent; DROP TABLE inbox_flight; DROP TABLE meta; DROP TABLE saga_def; DROP TABLE tx_participant;"
 	    "UPDATE inbox SET attempts = 2, sent = 3; PRAGMA user_version = 4;",
 	    NULL, NULL, NULL), SQLITE_OK);
 	sqlite3_close(db);
@@ -1284,7 +1284,7 @@ test_inbox_in_flight_migration(void **state)
 	store_close(f->st);
 	f->st = NULL;
 	assert_int_equal(sqlite3_open(f->path, &db), SQLITE_OK);
-	assert_int_equal(sqlite3_exec(db, "ALTER TABLE inbox RENAME COLUMN in_doubt TO sent; DROP TABLE inbox_flight; DROP TABLE meta; DROP TABLE saga_def;"
+	assert_int_equal(sqlite3_exec(db, "ALTER TABLE inbox RENAME COLUMN in_doubt TO sent; DROP TABLE inbox_flight; DROP TABLE meta; DROP TABLE saga_def; DROP TABLE tx_participant;"
 	    "UPDATE inbox SET attempts = 3, sent = 3; PRAGMA user_version = 4;",
 	    NULL, NULL, NULL), SQLITE_OK);
 	sqlite3_close(db);

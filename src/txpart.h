@@ -1,0 +1,73 @@
+/*
+ * A participant's view of two-phase commits (sagad(8) TWO-PHASE COMMIT):
+ * what this sagad's service voted and was told, per transaction, kept in
+ * sagad's store.
+ *
+ * PREPARE, COMMIT and ABORT (x-sagad-kind) come through a subscription
+ * like any command. Before one is delivered, the record decides
+ * (txpart_decide): a duplicate or a late message is answered from it and
+ * never delivered twice; a PREPARE that comes after the ABORT is a no vote.
+ * After the service answered, the record moves (txpart_next):
+ *
+ *   (none) --PREPARE 2xx--> prepared --COMMIT 2xx--> committed
+ *      |                       |
+ *      |                       +------ABORT 2xx---> aborted
+ *      +--PREPARE 409/422--> refused
+ *
+ * A record prepared for longer than in_doubt_timeout is in doubt: sagad
+ * asks the coordinator (a status message to the PREPARE's reply_to queue),
+ * which answers by sending its decision again, or ABORT when it has no
+ * record of the transaction (presumed abort), again every in_doubt_timeout
+ * until the decision arrives.
+ */
+#ifndef SAGAD_TXPART_H
+#define SAGAD_TXPART_H
+
+#include <stdint.h>
+
+struct sagad;
+struct msg;
+struct evbuffer;
+
+enum txp_state {
+	TXP_NONE,		/* no record */
+	TXP_PREPARED,		/* voted yes, no decision yet */
+	TXP_REFUSED,		/* voted no */
+	TXP_COMMITTED,
+	TXP_ABORTED,
+	TXP_NSTATES
+};
+
+enum txp_kind {
+	TXP_NOT_TX,		/* any other message */
+	TXP_PREPARE,
+	TXP_COMMIT,
+	TXP_ABORT
+};
+
+enum txp_action {
+	TXP_DELIVER,		/* to the service */
+	TXP_ANSWER_YES,		/* from the record: yes, or done */
+	TXP_ANSWER_NO,		/* from the record: no */
+	TXP_CONFLICT		/* a decision against the record: answered no, logged */
+};
+
+extern const char *const txp_state_names[TXP_NSTATES];
+
+/* Pure (unit-tested): the kind of a message, what to do with one given
+ * the record's state, and the record's state after the service's answer
+ * (success: 2xx). */
+enum txp_kind txpart_kind(const struct msg *m);
+enum txp_action txpart_decide(enum txp_state st, enum txp_kind k);
+enum txp_state txpart_next(enum txp_state st, enum txp_kind k, int success);
+
+struct txpart *txpart_new(struct sagad *d);
+void txpart_free(struct txpart *tp);
+/* Before delivering m (a PREPARE, COMMIT or ABORT) of subscription sub. */
+enum txp_action txpart_before(struct txpart *tp, const char *sub, const struct msg *m);
+/* The service answered m (success: 2xx); in the inbox's transaction. */
+void txpart_after(struct txpart *tp, const char *sub, const struct msg *m, int success);
+/* Prometheus: records by state, in doubt, the oldest in doubt's age. */
+void txpart_metrics(struct txpart *tp, struct evbuffer *out);
+
+#endif
