@@ -539,6 +539,12 @@ admin_saga(struct admin *a, struct evhttp_request *req, const char *rest)
 	free(id);
 }
 
+static void
+admin_tx_list(struct admin *a, struct evhttp_request *req)
+{
+	admin_transactions(a->d, req);
+}
+
 static const struct {
 	const char *path;
 	admin_handler *fn;
@@ -551,6 +557,7 @@ static const struct {
 	{ "/v1/admin/outbox", admin_outbox, 0 },
 	{ "/v1/admin/subscriptions", admin_subscriptions, 0 },
 	{ "/v1/admin/sagas", admin_sagas, 0 },
+	{ "/v1/admin/transactions", admin_tx_list, 0 },
 };
 
 static void
@@ -578,6 +585,11 @@ admin_request(struct evhttp_request *req, void *arg)
 	if (path && strncmp(path, "/v1/admin/sagas/", 16) == 0) {
 		if (httpd_authorized(req, a->d->conf->api.token))
 			admin_saga(a, req, path + 16);
+		return;
+	}
+	if (path && strncmp(path, "/v1/admin/transactions/", 23) == 0) {
+		if (httpd_authorized(req, a->d->conf->api.token))
+			admin_transaction(a->d, req, path + 23);
 		return;
 	}
 	if (path && strncmp(path, "/v1/admin/dlq/", 14) == 0) {

@@ -689,6 +689,45 @@ delivery_free(struct delivery *dl)
 
 /* ---- admin ---- */
 
+/* An operator's COMMIT or ABORT (txpart_resolve): put in the inbox of
+ * subscription sub as if it had been consumed, then delivered as usual. */
+static int
+delivery_inject(void *arg, const char *sub, struct msg *m)
+{
+	struct delivery *dl = arg;
+	int i = delivery_sub_index(dl, sub);
+	int64_t id = 0;
+	enum store_put r;
+
+	if (i < 0 || dl->subs[i].handler) {
+		msg_free(m);
+		return -1;
+	}
+	r = store_inbox_put(dl->d->store, sub, m, util_now(), &id);
+	msg_free(m);
+	if (r == STORE_PUT_DUPLICATE)	/* resolved before: it is on its way */
+		return 0;
+	if (r != STORE_PUT_STORED)
+		return -1;
+	dsub_load(&dl->subs[i]);
+	dispatch_schedule(&dl->subs[i]);
+	return 0;
+}
+
+int
+delivery_tx_resolve(struct delivery *dl, const char *tx, int commit)
+{
+	return txpart_resolve(dl->txp, tx, commit, delivery_inject, dl);
+}
+
+void *
+delivery_tx_json(struct delivery *dl, const char *tx, const char *state, size_t limit)
+{
+	int st = state ? txpart_state_from_name(state) : 0;
+
+	return st < 0 ? json_array() : txpart_list_json(dl->txp, tx, st, limit);
+}
+
 int
 delivery_sub_index(const struct delivery *dl, const char *name)
 {

@@ -51,6 +51,12 @@ int delivery_connected(const struct delivery *dl);
 /* Admin: metrics, dead letters, replay. */
 void delivery_metrics(struct delivery *dl, struct evbuffer *out);
 int delivery_sub_index(const struct delivery *dl, const char *name);
+/* The participant's two-phase commit records (txpart.h): a jansson array
+ * of those of tx (NULL: all) in state (a record state name; NULL: any; an
+ * unknown name: none); and an operator's decision for tx in doubt: how
+ * many records it resolved, or -1. */
+void *delivery_tx_json(struct delivery *dl, const char *tx, const char *state, size_t limit);
+int delivery_tx_resolve(struct delivery *dl, const char *tx, int commit);
 void *delivery_sub_json(struct delivery *dl, int sub);	/* json_t * */
 void *delivery_dlq_json(struct delivery *dl, int sub, size_t limit);
 /* Put dead letters back through delivery; ids NULL: all. Returns count. */

@@ -117,6 +117,10 @@ struct saga_list_page;
  * answer's "next" is the cursor of the page after it, null at the end. */
 void saga_list(struct saga_engine *e, const struct saga_list_page *page, saga_answer_fn *fn,
     void *arg);
+/* The same, of transactions only (the key "transactions"), in tx_state
+ * (preparing, committing, committed, aborting, aborted, failed; NULL: any). */
+void saga_list_tx(struct saga_engine *e, const struct saga_list_page *page, const char *tx_state,
+    saga_answer_fn *fn, void *arg);
 /* A "next" cursor into page's after_* (malloc'd into *saga and *id): 0, or
  * -1 when it is malformed. */
 int saga_list_cursor(const char *cursor, struct saga_list_page *page, char **saga, char **id);

@@ -59,6 +59,8 @@ saga_inst_json(struct saga_engine *e, struct saga_inst *in, double updated, doub
 	    "reason", in->reason, "started_at", in->started_at, "updated_at", updated,
 	    "finished_at", finished, "steps", steps);
 	json_object_set_new(j, "version", json_string(in->version));
+	if (in->def->transaction)
+		json_object_set_new(j, "transaction", saga_tx_json(in));
 	if (in->trace_parent)	/* valid: saga_unpack checked it */
 		json_object_set_new(j, "trace_id", json_stringn(in->trace_parent + 3, 32));
 	if (history) {
@@ -85,6 +87,8 @@ struct saga_list_ctx {
 	json_t *list;
 	char *last;		/* the next page's cursor */
 	size_t n;
+	int tx_only;		/* transactions only, */
+	const char *tx_state;	/* in this state of theirs (NULL: any) */
 };
 
 /* The cursor of the page after the one that ended at r: its
@@ -104,21 +108,30 @@ saga_list_one(void *arg, const struct saga_rec *r)
 	struct saga_inst *in = saga_from_rec(c->e, r);
 
 	saga_list_one_cursor(c, r);
+	if (in && c->tx_only && (!in->def->transaction ||
+	    (c->tx_state && strcmp(c->tx_state, saga_tx_state(in)) != 0))) {
+		saga_inst_free(in);
+		return;
+	}
 	if (in)
 		json_array_append_new(c->list, saga_inst_json(c->e, in, in->updated_at,
 		    in->finished_at, 0));
 	saga_inst_free(in);
 }
 
+/* A page of instances; tx_only: of transactions (in tx_state, NULL: any),
+ * filtered after the store's page, so that a page may hold fewer than
+ * the limit and still have a next one. */
 static json_t *
-saga_list_json(struct saga_engine *e, const struct saga_list_page *page)
+saga_list_json(struct saga_engine *e, const struct saga_list_page *page, int tx_only,
+    const char *tx_state)
 {
-	struct saga_list_ctx c = { e, json_array(), NULL, 0 };
+	struct saga_list_ctx c = { e, json_array(), NULL, 0, tx_only, tx_state };
 	json_t *j;
 
 	saga_store_list(e->ss, page, saga_list_one, &c);
 	/* A full page may have a next one; a short one is the last. */
-	j = json_pack("{s:o,s:s?}", "sagas", c.list, "next",
+	j = json_pack("{s:o,s:s?}", tx_only ? "transactions" : "sagas", c.list, "next",
 	    c.n == page->limit && page->limit ? c.last : NULL);
 	free(c.last);
 	return j;
@@ -233,7 +246,8 @@ enum saga_ask_kind {
 struct saga_ask {
 	struct saga_engine *e;
 	enum saga_ask_kind kind;
-	char *id, *name, *after_saga, *after_id;
+	int tx_only;		/* ASK_LIST: transactions only */
+	char *id, *name, *after_saga, *after_id, *tx_state;
 	struct saga_list_page page;	/* ASK_LIST, pointing into the strings above */
 	json_t *json;		/* the answer, built by run */
 	int status;
@@ -252,7 +266,7 @@ saga_ask_run(void *arg)
 	q->status = 200;
 	switch (q->kind) {
 	case ASK_LIST:
-		q->json = saga_list_json(q->e, &q->page);
+		q->json = saga_list_json(q->e, &q->page, q->tx_only, q->tx_state);
 		break;
 	case ASK_GET:
 		q->json = saga_get_json(q->e, q->id);
@@ -286,6 +300,7 @@ saga_ask_done(void *arg, enum saga_job_result r)
 	free(q->name);
 	free(q->after_saga);
 	free(q->after_id);
+	free(q->tx_state);
 	free(q);
 }
 
@@ -308,12 +323,31 @@ saga_ask(struct saga_engine *e, struct saga_ask *q, saga_answer_fn *fn, void *ar
 	saga_store_submit(e->ss, &job);
 }
 
+static void saga_list_ask(struct saga_engine *e, const struct saga_list_page *page,
+    struct saga_ask *q, saga_answer_fn *fn, void *arg);
+
 void
 saga_list(struct saga_engine *e, const struct saga_list_page *page, saga_answer_fn *fn,
     void *arg)
 {
+	saga_list_ask(e, page, xcalloc(1, sizeof(struct saga_ask)), fn, arg);
+}
+
+void
+saga_list_tx(struct saga_engine *e, const struct saga_list_page *page, const char *tx_state,
+    saga_answer_fn *fn, void *arg)
+{
 	struct saga_ask *q = xcalloc(1, sizeof *q);
 
+	q->tx_only = 1;
+	q->tx_state = tx_state ? xstrdup(tx_state) : NULL;
+	saga_list_ask(e, page, q, fn, arg);
+}
+
+static void
+saga_list_ask(struct saga_engine *e, const struct saga_list_page *page, struct saga_ask *q,
+    saga_answer_fn *fn, void *arg)
+{
 	q->kind = ASK_LIST;
 	q->page = *page;
 	q->name = page->saga ? xstrdup(page->saga) : NULL;

@@ -208,6 +208,10 @@ void saga_tx_recover(struct saga_engine *e);
 /* saga_tx.c: a participant in doubt asks for transaction id's decision. */
 struct saga_match;
 void saga_tx_status(struct saga_engine *e, const struct saga_match *k, const char *id);
+/* saga_tx.c: preparing, committing, committed, aborting, aborted, failed;
+ * and the transaction's JSON view (a jansson json_t *). */
+const char *saga_tx_state(const struct saga_inst *in);
+void *saga_tx_json(const struct saga_inst *in);
 /* The next step to undo, or compensated when none is left. */
 void saga_compensate_next(struct saga_engine *e, struct saga_inst *in);
 void saga_send_compensation(struct saga_engine *e, struct saga_inst *in, size_t i);

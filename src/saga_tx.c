@@ -1,7 +1,8 @@
 /*
  * The saga engine's part of two-phase commit (sagad(8) TWO-PHASE COMMIT):
  * a transaction is a saga of a fixed shape (conf_tx.c), and what differs
- * from a saga's rules is here.
+ * from a saga's rules is here: presumed abort at start-up, the answer to
+ * a participant in doubt, and the transaction's view for operators.
  *
  * Presumed abort. The decision is the pivot step, written with the COMMIT
  * messages in one store transaction that must be durable before they
@@ -12,6 +13,7 @@
  * shared by replicas another replica may be running the transaction right
  * now, and its prepare timeout decides instead.
  */
+#include <jansson.h>
 #include <stdlib.h>
 #include <sys/types.h>
 #include <string.h>
@@ -212,4 +214,83 @@ saga_tx_status(struct saga_engine *e, const struct saga_match *k, const char *id
 	}
 	saga_save(e, in);
 	saga_inst_free(in);
+}
+
+/* ---- as operators see it ---- */
+
+const char *
+saga_tx_state(const struct saga_inst *in)
+{
+	switch (in->state) {
+	case SAGA_RUNNING:
+		return saga_past_pivot(in) ? "committing" : "preparing";
+	case SAGA_COMPLETED:
+		return "committed";
+	case SAGA_COMPENSATING:
+		return "aborting";
+	case SAGA_COMPENSATED:
+		return "aborted";
+	default:
+		return "failed";
+	}
+}
+
+/* A participant's vote, from its prepare step. */
+static const char *
+saga_tx_vote(enum saga_step_state st)
+{
+	switch (st) {
+	case STEP_SUCCEEDED:
+	case STEP_COMPENSATING:
+	case STEP_COMPENSATED:
+		return "yes";
+	case STEP_FAILED:
+		return "no";	/* or no vote within prepare_timeout */
+	case STEP_ACTIVE:
+		return "awaited";
+	default:
+		return "none";
+	}
+}
+
+/* Whether the participant acknowledged the decision: the commit step
+ * succeeded, or the ABORT (the prepare's compensation) was confirmed;
+ * "none" when the decision is not for it (it voted no, or never voted). */
+static const char *
+saga_tx_ack(const struct saga_inst *in, size_t prep, ssize_t commit, int decided, int past)
+{
+	enum saga_step_state p = in->steps[prep].state;
+
+	if (!decided)
+		return "none";
+	if (past)
+		return commit >= 0 && in->steps[commit].state == STEP_SUCCEEDED ?
+		    "acknowledged" : "awaited";
+	if (p == STEP_COMPENSATED)
+		return "acknowledged";
+	return p == STEP_COMPENSATING || p == STEP_SUCCEEDED ? "awaited" : "none";
+}
+
+/* The transaction's view of an instance (its state, decision, and each
+ * participant's vote and acknowledgement), added to the saga's JSON. */
+void *
+saga_tx_json(const struct saga_inst *in)
+{
+	int past = saga_past_pivot(in);
+	int decided = past || in->state == SAGA_COMPENSATING || in->state == SAGA_COMPENSATED ||
+	    in->state == SAGA_FAILED;
+	json_t *parts = json_array();
+	size_t i;
+
+	for (i = 0; i < in->def->n_steps; i++) {
+		const char *name = in->def->steps[i].name;
+		if (strncmp(name, "prepare:", 8) != 0)
+			continue;
+		json_array_append_new(parts, json_pack("{s:s,s:s,s:s}", "name", name + 8,
+		    "vote", saga_tx_vote(in->steps[i].state),
+		    "decision", saga_tx_ack(in, i, saga_tx_step(in->def, "commit:", name + 8),
+		    decided, past)));
+	}
+	return json_pack("{s:s,s:s?,s:o}", "state", saga_tx_state(in),
+	    "decision", past ? "commit" : decided ? "abort" : NULL, "participants", parts);
 }

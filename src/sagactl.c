@@ -44,7 +44,10 @@ usage(void)
 	    "  sagas [--state S] [--name N]    saga instances, newest first\n"
 	    "  saga ID                         one saga: state, steps and history\n"
 	    "  saga retry ID                   resume the compensation of a failed saga\n"
-	    "  saga abort ID                   compensate a running saga now\n");
+	    "  saga abort ID                   compensate a running saga now\n"
+	    "  tx list [--state S]             two-phase commits: coordinated, and as participant\n"
+	    "  tx ID                           one transaction: votes, decision, acks, history\n"
+	    "  tx resolve ID commit|abort      decide for a participant in doubt (coordinator lost)\n");
 	exit(SAGACTL_USAGE);
 }
 
@@ -503,11 +506,31 @@ cmd_sagas(struct sagactl *c, int argc, char **argv)
 	return SAGACTL_OK;
 }
 
+static void
+print_history(json_t *in)
+{
+	char when[32];
+	json_t *h;
+	size_t k;
+
+	printf("history\n");
+	json_array_foreach(json_object_get(in, "history"), k, h) {
+		double at = jnum(h, "at");
+		time_t t = (time_t)at;
+		struct tm tm;
+		gmtime_r(&t, &tm);
+		strftime(when, sizeof when, "%H:%M:%S", &tm);
+		printf("  %s.%03d  %-6s %-36s %-18s %s %s\n", when,
+		    (int)((at - (double)t) * 1000), jstr(h, "dir"), jstr(h, "what"),
+		    jstr(h, "step"), jstr(h, "message_id"), jstr(h, "detail"));
+	}
+}
+
 static int
 cmd_saga(struct sagactl *c, int argc, char **argv)
 {
-	char path[2048], when[32], *id;
-	json_t *j, *in, *st, *h;
+	char path[2048], *id;
+	json_t *j, *in, *st;
 	size_t i, k;
 
 	if (argc == 3 && (strcmp(argv[1], "retry") == 0 || strcmp(argv[1], "abort") == 0)) {
@@ -545,20 +568,135 @@ cmd_saga(struct sagactl *c, int argc, char **argv)
 		printf("steps  ");
 		json_array_foreach(json_object_get(in, "steps"), k, st)
 			printf(" %s=%s", jstr(st, "name"), jstr(st, "state"));
-		printf("\nhistory\n");
-		json_array_foreach(json_object_get(in, "history"), k, h) {
-			double at = jnum(h, "at");
-			time_t t = (time_t)at;
-			struct tm tm;
-			gmtime_r(&t, &tm);
-			strftime(when, sizeof when, "%H:%M:%S", &tm);
-			printf("  %s.%03d  %-6s %-36s %-18s %s %s\n", when,
-			    (int)((at - (double)t) * 1000), jstr(h, "dir"), jstr(h, "what"),
-			    jstr(h, "step"), jstr(h, "message_id"), jstr(h, "detail"));
-		}
+		printf("\n");
+		print_history(in);
 	}
 	json_decref(j);
 	return SAGACTL_OK;
+}
+
+/* tx list [--state S] [--limit N]: the coordinator's transactions, then
+ * the participant's records (sagad(8) TWO-PHASE COMMIT). */
+static int
+cmd_tx_list(struct sagactl *c, int argc, char **argv)
+{
+	char path[1024], when[32], *e = NULL;
+	json_t *j, *t, *p;
+	long limit = 100;
+	size_t i, k;
+	int a;
+
+	for (a = 2; a < argc; a++) {
+		if (strcmp(argv[a], "--state") == 0 && a + 1 < argc)
+			e = pct_encode(argv[++a]);
+		else if (strcmp(argv[a], "--limit") == 0 && a + 1 < argc)
+			limit = strtol(argv[++a], NULL, 10);
+		else
+			usage();
+	}
+	snprintf(path, sizeof path, "/v1/admin/transactions?limit=%ld%s%s", limit,
+	    e ? "&state=" : "", e ? e : "");
+	free(e);
+	j = sagactl_call(c, "GET", path);
+	if (c->json) {
+		print_json(j);
+		json_decref(j);
+		return SAGACTL_OK;
+	}
+	printf("%-36s %-16s %-11s %-8s %-20s %s\n", "COORDINATOR: ID", "TRANSACTION", "STATE",
+	    "DECISION", "STARTED", "VOTES");
+	json_array_foreach(json_object_get(j, "transactions"), i, t) {
+		json_t *tx = json_object_get(t, "transaction");
+		fmt_time(jnum(t, "started_at"), when, sizeof when);
+		printf("%-36s %-16s %-11s %-8s %-20s", jstr(t, "id"), jstr(t, "saga"),
+		    jstr(tx, "state"), *jstr(tx, "decision") ? jstr(tx, "decision") : "-", when);
+		json_array_foreach(json_object_get(tx, "participants"), k, p)
+			printf(" %s=%s/%s", jstr(p, "name"), jstr(p, "vote"), jstr(p, "decision"));
+		printf("\n");
+	}
+	printf("\n%-36s %-16s %-12s %-10s %-9s %s\n", "PARTICIPANT: ID", "TRANSACTION",
+	    "AS", "STATE", "IN DOUBT", "UPDATED");
+	json_array_foreach(json_object_get(j, "participant"), i, p) {
+		fmt_time(jnum(p, "updated_at"), when, sizeof when);
+		printf("%-36s %-16s %-12s %-10s %-9s %s\n", jstr(p, "id"), jstr(p, "saga"),
+		    jstr(p, "participant"), jstr(p, "state"),
+		    json_is_true(json_object_get(p, "in_doubt")) ? "yes" : "no", when);
+	}
+	json_decref(j);
+	return SAGACTL_OK;
+}
+
+static int
+cmd_tx_show(struct sagactl *c, const char *id)
+{
+	char path[2048], *e = pct_encode(id);
+	json_t *j, *t, *tx, *p;
+	size_t i, k;
+
+	snprintf(path, sizeof path, "/v1/admin/transactions/%s", e);
+	free(e);
+	j = sagactl_call(c, "GET", path);
+	if (c->json) {
+		print_json(j);
+		json_decref(j);
+		return SAGACTL_OK;
+	}
+	json_array_foreach(json_object_get(j, "coordinator"), i, t) {
+		tx = json_object_get(t, "transaction");
+		printf("%stransaction %s  id %s  (coordinated here)\n", i ? "\n" : "",
+		    jstr(t, "saga"), jstr(t, "id"));
+		printf("state     %s%s%s\n", jstr(tx, "state"), *jstr(t, "reason") ? ": " : "",
+		    jstr(t, "reason"));
+		printf("decision  %s\n", *jstr(tx, "decision") ? jstr(tx, "decision") : "none yet");
+		json_array_foreach(json_object_get(tx, "participants"), k, p)
+			printf("  %-16s vote %-8s decision %s\n", jstr(p, "name"), jstr(p, "vote"),
+			    jstr(p, "decision"));
+		print_history(t);
+	}
+	json_array_foreach(json_object_get(j, "participant"), i, p)
+		printf("\nparticipant %s in %s %s: %s%s, voted %.3f, asked the coordinator %lld "
+		    "time(s)%s%s\n", jstr(p, "participant"), jstr(p, "saga"), jstr(p, "id"),
+		    jstr(p, "state"), json_is_true(json_object_get(p, "in_doubt")) ? " (in doubt)" : "",
+		    jnum(p, "voted_at"), (long long)jnum(p, "asks"),
+		    *jstr(p, "note") ? "; " : "", jstr(p, "note"));
+	json_decref(j);
+	return SAGACTL_OK;
+}
+
+/* tx resolve ID commit|abort: for a participant in doubt whose
+ * coordinator's log is gone. */
+static int
+cmd_tx_resolve(struct sagactl *c, const char *id, const char *decision)
+{
+	char path[2048], *e = pct_encode(id);
+	json_t *j;
+
+	if (strcmp(decision, "commit") != 0 && strcmp(decision, "abort") != 0)
+		usage();
+	fprintf(stderr, "sagactl: WARNING: deciding transaction %s here, not at its coordinator; "
+	    "if the coordinator decided otherwise, the participants now disagree\n", id);
+	snprintf(path, sizeof path, "/v1/admin/transactions/%s/resolve?decision=%s", e, decision);
+	free(e);
+	j = sagactl_call(c, "POST", path);
+	if (c->json)
+		print_json(j);
+	else
+		printf("%s %s: %lld record(s), delivered to the service\n", decision, id,
+		    (long long)json_integer_value(json_object_get(j, "records")));
+	json_decref(j);
+	return SAGACTL_OK;
+}
+
+static int
+cmd_tx(struct sagactl *c, int argc, char **argv)
+{
+	if (argc >= 2 && strcmp(argv[1], "list") == 0)
+		return cmd_tx_list(c, argc, argv);
+	if (argc == 4 && strcmp(argv[1], "resolve") == 0)
+		return cmd_tx_resolve(c, argv[2], argv[3]);
+	if (argc != 2)
+		usage();
+	return cmd_tx_show(c, argv[1]);
 }
 
 static const struct {
@@ -571,6 +709,7 @@ static const struct {
 	{ "dlq", cmd_dlq },
 	{ "sagas", cmd_sagas },
 	{ "saga", cmd_saga },
+	{ "tx", cmd_tx },
 };
 
 int

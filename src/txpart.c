@@ -8,6 +8,7 @@
 
 #include <event2/buffer.h>
 #include <event2/event.h>
+#include <jansson.h>
 #include <sqlite3.h>
 #include <stdlib.h>
 #include <string.h>
@@ -39,13 +40,16 @@ const char txpart_schema[] =
 	"  updated_at REAL NOT NULL,"
 	"  asked_at REAL NOT NULL DEFAULT 0,"	/* the last status question */
 	"  asks INTEGER NOT NULL DEFAULT 0,"
+	"  note TEXT,"			/* an operator's resolve, for the record */
 	"  PRIMARY KEY (saga, tx, part));"
 	"CREATE INDEX tx_participant_state ON tx_participant(state, voted_at);";
 
 enum txp_sql {
-	TQ_GET, TQ_PUT, TQ_DOUBT, TQ_ASKED, TQ_COUNTS, TQ_OLDEST, TQ_EXPIRE,
+	TQ_GET, TQ_PUT, TQ_DOUBT, TQ_ASKED, TQ_COUNTS, TQ_OLDEST, TQ_EXPIRE, TQ_LIST, TQ_NOTE,
 	TQ_COUNT
 };
+
+#define TXP_COLUMNS "saga, tx, part, sub, state, voted_at, updated_at, asks, note"
 
 static const char *const txp_sql[TQ_COUNT] = {
 	[TQ_GET] = "SELECT state FROM tx_participant WHERE saga = ?1 AND tx = ?2 AND part = ?3",
@@ -64,6 +68,10 @@ static const char *const txp_sql[TQ_COUNT] = {
 	    " WHERE state = 1 AND voted_at < ?1",
 	[TQ_EXPIRE] = "DELETE FROM tx_participant WHERE rowid IN (SELECT rowid FROM"
 	    " tx_participant WHERE state > 1 AND updated_at < ?1 LIMIT ?2)",
+	/* ?1 transaction id or NULL, ?2 state or NULL, ?3 limit; newest first */
+	[TQ_LIST] = "SELECT " TXP_COLUMNS " FROM tx_participant WHERE (?1 IS NULL OR tx = ?1)"
+	    " AND (?2 IS NULL OR state = ?2) ORDER BY updated_at DESC LIMIT ?3",
+	[TQ_NOTE] = "UPDATE tx_participant SET note = ?4 WHERE saga = ?1 AND tx = ?2 AND part = ?3",
 };
 
 struct txpart {
@@ -449,4 +457,123 @@ txpart_metrics(struct txpart *tp, struct evbuffer *out)
 	metrics_family(out, "sagad_tx_status_questions_total", "counter",
 	    "Status questions sent to coordinators by transactions in doubt");
 	metrics_sample(out, "sagad_tx_status_questions_total", "", (double)tp->asked);
+}
+
+/* ---- operators: the records, and a decision for one in doubt ---- */
+
+int
+txpart_state_from_name(const char *name)
+{
+	int i;
+
+	for (i = TXP_NONE + 1; i < TXP_NSTATES; i++)
+		if (strcmp(txp_state_names[i], name) == 0)
+			return i;
+	return -1;
+}
+
+static json_t *
+txp_row_json(struct txpart *tp, sqlite3_stmt *s)
+{
+	int st = sqlite3_column_int(s, 4);
+	double voted = sqlite3_column_double(s, 5);
+	int doubt = st == TXP_PREPARED && voted < util_now() - tp->d->conf->in_doubt_timeout;
+
+	return json_pack("{s:s,s:s,s:s,s:s,s:s,s:b,s:f,s:f,s:i,s:s?}",
+	    "saga", (const char *)sqlite3_column_text(s, 0),
+	    "id", (const char *)sqlite3_column_text(s, 1),
+	    "participant", (const char *)sqlite3_column_text(s, 2),
+	    "subscription", (const char *)sqlite3_column_text(s, 3),
+	    "state", st > TXP_NONE && st < TXP_NSTATES ? txp_state_names[st] : "?",
+	    "in_doubt", doubt, "voted_at", voted, "updated_at", sqlite3_column_double(s, 6),
+	    "asks", sqlite3_column_int(s, 7), "note", (const char *)sqlite3_column_text(s, 8));
+}
+
+void *
+txpart_list_json(struct txpart *tp, const char *tx, int state, size_t limit)
+{
+	sqlite3_stmt *s = txp_stmt(tp, TQ_LIST);
+	json_t *list = json_array();
+
+	if (tx)
+		sqlite3_bind_text(s, 1, tx, -1, SQLITE_STATIC);
+	if (state > TXP_NONE)
+		sqlite3_bind_int(s, 2, state);
+	sqlite3_bind_int64(s, 3, (sqlite3_int64)limit);
+	while (sqlite3_step(s) == SQLITE_ROW)
+		json_array_append_new(list, txp_row_json(tp, s));
+	sqlite3_reset(s);
+	return list;
+}
+
+/* The decision, as if the coordinator had sent it: a COMMIT or ABORT put
+ * in the subscription's inbox (no reply_to: nobody to answer), delivered
+ * and recorded as any other; the record keeps who decided. */
+static int
+txp_resolve_one(struct txpart *tp, const char *saga, const char *tx, const char *part,
+    const char *sub, int commit, txpart_inject_fn *inject, void *arg)
+{
+	char id[600], step[300], note[128];
+	struct msg *m = xcalloc(1, sizeof *m);
+	sqlite3_stmt *s;
+	int rc;
+
+	snprintf(id, sizeof id, "resolve:%s:%s:%s:%s", saga, tx, part, commit ? "commit" : "abort");
+	snprintf(step, sizeof step, "%s:%s", commit ? "commit" : "prepare", part);
+	m->message_id = xstrdup(id);
+	m->exchange = xstrdup("");
+	m->routing_key = xstrdup(sub);
+	m->props.correlation_id = xstrdup(tx);
+	props_set_header(&m->props, "x-sagad-saga", saga);
+	props_set_header(&m->props, "x-sagad-step", step);
+	props_set_header(&m->props, "x-sagad-kind", commit ? "commit" : "abort");
+	props_set_header(&m->props, "x-sagad-resolved-by", "operator");
+	rc = inject(arg, sub, m);	/* takes m */
+	if (rc < 0 || store_join_write(tp->d->store) < 0)
+		return -1;
+	snprintf(note, sizeof note, "resolved %s by an operator (sagactl tx resolve)",
+	    commit ? "commit" : "abort");
+	s = txp_stmt(tp, TQ_NOTE);
+	sqlite3_bind_text(s, 1, saga, -1, SQLITE_STATIC);
+	sqlite3_bind_text(s, 2, tx, -1, SQLITE_STATIC);
+	sqlite3_bind_text(s, 3, part, -1, SQLITE_STATIC);
+	sqlite3_bind_text(s, 4, note, -1, SQLITE_STATIC);
+	sqlite3_step(s);
+	sqlite3_reset(s);
+	log_warn("TRANSACTION RESOLVED BY AN OPERATOR, not by its coordinator: if the "
+	    "coordinator decided otherwise, the participants now disagree",
+	    LOG_STR("transaction", tx), LOG_STR("saga", saga), LOG_STR("participant", part),
+	    LOG_STR("decision", commit ? "commit" : "abort"));
+	return 0;
+}
+
+int
+txpart_resolve(struct txpart *tp, const char *tx, int commit, txpart_inject_fn *inject,
+    void *arg)
+{
+	sqlite3_stmt *s = txp_stmt(tp, TQ_LIST);
+	char *rows[16][3], *subs[16];
+	size_t n = 0, i;
+	int done = 0;
+
+	sqlite3_bind_text(s, 1, tx, -1, SQLITE_STATIC);
+	sqlite3_bind_int(s, 2, TXP_PREPARED);
+	sqlite3_bind_int(s, 3, 16);
+	while (n < 16 && sqlite3_step(s) == SQLITE_ROW) {
+		txp_col(s, 0, &rows[n][0]);
+		txp_col(s, 1, &rows[n][1]);
+		txp_col(s, 2, &rows[n][2]);
+		txp_col(s, 3, &subs[n]);
+		n++;
+	}
+	sqlite3_reset(s);
+	for (i = 0; i < n; i++) {
+		if (done >= 0 && txp_resolve_one(tp, rows[i][0], rows[i][1], rows[i][2], subs[i],
+		    commit, inject, arg) == 0)
+			done++;
+		else
+			done = -1;
+		free(rows[i][0]); free(rows[i][1]); free(rows[i][2]); free(subs[i]);
+	}
+	return done;
 }

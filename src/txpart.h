@@ -23,6 +23,7 @@
 #ifndef SAGAD_TXPART_H
 #define SAGAD_TXPART_H
 
+#include <stddef.h>
 #include <stdint.h>
 
 struct sagad;
@@ -67,6 +68,18 @@ void txpart_free(struct txpart *tp);
 enum txp_action txpart_before(struct txpart *tp, const char *sub, const struct msg *m);
 /* The service answered m (success: 2xx); in the inbox's transaction. */
 void txpart_after(struct txpart *tp, const char *sub, const struct msg *m, int success);
+/* Operators. The records (a jansson array, newest first) of transaction
+ * tx (NULL: all), in state (an enum txp_state; TXP_NONE: any). */
+int txpart_state_from_name(const char *name);
+void *txpart_list_json(struct txpart *tp, const char *tx, int state, size_t limit);
+/* sagactl tx resolve: the records of tx that voted yes and have no
+ * decision get it from an operator (the coordinator's log is gone): a
+ * COMMIT or ABORT is put in the subscription's inbox by inject (which
+ * takes the message: 0, or -1) and delivered like the coordinator's.
+ * Returns how many, or -1. Loudly logged, and noted in the record. */
+typedef int txpart_inject_fn(void *arg, const char *sub, struct msg *m);	/* m: malloc'd */
+int txpart_resolve(struct txpart *tp, const char *tx, int commit, txpart_inject_fn *inject,
+    void *arg);
 /* Prometheus: records by state, in doubt, the oldest in doubt's age. */
 void txpart_metrics(struct txpart *tp, struct evbuffer *out);
 

@@ -27,7 +27,7 @@ sys.path.insert(0, os.path.join(os.environ.get('top_srcdir', '.'), 't', 'lib'))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness as h  # noqa: E402
 from sagas import (Answer, Participant, api_publish, check_bad_conf, hist_entries,  # noqa: E402
-                   saga_get, saga_state, sagad_n, step_states, subscription_conf)
+                   saga_get, saga_state, sagactl, sagad_n, step_states, subscription_conf)
 
 TX = '''transactions = (
   { name = "reserve-both"; start = "events:order.placed";
@@ -109,6 +109,47 @@ def participant_records(broker, orders, d_north, north):
     h.check(d_north.metrics().get('sagad_tx_status_questions_total', 0) >= 1,
             't-ghost: the question is counted')
     h.check(orders.metrics() is not None, 'the coordinator still answers')
+
+
+def operators(broker, orders, d_south, south):
+    """sagactl tx list, tx ID; and tx resolve for a participant in doubt
+    whose coordinator cannot answer (a transaction no sagad coordinates)."""
+    rc, out, err = sagactl(orders, 'tx', 'list')
+    h.check(rc == 0 and 't-ok' in out and 'committed' in out and 't-no' in out,
+            'sagactl tx list: the coordinated transactions', out + err)
+    rc, out, err = sagactl(orders, 'tx', 'list', '--state', 'aborted')
+    h.check(rc == 0 and 't-no' in out and 't-ok' not in out, 'sagactl tx list --state aborted',
+            out + err)
+    rc, out, err = sagactl(orders, 'tx', 't-no')
+    h.check(rc == 0 and 'decision  abort' in out and 'vote no' in out and 'vote yes' in out,
+            'sagactl tx ID: the votes and the decision', out + err)
+    rc, out, err = sagactl(d_south, 'tx', 't-ok')
+    h.check(rc == 0 and 'participant south' in out and 'committed' in out,
+            "sagactl tx ID at a participant: its record", out + err)
+    rc, out, err = sagactl(orders, 'tx', 'list', '--state', 'nonsense')
+    h.check(rc != 0 and 'state must be' in err, 'sagactl tx list: a bad state is refused',
+            out + err)
+
+    h.Pika(broker.url).publish('commands', 'south.prepare', '{}', message_id='lost-1',
+                               correlation_id='t-lost', reply_to='orders.sagas', headers={
+                                   'x-sagad-saga': 'vanished', 'x-sagad-step': 'prepare:south',
+                                   'x-sagad-kind': 'prepare'})
+    h.wait_until(lambda: count_applied(south, 'south.prepare', 't-lost') == 1, 30,
+                 't-lost: south voted yes')
+    rc, out, err = sagactl(d_south, 'tx', 'resolve', 't-nothing', 'commit')
+    h.check(rc != 0 and 'no record' in err, 'sagactl tx resolve: nothing in doubt: refused',
+            out + err)
+    rc, out, err = sagactl(d_south, 'tx', 'resolve', 't-lost', 'commit')
+    h.check(rc == 0 and 'WARNING' in err and '1 record' in out,
+            'sagactl tx resolve: loud, one record', out + err)
+    h.wait_until(lambda: [c for c in south.deliveries(cid='t-lost', applied=True)
+                          if c['kind'] == 'commit'], 30, 't-lost: the COMMIT delivered to the service')
+    h.wait_until(lambda: 'committed' in sagactl(d_south, 'tx', 't-lost')[1], 30,
+                 't-lost: the record committed')
+    rc, out, err = sagactl(d_south, 'tx', 't-lost')
+    h.check(rc == 0 and 'by an operator' in out,
+            'sagactl tx ID: the record says an operator decided', out + err)
+    h.check('RESOLVED BY AN OPERATOR' in d_south.log(), 'the resolve is in the log')
 
 
 def count_applied(p, key, cid):
@@ -256,6 +297,7 @@ def main(wd):
             't-twice: one PREPARE')
 
     participant_records(broker, orders, d_north, north)
+    operators(broker, orders, d_south, south)
 
     for d in (orders, d_north, d_south):
         d.stop()
