@@ -169,8 +169,11 @@ saga_set_state(struct saga_engine *e, struct saga_inst *in, enum saga_state to,
 		in->reason = xstrdup(why);
 	}
 	in->state = to;
-	if (to == SAGA_COMPENSATING && from == SAGA_RUNNING)
+	if (to == SAGA_COMPENSATING && from == SAGA_RUNNING) {
 		st->compensations++;
+		if (in->def->transaction)
+			saga_tx_decided(e, in, 0);
+	}
 	if (to == SAGA_FAILED)
 		st->failed++;
 	if (saga_finished(to)) {
@@ -438,8 +441,11 @@ saga_advance(struct saga_engine *e, struct saga_inst *in, size_t i)
 				continue;
 			if (!cs->command.exchange) {
 				saga_step_done(in, i);
-				saga_log(e, in, "step", "compensation only: nothing to run",
-				    cs->name, NULL, NULL);
+				if (cs->pivot && in->def->transaction)
+					saga_tx_decided(e, in, 1);
+				else
+					saga_log(e, in, "step", "compensation only: nothing to run",
+					    cs->name, NULL, NULL);
 				continue;
 			}
 			if (!cs->notify) {
@@ -900,8 +906,10 @@ saga_new(struct sagad *d, char **err)
 		return NULL;
 	}
 	e->stats = xcalloc(d->conf->n_sagas + 1, sizeof *e->stats);
-	for (i = 0; i < d->conf->n_sagas; i++)
+	for (i = 0; i < d->conf->n_sagas; i++) {
 		histogram_init(&e->stats[i].duration, metrics_latency_bounds, metrics_latency_nbounds);
+		histogram_init(&e->stats[i].prepare, metrics_latency_bounds, metrics_latency_nbounds);
+	}
 	if (saga_versions_load(e) < 0) {
 		*err = xstrdup("saga store: cannot keep the saga definitions' versions (see the log)");
 		saga_free(e);

@@ -425,6 +425,7 @@ saga_metrics(struct saga_engine *e, struct evbuffer *out)
 		snprintf(labels, sizeof labels, "saga=\"%s\"", c->sagas[i].name);
 		metrics_histogram(out, "sagad_saga_duration_seconds", labels, &e->stats[i].duration);
 	}
+	saga_tx_metrics(e, out);
 }
 
 /* Forget finished (completed or compensated) sagas and their history

@@ -75,6 +75,10 @@ struct saga_stats {
 	uint64_t started, compensations, failed, orphans, duplicates;
 	int64_t states[SAGA_NSTATES];	/* instances in the store, kept as they change */
 	struct histogram duration;
+	/* A transaction's: its decisions, and the time from start to each
+	 * (the prepare phase). */
+	uint64_t commits, aborts;
+	struct histogram prepare;
 };
 
 struct saga_engine {
@@ -208,6 +212,10 @@ void saga_tx_recover(struct saga_engine *e);
 /* saga_tx.c: a participant in doubt asks for transaction id's decision. */
 struct saga_match;
 void saga_tx_status(struct saga_engine *e, const struct saga_match *k, const char *id);
+/* saga_tx.c: a transaction's decision is taken (counted, timed, logged). */
+void saga_tx_decided(struct saga_engine *e, struct saga_inst *in, int commit);
+/* saga_tx.c: its Prometheus families. */
+void saga_tx_metrics(struct saga_engine *e, struct evbuffer *out);
 /* saga_tx.c: preparing, committing, committed, aborting, aborted, failed;
  * and the transaction's JSON view (a jansson json_t *). */
 const char *saga_tx_state(const struct saga_inst *in);

@@ -20,6 +20,7 @@
 
 #include "conf.h"
 #include "log.h"
+#include "metrics.h"
 #include "props.h"
 #include "saga_int.h"
 #include "sagad.h"
@@ -293,4 +294,52 @@ saga_tx_json(const struct saga_inst *in)
 	}
 	return json_pack("{s:s,s:s?,s:o}", "state", saga_tx_state(in),
 	    "decision", past ? "commit" : decided ? "abort" : NULL, "participants", parts);
+}
+
+/* ---- the decision's figures ---- */
+
+void
+saga_tx_decided(struct saga_engine *e, struct saga_inst *in, int commit)
+{
+	struct saga_stats *st = &e->stats[in->def_index];
+
+	if (commit)
+		st->commits++;
+	else
+		st->aborts++;
+	histogram_observe(&st->prepare, util_now() - in->started_at);
+	saga_log(e, in, "decision", commit ? "commit" : "abort", NULL, NULL,
+	    commit ? "every participant voted yes" : in->reason);
+}
+
+void
+saga_tx_metrics(struct saga_engine *e, struct evbuffer *out)
+{
+	const struct sagad_conf *c = e->d->conf;
+	char labels[600];
+	size_t i;
+
+	metrics_family(out, "sagad_transactions_decided_total", "counter",
+	    "Two-phase commits decided, by decision (logged before any COMMIT or ABORT left).");
+	for (i = 0; i < c->n_sagas; i++) {
+		if (!c->sagas[i].transaction)
+			continue;
+		snprintf(labels, sizeof labels, "transaction=\"%s\",decision=\"commit\"",
+		    c->sagas[i].name);
+		metrics_sample(out, "sagad_transactions_decided_total", labels,
+		    (double)e->stats[i].commits);
+		snprintf(labels, sizeof labels, "transaction=\"%s\",decision=\"abort\"",
+		    c->sagas[i].name);
+		metrics_sample(out, "sagad_transactions_decided_total", labels,
+		    (double)e->stats[i].aborts);
+	}
+	metrics_family(out, "sagad_transaction_prepare_seconds", "histogram",
+	    "Time from a transaction's start to its decision (the prepare phase).");
+	for (i = 0; i < c->n_sagas; i++) {
+		if (!c->sagas[i].transaction)
+			continue;
+		snprintf(labels, sizeof labels, "transaction=\"%s\"", c->sagas[i].name);
+		metrics_histogram(out, "sagad_transaction_prepare_seconds", labels,
+		    &e->stats[i].prepare);
+	}
 }

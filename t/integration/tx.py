@@ -296,6 +296,12 @@ def main(wd):
     h.check(len(north.deliveries('north.prepare', 't-twice')) == 1,
             't-twice: one PREPARE')
 
+    m = orders.metrics()
+    h.check(m.get('sagad_transactions_decided_total{transaction="reserve-both",'
+                  'decision="commit"}', 0) >= 3 and
+            m.get('sagad_transaction_prepare_seconds_count{transaction="reserve-both"}', 0) >= 3,
+            'metrics: the decisions since the last restart, and the prepare phase timed',
+            {k: v for k, v in m.items() if 'transaction' in k})
     participant_records(broker, orders, d_north, north)
     operators(broker, orders, d_south, south)
 
