@@ -15,8 +15,12 @@ transaction is aborted without waiting (presumed abort, in its history);
 the coordinator killed after the decision with a COMMIT unacknowledged:
 committed after the restart, the COMMIT applied once; south's service
 refusing with 503 through phase 2: committed once it answers; the broker
-restarted while a vote is awaited: committed; the start event twice: one
-transaction. `sagad -n` refuses bad transactions with FILE:LINE errors.
+restarted while a vote is awaited: committed; a participant's sagad killed
+after its yes, before the decision, and after its service applied the
+COMMIT, before the record of it (the COMMIT comes again, applied once);
+the start event twice: one transaction. Then the participant's records
+(repeats and late messages answered from them, a participant in doubt
+asking) and the operators' commands (sagactl tx). `sagad -n` refuses bad transactions with FILE:LINE errors.
 """
 
 import os
@@ -287,6 +291,39 @@ def main(wd):
     gate.set()
     finished('t-broker', 'completed', timeout=120)
     outcome('t-broker', 'committed')
+
+    # ---- a participant's sagad killed after its yes, before the decision
+    gate = threading.Event()
+    south.rules[('south.prepare', 't-pcrash1')] = Answer(gate=gate)
+    start('t-pcrash1')
+    h.wait_until(lambda: step_states(saga_get(orders, 't-pcrash1') or {'steps': []}).get(
+        'prepare:north') == 'succeeded', 30, "t-pcrash1: north's yes recorded")
+    d_north.kill()
+    gate.set()
+    h.wait_until(lambda: step_states(saga_get(orders, 't-pcrash1') or {'steps': []}).get(
+        'decision') == 'succeeded', 30, 't-pcrash1: decided while north is down')
+    d_north.start()
+    finished('t-pcrash1', 'completed')
+    outcome('t-pcrash1', 'committed')
+
+    # ---- a participant's sagad killed after its service applied the COMMIT,
+    # before it recorded that: the COMMIT comes again, applied once
+    gate = threading.Event()
+    north.rules[('north.commit', 't-pcrash2')] = Answer(gate=gate)
+    start('t-pcrash2')
+    h.wait_until(lambda: north.has_started('north.commit', 't-pcrash2'), 30,
+                 't-pcrash2: the COMMIT reached the service')
+    d_north.kill()
+    gate.set()
+    h.wait_until(lambda: count_applied(north, 'north.commit', 't-pcrash2') == 1, 30,
+                 't-pcrash2: the service applied it')
+    d_north.start()
+    finished('t-pcrash2', 'completed')
+    outcome('t-pcrash2', 'committed')
+    h.check(north.repeats[('north.commit', 't-pcrash2')] >= 1 and
+            count_applied(north, 'north.commit', 't-pcrash2') == 1,
+            't-pcrash2: delivered again after the restart, applied once',
+            north.deliveries('north.commit', 't-pcrash2'))
 
     # ---- the start event twice: one transaction
     start('t-twice', mid='first')
