@@ -108,6 +108,32 @@ conf_bound_exchange_ok(const struct sagad_conf *c, const char *ex)
 
 /* Checks that need the whole file: names, exchanges, defaults that depend
  * on other keys. */
+/* A conninfo kept in a file (it may hold a password, which no message
+ * shows): its text, or NULL with an error at the setting s naming the
+ * owner (saga_store, a subscription) and the key. */
+static char *
+conf_read_conninfo(struct conf_ctx *ctx, config_setting_t *s, const char *owner,
+    const char *key, const char *path)
+{
+	struct stat sb;
+	char *text;
+
+	if (stat(path, &sb) == 0 && !S_ISREG(sb.st_mode)) {
+		conf_err(ctx, s, "%s: cannot read %s '%s': not a regular file", owner, key, path);
+		return NULL;
+	}
+	if (!(text = util_read_secret(path))) {
+		conf_err(ctx, s, "%s: cannot read %s '%s': %s", owner, key, path, strerror(errno));
+		return NULL;
+	}
+	if (!*text) {
+		conf_err(ctx, s, "%s: %s '%s' is empty", owner, key, path);
+		free(text);
+		return NULL;
+	}
+	return text;
+}
+
 static void
 conf_check_subs(struct conf_ctx *ctx, config_t *cfg, struct sagad_conf *c)
 {
@@ -163,6 +189,15 @@ conf_check_subs(struct conf_ctx *ctx, config_t *cfg, struct sagad_conf *c)
 			conf_err(ctx, e, "subscription '%s': dedup = \"shared\" needs "
 			    "saga_store.backend = \"pgsql\" (the replicas' records are kept there)",
 			    s->name);
+		if (s->prepared_conninfo_file && s->prepared_conninfo)
+			conf_err(ctx, e, "subscription '%s': give either prepared_conninfo or "
+			    "prepared_conninfo_file, not both", s->name);
+		else if (s->prepared_conninfo_file) {
+			char owner[300];
+			snprintf(owner, sizeof owner, "subscription '%s'", s->name);
+			s->prepared_conninfo = conf_read_conninfo(ctx, e, owner,
+			    "prepared_conninfo_file", s->prepared_conninfo_file);
+		}
 	}
 }
 
@@ -589,27 +624,8 @@ conf_broker_url(struct conf_ctx *ctx, config_t *cfg, struct sagad_conf *c)
 static void
 conf_conninfo_file(struct conf_ctx *ctx, config_t *cfg, struct conf_saga_store *ss)
 {
-	config_setting_t *s = config_lookup(cfg, "saga_store.conninfo_file");
-	struct stat sb;
-	char *text;
-
-	if (stat(ss->conninfo_file, &sb) == 0 && !S_ISREG(sb.st_mode)) {
-		conf_err(ctx, s, "saga_store: cannot read conninfo_file '%s': not a regular file",
-		    ss->conninfo_file);
-		return;
-	}
-	text = util_read_secret(ss->conninfo_file);
-	if (!text) {
-		conf_err(ctx, s, "saga_store: cannot read conninfo_file '%s': %s",
-		    ss->conninfo_file, strerror(errno));
-		return;
-	}
-	if (!*text) {
-		conf_err(ctx, s, "saga_store: conninfo_file '%s' is empty", ss->conninfo_file);
-		free(text);
-		return;
-	}
-	ss->conninfo = text;
+	ss->conninfo = conf_read_conninfo(ctx, config_lookup(cfg, "saga_store.conninfo_file"),
+	    "saga_store", "conninfo_file", ss->conninfo_file);
 }
 
 /*

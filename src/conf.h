@@ -35,6 +35,10 @@ struct conf_subscription {
 	int internal;		/* consumed by the saga engine, not over HTTP */
 	char *dedup;		/* "local" (default) or "shared" */
 	int shared_dedup;	/* dedup = "shared": claims in the PostgreSQL store */
+	/* Two-phase commit in the service's PostgreSQL (txpg.c): the service
+	 * ends a PREPARE with PREPARE TRANSACTION, sagad finishes it. */
+	char *prepared_conninfo;	/* or read from prepared_conninfo_file */
+	char *prepared_conninfo_file;
 };
 
 /* One key of a source's block, kept as written for its plugin to read. */

@@ -29,6 +29,7 @@
 #include "store.h"
 #include "trace.h"
 #include "txpart.h"
+#include "txpg.h"
 #include "util.h"
 #include "xmalloc.h"
 
@@ -566,6 +567,9 @@ dsub_init(struct delivery *dl, struct dsub *ds, int index)
 	evhttp_uri_free(u);
 	ds->nconns = c->concurrency;
 	ds->conns = xcalloc(ds->nconns, sizeof *ds->conns);
+	if (c->prepared_conninfo)
+		ds->txpg = txpg_new(dl->d->base, c->prepared_conninfo, c->name, dl->d->conf->service,
+		    dl->txp);
 	dsub_load(ds);
 	if (ds->npending)
 		log_info("pending deliveries resumed", LOG_STR("subscription", ds->name),
@@ -668,6 +672,7 @@ delivery_free(struct delivery *dl)
 		struct dsub *ds = &dl->subs[i];
 		/* Freeing a connection cancels its request; the callback then
 		 * sees SAGAD_STOPPED and only frees its attempt. */
+		txpg_free(ds->txpg);	/* its requests' owners are the records below */
 		for (k = 0; k < ds->nconns; k++)
 			hclient_free(ds->conns[k].hc);
 		for (j = 0; j < ds->npending; j++) {

@@ -23,6 +23,7 @@
 #include "store.h"
 #include "trace.h"
 #include "txpart.h"
+#include "txpg.h"
 #include "util.h"
 #include "xmalloc.h"
 
@@ -320,6 +321,72 @@ dsub_tx_answered(struct dsub *ds, struct dmsg *dm)
 	return 1;
 }
 
+/*
+ * A COMMIT or ABORT of a subscription whose service prepares in its own
+ * PostgreSQL (txpg.h): sagad finishes the prepared transaction itself, and
+ * the service is not called. A failure is tried again after the
+ * subscription's backoff, never dead-lettered: the decision must land.
+ */
+struct dfinish {
+	struct dsub *ds;
+	struct dmsg *dm;
+};
+
+static void
+dsub_tx_finished(void *arg, enum txpg_result r, const char *why)
+{
+	struct dfinish *f = arg;
+	struct dsub *ds = f->ds;
+	struct dmsg *dm = f->dm;
+	const struct conf_subscription *c = dsub_conf(ds);
+	struct hclient_answer ans;
+
+	free(f);
+	if (r == TXPG_CANCELLED)
+		return;
+	dmsg_set_state(dm, DMSG_READY);
+	ds->inflight--;
+	if (ds->dl->d->state == SAGAD_STOPPED)
+		return;
+	if (r == TXPG_DONE) {
+		memset(&ans, 0, sizeof ans);
+		ans.result = HCLIENT_ANSWERED;
+		ans.status = 200;
+		ans.content_type = "application/json";
+		ans.body = evbuffer_new();
+		evbuffer_add_printf(ans.body, "{\"finished_by\":\"sagad\"}");
+		dsub_succeeded(ds, dm, &ans);
+		evbuffer_free(ans.body);
+	} else {
+		dm->rec->due_at = util_now() + util_backoff(c->retry_initial, c->retry_max,
+		    dm->rec->attempts);
+		store_inbox_retry(ds->dl->d->store, dm->rec->id, dm->rec->attempts,
+		    dm->rec->due_at, 0, why ? why : "");
+	}
+	dsub_flow(ds);
+	dispatch_schedule(ds);
+}
+
+static int
+dsub_tx_finish(struct dsub *ds, struct dmsg *dm)
+{
+	enum txp_kind k = txpart_kind(dm->rec->m);
+	char gid[TXP_GID_MAX];
+	struct dfinish *f;
+
+	if (k != TXP_COMMIT && k != TXP_ABORT)
+		return 0;
+	txpart_gid(dm->rec->m, ds->dl->d->conf->service, gid);
+	f = xmalloc(sizeof *f);
+	f->ds = ds;
+	f->dm = dm;
+	dmsg_set_state(dm, DMSG_INFLIGHT);
+	dm->rec->attempts++;
+	ds->inflight++;
+	txpg_finish(ds->txpg, gid, k == TXP_COMMIT, dsub_tx_finished, f);
+	return 1;
+}
+
 static void
 dispatch_answered(struct dattempt *a, const struct hclient_answer *ans)
 {
@@ -425,6 +492,11 @@ dispatch_headers(struct dsub *ds, struct dmsg *dm, const char *span_id,
 	dispatch_add(emit, arg, "Sagad-Kind", kind);
 	if (dispatch_tx_kind(kind))
 		dispatch_add(emit, arg, "Sagad-Transaction", m->props.correlation_id);
+	if (ds->txpg && dm->tx) {	/* the service ends with PREPARE TRANSACTION */
+		char gid[TXP_GID_MAX];
+		txpart_gid(m, ds->dl->d->conf->service, gid);
+		dispatch_add(emit, arg, "Sagad-Gid", gid);
+	}
 	dispatch_add(emit, arg, "Sagad-Saga", props_get_header(&m->props, "x-sagad-saga"));
 	dispatch_add(emit, arg, "Sagad-Step", props_get_header(&m->props, "x-sagad-step"));
 	if (tp && span_id) {
@@ -730,6 +802,8 @@ dispatch_run(struct dsub *ds)
 			answered++;
 			continue;
 		}
+		if (dm->tx && ds->txpg && dsub_tx_finish(ds, dm))
+			continue;
 		if ((a = dsub_attempt(ds, dm)) != NULL)
 			started[nstarted++] = a;
 	}

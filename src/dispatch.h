@@ -64,6 +64,7 @@ struct dsub {
 	void *handler_arg;
 	delivery_take_fn *taker;	/* internal, with a shared saga store */
 	void *taker_arg;
+	struct txpg *txpg;	/* prepared transactions in the service's PostgreSQL */
 };
 
 struct delivery {

@@ -41,12 +41,14 @@ const char txpart_schema[] =
 	"  asked_at REAL NOT NULL DEFAULT 0,"	/* the last status question */
 	"  asks INTEGER NOT NULL DEFAULT 0,"
 	"  note TEXT,"			/* an operator's resolve, for the record */
+	"  gid TEXT,"			/* its PostgreSQL prepared transaction (txpg.c) */
 	"  PRIMARY KEY (saga, tx, part));"
-	"CREATE INDEX tx_participant_state ON tx_participant(state, voted_at);";
+	"CREATE INDEX tx_participant_state ON tx_participant(state, voted_at);"
+	"CREATE INDEX tx_participant_gid ON tx_participant(gid);";
 
 enum txp_sql {
 	TQ_GET, TQ_PUT, TQ_DOUBT, TQ_ASKED, TQ_COUNTS, TQ_OLDEST, TQ_EXPIRE, TQ_LIST, TQ_NOTE,
-	TQ_COUNT
+	TQ_BY_GID, TQ_COUNT
 };
 
 #define TXP_COLUMNS "saga, tx, part, sub, state, voted_at, updated_at, asks, note"
@@ -54,7 +56,7 @@ enum txp_sql {
 static const char *const txp_sql[TQ_COUNT] = {
 	[TQ_GET] = "SELECT state FROM tx_participant WHERE saga = ?1 AND tx = ?2 AND part = ?3",
 	[TQ_PUT] = "INSERT INTO tx_participant (saga, tx, part, sub, state, reply_to, voted_at,"
-	    " updated_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?7)"
+	    " updated_at, gid) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?7, ?8)"
 	    " ON CONFLICT (saga, tx, part) DO UPDATE SET state = excluded.state,"
 	    " updated_at = excluded.updated_at,"
 	    " reply_to = coalesce(tx_participant.reply_to, excluded.reply_to),"
@@ -72,6 +74,7 @@ static const char *const txp_sql[TQ_COUNT] = {
 	[TQ_LIST] = "SELECT " TXP_COLUMNS " FROM tx_participant WHERE (?1 IS NULL OR tx = ?1)"
 	    " AND (?2 IS NULL OR state = ?2) ORDER BY updated_at DESC LIMIT ?3",
 	[TQ_NOTE] = "UPDATE tx_participant SET note = ?4 WHERE saga = ?1 AND tx = ?2 AND part = ?3",
+	[TQ_BY_GID] = "SELECT state, saga, tx, part, reply_to FROM tx_participant WHERE gid = ?1",
 };
 
 struct txpart {
@@ -144,6 +147,38 @@ txpart_next(enum txp_state st, enum txp_kind k, int success)
 	return st;
 }
 
+/* The participant's name: the step's after "prepare:" or "commit:". */
+static const char *
+txp_part(const struct msg *m)
+{
+	const char *step = props_get_header(&m->props, "x-sagad-step");
+	const char *colon = step ? strchr(step, ':') : NULL;
+
+	return colon ? colon + 1 : step;
+}
+
+/*
+ * The gid of a participant's PostgreSQL prepared transaction (PREPARE
+ * TRANSACTION takes at most 199 bytes): sagad:SERVICE:SAGA:TX:PART, or
+ * when that is too long sagad:SERVICE:h and two FNV-1a hashes of it. The
+ * prefix sagad:SERVICE: finds this sagad's own at start-up (txpg.c).
+ */
+void
+txpart_gid(const struct msg *m, const char *service, char out[TXP_GID_MAX])
+{
+	char full[2048];
+	int n = snprintf(full, sizeof full, "sagad:%s:%s:%s:%s", service,
+	    props_get_header(&m->props, "x-sagad-saga"), m->props.correlation_id, txp_part(m));
+
+	if (n > 0 && n < TXP_GID_MAX) {
+		memcpy(out, full, (size_t)n + 1);
+		return;
+	}
+	snprintf(out, TXP_GID_MAX, "sagad:%.150s:h%016llx%016llx", service,
+	    (unsigned long long)util_fnv1a(full),
+	    (unsigned long long)util_fnv1a(full + strlen(service)));
+}
+
 /* ---- records ---- */
 
 static sqlite3_stmt *
@@ -154,16 +189,6 @@ txp_stmt(struct txpart *tp, enum txp_sql q)
 	sqlite3_reset(s);
 	sqlite3_clear_bindings(s);
 	return s;
-}
-
-/* The participant's name: the step's after "prepare:" or "commit:". */
-static const char *
-txp_part(const struct msg *m)
-{
-	const char *step = props_get_header(&m->props, "x-sagad-step");
-	const char *colon = step ? strchr(step, ':') : NULL;
-
-	return colon ? colon + 1 : step;
 }
 
 static void
@@ -192,6 +217,7 @@ txp_get(struct txpart *tp, const struct msg *m)
 static int
 txp_put(struct txpart *tp, const char *sub, const struct msg *m, enum txp_state st)
 {
+	char gid[TXP_GID_MAX];
 	sqlite3_stmt *s;
 	int rc;
 
@@ -204,6 +230,8 @@ txp_put(struct txpart *tp, const char *sub, const struct msg *m, enum txp_state 
 	if (m->props.reply_to)
 		sqlite3_bind_text(s, 6, m->props.reply_to, -1, SQLITE_STATIC);
 	sqlite3_bind_double(s, 7, util_now());
+	txpart_gid(m, tp->d->conf->service, gid);
+	sqlite3_bind_text(s, 8, gid, -1, SQLITE_STATIC);
 	rc = sqlite3_step(s);
 	sqlite3_reset(s);
 	if (rc != SQLITE_DONE) {
@@ -311,14 +339,10 @@ txp_ask(struct txpart *tp, const char *saga, const char *tx, const char *part,
 	props_free(&m.props);
 }
 
-struct txp_doubt {
-	char *saga, *tx, *part, *reply_to;
-};
-
 static void
 txp_ask_all(struct txpart *tp, double before)
 {
-	struct txp_doubt q[64];
+	struct txp_doubt_key q[64];
 	sqlite3_stmt *s = txp_stmt(tp, TQ_DOUBT);
 	size_t n = 0, i;
 
@@ -333,7 +357,7 @@ txp_ask_all(struct txpart *tp, double before)
 	sqlite3_reset(s);
 	for (i = 0; i < n; i++) {
 		txp_ask(tp, q[i].saga, q[i].tx, q[i].part, q[i].reply_to);
-		free(q[i].saga); free(q[i].tx); free(q[i].part); free(q[i].reply_to);
+		txpart_key_free(&q[i]);
 	}
 }
 
@@ -576,4 +600,42 @@ txpart_resolve(struct txpart *tp, const char *tx, int commit, txpart_inject_fn *
 		free(rows[i][0]); free(rows[i][1]); free(rows[i][2]); free(subs[i]);
 	}
 	return done;
+}
+
+enum txp_state
+txpart_by_gid(struct txpart *tp, const char *gid, struct txp_doubt_key *key)
+{
+	sqlite3_stmt *s = txp_stmt(tp, TQ_BY_GID);
+	enum txp_state st = TXP_NONE;
+	int v;
+
+	sqlite3_bind_text(s, 1, gid, -1, SQLITE_STATIC);
+	if (sqlite3_step(s) == SQLITE_ROW) {
+		v = sqlite3_column_int(s, 0);
+		st = v > TXP_NONE && v < TXP_NSTATES ? (enum txp_state)v : TXP_NONE;
+		if (key) {
+			txp_col(s, 1, &key->saga);
+			txp_col(s, 2, &key->tx);
+			txp_col(s, 3, &key->part);
+			txp_col(s, 4, &key->reply_to);
+		}
+	}
+	sqlite3_reset(s);
+	return st;
+}
+
+void
+txpart_ask_now(struct txpart *tp, const struct txp_doubt_key *key)
+{
+	if (*key->reply_to)
+		txp_ask(tp, key->saga, key->tx, key->part, key->reply_to);
+}
+
+void
+txpart_key_free(struct txp_doubt_key *key)
+{
+	free(key->saga);
+	free(key->tx);
+	free(key->part);
+	free(key->reply_to);
 }

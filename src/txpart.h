@@ -80,6 +80,19 @@ void *txpart_list_json(struct txpart *tp, const char *tx, int state, size_t limi
 typedef int txpart_inject_fn(void *arg, const char *sub, struct msg *m);	/* m: malloc'd */
 int txpart_resolve(struct txpart *tp, const char *tx, int commit, txpart_inject_fn *inject,
     void *arg);
+/* A record's key, and where its coordinator is (malloc'd strings). */
+struct txp_doubt_key {
+	char *saga, *tx, *part, *reply_to;
+};
+void txpart_key_free(struct txp_doubt_key *key);
+
+/* PostgreSQL prepared transactions (txpg.c): the gid of m's transaction
+ * for this service, a record by its gid (key filled when found and not
+ * NULL), and a status question for it at once. */
+#define TXP_GID_MAX 200
+void txpart_gid(const struct msg *m, const char *service, char out[TXP_GID_MAX]);
+enum txp_state txpart_by_gid(struct txpart *tp, const char *gid, struct txp_doubt_key *key);
+void txpart_ask_now(struct txpart *tp, const struct txp_doubt_key *key);
 /* Prometheus: records by state, in doubt, the oldest in doubt's age. */
 void txpart_metrics(struct txpart *tp, struct evbuffer *out);
 

@@ -41,7 +41,7 @@ tar -xzf "sagad-$(sed -n 's/^PACKAGE_VERSION = //p' Makefile).tar.gz" -C build-s
 		    t/unit/test_store t/unit/test_metrics t/unit/test_ingress t/unit/test_acks \
 		    t/unit/test_syncer t/unit/test_log t/unit/test_broker t/integration/publish.py \
 		    t/integration/errors.py t/integration/subscriptions.py t/integration/sagas.py \
-		    t/integration/saga_steps.py t/integration/tx.py t/unit/test_tx \
+		    t/integration/saga_steps.py t/integration/tx.py t/integration/tx_pg.py t/unit/test_tx \
 		    t/integration/source_reload.py \
 		    demo/demo.py)" || { tail -200 test-suite.log; exit 1; }
 	else
