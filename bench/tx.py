@@ -152,11 +152,16 @@ def summary(t_start):
     print('=' * 86)
     print('sagad 2PC benchmark summary  (N=%d x %d, %d starts/s x %d s%s)'
           % (TX_N, sb.REPEAT, sb.SAGA_RATE, sb.LAT_SECONDS, ', QUICK' if sb.QUICK else ''))
+    # The comments come from bench/saga.py's reports: there "saga" is a
+    # transaction too in the tx_* figures, and "stock + payment" is north
+    # + south. Its per-hop figures need its saga's stores: not measured.
+    print('tx_*: the transaction, saga_*: the saga; "per saga" = per transaction or saga; '
+          'participants = north + south')
     print('-' * 86)
     w = max(len(n) for n, _, _, _ in figures)
     print('%-*s  %12s  %5s  %s' % (w, 'figure', 'value', 'load', 'comment'))
     for name, value, comment, la in figures:
-        if name[-2:-1] == '_' and name[-1].isdigit():
+        if (name[-2:-1] == '_' and name[-1].isdigit()) or '_hop_' in name:
             continue
         print('%-*s  %12s  %5.2f  %s' % (w, name, value, la, comment))
     print('-' * 86)
