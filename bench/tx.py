@@ -50,6 +50,7 @@ import signal
 import sys
 import tempfile
 import time
+import urllib.parse
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
@@ -147,6 +148,30 @@ def states(s):
     return ' '.join(out)
 
 
+def tx_phases(s, latfile):
+    """Where a transaction's time goes, from the history of each one of a
+    loadgen run (GET /v1/admin/sagas/ID): prepare = started_at -> the last
+    vote recorded (PREPAREs out, through both participants, votes back);
+    commit = the last vote -> finished_at (the decision written durably
+    with the COMMITs, which leave only then, and both acknowledgements
+    back). The history's 'out commit' entries carry the time the step ran,
+    before that write, so they cannot split the second part further.
+    ms, sorted lists."""
+    out = ([], [])
+    for sid in sb.read_sent(latfile):
+        st, doc = s.orders.admin_json('/v1/admin/sagas/' + urllib.parse.quote(sid, safe=''))
+        inst = next((i for i in doc.get('instances', []) if i['saga'] == 'reserve-both'), None) \
+            if st == 200 else None
+        if not inst or not inst.get('finished_at'):
+            continue
+        votes = [e['at'] for e in inst['history']
+                 if e['dir'] == 'in' and e['step'].startswith('prepare:')]
+        if len(votes) == 2:
+            out[0].append((max(votes) - inst['started_at']) * 1000)
+            out[1].append((inst['finished_at'] - max(votes)) * 1000)
+    return [sorted(x) for x in out]
+
+
 def summary(t_start):
     print()
     print('=' * 86)
@@ -190,6 +215,14 @@ def run(workdir):
             s.urls = [url]
             sb.report_latency(kind + '_', sb.phase_latency(s, workdir, pre=kind + '_',
                                                            with_hops=False))
+        # sb.phase_latency's loadgen file for the transactions: 'tx_lat.txt'
+        phases = tx_phases(s, os.path.join(workdir, 'tx_lat.txt'))
+        for k, (name, what) in enumerate((
+                ('prepare', 'started_at -> the last vote in'),
+                ('commit', 'the last vote -> finished_at (decision, COMMITs, acks)'))):
+            fig('tx_lat_%s_p50_ms' % name, sb.common.pct(phases[k], 0.5),
+                '%s (%d transactions)' % (what, len(phases[k])))
+            fig('tx_lat_%s_p99_ms' % name, sb.common.pct(phases[k], 0.99))
     finally:
         s.stop()
 
