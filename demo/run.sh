@@ -3,6 +3,7 @@
 # RabbitMQ and runs the create-order saga across three services, each with
 # its own sagad (see demo/demo.py). --trace: with an OpenTelemetry
 # collector, each order's trace. --ui: stays up with the web page open.
+# --2pc: the two-phase commit variant, stock at two warehouses.
 set -eu
 cd "$(dirname "$0")/.."
 bash t/lib/deps.sh demo

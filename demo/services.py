@@ -4,6 +4,9 @@ Each is a tiny HTTP service that its own sagad calls with the messages of
 its subscription. They follow the rules of a saga participant (sagad.conf(5),
 SAGAS): handlers are idempotent by business key, a refusal is answered with
 409, and the answer body is what the orchestrator passes to a compensation.
+The warehouses of the 2PC variant (demo.py --2pc) are participants of a
+transaction instead (sagad.conf(5), TRANSACTIONS): PREPARE, COMMIT and
+ABORT, idempotent by transaction id.
 """
 
 import json
@@ -13,9 +16,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
 class Service:
-    """A participant: name -> handler(kind, routing_key, body) -> (status, dict)."""
+    """A participant: name -> handler(kind, routing_key, body) -> (status, dict);
+    with tx=True, handler(kind, routing_key, body, transaction id) (the
+    Sagad-Transaction header sagad adds to PREPARE, COMMIT and ABORT)."""
 
-    def __init__(self, name, handler):
+    def __init__(self, name, handler, tx=False):
         self.name = name
         self.handler = handler
         self.lock = threading.Lock()
@@ -33,8 +38,10 @@ class Service:
                     data = json.loads(body or b'{}')
                 except ValueError:
                     data = {}
-                status, answer = service.handler(self.headers.get('Sagad-Kind', 'event'),
-                                                 key, data)
+                args = (self.headers.get('Sagad-Kind', 'event'), key, data)
+                if tx:
+                    args += (self.headers.get('Sagad-Transaction'),)
+                status, answer = service.handler(*args)
                 with service.lock:
                     service.calls.append((key, self.headers.get('Message-Id'),
                                           self.headers.get('Sagad-Attempt'), status))
@@ -140,4 +147,44 @@ class Orders:
             if key in ('order.approved', 'order.rejected'):
                 self.final[oid] = key.split('.')[1]
                 return 200, {}
+        return 422, {'error': 'unknown message'}
+
+
+class Warehouse:
+    """A participant of the 2PC variant: PREPARE holds the order's quantity
+    if there is enough stock (a yes vote) or answers 409 (no); COMMIT makes
+    the hold final, ABORT puts it back. A repeated message finds the
+    transaction's record and answers as before, changing nothing."""
+
+    def __init__(self, name, stock):
+        self.name = name
+        self.stock = stock           # units free to hold
+        self.held = {}               # transaction -> units held, awaiting the decision
+        self.committed = {}          # transaction -> units
+        self.aborted = set()         # held, then released by ABORT
+        self.refused = set()         # voted no
+        self.lock = threading.Lock()
+        self.service = Service(name, self.handle, tx=True)
+
+    def handle(self, kind, key, order, tx):
+        want = order.get('items', {}).get(self.name, 0)
+        with self.lock:
+            if kind == 'prepare':
+                if tx in self.held or tx in self.committed:
+                    return 200, {'held': want}
+                if tx in self.refused or tx in self.aborted or want > self.stock:
+                    self.refused.add(tx)
+                    return 409, {'reason': 'only %d left at %s' % (self.stock, self.name)}
+                self.stock -= want
+                self.held[tx] = want
+                return 200, {'held': want}
+            if kind == 'commit':
+                if tx in self.held:
+                    self.committed[tx] = self.held.pop(tx)
+                return 200, {'committed': tx in self.committed}
+            if kind == 'abort':
+                if tx in self.held:
+                    self.stock += self.held.pop(tx)
+                    self.aborted.add(tx)
+                return 200, {'aborted': True}
         return 422, {'error': 'unknown message'}
