@@ -16,10 +16,10 @@
  *                              again until each participant acknowledges
  *
  * A no vote, a failure answer or the prepare timeout fails a prepare step:
- * the saga compensates, which is the abort (sent to every participant that
- * voted yes, and to a late yes). The engine knows such a definition by its
- * `transaction` flag (saga.c: the kinds of its messages, no early sends,
- * presumed abort at start-up).
+ * the saga compensates, which is the abort: ABORT to every participant
+ * that voted yes or has not voted, all at once (saga_tx.c). The engine
+ * knows such a definition by its `transaction` flag (the kinds of its
+ * messages, no early sends, the aborts, presumed abort at start-up).
  */
 #include <stdlib.h>
 #include <string.h>

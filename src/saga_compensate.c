@@ -23,9 +23,11 @@ saga_start_compensation(struct saga_engine *e, struct saga_inst *in, const char 
 	if (saga_set_state(e, in, SAGA_COMPENSATING, NULL, reason) < 0)
 		return;
 	saga_timer_del_all(e, in);
+	/* A transaction's participant whose vote is awaited may have prepared:
+	 * it gets its ABORT too (saga_tx.c). A saga's unanswered step failed. */
 	for (i = 0; i < in->def->n_steps; i++)
 		if (in->steps[i].state == STEP_ACTIVE)
-			in->steps[i].state = STEP_FAILED;
+			in->steps[i].state = in->def->transaction ? STEP_SUCCEEDED : STEP_FAILED;
 	saga_compensate_next(e, in);
 }
 
@@ -64,6 +66,10 @@ saga_compensate_next(struct saga_engine *e, struct saga_inst *in)
 {
 	size_t i, pick = (size_t)-1;
 
+	if (in->def->transaction) {
+		saga_tx_abort_all(e, in);
+		return;
+	}
 	for (i = 0; i < in->def->n_steps; i++) {
 		if (in->steps[i].state == STEP_COMPENSATING)
 			return;		/* one in progress */

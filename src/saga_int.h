@@ -212,6 +212,10 @@ void saga_tx_recover(struct saga_engine *e);
 /* saga_tx.c: a participant in doubt asks for transaction id's decision. */
 struct saga_match;
 void saga_tx_status(struct saga_engine *e, const struct saga_match *k, const char *id);
+/* saga_tx.c: a transaction's ABORTs, to every participant that voted yes
+ * or has not voted, all at once (a saga compensates one step at a time);
+ * aborted once all are acknowledged. */
+void saga_tx_abort_all(struct saga_engine *e, struct saga_inst *in);
 /* saga_tx.c: a transaction's decision is taken (counted, timed, logged). */
 void saga_tx_decided(struct saga_engine *e, struct saga_inst *in, int commit);
 /* saga_tx.c: its Prometheus families. */

@@ -85,7 +85,8 @@ saga_on_timer(struct saga_engine *e, struct saga_inst *in, int kind, int step)
 			saga_send_command(e, in, (unsigned)step);
 			return;
 		}
-		in->steps[step].state = STEP_FAILED;
+		if (!in->def->transaction)	/* no vote in time: it may still prepare */
+			in->steps[step].state = STEP_FAILED;
 		saga_log(e, in, "timer", "step timeout", cs->name, NULL, NULL);
 		{
 			char why[300];

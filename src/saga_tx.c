@@ -236,17 +236,18 @@ saga_tx_state(const struct saga_inst *in)
 	}
 }
 
-/* A participant's vote, from its prepare step. */
+/* A participant's vote, from its prepare step: one aborted before it
+ * voted was never won (order 0). */
 static const char *
-saga_tx_vote(enum saga_step_state st)
+saga_tx_vote(const struct saga_step_rt *st)
 {
-	switch (st) {
+	switch (st->state) {
 	case STEP_SUCCEEDED:
 	case STEP_COMPENSATING:
 	case STEP_COMPENSATED:
-		return "yes";
+		return st->order ? "yes" : "none";
 	case STEP_FAILED:
-		return "no";	/* or no vote within prepare_timeout */
+		return "no";
 	case STEP_ACTIVE:
 		return "awaited";
 	default:
@@ -288,12 +289,32 @@ saga_tx_json(const struct saga_inst *in)
 		if (strncmp(name, "prepare:", 8) != 0)
 			continue;
 		json_array_append_new(parts, json_pack("{s:s,s:s,s:s}", "name", name + 8,
-		    "vote", saga_tx_vote(in->steps[i].state),
+		    "vote", saga_tx_vote(&in->steps[i]),
 		    "decision", saga_tx_ack(in, i, saga_tx_step(in->def, "commit:", name + 8),
 		    decided, past)));
 	}
 	return json_pack("{s:s,s:s?,s:o}", "state", saga_tx_state(in),
 	    "decision", past ? "commit" : decided ? "abort" : NULL, "participants", parts);
+}
+
+/* ---- abort ---- */
+
+void
+saga_tx_abort_all(struct saga_engine *e, struct saga_inst *in)
+{
+	int waiting = 0;
+	size_t i;
+
+	for (i = 0; i < in->def->n_steps && in->state == SAGA_COMPENSATING; i++) {
+		struct saga_step_rt *st = &in->steps[i];
+		if (st->state == STEP_SUCCEEDED && !in->def->steps[i].compensate.exchange)
+			st->state = STEP_COMPENSATED;	/* the decision: nothing to undo */
+		else if (st->state == STEP_SUCCEEDED)
+			saga_send_compensation(e, in, i);
+		waiting |= st->state == STEP_COMPENSATING;
+	}
+	if (in->state == SAGA_COMPENSATING && !waiting)
+		saga_finish(e, in, SAGA_COMPENSATED);
 }
 
 /* ---- the decision's figures ---- */
