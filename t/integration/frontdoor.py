@@ -1,0 +1,137 @@
+#!/usr/bin/env python3
+"""The AMQP front door (issue 17, first slice): pika publishes with
+confirms to sagad's amqp.listen while the broker is down; every confirm
+means durable in sagad, and once the broker is up every message arrives in
+order, once, with its properties. A wrong password is refused with 403, an
+unsupported method closes its channel with 540 naming it, a client speaking
+another protocol gets the AMQP header back, and a SIGKILL during a
+confirmed stream loses no confirmed message."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, os.path.join(os.environ.get('top_srcdir', '.'), 't', 'lib'))
+import harness as h  # noqa: E402
+
+N = int(os.environ.get('SAGAD_FRONTDOOR_N', '300'))
+TOKEN = 'front-door-secret'
+PY = h.Pika.PYTHON
+CLIENT = os.path.join(os.path.dirname(os.path.abspath(h.__file__)), 'frontdoor_client.py')
+
+
+def client(*args, timeout=120):
+    r = subprocess.run([PY, CLIENT] + [str(a) for a in args], stdin=subprocess.DEVNULL,
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=timeout)
+    lines = [json.loads(l) for l in r.stdout.decode().splitlines() if l.strip()]
+    return r.returncode, lines, r.stderr.decode(errors='replace')
+
+
+def garbage_header(port):
+    s = socket.create_connection(('127.0.0.1', port), timeout=10)
+    s.sendall(b'GET / HTTP/1.1\r\nHost: x\r\n\r\n')
+    got = b''
+    while True:
+        b = s.recv(64)
+        if not b:
+            break
+        got += b
+    s.close()
+    return got
+
+
+def main(wd):
+    h.Pika('amqp://unused')		# Skip without python3-pika
+    broker = h.Broker(wd)
+    broker.start()
+    tool = h.AmqpTool()
+    tool.declare_queue(broker.url, 'fdq', [('events', 'fd.#')])
+    broker.stop()
+
+    port = h.free_port()
+    d = h.Sagad(wd, broker.url, name='orders', token=TOKEN,
+                conf_extra='amqp = { listen = "127.0.0.1:%d"; };' % port)
+    d.start(wait_ready=False)
+    url = 'amqp://svc:%s@127.0.0.1:%d/%%2f?heartbeat=10' % (TOKEN, port)
+
+    # -- broker down: confirms come from sagad's store
+    t0 = time.time()
+    rc, lines, err = client('publish', url, N, 'down')
+    confirmed = [l['confirmed'] for l in lines if 'confirmed' in l]
+    h.check(rc == 0 and confirmed == ['down-%d' % i for i in range(N)],
+            '%d persistent publishes confirmed by the front door with the broker down (%.1fs)'
+            % (N, time.time() - t0), (rc, len(confirmed), err[-500:]))
+    pending = h.parse_metrics(d.admin_get('/metrics')[1])
+    h.check(pending.get('sagad_outbox_pending', 0) >= N, 'all %d in the outbox' % N,
+            pending.get('sagad_outbox_pending'))
+    h.check(pending.get('sagad_amqp_acks_total') == N, 'sagad_amqp_acks_total %d' % N,
+            pending.get('sagad_amqp_acks_total'))
+
+    # -- refusals
+    rc, lines, err = client('login', 'amqp://svc:wrong@127.0.0.1:%d/%%2f' % port)
+    h.check(lines and lines[0].get('ok') is False and
+            ('403' in lines[0].get('text', '') or 'ACCESS_REFUSED' in lines[0].get('text', '')
+             or 'Authentication' in lines[0].get('error', '')),
+            'wrong password: login refused with ACCESS_REFUSED', (lines, err[-300:]))
+    for method in ('queue.declare', 'tx.select'):
+        rc, lines, err = client('refuse', url, method)
+        h.check(rc == 0 and lines and lines[0].get('code') == 540 and
+                method in lines[0].get('text', ''),
+                '%s: channel closed 540 naming the method' % method, (lines, err[-300:]))
+        h.check(any(l.get('after') for l in lines),
+                '%s: the connection goes on (a new channel publishes)' % method, lines)
+    h.check(garbage_header(port) == b'AMQP\x00\x00\x09\x01',
+            'an HTTP request gets the AMQP 0-9-1 protocol header back, then close')
+    h.check('method not implemented' in d.log(), 'the refusals are logged')
+
+    # -- broker up: all arrive, in order, once
+    broker.start()
+    got = tool.consume(broker.url, 'fdq', N + 10, timeout=10)
+    ids = [m.get('message_id') for m in got]
+    down = [i for i in ids if i.startswith('down-')]
+    h.check(down == ['down-%d' % i for i in range(N)],
+            'broker up: the %d messages arrive in order, once' % N,
+            (len(down), down[:5], [x for x in ids if not x.startswith('down-')][:5]))
+    first = next((m for m in got if m.get('message_id') == 'down-7'), {})
+    h.check(json.loads(first.get('body', '{}')).get('n') == 7 and
+            first.get('routing_key') == 'fd.7',
+            'body and routing key carried', first)
+    h.check(sorted(i for i in ids if i.startswith('after-')) ==
+            ['after-queue.declare', 'after-tx.select'],
+            'the publishes after a refusal arrive too', ids[-5:])
+
+    # -- SIGKILL during a confirmed stream: every confirmed message arrives
+    p = subprocess.Popen([PY, CLIENT, 'publish', url, '5000', 'kill'], stdin=subprocess.DEVNULL,
+                         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    confirmed = []
+    while len(confirmed) < 400:
+        line = p.stdout.readline()
+        if not line:
+            break
+        confirmed.append(json.loads(line)['confirmed'])
+    d.kill()
+    for line in p.stdout:
+        confirmed.append(json.loads(line)['confirmed'])
+    p.wait(30)
+    h.check(400 <= len(confirmed) < 5000, 'SIGKILL during the stream: %d confirmed before it'
+            % len(confirmed), len(confirmed))
+    d.start()
+    got = tool.consume(broker.url, 'fdq', 5000, timeout=10)
+    ids = [m.get('message_id') for m in got]
+    missing = set(confirmed) - set(ids)
+    h.check(not missing, 'after the restart every confirmed message arrived (%d of %d)'
+            % (len(confirmed) - len(missing), len(confirmed)), sorted(missing)[:5])
+    seen = []
+    for i in ids:
+        if i not in seen:
+            seen.append(i)
+    h.check(seen == sorted(seen, key=lambda x: int(x.split('-')[1])),
+            'in publish order (first arrivals)', seen[:10])
+    rc = d.stop()
+    h.check(rc == 0, 'SIGTERM: exit 0', rc)
+
+
+h.run_test(main)
