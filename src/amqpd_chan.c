@@ -225,6 +225,11 @@ amqpd_chan_publish(struct amqpd_chan *ch, const amqp_basic_publish_t *p)
 	const char *error;
 	char why[256], text[300];
 
+	if (p->immediate) {	/* RabbitMQ 3 refuses it the same way */
+		amqpd_chan_close(ch, AMQPF_NOT_IMPLEMENTED, "NOT_IMPLEMENTED - immediate=true",
+		    AMQP_BASIC_PUBLISH_METHOD);
+		return;
+	}
 	ch->m.exchange = amqpd_cstr(p->exchange);
 	ch->m.routing_key = amqpd_cstr(p->routing_key);
 	if (!ch->m.exchange || !ch->m.routing_key) {
