@@ -9,7 +9,9 @@ confirmed stream loses no confirmed message."""
 
 import json
 import os
+import shutil
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -28,6 +30,42 @@ def client(*args, timeout=120):
                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=timeout)
     lines = [json.loads(l) for l in r.stdout.decode().splitlines() if l.strip()]
     return r.returncode, lines, r.stderr.decode(errors='replace')
+
+
+def amqp_publish(url, lines):
+    """rabbitmq-c's amqp-publish (Debian amqp-tools), one message a line,
+    no confirms: None when it is not installed."""
+    exe = shutil.which('amqp-publish')
+    if not exe:
+        return None
+    r = subprocess.run([exe, '-u', url, '-e', 'events', '-r', 'fd.tools', '-p', '-l',
+                        '-H', 'x-tool: amqp-publish'],
+                       input=''.join(l + '\n' for l in lines).encode(),
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=60)
+    return r.returncode, r.stderr.decode(errors='replace')
+
+
+def raw_frame_error(port):
+    """A client that sends a frame whose frame-end is not 0xCE after the
+    protocol header: the reply code of sagad's connection.close."""
+    s = socket.create_connection(('127.0.0.1', port), timeout=10)
+    s.sendall(b'AMQP\x00\x00\x09\x01')
+    s.sendall(struct.pack('>BHI', 1, 0, 4) + b'\x00\x0a\x00\x0b' + b'\xcd')
+    got = b''
+    while True:
+        b = s.recv(4096)
+        if not b:
+            break
+        got += b
+    s.close()
+    codes = []
+    while len(got) >= 7:	# frames: type, channel, size, payload, 0xCE
+        t, ch, n = struct.unpack('>BHI', got[:7])
+        payload = got[7:7 + n]
+        if t == 1 and payload[:4] == b'\x00\x0a\x00\x32':	# connection.close
+            codes.append(struct.unpack('>H', payload[4:6])[0])
+        got = got[8 + n:]
+    return codes
 
 
 def garbage_header(port):
@@ -70,6 +108,12 @@ def main(wd):
     h.check(pending.get('sagad_amqp_acks_total') == N, 'sagad_amqp_acks_total %d' % N,
             pending.get('sagad_amqp_acks_total'))
 
+    tools = amqp_publish(url.split('?')[0], ['tools-%d' % i for i in range(3)])
+    if tools is None:
+        h.log('amqp-publish not installed (amqp-tools): its part skipped')
+    else:
+        h.check(tools[0] == 0, "rabbitmq-c's amqp-publish publishes 3 lines", tools)
+
     # -- refusals
     rc, lines, err = client('login', 'amqp://svc:wrong@127.0.0.1:%d/%%2f' % port)
     h.check(lines and lines[0].get('ok') is False and
@@ -85,11 +129,16 @@ def main(wd):
                 '%s: the connection goes on (a new channel publishes)' % method, lines)
     h.check(garbage_header(port) == b'AMQP\x00\x00\x09\x01',
             'an HTTP request gets the AMQP 0-9-1 protocol header back, then close')
+    h.check(raw_frame_error(port) == [501],
+            'a frame-end other than 0xCE: connection.close 501 FRAME_ERROR, then EOF')
     h.check('method not implemented' in d.log(), 'the refusals are logged')
 
     # -- broker up: all arrive, in order, once
     broker.start()
-    got = tool.consume(broker.url, 'fdq', N + 10, timeout=10)
+    # N, the 2 after the refusals, amqp-publish's 3 (and a duplicate or more
+    # would be found by the wait of 10 s)
+    got = tool.consume(broker.url, 'fdq', N + 2 + (3 if tools is not None else 0) + 1,
+                       timeout=10)
     ids = [m.get('message_id') for m in got]
     down = [i for i in ids if i.startswith('down-')]
     h.check(down == ['down-%d' % i for i in range(N)],
@@ -102,6 +151,14 @@ def main(wd):
     h.check(sorted(i for i in ids if i.startswith('after-')) ==
             ['after-queue.declare', 'after-tx.select'],
             'the publishes after a refusal arrive too', ids[-5:])
+
+    if tools is not None:
+        tm = [m for m in got if m.get('routing_key') == 'fd.tools']
+        h.check([m.get('body', '').rstrip('\n') for m in tm] == ['tools-0', 'tools-1', 'tools-2'] and
+                all(h.is_uuid7(m.get('message_id'), near=time.time()) for m in tm),
+                "amqp-publish's 3 messages arrive in order, with generated UUIDv7 ids", tm)
+        h.check(all((m.get('headers') or {}).get('x-tool') == 'amqp-publish' for m in tm),
+                'its header carried', tm[:1])
 
     # -- SIGKILL during a confirmed stream: every confirmed message arrives
     p = subprocess.Popen([PY, CLIENT, 'publish', url, '5000', 'kill'], stdin=subprocess.DEVNULL,
