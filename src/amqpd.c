@@ -466,15 +466,16 @@ amqpd_tick_cb(evutil_socket_t fd, short what, void *arg)
 
 	(void)fd;
 	(void)what;
-	if (c->state < AMQPD_TUNED || c->state == AMQPD_CLOSING) {
-		if (now > c->deadline) {
-			log_info("amqp: dropping a connection that did not finish its handshake",
-			    LOG_STR("peer", c->peer));
-			amqpd_conn_drop(c);
-		}
+	/* Without a heartbeat (0 at tune) nothing else would end a client
+	 * that stops half-way through the handshake or the close. */
+	if ((c->state < AMQPD_OPEN || c->state == AMQPD_CLOSING) && now > c->deadline) {
+		log_info("amqp: dropping a connection past its deadline",
+		    LOG_STR("peer", c->peer), LOG_STR("in", c->state == AMQPD_CLOSING ?
+		    "close" : "handshake"));
+		amqpd_conn_drop(c);
 		return;
 	}
-	if (!c->heartbeat)
+	if (c->state < AMQPD_TUNED || c->state == AMQPD_CLOSING || !c->heartbeat)
 		return;
 	if (now - c->last_rx > 2.0 * c->heartbeat) {
 		log_warn("amqp: client missed two heartbeats, dropping it", LOG_STR("peer", c->peer));
