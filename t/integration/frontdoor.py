@@ -2,7 +2,7 @@
 """The AMQP front door (issue 17, first slice): pika publishes with
 confirms to sagad's amqp.listen while the broker is down; every confirm
 means durable in sagad, and once the broker is up every message arrives in
-order, once, with its properties. A wrong password is refused with 403, an
+order, once, with its properties; a full store nacks. A wrong password is refused with 403, an
 unsupported method closes its channel with 540 naming it, a client speaking
 another protocol gets the AMQP header back, and a SIGKILL during a
 confirmed stream loses no confirmed message."""
@@ -189,6 +189,20 @@ def main(wd):
             'in publish order (first arrivals)', seen[:10])
     rc = d.stop()
     h.check(rc == 0, 'SIGTERM: exit 0', rc)
+
+    # -- a store that refuses (full): basic.nack, nothing acked
+    port2 = h.free_port()
+    tiny = h.Sagad(wd, broker.url, name='tiny', store_extra='max_bytes = 65536;',
+                   conf_extra='amqp = { listen = "127.0.0.1:%d"; };' % port2)
+    tiny.start(wait_ready=False)   # a full store is not ready
+    rc, lines, err = client('big', 'amqp://x:y@127.0.0.1:%d/%%2f' % port2, 20, 20000)
+    h.check(rc == 0 and lines and lines[0]['nacked'] > 0 and
+            lines[0]['acked'] + lines[0]['nacked'] == 20,
+            'store full: basic.nack (no token: any credentials)', (lines, err[-300:]))
+    m = h.parse_metrics(tiny.admin_get('/metrics')[1])
+    h.check(m.get('sagad_amqp_nacks_total') == lines[0]['nacked'] and
+            m.get('sagad_amqp_acks_total') == lines[0]['acked'],
+            'sagad_amqp_nacks_total and _acks_total agree', m.get('sagad_amqp_nacks_total'))
 
 
 h.run_test(main)

@@ -4,6 +4,8 @@ results as JSON lines on stdout.
 
   publish URL N PREFIX     N persistent messages (message ids PREFIX-0...)
                            on a confirm channel, one line per confirm
+  big URL N SIZE           N messages of SIZE bytes on a confirm channel:
+                           how many were acked and nacked
   login URL                open and close a connection: the outcome
   refuse URL METHOD        queue.declare or tx.select: the channel's close
 """
@@ -37,6 +39,21 @@ def publish(url, n, prefix):
             out(confirmed=mid)
 
 
+def big(url, n, size):
+    acked = nacked = 0
+    with connect(url) as c:
+        ch = c.channel()
+        ch.confirm_delivery()
+        for _ in range(int(n)):
+            try:
+                ch.basic_publish('events', 'fd.big', b'x' * int(size),
+                                 pika.BasicProperties(delivery_mode=2))
+                acked += 1
+            except pika.exceptions.NackError:
+                nacked += 1
+    out(acked=acked, nacked=nacked)
+
+
 def login(url):
     try:
         with connect(url):
@@ -64,4 +81,4 @@ def refuse(url, method):
 
 
 if __name__ == '__main__':
-    {'publish': publish, 'login': login, 'refuse': refuse}[sys.argv[1]](*sys.argv[2:])
+    {'publish': publish, 'big': big, 'login': login, 'refuse': refuse}[sys.argv[1]](*sys.argv[2:])
