@@ -231,6 +231,27 @@ amqpd_conn_closed_by_peer(struct amqpd_conn *c)
 	c->flush_then_drop = 1;
 }
 
+static void
+amqpd_tell_cb(evutil_socket_t fd, short what, void *arg)
+{
+	(void)fd;
+	(void)what;
+	amqpd_chan_tell_all(arg);
+}
+
+/*
+ * One group commit settles many publishes, each by its own store
+ * callback: telling the client once they all ran (this event is at the
+ * default priority, the store's callbacks at 0) lets one basic.ack with
+ * multiple cover them.
+ */
+void
+amqpd_conn_tell_soon(struct amqpd_conn *c)
+{
+	if (c->state != AMQPD_DEAD)
+		event_active(c->tell_ev, 0, 0);
+}
+
 /* The struct goes when nothing names it any more. */
 static void
 amqpd_conn_release(struct amqpd_conn *c)
@@ -265,6 +286,7 @@ amqpd_conn_drop(struct amqpd_conn *c)
 	c->chans = NULL;
 	bufferevent_free(c->bev);
 	event_free(c->tick_ev);
+	event_free(c->tell_ev);
 	if (c->a) {
 		c->a->stats.connections--;
 		if (c->prev)
@@ -529,6 +551,7 @@ amqpd_accept_cb(struct evconnlistener *l, evutil_socket_t fd, struct sockaddr *s
 	bufferevent_enable(c->bev, EV_READ | EV_WRITE);
 	c->tick_ev = event_new(a->d->base, -1, EV_PERSIST, amqpd_tick_cb, c);
 	event_add(c->tick_ev, &sec);
+	c->tell_ev = event_new(a->d->base, -1, 0, amqpd_tell_cb, c);
 	c->next = a->conns;
 	if (a->conns)
 		a->conns->prev = c;

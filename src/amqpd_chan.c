@@ -190,7 +190,21 @@ amqpd_chan_settle(struct amqpd_chan *ch, uint64_t tag, enum amqpd_outcome o)
 	if (tag <= ch->told || tag - ch->told > ch->noutcome)
 		return;		/* not ours: cannot happen, and must not be told */
 	ch->outcome[tag - ch->told - 1] = (uint8_t)o;
-	amqpd_chan_tell(ch);
+	amqpd_conn_tell_soon(ch->c);
+}
+
+void
+amqpd_chan_tell_all(struct amqpd_conn *c)
+{
+	unsigned i;
+
+	/* Nothing goes on a channel, or a connection, whose close we sent:
+	 * the client sees those publishes unconfirmed. */
+	if (c->state != AMQPD_OPEN || !c->chans)
+		return;
+	for (i = 1; i <= c->channel_max; i++)
+		if (c->chans[i] && c->chans[i]->noutcome && c->chans[i]->state != AMQPD_CH_CLOSING)
+			amqpd_chan_tell(c->chans[i]);
 }
 
 /* The store's commit: the message is durable (ok) or lost with its

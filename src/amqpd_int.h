@@ -53,6 +53,7 @@ struct amqpd_conn {
 	uint16_t heartbeat;		/* seconds, 0: none */
 	double last_rx, last_hb_tx, deadline;	/* monotonic */
 	struct event *tick_ev;		/* heartbeats and deadlines, once a second */
+	struct event *tell_ev;		/* confirms settled: tell them (amqpd_chan_tell_all) */
 	struct amqpd_chan **chans;	/* [channel_max + 1], after tune-ok */
 	uint32_t chan_gen;		/* bumped at each channel.open */
 	amqp_pool_t pool;		/* decoded methods and properties, one frame's */
@@ -90,9 +91,11 @@ void amqpd_send_method(struct amqpd_conn *c, uint16_t channel, amqp_method_numbe
     void *decoded);
 void amqpd_conn_close(struct amqpd_conn *c, int code, const char *text, uint32_t method);
 void amqpd_conn_unref(struct amqpd_conn *c);
+void amqpd_conn_tell_soon(struct amqpd_conn *c);
 
 /* amqpd_chan.c, for amqpd.c */
 void amqpd_chan_frame(struct amqpd_conn *c, const struct amqpf_frame *f);
 void amqpd_chan_free(struct amqpd_chan *ch);
+void amqpd_chan_tell_all(struct amqpd_conn *c);
 
 #endif

@@ -187,6 +187,31 @@ def main(wd):
             seen.append(i)
     h.check(seen == sorted(seen, key=lambda x: int(x.split('-')[1])),
             'in publish order (first arrivals)', seen[:10])
+    # -- a pipelined confirm stream (pika's SelectConnection): every tag
+    # settled once, in order, runs of them by one basic.ack with multiple
+    P = 2000
+    rc, lines, err = client('pipeline', url, P)
+    acks = lines[0]['acks'] if lines else []
+    covered, in_order = 0, True
+    for name, tag, multiple in acks:
+        in_order = in_order and name == 'Basic.Ack' and tag > covered and (multiple or
+                                                                          tag == covered + 1)
+        covered = tag
+    h.check(rc == 0 and in_order and covered == P,
+            'SelectConnection, %d publishes at once: acked in order, each once' % P,
+            (rc, acks[:5], err[-300:]))
+    h.check(len(acks) < P, 'multiple=true acks: %d frames for %d publishes' % (len(acks), P),
+            len(acks))
+
+    # -- heartbeats both ways, channel.flow
+    rc, lines, err = client('heartbeat', url.split('?')[0])
+    h.check(lines[:1] == [{'alive': True}],
+            "heartbeat=1: alive after 4 s of pika's heartbeats; channel.flow answered",
+            (lines, err[-300:]))
+    h.check(len(lines) > 1 and lines[1].get('dropped') is True,
+            'a client silent for two heartbeat intervals is dropped', lines)
+    h.check('missed two heartbeats' in d.log(), 'and that is logged')
+
     rc = d.stop()
     h.check(rc == 0, 'SIGTERM: exit 0', rc)
 

@@ -6,12 +6,18 @@ results as JSON lines on stdout.
                            on a confirm channel, one line per confirm
   big URL N SIZE           N messages of SIZE bytes on a confirm channel:
                            how many were acked and nacked
+  pipeline URL N           N publishes at once on a SelectConnection
+                           confirm channel: every basic.ack/nack received
+  heartbeat URL            heartbeat=1: kept alive while pika serves its
+                           heartbeats (and channel.flow answered), dropped
+                           by sagad after two silent intervals
   login URL                open and close a connection: the outcome
   refuse URL METHOD        queue.declare or tx.select: the channel's close
 """
 
 import json
 import sys
+import time
 
 import pika
 
@@ -54,6 +60,52 @@ def big(url, n, size):
     out(acked=acked, nacked=nacked)
 
 
+def pipeline(url, n):
+    n = int(n)
+    acks = []
+
+    def on_confirm(frame):
+        m = frame.method
+        acks.append([m.NAME, m.delivery_tag, bool(m.multiple)])
+        if m.delivery_tag >= n:
+            conn.close()
+
+    def on_select_ok(_frame):
+        for i in range(n):
+            ch.basic_publish('events', 'fd.pipe', b'%d' % i,
+                             pika.BasicProperties(delivery_mode=2, message_id='pipe-%d' % i))
+
+    def on_channel(channel):
+        global ch
+        ch = channel
+        ch.confirm_delivery(on_confirm, callback=on_select_ok)
+
+    conn = pika.SelectConnection(pika.URLParameters(url),
+                                 on_open_callback=lambda c: c.channel(on_open_callback=on_channel),
+                                 on_close_callback=lambda c, e: c.ioloop.stop())
+    conn.ioloop.call_later(60, conn.ioloop.stop)
+    conn.ioloop.start()
+    out(acks=acks)
+
+
+def heartbeat(url):
+    c = pika.BlockingConnection(pika.URLParameters(url + '?heartbeat=1'))
+    ch = c.channel()
+    c.sleep(4)			# pika sends and reads heartbeats meanwhile
+    ch.flow(False)
+    ch.flow(True)
+    ch.basic_publish('events', 'fd.hb', b'alive', pika.BasicProperties(message_id='hb-alive'))
+    out(alive=True)
+    time.sleep(5)		# silent: no heartbeats from pika now
+    try:
+        c.process_data_events(0)
+        ch.basic_publish('events', 'fd.hb', b'late', pika.BasicProperties(message_id='hb-late'))
+        c.process_data_events(1)
+        out(dropped=False)
+    except pika.exceptions.AMQPError as e:
+        out(dropped=True, error=type(e).__name__)
+
+
 def login(url):
     try:
         with connect(url):
@@ -81,4 +133,4 @@ def refuse(url, method):
 
 
 if __name__ == '__main__':
-    {'publish': publish, 'big': big, 'login': login, 'refuse': refuse}[sys.argv[1]](*sys.argv[2:])
+    {'publish': publish, 'big': big, 'pipeline': pipeline, 'heartbeat': heartbeat, 'login': login, 'refuse': refuse}[sys.argv[1]](*sys.argv[2:])
