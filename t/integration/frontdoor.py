@@ -90,7 +90,8 @@ def main(wd):
     broker.stop()
 
     port = h.free_port()
-    d = h.Sagad(wd, broker.url, name='orders', token=TOKEN,
+    # reconnect_max: the broker comes back within seconds, not 30
+    d = h.Sagad(wd, broker.url, name='orders', token=TOKEN, broker_extra='reconnect_max = 1;',
                 conf_extra='amqp = { listen = "127.0.0.1:%d"; };' % port)
     d.start(wait_ready=False)
     url = 'amqp://svc:%s@127.0.0.1:%d/%%2f?heartbeat=10' % (TOKEN, port)
@@ -135,6 +136,11 @@ def main(wd):
 
     # -- broker up: all arrive, in order, once
     broker.start()
+
+    def drained():
+        m = h.parse_metrics(d.admin_get('/metrics')[1])
+        return m.get('sagad_broker_connected') == 1 and m.get('sagad_outbox_pending') == 0
+    h.wait_until(drained, 120, 'sagad reconnected and its outbox drained')
     # N, the 2 after the refusals, amqp-publish's 3 (and a duplicate or more
     # would be found by the wait of 10 s)
     got = tool.consume(broker.url, 'fdq', N + 2 + (3 if tools is not None else 0) + 1,
