@@ -306,34 +306,19 @@ amqpd_conn_drop(struct amqpd_conn *c)
 static void
 amqpd_conn_method(struct amqpd_conn *c, amqp_method_number_t id, void *m)
 {
-	switch (c->state) {
-	case AMQPD_START_SENT:
-		if (id == AMQP_CONNECTION_START_OK_METHOD)
-			return amqpd_conn_tuned(c, m);
-		break;
-	case AMQPD_TUNE_SENT:
-		if (id == AMQP_CONNECTION_TUNE_OK_METHOD)
-			return amqpd_conn_tune_ok(c, m);
-		break;
-	case AMQPD_TUNED:
-		if (id == AMQP_CONNECTION_OPEN_METHOD)
-			return amqpd_conn_opened(c);
-		break;
-	case AMQPD_CLOSING:
-		if (id == AMQP_CONNECTION_CLOSE_OK_METHOD)
-			return amqpd_conn_drop(c);
-		if (id == AMQP_CONNECTION_CLOSE_METHOD)
-			return amqpd_conn_closed_by_peer(c);
-		return;		/* the rest is discarded until close-ok */
-	default:
-		break;
-	}
-	if (id == AMQP_CONNECTION_CLOSE_METHOD)
-		return amqpd_conn_closed_by_peer(c);
-	if (id == AMQP_CONNECTION_CLOSE_OK_METHOD)
-		return amqpd_conn_drop(c);
-	amqpd_conn_close(c, AMQPF_COMMAND_INVALID, "COMMAND_INVALID - unexpected method on channel 0",
-	    id);
+	if (c->state == AMQPD_START_SENT && id == AMQP_CONNECTION_START_OK_METHOD)
+		amqpd_conn_tuned(c, m);
+	else if (c->state == AMQPD_TUNE_SENT && id == AMQP_CONNECTION_TUNE_OK_METHOD)
+		amqpd_conn_tune_ok(c, m);
+	else if (c->state == AMQPD_TUNED && id == AMQP_CONNECTION_OPEN_METHOD)
+		amqpd_conn_opened(c);
+	else if (id == AMQP_CONNECTION_CLOSE_METHOD)
+		amqpd_conn_closed_by_peer(c);
+	else if (id == AMQP_CONNECTION_CLOSE_OK_METHOD)
+		amqpd_conn_drop(c);
+	else if (c->state != AMQPD_CLOSING)	/* CLOSING: the rest is dropped until close-ok */
+		amqpd_conn_close(c, AMQPF_COMMAND_INVALID,
+		    "COMMAND_INVALID - unexpected method on channel 0", id);
 }
 
 /* A frame on channel 0 (the connection's own). */
@@ -354,11 +339,15 @@ amqpd_conn_frame(struct amqpd_conn *c, const struct amqpf_frame *f)
 			    "UNEXPECTED_FRAME - content on channel 0", 0);
 		return;
 	}
-	if (amqpf_method(f, &id, &args, &alen, &err) < 0)
-		return amqpd_conn_close(c, err.code, err.why, 0);
-	if (amqp_decode_method(id, &c->pool, (amqp_bytes_t){ alen, (void *)args }, &m) < 0)
-		return amqpd_conn_close(c, AMQPF_SYNTAX_ERROR,
+	if (amqpf_method(f, &id, &args, &alen, &err) < 0) {
+		amqpd_conn_close(c, err.code, err.why, 0);
+		return;
+	}
+	if (amqp_decode_method(id, &c->pool, (amqp_bytes_t){ alen, (void *)args }, &m) < 0) {
+		amqpd_conn_close(c, AMQPF_SYNTAX_ERROR,
 		    "SYNTAX_ERROR - cannot decode the method", id);
+		return;
+	}
 	amqpd_conn_method(c, id, m);
 }
 

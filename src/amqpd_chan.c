@@ -445,40 +445,52 @@ amqpd_chan_header(struct amqpd_chan *ch, const struct amqpf_frame *f)
 	void *decoded;
 	char why[300], text[340];
 
-	if (amqpf_content(f, &cls, &size, &pb, &plen, &err) < 0)
-		return amqpd_conn_close(ch->c, err.code, err.why, 0);
-	if (cls != AMQP_BASIC_CLASS)
-		return amqpd_conn_close(ch->c, AMQPF_UNEXPECTED_FRAME,
+	if (amqpf_content(f, &cls, &size, &pb, &plen, &err) < 0) {
+		amqpd_conn_close(ch->c, err.code, err.why, 0);
+		return;
+	}
+	if (cls != AMQP_BASIC_CLASS) {
+		amqpd_conn_close(ch->c, AMQPF_UNEXPECTED_FRAME,
 		    "UNEXPECTED_FRAME - content header of another class than basic", 0);
+		return;
+	}
 	if (amqp_decode_properties(cls, &ch->c->pool, (amqp_bytes_t){ plen, (void *)pb },
-	    &decoded) < 0)
-		return amqpd_conn_close(ch->c, AMQPF_SYNTAX_ERROR,
+	    &decoded) < 0) {
+		amqpd_conn_close(ch->c, AMQPF_SYNTAX_ERROR,
 		    "SYNTAX_ERROR - cannot decode the content header's properties", 0);
+		return;
+	}
 	if (size > (uint64_t)conf->api.max_message_bytes) {
 		snprintf(text, sizeof text, "PRECONDITION_FAILED - message of %" PRIu64
 		    " bytes is over max_message_bytes (%lld)", size,
 		    (long long)conf->api.max_message_bytes);
-		return amqpd_chan_close(ch, AMQPF_PRECONDITION_FAILED, text,
+		amqpd_chan_close(ch, AMQPF_PRECONDITION_FAILED, text,
 		    AMQP_BASIC_PUBLISH_METHOD);
+		return;
 	}
 	if (amqpd_props(ch, decoded, why, sizeof why) < 0) {
 		snprintf(text, sizeof text, "PRECONDITION_FAILED - %s", why);
-		return amqpd_chan_close(ch, AMQPF_PRECONDITION_FAILED, text,
+		amqpd_chan_close(ch, AMQPF_PRECONDITION_FAILED, text,
 		    AMQP_BASIC_PUBLISH_METHOD);
+		return;
 	}
 	ch->body_size = size;
 	ch->m.body = xmalloc(size ? (size_t)size : 1);
-	if (size == 0)
-		return amqpd_chan_store(ch);
+	if (size == 0) {
+		amqpd_chan_store(ch);
+		return;
+	}
 	ch->state = AMQPD_CH_BODY;
 }
 
 static void
 amqpd_chan_body(struct amqpd_chan *ch, const struct amqpf_frame *f)
 {
-	if (f->size > ch->body_size - ch->body_got)
-		return amqpd_conn_close(ch->c, AMQPF_FRAME_ERROR,
+	if (f->size > ch->body_size - ch->body_got) {
+		amqpd_conn_close(ch->c, AMQPF_FRAME_ERROR,
 		    "FRAME_ERROR - body frames longer than the content header's body size", 0);
+		return;
+	}
 	memcpy(ch->m.body + ch->body_got, f->payload, f->size);
 	ch->body_got += f->size;
 	ch->m.body_len = ch->body_got;
@@ -496,14 +508,17 @@ amqpd_chan_method(struct amqpd_chan *ch, amqp_method_number_t id, void *m)
 
 	switch (id) {
 	case AMQP_CHANNEL_CLOSE_METHOD:
-		return amqpd_chan_closed_by_peer(ch);
+		amqpd_chan_closed_by_peer(ch);
+		return;
 	case AMQP_CHANNEL_OPEN_METHOD:
-		return amqpd_conn_close(ch->c, AMQPF_CHANNEL_ERROR,
+		amqpd_conn_close(ch->c, AMQPF_CHANNEL_ERROR,
 		    "CHANNEL_ERROR - channel already open", id);
+		return;
 	case AMQP_CHANNEL_FLOW_METHOD:
 		/* We never deliver content yet: flow only needs its answer. */
 		flow.active = ((amqp_channel_flow_t *)m)->active;
-		return amqpd_send_method(ch->c, ch->id, AMQP_CHANNEL_FLOW_OK_METHOD, &flow);
+		amqpd_send_method(ch->c, ch->id, AMQP_CHANNEL_FLOW_OK_METHOD, &flow);
+		return;
 	case AMQP_CHANNEL_FLOW_OK_METHOD:
 		return;
 	case AMQP_CONFIRM_SELECT_METHOD:
@@ -512,12 +527,16 @@ amqpd_chan_method(struct amqpd_chan *ch, amqp_method_number_t id, void *m)
 			amqpd_send_method(ch->c, ch->id, AMQP_CONFIRM_SELECT_OK_METHOD, &sel);
 		return;
 	case AMQP_BASIC_PUBLISH_METHOD:
-		if (ch->c->a->d->state != SAGAD_RUNNING)
-			return amqpd_conn_close(ch->c, 320,
+		if (ch->c->a->d->state != SAGAD_RUNNING) {
+			amqpd_conn_close(ch->c, 320,
 			    "CONNECTION_FORCED - sagad is stopping; publish to its successor", id);
-		return amqpd_chan_publish(ch, m);
+			return;
+		}
+		amqpd_chan_publish(ch, m);
+		return;
 	default:
-		return amqpd_chan_refuse(ch, id);
+		amqpd_chan_refuse(ch, id);
+		return;
 	}
 }
 
@@ -561,19 +580,24 @@ amqpd_chan_frame(struct amqpd_conn *c, const struct amqpf_frame *f)
 
 	if (c->state == AMQPD_CLOSING)
 		return;		/* discarded until our close is answered */
-	if (f->channel > c->channel_max)
-		return amqpd_conn_close(c, AMQPF_CHANNEL_ERROR,
+	if (f->channel > c->channel_max) {
+		amqpd_conn_close(c, AMQPF_CHANNEL_ERROR,
 		    "CHANNEL_ERROR - channel number over channel_max", 0);
+		return;
+	}
 	ch = c->chans[f->channel];
 	if (f->type == AMQPF_HEARTBEAT)
 		return;
 	if (f->type == AMQPF_METHOD && amqpd_decode(c, f, &id, &m) < 0)
 		return;
 	if (!ch) {
-		if (id == AMQP_CHANNEL_OPEN_METHOD)
-			return amqpd_chan_open(c, f->channel);
-		return amqpd_conn_close(c, AMQPF_CHANNEL_ERROR, "CHANNEL_ERROR - channel not open",
+		if (id == AMQP_CHANNEL_OPEN_METHOD) {
+			amqpd_chan_open(c, f->channel);
+			return;
+		}
+		amqpd_conn_close(c, AMQPF_CHANNEL_ERROR, "CHANNEL_ERROR - channel not open",
 		    id);
+		return;
 	}
 	switch (ch->state) {
 	case AMQPD_CH_CLOSING:
@@ -581,16 +605,22 @@ amqpd_chan_frame(struct amqpd_conn *c, const struct amqpf_frame *f)
 			amqpd_chan_closing(ch, id);
 		return;
 	case AMQPD_CH_HEADER:
-		if (f->type == AMQPF_HEADER)
-			return amqpd_chan_header(ch, f);
+		if (f->type == AMQPF_HEADER) {
+			amqpd_chan_header(ch, f);
+			return;
+		}
 		break;
 	case AMQPD_CH_BODY:
-		if (f->type == AMQPF_BODY)
-			return amqpd_chan_body(ch, f);
+		if (f->type == AMQPF_BODY) {
+			amqpd_chan_body(ch, f);
+			return;
+		}
 		break;
 	case AMQPD_CH_OPEN:
-		if (f->type == AMQPF_METHOD)
-			return amqpd_chan_method(ch, id, m);
+		if (f->type == AMQPF_METHOD) {
+			amqpd_chan_method(ch, id, m);
+			return;
+		}
 		break;
 	}
 	amqpd_conn_close(c, AMQPF_UNEXPECTED_FRAME,
