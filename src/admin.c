@@ -17,6 +17,7 @@
 #include "delivery.h"
 #include "httpd.h"
 #include "ingress.h"
+#include "amqpd.h"
 #include "metrics.h"
 #include "otel.h"
 #include "plugin.h"
@@ -182,6 +183,7 @@ admin_metrics(struct admin *a, struct evhttp_request *req)
 	store_fsync_histogram(d->store, &fs);
 	ADMIN_METRICS(ADMIN_EMIT)
 	admin_metrics_nodes(d, out);
+	amqpd_metrics(d->amqpd, out);
 	delivery_metrics(d->delivery, out);
 	if (d->saga)
 		saga_metrics(d->saga, out);

@@ -723,6 +723,24 @@ conf_valid_listen(const char *v)
 	return *end == '\0' && port >= 0 && port <= 65535;
 }
 
+/* The AMQP front door: local only unless allowed, as admin_listen. */
+static void
+conf_check_amqp(struct conf_ctx *ctx, config_t *cfg, struct sagad_conf *c)
+{
+	if (c->amqp.listen && !*c->amqp.listen) {
+		free(c->amqp.listen);	/* "" is the same as absent: no listener */
+		c->amqp.listen = NULL;
+	}
+	if (!c->amqp.listen)
+		return;
+	if (!conf_valid_listen(c->amqp.listen))
+		conf_err(ctx, config_lookup(cfg, "amqp.listen"),
+		    "amqp 'listen' must be HOST:PORT or unix:/path");
+	else if (!c->amqp.allow_remote && !util_listen_is_local(c->amqp.listen))
+		conf_err(ctx, config_lookup(cfg, "amqp.listen"),
+		    "amqp 'listen' is not loopback or a unix socket (set amqp.allow_remote = true to allow it)");
+}
+
 static void
 conf_check(struct conf_ctx *ctx, config_t *cfg, struct sagad_conf *c)
 {
@@ -750,6 +768,7 @@ conf_check(struct conf_ctx *ctx, config_t *cfg, struct sagad_conf *c)
 	else if (!c->api.admin_allow_remote && !util_listen_is_local(c->api.admin_listen))
 		conf_err(ctx, config_lookup(cfg, "api.admin_listen"),
 		    "'admin_listen' is not loopback or a unix socket (set admin_allow_remote = true to allow it)");
+	conf_check_amqp(ctx, cfg, c);
 	if (c->user && !getpwnam(c->user))
 		conf_err(ctx, config_lookup(cfg, "user"), "unknown user '%s'", c->user);
 	if (c->api.token_file) {

@@ -158,6 +158,12 @@ struct conf_api {
 	char *ui_dir;		/* the web page's files; "" turns it off */
 };
 
+/* The AMQP front door (amqp = { ... }; amqpd.c): NULL listen, no listener. */
+struct conf_amqp {
+	char *listen;		/* "HOST:PORT" or "unix:/path"; NULL or "": none */
+	int allow_remote;	/* a non-loopback listen is an error without it */
+};
+
 /* Where the saga engine keeps its sagas (saga_store = { ... }). */
 enum conf_saga_backend {
 	SAGA_BACKEND_SQLITE,	/* in sagad's own store (store.path), as always */
@@ -210,6 +216,7 @@ struct sagad_conf {
 	struct conf_broker broker;
 	struct conf_store store;
 	struct conf_api api;
+	struct conf_amqp amqp;
 	struct conf_outbox outbox;
 	struct conf_saga_store saga_store;
 	struct conf_tracing tracing;

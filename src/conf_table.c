@@ -76,6 +76,13 @@ static const struct conf_key conf_api_rows[] = {
 	END
 };
 #undef A
+#define AQ(f) offsetof(struct sagad_conf, amqp.f)
+static const struct conf_key conf_amqp_rows[] = {
+	ROW("listen", CONF_STR, AQ(listen), R, NULL, 0, 0),
+	ROW("allow_remote", CONF_BOOL, AQ(allow_remote), R, "false", 0, 0),
+	END
+};
+#undef AQ
 #define O(f) offsetof(struct sagad_conf, outbox.f)
 static const struct conf_key conf_outbox_rows[] = {
 	ROW("max_inflight", CONF_INT, O(max_inflight), 0, "1024", 1, 65535),
@@ -255,6 +262,7 @@ static const struct conf_key conf_top_rows[] = {
 	GROUP("broker", conf_broker_rows),
 	GROUP("store", conf_store_rows),
 	GROUP("api", conf_api_rows),
+	GROUP("amqp", conf_amqp_rows),
 	GROUP("outbox", conf_outbox_rows),
 	GROUP("saga_store", conf_saga_store_rows),
 	GROUP("tracing", conf_tracing_rows),

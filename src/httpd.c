@@ -175,6 +175,15 @@ httpd_accept_error(struct evconnlistener *l, void *arg)
 	event_add(p->ev, &tv);
 }
 
+int
+httpd_bind(const char *spec, int socket_mode, char **err)
+{
+	*err = NULL;
+	if (strncmp(spec, "unix:", 5) == 0)
+		return httpd_bind_unix(spec + 5, socket_mode, err);
+	return httpd_bind_tcp(spec, err);
+}
+
 struct evhttp *
 httpd_listen(struct event_base *base, const char *spec,
     const struct httpd_limits *lim, char **err)
@@ -184,12 +193,7 @@ httpd_listen(struct event_base *base, const char *spec,
 	struct evhttp *http;
 	int fd;
 
-	*err = NULL;
-	if (strncmp(spec, "unix:", 5) == 0)
-		fd = httpd_bind_unix(spec + 5, lim->socket_mode, err);
-	else
-		fd = httpd_bind_tcp(spec, err);
-	if (fd < 0)
+	if ((fd = httpd_bind(spec, lim->socket_mode, err)) < 0)
 		return NULL;
 	http = evhttp_new(base);
 	httpd_set_limits(http, lim);

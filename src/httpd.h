@@ -18,6 +18,9 @@ struct httpd_limits {
 /* Bind "HOST:PORT" or "unix:/path". NULL with a malloc'd *err on failure. */
 struct evhttp *httpd_listen(struct event_base *base, const char *spec,
     const struct httpd_limits *lim, char **err);
+/* The listening socket alone (the AMQP front door binds it too): a
+ * non-blocking fd, or -1 with a malloc'd *err. */
+int httpd_bind(const char *spec, int socket_mode, char **err);
 void httpd_set_limits(struct evhttp *http, const struct httpd_limits *lim);
 
 /* Send a JSON document (serialised from a jansson json_t *, which is freed). */

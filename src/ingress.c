@@ -90,10 +90,20 @@ ingress_parse_path(const struct sagad_conf *conf, const char *path, struct msg *
 	m->routing_key = key;
 	if (strcmp(ex, "-") == 0)
 		ex[0] = '\0';	/* the default exchange */
-	else if (!util_valid_exchange(ex))
+	else if (!*ex)		/* "" is the default only as "-" in a path */
 		return ingress_fail(error, why, whylen, "bad-exchange",
 		    "exchange names are 1-255 of A-Z a-z 0-9 - _ . : (or - for the default exchange)");
-	else if (conf->n_exchanges && !conf_exchange(conf, ex) && !ingress_builtin_exchange(ex))
+	return ingress_check_route(conf, ex, key, error, why, whylen);
+}
+
+int
+ingress_check_route(const struct sagad_conf *conf, const char *ex, const char *key,
+    const char **error, char *why, size_t whylen)
+{
+	if (*ex && !util_valid_exchange(ex))
+		return ingress_fail(error, why, whylen, "bad-exchange",
+		    "exchange names are 1-255 of A-Z a-z 0-9 - _ . : (or - for the default exchange)");
+	if (*ex && conf->n_exchanges && !conf_exchange(conf, ex) && !ingress_builtin_exchange(ex))
 		return ingress_fail(error, why, whylen, "unknown-exchange",
 		    "exchange is not in the configured exchanges");
 	if (!util_valid_shortstr(key, 255))
@@ -111,8 +121,14 @@ ingress_visible(const char *s)
 	return 1;
 }
 
-static int
-ingress_digits(const char *s)
+int
+ingress_valid_message_id(const char *v)
+{
+	return *v && strlen(v) <= 255 && ingress_visible(v);
+}
+
+int
+ingress_valid_expiration(const char *s)
 {
 	size_t n = strlen(s);
 
@@ -154,7 +170,7 @@ ingress_parse(const struct sagad_conf *conf, const char *path,
 		char **dst = NULL;
 
 		if (strcasecmp(k, "Message-Id") == 0) {
-			if (!*v || strlen(v) > 255 || !ingress_visible(v))
+			if (!ingress_valid_message_id(v))
 				return ingress_fail(error, why, whylen, "bad-header",
 				    "Message-Id must be 1-255 visible ASCII characters");
 			dst = &m->message_id;
@@ -165,7 +181,7 @@ ingress_parse(const struct sagad_conf *conf, const char *path,
 		else if (strcasecmp(k, "Amqp-Type") == 0)
 			dst = &m->props.type;
 		else if (strcasecmp(k, "Amqp-Expiration") == 0) {
-			if (!ingress_digits(v))
+			if (!ingress_valid_expiration(v))
 				return ingress_fail(error, why, whylen, "bad-header",
 				    "Amqp-Expiration must be a number of milliseconds up to 4294967295");
 			dst = &m->props.expiration;

@@ -30,4 +30,16 @@ int ingress_parse(const struct sagad_conf *conf, const char *path,
     const struct evkeyvalq *headers, struct msg *m, const char **error,
     char *why, size_t whylen);
 
+/*
+ * The publish rules the AMQP front door (amqpd_chan.c) shares with the
+ * HTTP API: an exchange ("" the default one) and routing key, -1 with an
+ * error code name and message as ingress_parse; a Message-Id (1-255
+ * visible ASCII); an expiration (milliseconds, at most 2^32-1, as
+ * RabbitMQ takes it).
+ */
+int ingress_check_route(const struct sagad_conf *conf, const char *exchange,
+    const char *routing_key, const char **error, char *why, size_t whylen);
+int ingress_valid_message_id(const char *v);
+int ingress_valid_expiration(const char *v);
+
 #endif

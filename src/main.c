@@ -16,6 +16,7 @@
 #include "conf.h"
 #include "delivery.h"
 #include "ingress.h"
+#include "amqpd.h"
 #include "log.h"
 #include "otel.h"
 #include "plugin.h"
@@ -349,6 +350,8 @@ sagad_start(struct sagad *d, char **err)
 	d->ingress = ingress_new(d, err);
 	if (!d->ingress)
 		return -1;
+	if (d->conf->amqp.listen && !(d->amqpd = amqpd_new(d, err)))
+		return -1;
 	d->admin = admin_new(d, err);
 	if (!d->admin)
 		return -1;
@@ -406,6 +409,7 @@ sagad_stop(struct sagad_main *sm)
 	plugins_stop(d->plugins);
 	saga_free(d->saga);
 	ingress_free(d->ingress);
+	amqpd_free(d->amqpd);
 	admin_free(d->admin);
 	relay_free(d->relay);
 	otel_free(d->otel);

@@ -10,6 +10,7 @@ struct store;
 struct broker;
 struct relay;
 struct ingress;
+struct amqpd;
 struct admin;
 struct delivery;
 struct saga_engine;
@@ -33,6 +34,7 @@ struct sagad {
 	struct saga_engine *saga;	/* NULL without sagas */
 	struct plugins *plugins;	/* the sources */
 	struct ingress *ingress;
+	struct amqpd *amqpd;		/* the AMQP front door; NULL: none */
 	struct admin *admin;
 	struct otel *otel;		/* NULL: tracing off */
 	enum sagad_state state;

@@ -1,0 +1,101 @@
+/*
+ * What amqpd.c (connections: handshake, frames, heartbeats, close) and
+ * amqpd_chan.c (channels: open/close/flow, publishing, confirms, the
+ * refusals) share. Included by these two files only.
+ */
+#ifndef SAGAD_AMQPD_INT_H
+#define SAGAD_AMQPD_INT_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "amqp_frame.h"
+#include "amqp_headers.h"
+#include "amqpd.h"
+#include "msg.h"
+
+struct bufferevent;
+struct evconnlistener;
+struct event;
+
+struct amqpd {
+	struct sagad *d;
+	struct evconnlistener *listener;
+	struct amqpd_conn *conns;	/* every live connection */
+	struct amqpd_stats stats;
+};
+
+/*
+ * A connection's life (one function per change, amqpd.c):
+ * HEADER -> START_SENT (amqpd_conn_started) -> TUNE_SENT (amqpd_conn_tuned)
+ * -> TUNED (amqpd_conn_tune_ok) -> OPEN (amqpd_conn_opened); from any state
+ * CLOSING (amqpd_conn_close: our connection.close sent, waiting for
+ * close-ok) and DEAD (amqpd_conn_drop: socket gone, the struct kept until
+ * the store's callbacks that name it have run).
+ */
+enum amqpd_conn_state {
+	AMQPD_HEADER,
+	AMQPD_START_SENT,
+	AMQPD_TUNE_SENT,
+	AMQPD_TUNED,
+	AMQPD_OPEN,
+	AMQPD_CLOSING,
+	AMQPD_DEAD
+};
+
+struct amqpd_conn {
+	struct amqpd *a;		/* NULL once amqpd_free ran */
+	struct amqpd_conn *next, *prev;
+	struct bufferevent *bev;
+	enum amqpd_conn_state state;
+	uint32_t frame_max;		/* whole frames, as tuned */
+	uint16_t channel_max;
+	uint16_t heartbeat;		/* seconds, 0: none */
+	double last_rx, last_hb_tx, deadline;	/* monotonic */
+	struct event *tick_ev;		/* heartbeats and deadlines, once a second */
+	struct event *tell_ev;		/* confirms settled: tell them (amqpd_chan_tell_all) */
+	struct amqpd_chan **chans;	/* [channel_max + 1], after tune-ok */
+	uint32_t chan_gen;		/* bumped at each channel.open */
+	amqp_pool_t pool;		/* decoded methods and properties, one frame's */
+	unsigned refs;			/* store callbacks still to come */
+	int flush_then_drop;		/* connection.close-ok sent: go once written */
+	char peer[64];
+};
+
+/* A channel (amqpd_chan.c): OPEN, or a publish waiting for its content
+ * header (HEADER) and body (BODY), or our channel.close sent (CLOSING). */
+enum amqpd_chan_state {
+	AMQPD_CH_OPEN,
+	AMQPD_CH_HEADER,
+	AMQPD_CH_BODY,
+	AMQPD_CH_CLOSING
+};
+
+struct amqpd_chan {
+	struct amqpd_conn *c;
+	uint16_t id;
+	uint32_t gen;			/* amqpd_wait names the channel by it */
+	enum amqpd_chan_state state;
+	int confirm;			/* confirm.select received */
+	uint64_t next_tag;		/* the last delivery tag given */
+	uint64_t told;			/* every tag <= told is acked or nacked */
+	uint8_t *outcome;		/* of tags told+1 ...: enum amqpd_outcome */
+	size_t noutcome, capoutcome;
+	struct msg m;			/* the publish being assembled */
+	uint64_t body_size;
+	size_t body_got;
+};
+
+/* amqpd.c, for amqpd_chan.c */
+void amqpd_send_method(struct amqpd_conn *c, uint16_t channel, amqp_method_number_t id,
+    void *decoded);
+void amqpd_conn_close(struct amqpd_conn *c, int code, const char *text, uint32_t method);
+void amqpd_conn_unref(struct amqpd_conn *c);
+void amqpd_conn_tell_soon(struct amqpd_conn *c);
+
+/* amqpd_chan.c, for amqpd.c */
+void amqpd_chan_frame(struct amqpd_conn *c, const struct amqpf_frame *f);
+void amqpd_chan_free(struct amqpd_chan *ch);
+void amqpd_chan_tell_all(struct amqpd_conn *c);
+
+#endif

@@ -1,0 +1,418 @@
+/* Unit tests for src/amqpd.c and src/amqpd_chan.c: the front door driven
+ * over a unix socket by a client written here, on the test's own loop,
+ * with a real store: the handshake, confirms in order, the refusals and
+ * their reply codes. (t/integration/frontdoor.py does the same with pika,
+ * amqp-publish and a real RabbitMQ.) */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <cmocka.h>
+
+#include <errno.h>
+#include <event2/event.h>
+#include <poll.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+#include "amqp_frame.h"
+#include "amqp_headers.h"
+#include "amqpd.h"
+#include "conf.h"
+#include "sagad.h"
+#include "store.h"
+#include "xmalloc.h"
+
+#define CONF "service = \"orders\";\n" \
+	"api = { token_file = \"%s/token\"; };\n" \
+	"amqp = { listen = \"unix:%s/amqp.sock\"; };\n"
+
+struct fx {
+	char dir[64], path[96];
+	struct event_base *base;
+	struct sagad d;
+	struct amqpd *a;
+	int fd;				/* the client */
+	uint8_t in[1 << 18];		/* what the client has read, not taken */
+	size_t nin;
+	amqp_pool_t pool;
+};
+
+/* ---- the client ---- */
+
+static void
+turn(struct fx *f)
+{
+	int i;
+
+	for (i = 0; i < 5; i++)
+		event_base_loop(f->base, EVLOOP_NONBLOCK);
+}
+
+static void
+send_raw(struct fx *f, const void *p, size_t n)
+{
+	assert_int_equal(write(f->fd, p, n), (ssize_t)n);
+	turn(f);
+}
+
+static void
+send_frame(struct fx *f, uint8_t type, uint16_t ch, const void *payload, size_t n)
+{
+	uint8_t buf[8192];
+
+	amqpf_put_header(buf, type, ch, (uint32_t)n);
+	memcpy(buf + 7, payload, n);
+	buf[7 + n] = AMQPF_FRAME_END;
+	send_raw(f, buf, n + 8);
+}
+
+static void
+send_method(struct fx *f, uint16_t ch, amqp_method_number_t id, void *m)
+{
+	uint8_t buf[4096];
+	int n;
+
+	buf[0] = (uint8_t)(id >> 24);
+	buf[1] = (uint8_t)(id >> 16);
+	buf[2] = (uint8_t)(id >> 8);
+	buf[3] = (uint8_t)id;
+	n = amqp_encode_method(id, m, (amqp_bytes_t){ sizeof buf - 4, buf + 4 });
+	assert_true(n >= 0);
+	send_frame(f, AMQPF_METHOD, ch, buf, (size_t)n + 4);
+}
+
+/* basic.publish + header + body, with the properties given. */
+static void
+publish(struct fx *f, uint16_t ch, const char *key, amqp_basic_properties_t *p, const char *body)
+{
+	amqp_basic_publish_t m = { 0, amqp_cstring_bytes(""), amqp_cstring_bytes(key), 0, 0 };
+	uint8_t buf[1024];
+	uint64_t len = strlen(body);
+	int n, i;
+
+	send_method(f, ch, AMQP_BASIC_PUBLISH_METHOD, &m);
+	memset(buf, 0, 12);
+	buf[1] = 60;
+	for (i = 0; i < 8; i++)
+		buf[4 + i] = (uint8_t)(len >> (56 - 8 * i));
+	n = amqp_encode_properties(AMQP_BASIC_CLASS, p, (amqp_bytes_t){ sizeof buf - 12, buf + 12 });
+	assert_true(n >= 0);
+	send_frame(f, AMQPF_HEADER, ch, buf, (size_t)n + 12);
+	if (len)
+		send_frame(f, AMQPF_BODY, ch, body, len);
+}
+
+/* The server's next method frame (heartbeats skipped), decoded; 0 when
+ * none came (connection closed or nothing within the wait). */
+static amqp_method_number_t
+recv_method(struct fx *f, uint16_t *ch, void **m)
+{
+	struct amqpf_frame fr;
+	struct amqpf_error err;
+	const uint8_t *args;
+	size_t used, alen;
+	uint32_t id;
+	ssize_t r;
+	int tries;
+
+	for (tries = 0; tries < 200; tries++) {
+		if (amqpf_read(f->in, f->nin, 1 << 18, &fr, &used, &err) == AMQPF_OK) {
+			uint8_t type = fr.type;
+
+			*ch = fr.channel;
+			if (type == AMQPF_METHOD) {
+				assert_int_equal(amqpf_method(&fr, &id, &args, &alen, &err), 0);
+				assert_true(amqp_decode_method(id, &f->pool,
+				    (amqp_bytes_t){ alen, (void *)args }, m) >= 0);
+			}
+			memmove(f->in, f->in + used, f->nin - used);
+			f->nin -= used;
+			if (type == AMQPF_METHOD)
+				return id;
+			continue;
+		}
+		turn(f);
+		r = recv(f->fd, f->in + f->nin, sizeof f->in - f->nin, MSG_DONTWAIT);
+		if (r == 0)
+			return 0;
+		if (r > 0)
+			f->nin += (size_t)r;
+		else
+			usleep(5000);
+	}
+	return 0;
+}
+
+static void
+expect(struct fx *f, amqp_method_number_t want, void **m)
+{
+	uint16_t ch;
+	amqp_method_number_t got = recv_method(f, &ch, m);
+
+	if (got != want)
+		fail_msg("expected %s, got %s", amqp_method_name(want),
+		    got ? amqp_method_name(got) : "nothing");
+}
+
+static void
+client_connect(struct fx *f)
+{
+	struct sockaddr_un sun = { .sun_family = AF_UNIX };
+
+	snprintf(sun.sun_path, sizeof sun.sun_path, "%s/amqp.sock", f->dir);
+	f->fd = socket(AF_UNIX, SOCK_STREAM, 0);
+	assert_int_equal(connect(f->fd, (struct sockaddr *)&sun, sizeof sun), 0);
+	f->nin = 0;
+	turn(f);
+}
+
+/* Up to connection.open-ok, with the password given. */
+static amqp_method_number_t
+login(struct fx *f, const char *password)
+{
+	char resp[64];
+	int n = snprintf(resp, sizeof resp, "%cguest%c%s", 0, 0, password);
+	amqp_connection_start_ok_t so = { amqp_empty_table, amqp_cstring_bytes("PLAIN"),
+	    { (size_t)n, resp }, amqp_cstring_bytes("en_US") };
+	amqp_connection_tune_ok_t to = { 0, 131072, 0 };
+	amqp_connection_open_t op = { amqp_cstring_bytes("/"), amqp_empty_bytes, 0 };
+	uint16_t ch;
+	void *m;
+	amqp_method_number_t id;
+
+	client_connect(f);
+	send_raw(f, AMQPF_PROTOCOL_HEADER, AMQPF_HEADER_LEN);
+	expect(f, AMQP_CONNECTION_START_METHOD, &m);
+	send_method(f, 0, AMQP_CONNECTION_START_OK_METHOD, &so);
+	id = recv_method(f, &ch, &m);
+	if (id != AMQP_CONNECTION_TUNE_METHOD)
+		return id == AMQP_CONNECTION_CLOSE_METHOD ?
+		    ((amqp_connection_close_t *)m)->reply_code : id;
+	send_method(f, 0, AMQP_CONNECTION_TUNE_OK_METHOD, &to);
+	send_method(f, 0, AMQP_CONNECTION_OPEN_METHOD, &op);
+	expect(f, AMQP_CONNECTION_OPEN_OK_METHOD, &m);
+	return AMQP_CONNECTION_OPEN_OK_METHOD;
+}
+
+static void
+channel_open(struct fx *f, uint16_t ch)
+{
+	amqp_channel_open_t o = { amqp_empty_bytes };
+	void *m;
+
+	send_method(f, ch, AMQP_CHANNEL_OPEN_METHOD, &o);
+	expect(f, AMQP_CHANNEL_OPEN_OK_METHOD, &m);
+}
+
+/* The reply code of the close that comes next (channel or connection). */
+static int
+close_code(struct fx *f, amqp_method_number_t want, char *text, size_t len)
+{
+	uint16_t ch;
+	void *m;
+
+	expect(f, want, &m);
+	if (text) {
+		amqp_bytes_t t = want == AMQP_CHANNEL_CLOSE_METHOD ?
+		    ((amqp_channel_close_t *)m)->reply_text :
+		    ((amqp_connection_close_t *)m)->reply_text;
+		snprintf(text, len, "%.*s", (int)t.len, (char *)t.bytes);
+	}
+	(void)ch;
+	return want == AMQP_CHANNEL_CLOSE_METHOD ? ((amqp_channel_close_t *)m)->reply_code :
+	    ((amqp_connection_close_t *)m)->reply_code;
+}
+
+/* ---- fixture ---- */
+
+static int
+setup(void **state)
+{
+	struct fx *f = xcalloc(1, sizeof *f);
+	struct conf_errors errs = { 0 };
+	char conf[512], p[128], *err = NULL;
+	FILE *t;
+
+	snprintf(f->dir, sizeof f->dir, "/tmp/sagad-test-amqpd-XXXXXX");
+	assert_non_null(mkdtemp(f->dir));
+	snprintf(p, sizeof p, "%s/token", f->dir);
+	assert_non_null(t = fopen(p, "w"));
+	fputs("sekrit\n", t);
+	fclose(t);
+	snprintf(f->path, sizeof f->path, "%s/store.db", f->dir);
+	f->base = event_base_new();
+	event_base_priority_init(f->base, 3);
+	snprintf(conf, sizeof conf, CONF, f->dir, f->dir);
+	f->d.base = f->base;
+	f->d.conf = conf_load_string(conf, "test.conf", ".", &errs);
+	if (!f->d.conf)
+		fail_msg("configuration: %s", errs.n ? errs.msg[0] : "?");
+	f->d.store = store_open(f->path, f->base, INT64_C(1) << 30, &err);
+	assert_non_null(f->d.store);
+	f->d.state = SAGAD_RUNNING;
+	f->a = amqpd_new(&f->d, &err);
+	if (!f->a)
+		fail_msg("amqpd_new: %s", err);
+	init_amqp_pool(&f->pool, 4096);
+	f->fd = -1;
+	*state = f;
+	return 0;
+}
+
+static int
+teardown(void **state)
+{
+	struct fx *f = *state;
+	char p[160];
+
+	if (f->fd >= 0)
+		close(f->fd);
+	store_flush(f->d.store);
+	amqpd_free(f->a);
+	store_close(f->d.store);
+	conf_free(f->d.conf);
+	event_base_free(f->base);
+	empty_amqp_pool(&f->pool);
+	snprintf(p, sizeof p, "rm -rf '%s'", f->dir);
+	assert_int_equal(system(p), 0);
+	free(f);
+	return 0;
+}
+
+/* ---- tests ---- */
+
+static void
+test_wrong_header_gets_ours(void **state)
+{
+	struct fx *f = *state;
+	uint8_t got[16];
+	ssize_t n = 0, r;
+	int i;
+
+	client_connect(f);
+	send_raw(f, "AMQP\x01\x01\x00\x0a", 8);
+	for (i = 0; i < 100 && n < 9; i++) {
+		turn(f);
+		r = recv(f->fd, got + n, sizeof got - (size_t)n, MSG_DONTWAIT);
+		if (r == 0)
+			break;
+		if (r > 0)
+			n += r;
+		else
+			usleep(5000);
+	}
+	assert_int_equal(n, 8);
+	assert_memory_equal(got, AMQPF_PROTOCOL_HEADER, 8);
+}
+
+static void
+test_login_token(void **state)
+{
+	struct fx *f = *state;
+
+	assert_int_equal(login(f, "wrong"), AMQPF_ACCESS_REFUSED);
+	close(f->fd);
+	assert_int_equal(login(f, "sekrit"), AMQP_CONNECTION_OPEN_OK_METHOD);
+	assert_int_equal(amqpd_stats(f->a)->auth_failures, 1);
+}
+
+/* Five publishes in one go: settled by the same commit, confirmed in tag
+ * order; a run of them by one ack with multiple. */
+static void
+test_confirms_in_order(void **state)
+{
+	struct fx *f = *state;
+	amqp_confirm_select_t sel = { 0 };
+	amqp_basic_properties_t p = { 0 };
+	uint64_t covered = 0;
+	uint16_t ch;
+	void *m;
+	int i, frames = 0;
+
+	assert_int_equal(login(f, "sekrit"), AMQP_CONNECTION_OPEN_OK_METHOD);
+	channel_open(f, 1);
+	send_method(f, 1, AMQP_CONFIRM_SELECT_METHOD, &sel);
+	expect(f, AMQP_CONFIRM_SELECT_OK_METHOD, &m);
+	p._flags = AMQP_BASIC_MESSAGE_ID_FLAG;
+	p.message_id = amqp_cstring_bytes("m-1");
+	for (i = 0; i < 5; i++)
+		publish(f, 1, "k", &p, i ? "body" : "");	/* m-1 again: duplicates acked */
+	while (covered < 5) {
+		amqp_basic_ack_t *a;
+
+		assert_int_equal(recv_method(f, &ch, &m), AMQP_BASIC_ACK_METHOD);
+		a = m;
+		assert_true(a->delivery_tag > covered);
+		assert_true(a->multiple || a->delivery_tag == covered + 1);
+		covered = a->delivery_tag;
+		frames++;
+	}
+	assert_int_equal(covered, 5);
+	assert_true(frames >= 1 && frames <= 5);
+	assert_int_equal(amqpd_stats(f->a)->acked, 5);
+	assert_int_equal(amqpd_stats(f->a)->duplicates, 4);
+}
+
+static void
+test_refusals(void **state)
+{
+	struct fx *f = *state;
+	amqp_queue_declare_t q = { 0 };
+	amqp_basic_properties_t p = { 0 };
+	amqp_channel_close_ok_t ok = { 0 };
+	char text[256];
+
+	assert_int_equal(login(f, "sekrit"), AMQP_CONNECTION_OPEN_OK_METHOD);
+	channel_open(f, 1);
+	q.queue = amqp_cstring_bytes("q");
+	send_method(f, 1, AMQP_QUEUE_DECLARE_METHOD, &q);
+	assert_int_equal(close_code(f, AMQP_CHANNEL_CLOSE_METHOD, text, sizeof text),
+	    AMQPF_NOT_IMPLEMENTED);
+	assert_non_null(strstr(text, "queue.declare"));
+	send_method(f, 1, AMQP_CHANNEL_CLOSE_OK_METHOD, &ok);
+	/* a property against the publish API's rules: 406, content dropped */
+	channel_open(f, 2);
+	p._flags = AMQP_BASIC_EXPIRATION_FLAG;
+	p.expiration = amqp_cstring_bytes("soon");
+	publish(f, 2, "k", &p, "body");
+	assert_int_equal(close_code(f, AMQP_CHANNEL_CLOSE_METHOD, text, sizeof text),
+	    AMQPF_PRECONDITION_FAILED);
+	assert_non_null(strstr(text, "expiration"));
+	send_method(f, 2, AMQP_CHANNEL_CLOSE_OK_METHOD, &ok);
+	/* a body frame with no publish before it: the connection goes (505) */
+	channel_open(f, 3);
+	send_frame(f, AMQPF_BODY, 3, "x", 1);
+	assert_int_equal(close_code(f, AMQP_CONNECTION_CLOSE_METHOD, NULL, 0),
+	    AMQPF_UNEXPECTED_FRAME);
+	assert_int_equal(store_outbox_count(f->d.store), 0);
+}
+
+static void
+test_bad_frame_end(void **state)
+{
+	struct fx *f = *state;
+	uint8_t buf[12] = { 1, 0, 1, 0, 0, 0, 4, 0, 20, 0, 40, 0xCD };
+
+	assert_int_equal(login(f, "sekrit"), AMQP_CONNECTION_OPEN_OK_METHOD);
+	send_raw(f, buf, sizeof buf);
+	assert_int_equal(close_code(f, AMQP_CONNECTION_CLOSE_METHOD, NULL, 0), AMQPF_FRAME_ERROR);
+}
+
+int
+main(void)
+{
+	const struct CMUnitTest tests[] = {
+		cmocka_unit_test_setup_teardown(test_wrong_header_gets_ours, setup, teardown),
+		cmocka_unit_test_setup_teardown(test_login_token, setup, teardown),
+		cmocka_unit_test_setup_teardown(test_confirms_in_order, setup, teardown),
+		cmocka_unit_test_setup_teardown(test_refusals, setup, teardown),
+		cmocka_unit_test_setup_teardown(test_bad_frame_end, setup, teardown),
+	};
+
+	return cmocka_run_group_tests(tests, NULL, NULL);
+}
