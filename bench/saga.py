@@ -686,30 +686,21 @@ def mode_g(workdir):
         s.stop()
 
 
-def main():
+def frame(prefix, banner, body):
+    """What every run of this benchmark and of bench/tx.py shares: signals
+    end it cleanly, a work directory (prefix; banner(workdir) says what
+    runs), the load and the fsync floor as figures, body(workdir), the
+    daemons' log tails on a failure, then the summary and the clean-up.
+    Returns the exit code."""
     def on_signal(signum, frame):
         for sg in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(sg, signal.SIG_IGN)
         sys.exit(128 + signum)
     for sg in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sg, on_signal)
-    modes = [m.strip() for m in (os.environ.get('BENCH_SAGA_MODES') or 'a,b').split(',')]
-    if not modes or set(modes) - {'a', 'b', 'g'}:
-        print('bench: BENCH_SAGA_MODES: a comma list of a, b, g', file=sys.stderr)
-        return 2
-    for p in (LOADGEN, SINK, h.sagad_path()):
-        if not os.access(p, os.X_OK):
-            print('bench: %s missing: build it first' % p, file=sys.stderr)
-            return 2
-    if 'b' in modes:
-        import saga_pg
-        if not saga_pg.pg.available():
-            print('bench: mode b needs PostgreSQL (apt-get install postgresql)', file=sys.stderr)
-            return 2
-    workdir = tempfile.mkdtemp(prefix='sagad-saga-', dir=os.environ.get('BENCH_WORKDIR') or None)
+    workdir = tempfile.mkdtemp(prefix=prefix, dir=os.environ.get('BENCH_WORKDIR') or None)
     os.chmod(workdir, 0o755)
-    say('work directory %s; modes %s; N=%d repeat=%d rate=%d store=%d'
-        % (workdir, ','.join(modes), SAGA_N, REPEAT, SAGA_RATE, STORE_TARGET))
+    say(banner(workdir))
     t_start = time.time()
     ok = False
     try:
@@ -718,23 +709,8 @@ def main():
         fig('fsync_p50_ms', common.pct(lat, 0.5), '1,000 x write(4 KiB)+fdatasync in the work '
             'directory (the floor of every commit)')
         fig('fsync_p99_ms', common.pct(lat, 0.99))
-        rate_a = rate_b = None
-        if 'a' in modes:
-            wd = os.path.join(workdir, 'a')
-            os.makedirs(wd)
-            rate_a = mode_a(wd)
-        if 'b' in modes:
-            wd = os.path.join(workdir, 'b')
-            os.makedirs(wd)
-            rate_b = saga_pg.mode_b(wd, sys.modules[__name__])
-        if 'g' in modes:
-            wd = os.path.join(workdir, 'g')
-            os.makedirs(wd)
-            rate_g = mode_g(wd)
-            if rate_a:
-                fig('ratio_g_a', rate_g / rate_a, 'g_sat_rate / sat_rate (same run)')
-        if rate_a and rate_b:
-            fig('ratio_b_a', rate_b / rate_a, 'b_sat_rate / sat_rate (target >= 0.5)')
+        body(workdir)
+        fig('uptime_end', open('/proc/loadavg').read().strip(), '/proc/loadavg at the end')
         ok = True
     except BaseException as e:
         if not isinstance(e, SystemExit):
@@ -755,6 +731,46 @@ def main():
             say('work directory kept: %s' % workdir)
         print('bench: %s' % ('ok' if ok else 'FAILED'), flush=True)
     return 0 if ok else 1
+
+
+def run_modes(workdir, modes):
+    rate_a = rate_b = None
+    if 'a' in modes:
+        wd = os.path.join(workdir, 'a')
+        os.makedirs(wd)
+        rate_a = mode_a(wd)
+    if 'b' in modes:
+        import saga_pg
+        wd = os.path.join(workdir, 'b')
+        os.makedirs(wd)
+        rate_b = saga_pg.mode_b(wd, sys.modules[__name__])
+    if 'g' in modes:
+        wd = os.path.join(workdir, 'g')
+        os.makedirs(wd)
+        rate_g = mode_g(wd)
+        if rate_a:
+            fig('ratio_g_a', rate_g / rate_a, 'g_sat_rate / sat_rate (same run)')
+    if rate_a and rate_b:
+        fig('ratio_b_a', rate_b / rate_a, 'b_sat_rate / sat_rate (target >= 0.5)')
+
+
+def main():
+    modes = [m.strip() for m in (os.environ.get('BENCH_SAGA_MODES') or 'a,b').split(',')]
+    if not modes or set(modes) - {'a', 'b', 'g'}:
+        print('bench: BENCH_SAGA_MODES: a comma list of a, b, g', file=sys.stderr)
+        return 2
+    for p in (LOADGEN, SINK, h.sagad_path()):
+        if not os.access(p, os.X_OK):
+            print('bench: %s missing: build it first' % p, file=sys.stderr)
+            return 2
+    if 'b' in modes:
+        import saga_pg
+        if not saga_pg.pg.available():
+            print('bench: mode b needs PostgreSQL (apt-get install postgresql)', file=sys.stderr)
+            return 2
+    return frame('sagad-saga-', lambda wd: 'work directory %s; modes %s; N=%d repeat=%d rate=%d '
+                 'store=%d' % (wd, ','.join(modes), SAGA_N, REPEAT, SAGA_RATE, STORE_TARGET),
+                 lambda wd: run_modes(wd, modes))
 
 
 if __name__ == '__main__':

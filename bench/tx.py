@@ -45,17 +45,14 @@ BENCH_QUEUE_TYPE, BENCH_KEEP=1, BENCH_WORKDIR.
 """
 
 import os
-import shutil
-import signal
 import sys
-import tempfile
 import time
 import urllib.parse
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 import saga as sb  # noqa: E402  (the saga benchmark: its phases and reports)
-from saga import h, say, kill_children, fig, figures  # noqa: E402
+from saga import h, say, fig, figures  # noqa: E402
 from inbox import Sink, cpu_s, broker_pids  # noqa: E402
 
 TX_N = sb.env_int('BENCH_TX_N', 500 if sb.QUICK else 2000)
@@ -228,50 +225,12 @@ def run(workdir):
 
 
 def main():
-    def on_signal(signum, frame):
-        for sg in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            signal.signal(sg, signal.SIG_IGN)
-        sys.exit(128 + signum)
-    for sg in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(sg, on_signal)
     for p in (sb.LOADGEN, sb.SINK, h.sagad_path()):
         if not os.access(p, os.X_OK):
             print('bench: %s missing: build it first' % p, file=sys.stderr)
             return 2
-    workdir = tempfile.mkdtemp(prefix='sagad-tx-', dir=os.environ.get('BENCH_WORKDIR') or None)
-    os.chmod(workdir, 0o755)
-    say('work directory %s; N=%d repeat=%d rate=%d'
-        % (workdir, TX_N, sb.REPEAT, sb.SAGA_RATE))
-    t_start = time.time()
-    ok = False
-    try:
-        fig('uptime', open('/proc/loadavg').read().strip(), '/proc/loadavg at the start')
-        lat = sb.common.fsync_probe(workdir)
-        fig('fsync_p50_ms', sb.common.pct(lat, 0.5), '1,000 x write(4 KiB)+fdatasync in the '
-            'work directory (the floor of every commit)')
-        fig('fsync_p99_ms', sb.common.pct(lat, 0.99))
-        run(workdir)
-        fig('uptime_end', open('/proc/loadavg').read().strip(), '/proc/loadavg at the end')
-        ok = True
-    except BaseException as e:
-        if not isinstance(e, SystemExit):
-            import traceback
-            traceback.print_exc()
-        for d in list(h._live):
-            if isinstance(d, h.Sagad):
-                print('---- tail of %s' % d.logfile)
-                print(h.tail(d.logfile, 20))
-    finally:
-        kill_children()
-        h.cleanup_all()
-        if figures:
-            summary(t_start)
-        if ok and not os.environ.get('BENCH_KEEP'):
-            shutil.rmtree(workdir, ignore_errors=True)
-        else:
-            say('work directory kept: %s' % workdir)
-        print('bench: %s' % ('ok' if ok else 'FAILED'), flush=True)
-    return 0 if ok else 1
+    return sb.frame('sagad-tx-', lambda wd: 'work directory %s; N=%d repeat=%d rate=%d'
+                    % (wd, TX_N, sb.REPEAT, sb.SAGA_RATE), run)
 
 
 if __name__ == '__main__':

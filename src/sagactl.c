@@ -217,6 +217,18 @@ print_json(json_t *j)
 	free(s);
 }
 
+/* With --json the answer as it is, and nothing more to print: 1 (j is
+ * freed); 0 for a table. */
+static int
+printed_json(const struct sagactl *c, json_t *j)
+{
+	if (!c->json)
+		return 0;
+	print_json(j);
+	json_decref(j);
+	return 1;
+}
+
 static const char *
 jstr(json_t *o, const char *path)
 {
@@ -253,11 +265,8 @@ cmd_status(struct sagactl *c, int argc, char **argv)
 	if (argc != 1)
 		usage();
 	j = sagactl_call(c, "GET", "/v1/admin/status");
-	if (c->json) {
-		print_json(j);
-		json_decref(j);
+	if (printed_json(c, j))
 		return SAGACTL_OK;
-	}
 	b = json_object_get(j, "broker");
 	s = json_object_get(j, "store");
 	o = json_object_get(j, "outbox");
@@ -304,11 +313,8 @@ cmd_outbox(struct sagactl *c, int argc, char **argv)
 	}
 	snprintf(path, sizeof path, "/v1/admin/outbox?limit=%ld", limit);
 	j = sagactl_call(c, "GET", path);
-	if (c->json) {
-		print_json(j);
-		json_decref(j);
+	if (printed_json(c, j))
 		return SAGACTL_OK;
-	}
 	printf("%lld pending, %lld in flight, oldest %.1fs\n",
 	    (long long)json_integer_value(json_object_get(j, "pending")),
 	    (long long)json_integer_value(json_object_get(j, "inflight")),
@@ -340,11 +346,8 @@ cmd_subscriptions(struct sagactl *c, int argc, char **argv)
 	if (argc != 1)
 		usage();
 	j = sagactl_call(c, "GET", "/v1/admin/subscriptions");
-	if (c->json) {
-		print_json(j);
-		json_decref(j);
+	if (printed_json(c, j))
 		return SAGACTL_OK;
-	}
 	printf("%-16s %-28s %-8s %-8s %-10s %-10s %-10s %s\n", "NAME", "QUEUE", "BACKLOG",
 	    "INFLIGHT", "CIRCUIT", "DELIVERED", "DEAD", "DUPLICATES");
 	json_array_foreach(json_object_get(j, "subscriptions"), i, s)
@@ -397,11 +400,8 @@ cmd_dlq(struct sagactl *c, int argc, char **argv)
 		}
 	}
 	free(sub);
-	if (c->json) {
-		print_json(j);
-		json_decref(j);
+	if (printed_json(c, j))
 		return SAGACTL_OK;
-	}
 	printf("%lld dead letters in %s (queue %s)\n",
 	    (long long)json_integer_value(json_object_get(j, "count")), argv[2],
 	    jstr(j, "queue"));
@@ -552,11 +552,8 @@ cmd_saga(struct sagactl *c, int argc, char **argv)
 	snprintf(path, sizeof path, "/v1/admin/sagas/%s", id);
 	free(id);
 	j = sagactl_call(c, "GET", path);
-	if (c->json) {
-		print_json(j);
-		json_decref(j);
+	if (printed_json(c, j))
 		return SAGACTL_OK;
-	}
 	json_array_foreach(json_object_get(j, "instances"), i, in) {
 		printf("%ssaga %s  id %s  (%s)\n", i ? "\n" : "", jstr(in, "saga"), jstr(in, "id"),
 		    jstr(in, "mode"));
@@ -598,11 +595,8 @@ cmd_tx_list(struct sagactl *c, int argc, char **argv)
 	    e ? "&state=" : "", e ? e : "");
 	free(e);
 	j = sagactl_call(c, "GET", path);
-	if (c->json) {
-		print_json(j);
-		json_decref(j);
+	if (printed_json(c, j))
 		return SAGACTL_OK;
-	}
 	printf("%-36s %-16s %-11s %-8s %-20s %s\n", "COORDINATOR: ID", "TRANSACTION", "STATE",
 	    "DECISION", "STARTED", "VOTES");
 	json_array_foreach(json_object_get(j, "transactions"), i, t) {
@@ -636,11 +630,8 @@ cmd_tx_show(struct sagactl *c, const char *id)
 	snprintf(path, sizeof path, "/v1/admin/transactions/%s", e);
 	free(e);
 	j = sagactl_call(c, "GET", path);
-	if (c->json) {
-		print_json(j);
-		json_decref(j);
+	if (printed_json(c, j))
 		return SAGACTL_OK;
-	}
 	json_array_foreach(json_object_get(j, "coordinator"), i, t) {
 		tx = json_object_get(t, "transaction");
 		printf("%stransaction %s  id %s  (coordinated here)\n", i ? "\n" : "",
