@@ -23,7 +23,6 @@
 #include "store.h"
 #include "trace.h"
 #include "txpart.h"
-#include "txpg.h"
 #include "util.h"
 #include "xmalloc.h"
 
@@ -230,7 +229,7 @@ dsub_done(struct dsub *ds, struct dmsg *dm, int status)
 }
 
 /* 2xx: delivered; a command's answer goes back as its success reply. */
-static void
+void
 dsub_succeeded(struct dsub *ds, struct dmsg *dm, const struct hclient_answer *ans)
 {
 	dsub_circuit_ok(ds);
@@ -242,7 +241,7 @@ dsub_succeeded(struct dsub *ds, struct dmsg *dm, const struct hclient_answer *an
 }
 
 /* 409/422: the service said no for business reasons; it is healthy. */
-static void
+void
 dsub_refused(struct dsub *ds, struct dmsg *dm, const struct hclient_answer *ans)
 {
 	char error[256];
@@ -290,101 +289,6 @@ dsub_failed(struct dsub *ds, struct dmsg *dm, const struct hclient_answer *ans)
 	snprintf(prefix, sizeof prefix, "HTTP %d", ans->status);
 	hclient_answer_text(ans, prefix, error, sizeof error);
 	dsub_retry(ds, dm, ans->status, error);
-}
-
-/*
- * A PREPARE, COMMIT or ABORT that the participant's record answers
- * (txpart.h): a duplicate, a late one, or one against the record. It is
- * answered as the service would have (200 yes or done, 409 no), without
- * reaching the service.
- */
-static int
-dsub_tx_answered(struct dsub *ds, struct dmsg *dm)
-{
-	struct hclient_answer ans;
-	enum txp_action a = txpart_before(ds->dl->txp, ds->name, dm->rec->m);
-
-	if (a == TXP_DELIVER)
-		return 0;
-	memset(&ans, 0, sizeof ans);
-	ans.result = HCLIENT_ANSWERED;
-	ans.status = a == TXP_ANSWER_YES ? 200 : 409;
-	ans.content_type = "application/json";
-	ans.body = evbuffer_new();
-	evbuffer_add_printf(ans.body, "{\"answered_by\":\"sagad\",\"vote\":\"%s\"}",
-	    a == TXP_ANSWER_YES ? "yes" : "no");
-	if (a == TXP_ANSWER_YES)
-		dsub_succeeded(ds, dm, &ans);
-	else
-		dsub_refused(ds, dm, &ans);
-	evbuffer_free(ans.body);
-	return 1;
-}
-
-/*
- * A COMMIT or ABORT of a subscription whose service prepares in its own
- * PostgreSQL (txpg.h): sagad finishes the prepared transaction itself, and
- * the service is not called. A failure is tried again after the
- * subscription's backoff, never dead-lettered: the decision must land.
- */
-struct dfinish {
-	struct dsub *ds;
-	struct dmsg *dm;
-};
-
-static void
-dsub_tx_finished(void *arg, enum txpg_result r, const char *why)
-{
-	struct dfinish *f = arg;
-	struct dsub *ds = f->ds;
-	struct dmsg *dm = f->dm;
-	const struct conf_subscription *c = dsub_conf(ds);
-	struct hclient_answer ans;
-
-	free(f);
-	if (r == TXPG_CANCELLED)
-		return;
-	dmsg_set_state(dm, DMSG_READY);
-	ds->inflight--;
-	if (ds->dl->d->state == SAGAD_STOPPED)
-		return;
-	if (r == TXPG_DONE) {
-		memset(&ans, 0, sizeof ans);
-		ans.result = HCLIENT_ANSWERED;
-		ans.status = 200;
-		ans.content_type = "application/json";
-		ans.body = evbuffer_new();
-		evbuffer_add_printf(ans.body, "{\"finished_by\":\"sagad\"}");
-		dsub_succeeded(ds, dm, &ans);
-		evbuffer_free(ans.body);
-	} else {
-		dm->rec->due_at = util_now() + util_backoff(c->retry_initial, c->retry_max,
-		    dm->rec->attempts);
-		store_inbox_retry(ds->dl->d->store, dm->rec->id, dm->rec->attempts,
-		    dm->rec->due_at, 0, why ? why : "");
-	}
-	dsub_flow(ds);
-	dispatch_schedule(ds);
-}
-
-static int
-dsub_tx_finish(struct dsub *ds, struct dmsg *dm)
-{
-	enum txp_kind k = txpart_kind(dm->rec->m);
-	char gid[TXP_GID_MAX];
-	struct dfinish *f;
-
-	if (k != TXP_COMMIT && k != TXP_ABORT)
-		return 0;
-	txpart_gid(dm->rec->m, ds->dl->d->conf->service, gid);
-	f = xmalloc(sizeof *f);
-	f->ds = ds;
-	f->dm = dm;
-	dmsg_set_state(dm, DMSG_INFLIGHT);
-	dm->rec->attempts++;
-	ds->inflight++;
-	txpg_finish(ds->txpg, gid, k == TXP_COMMIT, dsub_tx_finished, f);
-	return 1;
 }
 
 static void
@@ -438,29 +342,6 @@ dispatch_add(dispatch_emit_fn *emit, void *arg, const char *k, const char *v)
 	 * rather than breaking the request. */
 	if (v && util_valid_shortstr(v, 65535))
 		emit(arg, k, v);
-}
-
-/* A two-phase commit's message (sagad(8) TWO-PHASE COMMIT). */
-static int
-dispatch_tx_kind(const char *kind)
-{
-	return strcmp(kind, "prepare") == 0 || strcmp(kind, "commit") == 0 ||
-	    strcmp(kind, "abort") == 0;
-}
-
-/* What the service is told a message is (Sagad-Kind): a saga's or a
- * transaction's message by its kind, anything else an event. */
-static const char *
-dispatch_kind(const char *kind)
-{
-	static const char *const kinds[] = { "command", "compensation", "notification",
-	    "prepare", "commit", "abort" };
-	size_t i;
-
-	for (i = 0; kind && i < sizeof kinds / sizeof *kinds; i++)
-		if (strcmp(kind, kinds[i]) == 0)
-			return kinds[i];
-	return "event";
 }
 
 /* span_id: the attempt's span, the parent the service is told of (NULL:

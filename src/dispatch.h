@@ -93,5 +93,18 @@ void dispatch_schedule(struct dsub *ds);
 /* dispatch_ev and timer_ev's callback; arg is the struct dsub. */
 void dispatch_cb(evutil_socket_t fd, short what, void *arg);
 void dispatch_circuit_set(struct dsub *ds, enum delivery_circuit to);
+/* dispatch.c: the service's yes (2xx) and its business refusal (409, 422). */
+struct hclient_answer;
+void dsub_succeeded(struct dsub *ds, struct dmsg *dm, const struct hclient_answer *ans);
+void dsub_refused(struct dsub *ds, struct dmsg *dm, const struct hclient_answer *ans);
+
+/* dispatch_tx.c: a two-phase commit's messages. Sagad-Kind for the
+ * service; a transaction's kind; a record (dm->tx) answered from the
+ * participant's record (1: done, removed), or a COMMIT or ABORT handed to
+ * the service's PostgreSQL (1: in flight). */
+const char *dispatch_kind(const char *kind);
+int dispatch_tx_kind(const char *kind);
+int dsub_tx_answered(struct dsub *ds, struct dmsg *dm);
+int dsub_tx_finish(struct dsub *ds, struct dmsg *dm);
 
 #endif
