@@ -29,6 +29,11 @@ void conf_read_walk(struct conf_ctx *ctx, config_setting_t *group,
  * must use a declared exchange. */
 void conf_check_binding(struct conf_ctx *ctx, config_setting_t *e, const struct sagad_conf *c,
     const char *noun, const char *name, const char *what, const struct conf_binding *b);
+/* Shared by conf.c, conf_saga.c and conf_tx.c. */
+int conf_has_binding(const struct conf_binding *b);
+int conf_bound_exchange_ok(const struct sagad_conf *c, const char *ex);
+/* conf_saga.c: the sagas checked. */
+void conf_check_sagas(struct conf_ctx *ctx, config_t *cfg, struct sagad_conf *c);
 /* conf_tx.c: the transactions checked, then built into sagas. */
 void conf_tx_check(struct conf_ctx *ctx, config_t *cfg, struct sagad_conf *c);
 
