@@ -5,7 +5,6 @@
 #include <errno.h>
 #include <pwd.h>
 #include <glob.h>
-#include <jansson.h>
 #include <libconfig.h>
 #include <libgen.h>
 #include <stddef.h>
@@ -19,7 +18,6 @@
 #include "conf_read.h"
 #include "conf_table.h"
 #include "otel.h"
-#include "saga_data.h"
 #include "util.h"
 #include "xmalloc.h"
 
