@@ -217,10 +217,9 @@ def main_2pc(workdir):
     print('  every order committed at both warehouses or aborted at both, nothing held, '
           'nothing in doubt: %s' % ('yes' if ok else 'NO'))
     sid = sorted(want_a)[0]
-    print('\n== sagactl saga %s (a transaction is shown as a saga: state compensated = '
-          'aborted) ==' % sid)
+    print('\n== sagactl tx %s (votes, decision, acknowledgements, history) ==' % sid)
     subprocess.run([os.path.join(h.top_builddir, 'src', 'sagactl'), '-s',
-                    'http://127.0.0.1:%d' % d_orders.admin_port, 'saga', sid], check=False)
+                    'http://127.0.0.1:%d' % d_orders.admin_port, 'tx', sid], check=False)
     for d in daemons:
         d.stop()
     broker.stop()

@@ -494,6 +494,12 @@ saga_on_step_result(struct saga_engine *e, struct saga_inst *in, size_t i, int s
 		    success ? "success" : "failure");
 		return;
 	}
+	if (in->def->transaction && success && !st->order && (st->state == STEP_SUCCEEDED ||
+	    st->state == STEP_COMPENSATING || st->state == STEP_COMPENSATED)) {
+		st->order = ++in->order;	/* its vote, for the record */
+		saga_log(e, in, "in", "late yes: aborted all the same", name, m->message_id, NULL);
+		return;
+	}
 	if (st->state == STEP_SUCCEEDED || st->state == STEP_COMPENSATING ||
 	    st->state == STEP_COMPENSATED || (!success && st->state == STEP_FAILED)) {
 		e->stats[in->def_index].duplicates++;
