@@ -1,7 +1,8 @@
 /* Unit tests for src/amqpd.c and src/amqpd_chan.c: the front door driven
  * over a unix socket by a client written here, on the test's own loop,
  * with a real store: the handshake, confirms in order, the refusals and
- * their reply codes. (t/integration/frontdoor.py does the same with pika,
+ * their reply codes, basic.qos, a topology call with the broker
+ * unreachable. (t/integration/frontdoor.py does the same with pika,
  * amqp-publish and a real RabbitMQ.) */
 #include <setjmp.h>
 #include <stdarg.h>
@@ -29,7 +30,8 @@
 
 #define CONF "service = \"orders\";\n" \
 	"api = { token_file = \"%s/token\"; };\n" \
-	"amqp = { listen = \"unix:%s/amqp.sock\"; };\n"
+	"amqp = { listen = \"unix:%s/amqp.sock\"; };\n" \
+	"broker = { url = \"amqp://guest:guest@127.0.0.1:1/\"; connect_timeout = 1; };\n"
 
 struct fx {
 	char dir[64], path[96];
@@ -362,18 +364,18 @@ static void
 test_refusals(void **state)
 {
 	struct fx *f = *state;
-	amqp_queue_declare_t q = { 0 };
+	amqp_basic_get_t g = { 0 };
 	amqp_basic_properties_t p = { 0 };
 	amqp_channel_close_ok_t ok = { 0 };
 	char text[256];
 
 	assert_int_equal(login(f, "sekrit"), AMQP_CONNECTION_OPEN_OK_METHOD);
 	channel_open(f, 1);
-	q.queue = amqp_cstring_bytes("q");
-	send_method(f, 1, AMQP_QUEUE_DECLARE_METHOD, &q);
+	g.queue = amqp_cstring_bytes("q");
+	send_method(f, 1, AMQP_BASIC_GET_METHOD, &g);
 	assert_int_equal(close_code(f, AMQP_CHANNEL_CLOSE_METHOD, text, sizeof text),
 	    AMQPF_NOT_IMPLEMENTED);
-	assert_non_null(strstr(text, "queue.declare"));
+	assert_non_null(strstr(text, "basic.get"));
 	send_method(f, 1, AMQP_CHANNEL_CLOSE_OK_METHOD, &ok);
 	/* a property against the publish API's rules: 406, content dropped */
 	channel_open(f, 2);
@@ -390,6 +392,29 @@ test_refusals(void **state)
 	assert_int_equal(close_code(f, AMQP_CONNECTION_CLOSE_METHOD, NULL, 0),
 	    AMQPF_UNEXPECTED_FRAME);
 	assert_int_equal(store_outbox_count(f->d.store), 0);
+}
+
+/* basic.qos is answered here; a topology call with the broker unreachable
+ * (nothing listens on port 1) closes the connection with 320, naming it. */
+static void
+test_topology_unreachable(void **state)
+{
+	struct fx *f = *state;
+	amqp_basic_qos_t qos = { 0, 10, 0 };
+	amqp_queue_declare_t q = { 0 };
+	char text[256];
+	void *m;
+
+	assert_int_equal(login(f, "sekrit"), AMQP_CONNECTION_OPEN_OK_METHOD);
+	channel_open(f, 1);
+	send_method(f, 1, AMQP_BASIC_QOS_METHOD, &qos);
+	expect(f, AMQP_BASIC_QOS_OK_METHOD, &m);
+	q.queue = amqp_cstring_bytes("q");
+	send_method(f, 1, AMQP_QUEUE_DECLARE_METHOD, &q);
+	assert_int_equal(close_code(f, AMQP_CONNECTION_CLOSE_METHOD, text, sizeof text), 320);
+	assert_non_null(strstr(text, "CONNECTION_FORCED"));
+	assert_non_null(strstr(text, "queue.declare"));
+	assert_int_equal(amqpd_stats(f->a)->forwarded, 1);
 }
 
 static void
@@ -411,6 +436,7 @@ main(void)
 		cmocka_unit_test_setup_teardown(test_login_token, setup, teardown),
 		cmocka_unit_test_setup_teardown(test_confirms_in_order, setup, teardown),
 		cmocka_unit_test_setup_teardown(test_refusals, setup, teardown),
+		cmocka_unit_test_setup_teardown(test_topology_unreachable, setup, teardown),
 		cmocka_unit_test_setup_teardown(test_bad_frame_end, setup, teardown),
 	};
 
