@@ -272,6 +272,29 @@ amqpd_topo_answer(struct amqpd_topo *t, struct amqpd_topo_call *call, amqp_rpc_r
 	}
 }
 
+/* A connection kept from an earlier call may have been closed by the broker
+ * meanwhile (a restart sends connection.close to every client): nothing
+ * else comes unasked on it (no heartbeats, no consumers), so any frame
+ * waiting, or a socket error, means it is gone, and a fresh one is made
+ * rather than the client's call failing on a corpse. */
+static void
+amqpd_topo_check(struct amqpd_topo *t)
+{
+	struct timeval zero = { 0, 0 };
+	amqp_frame_t f;
+	int rc;
+
+	if (t->link == AMQPD_TOPO_DOWN)
+		return;
+	rc = amqp_simple_wait_frame_noblock(t->conn, &f, &zero);
+	if (rc == AMQP_STATUS_TIMEOUT)
+		return;
+	log_info("amqp: topology connection to the broker closed while idle, reconnecting",
+	    LOG_STR("reason", rc == AMQP_STATUS_OK ? "a frame from the broker" :
+	    amqp_error_string2(rc)));
+	amqpd_topo_disconnect(t, 0);
+}
+
 /* One call, synchronously: connect and open the channel if need be, then
  * the client's method as it came (nowait cleared by the main thread). */
 static void
@@ -281,6 +304,7 @@ amqpd_topo_run(struct amqpd_topo *t, struct amqpd_topo_call *call)
 	char why[256];
 	void *m;
 
+	amqpd_topo_check(t);
 	if (t->link == AMQPD_TOPO_DOWN && amqpd_topo_connect(t, why, sizeof why) < 0) {
 		amqpd_topo_unreachable(call, why);
 		return;
