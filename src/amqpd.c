@@ -474,8 +474,7 @@ amqpd_read_cb(struct bufferevent *bev, void *arg)
 	/* Bytes count as life even while paused: a client waiting for a
 	 * topology answer keeps sending heartbeats, read or not. */
 	c->last_rx = util_mono();
-	if (!c->paused)
-		amqpd_conn_input(c);
+	amqpd_conn_input(c);
 }
 
 static void

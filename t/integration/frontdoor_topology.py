@@ -118,6 +118,8 @@ def main(wd):
             'broker down: queue.declare closes the connection with 320 CONNECTION_FORCED', r)
     h.check(took < 20, 'and that within the connect timeout (%.1f s)' % took, took)
     h.check('broker unreachable' in d.log(), 'and is logged')
+    h.check('closed while idle' in d.log(),
+            'the topology connection the broker closed was noticed before the call')
     r = topo(fd, ['publish', '', 'fdt.later', 'after-down'])
     h.check(r and r[0].get('ok') is True, 'broker down: publishing through the front door goes on', r)
 
