@@ -589,7 +589,9 @@ amqpd_chan_topo_done(struct amqpd_topo_call *call)
 	struct amqpd_chan *ch = NULL;
 	char name[64];
 
-	if (c->state != AMQPD_DEAD && c->chans)
+	/* Nothing goes out after our connection.close, nor to a channel
+	 * that is not the one that asked. */
+	if (c->state == AMQPD_OPEN && c->chans)
 		ch = c->chans[call->channel];
 	if (ch && ch->gen == call->gen && ch->state == AMQPD_CH_TOPO) {
 		ch->state = AMQPD_CH_OPEN;

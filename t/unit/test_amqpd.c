@@ -12,6 +12,7 @@
 
 #include <errno.h>
 #include <event2/event.h>
+#include <event2/thread.h>
 #include <poll.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -522,6 +523,9 @@ main(void)
 		cmocka_unit_test_setup_teardown(test_topology_frames_wait, setup_silent, teardown),
 		cmocka_unit_test_setup_teardown(test_bad_frame_end, setup, teardown),
 	};
+
+	/* the topology thread wakes the test's loop (event_active) */
+	evthread_use_pthreads();
 
 	return cmocka_run_group_tests(tests, NULL, NULL);
 }
