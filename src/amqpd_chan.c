@@ -510,26 +510,25 @@ amqpd_chan_forward(struct amqpd_chan *ch, amqp_method_number_t id, void *m)
 {
 	struct amqpd_topo_call *call = xcalloc(1, sizeof *call);
 	amqp_boolean_t *nowait = amqpd_topo_nowait(id, m);
-	uint8_t buf[8192];
 	char name[64];
 	int n;
 
 	call->nowait = nowait && *nowait;
 	if (nowait)
 		*nowait = 0;
-	n = amqp_encode_method(id, m, (amqp_bytes_t){ sizeof buf, buf });
-	if (n < 0) {	/* it was decoded from at most frame_max bytes */
-		free(call);
-		amqpd_conn_close(ch->c, AMQPF_SYNTAX_ERROR,
-		    "SYNTAX_ERROR - method too large to pass through", id);
+	/* Decoded from one frame, it encodes again into no more than that. */
+	call->args = xmalloc(ch->c->frame_max);
+	n = amqp_encode_method(id, m, (amqp_bytes_t){ ch->c->frame_max, call->args });
+	if (n < 0) {	/* cannot happen, as said */
+		amqpd_topo_call_free(call);
+		amqpd_conn_close(ch->c, AMQPF_INTERNAL_ERROR,
+		    "INTERNAL_ERROR - cannot encode the method again", id);
 		return;
 	}
 	call->c = ch->c;
 	call->channel = ch->id;
 	call->gen = ch->gen;
 	call->id = id;
-	call->args = xmalloc((size_t)n + 1);
-	memcpy(call->args, buf, (size_t)n);
 	call->alen = (size_t)n;
 	amqpd_method_text(id, name, sizeof name);
 	log_debug("amqp: topology call passed to the broker", LOG_STR("method", name),

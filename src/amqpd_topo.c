@@ -55,8 +55,10 @@ struct amqpd_topo {
 	double connect_timeout;
 	char *conn_name;
 
-	/* Owned by the topology thread. */
 	pthread_t thread;
+	int started;			/* thread runs: main thread only */
+
+	/* Owned by the topology thread. */
 	enum amqpd_topo_link link;
 	amqp_connection_state_t conn;
 	size_t node;			/* the node tried or connected now */
@@ -425,10 +427,10 @@ amqpd_topo_new(struct sagad *d, char **err)
 	event_priority_set(t->done_ev, 0);
 	if (pthread_create(&t->thread, NULL, amqpd_topo_main, t) != 0) {
 		*err = xasprintf("cannot start the front door's topology thread");
-		t->thread = 0;
 		amqpd_topo_free(t);
 		return NULL;
 	}
+	t->started = 1;
 	return t;
 }
 
@@ -453,7 +455,7 @@ amqpd_topo_free(struct amqpd_topo *t)
 
 	if (!t)
 		return;
-	if (t->thread) {
+	if (t->started) {
 		pthread_mutex_lock(&t->lock);
 		t->stop = 1;
 		pthread_cond_signal(&t->cond);
