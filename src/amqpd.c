@@ -440,19 +440,41 @@ amqpd_maybe_flushed(struct amqpd_conn *c)
 		amqpd_conn_drop(c);
 }
 
+/* The frames in the input buffer, until one starts a topology call: the
+ * frames behind it wait for its answer (amqpd_conn_resume), since a
+ * channel's methods are ordered and the connection's reader is one. */
+static void
+amqpd_conn_input(struct amqpd_conn *c)
+{
+	struct evbuffer *in = bufferevent_get_input(c->bev);
+
+	c->refs++;		/* a drop inside must not free c under us */
+	if (c->state != AMQPD_HEADER || amqpd_read_header(c, in))
+		while (c->state != AMQPD_DEAD && !c->flush_then_drop && !c->paused &&
+		    amqpd_read_frame(c, in))
+			;
+	amqpd_maybe_flushed(c);
+	amqpd_conn_unref(c);
+}
+
+void
+amqpd_conn_resume(struct amqpd_conn *c)
+{
+	c->paused = 0;
+	if (c->state != AMQPD_DEAD)
+		amqpd_conn_input(c);
+}
+
 static void
 amqpd_read_cb(struct bufferevent *bev, void *arg)
 {
 	struct amqpd_conn *c = arg;
-	struct evbuffer *in = bufferevent_get_input(bev);
 
+	(void)bev;
+	/* Bytes count as life even while paused: a client waiting for a
+	 * topology answer keeps sending heartbeats, read or not. */
 	c->last_rx = util_mono();
-	c->refs++;		/* a drop inside must not free c under us */
-	if (c->state != AMQPD_HEADER || amqpd_read_header(c, in))
-		while (c->state != AMQPD_DEAD && !c->flush_then_drop && amqpd_read_frame(c, in))
-			;
-	amqpd_maybe_flushed(c);
-	amqpd_conn_unref(c);
+	amqpd_conn_input(c);
 }
 
 static void
@@ -572,6 +594,11 @@ amqpd_new(struct sagad *d, char **err)
 		free(a);
 		return NULL;
 	}
+	if (!(a->topo = amqpd_topo_new(d, err))) {
+		evconnlistener_free(a->listener);
+		free(a);
+		return NULL;
+	}
 	log_info("amqp front door listening", LOG_STR("listen", d->conf->amqp.listen));
 	return a;
 }
@@ -591,6 +618,7 @@ amqpd_free(struct amqpd *a)
 		c->prev = c->next = NULL;
 		amqpd_conn_drop(c);
 	}
+	amqpd_topo_free(a->topo);
 	free(a);
 }
 
@@ -625,6 +653,8 @@ amqpd_metrics(const struct amqpd *a, struct evbuffer *out)
 		    "AMQP publishes refused with basic.nack (store full or failing).", nacked),
 		AMQPD_ROW("sagad_amqp_refused_total", "counter",
 		    "AMQP channels closed with 540 NOT_IMPLEMENTED.", refused),
+		AMQPD_ROW("sagad_amqp_topology_calls_total", "counter",
+		    "Exchange and queue methods passed through to the broker.", forwarded),
 #undef AMQPD_ROW
 	};
 	size_t i;

@@ -21,6 +21,7 @@ struct amqpd_stats {
 	uint64_t duplicates;
 	uint64_t acked, nacked;		/* confirms sent to clients, per message */
 	uint64_t refused;		/* channels closed with 540 */
+	uint64_t forwarded;		/* topology methods passed to the broker */
 };
 
 /* Binds conf->amqp.listen; NULL with a malloc'd *err on failure. */

@@ -2,7 +2,9 @@
  * The AMQP front door's channels: channel.open/close/flow, publishing into
  * the outbox (basic.publish + content header + body -> store_outbox_put,
  * the HTTP API's rules), publisher confirms sent in order once the store
- * says durable, and 540 NOT_IMPLEMENTED for every other method.
+ * says durable, exchange and queue methods passed through to the broker
+ * (amqpd_topo.c), basic.qos kept, and 540 NOT_IMPLEMENTED for every other
+ * method.
  */
 #include <inttypes.h>
 #include <stdio.h>
@@ -117,7 +119,7 @@ amqpd_method_text(amqp_method_number_t id, char *out, size_t len)
 	out[i] = '\0';
 }
 
-/* Methods of later slices (topology, consuming) and those never planned
+/* Methods of later slices (consuming) and those never planned
  * (tx.*): the channel goes with 540, naming the method. */
 static void
 amqpd_chan_refuse(struct amqpd_chan *ch, amqp_method_number_t id)
@@ -498,6 +500,143 @@ amqpd_chan_body(struct amqpd_chan *ch, const struct amqpf_frame *f)
 		amqpd_chan_store(ch);
 }
 
+/* ---- topology, passed through to the broker (amqpd_topo.c) ---- */
+
+/* OPEN -> TOPO: the method goes to the broker as it came, but with nowait
+ * cleared, so that the broker's answer is always awaited (and the client
+ * told only if it asked); the connection reads nothing more until then. */
+static void
+amqpd_chan_forward(struct amqpd_chan *ch, amqp_method_number_t id, void *m)
+{
+	struct amqpd_topo_call *call = xcalloc(1, sizeof *call);
+	amqp_boolean_t *nowait = amqpd_topo_nowait(id, m);
+	char name[64];
+	int n;
+
+	call->nowait = nowait && *nowait;
+	if (nowait)
+		*nowait = 0;
+	/* Decoded from one frame, it encodes again into no more than that. */
+	call->args = xmalloc(ch->c->frame_max);
+	n = amqp_encode_method(id, m, (amqp_bytes_t){ ch->c->frame_max, call->args });
+	if (n < 0) {	/* cannot happen, as said */
+		amqpd_topo_call_free(call);
+		amqpd_conn_close(ch->c, AMQPF_INTERNAL_ERROR,
+		    "INTERNAL_ERROR - cannot encode the method again", id);
+		return;
+	}
+	call->c = ch->c;
+	call->channel = ch->id;
+	call->gen = ch->gen;
+	call->id = id;
+	call->alen = (size_t)n;
+	amqpd_method_text(id, name, sizeof name);
+	log_debug("amqp: topology call passed to the broker", LOG_STR("method", name),
+	    LOG_STR("peer", ch->c->peer), LOG_UINT("channel", ch->id));
+	ch->c->refs++;
+	ch->c->paused = 1;
+	ch->state = AMQPD_CH_TOPO;
+	ch->c->a->stats.forwarded++;
+	amqpd_topo_call(ch->c->a->topo, call);
+}
+
+/* The broker's -ok, decoded by rabbitmq-c's codec and sent on. */
+static void
+amqpd_chan_topo_ok(struct amqpd_chan *ch, const struct amqpd_topo_call *call)
+{
+	amqp_pool_t pool;
+	void *m;
+
+	if (call->nowait)
+		return;
+	init_amqp_pool(&pool, 1024);
+	if (amqp_decode_method(call->reply_id, &pool, (amqp_bytes_t){ call->reply_len,
+	    (void *)call->reply }, &m) == 0)
+		amqpd_send_method(ch->c, ch->id, call->reply_id, m);
+	empty_amqp_pool(&pool);
+}
+
+/*
+ * Broker unreachable (cannot connect, no answer within the timeout, the
+ * socket failed): the connection is closed with 320 CONNECTION_FORCED, as
+ * RabbitMQ closes its clients' connections when a node goes away. No
+ * channel error fits: 404 or 405 would tell the client something about the
+ * exchange or queue that nobody knows; clients treat 320 as "reconnect
+ * later". Publishes stored so far stay stored.
+ */
+static void
+amqpd_chan_topo_unreachable(struct amqpd_chan *ch, const struct amqpd_topo_call *call,
+    const char *name)
+{
+	char text[512];
+
+	log_warn("amqp: broker unreachable, topology call not passed through",
+	    LOG_STR("method", name), LOG_STR("peer", ch->c->peer),
+	    LOG_STR("reason", call->text));
+	snprintf(text, sizeof text, "CONNECTION_FORCED - broker unreachable, %s not "
+	    "passed through: %s", name, call->text);
+	text[255] = '\0';	/* reply_text is a short string */
+	amqpd_conn_close(ch->c, 320, text, call->id);
+}
+
+/* TOPO -> OPEN (or CLOSING): the broker's answer, or its error with the
+ * same code and text, to the client; then the frames that waited. */
+void
+amqpd_chan_topo_done(struct amqpd_topo_call *call)
+{
+	struct amqpd_conn *c = call->c;
+	struct amqpd_chan *ch = NULL;
+	char name[64];
+
+	/* Nothing goes out after our connection.close, nor to a channel
+	 * that is not the one that asked. */
+	if (c->state == AMQPD_OPEN && c->chans)
+		ch = c->chans[call->channel];
+	if (ch && ch->gen == call->gen && ch->state == AMQPD_CH_TOPO) {
+		ch->state = AMQPD_CH_OPEN;
+		amqpd_method_text(call->id, name, sizeof name);
+		switch (call->result) {
+		case AMQPD_TOPO_OK:
+			amqpd_chan_topo_ok(ch, call);
+			break;
+		case AMQPD_TOPO_CHANNEL_ERROR:
+			log_info("amqp: broker refused a topology call, channel closed",
+			    LOG_STR("method", name), LOG_STR("peer", c->peer),
+			    LOG_UINT("code", call->code), LOG_STR("text", call->text));
+			amqpd_chan_close(ch, call->code, call->text, call->method);
+			break;
+		case AMQPD_TOPO_CONNECTION_ERROR:
+			log_warn("amqp: broker closed the topology connection, closing the client's",
+			    LOG_STR("method", name), LOG_STR("peer", c->peer),
+			    LOG_UINT("code", call->code), LOG_STR("text", call->text));
+			amqpd_conn_close(c, call->code, call->text, call->method);
+			break;
+		case AMQPD_TOPO_UNREACHABLE:
+			amqpd_chan_topo_unreachable(ch, call, name);
+			break;
+		}
+	}
+	amqpd_topo_call_free(call);
+	amqpd_conn_resume(c);
+	amqpd_conn_unref(c);
+}
+
+/* Answered here: consuming through the front door is a later slice, so
+ * there is nothing on the broker to apply it to yet. Kept on the channel
+ * for basic.consume. */
+static void
+amqpd_chan_qos(struct amqpd_chan *ch, const amqp_basic_qos_t *q)
+{
+	amqp_basic_qos_ok_t ok = { 0 };
+
+	ch->prefetch_count = q->prefetch_count;
+	ch->prefetch_size = q->prefetch_size;
+	ch->qos_global = q->global;
+	log_debug("amqp: basic.qos kept", LOG_STR("peer", ch->c->peer),
+	    LOG_UINT("channel", ch->id), LOG_UINT("prefetch_count", q->prefetch_count));
+	amqpd_send_method(ch->c, ch->id, AMQP_BASIC_QOS_OK_METHOD, &ok);
+}
+
 /* ---- dispatch ---- */
 
 static void
@@ -534,8 +673,14 @@ amqpd_chan_method(struct amqpd_chan *ch, amqp_method_number_t id, void *m)
 		}
 		amqpd_chan_publish(ch, m);
 		return;
+	case AMQP_BASIC_QOS_METHOD:
+		amqpd_chan_qos(ch, m);
+		return;
 	default:
-		amqpd_chan_refuse(ch, id);
+		if (amqpd_topo_ok_id(id))
+			amqpd_chan_forward(ch, id, m);
+		else
+			amqpd_chan_refuse(ch, id);
 		return;
 	}
 }
@@ -621,6 +766,10 @@ amqpd_chan_frame(struct amqpd_conn *c, const struct amqpf_frame *f)
 			amqpd_chan_method(ch, id, m);
 			return;
 		}
+		break;
+	case AMQPD_CH_TOPO:
+		/* Cannot happen: the connection reads no frame while a
+		 * topology call is in flight (amqpd_conn_input). */
 		break;
 	}
 	amqpd_conn_close(c, AMQPF_UNEXPECTED_FRAME,

@@ -1,7 +1,8 @@
 /*
- * What amqpd.c (connections: handshake, frames, heartbeats, close) and
+ * What amqpd.c (connections: handshake, frames, heartbeats, close),
  * amqpd_chan.c (channels: open/close/flow, publishing, confirms, the
- * refusals) share. Included by these two files only.
+ * refusals) and amqpd_topo.c (topology passed through to the broker)
+ * share. Included by these three files only.
  */
 #ifndef SAGAD_AMQPD_INT_H
 #define SAGAD_AMQPD_INT_H
@@ -21,6 +22,7 @@ struct event;
 struct amqpd {
 	struct sagad *d;
 	struct evconnlistener *listener;
+	struct amqpd_topo *topo;	/* topology pass-through (amqpd_topo.c) */
 	struct amqpd_conn *conns;	/* every live connection */
 	struct amqpd_stats stats;
 };
@@ -59,15 +61,19 @@ struct amqpd_conn {
 	amqp_pool_t pool;		/* decoded methods and properties, one frame's */
 	unsigned refs;			/* store callbacks still to come */
 	int flush_then_drop;		/* connection.close-ok sent: go once written */
+	int paused;			/* a topology call is in flight: frames wait */
 	char peer[64];
 };
 
 /* A channel (amqpd_chan.c): OPEN, or a publish waiting for its content
- * header (HEADER) and body (BODY), or our channel.close sent (CLOSING). */
+ * header (HEADER) and body (BODY), or a topology call on the broker
+ * (TOPO: amqpd_chan_forward -> amqpd_chan_topo_done), or our
+ * channel.close sent (CLOSING). */
 enum amqpd_chan_state {
 	AMQPD_CH_OPEN,
 	AMQPD_CH_HEADER,
 	AMQPD_CH_BODY,
+	AMQPD_CH_TOPO,
 	AMQPD_CH_CLOSING
 };
 
@@ -81,10 +87,55 @@ struct amqpd_chan {
 	uint64_t told;			/* every tag <= told is acked or nacked */
 	uint8_t *outcome;		/* of tags told+1 ...: enum amqpd_outcome */
 	size_t noutcome, capoutcome;
+	uint16_t prefetch_count;	/* basic.qos, kept for consuming (a later slice) */
+	uint32_t prefetch_size;
+	int qos_global;
 	struct msg m;			/* the publish being assembled */
 	uint64_t body_size;
 	size_t body_got;
 };
+
+/* What the broker made of a forwarded method (amqpd_topo.c). */
+enum amqpd_topo_result {
+	AMQPD_TOPO_OK,			/* reply_id, reply: its -ok, encoded */
+	AMQPD_TOPO_CHANNEL_ERROR,	/* the broker closed its channel: code, text, method */
+	AMQPD_TOPO_CONNECTION_ERROR,	/* the broker closed the connection: code, text, method */
+	AMQPD_TOPO_UNREACHABLE		/* no answer (down, timeout, socket): text says why */
+};
+
+/*
+ * One forwarded method. The main thread sets the first group and queues it
+ * (amqpd_topo_call); the topology thread sets the second and hands it back;
+ * amqpd_chan_topo_done, on the main thread, tells the client and frees it.
+ * The mutex of the queues orders the two.
+ */
+struct amqpd_topo_call {
+	struct amqpd_topo_call *next;
+	struct amqpd_conn *c;		/* referenced (c->refs) until done */
+	uint16_t channel;
+	uint32_t gen;
+	amqp_method_number_t id;
+	uint8_t *args;			/* the method's arguments, nowait cleared */
+	size_t alen;
+	int nowait;			/* the client asked for no answer */
+
+	enum amqpd_topo_result result;
+	amqp_method_number_t reply_id;
+	uint8_t reply[1024];		/* every -ok is far smaller */
+	size_t reply_len;
+	uint16_t code;
+	uint32_t method;
+	char text[300];
+};
+
+/* amqpd_topo.c, for amqpd.c and amqpd_chan.c */
+struct amqpd_topo *amqpd_topo_new(struct sagad *d, char **err);
+void amqpd_topo_free(struct amqpd_topo *t);
+/* The -ok of a method passed through, 0 for the others. */
+amqp_method_number_t amqpd_topo_ok_id(amqp_method_number_t id);
+amqp_boolean_t *amqpd_topo_nowait(amqp_method_number_t id, void *m);
+void amqpd_topo_call(struct amqpd_topo *t, struct amqpd_topo_call *call);
+void amqpd_topo_call_free(struct amqpd_topo_call *call);
 
 /* amqpd.c, for amqpd_chan.c */
 void amqpd_send_method(struct amqpd_conn *c, uint16_t channel, amqp_method_number_t id,
@@ -92,10 +143,14 @@ void amqpd_send_method(struct amqpd_conn *c, uint16_t channel, amqp_method_numbe
 void amqpd_conn_close(struct amqpd_conn *c, int code, const char *text, uint32_t method);
 void amqpd_conn_unref(struct amqpd_conn *c);
 void amqpd_conn_tell_soon(struct amqpd_conn *c);
+/* The topology call is answered: read the frames that waited. */
+void amqpd_conn_resume(struct amqpd_conn *c);
 
 /* amqpd_chan.c, for amqpd.c */
 void amqpd_chan_frame(struct amqpd_conn *c, const struct amqpf_frame *f);
 void amqpd_chan_free(struct amqpd_chan *ch);
 void amqpd_chan_tell_all(struct amqpd_conn *c);
+/* amqpd_chan.c, for amqpd_topo.c: a call is answered (frees it). */
+void amqpd_chan_topo_done(struct amqpd_topo_call *call);
 
 #endif

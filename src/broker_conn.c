@@ -335,24 +335,8 @@ broker_client_props(struct broker *b, amqp_table_entry_t *e, amqp_table_entry_t 
 static amqp_socket_t *
 broker_socket(struct broker *b, char *why, size_t whylen)
 {
-	amqp_socket_t *s;
-
-	if (!b->nodes[b->node].tls)
-		return amqp_tcp_socket_new(b->conn);
-	s = amqp_ssl_socket_new(b->conn);
-	if (!s)
-		return NULL;
-	amqp_ssl_socket_set_verify_peer(s, b->tls_verify);
-	amqp_ssl_socket_set_verify_hostname(s, b->tls_verify);
-	if (b->tls_ca && amqp_ssl_socket_set_cacert(s, b->tls_ca) != AMQP_STATUS_OK) {
-		snprintf(why, whylen, "tls: cannot load ca %s", b->tls_ca);
-		return NULL;
-	}
-	if (b->tls_cert && amqp_ssl_socket_set_key(s, b->tls_cert, b->tls_key) != AMQP_STATUS_OK) {
-		snprintf(why, whylen, "tls: cannot load cert %s / key %s", b->tls_cert, b->tls_key);
-		return NULL;
-	}
-	return s;
+	return broker_url_socket(b->conn, &b->nodes[b->node], b->tls_verify, b->tls_ca,
+	    b->tls_cert, b->tls_key, why, whylen);
 }
 
 static void

@@ -150,3 +150,29 @@ broker_url_mask(const char *list, char *out, size_t outlen)
 		s = comma + 1;
 	}
 }
+
+/* Shared by the broker threads and the front door's topology thread
+ * (amqpd_topo.c), so that both reach a node the same way. */
+amqp_socket_t *
+broker_url_socket(amqp_connection_state_t conn, const struct broker_node *n, int verify,
+    const char *ca, const char *cert, const char *key, char *why, size_t whylen)
+{
+	amqp_socket_t *s;
+
+	if (!n->tls)
+		return amqp_tcp_socket_new(conn);
+	s = amqp_ssl_socket_new(conn);
+	if (!s)
+		return NULL;
+	amqp_ssl_socket_set_verify_peer(s, verify);
+	amqp_ssl_socket_set_verify_hostname(s, verify);
+	if (ca && amqp_ssl_socket_set_cacert(s, ca) != AMQP_STATUS_OK) {
+		snprintf(why, whylen, "tls: cannot load ca %s", ca);
+		return NULL;
+	}
+	if (cert && amqp_ssl_socket_set_key(s, cert, key) != AMQP_STATUS_OK) {
+		snprintf(why, whylen, "tls: cannot load cert %s / key %s", cert, key);
+		return NULL;
+	}
+	return s;
+}

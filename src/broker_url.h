@@ -10,6 +10,8 @@
 
 #include <stddef.h>
 
+#include "amqp_headers.h"
+
 #define BROKER_URL_MAX_NODES 16
 
 struct broker_node {
@@ -25,5 +27,10 @@ int broker_url_parse(const char *list, struct broker_node **out, char *why, size
 void broker_url_free(struct broker_node *nodes, size_t n);
 /* The list with every password replaced by ***. */
 void broker_url_mask(const char *list, char *out, size_t outlen);
+
+/* A socket for node n on conn: TCP, or TLS (amqps://) with these
+ * settings (broker.tls_*); NULL with why set (or empty) on failure. */
+amqp_socket_t *broker_url_socket(amqp_connection_state_t conn, const struct broker_node *n,
+    int verify, const char *ca, const char *cert, const char *key, char *why, size_t whylen);
 
 #endif

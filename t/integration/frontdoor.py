@@ -121,7 +121,7 @@ def main(wd):
             ('403' in lines[0].get('text', '') or 'ACCESS_REFUSED' in lines[0].get('text', '')
              or 'Authentication' in lines[0].get('error', '')),
             'wrong password: login refused with ACCESS_REFUSED', (lines, err[-300:]))
-    for method in ('queue.declare', 'tx.select'):
+    for method in ('basic.get', 'tx.select'):
         rc, lines, err = client('refuse', url, method)
         h.check(rc == 0 and lines and lines[0].get('code') == 540 and
                 method in lines[0].get('text', ''),
@@ -155,7 +155,7 @@ def main(wd):
             first.get('routing_key') == 'fd.7',
             'body and routing key carried', first)
     h.check(sorted(i for i in ids if i.startswith('after-')) ==
-            ['after-queue.declare', 'after-tx.select'],
+            ['after-basic.get', 'after-tx.select'],
             'the publishes after a refusal arrive too', ids[-5:])
 
     if tools is not None:

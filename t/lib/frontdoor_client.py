@@ -12,7 +12,13 @@ results as JSON lines on stdout.
                            heartbeats (and channel.flow answered), dropped
                            by sagad after two silent intervals
   login URL                open and close a connection: the outcome
-  refuse URL METHOD        queue.declare or tx.select: the channel's close
+  refuse URL METHOD        basic.get or tx.select: the channel's close
+  topo URL OPS             a JSON list of topology calls, made in order on
+                           one connection (a new channel after a channel
+                           error): one line per call, its answer's fields
+                           or the close (channel or connection) with its
+                           code and text; the same script runs against the
+                           broker directly for reference
 """
 
 import json
@@ -118,8 +124,8 @@ def refuse(url, method):
     with connect(url) as c:
         ch = c.channel()
         try:
-            if method == 'queue.declare':
-                ch.queue_declare('fd.nope')
+            if method == 'basic.get':
+                ch.basic_get('fd.nope')
             else:
                 ch.tx_select()
             out(ok=True)
@@ -132,5 +138,63 @@ def refuse(url, method):
         out(after=True)
 
 
+def topo_call(ch, op, *a):
+    """One call; the fields of its -ok as a dict."""
+    if op == 'xdecl':
+        ch.exchange_declare(a[0], a[1], durable=True, arguments=a[2] if len(a) > 2 else None)
+        return {}
+    if op == 'xdecl_passive':
+        ch.exchange_declare(a[0], passive=True)
+        return {}
+    if op == 'xdel':
+        ch.exchange_delete(a[0])
+        return {}
+    if op == 'qdecl':
+        kw = a[1] if len(a) > 1 else {}
+        r = ch.queue_declare(a[0], **kw).method
+        return {'queue': r.queue, 'messages': r.message_count, 'consumers': r.consumer_count}
+    if op == 'bind':
+        ch.queue_bind(a[0], a[1], a[2])
+        return {}
+    if op == 'unbind':
+        ch.queue_unbind(a[0], a[1], a[2])
+        return {}
+    if op == 'purge':
+        return {'messages': ch.queue_purge(a[0]).method.message_count}
+    if op == 'qdel':
+        return {'messages': ch.queue_delete(a[0]).method.message_count}
+    if op == 'qos':
+        ch.basic_qos(prefetch_count=a[0])
+        return {}
+    if op == 'publish':
+        ch.basic_publish(a[0], a[1], b'topo', pika.BasicProperties(message_id=a[2]))
+        return {}
+    raise ValueError(op)
+
+
+def topo(url, ops):
+    t0 = time.time()
+    try:
+        c = connect(url)
+    except pika.exceptions.AMQPError as e:
+        out(op='connect', ok=False, error=type(e).__name__)
+        return
+    ch = c.channel()
+    for call in json.loads(ops):
+        t0 = time.time()
+        try:
+            out(op=call[0], ok=True, **topo_call(ch, *call))
+        except pika.exceptions.ChannelClosedByBroker as e:
+            out(op=call[0], ok=False, code=e.reply_code, text=e.reply_text)
+            ch = c.channel()
+        except (pika.exceptions.ConnectionClosedByBroker, pika.exceptions.StreamLostError,
+                pika.exceptions.ConnectionWrongStateError) as e:
+            out(op=call[0], ok=False, connection=True, code=getattr(e, 'reply_code', 0),
+                text=getattr(e, 'reply_text', repr(e)), seconds=round(time.time() - t0, 1))
+            return
+    c.close()
+
+
 if __name__ == '__main__':
-    {'publish': publish, 'big': big, 'pipeline': pipeline, 'heartbeat': heartbeat, 'login': login, 'refuse': refuse}[sys.argv[1]](*sys.argv[2:])
+    {'publish': publish, 'big': big, 'pipeline': pipeline, 'heartbeat': heartbeat, 'login': login, 'refuse': refuse,
+     'topo': topo}[sys.argv[1]](*sys.argv[2:])

@@ -1,7 +1,8 @@
 /* Unit tests for src/amqpd.c and src/amqpd_chan.c: the front door driven
  * over a unix socket by a client written here, on the test's own loop,
  * with a real store: the handshake, confirms in order, the refusals and
- * their reply codes. (t/integration/frontdoor.py does the same with pika,
+ * their reply codes, basic.qos, a topology call with the broker
+ * unreachable. (t/integration/frontdoor.py does the same with pika,
  * amqp-publish and a real RabbitMQ.) */
 #include <setjmp.h>
 #include <stdarg.h>
@@ -11,12 +12,15 @@
 
 #include <errno.h>
 #include <event2/event.h>
+#include <event2/thread.h>
 #include <poll.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
 #include <sys/un.h>
+#include <arpa/inet.h>
+#include <netinet/in.h>
 #include <unistd.h>
 
 #include "amqp_frame.h"
@@ -29,7 +33,8 @@
 
 #define CONF "service = \"orders\";\n" \
 	"api = { token_file = \"%s/token\"; };\n" \
-	"amqp = { listen = \"unix:%s/amqp.sock\"; };\n"
+	"amqp = { listen = \"unix:%s/amqp.sock\"; };\n" \
+	"broker = { url = \"amqp://guest:guest@127.0.0.1:%d/\"; connect_timeout = 1; };\n"
 
 struct fx {
 	char dir[64], path[96];
@@ -37,6 +42,7 @@ struct fx {
 	struct sagad d;
 	struct amqpd *a;
 	int fd;				/* the client */
+	int silent;			/* a "broker" that never answers, or -1 */
 	uint8_t in[1 << 18];		/* what the client has read, not taken */
 	size_t nin;
 	amqp_pool_t pool;
@@ -71,19 +77,29 @@ send_frame(struct fx *f, uint8_t type, uint16_t ch, const void *payload, size_t 
 	send_raw(f, buf, n + 8);
 }
 
+/* A whole method frame into out (room for 4 KiB); its length. */
+static size_t
+method_frame(uint8_t *out, uint16_t ch, amqp_method_number_t id, void *m)
+{
+	int n;
+
+	out[7] = (uint8_t)(id >> 24);
+	out[8] = (uint8_t)(id >> 16);
+	out[9] = (uint8_t)(id >> 8);
+	out[10] = (uint8_t)id;
+	n = amqp_encode_method(id, m, (amqp_bytes_t){ 4096 - 12, out + 11 });
+	assert_true(n >= 0);
+	amqpf_put_header(out, AMQPF_METHOD, ch, (uint32_t)n + 4);
+	out[11 + n] = AMQPF_FRAME_END;
+	return (size_t)n + 12;
+}
+
 static void
 send_method(struct fx *f, uint16_t ch, amqp_method_number_t id, void *m)
 {
 	uint8_t buf[4096];
-	int n;
 
-	buf[0] = (uint8_t)(id >> 24);
-	buf[1] = (uint8_t)(id >> 16);
-	buf[2] = (uint8_t)(id >> 8);
-	buf[3] = (uint8_t)id;
-	n = amqp_encode_method(id, m, (amqp_bytes_t){ sizeof buf - 4, buf + 4 });
-	assert_true(n >= 0);
-	send_frame(f, AMQPF_METHOD, ch, buf, (size_t)n + 4);
+	send_raw(f, buf, method_frame(buf, ch, id, m));
 }
 
 /* basic.publish + header + body, with the properties given. */
@@ -120,7 +136,7 @@ recv_method(struct fx *f, uint16_t *ch, void **m)
 	ssize_t r;
 	int tries;
 
-	for (tries = 0; tries < 200; tries++) {
+	for (tries = 0; tries < 600; tries++) {
 		if (amqpf_read(f->in, f->nin, 1 << 18, &fr, &used, &err) == AMQPF_OK) {
 			uint8_t type = fr.type;
 
@@ -230,13 +246,35 @@ close_code(struct fx *f, amqp_method_number_t want, char *text, size_t len)
 
 /* ---- fixture ---- */
 
+/* A listening socket nobody accepts on: connecting works (the kernel's
+ * backlog), the AMQP handshake gets no answer. */
 static int
-setup(void **state)
+silent_broker(int *port)
+{
+	struct sockaddr_in sin = { .sin_family = AF_INET };
+	socklen_t len = sizeof sin;
+	int fd = socket(AF_INET, SOCK_STREAM, 0);
+
+	sin.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+	assert_int_equal(bind(fd, (struct sockaddr *)&sin, sizeof sin), 0);
+	assert_int_equal(listen(fd, 8), 0);
+	assert_int_equal(getsockname(fd, (struct sockaddr *)&sin, &len), 0);
+	*port = ntohs(sin.sin_port);
+	return fd;
+}
+
+/* The broker is port 1 (nothing listens: refused at once) or, with
+ * silent, a socket that never answers. */
+static int
+setup_with(void **state, int silent)
 {
 	struct fx *f = xcalloc(1, sizeof *f);
 	struct conf_errors errs = { 0 };
-	char conf[512], p[128], *err = NULL;
+	char conf[640], p[128], *err = NULL;
+	int port = 1;
 	FILE *t;
+
+	f->silent = silent ? silent_broker(&port) : -1;
 
 	snprintf(f->dir, sizeof f->dir, "/tmp/sagad-test-amqpd-XXXXXX");
 	assert_non_null(mkdtemp(f->dir));
@@ -247,7 +285,7 @@ setup(void **state)
 	snprintf(f->path, sizeof f->path, "%s/store.db", f->dir);
 	f->base = event_base_new();
 	event_base_priority_init(f->base, 3);
-	snprintf(conf, sizeof conf, CONF, f->dir, f->dir);
+	snprintf(conf, sizeof conf, CONF, f->dir, f->dir, port);
 	f->d.base = f->base;
 	f->d.conf = conf_load_string(conf, "test.conf", ".", &errs);
 	if (!f->d.conf)
@@ -265,6 +303,18 @@ setup(void **state)
 }
 
 static int
+setup(void **state)
+{
+	return setup_with(state, 0);
+}
+
+static int
+setup_silent(void **state)
+{
+	return setup_with(state, 1);
+}
+
+static int
 teardown(void **state)
 {
 	struct fx *f = *state;
@@ -272,6 +322,8 @@ teardown(void **state)
 
 	if (f->fd >= 0)
 		close(f->fd);
+	if (f->silent >= 0)
+		close(f->silent);
 	store_flush(f->d.store);
 	amqpd_free(f->a);
 	store_close(f->d.store);
@@ -362,18 +414,18 @@ static void
 test_refusals(void **state)
 {
 	struct fx *f = *state;
-	amqp_queue_declare_t q = { 0 };
+	amqp_basic_get_t g = { 0 };
 	amqp_basic_properties_t p = { 0 };
 	amqp_channel_close_ok_t ok = { 0 };
 	char text[256];
 
 	assert_int_equal(login(f, "sekrit"), AMQP_CONNECTION_OPEN_OK_METHOD);
 	channel_open(f, 1);
-	q.queue = amqp_cstring_bytes("q");
-	send_method(f, 1, AMQP_QUEUE_DECLARE_METHOD, &q);
+	g.queue = amqp_cstring_bytes("q");
+	send_method(f, 1, AMQP_BASIC_GET_METHOD, &g);
 	assert_int_equal(close_code(f, AMQP_CHANNEL_CLOSE_METHOD, text, sizeof text),
 	    AMQPF_NOT_IMPLEMENTED);
-	assert_non_null(strstr(text, "queue.declare"));
+	assert_non_null(strstr(text, "basic.get"));
 	send_method(f, 1, AMQP_CHANNEL_CLOSE_OK_METHOD, &ok);
 	/* a property against the publish API's rules: 406, content dropped */
 	channel_open(f, 2);
@@ -390,6 +442,62 @@ test_refusals(void **state)
 	assert_int_equal(close_code(f, AMQP_CONNECTION_CLOSE_METHOD, NULL, 0),
 	    AMQPF_UNEXPECTED_FRAME);
 	assert_int_equal(store_outbox_count(f->d.store), 0);
+}
+
+/* basic.qos is answered here; a topology call with the broker unreachable
+ * (nothing listens on port 1) closes the connection with 320, naming it. */
+static void
+test_topology_unreachable(void **state)
+{
+	struct fx *f = *state;
+	amqp_basic_qos_t qos = { 0, 10, 0 };
+	amqp_queue_declare_t q = { 0 };
+	char text[256];
+	void *m;
+
+	assert_int_equal(login(f, "sekrit"), AMQP_CONNECTION_OPEN_OK_METHOD);
+	channel_open(f, 1);
+	send_method(f, 1, AMQP_BASIC_QOS_METHOD, &qos);
+	expect(f, AMQP_BASIC_QOS_OK_METHOD, &m);
+	q.queue = amqp_cstring_bytes("q");
+	send_method(f, 1, AMQP_QUEUE_DECLARE_METHOD, &q);
+	assert_int_equal(close_code(f, AMQP_CONNECTION_CLOSE_METHOD, text, sizeof text), 320);
+	assert_non_null(strstr(text, "CONNECTION_FORCED"));
+	assert_non_null(strstr(text, "queue.declare"));
+	assert_int_equal(amqpd_stats(f->a)->forwarded, 1);
+}
+
+/* While a topology call is on the broker, the frames behind it wait: the
+ * basic.qos and channel.open sent after the queue.declare get no answer
+ * before the broker's (here: its silence, then 320). */
+static void
+test_topology_frames_wait(void **state)
+{
+	struct fx *f = *state;
+	amqp_basic_qos_t qos = { 0, 10, 0 };
+	amqp_queue_declare_t q = { 0 };
+	amqp_channel_open_t o = { amqp_empty_bytes };
+	uint8_t b[3 * 4096];
+	char text[256];
+	size_t n;
+	int i;
+
+	assert_int_equal(login(f, "sekrit"), AMQP_CONNECTION_OPEN_OK_METHOD);
+	channel_open(f, 1);
+	q.queue = amqp_cstring_bytes("q");
+	/* in one write, so that they are read together */
+	n = method_frame(b, 1, AMQP_QUEUE_DECLARE_METHOD, &q);
+	n += method_frame(b + n, 1, AMQP_BASIC_QOS_METHOD, &qos);
+	n += method_frame(b + n, 2, AMQP_CHANNEL_OPEN_METHOD, &o);
+	send_raw(f, b, n);
+	send_method(f, 1, AMQP_BASIC_QOS_METHOD, &qos);	/* and one read later */
+	for (i = 0; i < 30; i++) {
+		turn(f);
+		usleep(10000);
+	}
+	assert_int_equal(recv(f->fd, b, sizeof b, MSG_DONTWAIT), -1);
+	assert_int_equal(close_code(f, AMQP_CONNECTION_CLOSE_METHOD, text, sizeof text), 320);
+	assert_non_null(strstr(text, "queue.declare"));
 }
 
 static void
@@ -411,8 +519,13 @@ main(void)
 		cmocka_unit_test_setup_teardown(test_login_token, setup, teardown),
 		cmocka_unit_test_setup_teardown(test_confirms_in_order, setup, teardown),
 		cmocka_unit_test_setup_teardown(test_refusals, setup, teardown),
+		cmocka_unit_test_setup_teardown(test_topology_unreachable, setup, teardown),
+		cmocka_unit_test_setup_teardown(test_topology_frames_wait, setup_silent, teardown),
 		cmocka_unit_test_setup_teardown(test_bad_frame_end, setup, teardown),
 	};
+
+	/* the topology thread wakes the test's loop (event_active) */
+	evthread_use_pthreads();
 
 	return cmocka_run_group_tests(tests, NULL, NULL);
 }
