@@ -129,15 +129,6 @@ amqpd_topo_call_free(struct amqpd_topo_call *call)
 
 /* ---- the topology thread ---- */
 
-static struct timeval
-amqpd_topo_tv(double s)
-{
-	struct timeval tv;
-
-	tv.tv_sec = (time_t)s;
-	tv.tv_usec = (suseconds_t)((s - (double)tv.tv_sec) * 1e6);
-	return tv;
-}
 
 /* Any -> DOWN. Closing politely could wait on a dead socket: only a
  * connection that still works gets its connection.close. */
@@ -158,8 +149,8 @@ amqpd_topo_disconnect(struct amqpd_topo *t, int polite)
 static int
 amqpd_topo_connect(struct amqpd_topo *t, char *why, size_t whylen)
 {
-	struct timeval ct = amqpd_topo_tv(t->connect_timeout);
-	struct timeval rt = amqpd_topo_tv(AMQPD_TOPO_RPC_TIMEOUT);
+	struct timeval ct = util_timeval(t->connect_timeout);
+	struct timeval rt = util_timeval(AMQPD_TOPO_RPC_TIMEOUT);
 	amqp_table_entry_t props[1];
 	amqp_table_t client = { 1, props };
 	const struct broker_node *n;

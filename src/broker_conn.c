@@ -14,14 +14,6 @@
 #include "util.h"
 #include "xmalloc.h"
 
-static struct timeval
-broker_tv(double s)
-{
-	struct timeval tv;
-	tv.tv_sec = (time_t)s;
-	tv.tv_usec = (suseconds_t)((s - (double)tv.tv_sec) * 1e6);
-	return tv;
-}
 
 /* ---- frames ---- */
 
@@ -229,7 +221,7 @@ broker_schedule_retry(struct broker *b)
 		b->failures = 0;
 	b->connected_at = 0;
 	d = util_backoff(b->reconnect_initial, b->reconnect_max, ++b->failures);
-	tv = broker_tv(d);
+	tv = util_timeval(d);
 
 	log_info("broker reconnect scheduled", LOG_DBL("in_seconds", d), LOG_UINT("attempt", b->failures));
 	evtimer_add(b->retry_ev, &tv);
@@ -401,7 +393,7 @@ static int
 broker_connect(struct broker *b, char *why, size_t whylen)
 {
 	const struct broker_node *n = &b->nodes[b->node];
-	struct timeval ct = broker_tv(b->connect_timeout);
+	struct timeval ct = util_timeval(b->connect_timeout);
 	amqp_table_entry_t props[4], caps[3];
 	amqp_table_t client;
 	amqp_socket_t *s;
@@ -493,7 +485,7 @@ broker_connect_cb(evutil_socket_t fd, short what, void *arg)
 	b->read_ev = event_new(b->base, amqp_get_sockfd(b->conn), EV_READ | EV_PERSIST,
 	    broker_read_cb, b);
 	event_add(b->read_ev, NULL);
-	hb = broker_tv(b->heartbeat > 0 ? b->heartbeat / 2.0 : 1.0);
+	hb = util_timeval(b->heartbeat > 0 ? b->heartbeat / 2.0 : 1.0);
 	evtimer_add(b->hb_ev, &hb);
 	log_info("broker connected", LOG_STR("role", broker_role_name(b)),
 	    LOG_STR("host", n->host), LOG_INT("port", n->port), LOG_STR("vhost", n->vhost),

@@ -1,4 +1,5 @@
 #include "hclient.h"
+#include "util.h"
 #include "xmalloc.h"
 
 #include <errno.h>
@@ -527,8 +528,7 @@ hclient_send(struct hclient *c, struct evbuffer *req, double timeout,
 	c->fn = fn;
 	c->arg = arg;
 	evbuffer_add_buffer(c->out, req);
-	tv.tv_sec = (time_t)timeout;
-	tv.tv_usec = (suseconds_t)((timeout - (double)tv.tv_sec) * 1e6);
+	tv = util_timeval(timeout);
 	evtimer_add(c->timer_ev, &tv);
 	if (c->state == HC_CLOSED) {
 		if (hclient_connect(c) < 0) {

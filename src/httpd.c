@@ -52,8 +52,7 @@ httpd_set_limits(struct evhttp *http, const struct httpd_limits *lim)
 	 * 413; a far larger one is cut by libevent with its own plain 413. */
 	evhttp_set_max_body_size(http, lim->max_body + 65536);
 	evhttp_set_max_headers_size(http, lim->max_headers);
-	tv.tv_sec = (time_t)lim->timeout;
-	tv.tv_usec = (suseconds_t)((lim->timeout - tv.tv_sec) * 1e6);
+	tv = util_timeval(lim->timeout);
 	evhttp_set_timeout_tv(http, &tv);
 	evhttp_set_allowed_methods(http, EVHTTP_REQ_GET | EVHTTP_REQ_POST |
 	    EVHTTP_REQ_HEAD | EVHTTP_REQ_PUT | EVHTTP_REQ_DELETE |

@@ -292,8 +292,7 @@ otel_new(struct event_base *base, const struct sagad_conf *conf, char **err)
 	o->queue = xcalloc((size_t)tc->queue, sizeof *o->queue);
 	o->hc = hclient_new(base, o->host, o->port, OTEL_MAX_ANSWER, 16384);
 	o->timer = event_new(base, -1, EV_PERSIST, otel_timer_cb, o);
-	tv.tv_sec = (time_t)tc->interval;
-	tv.tv_usec = (suseconds_t)((tc->interval - (double)tv.tv_sec) * 1e6);
+	tv = util_timeval(tc->interval);
 	event_add(o->timer, &tv);
 	return o;
 }

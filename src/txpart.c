@@ -397,8 +397,7 @@ txp_timer_cb(evutil_socket_t fd, short what, void *arg)
 		txp_ask_all(tp, util_now() - tp->d->conf->in_doubt_timeout);
 		txp_expire(tp);
 	}
-	tv.tv_sec = (time_t)p;
-	tv.tv_usec = (suseconds_t)((p - (double)tv.tv_sec) * 1e6);
+	tv = util_timeval(p);
 	evtimer_add(tp->timer_ev, &tv);
 }
 

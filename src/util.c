@@ -20,6 +20,16 @@ util_now(void)
 	return ts.tv_sec + ts.tv_nsec / 1e9;
 }
 
+struct timeval
+util_timeval(double seconds)
+{
+	struct timeval tv;
+
+	tv.tv_sec = (time_t)seconds;
+	tv.tv_usec = (suseconds_t)((seconds - (double)tv.tv_sec) * 1e6);
+	return tv;
+}
+
 double
 util_mono(void)
 {

@@ -4,9 +4,12 @@
 
 #include <stddef.h>
 #include <stdint.h>
+#include <sys/time.h>
 
 double util_now(void);		/* wall clock, seconds since the epoch */
 double util_mono(void);		/* monotonic clock, seconds */
+/* A duration in seconds as libevent and rabbitmq-c take it. */
+struct timeval util_timeval(double seconds);
 
 /* len bytes from the kernel's random source (getrandom). */
 void util_random(void *buf, size_t len);
