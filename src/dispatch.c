@@ -196,19 +196,12 @@ dsub_dead_letter(struct dsub *ds, struct dmsg *dm, const char *reason, int statu
 	    LOG_INT("status", status), LOG_STR("error", error));
 }
 
-static void
-dsub_retry(struct dsub *ds, struct dmsg *dm, int status, const char *error)
+void
+dsub_retry_later(struct dsub *ds, struct dmsg *dm, int status, const char *error)
 {
 	const struct conf_subscription *c = dsub_conf(ds);
 	double delay;
 
-	dsub_circuit_fail(ds);
-	if (dm->rec->attempts >= (unsigned)c->max_attempts) {
-		dsub_dead_letter(ds, dm, "attempts-exhausted", status, error);
-		dsub_remove(ds, dm);
-		return;
-	}
-	ds->stats.outcomes[OUTCOME_RETRY]++;
 	delay = util_backoff(c->retry_initial, c->retry_max, dm->rec->attempts);
 	dm->rec->due_at = util_now() + delay;
 	dm->rec->last_status = status;
@@ -218,6 +211,21 @@ dsub_retry(struct dsub *ds, struct dmsg *dm, int status, const char *error)
 	    LOG_STR("message_id", dm->rec->m->message_id),
 	    LOG_STR("routing_key", dm->rec->m->routing_key), LOG_UINT("attempt", dm->rec->attempts),
 	    LOG_INT("status", status), LOG_STR("error", error), LOG_DBL("in_seconds", delay));
+}
+
+/* A failed attempt: retried after the backoff, or dead-lettered once
+ * max_attempts are spent; the circuit counts it. */
+static void
+dsub_retry(struct dsub *ds, struct dmsg *dm, int status, const char *error)
+{
+	dsub_circuit_fail(ds);
+	if (dm->rec->attempts >= (unsigned)dsub_conf(ds)->max_attempts) {
+		dsub_dead_letter(ds, dm, "attempts-exhausted", status, error);
+		dsub_remove(ds, dm);
+		return;
+	}
+	ds->stats.outcomes[OUTCOME_RETRY]++;
+	dsub_retry_later(ds, dm, status, error);
 }
 
 static void
@@ -659,9 +667,6 @@ dispatch_run(struct dsub *ds)
 	}
 	if (ds->circuit == CIRCUIT_HALF_OPEN)
 		limit = 1;
-	/* A transaction's messages go one at a time too, whatever `ordered`
-	 * says: its record decides each after the one before (txpart.h). */
-	busy = xcalloc(ds->npending + 1, sizeof *busy);
 	started = xcalloc(limit > ds->inflight ? limit - ds->inflight : 1, sizeof *started);
 	for (i = 0; i < ds->npending && ds->inflight < limit; i++) {
 		struct dmsg *dm = ds->pending[i];
@@ -670,7 +675,12 @@ dispatch_run(struct dsub *ds)
 
 		if (dm->rec->due_at > now && dm->state != DMSG_INFLIGHT && (next == 0 || dm->rec->due_at < next))
 			next = dm->rec->due_at;
+		/* A transaction's messages go one at a time too, whatever
+		 * `ordered` says: its record decides each after the one before
+		 * (txpart.h). The list is made only when a message needs it. */
 		if ((c->ordered || dm->tx) && cid) {
+			if (!busy)
+				busy = xcalloc(ds->npending + 1, sizeof *busy);
 			if (dsub_cid_busy(busy, nbusy, cid))
 				continue;
 			busy[nbusy++] = cid;

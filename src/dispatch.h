@@ -97,6 +97,9 @@ void dispatch_circuit_set(struct dsub *ds, enum delivery_circuit to);
 struct hclient_answer;
 void dsub_succeeded(struct dsub *ds, struct dmsg *dm, const struct hclient_answer *ans);
 void dsub_refused(struct dsub *ds, struct dmsg *dm, const struct hclient_answer *ans);
+/* dispatch.c: the record tried again after the subscription's backoff (no
+ * attempts limit: dsub_retry's). */
+void dsub_retry_later(struct dsub *ds, struct dmsg *dm, int status, const char *error);
 
 /* dispatch_tx.c: a two-phase commit's messages. Sagad-Kind for the
  * service; a transaction's kind; a record (dm->tx) answered from the

@@ -17,7 +17,6 @@
 #include "store.h"
 #include "txpart.h"
 #include "txpg.h"
-#include "util.h"
 #include "xmalloc.h"
 
 /* A two-phase commit's message (sagad(8) TWO-PHASE COMMIT). */
@@ -89,7 +88,6 @@ dsub_tx_finished(void *arg, enum txpg_result r, const char *why)
 	struct dfinish *f = arg;
 	struct dsub *ds = f->ds;
 	struct dmsg *dm = f->dm;
-	const struct conf_subscription *c = dsub_conf(ds);
 	struct hclient_answer ans;
 
 	free(f);
@@ -109,10 +107,7 @@ dsub_tx_finished(void *arg, enum txpg_result r, const char *why)
 		dsub_succeeded(ds, dm, &ans);
 		evbuffer_free(ans.body);
 	} else {
-		dm->rec->due_at = util_now() + util_backoff(c->retry_initial, c->retry_max,
-		    dm->rec->attempts);
-		store_inbox_retry(ds->dl->d->store, dm->rec->id, dm->rec->attempts,
-		    dm->rec->due_at, 0, why ? why : "");
+		dsub_retry_later(ds, dm, 0, why ? why : "");
 	}
 	dsub_flow(ds);
 	dispatch_schedule(ds);
