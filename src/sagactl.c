@@ -209,6 +209,21 @@ pct_encode(const char *s)
 	return out;
 }
 
+/* method on /v1/admin/COLLECTION/ID[REST], the id percent-encoded. */
+static json_t *
+sagactl_call_id(const struct sagactl *c, const char *method, const char *collection,
+    const char *id, const char *rest)
+{
+	char *e = pct_encode(id), *path;
+	json_t *j;
+
+	path = xasprintf("/v1/admin/%s/%s%s", collection, e, rest);
+	j = sagactl_call(c, method, path);
+	free(path);
+	free(e);
+	return j;
+}
+
 static void
 print_json(json_t *j)
 {
@@ -529,15 +544,13 @@ print_history(json_t *in)
 static int
 cmd_saga(struct sagactl *c, int argc, char **argv)
 {
-	char path[2048], *id;
+	char rest[16];
 	json_t *j, *in, *st;
 	size_t i, k;
 
 	if (argc == 3 && (strcmp(argv[1], "retry") == 0 || strcmp(argv[1], "abort") == 0)) {
-		id = pct_encode(argv[2]);
-		snprintf(path, sizeof path, "/v1/admin/sagas/%s/%s", id, argv[1]);
-		free(id);
-		j = sagactl_call(c, "POST", path);
+		snprintf(rest, sizeof rest, "/%s", argv[1]);
+		j = sagactl_call_id(c, "POST", "sagas", argv[2], rest);
 		if (c->json)
 			print_json(j);
 		else
@@ -548,10 +561,7 @@ cmd_saga(struct sagactl *c, int argc, char **argv)
 	}
 	if (argc != 2)
 		usage();
-	id = pct_encode(argv[1]);
-	snprintf(path, sizeof path, "/v1/admin/sagas/%s", id);
-	free(id);
-	j = sagactl_call(c, "GET", path);
+	j = sagactl_call_id(c, "GET", "sagas", argv[1], "");
 	if (printed_json(c, j))
 		return SAGACTL_OK;
 	json_array_foreach(json_object_get(j, "instances"), i, in) {
@@ -623,13 +633,9 @@ cmd_tx_list(struct sagactl *c, int argc, char **argv)
 static int
 cmd_tx_show(struct sagactl *c, const char *id)
 {
-	char path[2048], *e = pct_encode(id);
-	json_t *j, *t, *tx, *p;
+	json_t *j = sagactl_call_id(c, "GET", "transactions", id, ""), *t, *tx, *p;
 	size_t i, k;
 
-	snprintf(path, sizeof path, "/v1/admin/transactions/%s", e);
-	free(e);
-	j = sagactl_call(c, "GET", path);
 	if (printed_json(c, j))
 		return SAGACTL_OK;
 	json_array_foreach(json_object_get(j, "coordinator"), i, t) {
@@ -659,16 +665,15 @@ cmd_tx_show(struct sagactl *c, const char *id)
 static int
 cmd_tx_resolve(struct sagactl *c, const char *id, const char *decision)
 {
-	char path[2048], *e = pct_encode(id);
+	char rest[32];
 	json_t *j;
 
 	if (strcmp(decision, "commit") != 0 && strcmp(decision, "abort") != 0)
 		usage();
 	fprintf(stderr, "sagactl: WARNING: deciding transaction %s here, not at its coordinator; "
 	    "if the coordinator decided otherwise, the participants now disagree\n", id);
-	snprintf(path, sizeof path, "/v1/admin/transactions/%s/resolve?decision=%s", e, decision);
-	free(e);
-	j = sagactl_call(c, "POST", path);
+	snprintf(rest, sizeof rest, "/resolve?decision=%s", decision);
+	j = sagactl_call_id(c, "POST", "transactions", id, rest);
 	if (c->json)
 		print_json(j);
 	else
