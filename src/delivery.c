@@ -98,8 +98,10 @@ dsub_flow(struct dsub *ds)
 	/* Pause at max_pending, resume below three quarters of it, so that a
 	 * backlog at the edge does not cancel and consume for every message. */
 	size_t limit = ds->consuming == 1 ? max : max - max / 4;
+	/* A front-door subscription consumes while a client consumes it:
+	 * with nobody to take them, messages wait in the broker's queue. */
 	int want = !dl->stopping && ds->circuit == CIRCUIT_CLOSED &&
-	    ds->npending < (limit ? limit : 1);
+	    ds->npending < (limit ? limit : 1) && (ds->sinks || !dsub_conf(ds)->frontdoor);
 
 	if (want == ds->consuming || !dl->br)
 		return;
@@ -548,6 +550,12 @@ dsub_init(struct delivery *dl, struct dsub *ds, int index)
 	if (c->internal) {
 		if (u)
 			evhttp_uri_free(u);
+		return 0;
+	}
+	if (c->frontdoor) {	/* to the consumers of the AMQP front door */
+		if (u)
+			evhttp_uri_free(u);
+		dsub_load(ds);
 		return 0;
 	}
 	if (!u || !evhttp_uri_get_host(u)) {
