@@ -44,8 +44,18 @@ def ids(got):
     return [g['id'] for g in got]
 
 
+def bad_conf(wd):
+    """deliver = "amqp" without the front door: sagad -n names the fix."""
+    d = h.Sagad(wd, 'amqp://guest:guest@127.0.0.1:1/%2f', name='bad', conf_extra=SUB)
+    r = subprocess.run([h.sagad_path(), '-n', '-f', d.conf], stdout=subprocess.PIPE,
+                       stderr=subprocess.STDOUT, timeout=30)
+    h.check(r.returncode != 0 and b'needs the front door' in r.stdout,
+            'sagad -n: deliver = "amqp" without amqp.listen is an error naming it', r.stdout)
+
+
 def main(wd):
     pk = h.Pika('amqp://unused')	# Skip without python3-pika
+    bad_conf(wd)
     broker = h.Broker(wd)
     broker.start()
     pk = h.Pika(broker.url)
