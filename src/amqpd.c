@@ -666,6 +666,7 @@ amqpd_free(struct amqpd *a)
 		amqpd_conn_drop(c);
 	}
 	amqpd_topo_free(a->topo);
+	amqpd_reply_free_all(a);
 	free(a);
 }
 

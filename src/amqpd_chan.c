@@ -406,6 +406,7 @@ amqpd_chan_store(struct amqpd_chan *ch)
 	enum store_put put;
 	uint64_t tag = 0;
 
+	amqpd_reply_decorate(a, &ch->m);	/* a saga command's reply */
 	put = store_outbox_put(a->d->store, &ch->m, util_now(), STORE_OUT_DEDUP);
 	if (ch->confirm) {
 		tag = ch->told + ch->noutcome + 1;

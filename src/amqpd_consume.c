@@ -116,6 +116,7 @@ amqpd_deliver(struct delivery_sink *s, struct dattempt *t, const struct msg *m, 
 	d.redelivered = (amqp_boolean_t)redelivered;
 	d.exchange = amqp_cstring_bytes(m->exchange ? m->exchange : "");
 	d.routing_key = amqp_cstring_bytes(m->routing_key ? m->routing_key : "");
+	amqpd_reply_expect(ch->c->a, m);
 	amqpd_send_method(ch->c, ch->id, AMQP_BASIC_DELIVER_METHOD, &d);
 	amqpd_send_content(ch->c, ch->id, m);
 	ch->c->a->stats.delivered++;

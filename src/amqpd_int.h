@@ -26,6 +26,8 @@ struct amqpd {
 	struct amqpd_conn *conns;	/* every live connection */
 	struct amqpd_stats stats;
 	uint64_t ctag_seq;		/* server-named consumer tags */
+	struct amqpd_reply *replies;	/* saga commands delivered, awaiting their reply */
+	size_t nreplies, capreplies;
 };
 
 /*
@@ -152,6 +154,13 @@ int amqpd_consume_method(struct amqpd_chan *ch, amqp_method_number_t id, void *m
 void amqpd_consume_declare(struct amqpd_chan *ch, amqp_method_number_t id, void *m);
 void amqpd_consume_flow(struct amqpd_chan *ch, int active);
 void amqpd_consume_chan_gone(struct amqpd_chan *ch);
+
+/* amqpd_reply.c: a saga command delivered (its reply_to, correlation id
+ * and saga headers remembered), a publish that answers one (given the
+ * headers the saga engine needs), and the list freed. */
+void amqpd_reply_expect(struct amqpd *a, const struct msg *cmd);
+void amqpd_reply_decorate(struct amqpd *a, struct msg *m);
+void amqpd_reply_free_all(struct amqpd *a);
 
 /* amqpd.c, for amqpd_chan.c */
 void amqpd_send_method(struct amqpd_conn *c, uint16_t channel, amqp_method_number_t id,

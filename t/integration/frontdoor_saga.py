@@ -32,12 +32,20 @@ SAGA = '''sagas = ( {
     { name = "ship"; success = "events:shipment.scheduled"; failure = "events:shipment.failed"; }
   );
   completed = "events:order.fulfilled"; compensated = "events:order.cancelled";
+}, {
+  name = "basket"; start = "events:basket.checked-out"; timeout = 60;
+  steps = (
+    { name = "reserve"; command = "commands:stock.reserve"; compensate = "commands:stock.release"; },
+    { name = "charge"; command = "commands:stock.charge"; }
+  );
+  completed = "events:basket.done"; compensated = "events:basket.undone";
 } );'''
 SUBS = '''subscriptions = (
   { name = "payments"; queue = "fulfil.payments"; deliver = "amqp";
     bind = ( "events:order.approved", "events:payment.refund-requested" ); },
   { name = "shipping"; queue = "fulfil.shipping"; deliver = "amqp";
-    bind = ( "events:payment.captured" ); }
+    bind = ( "events:payment.captured" ); },
+  { name = "stock"; queue = "fulfil.stock"; deliver = "amqp"; bind = ( "commands:stock.#" ); }
 );'''
 
 
@@ -53,7 +61,7 @@ def state(d, cid):
     return inst['state'] if inst else None
 
 
-def publish_start(url, orders):
+def publish_start(url, orders, key='order.approved'):
     """The orders service: order.approved through the front door, each
     twice with the same message id (a retry after a lost confirm)."""
     code = '''
@@ -63,13 +71,13 @@ ch = c.channel()
 ch.confirm_delivery()
 for cid, amount in json.loads(sys.argv[2]):
     for _ in range(2):
-        ch.basic_publish('events', 'order.approved', json.dumps({'amount': amount}).encode(),
+        ch.basic_publish('events', sys.argv[3], json.dumps({'amount': amount}).encode(),
                          pika.BasicProperties(delivery_mode=2, correlation_id=cid,
-                                              message_id='approved-' + cid,
+                                              message_id='start-' + cid,
                                               content_type='application/json'))
 c.close()
 '''
-    r = subprocess.run([PY, '-c', code, url, json.dumps(orders)], stdin=subprocess.DEVNULL,
+    r = subprocess.run([PY, '-c', code, url, json.dumps(orders), key], stdin=subprocess.DEVNULL,
                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=60)
     return r.returncode, r.stderr.decode()[-500:]
 
@@ -93,14 +101,19 @@ def main(wd):
                                   role, 'fulfil.' + role, '8'],
                                  stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                  stderr=subprocess.PIPE)
-                for role in ('payments', 'shipping')]
+                for role in ('payments', 'shipping', 'stock')]
     h.wait_until(lambda: h.parse_metrics(side.admin_get('/metrics')[1]).get(
-        'sagad_amqp_consumers') == 2, 20, 'payments and shipping consuming')
+        'sagad_amqp_consumers') == 3, 20, 'payments, shipping and stock consuming')
 
     rc, err = publish_start(u_orders, [['o-small', 50], ['o-big', 500], ['o-huge', 5000]])
     h.check(rc == 0, 'the orders service publishes its start events through the front door',
             err)
-    final = {'o-small': 'completed', 'o-big': 'compensated', 'o-huge': 'compensated'}
+    rc, err = publish_start(u_orders, [['b-ok', 10], ['b-mid', 70], ['b-big', 200]],
+                            key='basket.checked-out')
+    h.check(rc == 0, 'the orders service publishes its start events through the front door',
+            err)
+    final = {'o-small': 'completed', 'o-big': 'compensated', 'o-huge': 'compensated',
+             'b-ok': 'completed', 'b-mid': 'compensated', 'b-big': 'compensated'}
     h.wait_until(lambda: all(state(orders, c) == s for c, s in final.items()), 60,
                  'every saga at its end')
     h.check(True, 'o-small completed, o-big and o-huge compensated (AMQP-only services)')
@@ -112,11 +125,19 @@ def main(wd):
     h.check(huge.get('pay') == 'failed' and huge.get('ship') != 'succeeded',
             'o-huge: payment refused, nothing to undo', huge)
 
+    mid = {s['name']: s['state'] for s in saga(orders, 'b-mid')['steps']}
+    bigb = {s['name']: s['state'] for s in saga(orders, 'b-big')['steps']}
+    h.check(mid == {'reserve': 'compensated', 'charge': 'failed'} and
+            bigb.get('reserve') == 'failed',
+            'orchestrated, RPC-style replies through the front door: b-ok completed, b-mid '
+            'charge refused and reserve compensated, b-big reserve refused', (mid, bigb))
     outs = [json.loads(l) for p in services for l in p.communicate(timeout=60)[0].decode()
             .splitlines() if l.strip()]
     approved = sorted(o['cid'] for o in outs if o['got'] == 'order.approved')
     h.check(approved == ['o-big', 'o-huge', 'o-small'],
             'each start event reached payments once (the second publish deduplicated)', outs)
+    releases = [o['cid'] for o in outs if o['got'] == 'stock.release']
+    h.check(releases == ['b-mid'], 'stock.release sent for b-mid only', outs)
     refunds = [o['cid'] for o in outs if o['got'] == 'payment.refund-requested']
     h.check(refunds == ['o-big'], 'the refund request reached payments for o-big only', outs)
     ends = tool.consume(broker.url, 'watch', 20, timeout=3)

@@ -11,6 +11,12 @@ line on stdout per message handled. Ends after IDLE seconds without one.
             payment.refunded
   shipping  payment.captured -> shipment.scheduled, or shipment.failed when
             the body's amount is over 100
+  stock     the commands of an orchestrated saga, answered RPC style: a
+            reply to the command's reply_to on the default exchange with
+            its correlation id, nothing more (sagad adds the saga's
+            headers); stock.reserve refused (header x-sagad-outcome:
+            failure) when the amount is over 100, stock.charge when over
+            50; stock.release succeeds
 """
 
 import json
@@ -30,6 +36,21 @@ def reaction(role, key, body):
     return None
 
 
+def answer(key, body):
+    """The stock service's verdict on a command: True, or False (refused)."""
+    amount = json.loads(body or b'{}').get('amount', 0)
+    return not ((key == 'stock.reserve' and amount > 100) or
+                (key == 'stock.charge' and amount > 50))
+
+
+def reply(pub, props, key, body):
+    ok = answer(key, body)
+    pub.basic_publish('', props.reply_to, json.dumps({'ok': ok}).encode(), pika.BasicProperties(
+        delivery_mode=2, correlation_id=props.correlation_id,
+        headers=None if ok else {'x-sagad-outcome': 'failure'}))
+    return 'reply-%s' % ('ok' if ok else 'refused')
+
+
 def main(url, role, queue, idle):
     conn = pika.BlockingConnection(pika.URLParameters(url))
     sub = conn.channel()
@@ -39,8 +60,12 @@ def main(url, role, queue, idle):
     for method, props, body in sub.consume(queue, inactivity_timeout=float(idle)):
         if method is None:
             break
-        out = reaction(role, method.routing_key, body)
-        if out:
+        out = None
+        if role == 'stock' and props.reply_to:
+            out = reply(pub, props, method.routing_key, body)
+        else:
+            out = reaction(role, method.routing_key, body)
+        if out and role != 'stock':
             pub.basic_publish('events', out, body, pika.BasicProperties(
                 delivery_mode=2, correlation_id=props.correlation_id,
                 message_id='%s:%s' % (props.message_id, out),
