@@ -155,6 +155,16 @@ void amqpd_consume_declare(struct amqpd_chan *ch, amqp_method_number_t id, void 
 void amqpd_consume_flow(struct amqpd_chan *ch, int active);
 void amqpd_consume_chan_gone(struct amqpd_chan *ch);
 
+/* A saga command delivered through the front door, until its reply
+ * (amqpd_reply.c). values: saga, step, kind, traceparent, tracestate. */
+#define AMQPD_REPLY_NKEYS 5
+struct amqpd_reply {
+	char *reply_to;
+	char *correlation_id;		/* NULL: the command had none */
+	char *message_id;
+	char *values[AMQPD_REPLY_NKEYS];	/* NULL: absent */
+};
+
 /* amqpd_reply.c: a saga command delivered (its reply_to, correlation id
  * and saga headers remembered), a publish that answers one (given the
  * headers the saga engine needs), and the list freed. */

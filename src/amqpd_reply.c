@@ -23,17 +23,10 @@
  * that never replies must not grow sagad). */
 #define AMQPD_REPLIES_MAX 4096
 
-/* The headers of a command that its reply carries. */
-static const char *const amqpd_reply_keys[] = {
+/* The headers of a command that its reply carries, by AMQPD_REPLY_KEYS'
+ * order (struct amqpd_reply's values). */
+static const char *const amqpd_reply_keys[AMQPD_REPLY_NKEYS] = {
 	"x-sagad-saga", "x-sagad-step", "x-sagad-kind", TRACE_PARENT, TRACE_STATE
-};
-#define AMQPD_REPLY_NKEYS (sizeof amqpd_reply_keys / sizeof amqpd_reply_keys[0])
-
-struct amqpd_reply {
-	char *reply_to;
-	char *correlation_id;		/* NULL: the command had none */
-	char *message_id;
-	char *values[AMQPD_REPLY_NKEYS];	/* by amqpd_reply_keys, NULL: absent */
 };
 
 static void
