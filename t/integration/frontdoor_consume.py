@@ -8,11 +8,13 @@ nack/reject with requeue retry it (redelivered, dead-lettered once
 max_attempts are spent), without requeue dead-letter it with the reason in
 its headers; a client that goes with unacked deliveries has them
 redelivered to the next; a SIGKILL of sagad with deliveries unacked
-redelivers them after the restart; exclusive consumers, basic.cancel,
+redelivers them after the restart; rabbitmq-c's amqp-consume gets its
+messages; exclusive consumers, basic.cancel,
 basic.get and unknown queues are refused clearly; metrics count it all."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -144,6 +146,20 @@ def main(wd):
     holder.communicate(timeout=60)
     h.wait_until(lambda: h.parse_metrics(d.admin_get('/metrics')[1]).get(
         'sagad_amqp_consumers') == 0, 10, 'consumers cancelled: gauge back to 0')
+
+    # -- rabbitmq-c's own consumer (amqp-tools)
+    exe = shutil.which('amqp-consume')
+    if not exe:
+        h.log('amqp-consume not installed (amqp-tools): its part skipped')
+    else:
+        for i in range(5):
+            pk.publish('events', 'in.tool', 'tool-%d;' % i, message_id='tool-%d' % i)
+        r = subprocess.run([exe, '-u', url, '-q', 'fd.in', '-c', '5', '-p', '2', 'cat'],
+                           stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, timeout=60)
+        h.check(r.returncode == 0 and r.stdout == b''.join(b'tool-%d;' % i for i in range(5)),
+                "rabbitmq-c's amqp-consume (prefetch 2) gets the five, in order, once",
+                (r.returncode, r.stdout, r.stderr[-300:]))
 
     # -- SIGKILL of sagad while a client holds deliveries unacked
     for i in range(6):
