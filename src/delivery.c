@@ -823,8 +823,14 @@ delivery_sub_json(struct delivery *dl, int sub)
 	struct dsub *ds = &dl->subs[sub];
 	const struct conf_subscription *c = dsub_conf(ds);
 
-	return json_pack("{s:s,s:s,s:s,s:I,s:i,s:f,s:s,s:b,s:I,s:I,s:I,s:I}",
+	const struct delivery_sink *k;
+	int consumers = 0;
+
+	for (k = ds->sinks; k; k = k->next)
+		consumers++;
+	return json_pack("{s:s,s:s,s:s,s:i,s:I,s:i,s:f,s:s,s:b,s:I,s:I,s:I,s:I}",
 	    "name", ds->name, "queue", ds->queue, "deliver", c->deliver,
+	    "consumers", consumers,
 	    "backlog", (json_int_t)ds->npending, "inflight", (int)ds->inflight,
 	    "oldest_age_seconds", dsub_oldest_age(ds),
 	    "circuit", dispatch_circuit_names[ds->circuit], "consuming", ds->consuming == 1,

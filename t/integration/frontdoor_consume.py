@@ -139,6 +139,9 @@ def main(wd):
         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     h.wait_until(lambda: h.parse_metrics(d.admin_get('/metrics')[1]).get(
         'sagad_amqp_consumers') == 1, 10, 'the exclusive consumer is on')
+    subs = {x['name']: x for x in d.admin_json('/v1/admin/subscriptions')[1]['subscriptions']}
+    h.check(subs['in']['consumers'] == 1 and subs['in']['deliver'] == 'amqp' and
+            subs['in']['consuming'], 'the admin view: one consumer, consuming', subs['in'])
     got, end = consume(url, queue='fd.in', idle=1)
     h.check(end.get('end') == 'channel-closed' and end.get('code') == 403 and
             'exclusive' in end.get('text', ''),
