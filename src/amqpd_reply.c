@@ -58,6 +58,9 @@ amqpd_reply_expect(struct amqpd *a, const struct msg *cmd)
 
 	if (!cmd->props.reply_to || !props_get_header(&cmd->props, "x-sagad-saga"))
 		return;		/* not a saga's command: nothing to correlate */
+	for (i = 0; i < a->nreplies; i++)
+		if (strcmp(a->replies[i].message_id, cmd->message_id) == 0)
+			return;	/* delivered again: remembered already */
 	if (a->nreplies == AMQPD_REPLIES_MAX)
 		amqpd_reply_drop(a, 0);
 	r = XPUSH(a->replies, a->nreplies, a->capreplies);
@@ -76,9 +79,31 @@ amqpd_reply_same(const char *a, const char *b)
 	return a && b ? strcmp(a, b) == 0 : a == b;
 }
 
-/* The command m answers: to its reply_to on the default exchange, the
- * same correlation id, and the step if the service named it. -1 when two
- * commands could be meant (a saga's parallel steps share the saga id as
+/* The same step of the same saga (a command sent again after a timeout,
+ * under a new id): one reply answers both. */
+static int
+amqpd_reply_alike(const struct amqpd_reply *x, const struct amqpd_reply *y)
+{
+	int k;
+
+	for (k = 0; k < 3; k++)		/* saga, step, kind */
+		if (!amqpd_reply_same(x->values[k], y->values[k]))
+			return 0;
+	return 1;
+}
+
+/* m answers r: to its reply_to on the default exchange, the same
+ * correlation id, and the same step if the service named one. */
+static int
+amqpd_reply_answers(const struct amqpd_reply *r, const struct msg *m, const char *step)
+{
+	return strcmp(r->reply_to, m->routing_key) == 0 &&
+	    amqpd_reply_same(r->correlation_id, m->props.correlation_id) &&
+	    (!step || amqpd_reply_same(r->values[1], step));
+}
+
+/* The latest command m answers, or -1; -1 too when commands of different
+ * steps could be meant (a saga's parallel steps share the saga id as
  * correlation id): the service must then say x-sagad-step. */
 static long
 amqpd_reply_find(const struct amqpd *a, const struct msg *m)
@@ -86,24 +111,19 @@ amqpd_reply_find(const struct amqpd *a, const struct msg *m)
 	const char *step = props_get_header(&m->props, "x-sagad-step");
 	long found = -1;
 	size_t i;
-	int n = 0;
 
 	if (!m->exchange || *m->exchange || !m->routing_key)
 		return -1;
 	for (i = 0; i < a->nreplies; i++) {
-		const struct amqpd_reply *r = &a->replies[i];
-		if (strcmp(r->reply_to, m->routing_key) != 0 ||
-		    !amqpd_reply_same(r->correlation_id, m->props.correlation_id) ||
-		    (step && !amqpd_reply_same(r->values[1], step)))
+		if (!amqpd_reply_answers(&a->replies[i], m, step))
 			continue;
-		if (n++ == 0)
-			found = (long)i;
-	}
-	if (n > 1) {
-		log_warn("amqp: a reply could answer several saga commands, left as it is; "
-		    "set the header x-sagad-step", LOG_STR("routing_key", m->routing_key),
-		    LOG_STR("correlation_id", m->props.correlation_id));
-		return -1;
+		if (found >= 0 && !amqpd_reply_alike(&a->replies[found], &a->replies[i])) {
+			log_warn("amqp: a reply could answer several saga commands, left as it "
+			    "is; set the header x-sagad-step", LOG_STR("routing_key", m->routing_key),
+			    LOG_STR("correlation_id", m->props.correlation_id));
+			return -1;
+		}
+		found = (long)i;
 	}
 	return found;
 }
@@ -111,6 +131,7 @@ amqpd_reply_find(const struct amqpd *a, const struct msg *m)
 void
 amqpd_reply_decorate(struct amqpd *a, struct msg *m)
 {
+	const char *step = props_get_header(&m->props, "x-sagad-step");
 	struct amqpd_reply *r;
 	long i = amqpd_reply_find(a, m);
 	size_t k;
@@ -124,7 +145,10 @@ amqpd_reply_decorate(struct amqpd *a, struct msg *m)
 	if (!props_get_header(&m->props, "x-sagad-outcome"))
 		props_set_header(&m->props, "x-sagad-outcome", "success");
 	props_set_header(&m->props, "x-sagad-reply-to-message-id", r->message_id);
-	amqpd_reply_drop(a, (size_t)i);
+	/* Answered: the command and its earlier sendings are forgotten. */
+	for (k = a->nreplies; k-- > 0;)
+		if (amqpd_reply_answers(&a->replies[k], m, step))
+			amqpd_reply_drop(a, k);
 }
 
 void

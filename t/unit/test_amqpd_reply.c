@@ -142,6 +142,31 @@ test_ambiguous_needs_step(void **state)
 	amqpd_reply_free_all(&a);
 }
 
+/* A command delivered again (same id) is remembered once; one sent again
+ * by the saga engine (new id, same step) is answered by one reply, which
+ * names the latest and forgets both. */
+static void
+test_again_is_not_ambiguous(void **state)
+{
+	struct amqpd a;
+	struct msg r;
+
+	(void)state;
+	memset(&a, 0, sizeof a);
+	command(&a, "cmd-1", "reserve");
+	command(&a, "cmd-1", "reserve");
+	assert_int_equal(a.nreplies, 1);
+	command(&a, "cmd-1b", "reserve");
+	assert_int_equal(a.nreplies, 2);
+	msg_set(&r, "rep", "", "orders.sagas", NULL, "s1");
+	amqpd_reply_decorate(&a, &r);
+	assert_string_equal(hdr(&r, "x-sagad-outcome"), "success");
+	assert_string_equal(hdr(&r, "x-sagad-reply-to-message-id"), "cmd-1b");
+	assert_int_equal(a.nreplies, 0);
+	msg_clear(&r);
+	amqpd_reply_free_all(&a);
+}
+
 /* A service that never replies does not grow sagad: the oldest goes. */
 static void
 test_bounded(void **state)
@@ -168,6 +193,7 @@ main(void)
 		cmocka_unit_test(test_reply_decorated_once),
 		cmocka_unit_test(test_refusal_and_mismatch),
 		cmocka_unit_test(test_ambiguous_needs_step),
+		cmocka_unit_test(test_again_is_not_ambiguous),
 		cmocka_unit_test(test_bounded),
 	};
 	return cmocka_run_group_tests(tests, NULL, NULL);
