@@ -12,8 +12,8 @@
  * at a time with the loop run until quiet in between. op's low 2 bits are the
  * channel (0-3), bits 2-3 the kind: a method of TABLE (arg picks it) with
  * its fields built from the bytes, the same method id with the bytes as
- * raw arguments, a content header (arg: body size, bytes: properties
- * after the flags) or a body frame. Before them the client's handshake:
+ * raw arguments, a content header (arg: body size; bytes: properties,
+ * built or raw) or a body frame. Before them the client's handshake:
  * protocol header, start-ok PLAIN, tune-ok, connection.open, channel.open 1.
  *
  * Checks: no crash, leak or undefined behaviour; once the client has
@@ -217,22 +217,55 @@ fuzz_built_method(struct fuzz_out *o, uint16_t ch, amqp_method_number_t id,
 	fuzz_method(o, ch, id, &m);
 }
 
-/* A content header of class basic: body size, then the property flags
- * and fields as the bytes have them (the decoder judges them). */
+/* Properties the front door reads, one of them (or a header) with the
+ * bytes as its value, so that its checks see values the decoder passes. */
+static int
+fuzz_built_props(uint8_t *out, size_t cap, uint8_t pick, const uint8_t *b, size_t n)
+{
+	amqp_basic_properties_t p;
+	amqp_table_entry_t e;
+	amqp_bytes_t v = { n, (void *)b };
+
+	memset(&p, 0, sizeof p);
+	switch (pick % 7) {
+	case 0: p._flags = AMQP_BASIC_MESSAGE_ID_FLAG; p.message_id = v; break;
+	case 1: p._flags = AMQP_BASIC_CONTENT_TYPE_FLAG; p.content_type = v; break;
+	case 2: p._flags = AMQP_BASIC_CORRELATION_ID_FLAG; p.correlation_id = v; break;
+	case 3: p._flags = AMQP_BASIC_TYPE_FLAG; p.type = v; break;
+	case 4: p._flags = AMQP_BASIC_EXPIRATION_FLAG; p.expiration = v; break;
+	case 5: p._flags = AMQP_BASIC_REPLY_TO_FLAG; p.reply_to = v; break;
+	case 6:
+		e.key = amqp_cstring_bytes(pick & 0x80 ? "traceparent" : "x-k");
+		e.value.kind = AMQP_FIELD_KIND_UTF8;
+		e.value.value.bytes = v;
+		p._flags = AMQP_BASIC_HEADERS_FLAG;
+		p.headers.num_entries = 1;
+		p.headers.entries = &e;
+		break;
+	}
+	return amqp_encode_properties(AMQP_BASIC_CLASS, &p, (amqp_bytes_t){ cap, out });
+}
+
+/* A content header of class basic: body size, then the properties: none,
+ * built (fuzz_built_props: first byte odd) or the bytes as they are (the
+ * decoder judges them). */
 static void
 fuzz_header(struct fuzz_out *o, uint16_t ch, uint8_t size, const uint8_t *b, size_t n)
 {
-	uint8_t buf[12 + 256];
+	uint8_t buf[12 + 512];
+	int len = 2;
 
 	memset(buf, 0, 14);
 	buf[1] = AMQP_BASIC_CLASS;
 	buf[11] = size;
-	if (n < 2) {		/* no properties: flags 0 */
-		fuzz_frame(o, AMQPF_HEADER, ch, buf, 14);
-		return;
+	if (n >= 1 && (b[0] & 1))
+		len = fuzz_built_props(buf + 12, sizeof buf - 12, b[0] >> 1, b + 1, n - 1);
+	else if (n >= 2) {
+		memcpy(buf + 12, b, n);
+		len = (int)n;
 	}
-	memcpy(buf + 12, b, n);
-	fuzz_frame(o, AMQPF_HEADER, ch, buf, 12 + n);
+	FUZZ_CHECK(len >= 0, "cannot encode properties");
+	fuzz_frame(o, AMQPF_HEADER, ch, buf, 12 + (size_t)len);
 }
 
 static void
