@@ -674,6 +674,28 @@ test_consumer_tag_reused(void **state)
 	assert_non_null(strstr(text, "reuse consumer tag 'c1'"));
 }
 
+/* A tag the client chose that looks like one sagad names: the consumer
+ * sagad names next on the channel gets another, not a 530 for a reuse the
+ * client never made. */
+static void
+test_server_named_tag_unique(void **state)
+{
+	struct fx *f = *state;
+	amqp_basic_consume_ok_t *ok;
+	void *m;
+
+	assert_int_equal(login(f, "sekrit"), AMQP_CONNECTION_OPEN_OK_METHOD);
+	channel_open(f, 1);
+	consume(f, 1, "fd.in", "amq.ctag-sagad-1");
+	expect(f, AMQP_BASIC_CONSUME_OK_METHOD, &m);
+	expect(f, AMQP_BASIC_DELIVER_METHOD, &m);
+	consume(f, 1, "fd.in", "");
+	expect(f, AMQP_BASIC_CONSUME_OK_METHOD, &m);
+	ok = m;
+	assert_true(ok->consumer_tag.len > 0);
+	assert_int_equal(amqpd_stats(f->a)->consumers, 2);
+}
+
 int
 main(void)
 {
@@ -690,6 +712,8 @@ main(void)
 		cmocka_unit_test_setup_teardown(test_unknown_tags, setup, teardown),
 		cmocka_unit_test_setup_teardown(test_consume_deliver_ack, setup_consume, teardown),
 		cmocka_unit_test_setup_teardown(test_consumer_tag_reused, setup_consume, teardown),
+		cmocka_unit_test_setup_teardown(test_server_named_tag_unique, setup_consume,
+		    teardown),
 	};
 
 	/* the topology thread wakes the test's loop (event_active) */
