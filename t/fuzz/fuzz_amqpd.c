@@ -16,14 +16,19 @@
  * built or raw) or a body frame. Before them the client's handshake:
  * protocol header, start-ok PLAIN, tune-ok, connection.open, channel.open 1.
  *
- * Checks: no crash, leak or undefined behaviour; once the client has
- * closed its end and the loop is quiet the connection is gone, every
- * delivery handed out is settled (the subscription's in-flight count 0,
- * no consumer left attached), and the store still holds the three
- * records, each pending, delivered or dead-lettered, as many pending as
- * the dispatch holds.
+ * amqpd_consume.c is included too, for its consumer and unacked structs.
+ *
+ * Checks: no crash, leak or undefined behaviour; between chunks, each
+ * channel's unacked deliveries are in tag order, of its own consumers,
+ * within what they hold and what the subscription has in flight; once
+ * the client has closed its end and the loop is quiet the connection is
+ * gone, every delivery handed out is settled (the subscription's
+ * in-flight count 0, no consumer left attached), and the store still
+ * holds the three records, each pending, delivered or dead-lettered, as
+ * many pending as the dispatch holds.
  */
 #include "amqpd.c"
+#include "amqpd_consume.c"
 
 #include <event2/event.h>
 #include <inttypes.h>
@@ -56,7 +61,9 @@ static const amqp_method_number_t fuzz_methods[] = {
 };
 #define FUZZ_NMETHODS (sizeof fuzz_methods / sizeof fuzz_methods[0])
 
-static const char *const fuzz_names[] = { "fd.in", "t1", "t2", "", "other" };
+/* Queue and tag names: the front-door queue, tags a client picks, and
+ * one of the form sagad gives a consumer that names none. */
+static const char *const fuzz_names[] = { "fd.in", "t1", "amq.ctag-sagad-1", "", "other" };
 
 struct fuzz_env {
 	struct sagad d;
@@ -448,6 +455,50 @@ fuzz_connect(struct fuzz_env *e)
 	return sv[1];
 }
 
+/* A channel's unacked deliveries: in tag order, each of a consumer of
+ * the channel holding it. */
+static size_t
+fuzz_check_chan(const struct amqpd_chan *ch)
+{
+	const struct amqpd_consumer *k;
+	unsigned held = 0;
+	size_t i;
+
+	for (k = ch->consumers; k; k = k->next)
+		held += k->sink.held;
+	FUZZ_CHECK(ch->nunacked <= held, "channel %u: %zu unacked, %u held", ch->id,
+	    ch->nunacked, held);
+	for (i = 0; i < ch->nunacked; i++) {
+		for (k = ch->consumers; k && k != ch->unacked[i].cons; k = k->next)
+			;
+		FUZZ_CHECK(k != NULL, "channel %u: tag %" PRIu64 " of a consumer not on it",
+		    ch->id, ch->unacked[i].tag);
+		FUZZ_CHECK(i == 0 || ch->unacked[i - 1].tag < ch->unacked[i].tag,
+		    "channel %u: unacked tags out of order", ch->id);
+		FUZZ_CHECK(ch->unacked[i].tag <= ch->deliver_tag,
+		    "channel %u: tag %" PRIu64 " never given", ch->id, ch->unacked[i].tag);
+	}
+	return ch->nunacked;
+}
+
+/* Between two chunks: no more unacked than the subscription has in
+ * flight. */
+static void
+fuzz_check_running(struct fuzz_env *e)
+{
+	const struct dsub *ds = &e->d.delivery->subs[0];
+	struct amqpd_conn *c = e->a->conns;
+	size_t unacked = 0;
+	unsigned i;
+
+	if (!c || !c->chans)
+		return;
+	for (i = 0; i <= c->channel_max; i++)
+		if (c->chans[i])
+			unacked += fuzz_check_chan(c->chans[i]);
+	FUZZ_CHECK(unacked <= ds->inflight, "%zu unacked, %u in flight", unacked, ds->inflight);
+}
+
 /* After the client went: nothing handed out is unsettled, the store
  * agrees with the dispatch. */
 static void
@@ -491,6 +542,7 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 		data += used;
 		size -= used;
 		fuzz_write_all(e, peer, o.p, o.n);
+		fuzz_check_running(e);
 	}
 	free(o.p);
 	close(peer);
