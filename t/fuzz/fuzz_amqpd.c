@@ -9,12 +9,13 @@
  * left out of the table: they go to the broker on a thread of their own.
  *
  * Input: chunks, each [op][arg][len][len bytes], one frame each, sent one
- * at a time with the loop run until quiet in between. op's low 2 bits are the
- * channel (0-3), bits 2-3 the kind: a method of TABLE (arg picks it) with
- * its fields built from the bytes, the same method id with the bytes as
- * raw arguments, a content header (arg: body size; bytes: properties,
- * built or raw) or a body frame. Before them the client's handshake:
- * protocol header, start-ok PLAIN, tune-ok, connection.open, channel.open 1.
+ * at a time with the loop run until quiet in between. op's low 2 bits are
+ * the channel (0-3), bits 2-3 the kind: a method of fuzz_methods (arg
+ * picks it) with its fields built from the bytes, the same method id with
+ * the bytes as raw arguments, a content header (arg: body size; bytes:
+ * properties, built or raw) or a body frame. Before them the client's
+ * handshake: protocol header, start-ok PLAIN, tune-ok (frame_max 4096 for
+ * an input of odd length, else 131072), connection.open, channel.open 1.
  *
  * amqpd_consume.c is included too, for its consumer and unacked structs.
  *
@@ -275,13 +276,15 @@ fuzz_header(struct fuzz_out *o, uint16_t ch, uint8_t size, const uint8_t *b, siz
 	fuzz_frame(o, AMQPF_HEADER, ch, buf, 12 + (size_t)len);
 }
 
+/* frame_max: the smallest or ours, as the input's first byte says (a
+ * delivery is cut into body frames by it). */
 static void
-fuzz_handshake(struct fuzz_out *o)
+fuzz_handshake(struct fuzz_out *o, uint32_t frame_max)
 {
 	static const char resp[] = "\0guest\0guest";
 	amqp_connection_start_ok_t so = { amqp_empty_table, amqp_cstring_bytes("PLAIN"),
 	    { sizeof resp - 1, (void *)resp }, amqp_cstring_bytes("en_US") };
-	amqp_connection_tune_ok_t to = { 0, 131072, 0 };
+	amqp_connection_tune_ok_t to = { 0, frame_max, 0 };
 	amqp_connection_open_t op = { amqp_cstring_bytes("/"), amqp_empty_bytes, 0 };
 	amqp_channel_open_t co = { amqp_empty_bytes };
 
@@ -320,21 +323,32 @@ fuzz_chunk(struct fuzz_out *o, const uint8_t *data, size_t size)
 
 /* ---- the daemon's side ---- */
 
+/* Record i; the first with properties and a header, so that a delivery
+ * encodes them (amqpd_send_content), the last with a body of several
+ * frames at the smallest frame_max. */
 static void
 fuzz_put_record(struct store *st, int i)
 {
+	static char body[10000];
+	struct props_header h = { "x-origin", "fuzz" };
 	struct msg m;
-	char id[16], body[16];
+	char id[16];
 	int64_t rid;
 
 	memset(&m, 0, sizeof m);
+	memset(body, 'b', sizeof body);
 	snprintf(id, sizeof id, "m-%d", i);
-	snprintf(body, sizeof body, "body %d", i);
 	m.message_id = id;
 	m.exchange = "events";
 	m.routing_key = "fd.x";
 	m.body = body;
-	m.body_len = strlen(body);
+	m.body_len = i == FUZZ_RECORDS - 1 ? sizeof body : (size_t)i;
+	if (i == 0) {
+		m.props.content_type = "application/json";
+		m.props.correlation_id = "order-1";
+		m.props.headers = &h;
+		m.props.n_headers = 1;
+	}
 	FUZZ_CHECK(store_inbox_put(st, "fd", &m, util_now(), &rid) == STORE_PUT_STORED,
 	    "cannot store record %d", i);
 }
@@ -532,7 +546,7 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 
 	fuzz_daemon_up(e);
 	peer = fuzz_connect(e);
-	fuzz_handshake(&o);
+	fuzz_handshake(&o, size % 2 ? AMQPF_FRAME_MIN : 131072);
 	fuzz_write_all(e, peer, o.p, o.n);
 	/* A chunk at a time, the loop run in between: the dispatch hands out
 	 * records between two methods, as it would to a real client. */
