@@ -183,6 +183,21 @@ amqpd_consumer_detach(struct amqpd_chan *ch, struct amqpd_consumer *k)
 	delivery_detach(amqpd_delivery(ch), &k->sink);	/* may release k */
 }
 
+/* A server-named tag, none of the channel's: a client may have chosen
+ * one of this form itself, and must not get a 530 for a reuse it never
+ * made. */
+static char *
+amqpd_ctag_new(struct amqpd_chan *ch)
+{
+	char *tag = NULL;
+
+	do {
+		free(tag);
+		tag = xasprintf("amq.ctag-sagad-%" PRIu64, ++ch->c->a->ctag_seq);
+	} while (amqpd_consumer_find(ch, tag));
+	return tag;
+}
+
 /* A queue that is no front-door subscription's is refused rather than
  * passed through: a consumer of the broker's queue behind sagad's back
  * would skip the inbox, which is what the service came for. */
@@ -207,7 +222,7 @@ amqpd_consume(struct amqpd_chan *ch, const amqp_basic_consume_t *m)
 	}
 	if (!tag || !*tag) {
 		free(tag);
-		tag = xasprintf("amq.ctag-sagad-%" PRIu64, ++ch->c->a->ctag_seq);
+		tag = amqpd_ctag_new(ch);
 	}
 	if (amqpd_consumer_find(ch, tag)) {
 		snprintf(text, sizeof text, "NOT_ALLOWED - attempt to reuse consumer tag '%.200s'",

@@ -2,8 +2,10 @@
  * over a unix socket by a client written here, on the test's own loop,
  * with a real store: the handshake, confirms in order, the refusals and
  * their reply codes, basic.qos, a topology call with the broker
- * unreachable. (t/integration/frontdoor.py does the same with pika,
- * amqp-publish and a real RabbitMQ.) */
+ * unreachable, and consuming (amqpd_consume.c): the refusals, unknown
+ * tags, a delivery from the inbox acked. (t/integration/frontdoor.py and
+ * frontdoor_consume.py do the same with pika, amqp-publish and a real
+ * RabbitMQ.) */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -27,14 +29,23 @@
 #include "amqp_headers.h"
 #include "amqpd.h"
 #include "conf.h"
+#include "delivery.h"
 #include "sagad.h"
 #include "store.h"
+#include "util.h"
 #include "xmalloc.h"
 
 #define CONF "service = \"orders\";\n" \
 	"api = { token_file = \"%s/token\"; };\n" \
 	"amqp = { listen = \"unix:%s/amqp.sock\"; };\n" \
 	"broker = { url = \"amqp://guest:guest@127.0.0.1:%d/\"; connect_timeout = 1; };\n"
+
+/* With consume: a front-door subscription on queue "fd.in", its inbox
+ * holding one record (no broker link: the delivery never consumes). */
+#define CONF_CONSUME \
+	"exchanges = ( { name = \"events\"; type = \"topic\"; } );\n" \
+	"subscriptions = ( { name = \"fd\"; queue = \"fd.in\"; bind = [ \"events:fd.#\" ];\n" \
+	"                    deliver = \"amqp\"; } );\n"
 
 struct fx {
 	char dir[64], path[96];
@@ -265,12 +276,28 @@ silent_broker(int *port)
 
 /* The broker is port 1 (nothing listens: refused at once) or, with
  * silent, a socket that never answers. */
+/* One record in the front-door subscription's inbox, as if consumed. */
+static void
+inbox_record(struct store *st)
+{
+	struct msg m = { 0 };
+	int64_t id;
+
+	m.message_id = "m-1";
+	m.exchange = "events";
+	m.routing_key = "fd.x";
+	m.body = "hello";
+	m.body_len = 5;
+	assert_int_equal(store_inbox_put(st, "fd", &m, util_now(), &id), STORE_PUT_STORED);
+	store_flush(st);
+}
+
 static int
-setup_with(void **state, int silent)
+setup_with(void **state, int silent, int consume)
 {
 	struct fx *f = xcalloc(1, sizeof *f);
 	struct conf_errors errs = { 0 };
-	char conf[640], p[128], *err = NULL;
+	char conf[1024], p[128], *err = NULL;
 	int port = 1;
 	FILE *t;
 
@@ -285,7 +312,7 @@ setup_with(void **state, int silent)
 	snprintf(f->path, sizeof f->path, "%s/store.db", f->dir);
 	f->base = event_base_new();
 	event_base_priority_init(f->base, 3);
-	snprintf(conf, sizeof conf, CONF, f->dir, f->dir, port);
+	snprintf(conf, sizeof conf, CONF "%s", f->dir, f->dir, port, consume ? CONF_CONSUME : "");
 	f->d.base = f->base;
 	f->d.conf = conf_load_string(conf, "test.conf", ".", &errs);
 	if (!f->d.conf)
@@ -293,6 +320,10 @@ setup_with(void **state, int silent)
 	f->d.store = store_open(f->path, f->base, INT64_C(1) << 30, &err);
 	assert_non_null(f->d.store);
 	f->d.state = SAGAD_RUNNING;
+	if (consume) {
+		inbox_record(f->d.store);
+		assert_non_null(f->d.delivery = delivery_new(&f->d));
+	}
 	f->a = amqpd_new(&f->d, &err);
 	if (!f->a)
 		fail_msg("amqpd_new: %s", err);
@@ -305,13 +336,19 @@ setup_with(void **state, int silent)
 static int
 setup(void **state)
 {
-	return setup_with(state, 0);
+	return setup_with(state, 0, 0);
+}
+
+static int
+setup_consume(void **state)
+{
+	return setup_with(state, 0, 1);
 }
 
 static int
 setup_silent(void **state)
 {
-	return setup_with(state, 1);
+	return setup_with(state, 1, 0);
 }
 
 static int
@@ -324,8 +361,12 @@ teardown(void **state)
 		close(f->fd);
 	if (f->silent >= 0)
 		close(f->silent);
+	turn(f);	/* the connection goes, its deliveries settled */
 	store_flush(f->d.store);
 	amqpd_free(f->a);
+	/* As sagad stops: the delivery after the commits it waits for. */
+	f->d.state = SAGAD_STOPPED;
+	delivery_free(f->d.delivery);
 	store_close(f->d.store);
 	conf_free(f->d.conf);
 	event_base_free(f->base);
@@ -511,6 +552,150 @@ test_bad_frame_end(void **state)
 	assert_int_equal(close_code(f, AMQP_CONNECTION_CLOSE_METHOD, NULL, 0), AMQPF_FRAME_ERROR);
 }
 
+/* ---- consuming (amqpd_consume.c) ---- */
+
+static void
+consume(struct fx *f, uint16_t ch, const char *queue, const char *tag)
+{
+	amqp_basic_consume_t c = { 0 };
+
+	c.queue = amqp_cstring_bytes(queue);
+	c.consumer_tag = amqp_cstring_bytes(tag);
+	c.arguments = amqp_empty_table;
+	send_method(f, ch, AMQP_BASIC_CONSUME_METHOD, &c);
+}
+
+/* Without a deliver = "amqp" subscription on the queue: 404, and a text
+ * that says what is missing. */
+static void
+test_consume_without_subscription(void **state)
+{
+	struct fx *f = *state;
+	char text[256];
+
+	assert_int_equal(login(f, "sekrit"), AMQP_CONNECTION_OPEN_OK_METHOD);
+	channel_open(f, 1);
+	consume(f, 1, "orders.q", "");
+	assert_int_equal(close_code(f, AMQP_CHANNEL_CLOSE_METHOD, text, sizeof text),
+	    404);
+	assert_non_null(strstr(text, "front-door subscription"));
+	assert_non_null(strstr(text, "orders.q"));
+	assert_int_equal(amqpd_stats(f->a)->consumers, 0);
+}
+
+/* basic.get: 540, the text pointing to basic.consume. */
+static void
+test_get_hints_consume(void **state)
+{
+	struct fx *f = *state;
+	amqp_basic_get_t g = { 0 };
+	char text[256];
+
+	assert_int_equal(login(f, "sekrit"), AMQP_CONNECTION_OPEN_OK_METHOD);
+	channel_open(f, 1);
+	g.queue = amqp_cstring_bytes("fd.in");
+	send_method(f, 1, AMQP_BASIC_GET_METHOD, &g);
+	assert_int_equal(close_code(f, AMQP_CHANNEL_CLOSE_METHOD, text, sizeof text),
+	    AMQPF_NOT_IMPLEMENTED);
+	assert_non_null(strstr(text, "basic.consume"));
+}
+
+/* A delivery tag never given: 406 on the channel. A consumer tag unknown
+ * to basic.cancel: answered cancel-ok all the same, as RabbitMQ does. */
+static void
+test_unknown_tags(void **state)
+{
+	struct fx *f = *state;
+	amqp_basic_cancel_t c = { amqp_cstring_bytes("nobody"), 0 };
+	amqp_basic_ack_t a = { 7, 0 };
+	amqp_basic_cancel_ok_t *ok;
+	char text[256];
+	void *m;
+
+	assert_int_equal(login(f, "sekrit"), AMQP_CONNECTION_OPEN_OK_METHOD);
+	channel_open(f, 1);
+	send_method(f, 1, AMQP_BASIC_CANCEL_METHOD, &c);
+	expect(f, AMQP_BASIC_CANCEL_OK_METHOD, &m);
+	ok = m;
+	assert_int_equal(ok->consumer_tag.len, 6);
+	assert_memory_equal(ok->consumer_tag.bytes, "nobody", 6);
+	send_method(f, 1, AMQP_BASIC_ACK_METHOD, &a);
+	assert_int_equal(close_code(f, AMQP_CHANNEL_CLOSE_METHOD, text, sizeof text),
+	    AMQPF_PRECONDITION_FAILED);
+	assert_non_null(strstr(text, "unknown delivery tag 7"));
+}
+
+/* The inbox's record comes as basic.deliver with its body; the client's
+ * ack records it delivered. */
+static void
+test_consume_deliver_ack(void **state)
+{
+	struct fx *f = *state;
+	amqp_basic_deliver_t *d;
+	amqp_basic_ack_t a = { 0, 0 };
+	uint64_t tag;
+	void *m;
+	int i;
+
+	assert_int_equal(login(f, "sekrit"), AMQP_CONNECTION_OPEN_OK_METHOD);
+	channel_open(f, 1);
+	consume(f, 1, "fd.in", "c1");
+	expect(f, AMQP_BASIC_CONSUME_OK_METHOD, &m);
+	expect(f, AMQP_BASIC_DELIVER_METHOD, &m);
+	d = m;		/* its strings point into bytes recv_method has moved since */
+	assert_int_equal(d->consumer_tag.len, 2);
+	assert_false(d->redelivered);
+	tag = d->delivery_tag;
+	assert_int_equal(amqpd_stats(f->a)->delivered, 1);
+	a.delivery_tag = tag;
+	send_method(f, 1, AMQP_BASIC_ACK_METHOD, &a);
+	for (i = 0; i < 100 && store_inbox_count(f->d.store, "fd", INBOX_DONE) < 1; i++)
+		turn(f);
+	assert_int_equal(store_inbox_count(f->d.store, "fd", INBOX_DONE), 1);
+	assert_int_equal(amqpd_stats(f->a)->client_acks, 1);
+}
+
+/* A consumer tag in use on the channel: the connection goes, 530. */
+static void
+test_consumer_tag_reused(void **state)
+{
+	struct fx *f = *state;
+	char text[256];
+	void *m;
+
+	assert_int_equal(login(f, "sekrit"), AMQP_CONNECTION_OPEN_OK_METHOD);
+	channel_open(f, 1);
+	consume(f, 1, "fd.in", "c1");
+	expect(f, AMQP_BASIC_CONSUME_OK_METHOD, &m);
+	expect(f, AMQP_BASIC_DELIVER_METHOD, &m);	/* the inbox's one record */
+	consume(f, 1, "fd.in", "c1");
+	assert_int_equal(close_code(f, AMQP_CONNECTION_CLOSE_METHOD, text, sizeof text),
+	    AMQPF_NOT_ALLOWED);
+	assert_non_null(strstr(text, "reuse consumer tag 'c1'"));
+}
+
+/* A tag the client chose that looks like one sagad names: the consumer
+ * sagad names next on the channel gets another, not a 530 for a reuse the
+ * client never made. */
+static void
+test_server_named_tag_unique(void **state)
+{
+	struct fx *f = *state;
+	amqp_basic_consume_ok_t *ok;
+	void *m;
+
+	assert_int_equal(login(f, "sekrit"), AMQP_CONNECTION_OPEN_OK_METHOD);
+	channel_open(f, 1);
+	consume(f, 1, "fd.in", "amq.ctag-sagad-1");
+	expect(f, AMQP_BASIC_CONSUME_OK_METHOD, &m);
+	expect(f, AMQP_BASIC_DELIVER_METHOD, &m);
+	consume(f, 1, "fd.in", "");
+	expect(f, AMQP_BASIC_CONSUME_OK_METHOD, &m);
+	ok = m;
+	assert_true(ok->consumer_tag.len > 0);
+	assert_int_equal(amqpd_stats(f->a)->consumers, 2);
+}
+
 int
 main(void)
 {
@@ -522,6 +707,13 @@ main(void)
 		cmocka_unit_test_setup_teardown(test_topology_unreachable, setup, teardown),
 		cmocka_unit_test_setup_teardown(test_topology_frames_wait, setup_silent, teardown),
 		cmocka_unit_test_setup_teardown(test_bad_frame_end, setup, teardown),
+		cmocka_unit_test_setup_teardown(test_consume_without_subscription, setup, teardown),
+		cmocka_unit_test_setup_teardown(test_get_hints_consume, setup, teardown),
+		cmocka_unit_test_setup_teardown(test_unknown_tags, setup, teardown),
+		cmocka_unit_test_setup_teardown(test_consume_deliver_ack, setup_consume, teardown),
+		cmocka_unit_test_setup_teardown(test_consumer_tag_reused, setup_consume, teardown),
+		cmocka_unit_test_setup_teardown(test_server_named_tag_unique, setup_consume,
+		    teardown),
 	};
 
 	/* the topology thread wakes the test's loop (event_active) */
