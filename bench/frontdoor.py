@@ -36,8 +36,8 @@ Every figure is printed as name=value as soon as it is known, with the
 1-minute load average at that moment in the summary. Environment: BENCH_N
 (100000), BENCH_REPEAT (3), BENCH_WINDOW (1024), BENCH_SIZE (256),
 BENCH_RATE (1000), BENCH_LAT_SECONDS (10), BENCH_CONSUME_N (100000),
-BENCH_PREFETCH (256), BENCH_QUICK=1 (small numbers, about a minute),
-BENCH_KEEP=1, BENCH_WORKDIR.
+BENCH_PREFETCH (256), BENCH_PHASES (a,b,c: which phases to run),
+BENCH_QUICK=1 (small numbers, about a minute), BENCH_KEEP=1, BENCH_WORKDIR.
 """
 
 import os
@@ -65,6 +65,7 @@ RATE = env_int('BENCH_RATE', 1000)
 LAT_SECONDS = env_int('BENCH_LAT_SECONDS', 3 if QUICK else 10)
 CONSUME_N = env_int('BENCH_CONSUME_N', 5000 if QUICK else 100000)
 PREFETCH = env_int('BENCH_PREFETCH', 256)
+PHASES = set((os.environ.get('BENCH_PHASES') or 'a,b,c').split(','))
 EXCHANGE, KEY, QUEUE = 'events', 'bench.fd', 'bench.fd'
 CQUEUE = 'bench.in'
 TOKEN = 'bench-frontdoor-token'
@@ -335,10 +336,13 @@ def run(workdir):
     fig('fsync_p99_ms', common.pct(lat, 0.99))
     d = make_sagad(workdir, broker, 'fd')
     d.start(args=())
-    phase_throughput(broker, tool, d)
-    phase_latency(broker, tool, d)
+    if 'a' in PHASES:
+        phase_throughput(broker, tool, d)
+    if 'b' in PHASES:
+        phase_latency(broker, tool, d)
     d.stop()
-    phase_consume(broker, tool, make_sagad(workdir, broker, 'fdc', CONSUME_SUB))
+    if 'c' in PHASES:
+        phase_consume(broker, tool, make_sagad(workdir, broker, 'fdc', CONSUME_SUB))
 
 
 def main():
