@@ -19,13 +19,19 @@ With --ui (demo/run.sh --ui), everything keeps running once the orders are
 done, and the demo prints the address of the orders sagad's web page for
 operators (sagad(8) WEB PAGE), where the demo's sagas are, until Ctrl-C.
 
+With --amqp (demo/run.sh --amqp), the payment service keeps its own
+RabbitMQ client (pika) and talks AMQP to its sagad's front door instead of
+HTTP: it consumes its commands through sagad's inbox and publishes its
+replies RPC style (services.AmqpService); nothing else changes.
+
 With --2pc (demo/run.sh --2pc), the 2PC variant instead (main_2pc):
 orders reserve stock at two warehouses, north and south, all or nothing,
 as a two-phase commit (sagad.conf(5), TRANSACTIONS) that the orders sagad
 coordinates; each warehouse service, behind its own sagad, answers
 PREPARE (hold the stock: yes, or 409: no), COMMIT and ABORT. Under `make
 check` (top_builddir in the environment) demo.py without options runs
-both, the saga demo then the 2PC one, so that the test covers both.
+the saga demo with --amqp, then the 2PC one, so that the test covers
+them.
 """
 
 import json
@@ -240,10 +246,12 @@ def stay(d):
         print()
 
 
-def main(workdir, trace=False, then=None):
+def main(workdir, trace=False, then=None, amqp=False):
     """The demo in workdir; then(orders sagad), if given, runs once every
-    saga is finished and checked, before everything stops."""
-    stock, payment, orders = services.Stock(), services.Payment(), services.Orders()
+    saga is finished and checked, before everything stops. amqp: the
+    payment service behind its sagad's AMQP front door (pika) instead of
+    HTTP."""
+    stock, payment, orders = services.Stock(), services.Payment(amqp=amqp), services.Orders()
     broker = h.Broker(workdir)
     broker.start()
     col = otlp.Collector() if trace else None
@@ -257,10 +265,21 @@ def main(workdir, trace=False, then=None):
         orders.service.url) + tr)
     d_stock = h.Sagad(workdir, broker.url, name='stock', conf_extra=subscription(
         'commands', ['commands:stock.#'], stock.service.url) + tr)
-    d_payment = h.Sagad(workdir, broker.url, name='payment', conf_extra=subscription(
-        'commands', ['commands:payment.#'], payment.service.url) + tr)
+    if amqp:
+        fd_port = h.free_port()
+        d_payment = h.Sagad(workdir, broker.url, name='payment', token='demo-token',
+                            conf_extra='amqp = { listen = "127.0.0.1:%d"; };\n' % fd_port +
+                            subscription('commands', ['commands:payment.#'], 'amqp') + tr)
+    else:
+        d_payment = h.Sagad(workdir, broker.url, name='payment', conf_extra=subscription(
+            'commands', ['commands:payment.#'], payment.service.url) + tr)
     for d in (d_orders, d_stock, d_payment):
         d.start()
+    if amqp:
+        payment.service.start('amqp://payment:demo-token@127.0.0.1:%d/%%2f' % fd_port,
+                              'payment.commands')
+        print('\n== the payment service speaks AMQP (pika) to its sagad\'s front door at '
+              '127.0.0.1:%d; sagad consumes payment.commands through its inbox ==' % fd_port)
     print('\n== %d orders; payments over 900 are refused, every 7th reservation is slow ==' % ORDERS)
     t0 = time.time()
     for i in range(1, ORDERS + 1):
@@ -309,10 +328,11 @@ def main(workdir, trace=False, then=None):
         ok = False
     if then:
         then(d_orders)
+    payment.service.stop()      # an AMQP client first, before its sagad goes
     for d in (d_orders, d_stock, d_payment):
         d.stop()
     broker.stop()
-    for s in (stock, payment, orders):
+    for s in (stock, orders):
         s.service.stop()
     if not ok:
         raise SystemExit(1)
@@ -321,12 +341,28 @@ def main(workdir, trace=False, then=None):
 def run(wd, args):
     if '--2pc' in args:
         return main_2pc(wd)
-    main(wd, trace='--trace' in args, then=stay if '--ui' in args else None)
-    if not args and os.environ.get('top_builddir'):     # make check: both variants
+    check = not args and os.environ.get('top_builddir')
+    # make check runs the payment service through the front door (the HTTP
+    # path is the README's quick start, run by t/fresh.sh), then the 2PC one.
+    main(wd, trace='--trace' in args, then=stay if '--ui' in args else None,
+         amqp='--amqp' in args or bool(check))
+    if check:
         sub = os.path.join(wd, '2pc')
         os.mkdir(sub)
         main_2pc(sub)
 
 
+def pika_python(args):
+    """The payment service through the front door needs pika, which Debian
+    installs for its own /usr/bin/python3 (python3-pika): run under that one
+    when this python3 is another without it."""
+    amqp = '--amqp' in args or (not args and os.environ.get('top_builddir'))
+    py = h.Pika.PYTHON
+    if amqp and services.pika is None and os.path.realpath(sys.executable) != \
+            os.path.realpath(py) and os.access(py, os.X_OK):
+        os.execv(py, [py] + sys.argv)
+
+
 if __name__ == '__main__':
+    pika_python(sys.argv[1:])
     h.run_test(lambda wd: run(wd, sys.argv[1:]))

@@ -14,6 +14,11 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+try:
+    import pika
+except ImportError:         # only the --amqp variant needs it
+    pika = None
+
 
 class Service:
     """A participant: name -> handler(kind, routing_key, body) -> (status, dict);
@@ -75,6 +80,72 @@ class Service:
                        if k == key and (status is None or s == status))
 
 
+class AmqpService:
+    """The same participant behind sagad's AMQP front door instead of HTTP
+    (demo.py --amqp): its own RabbitMQ client, pika, consumes the
+    subscription's queue from sagad (deliver = "amqp") and answers each
+    command RPC style, to its reply_to with its correlation id; a refusal
+    (what the HTTP service answers with 409) carries x-sagad-outcome:
+    failure. sagad adds the saga's headers to the reply (sagad(8), THE AMQP
+    FRONT DOOR, Sagas). The handler is the HTTP service's."""
+
+    def __init__(self, name, handler):
+        if pika is None:
+            raise SystemExit('the --amqp variant needs pika (apt-get install python3-pika)')
+        self.name = name
+        self.handler = handler
+        self.calls = []
+        self.lock = threading.Lock()
+        self.stopping = False
+        self.thread = None
+
+    def start(self, url, queue):
+        """Consume queue through the front door at url (amqp://...)."""
+        conn = pika.BlockingConnection(pika.URLParameters(url))
+        self.thread = threading.Thread(target=self.serve, args=(conn, queue), daemon=True)
+        self.thread.start()
+
+    def serve(self, conn, queue):
+        try:
+            self.consume(conn, queue)
+        except pika.exceptions.AMQPError as e:
+            if not self.stopping:
+                print('payment service: its AMQP connection failed: %r' % e, flush=True)
+
+    def consume(self, conn, queue):
+        ch = conn.channel()
+        ch.basic_qos(prefetch_count=16)
+        for method, props, body in ch.consume(queue, inactivity_timeout=0.2):
+            if self.stopping:
+                break
+            if method is None:
+                continue
+            headers = props.headers or {}
+            kind = headers.get('x-sagad-kind', 'event')
+            try:
+                data = json.loads(body or b'{}')
+            except ValueError:
+                data = {}
+            status, answer = self.handler(kind, method.routing_key, data)
+            if props.reply_to:
+                ch.basic_publish('', props.reply_to, json.dumps(answer).encode(),
+                                 pika.BasicProperties(
+                                     delivery_mode=2, correlation_id=props.correlation_id,
+                                     content_type='application/json',
+                                     headers=None if status < 300 else
+                                     {'x-sagad-outcome': 'failure'}))
+            ch.basic_ack(method.delivery_tag)
+            with self.lock:
+                self.calls.append((method.routing_key, props.message_id, None, status))
+        ch.cancel()
+        conn.close()
+
+    def stop(self):
+        self.stopping = True
+        if self.thread:
+            self.thread.join(10)
+
+
 class Stock:
     """Reserves and releases stock; some reservations are slow."""
 
@@ -104,13 +175,13 @@ class Stock:
 class Payment:
     """Authorizes payments up to a limit; refuses the others with 409."""
 
-    def __init__(self, limit=900):
+    def __init__(self, limit=900, amqp=False):
         self.limit = limit
         self.authorized = {}
         self.cancelled = set()
         self.refused = set()
         self.lock = threading.Lock()
-        self.service = Service('payment', self.handle)
+        self.service = (AmqpService if amqp else Service)('payment', self.handle)
 
     def handle(self, kind, key, order):
         oid = order.get('order', 0)

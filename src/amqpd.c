@@ -21,6 +21,7 @@
 #include <unistd.h>
 
 #include "amqpd_int.h"
+#include "broker.h"
 #include "conf.h"
 #include "httpd.h"
 #include "log.h"
@@ -66,6 +67,52 @@ amqpd_send_method(struct amqpd_conn *c, uint16_t channel, amqp_method_number_t i
 	buf[10] = (uint8_t)id;
 	buf[11 + n] = AMQPF_FRAME_END;
 	bufferevent_write(c->bev, buf, (size_t)n + 12);
+}
+
+/* The content header (class basic, the body's size, the properties by
+ * rabbitmq-c's codec) and the body cut to frame_max. */
+void
+amqpd_send_content(struct amqpd_conn *c, uint16_t channel, const struct msg *m)
+{
+	amqp_basic_properties_t p;
+	amqp_table_entry_t local[64], *ents;
+	uint8_t *buf;
+	size_t cap = c->frame_max, off, n;
+	int len;
+
+	if (c->state == AMQPD_DEAD)
+		return;
+	buf = xmalloc(cap);
+	ents = broker_msg_props(m, &p, local, sizeof local / sizeof local[0]);
+	len = amqp_encode_properties(AMQP_BASIC_CLASS, &p, (amqp_bytes_t){ cap - 20, buf + 19 });
+	if (ents != local)
+		free(ents);
+	if (len < 0) {
+		/* The headers came in one frame of the broker's, whose
+		 * frame_max sagad chose: they fit ours but for a client that
+		 * tuned below it. Close rather than send a message without
+		 * its properties. */
+		free(buf);
+		amqpd_conn_close(c, AMQPF_FRAME_ERROR,
+		    "FRAME_ERROR - a message's properties do not fit the frame_max tuned", 0);
+		return;
+	}
+	amqpf_put_header(buf, AMQPF_HEADER, channel, (uint32_t)len + 12);
+	buf[7] = 0; buf[8] = AMQP_BASIC_CLASS;	/* class, weight 0 */
+	buf[9] = 0; buf[10] = 0;
+	for (n = 0; n < 8; n++)
+		buf[11 + n] = (uint8_t)((uint64_t)m->body_len >> (56 - 8 * n));
+	buf[19 + len] = AMQPF_FRAME_END;
+	bufferevent_write(c->bev, buf, (size_t)len + 20);
+	for (off = 0; off < m->body_len; off += n) {
+		n = m->body_len - off < cap - 8 ? m->body_len - off : cap - 8;
+		amqpf_put_header(buf, AMQPF_BODY, channel, (uint32_t)n);
+		bufferevent_write(c->bev, buf, 7);
+		bufferevent_write(c->bev, m->body + off, n);
+		buf[0] = AMQPF_FRAME_END;
+		bufferevent_write(c->bev, buf, 1);
+	}
+	free(buf);
 }
 
 static void
@@ -634,6 +681,7 @@ amqpd_free(struct amqpd *a)
 		amqpd_conn_drop(c);
 	}
 	amqpd_topo_free(a->topo);
+	amqpd_reply_free_all(a);
 	free(a);
 }
 
@@ -670,6 +718,20 @@ amqpd_metrics(const struct amqpd *a, struct evbuffer *out)
 		    "AMQP channels closed with 540 NOT_IMPLEMENTED.", refused),
 		AMQPD_ROW("sagad_amqp_topology_calls_total", "counter",
 		    "Exchange and queue methods passed through to the broker.", forwarded),
+		AMQPD_ROW("sagad_amqp_consumers", "gauge",
+		    "Consumers (basic.consume) active on the AMQP front door.", consumers),
+		AMQPD_ROW("sagad_amqp_delivered_total", "counter",
+		    "Messages sent to front-door consumers (basic.deliver).", delivered),
+		AMQPD_ROW("sagad_amqp_redelivered_total", "counter",
+		    "Front-door deliveries flagged redelivered.", redelivered),
+		AMQPD_ROW("sagad_amqp_client_acks_total", "counter",
+		    "Front-door deliveries acked by the client (recorded delivered).", client_acks),
+		AMQPD_ROW("sagad_amqp_client_requeues_total", "counter",
+		    "Front-door deliveries nacked or rejected with requeue (retried).",
+		    client_requeues),
+		AMQPD_ROW("sagad_amqp_client_rejects_total", "counter",
+		    "Front-door deliveries nacked or rejected without requeue (dead-lettered).",
+		    client_rejects),
 #undef AMQPD_ROW
 	};
 	size_t i;

@@ -58,6 +58,7 @@ amqpd_chan_reset_msg(struct amqpd_chan *ch)
 void
 amqpd_chan_free(struct amqpd_chan *ch)
 {
+	amqpd_consume_chan_gone(ch);	/* unacked deliveries go to other consumers */
 	ch->c->chans[ch->id] = NULL;
 	amqpd_chan_reset_msg(ch);
 	free(ch->outcome);
@@ -79,7 +80,7 @@ amqpd_chan_open(struct amqpd_conn *c, uint16_t id)
 }
 
 /* OPEN, HEADER or BODY -> CLOSING: our channel.close, until close-ok. */
-static void
+void
 amqpd_chan_close(struct amqpd_chan *ch, int code, const char *text, uint32_t method)
 {
 	amqp_channel_close_t m;
@@ -103,7 +104,7 @@ amqpd_chan_closed_by_peer(struct amqpd_chan *ch)
 }
 
 /* "AMQP_QUEUE_DECLARE_METHOD" -> "queue.declare", as the spec names it. */
-static void
+void
 amqpd_method_text(amqp_method_number_t id, char *out, size_t len)
 {
 	const char *n = amqp_method_name(id);
@@ -227,7 +228,7 @@ amqpd_chan_committed(void *arg, int ok)
 /* ---- publishing ---- */
 
 /* AMQP short strings may hold NUL; sagad's strings may not. */
-static char *
+char *
 amqpd_cstr(amqp_bytes_t b)
 {
 	if (b.len && memchr(b.bytes, '\0', b.len))
@@ -405,6 +406,7 @@ amqpd_chan_store(struct amqpd_chan *ch)
 	enum store_put put;
 	uint64_t tag = 0;
 
+	amqpd_reply_decorate(a, &ch->m);	/* a saga command's reply */
 	put = store_outbox_put(a->d->store, &ch->m, util_now(), STORE_OUT_DEDUP);
 	if (ch->confirm) {
 		tag = ch->told + ch->noutcome + 1;
@@ -516,6 +518,7 @@ amqpd_chan_forward(struct amqpd_chan *ch, amqp_method_number_t id, void *m)
 	call->nowait = nowait && *nowait;
 	if (nowait)
 		*nowait = 0;
+	amqpd_consume_declare(ch, id, m);
 	/* Decoded from one frame, it encodes again into no more than that. */
 	call->args = xmalloc(ch->c->frame_max);
 	n = amqp_encode_method(id, m, (amqp_bytes_t){ ch->c->frame_max, call->args });
@@ -621,9 +624,10 @@ amqpd_chan_topo_done(struct amqpd_topo_call *call)
 	amqpd_conn_unref(c);
 }
 
-/* Answered here: consuming through the front door is a later slice, so
- * there is nothing on the broker to apply it to yet. Kept on the channel
- * for basic.consume. */
+/* Answered here: sagad, not the client, consumes from the broker (with
+ * the subscription's prefetch). Applied to the front door's deliveries:
+ * prefetch_count for each consumer started after it, or with global for
+ * the channel's consumers together (RabbitMQ's meaning of the flag). */
 static void
 amqpd_chan_qos(struct amqpd_chan *ch, const amqp_basic_qos_t *q)
 {
@@ -632,6 +636,9 @@ amqpd_chan_qos(struct amqpd_chan *ch, const amqp_basic_qos_t *q)
 	ch->prefetch_count = q->prefetch_count;
 	ch->prefetch_size = q->prefetch_size;
 	ch->qos_global = q->global;
+	if (q->global)
+		ch->chan_prefetch = q->prefetch_count;
+	amqpd_consume_flow(ch, !ch->flow_off);	/* more room, maybe */
 	log_debug("amqp: basic.qos kept", LOG_STR("peer", ch->c->peer),
 	    LOG_UINT("channel", ch->id), LOG_UINT("prefetch_count", q->prefetch_count));
 	amqpd_send_method(ch->c, ch->id, AMQP_BASIC_QOS_OK_METHOD, &ok);
@@ -654,9 +661,9 @@ amqpd_chan_method(struct amqpd_chan *ch, amqp_method_number_t id, void *m)
 		    "CHANNEL_ERROR - channel already open", id);
 		return;
 	case AMQP_CHANNEL_FLOW_METHOD:
-		/* We never deliver content yet: flow only needs its answer. */
 		flow.active = ((amqp_channel_flow_t *)m)->active;
 		amqpd_send_method(ch->c, ch->id, AMQP_CHANNEL_FLOW_OK_METHOD, &flow);
+		amqpd_consume_flow(ch, flow.active);
 		return;
 	case AMQP_CHANNEL_FLOW_OK_METHOD:
 		return;
@@ -677,6 +684,8 @@ amqpd_chan_method(struct amqpd_chan *ch, amqp_method_number_t id, void *m)
 		amqpd_chan_qos(ch, m);
 		return;
 	default:
+		if (amqpd_consume_method(ch, id, m))
+			return;
 		if (amqpd_topo_ok_id(id))
 			amqpd_chan_forward(ch, id, m);
 		else

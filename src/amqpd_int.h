@@ -25,6 +25,9 @@ struct amqpd {
 	struct amqpd_topo *topo;	/* topology pass-through (amqpd_topo.c) */
 	struct amqpd_conn *conns;	/* every live connection */
 	struct amqpd_stats stats;
+	uint64_t ctag_seq;		/* server-named consumer tags */
+	struct amqpd_reply *replies;	/* saga commands delivered, awaiting their reply */
+	size_t nreplies, capreplies;
 };
 
 /*
@@ -87,9 +90,15 @@ struct amqpd_chan {
 	uint64_t told;			/* every tag <= told is acked or nacked */
 	uint8_t *outcome;		/* of tags told+1 ...: enum amqpd_outcome */
 	size_t noutcome, capoutcome;
-	uint16_t prefetch_count;	/* basic.qos, kept for consuming (a later slice) */
+	uint16_t prefetch_count;	/* basic.qos: of each new consumer (global: of the channel) */
 	uint32_t prefetch_size;
 	int qos_global;
+	uint16_t chan_prefetch;		/* basic.qos with global: all consumers together */
+	int flow_off;			/* channel.flow active=false: no deliveries */
+	struct amqpd_consumer *consumers;	/* amqpd_consume.c, cancelled ones too until settled */
+	uint64_t deliver_tag;		/* the last basic.deliver's tag */
+	struct amqpd_unacked *unacked;	/* by tag */
+	size_t nunacked, capunacked;
 	struct msg m;			/* the publish being assembled */
 	uint64_t body_size;
 	size_t body_got;
@@ -137,14 +146,47 @@ amqp_boolean_t *amqpd_topo_nowait(amqp_method_number_t id, void *m);
 void amqpd_topo_call(struct amqpd_topo *t, struct amqpd_topo_call *call);
 void amqpd_topo_call_free(struct amqpd_topo_call *call);
 
+/* amqpd_consume.c, for amqpd_chan.c: basic.consume, cancel, ack, nack,
+ * reject, recover (1: handled); queue.declare of a front-door
+ * subscription's queue made passive; the channel's consumers and unacked
+ * deliveries handed back when it goes. */
+int amqpd_consume_method(struct amqpd_chan *ch, amqp_method_number_t id, void *m);
+void amqpd_consume_declare(struct amqpd_chan *ch, amqp_method_number_t id, void *m);
+void amqpd_consume_flow(struct amqpd_chan *ch, int active);
+void amqpd_consume_chan_gone(struct amqpd_chan *ch);
+
+/* A saga command delivered through the front door, until its reply
+ * (amqpd_reply.c). values: saga, step, kind, traceparent, tracestate. */
+#define AMQPD_REPLY_NKEYS 5
+struct amqpd_reply {
+	char *reply_to;
+	char *correlation_id;		/* NULL: the command had none */
+	char *message_id;
+	char *values[AMQPD_REPLY_NKEYS];	/* NULL: absent */
+};
+
+/* amqpd_reply.c: a saga command delivered (its reply_to, correlation id
+ * and saga headers remembered), a publish that answers one (given the
+ * headers the saga engine needs), and the list freed. */
+void amqpd_reply_expect(struct amqpd *a, const struct msg *cmd);
+void amqpd_reply_decorate(struct amqpd *a, struct msg *m);
+void amqpd_reply_free_all(struct amqpd *a);
+
 /* amqpd.c, for amqpd_chan.c */
 void amqpd_send_method(struct amqpd_conn *c, uint16_t channel, amqp_method_number_t id,
     void *decoded);
 void amqpd_conn_close(struct amqpd_conn *c, int code, const char *text, uint32_t method);
+/* A message's content header and body frames, after its method. */
+void amqpd_send_content(struct amqpd_conn *c, uint16_t channel, const struct msg *m);
 void amqpd_conn_unref(struct amqpd_conn *c);
 void amqpd_conn_tell_soon(struct amqpd_conn *c);
 /* The topology call is answered: read the frames that waited. */
 void amqpd_conn_resume(struct amqpd_conn *c);
+
+/* amqpd_chan.c, for amqpd_consume.c */
+void amqpd_chan_close(struct amqpd_chan *ch, int code, const char *text, uint32_t method);
+void amqpd_method_text(amqp_method_number_t id, char *out, size_t len);
+char *amqpd_cstr(amqp_bytes_t b);
 
 /* amqpd_chan.c, for amqpd.c */
 void amqpd_chan_frame(struct amqpd_conn *c, const struct amqpf_frame *f);

@@ -79,4 +79,12 @@ void broker_consume(struct broker *b, int sub, int on);
 /* Wake the broker thread after a batch of the calls above. */
 void broker_kick(struct broker *b);
 
+/* A stored message's AMQP properties (broker_pub.c), for the relay and
+ * the front door's deliveries: the header table is local unless m has
+ * more than nlocal headers (then allocated: free it if != local). */
+struct amqp_basic_properties_t_;
+struct amqp_table_entry_t_;
+struct amqp_table_entry_t_ *broker_msg_props(const struct msg *m,
+    struct amqp_basic_properties_t_ *p, struct amqp_table_entry_t_ *local, size_t nlocal);
+
 #endif

@@ -188,40 +188,55 @@ broker_prop_out(amqp_basic_properties_t *p, amqp_flags_t flag, amqp_bytes_t *fie
 	*field = broker_bytes(v);
 }
 
+/* A stored message's properties as rabbitmq-c takes them; header values
+ * are kept as text in the store, so they go out as strings. Returns the
+ * header table: local, or allocated when m has more than nlocal headers
+ * (the caller frees it then). */
+amqp_table_entry_t *
+broker_msg_props(const struct msg *m, amqp_basic_properties_t *p, amqp_table_entry_t *local,
+    size_t nlocal)
+{
+	amqp_table_entry_t *ents = local;
+	size_t i;
+
+	memset(p, 0, sizeof *p);
+	p->_flags = AMQP_BASIC_DELIVERY_MODE_FLAG | AMQP_BASIC_MESSAGE_ID_FLAG;
+	p->delivery_mode = 2;
+	p->message_id = broker_bytes(m->message_id);
+	broker_prop_out(p, AMQP_BASIC_CONTENT_TYPE_FLAG, &p->content_type, m->props.content_type);
+	broker_prop_out(p, AMQP_BASIC_CORRELATION_ID_FLAG, &p->correlation_id,
+	    m->props.correlation_id);
+	broker_prop_out(p, AMQP_BASIC_TYPE_FLAG, &p->type, m->props.type);
+	broker_prop_out(p, AMQP_BASIC_EXPIRATION_FLAG, &p->expiration, m->props.expiration);
+	broker_prop_out(p, AMQP_BASIC_REPLY_TO_FLAG, &p->reply_to, m->props.reply_to);
+	if (!m->props.n_headers)
+		return ents;
+	if (m->props.n_headers > nlocal)
+		ents = xcalloc(m->props.n_headers, sizeof *ents);
+	for (i = 0; i < m->props.n_headers; i++) {
+		ents[i].key = broker_bytes(m->props.headers[i].name);
+		ents[i].value.kind = AMQP_FIELD_KIND_UTF8;
+		ents[i].value.value.bytes = broker_bytes(m->props.headers[i].value);
+	}
+	p->_flags |= AMQP_BASIC_HEADERS_FLAG;
+	p->headers.num_entries = (int)m->props.n_headers;
+	p->headers.entries = ents;
+	return ents;
+}
+
 int
 broker_publish_one(struct broker *b, struct msg *m)
 {
 	amqp_basic_properties_t p;
 	amqp_table_entry_t entries[64];
-	amqp_table_entry_t *ents = entries;
+	amqp_table_entry_t *ents;
 	amqp_bytes_t body;
-	size_t i;
 	int rc;
 
-	memset(&p, 0, sizeof p);
-	p._flags = AMQP_BASIC_DELIVERY_MODE_FLAG | AMQP_BASIC_MESSAGE_ID_FLAG |
-	    AMQP_BASIC_APP_ID_FLAG | AMQP_BASIC_TIMESTAMP_FLAG;
-	p.delivery_mode = 2;
-	p.message_id = broker_bytes(m->message_id);
+	ents = broker_msg_props(m, &p, entries, sizeof entries / sizeof entries[0]);
+	p._flags |= AMQP_BASIC_APP_ID_FLAG | AMQP_BASIC_TIMESTAMP_FLAG;
 	p.app_id = broker_bytes(b->app_id);
 	p.timestamp = (uint64_t)util_now();
-	broker_prop_out(&p, AMQP_BASIC_CONTENT_TYPE_FLAG, &p.content_type, m->props.content_type);
-	broker_prop_out(&p, AMQP_BASIC_CORRELATION_ID_FLAG, &p.correlation_id, m->props.correlation_id);
-	broker_prop_out(&p, AMQP_BASIC_TYPE_FLAG, &p.type, m->props.type);
-	broker_prop_out(&p, AMQP_BASIC_EXPIRATION_FLAG, &p.expiration, m->props.expiration);
-	broker_prop_out(&p, AMQP_BASIC_REPLY_TO_FLAG, &p.reply_to, m->props.reply_to);
-	if (m->props.n_headers) {
-		if (m->props.n_headers > sizeof entries / sizeof entries[0])
-			ents = xcalloc(m->props.n_headers, sizeof *ents);
-		for (i = 0; i < m->props.n_headers; i++) {
-			ents[i].key = broker_bytes(m->props.headers[i].name);
-			ents[i].value.kind = AMQP_FIELD_KIND_UTF8;
-			ents[i].value.value.bytes = broker_bytes(m->props.headers[i].value);
-		}
-		p._flags |= AMQP_BASIC_HEADERS_FLAG;
-		p.headers.num_entries = (int)m->props.n_headers;
-		p.headers.entries = ents;
-	}
 	body.bytes = m->body;
 	body.len = m->body_len;
 	rc = amqp_basic_publish(b->conn, BROKER_CHANNEL, broker_bytes(m->exchange),

@@ -160,10 +160,20 @@ conf_check_subs(struct conf_ctx *ctx, config_t *cfg, struct sagad_conf *c)
 		if (strcmp(s->queue_type, "quorum") != 0 && strcmp(s->queue_type, "classic") != 0)
 			conf_err(ctx, e, "subscription '%s': queue_type must be quorum or classic", s->name);
 		if (!s->deliver)
-			conf_err(ctx, e, "subscription '%s' needs 'deliver' (http://host:port/path)", s->name);
+			conf_err(ctx, e, "subscription '%s' needs 'deliver' (http://host:port/path, or \"amqp\")", s->name);
+		else if (strcmp(s->deliver, "amqp") == 0)
+			s->frontdoor = 1;
 		else if (strncmp(s->deliver, "http://", 7) != 0 || strlen(s->deliver) < 8)
-			conf_err(ctx, e, "subscription '%s': deliver must be an http:// URL", s->name);
-		if (s->n_binds == 0)
+			conf_err(ctx, e, "subscription '%s': deliver must be an http:// URL or \"amqp\"", s->name);
+		if (s->frontdoor && !c->amqp.listen)
+			conf_err(ctx, e, "subscription '%s': deliver = \"amqp\" needs the front door "
+			    "('amqp = { listen = ... }')", s->name);
+		if (s->frontdoor && (s->prepared_conninfo || s->prepared_conninfo_file))
+			conf_err(ctx, e, "subscription '%s': prepared_conninfo is for HTTP deliveries, "
+			    "not deliver = \"amqp\"", s->name);
+		/* A front-door consumer may bind its queue itself (queue.bind
+		 * is passed through). */
+		if (s->n_binds == 0 && !s->frontdoor)
 			conf_err(ctx, e, "subscription '%s' needs at least one 'bind'", s->name);
 		for (j = 0; j < s->n_binds; j++)
 			if (!conf_bound_exchange_ok(c, s->binds[j].exchange))

@@ -21,7 +21,8 @@ struct conf_subscription {
 	char *queue_type;	/* quorum or classic */
 	struct conf_binding *binds;
 	size_t n_binds;
-	char *deliver;		/* http://host:port/path */
+	char *deliver;		/* http://host:port/path, or "amqp" */
+	int frontdoor;		/* deliver = "amqp": to front-door consumers */
 	int concurrency;
 	int max_pending;
 	int prefetch;		/* basic.qos; default 2 x concurrency */

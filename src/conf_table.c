@@ -158,6 +158,8 @@ static const struct conf_key conf_sub_rows[] = {
 	ROW("shared_dedup", CONF_BOOL, U(shared_dedup), D, NULL, 0, 0),
 	/* The saga engine's own subscription (conf.c). */
 	ROW("internal", CONF_BOOL, U(internal), D, NULL, 0, 0),
+	/* deliver = "amqp" (conf.c). */
+	ROW("frontdoor", CONF_BOOL, U(frontdoor), D, NULL, 0, 0),
 	/* One or the other; the file is read into prepared_conninfo (conf.c). */
 	ROW("prepared_conninfo", CONF_STR, U(prepared_conninfo), 0, NULL, 0, 0),
 	ROW("prepared_conninfo_file", CONF_STR, U(prepared_conninfo_file), 0, NULL, 0, 0),

@@ -98,8 +98,10 @@ dsub_flow(struct dsub *ds)
 	/* Pause at max_pending, resume below three quarters of it, so that a
 	 * backlog at the edge does not cancel and consume for every message. */
 	size_t limit = ds->consuming == 1 ? max : max - max / 4;
+	/* A front-door subscription consumes while a client consumes it:
+	 * with nobody to take them, messages wait in the broker's queue. */
 	int want = !dl->stopping && ds->circuit == CIRCUIT_CLOSED &&
-	    ds->npending < (limit ? limit : 1);
+	    ds->npending < (limit ? limit : 1) && (ds->sinks || !dsub_conf(ds)->frontdoor);
 
 	if (want == ds->consuming || !dl->br)
 		return;
@@ -550,6 +552,12 @@ dsub_init(struct delivery *dl, struct dsub *ds, int index)
 			evhttp_uri_free(u);
 		return 0;
 	}
+	if (c->frontdoor) {	/* to the consumers of the AMQP front door */
+		if (u)
+			evhttp_uri_free(u);
+		dsub_load(ds);
+		return 0;
+	}
 	if (!u || !evhttp_uri_get_host(u)) {
 		log_error("bad deliver URL", LOG_STR("subscription", c->name), LOG_STR("url", c->deliver));
 		if (u)
@@ -815,8 +823,14 @@ delivery_sub_json(struct delivery *dl, int sub)
 	struct dsub *ds = &dl->subs[sub];
 	const struct conf_subscription *c = dsub_conf(ds);
 
-	return json_pack("{s:s,s:s,s:s,s:I,s:i,s:f,s:s,s:b,s:I,s:I,s:I,s:I}",
+	const struct delivery_sink *k;
+	int consumers = 0;
+
+	for (k = ds->sinks; k; k = k->next)
+		consumers++;
+	return json_pack("{s:s,s:s,s:s,s:i,s:I,s:i,s:f,s:s,s:b,s:I,s:I,s:I,s:I}",
 	    "name", ds->name, "queue", ds->queue, "deliver", c->deliver,
+	    "consumers", consumers,
 	    "backlog", (json_int_t)ds->npending, "inflight", (int)ds->inflight,
 	    "oldest_age_seconds", dsub_oldest_age(ds),
 	    "circuit", dispatch_circuit_names[ds->circuit], "consuming", ds->consuming == 1,

@@ -82,6 +82,48 @@ enum delivery_verdict {
 };
 void delivery_settle(struct delivery_ticket *t, enum delivery_verdict v);
 
+/*
+ * Subscriptions with deliver = "amqp" go to the AMQP front door's
+ * consumers (amqpd_consume.c) instead of over HTTP. A sink is one such
+ * consumer: the dispatch asks how many more records it may take (room,
+ * from its prefetch and held), hands it each record once its attempt is
+ * marked in the store (deliver), and the sink settles every record it was
+ * handed exactly once (delivery_take_settle). A detached sink is freed
+ * (release) once it holds nothing. The subscription consumes from the
+ * broker only while it has a sink.
+ */
+struct dattempt;
+struct delivery_sink;
+struct delivery_sink_ops {
+	unsigned (*room)(struct delivery_sink *s);
+	void (*deliver)(struct delivery_sink *s, struct dattempt *t, const struct msg *m,
+	    int redelivered);
+	void (*release)(struct delivery_sink *s);
+};
+struct delivery_sink {
+	const struct delivery_sink_ops *ops;
+	struct delivery_sink *next;	/* the subscription's, in turn */
+	int sub;
+	int exclusive;
+	int detached;
+	unsigned held;			/* records handed or about to be, not settled */
+};
+/* The front-door subscription of queue, or -1 (also when dl is NULL). */
+int delivery_frontdoor_sub(const struct delivery *dl, const char *queue);
+/* 0, or -1 when an exclusive consumer holds the queue or exclusive is
+ * asked of a queue with consumers. */
+int delivery_attach(struct delivery *dl, int sub, struct delivery_sink *s);
+void delivery_detach(struct delivery *dl, struct delivery_sink *s);
+/* Say the sink has room again (an ack, a larger prefetch, flow on). */
+void delivery_sink_kick(struct delivery *dl, int sub);
+enum delivery_take_result {
+	TAKE_ACK,		/* basic.ack, or sent with no_ack: delivered */
+	TAKE_REQUEUE,		/* nack/reject with requeue: retried after the backoff */
+	TAKE_REJECT,		/* nack/reject without requeue: dead-lettered */
+	TAKE_RETURNED		/* channel or connection gone: again at once, redelivered */
+};
+void delivery_take_settle(struct dattempt *t, enum delivery_take_result r, const char *why);
+
 /* A stable id for a message that came without one (see sagad.8). */
 void delivery_derive_id(const struct msg *m, char out[40]);
 

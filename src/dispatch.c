@@ -26,15 +26,6 @@
 #include "util.h"
 #include "xmalloc.h"
 
-/* One HTTP attempt. */
-struct dattempt {
-	struct dsub *ds;
-	struct dmsg *dm;
-	struct dconn *conn;
-	struct evbuffer *req;	/* until it goes out (dispatch_marked_cb) */
-	struct otel_span *span;	/* NULL: not traced */
-};
-
 const char *const dispatch_outcome_names[OUTCOME_COUNT] = {
 	"success", "refused", "retry", "dead-lettered"
 };
@@ -158,7 +149,7 @@ dsub_reply(struct dsub *ds, struct dmsg *dm, const struct hclient_answer *ans, i
 	props_free(&m.props);
 }
 
-static void
+void
 dsub_dead_letter(struct dsub *ds, struct dmsg *dm, const char *reason, int status,
     const char *error)
 {
@@ -219,6 +210,12 @@ static void
 dsub_retry(struct dsub *ds, struct dmsg *dm, int status, const char *error)
 {
 	dsub_circuit_fail(ds);
+	dsub_retry_or_dead(ds, dm, status, error);
+}
+
+void
+dsub_retry_or_dead(struct dsub *ds, struct dmsg *dm, int status, const char *error)
+{
 	if (dm->rec->attempts >= (unsigned)dsub_conf(ds)->max_attempts) {
 		dsub_dead_letter(ds, dm, "attempts-exhausted", status, error);
 		dsub_remove(ds, dm);
@@ -228,7 +225,7 @@ dsub_retry(struct dsub *ds, struct dmsg *dm, int status, const char *error)
 	dsub_retry_later(ds, dm, status, error);
 }
 
-static void
+void
 dsub_done(struct dsub *ds, struct dmsg *dm, int status)
 {
 	store_inbox_done(ds->dl->d->store, dm->rec->id, util_now(), status);
@@ -473,7 +470,10 @@ static void dsub_arm(struct dsub *ds, double at);
 static void
 dattempt_cancel(struct dattempt *a)
 {
-	a->conn->reserved = 0;
+	if (a->conn)
+		a->conn->reserved = 0;
+	if (a->sink)
+		dsub_sink_cancel(a);
 	dmsg_set_state(a->dm, DMSG_READY);
 	a->dm->rec->attempts--;
 	a->ds->inflight--;
@@ -501,6 +501,10 @@ dispatch_marked_cb(void *arg, int ok)
 		dattempt_cancel(a);
 		if (!ok)
 			dsub_arm(ds, util_now() + 1);
+		return;
+	}
+	if (a->sink) {
+		dsub_sink_send(a);
 		return;
 	}
 	a->conn->reserved = 0;
@@ -667,6 +671,8 @@ dispatch_run(struct dsub *ds)
 	}
 	if (ds->circuit == CIRCUIT_HALF_OPEN)
 		limit = 1;
+	if (c->frontdoor)	/* the consumers' prefetch limits it (dsub_sink_attempt) */
+		limit = (unsigned)ds->npending;
 	started = xcalloc(limit > ds->inflight ? limit - ds->inflight : 1, sizeof *started);
 	for (i = 0; i < ds->npending && ds->inflight < limit; i++) {
 		struct dmsg *dm = ds->pending[i];
@@ -695,7 +701,9 @@ dispatch_run(struct dsub *ds)
 		}
 		if (dm->tx && ds->txpg && dsub_tx_finish(ds, dm))
 			continue;
-		if ((a = dsub_attempt(ds, dm)) != NULL)
+		a = c->frontdoor ? dsub_sink_attempt(ds, dm) :
+		    dsub_attempt(ds, dm);
+		if (a != NULL)
 			started[nstarted++] = a;
 	}
 	if (nstarted)

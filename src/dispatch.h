@@ -17,6 +17,8 @@
 struct conf_subscription;
 struct hclient;
 struct inbox_rec;
+struct otel_span;
+struct evbuffer;
 
 /*
  * A record's life in memory. WRITING until the transaction holding its
@@ -35,6 +37,17 @@ struct dmsg {
 	struct inbox_rec *rec;
 	enum dmsg_state state;	/* change only through dmsg_set_state */
 	int tx;			/* a PREPARE, COMMIT or ABORT (txpart.h) */
+};
+
+/* One attempt: an HTTP request on conn, or a record handed to a
+ * front-door consumer (sink). */
+struct dattempt {
+	struct dsub *ds;
+	struct dmsg *dm;
+	struct dconn *conn;		/* HTTP */
+	struct delivery_sink *sink;	/* front door */
+	struct evbuffer *req;	/* until it goes out (dispatch_marked_cb) */
+	struct otel_span *span;	/* NULL: not traced */
 };
 
 struct dconn {
@@ -65,6 +78,8 @@ struct dsub {
 	delivery_take_fn *taker;	/* internal, with a shared saga store */
 	void *taker_arg;
 	struct txpg *txpg;	/* prepared transactions in the service's PostgreSQL */
+	struct delivery_sink *sinks;	/* deliver = "amqp": its consumers */
+	struct delivery_sink *turn;	/* the next one to offer a record to */
 };
 
 struct delivery {
@@ -100,6 +115,20 @@ void dsub_refused(struct dsub *ds, struct dmsg *dm, const struct hclient_answer 
 /* dispatch.c: the record tried again after the subscription's backoff (no
  * attempts limit: dsub_retry's). */
 void dsub_retry_later(struct dsub *ds, struct dmsg *dm, int status, const char *error);
+
+/* dispatch.c, for dispatch_sink.c: a record delivered, retried (or
+ * dead-lettered once max_attempts are spent), dead-lettered. */
+void dsub_done(struct dsub *ds, struct dmsg *dm, int status);
+void dsub_retry_or_dead(struct dsub *ds, struct dmsg *dm, int status, const char *error);
+void dsub_dead_letter(struct dsub *ds, struct dmsg *dm, const char *reason, int status,
+    const char *error);
+
+/* dispatch_sink.c: the front door's consumers (deliver = "amqp"). An
+ * attempt for dm if a sink has room (else NULL); the record handed to it
+ * once marked. */
+struct dattempt *dsub_sink_attempt(struct dsub *ds, struct dmsg *dm);
+void dsub_sink_send(struct dattempt *a);
+void dsub_sink_cancel(struct dattempt *a);
 
 /* dispatch_tx.c: a two-phase commit's messages. Sagad-Kind for the
  * service; a transaction's kind; a record (dm->tx) answered from the
