@@ -23,7 +23,7 @@ port, credentials) differs:
       the front door: p50/p99 (target: the front door's p99 below the
       broker's).
   (c) consumption: BENCH_CONSUME_N messages loaded straight into the
-      queue bench.in; bench/consume (basic.qos PREFETCH, one basic.ack a
+      queue bench.in (declared by that sagad, classic); bench/consume (basic.qos PREFETCH, one basic.ack a
       message) takes them (i) from the broker, (ii) through the front door
       from a second sagad with the subscription `deliver = "amqp"` on that
       queue, which consumes it only while a front-door client consumes;
@@ -36,7 +36,7 @@ Every figure is printed as name=value as soon as it is known, with the
 1-minute load average at that moment in the summary. Environment: BENCH_N
 (100000), BENCH_REPEAT (3), BENCH_WINDOW (1024), BENCH_SIZE (256),
 BENCH_RATE (1000), BENCH_LAT_SECONDS (10), BENCH_CONSUME_N (100000),
-BENCH_PREFETCH (256), BENCH_PHASES (a,b,c: which phases to run),
+BENCH_PREFETCH (256), BENCH_QUEUE_TYPE (classic: the queue of (c)), BENCH_PHASES (a,b,c: which phases to run),
 BENCH_QUICK=1 (small numbers, about a minute), BENCH_KEEP=1, BENCH_WORKDIR.
 """
 
@@ -107,11 +107,13 @@ def make_sagad(workdir, broker, name, extra=''):
     return d
 
 
-# The queue is declared classic by amqptool before this sagad starts, so
-# the subscription says so too (its default, quorum, would clash).
+# sagad declares the subscription's queue with arguments of its own (its
+# dead-letter exchange), so it is the one to declare it; classic by default
+# here, so that the broker's share of the cost stays small next to sagad's.
+QUEUE_TYPE = os.environ.get('BENCH_QUEUE_TYPE') or 'classic'
 CONSUME_SUB = '''subscriptions = (
-  { name = "in"; queue = "%s"; queue_type = "classic"; deliver = "amqp"; }
-);''' % CQUEUE
+  { name = "in"; queue = "%s"; queue_type = "%s"; deliver = "amqp"; }
+);''' % (CQUEUE, QUEUE_TYPE)
 
 
 # ---------------------------------------------------------------- (a) (b)
@@ -269,33 +271,63 @@ def start_consume_sagad(d):
     return None
 
 
+def declare_consume_queue(broker, tool, d):
+    """The queue as sagad declares it (started once, then stopped), or,
+    when sagad cannot consume through its front door, a plain one for the
+    baseline. None, or why the front door's part is unavailable."""
+    why = start_consume_sagad(d)
+    if why is None:
+        h.wait_until(lambda: tool.run(broker.url, 'count', CQUEUE, check=False).returncode == 0,
+                     30, 'sagad to declare %s' % CQUEUE, interval=0.2)
+        d.stop()
+    else:
+        tool.declare_queue(broker.url, CQUEUE, [])
+    return why
+
+
 def phase_consume(broker, tool, d):
-    say('(c) consumption: %d x %d messages, prefetch %d, one ack each'
-        % (REPEAT, CONSUME_N, PREFETCH))
-    direct_rates, fd_rates, why = [], [], None
+    say('(c) consumption: %d x %d messages, prefetch %d, one ack each, %s queue'
+        % (REPEAT, CONSUME_N, PREFETCH, QUEUE_TYPE))
+    direct_rates, fd_rates = [], []
+    why = declare_consume_queue(broker, tool, d)
+    cpu = {'direct_broker': [], 'direct_client': [], 'fd_broker': [], 'fd_sagad': [],
+           'fd_client': []}
+    per_msg = lambda x: x * 1e6 / CONSUME_N     # noqa: E731  (s -> us a message)
     for i in range(1, REPEAT + 1):
         preload(broker, tool, CONSUME_N)
-        r, _, _ = consume(broker.url, CONSUME_N)
+        b0 = cpu_s(broker_pids(broker))
+        r, c, _ = consume(broker.url, CONSUME_N)
         fig('consume_direct_rate_%d' % i, r, 'msg/s, start -> N-th ack')
         direct_rates.append(r)
+        cpu['direct_broker'].append(per_msg(cpu_s(broker_pids(broker)) - b0))
+        cpu['direct_client'].append(per_msg(c))
         if why is not None:
             continue
         preload(broker, tool, CONSUME_N)
         why = start_consume_sagad(d)
         if why is None:
-            r, _, why = consume(fd_url(d.fd_port), CONSUME_N)
+            s0, b0 = cpu_s([d.proc.pid]), cpu_s(broker_pids(broker))
+            r, c, why = consume(fd_url(d.fd_port), CONSUME_N)
         if why is None:
             fd_rates.append(r)
             fig('consume_fd_rate_%d' % i, r, 'msg/s, start -> N-th ack through sagad')
             h.wait_until(lambda: tool.count(broker.url, CQUEUE) == 0, 60,
                          'sagad to ack every message to the broker', interval=0.2)
+            cpu['fd_sagad'].append(per_msg(cpu_s([d.proc.pid]) - s0))
+            cpu['fd_broker'].append(per_msg(cpu_s(broker_pids(broker)) - b0))
+            cpu['fd_client'].append(per_msg(c))
         if d.running():
             d.stop()
     fig('consume_direct_rate', statistics.median(direct_rates), median_of(direct_rates))
+    fig('consume_direct_cpu_us', statistics.median(cpu['direct_broker']),
+        'CPU per message, RabbitMQ (client %.1f us)' % statistics.median(cpu['direct_client']))
     if why is not None:
         fig('fd_consume', 'unavailable', why)
         return
     fig('consume_fd_rate', statistics.median(fd_rates), median_of(fd_rates))
+    fig('consume_fd_cpu_us', statistics.median(cpu['fd_sagad']),
+        'CPU per message, sagad (RabbitMQ %.1f us, client %.1f us)'
+        % (statistics.median(cpu['fd_broker']), statistics.median(cpu['fd_client'])))
     ratio = statistics.median(fd_rates) / statistics.median(direct_rates)
     fig('ratio_consume', ratio, 'consume_fd_rate / consume_direct_rate (target >= %g)'
         % CONSUME_TARGET)
@@ -328,7 +360,6 @@ def run(workdir):
     broker = h.Broker(workdir)
     broker.start()
     tool.declare_queue(broker.url, QUEUE, [(EXCHANGE, KEY)])
-    tool.declare_queue(broker.url, CQUEUE, [])
     lat = common.fsync_probe(workdir)
     fig('fsync_p50_ms', common.pct(lat, 0.5), '1,000 x write(4 KiB)+fdatasync in the work '
         'directory (the floor of a confirm from sagad)')
