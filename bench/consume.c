@@ -17,6 +17,14 @@
  * (user + system) the program used. A message that is not a basic.deliver
  * of our consumer makes the exit status 1.
  *
+ * When basic.consume is refused with a channel error (sagad's AMQP front
+ * door before it consumes: 540 NOT_IMPLEMENTED, or 404 for a queue no
+ * subscription names), it prints
+ *
+ *   consume unavailable code=C
+ *
+ * and exits 3, so that a benchmark can tell "not there" from "failed".
+ *
  * When message ids end in "-<Unix time in ns>" (bench/pace), the line also
  * carries lat_n, lat_p50_ms, lat_p99_ms and lat_max_ms: publish -> receipt,
  * the broker-only baseline of the inbox latency benchmark.
@@ -93,6 +101,26 @@ die_rpc(amqp_rpc_reply_t r, const char *what)
 		die("%s: server exception, method 0x%08x", what, r.reply.id);
 		break;
 	}
+}
+
+/* basic.consume's answer: a refusal by channel error is reported as
+ * "unavailable" (exit 3), anything else goes to die_rpc. */
+static void
+check_consume_ok(amqp_rpc_reply_t r)
+{
+	if (r.reply_type == AMQP_RESPONSE_SERVER_EXCEPTION &&
+	    r.reply.id == AMQP_CHANNEL_CLOSE_METHOD) {
+		amqp_channel_close_t *m = r.reply.decoded;
+
+		if (m->reply_code == 540 || m->reply_code == 404) {
+			printf("consume unavailable code=%u\n", m->reply_code);
+			fprintf(stderr, "consume: basic.consume refused: %u %.*s\n",
+			    m->reply_code, (int)m->reply_text.len,
+			    (char *)m->reply_text.bytes);
+			exit(3);
+		}
+	}
+	die_rpc(r, "basic.consume");
 }
 
 static int64_t
@@ -201,7 +229,7 @@ main(int argc, char **argv)
 	die_rpc(amqp_get_rpc_reply(conn), "basic.qos");
 	amqp_basic_consume(conn, CHANNEL, amqp_cstring_bytes(argv[2]),
 	    amqp_cstring_bytes("bench.consume"), 0, 0, 0, amqp_empty_table);
-	die_rpc(amqp_get_rpc_reply(conn), "basic.consume");
+	check_consume_ok(amqp_get_rpc_reply(conn));
 
 	while (got < n) {
 		amqp_envelope_t env;

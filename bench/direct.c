@@ -1,7 +1,7 @@
 /*
  * direct: the baseline for the sagad benchmark.
  *
- *   direct URL EXCHANGE KEY N SIZE WINDOW
+ *   direct [-r RATE] URL EXCHANGE KEY N SIZE WINDOW
  *
  * Publishes N persistent messages of SIZE bytes straight to RabbitMQ on one
  * channel, with publisher confirms and at most WINDOW unconfirmed messages,
@@ -10,7 +10,17 @@
  *
  *   direct n=N seconds=S rate=R
  *
- * where S runs from the first publish to the last confirm. Nacked or
+ * where S runs from the first publish to the last confirm. The peer is
+ * whatever URL names (amqp://USER:PASSWORD@HOST:PORT/VHOST): the broker, or
+ * sagad's AMQP front door with its API token as the password, so that both
+ * are measured by the same client.
+ *
+ * -r RATE paces the publishes (open loop: message i is due at
+ * t0 + i/RATE, whatever the confirms do, as long as the window has room)
+ * and adds publish -> confirm latencies (CLOCK_MONOTONIC, each message from
+ * just before its basic.publish to the basic.ack that covers it) to the
+ * line: lat_n, lat_p50_ms, lat_p99_ms, lat_max_ms, late_max_ms (the worst
+ * lag of a publish behind its schedule). Nacked or
  * returned (unroutable) messages are reported on stderr and make the exit
  * status 1: a baseline that silently drops messages would flatter nobody.
  *
@@ -115,6 +125,9 @@ struct confirms {
 	uint64_t nacked;
 	uint64_t returned;
 	uint64_t in_return;	/* content frames of a basic.return to skip */
+	double *sent;		/* -r: send time per tag, NULL otherwise */
+	double *lat;		/* -r: publish -> ack, seconds, in ack order */
+	size_t nlat;
 };
 
 static void
@@ -134,6 +147,8 @@ settle(struct confirms *c, uint64_t tag, int multiple, uint8_t how)
 		if (c->settled[t] == 0) {
 			c->settled[t] = how;
 			c->nsettled++;
+			if (c->sent != NULL && how == 1)
+				c->lat[c->nlat++] = now() - c->sent[t];
 			if (how == 2)
 				c->nacked++;
 		}
@@ -240,43 +255,26 @@ drain(amqp_connection_state_t conn, struct confirms *c)
 	amqp_maybe_release_buffers(conn);
 }
 
-int
-main(int argc, char **argv)
+/* Connect and log in with the capabilities a production publisher asks
+ * for; channel CHANNEL in confirm mode. */
+static amqp_connection_state_t
+open_conn(const char *url_arg)
 {
 	struct amqp_connection_info ci;
 	amqp_connection_state_t conn;
 	amqp_socket_t *sock;
-	amqp_basic_properties_t props;
 	amqp_table_entry_t cap_entries[2];
 	amqp_table_entry_t client_entries[1];
 	amqp_table_t client_props;
-	struct confirms c;
 	struct timeval tmo = { 30, 0 };
-	char *url, *body, msgid[64];
-	const char *exchange, *key;
-	long long n, size, window;
-	double t0 = 0, t1, last_progress;
-	uint64_t last_nsettled;
+	char *url = strdup(url_arg);
 	int r;
 
-	if (argc != 7) {
-		fprintf(stderr,
-		    "usage: direct URL EXCHANGE KEY N SIZE WINDOW\n");
-		return 2;
-	}
-	url = strdup(argv[1]);
-	exchange = argv[2];
-	key = argv[3];
-	n = parse_num(argv[4], "N", 1);
-	size = parse_num(argv[5], "SIZE", 0);
-	window = parse_num(argv[6], "WINDOW", 1);
-
 	amqp_default_connection_info(&ci);
-	if (amqp_parse_url(url, &ci) != AMQP_STATUS_OK) {
+	if (url == NULL || amqp_parse_url(url, &ci) != AMQP_STATUS_OK) {
 		fprintf(stderr, "direct: bad URL\n");
-		return 2;
+		exit(2);
 	}
-
 	conn = amqp_new_connection();
 	sock = amqp_tcp_socket_new(conn);
 	if (sock == NULL)
@@ -287,7 +285,6 @@ main(int argc, char **argv)
 		    amqp_error_string2(r));
 	amqp_set_rpc_timeout(conn, &tmo);
 
-	/* Same capabilities a production publisher asks for. */
 	cap_entries[0].key = amqp_cstring_bytes("publisher_confirms");
 	cap_entries[0].value.kind = AMQP_FIELD_KIND_BOOLEAN;
 	cap_entries[0].value.value.boolean = 1;
@@ -305,90 +302,230 @@ main(int argc, char **argv)
 	die_rpc(amqp_login_with_properties(conn, ci.vhost, 0, 131072, 0,
 	    &client_props, AMQP_SASL_METHOD_PLAIN, ci.user, ci.password),
 	    "login");
+	free(url);		/* ci points into it until the login is done */
 	amqp_channel_open(conn, CHANNEL);
 	die_rpc(amqp_get_rpc_reply(conn), "channel.open");
 	amqp_confirm_select(conn, CHANNEL);
 	die_rpc(amqp_get_rpc_reply(conn), "confirm.select");
-	if (exchange[0] != '\0' && strncmp(exchange, "amq.", 4) != 0) {
-		amqp_exchange_declare(conn, CHANNEL, amqp_cstring_bytes(exchange),
-		    amqp_cstring_bytes("topic"), 0, 1, 0, 0, amqp_empty_table);
-		die_rpc(amqp_get_rpc_reply(conn), "exchange.declare");
+	return conn;
+}
+
+struct run {
+	amqp_connection_state_t conn;
+	struct confirms c;
+	amqp_basic_properties_t props;
+	amqp_bytes_t exchange, key, body;
+	long long n, window;
+	double rate;		/* 0: as fast as the window allows */
+	double t0;		/* first publish */
+	double late_max;	/* -r: worst lag behind the schedule */
+	char msgid[64];
+};
+
+static void
+publish_next(struct run *run)
+{
+	uint64_t seq = run->c.published + 1;
+	double t = now();
+	int r;
+
+	snprintf(run->msgid, sizeof(run->msgid), "d-%ld-%" PRIu64,
+	    (long)getpid(), seq);
+	run->props.message_id = amqp_cstring_bytes(run->msgid);
+	run->props.timestamp = (uint64_t)time(NULL);
+	if (seq == 1)
+		run->t0 = t;
+	if (run->c.sent != NULL)
+		run->c.sent[seq] = t;
+	r = amqp_basic_publish(run->conn, CHANNEL, run->exchange, run->key, 1, 0,
+	    &run->props, run->body);
+	if (r != AMQP_STATUS_OK)
+		die("publish: %s", amqp_error_string2(r));
+	run->c.published = seq;
+}
+
+static int
+window_open(const struct run *run)
+{
+	return run->c.published < (uint64_t)run->n &&
+	    run->c.published - run->c.nsettled < (uint64_t)run->window;
+}
+
+/* Seconds until the next message is due (paced), 0 when it is due now. */
+static double
+until_due(struct run *run)
+{
+	double due, t;
+
+	if (run->rate <= 0 || run->c.published == 0)
+		return 0;
+	due = run->t0 + (double)run->c.published / run->rate;
+	t = now();
+	if (t >= due) {
+		if (t - due > run->late_max)
+			run->late_max = t - due;
+		return 0;
 	}
+	return due - t;
+}
 
-	body = malloc((size_t)size + 1);
-	if (body == NULL)
-		die("out of memory");
-	for (long long i = 0; i < size; i++)
-		body[i] = 'a' + (char)(i % 26);
+/* Publish while the window has room (and, paced, while messages are due);
+ * otherwise wait for a confirm or the next due time. Dies after 60 s
+ * without a confirm while some are outstanding. */
+static void
+run_loop(struct run *run)
+{
+	struct confirms *c = &run->c;
+	uint64_t last_nsettled = 0;
+	double last_progress = now(), wait;
 
-	memset(&c, 0, sizeof(c));
-	c.settled = calloc((size_t)n + 2, 1);
-	if (c.settled == NULL)
-		die("out of memory");
-	c.low = 1;
-
-	memset(&props, 0, sizeof(props));
-	props._flags = AMQP_BASIC_DELIVERY_MODE_FLAG |
-	    AMQP_BASIC_MESSAGE_ID_FLAG | AMQP_BASIC_APP_ID_FLAG |
-	    AMQP_BASIC_TIMESTAMP_FLAG | AMQP_BASIC_CONTENT_TYPE_FLAG;
-	props.delivery_mode = AMQP_DELIVERY_PERSISTENT;
-	props.app_id = amqp_cstring_bytes("direct");
-	props.content_type = amqp_cstring_bytes("application/octet-stream");
-
-	last_nsettled = 0;
-	last_progress = now();
-	while (c.nsettled < (uint64_t)n) {
-		while (c.published < (uint64_t)n &&
-		    c.published - c.nsettled < (uint64_t)window) {
-			amqp_bytes_t b = { (size_t)size, body };
-			uint64_t seq = c.published + 1;
-
-			snprintf(msgid, sizeof(msgid), "d-%ld-%" PRIu64,
-			    (long)getpid(), seq);
-			props.message_id = amqp_cstring_bytes(msgid);
-			props.timestamp = (uint64_t)time(NULL);
-			if (seq == 1)
-				t0 = now();
-			r = amqp_basic_publish(conn, CHANNEL,
-			    amqp_cstring_bytes(exchange),
-			    amqp_cstring_bytes(key), 1, 0, &props, b);
-			if (r != AMQP_STATUS_OK)
-				die("publish: %s", amqp_error_string2(r));
-			c.published = seq;
+	while (c->nsettled < (uint64_t)run->n) {
+		while (window_open(run) && until_due(run) == 0) {
+			publish_next(run);
 			/* keep acks flowing while the window is open */
-			if ((seq & 63) == 0)
-				drain(conn, &c);
+			if ((c->published & 63) == 0 || run->rate > 0)
+				drain(run->conn, c);
 		}
-		/* window full or all sent: wait for the next confirm */
-		if (read_one(conn, &c, 1.0))
-			drain(conn, &c);
-		if (c.nsettled != last_nsettled) {
-			last_nsettled = c.nsettled;
+		wait = window_open(run) ? until_due(run) : 1.0;
+		if (wait > 1.0)
+			wait = 1.0;
+		if (read_one(run->conn, c, wait))
+			drain(run->conn, c);
+		if (c->nsettled != last_nsettled || c->published == c->nsettled) {
+			last_nsettled = c->nsettled;
 			last_progress = now();
 		} else if (now() - last_progress > 60.0) {
 			die("no confirm for 60 s (%" PRIu64 " of %lld settled)",
-			    c.nsettled, n);
+			    c->nsettled, run->n);
 		}
 	}
-	t1 = now();
+}
 
-	printf("direct n=%lld seconds=%.3f rate=%.1f\n", n, t1 - t0,
-	    (double)n / (t1 - t0));
+static int
+cmp_double(const void *a, const void *b)
+{
+	double x = *(const double *)a, y = *(const double *)b;
+
+	return x < y ? -1 : x > y;
+}
+
+/* Nearest-rank percentile of a sorted array, as bench/consume takes it. */
+static double
+rank(const double *v, size_t n, double q)
+{
+	size_t i = (size_t)((double)n * q + 0.999999);
+
+	return v[(i == 0 ? 1 : i) - 1];
+}
+
+static void
+report(struct run *run, double t1)
+{
+	struct confirms *c = &run->c;
+
+	printf("direct n=%lld seconds=%.3f rate=%.1f", run->n, t1 - run->t0,
+	    (double)run->n / (t1 - run->t0));
+	if (c->lat != NULL && c->nlat > 0) {
+		qsort(c->lat, c->nlat, sizeof *c->lat, cmp_double);
+		printf(" lat_n=%zu lat_p50_ms=%.3f lat_p99_ms=%.3f "
+		    "lat_max_ms=%.3f late_max_ms=%.3f", c->nlat,
+		    rank(c->lat, c->nlat, 0.5) * 1e3,
+		    rank(c->lat, c->nlat, 0.99) * 1e3,
+		    c->lat[c->nlat - 1] * 1e3, run->late_max * 1e3);
+	}
+	printf("\n");
 	fflush(stdout);
+}
 
-	die_rpc(amqp_channel_close(conn, CHANNEL, AMQP_REPLY_SUCCESS),
+static void
+usage(void)
+{
+	fprintf(stderr,
+	    "usage: direct [-r RATE] URL EXCHANGE KEY N SIZE WINDOW\n");
+	exit(2);
+}
+
+static void *
+xcalloc(size_t n, size_t size)
+{
+	void *p = calloc(n, size);
+
+	if (p == NULL)
+		die("out of memory");
+	return p;
+}
+
+int
+main(int argc, char **argv)
+{
+	struct run run;
+	const char *exchange;
+	char *body;
+	long long size;
+	int opt;
+
+	memset(&run, 0, sizeof(run));
+	while ((opt = getopt(argc, argv, "r:")) != -1) {
+		if (opt == 'r')
+			run.rate = (double)parse_num(optarg, "RATE", 1);
+		else
+			usage();
+	}
+	if (argc - optind != 6)
+		usage();
+	argv += optind;
+	exchange = argv[1];
+	run.n = parse_num(argv[3], "N", 1);
+	size = parse_num(argv[4], "SIZE", 0);
+	run.window = parse_num(argv[5], "WINDOW", 1);
+
+	run.conn = open_conn(argv[0]);
+	if (exchange[0] != '\0' && strncmp(exchange, "amq.", 4) != 0) {
+		amqp_exchange_declare(run.conn, CHANNEL,
+		    amqp_cstring_bytes(exchange), amqp_cstring_bytes("topic"),
+		    0, 1, 0, 0, amqp_empty_table);
+		die_rpc(amqp_get_rpc_reply(run.conn), "exchange.declare");
+	}
+
+	body = xcalloc((size_t)size + 1, 1);
+	for (long long i = 0; i < size; i++)
+		body[i] = 'a' + (char)(i % 26);
+	run.body.len = (size_t)size;
+	run.body.bytes = body;
+	run.exchange = amqp_cstring_bytes(exchange);
+	run.key = amqp_cstring_bytes(argv[2]);
+
+	run.c.settled = xcalloc((size_t)run.n + 2, 1);
+	run.c.low = 1;
+	if (run.rate > 0) {
+		run.c.sent = xcalloc((size_t)run.n + 2, sizeof(double));
+		run.c.lat = xcalloc((size_t)run.n + 2, sizeof(double));
+	}
+
+	run.props._flags = AMQP_BASIC_DELIVERY_MODE_FLAG |
+	    AMQP_BASIC_MESSAGE_ID_FLAG | AMQP_BASIC_APP_ID_FLAG |
+	    AMQP_BASIC_TIMESTAMP_FLAG | AMQP_BASIC_CONTENT_TYPE_FLAG;
+	run.props.delivery_mode = AMQP_DELIVERY_PERSISTENT;
+	run.props.app_id = amqp_cstring_bytes("direct");
+	run.props.content_type = amqp_cstring_bytes("application/octet-stream");
+
+	run_loop(&run);
+	report(&run, now());
+
+	die_rpc(amqp_channel_close(run.conn, CHANNEL, AMQP_REPLY_SUCCESS),
 	    "channel.close");
-	die_rpc(amqp_connection_close(conn, AMQP_REPLY_SUCCESS),
+	die_rpc(amqp_connection_close(run.conn, AMQP_REPLY_SUCCESS),
 	    "connection.close");
-	amqp_destroy_connection(conn);
+	amqp_destroy_connection(run.conn);
 
-	if (c.nacked || c.returned) {
+	if (run.c.nacked || run.c.returned) {
 		fprintf(stderr, "direct: %" PRIu64 " nacked, %" PRIu64
-		    " returned\n", c.nacked, c.returned);
+		    " returned\n", run.c.nacked, run.c.returned);
 		return 1;
 	}
-	free(c.settled);
+	free(run.c.settled);
+	free(run.c.sent);
+	free(run.c.lat);
 	free(body);
-	free(url);
 	return 0;
 }

@@ -16,6 +16,7 @@
 #include <string.h>
 #include <arpa/inet.h>
 #include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -581,6 +582,19 @@ amqpd_peer_name(struct sockaddr *sa, char *out, size_t len)
 		    ((struct sockaddr_in *)sa)->sin_port : ((struct sockaddr_in6 *)sa)->sin6_port));
 }
 
+/* Confirms are small writes, often two in a row (the end of a burst, a
+ * multiple ack then a single one): with Nagle's algorithm the second waits
+ * for the client's TCP ack of the first, which a client with nothing more
+ * to send delays by up to 40 ms. The broker's own listener sets this too. */
+static void
+amqpd_nodelay(evutil_socket_t fd)
+{
+	int one = 1;
+
+	if (setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one) != 0)
+		log_debug("amqp: TCP_NODELAY not set", LOG_INT("fd", fd));
+}
+
 static void
 amqpd_accept_cb(struct evconnlistener *l, evutil_socket_t fd, struct sockaddr *sa,
     int salen, void *arg)
@@ -591,6 +605,7 @@ amqpd_accept_cb(struct evconnlistener *l, evutil_socket_t fd, struct sockaddr *s
 
 	(void)l;
 	(void)salen;
+	amqpd_nodelay(fd);
 	c->a = a;
 	c->state = AMQPD_HEADER;
 	c->frame_max = AMQPF_FRAME_MIN;
