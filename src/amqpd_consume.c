@@ -99,18 +99,15 @@ amqpd_unacked_add(struct amqpd_chan *ch, uint64_t tag, struct dattempt *t,
 	ch->nunacked++;
 }
 
-static void
+static int
 amqpd_deliver(struct delivery_sink *s, struct dattempt *t, const struct msg *m, int redelivered)
 {
 	struct amqpd_consumer *k = (struct amqpd_consumer *)s;
 	struct amqpd_chan *ch = k->ch;
 	amqp_basic_deliver_t d;
 
-	if (ch->state == AMQPD_CH_CLOSING || ch->c->state != AMQPD_OPEN) {
-		/* Closing since the record was marked: never sent. */
-		delivery_take_settle(t, TAKE_RETURNED, NULL);
-		return;
-	}
+	if (ch->state == AMQPD_CH_CLOSING || ch->c->state != AMQPD_OPEN)
+		return -1;	/* closing since the record was marked: not sent */
 	d.consumer_tag = amqp_cstring_bytes(k->tag);
 	d.delivery_tag = ++ch->deliver_tag;
 	d.redelivered = (amqp_boolean_t)redelivered;
@@ -127,6 +124,7 @@ amqpd_deliver(struct delivery_sink *s, struct dattempt *t, const struct msg *m, 
 		delivery_take_settle(t, TAKE_ACK, NULL);
 	else
 		amqpd_unacked_add(ch, d.delivery_tag, t, k);
+	return 0;
 }
 
 static void

@@ -96,7 +96,9 @@ struct dattempt;
 struct delivery_sink;
 struct delivery_sink_ops {
 	unsigned (*room)(struct delivery_sink *s);
-	void (*deliver)(struct delivery_sink *s, struct dattempt *t, const struct msg *m,
+	/* 0: sent, settled later; -1: cannot take it now (closing), as if
+	 * the attempt had not started */
+	int (*deliver)(struct delivery_sink *s, struct dattempt *t, const struct msg *m,
 	    int redelivered);
 	void (*release)(struct delivery_sink *s);
 };

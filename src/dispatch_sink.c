@@ -127,24 +127,23 @@ dsub_sink_attempt(struct dsub *ds, struct dmsg *dm)
 }
 
 /* Marked in the store: out to the consumer, which settles it. A consumer
- * gone meanwhile never saw it: as if the attempt had not started. */
+ * gone or closing meanwhile never saw it: as if the attempt had not
+ * started. */
 void
 dsub_sink_send(struct dattempt *a)
 {
 	struct delivery_sink *s = a->sink;
 	struct dsub *ds = a->ds;
 
-	if (s->detached) {
-		dmsg_set_state(a->dm, DMSG_READY);
-		a->dm->rec->attempts--;
-		ds->inflight--;
-		free(a);
-		dsub_sink_unhold(s);
-		dispatch_schedule(ds);
+	if (!s->detached && s->ops->deliver(s, a, a->dm->rec->m, a->dm->rec->redelivered ||
+	    a->dm->rec->attempts > 1) == 0)
 		return;
-	}
-	s->ops->deliver(s, a, a->dm->rec->m, a->dm->rec->redelivered ||
-	    a->dm->rec->attempts > 1);
+	dmsg_set_state(a->dm, DMSG_READY);
+	a->dm->rec->attempts--;
+	ds->inflight--;
+	free(a);
+	dsub_sink_unhold(s);
+	dispatch_schedule(ds);
 }
 
 /* Its mark could not be written: not sent. */

@@ -43,7 +43,7 @@ fsink_room(struct delivery_sink *s)
 	return k->prefetch > s->held ? k->prefetch - s->held : 0;
 }
 
-static void
+static int
 fsink_deliver(struct delivery_sink *s, struct dattempt *t, const struct msg *m, int redelivered)
 {
 	struct fsink *k = (struct fsink *)s;
@@ -53,6 +53,7 @@ fsink_deliver(struct delivery_sink *s, struct dattempt *t, const struct msg *m, 
 	snprintf(k->ids[k->ngot], sizeof k->ids[k->ngot], "%s", m->message_id);
 	k->redelivered[k->ngot] = redelivered;
 	k->ngot++;
+	return 0;
 }
 
 static void
