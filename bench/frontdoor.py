@@ -42,18 +42,17 @@ BENCH_QUICK=1 (small numbers, about a minute), BENCH_KEEP=1, BENCH_WORKDIR.
 """
 
 import os
-import shutil
-import signal
 import statistics
 import sys
-import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 import run as common  # noqa: E402  (helpers of the outbox benchmark)
-from run import h, say, kill_children, run_tool, kv, Metrics  # noqa: E402
-from inbox import cpu_s, broker_pids, loadavg, wipe_store  # noqa: E402
+from run import h, say, run_tool, kv, Metrics  # noqa: E402
+from inbox import cpu_s, broker_pids, wipe_store  # noqa: E402
+import saga as sb  # noqa: E402  (the benchmark frame, the figures and their table)
+from saga import fig  # noqa: E402
 
 env_int = common.env_int
 QUICK = common.QUICK
@@ -74,16 +73,6 @@ PUBLISH_TARGET, CONSUME_TARGET = 1.0, 0.6
 B = common.BUILDDIR
 DIRECT = os.path.join(B, 'bench', 'direct')
 CONSUME = os.path.join(B, 'bench', 'consume')
-
-figures = []            # (name, value, comment, load average)
-
-
-def fig(name, value, comment=''):
-    if isinstance(value, float):
-        value = ('%.3f' % value) if abs(value) < 1000 else ('%.1f' % value)
-    figures.append((name, str(value), comment, loadavg()))
-    print('%s=%s' % (name, value), flush=True)
-
 
 def median_of(xs):
     return 'median of ' + ' '.join('%.0f' % x for x in xs)
@@ -355,22 +344,10 @@ def phase_consume(broker, tool, d):
 # ---------------------------------------------------------------- report
 
 def summary(t_start):
-    print()
-    print('=' * 86)
-    print('sagad AMQP front door benchmark summary  (N=%d x %d, size=%d B, window=%d, '
-          'rate=%d/s x %d s, consume N=%d prefetch=%d%s)'
-          % (N, REPEAT, SIZE, WINDOW, RATE, LAT_SECONDS, CONSUME_N, PREFETCH,
-             ', QUICK' if QUICK else ''))
-    print('-' * 86)
-    w = max(len(n) for n, _, _, _ in figures)
-    print('%-*s  %12s  %5s  %s' % (w, 'figure', 'value', 'load', 'comment'))
-    for name, value, comment, la in figures:
-        if name[-2:-1] == '_' and name[-1].isdigit():
-            continue
-        print('%-*s  %12s  %5.2f  %s' % (w, name, value, la, comment))
-    print('-' * 86)
-    print('total %.0f s' % (time.time() - t_start))
-    print('=' * 86, flush=True)
+    sb.table(t_start, 'sagad AMQP front door benchmark summary  (N=%d x %d, size=%d B, '
+             'window=%d, rate=%d/s x %d s, consume N=%d prefetch=%d%s)'
+             % (N, REPEAT, SIZE, WINDOW, RATE, LAT_SECONDS, CONSUME_N, PREFETCH,
+                ', QUICK' if QUICK else ''))
 
 
 def run(workdir):
@@ -378,10 +355,6 @@ def run(workdir):
     broker = h.Broker(workdir)
     broker.start()
     tool.declare_queue(broker.url, QUEUE, [(EXCHANGE, KEY)])
-    lat = common.fsync_probe(workdir)
-    fig('fsync_p50_ms', common.pct(lat, 0.5), '1,000 x write(4 KiB)+fdatasync in the work '
-        'directory (the floor of a confirm from sagad)')
-    fig('fsync_p99_ms', common.pct(lat, 0.99))
     d = make_sagad(workdir, broker, 'fd')
     d.start(args=())
     if 'a' in PHASES:
@@ -400,44 +373,13 @@ def run(workdir):
 
 
 def main():
-    def on_signal(signum, frame):
-        for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            signal.signal(s, signal.SIG_IGN)
-        sys.exit(128 + signum)
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(sig, on_signal)
     for p in (DIRECT, CONSUME, h.sagad_path()):
         if not os.access(p, os.X_OK):
             print('bench: %s missing: build it first' % p, file=sys.stderr)
             return 2
-    workdir = tempfile.mkdtemp(prefix='sagad-fd-', dir=os.environ.get('BENCH_WORKDIR') or None)
-    os.chmod(workdir, 0o755)
-    say('work directory %s; N=%d repeat=%d window=%d rate=%d consume_n=%d prefetch=%d'
-        % (workdir, N, REPEAT, WINDOW, RATE, CONSUME_N, PREFETCH))
-    t_start = time.time()
-    ok = False
-    try:
-        run(workdir)
-        ok = True
-    except BaseException as e:
-        if not isinstance(e, SystemExit):
-            import traceback
-            traceback.print_exc()
-        for s in list(h._live):
-            if isinstance(s, h.Sagad):
-                print('---- tail of %s' % s.logfile)
-                print(h.tail(s.logfile, 30))
-    finally:
-        kill_children()
-        h.cleanup_all()
-        if figures:
-            summary(t_start)
-        if ok and not os.environ.get('BENCH_KEEP'):
-            shutil.rmtree(workdir, ignore_errors=True)
-        else:
-            say('work directory kept: %s' % workdir)
-        print('bench: %s' % ('ok' if ok else 'FAILED'), flush=True)
-    return 0 if ok else 1
+    return sb.frame('sagad-fd-', lambda wd: 'work directory %s; N=%d repeat=%d window=%d '
+                    'rate=%d consume_n=%d prefetch=%d' % (wd, N, REPEAT, WINDOW, RATE,
+                                                          CONSUME_N, PREFETCH), run, summary)
 
 
 if __name__ == '__main__':

@@ -580,23 +580,33 @@ def phase_memory(s, workdir):
     return max(r, r2)
 
 
-def summary(t_start):
+def table(t_start, title, note=None, skip=None):
+    """The summary every benchmark of this family ends with (this one,
+    bench/tx.py, bench/frontdoor.py): title, each figure with the load at
+    the moment it was taken (not the per-repeat name_N ones, nor those
+    skip(name) leaves out), the time taken."""
     print()
     print('=' * 86)
-    print('sagad saga benchmark summary  (N=%d x %d, %d sagas/s x %d s, store %d, '
-          'concurrency=%d, max_pending=%d%s)' % (SAGA_N, REPEAT, SAGA_RATE, LAT_SECONDS,
-                                                 STORE_TARGET, CONCURRENCY, MAX_PENDING,
-                                                 ', QUICK' if QUICK else ''))
+    print(title)
+    if note:
+        print(note)
     print('-' * 86)
     w = max(len(n) for n, _, _, _ in figures)
     print('%-*s  %12s  %5s  %s' % (w, 'figure', 'value', 'load', 'comment'))
     for name, value, comment, la in figures:
-        if name[-2:-1] == '_' and name[-1].isdigit():
+        if (name[-2:-1] == '_' and name[-1].isdigit()) or (skip and skip(name)):
             continue
         print('%-*s  %12s  %5.2f  %s' % (w, name, value, la, comment))
     print('-' * 86)
     print('total %.0f s' % (time.time() - t_start))
     print('=' * 86, flush=True)
+
+
+def summary(t_start):
+    table(t_start, 'sagad saga benchmark summary  (N=%d x %d, %d sagas/s x %d s, store %d, '
+          'concurrency=%d, max_pending=%d%s)' % (SAGA_N, REPEAT, SAGA_RATE, LAT_SECONDS,
+                                                 STORE_TARGET, CONCURRENCY, MAX_PENDING,
+                                                 ', QUICK' if QUICK else ''))
 
 
 def report_saturation(pre, runs, what):
@@ -686,12 +696,13 @@ def mode_g(workdir):
         s.stop()
 
 
-def frame(prefix, banner, body):
-    """What every run of this benchmark and of bench/tx.py shares: signals
-    end it cleanly, a work directory (prefix; banner(workdir) says what
-    runs), the load and the fsync floor as figures, body(workdir), the
-    daemons' log tails on a failure, then the summary and the clean-up.
-    Returns the exit code."""
+def frame(prefix, banner, body, report=None):
+    """What every run of this benchmark, bench/tx.py and bench/frontdoor.py
+    shares: signals end it cleanly, a work directory (prefix;
+    banner(workdir) says what runs), the load and the fsync floor as
+    figures, body(workdir), the daemons' log tails on a failure, then the
+    summary (report(t_start), this benchmark's by default) and the
+    clean-up. Returns the exit code."""
     def on_signal(signum, frame):
         for sg in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(sg, signal.SIG_IGN)
@@ -724,7 +735,7 @@ def frame(prefix, banner, body):
         kill_children()
         h.cleanup_all()
         if figures:
-            summary(t_start)
+            (report or summary)(t_start)
         if ok and not os.environ.get('BENCH_KEEP'):
             shutil.rmtree(workdir, ignore_errors=True)
         else:

@@ -46,13 +46,12 @@ BENCH_QUEUE_TYPE, BENCH_KEEP=1, BENCH_WORKDIR.
 
 import os
 import sys
-import time
 import urllib.parse
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 import saga as sb  # noqa: E402  (the saga benchmark: its phases and reports)
-from saga import h, say, fig, figures  # noqa: E402
+from saga import h, say, fig  # noqa: E402
 from inbox import Sink, cpu_s, broker_pids  # noqa: E402
 
 TX_N = sb.env_int('BENCH_TX_N', 500 if sb.QUICK else 2000)
@@ -170,25 +169,13 @@ def tx_phases(s, latfile):
 
 
 def summary(t_start):
-    print()
-    print('=' * 86)
-    print('sagad 2PC benchmark summary  (N=%d x %d, %d starts/s x %d s%s)'
-          % (TX_N, sb.REPEAT, sb.SAGA_RATE, sb.LAT_SECONDS, ', QUICK' if sb.QUICK else ''))
     # The comments come from bench/saga.py's reports: there "saga" is a
     # transaction too in the tx_* figures, and "stock + payment" is north
     # + south. Its per-hop figures need its saga's stores: not measured.
-    print('tx_*: the transaction, saga_*: the saga; "per saga" = per transaction or saga; '
-          'participants = north + south')
-    print('-' * 86)
-    w = max(len(n) for n, _, _, _ in figures)
-    print('%-*s  %12s  %5s  %s' % (w, 'figure', 'value', 'load', 'comment'))
-    for name, value, comment, la in figures:
-        if (name[-2:-1] == '_' and name[-1].isdigit()) or '_hop_' in name:
-            continue
-        print('%-*s  %12s  %5.2f  %s' % (w, name, value, la, comment))
-    print('-' * 86)
-    print('total %.0f s' % (time.time() - t_start))
-    print('=' * 86, flush=True)
+    sb.table(t_start, 'sagad 2PC benchmark summary  (N=%d x %d, %d starts/s x %d s%s)'
+             % (TX_N, sb.REPEAT, sb.SAGA_RATE, sb.LAT_SECONDS, ', QUICK' if sb.QUICK else ''),
+             note='tx_*: the transaction, saga_*: the saga; "per saga" = per transaction or '
+             'saga; participants = north + south', skip=lambda name: '_hop_' in name)
 
 
 def run(workdir):
@@ -230,7 +217,7 @@ def main():
             print('bench: %s missing: build it first' % p, file=sys.stderr)
             return 2
     return sb.frame('sagad-tx-', lambda wd: 'work directory %s; N=%d repeat=%d rate=%d'
-                    % (wd, TX_N, sb.REPEAT, sb.SAGA_RATE), run)
+                    % (wd, TX_N, sb.REPEAT, sb.SAGA_RATE), run, summary)
 
 
 if __name__ == '__main__':
