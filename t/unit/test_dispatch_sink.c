@@ -89,6 +89,17 @@ run_until_got(struct fx *f, struct fsink *k, unsigned n)
 	run_until(f, got_reach, n);
 }
 
+/* A consumer of prefetch 1 attached, one message consumed and handed to it. */
+static void
+one_handed(struct fx *f, struct fsink *k)
+{
+	fsink_init(k, 1, 0);
+	broker_up(f);
+	assert_int_equal(delivery_attach(f->dl, 0, &k->s), 0);
+	deliver(f, "m1", NULL);
+	run_until_got(f, k, 1);
+}
+
 static void
 test_consumed_only_while_attached(void **state)
 {
@@ -141,11 +152,7 @@ test_requeue_then_dead_letter(void **state)
 	struct fx *f = *state;
 	struct fsink k;
 
-	fsink_init(&k, 1, 0);
-	broker_up(f);
-	assert_int_equal(delivery_attach(f->dl, 0, &k.s), 0);
-	deliver(f, "m1", NULL);
-	run_until_got(f, &k, 1);
+	one_handed(f, &k);
 	delivery_take_settle(k.got[0], TAKE_REQUEUE, "nacked by the consumer (requeue)");
 	run_until_got(f, &k, 2);	/* after the backoff */
 	assert_string_equal(k.ids[1], "m1");
@@ -162,11 +169,7 @@ test_reject_dead_letter(void **state)
 	struct fx *f = *state;
 	struct fsink k;
 
-	fsink_init(&k, 1, 0);
-	broker_up(f);
-	assert_int_equal(delivery_attach(f->dl, 0, &k.s), 0);
-	deliver(f, "m1", NULL);
-	run_until_got(f, &k, 1);
+	one_handed(f, &k);
 	delivery_take_settle(k.got[0], TAKE_REJECT, "rejected by the consumer");
 	run_until(f, dead_reach, 1);
 	assert_dead_reason(f, "rejected");
