@@ -213,14 +213,21 @@ dsub_retry(struct dsub *ds, struct dmsg *dm, int status, const char *error)
 	dsub_retry_or_dead(ds, dm, status, error);
 }
 
+int
+dsub_exhausted(struct dsub *ds, struct dmsg *dm, int status, const char *error)
+{
+	if (dm->rec->attempts < (unsigned)dsub_conf(ds)->max_attempts)
+		return 0;
+	dsub_dead_letter(ds, dm, "attempts-exhausted", status, error);
+	dsub_remove(ds, dm);
+	return 1;
+}
+
 void
 dsub_retry_or_dead(struct dsub *ds, struct dmsg *dm, int status, const char *error)
 {
-	if (dm->rec->attempts >= (unsigned)dsub_conf(ds)->max_attempts) {
-		dsub_dead_letter(ds, dm, "attempts-exhausted", status, error);
-		dsub_remove(ds, dm);
+	if (dsub_exhausted(ds, dm, status, error))
 		return;
-	}
 	ds->stats.outcomes[OUTCOME_RETRY]++;
 	dsub_retry_later(ds, dm, status, error);
 }

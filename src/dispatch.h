@@ -119,6 +119,8 @@ void dsub_retry_later(struct dsub *ds, struct dmsg *dm, int status, const char *
 /* dispatch.c, for dispatch_sink.c: a record delivered, retried (or
  * dead-lettered once max_attempts are spent), dead-lettered. */
 void dsub_done(struct dsub *ds, struct dmsg *dm, int status);
+/* max_attempts spent: dead-lettered (attempts-exhausted) and removed, 1. */
+int dsub_exhausted(struct dsub *ds, struct dmsg *dm, int status, const char *error);
 void dsub_retry_or_dead(struct dsub *ds, struct dmsg *dm, int status, const char *error);
 void dsub_dead_letter(struct dsub *ds, struct dmsg *dm, const char *reason, int status,
     const char *error);

@@ -160,12 +160,8 @@ dsub_sink_cancel(struct dattempt *a)
 static void
 dsub_sink_returned(struct dsub *ds, struct dmsg *dm)
 {
-	if (dm->rec->attempts >= (unsigned)dsub_conf(ds)->max_attempts) {
-		dsub_dead_letter(ds, dm, "attempts-exhausted", 0,
-		    "the consumer went away without acking, every attempt");
-		dsub_remove(ds, dm);
+	if (dsub_exhausted(ds, dm, 0, "the consumer went away without acking, every attempt"))
 		return;
-	}
 	dm->rec->redelivered = 1;
 	ds->stats.outcomes[OUTCOME_RETRY]++;
 }
