@@ -664,6 +664,7 @@ dispatch_run(struct dsub *ds)
 	const char **busy = NULL;
 	size_t nbusy = 0, nstarted = 0, answered = 0, i;
 	unsigned limit = (unsigned)c->concurrency;
+	int full = 0;
 	struct dattempt **started, *a;
 
 	/* Draining starts nothing new: what waits stays in the store. */
@@ -708,10 +709,15 @@ dispatch_run(struct dsub *ds)
 		}
 		if (dm->tx && ds->txpg && dsub_tx_finish(ds, dm))
 			continue;
-		a = c->frontdoor ? dsub_sink_attempt(ds, dm) :
-		    dsub_attempt(ds, dm);
+		/* Once no connection or consumer takes one, none will in this
+		 * run: the rest is only scanned for the next due time. */
+		if (full)
+			continue;
+		a = c->frontdoor ? dsub_sink_attempt(ds, dm) : dsub_attempt(ds, dm);
 		if (a != NULL)
 			started[nstarted++] = a;
+		else
+			full = 1;
 	}
 	if (nstarted)
 		dsub_mark(ds, started, nstarted);
